@@ -1,0 +1,11 @@
+//! Emulated devices of a Tandem VM.
+//!
+//! Each device keeps its model and its guest-facing register interface side by side. Devices see
+//! only what they need: an interrupt line (an `EventFd` the VMM wires to KVM as an irqfd) and the
+//! outputs they drive. They know nothing of vCPUs, KVM or fault tolerance.
+
+pub mod acpi;
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{BusDevice, IoBus, IoBusError};

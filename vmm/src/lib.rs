@@ -1,0 +1,11 @@
+//! The virtual machine monitor: VM lifecycle, KVM VM and vCPUs, guest memory, x86_64 boot and
+//! the control loop that owns the VM.
+
+pub mod config;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+pub mod x86_64;
+
+pub use vmm::{run, ExitReason, RunError};

@@ -1,0 +1,377 @@
+//! vCPU threads and their control: run, pause all, resume all, stop.
+//!
+//! A pause must be cheap and bounded (fault tolerance pauses every epoch) and must never lose
+//! an exit. The kicker sets `immediate_exit` in the vCPU's `kvm_run` page before signalling the
+//! thread, so a vCPU that is just about to enter `KVM_RUN` returns at once instead of missing
+//! the signal; KVM completes any pending port or MMIO read before honouring `immediate_exit`,
+//! so a parked vCPU holds no half-done exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::IoBus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+/// Signal used only to interrupt `KVM_RUN`; its handler does nothing.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("cannot spawn the thread of vCPU {index}: {source}")]
+    Spawn {
+        index: u8,
+        source: std::io::Error,
+    },
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("cannot signal vCPU {index}: {source}")]
+    Kick {
+        index: u8,
+        source: vmm_sys_util::errno::Error,
+    },
+}
+
+/// What ends a VM's run, reported by vCPU threads to the control loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    Failed { index: u8, message: String },
+}
+
+#[derive(Default)]
+struct ParkState {
+    /// vCPU threads still running their loop.
+    live: usize,
+    /// vCPU threads parked for a pause.
+    parked: usize,
+}
+
+/// State shared by all vCPU threads of a VM and the thread that controls them.
+pub struct VcpuShared {
+    pause: AtomicBool,
+    stop: AtomicBool,
+    park: Mutex<ParkState>,
+    changed: Condvar,
+    failures: Mutex<Vec<VcpuExitReason>>,
+    /// Written when a vCPU fails, so the control loop wakes up.
+    failure_evt: EventFd,
+}
+
+impl VcpuShared {
+    fn lock_park(&self) -> MutexGuard<'_, ParkState> {
+        // With panic=abort no thread can die holding the lock; recover the guard anyway.
+        self.park.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Failures reported since the last call.
+    pub fn take_failures(&self) -> Vec<VcpuExitReason> {
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn report_failure(&self, reason: VcpuExitReason) {
+        log::error!("{reason:?}");
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reason);
+        if let Err(e) = self.failure_evt.write(1) {
+            log::error!("cannot wake the control loop: {e}");
+        }
+    }
+}
+
+/// Where the vCPU loop sends the exits it does not handle in KVM.
+pub struct ExitHandlers {
+    pub pio: Arc<IoBus>,
+    pub mmio: Arc<IoBus>,
+    /// Written on a triple fault, which resets a PC.
+    pub reset_evt: EventFd,
+    /// Written on a KVM system-event shutdown.
+    pub exit_evt: EventFd,
+}
+
+/// Address of `kvm_run.immediate_exit`, shared with the kicker.
+#[derive(Clone, Copy)]
+struct ImmediateExit(*mut u8);
+
+// SAFETY: the pointer targets the vCPU's kvm_run mapping, which stays mapped until the vCPU
+// thread has been joined (the VcpuFd lives in that thread); it is only written with volatile
+// byte stores, which KVM reads at each KVM_RUN.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: see above; concurrent volatile byte stores of 0/1 are benign.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    fn set(&self, value: u8) {
+        // SAFETY: the pointer is valid while the vCPU thread runs (see the Send impl).
+        unsafe { std::ptr::write_volatile(self.0, value) };
+    }
+}
+
+struct VcpuHandle {
+    index: u8,
+    thread: Option<JoinHandle<()>>,
+    immediate_exit: ImmediateExit,
+}
+
+/// The vCPU threads of one VM.
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+    shared: Arc<VcpuShared>,
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Vcpus {
+    /// Starts one thread per vCPU fd, all running at once.
+    pub fn start(
+        vcpu_fds: Vec<VcpuFd>,
+        handlers: Arc<ExitHandlers>,
+        failure_evt: EventFd,
+    ) -> Result<Self, VcpuError> {
+        register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)?;
+        let shared = Arc::new(VcpuShared {
+            pause: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            park: Mutex::new(ParkState::default()),
+            changed: Condvar::new(),
+            failures: Mutex::new(Vec::new()),
+            failure_evt,
+        });
+        let mut vcpus = Vcpus {
+            handles: Vec::new(),
+            shared: shared.clone(),
+        };
+        for (index, mut fd) in vcpu_fds.into_iter().enumerate() {
+            let index = index as u8;
+            let immediate_exit =
+                ImmediateExit(std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit));
+            let shared = shared.clone();
+            let handlers = handlers.clone();
+            shared.lock_park().live += 1;
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(index, fd, immediate_exit, &shared, &handlers))
+                .map_err(|source| {
+                    vcpus.shared.lock_park().live -= 1;
+                    VcpuError::Spawn { index, source }
+                })?;
+            vcpus.handles.push(VcpuHandle {
+                index,
+                thread: Some(thread),
+                immediate_exit,
+            });
+        }
+        Ok(vcpus)
+    }
+
+    pub fn shared(&self) -> &Arc<VcpuShared> {
+        &self.shared
+    }
+
+    fn kick_all(&self) -> Result<(), VcpuError> {
+        for handle in &self.handles {
+            let Some(thread) = &handle.thread else {
+                continue;
+            };
+            if thread.is_finished() {
+                continue;
+            }
+            handle.immediate_exit.set(1);
+            // SAFETY: the pthread_t belongs to a thread we have not joined yet.
+            let ret = unsafe {
+                libc::pthread_kill(
+                    std::os::unix::thread::JoinHandleExt::as_pthread_t(thread),
+                    kick_signal(),
+                )
+            };
+            if ret != 0 {
+                return Err(VcpuError::Kick {
+                    index: handle.index,
+                    source: vmm_sys_util::errno::Error::new(ret),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary and returns once all are parked.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.kick_all()?;
+        let deadline = Instant::now() + timeout;
+        let mut park = self.shared.lock_park();
+        while park.parked < park.live {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::PauseTimeout(timeout));
+            }
+            park = self
+                .shared
+                .changed
+                .wait_timeout(park, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let _park = self.shared.lock_park();
+        self.shared.pause.store(false, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+
+    /// Ends every vCPU thread and waits for them.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            let _park = self.shared.lock_park();
+            self.shared.changed.notify_all();
+        }
+        if let Err(e) = self.kick_all() {
+            log::warn!("stopping vCPUs: {e}");
+        }
+        for handle in &mut self.handles {
+            if let Some(thread) = handle.thread.take() {
+                if thread.join().is_err() {
+                    log::error!("vCPU {} thread panicked", handle.index);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn park(shared: &VcpuShared) {
+    let mut park = shared.lock_park();
+    park.parked += 1;
+    shared.changed.notify_all();
+    while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+        park = shared
+            .changed
+            .wait(park)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    park.parked -= 1;
+}
+
+fn run_vcpu(
+    index: u8,
+    mut fd: VcpuFd,
+    immediate_exit: ImmediateExit,
+    shared: &VcpuShared,
+    handlers: &ExitHandlers,
+) {
+    let result = vcpu_loop(index, &mut fd, immediate_exit, shared, handlers);
+    {
+        let mut park = shared.lock_park();
+        park.live -= 1;
+        shared.changed.notify_all();
+    }
+    if let Err(message) = result {
+        shared.report_failure(VcpuExitReason::Failed { index, message });
+    }
+}
+
+fn vcpu_loop(
+    index: u8,
+    fd: &mut VcpuFd,
+    immediate_exit: ImmediateExit,
+    shared: &VcpuShared,
+    handlers: &ExitHandlers,
+) -> Result<(), String> {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    handlers.pio.write(u64::from(port), data);
+                }
+                VcpuExit::IoIn(port, data) => {
+                    handlers.pio.read(u64::from(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    handlers.mmio.read(addr, data);
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    handlers.mmio.write(addr, data);
+                }
+                // With the in-kernel irqchip HLT stays in KVM; an exit here is spurious.
+                VcpuExit::Hlt | VcpuExit::Intr => {}
+                VcpuExit::Shutdown => {
+                    log::info!("vCPU {index}: triple fault, resetting the VM");
+                    signal(&handlers.reset_evt, "reset");
+                    park_until_stopped(shared);
+                    return Ok(());
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    let evt = match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => &handlers.reset_evt,
+                        _ => &handlers.exit_evt,
+                    };
+                    signal(evt, "system event");
+                    park_until_stopped(shared);
+                    return Ok(());
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return Err(format!(
+                        "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                    ));
+                }
+                VcpuExit::InternalError => {
+                    let regs = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    return Err(format!(
+                        "vCPU {index}: KVM internal error (emulation failure?) at rip {regs:#x}"
+                    ));
+                }
+                other => {
+                    return Err(format!("vCPU {index}: unexpected exit {other:?}"));
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                immediate_exit.set(0);
+                if shared.pause.load(Ordering::SeqCst) {
+                    park(shared);
+                }
+            }
+            Err(e) => return Err(format!("vCPU {index}: KVM_RUN failed: {e}")),
+        }
+    }
+}
+
+fn signal(evt: &EventFd, what: &str) {
+    if let Err(e) = evt.write(1) {
+        log::error!("cannot signal {what}: {e}");
+    }
+}
+
+/// After the guest ended the VM, a vCPU waits for the control loop to stop it instead of
+/// running the guest on.
+fn park_until_stopped(shared: &VcpuShared) {
+    let mut park = shared.lock_park();
+    while !shared.stop.load(Ordering::SeqCst) {
+        park.parked += 1;
+        shared.changed.notify_all();
+        park = shared
+            .changed
+            .wait(park)
+            .unwrap_or_else(|p| p.into_inner());
+        park.parked -= 1;
+    }
+}

@@ -1,0 +1,345 @@
+//! One KVM virtual machine: its memory, legacy devices and vCPUs, built from a [`VmConfig`].
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::acpi::{AcpiShutdownDevice, SHUTDOWN_PORT};
+use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+use devices::legacy::serial::SERIAL_IRQ;
+use devices::legacy::{Serial, I8042, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+use devices::IoBus;
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
+use crate::x86_64::{boot, cpuid, layout, mptable, msr, regs};
+
+/// How long a pause may take before it is reported as stuck.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
+/// Used when the host does not report its physical address width.
+const DEFAULT_PHYS_BITS: u32 = 36;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("this KVM lacks a required capability: {0:?}")]
+    KvmCapability(Cap),
+    #[error("cannot create the KVM VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("cannot set up the KVM VM ({what}): {source}")]
+    SetupVm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("--cpus boot={requested} exceeds the {max} vCPUs this host's KVM allows")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("--cpus: at least one vCPU is needed")]
+    NoVcpus,
+    #[error("--memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Boot(#[from] boot::BootError),
+    #[error("--kernel is required to boot a VM")]
+    NoKernel,
+    #[error("{0}")]
+    Cpuid(#[from] cpuid::CpuidError),
+    #[error("{0}")]
+    Msr(#[from] msr::MsrError),
+    #[error("{0}")]
+    Regs(#[from] regs::RegsError),
+    #[error("{0}")]
+    Mptable(#[from] mptable::MptableError),
+    #[error("cannot set up vCPU {index} ({what}): {source}")]
+    SetupVcpu {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot place a device on the I/O bus: {0}")]
+    Bus(#[from] devices::IoBusError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+}
+
+/// Event fds through which the guest ends a VM run; the control loop waits on them.
+pub struct VmEvents {
+    pub exit: EventFd,
+    pub reset: EventFd,
+    pub vcpu_failure: EventFd,
+}
+
+impl VmEvents {
+    pub fn new() -> Result<Self, VmError> {
+        let new = || EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd);
+        Ok(Self {
+            exit: new()?,
+            reset: new()?,
+            vcpu_failure: new()?,
+        })
+    }
+}
+
+/// Opens /dev/kvm and checks what the VMM relies on.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::KvmApiVersion(version));
+    }
+    for cap in [
+        Cap::Irqchip,
+        Cap::UserMemory,
+        Cap::Irqfd,
+        Cap::ImmediateExit,
+        Cap::Pit2,
+        Cap::SetTssAddr,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCapability(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+fn phys_bits(cpuid: &CpuId) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == CPUID_ADDRESS_SIZES)
+        .map_or(DEFAULT_PHYS_BITS, |e| e.eax & 0xff)
+}
+
+/// A booted VM: KVM objects, guest memory, devices and running vCPUs.
+pub struct Vm {
+    // Field order matters: vCPU threads stop (Drop) before the memory they run on is unmapped.
+    vcpus: Vcpus,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    _serial: Option<Arc<Mutex<Serial>>>,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, loads its kernel and starts its vCPUs.
+    /// `serial_out` receives the guest's COM1 output (None: no serial port).
+    pub fn boot(
+        kvm: &Kvm,
+        config: &VmConfig,
+        serial_out: Option<Box<dyn Write + Send>>,
+        events: &VmEvents,
+    ) -> Result<Self, VmError> {
+        let cpu_count = config.cpus.boot_vcpus;
+        if cpu_count == 0 {
+            return Err(VmError::NoVcpus);
+        }
+        let max_vcpus = kvm.get_max_vcpus().min(254);
+        if usize::from(cpu_count) > max_vcpus {
+            return Err(VmError::TooManyVcpus {
+                requested: cpu_count,
+                max: max_vcpus,
+            });
+        }
+        let payload = config.payload.as_ref().ok_or(VmError::NoKernel)?;
+        let kernel = payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
+        let base_cpuid = cpuid::supported(kvm)?;
+        let mem_size = config.memory.size;
+        memory::validate_size(mem_size, phys_bits(&base_cpuid))?;
+
+        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let setup = |what, r: Result<(), kvm_ioctls::Error>| {
+            r.map_err(|source| VmError::SetupVm { what, source })
+        };
+        setup(
+            "TSS address",
+            vm_fd.set_tss_address(layout::KVM_TSS_ADDRESS),
+        )?;
+        setup(
+            "identity map address",
+            vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS),
+        )?;
+        setup("in-kernel irqchip", vm_fd.create_irq_chip())?;
+        setup(
+            "in-kernel PIT",
+            vm_fd.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            }),
+        )?;
+
+        let memory = memory::create(mem_size)?;
+        memory::register(&vm_fd, &memory, false)?;
+
+        let loaded = boot::load_kernel(
+            &memory,
+            mem_size,
+            kernel,
+            payload.initramfs.as_deref(),
+            payload.cmdline.as_deref().unwrap_or(""),
+        )?;
+        mptable::setup(&memory, cpu_count)?;
+
+        let mut pio = IoBus::new();
+        let serial = match serial_out {
+            Some(out) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+                setup("serial irqfd", vm_fd.register_irqfd(&irq, SERIAL_IRQ))?;
+                let serial = Arc::new(Mutex::new(Serial::new(irq, out)));
+                pio.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+                Some(serial)
+            }
+            None => None,
+        };
+        let clone_evt = |e: &EventFd| e.try_clone().map_err(VmError::EventFd);
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(clone_evt(&events.reset)?))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiShutdownDevice::new(
+                clone_evt(&events.exit)?,
+                clone_evt(&events.reset)?,
+            ))),
+            SHUTDOWN_PORT,
+            1,
+        )?;
+
+        let msr_indices = msr::supported_indices(kvm)?;
+        let boot_msrs = msr::boot_msrs(&msr_indices)?;
+        let mut vcpu_fds = Vec::with_capacity(usize::from(cpu_count));
+        for index in 0..cpu_count {
+            vcpu_fds.push(setup_vcpu(
+                &vm_fd,
+                &memory,
+                index,
+                cpu_count,
+                &base_cpuid,
+                &boot_msrs,
+                &loaded,
+            )?);
+        }
+
+        let handlers = Arc::new(ExitHandlers {
+            pio: Arc::new(pio),
+            mmio: Arc::new(IoBus::new()),
+            reset_evt: clone_evt(&events.reset)?,
+            exit_evt: clone_evt(&events.exit)?,
+        });
+        let vcpus = Vcpus::start(vcpu_fds, handlers, clone_evt(&events.vcpu_failure)?)?;
+        log::info!(
+            "VM booted: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
+            mem_size >> 20,
+            kernel.display(),
+            loaded.entry
+        );
+        Ok(Self {
+            vcpus,
+            vm_fd,
+            memory,
+            _serial: serial,
+        })
+    }
+
+    pub fn vcpus(&self) -> &Vcpus {
+        &self.vcpus
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Switches KVM dirty-page logging on or off for all of guest RAM.
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), MemoryError> {
+        memory::register(&self.vm_fd, &self.memory, enabled)
+    }
+
+    /// Pages the guest wrote since the last call (dirty logging must be on), as one bitmap per
+    /// memory slot, 64 pages per word.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.vm_fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(|source| VmError::SetupVm {
+                        what: "get dirty log",
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Stops the vCPUs; the VM is done after this.
+    pub fn shutdown(&mut self) {
+        self.vcpus.stop();
+    }
+}
+
+fn setup_vcpu(
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    index: u8,
+    cpu_count: u8,
+    base_cpuid: &CpuId,
+    boot_msrs: &kvm_bindings::Msrs,
+    loaded: &boot::LoadedKernel,
+) -> Result<VcpuFd, VmError> {
+    let err = |what| move |source| VmError::SetupVcpu {
+        index,
+        what,
+        source,
+    };
+    let fd = vm_fd
+        .create_vcpu(u64::from(index))
+        .map_err(err("create"))?;
+    fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, cpu_count))
+        .map_err(err("CPUID"))?;
+    let written = fd.set_msrs(boot_msrs).map_err(err("MSRs"))?;
+    if written != boot_msrs.as_fam_struct_ref().nmsrs as usize {
+        log::warn!("vCPU {index}: KVM accepted only {written} boot MSRs");
+    }
+    fd.set_fpu(&regs::boot_fpu()).map_err(err("FPU"))?;
+    set_lint(&fd).map_err(err("LAPIC"))?;
+    // Other vCPUs wait for the guest's INIT/SIPI; KVM starts them in the right mode.
+    if index == 0 {
+        let sregs = fd.get_sregs().map_err(err("get sregs"))?;
+        let sregs = regs::boot_sregs(memory, loaded.entry, sregs)?;
+        fd.set_sregs(&sregs).map_err(err("sregs"))?;
+        fd.set_regs(&regs::boot_regs(loaded.entry, loaded.boot_info))
+            .map_err(err("regs"))?;
+    }
+    Ok(fd)
+}
+
+/// Wires LINT0 to ExtINT (the PIC) and LINT1 to NMI, as PC firmware leaves them.
+fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 0x7;
+    const DELIVERY_NMI: u32 = 0x4;
+    let mut lapic = fd.get_lapic()?;
+    for (offset, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = u32::from_le_bytes(bytes);
+        let value = (value & !0x700) | (mode << 8);
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as std::os::raw::c_char;
+        }
+    }
+    fd.set_lapic(&lapic)
+}

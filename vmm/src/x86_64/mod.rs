@@ -1,0 +1,9 @@
+//! x86_64 specifics: the guest physical memory map, CPUID/MSR set-up, boot register state,
+//! boot parameter blocks and the MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod msr;
+pub mod regs;

@@ -1,0 +1,190 @@
+//! vCPU control and dirty logging against real KVM, with tiny hand-assembled kernels (CPL0
+//! code, so KVM emulates it here; that is slow but exact).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::{ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::vm::{Vm, VmEvents};
+
+const LOAD_ADDR: u64 = 0x10_0000;
+const COUNTER_ADDR: u64 = 0x20_0000;
+
+fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIP: {test}: /dev/kvm not available - this test did NOT run");
+    }
+    ok
+}
+
+/// A 64-bit ELF with one loadable segment holding `code` at 1 MiB, entered through the Linux
+/// 64-bit protocol (no PVH note).
+fn elf_kernel(code: &[u8], name: &str) -> PathBuf {
+    let mut elf = Vec::new();
+    let code_off: u64 = 64 + 56;
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&56u16.to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes());
+    elf.extend_from_slice(&[0; 6]);
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&7u32.to_le_bytes());
+    elf.extend_from_slice(&code_off.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    let path = std::env::temp_dir().join(format!("tandem-{name}-{}.elf", std::process::id()));
+    std::fs::write(&path, elf).expect("write kernel");
+    path
+}
+
+/// `mov rax, COUNTER_ADDR; 1: inc qword [rax]; jmp 1b`
+fn counting_loop() -> Vec<u8> {
+    let mut code = vec![0x48, 0xc7, 0xc0];
+    code.extend_from_slice(&(COUNTER_ADDR as u32).to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xff, 0x00, 0xeb, 0xfb]);
+    code
+}
+
+fn config(kernel: PathBuf, cpus: u8) -> VmConfig {
+    VmConfig {
+        cpus: CpusConfig {
+            boot_vcpus: cpus,
+            max_vcpus: cpus,
+            ..Default::default()
+        },
+        memory: MemoryConfig::with_size(64 << 20),
+        payload: Some(PayloadConfig {
+            kernel: Some(kernel),
+            ..Default::default()
+        }),
+        serial: ConsoleConfig::with_mode(ConsoleOutputMode::Null),
+        console: ConsoleConfig::with_mode(ConsoleOutputMode::Off),
+    }
+}
+
+fn counter(vm: &Vm) -> u64 {
+    vm.memory()
+        .read_obj(GuestAddress(COUNTER_ADDR))
+        .expect("read counter")
+}
+
+#[test]
+fn paused_guest_makes_no_progress_and_resumes() {
+    if !kvm_available("paused_guest_makes_no_progress_and_resumes") {
+        return;
+    }
+    let kernel = elf_kernel(&counting_loop(), "pause");
+    let kvm = vmm::vm::open_kvm().expect("kvm");
+    let events = VmEvents::new().expect("events");
+    let mut vm = Vm::boot(&kvm, &config(kernel.clone(), 2), None, &events).expect("boot");
+    let start = Instant::now();
+    while counter(&vm) < 1000 {
+        assert!(start.elapsed() < Duration::from_secs(20), "guest never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..50 {
+        vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+        let before = counter(&vm);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(counter(&vm), before, "guest ran while paused");
+        vm.vcpus().resume();
+    }
+    let resumed_at = counter(&vm);
+    let start = Instant::now();
+    while counter(&vm) == resumed_at {
+        assert!(start.elapsed() < Duration::from_secs(10), "guest did not resume");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.shutdown();
+    let _ = std::fs::remove_file(kernel);
+}
+
+#[test]
+fn dirty_log_reports_guest_writes() {
+    if !kvm_available("dirty_log_reports_guest_writes") {
+        return;
+    }
+    let kernel = elf_kernel(&counting_loop(), "dirty");
+    let kvm = vmm::vm::open_kvm().expect("kvm");
+    let events = VmEvents::new().expect("events");
+    let mut vm = Vm::boot(&kvm, &config(kernel.clone(), 1), None, &events).expect("boot");
+    vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+    vm.set_dirty_logging(true).expect("enable dirty log");
+    let _ = vm.take_dirty_log().expect("clear dirty log");
+    vm.vcpus().resume();
+    let start = counter(&vm);
+    while counter(&vm) < start + 100 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+    let log = vm.take_dirty_log().expect("dirty log");
+    let page = (COUNTER_ADDR / 4096) as usize;
+    assert_ne!(log[0][page / 64] & (1 << (page % 64)), 0, "counter page not dirty");
+    let dirty: u32 = log[0].iter().map(|w| w.count_ones()).sum();
+    assert!(dirty < 8, "only the counter page (and stack) should be dirty, got {dirty}");
+    vm.vcpus().resume();
+    vm.shutdown();
+    let _ = std::fs::remove_file(kernel);
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn serial_output_and_acpi_shutdown_reach_the_vmm() {
+    if !kvm_available("serial_output_and_acpi_shutdown_reach_the_vmm") {
+        return;
+    }
+    let mut code = Vec::new();
+    for byte in b"OK\n" {
+        // mov dx, 0x3f8; mov al, byte; out dx, al
+        code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, *byte, 0xee]);
+    }
+    // mov dx, 0x600; mov al, 0x34; out dx, al; hlt
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4]);
+    let kernel = elf_kernel(&code, "shutdown");
+    let path = kernel.clone();
+    let capture = Capture::default();
+    let kvm = vmm::vm::open_kvm().expect("kvm");
+    let events = VmEvents::new().expect("events");
+    let mut cfg = config(kernel, 1);
+    cfg.serial = ConsoleConfig::with_mode(ConsoleOutputMode::Tty);
+    let mut vm = Vm::boot(&kvm, &cfg, Some(Box::new(capture.clone())), &events).expect("boot");
+    let start = Instant::now();
+    while events.exit.read().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no shutdown");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.shutdown();
+    assert_eq!(&*capture.0.lock().unwrap(), b"OK\n");
+    let _ = std::fs::remove_file(path);
+}
