@@ -26,10 +26,7 @@ pub enum VcpuError {
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
     #[error("cannot spawn the thread of vCPU {index}: {source}")]
-    Spawn {
-        index: u8,
-        source: std::io::Error,
-    },
+    Spawn { index: u8, source: std::io::Error },
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
     #[error("cannot signal vCPU {index}: {source}")]
@@ -102,8 +99,8 @@ pub struct ExitHandlers {
 struct ImmediateExit(*mut u8);
 
 // SAFETY: the pointer targets the vCPU's kvm_run mapping, which stays mapped until the vCPU
-// thread has been joined (the VcpuFd lives in that thread); it is only written with volatile
-// byte stores, which KVM reads at each KVM_RUN.
+// thread has been joined (the thread returns its VcpuFd, dropped only after the join, and the
+// kicker skips joined threads); it is only written with volatile byte stores.
 unsafe impl Send for ImmediateExit {}
 // SAFETY: see above; concurrent volatile byte stores of 0/1 are benign.
 unsafe impl Sync for ImmediateExit {}
@@ -117,7 +114,9 @@ impl ImmediateExit {
 
 struct VcpuHandle {
     index: u8,
-    thread: Option<JoinHandle<()>>,
+    /// The thread hands its `VcpuFd` back when it ends, so the `kvm_run` mapping that
+    /// `immediate_exit` points into stays mapped until the thread is joined.
+    thread: Option<JoinHandle<VcpuFd>>,
     immediate_exit: ImmediateExit,
 }
 
@@ -158,7 +157,10 @@ impl Vcpus {
             shared.lock_park().live += 1;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(index, fd, immediate_exit, &shared, &handlers))
+                .spawn(move || {
+                    run_vcpu(index, &mut fd, immediate_exit, &shared, &handlers);
+                    fd
+                })
                 .map_err(|source| {
                     vcpus.shared.lock_park().live -= 1;
                     VcpuError::Spawn { index, source }
@@ -181,9 +183,6 @@ impl Vcpus {
             let Some(thread) = &handle.thread else {
                 continue;
             };
-            if thread.is_finished() {
-                continue;
-            }
             handle.immediate_exit.set(1);
             // SAFETY: the pthread_t belongs to a thread we have not joined yet.
             let ret = unsafe {
@@ -192,7 +191,8 @@ impl Vcpus {
                     kick_signal(),
                 )
             };
-            if ret != 0 {
+            // ESRCH: the thread has already left its loop; nothing to interrupt.
+            if ret != 0 && ret != libc::ESRCH {
                 return Err(VcpuError::Kick {
                     index: handle.index,
                     source: vmm_sys_util::errno::Error::new(ret),
@@ -261,22 +261,19 @@ fn park(shared: &VcpuShared) {
     park.parked += 1;
     shared.changed.notify_all();
     while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
-        park = shared
-            .changed
-            .wait(park)
-            .unwrap_or_else(|p| p.into_inner());
+        park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
     }
     park.parked -= 1;
 }
 
 fn run_vcpu(
     index: u8,
-    mut fd: VcpuFd,
+    fd: &mut VcpuFd,
     immediate_exit: ImmediateExit,
     shared: &VcpuShared,
     handlers: &ExitHandlers,
 ) {
-    let result = vcpu_loop(index, &mut fd, immediate_exit, shared, handlers);
+    let result = vcpu_loop(index, fd, immediate_exit, shared, handlers);
     {
         let mut park = shared.lock_park();
         park.live -= 1;
@@ -368,10 +365,7 @@ fn park_until_stopped(shared: &VcpuShared) {
     while !shared.stop.load(Ordering::SeqCst) {
         park.parked += 1;
         shared.changed.notify_all();
-        park = shared
-            .changed
-            .wait(park)
-            .unwrap_or_else(|p| p.into_inner());
+        park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
         park.parked -= 1;
     }
 }

@@ -299,14 +299,14 @@ fn setup_vcpu(
     boot_msrs: &kvm_bindings::Msrs,
     loaded: &boot::LoadedKernel,
 ) -> Result<VcpuFd, VmError> {
-    let err = |what| move |source| VmError::SetupVcpu {
-        index,
-        what,
-        source,
+    let err = |what| {
+        move |source| VmError::SetupVcpu {
+            index,
+            what,
+            source,
+        }
     };
-    let fd = vm_fd
-        .create_vcpu(u64::from(index))
-        .map_err(err("create"))?;
+    let fd = vm_fd.create_vcpu(u64::from(index)).map_err(err("create"))?;
     fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, cpu_count))
         .map_err(err("CPUID"))?;
     let written = fd.set_msrs(boot_msrs).map_err(err("MSRs"))?;

@@ -148,9 +148,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
     }
 
     let boot = || {
-        let out = serial
-            .clone()
-            .map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
         Vm::boot(&kvm, config, out, &events)
     };
     let mut vm = boot()?;
@@ -161,35 +159,36 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(RunError::Epoll(e)),
         };
-        for event in &ready[..n] {
-            match event.data() {
-                d if d == Wake::Exit as u64 => {
-                    let _ = events.exit.read();
-                    vm.shutdown();
-                    log::info!("guest shut down");
-                    return Ok(ExitReason::GuestShutdown);
-                }
-                d if d == Wake::Reset as u64 => {
-                    let _ = events.reset.read();
-                    log::info!("guest reset: rebooting the VM");
-                    vm.shutdown();
-                    drop(vm);
-                    vm = boot()?;
-                    break;
-                }
-                _ => {
-                    let _ = events.vcpu_failure.read();
-                    let failures = vm.vcpus().shared().take_failures();
-                    vm.shutdown();
-                    let message = failures
-                        .iter()
-                        .map(|f| match f {
-                            crate::vcpu::VcpuExitReason::Failed { message, .. } => message.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    return Err(RunError::VcpuFailed(message));
-                }
+        // Epoll is level-triggered: events not handled now are returned by the next wait.
+        let Some(event) = ready[..n].first() else {
+            continue;
+        };
+        match event.data() {
+            d if d == Wake::Exit as u64 => {
+                let _ = events.exit.read();
+                vm.shutdown();
+                log::info!("guest shut down");
+                return Ok(ExitReason::GuestShutdown);
+            }
+            d if d == Wake::Reset as u64 => {
+                let _ = events.reset.read();
+                log::info!("guest reset: rebooting the VM");
+                vm.shutdown();
+                drop(vm);
+                vm = boot()?;
+            }
+            _ => {
+                let _ = events.vcpu_failure.read();
+                let failures = vm.vcpus().shared().take_failures();
+                vm.shutdown();
+                let message = failures
+                    .iter()
+                    .map(|f| match f {
+                        crate::vcpu::VcpuExitReason::Failed { message, .. } => message.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(RunError::VcpuFailed(message));
             }
         }
     }

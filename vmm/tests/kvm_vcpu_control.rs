@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::{ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::config::{
+    ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+};
 use vmm::vm::{Vm, VmEvents};
 
 const LOAD_ADDR: u64 = 0x10_0000;
@@ -111,7 +113,10 @@ fn paused_guest_makes_no_progress_and_resumes() {
     let resumed_at = counter(&vm);
     let start = Instant::now();
     while counter(&vm) == resumed_at {
-        assert!(start.elapsed() < Duration::from_secs(10), "guest did not resume");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "guest did not resume"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     vm.shutdown();
@@ -138,9 +143,16 @@ fn dirty_log_reports_guest_writes() {
     vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
     let log = vm.take_dirty_log().expect("dirty log");
     let page = (COUNTER_ADDR / 4096) as usize;
-    assert_ne!(log[0][page / 64] & (1 << (page % 64)), 0, "counter page not dirty");
+    assert_ne!(
+        log[0][page / 64] & (1 << (page % 64)),
+        0,
+        "counter page not dirty"
+    );
     let dirty: u32 = log[0].iter().map(|w| w.count_ones()).sum();
-    assert!(dirty < 8, "only the counter page (and stack) should be dirty, got {dirty}");
+    assert!(
+        dirty < 8,
+        "only the counter page (and stack) should be dirty, got {dirty}"
+    );
     vm.vcpus().resume();
     vm.shutdown();
     let _ = std::fs::remove_file(kernel);

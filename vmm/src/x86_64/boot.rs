@@ -6,8 +6,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
@@ -45,6 +45,8 @@ pub enum BootError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("kernel {0} is not a regular file")]
+    KernelNotAFile(PathBuf),
     #[error("kernel {0} is neither a 64-bit ELF nor a bzImage")]
     UnknownKernelFormat(PathBuf),
     #[error("kernel {path} needs guest memory up to {needed:#x} but the VM has {available:#x} bytes; give it more --memory")]
@@ -64,7 +66,11 @@ pub enum BootError {
         source: std::io::Error,
     },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel; give it more --memory")]
-    InitramfsTooBig { path: PathBuf, size: u64, limit: u64 },
+    InitramfsTooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot load initramfs {path}: {source}")]
     LoadInitramfs {
         path: PathBuf,
@@ -130,7 +136,9 @@ fn elf_load_end(file: &mut File) -> std::io::Result<u64> {
     let mut end = 0u64;
     for i in 0..phnum {
         let mut phdr = [0u8; 56];
-        file.seek(SeekFrom::Start(phoff.saturating_add(i.saturating_mul(phentsize))))?;
+        file.seek(SeekFrom::Start(
+            phoff.saturating_add(i.saturating_mul(phentsize)),
+        ))?;
         file.read_exact(&mut phdr)?;
         const PT_LOAD: u32 = 1;
         if u32::from_le_bytes([phdr[0], phdr[1], phdr[2], phdr[3]]) == PT_LOAD {
@@ -164,6 +172,16 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         path: kernel_path.to_path_buf(),
         source,
     })?;
+    let is_file = kernel
+        .metadata()
+        .map_err(|source| BootError::ReadKernel {
+            path: kernel_path.to_path_buf(),
+            source,
+        })?
+        .is_file();
+    if !is_file {
+        return Err(BootError::KernelNotAFile(kernel_path.to_path_buf()));
+    }
     let format = detect_format(&mut kernel, kernel_path)?;
     let needed = match format {
         KernelFormat::Elf => elf_load_end(&mut kernel),
@@ -222,11 +240,15 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 
     let entry = match format {
         KernelFormat::Elf => result.kernel_load,
-        KernelFormat::BzImage => result
-            .kernel_load
-            .unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+        KernelFormat::BzImage => result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
     };
-    write_zero_page(mem, result.setup_header, &memory_map, cmdline_len, initramfs)?;
+    write_zero_page(
+        mem,
+        result.setup_header,
+        &memory_map,
+        cmdline_len,
+        initramfs,
+    )?;
     Ok(LoadedKernel {
         entry: EntryMode::Linux64 { entry },
         boot_info: ZERO_PAGE_START,
@@ -291,13 +313,14 @@ fn write_pvh_info<M: GuestMemoryBackend>(
         })
         .collect();
     // The initramfs is passed as the first (only) module, as PVH Linux expects.
-    let modules = initramfs.map(|(addr, size)| {
-        linux_loader::loader::elf::start_info::hvm_modlist_entry {
-            paddr: addr.raw_value(),
-            size,
-            ..Default::default()
-        }
-    });
+    let modules =
+        initramfs.map(
+            |(addr, size)| linux_loader::loader::elf::start_info::hvm_modlist_entry {
+                paddr: addr.raw_value(),
+                size,
+                ..Default::default()
+            },
+        );
     const MODLIST_START: GuestAddress = GuestAddress(0x6040);
     if modules.is_some() {
         start_info.nr_modules = 1;

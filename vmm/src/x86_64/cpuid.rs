@@ -46,9 +46,8 @@ pub fn for_vcpu(base: &CpuId, cpu_index: u8, cpu_count: u8) -> CpuId {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             LEAF_FEATURES => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (apic_id << 24)
-                    | (u32::from(cpu_count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (apic_id << 24) | (u32::from(cpu_count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if cpu_count > 1 {
                     entry.edx |= EDX_HTT;

@@ -137,7 +137,13 @@ mod tests {
     #[test]
     fn all_cpus_fit_the_bios_area() {
         assert!(build(254, MPTABLE_START).unwrap().len() as u64 <= MPTABLE_END - MPTABLE_START.0);
-        assert!(matches!(build(0, MPTABLE_START), Err(MptableError::TooManyCpus(0))));
-        assert!(matches!(build(255, MPTABLE_START), Err(MptableError::TooManyCpus(255))));
+        assert!(matches!(
+            build(0, MPTABLE_START),
+            Err(MptableError::TooManyCpus(0))
+        ));
+        assert!(matches!(
+            build(255, MPTABLE_START),
+            Err(MptableError::TooManyCpus(255))
+        ));
     }
 }

@@ -5,8 +5,8 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, IDENTITY_MAPPED_GIB, PDE_START, PDPTE_START,
-    PML4_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, IDENTITY_MAPPED_GIB, PDE_START,
+    PDPTE_START, PML4_START,
 };
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -87,11 +87,8 @@ fn write_identity_page_tables<M: GuestMemory>(mem: &M) -> Result<(), RegsError> 
             .map_err(RegsError::GuestMemory)?;
         for i in 0..512u64 {
             let addr = (gib << 30) | (i << 21);
-            mem.write_obj(
-                addr | PAGE_PRESENT_RW | PAGE_HUGE,
-                GuestAddress(pd + i * 8),
-            )
-            .map_err(RegsError::GuestMemory)?;
+            mem.write_obj(addr | PAGE_PRESENT_RW | PAGE_HUGE, GuestAddress(pd + i * 8))
+                .map_err(RegsError::GuestMemory)?;
         }
     }
     Ok(())
@@ -204,8 +201,8 @@ mod tests {
 
     #[test]
     fn long_mode_sregs_identity_map_low_memory() {
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)])
-            .expect("guest memory");
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
         let mode = EntryMode::Linux64 {
             entry: GuestAddress(0x10_0000),
         };

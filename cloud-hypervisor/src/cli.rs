@@ -1,0 +1,1151 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! The `cloud-hypervisor` command line: the same flags and value syntax as
+//! Cloud Hypervisor, turned into a [`VmConfig`] plus the options of the
+//! process itself.
+
+use std::ffi::OsString;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Arg, ArgAction, ArgMatches, ColorChoice, Command};
+use thiserror::Error;
+use vmm::config::{
+    ConsoleConfig, ConsoleOutputMode, CpusConfig, HotplugMethod, MemoryConfig, PayloadConfig,
+    ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
+};
+
+use crate::option_parser::{ByteSize, OptionParser, OptionParserError};
+
+/// What `parse_args` decided the process should do.
+// Built once per process and matched right away, so the size difference
+// between the variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum CliOutcome {
+    /// Start the VMM with these options.
+    Run(CliOptions),
+    /// Print `text` (it ends with a newline) and exit with `code`: to stdout
+    /// when `code` is 0 (`--help`, `--version`), to stderr otherwise (help
+    /// shown because no argument was given, which Cloud Hypervisor treats
+    /// as a usage error).
+    PrintAndExit { text: String, code: i32 },
+}
+
+/// Everything the command line configures.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliOptions {
+    /// The VM to create and boot at start; `None` when no `--kernel` was
+    /// given but `--api-socket` was, so the VMM waits for `vm.create`.
+    /// Already validated.
+    pub vm_config: Option<VmConfig>,
+    pub api_socket: Option<ApiSocket>,
+    pub event_monitor: Option<EventMonitor>,
+    pub log_file: Option<PathBuf>,
+    /// The number of `-v` flags.
+    pub verbosity: u8,
+    pub seccomp: SeccompAction,
+}
+
+/// Where the HTTP API listens (`--api-socket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocket {
+    /// A UNIX socket to create at this path.
+    Path(PathBuf),
+    /// An already bound and listening UNIX socket inherited from the parent.
+    Fd(RawFd),
+}
+
+/// Where events are reported (`--event-monitor`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventMonitor {
+    /// A file to create (or truncate) at this path.
+    Path(PathBuf),
+    /// An open file descriptor inherited from the parent.
+    Fd(RawFd),
+}
+
+/// What a seccomp filter does on a forbidden system call (`--seccomp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompAction {
+    /// `--seccomp true`, the default: kill the thread with SIGSYS.
+    #[default]
+    Trap,
+    /// `--seccomp false`: install no filter.
+    Allow,
+    /// `--seccomp log`: allow the call and have the kernel log it.
+    Log,
+}
+
+/// A command line that cannot be run. The message is one line, naming the
+/// flag and the problem.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("{flag}: invalid value \"{value}\": {reason}")]
+    InvalidValue {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0} is not supported yet")]
+    UnsupportedFlag(String),
+    #[error("{flag}: {what} is not supported yet")]
+    UnsupportedOption { flag: &'static str, what: String },
+    #[error("a payload is required: pass --kernel <PATH>, or --api-socket to wait for vm.create")]
+    MissingPayload,
+    #[error("{0} requires --kernel")]
+    NeedsKernel(&'static str),
+    #[error("{flag}: {source}")]
+    Validation {
+        flag: &'static str,
+        source: ValidationError,
+    },
+    /// Anything clap itself refuses (unknown flag, missing value, flag given
+    /// twice), reduced to its first line.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Flags of Cloud Hypervisor that take a value and that Tandem does not
+/// implement yet. They are declared (hidden) so that using one gets "not
+/// supported yet" rather than clap's "unexpected argument", which would
+/// suggest a typo.
+const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
+    "balloon",
+    "debug-console",
+    "device",
+    "disk",
+    "firmware",
+    "fs",
+    "gdb",
+    "generic-vhost-user",
+    "host-data",
+    "igvm",
+    "landlock-rules",
+    "memory-zone",
+    "net",
+    "numa",
+    "pci-segment",
+    "platform",
+    "pmem",
+    "rate-limit-group",
+    "restore",
+    "rng",
+    "sgx-epc",
+    "tpm",
+    "user-device",
+    "vdpa",
+    "vsock",
+];
+
+/// Like [`UNSUPPORTED_VALUE_FLAGS`], for flags that take no value.
+const UNSUPPORTED_SWITCHES: &[&str] = &["landlock", "no-shutdown", "pvpanic", "watchdog"];
+
+/// Flags that describe the VM, which need a payload to mean anything.
+const VM_FLAGS: &[&str] = &[
+    "cmdline",
+    "console",
+    "cpus",
+    "initramfs",
+    "memory",
+    "serial",
+];
+
+/// The clap definition of the `cloud-hypervisor` command line.
+pub fn command() -> Command {
+    let mut command = Command::new("cloud-hypervisor")
+        .about("Launch a cloud-hypervisor VMM.")
+        .color(ColorChoice::Never)
+        // Cloud Hypervisor prints "cloud-hypervisor v<version>", which is
+        // not clap's "<name> <version>" shape, so the flag is our own.
+        .disable_version_flag(true)
+        .arg_required_else_help(true)
+        .arg(
+            Arg::new("api-socket")
+                .long("api-socket")
+                .value_name("api-socket")
+                .help("HTTP API socket (UNIX domain socket): path=</path/to/a/file> or fd=<fd>."),
+        )
+        .arg(
+            Arg::new("cmdline")
+                .long("cmdline")
+                .value_name("cmdline")
+                .help("Kernel command line"),
+        )
+        .arg(
+            Arg::new("console")
+                .long("console")
+                .value_name("console")
+                .help("Control (virtio) console: \"off|null|tty\" [default: tty]"),
+        )
+        .arg(
+            Arg::new("cpus")
+                .long("cpus")
+                .value_name("cpus")
+                .help("boot=<boot_vcpus>,max=<max_vcpus> [default: boot=1]"),
+        )
+        .arg(
+            Arg::new("event-monitor")
+                .long("event-monitor")
+                .value_name("event-monitor")
+                .help("File to report events on: path=</path/to/a/file> or fd=<fd>"),
+        )
+        .arg(
+            Arg::new("initramfs")
+                .long("initramfs")
+                .value_name("initramfs")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("Path to initramfs image"),
+        )
+        .arg(
+            Arg::new("kernel")
+                .long("kernel")
+                .value_name("kernel")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(
+                    "Path to kernel to load. This may be a kernel or firmware that supports a \
+                     PVH entry point (e.g. vmlinux) or architecture equivalent",
+                ),
+        )
+        .arg(
+            Arg::new("log-file")
+                .long("log-file")
+                .value_name("log-file")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("Log file. Standard error is used if not specified"),
+        )
+        .arg(
+            Arg::new("memory")
+                .long("memory")
+                .value_name("memory")
+                .help("Memory parameters \"size=<guest_memory_size>\" [default: size=512M]"),
+        )
+        .arg(
+            Arg::new("seccomp")
+                .long("seccomp")
+                .value_name("seccomp")
+                .help("Seccomp filtering: true|false|log [default: true]"),
+        )
+        .arg(Arg::new("serial").long("serial").value_name("serial").help(
+            "Control serial port: off|null|tty|file=</path/to/a/file>|\
+                     socket=</path/to/a/file> [default: null]",
+        ))
+        .arg(
+            Arg::new("v")
+                .short('v')
+                .action(ArgAction::Count)
+                .help("Sets the level of debugging output"),
+        )
+        .arg(
+            Arg::new("version")
+                .short('V')
+                .long("version")
+                .action(ArgAction::SetTrue)
+                .help("Print version"),
+        );
+    for name in UNSUPPORTED_VALUE_FLAGS {
+        command = command.arg(
+            Arg::new(*name)
+                .long(*name)
+                .hide(true)
+                // Any number of values, so that even a malformed use is
+                // answered with "not supported yet".
+                .num_args(0..)
+                .action(ArgAction::Append),
+        );
+    }
+    for name in UNSUPPORTED_SWITCHES {
+        command = command.arg(
+            Arg::new(*name)
+                .long(*name)
+                .hide(true)
+                .action(ArgAction::SetTrue),
+        );
+    }
+    command
+}
+
+/// The `--version` text.
+pub fn version_text() -> String {
+    format!("cloud-hypervisor v{}\n", env!("CARGO_PKG_VERSION"))
+}
+
+/// Parses a full command line (`args` starts with the program name).
+pub fn parse_args<I, T>(args: I) -> Result<CliOutcome, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = match command().try_get_matches_from(args) {
+        Ok(matches) => matches,
+        Err(err) => return clap_error(err),
+    };
+
+    if matches.get_flag("version") {
+        return Ok(CliOutcome::PrintAndExit {
+            text: version_text(),
+            code: 0,
+        });
+    }
+    check_unsupported_flags(&matches)?;
+
+    let api_socket = string_arg(&matches, "api-socket")
+        .map(parse_api_socket)
+        .transpose()?;
+    let event_monitor = string_arg(&matches, "event-monitor")
+        .map(parse_event_monitor)
+        .transpose()?;
+    let seccomp = string_arg(&matches, "seccomp")
+        .map(parse_seccomp)
+        .transpose()?
+        .unwrap_or_default();
+    let log_file = matches.get_one::<PathBuf>("log-file").cloned();
+    let verbosity = matches.get_count("v");
+
+    let vm_config = build_vm_config(&matches, api_socket.is_some())?;
+
+    Ok(CliOutcome::Run(CliOptions {
+        vm_config,
+        api_socket,
+        event_monitor,
+        log_file,
+        verbosity,
+        seccomp,
+    }))
+}
+
+fn clap_error(err: clap::Error) -> Result<CliOutcome, CliError> {
+    let text = err.render().to_string();
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            Ok(CliOutcome::PrintAndExit { text, code: 0 })
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            Ok(CliOutcome::PrintAndExit { text, code: 2 })
+        }
+        _ => {
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            Err(CliError::Usage(first.to_owned()))
+        }
+    }
+}
+
+fn string_arg<'a>(matches: &'a ArgMatches, id: &str) -> Option<&'a str> {
+    matches.get_one::<String>(id).map(String::as_str)
+}
+
+/// Reports the unsupported flag that comes first on the command line.
+fn check_unsupported_flags(matches: &ArgMatches) -> Result<(), CliError> {
+    let given = UNSUPPORTED_VALUE_FLAGS
+        .iter()
+        .filter(|id| matches.contains_id(id))
+        .chain(
+            UNSUPPORTED_SWITCHES
+                .iter()
+                .filter(|id| matches.get_flag(id)),
+        );
+    match given.min_by_key(|id| matches.index_of(id).unwrap_or(usize::MAX)) {
+        Some(id) => Err(CliError::UnsupportedFlag(format!("--{id}"))),
+        None => Ok(()),
+    }
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl ToString) -> CliError {
+    CliError::InvalidValue {
+        flag,
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses `value` with `parser`, naming `flag` in any error.
+fn parse_options(
+    parser: &mut OptionParser,
+    flag: &'static str,
+    value: &str,
+) -> Result<(), CliError> {
+    parser.parse(value).map_err(|e| invalid(flag, value, e))
+}
+
+/// Converts an option, naming `flag` and the whole value in any error.
+fn convert<T: crate::option_parser::OptionValue>(
+    parser: &OptionParser,
+    flag: &'static str,
+    value: &str,
+    key: &str,
+) -> Result<Option<T>, CliError> {
+    parser
+        .convert::<T>(key)
+        .map_err(|e: OptionParserError| invalid(flag, value, e))
+}
+
+fn parse_fd(flag: &'static str, value: &str, parser: &OptionParser) -> Result<RawFd, CliError> {
+    match convert::<RawFd>(parser, flag, value, "fd")? {
+        Some(fd) if fd >= 0 => Ok(fd),
+        _ => Err(invalid(flag, value, "fd must be a non-negative integer")),
+    }
+}
+
+/// `path=<path>`, `fd=<fd>`, or (as Cloud Hypervisor also accepts) a bare
+/// path.
+fn parse_api_socket(value: &str) -> Result<ApiSocket, CliError> {
+    const FLAG: &str = "--api-socket";
+    let mut parser = OptionParser::new();
+    parser.add("path").add("fd");
+    // Cloud Hypervisor falls back to taking the whole value as a path when
+    // it is not `path=`/`fd=` syntax; deciding on the prefix keeps that
+    // while still reporting mistakes in the keyed form.
+    let keyed = ["path=", "fd="]
+        .iter()
+        .any(|prefix| value.trim_start().starts_with(prefix));
+    if !keyed {
+        if value.trim().is_empty() {
+            return Err(invalid(
+                FLAG,
+                value,
+                "expected path=<path>, fd=<fd> or a path",
+            ));
+        }
+        return Ok(ApiSocket::Path(PathBuf::from(value)));
+    }
+    parse_options(&mut parser, FLAG, value)?;
+    match (parser.is_set("path"), parser.is_set("fd")) {
+        (true, true) => Err(invalid(FLAG, value, "give either path or fd, not both")),
+        (_, true) => Ok(ApiSocket::Fd(parse_fd(FLAG, value, &parser)?)),
+        _ => match parser.get("path") {
+            Some(path) => Ok(ApiSocket::Path(PathBuf::from(path))),
+            None => Err(invalid(FLAG, value, "path must not be empty")),
+        },
+    }
+}
+
+fn parse_event_monitor(value: &str) -> Result<EventMonitor, CliError> {
+    const FLAG: &str = "--event-monitor";
+    let mut parser = OptionParser::new();
+    parser.add("path").add("fd");
+    parse_options(&mut parser, FLAG, value)?;
+    match (parser.is_set("path"), parser.is_set("fd")) {
+        (true, true) => Err(invalid(FLAG, value, "give either path or fd, not both")),
+        (false, false) => Err(invalid(FLAG, value, "path=<path> or fd=<fd> is required")),
+        (_, true) => Ok(EventMonitor::Fd(parse_fd(FLAG, value, &parser)?)),
+        (true, false) => match parser.get("path") {
+            Some(path) => Ok(EventMonitor::Path(PathBuf::from(path))),
+            None => Err(invalid(FLAG, value, "path must not be empty")),
+        },
+    }
+}
+
+fn parse_seccomp(value: &str) -> Result<SeccompAction, CliError> {
+    match value {
+        "true" => Ok(SeccompAction::Trap),
+        "false" => Ok(SeccompAction::Allow),
+        "log" => Ok(SeccompAction::Log),
+        _ => Err(invalid("--seccomp", value, "expected true, false or log")),
+    }
+}
+
+fn build_vm_config(
+    matches: &ArgMatches,
+    has_api_socket: bool,
+) -> Result<Option<VmConfig>, CliError> {
+    // Parse every VM flag first so that a malformed value is reported even
+    // when the kernel is missing too.
+    let cpus = string_arg(matches, "cpus").map(parse_cpus).transpose()?;
+    let memory = string_arg(matches, "memory")
+        .map(parse_memory)
+        .transpose()?;
+    let serial = string_arg(matches, "serial")
+        .map(|v| parse_console_flag("--serial", v))
+        .transpose()?;
+    let console = string_arg(matches, "console")
+        .map(|v| parse_console_flag("--console", v))
+        .transpose()?;
+
+    let Some(kernel) = matches.get_one::<PathBuf>("kernel") else {
+        if let Some(flag) = VM_FLAGS.iter().find(|id| matches.contains_id(id)) {
+            return Err(CliError::NeedsKernel(vm_flag_name(flag)));
+        }
+        if has_api_socket {
+            return Ok(None);
+        }
+        return Err(CliError::MissingPayload);
+    };
+
+    let config = VmConfig {
+        cpus: cpus.unwrap_or_default(),
+        memory: memory.unwrap_or_default(),
+        payload: Some(PayloadConfig {
+            firmware: None,
+            kernel: Some(kernel.clone()),
+            cmdline: matches.get_one::<String>("cmdline").cloned(),
+            initramfs: matches.get_one::<PathBuf>("initramfs").cloned(),
+        }),
+        serial: serial.unwrap_or_else(ConsoleConfig::default_serial),
+        console: console.unwrap_or_else(ConsoleConfig::default_console),
+    };
+    config.validate().map_err(|source| CliError::Validation {
+        flag: flag_for_validation_error(&source),
+        source,
+    })?;
+    Ok(Some(config))
+}
+
+fn vm_flag_name(id: &str) -> &'static str {
+    match id {
+        "cmdline" => "--cmdline",
+        "console" => "--console",
+        "cpus" => "--cpus",
+        "initramfs" => "--initramfs",
+        "memory" => "--memory",
+        _ => "--serial",
+    }
+}
+
+/// The flag a configuration field comes from, so validation errors name
+/// what the user typed.
+fn flag_for_validation_error(err: &ValidationError) -> &'static str {
+    let field = match err {
+        ValidationError::NoBootVcpus
+        | ValidationError::MaxBelowBoot { .. }
+        | ValidationError::TooManyVcpus { .. } => "cpus",
+        ValidationError::MemoryTooSmall { .. } | ValidationError::MemoryNotAligned { .. } => {
+            "memory"
+        }
+        ValidationError::DoubleTty => return "--serial/--console",
+        ValidationError::MissingPath { field, .. } | ValidationError::Unsupported { field, .. } => {
+            field
+        }
+        ValidationError::KernelMissing => "payload",
+        // ValidationError may grow variants; the message still names the
+        // field.
+        #[allow(unreachable_patterns)]
+        _ => "",
+    };
+    match field.split('.').next().unwrap_or_default() {
+        "cpus" => "--cpus",
+        "memory" => "--memory",
+        "serial" => "--serial",
+        "console" => "--console",
+        "payload" => "--kernel",
+        _ => "configuration",
+    }
+}
+
+fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
+    const FLAG: &str = "--cpus";
+    let mut parser = OptionParser::new();
+    parser
+        .add("boot")
+        .add("max")
+        .add("topology")
+        .add("kvm_hyperv")
+        .add("max_phys_bits")
+        .add("affinity")
+        .add("features")
+        .add("nested")
+        .add("core_scheduling");
+    parse_options(&mut parser, FLAG, value)?;
+
+    for key in ["topology", "affinity", "features", "core_scheduling"] {
+        if parser.get(key).is_some() {
+            return Err(CliError::UnsupportedOption {
+                flag: FLAG,
+                what: key.to_owned(),
+            });
+        }
+    }
+    if convert::<bool>(&parser, FLAG, value, "kvm_hyperv")? == Some(true) {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "kvm_hyperv=on".to_owned(),
+        });
+    }
+    if convert::<bool>(&parser, FLAG, value, "nested")? == Some(false) {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "nested=off".to_owned(),
+        });
+    }
+    let max_phys_bits = convert::<u8>(&parser, FLAG, value, "max_phys_bits")?;
+    if max_phys_bits.is_some_and(|bits| bits != DEFAULT_MAX_PHYS_BITS) {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: format!("max_phys_bits other than {DEFAULT_MAX_PHYS_BITS}"),
+        });
+    }
+
+    let mut cpus = CpusConfig::default();
+    let boot = convert::<u8>(&parser, FLAG, value, "boot")?;
+    let max = convert::<u8>(&parser, FLAG, value, "max")?;
+    // As in Cloud Hypervisor, max defaults to boot and boot to 1.
+    cpus.boot_vcpus = boot.unwrap_or(cpus.boot_vcpus);
+    cpus.max_vcpus = max.unwrap_or(cpus.boot_vcpus);
+    Ok(cpus)
+}
+
+fn parse_memory(value: &str) -> Result<MemoryConfig, CliError> {
+    const FLAG: &str = "--memory";
+    let mut parser = OptionParser::new();
+    parser
+        .add("size")
+        .add("mergeable")
+        .add("shared")
+        .add("hugepages")
+        .add("hugepage_size")
+        .add("hotplug_method")
+        .add("hotplug_size")
+        .add("hotplugged_size")
+        .add("prefault")
+        .add("thp");
+    parse_options(&mut parser, FLAG, value)?;
+
+    let flag = |key: &str| convert::<bool>(&parser, FLAG, value, key);
+    let size = |key: &str| {
+        convert::<ByteSize>(&parser, FLAG, value, key).map(|size| size.map(|ByteSize(n)| n))
+    };
+    let hotplug_method = match parser.get("hotplug_method") {
+        None => HotplugMethod::default(),
+        Some(method) if method.eq_ignore_ascii_case("acpi") => HotplugMethod::Acpi,
+        Some(method) if method.eq_ignore_ascii_case("virtio-mem") => HotplugMethod::VirtioMem,
+        Some(_) => {
+            return Err(invalid(
+                FLAG,
+                value,
+                "hotplug_method must be acpi or virtio-mem",
+            ))
+        }
+    };
+    let defaults = MemoryConfig::default();
+    Ok(MemoryConfig {
+        size: size("size")?.unwrap_or(DEFAULT_MEMORY_MB << 20),
+        mergeable: flag("mergeable")?.unwrap_or(defaults.mergeable),
+        hotplug_method,
+        hotplug_size: size("hotplug_size")?,
+        hotplugged_size: size("hotplugged_size")?,
+        shared: flag("shared")?.unwrap_or(defaults.shared),
+        hugepages: flag("hugepages")?.unwrap_or(defaults.hugepages),
+        hugepage_size: size("hugepage_size")?,
+        prefault: flag("prefault")?.unwrap_or(defaults.prefault),
+        zones: None,
+        thp: flag("thp")?.unwrap_or(defaults.thp),
+    })
+}
+
+/// `--serial` / `--console`: exactly one of `off`, `null`, `pty`, `tty`,
+/// `file=<path>`, `socket=<path>`, plus `iommu=on|off`.
+fn parse_console_flag(flag: &'static str, value: &str) -> Result<ConsoleConfig, CliError> {
+    let mut parser = OptionParser::new();
+    parser
+        .add_valueless("off")
+        .add_valueless("null")
+        .add_valueless("pty")
+        .add_valueless("tty")
+        .add("file")
+        .add("socket")
+        .add("iommu");
+    parse_options(&mut parser, flag, value)?;
+
+    let modes: Vec<&str> = ["off", "null", "pty", "tty", "file", "socket"]
+        .into_iter()
+        .filter(|key| parser.is_set(key))
+        .collect();
+    let mode = match modes.as_slice() {
+        [mode] => *mode,
+        [] => {
+            return Err(invalid(
+                flag,
+                value,
+                "expected one of off, null, pty, tty, file=<path>, socket=<path>",
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                flag,
+                value,
+                format!("only one of {} may be given", modes.join(", ")),
+            ))
+        }
+    };
+    let path = |key: &str| match parser.get(key) {
+        Some(path) => Ok(Some(PathBuf::from(path))),
+        None => Err(invalid(
+            flag,
+            value,
+            format!("{key} needs a path: {key}=<path>"),
+        )),
+    };
+    let mut config = ConsoleConfig::with_mode(match mode {
+        "off" => ConsoleOutputMode::Off,
+        "null" => ConsoleOutputMode::Null,
+        "pty" => ConsoleOutputMode::Pty,
+        "tty" => ConsoleOutputMode::Tty,
+        "file" => ConsoleOutputMode::File,
+        _ => ConsoleOutputMode::Socket,
+    });
+    match config.mode {
+        ConsoleOutputMode::File => config.file = path("file")?,
+        ConsoleOutputMode::Socket => config.socket = path("socket")?,
+        _ => {}
+    }
+    config.iommu = convert::<bool>(&parser, flag, value, "iommu")?.unwrap_or(false);
+
+    let unsupported = match (flag, config.mode) {
+        ("--serial", ConsoleOutputMode::Pty) => Some("pty"),
+        ("--console", ConsoleOutputMode::Pty) => {
+            Some("pty (there is no virtio console device yet)")
+        }
+        ("--console", ConsoleOutputMode::File) => {
+            Some("file (there is no virtio console device yet)")
+        }
+        ("--console", ConsoleOutputMode::Socket) => {
+            Some("socket (there is no virtio console device yet)")
+        }
+        _ if config.iommu => Some("iommu=on"),
+        _ => None,
+    };
+    match unsupported {
+        Some(what) => Err(CliError::UnsupportedOption {
+            flag,
+            what: what.to_owned(),
+        }),
+        None => Ok(config),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<CliOptions, CliError> {
+        let mut argv = vec!["cloud-hypervisor"];
+        argv.extend_from_slice(args);
+        match parse_args(argv)? {
+            CliOutcome::Run(options) => Ok(options),
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    fn config(args: &[&str]) -> VmConfig {
+        let mut full = vec!["--kernel", "/path/to/kernel"];
+        full.extend_from_slice(args);
+        run(&full).unwrap().vm_config.unwrap()
+    }
+
+    fn error(args: &[&str]) -> String {
+        run(args).unwrap_err().to_string()
+    }
+
+    fn kernel_error(args: &[&str]) -> String {
+        let mut full = vec!["--kernel", "/k"];
+        full.extend_from_slice(args);
+        error(&full)
+    }
+
+    #[test]
+    fn kernel_alone_gives_cloud_hypervisor_defaults() {
+        let options = run(&["--kernel", "/path/to/kernel"]).unwrap();
+        let expected: VmConfig =
+            serde_json::from_str(r#"{"payload": {"kernel": "/path/to/kernel"}}"#).unwrap();
+        assert_eq!(options.vm_config, Some(expected));
+        assert_eq!(options.api_socket, None);
+        assert_eq!(options.event_monitor, None);
+        assert_eq!(options.log_file, None);
+        assert_eq!(options.verbosity, 0);
+        assert_eq!(options.seccomp, SeccompAction::Trap);
+    }
+
+    #[test]
+    fn full_command_line_matches_json() {
+        let cli = config(&[
+            "--cpus",
+            "boot=2,max=4",
+            "--memory",
+            "size=1G",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1",
+            "--initramfs",
+            "/path/to/initrd",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ]);
+        let json: VmConfig = serde_json::from_str(
+            r#"{
+                "cpus": {"boot_vcpus": 2, "max_vcpus": 4},
+                "memory": {"size": 1073741824},
+                "payload": {"kernel": "/path/to/kernel", "initramfs": "/path/to/initrd",
+                            "cmdline": "console=ttyS0 reboot=k panic=1"},
+                "serial": {"mode": "Tty"},
+                "console": {"mode": "Off"}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(cli, json);
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(config(&["--cpus", "boot=3"]).cpus.max_vcpus, 3);
+        let cpus = config(&["--cpus", "max=4"]).cpus;
+        assert_eq!((cpus.boot_vcpus, cpus.max_vcpus), (1, 4));
+        let cpus = config(&["--cpus", "boot=2,max=4,kvm_hyperv=off,max_phys_bits=46"]).cpus;
+        assert_eq!((cpus.boot_vcpus, cpus.max_vcpus), (2, 4));
+
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=x"]),
+            "--cpus: invalid value \"boot=x\": boot must be an integer"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=300"]),
+            "--cpus: invalid value \"boot=300\": boot must be an integer from 0 to 255"
+        );
+        assert!(kernel_error(&["--cpus", "cores=2"])
+            .starts_with("--cpus: invalid value \"cores=2\": unknown option \"cores\" (valid options: boot, max,"));
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=1,boot=2"]),
+            "--cpus: invalid value \"boot=1,boot=2\": option \"boot\" is given more than once"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=4,max=2"]),
+            "--cpus: cpus.max_vcpus (2) must be at least cpus.boot_vcpus (4)"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=0"]),
+            "--cpus: cpus.boot_vcpus must be at least 1"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=1,topology=1:1:1:1"]),
+            "--cpus: topology is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "affinity=[0@[0-3]]"]),
+            "--cpus: affinity is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "kvm_hyperv=on"]),
+            "--cpus: kvm_hyperv=on is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "features=amx"]),
+            "--cpus: features is not supported yet"
+        );
+    }
+
+    #[test]
+    fn memory() {
+        assert_eq!(config(&["--memory", "size=1G"]).memory.size, 1 << 30);
+        assert_eq!(
+            config(&["--memory", "size=1073741824"]).memory.size,
+            1 << 30
+        );
+        assert_eq!(
+            config(&["--memory", "size=128M,shared=off,hugepages=false"])
+                .memory
+                .size,
+            128 << 20
+        );
+        assert!(!config(&["--memory", "size=256M,thp=off"]).memory.thp);
+        assert_eq!(
+            config(&["--memory", "hugepages=off"]).memory.size,
+            512 << 20
+        );
+
+        assert_eq!(
+            kernel_error(&["--memory", "size=lots"]),
+            "--memory: invalid value \"size=lots\": size must be a size in bytes, optionally with a K, M, G or T suffix"
+        );
+        assert_eq!(
+            kernel_error(&["--memory", "size=1G,shared=on"]),
+            "--memory: memory.shared: shared guest memory is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--memory", "size=1G,hugepages=on"]),
+            "--memory: memory.hugepages: hugepage-backed memory is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--memory", "size=1G,shared=maybe"]),
+            "--memory: invalid value \"size=1G,shared=maybe\": shared must be on, off, true or false"
+        );
+        assert!(kernel_error(&["--memory", "size=16M"]).starts_with("--memory: memory.size"));
+        assert!(
+            kernel_error(&["--memory", "size=1000000000"]).contains("must be a multiple of 4 KiB")
+        );
+        assert!(kernel_error(&["--memory", "size=1G,hotplug_method=dimm"])
+            .ends_with("hotplug_method must be acpi or virtio-mem"));
+        assert!(kernel_error(&["--memory", "size=1G,hotplug_size=1G"])
+            .ends_with("is not supported yet"));
+    }
+
+    #[test]
+    fn serial_modes() {
+        let serial = |v: &str| config(&["--serial", v, "--console", "off"]).serial;
+        assert_eq!(serial("off").mode, ConsoleOutputMode::Off);
+        assert_eq!(serial("null").mode, ConsoleOutputMode::Null);
+        assert_eq!(serial("tty").mode, ConsoleOutputMode::Tty);
+        let file = serial("file=/tmp/serial.log");
+        assert_eq!(file.mode, ConsoleOutputMode::File);
+        assert_eq!(file.file, Some(PathBuf::from("/tmp/serial.log")));
+        let socket = serial("socket=/tmp/serial.sock");
+        assert_eq!(socket.mode, ConsoleOutputMode::Socket);
+        assert_eq!(socket.socket, Some(PathBuf::from("/tmp/serial.sock")));
+        assert_eq!(
+            serial("file=\"/tmp/a,b\"").file,
+            Some(PathBuf::from("/tmp/a,b"))
+        );
+
+        assert_eq!(
+            kernel_error(&["--serial", "pty"]),
+            "--serial: pty is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--serial", "file="]),
+            "--serial: invalid value \"file=\": file needs a path: file=<path>"
+        );
+        assert_eq!(
+            kernel_error(&["--serial", "tty,off"]),
+            "--serial: invalid value \"tty,off\": only one of off, tty may be given"
+        );
+        assert!(kernel_error(&["--serial", "bogus"]).starts_with(
+            "--serial: invalid value \"bogus\": unknown option \"bogus\" (valid options: off, null, pty, tty, file, socket, iommu)"
+        ));
+        assert_eq!(
+            kernel_error(&["--serial", "off,iommu=on"]),
+            "--serial: iommu=on is not supported yet"
+        );
+        assert!(kernel_error(&["--serial", ""]).contains("expected one of off, null"));
+    }
+
+    #[test]
+    fn serial_tty_keeps_default_console_and_conflicts() {
+        assert_eq!(
+            kernel_error(&["--serial", "tty"]),
+            "--serial/--console: serial.mode and console.mode cannot both be Tty"
+        );
+        assert_eq!(
+            config(&["--serial", "tty", "--console", "null"])
+                .console
+                .mode,
+            ConsoleOutputMode::Null
+        );
+    }
+
+    #[test]
+    fn console_modes() {
+        for (value, mode) in [
+            ("off", ConsoleOutputMode::Off),
+            ("null", ConsoleOutputMode::Null),
+            ("tty", ConsoleOutputMode::Tty),
+        ] {
+            assert_eq!(config(&["--console", value]).console.mode, mode);
+        }
+        assert_eq!(
+            kernel_error(&["--console", "pty"]),
+            "--console: pty (there is no virtio console device yet) is not supported yet"
+        );
+        assert!(kernel_error(&["--console", "file=/tmp/c"]).starts_with("--console: file"));
+        assert!(kernel_error(&["--console", "socket=/tmp/c"]).starts_with("--console: socket"));
+    }
+
+    #[test]
+    fn payload_flags() {
+        let config = config(&[
+            "--cmdline",
+            "root=/dev/vda1 console=hvc0",
+            "--initramfs",
+            "/i",
+        ]);
+        let payload = config.payload.unwrap();
+        assert_eq!(payload.kernel, Some(PathBuf::from("/path/to/kernel")));
+        assert_eq!(
+            payload.cmdline.as_deref(),
+            Some("root=/dev/vda1 console=hvc0")
+        );
+        assert_eq!(payload.initramfs, Some(PathBuf::from("/i")));
+    }
+
+    #[test]
+    fn kernel_or_api_socket_required() {
+        assert_eq!(
+            error(&["-v"]),
+            "a payload is required: pass --kernel <PATH>, or --api-socket to wait for vm.create"
+        );
+        assert_eq!(run(&["-v"]).unwrap_err(), CliError::MissingPayload);
+        let options = run(&["--api-socket", "/tmp/ch.sock"]).unwrap();
+        assert_eq!(options.vm_config, None);
+        assert_eq!(
+            options.api_socket,
+            Some(ApiSocket::Path(PathBuf::from("/tmp/ch.sock")))
+        );
+        assert_eq!(
+            error(&["--api-socket", "/tmp/ch.sock", "--cpus", "boot=2"]),
+            "--cpus requires --kernel"
+        );
+        assert_eq!(error(&["--cmdline", "x"]), "--cmdline requires --kernel");
+    }
+
+    #[test]
+    fn api_socket_forms() {
+        let socket = |v: &str| run(&["--api-socket", v]).unwrap().api_socket;
+        assert_eq!(
+            socket("path=/run/ch.sock"),
+            Some(ApiSocket::Path("/run/ch.sock".into()))
+        );
+        assert_eq!(socket("fd=3"), Some(ApiSocket::Fd(3)));
+        assert_eq!(socket("/tmp/a=b"), Some(ApiSocket::Path("/tmp/a=b".into())));
+        assert_eq!(
+            error(&["--api-socket", "fd=x"]),
+            "--api-socket: invalid value \"fd=x\": fd must be an integer"
+        );
+        assert_eq!(
+            error(&["--api-socket", "fd=-1"]),
+            "--api-socket: invalid value \"fd=-1\": fd must be a non-negative integer"
+        );
+        assert_eq!(
+            error(&["--api-socket", "path=/a,fd=3"]),
+            "--api-socket: invalid value \"path=/a,fd=3\": give either path or fd, not both"
+        );
+        assert!(error(&["--api-socket", "path=/a,mode=1"]).contains("unknown option \"mode\""));
+        assert!(error(&["--api-socket", ""]).starts_with("--api-socket: invalid value"));
+    }
+
+    #[test]
+    fn event_monitor_forms() {
+        let monitor = |v: &str| {
+            run(&["--kernel", "/k", "--event-monitor", v])
+                .unwrap()
+                .event_monitor
+        };
+        assert_eq!(
+            monitor("path=/tmp/ev"),
+            Some(EventMonitor::Path("/tmp/ev".into()))
+        );
+        assert_eq!(monitor("fd=4"), Some(EventMonitor::Fd(4)));
+        assert!(kernel_error(&["--event-monitor", "/tmp/ev"])
+            .starts_with("--event-monitor: invalid value \"/tmp/ev\": unknown option"));
+        assert!(kernel_error(&["--event-monitor", "path="]).ends_with("path must not be empty"));
+    }
+
+    #[test]
+    fn process_options() {
+        let options = run(&[
+            "--kernel",
+            "/k",
+            "-vvv",
+            "--log-file",
+            "/tmp/ch.log",
+            "--seccomp",
+            "log",
+        ])
+        .unwrap();
+        assert_eq!(options.verbosity, 3);
+        assert_eq!(options.log_file, Some(PathBuf::from("/tmp/ch.log")));
+        assert_eq!(options.seccomp, SeccompAction::Log);
+        assert_eq!(run(&["--kernel", "/k", "-v", "-v"]).unwrap().verbosity, 2);
+        assert_eq!(
+            run(&["--kernel", "/k", "--seccomp", "false"])
+                .unwrap()
+                .seccomp,
+            SeccompAction::Allow
+        );
+        assert_eq!(
+            run(&["--kernel", "/k", "--seccomp", "true"])
+                .unwrap()
+                .seccomp,
+            SeccompAction::Trap
+        );
+        assert_eq!(
+            kernel_error(&["--seccomp", "maybe"]),
+            "--seccomp: invalid value \"maybe\": expected true, false or log"
+        );
+    }
+
+    #[test]
+    fn unsupported_flags_are_named() {
+        for flag in UNSUPPORTED_VALUE_FLAGS {
+            let long = format!("--{flag}");
+            assert_eq!(
+                kernel_error(&[&long, "path=/x"]),
+                format!("--{flag} is not supported yet")
+            );
+            assert_eq!(
+                kernel_error(&[&long]),
+                format!("--{flag} is not supported yet")
+            );
+        }
+        for flag in UNSUPPORTED_SWITCHES {
+            let long = format!("--{flag}");
+            assert_eq!(
+                kernel_error(&[&long]),
+                format!("--{flag} is not supported yet")
+            );
+        }
+        assert_eq!(
+            kernel_error(&["--net", "tap=tap0", "--disk", "path=/d"]),
+            "--net is not supported yet"
+        );
+        assert_eq!(
+            error(&["--disk", "path=/a", "path=/b"]),
+            "--disk is not supported yet"
+        );
+    }
+
+    #[test]
+    fn clap_errors_are_one_line() {
+        let err = kernel_error(&["--bogus"]);
+        assert!(err.contains("--bogus"), "{err}");
+        assert!(!err.contains('\n'));
+        let err = kernel_error(&["--cpus", "boot=1", "--cpus", "boot=2"]);
+        assert!(err.contains("--cpus"), "{err}");
+        assert!(!err.contains('\n'));
+        let err = error(&["--kernel"]);
+        assert!(err.contains("--kernel"), "{err}");
+    }
+
+    #[test]
+    fn help_and_version() {
+        match parse_args(["cloud-hypervisor", "--version"]).unwrap() {
+            CliOutcome::PrintAndExit { text, code } => {
+                assert_eq!(code, 0);
+                assert_eq!(
+                    text,
+                    format!("cloud-hypervisor v{}\n", env!("CARGO_PKG_VERSION"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_args(["cloud-hypervisor", "-V"]).unwrap(),
+            CliOutcome::PrintAndExit {
+                text: version_text(),
+                code: 0
+            }
+        );
+        for flag in ["-h", "--help"] {
+            match parse_args(["cloud-hypervisor", flag]).unwrap() {
+                CliOutcome::PrintAndExit { text, code } => {
+                    assert_eq!(code, 0);
+                    assert!(text.contains("Usage: cloud-hypervisor"), "{text}");
+                    assert!(text.contains("--kernel"));
+                    assert!(!text.contains("--disk"), "unsupported flags stay hidden");
+                    assert!(text.ends_with('\n'));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse_args(["cloud-hypervisor"]).unwrap() {
+            CliOutcome::PrintAndExit { text, code } => {
+                assert_eq!(code, 2);
+                assert!(text.contains("Usage: cloud-hypervisor"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        command().debug_assert();
+    }
+}
