@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use cloud_hypervisor::cli::{self, CliOutcome};
+use cloud_hypervisor::cli::{self, CliOutcome, SeccompAction};
 use cloud_hypervisor::logger;
 
 fn main() -> ExitCode {
@@ -32,7 +32,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    match vmm::run(&config) {
+    let seccomp = match options.seccomp {
+        SeccompAction::Trap => vmm::SeccompMode::Trap,
+        SeccompAction::Allow => vmm::SeccompMode::Off,
+        SeccompAction::Log => vmm::SeccompMode::Log,
+    };
+    match vmm::run(&config, seccomp) {
         Ok(reason) => {
             log::info!("VMM exiting: {reason:?}");
             ExitCode::SUCCESS

@@ -59,9 +59,13 @@ mod tests {
     fn s5_write_signals_exit_and_other_values_do_not() {
         let exit = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = AcpiShutdownDevice::new(exit.try_clone().unwrap(), reset.try_clone().unwrap());
+        let mut dev =
+            AcpiShutdownDevice::new(exit.try_clone().unwrap(), reset.try_clone().unwrap());
         dev.write(0, &[0x14]);
-        assert!(exit.read().is_err(), "S5 type without SLP_EN must not shut down");
+        assert!(
+            exit.read().is_err(),
+            "S5 type without SLP_EN must not shut down"
+        );
         dev.write(0, &[0x34]);
         assert_eq!(exit.read().unwrap(), 1);
         dev.write(0, &[RESET_VALUE]);

@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 pub mod x86_64;
 
+pub use seccomp::SeccompMode;
 pub use vmm::{run, ExitReason, RunError};

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use devices::IoBus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -129,11 +130,12 @@ pub struct Vcpus {
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl Vcpus {
-    /// Starts one thread per vCPU fd, all running at once.
+    /// Starts one thread per vCPU fd, all running at once; each installs `seccomp` first.
     pub fn start(
         vcpu_fds: Vec<VcpuFd>,
         handlers: Arc<ExitHandlers>,
         failure_evt: EventFd,
+        seccomp: Option<Arc<BpfProgram>>,
     ) -> Result<Self, VcpuError> {
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)?;
         let shared = Arc::new(VcpuShared {
@@ -154,11 +156,12 @@ impl Vcpus {
                 ImmediateExit(std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit));
             let shared = shared.clone();
             let handlers = handlers.clone();
+            let seccomp = seccomp.clone();
             shared.lock_park().live += 1;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    run_vcpu(index, &mut fd, immediate_exit, &shared, &handlers);
+                    run_vcpu(index, &mut fd, immediate_exit, &shared, &handlers, seccomp);
                     fd
                 })
                 .map_err(|source| {
@@ -272,8 +275,14 @@ fn run_vcpu(
     immediate_exit: ImmediateExit,
     shared: &VcpuShared,
     handlers: &ExitHandlers,
+    seccomp: Option<Arc<BpfProgram>>,
 ) {
-    let result = vcpu_loop(index, fd, immediate_exit, shared, handlers);
+    let result = match seccomp.as_deref().map(|p| seccompiler::apply_filter(p)) {
+        Some(Err(e)) => Err(format!(
+            "vCPU {index}: cannot install its seccomp filter: {e}"
+        )),
+        _ => vcpu_loop(index, fd, immediate_exit, shared, handlers),
+    };
     {
         let mut park = shared.lock_park();
         park.live -= 1;

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
 use crate::x86_64::{boot, cpuid, layout, mptable, msr, regs};
 
@@ -69,6 +70,8 @@ pub enum VmError {
     Bus(#[from] devices::IoBusError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// Event fds through which the guest ends a VM run; the control loop waits on them.
@@ -136,6 +139,7 @@ impl Vm {
         config: &VmConfig,
         serial_out: Option<Box<dyn Write + Send>>,
         events: &VmEvents,
+        seccomp: SeccompMode,
     ) -> Result<Self, VmError> {
         let cpu_count = config.cpus.boot_vcpus;
         if cpu_count == 0 {
@@ -234,7 +238,12 @@ impl Vm {
             reset_evt: clone_evt(&events.reset)?,
             exit_evt: clone_evt(&events.exit)?,
         });
-        let vcpus = Vcpus::start(vcpu_fds, handlers, clone_evt(&events.vcpu_failure)?)?;
+        let vcpus = Vcpus::start(
+            vcpu_fds,
+            handlers,
+            clone_evt(&events.vcpu_failure)?,
+            seccomp::vcpu_filter(seccomp)?,
+        )?;
         log::info!(
             "VM booted: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
             mem_size >> 20,

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -128,7 +129,7 @@ enum Wake {
 
 /// Boots the VM described by `config` and runs it until the guest shuts down. A guest reset
 /// reboots the VM in place, as Cloud Hypervisor does.
-pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
+pub fn run(config: &VmConfig, seccomp: SeccompMode) -> Result<ExitReason, RunError> {
     let kvm = vm::open_kvm()?;
     let serial = serial_output(config)?;
     let events = VmEvents::new()?;
@@ -149,7 +150,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
 
     let boot = || {
         let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
-        Vm::boot(&kvm, config, out, &events)
+        Vm::boot(&kvm, config, out, &events, seccomp)
     };
     let mut vm = boot()?;
     let mut ready = [EpollEvent::default(); 4];

@@ -11,6 +11,7 @@ use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
 };
 use vmm::vm::{Vm, VmEvents};
+use vmm::SeccompMode;
 
 const LOAD_ADDR: u64 = 0x10_0000;
 const COUNTER_ADDR: u64 = 0x20_0000;
@@ -97,7 +98,14 @@ fn paused_guest_makes_no_progress_and_resumes() {
     let kernel = elf_kernel(&counting_loop(), "pause");
     let kvm = vmm::vm::open_kvm().expect("kvm");
     let events = VmEvents::new().expect("events");
-    let mut vm = Vm::boot(&kvm, &config(kernel.clone(), 2), None, &events).expect("boot");
+    let mut vm = Vm::boot(
+        &kvm,
+        &config(kernel.clone(), 2),
+        None,
+        &events,
+        SeccompMode::Trap,
+    )
+    .expect("boot");
     let start = Instant::now();
     while counter(&vm) < 1000 {
         assert!(start.elapsed() < Duration::from_secs(20), "guest never ran");
@@ -131,7 +139,14 @@ fn dirty_log_reports_guest_writes() {
     let kernel = elf_kernel(&counting_loop(), "dirty");
     let kvm = vmm::vm::open_kvm().expect("kvm");
     let events = VmEvents::new().expect("events");
-    let mut vm = Vm::boot(&kvm, &config(kernel.clone(), 1), None, &events).expect("boot");
+    let mut vm = Vm::boot(
+        &kvm,
+        &config(kernel.clone(), 1),
+        None,
+        &events,
+        SeccompMode::Trap,
+    )
+    .expect("boot");
     vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
     vm.set_dirty_logging(true).expect("enable dirty log");
     let _ = vm.take_dirty_log().expect("clear dirty log");
@@ -190,7 +205,14 @@ fn serial_output_and_acpi_shutdown_reach_the_vmm() {
     let events = VmEvents::new().expect("events");
     let mut cfg = config(kernel, 1);
     cfg.serial = ConsoleConfig::with_mode(ConsoleOutputMode::Tty);
-    let mut vm = Vm::boot(&kvm, &cfg, Some(Box::new(capture.clone())), &events).expect("boot");
+    let mut vm = Vm::boot(
+        &kvm,
+        &cfg,
+        Some(Box::new(capture.clone())),
+        &events,
+        SeccompMode::Trap,
+    )
+    .expect("boot");
     let start = Instant::now();
     while events.exit.read().is_err() {
         assert!(start.elapsed() < Duration::from_secs(20), "no shutdown");

@@ -1,0 +1,240 @@
+//! Bad input must make the VMM exit non-zero with a short message on stderr that names the
+//! problem - never a panic, never a hang.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration::{require_kvm, test_guest, TempDir, Vmm};
+
+/// Runs the VMM with `args` and checks the failure: non-zero exit, no panic, and stderr's
+/// first line mentions one of `words` (case-insensitive; lenient about the exact wording).
+fn expect_rejected(name: &str, args: &[&str], words: &[&str]) {
+    let mut vmm = Vmm::builder(name)
+        .args(args)
+        .spawn()
+        .expect("start the VMM");
+    expect_rejected_vmm(&mut vmm, words);
+}
+
+fn expect_rejected_vmm(vmm: &mut Vmm, words: &[&str]) {
+    let status = vmm
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("bad input must not hang the VMM: {e}"));
+    let stderr = vmm.stderr();
+    assert!(
+        !status.success(),
+        "{}",
+        vmm.diagnose("VMM accepted bad input (exit code 0)")
+    );
+    assert!(
+        status.code().is_some(),
+        "{}",
+        vmm.diagnose(&format!(
+            "VMM died from a signal ({status}) instead of exiting"
+        ))
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{}",
+        vmm.diagnose("VMM panicked on bad input")
+    );
+    let first = stderr
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        words.iter().any(|w| first.contains(&w.to_lowercase())),
+        "{}",
+        vmm.diagnose(&format!(
+            "the first stderr line should name the problem (one of {words:?})"
+        ))
+    );
+}
+
+fn guest() -> std::path::PathBuf {
+    test_guest().expect("build the test guest")
+}
+
+fn run_guest_with(name: &str, extra: &[&str], words: &[&str]) {
+    let guest = guest();
+    let kernel = guest.display().to_string();
+    let mut args = vec!["--kernel", kernel.as_str(), "--cmdline", "workload=hello"];
+    let has = |flag: &str| extra.contains(&flag);
+    if !has("--cpus") {
+        args.extend(["--cpus", "boot=1"]);
+    }
+    if !has("--memory") {
+        args.extend(["--memory", "size=512M"]);
+    }
+    if !has("--serial") {
+        args.extend(["--serial", "null"]);
+    }
+    if !has("--console") {
+        args.extend(["--console", "off"]);
+    }
+    args.extend(extra);
+    expect_rejected(name, &args, words);
+}
+
+// --- rejected by the command-line parser: no KVM needed -------------------------------------
+
+#[test]
+fn rejects_zero_boot_cpus() {
+    run_guest_with("boot=0", &["--cpus", "boot=0"], &["cpu"]);
+}
+
+#[test]
+fn rejects_unknown_option_key() {
+    run_guest_with(
+        "unknown key",
+        &["--cpus", "boot=1,foo=2"],
+        &["foo", "unknown", "cpus"],
+    );
+}
+
+#[test]
+fn rejects_serial_and_console_both_on_tty() {
+    run_guest_with(
+        "serial+console tty",
+        &["--serial", "tty", "--console", "tty"],
+        &["serial", "console", "tty"],
+    );
+}
+
+// --- rejected while setting up the VM: these may open /dev/kvm first -------------------------
+
+#[test]
+fn rejects_missing_kernel_file() {
+    require_kvm!();
+    let dir = TempDir::new("missing_kernel").expect("temp dir");
+    let missing = dir.join("no-such-kernel");
+    let kernel = missing.display().to_string();
+    expect_rejected(
+        "missing kernel",
+        &[
+            "--kernel",
+            &kernel,
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=512M",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+        ],
+        &["kernel", "no-such-kernel"],
+    );
+}
+
+#[test]
+fn rejects_unreadable_kernel_path_a_directory() {
+    require_kvm!();
+    // chmod 000 does not stop root; reading a directory fails for everyone (EISDIR).
+    let dir = TempDir::new("dir_kernel").expect("temp dir");
+    let kernel = dir.path().display().to_string();
+    expect_rejected(
+        "directory as kernel",
+        &[
+            "--kernel",
+            &kernel,
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=512M",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+        ],
+        &["kernel"],
+    );
+}
+
+#[test]
+fn rejects_text_file_that_is_neither_elf_nor_bzimage() {
+    require_kvm!();
+    let dir = TempDir::new("text_kernel").expect("temp dir");
+    let text = dir.join("kernel.txt");
+    std::fs::write(&text, "this is a text file, not a kernel\n".repeat(200)).expect("write");
+    let kernel = text.display().to_string();
+    expect_rejected(
+        "text kernel",
+        &[
+            "--kernel",
+            &kernel,
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=512M",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+        ],
+        &["kernel", "elf", "bzimage"],
+    );
+}
+
+#[test]
+fn rejects_memory_too_small_for_the_kernel() {
+    require_kvm!();
+    run_guest_with("size=1M", &["--memory", "size=1M"], &["memory", "kernel"]);
+}
+
+#[test]
+fn rejects_memory_larger_than_the_host_can_map() {
+    require_kvm!();
+    run_guest_with("size=64T", &["--memory", "size=64T"], &["memory"]);
+}
+
+#[test]
+fn rejects_more_boot_cpus_than_kvm_allows() {
+    require_kvm!();
+    run_guest_with("boot=255", &["--cpus", "boot=255"], &["cpu"]);
+}
+
+/// Simulates a host without /dev/kvm: the VMM runs in a private mount namespace whose /dev is
+/// an empty tmpfs. Needs root (unshare); skipped loudly otherwise.
+#[test]
+fn rejects_host_without_dev_kvm() {
+    let probe = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status();
+    if !matches!(probe, Ok(s) if s.success()) {
+        integration::report(
+            "SKIP: rejects_host_without_dev_kvm: cannot create a mount namespace (needs root and unshare) - this test did NOT run",
+        );
+        return;
+    }
+    let guest = guest();
+    let kernel = guest.display().to_string();
+    let mut vmm = Vmm::builder("no /dev/kvm")
+        .wrapped_in([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
+        ])
+        .args([
+            "--kernel",
+            kernel.as_str(),
+            "--cmdline",
+            "workload=hello",
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=512M",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+        ])
+        .spawn()
+        .expect("start the VMM");
+    expect_rejected_vmm(&mut vmm, &["kvm"]);
+}
