@@ -4,13 +4,12 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::x86_64::layout;
 
-/// Guest memory as every part of the VMM sees it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory as every part of the VMM sees it (defined by `devices`, the lowest crate).
+pub use devices::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
