@@ -2,6 +2,7 @@
 //! the control loop that owns the VM.
 
 pub mod config;
+pub mod control;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
