@@ -12,8 +12,8 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, ArgMatches, ColorChoice, Command};
 use thiserror::Error;
 use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, HotplugMethod, MemoryConfig, PayloadConfig,
-    ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
+    ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, HotplugMethod, MemoryConfig,
+    NetConfig, PayloadConfig, ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
 };
 
 use crate::option_parser::{ByteSize, OptionParser, OptionParserError};
@@ -115,7 +115,6 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "balloon",
     "debug-console",
     "device",
-    "disk",
     "firmware",
     "fs",
     "gdb",
@@ -124,7 +123,6 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "igvm",
     "landlock-rules",
     "memory-zone",
-    "net",
     "numa",
     "pci-segment",
     "platform",
@@ -147,8 +145,10 @@ const VM_FLAGS: &[&str] = &[
     "cmdline",
     "console",
     "cpus",
+    "disk",
     "initramfs",
     "memory",
+    "net",
     "serial",
 ];
 
@@ -186,6 +186,17 @@ pub fn command() -> Command {
                 .help("boot=<boot_vcpus>,max=<max_vcpus> [default: boot=1]"),
         )
         .arg(
+            Arg::new("disk")
+                .long("disk")
+                .value_name("disk")
+                .num_args(1..)
+                .action(ArgAction::Append)
+                .help(
+                    "path=<disk_image_path>,readonly=on|off,direct=on|off,\
+                     num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>",
+                ),
+        )
+        .arg(
             Arg::new("event-monitor")
                 .long("event-monitor")
                 .value_name("event-monitor")
@@ -220,6 +231,17 @@ pub fn command() -> Command {
                 .long("memory")
                 .value_name("memory")
                 .help("Memory parameters \"size=<guest_memory_size>\" [default: size=512M]"),
+        )
+        .arg(
+            Arg::new("net")
+                .long("net")
+                .value_name("net")
+                .num_args(1..)
+                .action(ArgAction::Append)
+                .help(
+                    "tap=<if_name>,ip=<ip_addr>,mask=<net_mask>,mac=<mac_addr>,mtu=<mtu>,\
+                     num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>",
+                ),
         )
         .arg(
             Arg::new("seccomp")
@@ -462,6 +484,12 @@ fn build_vm_config(
     let console = string_arg(matches, "console")
         .map(|v| parse_console_flag("--console", v))
         .transpose()?;
+    let disks = many_args(matches, "disk")
+        .map(parse_disk)
+        .collect::<Result<Vec<_>, _>>()?;
+    let nets = many_args(matches, "net")
+        .map(parse_net)
+        .collect::<Result<Vec<_>, _>>()?;
 
     let Some(kernel) = matches.get_one::<PathBuf>("kernel") else {
         if let Some(flag) = VM_FLAGS.iter().find(|id| matches.contains_id(id)) {
@@ -484,6 +512,8 @@ fn build_vm_config(
         }),
         serial: serial.unwrap_or_else(ConsoleConfig::default_serial),
         console: console.unwrap_or_else(ConsoleConfig::default_console),
+        disks: (!disks.is_empty()).then_some(disks),
+        net: (!nets.is_empty()).then_some(nets),
     };
     config.validate().map_err(|source| CliError::Validation {
         flag: flag_for_validation_error(&source),
@@ -497,8 +527,10 @@ fn vm_flag_name(id: &str) -> &'static str {
         "cmdline" => "--cmdline",
         "console" => "--console",
         "cpus" => "--cpus",
+        "disk" => "--disk",
         "initramfs" => "--initramfs",
         "memory" => "--memory",
+        "net" => "--net",
         _ => "--serial",
     }
 }
@@ -514,9 +546,10 @@ fn flag_for_validation_error(err: &ValidationError) -> &'static str {
             "memory"
         }
         ValidationError::DoubleTty => return "--serial/--console",
-        ValidationError::MissingPath { field, .. } | ValidationError::Unsupported { field, .. } => {
-            field
-        }
+        ValidationError::MissingPath { field, .. }
+        | ValidationError::Unsupported { field, .. }
+        | ValidationError::Invalid { field, .. }
+        | ValidationError::DuplicateId { field, .. } => field,
         ValidationError::KernelMissing => "payload",
         // ValidationError may grow variants; the message still names the
         // field.
@@ -529,8 +562,113 @@ fn flag_for_validation_error(err: &ValidationError) -> &'static str {
         "serial" => "--serial",
         "console" => "--console",
         "payload" => "--kernel",
+        "disks" => "--disk",
+        "net" => "--net",
         _ => "configuration",
     }
+}
+
+fn many_args<'a>(matches: &'a ArgMatches, id: &str) -> impl Iterator<Item = &'a str> {
+    matches
+        .get_many::<String>(id)
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+}
+
+fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
+    const FLAG: &str = "--disk";
+    let mut parser = OptionParser::new();
+    parser
+        .add("path")
+        .add("readonly")
+        .add("direct")
+        .add("iommu")
+        .add("num_queues")
+        .add("queue_size")
+        .add("vhost_user")
+        .add("socket")
+        .add("id")
+        .add("pci_segment")
+        .add("serial");
+    parse_options(&mut parser, FLAG, value)?;
+    let Some(path) = parser.get("path") else {
+        return Err(invalid(FLAG, value, "path=<disk image> is required"));
+    };
+    let mut disk = DiskConfig::with_path(path);
+    let flag = |key: &str| convert::<bool>(&parser, FLAG, value, key);
+    disk.readonly = flag("readonly")?.unwrap_or(false);
+    disk.direct = flag("direct")?.unwrap_or(false);
+    disk.iommu = flag("iommu")?.unwrap_or(false);
+    disk.vhost_user = flag("vhost_user")?.unwrap_or(false);
+    disk.vhost_socket = parser.get("socket").map(str::to_owned);
+    disk.num_queues =
+        convert::<usize>(&parser, FLAG, value, "num_queues")?.unwrap_or(disk.num_queues);
+    disk.queue_size =
+        convert::<u16>(&parser, FLAG, value, "queue_size")?.unwrap_or(disk.queue_size);
+    disk.pci_segment = convert::<u16>(&parser, FLAG, value, "pci_segment")?.unwrap_or(0);
+    disk.id = parser.get("id").map(str::to_owned);
+    disk.serial = parser.get("serial").map(str::to_owned);
+    Ok(disk)
+}
+
+fn parse_net(value: &str) -> Result<NetConfig, CliError> {
+    const FLAG: &str = "--net";
+    let mut parser = OptionParser::new();
+    parser
+        .add("tap")
+        .add("ip")
+        .add("mask")
+        .add("mac")
+        .add("host_mac")
+        .add("mtu")
+        .add("iommu")
+        .add("num_queues")
+        .add("queue_size")
+        .add("vhost_user")
+        .add("socket")
+        .add("id")
+        .add("fd")
+        .add("pci_segment")
+        .add("offload_tso")
+        .add("offload_ufo")
+        .add("offload_csum");
+    parse_options(&mut parser, FLAG, value)?;
+    let mut net = NetConfig::default();
+    let ip = |key: &str| -> Result<Option<std::net::Ipv4Addr>, CliError> {
+        parser
+            .get(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| invalid(FLAG, value, format!("{key} must be an IPv4 address")))
+            })
+            .transpose()
+    };
+    let flag = |key: &str| convert::<bool>(&parser, FLAG, value, key);
+    net.tap = parser.get("tap").map(str::to_owned);
+    net.ip = ip("ip")?.unwrap_or(net.ip);
+    net.mask = ip("mask")?.unwrap_or(net.mask);
+    net.mac = parser.get("mac").map(str::to_owned);
+    net.host_mac = parser.get("host_mac").map(str::to_owned);
+    net.mtu = convert::<u16>(&parser, FLAG, value, "mtu")?;
+    net.iommu = flag("iommu")?.unwrap_or(false);
+    net.num_queues =
+        convert::<usize>(&parser, FLAG, value, "num_queues")?.unwrap_or(net.num_queues);
+    net.queue_size = convert::<u16>(&parser, FLAG, value, "queue_size")?.unwrap_or(net.queue_size);
+    net.vhost_user = flag("vhost_user")?.unwrap_or(false);
+    net.vhost_socket = parser.get("socket").map(str::to_owned);
+    net.id = parser.get("id").map(str::to_owned);
+    if parser.is_set("fd") {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "fd (TAP file descriptors passed in)".to_owned(),
+        });
+    }
+    net.pci_segment = convert::<u16>(&parser, FLAG, value, "pci_segment")?.unwrap_or(0);
+    net.offload_tso = flag("offload_tso")?.unwrap_or(true);
+    net.offload_ufo = flag("offload_ufo")?.unwrap_or(true);
+    net.offload_csum = flag("offload_csum")?.unwrap_or(true);
+    Ok(net)
 }
 
 fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
@@ -1083,13 +1221,39 @@ mod tests {
             );
         }
         assert_eq!(
-            kernel_error(&["--net", "tap=tap0", "--disk", "path=/d"]),
-            "--net is not supported yet"
+            kernel_error(&["--rng", "src=/dev/urandom", "--pmem", "file=/d"]),
+            "--rng is not supported yet"
         );
-        assert_eq!(
-            error(&["--disk", "path=/a", "path=/b"]),
-            "--disk is not supported yet"
-        );
+    }
+
+    #[test]
+    fn disks_and_nets_parse_with_cloud_hypervisor_syntax() {
+        let cfg = config(&[
+            "--disk",
+            "path=/a,readonly=on,id=d0",
+            "path=\"/b,c\",queue_size=64",
+            "--net",
+            "tap=tap0,mac=12:34:56:78:9a:bc,ip=10.1.2.1,mask=255.255.0.0,mtu=1400",
+        ]);
+        let disks = cfg.disks.unwrap();
+        assert_eq!(disks.len(), 2);
+        assert!(disks[0].readonly);
+        assert_eq!(disks[0].id.as_deref(), Some("d0"));
+        assert_eq!(disks[1].path.as_deref(), Some(std::path::Path::new("/b,c")));
+        assert_eq!(disks[1].queue_size, 64);
+        let net = &cfg.net.unwrap()[0];
+        assert_eq!(net.tap.as_deref(), Some("tap0"));
+        assert_eq!(net.ip.to_string(), "10.1.2.1");
+        assert_eq!(net.mtu, Some(1400));
+        assert!(kernel_error(&["--disk", "readonly=on"]).contains("path=<disk image> is required"));
+        assert!(kernel_error(&["--disk", "path=/a,queue_size=3"]).contains("--disk"));
+        assert!(kernel_error(&["--disk", "path=/a,bogus=1"]).contains("bogus"));
+        assert!(kernel_error(&["--net", "mac=12:34"]).starts_with("--net: net.mac"));
+        assert!(kernel_error(&["--net", "ip=1.2.3"]).contains("ip must be an IPv4 address"));
+        assert!(kernel_error(&["--net", "fd=3"]).contains("not supported yet"));
+        assert!(kernel_error(&["--disk", "path=/a,id=x", "--net", "id=x"])
+            .contains("used by more than one"));
+        assert_eq!(error(&["--disk", "path=/a"]), "--disk requires --kernel");
     }
 
     #[test]
@@ -1129,7 +1293,7 @@ mod tests {
                     assert_eq!(code, 0);
                     assert!(text.contains("Usage: cloud-hypervisor"), "{text}");
                     assert!(text.contains("--kernel"));
-                    assert!(!text.contains("--disk"), "unsupported flags stay hidden");
+                    assert!(!text.contains("--pmem"), "unsupported flags stay hidden");
                     assert!(text.ends_with('\n'));
                 }
                 other => panic!("{other:?}"),

@@ -63,6 +63,7 @@ fn measure(cpus: u8, cmdline: &str) -> (Duration, Duration, Duration) {
         }),
         serial: ConsoleConfig::with_mode(ConsoleOutputMode::Tty),
         console: ConsoleConfig::with_mode(ConsoleOutputMode::Off),
+        ..Default::default()
     };
     let mut vm = Vm::boot(
         &kvm,

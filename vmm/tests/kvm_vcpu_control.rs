@@ -81,6 +81,7 @@ fn config(kernel: PathBuf, cpus: u8) -> VmConfig {
         }),
         serial: ConsoleConfig::with_mode(ConsoleOutputMode::Null),
         console: ConsoleConfig::with_mode(ConsoleOutputMode::Off),
+        ..Default::default()
     }
 }
 

@@ -12,6 +12,9 @@
 
 use std::path::PathBuf;
 
+mod devices;
+pub use devices::*;
+
 use log::info;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -66,6 +69,10 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "ConsoleConfig::default_console")]
     pub console: ConsoleConfig,
+    #[serde(default)]
+    pub disks: Option<Vec<DiskConfig>>,
+    #[serde(default)]
+    pub net: Option<Vec<NetConfig>>,
 }
 
 impl Default for VmConfig {
@@ -76,6 +83,8 @@ impl Default for VmConfig {
             payload: None,
             serial: ConsoleConfig::default_serial(),
             console: ConsoleConfig::default_console(),
+            disks: None,
+            net: None,
         }
     }
 }
@@ -306,9 +315,13 @@ pub enum ValidationError {
     KernelMissing,
     #[error("{field}: {what} is not supported yet")]
     Unsupported { field: &'static str, what: String },
+    #[error("{field}: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("{field}: id \"{id}\" is used by more than one device")]
+    DuplicateId { field: &'static str, id: String },
 }
 
-fn unsupported(field: &'static str, what: impl Into<String>) -> ValidationError {
+pub(crate) fn unsupported(field: &'static str, what: impl Into<String>) -> ValidationError {
     ValidationError::Unsupported {
         field,
         what: what.into(),
@@ -321,6 +334,7 @@ impl VmConfig {
         self.validate_cpus()?;
         self.validate_memory()?;
         self.validate_payload()?;
+        self.validate_devices()?;
         validate_console(&SERIAL_FIELDS, &self.serial)?;
         validate_console(&CONSOLE_FIELDS, &self.console)?;
         if self.serial.mode == ConsoleOutputMode::Tty && self.console.mode == ConsoleOutputMode::Tty
@@ -423,6 +437,33 @@ impl VmConfig {
         }
         if memory.zones.is_some() {
             return Err(unsupported("memory.zones", "memory zones"));
+        }
+        Ok(())
+    }
+
+    fn validate_devices(&self) -> Result<(), ValidationError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for disk in self.disks.iter().flatten() {
+            disk.validate()?;
+            if let Some(id) = &disk.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ValidationError::DuplicateId {
+                        field: "disks.id",
+                        id: id.clone(),
+                    });
+                }
+            }
+        }
+        for net in self.net.iter().flatten() {
+            net.validate()?;
+            if let Some(id) = &net.id {
+                if !ids.insert(id.clone()) {
+                    return Err(ValidationError::DuplicateId {
+                        field: "net.id",
+                        id: id.clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }
