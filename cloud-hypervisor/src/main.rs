@@ -26,18 +26,36 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let log_to_file = options.log_file.is_some();
-    let Some(config) = options.vm_config else {
+    if options.vm_config.is_none() {
         eprintln!(
             "Error: waiting for vm.create on --api-socket is not available yet; pass --kernel"
         );
         return ExitCode::FAILURE;
-    };
+    }
     let seccomp = match options.seccomp {
         SeccompAction::Trap => vmm::SeccompMode::Trap,
         SeccompAction::Allow => vmm::SeccompMode::Off,
         SeccompAction::Log => vmm::SeccompMode::Log,
     };
-    match vmm::run(&config, seccomp) {
+    let event_monitor = match options
+        .event_monitor
+        .as_ref()
+        .map(open_event_monitor)
+        .transpose()
+    {
+        Ok(monitor) => monitor,
+        Err(e) => {
+            eprintln!("Error: --event-monitor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let vmm_options = vmm::VmmOptions {
+        config: options.vm_config,
+        api: None,
+        seccomp,
+        event_monitor,
+    };
+    match vmm::run(vmm_options) {
         Ok(reason) => {
             log::info!("VMM exiting: {reason:?}");
             ExitCode::SUCCESS
@@ -51,4 +69,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn open_event_monitor(
+    target: &cli::EventMonitor,
+) -> std::io::Result<std::sync::Arc<vmm::event_monitor::EventMonitor>> {
+    use std::os::fd::FromRawFd;
+    let file = match target {
+        cli::EventMonitor::Path(path) => std::fs::File::create(path)?,
+        // SAFETY: the fd was handed to us on the command line for this purpose and nothing
+        // else in the process uses it.
+        cli::EventMonitor::Fd(fd) => unsafe { std::fs::File::from_raw_fd(*fd) },
+    };
+    Ok(std::sync::Arc::new(vmm::event_monitor::EventMonitor::new(
+        Box::new(file),
+    )))
 }

@@ -100,7 +100,10 @@ pub enum VmmError {
     #[error("a VM has already been created")]
     VmAlreadyCreated,
     #[error("cannot {action} a VM in state {state:?}")]
-    InvalidState { action: &'static str, state: VmState },
+    InvalidState {
+        action: &'static str,
+        state: VmState,
+    },
     #[error("invalid VM configuration: {0}")]
     InvalidConfig(String),
     #[error("{action} failed: {message}")]

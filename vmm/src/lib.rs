@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control;
+pub mod event_monitor;
 pub mod memory;
 pub mod seccomp;
 pub mod vcpu;
@@ -11,4 +12,4 @@ pub mod vmm;
 pub mod x86_64;
 
 pub use seccomp::SeccompMode;
-pub use vmm::{run, ExitReason, RunError};
+pub use vmm::{run, ApiReceiver, ExitReason, RunError, VmmOptions};

