@@ -1,9 +1,19 @@
-//! `cloud-hypervisor`: boots a VM from the command line, with Cloud Hypervisor's flags.
+//! `cloud-hypervisor`: boots a VM from the command line and/or serves the REST API, with
+//! Cloud Hypervisor's flags.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
-use cloud_hypervisor::cli::{self, CliOutcome, SeccompAction};
+use cloud_hypervisor::cli::{self, ApiSocket, CliOptions, CliOutcome, SeccompAction};
 use cloud_hypervisor::logger;
+use vmm::control::ApiSender;
+use vmm::event_monitor::EventMonitor;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long the answer to `vmm.shutdown` may take to reach its client before the process exits.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let options = match cli::parse_args(std::env::args_os()) {
@@ -26,36 +36,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let log_to_file = options.log_file.is_some();
-    if options.vm_config.is_none() {
-        eprintln!(
-            "Error: waiting for vm.create on --api-socket is not available yet; pass --kernel"
-        );
-        return ExitCode::FAILURE;
-    }
-    let seccomp = match options.seccomp {
-        SeccompAction::Trap => vmm::SeccompMode::Trap,
-        SeccompAction::Allow => vmm::SeccompMode::Off,
-        SeccompAction::Log => vmm::SeccompMode::Log,
-    };
-    let event_monitor = match options
-        .event_monitor
-        .as_ref()
-        .map(open_event_monitor)
-        .transpose()
-    {
-        Ok(monitor) => monitor,
-        Err(e) => {
-            eprintln!("Error: --event-monitor: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let vmm_options = vmm::VmmOptions {
-        config: options.vm_config,
-        api: None,
-        seccomp,
-        event_monitor,
-    };
-    match vmm::run(vmm_options) {
+    match run(options) {
         Ok(reason) => {
             log::info!("VMM exiting: {reason:?}");
             ExitCode::SUCCESS
@@ -71,17 +52,68 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_event_monitor(
-    target: &cli::EventMonitor,
-) -> std::io::Result<std::sync::Arc<vmm::event_monitor::EventMonitor>> {
-    use std::os::fd::FromRawFd;
-    let file = match target {
-        cli::EventMonitor::Path(path) => std::fs::File::create(path)?,
-        // SAFETY: the fd was handed to us on the command line for this purpose and nothing
-        // else in the process uses it.
-        cli::EventMonitor::Fd(fd) => unsafe { std::fs::File::from_raw_fd(*fd) },
+/// Removes the API socket file when the VMM exits, as Cloud Hypervisor does.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
+    let seccomp = match options.seccomp {
+        SeccompAction::Trap => vmm::SeccompMode::Trap,
+        SeccompAction::Allow => vmm::SeccompMode::Off,
+        SeccompAction::Log => vmm::SeccompMode::Log,
     };
-    Ok(std::sync::Arc::new(vmm::event_monitor::EventMonitor::new(
-        Box::new(file),
-    )))
+    let event_monitor = match &options.event_monitor {
+        Some(cli::EventMonitor::Path(path)) => Some(EventMonitor::from_path(path)),
+        Some(cli::EventMonitor::Fd(fd)) => Some(EventMonitor::from_fd(*fd)),
+        None => None,
+    }
+    .transpose()
+    .map_err(|e| format!("--event-monitor: {e}"))?
+    .map(Arc::new);
+
+    let mut socket_file = SocketFile(None);
+    let mut server = None;
+    let mut api = None;
+    if let Some(socket) = &options.api_socket {
+        let listener = match socket {
+            ApiSocket::Path(path) => {
+                let listener = api::bind(path).map_err(|e| format!("--api-socket: {e}"))?;
+                socket_file.0 = Some(path.clone());
+                listener
+            }
+            ApiSocket::Fd(fd) => {
+                api::listener_from_fd(*fd).map_err(|e| format!("--api-socket: {e}"))?
+            }
+        };
+        let (sender, requests) = mpsc::channel();
+        let wake = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| format!("cannot create an eventfd: {e}"))?,
+        );
+        let backend = Arc::new(ApiSender::new(sender, wake.clone()));
+        server = Some(
+            api::spawn_server(listener, backend, api::ServerOptions::default())
+                .map_err(|e| format!("cannot start the API server: {e}"))?,
+        );
+        api = Some(vmm::ApiReceiver { requests, wake });
+    }
+
+    let result = vmm::run(vmm::VmmOptions {
+        config: options.vm_config,
+        api,
+        seccomp,
+        event_monitor,
+    });
+    if let Some(server) = &server {
+        // Let the answer to vmm.shutdown reach the client before the process exits.
+        server.wait_idle(API_DRAIN_TIMEOUT);
+    }
+    result.map_err(|e| e.to_string())
 }

@@ -12,12 +12,16 @@ use core::arch::global_asm;
 
 #[macro_use]
 mod console;
+mod blk;
 mod bootinfo;
 mod clock;
+mod dma;
 mod mem;
+mod net;
 mod smp;
 mod sys;
 mod tables;
+mod virtio;
 mod workloads;
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
@@ -68,7 +72,21 @@ pub extern "C" fn user_main(_cpu: u64) -> ! {
         clock.name(),
         console::Bytes(info.cmdline())
     );
-    workloads::run(&cfg, &info, &cpus);
+    dma::init(&info);
+    let devs = virtio::discover(info.cmdline());
+    for d in devs.iter() {
+        println!(
+            "VIRTIO dev={} base=0x{:x} irq={} features=0x{:x} id={} version={} size=0x{:x}",
+            d.kind(),
+            d.base,
+            d.irq,
+            d.features,
+            d.id,
+            d.version,
+            d.size
+        );
+    }
+    workloads::run(&cfg, &info, &cpus, &devs);
     println!("TANDEM-GUEST DONE");
     match cfg.exit {
         workloads::Exit::Shutdown => sys::shutdown(),

@@ -4,6 +4,7 @@ use core::sync::atomic::Ordering;
 
 use crate::bootinfo::BootInfo;
 use crate::tables::Cpus;
+use crate::virtio::Devices;
 use crate::{clock, smp, MAX_CPUS};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -11,6 +12,10 @@ pub enum Workload {
     Hello,
     Dirty,
     Smp,
+    /// virtio-blk write/flush/read/verify (see blk.rs).
+    Blk,
+    /// TCP/IP services over virtio-net (see net.rs).
+    Net,
     /// Self-checks of the failure reports: a page fault / a Rust panic.
     Fault,
     Panic,
@@ -32,6 +37,14 @@ pub struct Config {
     pub exit: Exit,
     /// `clock=tsc`: skip kvmclock (exercises the fallback).
     pub force_tsc: bool,
+    pub blk_mib: u64,
+    pub blk_start: u64,
+    pub blk_seq: u64,
+    pub blk_req_kib: u64,
+    pub blk_verify_only: bool,
+    pub net: crate::net::Net,
+    pub net_count: u64,
+    pub net_ms: u64,
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -48,6 +61,26 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
     Some(n)
 }
 
+fn parse_ipv4(v: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for o in out.iter_mut() {
+        *o = u8::try_from(parse_u64(parts.next()?)?).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// `A.B.C.D/prefix`, or `A.B.C.D` meaning /24.
+fn parse_cidr(v: &[u8]) -> Option<([u8; 4], u8)> {
+    match v.iter().position(|&b| b == b'/') {
+        Some(i) => {
+            let prefix = parse_u64(&v[i + 1..]).filter(|&p| p <= 32)? as u8;
+            Some((parse_ipv4(&v[..i])?, prefix))
+        }
+        None => Some((parse_ipv4(v)?, 24)),
+    }
+}
+
 impl Config {
     /// `key=value` tokens; anything unknown or malformed is ignored so Linux
     /// style parameters can share the command line.
@@ -60,6 +93,18 @@ impl Config {
             smp_iters: 20_000,
             exit: Exit::Shutdown,
             force_tsc: false,
+            blk_mib: 8,
+            blk_start: 0,
+            blk_seq: 1,
+            blk_req_kib: 64,
+            blk_verify_only: false,
+            net: crate::net::Net {
+                ip: [192, 168, 249, 2],
+                prefix: 24,
+                gw: None,
+            },
+            net_count: 1000,
+            net_ms: 0,
         };
         for tok in cmdline.split(|b| b.is_ascii_whitespace()) {
             let Some(eq) = tok.iter().position(|&b| b == b'=') else {
@@ -71,6 +116,8 @@ impl Config {
                     b"hello" => c.workload = Workload::Hello,
                     b"dirty" => c.workload = Workload::Dirty,
                     b"smp" => c.workload = Workload::Smp,
+                    b"blk" => c.workload = Workload::Blk,
+                    b"net" => c.workload = Workload::Net,
                     b"fault" => c.workload = Workload::Fault,
                     b"panic" => c.workload = Workload::Panic,
                     _ => {}
@@ -86,6 +133,20 @@ impl Config {
                 b"dirty.rate" => c.dirty_rate = parse_u64(v).unwrap_or(c.dirty_rate),
                 b"dirty.ms" => c.dirty_ms = parse_u64(v).unwrap_or(c.dirty_ms),
                 b"smp.iters" => c.smp_iters = parse_u64(v).unwrap_or(c.smp_iters),
+                b"blk.mib" => c.blk_mib = parse_u64(v).unwrap_or(c.blk_mib),
+                b"blk.start" => c.blk_start = parse_u64(v).unwrap_or(c.blk_start),
+                b"blk.seq" => c.blk_seq = parse_u64(v).unwrap_or(c.blk_seq),
+                b"blk.req_kib" => c.blk_req_kib = parse_u64(v).unwrap_or(c.blk_req_kib),
+                b"blk.verify_only" => c.blk_verify_only = v == b"1",
+                b"net.ip" => {
+                    if let Some((ip, prefix)) = parse_cidr(v) {
+                        c.net.ip = ip;
+                        c.net.prefix = prefix;
+                    }
+                }
+                b"net.gw" => c.net.gw = parse_ipv4(v).or(c.net.gw),
+                b"net.count" => c.net_count = parse_u64(v).unwrap_or(c.net_count),
+                b"net.ms" => c.net_ms = parse_u64(v).unwrap_or(c.net_ms),
                 _ => {}
             }
         }
@@ -93,9 +154,11 @@ impl Config {
     }
 }
 
-pub fn run(cfg: &Config, info: &BootInfo, cpus: &Cpus) {
+pub fn run(cfg: &Config, info: &BootInfo, cpus: &Cpus, devs: &Devices) {
     match cfg.workload {
         Workload::Hello => {}
+        Workload::Blk => crate::blk::run(cfg, devs),
+        Workload::Net => crate::net::run(cfg, devs),
         Workload::Dirty => dirty(cfg, info),
         Workload::Smp => smp_run(cfg, cpus),
         Workload::Fault => {
@@ -108,7 +171,7 @@ pub fn run(cfg: &Config, info: &BootInfo, cpus: &Cpus) {
 }
 
 /// Fixed-point x.yy of num/den.
-struct Frac(u128, u128);
+pub struct Frac(pub u128, pub u128);
 
 impl core::fmt::Display for Frac {
     fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control;
+pub mod device_manager;
 pub mod event_monitor;
 pub mod memory;
 pub mod seccomp;

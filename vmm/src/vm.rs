@@ -14,10 +14,13 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
 use crate::x86_64::{boot, cpuid, layout, mptable, msr, regs};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{MacAddr, Net, NetConfig};
 
 /// How long a pause may take before it is reported as stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,6 +75,10 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("{0}")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("{0}")]
+    Device(String),
+    #[error("{0}")]
+    DeviceManager(#[from] DeviceManagerError),
 }
 
 /// Event fds through which the guest ends a VM run; the control loop waits on them.
@@ -124,8 +131,10 @@ fn phys_bits(cpuid: &CpuId) -> u32 {
 
 /// A booted VM: KVM objects, guest memory, devices and running vCPUs.
 pub struct Vm {
-    // Field order matters: vCPU threads stop (Drop) before the memory they run on is unmapped.
+    // Field order matters: vCPU threads and then the device loop stop (Drop) before the memory
+    // they use is unmapped.
     vcpus: Vcpus,
+    device_manager: DeviceManager,
     vm_fd: VmFd,
     memory: GuestMemoryMmap,
     _serial: Option<Arc<Mutex<Serial>>>,
@@ -182,12 +191,25 @@ impl Vm {
         let memory = memory::create(mem_size)?;
         memory::register(&vm_fd, &memory, false)?;
 
+        let mut mmio = IoBus::new();
+        let mut device_manager = DeviceManager::new(memory.clone());
+        add_disks(&vm_fd, &mut mmio, &mut device_manager, config)?;
+        add_nets(&vm_fd, &mut mmio, &mut device_manager, config)?;
+        let mut cmdline = payload.cmdline.clone().unwrap_or_default();
+        let devices_cmdline = device_manager.cmdline();
+        if !devices_cmdline.is_empty() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&devices_cmdline);
+        }
+
         let loaded = boot::load_kernel(
             &memory,
             mem_size,
             kernel,
             payload.initramfs.as_deref(),
-            payload.cmdline.as_deref().unwrap_or(""),
+            &cmdline,
         )?;
         mptable::setup(&memory, cpu_count)?;
 
@@ -232,9 +254,10 @@ impl Vm {
             )?);
         }
 
+        device_manager.start()?;
         let handlers = Arc::new(ExitHandlers {
             pio: Arc::new(pio),
-            mmio: Arc::new(IoBus::new()),
+            mmio: Arc::new(mmio),
             reset_evt: clone_evt(&events.reset)?,
             exit_evt: clone_evt(&events.exit)?,
         });
@@ -252,6 +275,7 @@ impl Vm {
         );
         Ok(Self {
             vcpus,
+            device_manager,
             vm_fd,
             memory,
             _serial: serial,
@@ -295,13 +319,94 @@ impl Vm {
 
     /// Per-device counters, keyed by device id (Cloud Hypervisor's `vm.counters`).
     pub fn counters(&self) -> crate::control::VmCounters {
-        crate::control::VmCounters::new()
+        self.device_manager.counters()
     }
 
     /// Stops the vCPUs; the VM is done after this.
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
+        self.device_manager.stop();
     }
+}
+
+fn add_disks(
+    vm_fd: &VmFd,
+    mmio: &mut IoBus,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+) -> Result<(), VmError> {
+    for (index, disk) in config.disks.iter().flatten().enumerate() {
+        let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone().unwrap_or_default(),
+            readonly: disk.readonly,
+            direct: disk.direct,
+            id: disk.serial.clone().or_else(|| disk.id.clone()),
+            num_queues: disk.num_queues,
+            queue_size: disk.queue_size,
+        })
+        .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
+        let block = Arc::new(Mutex::new(block));
+        let counters = block.clone();
+        device_manager.add_virtio_device(
+            vm_fd,
+            mmio,
+            id,
+            block.clone(),
+            block,
+            Box::new(move || lock(&counters).counters()),
+        )?;
+    }
+    Ok(())
+}
+
+fn add_nets(
+    vm_fd: &VmFd,
+    mmio: &mut IoBus,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+) -> Result<(), VmError> {
+    for (index, net_config) in config.net.iter().flatten().enumerate() {
+        let id = net_config
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("_net{index}"));
+        let mac = match &net_config.mac {
+            Some(mac) => Some(
+                mac.parse::<MacAddr>()
+                    .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?,
+            ),
+            None => None,
+        };
+        let net = Net::new(NetConfig {
+            tap: net_config.tap.clone(),
+            ip: Some(net_config.ip),
+            mask: Some(net_config.mask),
+            mac,
+            mtu: net_config.mtu,
+            queue_size: net_config.queue_size,
+            id: Some(id.clone()),
+        })
+        .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?;
+        log::info!("{id}: TAP {}", net.tap_name());
+        let net = Arc::new(Mutex::new(net));
+        let counters = net.clone();
+        device_manager.add_virtio_device(
+            vm_fd,
+            mmio,
+            id,
+            net.clone(),
+            net,
+            Box::new(move || lock(&counters).counters()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Device locks are only contended between the device loop and the control loop; with
+/// panic=abort a poisoned lock cannot be observed, so recover the guard.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn setup_vcpu(

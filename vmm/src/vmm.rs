@@ -277,35 +277,38 @@ impl Vmm {
                     state: self.state,
                 }))
             }),
-            VmmRequest::Counters => self
-                .require_state("read the counters of", &ALL_STATES)
-                .map(|_| {
-                    VmmResponse::Counters(
-                        self.vm.as_ref().map(|vm| vm.counters()).unwrap_or_default(),
-                    )
-                }),
-            VmmRequest::PauseVm => self
-                .require_state("pause", &[VmState::Running])
-                .and_then(|_| {
-                    self.emit("vm", "pausing");
-                    let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
-                    vm.vcpus()
-                        .pause(crate::vm::PAUSE_TIMEOUT)
-                        .map_err(|e| Self::failed("pause", e))?;
-                    self.state = VmState::Paused;
-                    self.emit("vm", "paused");
-                    Ok(VmmResponse::Empty)
-                }),
-            VmmRequest::ResumeVm => self
-                .require_state("resume", &[VmState::Paused])
-                .and_then(|_| {
-                    self.emit("vm", "resuming");
-                    let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
-                    vm.vcpus().resume();
-                    self.state = VmState::Running;
-                    self.emit("vm", "resumed");
-                    Ok(VmmResponse::Empty)
-                }),
+            VmmRequest::Counters => {
+                self.require_state("read the counters of", &ALL_STATES)
+                    .map(|_| {
+                        VmmResponse::Counters(
+                            self.vm.as_ref().map(|vm| vm.counters()).unwrap_or_default(),
+                        )
+                    })
+            }
+            VmmRequest::PauseVm => {
+                self.require_state("pause", &[VmState::Running])
+                    .and_then(|_| {
+                        self.emit("vm", "pausing");
+                        let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
+                        vm.vcpus()
+                            .pause(crate::vm::PAUSE_TIMEOUT)
+                            .map_err(|e| Self::failed("pause", e))?;
+                        self.state = VmState::Paused;
+                        self.emit("vm", "paused");
+                        Ok(VmmResponse::Empty)
+                    })
+            }
+            VmmRequest::ResumeVm => {
+                self.require_state("resume", &[VmState::Paused])
+                    .and_then(|_| {
+                        self.emit("vm", "resuming");
+                        let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
+                        vm.vcpus().resume();
+                        self.state = VmState::Running;
+                        self.emit("vm", "resumed");
+                        Ok(VmmResponse::Empty)
+                    })
+            }
             // Without an ACPI power button device the press is a forced power-off, which is
             // what holding a PC's power button does; a guest gets no chance to clean up.
             VmmRequest::ShutdownVm | VmmRequest::PowerButton => self
@@ -320,16 +323,14 @@ impl Vmm {
                 .require_state("reboot", &[VmState::Running, VmState::Paused])
                 .and_then(|_| self.reboot().map_err(|e| Self::failed("reboot", e)))
                 .map(|_| VmmResponse::Empty),
-            VmmRequest::DeleteVm => self
-                .require_state("delete", &ALL_STATES)
-                .map(|_| {
-                    self.stop_vm();
-                    self.config = None;
-                    self.serial = None;
-                    self.state = VmState::Created;
-                    self.emit("vm", "deleted");
-                    VmmResponse::Empty
-                }),
+            VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
+                self.stop_vm();
+                self.config = None;
+                self.serial = None;
+                self.state = VmState::Created;
+                self.emit("vm", "deleted");
+                VmmResponse::Empty
+            }),
         };
         (result, None)
     }

@@ -1,1 +1,946 @@
-//! (being written)
+//! virtio-net (virtio 1.x, 5.1) backed by a TAP device.
+//!
+//! One RX and one TX queue, no control queue, no offloads: every frame is a complete Ethernet
+//! frame behind a 12-byte `virtio_net_hdr_v1` whose only non-zero field is `num_buffers = 1`
+//! on RX. Without `VIRTIO_NET_F_MRG_RXBUF`, each RX chain must hold header and frame; the chain
+//! may have any number of descriptors.
+//!
+//! Threads: `activate`/`reset` run on a vCPU thread (the transport calls them); all queue and
+//! TAP work runs on the device event loop. As in Firecracker, `activate` only stores the queues
+//! and signals `activate_evt`; the loop then registers the queue notification eventfds and the
+//! TAP fd. `reset` drops the queues and signals the same eventfd, and the loop unregisters what
+//! it had registered, so the device can be activated again.
+//!
+//! Output: TX frames leave only through the [`NetOutputGate`]; the default gate ([`TapGate`])
+//! writes straight to the TAP. Fault tolerance swaps in a gate that holds frames per epoch.
+//! Guest memory is written only through vm-memory, so every RX write marks the dirty bitmap.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, error, warn};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_ID_NET,
+};
+use crate::gate::NetOutputGate;
+use crate::tap::{Tap, TapError, VNET_HDR_LEN};
+use crate::GuestMemoryMmap;
+
+/// Queue indices (5.1.2): receiveq1, transmitq1; no control queue.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+const NUM_QUEUES: usize = 2;
+
+/// Default queue size, as Cloud Hypervisor's.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Largest packet a driver may hand over, header included (5.1.6.3: 65550 bytes of frame for
+/// a GSO packet plus the header). Without offloads frames are much smaller; anything beyond
+/// this is a malformed chain.
+pub const MAX_PACKET_LEN: usize = 65550 + VNET_HDR_LEN;
+
+/// How many frames one event handles before yielding to other devices (the fds are
+/// level-triggered, so the rest is picked up on the next loop iteration).
+const MAX_BATCH: usize = 256;
+
+/// Event-loop tokens (the `data` of each registered event).
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_RX_QUEUE: u32 = 1;
+const TOKEN_TX_QUEUE: u32 = 2;
+const TOKEN_TAP: u32 = 3;
+
+/// Size of the device configuration space (5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
+const CONFIG_LEN: usize = 12;
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr([u8; 6]);
+
+/// A MAC address string that is not six colon-separated hex bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?}: expected six colon-separated hex bytes like 12:34:56:78:9a:bc")]
+pub struct MacAddrParseError(pub String);
+
+impl MacAddr {
+    pub const fn new(bytes: [u8; 6]) -> MacAddr {
+        MacAddr(bytes)
+    }
+
+    pub fn bytes(&self) -> [u8; 6] {
+        self.0
+    }
+
+    /// Whether the group bit (I/G) is set; a NIC's own address must not be multicast.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 0x01 != 0
+    }
+
+    /// A random unicast, locally administered address (as Cloud Hypervisor picks for a guest
+    /// without `mac=`).
+    pub fn random_local() -> MacAddr {
+        let mut bytes = [0u8; 6];
+        fill_random(&mut bytes);
+        bytes[0] = (bytes[0] & 0xfe) | 0x02;
+        MacAddr(bytes)
+    }
+}
+
+/// Fills `buf` from the kernel's random source; falls back to time and pid mixing, which is
+/// enough to keep MACs of VMs on one host apart, if getrandom is unavailable.
+fn fill_random(buf: &mut [u8]) {
+    // SAFETY: getrandom writes at most `buf.len()` bytes into the valid, exclusively borrowed
+    // buffer.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if usize::try_from(got).ok() == Some(buf.len()) {
+        return;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut x = (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    for b in buf.iter_mut() {
+        // xorshift64: spreads the seed's entropy over all bytes.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = MacAddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || MacAddrParseError(s.to_string());
+        let mut bytes = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in bytes.iter_mut() {
+            let part = parts.next().ok_or_else(err)?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(MacAddr(bytes))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// What a virtio-net device is built from (Cloud Hypervisor's `--net` fields).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP to attach to or create; `None` creates `vmtap<N>`.
+    pub tap: Option<String>,
+    /// IPv4 address for the host side of the TAP (set when given).
+    pub ip: Option<Ipv4Addr>,
+    /// Netmask for `ip` (set when given).
+    pub mask: Option<Ipv4Addr>,
+    /// The guest's MAC; `None` picks a random locally administered one.
+    pub mac: Option<MacAddr>,
+    /// MTU of the TAP, also offered to the guest (`VIRTIO_NET_F_MTU`).
+    pub mtu: Option<u16>,
+    /// Size of each queue: a power of two, at most 32768.
+    pub queue_size: u16,
+    /// Device id for logs and the API.
+    pub id: Option<String>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            tap: None,
+            ip: None,
+            mask: None,
+            mac: None,
+            mtu: None,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            id: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("virtio-net queue size {0} is invalid: it must be a power of two between 1 and 32768")]
+    InvalidQueueSize(u16),
+    #[error("MAC address {0} is a multicast address; a NIC needs a unicast one")]
+    MulticastMac(MacAddr),
+    #[error("MTU {0} is invalid: it must be at least 68")]
+    InvalidMtu(u16),
+    #[error("virtio-net: cannot create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    #[error("TAP {name}: cannot duplicate its fd for the output gate: {source}")]
+    CloneTap {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The pass-through output gate: each frame goes straight to the TAP (with a zeroed virtio-net
+/// header in front, which the TAP expects because of `IFF_VNET_HDR`).
+pub struct TapGate {
+    tap: Tap,
+}
+
+impl TapGate {
+    pub fn new(tap: Tap) -> TapGate {
+        TapGate { tap }
+    }
+
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+}
+
+impl NetOutputGate for TapGate {
+    fn transmit(&mut self, frame: &[u8]) -> io::Result<()> {
+        let hdr = [0u8; VNET_HDR_LEN];
+        let want = hdr.len() + frame.len();
+        let written = self
+            .tap
+            .write_vectored(&[IoSlice::new(&hdr), IoSlice::new(frame)])?;
+        if written != want {
+            // A TAP write is one frame or nothing; a short count means the kernel cut it.
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("TAP {} took {written} of {want} bytes", self.tap.name()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Device counters (monotonic since creation).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    rx_bytes: u64,
+    rx_frames: u64,
+    rx_dropped: u64,
+    rx_errors: u64,
+    tx_bytes: u64,
+    tx_frames: u64,
+    tx_errors: u64,
+}
+
+/// What the device holds while the driver has it active.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+}
+
+/// An fd the event loop registered for this device; the Arc keeps a queue eventfd open until
+/// it has been removed from epoll, even after `reset` dropped the queue.
+struct Registration {
+    fd: i32,
+    _keep: Option<Arc<EventFd>>,
+}
+
+/// Why a descriptor chain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+enum ChainError {
+    #[error(
+        "the chain has no descriptor or is cut short (loop, bad next index, bad indirect table)"
+    )]
+    Broken,
+    #[error("a descriptor lies outside guest memory")]
+    OutOfRange,
+    #[error("a TX descriptor is device-writable")]
+    WriteOnlyInTx,
+    #[error("an RX descriptor is device-readable")]
+    ReadOnlyInRx,
+    #[error("the chain is longer than {MAX_PACKET_LEN} bytes")]
+    TooLong,
+    #[error("the chain is shorter than the {VNET_HDR_LEN}-byte header")]
+    TooShort,
+}
+
+/// A virtio-net device on a TAP.
+pub struct Net {
+    id: String,
+    tap: Tap,
+    gate: Box<dyn NetOutputGate>,
+    mac: MacAddr,
+    mtu: Option<u16>,
+    queue_sizes: [u16; NUM_QUEUES],
+    avail_features: u64,
+    acked_features: u64,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// Bumped by every activate and reset; the loop's registrations belong to `registered_gen`.
+    generation: u64,
+    registered_gen: u64,
+    registered: Vec<Registration>,
+    /// The RX queue had no buffer: the TAP is not polled until the driver adds buffers.
+    rx_blocked: bool,
+    /// Whether the TAP is currently registered with EPOLLIN interest.
+    tap_polled: bool,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    counters: Counters,
+}
+
+impl Net {
+    /// Opens or creates the TAP, configures it and builds the device with a [`TapGate`].
+    pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
+        let qs = cfg.queue_size;
+        if qs == 0 || qs > 32768 || !qs.is_power_of_two() {
+            return Err(NetError::InvalidQueueSize(qs));
+        }
+        let mac = cfg.mac.unwrap_or_else(MacAddr::random_local);
+        if mac.is_multicast() {
+            return Err(NetError::MulticastMac(mac));
+        }
+        if let Some(mtu) = cfg.mtu {
+            if mtu < 68 {
+                return Err(NetError::InvalidMtu(mtu));
+            }
+        }
+
+        let tap = match &cfg.tap {
+            Some(name) => Tap::open_named(name)?,
+            None => Tap::create()?,
+        };
+        if let Some(ip) = cfg.ip {
+            tap.set_ip_addr(ip)?;
+        }
+        if let Some(mask) = cfg.mask {
+            tap.set_netmask(mask)?;
+        }
+        if let Some(mtu) = cfg.mtu {
+            tap.set_mtu(mtu)?;
+        }
+        tap.enable()?;
+
+        let gate_tap = tap.try_clone().map_err(|source| NetError::CloneTap {
+            name: tap.name().to_string(),
+            source,
+        })?;
+        let activate_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?;
+
+        let mut avail_features =
+            VIRTIO_F_VERSION_1 | (1u64 << VIRTIO_NET_F_MAC) | (1u64 << VIRTIO_NET_F_STATUS);
+        if cfg.mtu.is_some() {
+            avail_features |= 1u64 << VIRTIO_NET_F_MTU;
+        }
+
+        Ok(Net {
+            id: cfg.id.unwrap_or_else(|| tap.name().to_string()),
+            gate: Box::new(TapGate::new(gate_tap)),
+            tap,
+            mac,
+            mtu: cfg.mtu,
+            queue_sizes: [qs; NUM_QUEUES],
+            avail_features,
+            acked_features: 0,
+            activate_evt,
+            active: None,
+            generation: 0,
+            registered_gen: 0,
+            registered: Vec::new(),
+            rx_blocked: false,
+            tap_polled: false,
+            rx_buf: vec![0u8; MAX_PACKET_LEN],
+            tx_buf: vec![0u8; MAX_PACKET_LEN],
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The name of the TAP the device is attached to.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// The host end of the device (for configuration queries; frames go through the device).
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Replaces the output gate and returns the previous one (fault tolerance wraps the
+    /// pass-through [`TapGate`] in a gate that holds frames until their epoch commits).
+    pub fn replace_output_gate(&mut self, gate: Box<dyn NetOutputGate>) -> Box<dyn NetOutputGate> {
+        std::mem::replace(&mut self.gate, gate)
+    }
+
+    /// Counters: rx_bytes, rx_frames, rx_dropped (frames larger than the posted buffer),
+    /// rx_errors (malformed RX chains), tx_bytes, tx_frames, tx_errors (malformed TX chains
+    /// and frames the gate refused). Bytes count Ethernet frames, without the virtio header.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let c = self.counters;
+        BTreeMap::from([
+            ("rx_bytes", c.rx_bytes),
+            ("rx_frames", c.rx_frames),
+            ("rx_dropped", c.rx_dropped),
+            ("rx_errors", c.rx_errors),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_frames", c.tx_frames),
+            ("tx_errors", c.tx_errors),
+        ])
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut cfg = [0u8; CONFIG_LEN];
+        cfg[0..6].copy_from_slice(&self.mac.bytes());
+        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
+        cfg
+    }
+
+    /// Brings the loop's registrations in line with the current activation: removes whatever
+    /// an earlier activation registered, then registers the queues and the TAP if active.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for reg in self.registered.drain(..) {
+            if let Err(e) = ops.remove(Events::empty_raw(reg.fd)) {
+                debug!(
+                    "{}: removing fd {} from the event loop: {e:?}",
+                    self.id, reg.fd
+                );
+            }
+        }
+        self.tap_polled = false;
+        self.rx_blocked = false;
+        self.registered_gen = self.generation;
+
+        let Some(active) = &self.active else {
+            return;
+        };
+        let wanted = [
+            (
+                active.rx.notify.as_raw_fd(),
+                TOKEN_RX_QUEUE,
+                Some(active.rx.notify.clone()),
+            ),
+            (
+                active.tx.notify.as_raw_fd(),
+                TOKEN_TX_QUEUE,
+                Some(active.tx.notify.clone()),
+            ),
+            (self.tap.as_raw_fd(), TOKEN_TAP, None),
+        ];
+        for (fd, token, keep) in wanted {
+            match ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                Ok(()) => {
+                    self.registered.push(Registration { fd, _keep: keep });
+                    self.tap_polled |= token == TOKEN_TAP;
+                }
+                Err(e) => error!(
+                    "{}: cannot register fd {fd} with the event loop: {e:?}",
+                    self.id
+                ),
+            }
+        }
+    }
+
+    /// Turns EPOLLIN on the TAP off while the RX queue has no buffers (the kernel keeps
+    /// queueing frames meanwhile), and on again once it has.
+    fn update_tap_interest(&mut self, ops: &mut EventOps) {
+        let want = !self.rx_blocked;
+        if want == self.tap_polled {
+            return;
+        }
+        let set = if want {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        match ops.modify(Events::with_data(&self.tap, TOKEN_TAP, set)) {
+            Ok(()) => self.tap_polled = want,
+            Err(e) => error!("{}: cannot change the TAP's event interest: {e:?}", self.id),
+        }
+    }
+
+    /// Moves frames from the TAP into RX buffers until one of them runs out (or a batch is
+    /// done). Returns whether used buffers were added.
+    fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.rx.queue;
+        let mut used_any = false;
+        for _ in 0..MAX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.rx_blocked = true;
+                break;
+            };
+            let head = chain.head_index();
+            let segments = match rx_segments(chain, mem) {
+                Ok(s) => s,
+                Err(e) => {
+                    // The buffer is unusable; hand it back empty so the driver can recycle it.
+                    debug!("{}: RX chain {head} refused: {e}", self.id);
+                    self.counters.rx_errors += 1;
+                    used_any |= add_used(queue, mem, head, 0, &self.id);
+                    continue;
+                }
+            };
+            let capacity: usize = segments.iter().map(|&(_, len)| len).sum();
+
+            let n = match self.tap.read(&mut self.rx_buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing to read (or a TAP error): keep the buffer for the next frame.
+                    queue.go_to_previous_position();
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        warn!("{}: reading TAP {}: {e}", self.id, self.tap.name());
+                    }
+                    break;
+                }
+            };
+            if n <= VNET_HDR_LEN {
+                queue.go_to_previous_position();
+                continue;
+            }
+            if n > capacity {
+                // Dropping the frame and keeping the buffer: a later, smaller frame may fit.
+                debug!(
+                    "{}: RX frame of {n} bytes dropped: the buffer holds {capacity}",
+                    self.id
+                );
+                self.counters.rx_dropped += 1;
+                queue.go_to_previous_position();
+                continue;
+            }
+            // Offloads are off, so the guest must see flags = 0 and gso_type = NONE whatever
+            // the kernel put there; num_buffers is 1 without MRG_RXBUF (5.1.6.4).
+            self.rx_buf[..VNET_HDR_LEN].fill(0);
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+
+            let mut done = 0;
+            let mut ok = true;
+            for &(addr, len) in &segments {
+                let take = len.min(n - done);
+                if take == 0 {
+                    break;
+                }
+                if mem
+                    .write_slice(&self.rx_buf[done..done + take], addr)
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+                done += take;
+            }
+            if !ok {
+                // Checked in rx_segments; only a memory map change could get here.
+                self.counters.rx_errors += 1;
+                used_any |= add_used(queue, mem, head, 0, &self.id);
+                continue;
+            }
+            used_any |= add_used(queue, mem, head, n as u32, &self.id);
+            self.counters.rx_frames += 1;
+            self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
+        }
+        used_any
+    }
+
+    /// Sends up to a batch of TX chains through the gate. Returns whether used buffers were
+    /// added and whether the batch was full (more chains may be waiting).
+    fn process_tx(&mut self) -> (bool, bool) {
+        let Some(active) = self.active.as_mut() else {
+            return (false, false);
+        };
+        let mem = &active.mem;
+        let queue = &mut active.tx.queue;
+        let mut used_any = false;
+        for _ in 0..MAX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return (used_any, false);
+            };
+            let head = chain.head_index();
+            match gather_tx(chain, mem, &mut self.tx_buf) {
+                Ok(len) => {
+                    let frame = &self.tx_buf[VNET_HDR_LEN..len];
+                    match self.gate.transmit(frame) {
+                        Ok(()) => {
+                            self.counters.tx_frames += 1;
+                            self.counters.tx_bytes += frame.len() as u64;
+                        }
+                        Err(e) => {
+                            debug!(
+                                "{}: TX frame of {} bytes not sent: {e}",
+                                self.id,
+                                frame.len()
+                            );
+                            self.counters.tx_errors += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!("{}: TX chain {head} refused: {e}", self.id);
+                    self.counters.tx_errors += 1;
+                }
+            }
+            // The device writes nothing into TX buffers (5.1.6.2).
+            used_any |= add_used(queue, mem, head, 0, &self.id);
+        }
+        (used_any, true)
+    }
+
+    fn signal_used(&mut self, queue_index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let queue = if queue_index == RX_QUEUE {
+            &mut active.rx.queue
+        } else {
+            &mut active.tx.queue
+        };
+        // Honours VRING_AVAIL_F_NO_INTERRUPT; on a ring read error interrupt anyway, a spurious
+        // interrupt is harmless and a lost one stalls the driver.
+        if queue.needs_notification(&active.mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                error!("{}: cannot interrupt the guest: {e}", self.id);
+            }
+        }
+    }
+
+    fn handle_rx(&mut self, ops: &mut EventOps) {
+        if self.process_rx() {
+            self.signal_used(RX_QUEUE);
+        }
+        self.update_tap_interest(ops);
+    }
+
+    /// Serves the TX queue until it is empty: the notification was consumed, so nothing
+    /// would bring the loop back for chains left behind. Interrupts once per batch.
+    fn handle_tx(&mut self) {
+        loop {
+            let (used, more) = self.process_tx();
+            if used {
+                self.signal_used(TX_QUEUE);
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+}
+
+/// Adds a used element; a failure means the used ring is not in guest memory any more, which
+/// `is_valid` ruled out at activation, so it is only logged.
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, id: &str) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            error!("{id}: cannot add used element {head}: {e:?}");
+            false
+        }
+    }
+}
+
+/// The writable buffers of an RX chain, all checked to lie in guest memory.
+fn rx_segments(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
+    let mut segments = Vec::new();
+    let mut total = 0usize;
+    let mut last_has_next = true;
+    for desc in chain {
+        if !desc.is_write_only() {
+            return Err(ChainError::ReadOnlyInRx);
+        }
+        let len = desc.len() as usize;
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+            return Err(ChainError::OutOfRange);
+        }
+        last_has_next = desc.has_next();
+        // Capacity beyond the largest packet is never used; stop counting there.
+        let room = MAX_PACKET_LEN.saturating_sub(total);
+        let len = len.min(room);
+        if len > 0 {
+            segments.push((desc.addr(), len));
+            total += len;
+        }
+    }
+    if last_has_next {
+        return Err(ChainError::Broken);
+    }
+    Ok(segments)
+}
+
+/// Copies a TX chain (header + frame) into `buf`; returns its length.
+fn gather_tx(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Result<usize, ChainError> {
+    let mut total = 0usize;
+    let mut last_has_next = true;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(ChainError::WriteOnlyInTx);
+        }
+        let len = desc.len() as usize;
+        let end = total
+            .checked_add(len)
+            .filter(|&end| end <= buf.len())
+            .ok_or(ChainError::TooLong)?;
+        mem.read_slice(&mut buf[total..end], desc.addr())
+            .map_err(|_| ChainError::OutOfRange)?;
+        total = end;
+        last_has_next = desc.has_next();
+    }
+    if last_has_next {
+        return Err(ChainError::Broken);
+    }
+    if total <= VNET_HDR_LEN {
+        return Err(ChainError::TooShort);
+    }
+    Ok(total)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // All fields are device-owned (the MAC is writable only with the legacy interface or
+        // VIRTIO_NET_F_CTRL_MAC_ADDR, neither offered).
+        debug!(
+            "{}: ignoring a {}-byte config write at {offset:#x}",
+            self.id,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: NUM_QUEUES,
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            if !q.queue.is_valid(&mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                got: 0,
+                want: NUM_QUEUES,
+            });
+        };
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            rx,
+            tx,
+        });
+        self.generation += 1;
+        self.activate_evt.write(1).map_err(|e| {
+            self.active = None;
+            ActivateError::Device(format!("{}: cannot signal the event loop: {e}", self.id))
+        })
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.generation += 1;
+        // The loop unregisters the old queue eventfds when it sees this.
+        if let Err(e) = self.activate_evt.write(1) {
+            error!(
+                "{}: cannot signal the event loop of the reset: {e}",
+                self.id
+            );
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("{}: cannot register the activation eventfd: {e:?}", self.id);
+        }
+        if self.active.is_some() {
+            self.sync_registrations(ops);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        if token == TOKEN_ACTIVATE {
+            // Non-blocking eventfd: an empty counter (already consumed) is not an error.
+            let _ = self.activate_evt.read();
+            if self.registered_gen != self.generation {
+                self.sync_registrations(ops);
+                // Frames may have queued on the TAP before activation.
+                if self.active.is_some() {
+                    self.handle_rx(ops);
+                    self.handle_tx();
+                }
+            }
+            return;
+        }
+        if self.registered_gen != self.generation || self.active.is_none() {
+            // An event of an activation that was reset (or replaced) before the loop caught
+            // up: drop the stale registrations instead of serving it.
+            self.sync_registrations(ops);
+            return;
+        }
+        match token {
+            TOKEN_RX_QUEUE => {
+                if let Some(a) = &self.active {
+                    let _ = a.rx.notify.read();
+                }
+                // New RX buffers: the TAP may be polled again.
+                self.rx_blocked = false;
+                self.handle_rx(ops);
+            }
+            TOKEN_TX_QUEUE => {
+                if let Some(a) = &self.active {
+                    let _ = a.tx.notify.read();
+                }
+                self.handle_tx();
+            }
+            TOKEN_TAP => {
+                if events
+                    .event_set()
+                    .intersects(EventSet::ERROR | EventSet::HANG_UP)
+                {
+                    warn!(
+                        "{}: TAP {} reports an error or hang-up",
+                        self.id,
+                        self.tap.name()
+                    );
+                }
+                self.handle_rx(ops);
+            }
+            other => warn!("{}: unexpected event token {other}", self.id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parses_and_prints() {
+        let mac: MacAddr = "12:34:56:78:9a:bc".parse().unwrap();
+        assert_eq!(mac.bytes(), [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+        assert_eq!(mac.to_string(), "12:34:56:78:9a:bc");
+        let upper: MacAddr = "AA:BB:CC:DD:EE:0F".parse().unwrap();
+        assert_eq!(upper.to_string(), "aa:bb:cc:dd:ee:0f");
+    }
+
+    #[test]
+    fn malformed_macs_are_rejected_with_the_input_named() {
+        for bad in [
+            "",
+            "12:34:56:78:9a",
+            "12:34:56:78:9a:bc:de",
+            "12:34:56:78:9a:bg",
+            "1:34:56:78:9a:bc",
+            "123:4:56:78:9a:bc",
+            "12-34-56-78-9a-bc",
+            "12:34:56:78:9a:bc:",
+            "+1:34:56:78:9a:bc",
+            " 12:34:56:78:9a:bc",
+        ] {
+            let err = bad.parse::<MacAddr>().unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        for _ in 0..64 {
+            let mac = MacAddr::random_local();
+            assert!(!mac.is_multicast(), "{mac}");
+            assert_eq!(mac.bytes()[0] & 0x02, 0x02, "{mac}");
+        }
+        assert_ne!(MacAddr::random_local(), MacAddr::random_local());
+    }
+
+    #[test]
+    fn multicast_detection() {
+        assert!("01:00:5e:00:00:01"
+            .parse::<MacAddr>()
+            .unwrap()
+            .is_multicast());
+        assert!(!"02:00:00:00:00:01"
+            .parse::<MacAddr>()
+            .unwrap()
+            .is_multicast());
+    }
+}

@@ -824,6 +824,111 @@ pub fn marker_fields(line: &str) -> HashMap<String, String> {
     fields
 }
 
+// ---------------------------------------------------------------------------------------------
+// Network namespaces
+// ---------------------------------------------------------------------------------------------
+
+/// A network namespace created for one test (`ip netns add`), deleted on drop with everything
+/// in it (TAPs included). Only addresses inside it carry the test's traffic.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new(label: &str) -> Result<NetNs> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("tnd-{label}-{}-{n}", std::process::id());
+        let name: String = name.chars().take(40).collect();
+        run_ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        run_ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A wrapper that runs a command inside the namespace (for [`VmmBuilder::wrapped_in`]).
+    pub fn exec_prefix(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+
+    /// Runs `f` on a thread that has joined the namespace, so sockets it opens live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let handle = std::thread::spawn(move || -> Result<T> {
+            let file = File::open(&path).context(|| format!("open {path}"))?;
+            // SAFETY: setns on a namespace fd we opened; it only changes this thread's
+            // network namespace, which is the point of this dedicated thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return err(format!("setns {path}: {}", io::Error::last_os_error()));
+            }
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|_| Error("namespace thread panicked".to_string()))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = run_ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn run_ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context(|| format!("run ip {}", args.join(" ")))?;
+    if !out.status.success() {
+        return err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this process may create network namespaces and TAP devices; prints a loud SKIP
+/// line for `test` when it may not.
+pub fn netns_or_skip(test: &str) -> bool {
+    let ok = Path::new("/dev/net/tun").exists()
+        && Command::new("ip")
+            .arg("-V")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        // SAFETY: geteuid has no preconditions.
+        && unsafe { libc::geteuid() } == 0;
+    if !ok {
+        let line = format!(
+            "SKIP: {test}: needs root, iproute2 and /dev/net/tun - this test did NOT run\n"
+        );
+        let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
+    }
+    ok
+}
+
+/// Like `require_kvm!`, for tests that need network namespaces and TAP devices.
+#[macro_export]
+macro_rules! require_netns {
+    () => {
+        if !$crate::netns_or_skip($crate::function_name!()) {
+            return;
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

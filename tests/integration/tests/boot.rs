@@ -198,3 +198,33 @@ fn serial_file_receives_the_guest_console() {
         "with --serial file= the console must not also go to stdout"
     );
 }
+
+#[test]
+fn guest_reset_reboots_the_vm_like_cloud_hypervisor() {
+    require_kvm!();
+    let _boot = kvm_serial_guard();
+    // exit=reset: the guest resets through the i8042 after DONE; the VMM must boot it again.
+    let vmm = guest_vmm("guest_reset", 1, "workload=hello exit=reset");
+    let deadline = std::time::Instant::now() + WORKLOAD_TIMEOUT;
+    loop {
+        let boots = vmm.console().matches(GUEST_READY).count();
+        if boots >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            vmm.diagnose(&format!("only {boots} boots after resets"))
+        );
+        assert!(
+            vmm.stderr().is_empty() || !vmm.stderr().contains("Error"),
+            "{}",
+            vmm.diagnose("VMM reported an error while rebooting")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    report(&format!(
+        "guest_reset: 3 boots through guest resets in {:?}",
+        vmm.elapsed()
+    ));
+}

@@ -1,0 +1,133 @@
+//! A fake control loop for the server tests: a thread that answers `ApiMessage`s from the
+//! channel like a VMM whose VM lifecycle is a small state machine.
+
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use vmm::config::VmConfig;
+use vmm::control::{
+    ApiMessage, ApiSender, VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest,
+    VmmResponse, VmmResult,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+pub struct FakeVmm {
+    config: Option<VmConfig>,
+    state: VmState,
+}
+
+impl FakeVmm {
+    fn answer(&mut self, request: VmmRequest) -> VmmResult {
+        let state = self.state;
+        let wrong = |action: &'static str| Err(VmmError::InvalidState { action, state });
+        match request {
+            VmmRequest::Ping => Ok(VmmResponse::Ping(VmmPingResponse {
+                build_version: "test".into(),
+                version: "0.0.0".into(),
+                pid: std::process::id() as i64,
+                features: vec![],
+            })),
+            VmmRequest::ShutdownVmm => Ok(VmmResponse::Empty),
+            VmmRequest::CreateVm(config) => {
+                if self.config.is_some() {
+                    return Err(VmmError::VmAlreadyCreated);
+                }
+                self.config = Some(*config);
+                self.state = VmState::Created;
+                Ok(VmmResponse::Empty)
+            }
+            _ if self.config.is_none() => Err(VmmError::VmNotCreated),
+            VmmRequest::VmInfo => Ok(VmmResponse::VmInfo(Box::new(VmInfoResponse {
+                config: self.config.clone().unwrap_or_default(),
+                state,
+                memory_actual_size: 512 << 20,
+            }))),
+            VmmRequest::Counters => Ok(VmmResponse::Counters(Default::default())),
+            VmmRequest::BootVm if state == VmState::Created => {
+                self.state = VmState::Running;
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::BootVm => wrong("boot"),
+            VmmRequest::PauseVm if state == VmState::Running => {
+                self.state = VmState::Paused;
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::PauseVm => wrong("pause"),
+            VmmRequest::ResumeVm if state == VmState::Paused => {
+                self.state = VmState::Running;
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::ResumeVm => wrong("resume"),
+            VmmRequest::ShutdownVm | VmmRequest::RebootVm | VmmRequest::PowerButton
+                if matches!(state, VmState::Running | VmState::Paused) =>
+            {
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::ShutdownVm => wrong("shut down"),
+            VmmRequest::RebootVm => wrong("reboot"),
+            VmmRequest::PowerButton => wrong("press the power button of"),
+            VmmRequest::DeleteVm => {
+                self.config = None;
+                Ok(VmmResponse::Empty)
+            }
+        }
+    }
+}
+
+/// A running fake: the sender for the server, and how many requests it answered.
+pub struct Fake {
+    pub sender: ApiSender,
+    pub answered: Arc<AtomicUsize>,
+}
+
+pub fn fake_control_loop() -> Fake {
+    let (tx, rx) = mpsc::channel::<ApiMessage>();
+    let wake = Arc::new(EventFd::new(0).unwrap());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    thread::spawn(move || {
+        let mut vmm = FakeVmm {
+            config: None,
+            state: VmState::Created,
+        };
+        for message in rx {
+            let answer = vmm.answer(message.request);
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = message.reply.send(answer);
+        }
+    });
+    Fake {
+        sender: ApiSender::new(tx, wake),
+        answered,
+    }
+}
+
+/// A fresh socket path in a per-test directory.
+pub fn socket_path(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-api-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}.sock"))
+}
+
+/// Binds a socket and starts the server with a fake control loop.
+pub fn start(name: &str) -> (PathBuf, Fake) {
+    let path = socket_path(name);
+    let listener: UnixListener = api::bind(&path).unwrap();
+    let fake = fake_control_loop();
+    api::start_server(listener, fake.sender.clone()).unwrap();
+    (path, fake)
+}
+
+pub fn kernel_config() -> String {
+    r#"{"payload": {"kernel": "/k", "cmdline": "x"}, "console": {"mode": "Off"}}"#.to_string()
+}
