@@ -238,3 +238,59 @@ fn rejects_host_without_dev_kvm() {
         .expect("start the VMM");
     expect_rejected_vmm(&mut vmm, &["kvm"]);
 }
+
+// --- disks and networks -----------------------------------------------------------------------
+
+#[test]
+fn rejects_missing_disk_image() {
+    require_kvm!();
+    run_guest_with(
+        "missing_disk",
+        &["--disk", "path=/nonexistent/disk.img"],
+        &["does not exist"],
+    );
+}
+
+#[test]
+fn rejects_disk_image_smaller_than_a_sector() {
+    require_kvm!();
+    let dir = TempDir::new("tiny_disk").expect("temp dir");
+    let image = dir.join("tiny.img");
+    std::fs::write(&image, [0u8; 100]).expect("write image");
+    let arg = format!("path={}", image.display());
+    run_guest_with("tiny_disk", &["--disk", arg.as_str()], &["sector", "small"]);
+}
+
+#[test]
+fn rejects_disk_queue_size_not_a_power_of_two() {
+    run_guest_with(
+        "disk_queue_size",
+        &["--disk", "path=/tmp/x.img,queue_size=100"],
+        &["queue_size"],
+    );
+}
+
+#[test]
+fn rejects_malformed_mac() {
+    run_guest_with(
+        "bad_mac",
+        &["--net", "mac=12:34:56:zz:9a:bc"],
+        &["mac"],
+    );
+}
+
+#[test]
+fn rejects_tap_name_that_cannot_be_a_tap() {
+    require_kvm!();
+    // `lo` exists but is not a TAP: attaching to it must fail with a message naming it.
+    run_guest_with("tap_lo", &["--net", "tap=lo"], &["lo"]);
+}
+
+#[test]
+fn rejects_tap_name_too_long() {
+    run_guest_with(
+        "tap_long",
+        &["--net", "tap=this-name-is-far-too-long"],
+        &["net.tap"],
+    );
+}
