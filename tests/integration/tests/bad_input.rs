@@ -272,11 +272,7 @@ fn rejects_disk_queue_size_not_a_power_of_two() {
 
 #[test]
 fn rejects_malformed_mac() {
-    run_guest_with(
-        "bad_mac",
-        &["--net", "mac=12:34:56:zz:9a:bc"],
-        &["mac"],
-    );
+    run_guest_with("bad_mac", &["--net", "mac=12:34:56:zz:9a:bc"], &["mac"]);
 }
 
 #[test]
