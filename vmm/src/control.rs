@@ -37,6 +37,61 @@ pub enum VmmRequest {
     DeleteVm,
     /// `PUT vm.power-button`
     PowerButton,
+    /// `PUT vm.snapshot`: write the paused VM's complete state to `destination_url`.
+    Snapshot(SnapshotRequest),
+    /// `PUT vm.restore`: create this VMM's VM from a snapshot (no VM may exist yet).
+    Restore(RestoreRequest),
+    /// `PUT vm.send-migration`: live-migrate the running VM to a receiving VMM.
+    SendMigration(SendMigrationRequest),
+    /// `PUT vm.receive-migration`: wait for an incoming migration (no VM may exist yet).
+    ReceiveMigration(ReceiveMigrationRequest),
+}
+
+/// `vm.snapshot` body (Cloud Hypervisor's `VmSnapshotConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// `file:///path/to/dir`
+    pub destination_url: String,
+}
+
+/// `vm.restore` body (Cloud Hypervisor's `RestoreConfig`), also `--restore source_url=...`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// `file:///path/to/dir`
+    pub source_url: String,
+    #[serde(default)]
+    pub prefault: bool,
+    /// Resume the VM once restored (`--restore ...,resume=on`); the API leaves it paused.
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// `vm.send-migration` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationRequest {
+    /// `tcp:HOST:PORT` or `unix:/path`
+    pub destination_url: String,
+    /// Same-host migration with shared memory (not supported; must be false).
+    #[serde(default)]
+    pub local: bool,
+    /// Target downtime: pre-copy iterates until the rest can be sent within this time.
+    #[serde(default = "default_downtime_ms", alias = "downtime")]
+    pub downtime_ms: u64,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+/// `vm.receive-migration` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationRequest {
+    /// `tcp:ADDR:PORT` (listen) or `unix:/path`
+    pub receiver_url: String,
 }
 
 /// VM lifecycle states, spelled as Cloud Hypervisor's `VmInfo.state`.

@@ -323,6 +323,13 @@ impl Vmm {
                 .require_state("reboot", &[VmState::Running, VmState::Paused])
                 .and_then(|_| self.reboot().map_err(|e| Self::failed("reboot", e)))
                 .map(|_| VmmResponse::Empty),
+            VmmRequest::Snapshot(_)
+            | VmmRequest::Restore(_)
+            | VmmRequest::SendMigration(_)
+            | VmmRequest::ReceiveMigration(_) => Err(VmmError::Failed {
+                action: "state transfer",
+                message: "snapshot, restore and migration are being implemented".into(),
+            }),
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
