@@ -2,7 +2,10 @@
 //! the control loop's answer becomes an HTTP response.
 
 use vmm::config::VmConfig;
-use vmm::control::{ApiSender, ErrorKind, SendError, VmmRequest, VmmResponse, VmmResult};
+use vmm::control::{
+    ApiSender, ErrorKind, ReceiveMigrationRequest, RestoreRequest, SendError, SendMigrationRequest,
+    SnapshotRequest, VmmRequest, VmmResponse, VmmResult,
+};
 
 use crate::http::Response;
 
@@ -36,6 +39,10 @@ pub enum Endpoint {
     VmReboot,
     VmDelete,
     VmPowerButton,
+    VmSnapshot,
+    VmRestore,
+    VmSendMigration,
+    VmReceiveMigration,
 }
 
 /// Every endpoint: name after `/api/v1/`, its method, and what it is.
@@ -52,6 +59,10 @@ pub const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("vm.reboot", "PUT", Endpoint::VmReboot),
     ("vm.delete", "PUT", Endpoint::VmDelete),
     ("vm.power-button", "PUT", Endpoint::VmPowerButton),
+    ("vm.snapshot", "PUT", Endpoint::VmSnapshot),
+    ("vm.restore", "PUT", Endpoint::VmRestore),
+    ("vm.send-migration", "PUT", Endpoint::VmSendMigration),
+    ("vm.receive-migration", "PUT", Endpoint::VmReceiveMigration),
 ];
 
 /// Cloud Hypervisor endpoints that exist there but not here yet: a 404 that says so is more
@@ -69,11 +80,7 @@ const NOT_YET: &[&str] = &[
     "vm.add-vsock",
     "vm.add-vdpa",
     "vm.add-user-device",
-    "vm.snapshot",
     "vm.coredump",
-    "vm.restore",
-    "vm.receive-migration",
-    "vm.send-migration",
     "vm.nmi",
 ];
 
@@ -113,6 +120,43 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
         Endpoint::VmReboot => VmmRequest::RebootVm,
         Endpoint::VmDelete => VmmRequest::DeleteVm,
         Endpoint::VmPowerButton => VmmRequest::PowerButton,
+        // The migration calls block until the migration is over (minutes, for a big guest):
+        // the connection thread waits for the control loop's answer with no timeout, and the
+        // socket timeouts only bound reading the request and writing the answer.
+        Endpoint::VmSnapshot => {
+            match parse_body(body, "vm.snapshot", "VmSnapshotConfig", |b: &[u8]| {
+                serde_json::from_slice::<SnapshotRequest>(b)
+            }) {
+                Ok(request) => VmmRequest::Snapshot(request),
+                Err(response) => return response,
+            }
+        }
+        Endpoint::VmRestore => {
+            match parse_body(body, "vm.restore", "RestoreConfig", |b: &[u8]| {
+                serde_json::from_slice::<RestoreRequest>(b)
+            }) {
+                Ok(request) => VmmRequest::Restore(request),
+                Err(response) => return response,
+            }
+        }
+        Endpoint::VmSendMigration => match parse_body(
+            body,
+            "vm.send-migration",
+            "SendMigrationData",
+            |b: &[u8]| serde_json::from_slice::<SendMigrationRequest>(b),
+        ) {
+            Ok(request) => VmmRequest::SendMigration(request),
+            Err(response) => return response,
+        },
+        Endpoint::VmReceiveMigration => match parse_body(
+            body,
+            "vm.receive-migration",
+            "ReceiveMigrationData",
+            |b: &[u8]| serde_json::from_slice::<ReceiveMigrationRequest>(b),
+        ) {
+            Ok(request) => VmmRequest::ReceiveMigration(request),
+            Err(response) => return response,
+        },
     };
     match backend.call(request) {
         Ok(result) => response_of(result),
@@ -135,6 +179,25 @@ fn parse_vm_config(body: &[u8]) -> Result<VmConfig, Response> {
         .validate()
         .map_err(|e| Response::error_one(400, format!("invalid VM configuration: {e}")))?;
     Ok(config)
+}
+
+/// A JSON request body of type `T` (named `schema` as in Cloud Hypervisor's API spec): a
+/// missing body, bad JSON, wrong types and unknown fields are 400, with serde's message naming
+/// the field. What the values mean (URLs, paths) is for the control loop to judge.
+/// (`from_json` is `serde_json::from_slice` for `T`.)
+fn parse_body<T>(
+    body: &[u8],
+    endpoint: &str,
+    schema: &str,
+    from_json: fn(&[u8]) -> serde_json::Result<T>,
+) -> Result<T, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Response::error_one(
+            400,
+            format!("{endpoint} needs a {schema} JSON request body"),
+        ));
+    }
+    from_json(body).map_err(|e| Response::error_one(400, format!("invalid {schema} JSON: {e}")))
 }
 
 fn response_of(result: VmmResult) -> Response {
@@ -217,17 +280,191 @@ mod tests {
     fn every_endpoint_reaches_the_backend_with_its_request() {
         let fake = Fake::default();
         for (name, method, _) in ENDPOINTS {
-            let body = if *name == "vm.create" {
-                kernel_config()
-            } else {
-                String::new()
-            };
+            let body = valid_body(name);
             handle(method, &format!("/api/v1/{name}"), body.as_bytes(), &fake);
         }
         let seen = fake.seen.lock().unwrap();
         assert_eq!(seen.len(), ENDPOINTS.len());
         assert!(seen[2].starts_with("CreateVm("), "{}", seen[2]);
         assert_eq!(seen[11], "PowerButton");
+        assert_eq!(
+            seen[12..],
+            [
+                r#"Snapshot(SnapshotRequest { destination_url: "file:///tmp/snap" })"#,
+                r#"Restore(RestoreRequest { source_url: "file:///tmp/snap", prefault: true, resume: false })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:10.0.0.2:6000", local: false, downtime_ms: 100 })"#,
+                r#"ReceiveMigration(ReceiveMigrationRequest { receiver_url: "unix:/tmp/mig.sock" })"#,
+            ]
+        );
+    }
+
+    /// A body each endpoint accepts (empty for those that take none).
+    fn valid_body(name: &str) -> String {
+        match name {
+            "vm.create" => kernel_config(),
+            "vm.snapshot" => r#"{"destination_url": "file:///tmp/snap"}"#.into(),
+            "vm.restore" => r#"{"source_url": "file:///tmp/snap", "prefault": true}"#.into(),
+            "vm.send-migration" => {
+                r#"{"destination_url": "tcp:10.0.0.2:6000", "downtime_ms": 100}"#.into()
+            }
+            "vm.receive-migration" => r#"{"receiver_url": "unix:/tmp/mig.sock"}"#.into(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn migration_bodies_take_defaults_and_aliases() {
+        let fake = Fake::default();
+        let put = |name: &str, json: &str| {
+            handle("PUT", &format!("/api/v1/{name}"), json.as_bytes(), &fake).status
+        };
+        assert_eq!(put("vm.restore", r#"{"source_url": "file:///s"}"#), 404);
+        assert_eq!(
+            put(
+                "vm.restore",
+                r#"{"source_url": "file:///s", "prefault": false, "resume": true}"#
+            ),
+            404
+        );
+        assert_eq!(
+            put("vm.send-migration", r#"{"destination_url": "tcp:h:1"}"#),
+            404
+        );
+        assert_eq!(
+            put(
+                "vm.send-migration",
+                r#"{"destination_url": "unix:/m", "local": true, "downtime": 50}"#
+            ),
+            404
+        );
+        let seen = fake.seen.lock().unwrap();
+        assert_eq!(
+            *seen,
+            [
+                r#"Restore(RestoreRequest { source_url: "file:///s", prefault: false, resume: false })"#,
+                r#"Restore(RestoreRequest { source_url: "file:///s", prefault: false, resume: true })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:h:1", local: false, downtime_ms: 300 })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "unix:/m", local: true, downtime_ms: 50 })"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn migration_endpoints_reject_bad_bodies_with_400_naming_the_problem() {
+        let fake = Fake::default();
+        let cases = [
+            (
+                "vm.snapshot",
+                "",
+                "vm.snapshot needs a VmSnapshotConfig JSON request body",
+            ),
+            ("vm.snapshot", "{", "invalid VmSnapshotConfig JSON"),
+            ("vm.snapshot", "{}", "missing field `destination_url`"),
+            (
+                "vm.snapshot",
+                r#"{"destination_url": "file:///s", "x": 1}"#,
+                "unknown field `x`",
+            ),
+            ("vm.snapshot", r#"{"destination_url": 5}"#, "invalid type"),
+            (
+                "vm.restore",
+                " ",
+                "vm.restore needs a RestoreConfig JSON request body",
+            ),
+            ("vm.restore", "{}", "missing field `source_url`"),
+            (
+                "vm.restore",
+                r#"{"source_url": "file:///s", "prefault": "on"}"#,
+                "invalid type: string \"on\", expected a boolean",
+            ),
+            (
+                "vm.restore",
+                r#"{"source_url": "file:///s", "net_fds": []}"#,
+                "unknown field `net_fds`",
+            ),
+            ("vm.send-migration", "", "needs a SendMigrationData"),
+            ("vm.send-migration", "[]", "invalid SendMigrationData JSON"),
+            (
+                "vm.send-migration",
+                r#"{"destination_url": "tcp:h:1", "downtime_ms": -1}"#,
+                "invalid value: integer `-1`",
+            ),
+            (
+                "vm.send-migration",
+                r#"{"destination_url": "tcp:h:1", "migration_timeout": 1}"#,
+                "unknown field `migration_timeout`",
+            ),
+            ("vm.receive-migration", "", "needs a ReceiveMigrationData"),
+            ("vm.receive-migration", "{}", "missing field `receiver_url`"),
+            (
+                "vm.receive-migration",
+                r#"{"receiver_url": "tcp:0.0.0.0:1", "url": "x"}"#,
+                "unknown field `url`",
+            ),
+        ];
+        for (name, json, expected) in cases {
+            let r = handle("PUT", &format!("/api/v1/{name}"), json.as_bytes(), &fake);
+            assert_eq!(r.status, 400, "{name} {json}");
+            let message = body(&r)[0].as_str().unwrap().to_string();
+            assert!(message.contains(expected), "{name} {json}: {message}");
+        }
+        assert!(fake.seen.lock().unwrap().is_empty());
+        for name in [
+            "vm.snapshot",
+            "vm.restore",
+            "vm.send-migration",
+            "vm.receive-migration",
+        ] {
+            let r = handle("GET", &format!("/api/v1/{name}"), b"", &fake);
+            assert_eq!((r.status, r.allow), (405, Some("PUT")), "{name}");
+        }
+    }
+
+    #[test]
+    fn migration_errors_of_the_control_loop_keep_their_status() {
+        struct Refuses(fn() -> VmmError);
+        impl Backend for Refuses {
+            fn call(&self, _: VmmRequest) -> Result<VmmResult, SendError> {
+                Ok(Err((self.0)()))
+            }
+        }
+        let cases: [(fn() -> VmmError, u16); 4] = [
+            (|| VmmError::InvalidConfig("bad URL".into()), 400),
+            (|| VmmError::VmNotCreated, 404),
+            (
+                || VmmError::InvalidState {
+                    action: "snapshot",
+                    state: VmState::Running,
+                },
+                405,
+            ),
+            (
+                || VmmError::Failed {
+                    action: "send migration",
+                    message: "connection refused".into(),
+                },
+                500,
+            ),
+        ];
+        for (error, status) in cases {
+            for (name, _, _) in &ENDPOINTS[12..] {
+                let r = handle(
+                    "PUT",
+                    &format!("/api/v1/{name}"),
+                    valid_body(name).as_bytes(),
+                    &Refuses(error),
+                );
+                assert_eq!(r.status, status, "{name}");
+                assert_eq!(body(&r), serde_json::json!([error().to_string()]));
+            }
+        }
+        let r = handle(
+            "PUT",
+            "/api/v1/vm.snapshot",
+            valid_body("vm.snapshot").as_bytes(),
+            &Fake::default(),
+        );
+        assert_eq!(r.status, 404);
     }
 
     #[test]
@@ -275,7 +512,7 @@ mod tests {
         ] {
             assert_eq!(handle("GET", path, b"", &fake).status, 404, "{path}");
         }
-        let r = handle("PUT", "/api/v1/vm.snapshot", b"{}", &fake);
+        let r = handle("PUT", "/api/v1/vm.coredump", b"{}", &fake);
         assert_eq!(r.status, 404);
         assert!(body(&r)[0].as_str().unwrap().contains("not implemented"));
         assert!(fake.seen.lock().unwrap().is_empty());

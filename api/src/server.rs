@@ -29,8 +29,12 @@ use crate::routes::{self, Backend};
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     /// How long a connection may stay silent (between or inside requests) before it is closed.
+    /// It does not bound how long the control loop takes to answer: no read is pending while
+    /// a request is handled, so a `vm.send-migration` or `vm.receive-migration` that runs
+    /// for minutes is answered normally.
     pub read_timeout: Duration,
-    /// How long writing a response may block on a client that does not read.
+    /// How long writing a response may block on a client that does not read. The write starts
+    /// only once the control loop has answered.
     pub write_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,

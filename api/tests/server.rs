@@ -79,6 +79,109 @@ fn lifecycle_statuses_and_bodies() {
 }
 
 #[test]
+fn snapshot_restore_and_migration_endpoints() {
+    let (path, _fake) = start("migration");
+    let call = |e: &str, b: &str| client::request(&path, "PUT", e, Some(b)).unwrap();
+
+    let r = call("vm.snapshot", r#"{"destination_url": "file:///tmp/s"}"#);
+    assert_eq!(r.status, 404);
+    let r = call(
+        "vm.restore",
+        r#"{"source_url": "file:///tmp/s", "bogus": 1}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error_messages()[0].contains("unknown field `bogus`"),
+        "{r:?}"
+    );
+    let r = call(
+        "vm.restore",
+        r#"{"source_url": "file:///tmp/s", "prefault": true}"#,
+    );
+    assert_eq!((r.status, r.body.as_str()), (204, ""));
+    let r = call(
+        "vm.receive-migration",
+        r#"{"receiver_url": "tcp:0.0.0.0:6000"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_messages(), vec!["a VM has already been created"]);
+    assert_eq!(
+        call("vm.snapshot", r#"{"destination_url": "file:///tmp/s"}"#).status,
+        204
+    );
+    let r = call("vm.send-migration", r#"{"destination_url": "tcp:h:6000"}"#);
+    assert_eq!(r.status, 405);
+    assert_eq!(call("vm.resume", "").status, 204);
+    let r = call(
+        "vm.send-migration",
+        r#"{"destination_url": "tcp:h:6000", "downtime_ms": 100}"#,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        call("vm.receive-migration", r#"{"receiver_url": "unix:/tmp/m"}"#).status,
+        204
+    );
+}
+
+/// A control loop that takes `delay` to answer anything (a migration).
+struct Slow {
+    delay: Duration,
+    calls: AtomicUsize,
+}
+
+impl api::Backend for Slow {
+    fn call(
+        &self,
+        _: vmm::control::VmmRequest,
+    ) -> Result<vmm::control::VmmResult, vmm::control::SendError> {
+        std::thread::sleep(self.delay);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Ok(vmm::control::VmmResponse::Empty))
+    }
+}
+
+#[test]
+fn long_running_calls_outlive_the_socket_timeouts() {
+    // The read and write timeouts bound a client that stalls while sending a request or
+    // reading the answer, not the time the control loop takes: a migration may take minutes.
+    let path = socket_path("slow");
+    let listener = api::bind(&path).unwrap();
+    let slow = Arc::new(Slow {
+        delay: Duration::from_millis(800),
+        calls: AtomicUsize::new(0),
+    });
+    let options = ServerOptions {
+        read_timeout: Duration::from_millis(100),
+        write_timeout: Duration::from_millis(100),
+        ..ServerOptions::default()
+    };
+    api::spawn_server(listener, slow.clone(), options).unwrap();
+    let started = Instant::now();
+    let mut s = connect(&path);
+    let r = client::request_on(
+        &mut s,
+        "PUT",
+        "vm.send-migration",
+        Some(r#"{"destination_url": "tcp:h:6000"}"#),
+        false,
+    )
+    .unwrap();
+    assert_eq!(r.status, 204);
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    // The connection is still usable afterwards (keep-alive).
+    let r = client::request_on(
+        &mut s,
+        "PUT",
+        "vm.receive-migration",
+        Some(r#"{"receiver_url": "tcp:0.0.0.0:6000"}"#),
+        true,
+    )
+    .unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
+}
+
+#[test]
 fn raw_headers_of_responses() {
     let (path, _fake) = start("headers");
     let mut s = connect(&path);

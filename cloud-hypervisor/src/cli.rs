@@ -15,6 +15,7 @@ use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, HotplugMethod, MemoryConfig,
     NetConfig, PayloadConfig, ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
 };
+use vmm::control::RestoreRequest;
 
 use crate::option_parser::{ByteSize, OptionParser, OptionParserError};
 
@@ -37,9 +38,12 @@ pub enum CliOutcome {
 #[derive(Debug, PartialEq, Eq)]
 pub struct CliOptions {
     /// The VM to create and boot at start; `None` when no `--kernel` was
-    /// given but `--api-socket` was, so the VMM waits for `vm.create`.
-    /// Already validated.
+    /// given but `--api-socket` was, so the VMM waits for `vm.create`, and
+    /// with `--restore`. Already validated.
     pub vm_config: Option<VmConfig>,
+    /// `--restore`: the VM comes from this snapshot instead (`vm_config`
+    /// is then `None`).
+    pub restore: Option<RestoreRequest>,
     pub api_socket: Option<ApiSocket>,
     pub event_monitor: Option<EventMonitor>,
     pub log_file: Option<PathBuf>,
@@ -96,6 +100,8 @@ pub enum CliError {
     MissingPayload,
     #[error("{0} requires --kernel")]
     NeedsKernel(&'static str),
+    #[error("--restore cannot be combined with {0}: the snapshot holds the VM configuration")]
+    RestoreConflict(&'static str),
     #[error("{flag}: {source}")]
     Validation {
         flag: &'static str,
@@ -128,7 +134,6 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "platform",
     "pmem",
     "rate-limit-group",
-    "restore",
     "rng",
     "sgx-epc",
     "tpm",
@@ -244,6 +249,15 @@ pub fn command() -> Command {
                 ),
         )
         .arg(
+            Arg::new("restore")
+                .long("restore")
+                .value_name("restore")
+                .help(
+                    "Restore from a VM snapshot: \
+                     source_url=<source_url>[,prefault=on|off][,resume=on|off]",
+                ),
+        )
+        .arg(
             Arg::new("seccomp")
                 .long("seccomp")
                 .value_name("seccomp")
@@ -325,10 +339,19 @@ where
     let log_file = matches.get_one::<PathBuf>("log-file").cloned();
     let verbosity = matches.get_count("v");
 
-    let vm_config = build_vm_config(&matches, api_socket.is_some())?;
+    let restore = string_arg(&matches, "restore")
+        .map(parse_restore)
+        .transpose()?;
+    let vm_config = if restore.is_some() {
+        check_restore_conflicts(&matches)?;
+        None
+    } else {
+        build_vm_config(&matches, api_socket.is_some())?
+    };
 
     Ok(CliOutcome::Run(CliOptions {
         vm_config,
+        restore,
         api_socket,
         event_monitor,
         log_file,
@@ -456,6 +479,62 @@ fn parse_event_monitor(value: &str) -> Result<EventMonitor, CliError> {
             Some(path) => Ok(EventMonitor::Path(PathBuf::from(path))),
             None => Err(invalid(FLAG, value, "path must not be empty")),
         },
+    }
+}
+
+/// `source_url=file://<dir>[,prefault=on|off][,resume=on|off]`, as Cloud
+/// Hypervisor's `--restore`.
+fn parse_restore(value: &str) -> Result<RestoreRequest, CliError> {
+    const FLAG: &str = "--restore";
+    let mut parser = OptionParser::new();
+    parser
+        .add("source_url")
+        .add("prefault")
+        .add("resume")
+        .add("net_fds")
+        .add("memory_restore_mode");
+    parse_options(&mut parser, FLAG, value)?;
+    for key in ["net_fds", "memory_restore_mode"] {
+        if parser.is_set(key) {
+            return Err(CliError::UnsupportedOption {
+                flag: FLAG,
+                what: key.to_owned(),
+            });
+        }
+    }
+    let Some(source_url) = parser.get("source_url") else {
+        return Err(invalid(
+            FLAG,
+            value,
+            "source_url=file://<snapshot directory> is required",
+        ));
+    };
+    if !source_url.starts_with("file://") || source_url.len() == "file://".len() {
+        return Err(invalid(
+            FLAG,
+            value,
+            "source_url must be file://<snapshot directory>",
+        ));
+    }
+    let flag = |key: &str| convert::<bool>(&parser, FLAG, value, key);
+    Ok(RestoreRequest {
+        source_url: source_url.to_owned(),
+        prefault: flag("prefault")?.unwrap_or(false),
+        resume: flag("resume")?.unwrap_or(false),
+    })
+}
+
+/// `--restore` brings the whole VM configuration from the snapshot, so a
+/// flag that describes the VM is refused rather than silently ignored; the
+/// one that comes first on the command line is named.
+fn check_restore_conflicts(matches: &ArgMatches) -> Result<(), CliError> {
+    let given = std::iter::once(&"kernel")
+        .chain(VM_FLAGS.iter())
+        .filter(|id| matches.contains_id(id));
+    match given.min_by_key(|id| matches.index_of(id).unwrap_or(usize::MAX)) {
+        Some(&"kernel") => Err(CliError::RestoreConflict("--kernel")),
+        Some(id) => Err(CliError::RestoreConflict(vm_flag_name(id))),
+        None => Ok(()),
     }
 }
 
@@ -1224,6 +1303,123 @@ mod tests {
             kernel_error(&["--rng", "src=/dev/urandom", "--pmem", "file=/d"]),
             "--rng is not supported yet"
         );
+    }
+
+    #[test]
+    fn restore_takes_the_vm_from_a_snapshot() {
+        let options = run(&["--restore", "source_url=file:///tmp/snap"]).unwrap();
+        assert_eq!(options.vm_config, None);
+        assert_eq!(
+            options.restore,
+            Some(RestoreRequest {
+                source_url: "file:///tmp/snap".into(),
+                prefault: false,
+                resume: false,
+            })
+        );
+        let options = run(&[
+            "--api-socket",
+            "/tmp/ch.sock",
+            "--restore",
+            "source_url=\"file:///tmp/a,b\",prefault=on,resume=true",
+            "-v",
+            "--seccomp",
+            "false",
+            "--event-monitor",
+            "path=/tmp/ev",
+            "--log-file",
+            "/tmp/log",
+        ])
+        .unwrap();
+        assert_eq!(options.vm_config, None);
+        assert_eq!(
+            options.restore,
+            Some(RestoreRequest {
+                source_url: "file:///tmp/a,b".into(),
+                prefault: true,
+                resume: true,
+            })
+        );
+        assert_eq!(
+            options.api_socket,
+            Some(ApiSocket::Path("/tmp/ch.sock".into()))
+        );
+        assert_eq!(options.seccomp, SeccompAction::Allow);
+        assert_eq!(run(&["--kernel", "/k"]).unwrap().restore, None);
+        assert_eq!(
+            run(&["--restore", "source_url=file:///s,resume=off"])
+                .unwrap()
+                .restore
+                .map(|r| r.resume),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn restore_refuses_vm_flags_and_bad_values() {
+        let restore = ["--restore", "source_url=file:///tmp/snap"];
+        let with = |flags: &[&str]| {
+            let mut args = restore.to_vec();
+            args.extend_from_slice(flags);
+            error(&args)
+        };
+        assert_eq!(
+            with(&["--kernel", "/k"]),
+            "--restore cannot be combined with --kernel: the snapshot holds the VM configuration"
+        );
+        assert_eq!(
+            error(&["--kernel", "/k", "--restore", "source_url=file:///s"]),
+            "--restore cannot be combined with --kernel: the snapshot holds the VM configuration"
+        );
+        for (flag, value) in [
+            ("--cpus", "boot=2"),
+            ("--memory", "size=1G"),
+            ("--cmdline", "x"),
+            ("--initramfs", "/i"),
+            ("--disk", "path=/d"),
+            ("--net", "tap=t0"),
+            ("--serial", "tty"),
+            ("--console", "off"),
+        ] {
+            assert_eq!(
+                with(&[flag, value]),
+                format!("--restore cannot be combined with {flag}: the snapshot holds the VM configuration")
+            );
+        }
+        assert_eq!(
+            with(&["--memory", "size=1G", "--kernel", "/k"]),
+            "--restore cannot be combined with --memory: the snapshot holds the VM configuration"
+        );
+        assert_eq!(
+            error(&["--restore", "prefault=on"]),
+            "--restore: invalid value \"prefault=on\": source_url=file://<snapshot directory> is required"
+        );
+        assert_eq!(
+            error(&["--restore", "source_url=/tmp/snap"]),
+            "--restore: invalid value \"source_url=/tmp/snap\": source_url must be file://<snapshot directory>"
+        );
+        assert!(error(&["--restore", "source_url=file://"])
+            .ends_with("source_url must be file://<snapshot directory>"));
+        assert!(error(&["--restore", "file:///tmp/snap"])
+            .starts_with("--restore: invalid value \"file:///tmp/snap\": unknown option"));
+        assert_eq!(
+            error(&["--restore", "source_url=file:///s,prefault=yes"]),
+            "--restore: invalid value \"source_url=file:///s,prefault=yes\": prefault must be on, off, true or false"
+        );
+        assert!(error(&["--restore", "source_url=file:///s,bogus=1"])
+            .contains("unknown option \"bogus\" (valid options: source_url, prefault, resume,"));
+        assert_eq!(
+            error(&["--restore", "source_url=file:///s,net_fds=[net0@[3]]"]),
+            "--restore: net_fds is not supported yet"
+        );
+        assert!(error(&["--restore"]).contains("--restore"));
+        let err = error(&[
+            "--restore",
+            "source_url=file:///a",
+            "--restore",
+            "source_url=file:///b",
+        ]);
+        assert!(err.contains("--restore") && !err.contains('\n'), "{err}");
     }
 
     #[test]

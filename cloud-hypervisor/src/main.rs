@@ -107,6 +107,7 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
 
     let result = vmm::run(vmm::VmmOptions {
         config: options.vm_config,
+        restore: options.restore,
         api,
         seccomp,
         event_monitor,

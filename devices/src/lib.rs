@@ -8,10 +8,12 @@ pub mod acpi;
 pub mod bus;
 pub mod gate;
 pub mod legacy;
+pub mod state;
 pub mod tap;
 pub mod virtio;
 
 pub use bus::{BusDevice, IoBus, IoBusError};
+pub use state::{DeviceState, RestoreError, VirtioState};
 
 /// Guest memory as devices see it: every write through it marks the page in the dirty bitmap.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -6,11 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::legacy::serial::SerialDeviceState;
+use devices::legacy::Serial;
+use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::net::Net;
 use devices::virtio::VirtioDevice;
-use devices::{GuestMemoryMmap, IoBus};
+use devices::{DeviceState, GuestMemoryMmap, IoBus, VirtioState};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,8 +54,79 @@ pub enum DeviceManagerError {
     EventLoop(String),
 }
 
-/// Reads a device's counters for `vm.counters`.
-type CounterReader = Box<dyn Fn() -> std::collections::BTreeMap<&'static str, u64> + Send>;
+/// A virtio device model, kept typed so its state can be captured and restored.
+#[derive(Clone)]
+pub enum VirtioHandle {
+    Block(Arc<Mutex<Block>>),
+    Net(Arc<Mutex<Net>>),
+}
+
+impl VirtioHandle {
+    fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        match self {
+            VirtioHandle::Block(d) => d.clone(),
+            VirtioHandle::Net(d) => d.clone(),
+        }
+    }
+
+    fn subscriber(&self) -> Subscriber {
+        match self {
+            VirtioHandle::Block(d) => d.clone(),
+            VirtioHandle::Net(d) => d.clone(),
+        }
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        match self {
+            VirtioHandle::Block(d) => lock(d).counters(),
+            VirtioHandle::Net(d) => lock(d).counters(),
+        }
+    }
+}
+
+/// Device locks are only contended between the device loop, vCPU threads and the control
+/// loop; with panic=abort a poisoned lock cannot be observed, so recover the guard.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct VirtioEntry {
+    id: String,
+    transport: Arc<Mutex<MmioTransport>>,
+    handle: VirtioHandle,
+}
+
+/// The state of every device model of a VM, in creation order (the order the configuration
+/// gives, so the same configuration places each device at the same address).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesState {
+    pub serial: Option<SerialDeviceState>,
+    pub virtio: Vec<NamedDeviceState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedDeviceState {
+    pub id: String,
+    pub state: DeviceState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("the state has {state} virtio devices but the configuration {config}")]
+    DeviceCount { state: usize, config: usize },
+    #[error("device {config_id} of the configuration meets state {state_id}: {what}")]
+    Mismatch {
+        config_id: String,
+        state_id: String,
+        what: &'static str,
+    },
+    #[error("the state has a serial port but the configuration has none, or the reverse")]
+    Serial,
+    #[error("{0}")]
+    Device(#[from] devices::RestoreError),
+}
 
 /// Stops the device loop when its eventfd is written.
 struct LoopControl {
@@ -77,8 +153,13 @@ pub struct DeviceManager {
     /// Added to the kernel command line (`virtio_mmio.device=...`).
     cmdline_entries: Vec<String>,
     subscribers: Vec<Subscriber>,
-    counters: Vec<(String, CounterReader)>,
-    event_loop: Option<(JoinHandle<()>, EventFd)>,
+    virtio: Vec<VirtioEntry>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    event_loop: Option<(JoinHandle<EventManager<Subscriber>>, EventFd)>,
+    /// The loop's manager while its thread is stopped (paused for a state capture).
+    parked_loop: Option<EventManager<Subscriber>>,
+    parked_stop_evt: Option<EventFd>,
+    stop_flag: Arc<AtomicBool>,
 }
 
 impl DeviceManager {
@@ -88,8 +169,12 @@ impl DeviceManager {
             next_slot: 0,
             cmdline_entries: Vec::new(),
             subscribers: Vec::new(),
-            counters: Vec::new(),
+            virtio: Vec::new(),
+            serial: None,
             event_loop: None,
+            parked_loop: None,
+            parked_stop_evt: None,
+            stop_flag: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -100,9 +185,7 @@ impl DeviceManager {
         vm_fd: &VmFd,
         mmio_bus: &mut IoBus,
         id: String,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        subscriber: Subscriber,
-        counters: CounterReader,
+        handle: VirtioHandle,
     ) -> Result<(), DeviceManagerError> {
         let irq = *VIRTIO_IRQS
             .get(self.next_slot)
@@ -117,7 +200,7 @@ impl DeviceManager {
             .register_irqfd(&irq_evt, irq)
             .map_err(kvm_err("irqfd", &id))?;
         let transport =
-            MmioTransport::new(device, self.mem.clone(), irq_evt).map_err(|source| {
+            MmioTransport::new(handle.device(), self.mem.clone(), irq_evt).map_err(|source| {
                 DeviceManagerError::Transport {
                     id: id.clone(),
                     source,
@@ -132,16 +215,21 @@ impl DeviceManager {
                 )
                 .map_err(kvm_err("ioeventfd", &id))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_REGION_SIZE)
+            .insert(transport.clone(), base, MMIO_REGION_SIZE)
             .map_err(|source| DeviceManagerError::Bus {
                 id: id.clone(),
                 source,
             })?;
         self.cmdline_entries
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        self.subscribers.push(subscriber);
-        self.counters.push((id, counters));
+        self.subscribers.push(handle.subscriber());
+        self.virtio.push(VirtioEntry {
+            id,
+            transport,
+            handle,
+        });
         self.next_slot += 1;
         Ok(())
     }
@@ -162,51 +250,157 @@ impl DeviceManager {
         for subscriber in self.subscribers.drain(..) {
             manager.add_subscriber(subscriber);
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         manager.add_subscriber(Arc::new(Mutex::new(LoopControl {
             stop_evt: stop_evt.try_clone().map_err(DeviceManagerError::EventFd)?,
-            stop: stop.clone(),
+            stop: self.stop_flag.clone(),
         })));
+        self.spawn_loop(manager, stop_evt)
+    }
+
+    fn spawn_loop(
+        &mut self,
+        mut manager: EventManager<Subscriber>,
+        stop_evt: EventFd,
+    ) -> Result<(), DeviceManagerError> {
+        let stop = self.stop_flag.clone();
+        stop.store(false, Ordering::SeqCst);
         let thread = std::thread::Builder::new()
             .name("device-loop".into())
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         log::error!("device event loop failed: {e}");
-                        return;
+                        break;
                     }
                 }
+                manager
             })
-            .map_err(|e| loop_err(&e))?;
+            .map_err(|e| DeviceManagerError::EventLoop(e.to_string()))?;
         self.event_loop = Some((thread, stop_evt));
         Ok(())
     }
 
+    /// Stops the device loop at a point where no device code runs (between events), keeping
+    /// its devices and registrations for [`DeviceManager::resume_loop`].
+    pub fn pause_loop(&mut self) -> Result<(), DeviceManagerError> {
+        if let Some((thread, stop_evt)) = self.event_loop.take() {
+            stop_evt.write(1).map_err(DeviceManagerError::EventFd)?;
+            let manager = thread
+                .join()
+                .map_err(|_| DeviceManagerError::EventLoop("the device loop panicked".into()))?;
+            self.parked_loop = Some(manager);
+            // The stop eventfd goes back with the manager on resume.
+            self.parked_stop_evt = Some(stop_evt);
+        }
+        Ok(())
+    }
+
+    /// Restarts a loop stopped by [`DeviceManager::pause_loop`].
+    pub fn resume_loop(&mut self) -> Result<(), DeviceManagerError> {
+        if let (Some(manager), Some(stop_evt)) =
+            (self.parked_loop.take(), self.parked_stop_evt.take())
+        {
+            self.spawn_loop(manager, stop_evt)?;
+        }
+        Ok(())
+    }
+
     pub fn counters(&self) -> VmCounters {
-        self.counters
+        self.virtio
             .iter()
-            .map(|(id, read)| {
-                let values = read()
+            .map(|entry| {
+                let values = entry
+                    .handle
+                    .counters()
                     .into_iter()
                     .map(|(name, value)| (name.to_string(), value))
                     .collect();
-                (id.clone(), values)
+                (entry.id.clone(), values)
             })
             .collect()
     }
 
-    /// Stops the device loop and waits for it.
-    pub fn stop(&mut self) {
-        if let Some((thread, stop_evt)) = self.event_loop.take() {
-            if let Err(e) = stop_evt.write(1) {
-                log::error!("cannot stop the device loop: {e}");
-                return;
-            }
-            if thread.join().is_err() {
-                log::error!("device loop thread panicked");
+    /// The serial port, whose state is captured with the rest.
+    pub fn set_serial(&mut self, serial: Option<Arc<Mutex<Serial>>>) {
+        self.serial = serial;
+    }
+
+    /// Every device's state; the vCPUs must be paused and the loop stopped.
+    pub fn save_state(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial.as_ref().map(|s| lock(s).state()),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|entry| {
+                    let transport = lock(&entry.transport).state();
+                    let state = match &entry.handle {
+                        VirtioHandle::Block(d) => DeviceState::Block(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
+                        VirtioHandle::Net(d) => DeviceState::Net(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
+                    };
+                    NamedDeviceState {
+                        id: entry.id.clone(),
+                        state,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts saved device states back, before the loop starts and before any vCPU runs.
+    pub fn restore(
+        &self,
+        state: &DevicesState,
+        serial: Option<&Arc<Mutex<Serial>>>,
+    ) -> Result<(), DeviceStateError> {
+        match (&state.serial, serial) {
+            (Some(saved), Some(serial)) => lock(serial).restore(saved)?,
+            (None, None) => {}
+            // A snapshot taken with --serial off restored with a console (or the reverse)
+            // changes nothing the guest relies on beyond the port itself; refuse it clearly.
+            _ => return Err(DeviceStateError::Serial),
+        }
+        if state.virtio.len() != self.virtio.len() {
+            return Err(DeviceStateError::DeviceCount {
+                state: state.virtio.len(),
+                config: self.virtio.len(),
+            });
+        }
+        for (entry, saved) in self.virtio.iter().zip(&state.virtio) {
+            let mismatch = |what| DeviceStateError::Mismatch {
+                config_id: entry.id.clone(),
+                state_id: saved.id.clone(),
+                what,
+            };
+            match (&entry.handle, &saved.state) {
+                (VirtioHandle::Block(d), DeviceState::Block(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
+                (VirtioHandle::Net(d), DeviceState::Net(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
+                _ => return Err(mismatch("the device kinds differ")),
             }
         }
+        Ok(())
+    }
+
+    /// Stops the device loop and waits for it.
+    pub fn stop(&mut self) {
+        if let Err(e) = self.pause_loop() {
+            log::error!("cannot stop the device loop: {e}");
+        }
+        self.parked_loop = None;
+        self.parked_stop_evt = None;
     }
 }
 

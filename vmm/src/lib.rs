@@ -6,6 +6,7 @@ pub mod control;
 pub mod device_manager;
 pub mod event_monitor;
 pub mod memory;
+pub mod migration;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -7,6 +7,7 @@
 //! so a parked vCPU holds no half-done exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::x86_64::cpu_state::{self, VcpuState};
 
 /// Signal used only to interrupt `KVM_RUN`; its handler does nothing.
 fn kick_signal() -> libc::c_int {
@@ -35,6 +38,18 @@ pub enum VcpuError {
         index: u8,
         source: vmm_sys_util::errno::Error,
     },
+    #[error("vCPUs must be paused to {0}")]
+    NotPaused(&'static str),
+    #[error("vCPU {0} did not answer (its thread has ended)")]
+    NoAnswer(u8),
+    #[error("{0}")]
+    State(String),
+}
+
+/// Work a parked vCPU thread does for the control loop: only the thread that owns a `VcpuFd`
+/// touches it.
+enum VcpuCommand {
+    Save(mpsc::Sender<Result<VcpuState, String>>),
 }
 
 /// What ends a VM's run, reported by vCPU threads to the control loop.
@@ -115,6 +130,7 @@ impl ImmediateExit {
 
 struct VcpuHandle {
     index: u8,
+    commands: mpsc::Sender<VcpuCommand>,
     /// The thread hands its `VcpuFd` back when it ends, so the `kvm_run` mapping that
     /// `immediate_exit` points into stays mapped until the thread is joined.
     thread: Option<JoinHandle<VcpuFd>>,
@@ -131,15 +147,19 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 
 impl Vcpus {
     /// Starts one thread per vCPU fd, all running at once; each installs `seccomp` first.
+    /// With `start_paused` the vCPUs park before running any guest code (a restored VM that
+    /// is not resumed yet).
     pub fn start(
         vcpu_fds: Vec<VcpuFd>,
         handlers: Arc<ExitHandlers>,
         failure_evt: EventFd,
         seccomp: Option<Arc<BpfProgram>>,
+        msr_indices: Arc<Vec<u32>>,
+        start_paused: bool,
     ) -> Result<Self, VcpuError> {
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)?;
         let shared = Arc::new(VcpuShared {
-            pause: AtomicBool::new(false),
+            pause: AtomicBool::new(start_paused),
             stop: AtomicBool::new(false),
             park: Mutex::new(ParkState::default()),
             changed: Condvar::new(),
@@ -154,14 +174,27 @@ impl Vcpus {
             let index = index as u8;
             let immediate_exit =
                 ImmediateExit(std::ptr::addr_of_mut!(fd.get_kvm_run().immediate_exit));
+            if start_paused {
+                immediate_exit.set(1);
+            }
             let shared = shared.clone();
             let handlers = handlers.clone();
             let seccomp = seccomp.clone();
+            let msr_indices = msr_indices.clone();
+            let (commands, command_rx) = mpsc::channel();
             shared.lock_park().live += 1;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    run_vcpu(index, &mut fd, immediate_exit, &shared, &handlers, seccomp);
+                    let ctx = VcpuContext {
+                        index,
+                        immediate_exit,
+                        shared: &shared,
+                        handlers: &handlers,
+                        commands: &command_rx,
+                        msr_indices: &msr_indices,
+                    };
+                    run_vcpu(&ctx, &mut fd, seccomp);
                     fd
                 })
                 .map_err(|source| {
@@ -170,6 +203,7 @@ impl Vcpus {
                 })?;
             vcpus.handles.push(VcpuHandle {
                 index,
+                commands,
                 thread: Some(thread),
                 immediate_exit,
             });
@@ -226,6 +260,35 @@ impl Vcpus {
         Ok(())
     }
 
+    /// The state of every vCPU, in index order; the vCPUs must be paused.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        if !self.shared.pause.load(Ordering::SeqCst) {
+            return Err(VcpuError::NotPaused("save their state"));
+        }
+        let mut replies = Vec::with_capacity(self.handles.len());
+        {
+            let _park = self.shared.lock_park();
+            for handle in &self.handles {
+                let (reply, answer) = mpsc::channel();
+                handle
+                    .commands
+                    .send(VcpuCommand::Save(reply))
+                    .map_err(|_| VcpuError::NoAnswer(handle.index))?;
+                replies.push((handle.index, answer));
+            }
+            self.shared.changed.notify_all();
+        }
+        replies
+            .into_iter()
+            .map(|(index, answer)| {
+                answer
+                    .recv_timeout(Duration::from_secs(10))
+                    .map_err(|_| VcpuError::NoAnswer(index))?
+                    .map_err(VcpuError::State)
+            })
+            .collect()
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         let _park = self.shared.lock_park();
@@ -259,29 +322,51 @@ impl Drop for Vcpus {
     }
 }
 
-fn park(shared: &VcpuShared) {
+/// What a vCPU thread works with besides its fd.
+struct VcpuContext<'a> {
+    index: u8,
+    immediate_exit: ImmediateExit,
+    shared: &'a VcpuShared,
+    handlers: &'a ExitHandlers,
+    commands: &'a mpsc::Receiver<VcpuCommand>,
+    msr_indices: &'a [u32],
+}
+
+fn serve_commands(ctx: &VcpuContext, fd: &VcpuFd) {
+    while let Ok(command) = ctx.commands.try_recv() {
+        match command {
+            VcpuCommand::Save(reply) => {
+                let state =
+                    cpu_state::save_vcpu(fd, ctx.index, ctx.msr_indices).map_err(|e| e.to_string());
+                // The control loop may have given up waiting; nothing to do then.
+                let _ = reply.send(state);
+            }
+        }
+    }
+}
+
+fn park(ctx: &VcpuContext, fd: &VcpuFd) {
+    let shared = ctx.shared;
     let mut park = shared.lock_park();
     park.parked += 1;
     shared.changed.notify_all();
-    while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+    loop {
+        serve_commands(ctx, fd);
+        if !shared.pause.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
         park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
     }
     park.parked -= 1;
 }
 
-fn run_vcpu(
-    index: u8,
-    fd: &mut VcpuFd,
-    immediate_exit: ImmediateExit,
-    shared: &VcpuShared,
-    handlers: &ExitHandlers,
-    seccomp: Option<Arc<BpfProgram>>,
-) {
+fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<BpfProgram>>) {
+    let (index, shared) = (ctx.index, ctx.shared);
     let result = match seccomp.as_deref().map(|p| seccompiler::apply_filter(p)) {
         Some(Err(e)) => Err(format!(
             "vCPU {index}: cannot install its seccomp filter: {e}"
         )),
-        _ => vcpu_loop(index, fd, immediate_exit, shared, handlers),
+        _ => vcpu_loop(ctx, fd),
     };
     {
         let mut park = shared.lock_park();
@@ -293,13 +378,8 @@ fn run_vcpu(
     }
 }
 
-fn vcpu_loop(
-    index: u8,
-    fd: &mut VcpuFd,
-    immediate_exit: ImmediateExit,
-    shared: &VcpuShared,
-    handlers: &ExitHandlers,
-) -> Result<(), String> {
+fn vcpu_loop(ctx: &VcpuContext, fd: &mut VcpuFd) -> Result<(), String> {
+    let (index, shared, handlers) = (ctx.index, ctx.shared, ctx.handlers);
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(());
@@ -351,9 +431,9 @@ fn vcpu_loop(
                 }
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                immediate_exit.set(0);
+                ctx.immediate_exit.set(0);
                 if shared.pause.load(Ordering::SeqCst) {
-                    park(shared);
+                    park(ctx, fd);
                 }
             }
             Err(e) => return Err(format!("vCPU {index}: KVM_RUN failed: {e}")),

@@ -14,10 +14,11 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
-use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::device_manager::{DeviceManager, DeviceManagerError, DevicesState, VirtioHandle};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
+use crate::x86_64::cpu_state::{self, KvmVmState, VcpuState};
 use crate::x86_64::{boot, cpuid, layout, mptable, msr, regs};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::net::{MacAddr, Net, NetConfig};
@@ -77,6 +78,8 @@ pub enum VmError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error("{0}")]
     Device(String),
+    #[error("cannot restore the VM: {0}")]
+    Restore(String),
     #[error("{0}")]
     DeviceManager(#[from] DeviceManagerError),
 }
@@ -137,7 +140,36 @@ pub struct Vm {
     device_manager: DeviceManager,
     vm_fd: VmFd,
     memory: GuestMemoryMmap,
-    _serial: Option<Arc<Mutex<Serial>>>,
+}
+
+/// Everything a restore needs besides guest memory and the VM configuration.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotState {
+    pub vcpus: Vec<VcpuState>,
+    pub kvm: KvmVmState,
+    pub devices: DevicesState,
+}
+
+/// How a new VM gets its first contents.
+pub enum Start<'a> {
+    /// Load the configured kernel and enter it.
+    Boot,
+    /// Put a captured state back: `fill_memory` writes guest RAM, then vCPUs, in-kernel
+    /// devices and device models get their state; the vCPUs run at once only with `resume`.
+    Restore {
+        state: &'a VmSnapshotState,
+        memory: RestoredMemory<'a>,
+        resume: bool,
+    },
+}
+
+/// Where a restored VM's memory comes from.
+pub enum RestoredMemory<'a> {
+    /// Guest memory already filled (a migration receives it before the VM exists).
+    Filled(GuestMemoryMmap),
+    /// Fresh memory that this function fills (a snapshot's memory file).
+    Fill(&'a dyn Fn(&GuestMemoryMmap) -> Result<(), String>),
 }
 
 impl Vm {
@@ -149,6 +181,18 @@ impl Vm {
         serial_out: Option<Box<dyn Write + Send>>,
         events: &VmEvents,
         seccomp: SeccompMode,
+    ) -> Result<Self, VmError> {
+        Self::create(kvm, config, serial_out, events, seccomp, Start::Boot)
+    }
+
+    /// Builds the VM described by `config` and starts it as `start` says.
+    pub fn create(
+        kvm: &Kvm,
+        config: &VmConfig,
+        serial_out: Option<Box<dyn Write + Send>>,
+        events: &VmEvents,
+        seccomp: SeccompMode,
+        start: Start,
     ) -> Result<Self, VmError> {
         let cpu_count = config.cpus.boot_vcpus;
         if cpu_count == 0 {
@@ -188,7 +232,23 @@ impl Vm {
             }),
         )?;
 
-        let memory = memory::create(mem_size)?;
+        let memory = match &start {
+            Start::Restore {
+                memory: RestoredMemory::Filled(memory),
+                ..
+            } => {
+                let size: u64 = vm_memory::GuestMemoryBackend::iter(memory)
+                    .map(vm_memory::GuestMemoryRegion::len)
+                    .sum();
+                if size != mem_size {
+                    return Err(VmError::Restore(format!(
+                        "received {size} bytes of memory but the configuration has {mem_size}"
+                    )));
+                }
+                memory.clone()
+            }
+            _ => memory::create(mem_size)?,
+        };
         memory::register(&vm_fd, &memory, false)?;
 
         let mut mmio = IoBus::new();
@@ -204,14 +264,38 @@ impl Vm {
             cmdline.push_str(&devices_cmdline);
         }
 
-        let loaded = boot::load_kernel(
-            &memory,
-            mem_size,
-            kernel,
-            payload.initramfs.as_deref(),
-            &cmdline,
-        )?;
-        mptable::setup(&memory, cpu_count)?;
+        let loaded = match start {
+            Start::Boot => {
+                let loaded = boot::load_kernel(
+                    &memory,
+                    mem_size,
+                    kernel,
+                    payload.initramfs.as_deref(),
+                    &cmdline,
+                )?;
+                mptable::setup(&memory, cpu_count)?;
+                Some(loaded)
+            }
+            Start::Restore {
+                state,
+                memory: ref source,
+                ..
+            } => {
+                if state.vcpus.len() != usize::from(cpu_count) {
+                    return Err(VmError::Restore(format!(
+                        "the state has {} vCPUs but the configuration {}",
+                        state.vcpus.len(),
+                        cpu_count
+                    )));
+                }
+                if let RestoredMemory::Fill(fill) = source {
+                    fill(&memory).map_err(VmError::Restore)?;
+                }
+                cpu_state::restore_vm(&vm_fd, &state.kvm)
+                    .map_err(|e| VmError::Restore(e.to_string()))?;
+                None
+            }
+        };
 
         let mut pio = IoBus::new();
         let serial = match serial_out {
@@ -243,18 +327,41 @@ impl Vm {
         let boot_msrs = msr::boot_msrs(&msr_indices)?;
         let mut vcpu_fds = Vec::with_capacity(usize::from(cpu_count));
         for index in 0..cpu_count {
-            vcpu_fds.push(setup_vcpu(
-                &vm_fd,
-                &memory,
-                index,
-                cpu_count,
-                &base_cpuid,
-                &boot_msrs,
-                &loaded,
-            )?);
+            let fd = match (&start, &loaded) {
+                (Start::Restore { state, .. }, _) => {
+                    let fd = vm_fd.create_vcpu(u64::from(index)).map_err(|source| {
+                        VmError::SetupVcpu {
+                            index,
+                            what: "create",
+                            source,
+                        }
+                    })?;
+                    cpu_state::restore_vcpu(&fd, index, &state.vcpus[usize::from(index)])
+                        .map_err(|e| VmError::Restore(e.to_string()))?;
+                    fd
+                }
+                (Start::Boot, Some(loaded)) => setup_vcpu(
+                    &vm_fd,
+                    &memory,
+                    index,
+                    cpu_count,
+                    &base_cpuid,
+                    &boot_msrs,
+                    loaded,
+                )?,
+                (Start::Boot, None) => return Err(VmError::NoKernel),
+            };
+            vcpu_fds.push(fd);
+        }
+        if let Start::Restore { state, .. } = &start {
+            device_manager
+                .restore(&state.devices, serial.as_ref())
+                .map_err(|e| VmError::Restore(e.to_string()))?;
         }
 
+        device_manager.set_serial(serial.clone());
         device_manager.start()?;
+        let start_paused = matches!(start, Start::Restore { resume: false, .. });
         let handlers = Arc::new(ExitHandlers {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -266,19 +373,54 @@ impl Vm {
             handlers,
             clone_evt(&events.vcpu_failure)?,
             seccomp::vcpu_filter(seccomp)?,
+            Arc::new(msr_indices),
+            start_paused,
         )?;
-        log::info!(
-            "VM booted: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
-            mem_size >> 20,
-            kernel.display(),
-            loaded.entry
-        );
+        match &loaded {
+            Some(loaded) => log::info!(
+                "VM booted: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
+                mem_size >> 20,
+                kernel.display(),
+                loaded.entry
+            ),
+            None => log::info!(
+                "VM restored: {cpu_count} vCPU(s), {} MiB, {}",
+                mem_size >> 20,
+                if start_paused { "paused" } else { "running" }
+            ),
+        }
         Ok(Self {
             vcpus,
             device_manager,
             vm_fd,
             memory,
-            _serial: serial,
+        })
+    }
+
+    /// Stops the guest: all vCPUs at an instruction boundary, then the device loop between
+    /// events, so neither guest nor device code changes memory or state until [`Vm::resume`].
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        self.vcpus.pause(PAUSE_TIMEOUT)?;
+        if let Err(e) = self.device_manager.pause_loop() {
+            self.vcpus.resume();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        self.device_manager.resume_loop()?;
+        self.vcpus.resume();
+        Ok(())
+    }
+
+    /// Captures the complete state of a paused VM ([`Vm::pause`]): vCPUs, in-kernel devices
+    /// and device models. Guest memory is not included.
+    pub fn save_state(&mut self) -> Result<VmSnapshotState, VmError> {
+        Ok(VmSnapshotState {
+            vcpus: self.vcpus.save_state()?,
+            kvm: cpu_state::save_vm(&self.vm_fd).map_err(|e| VmError::Restore(e.to_string()))?,
+            devices: self.device_manager.save_state(),
         })
     }
 
@@ -346,15 +488,11 @@ fn add_disks(
             queue_size: disk.queue_size,
         })
         .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
-        let block = Arc::new(Mutex::new(block));
-        let counters = block.clone();
         device_manager.add_virtio_device(
             vm_fd,
             mmio,
             id,
-            block.clone(),
-            block,
-            Box::new(move || lock(&counters).counters()),
+            VirtioHandle::Block(Arc::new(Mutex::new(block))),
         )?;
     }
     Ok(())
@@ -389,24 +527,14 @@ fn add_nets(
         })
         .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?;
         log::info!("{id}: TAP {}", net.tap_name());
-        let net = Arc::new(Mutex::new(net));
-        let counters = net.clone();
         device_manager.add_virtio_device(
             vm_fd,
             mmio,
             id,
-            net.clone(),
-            net,
-            Box::new(move || lock(&counters).counters()),
+            VirtioHandle::Net(Arc::new(Mutex::new(net))),
         )?;
     }
     Ok(())
-}
-
-/// Device locks are only contended between the device loop and the control loop; with
-/// panic=abort a poisoned lock cannot be observed, so recover the guard.
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn setup_vcpu(

@@ -14,12 +14,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::control::{
-    ApiMessage, VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse,
-    VmmResult,
+    ApiMessage, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
+    VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
 };
 use crate::event_monitor::EventMonitor;
+use crate::migration::snapshot;
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
+use crate::vm::{RestoredMemory, Start, VmSnapshotState};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -27,6 +29,8 @@ pub enum ExitReason {
     GuestShutdown,
     /// `vmm.shutdown` was requested through the API.
     VmmShutdown,
+    /// The VM now runs on the migration's destination.
+    MigratedAway,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,8 @@ pub enum RunError {
     VcpuFailed(String),
     #[error("invalid VM configuration: {0}")]
     Config(#[from] crate::config::ValidationError),
+    #[error("--restore: {0}")]
+    Restore(String),
 }
 
 /// A writer shared between successive boots of the VM (a reboot keeps the console).
@@ -152,6 +158,8 @@ pub struct ApiReceiver {
 pub struct VmmOptions {
     /// A VM to create and boot at once (from the command line).
     pub config: Option<VmConfig>,
+    /// A snapshot to restore at once (`--restore`).
+    pub restore: Option<RestoreRequest>,
     /// Requests from the API server, when `--api-socket` was given.
     pub api: Option<ApiReceiver>,
     pub seccomp: SeccompMode,
@@ -323,13 +331,23 @@ impl Vmm {
                 .require_state("reboot", &[VmState::Running, VmState::Paused])
                 .and_then(|_| self.reboot().map_err(|e| Self::failed("reboot", e)))
                 .map(|_| VmmResponse::Empty),
-            VmmRequest::Snapshot(_)
-            | VmmRequest::Restore(_)
-            | VmmRequest::SendMigration(_)
-            | VmmRequest::ReceiveMigration(_) => Err(VmmError::Failed {
-                action: "state transfer",
-                message: "snapshot, restore and migration are being implemented".into(),
-            }),
+            VmmRequest::Snapshot(request) => self
+                .require_state("snapshot", &[VmState::Paused])
+                .and_then(|_| self.snapshot(&request))
+                .map(|_| VmmResponse::Empty),
+            VmmRequest::Restore(request) => self.restore(&request).map(|_| VmmResponse::Empty),
+            VmmRequest::SendMigration(request) => {
+                match self
+                    .require_state("migrate", &[VmState::Running])
+                    .and_then(|_| self.send_migration(&request))
+                {
+                    Ok(()) => return (Ok(VmmResponse::Empty), Some(ExitReason::MigratedAway)),
+                    Err(e) => Err(e),
+                }
+            }
+            VmmRequest::ReceiveMigration(request) => {
+                self.receive_migration(&request).map(|_| VmmResponse::Empty)
+            }
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
@@ -340,6 +358,70 @@ impl Vmm {
             }),
         };
         (result, None)
+    }
+
+    fn snapshot(&mut self, request: &SnapshotRequest) -> Result<(), VmmError> {
+        let dir = snapshot::parse_file_url(&request.destination_url)
+            .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        self.emit("vm", "snapshotting");
+        let config = self.config.as_ref().ok_or(VmmError::VmNotCreated)?;
+        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+        let state = vm.save_state().map_err(|e| Self::failed("snapshot", e))?;
+        snapshot::write_snapshot(&dir, config, &state, vm.memory())
+            .map_err(|e| Self::failed("snapshot", e))?;
+        self.emit("vm", "snapshotted");
+        Ok(())
+    }
+
+    /// Creates this VMM's VM from a snapshot directory; every check of the snapshot happens
+    /// before the VM exists.
+    fn restore(&mut self, request: &RestoreRequest) -> Result<(), VmmError> {
+        if self.config.is_some() {
+            return Err(VmmError::VmAlreadyCreated);
+        }
+        let dir = snapshot::parse_file_url(&request.source_url)
+            .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        self.emit("vm", "restoring");
+        let (config, state, image): (VmConfig, VmSnapshotState, _) =
+            snapshot::read_snapshot(&dir).map_err(|e| Self::failed("restore", e))?;
+        config
+            .validate()
+            .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        let serial = serial_output(&config).map_err(|e| Self::failed("restore", e))?;
+        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let fill =
+            |mem: &crate::memory::GuestMemoryMmap| image.load_into(mem).map_err(|e| e.to_string());
+        let vm = Vm::create(
+            &self.kvm,
+            &config,
+            out,
+            &self.events,
+            self.seccomp,
+            Start::Restore {
+                state: &state,
+                memory: RestoredMemory::Fill(&fill),
+                resume: request.resume,
+            },
+        )
+        .map_err(|e| Self::failed("restore", e))?;
+        self.vm = Some(vm);
+        self.serial = serial;
+        self.config = Some(config);
+        self.state = if request.resume {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        self.emit("vm", "restored");
+        Ok(())
+    }
+
+    fn send_migration(&mut self, _request: &SendMigrationRequest) -> Result<(), VmmError> {
+        Err(Self::failed("migration", "not wired yet"))
+    }
+
+    fn receive_migration(&mut self, _request: &ReceiveMigrationRequest) -> Result<(), VmmError> {
+        Err(Self::failed("migration", "not wired yet"))
     }
 
     /// Handles one readiness event of the control loop.
@@ -441,6 +523,10 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         config.validate()?;
         vmm.config = Some(config);
         vmm.boot()?;
+    }
+    if let Some(request) = options.restore {
+        vmm.restore(&request)
+            .map_err(|e| RunError::Restore(e.to_string()))?;
     }
 
     let mut ready = [EpollEvent::default(); 8];

@@ -41,7 +41,26 @@ impl FakeVmm {
                 self.state = VmState::Created;
                 Ok(VmmResponse::Empty)
             }
+            VmmRequest::Restore(_) | VmmRequest::ReceiveMigration(_) => {
+                if self.config.is_some() {
+                    return Err(VmmError::VmAlreadyCreated);
+                }
+                self.config = Some(VmConfig::default());
+                self.state = if matches!(request, VmmRequest::Restore(_)) {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                Ok(VmmResponse::Empty)
+            }
             _ if self.config.is_none() => Err(VmmError::VmNotCreated),
+            VmmRequest::Snapshot(_) if state == VmState::Paused => Ok(VmmResponse::Empty),
+            VmmRequest::Snapshot(_) => wrong("snapshot"),
+            VmmRequest::SendMigration(_) if state == VmState::Running => {
+                self.config = None;
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::SendMigration(_) => wrong("migrate"),
             VmmRequest::VmInfo => Ok(VmmResponse::VmInfo(Box::new(VmInfoResponse {
                 config: self.config.clone().unwrap_or_default(),
                 state,

@@ -1,13 +1,29 @@
 //! `ch-remote`: controls a running VMM through its REST API socket, with Cloud Hypervisor's
 //! subcommands and output (pretty JSON for `ping`, `info` and `counters`, nothing for the
 //! actions; on failure the server's error messages as a numbered chain and exit code 1).
+//!
+//! Snapshot, restore and migration take Cloud Hypervisor's arguments:
+//!
+//! ```text
+//! ch-remote snapshot file:///tmp/snap                 (or destination_url=file:///tmp/snap)
+//! ch-remote restore source_url=file:///tmp/snap[,prefault=on][,resume=on]   (or a bare URL)
+//! ch-remote send-migration destination_url=tcp:HOST:PORT[,downtime_ms=100][,local=off]
+//! ch-remote send-migration [--local] tcp:HOST:PORT|unix:/path          (the older form)
+//! ch-remote receive-migration receiver_url=tcp:0.0.0.0:PORT   (or tcp:ADDR:PORT, unix:/path)
+//! ```
+//!
+//! `send-migration` and `receive-migration` return when the migration is over.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::client::{self, ApiResponse, ClientError};
-use clap::{Arg, Command};
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use cloud_hypervisor::option_parser::{OptionParser, OptionValue};
+use vmm::control::{
+    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
+};
 
 /// Subcommands: name, help, HTTP method, endpoint. `create` also takes a body.
 const COMMANDS: &[(&str, &str, &str, &str)] = &[
@@ -35,9 +51,28 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "vm.power-button",
     ),
     ("reboot", "Reboot the VM", "PUT", "vm.reboot"),
+    (
+        "receive-migration",
+        "Receive a VM migration",
+        "PUT",
+        "vm.receive-migration",
+    ),
+    ("restore", "Restore VM from a snapshot", "PUT", "vm.restore"),
     ("resume", "Resume the VM", "PUT", "vm.resume"),
+    (
+        "send-migration",
+        "Initiate a VM migration",
+        "PUT",
+        "vm.send-migration",
+    ),
     ("shutdown", "Shutdown the VM", "PUT", "vm.shutdown"),
     ("shutdown-vmm", "Shutdown the VMM", "PUT", "vmm.shutdown"),
+    (
+        "snapshot",
+        "Create a snapshot from VM",
+        "PUT",
+        "vm.snapshot",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +86,15 @@ enum Error {
     /// The server answered with an error status; the body holds its messages.
     #[error("http client error")]
     Server(ApiResponse),
+    /// A subcommand argument that cannot be turned into a request body.
+    #[error("invalid {command} argument \"{value}\": {reason}")]
+    InvalidArgument {
+        command: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot encode the request body: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 fn cli() -> Command {
@@ -68,14 +112,40 @@ fn cli() -> Command {
         );
     for (name, about, _, _) in COMMANDS {
         let mut command = Command::new(*name).about(*about);
-        if *name == "create" {
-            command = command.arg(
+        let value = |help: &'static str| {
+            Arg::new("value")
+                .index(1)
+                .required(true)
+                .value_name("config")
+                .help(help)
+        };
+        command = match *name {
+            "create" => command.arg(
                 Arg::new("path")
                     .index(1)
                     .default_value("-")
                     .help("VmConfig JSON file; - reads standard input"),
-            );
-        }
+            ),
+            "snapshot" => command.arg(value("<destination_url> (file:///path/to/dir)")),
+            "restore" => command.arg(value(
+                "source_url=<source_url>[,prefault=on|off][,resume=on|off]",
+            )),
+            "send-migration" => command
+                .arg(value(
+                    "destination_url=<destination_url>[,downtime_ms=<ms>][,local=on|off], \
+                     or <destination_url> (tcp:<host>:<port> or unix:<path>)",
+                ))
+                .arg(
+                    Arg::new("local")
+                        .long("local")
+                        .action(ArgAction::SetTrue)
+                        .help("Same-host migration (local=on)"),
+                ),
+            "receive-migration" => command.arg(value(
+                "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
+            )),
+            _ => command,
+        };
         app = app.subcommand(command);
     }
     app
@@ -117,14 +187,9 @@ fn main() -> ExitCode {
         eprintln!("Error: ch-remote: unknown subcommand {name}");
         return ExitCode::FAILURE;
     };
-    let body = if name == "create" {
-        let path = sub.get_one::<String>("path").map_or("-", String::as_str);
-        match read_config(path) {
-            Ok(body) => Some(body),
-            Err(e) => return fail(&e),
-        }
-    } else {
-        None
+    let body = match request_body(name, sub) {
+        Ok(body) => body,
+        Err(e) => return fail(&e),
     };
     match run(socket, method, endpoint, body.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +199,220 @@ fn main() -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// The JSON body of subcommand `name`, if it takes one.
+fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
+    // Only the subcommands that declare it have a "value" argument.
+    let value = sub
+        .try_get_one::<String>("value")
+        .ok()
+        .flatten()
+        .map_or("", String::as_str);
+    let json = match name {
+        "create" => {
+            let path = sub.get_one::<String>("path").map_or("-", String::as_str);
+            return read_config(path).map(Some);
+        }
+        "snapshot" => serde_json::to_string(&snapshot_request(value)?),
+        "restore" => serde_json::to_string(&restore_request(value)?),
+        "send-migration" => {
+            serde_json::to_string(&send_migration_request(value, sub.get_flag("local"))?)
+        }
+        "receive-migration" => serde_json::to_string(&receive_migration_request(value)?),
+        _ => return Ok(None),
+    };
+    json.map(Some).map_err(Error::Encode)
+}
+
+/// Whether `value` is written `key=...` with one of `keys` (Cloud Hypervisor's option
+/// syntax) rather than as a bare URL.
+fn is_keyed(value: &str, keys: &[&str]) -> bool {
+    let value = value.trim_start();
+    keys.iter().any(|key| {
+        value
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
+/// Parses `key=value,...` with `keys`, naming `command` and the value in any error.
+fn parse_options(command: &'static str, value: &str, keys: &[&str]) -> Result<OptionParser, Error> {
+    let mut parser = OptionParser::new();
+    for key in keys {
+        parser.add(key);
+    }
+    parser
+        .parse(value)
+        .map_err(|e| invalid(command, value, e))?;
+    Ok(parser)
+}
+
+fn convert<T: OptionValue>(
+    parser: &OptionParser,
+    command: &'static str,
+    value: &str,
+    key: &str,
+) -> Result<Option<T>, Error> {
+    parser
+        .convert::<T>(key)
+        .map_err(|e| invalid(command, value, e))
+}
+
+fn invalid(command: &'static str, value: &str, reason: impl ToString) -> Error {
+    Error::InvalidArgument {
+        command,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The URL under `key` (keyed form) or the whole value (bare form), checked to be non-empty,
+/// free of blanks and to start with one of `schemes`.
+fn url(
+    command: &'static str,
+    value: &str,
+    parser: Option<&OptionParser>,
+    key: &str,
+    schemes: &[&str],
+) -> Result<String, Error> {
+    let url = match parser {
+        Some(parser) => parser.get(key).unwrap_or_default(),
+        None => value.trim(),
+    };
+    if parser.is_none() {
+        if let Some((_, rest)) = url.split_once(',') {
+            if rest.split(',').any(|option| option.contains('=')) {
+                return Err(invalid(
+                    command,
+                    value,
+                    format!("options need the {key}=<url>,<option>=<value> form"),
+                ));
+            }
+        }
+    }
+    let expected = || {
+        schemes
+            .iter()
+            .map(|s| format!("{s}..."))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    if url.is_empty() {
+        return Err(invalid(
+            command,
+            value,
+            format!("{key} is required ({})", expected()),
+        ));
+    }
+    if url.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            command,
+            value,
+            format!("{key} must not contain blanks"),
+        ));
+    }
+    match schemes.iter().find(|s| url.starts_with(*s)) {
+        Some(scheme) if url.len() > scheme.len() => Ok(url.to_string()),
+        Some(_) => Err(invalid(
+            command,
+            value,
+            format!("{key} {url:?} lacks an address after the scheme"),
+        )),
+        None => Err(invalid(
+            command,
+            value,
+            format!("{key} {url:?} must be {}", expected()),
+        )),
+    }
+}
+
+const SNAPSHOT_SCHEMES: &[&str] = &["file://"];
+const MIGRATION_SCHEMES: &[&str] = &["tcp:", "unix:"];
+
+/// `snapshot <destination_url>` or `snapshot destination_url=<destination_url>`.
+fn snapshot_request(value: &str) -> Result<SnapshotRequest, Error> {
+    const COMMAND: &str = "snapshot";
+    const KEYS: &[&str] = &["destination_url"];
+    let parser = is_keyed(value, KEYS)
+        .then(|| parse_options(COMMAND, value, KEYS))
+        .transpose()?;
+    Ok(SnapshotRequest {
+        destination_url: url(COMMAND, value, parser.as_ref(), KEYS[0], SNAPSHOT_SCHEMES)?,
+    })
+}
+
+/// `restore source_url=<url>[,prefault=on|off][,resume=on|off]` or `restore <url>`.
+fn restore_request(value: &str) -> Result<RestoreRequest, Error> {
+    const COMMAND: &str = "restore";
+    const KEYS: &[&str] = &["source_url", "prefault", "resume"];
+    let parser = is_keyed(value, KEYS)
+        .then(|| parse_options(COMMAND, value, KEYS))
+        .transpose()?;
+    let flag = |key: &str| match &parser {
+        Some(parser) => convert::<bool>(parser, COMMAND, value, key).map(Option::unwrap_or_default),
+        None => Ok(false),
+    };
+    Ok(RestoreRequest {
+        source_url: url(COMMAND, value, parser.as_ref(), KEYS[0], SNAPSHOT_SCHEMES)?,
+        prefault: flag("prefault")?,
+        resume: flag("resume")?,
+    })
+}
+
+/// `send-migration destination_url=<url>[,downtime_ms=<ms>][,local=on|off]`, or the older
+/// `send-migration [--local] <url>`.
+fn send_migration_request(value: &str, local_flag: bool) -> Result<SendMigrationRequest, Error> {
+    const COMMAND: &str = "send-migration";
+    // `downtime` is the spelling of the API body's alias.
+    const KEYS: &[&str] = &["destination_url", "downtime_ms", "downtime", "local"];
+    let defaults: SendMigrationRequest =
+        serde_json::from_str(r#"{"destination_url": ""}"#).map_err(Error::Encode)?;
+    let Some(parser) = is_keyed(value, KEYS)
+        .then(|| parse_options(COMMAND, value, KEYS))
+        .transpose()?
+    else {
+        return Ok(SendMigrationRequest {
+            destination_url: url(COMMAND, value, None, KEYS[0], MIGRATION_SCHEMES)?,
+            local: local_flag,
+            ..defaults
+        });
+    };
+    let downtime_ms = convert::<u64>(&parser, COMMAND, value, "downtime_ms")?;
+    let downtime = convert::<u64>(&parser, COMMAND, value, "downtime")?;
+    if downtime_ms.is_some() && downtime.is_some() {
+        return Err(invalid(
+            COMMAND,
+            value,
+            "give downtime_ms or downtime, not both",
+        ));
+    }
+    let local = match (
+        convert::<bool>(&parser, COMMAND, value, "local")?,
+        local_flag,
+    ) {
+        (Some(false), true) => {
+            return Err(invalid(COMMAND, value, "local=off contradicts --local"));
+        }
+        (local, flag) => local.unwrap_or(false) || flag,
+    };
+    Ok(SendMigrationRequest {
+        destination_url: url(COMMAND, value, Some(&parser), KEYS[0], MIGRATION_SCHEMES)?,
+        local,
+        downtime_ms: downtime_ms.or(downtime).unwrap_or(defaults.downtime_ms),
+    })
+}
+
+/// `receive-migration receiver_url=<url>` or `receive-migration <url>`.
+fn receive_migration_request(value: &str) -> Result<ReceiveMigrationRequest, Error> {
+    const COMMAND: &str = "receive-migration";
+    const KEYS: &[&str] = &["receiver_url"];
+    let parser = is_keyed(value, KEYS)
+        .then(|| parse_options(COMMAND, value, KEYS))
+        .transpose()?;
+    Ok(ReceiveMigrationRequest {
+        receiver_url: url(COMMAND, value, parser.as_ref(), KEYS[0], MIGRATION_SCHEMES)?,
+    })
 }
 
 fn read_config(path: &str) -> Result<String, Error> {
@@ -218,4 +497,219 @@ fn fail(error: &Error) -> ExitCode {
         }
     }
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The body ch-remote sends for a command line (after `ch-remote --api-socket S`).
+    fn body_of(args: &[&str]) -> Result<Option<serde_json::Value>, String> {
+        let mut argv = vec!["ch-remote", "--api-socket", "/s"];
+        argv.extend_from_slice(args);
+        let matches = cli()
+            .try_get_matches_from(argv)
+            .map_err(|e| e.to_string())?;
+        let (name, sub) = matches.subcommand().unwrap();
+        let body = request_body(name, sub).map_err(|e| e.to_string())?;
+        Ok(body.map(|b| serde_json::from_str(&b).unwrap()))
+    }
+
+    fn body(args: &[&str]) -> serde_json::Value {
+        body_of(args).unwrap().unwrap()
+    }
+
+    fn error(args: &[&str]) -> String {
+        body_of(args).unwrap_err()
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        cli().debug_assert();
+    }
+
+    #[test]
+    fn actions_without_a_body() {
+        for name in ["boot", "pause", "resume", "shutdown", "info", "ping"] {
+            assert_eq!(body_of(&[name]).unwrap(), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn snapshot_forms() {
+        let expected = serde_json::json!({"destination_url": "file:///tmp/snap"});
+        assert_eq!(body(&["snapshot", "file:///tmp/snap"]), expected);
+        assert_eq!(
+            body(&["snapshot", "destination_url=file:///tmp/snap"]),
+            expected
+        );
+        assert_eq!(
+            body(&["snapshot", "file:///tmp/a,b"]),
+            serde_json::json!({"destination_url": "file:///tmp/a,b"})
+        );
+        assert!(error(&["snapshot"]).contains("<config>"));
+        assert_eq!(
+            error(&["snapshot", "/tmp/snap"]),
+            "invalid snapshot argument \"/tmp/snap\": destination_url \"/tmp/snap\" must be file://..."
+        );
+        assert_eq!(
+            error(&["snapshot", "destination_url="]),
+            "invalid snapshot argument \"destination_url=\": destination_url is required (file://...)"
+        );
+        assert!(error(&["snapshot", "file://"]).ends_with("lacks an address after the scheme"));
+        assert!(error(&["snapshot", "destination_url=file:///a,x=1"])
+            .contains("unknown option \"x\" (valid options: destination_url)"));
+    }
+
+    #[test]
+    fn restore_forms() {
+        assert_eq!(
+            body(&["restore", "source_url=file:///tmp/snap"]),
+            serde_json::json!({"source_url": "file:///tmp/snap", "prefault": false, "resume": false})
+        );
+        assert_eq!(
+            body(&[
+                "restore",
+                "source_url=file:///tmp/snap,prefault=on,resume=true"
+            ]),
+            serde_json::json!({"source_url": "file:///tmp/snap", "prefault": true, "resume": true})
+        );
+        assert_eq!(
+            body(&["restore", "prefault=off,source_url=\"file:///tmp/a,b\""]),
+            serde_json::json!({"source_url": "file:///tmp/a,b", "prefault": false, "resume": false})
+        );
+        assert_eq!(
+            body(&["restore", "file:///tmp/snap"]),
+            serde_json::json!({"source_url": "file:///tmp/snap", "prefault": false, "resume": false})
+        );
+        assert_eq!(
+            error(&["restore", "source_url=file:///s,prefault=maybe"]),
+            "invalid restore argument \"source_url=file:///s,prefault=maybe\": prefault must be on, off, true or false"
+        );
+        assert!(error(&["restore", "prefault=on"]).ends_with("source_url is required (file://...)"));
+        assert!(error(&["restore", "source_url=file:///s,net_fds=[3]"])
+            .contains("unknown option \"net_fds\""));
+        assert!(
+            error(&["restore", "source_url=file:///s,prefault=on,prefault=off"])
+                .contains("given more than once")
+        );
+        assert!(error(&["restore", "file:///s,prefault=on"])
+            .ends_with("options need the source_url=<url>,<option>=<value> form"));
+        assert!(error(&["restore", "tcp:h:1"]).contains("must be file://"));
+    }
+
+    #[test]
+    fn send_migration_forms() {
+        let json = |url: &str, local: bool, downtime: u64| serde_json::json!({"destination_url": url, "local": local, "downtime_ms": downtime});
+        assert_eq!(
+            body(&["send-migration", "tcp:10.0.0.2:6000"]),
+            json("tcp:10.0.0.2:6000", false, 300)
+        );
+        assert_eq!(
+            body(&["send-migration", "--local", "unix:/tmp/mig.sock"]),
+            json("unix:/tmp/mig.sock", true, 300)
+        );
+        assert_eq!(
+            body(&["send-migration", "unix:/tmp/mig.sock", "--local"]),
+            json("unix:/tmp/mig.sock", true, 300)
+        );
+        assert_eq!(
+            body(&[
+                "send-migration",
+                "destination_url=tcp:10.0.0.2:6000,downtime_ms=100"
+            ]),
+            json("tcp:10.0.0.2:6000", false, 100)
+        );
+        assert_eq!(
+            body(&[
+                "send-migration",
+                "destination_url=tcp:h:6000,downtime_ms=100,local=off"
+            ]),
+            json("tcp:h:6000", false, 100)
+        );
+        assert_eq!(
+            body(&[
+                "send-migration",
+                "local=on,destination_url=unix:/m,downtime=50"
+            ]),
+            json("unix:/m", true, 50)
+        );
+        assert_eq!(
+            body(&["send-migration", "--local", "destination_url=unix:/m"]),
+            json("unix:/m", true, 300)
+        );
+
+        assert_eq!(
+            error(&["send-migration", "destination_url=tcp:h:1,downtime_ms=fast"]),
+            "invalid send-migration argument \"destination_url=tcp:h:1,downtime_ms=fast\": downtime_ms must be an integer"
+        );
+        assert!(
+            error(&["send-migration", "destination_url=tcp:h:1,downtime_ms=-5"])
+                .ends_with("downtime_ms must be an integer from 0 to 18446744073709551615")
+        );
+        assert!(error(&[
+            "send-migration",
+            "destination_url=tcp:h:1,downtime_ms=1,downtime=2"
+        ])
+        .ends_with("give downtime_ms or downtime, not both"));
+        assert!(error(&[
+            "send-migration",
+            "--local",
+            "destination_url=tcp:h:1,local=off"
+        ])
+        .ends_with("local=off contradicts --local"));
+        assert!(error(&["send-migration", "downtime_ms=5"])
+            .ends_with("destination_url is required (tcp:... or unix:...)"));
+        assert_eq!(
+            error(&["send-migration", "10.0.0.2:6000"]),
+            "invalid send-migration argument \"10.0.0.2:6000\": destination_url \"10.0.0.2:6000\" must be tcp:... or unix:..."
+        );
+        assert!(error(&["send-migration", "tcp:"]).ends_with("lacks an address after the scheme"));
+        assert!(error(&["send-migration", "tcp:h:1,downtime_ms=5"])
+            .ends_with("options need the destination_url=<url>,<option>=<value> form"));
+        assert!(error(&[
+            "send-migration",
+            "destination_url=tcp:h:1,migration_timeout=5"
+        ])
+        .contains("unknown option \"migration_timeout\""));
+        assert!(
+            error(&["send-migration", "destination_url=tcp:h:1,local=yes"])
+                .ends_with("local must be on, off, true or false")
+        );
+        assert!(error(&["send-migration"]).contains("<config>"));
+    }
+
+    #[test]
+    fn receive_migration_forms() {
+        let json = |url: &str| serde_json::json!({"receiver_url": url});
+        assert_eq!(
+            body(&["receive-migration", "receiver_url=tcp:0.0.0.0:6000"]),
+            json("tcp:0.0.0.0:6000")
+        );
+        assert_eq!(
+            body(&["receive-migration", "tcp:0.0.0.0:6000"]),
+            json("tcp:0.0.0.0:6000")
+        );
+        assert_eq!(
+            body(&["receive-migration", "unix:/tmp/mig.sock"]),
+            json("unix:/tmp/mig.sock")
+        );
+        assert!(error(&["receive-migration", "receiver_url="])
+            .ends_with("receiver_url is required (tcp:... or unix:...)"));
+        assert!(error(&["receive-migration", "file:///x"]).contains("must be tcp:... or unix:..."));
+        assert!(error(&["receive-migration", "unix:/a b"])
+            .ends_with("receiver_url must not contain blanks"));
+        assert!(error(&["receive-migration", "receiver_url=unix:/m,x=1"])
+            .contains("unknown option \"x\""));
+        assert!(error(&["receive-migration", "--local", "unix:/m"]).contains("--local"));
+    }
+
+    #[test]
+    fn argument_errors_are_reported_as_a_chain() {
+        let e = receive_migration_request("nope").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid receive-migration argument \"nope\": receiver_url \"nope\" must be tcp:... or unix:..."
+        );
+    }
 }

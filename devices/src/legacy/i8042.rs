@@ -19,6 +19,9 @@ impl vm_superio::Trigger for ResetTrigger {
     }
 }
 
+/// No saved state: vm-superio's i8042 keeps nothing but the reset eventfd (reads return 0,
+/// the only command acted upon is the reset), so a snapshot has nothing to carry and a fresh
+/// device on the destination behaves identically.
 pub struct I8042 {
     inner: I8042Device<ResetTrigger>,
 }

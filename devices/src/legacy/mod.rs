@@ -4,4 +4,4 @@ pub mod i8042;
 pub mod serial;
 
 pub use i8042::I8042;
-pub use serial::{Serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use serial::{Serial, SerialDeviceState, SERIAL_FIFO_SIZE, SERIAL_PORT_BASE, SERIAL_PORT_LEN};

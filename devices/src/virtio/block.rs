@@ -19,15 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Le32, Le64};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_ID_BLOCK,
+    ActivateError, ActiveQueue, InterruptKind, VirtQueueState, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
 };
 use crate::gate::{DiskOutputGate, FileDiskGate, DIRECT_IO_ALIGN};
+use crate::state::RestoreError;
 use crate::GuestMemoryMmap;
 
 /// Sector size of the virtio-blk protocol (capacity and request sectors are in these units).
@@ -144,12 +146,41 @@ struct Segment {
     write: bool,
 }
 
-#[derive(Default)]
-struct Counters {
-    read_bytes: u64,
-    write_bytes: u64,
-    read_ops: u64,
-    write_ops: u64,
+/// I/O counters; saved so that `vm.counters` stays monotonic across a migration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockCounters {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+}
+
+/// virtio-blk's own saved state (the queues are in the transport's).
+///
+/// There are no in-flight requests to save: requests are served synchronously on the device
+/// event loop, which is stopped during a capture, so every request taken from a queue has
+/// completed and its used entry is written; requests not taken yet are still in the avail ring
+/// (guest memory) and are served after restore from the saved `next_avail`.
+///
+/// Not saved: the image path, file and gate (host resources, reopened from the destination's
+/// configuration) and the config space (derived from capacity and queue settings, which are
+/// checked instead).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// In 512-byte sectors; the reopened image must have the same (the guest sized its
+    /// partitions and filesystems by it).
+    pub capacity: u64,
+    /// Checked: the driver negotiated against these (readonly, multi-queue).
+    pub avail_features: u64,
+    pub acked_features: u64,
+    /// Checked: one entry per queue, each its maximum size.
+    pub queue_sizes: Vec<u16>,
+    /// The GET_ID serial the guest may have read; by default derived from the image's inode,
+    /// which differs on the destination, so the saved one is kept.
+    pub id: [u8; VIRTIO_BLK_ID_BYTES],
+    pub counters: BlockCounters,
 }
 
 /// What the driver handed over on activation.
@@ -170,7 +201,7 @@ struct Disk {
     /// Over-allocated so that an aligned window of `CHUNK` bytes (for O_DIRECT) fits inside.
     bounce: Vec<u8>,
     bounce_start: usize,
-    counters: Counters,
+    counters: BlockCounters,
 }
 
 /// A virtio-blk device backed by a raw image file.
@@ -250,7 +281,7 @@ impl Block {
                 id,
                 bounce,
                 bounce_start,
-                counters: Counters::default(),
+                counters: BlockCounters::default(),
             },
             avail_features,
             acked_features: 0,
@@ -296,6 +327,58 @@ impl Block {
             ("read_ops", c.read_ops),
             ("write_ops", c.write_ops),
         ])
+    }
+
+    /// Captures the device's own state. Call it only while the event loop is stopped.
+    pub fn state(&self) -> BlockState {
+        BlockState {
+            capacity: self.disk.capacity,
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+            queue_sizes: self.queue_sizes.clone(),
+            id: self.disk.id,
+            counters: self.disk.counters,
+        }
+    }
+
+    /// Loads `state` into a device built from the same configuration, after checking that the
+    /// reopened image and the configuration match what the guest knew. The queues come back
+    /// through the transport's restore (which activates the device); the order of the two
+    /// calls does not matter. On error the device is unchanged.
+    pub fn restore(&mut self, state: &BlockState) -> Result<(), RestoreError> {
+        let device = format!("virtio-blk {}", self.disk.path.display());
+        if state.capacity != self.disk.capacity {
+            return Err(RestoreError::Capacity {
+                path: self.disk.path.clone(),
+                have: self.disk.capacity,
+                want: state.capacity,
+            });
+        }
+        if state.queue_sizes != self.queue_sizes {
+            return Err(RestoreError::QueueSizes {
+                device,
+                have: self.queue_sizes.clone(),
+                want: state.queue_sizes.clone(),
+            });
+        }
+        if state.avail_features != self.avail_features {
+            return Err(RestoreError::Features {
+                device,
+                have: self.avail_features,
+                want: state.avail_features,
+            });
+        }
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(RestoreError::AckedFeatures {
+                device,
+                acked: state.acked_features,
+                offered: self.avail_features,
+            });
+        }
+        self.acked_features = state.acked_features;
+        self.disk.id = state.id;
+        self.disk.counters = state.counters;
+        Ok(())
     }
 
     /// Makes the registered queue eventfds match the device state: none when inactive, the
@@ -752,6 +835,15 @@ impl VirtioDevice for Block {
         })
     }
 
+    fn active_queue_states(&self) -> Vec<VirtQueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            a.queues
+                .iter()
+                .map(|q| VirtQueueState::from(q.queue.state()))
+                .collect()
+        })
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
@@ -764,7 +856,13 @@ impl VirtioDevice for Block {
 }
 
 impl MutEventSubscriber for Block {
+    /// Joins a (new) event loop. A device restored from a snapshot, or one whose loop was
+    /// replaced, is already active: its queue eventfds are registered here, and the control
+    /// event is signalled so that the first loop iteration serves the requests the guest queued
+    /// before the snapshot (their notifications went to the source's eventfds and are lost).
     fn init(&mut self, ops: &mut EventOps) {
+        // Registrations of an earlier loop belong to that loop's epoll, not this one.
+        self.registered.clear();
         if let Err(e) = ops.add(Events::with_data(
             &self.activate_evt,
             CTRL_TOKEN,
@@ -774,6 +872,15 @@ impl MutEventSubscriber for Block {
                 "virtio-blk {}: cannot register with the event loop: {e:?}",
                 self.disk.path.display()
             );
+        }
+        if self.active.is_some() {
+            self.sync_registrations(ops);
+            if let Err(e) = self.activate_evt.write(1) {
+                log::warn!(
+                    "virtio-blk {}: cannot schedule the restored queues: {e}",
+                    self.disk.path.display()
+                );
+            }
         }
     }
 

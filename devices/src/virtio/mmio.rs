@@ -12,10 +12,14 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    ActiveQueue, InterruptKind, VirtQueueState, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use crate::state::RestoreError;
 use crate::{BusDevice, GuestMemoryMmap};
 
 /// Size of one virtio-mmio device's register window.
@@ -83,6 +87,29 @@ pub enum MmioError {
     IrqClone(std::io::Error),
 }
 
+/// The transport's saved state: every register the driver programmed, the interrupt status and
+/// each queue. For an activated transport the queues carry the device's progress (taken from the
+/// device, which owns the live queues), so a restore re-activates the device exactly where it
+/// stopped. The notification and interrupt eventfds are host resources and are not saved.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MmioTransportState {
+    /// Checked on restore: a snapshot of one device type cannot go into another.
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    /// Pending InterruptStatus bits; re-raised on restore since the guest may not have seen
+    /// the interrupt.
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    /// DRIVER_OK accepted and the device handed its queues (not reset since).
+    pub activated: bool,
+    pub queues: Vec<VirtQueueState>,
+}
+
 /// The interrupt handle given to the device: sets InterruptStatus bits and signals the irqfd.
 pub struct MmioInterrupt {
     status: Arc<AtomicU32>,
@@ -135,6 +162,9 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
+    /// ConfigGeneration: no device changes its config space yet, so it stays 0, but it is part
+    /// of the saved state so that one that does later keeps the guest's view consistent.
+    config_generation: u32,
     activated: bool,
     warned: u32,
 }
@@ -184,9 +214,180 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            config_generation: 0,
             activated: false,
             warned: 0,
         })
+    }
+
+    /// Captures the transport's state. Call it only while no device code runs (vCPUs paused,
+    /// device event loop stopped): the queue progress is read from the device.
+    pub fn state(&self) -> MmioTransportState {
+        let live = if self.activated {
+            lock(&self.device).active_queue_states()
+        } else {
+            Vec::new()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let mut saved = VirtQueueState::from(q.state());
+                // The register copy never moves; the device's queue has the real progress.
+                if let Some(l) = live.get(i) {
+                    saved.next_avail = l.next_avail;
+                    saved.next_used = l.next_used;
+                    saved.event_idx_enabled = l.event_idx_enabled;
+                }
+                saved
+            })
+            .collect();
+        MmioTransportState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            config_generation: self.config_generation,
+            activated: self.activated,
+            queues,
+        }
+    }
+
+    /// Loads `state` into this transport, built for the same device from the same
+    /// configuration. Re-does what the driver did: acks its features with the device (if
+    /// FEATURES_OK was reached) and, for an activated transport, activates the device through
+    /// the normal [`VirtioDevice::activate`] path with queues rebuilt from the saved progress,
+    /// so the device registers with the event loop when that starts and then serves what the
+    /// guest had queued. A pending interrupt status is raised again.
+    ///
+    /// Call it before any vCPU runs and before the device event loop starts. A transport that
+    /// was in use is reset first. On error the transport is left reset (status 0).
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), RestoreError> {
+        if self.status != 0 || self.activated {
+            self.reset();
+        }
+        let result = self.try_restore(state);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn try_restore(&mut self, state: &MmioTransportState) -> Result<(), RestoreError> {
+        let device_type = self.device_type;
+        if state.device_type != device_type {
+            return Err(RestoreError::DeviceType {
+                have: device_type,
+                want: state.device_type,
+            });
+        }
+        let inconsistent = |reason: String| RestoreError::Inconsistent {
+            device_type,
+            reason,
+        };
+        if state.queues.len() != self.queues.len() {
+            return Err(inconsistent(format!(
+                "the device has {} queues but the snapshot has {}",
+                self.queues.len(),
+                state.queues.len()
+            )));
+        }
+        if state.activated && state.status & STATUS_DRIVER_OK == 0 {
+            return Err(inconsistent(format!(
+                "activated but status {:#x} lacks DRIVER_OK",
+                state.status
+            )));
+        }
+        let features_ok = state.status & STATUS_FEATURES_OK != 0;
+        if features_ok && state.driver_features & !self.avail_features != 0 {
+            return Err(RestoreError::AckedFeatures {
+                device: format!("virtio-mmio (device type {device_type})"),
+                acked: state.driver_features,
+                offered: self.avail_features,
+            });
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (saved, reg)) in state.queues.iter().zip(&self.queues).enumerate() {
+            let queue_err = |reason: String| RestoreError::Queue {
+                device_type,
+                index,
+                reason,
+            };
+            if saved.max_size != reg.max_size() {
+                return Err(queue_err(format!(
+                    "the device's maximum size is {} but the snapshot's is {}",
+                    reg.max_size(),
+                    saved.max_size
+                )));
+            }
+            let q = Queue::try_from(QueueState::from(*saved))
+                .map_err(|e| queue_err(format!("invalid saved queue: {e}")))?;
+            if q.ready() && !q.is_valid(&self.mem) {
+                return Err(queue_err(
+                    "its rings are not in guest memory (different memory layout?)".into(),
+                ));
+            }
+            queues.push(q);
+        }
+
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        if features_ok {
+            lock(&self.device).ack_features(state.driver_features);
+        }
+        if state.activated {
+            let active = self.restored_active_queues(&state.queues);
+            lock(&self.device)
+                .activate(
+                    self.mem.clone(),
+                    self.interrupt.clone() as Arc<dyn VirtioInterrupt>,
+                    active,
+                )
+                .map_err(|source| RestoreError::Activate {
+                    device_type,
+                    source,
+                })?;
+            self.activated = true;
+        }
+        self.interrupt_status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        if state.interrupt_status != 0 {
+            // The guest may have been about to take this interrupt when the source stopped;
+            // a spurious one is harmless, a lost one can hang the driver.
+            self.interrupt
+                .irq
+                .write(1)
+                .map_err(RestoreError::Interrupt)?;
+        }
+        Ok(())
+    }
+
+    /// The queues to hand the device on restore: the ready prefix, as on activation, but with
+    /// the saved progress instead of starting at 0. The registers were validated already.
+    fn restored_active_queues(&self, saved: &[VirtQueueState]) -> Vec<ActiveQueue> {
+        let ready = self.queues.iter().take_while(|q| q.ready()).count();
+        saved
+            .iter()
+            .zip(&self.notify)
+            .take(ready)
+            .filter_map(|(s, notify)| {
+                Queue::try_from(QueueState::from(*s))
+                    .ok()
+                    .map(|queue| ActiveQueue {
+                        queue,
+                        notify: notify.clone(),
+                    })
+            })
+            .collect()
     }
 
     /// One eventfd per queue, in queue order. The VMM registers eventfd `i` as a KVM ioeventfd
@@ -267,7 +468,7 @@ impl MmioTransport {
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
             REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation,
             // The remaining registers are write-only; reading them returns 0 (as other VMMs do).
             REG_DEVICE_FEATURES_SEL
             | REG_DRIVER_FEATURES
@@ -654,6 +855,7 @@ mod tests {
         fail_activate: bool,
         queue_count: usize,
         config: [u8; 8],
+        live: Vec<VirtQueueState>,
     }
 
     impl VirtioDevice for Fake {
@@ -692,10 +894,18 @@ mod tests {
             }
             self.activations += 1;
             self.queue_count = queues.len();
+            self.live = queues
+                .iter()
+                .map(|q| VirtQueueState::from(q.queue.state()))
+                .collect();
             Ok(())
+        }
+        fn active_queue_states(&self) -> Vec<VirtQueueState> {
+            self.live.clone()
         }
         fn reset(&mut self) {
             self.resets += 1;
+            self.live.clear();
         }
     }
 
@@ -927,5 +1137,132 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         w(&mut t, REG_INTERRUPT_ACK, INTERRUPT_USED_BUFFER);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0);
+    }
+
+    fn json_round_trip(state: &MmioTransportState) -> MmioTransportState {
+        let json = serde_json::to_string(state).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn activated_state_round_trips_and_reactivates_with_progress() {
+        let (mut t, fake, _) = setup();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b100));
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        setup_queue(&mut t, 1, 8, 0x2_0000);
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(&mut t, REG_STATUS, s);
+        w(&mut t, REG_QUEUE_SEL, 1);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        // The device made progress and interrupted; the guest has not acknowledged yet.
+        fake.lock().unwrap().live[0].next_avail = 5;
+        fake.lock().unwrap().live[0].next_used = 4;
+        fake.lock().unwrap().live[1].next_avail = 2;
+        t.interrupt.trigger(InterruptKind::Queue).unwrap();
+
+        let state = t.state();
+        assert!(state.activated);
+        assert_eq!(state.status, s);
+        assert_eq!(state.interrupt_status, INTERRUPT_USED_BUFFER);
+        assert_eq!(
+            (state.queues[0].next_avail, state.queues[0].next_used),
+            (5, 4)
+        );
+        assert_eq!(state.queues[1].size, 8);
+        assert_eq!(state.queues[0].desc_table, 0x1_0000);
+        let saved = json_round_trip(&state);
+        assert_eq!(saved, state);
+
+        let (mut t2, fake2, irq2) = setup();
+        t2.restore(&saved).unwrap();
+        assert_eq!(t2.state(), state);
+        assert!(t2.is_activated());
+        let f2 = fake2.lock().unwrap();
+        assert_eq!(f2.activations, 1);
+        assert_eq!(f2.queue_count, 2);
+        assert_eq!(f2.acked, VIRTIO_F_VERSION_1 | 0b100);
+        assert_eq!((f2.live[0].next_avail, f2.live[0].next_used), (5, 4));
+        drop(f2);
+        // The pending interrupt is raised again, and the registers read as before.
+        assert_eq!(irq2.read().unwrap(), 1);
+        assert_eq!(r(&mut t2, REG_INTERRUPT_STATUS), INTERRUPT_USED_BUFFER);
+        assert_eq!(r(&mut t2, REG_STATUS), s);
+        assert_eq!(r(&mut t2, REG_QUEUE_NUM_MAX), 8);
+        assert_eq!(r(&mut t2, REG_DEVICE_FEATURES), 1);
+        // A restored device resets like any other.
+        w(&mut t2, REG_STATUS, 0);
+        assert!(!t2.is_activated());
+        assert_eq!(fake2.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn state_mid_negotiation_round_trips_without_activation() {
+        let (mut t, _, _) = setup();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 4, 0x1_0000);
+        let state = t.state();
+        assert!(!state.activated);
+        let (mut t2, fake2, irq2) = setup();
+        t2.restore(&json_round_trip(&state)).unwrap();
+        assert_eq!(t2.state(), state);
+        assert_eq!(fake2.lock().unwrap().activations, 0);
+        assert_eq!(fake2.lock().unwrap().acked, VIRTIO_F_VERSION_1);
+        assert!(irq2.read().is_err());
+        // The driver carries on where it was: queue 1, then DRIVER_OK.
+        setup_queue(&mut t2, 1, 8, 0x2_0000);
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(&mut t2, REG_STATUS, s);
+        assert!(t2.is_activated());
+        assert_eq!(fake2.lock().unwrap().live[0].size, 4);
+    }
+
+    #[test]
+    fn mismatched_snapshots_are_refused_and_leave_the_transport_reset() {
+        let (mut t, _, _) = setup();
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        let good = t.state();
+
+        let mut bad = good.clone();
+        bad.device_type = 2;
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(err.contains("type 42") && err.contains("type 2"), "{err}");
+        assert_eq!(t.status(), 0);
+
+        let mut bad = good.clone();
+        bad.queues.pop();
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(err.contains("2 queues but the snapshot has 1"), "{err}");
+
+        let mut bad = good.clone();
+        bad.queues[1].max_size = 32;
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("queue 1") && err.contains("maximum size is 8"),
+            "{err}"
+        );
+
+        let mut bad = good.clone();
+        bad.queues[0].desc_table = 0x10_0000_0000;
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(err.contains("not in guest memory"), "{err}");
+
+        let mut bad = good.clone();
+        bad.driver_features |= 0b10;
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(err.contains("not all offered"), "{err}");
+
+        let mut bad = good.clone();
+        bad.activated = true;
+        let err = t.restore(&bad).unwrap_err().to_string();
+        assert!(err.contains("lacks DRIVER_OK"), "{err}");
+
+        let json = serde_json::to_string(&good)
+            .unwrap()
+            .replacen('{', "{\"surprise\":1,", 1);
+        assert!(serde_json::from_str::<MmioTransportState>(&json).is_err());
+
+        t.restore(&good).unwrap();
+        assert_eq!(t.state(), good);
     }
 }

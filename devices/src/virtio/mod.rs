@@ -13,7 +13,8 @@ pub mod net;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
@@ -44,6 +45,57 @@ pub trait VirtioInterrupt: Send + Sync {
 pub struct ActiveQueue {
     pub queue: Queue,
     pub notify: Arc<EventFd>,
+}
+
+/// One virtqueue's saved state. Mirrors virtio-queue's `QueueState`, which has no serde
+/// support: the driver's configuration (size, ready, ring addresses) and the device's progress
+/// (`next_avail`: the next avail ring entry to take; `next_used`: the next used ring slot).
+/// Restoring the progress is what makes the device continue exactly where it stopped: chains
+/// made available but not taken are served after restore, and the used index carries on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VirtQueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for VirtQueueState {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<VirtQueueState> for QueueState {
+    fn from(q: VirtQueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +129,10 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError>;
+    /// The state of the queues the device is working on, in queue order; empty when it is not
+    /// activated. The transport saves these, not its own register copies, because only the
+    /// device knows how far it got (`next_avail`, `next_used`).
+    fn active_queue_states(&self) -> Vec<VirtQueueState>;
     /// The driver reset the device (status 0): stop processing and drop the queues; the device
     /// must be able to activate again.
     fn reset(&mut self);

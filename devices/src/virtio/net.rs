@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
@@ -33,10 +34,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_ID_NET,
+    ActivateError, ActiveQueue, InterruptKind, VirtQueueState, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
 };
 use crate::gate::NetOutputGate;
+use crate::state::RestoreError;
 use crate::tap::{Tap, TapError, VNET_HDR_LEN};
 use crate::GuestMemoryMmap;
 
@@ -143,6 +145,20 @@ impl FromStr for MacAddr {
     }
 }
 
+/// As its text form ("52:54:00:12:34:56"), which is what people grep snapshots for.
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
@@ -241,16 +257,43 @@ impl NetOutputGate for TapGate {
     }
 }
 
-/// Device counters (monotonic since creation).
-#[derive(Clone, Copy, Debug, Default)]
-struct Counters {
-    rx_bytes: u64,
-    rx_frames: u64,
-    rx_dropped: u64,
-    rx_errors: u64,
-    tx_bytes: u64,
-    tx_frames: u64,
-    tx_errors: u64,
+/// Device counters (monotonic since creation; saved so that they stay so across a migration).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetCounters {
+    pub rx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_errors: u64,
+}
+
+/// virtio-net's own saved state (the queues are in the transport's).
+///
+/// Nothing is in flight: RX and TX are served synchronously on the device event loop, which is
+/// stopped during a capture, so every chain taken from a queue is used; chains not taken are
+/// still in the avail rings and are served after restore. Frames the host kernel queued on the
+/// source TAP stay there (as a lost packet on a real network).
+///
+/// Not saved, because re-derived: "RX blocked until the driver adds buffers" and whether the
+/// TAP is polled (a restored device tries RX once and finds out), event loop registrations.
+/// Not saved because host resources: the TAP and its gate (from the destination's config).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// The MAC the guest read from config space; kept even if the destination's configuration
+    /// picked another (a random default), since the guest's stack uses this one.
+    pub mac: MacAddr,
+    /// Checked: offered to the guest in config space and set on the TAP.
+    pub mtu: Option<u16>,
+    /// Checked: the driver negotiated against these.
+    pub avail_features: u64,
+    pub acked_features: u64,
+    /// Checked: maximum size of the RX and TX queues.
+    pub queue_sizes: Vec<u16>,
+    pub counters: NetCounters,
 }
 
 /// What the device holds while the driver has it active.
@@ -309,7 +352,7 @@ pub struct Net {
     tap_polled: bool,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
-    counters: Counters,
+    counters: NetCounters,
 }
 
 impl Net {
@@ -374,7 +417,7 @@ impl Net {
             tap_polled: false,
             rx_buf: vec![0u8; MAX_PACKET_LEN],
             tx_buf: vec![0u8; MAX_PACKET_LEN],
-            counters: Counters::default(),
+            counters: NetCounters::default(),
         })
     }
 
@@ -416,6 +459,66 @@ impl Net {
             ("tx_frames", c.tx_frames),
             ("tx_errors", c.tx_errors),
         ])
+    }
+
+    /// Captures the device's own state. Call it only while the event loop is stopped.
+    pub fn state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            mtu: self.mtu,
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+            queue_sizes: self.queue_sizes.to_vec(),
+            counters: self.counters,
+        }
+    }
+
+    /// Loads `state` into a device built from the same configuration, after checking that the
+    /// configuration matches what the guest negotiated against. The queues come back through
+    /// the transport's restore (which activates the device); the order of the two calls does
+    /// not matter. On error the device is unchanged.
+    pub fn restore(&mut self, state: &NetState) -> Result<(), RestoreError> {
+        let device = format!("virtio-net {}", self.id);
+        if state.queue_sizes[..] != self.queue_sizes[..] {
+            return Err(RestoreError::QueueSizes {
+                device,
+                have: self.queue_sizes.to_vec(),
+                want: state.queue_sizes.clone(),
+            });
+        }
+        if state.mtu != self.mtu {
+            return Err(RestoreError::Mtu {
+                device,
+                have: self.mtu,
+                want: state.mtu,
+            });
+        }
+        if state.avail_features != self.avail_features {
+            return Err(RestoreError::Features {
+                device,
+                have: self.avail_features,
+                want: state.avail_features,
+            });
+        }
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(RestoreError::AckedFeatures {
+                device,
+                acked: state.acked_features,
+                offered: self.avail_features,
+            });
+        }
+        if state.mac != self.mac {
+            log::info!(
+                "{}: MAC {} from the snapshot replaces the configured {}",
+                self.id,
+                state.mac,
+                self.mac
+            );
+        }
+        self.mac = state.mac;
+        self.acked_features = state.acked_features;
+        self.counters = state.counters;
+        Ok(())
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -808,6 +911,15 @@ impl VirtioDevice for Net {
         })
     }
 
+    fn active_queue_states(&self) -> Vec<VirtQueueState> {
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            [&a.rx, &a.tx]
+                .iter()
+                .map(|q| VirtQueueState::from(q.queue.state()))
+                .collect()
+        })
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
@@ -823,7 +935,15 @@ impl VirtioDevice for Net {
 }
 
 impl MutEventSubscriber for Net {
+    /// Joins a (new) event loop. A device restored from a snapshot, or one whose loop was
+    /// replaced, is already active: its queue eventfds and the TAP are registered here, and
+    /// the activation event is signalled so that the first loop iteration serves the chains
+    /// the guest queued before the snapshot (their notifications went to the source's
+    /// eventfds and are lost).
     fn init(&mut self, ops: &mut EventOps) {
+        // Registrations of an earlier loop belong to that loop's epoll, not this one.
+        self.registered.clear();
+        self.tap_polled = false;
         if let Err(e) = ops.add(Events::with_data(
             &self.activate_evt,
             TOKEN_ACTIVATE,
@@ -833,6 +953,9 @@ impl MutEventSubscriber for Net {
         }
         if self.active.is_some() {
             self.sync_registrations(ops);
+            if let Err(e) = self.activate_evt.write(1) {
+                error!("{}: cannot schedule the restored queues: {e}", self.id);
+            }
         }
     }
 
@@ -843,11 +966,12 @@ impl MutEventSubscriber for Net {
             let _ = self.activate_evt.read();
             if self.registered_gen != self.generation {
                 self.sync_registrations(ops);
-                // Frames may have queued on the TAP before activation.
-                if self.active.is_some() {
-                    self.handle_rx(ops);
-                    self.handle_tx();
-                }
+            }
+            // Frames may have queued on the TAP before activation, and a restored device has
+            // chains queued before the snapshot; serving empty queues costs nothing.
+            if self.active.is_some() {
+                self.handle_rx(ops);
+                self.handle_tx();
             }
             return;
         }

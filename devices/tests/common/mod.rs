@@ -312,6 +312,39 @@ impl<B: BusDevice> Driver<B> {
     }
 }
 
+/// Runs `f` on a thread inside a new network namespace; false (with a SKIP line on stderr) when
+/// that is not possible here (no root or no /dev/net/tun).
+pub fn in_netns<F: FnOnce() + Send + 'static>(test: &str, f: F) -> bool {
+    use std::io::Write as _;
+    let handle = std::thread::spawn(move || {
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            return false;
+        }
+        // SAFETY: unshare(2) with CLONE_NEWNET only changes this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return false;
+        }
+        // No IPv6 on new interfaces: no router solicitations appear next to expected frames.
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+        f();
+        true
+    });
+    match handle.join() {
+        Ok(true) => true,
+        Ok(false) => {
+            if std::env::var("TANDEM_REQUIRE_TAP").as_deref() == Ok("1") {
+                panic!("{test}: needs root and /dev/net/tun, and TANDEM_REQUIRE_TAP=1 forbids skipping");
+            }
+            // One write straight to stderr, past the harness's capture, so the skip shows.
+            let line =
+                format!("SKIP: {test}: needs root and /dev/net/tun - this test did NOT run\n");
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            false
+        }
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 /// A bump allocator for driver buffers in guest memory.
 pub struct Alloc {
     next: u64,
@@ -350,6 +383,22 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// A harness on existing guest memory (a restored device sees the guest's memory as it was).
+    pub fn with_memory<D>(device: Arc<Mutex<D>>, mem: GuestMemoryMmap) -> Self
+    where
+        D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+    {
+        let mut em = DeviceEventManager::new().expect("event manager");
+        em.add_subscriber(device.clone());
+        let (bus, irq) = transport(device, &mem);
+        let end = mem.last_addr().0 + 1;
+        Self {
+            em,
+            driver: Driver::new(bus, mem, irq),
+            alloc: Alloc::new(BUFFER_BASE, end),
+        }
+    }
+
     /// `mem_size` bytes of guest memory (at least 2 MiB: queues below 1 MiB, buffers above).
     pub fn new<D>(device: Arc<Mutex<D>>, mem_size: usize) -> Self
     where

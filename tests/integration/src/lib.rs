@@ -623,7 +623,7 @@ impl Vmm {
         }
     }
 
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
+    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.status = Some(status);
@@ -822,6 +822,55 @@ pub fn marker_fields(line: &str) -> HashMap<String, String> {
         rest = next;
     }
     fields
+}
+
+// ---------------------------------------------------------------------------------------------
+// ch-remote
+// ---------------------------------------------------------------------------------------------
+
+/// The `ch-remote` built next to the VMM (`vmm_binary()` builds the whole package).
+pub fn ch_remote_binary() -> PathBuf {
+    vmm_binary()
+        .expect("build the VMM and ch-remote")
+        .with_file_name("ch-remote")
+}
+
+/// Runs `ch-remote --api-socket SOCKET ARGS...`, feeding `stdin` to it.
+pub fn ch_remote(socket: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(ch_remote_binary())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ch-remote");
+    if let Some(mut input) = child.stdin.take() {
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("wait for ch-remote")
+}
+
+/// Waits until the VMM's API socket accepts connections.
+pub fn wait_for_api_socket(vmm: &mut Vmm, socket: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose("the API socket never appeared")
+        );
+        if let Some(status) = vmm.poll_exit() {
+            panic!(
+                "{}",
+                vmm.diagnose(&format!("the VMM exited ({status}) before serving the API"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

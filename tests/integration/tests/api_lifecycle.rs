@@ -1,42 +1,17 @@
 //! The REST API end to end: the real `cloud-hypervisor` started with only `--api-socket`, driven
 //! by the real `ch-remote` through a whole VM lifecycle of the test guest under real KVM.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use integration::{
-    kvm_serial_guard, require_kvm, test_guest, vmm_binary, TempDir, Vmm, GUEST_READY,
+    ch_remote, ch_remote_binary, kvm_serial_guard, require_kvm, test_guest, TempDir, Vmm,
+    GUEST_READY,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn ch_remote_binary() -> PathBuf {
-    // `vmm_binary()` builds the whole cloud-hypervisor package, ch-remote included.
-    let vmm = vmm_binary().expect("build the VMM");
-    vmm.with_file_name("ch-remote")
-}
-
-/// Runs `ch-remote --api-socket SOCKET ARGS...` with `stdin` fed to it.
-fn ch_remote(socket: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(ch_remote_binary())
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ch-remote");
-    if let Some(mut input) = child.stdin.take() {
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).expect("write stdin");
-        }
-    }
-    child.wait_with_output().expect("wait for ch-remote")
-}
 
 fn text(out: &Output) -> (String, String) {
     (

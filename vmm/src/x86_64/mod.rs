@@ -2,6 +2,7 @@
 //! boot parameter blocks and the MP table.
 
 pub mod boot;
+pub mod cpu_state;
 pub mod cpuid;
 pub mod layout;
 pub mod mptable;

@@ -1,0 +1,1245 @@
+//! The migration stream: framed, versioned, checksummed messages over any `Read + Write`
+//! (a TCP or Unix stream).
+//!
+//! Every frame, both directions, integers little-endian:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "TMIG" (0x47494d54 read as u32 LE)
+//!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
+//!                      6 Ack, 7 Error, 8 Abort
+//!      5     1  flags  bit 0 = LZ4 (MemoryPages only); other bits must be 0
+//!      6     2  reserved, 0
+//!      8     4  payload length (at most MAX_FRAME_PAYLOAD, checked before any allocation)
+//!     12     4  sequence number: 0, 1, 2, ... per direction
+//!     16     n  payload
+//!   16+n     4  CRC-32 (IEEE) of bytes 0 .. 16+n
+//! ```
+//!
+//! Payloads:
+//! - Hello: `version u32, page_size u32, VmConfig JSON`;
+//! - MemoryPages: `count u32, reserved u32 (0), count x u64 entries, data`; an entry is the
+//!   page's guest physical address with bit 0 set for a zero page (no data sent); data is the
+//!   non-zero pages, 4 KiB each in entry order, or with the LZ4 flag one LZ4 block that
+//!   decompresses to exactly that; at most MAX_PAGES_PER_FRAME entries;
+//! - MemoryDone: `iteration u32, reserved u32 (0), pages u64` closes one pass over memory
+//!   (pages = entries sent in the pass, checked by the receiver);
+//! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message.
+//!
+//! Order (sender -> receiver): Hello, then per epoch any number of MemoryPages / MemoryDone,
+//! one State, Complete; the receiver answers Complete with Ack (or Error at any point), and
+//! the sender may send Abort at any point. Anything else is a [`ProtocolError`].
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
+use crate::config::VmConfig;
+use crate::memory::GuestMemoryMmap;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
+pub const HEADER_LEN: usize = 16;
+pub const TRAILER_LEN: usize = 4;
+/// Largest payload accepted; a header announcing more is rejected before reading on.
+pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
+/// Most page entries one MemoryPages frame may carry (32 MiB of page data).
+pub const MAX_PAGES_PER_FRAME: usize = 8192;
+pub const FLAG_LZ4: u8 = 1;
+const ZERO_PAGE_BIT: u64 = 1;
+const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
+const PAGES_HEADER_LEN: usize = 8;
+const ENTRY_LEN: usize = 8;
+/// Error and Abort messages are cut to this length.
+const MAX_MESSAGE: usize = 4096;
+/// A frame's payload buffer grows from this size as bytes actually arrive.
+const FIRST_READ: usize = 64 << 10;
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 1,
+    MemoryPages = 2,
+    MemoryDone = 3,
+    State = 4,
+    Complete = 5,
+    Ack = 6,
+    Error = 7,
+    Abort = 8,
+}
+
+impl FrameType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::MemoryPages,
+            3 => Self::MemoryDone,
+            4 => Self::State,
+            5 => Self::Complete,
+            6 => Self::Ack,
+            7 => Self::Error,
+            8 => Self::Abort,
+            _ => return None,
+        })
+    }
+
+    fn allowed_flags(self) -> u8 {
+        match self {
+            Self::MemoryPages => FLAG_LZ4,
+            _ => 0,
+        }
+    }
+}
+
+impl fmt::Display for FrameType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Self::Hello => "Hello",
+            Self::MemoryPages => "MemoryPages",
+            Self::MemoryDone => "MemoryDone",
+            Self::State => "State",
+            Self::Complete => "Complete",
+            Self::Ack => "Ack",
+            Self::Error => "Error",
+            Self::Abort => "Abort",
+        };
+        f.write_str(name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("stream truncated in the {what}: expected {expected} bytes, got {got}")]
+    Truncated {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("migration stream I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad frame magic {0:#010x} (not a Tandem migration stream)")]
+    BadMagic(u32),
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{kind} frame: invalid flags {flags:#04x}")]
+    BadFlags { kind: FrameType, flags: u8 },
+    #[error("frame header: reserved field is {0:#06x}, must be 0")]
+    Reserved(u16),
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_PAYLOAD} bytes")]
+    TooLarge { len: u64 },
+    #[error("frame {seq}: checksum mismatch (expected {expected:08x}, got {actual:08x})")]
+    Checksum {
+        seq: u32,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("frame sequence number {got}, expected {expected} (frames lost or repeated)")]
+    Sequence { expected: u32, got: u32 },
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed { kind: FrameType, reason: String },
+    #[error("unexpected {got} frame {state}")]
+    UnexpectedFrame { got: FrameType, state: &'static str },
+    #[error(
+        "unsupported migration protocol version {0} (this VMM speaks version {PROTOCOL_VERSION})"
+    )]
+    Version(u32),
+    #[error("unsupported page size {0} (this VMM uses {PAGE_SIZE})")]
+    PageSize(u32),
+    #[error("invalid VM configuration in Hello: {0}")]
+    Config(serde_json::Error),
+    #[error("invalid VM state: {0}")]
+    State(serde_json::Error),
+    #[error("cannot serialize the {what}: {source}")]
+    Serialize {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("guest page {gpa:#x}: {reason}")]
+    GuestMemory { gpa: u64, reason: String },
+    #[error("memory pass {iteration}: the sender counted {sent} pages, {received} arrived")]
+    PageCount {
+        iteration: u32,
+        sent: u64,
+        received: u64,
+    },
+    #[error("memory pass {got} announced, expected pass {expected}")]
+    Iteration { expected: u32, got: u32 },
+    #[error("the receiver reported an error: {0}")]
+    Remote(String),
+    #[error("the sender aborted the migration: {0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Dirty(#[from] DirtyPagesError),
+    #[error("{0} before Hello")]
+    NotStarted(&'static str),
+    #[error("the stream already failed; a new transfer needs a new connection")]
+    Failed,
+}
+
+impl ProtocolError {
+    fn malformed(kind: FrameType, reason: impl Into<String>) -> Self {
+        Self::Malformed {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether telling the peer about this error makes sense (the link still works).
+    fn worth_reporting(&self) -> bool {
+        !matches!(
+            self,
+            Self::Closed
+                | Self::Io(_)
+                | Self::Truncated { .. }
+                | Self::Remote(_)
+                | Self::Aborted(_)
+                | Self::Failed
+        )
+    }
+}
+
+/// Counters of one side of a transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Frames sent (sender) or received (receiver).
+    pub frames: u64,
+    /// Bytes on the wire, headers and checksums included.
+    pub bytes: u64,
+    /// Page entries (zero and non-zero).
+    pub pages: u64,
+    /// Pages sent as "zero page" markers only.
+    pub zero_pages: u64,
+    /// MemoryPages frames whose data went LZ4-compressed.
+    pub compressed_frames: u64,
+    /// Page data before compression (non-zero pages x 4 KiB).
+    pub page_data_bytes: u64,
+    /// Page data on the wire (after compression).
+    pub page_wire_bytes: u64,
+    /// Completed memory passes (MemoryDone frames).
+    pub iterations: u64,
+}
+
+/// What one `send_memory` call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassStats {
+    pub iteration: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub wire_bytes: u64,
+}
+
+/// A received frame, borrowing its payload from the reader's buffer.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub kind: FrameType,
+    pub flags: u8,
+    pub seq: u32,
+    pub payload: &'a [u8],
+}
+
+/// A decoded frame.
+#[derive(Debug)]
+pub enum Message<'a> {
+    Hello {
+        version: u32,
+        page_size: u32,
+        config_json: &'a [u8],
+    },
+    MemoryPages(PageBatch<'a>),
+    MemoryDone {
+        iteration: u32,
+        pages: u64,
+    },
+    State {
+        state_json: &'a [u8],
+    },
+    Complete,
+    Ack,
+    Error {
+        message: String,
+    },
+    Abort {
+        message: String,
+    },
+}
+
+/// The pages of one MemoryPages frame, checked for shape (count, alignment, data length).
+#[derive(Debug)]
+pub struct PageBatch<'a> {
+    entries: &'a [u8],
+    data: &'a [u8],
+    compressed: bool,
+    data_pages: usize,
+}
+
+impl<'a> PageBatch<'a> {
+    /// Number of page entries.
+    pub fn len(&self) -> usize {
+        self.entries.len() / ENTRY_LEN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries that carry data (not zero pages).
+    pub fn data_pages(&self) -> usize {
+        self.data_pages
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.compressed
+    }
+
+    /// The entries: page address and whether it is a zero page.
+    pub fn entries(&self) -> impl Iterator<Item = (GuestAddress, bool)> + 'a {
+        self.entries.chunks_exact(ENTRY_LEN).map(|e| {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            (GuestAddress(v & !PAGE_MASK), v & ZERO_PAGE_BIT != 0)
+        })
+    }
+
+    /// The data of the non-zero pages, 4 KiB each in entry order (decompressed into
+    /// `scratch` if needed; its size is bounded by `MAX_PAGES_PER_FRAME` pages).
+    pub fn data<'s>(&self, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], ProtocolError>
+    where
+        'a: 's,
+    {
+        if !self.compressed {
+            return Ok(self.data);
+        }
+        let want = self.data_pages * PAGE_SIZE;
+        if scratch.len() < want {
+            scratch.resize(want, 0);
+        }
+        let out = &mut scratch[..want];
+        let n = lz4_flex::block::decompress_into(self.data, out).map_err(|e| {
+            ProtocolError::malformed(FrameType::MemoryPages, format!("LZ4 data: {e}"))
+        })?;
+        if n != want {
+            return Err(ProtocolError::malformed(
+                FrameType::MemoryPages,
+                format!("LZ4 data decompresses to {n} bytes, the entries need {want}"),
+            ));
+        }
+        Ok(&scratch[..want])
+    }
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn message_text(payload: &[u8]) -> String {
+    let cut = &payload[..payload.len().min(MAX_MESSAGE)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+impl<'a> Message<'a> {
+    /// Decodes and checks the payload of `frame`.
+    pub fn parse(frame: &Frame<'a>) -> Result<Self, ProtocolError> {
+        let p = frame.payload;
+        let kind = frame.kind;
+        let fixed = |n: usize| {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(ProtocolError::malformed(
+                    kind,
+                    format!("payload is {} bytes, expected {n}", p.len()),
+                ))
+            }
+        };
+        Ok(match kind {
+            FrameType::Hello => {
+                if p.len() < 8 {
+                    return Err(ProtocolError::malformed(kind, "shorter than 8 bytes"));
+                }
+                Message::Hello {
+                    version: le_u32(p, 0),
+                    page_size: le_u32(p, 4),
+                    config_json: &p[8..],
+                }
+            }
+            FrameType::MemoryPages => Message::MemoryPages(Self::parse_pages(frame)?),
+            FrameType::MemoryDone => {
+                fixed(16)?;
+                if le_u32(p, 4) != 0 {
+                    return Err(ProtocolError::malformed(kind, "reserved field is not 0"));
+                }
+                Message::MemoryDone {
+                    iteration: le_u32(p, 0),
+                    pages: le_u64(p, 8),
+                }
+            }
+            FrameType::State => Message::State { state_json: p },
+            FrameType::Complete => {
+                fixed(0)?;
+                Message::Complete
+            }
+            FrameType::Ack => {
+                fixed(0)?;
+                Message::Ack
+            }
+            FrameType::Error => Message::Error {
+                message: message_text(p),
+            },
+            FrameType::Abort => Message::Abort {
+                message: message_text(p),
+            },
+        })
+    }
+
+    fn parse_pages(frame: &Frame<'a>) -> Result<PageBatch<'a>, ProtocolError> {
+        let kind = FrameType::MemoryPages;
+        let p = frame.payload;
+        if p.len() < PAGES_HEADER_LEN {
+            return Err(ProtocolError::malformed(kind, "shorter than 8 bytes"));
+        }
+        let count = le_u32(p, 0) as usize;
+        if le_u32(p, 4) != 0 {
+            return Err(ProtocolError::malformed(kind, "reserved field is not 0"));
+        }
+        if count > MAX_PAGES_PER_FRAME {
+            return Err(ProtocolError::malformed(
+                kind,
+                format!("{count} pages, the limit is {MAX_PAGES_PER_FRAME}"),
+            ));
+        }
+        let data_at = PAGES_HEADER_LEN + count * ENTRY_LEN;
+        if p.len() < data_at {
+            return Err(ProtocolError::malformed(
+                kind,
+                format!("{count} entries do not fit in {} bytes", p.len()),
+            ));
+        }
+        let entries = &p[PAGES_HEADER_LEN..data_at];
+        let mut data_pages = 0;
+        for (i, e) in entries.chunks_exact(ENTRY_LEN).enumerate() {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if v & PAGE_MASK & !ZERO_PAGE_BIT != 0 {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("entry {i} ({v:#x}) is not a page address"),
+                ));
+            }
+            if v & ZERO_PAGE_BIT == 0 {
+                data_pages += 1;
+            }
+        }
+        let data = &p[data_at..];
+        let compressed = frame.flags & FLAG_LZ4 != 0;
+        let raw = data_pages * PAGE_SIZE;
+        if compressed {
+            if data_pages == 0 || data.is_empty() {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    "LZ4 flag on a frame without page data",
+                ));
+            }
+        } else if data.len() != raw {
+            return Err(ProtocolError::malformed(
+                kind,
+                format!(
+                    "{} bytes of page data, {data_pages} non-zero pages need {raw}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(PageBatch {
+            entries,
+            data,
+            compressed,
+            data_pages,
+        })
+    }
+}
+
+/// Reads frames, reusing one buffer whose size never exceeds the largest frame actually
+/// received (at most `MAX_FRAME_PAYLOAD + 4` bytes); a frame announcing a large payload
+/// only gets memory as its bytes arrive.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    next_seq: u32,
+}
+
+/// Reads until `buf` is full or EOF; returns the number of bytes read.
+fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes currently reserved for frame payloads.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Reads and checks one frame (magic, type, flags, reserved, length bound, checksum,
+    /// sequence). EOF before the first header byte is [`ProtocolError::Closed`].
+    pub fn read_frame<R: Read + ?Sized>(&mut self, r: &mut R) -> Result<Frame<'_>, ProtocolError> {
+        let mut header = [0u8; HEADER_LEN];
+        let got = read_full(r, &mut header)?;
+        if got == 0 {
+            return Err(ProtocolError::Closed);
+        }
+        if got < HEADER_LEN {
+            return Err(ProtocolError::Truncated {
+                what: "frame header",
+                expected: HEADER_LEN,
+                got,
+            });
+        }
+        let magic = le_u32(&header, 0);
+        if magic != FRAME_MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let kind = FrameType::from_u8(header[4]).ok_or(ProtocolError::UnknownType(header[4]))?;
+        let flags = header[5];
+        let reserved = u16::from_le_bytes([header[6], header[7]]);
+        if reserved != 0 {
+            return Err(ProtocolError::Reserved(reserved));
+        }
+        let len = le_u32(&header, 8) as usize;
+        if len > MAX_FRAME_PAYLOAD {
+            return Err(ProtocolError::TooLarge { len: len as u64 });
+        }
+        let seq = le_u32(&header, 12);
+        let need = len + TRAILER_LEN;
+        self.fill(r, need)?;
+        let expected = le_u32(&self.buf, len);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header);
+        hasher.update(&self.buf[..len]);
+        let actual = hasher.finalize();
+        if actual != expected {
+            return Err(ProtocolError::Checksum {
+                seq,
+                expected,
+                actual,
+            });
+        }
+        if seq != self.next_seq {
+            return Err(ProtocolError::Sequence {
+                expected: self.next_seq,
+                got: seq,
+            });
+        }
+        if flags & !kind.allowed_flags() != 0 {
+            return Err(ProtocolError::BadFlags { kind, flags });
+        }
+        self.next_seq = self.next_seq.wrapping_add(1);
+        Ok(Frame {
+            kind,
+            flags,
+            seq,
+            payload: &self.buf[..len],
+        })
+    }
+
+    /// Reads exactly `need` bytes into the front of the buffer, growing it (exactly, at most
+    /// doubling what has arrived) only as data comes in.
+    fn fill<R: Read + ?Sized>(&mut self, r: &mut R, need: usize) -> Result<(), ProtocolError> {
+        let mut filled = 0;
+        while filled < need {
+            let target = need.min(filled.saturating_mul(2).max(FIRST_READ));
+            if self.buf.len() < target {
+                self.buf.reserve_exact(target - self.buf.len());
+                self.buf.resize(target, 0);
+            }
+            match r.read(&mut self.buf[filled..target]) {
+                Ok(0) => {
+                    return Err(ProtocolError::Truncated {
+                        what: "frame payload",
+                        expected: need,
+                        got: filled,
+                    })
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fills in the header (at `buf[..HEADER_LEN]`) and the checksum (after `payload_len` payload
+/// bytes) of a frame assembled in place; returns the frame's total length.
+fn seal_frame(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) -> usize {
+    buf[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    buf[4] = kind as u8;
+    buf[5] = flags;
+    buf[6..8].copy_from_slice(&0u16.to_le_bytes());
+    buf[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    buf[12..16].copy_from_slice(&seq.to_le_bytes());
+    let end = HEADER_LEN + payload_len;
+    let crc = crc32fast::hash(&buf[..end]);
+    buf[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
+    end + TRAILER_LEN
+}
+
+/// Encodes one frame with `payload` into a new buffer (for the small frames; page frames are
+/// assembled in place by the [`Sender`]).
+pub fn encode_frame(kind: FrameType, flags: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADER_LEN + payload.len() + TRAILER_LEN];
+    buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+    seal_frame(&mut buf, kind, flags, seq, payload.len());
+    buf
+}
+
+/// Writes one small frame and counts it.
+fn write_small<T: Write>(
+    stream: &mut T,
+    seq: &mut u32,
+    stats: &mut TransferStats,
+    kind: FrameType,
+    payload: &[u8],
+) -> io::Result<()> {
+    if payload.len() > MAX_FRAME_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{kind} payload of {} bytes exceeds the frame limit of {MAX_FRAME_PAYLOAD}",
+                payload.len()
+            ),
+        ));
+    }
+    let frame = encode_frame(kind, 0, *seq, payload);
+    stream.write_all(&frame)?;
+    stream.flush()?;
+    *seq = seq.wrapping_add(1);
+    stats.frames += 1;
+    stats.bytes += frame.len() as u64;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SenderOptions {
+    /// LZ4-compress page data (a frame is sent compressed only when that is smaller).
+    pub compress: bool,
+    /// Pages per MemoryPages frame (1 ..= MAX_PAGES_PER_FRAME).
+    pub batch_pages: usize,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        Self {
+            compress: false,
+            batch_pages: 1024,
+        }
+    }
+}
+
+/// The sending side: the migration source, or the FT primary.
+pub struct Sender<T: Read + Write> {
+    stream: T,
+    options: SenderOptions,
+    seq: u32,
+    reader: FrameReader,
+    started: bool,
+    iteration: u32,
+    stats: TransferStats,
+    /// One MemoryPages frame assembled in place: header, count, entries, data, checksum.
+    frame: Vec<u8>,
+    /// LZ4 output for one frame's page data.
+    packed: Vec<u8>,
+    /// The page runs of the frame being assembled.
+    chunks: Vec<(u64, usize)>,
+}
+
+impl<T: Read + Write> Sender<T> {
+    pub fn new(stream: T) -> Self {
+        Self::with_options(stream, SenderOptions::default())
+    }
+
+    pub fn with_options(stream: T, options: SenderOptions) -> Self {
+        let batch = options.batch_pages.clamp(1, MAX_PAGES_PER_FRAME);
+        Self {
+            stream,
+            options: SenderOptions {
+                batch_pages: batch,
+                ..options
+            },
+            seq: 0,
+            reader: FrameReader::new(),
+            started: false,
+            iteration: 0,
+            stats: TransferStats::default(),
+            frame: Vec::new(),
+            packed: Vec::new(),
+            chunks: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> TransferStats {
+        self.stats
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.stream
+    }
+
+    pub fn into_inner(self) -> T {
+        self.stream
+    }
+
+    /// A write failed: if the receiver explained why before closing, prefer its message.
+    fn write_failed(&mut self, e: io::Error) -> ProtocolError {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            if let Ok(frame) = self.reader.read_frame(&mut self.stream) {
+                if let Ok(Message::Error { message }) = Message::parse(&frame) {
+                    return ProtocolError::Remote(message);
+                }
+            }
+        }
+        ProtocolError::Io(e)
+    }
+
+    fn send_small(&mut self, kind: FrameType, payload: &[u8]) -> Result<(), ProtocolError> {
+        match write_small(
+            &mut self.stream,
+            &mut self.seq,
+            &mut self.stats,
+            kind,
+            payload,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.write_failed(e)),
+        }
+    }
+
+    fn check_started(&self, what: &'static str) -> Result<(), ProtocolError> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(ProtocolError::NotStarted(what))
+        }
+    }
+
+    /// Opens the stream: protocol version, page size and the VM configuration, so the
+    /// receiver can create the VM before memory arrives.
+    pub fn send_hello(&mut self, config: &VmConfig) -> Result<(), ProtocolError> {
+        let json = serde_json::to_vec(config).map_err(|source| ProtocolError::Serialize {
+            what: "VM configuration",
+            source,
+        })?;
+        let mut payload = Vec::with_capacity(8 + json.len());
+        payload.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        payload.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        payload.extend_from_slice(&json);
+        self.send_small(FrameType::Hello, &payload)?;
+        self.started = true;
+        Ok(())
+    }
+
+    /// Sends every page of `mem`.
+    pub fn send_all_memory(&mut self, mem: &GuestMemoryMmap) -> Result<PassStats, ProtocolError> {
+        let all = DirtyPages::all(mem)?;
+        self.send_memory(mem, &all)
+    }
+
+    /// Sends the pages of `pages` from `mem` as one pass (MemoryPages frames, then
+    /// MemoryDone). Zero pages travel as markers; runs of pages are copied with one
+    /// `vm-memory` read each into a reused frame buffer; nothing is allocated per page.
+    pub fn send_memory(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pages: &DirtyPages,
+    ) -> Result<PassStats, ProtocolError> {
+        self.check_started("memory")?;
+        let batch = self.options.batch_pages;
+        let frame_len =
+            HEADER_LEN + PAGES_HEADER_LEN + batch * (ENTRY_LEN + PAGE_SIZE) + TRAILER_LEN;
+        if self.frame.len() < frame_len {
+            self.frame.resize(frame_len, 0);
+        }
+        if self.options.compress {
+            let max = lz4_flex::block::get_maximum_output_size(batch * PAGE_SIZE);
+            if self.packed.len() < max {
+                self.packed.resize(max, 0);
+            }
+        }
+        let mut pass = PassStats {
+            iteration: self.iteration,
+            ..PassStats::default()
+        };
+        let mut runs = pages.runs();
+        let mut carry: Option<(u64, u64)> = None;
+        loop {
+            // Take up to `batch` pages from the runs.
+            self.chunks.clear();
+            let mut count = 0usize;
+            while count < batch {
+                let (start, n) = match carry.take().or_else(|| runs.next().map(|(a, n)| (a.0, n))) {
+                    Some(run) => run,
+                    None => break,
+                };
+                let take = (batch - count).min(usize::try_from(n).unwrap_or(usize::MAX));
+                self.chunks.push((start, take));
+                count += take;
+                if (take as u64) < n {
+                    carry = Some((start + (take * PAGE_SIZE) as u64, n - take as u64));
+                }
+            }
+            if count == 0 {
+                break;
+            }
+            let (wire, zero) = self.send_page_frame(mem, count)?;
+            pass.pages += count as u64;
+            pass.zero_pages += zero;
+            pass.wire_bytes += wire;
+        }
+        let mut done = [0u8; 16];
+        done[0..4].copy_from_slice(&self.iteration.to_le_bytes());
+        done[8..16].copy_from_slice(&pass.pages.to_le_bytes());
+        let before = self.stats.bytes;
+        self.send_small(FrameType::MemoryDone, &done)?;
+        pass.wire_bytes += self.stats.bytes - before;
+        self.stats.iterations += 1;
+        self.iteration = self.iteration.wrapping_add(1);
+        Ok(pass)
+    }
+
+    /// Assembles and sends one MemoryPages frame from `self.chunks` (`count` pages); returns
+    /// (bytes written, zero pages).
+    fn send_page_frame(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        count: usize,
+    ) -> Result<(u64, u64), ProtocolError> {
+        let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
+        let data_at = entries_at + count * ENTRY_LEN;
+        let mut end = data_at;
+        let mut entry = entries_at;
+        let mut zero = 0u64;
+        for &(start, n) in &self.chunks {
+            let len = n * PAGE_SIZE;
+            let dst = &mut self.frame[end..end + len];
+            mem.read_slice(dst, GuestAddress(start))
+                .map_err(|e| ProtocolError::GuestMemory {
+                    gpa: start,
+                    reason: e.to_string(),
+                })?;
+            // Keep non-zero pages, packed towards the front; mark zero pages.
+            let mut src = end;
+            for i in 0..n {
+                let gpa = start + (i * PAGE_SIZE) as u64;
+                let is_zero_page = is_zero(&self.frame[src..src + PAGE_SIZE]);
+                let value = if is_zero_page {
+                    zero += 1;
+                    gpa | ZERO_PAGE_BIT
+                } else {
+                    if end != src {
+                        self.frame.copy_within(src..src + PAGE_SIZE, end);
+                    }
+                    end += PAGE_SIZE;
+                    gpa
+                };
+                self.frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
+                entry += ENTRY_LEN;
+                src += PAGE_SIZE;
+            }
+        }
+        self.frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
+        self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&0u32.to_le_bytes());
+        let raw = end - data_at;
+        let mut flags = 0;
+        if self.options.compress && raw > 0 {
+            if let Ok(n) =
+                lz4_flex::block::compress_into(&self.frame[data_at..end], &mut self.packed)
+            {
+                if n < raw {
+                    self.frame[data_at..data_at + n].copy_from_slice(&self.packed[..n]);
+                    end = data_at + n;
+                    flags = FLAG_LZ4;
+                }
+            }
+        }
+        let payload_len = end - HEADER_LEN;
+        let total = seal_frame(
+            &mut self.frame,
+            FrameType::MemoryPages,
+            flags,
+            self.seq,
+            payload_len,
+        );
+        if let Err(e) = self.stream.write_all(&self.frame[..total]) {
+            return Err(self.write_failed(e));
+        }
+        self.seq = self.seq.wrapping_add(1);
+        self.stats.frames += 1;
+        self.stats.bytes += total as u64;
+        self.stats.pages += count as u64;
+        self.stats.zero_pages += zero;
+        self.stats.page_data_bytes += raw as u64;
+        self.stats.page_wire_bytes += (end - data_at) as u64;
+        if flags & FLAG_LZ4 != 0 {
+            self.stats.compressed_frames += 1;
+        }
+        Ok((total as u64, zero))
+    }
+
+    /// Sends the VM state (after the last memory pass of an epoch or migration).
+    pub fn send_state<S: Serialize>(&mut self, state: &S) -> Result<(), ProtocolError> {
+        self.check_started("state")?;
+        let json = serde_json::to_vec(state).map_err(|source| ProtocolError::Serialize {
+            what: "VM state",
+            source,
+        })?;
+        self.send_small(FrameType::State, &json)
+    }
+
+    /// Closes the epoch / migration; the receiver answers with Ack or Error.
+    pub fn send_complete(&mut self) -> Result<(), ProtocolError> {
+        self.check_started("Complete")?;
+        self.send_small(FrameType::Complete, &[])
+    }
+
+    /// Tells the receiver to drop everything (best effort; the error is returned).
+    pub fn abort(&mut self, message: &str) -> Result<(), ProtocolError> {
+        let cut = message.as_bytes();
+        self.send_small(FrameType::Abort, &cut[..cut.len().min(MAX_MESSAGE)])
+    }
+
+    /// Waits for the receiver's verdict on the last Complete.
+    pub fn recv_ack(&mut self) -> Result<(), ProtocolError> {
+        let frame = self.reader.read_frame(&mut self.stream)?;
+        let (kind, len) = (frame.kind, frame.payload.len());
+        let msg = Message::parse(&frame)?;
+        self.stats.bytes += (HEADER_LEN + len + TRAILER_LEN) as u64;
+        match msg {
+            Message::Ack => Ok(()),
+            Message::Error { message } => Err(ProtocolError::Remote(message)),
+            _ => Err(ProtocolError::UnexpectedFrame {
+                got: kind,
+                state: "while waiting for Ack",
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecvPhase {
+    AwaitHello,
+    Memory,
+    AwaitComplete,
+    Failed,
+}
+
+/// The receiving side: the migration destination, or the FT backup.
+pub struct Receiver<T: Read + Write> {
+    stream: T,
+    reader: FrameReader,
+    seq: u32,
+    phase: RecvPhase,
+    iteration: u32,
+    pass_pages: u64,
+    stats: TransferStats,
+    /// Decompressed page data of one frame.
+    scratch: Vec<u8>,
+    /// One destination page read back to see whether a zero page needs writing.
+    probe: Vec<u8>,
+}
+
+impl<T: Read + Write> Receiver<T> {
+    pub fn new(stream: T) -> Self {
+        Self {
+            stream,
+            reader: FrameReader::new(),
+            seq: 0,
+            phase: RecvPhase::AwaitHello,
+            iteration: 0,
+            pass_pages: 0,
+            stats: TransferStats::default(),
+            scratch: Vec::new(),
+            probe: vec![0; PAGE_SIZE],
+        }
+    }
+
+    pub fn stats(&self) -> TransferStats {
+        self.stats
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.stream
+    }
+
+    pub fn into_inner(self) -> T {
+        self.stream
+    }
+
+    /// Reports `message` to the sender (e.g. the VM could not be created or restored).
+    pub fn send_error(&mut self, message: &str) -> Result<(), ProtocolError> {
+        let cut = message.as_bytes();
+        write_small(
+            &mut self.stream,
+            &mut self.seq,
+            &mut self.stats,
+            FrameType::Error,
+            &cut[..cut.len().min(MAX_MESSAGE)],
+        )?;
+        Ok(())
+    }
+
+    /// Acknowledges the epoch / migration received by the last [`Receiver::recv_state`]:
+    /// call it once the state is safely applied (or held).
+    pub fn send_ack(&mut self) -> Result<(), ProtocolError> {
+        write_small(
+            &mut self.stream,
+            &mut self.seq,
+            &mut self.stats,
+            FrameType::Ack,
+            &[],
+        )?;
+        Ok(())
+    }
+
+    /// On a protocol error, tell the sender why (best effort) and refuse further frames.
+    fn fail(&mut self, e: ProtocolError) -> ProtocolError {
+        self.phase = RecvPhase::Failed;
+        if e.worth_reporting() {
+            let _ = self.send_error(&e.to_string());
+        }
+        e
+    }
+
+    /// Waits for Hello and returns the VM configuration it carries.
+    pub fn recv_hello(&mut self) -> Result<VmConfig, ProtocolError> {
+        self.recv_hello_inner().map_err(|e| self.fail(e))
+    }
+
+    fn recv_hello_inner(&mut self) -> Result<VmConfig, ProtocolError> {
+        if self.phase != RecvPhase::AwaitHello {
+            return Err(ProtocolError::UnexpectedFrame {
+                got: FrameType::Hello,
+                state: "(Hello already received)",
+            });
+        }
+        let frame = self.reader.read_frame(&mut self.stream)?;
+        self.stats.frames += 1;
+        self.stats.bytes += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
+        let kind = frame.kind;
+        match Message::parse(&frame)? {
+            Message::Hello {
+                version,
+                page_size,
+                config_json,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Version(version));
+                }
+                if page_size as usize != PAGE_SIZE {
+                    return Err(ProtocolError::PageSize(page_size));
+                }
+                let config = serde_json::from_slice(config_json).map_err(ProtocolError::Config)?;
+                self.phase = RecvPhase::Memory;
+                Ok(config)
+            }
+            Message::Abort { message } => Err(ProtocolError::Aborted(message)),
+            _ => Err(ProtocolError::UnexpectedFrame {
+                got: kind,
+                state: "before Hello",
+            }),
+        }
+    }
+
+    /// Receives one epoch (or the whole migration after Hello): memory passes written into
+    /// `mem` through `vm-memory`, then the state, then Complete. Returns the state; answer
+    /// with [`Receiver::send_ack`] or [`Receiver::send_error`]. Can be called again for the
+    /// next epoch.
+    pub fn recv_state<S: DeserializeOwned>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+    ) -> Result<S, ProtocolError> {
+        self.recv_state_inner(mem).map_err(|e| self.fail(e))
+    }
+
+    fn recv_state_inner<S: DeserializeOwned>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+    ) -> Result<S, ProtocolError> {
+        match self.phase {
+            RecvPhase::Memory => {}
+            RecvPhase::AwaitHello => return Err(ProtocolError::NotStarted("memory or state")),
+            RecvPhase::AwaitComplete | RecvPhase::Failed => return Err(ProtocolError::Failed),
+        }
+        let mut state: Option<S> = None;
+        loop {
+            let frame = self.reader.read_frame(&mut self.stream)?;
+            self.stats.frames += 1;
+            self.stats.bytes += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
+            let kind = frame.kind;
+            let msg = Message::parse(&frame)?;
+            match (self.phase, msg) {
+                (_, Message::Abort { message }) => return Err(ProtocolError::Aborted(message)),
+                (RecvPhase::Memory, Message::MemoryPages(batch)) => {
+                    Self::apply_pages(
+                        mem,
+                        &batch,
+                        &mut self.scratch,
+                        &mut self.probe,
+                        &mut self.stats,
+                    )?;
+                    self.pass_pages += batch.len() as u64;
+                }
+                (RecvPhase::Memory, Message::MemoryDone { iteration, pages }) => {
+                    if iteration != self.iteration {
+                        return Err(ProtocolError::Iteration {
+                            expected: self.iteration,
+                            got: iteration,
+                        });
+                    }
+                    if pages != self.pass_pages {
+                        return Err(ProtocolError::PageCount {
+                            iteration,
+                            sent: pages,
+                            received: self.pass_pages,
+                        });
+                    }
+                    self.pass_pages = 0;
+                    self.iteration = self.iteration.wrapping_add(1);
+                    self.stats.iterations += 1;
+                }
+                (RecvPhase::Memory, Message::State { state_json }) => {
+                    if self.pass_pages != 0 {
+                        return Err(ProtocolError::UnexpectedFrame {
+                            got: kind,
+                            state: "in the middle of a memory pass (no MemoryDone)",
+                        });
+                    }
+                    state = Some(serde_json::from_slice(state_json).map_err(ProtocolError::State)?);
+                    self.phase = RecvPhase::AwaitComplete;
+                }
+                (RecvPhase::AwaitComplete, Message::Complete) => {
+                    self.phase = RecvPhase::Memory;
+                    return state.ok_or(ProtocolError::UnexpectedFrame {
+                        got: kind,
+                        state: "before State",
+                    });
+                }
+                (RecvPhase::Memory, _) => {
+                    return Err(ProtocolError::UnexpectedFrame {
+                        got: kind,
+                        state: "during the memory/state phase",
+                    })
+                }
+                (_, _) => {
+                    return Err(ProtocolError::UnexpectedFrame {
+                        got: kind,
+                        state: "after State (expected Complete)",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Writes one frame's pages into `mem`. Every address is checked first, so a bad frame
+    /// writes nothing. Consecutive data pages are written with one call; a zero page is
+    /// written only if the destination is not already zero (fresh guest memory stays
+    /// unpopulated).
+    fn apply_pages(
+        mem: &GuestMemoryMmap,
+        batch: &PageBatch<'_>,
+        scratch: &mut Vec<u8>,
+        probe: &mut [u8],
+        stats: &mut TransferStats,
+    ) -> Result<(), ProtocolError> {
+        for (gpa, _) in batch.entries() {
+            let inside = mem
+                .find_region(gpa)
+                .is_some_and(|r| gpa.0 - r.start_addr().0 + PAGE_SIZE as u64 <= r.len());
+            if !inside {
+                return Err(ProtocolError::GuestMemory {
+                    gpa: gpa.0,
+                    reason: "outside guest memory".to_string(),
+                });
+            }
+        }
+        let wire = batch.data.len();
+        let data = batch.data(scratch)?;
+        let write = |from: usize, to: usize, gpa: u64| {
+            mem.write_slice(&data[from..to], GuestAddress(gpa))
+                .map_err(|e| ProtocolError::GuestMemory {
+                    gpa,
+                    reason: e.to_string(),
+                })
+        };
+        // A run of consecutive data pages: (first gpa, data offset, length).
+        let mut run: Option<(u64, usize, usize)> = None;
+        let mut at = 0usize;
+        let mut zero = 0u64;
+        for (gpa, is_zero_page) in batch.entries() {
+            if is_zero_page {
+                zero += 1;
+                if let Some((g, from, len)) = run.take() {
+                    write(from, from + len, g)?;
+                }
+                mem.read_slice(probe, gpa)
+                    .map_err(|e| ProtocolError::GuestMemory {
+                        gpa: gpa.0,
+                        reason: e.to_string(),
+                    })?;
+                if !is_zero(probe) {
+                    mem.write_slice(&ZERO_PAGE, gpa)
+                        .map_err(|e| ProtocolError::GuestMemory {
+                            gpa: gpa.0,
+                            reason: e.to_string(),
+                        })?;
+                }
+                continue;
+            }
+            run = match run {
+                Some((g, from, len)) if g + len as u64 == gpa.0 => Some((g, from, len + PAGE_SIZE)),
+                Some((g, from, len)) => {
+                    write(from, from + len, g)?;
+                    Some((gpa.0, at, PAGE_SIZE))
+                }
+                None => Some((gpa.0, at, PAGE_SIZE)),
+            };
+            at += PAGE_SIZE;
+        }
+        if let Some((g, from, len)) = run {
+            write(from, from + len, g)?;
+        }
+        stats.pages += batch.len() as u64;
+        stats.zero_pages += zero;
+        stats.page_data_bytes += data.len() as u64;
+        stats.page_wire_bytes += wire as u64;
+        if batch.is_compressed() {
+            stats.compressed_frames += 1;
+        }
+        Ok(())
+    }
+}
