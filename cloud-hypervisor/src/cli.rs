@@ -725,8 +725,8 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     };
     let flag = |key: &str| convert::<bool>(&parser, FLAG, value, key);
     net.tap = parser.get("tap").map(str::to_owned);
-    net.ip = ip("ip")?.unwrap_or(net.ip);
-    net.mask = ip("mask")?.unwrap_or(net.mask);
+    net.ip = ip("ip")?;
+    net.mask = ip("mask")?;
     net.mac = parser.get("mac").map(str::to_owned);
     net.host_mac = parser.get("host_mac").map(str::to_owned);
     net.mtu = convert::<u16>(&parser, FLAG, value, "mtu")?;
@@ -1439,7 +1439,7 @@ mod tests {
         assert_eq!(disks[1].queue_size, 64);
         let net = &cfg.net.unwrap()[0];
         assert_eq!(net.tap.as_deref(), Some("tap0"));
-        assert_eq!(net.ip.to_string(), "10.1.2.1");
+        assert_eq!(net.ip.map(|ip| ip.to_string()).as_deref(), Some("10.1.2.1"));
         assert_eq!(net.mtu, Some(1400));
         assert!(kernel_error(&["--disk", "readonly=on"]).contains("path=<disk image> is required"));
         assert!(kernel_error(&["--disk", "path=/a,queue_size=3"]).contains("--disk"));

@@ -321,6 +321,38 @@ impl DeviceManager {
             .collect()
     }
 
+    /// Makes every NIC announce the guest's MAC on its TAP (after a migration or failover the
+    /// network must learn the guest's new place before the guest happens to send).
+    pub fn announce_nets(&self) {
+        for entry in &self.virtio {
+            if let VirtioHandle::Net(net) = &entry.handle {
+                if let Err(e) = lock(net).announce() {
+                    log::warn!("{}: cannot announce the guest's MAC: {e}", entry.id);
+                }
+            }
+        }
+    }
+
+    /// Releases every disk image lock (migration hand-off to the destination).
+    pub fn release_disk_locks(&self) -> Result<(), String> {
+        for entry in &self.virtio {
+            if let VirtioHandle::Block(block) = &entry.handle {
+                lock(block).release_lock().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the disk image locks back after a failed hand-off.
+    pub fn reacquire_disk_locks(&self) -> Result<(), String> {
+        for entry in &self.virtio {
+            if let VirtioHandle::Block(block) = &entry.handle {
+                lock(block).reacquire_lock().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// The serial port, whose state is captured with the rest.
     pub fn set_serial(&mut self, serial: Option<Arc<Mutex<Serial>>>) {
         self.serial = serial;

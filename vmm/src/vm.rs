@@ -414,6 +414,10 @@ impl Vm {
         Ok(())
     }
 
+    pub fn device_manager(&self) -> &DeviceManager {
+        &self.device_manager
+    }
+
     /// Captures the complete state of a paused VM ([`Vm::pause`]): vCPUs, in-kernel devices
     /// and device models. Guest memory is not included.
     pub fn save_state(&mut self) -> Result<VmSnapshotState, VmError> {
@@ -516,10 +520,11 @@ fn add_nets(
             ),
             None => None,
         };
+        let (ip, mask) = net_config.host_address();
         let net = Net::new(NetConfig {
             tap: net_config.tap.clone(),
-            ip: Some(net_config.ip),
-            mask: Some(net_config.mask),
+            ip,
+            mask,
             mac,
             mtu: net_config.mtu,
             queue_size: net_config.queue_size,

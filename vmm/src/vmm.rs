@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,7 +19,7 @@ use crate::control::{
     VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
 };
 use crate::event_monitor::EventMonitor;
-use crate::migration::snapshot;
+use crate::migration::{live, snapshot};
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
 use crate::vm::{RestoredMemory, Start, VmSnapshotState};
@@ -416,12 +417,98 @@ impl Vmm {
         Ok(())
     }
 
-    fn send_migration(&mut self, _request: &SendMigrationRequest) -> Result<(), VmmError> {
-        Err(Self::failed("migration", "not wired yet"))
+    /// Migrates the running VM away. The control loop is busy meanwhile (API requests wait);
+    /// the guest keeps running until the final pause.
+    fn send_migration(&mut self, request: &SendMigrationRequest) -> Result<(), VmmError> {
+        if request.local {
+            return Err(VmmError::InvalidConfig(
+                "local (shared-memory) migration is not supported".into(),
+            ));
+        }
+        let url = live::parse_url(&request.destination_url).map_err(VmmError::InvalidConfig)?;
+        let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
+        let stream = live::connect(&url).map_err(|e| {
+            Self::failed(
+                "migration",
+                format!("cannot connect to {}: {e}", request.destination_url),
+            )
+        })?;
+        self.emit("vm", "migrating");
+        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+        let report = live::send(
+            vm,
+            &config,
+            stream,
+            Duration::from_millis(request.downtime_ms),
+        )
+        .map_err(|e| Self::failed("migration", e))?;
+        log::info!(
+            "migration done in {:?}: downtime {:?}, {} passes, {} bytes",
+            report.total,
+            report.downtime,
+            report.passes,
+            report.bytes
+        );
+        self.stop_vm();
+        self.state = VmState::Shutdown;
+        self.emit("vm", "migrated");
+        Ok(())
     }
 
-    fn receive_migration(&mut self, _request: &ReceiveMigrationRequest) -> Result<(), VmmError> {
-        Err(Self::failed("migration", "not wired yet"))
+    /// Waits for an incoming migration and runs the VM it brings.
+    fn receive_migration(&mut self, request: &ReceiveMigrationRequest) -> Result<(), VmmError> {
+        if self.config.is_some() {
+            return Err(VmmError::VmAlreadyCreated);
+        }
+        let url = live::parse_url(&request.receiver_url).map_err(VmmError::InvalidConfig)?;
+        let stream = live::accept(&url).map_err(|e| {
+            Self::failed(
+                "receiving a migration",
+                format!("cannot listen on {}: {e}", request.receiver_url),
+            )
+        })?;
+        self.emit("vm", "receiving");
+        let (mut receiver, config, memory, state) =
+            live::receive(stream).map_err(|e| Self::failed("receiving a migration", e))?;
+        let built = serial_output(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|serial| {
+                let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+                Vm::create(
+                    &self.kvm,
+                    &config,
+                    out,
+                    &self.events,
+                    self.seccomp,
+                    Start::Restore {
+                        state: &state,
+                        memory: RestoredMemory::Filled(memory),
+                        resume: true,
+                    },
+                )
+                .map(|vm| (vm, serial))
+                .map_err(|e| e.to_string())
+            });
+        let (vm, serial) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                let _ = receiver.send_error(&e);
+                return Err(Self::failed("receiving a migration", e));
+            }
+        };
+        vm.device_manager().announce_nets();
+        self.vm = Some(vm);
+        self.serial = serial;
+        self.config = Some(config);
+        self.state = VmState::Running;
+        // The source stops for good once it reads this. If the ack is lost, a source with disks
+        // stays paused (it cannot take their locks back from us); fencing a disk-less VM
+        // against such a split is fault tolerance's job, not migration's.
+        receiver
+            .send_ack()
+            .map_err(|e| Self::failed("receiving a migration", e))?;
+        self.emit("vm", "migrated");
+        Ok(())
     }
 
     /// Handles one readiness event of the control loop.

@@ -298,6 +298,26 @@ impl Block {
         std::mem::replace(&mut self.disk.gate, gate)
     }
 
+    /// Gives up the image lock so that a migration's destination can take it. The VM must stay
+    /// paused until the destination has it, or until [`Block::reacquire_lock`] after a failed
+    /// hand-off.
+    pub fn release_lock(&self) -> Result<(), BlockError> {
+        // SAFETY: flock on a file descriptor we own; it touches no memory.
+        if unsafe { libc::flock(self.disk.file.as_raw_fd(), libc::LOCK_UN) } != 0 {
+            return Err(BlockError::Lock {
+                path: self.disk.path.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the image lock back after a hand-off that did not happen; fails if another process
+    /// holds it now (then this VM must not run again).
+    pub fn reacquire_lock(&self) -> Result<(), BlockError> {
+        lock_image(&self.disk.file, &self.disk.path, self.disk.readonly)
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.capacity

@@ -435,6 +435,25 @@ impl Net {
         &self.tap
     }
 
+    /// Broadcasts a RARP frame from the guest's MAC, as QEMU's announce-self does, so that
+    /// switches and bridges learn where the guest is now (after a migration or failover).
+    pub fn announce(&self) -> io::Result<()> {
+        const ETHERTYPE_RARP: u16 = 0x8035;
+        let mac = self.mac.bytes();
+        let mut frame = [0u8; 60];
+        frame[0..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&mac);
+        frame[12..14].copy_from_slice(&ETHERTYPE_RARP.to_be_bytes());
+        // htype Ethernet, ptype IPv4, hlen 6, plen 4, op 3 (reverse request).
+        frame[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]);
+        frame[22..28].copy_from_slice(&mac);
+        frame[32..38].copy_from_slice(&mac);
+        let header = [0u8; crate::tap::VNET_HDR_LEN];
+        self.tap
+            .write_vectored(&[IoSlice::new(&header), IoSlice::new(&frame)])
+            .map(|_| ())
+    }
+
     pub fn mac(&self) -> MacAddr {
         self.mac
     }

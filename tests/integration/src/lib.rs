@@ -899,6 +899,13 @@ impl NetNs {
         &self.name
     }
 
+    /// Runs `ip -n NS ARGS...` and fails with its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_ip(&full)
+    }
+
     /// A wrapper that runs a command inside the namespace (for [`VmmBuilder::wrapped_in`]).
     pub fn exec_prefix(&self) -> Vec<String> {
         vec![

@@ -30,12 +30,6 @@ fn default_net_num_queues() -> usize {
 fn default_net_queue_size() -> u16 {
     DEFAULT_NET_QUEUE_SIZE
 }
-fn default_net_ip() -> Ipv4Addr {
-    DEFAULT_NET_IP
-}
-fn default_net_mask() -> Ipv4Addr {
-    DEFAULT_NET_MASK
-}
 fn default_true() -> bool {
     true
 }
@@ -116,10 +110,13 @@ pub struct NetConfig {
     /// An existing (or to-be-created) TAP by name; none: the VMM creates `vmtapN`.
     #[serde(default)]
     pub tap: Option<String>,
-    #[serde(default = "default_net_ip")]
-    pub ip: Ipv4Addr,
-    #[serde(default = "default_net_mask")]
-    pub mask: Ipv4Addr,
+    /// Host-side address of the TAP. When the VMM creates the TAP (no `tap`), Cloud
+    /// Hypervisor's 192.168.249.1/24 applies if none is given; a named TAP (often a bridge
+    /// port) gets an address only when one is given.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub mask: Option<Ipv4Addr>,
     /// The guest's MAC, `12:34:56:78:9a:bc`; none: a random locally administered one.
     #[serde(default)]
     pub mac: Option<String>,
@@ -155,8 +152,8 @@ impl Default for NetConfig {
     fn default() -> Self {
         Self {
             tap: None,
-            ip: DEFAULT_NET_IP,
-            mask: DEFAULT_NET_MASK,
+            ip: None,
+            mask: None,
             mac: None,
             host_mac: None,
             mtu: None,
@@ -185,6 +182,18 @@ pub fn is_valid_mac(mac: &str) -> bool {
 }
 
 impl NetConfig {
+    /// The TAP's host-side address and mask as the VMM applies them (see `ip`).
+    pub fn host_address(&self) -> (Option<Ipv4Addr>, Option<Ipv4Addr>) {
+        if self.tap.is_some() {
+            (self.ip, self.mask)
+        } else {
+            (
+                Some(self.ip.unwrap_or(DEFAULT_NET_IP)),
+                Some(self.mask.unwrap_or(DEFAULT_NET_MASK)),
+            )
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ValidationError> {
         if let Some(mac) = &self.mac {
             if !is_valid_mac(mac) {
@@ -292,8 +301,12 @@ mod tests {
     #[test]
     fn net_defaults_match_cloud_hypervisor_and_rules_hold() {
         let net: NetConfig = serde_json::from_str("{}").unwrap();
-        assert_eq!(net.ip, DEFAULT_NET_IP);
-        assert_eq!(net.mask, DEFAULT_NET_MASK);
+        assert_eq!(
+            net.host_address(),
+            (Some(DEFAULT_NET_IP), Some(DEFAULT_NET_MASK))
+        );
+        let named: NetConfig = serde_json::from_str(r#"{"tap": "tap0"}"#).unwrap();
+        assert_eq!(named.host_address(), (None, None));
         assert_eq!((net.num_queues, net.queue_size), (2, 256));
         net.validate().unwrap();
         let bad_mac = NetConfig {

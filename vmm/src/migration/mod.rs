@@ -6,6 +6,7 @@
 //! what the VM state is; this module decides how it travels, checks it, and never writes
 //! anything into a VM before the data it received or read has been verified as far as it can be.
 
+pub mod live;
 pub mod memory;
 pub mod protocol;
 pub mod snapshot;

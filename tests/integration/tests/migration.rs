@@ -1,0 +1,382 @@
+//! Live migration between two VMM processes in two network namespaces acting as two hosts,
+//! with the guest busy: a TCP connection from a client namespace survives the move, a guest
+//! rewriting memory verifies every page afterwards, and a failed migration leaves the source
+//! running.
+//!
+//! Network: the client namespace has a bridge (192.168.249.1/24); each host namespace has a
+//! bridge joining its guest TAP to a veth into the client's bridge, and the hosts talk to
+//! each other (the migration stream) over their own veth link, 10.77.0.1 <-> 10.77.0.2.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration::{
+    ch_remote, ch_remote_binary, kvm_serial_guard, report, require_kvm, require_netns, test_guest,
+    wait_for_api_socket, NetNs, TempDir, Vmm,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const GUEST_MAC: &str = "12:34:56:78:9a:bc";
+
+struct Hosts {
+    client: NetNs,
+    a: NetNs,
+    b: NetNs,
+}
+
+fn setup_hosts() -> Hosts {
+    let client = NetNs::new("mcli").expect("client namespace");
+    let a = NetNs::new("mha").expect("host A namespace");
+    let b = NetNs::new("mhb").expect("host B namespace");
+    let must = |r: integration::Result<()>| r.expect("network setup");
+    must(client.ip(&["link", "add", "br0", "type", "bridge"]));
+    must(client.ip(&["addr", "add", "192.168.249.1/24", "dev", "br0"]));
+    must(client.ip(&["link", "set", "br0", "up"]));
+    for (host, tag) in [(&a, "a"), (&b, "b")] {
+        let veth = format!("v{tag}");
+        let peer = format!("v{tag}p");
+        // The same TAP name on both hosts: the migrated configuration names it.
+        let tap = "tapvm".to_string();
+        must(host.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            client.name(),
+        ]));
+        must(client.ip(&["link", "set", &peer, "master", "br0", "up"]));
+        must(host.ip(&["link", "add", "brh", "type", "bridge"]));
+        must(host.ip(&["link", "set", "brh", "up"]));
+        must(host.ip(&["link", "set", &veth, "master", "brh", "up"]));
+        must(host.ip(&["tuntap", "add", &tap, "mode", "tap", "vnet_hdr"]));
+        must(host.ip(&["link", "set", &tap, "master", "brh", "up"]));
+    }
+    must(a.ip(&[
+        "link",
+        "add",
+        "miga",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "migb",
+        "netns",
+        b.name(),
+    ]));
+    must(a.ip(&["addr", "add", "10.77.0.1/24", "dev", "miga"]));
+    must(a.ip(&["link", "set", "miga", "up"]));
+    must(b.ip(&["addr", "add", "10.77.0.2/24", "dev", "migb"]));
+    must(b.ip(&["link", "set", "migb", "up"]));
+    Hosts { client, a, b }
+}
+
+fn api_vmm(name: &str, host: &NetNs, socket: &Path, extra: &[&str]) -> Vmm {
+    let mut vmm = Vmm::builder(name)
+        .wrapped_in(host.exec_prefix())
+        .args(["--api-socket", socket.to_str().expect("path")])
+        .args(extra)
+        .spawn()
+        .expect("start a VMM");
+    wait_for_api_socket(&mut vmm, socket, TIMEOUT);
+    vmm
+}
+
+/// Starts `ch-remote receive-migration` in the background (it returns when the VM arrived).
+fn receive_in_background(socket: &Path, url: &str) -> std::process::Child {
+    Command::new(ch_remote_binary())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(["receive-migration", url])
+        .spawn()
+        .expect("start ch-remote receive-migration")
+}
+
+fn echo_exact(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let owned = data.to_vec();
+    let sender = std::thread::spawn(move || writer.write_all(&owned));
+    let mut back = vec![0u8; data.len()];
+    stream
+        .read_exact(&mut back)
+        .map_err(|e| format!("echo read: {e}"))?;
+    sender
+        .join()
+        .map_err(|_| "sender panicked".to_string())?
+        .map_err(|e| format!("echo write: {e}"))?;
+    if back != data {
+        return Err("echoed bytes differ".into());
+    }
+    Ok(())
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn tcp_connection_survives_live_migration_between_two_hosts() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let hosts = setup_hosts();
+    let dir = TempDir::new("migration_tcp").expect("temp dir");
+    let guest = test_guest().expect("guest");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 8 << 20]).expect("image");
+    let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let kernel = guest.display().to_string();
+    let net = format!("tap=tapvm,mac={GUEST_MAC}");
+    let disk = format!("path={}", image.display());
+    let mut source = api_vmm(
+        "migration_source",
+        &hosts.a,
+        &sock_a,
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "workload=net net.ip=192.168.249.2/24",
+            "--memory",
+            "size=256M",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+            "--net",
+            &net,
+            "--disk",
+            &disk,
+        ],
+    );
+    source
+        .wait_for("NET ready", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut destination = api_vmm("migration_destination", &hosts.b, &sock_b, &[]);
+    let mut receiver = receive_in_background(&sock_b, "tcp:10.77.0.2:6000");
+
+    // A connection from the client namespace, used before, during and after the move.
+    let stream = hosts
+        .client
+        .run(|| {
+            TcpStream::connect_timeout(
+                &"192.168.249.2:7".parse().expect("addr"),
+                Duration::from_secs(10),
+            )
+        })
+        .expect("namespace thread")
+        .expect("connect to the guest's echo service");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut conn = stream.try_clone().expect("clone");
+    echo_exact(&mut conn, &pattern(1 << 20, 1)).expect("echo before the migration");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let chatter = {
+        let stop = stop.clone();
+        let mut conn = stream.try_clone().expect("clone");
+        std::thread::spawn(move || -> Result<u32, String> {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                echo_exact(&mut conn, &pattern(1000, rounds as u8))?;
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(rounds)
+        })
+    };
+
+    let started = Instant::now();
+    let out = ch_remote(
+        &sock_a,
+        &[
+            "send-migration",
+            "destination_url=tcp:10.77.0.2:6000,downtime_ms=100",
+        ],
+        None,
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        source.diagnose("send-migration failed")
+    );
+    let status = receiver.wait().expect("receive-migration");
+    assert!(
+        status.success(),
+        "{}",
+        destination.diagnose("receive-migration failed")
+    );
+
+    // The connection keeps working through the new host.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let rounds = chatter
+        .join()
+        .expect("chatter thread")
+        .unwrap_or_else(|e| panic!("{e}\n{}", destination.diagnose("echo during the migration")));
+    echo_exact(&mut conn, &pattern(4 << 20, 7))
+        .unwrap_or_else(|e| panic!("{e}\n{}", destination.diagnose("echo after the migration")));
+    let status = source
+        .wait_exit(TIMEOUT)
+        .expect("the source exits after the move");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        source.diagnose("source exit code")
+    );
+    let info = ch_remote(&sock_b, &["info"], None);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("Running"));
+    report(&format!(
+        "migration: TCP connection survived; send-migration took {took:?}; {rounds} echo rounds during the move"
+    ));
+    destination.kill();
+}
+
+#[test]
+fn busy_guest_memory_is_intact_after_migration_over_a_unix_socket() {
+    require_kvm!();
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("migration_dirty").expect("temp dir");
+    let guest = test_guest().expect("guest");
+    let kernel = guest.display().to_string();
+    let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let mut source = Vmm::builder("migration_dirty_source")
+        .args(["--api-socket", sock_a.to_str().expect("path")])
+        .args([
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "workload=dirty dirty.mib=64 dirty.rate=20 dirty.ms=5000",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=256M",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ])
+        .spawn()
+        .expect("source");
+    wait_for_api_socket(&mut source, &sock_a, TIMEOUT);
+    source
+        .wait_for("DIRTY progress", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut destination = Vmm::builder("migration_dirty_destination")
+        .args(["--api-socket", sock_b.to_str().expect("path")])
+        .spawn()
+        .expect("destination");
+    wait_for_api_socket(&mut destination, &sock_b, TIMEOUT);
+    let link = dir.join("migration.sock");
+    let url = format!("unix:{}", link.display());
+    let mut receiver = receive_in_background(&sock_b, &url);
+    let deadline = Instant::now() + TIMEOUT;
+    while !link.exists() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = ch_remote(&sock_a, &["send-migration", &url], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        source.diagnose("send-migration")
+    );
+    assert!(receiver.wait().expect("receiver").success());
+    let result = destination
+        .wait_for("DIRTY result", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(result.line.contains("verify=ok"), "{}", result.line);
+    assert!(
+        !source.console().contains("DIRTY result"),
+        "the workload must finish on the destination"
+    );
+    report(&format!(
+        "migration: destination finished the workload: {}",
+        result.line.trim()
+    ));
+}
+
+#[test]
+fn failed_migration_leaves_the_source_running() {
+    require_kvm!();
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("migration_fail").expect("temp dir");
+    let guest = test_guest().expect("guest");
+    let kernel = guest.display().to_string();
+    let sock = dir.join("a.sock");
+    let mut source = Vmm::builder("migration_fail_source")
+        .args(["--api-socket", sock.to_str().expect("path")])
+        .args([
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "workload=dirty dirty.mib=16 dirty.rate=20 dirty.ms=0",
+            "--memory",
+            "size=128M",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ])
+        .spawn()
+        .expect("source");
+    wait_for_api_socket(&mut source, &sock, TIMEOUT);
+    source
+        .wait_for("DIRTY progress", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Nobody listens there.
+    let nowhere = format!("unix:{}", dir.join("nobody.sock").display());
+    let out = ch_remote(&sock, &["send-migration", &nowhere], None);
+    assert!(!out.status.success(), "migration to nowhere succeeded");
+    // A receiver that hangs up mid-stream.
+    let link = dir.join("hangup.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&link).expect("bind");
+    let hangup = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = vec![0u8; 1 << 20];
+            let _ = s.read(&mut buf);
+        }
+    });
+    let out = ch_remote(
+        &sock,
+        &["send-migration", &format!("unix:{}", link.display())],
+        None,
+    );
+    assert!(
+        !out.status.success(),
+        "migration to a vanished peer succeeded"
+    );
+    let _ = hangup.join();
+    let info = ch_remote(&sock, &["info"], None);
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    assert!(
+        info.contains("Running"),
+        "source not running after failures: {info}"
+    );
+    // And the guest still makes progress.
+    let before = source.console().matches("DIRTY progress").count();
+    let deadline = Instant::now() + TIMEOUT;
+    while source.console().matches("DIRTY progress").count() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            source.diagnose("guest stopped after a failed migration")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
