@@ -767,17 +767,42 @@ impl Net {
     }
 
     /// Serves the TX queue until it is empty: the notification was consumed, so nothing
-    /// would bring the loop back for chains left behind. Interrupts once per batch.
+    /// would bring the loop back for chains left behind. Interrupts once per batch. While it
+    /// works, the driver is told not to notify (VRING_USED_F_NO_NOTIFY): each notification is
+    /// a VM exit, and the loop picks up chains added meanwhile anyway.
     fn handle_tx(&mut self) {
+        self.set_tx_notification(false);
         loop {
             let (used, more) = self.process_tx();
             if used {
                 self.signal_used(TX_QUEUE);
             }
             if !more {
+                // Chains the driver added after the last pop but before notifications were on
+                // again would otherwise wait for the next kick.
+                if self.set_tx_notification(true) {
+                    self.set_tx_notification(false);
+                    continue;
+                }
                 break;
             }
         }
+    }
+
+    /// Turns TX notifications on or off; when turning them on, says whether chains are waiting.
+    fn set_tx_notification(&mut self, enable: bool) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let queue = &mut active.tx.queue;
+        let result = if enable {
+            queue.enable_notification(&active.mem)
+        } else {
+            queue.disable_notification(&active.mem).map(|()| false)
+        };
+        // The rings were checked at activation; an error here means the driver broke its own
+        // queue, and looping on it would spin the device loop.
+        result.unwrap_or(false)
     }
 }
 
