@@ -374,6 +374,32 @@ impl Vmm {
         Ok(())
     }
 
+    /// Builds a VM from captured state, with its console as the configuration says.
+    fn create_restored(
+        &self,
+        config: &VmConfig,
+        state: &VmSnapshotState,
+        memory: RestoredMemory,
+        resume: bool,
+    ) -> Result<(Vm, Option<SharedWriter>), String> {
+        let serial = serial_output(config).map_err(|e| e.to_string())?;
+        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let vm = Vm::create(
+            &self.kvm,
+            config,
+            out,
+            &self.events,
+            self.seccomp,
+            Start::Restore {
+                state,
+                memory,
+                resume,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((vm, serial))
+    }
+
     /// Creates this VMM's VM from a snapshot directory; every check of the snapshot happens
     /// before the VM exists.
     fn restore(&mut self, request: &RestoreRequest) -> Result<(), VmmError> {
@@ -388,23 +414,11 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
-        let serial = serial_output(&config).map_err(|e| Self::failed("restore", e))?;
-        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
         let fill =
             |mem: &crate::memory::GuestMemoryMmap| image.load_into(mem).map_err(|e| e.to_string());
-        let vm = Vm::create(
-            &self.kvm,
-            &config,
-            out,
-            &self.events,
-            self.seccomp,
-            Start::Restore {
-                state: &state,
-                memory: RestoredMemory::Fill(&fill),
-                resume: request.resume,
-            },
-        )
-        .map_err(|e| Self::failed("restore", e))?;
+        let (vm, serial) = self
+            .create_restored(&config, &state, RestoredMemory::Fill(&fill), request.resume)
+            .map_err(|e| Self::failed("restore", e))?;
         self.vm = Some(vm);
         self.serial = serial;
         self.config = Some(config);
@@ -470,25 +484,7 @@ impl Vmm {
         self.emit("vm", "receiving");
         let (mut receiver, config, memory, state) =
             live::receive(stream).map_err(|e| Self::failed("receiving a migration", e))?;
-        let built = serial_output(&config)
-            .map_err(|e| e.to_string())
-            .and_then(|serial| {
-                let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
-                Vm::create(
-                    &self.kvm,
-                    &config,
-                    out,
-                    &self.events,
-                    self.seccomp,
-                    Start::Restore {
-                        state: &state,
-                        memory: RestoredMemory::Filled(memory),
-                        resume: true,
-                    },
-                )
-                .map(|vm| (vm, serial))
-                .map_err(|e| e.to_string())
-            });
+        let built = self.create_restored(&config, &state, RestoredMemory::Filled(memory), true);
         let (vm, serial) = match built {
             Ok(built) => built,
             Err(e) => {
