@@ -223,3 +223,74 @@ fn serial_output_and_acpi_shutdown_reach_the_vmm() {
     assert_eq!(&*capture.0.lock().unwrap(), b"OK\n");
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn captured_state_restores_into_a_new_vm_that_continues() {
+    if !kvm_available("captured_state_restores_into_a_new_vm_that_continues") {
+        return;
+    }
+    use vmm::vm::{RestoredMemory, Start, VmSnapshotState};
+    let kernel = elf_kernel(&counting_loop(), "state");
+    let kvm = vmm::vm::open_kvm().expect("kvm");
+    let events = VmEvents::new().expect("events");
+    let cfg = config(kernel.clone(), 2);
+    let mut vm = Vm::boot(&kvm, &cfg, None, &events, SeccompMode::Trap).expect("boot");
+    let start = Instant::now();
+    while counter(&vm) < 1000 {
+        assert!(start.elapsed() < Duration::from_secs(20), "guest never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().expect("pause");
+    let state = vm.save_state().expect("save state");
+    let saved_counter = counter(&vm);
+    let memory: Vec<u8> = {
+        let mut bytes = vec![0u8; 64 << 20];
+        vm.memory()
+            .read_slice(&mut bytes, GuestAddress(0))
+            .expect("read memory");
+        bytes
+    };
+    // Through JSON, as snapshots and migration carry it.
+    let json = serde_json::to_string(&state).expect("serialize");
+    let state: VmSnapshotState = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(state.vcpus.len(), 2);
+    vm.shutdown();
+    drop(vm);
+
+    let events = VmEvents::new().expect("events");
+    let fill = |mem: &vmm::memory::GuestMemoryMmap| {
+        mem.write_slice(&memory, GuestAddress(0))
+            .map_err(|e| e.to_string())
+    };
+    let mut restored = Vm::create(
+        &kvm,
+        &cfg,
+        None,
+        &events,
+        SeccompMode::Trap,
+        Start::Restore {
+            state: &state,
+            memory: RestoredMemory::Fill(&fill),
+            resume: false,
+        },
+    )
+    .expect("restore");
+    // Paused after restore: nothing runs until resume.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        counter(&restored),
+        saved_counter,
+        "restored VM ran before resume"
+    );
+    restored.resume().expect("resume");
+    let start = Instant::now();
+    while counter(&restored) < saved_counter + 100 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "restored guest does not continue its loop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    restored.shutdown();
+    let _ = std::fs::remove_file(kernel);
+}
