@@ -3,6 +3,16 @@
 //! a gate that holds each epoch's output until the backup has acknowledged that epoch.
 //! Devices know nothing else of fault tolerance.
 
+mod epoch;
+mod epoch_disk;
+mod epoch_net;
+
+pub use epoch::{
+    DiscardStats, EpochControl, EpochError, GateMode, GateStats, HoldLimits, ReleaseStats,
+};
+pub use epoch_disk::EpochDiskGate;
+pub use epoch_net::EpochNetGate;
+
 /// Where a network device's transmitted frames go (a TAP device, through the gate).
 pub trait NetOutputGate: Send {
     /// Sends one Ethernet frame (without the virtio-net header).
@@ -20,6 +30,19 @@ pub trait DiskOutputGate: Send {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()>;
     /// Makes every write accepted so far durable (a guest FLUSH request).
     fn flush(&mut self) -> std::io::Result<()>;
+
+    /// Reads `buf.len()` bytes at `offset` as the guest must see them: `read_image` fills `buf`
+    /// from the image, then a holding gate patches in writes it still holds. The image read runs
+    /// inside the call so that a holding gate can keep a concurrent commit from moving data
+    /// between image and overlay in between. The pass-through gate only reads the image.
+    fn read_through(
+        &self,
+        _offset: u64,
+        buf: &mut [u8],
+        read_image: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        read_image(buf)
+    }
 }
 
 /// The pass-through disk gate: writes go straight to the image file.
