@@ -194,6 +194,51 @@ impl Vm {
         seccomp: SeccompMode,
         start: Start,
     ) -> Result<Self, VmError> {
+        match start {
+            Start::Boot => {
+                Self::prepare(kvm, config, serial_out, events, seccomp, Default::default())?.boot()
+            }
+            Start::Restore {
+                state,
+                memory: RestoredMemory::Filled(memory),
+                resume,
+            } => Self::prepare(
+                kvm,
+                config,
+                serial_out,
+                events,
+                seccomp,
+                PrepareOptions {
+                    memory: Some(memory),
+                    defer_disk_locks: false,
+                },
+            )?
+            .restore(state, resume),
+            Start::Restore {
+                state,
+                memory: RestoredMemory::Fill(fill),
+                resume,
+            } => {
+                let prepared =
+                    Self::prepare(kvm, config, serial_out, events, seccomp, Default::default())?;
+                fill(prepared.memory()).map_err(VmError::Restore)?;
+                prepared.restore(state, resume)
+            }
+        }
+    }
+
+    /// Creates everything of the VM that does not depend on its contents: the KVM VM with its
+    /// irqchip and PIT, guest memory registered with KVM (`memory`, or fresh), the devices and
+    /// the vCPU fds. Nothing runs yet.
+    pub fn prepare(
+        kvm: &Kvm,
+        config: &VmConfig,
+        serial_out: Option<Box<dyn Write + Send>>,
+        events: &VmEvents,
+        seccomp: SeccompMode,
+        options: PrepareOptions,
+    ) -> Result<PreparedVm, VmError> {
+        let memory = options.memory;
         let cpu_count = config.cpus.boot_vcpus;
         if cpu_count == 0 {
             return Err(VmError::NoVcpus);
@@ -206,7 +251,6 @@ impl Vm {
             });
         }
         let payload = config.payload.as_ref().ok_or(VmError::NoKernel)?;
-        let kernel = payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
         let base_cpuid = cpuid::supported(kvm)?;
         let mem_size = config.memory.size;
         memory::validate_size(mem_size, phys_bits(&base_cpuid))?;
@@ -232,12 +276,9 @@ impl Vm {
             }),
         )?;
 
-        let memory = match &start {
-            Start::Restore {
-                memory: RestoredMemory::Filled(memory),
-                ..
-            } => {
-                let size: u64 = vm_memory::GuestMemoryBackend::iter(memory)
+        let memory = match memory {
+            Some(memory) => {
+                let size: u64 = vm_memory::GuestMemoryBackend::iter(&memory)
                     .map(vm_memory::GuestMemoryRegion::len)
                     .sum();
                 if size != mem_size {
@@ -245,15 +286,21 @@ impl Vm {
                         "received {size} bytes of memory but the configuration has {mem_size}"
                     )));
                 }
-                memory.clone()
+                memory
             }
-            _ => memory::create(mem_size)?,
+            None => memory::create(mem_size)?,
         };
         memory::register(&vm_fd, &memory, false)?;
 
         let mut mmio = IoBus::new();
         let mut device_manager = DeviceManager::new(memory.clone());
-        add_disks(&vm_fd, &mut mmio, &mut device_manager, config)?;
+        add_disks(
+            &vm_fd,
+            &mut mmio,
+            &mut device_manager,
+            config,
+            options.defer_disk_locks,
+        )?;
         add_nets(&vm_fd, &mut mmio, &mut device_manager, config)?;
         let mut cmdline = payload.cmdline.clone().unwrap_or_default();
         let devices_cmdline = device_manager.cmdline();
@@ -263,39 +310,6 @@ impl Vm {
             }
             cmdline.push_str(&devices_cmdline);
         }
-
-        let loaded = match start {
-            Start::Boot => {
-                let loaded = boot::load_kernel(
-                    &memory,
-                    mem_size,
-                    kernel,
-                    payload.initramfs.as_deref(),
-                    &cmdline,
-                )?;
-                mptable::setup(&memory, cpu_count)?;
-                Some(loaded)
-            }
-            Start::Restore {
-                state,
-                memory: ref source,
-                ..
-            } => {
-                if state.vcpus.len() != usize::from(cpu_count) {
-                    return Err(VmError::Restore(format!(
-                        "the state has {} vCPUs but the configuration {}",
-                        state.vcpus.len(),
-                        cpu_count
-                    )));
-                }
-                if let RestoredMemory::Fill(fill) = source {
-                    fill(&memory).map_err(VmError::Restore)?;
-                }
-                cpu_state::restore_vm(&vm_fd, &state.kvm)
-                    .map_err(|e| VmError::Restore(e.to_string()))?;
-                None
-            }
-        };
 
         let mut pio = IoBus::new();
         let serial = match serial_out {
@@ -322,78 +336,37 @@ impl Vm {
             SHUTDOWN_PORT,
             1,
         )?;
-
-        let msr_indices = msr::supported_indices(kvm)?;
-        let boot_msrs = msr::boot_msrs(&msr_indices)?;
-        let mut vcpu_fds = Vec::with_capacity(usize::from(cpu_count));
-        for index in 0..cpu_count {
-            let fd = match (&start, &loaded) {
-                (Start::Restore { state, .. }, _) => {
-                    let fd = vm_fd.create_vcpu(u64::from(index)).map_err(|source| {
-                        VmError::SetupVcpu {
-                            index,
-                            what: "create",
-                            source,
-                        }
-                    })?;
-                    cpu_state::restore_vcpu(&fd, index, &state.vcpus[usize::from(index)])
-                        .map_err(|e| VmError::Restore(e.to_string()))?;
-                    fd
-                }
-                (Start::Boot, Some(loaded)) => setup_vcpu(
-                    &vm_fd,
-                    &memory,
-                    index,
-                    cpu_count,
-                    &base_cpuid,
-                    &boot_msrs,
-                    loaded,
-                )?,
-                (Start::Boot, None) => return Err(VmError::NoKernel),
-            };
-            vcpu_fds.push(fd);
-        }
-        if let Start::Restore { state, .. } = &start {
-            device_manager
-                .restore(&state.devices, serial.as_ref())
-                .map_err(|e| VmError::Restore(e.to_string()))?;
-        }
-
-        device_manager.set_serial(serial.clone());
-        device_manager.start()?;
-        let start_paused = matches!(start, Start::Restore { resume: false, .. });
+        let vcpu_fds = (0..cpu_count)
+            .map(|index| {
+                vm_fd
+                    .create_vcpu(u64::from(index))
+                    .map_err(|source| VmError::SetupVcpu {
+                        index,
+                        what: "create",
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let handlers = Arc::new(ExitHandlers {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             reset_evt: clone_evt(&events.reset)?,
             exit_evt: clone_evt(&events.exit)?,
         });
-        let vcpus = Vcpus::start(
-            vcpu_fds,
-            handlers,
-            clone_evt(&events.vcpu_failure)?,
-            seccomp::vcpu_filter(seccomp)?,
-            Arc::new(msr_indices),
-            start_paused,
-        )?;
-        match &loaded {
-            Some(loaded) => log::info!(
-                "VM booted: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
-                mem_size >> 20,
-                kernel.display(),
-                loaded.entry
-            ),
-            None => log::info!(
-                "VM restored: {cpu_count} vCPU(s), {} MiB, {}",
-                mem_size >> 20,
-                if start_paused { "paused" } else { "running" }
-            ),
-        }
-        Ok(Self {
-            vcpus,
-            device_manager,
+        Ok(PreparedVm {
+            config: config.clone(),
             vm_fd,
             memory,
+            device_manager,
+            serial,
+            vcpu_fds,
+            base_cpuid,
+            msr_indices: msr::supported_indices(kvm)?,
+            cmdline,
+            handlers,
+            failure_evt: clone_evt(&events.vcpu_failure)?,
+            seccomp,
+            disk_locks_deferred: options.defer_disk_locks,
         })
     }
 
@@ -475,11 +448,134 @@ impl Vm {
     }
 }
 
+/// A VM whose KVM objects, memory slots, devices and vCPU fds exist, but whose vCPUs have
+/// neither state nor threads yet. A migration destination prepares it as soon as the
+/// configuration arrives, so only the state restore is left for the downtime window.
+pub struct PreparedVm {
+    config: VmConfig,
+    // Dropped in this order if the VM never starts: devices before memory.
+    device_manager: DeviceManager,
+    vcpu_fds: Vec<VcpuFd>,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    serial: Option<Arc<Mutex<Serial>>>,
+    base_cpuid: CpuId,
+    msr_indices: Vec<u32>,
+    cmdline: String,
+    handlers: Arc<ExitHandlers>,
+    failure_evt: EventFd,
+    seccomp: SeccompMode,
+    disk_locks_deferred: bool,
+}
+
+/// What [`Vm::prepare`] starts from.
+#[derive(Default)]
+pub struct PrepareOptions {
+    /// Guest memory that already exists (else fresh memory is created).
+    pub memory: Option<GuestMemoryMmap>,
+    /// Open disk images without their locks; [`PreparedVm::restore`] takes them (a migration
+    /// destination prepares while the source still holds them).
+    pub defer_disk_locks: bool,
+}
+
+impl PreparedVm {
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Loads the configured kernel and starts the vCPUs at its entry.
+    pub fn boot(self) -> Result<Vm, VmError> {
+        let payload = self.config.payload.as_ref().ok_or(VmError::NoKernel)?;
+        let kernel = payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
+        let mem_size = self.config.memory.size;
+        let cpu_count = self.config.cpus.boot_vcpus;
+        let loaded = boot::load_kernel(
+            &self.memory,
+            mem_size,
+            kernel,
+            payload.initramfs.as_deref(),
+            &self.cmdline,
+        )?;
+        mptable::setup(&self.memory, cpu_count)?;
+        let boot_msrs = msr::boot_msrs(&self.msr_indices)?;
+        for (index, fd) in self.vcpu_fds.iter().enumerate() {
+            setup_vcpu(
+                fd,
+                &self.memory,
+                index as u8,
+                cpu_count,
+                &self.base_cpuid,
+                &boot_msrs,
+                &loaded,
+            )?;
+        }
+        log::info!(
+            "VM booting: {cpu_count} vCPU(s), {} MiB, kernel {} ({:?})",
+            mem_size >> 20,
+            kernel.display(),
+            loaded.entry
+        );
+        self.start(false)
+    }
+
+    /// Puts captured state back (guest memory must hold its contents already) and starts
+    /// the vCPUs, parked unless `resume`.
+    pub fn restore(self, state: &VmSnapshotState, resume: bool) -> Result<Vm, VmError> {
+        let restore_err = |e: &dyn std::fmt::Display| VmError::Restore(e.to_string());
+        if state.vcpus.len() != self.vcpu_fds.len() {
+            return Err(VmError::Restore(format!(
+                "the state has {} vCPUs but the configuration {}",
+                state.vcpus.len(),
+                self.vcpu_fds.len()
+            )));
+        }
+        if self.disk_locks_deferred {
+            self.device_manager
+                .reacquire_disk_locks()
+                .map_err(|e| restore_err(&e))?;
+        }
+        cpu_state::restore_vm(&self.vm_fd, &state.kvm).map_err(|e| restore_err(&e))?;
+        for (index, (fd, vcpu)) in self.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
+            cpu_state::restore_vcpu(fd, index as u8, vcpu).map_err(|e| restore_err(&e))?;
+        }
+        self.device_manager
+            .restore(&state.devices, self.serial.as_ref())
+            .map_err(|e| restore_err(&e))?;
+        log::info!(
+            "VM restored: {} vCPU(s), {} MiB, {}",
+            self.vcpu_fds.len(),
+            self.config.memory.size >> 20,
+            if resume { "running" } else { "paused" }
+        );
+        self.start(!resume)
+    }
+
+    fn start(mut self, start_paused: bool) -> Result<Vm, VmError> {
+        self.device_manager.set_serial(self.serial.clone());
+        self.device_manager.start()?;
+        let vcpus = Vcpus::start(
+            self.vcpu_fds,
+            self.handlers,
+            self.failure_evt,
+            seccomp::vcpu_filter(self.seccomp)?,
+            Arc::new(self.msr_indices),
+            start_paused,
+        )?;
+        Ok(Vm {
+            vcpus,
+            device_manager: self.device_manager,
+            vm_fd: self.vm_fd,
+            memory: self.memory,
+        })
+    }
+}
+
 fn add_disks(
     vm_fd: &VmFd,
     mmio: &mut IoBus,
     device_manager: &mut DeviceManager,
     config: &VmConfig,
+    defer_lock: bool,
 ) -> Result<(), VmError> {
     for (index, disk) in config.disks.iter().flatten().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
@@ -490,6 +586,7 @@ fn add_disks(
             id: disk.serial.clone().or_else(|| disk.id.clone()),
             num_queues: disk.num_queues,
             queue_size: disk.queue_size,
+            defer_lock,
         })
         .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
         device_manager.add_virtio_device(
@@ -543,14 +640,14 @@ fn add_nets(
 }
 
 fn setup_vcpu(
-    vm_fd: &VmFd,
+    fd: &VcpuFd,
     memory: &GuestMemoryMmap,
     index: u8,
     cpu_count: u8,
     base_cpuid: &CpuId,
     boot_msrs: &kvm_bindings::Msrs,
     loaded: &boot::LoadedKernel,
-) -> Result<VcpuFd, VmError> {
+) -> Result<(), VmError> {
     let err = |what| {
         move |source| VmError::SetupVcpu {
             index,
@@ -558,7 +655,6 @@ fn setup_vcpu(
             source,
         }
     };
-    let fd = vm_fd.create_vcpu(u64::from(index)).map_err(err("create"))?;
     fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, cpu_count))
         .map_err(err("CPUID"))?;
     let written = fd.set_msrs(boot_msrs).map_err(err("MSRs"))?;
@@ -566,7 +662,7 @@ fn setup_vcpu(
         log::warn!("vCPU {index}: KVM accepted only {written} boot MSRs");
     }
     fd.set_fpu(&regs::boot_fpu()).map_err(err("FPU"))?;
-    set_lint(&fd).map_err(err("LAPIC"))?;
+    set_lint(fd).map_err(err("LAPIC"))?;
     // Other vCPUs wait for the guest's INIT/SIPI; KVM starts them in the right mode.
     if index == 0 {
         let sregs = fd.get_sregs().map_err(err("get sregs"))?;
@@ -575,7 +671,7 @@ fn setup_vcpu(
         fd.set_regs(&regs::boot_regs(loaded.entry, loaded.boot_info))
             .map_err(err("regs"))?;
     }
-    Ok(fd)
+    Ok(())
 }
 
 /// Wires LINT0 to ExtINT (the PIC) and LINT1 to NMI, as PC firmware leaves them.

@@ -22,7 +22,7 @@ use crate::event_monitor::EventMonitor;
 use crate::migration::{live, snapshot};
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
-use crate::vm::{RestoredMemory, Start, VmSnapshotState};
+use crate::vm::{PrepareOptions, RestoredMemory, Start, VmSnapshotState};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -482,13 +482,36 @@ impl Vmm {
             )
         })?;
         self.emit("vm", "receiving");
-        let (mut receiver, config, memory, state) =
-            live::receive(stream).map_err(|e| Self::failed("receiving a migration", e))?;
-        let built = self.create_restored(&config, &state, RestoredMemory::Filled(memory), true);
-        let (vm, serial) = match built {
-            Ok(built) => built,
+        let (mut receiver, config) =
+            live::receive_config(stream).map_err(|e| Self::failed("receiving a migration", e))?;
+        // Everything that does not depend on the VM's contents is built now, during the
+        // source's pre-copy, so the downtime window holds only the state restore.
+        let prepared = serial_output(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|serial| {
+                let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+                let options = PrepareOptions {
+                    memory: None,
+                    defer_disk_locks: true,
+                };
+                Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
+                    .map(|vm| (vm, serial))
+                    .map_err(|e| e.to_string())
+            });
+        let (prepared, serial) = match prepared {
+            Ok(prepared) => prepared,
             Err(e) => {
                 let _ = receiver.send_error(&e);
+                return Err(Self::failed("receiving a migration", e));
+            }
+        };
+        let state: VmSnapshotState = receiver
+            .recv_state(prepared.memory())
+            .map_err(|e| Self::failed("receiving a migration", e))?;
+        let vm = match prepared.restore(&state, true) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = receiver.send_error(&e.to_string());
                 return Err(Self::failed("receiving a migration", e));
             }
         };

@@ -81,6 +81,10 @@ pub struct BlockConfig {
     pub id: Option<String>,
     pub num_queues: usize,
     pub queue_size: u16,
+    /// Open the image without taking its lock; the owner takes it with
+    /// [`Block::reacquire_lock`] before the device runs (a migration destination prepares its
+    /// devices while the source still holds the lock).
+    pub defer_lock: bool,
 }
 
 impl BlockConfig {
@@ -93,6 +97,7 @@ impl BlockConfig {
             id: None,
             num_queues: 1,
             queue_size: 128,
+            defer_lock: false,
         }
     }
 }
@@ -241,7 +246,9 @@ impl Block {
         if size < SECTOR_SIZE {
             return Err(BlockError::TooSmall { path, size });
         }
-        lock_image(&file, &path, cfg.readonly)?;
+        if !cfg.defer_lock {
+            lock_image(&file, &path, cfg.readonly)?;
+        }
         let capacity = size / SECTOR_SIZE;
         let id = disk_id(&file, cfg.id.as_deref());
         let gate_file = file.try_clone().map_err(|source| BlockError::Open {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::config::VmConfig;
 use crate::migration::memory::{DirtyPages, PAGE_SIZE};
 use crate::migration::protocol::{Receiver, Sender};
-use crate::vm::{Vm, VmSnapshotState};
+use crate::vm::Vm;
 
 /// Pre-copy passes before the VM is stopped whatever the dirty rate (bounded migration time).
 const MAX_PRECOPY_PASSES: u32 = 30;
@@ -210,19 +210,11 @@ fn precopy_and_handoff(
     Ok((downtime_start.elapsed(), passes + 1))
 }
 
-/// Receives a migration: the configuration first, then memory straight into fresh guest
-/// memory, then the state. The caller builds the VM from what this returns and acknowledges.
-pub fn receive(
+/// Starts receiving a migration: reads the configuration, so the caller can prepare the VM
+/// (KVM objects, memory slots, devices) while the source is still in pre-copy.
+pub fn receive_config(
     stream: MigrationStream,
-) -> Result<
-    (
-        Receiver<MigrationStream>,
-        VmConfig,
-        crate::memory::GuestMemoryMmap,
-        VmSnapshotState,
-    ),
-    String,
-> {
+) -> Result<(Receiver<MigrationStream>, VmConfig), String> {
     let mut receiver = Receiver::new(stream);
     let config = receiver.recv_hello().map_err(|e| e.to_string())?;
     if let Err(e) = config.validate() {
@@ -230,16 +222,7 @@ pub fn receive(
         let _ = receiver.send_error(&message);
         return Err(message);
     }
-    let memory = match crate::memory::create(config.memory.size) {
-        Ok(memory) => memory,
-        Err(e) => {
-            let message = format!("cannot allocate the migrated VM's memory: {e}");
-            let _ = receiver.send_error(&message);
-            return Err(message);
-        }
-    };
-    let state: VmSnapshotState = receiver.recv_state(&memory).map_err(|e| e.to_string())?;
-    Ok((receiver, config, memory, state))
+    Ok((receiver, config))
 }
 
 #[cfg(test)]
