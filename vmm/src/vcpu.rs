@@ -6,7 +6,7 @@
 //! the signal; KVM completes any pending port or MMIO read before honouring `immediate_exit`,
 //! so a parked vCPU holds no half-done exit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,6 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::x86_64::cpu_state::{self, VcpuState};
+
+/// How long the pauser spins before it sleeps waiting for vCPUs to park.
+const PAUSE_SPIN: Duration = Duration::from_micros(200);
 
 /// Signal used only to interrupt `KVM_RUN`; its handler does nothing.
 fn kick_signal() -> libc::c_int {
@@ -69,6 +72,8 @@ struct ParkState {
 /// State shared by all vCPU threads of a VM and the thread that controls them.
 pub struct VcpuShared {
     pause: AtomicBool,
+    /// `live - parked`, mirrored outside the lock so the pauser can spin on it briefly.
+    running: AtomicUsize,
     stop: AtomicBool,
     park: Mutex<ParkState>,
     changed: Condvar,
@@ -81,6 +86,11 @@ impl VcpuShared {
     fn lock_park(&self) -> MutexGuard<'_, ParkState> {
         // With panic=abort no thread can die holding the lock; recover the guard anyway.
         self.park.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sync_running(&self, park: &ParkState) {
+        self.running
+            .store(park.live.saturating_sub(park.parked), Ordering::SeqCst);
     }
 
     /// Failures reported since the last call.
@@ -160,6 +170,7 @@ impl Vcpus {
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)?;
         let shared = Arc::new(VcpuShared {
             pause: AtomicBool::new(start_paused),
+            running: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             park: Mutex::new(ParkState::default()),
             changed: Condvar::new(),
@@ -182,7 +193,11 @@ impl Vcpus {
             let seccomp = seccomp.clone();
             let msr_indices = msr_indices.clone();
             let (commands, command_rx) = mpsc::channel();
-            shared.lock_park().live += 1;
+            {
+                let mut park = shared.lock_park();
+                park.live += 1;
+                shared.sync_running(&park);
+            }
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
@@ -198,7 +213,9 @@ impl Vcpus {
                     fd
                 })
                 .map_err(|source| {
-                    vcpus.shared.lock_park().live -= 1;
+                    let mut park = vcpus.shared.lock_park();
+                    park.live -= 1;
+                    vcpus.shared.sync_running(&park);
                     VcpuError::Spawn { index, source }
                 })?;
             vcpus.handles.push(VcpuHandle {
@@ -243,6 +260,14 @@ impl Vcpus {
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
         self.shared.pause.store(true, Ordering::SeqCst);
         self.kick_all()?;
+        // A pause normally completes within tens of microseconds: spinning that long costs
+        // less than sleeping on the condvar and being woken (FT pauses every epoch).
+        let spin_until = Instant::now() + PAUSE_SPIN;
+        // Yielding rather than busy-spinning leaves this core to a vCPU thread that must wake
+        // to park (an idle vCPU halted in KVM needs a core to leave KVM_RUN).
+        while self.shared.running.load(Ordering::SeqCst) > 0 && Instant::now() < spin_until {
+            std::thread::yield_now();
+        }
         let deadline = Instant::now() + timeout;
         let mut park = self.shared.lock_park();
         while park.parked < park.live {
@@ -349,6 +374,7 @@ fn park(ctx: &VcpuContext, fd: &VcpuFd) {
     let shared = ctx.shared;
     let mut park = shared.lock_park();
     park.parked += 1;
+    shared.sync_running(&park);
     shared.changed.notify_all();
     loop {
         serve_commands(ctx, fd);
@@ -358,6 +384,7 @@ fn park(ctx: &VcpuContext, fd: &VcpuFd) {
         park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
     }
     park.parked -= 1;
+    shared.sync_running(&park);
 }
 
 fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<BpfProgram>>) {
@@ -371,6 +398,7 @@ fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<BpfProgram>>
     {
         let mut park = shared.lock_park();
         park.live -= 1;
+        shared.sync_running(&park);
         shared.changed.notify_all();
     }
     if let Err(message) = result {
@@ -453,8 +481,10 @@ fn park_until_stopped(shared: &VcpuShared) {
     let mut park = shared.lock_park();
     while !shared.stop.load(Ordering::SeqCst) {
         park.parked += 1;
+        shared.sync_running(&park);
         shared.changed.notify_all();
         park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
         park.parked -= 1;
+        shared.sync_running(&park);
     }
 }
