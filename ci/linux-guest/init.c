@@ -1,0 +1,396 @@
+/*
+ * /init of the Linux test guest (built by ci/build-linux-guest, statically linked).
+ *
+ * A C program rather than a shell script: on the nested KVM of our CI machines every system
+ * call and fork of the guest runs through KVM's instruction emulator, so a script takes more
+ * than twice as long to reach its ready marker.
+ *
+ * What it does, printing one marker line per step on the console ("LINUX-GUEST <WHAT> ..."):
+ *   1. mounts /proc, /sys and devtmpfs on /dev; prints
+ *        LINUX-GUEST READY cpus=<online CPUs> online=<list> uptime_ms=<ms since boot>
+ *   2. brings up lo, and eth0 with the address of `tg.ip=A.B.C.D/N` (ioctls, no tools);
+ *   3. runs the checks named by `tg.checks=` (comma-separated, in this order):
+ *        blk   mount /dev/vda (ext4) on /mnt, print /mnt/hello.txt (written by the build),
+ *              write /mnt/guest.txt (`tg.token=` in it) and fsync it
+ *                -> LINUX-GUEST BLK ok hello="..." wrote=/guest.txt
+ *        ping  busybox `ping -c 3` the peer `tg.peer=` -> LINUX-GUEST PING ok|fail ...
+ *        tcp   listen on TCP port 5000 (`tg.port=`), print "LINUX-GUEST TCP listening", accept
+ *              one connection, echo everything it receives until the peer shuts down its
+ *              side, then print the byte count and FNV-1a 64 checksum of the data
+ *                -> LINUX-GUEST TCP ok bytes=<n> fnv=<16 hex digits>
+ *   4. prints "LINUX-GUEST DONE", unmounts /mnt, syncs and powers the VM off.
+ *
+ * Power-off: there is no ACPI in this guest (the VMM describes the machine with an MP table),
+ * so the kernel has no way to power off by itself. Our VMM (like Cloud Hypervisor) powers off
+ * when SLP_TYP=S5|SLP_EN (0x34) is written to its ACPI sleep control port 0x600, so /init
+ * writes that byte through /dev/port (the kernel does the port I/O; `outb` from user space
+ * raises #GP on the nested KVM of our CI machines even with iopl/ioperm). If that fails it
+ * falls back to reboot(RB_POWER_OFF), which halts the CPUs.
+ * Any failure prints "LINUX-GUEST FAIL <what>: <why>" and still powers off.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/klog.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static char cmdline[4096];
+static int failures;
+
+static long uptime_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* One whole line per write(2), so that kernel messages cannot split a marker. */
+static void say(const char *fmt, ...)
+{
+	char line[1024];
+	int n = snprintf(line, sizeof(line), "LINUX-GUEST ");
+	va_list ap;
+	va_start(ap, fmt);
+	n += vsnprintf(line + n, sizeof(line) - n - 1, fmt, ap);
+	va_end(ap);
+	if (n > (int)sizeof(line) - 2)
+		n = sizeof(line) - 2;
+	line[n++] = '\n';
+	if (write(1, line, n) < 0) {
+		/* nothing else to report to */
+	}
+}
+
+static void fail(const char *what, const char *why)
+{
+	failures++;
+	say("FAIL %s: %s", what, why);
+}
+
+/* The value of `key=` on the kernel command line (copied into buf), or NULL. */
+static const char *param(const char *key, char *buf, size_t size)
+{
+	size_t klen = strlen(key);
+	const char *p = cmdline;
+	while (*p) {
+		while (*p == ' ')
+			p++;
+		const char *end = strchr(p, ' ');
+		if (!end)
+			end = p + strlen(p);
+		if ((size_t)(end - p) > klen && !strncmp(p, key, klen) && p[klen] == '=') {
+			size_t len = end - p - klen - 1;
+			if (len >= size)
+				len = size - 1;
+			memcpy(buf, p + klen + 1, len);
+			buf[len] = 0;
+			return buf;
+		}
+		p = end;
+	}
+	return NULL;
+}
+
+static int read_file(const char *path, char *buf, size_t size)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, size - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	buf[n] = 0;
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+		buf[--n] = 0;
+	return n;
+}
+
+/* Number of CPUs in a list like "0-1,3". */
+static int count_cpus(const char *list)
+{
+	int count = 0;
+	const char *p = list;
+	while (*p) {
+		char *end;
+		long a = strtol(p, &end, 10), b = a;
+		if (end == p)
+			break;
+		if (*end == '-')
+			b = strtol(end + 1, &end, 10);
+		count += (int)(b - a + 1);
+		p = *end == ',' ? end + 1 : end;
+		if (*end != ',')
+			break;
+	}
+	return count;
+}
+
+static void mount_basics(void)
+{
+	mkdir("/proc", 0555);
+	mkdir("/sys", 0555);
+	mkdir("/dev", 0755);
+	mkdir("/mnt", 0755);
+	mkdir("/tmp", 01777);
+	if (mount("proc", "/proc", "proc", 0, NULL) && errno != EBUSY)
+		fail("mount", "proc");
+	if (mount("sysfs", "/sys", "sysfs", 0, NULL) && errno != EBUSY)
+		fail("mount", "sysfs");
+	if (mount("devtmpfs", "/dev", "devtmpfs", 0, NULL) && errno != EBUSY)
+		fail("mount", "devtmpfs");
+}
+
+static int if_ioctl(int sock, unsigned long req, struct ifreq *ifr, const char *what)
+{
+	if (ioctl(sock, req, ifr) == 0)
+		return 0;
+	char why[128];
+	snprintf(why, sizeof(why), "%s %s: %s", what, ifr->ifr_name, strerror(errno));
+	fail("net", why);
+	return -1;
+}
+
+static void set_addr(struct sockaddr *sa, in_addr_t addr)
+{
+	struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+	memset(sin, 0, sizeof(*sin));
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = addr;
+}
+
+static int link_up(int sock, const char *name)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+	if (if_ioctl(sock, SIOCGIFFLAGS, &ifr, "SIOCGIFFLAGS"))
+		return -1;
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	return if_ioctl(sock, SIOCSIFFLAGS, &ifr, "SIOCSIFFLAGS");
+}
+
+/* lo up; eth0 up with tg.ip=A.B.C.D/N. */
+static void configure_network(void)
+{
+	char ip[64];
+	int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		fail("net", "socket");
+		return;
+	}
+	link_up(sock, "lo");
+	if (param("tg.ip", ip, sizeof(ip))) {
+		char *slash = strchr(ip, '/');
+		int prefix = 24;
+		if (slash) {
+			*slash = 0;
+			prefix = atoi(slash + 1);
+		}
+		struct in_addr addr;
+		if (inet_pton(AF_INET, ip, &addr) != 1 || prefix < 1 || prefix > 32) {
+			fail("net", "bad tg.ip");
+		} else {
+			struct ifreq ifr;
+			memset(&ifr, 0, sizeof(ifr));
+			strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+			set_addr(&ifr.ifr_addr, addr.s_addr);
+			if (!if_ioctl(sock, SIOCSIFADDR, &ifr, "SIOCSIFADDR")) {
+				set_addr(&ifr.ifr_netmask, htonl(~0u << (32 - prefix)));
+				if (!if_ioctl(sock, SIOCSIFNETMASK, &ifr, "SIOCSIFNETMASK") &&
+				    !link_up(sock, "eth0")) {
+					char mac[32] = "?";
+					read_file("/sys/class/net/eth0/address", mac, sizeof(mac));
+					say("NET eth0 up ip=%s/%d mac=%s", ip, prefix, mac);
+				}
+			}
+		}
+	}
+	close(sock);
+}
+
+static void write_all(int fd, const char *data, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, data, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return;
+		data += n;
+		len -= n;
+	}
+}
+
+static void check_blk(void)
+{
+	char hello[256] = "", token[128] = "none", text[256];
+	if (mount("/dev/vda", "/mnt", "ext4", 0, NULL)) {
+		char why[128];
+		snprintf(why, sizeof(why), "mount /dev/vda on /mnt (ext4): %s", strerror(errno));
+		fail("blk", why);
+		return;
+	}
+	if (read_file("/mnt/hello.txt", hello, sizeof(hello)) < 0) {
+		fail("blk", "read /mnt/hello.txt");
+		return;
+	}
+	param("tg.token", token, sizeof(token));
+	int fd = open("/mnt/guest.txt", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		fail("blk", "create /mnt/guest.txt");
+		return;
+	}
+	int len = snprintf(text, sizeof(text), "written by the Linux guest token=%s\n", token);
+	write_all(fd, text, len);
+	if (fsync(fd) || close(fd)) {
+		fail("blk", "fsync /mnt/guest.txt");
+		return;
+	}
+	say("BLK ok hello=\"%s\" wrote=/guest.txt", hello);
+}
+
+static void check_ping(void)
+{
+	char peer[64];
+	if (!param("tg.peer", peer, sizeof(peer))) {
+		fail("ping", "no tg.peer=");
+		return;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		/* busybox ping prints its summary on our console */
+		execl("/bin/busybox", "ping", "-c", "3", "-W", "5", peer, (char *)NULL);
+		_exit(127);
+	}
+	int status = 0;
+	if (pid < 0 || waitpid(pid, &status, 0) < 0) {
+		fail("ping", "fork/wait");
+		return;
+	}
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+		say("PING ok peer=%s", peer);
+	else
+		say("PING fail peer=%s status=%d", peer, status);
+}
+
+static void check_tcp(void)
+{
+	char port_s[16] = "5000";
+	param("tg.port", port_s, sizeof(port_s));
+	int port = atoi(port_s);
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+	struct sockaddr_in sin;
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_port = htons(port);
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (ls < 0 || bind(ls, (struct sockaddr *)&sin, sizeof(sin)) || listen(ls, 1)) {
+		fail("tcp", "listen");
+		return;
+	}
+	say("TCP listening port=%d", port);
+	struct pollfd pfd = { .fd = ls, .events = POLLIN };
+	if (poll(&pfd, 1, 600 * 1000) != 1) {
+		fail("tcp", "no connection within 600 s");
+		close(ls);
+		return;
+	}
+	int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+	close(ls);
+	if (c < 0) {
+		fail("tcp", "accept");
+		return;
+	}
+	static char buf[64 << 10];
+	uint64_t h = 0xcbf29ce484222325ull, total = 0;
+	long start = uptime_ms();
+	for (;;) {
+		ssize_t n = read(c, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			fail("tcp", strerror(errno));
+			close(c);
+			return;
+		}
+		if (n == 0)
+			break;
+		for (ssize_t i = 0; i < n; i++)
+			h = (h ^ (uint8_t)buf[i]) * 0x100000001b3ull;
+		total += n;
+		write_all(c, buf, n);
+	}
+	shutdown(c, SHUT_WR);
+	close(c);
+	say("TCP ok bytes=%llu fnv=%016llx ms=%ld", (unsigned long long)total,
+	    (unsigned long long)h, uptime_ms() - start);
+}
+
+static void power_off(void)
+{
+	sync();
+	umount("/mnt");
+	sync();
+	int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		const unsigned char s5 = (5 << 2) | (1 << 5); /* SLP_TYP=S5, SLP_EN */
+		if (pwrite(fd, &s5, 1, 0x600) != 1)
+			say("FAIL poweroff: write /dev/port: %s", strerror(errno));
+		close(fd);
+	} else {
+		say("FAIL poweroff: open /dev/port: %s", strerror(errno));
+	}
+	/* The VMM should be gone by now; if not, stop the CPUs. */
+	sleep(5);
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause();
+}
+
+int main(void)
+{
+	char online[64] = "?", checks[256] = "";
+	signal(SIGPIPE, SIG_IGN);
+	mount_basics();
+	/* Kernel messages on the console only from KERN_ERR up from now on: they could split our lines. */
+	klogctl(8 /* SYSLOG_ACTION_CONSOLE_LEVEL */, NULL, 4);
+	if (read_file("/proc/cmdline", cmdline, sizeof(cmdline)) < 0)
+		fail("init", "read /proc/cmdline");
+	read_file("/sys/devices/system/cpu/online", online, sizeof(online));
+	say("READY cpus=%d online=%s uptime_ms=%ld", count_cpus(online), online, uptime_ms());
+
+	configure_network();
+	param("tg.checks", checks, sizeof(checks));
+	char *save = NULL;
+	for (char *c = strtok_r(checks, ",", &save); c; c = strtok_r(NULL, ",", &save)) {
+		if (!strcmp(c, "blk"))
+			check_blk();
+		else if (!strcmp(c, "ping"))
+			check_ping();
+		else if (!strcmp(c, "tcp"))
+			check_tcp();
+		else
+			fail("checks", c);
+	}
+	say("DONE failures=%d uptime_ms=%ld", failures, uptime_ms());
+	power_off();
+	return 0;
+}
