@@ -3,44 +3,13 @@
 //! need root (CAP_NET_ADMIN/CAP_SYS_ADMIN) and /dev/net/tun; without them they say loudly that
 //! they did not run.
 
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
 use devices::tap::{Tap, TapError};
 
-/// Runs `f` on a thread that lives in a new, empty network namespace. Returns false (after
-/// printing a SKIP line) when the namespace or the TUN device is not available.
-fn in_netns<F: FnOnce() + Send + 'static>(test: &str, f: F) -> bool {
-    let handle = std::thread::spawn(move || {
-        if !Path::new("/dev/net/tun").exists() {
-            return false;
-        }
-        // SAFETY: unshare(2) with CLONE_NEWNET only changes this thread's network namespace;
-        // no memory is passed.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return false;
-        }
-        f();
-        true
-    });
-    match handle.join() {
-        Ok(true) => true,
-        Ok(false) => {
-            if std::env::var("TANDEM_REQUIRE_TAP").as_deref() == Ok("1") {
-                panic!("{test}: needs root and /dev/net/tun, and TANDEM_REQUIRE_TAP=1 forbids skipping");
-            }
-            // Straight to stderr, past the test harness's output capture, so the skip shows.
-            // One write, so parallel tests do not interleave inside the line.
-            let line =
-                format!("SKIP: {test}: needs root and /dev/net/tun - this test did NOT run\n");
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            false
-        }
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
+mod common;
+use common::in_netns;
 
 #[test]
 fn create_sets_address_netmask_mtu_and_up() {

@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{clear_dirty, guest_memory, is_dirty, transport, Alloc, Driver};
+use common::{clear_dirty, guest_memory, in_netns, is_dirty, transport, Alloc, Driver};
 use devices::gate::NetOutputGate;
 use devices::tap::VNET_HDR_LEN;
 use devices::virtio::mmio::MmioTransport;
@@ -38,40 +36,6 @@ const MEM_SIZE: u64 = 1 << 20;
 const QUEUE_BASE: u64 = 0x1000;
 const DATA_START: u64 = 0x20000;
 const WAIT: Duration = Duration::from_secs(3);
-
-/// Runs `f` on a thread inside a new network namespace; false (with a SKIP line) when that is
-/// not possible here.
-fn in_netns<F: FnOnce() + Send + 'static>(test: &str, f: F) -> bool {
-    let handle = std::thread::spawn(move || {
-        if !Path::new("/dev/net/tun").exists() {
-            return false;
-        }
-        // SAFETY: unshare(2) with CLONE_NEWNET only changes this thread's network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return false;
-        }
-        // New interfaces get no IPv6: no router solicitations or MLD reports appear in the
-        // guest's RX queue next to the frames a test expects. (Absent without IPv6: fine.)
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-        f();
-        true
-    });
-    match handle.join() {
-        Ok(true) => true,
-        Ok(false) => {
-            if std::env::var("TANDEM_REQUIRE_TAP").as_deref() == Ok("1") {
-                panic!("{test}: needs root and /dev/net/tun, and TANDEM_REQUIRE_TAP=1 forbids skipping");
-            }
-            // Straight to stderr, past the test harness's output capture, so the skip shows.
-            // One write, so parallel tests do not interleave inside the line.
-            let line =
-                format!("SKIP: {test}: needs root and /dev/net/tun - this test did NOT run\n");
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            false
-        }
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
 
 /// Records transmitted frames instead of sending them.
 #[derive(Clone, Default)]
