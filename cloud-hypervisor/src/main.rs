@@ -111,6 +111,7 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
         api,
         seccomp,
         event_monitor,
+        ft: Some(Box::new(ft::TandemFt)),
     });
     if let Some(server) = &server {
         // Let the answer to vmm.shutdown reach the client before the process exits.

@@ -1,5 +1,52 @@
-//! Fault tolerance (Cuju-style epoch replication): epochs, dirty harvest, staging, wire
-//! protocol, compression, backup, output commit, heartbeat and failover, groups.
+//! Fault tolerance after Cuju: a running VM replicated epoch by epoch to a hot backup on
+//! another host, with output commit (network frames and shared-disk writes leave only once the
+//! backup holds their epoch), heartbeats, failover with disk I/O retry, and fencing through a
+//! witness.
 //!
-//! Empty until the fault-tolerance work lands; the crate exists so the layout and the
-//! dependency direction (binaries -> api/ft -> vmm -> devices) are fixed from the start.
+//! The control loop of `vmm` drives it through the traits of `vmm::fault_tolerance`;
+//! [`TandemFt`] is the implementation the binary plugs in. Modules:
+//! - [`primary`]: initial sync, epochs, sender and acknowledgement threads;
+//! - [`backup`]: receiver thread, epoch staging, takeover;
+//! - [`wire`]: the Control and DiskWrites messages added to the migration stream;
+//! - [`fence`] / [`witness`]: who may run after a partition.
+
+pub mod backup;
+pub mod fence;
+pub mod primary;
+pub mod stats;
+pub mod wire;
+pub mod witness;
+
+use std::sync::Arc;
+
+use vmm::config::VmConfig;
+use vmm::control::{EnableFtRequest, ReceiveFtRequest, VmmError};
+use vmm::fault_tolerance::{BackupFt, FtProvider, PrimaryFt};
+use vmm::vm::Vm;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The fault-tolerance implementation for `vmm::VmmOptions::ft`.
+#[derive(Default)]
+pub struct TandemFt;
+
+impl FtProvider for TandemFt {
+    fn enable(
+        &mut self,
+        vm: &mut Vm,
+        config: &VmConfig,
+        request: &EnableFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Box<dyn PrimaryFt>, VmmError> {
+        Ok(Box::new(primary::Primary::enable(
+            vm, config, request, wake,
+        )?))
+    }
+
+    fn receive(
+        &mut self,
+        request: &ReceiveFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Box<dyn BackupFt>, VmmError> {
+        Ok(Box::new(backup::Backup::start(request, wake)?))
+    }
+}

@@ -45,6 +45,13 @@ pub enum VmmRequest {
     SendMigration(SendMigrationRequest),
     /// `PUT vm.receive-migration`: wait for an incoming migration (no VM may exist yet).
     ReceiveMigration(ReceiveMigrationRequest),
+    /// Protect the running VM with a hot backup (`vm.enable-ft`).
+    EnableFt(EnableFtRequest),
+    /// Become the hot backup of a primary that will connect (`vm.receive-ft`).
+    ReceiveFt(ReceiveFtRequest),
+    FtStatus,
+    /// Stop protecting the VM; the backup drops its copy (`vm.disable-ft`).
+    DisableFt,
 }
 
 /// `vm.snapshot` body (Cloud Hypervisor's `VmSnapshotConfig`).
@@ -95,6 +102,129 @@ pub struct ReceiveMigrationRequest {
 }
 
 /// VM lifecycle states, spelled as Cloud Hypervisor's `VmInfo.state`.
+/// How the disks of a protected VM are kept consistent on the backup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FtDiskMode {
+    /// Each host has its own image: the primary writes at once and ships each epoch's writes,
+    /// the backup applies them when the epoch commits. No added write latency.
+    #[default]
+    Replicated,
+    /// One image both hosts reach: the primary holds an epoch's writes until the backup has the
+    /// epoch; the backup re-issues the writes of unreleased epochs at failover.
+    Shared,
+}
+
+/// The epoch length when `vm.enable-ft` does not give one.
+pub const DEFAULT_EPOCH_MS: u64 = 10;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnableFtRequest {
+    /// The backup's replication address, `HOST:PORT` (or `tcp:HOST:PORT`).
+    pub peer: String,
+    #[serde(default = "default_epoch_ms")]
+    pub epoch_ms: u64,
+    #[serde(default)]
+    pub disk_mode: FtDiskMode,
+    /// Missed-heartbeat timeout on both sides; default: five epochs, at least 50 ms.
+    #[serde(default)]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// The fencing witness `HOST:PORT` both hosts ask before taking over or going on alone.
+    /// Without one a partitioned pair can run twice (the status says `fencing: none`).
+    #[serde(default)]
+    pub witness: Option<String>,
+    /// LZ4-compress dirty pages on the wire.
+    #[serde(default = "default_true")]
+    pub compress: bool,
+}
+
+fn default_epoch_ms() -> u64 {
+    DEFAULT_EPOCH_MS
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveFtRequest {
+    /// Where to wait for the primary: `tcp:HOST:PORT`.
+    pub receiver_url: String,
+    /// Replicated disk mode: this host's copy of each disk, in the order of the VM's `disks`
+    /// (each must start identical to the primary's image). Ignored in shared mode.
+    #[serde(default)]
+    pub disk_paths: Vec<std::path::PathBuf>,
+    /// Overrides the witness address the primary announces (when this host reaches it under
+    /// another address).
+    #[serde(default)]
+    pub witness: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FtRole {
+    #[default]
+    None,
+    Primary,
+    Backup,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FtHealth {
+    /// Not protected and not protecting anything.
+    #[default]
+    Off,
+    /// Primary: initial synchronisation running.
+    Syncing,
+    /// Primary with a live backup acknowledging epochs; backup receiving them.
+    Protected,
+    /// Backup: listening for a primary.
+    WaitingForPrimary,
+    /// Primary running unprotected after losing its backup (a new one can be attached).
+    Degraded,
+    /// This host lost the witness's vote: its copy is stopped and must not run.
+    Fenced,
+    /// Backup that took over: the VM runs here now, unprotected.
+    TookOver,
+    /// Backup that stopped receiving without taking over (see `last_error`).
+    Failed,
+}
+
+/// `GET vm.ft-status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FtStatus {
+    pub role: FtRole,
+    pub health: FtHealth,
+    pub peer: Option<String>,
+    pub disk_mode: Option<FtDiskMode>,
+    pub epoch_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// `witness HOST:PORT` or `none`.
+    pub fencing: String,
+    /// Primary: the epoch now running; backup: the last epoch received completely.
+    pub epoch: u64,
+    pub last_committed_epoch: u64,
+    /// Epochs checkpointed but not yet acknowledged by the backup.
+    pub lag_epochs: u64,
+    pub bytes: u64,
+    pub dirty_pages: u64,
+    pub pause_us_last: u64,
+    pub pause_us_p50: u64,
+    pub pause_us_p99: u64,
+    pub pause_us_max: u64,
+    /// Epochs cut short because their dirty set would take too long to send.
+    pub epochs_cut_early: u64,
+    pub held_packets: u64,
+    pub released_packets: u64,
+    pub held_disk_writes: u64,
+    pub failovers: u64,
+    pub last_failover_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {
     Created,
@@ -132,6 +262,7 @@ pub enum VmmResponse {
     Ping(VmmPingResponse),
     VmInfo(Box<VmInfoResponse>),
     Counters(VmCounters),
+    FtStatus(Box<FtStatus>),
 }
 
 /// How an error maps onto HTTP (the API layer picks the status code from this).

@@ -6,6 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::gate::{
+    DiskOutputGate, DiskWriteLog, EpochControl, EpochDiskGate, EpochNetGate, GateMode,
+    NetOutputGate, RecordingDiskGate,
+};
 use devices::legacy::serial::SerialDeviceState;
 use devices::legacy::Serial;
 use devices::virtio::block::Block;
@@ -147,8 +151,46 @@ impl MutEventSubscriber for LoopControl {
     }
 }
 
+/// The output gates fault tolerance drives, one set per VM, installed on first use and kept
+/// (in pass-through mode) when protection ends, so that protecting the VM again reuses them.
+#[derive(Clone, Debug, Default)]
+pub struct FtGates {
+    /// One per NIC: holds TX frames per epoch.
+    pub nets: Vec<EpochControl>,
+    /// One per disk: holds writes per epoch (shared-disk mode; pass-through otherwise).
+    pub disks: Vec<EpochControl>,
+    /// One per disk, in configuration order: the writes of each epoch, for the backup.
+    pub disk_logs: Vec<DiskWriteLog>,
+}
+
+impl FtGates {
+    /// Every holding gate, NICs first.
+    pub fn all(&self) -> impl Iterator<Item = &EpochControl> {
+        self.nets.iter().chain(&self.disks)
+    }
+}
+
+/// Stands in for a gate while it is being wrapped (never used for output).
+struct Detached;
+
+impl NetOutputGate for Detached {
+    fn transmit(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("output gate detached"))
+    }
+}
+
+impl DiskOutputGate for Detached {
+    fn write_at(&mut self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("output gate detached"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::Error::other("output gate detached"))
+    }
+}
+
 pub struct DeviceManager {
     mem: GuestMemoryMmap,
+    ft_gates: Option<FtGates>,
     next_slot: usize,
     /// Added to the kernel command line (`virtio_mmio.device=...`).
     cmdline_entries: Vec<String>,
@@ -166,6 +208,7 @@ impl DeviceManager {
     pub fn new(mem: GuestMemoryMmap) -> Self {
         Self {
             mem,
+            ft_gates: None,
             next_slot: 0,
             cmdline_entries: Vec::new(),
             subscribers: Vec::new(),
@@ -331,6 +374,42 @@ impl DeviceManager {
                 }
             }
         }
+    }
+
+    /// The fault-tolerance output gates, wrapped around each device's gate on the first call
+    /// (the device loop must be stopped). New gates start in pass-through mode at `epoch`.
+    pub fn ft_gates(&mut self, epoch: u64) -> Result<FtGates, String> {
+        if let Some(gates) = &self.ft_gates {
+            return Ok(gates.clone());
+        }
+        let mut gates = FtGates::default();
+        for entry in &self.virtio {
+            match &entry.handle {
+                VirtioHandle::Net(net) => {
+                    let mut net = lock(net);
+                    let inner = net.replace_output_gate(Box::new(Detached));
+                    let (gate, control) = EpochNetGate::new(inner, epoch);
+                    net.replace_output_gate(Box::new(gate));
+                    gates.nets.push(control);
+                }
+                VirtioHandle::Block(block) => {
+                    let mut block = lock(block);
+                    let inner = block.set_output_gate(Box::new(Detached));
+                    let (held, control) = EpochDiskGate::new(inner, epoch);
+                    let (recorder, log) = RecordingDiskGate::new(Box::new(held));
+                    block.set_output_gate(Box::new(recorder));
+                    gates.disks.push(control);
+                    gates.disk_logs.push(log);
+                }
+            }
+        }
+        for control in gates.all() {
+            control
+                .set_mode(GateMode::PassThrough)
+                .map_err(|e| e.to_string())?;
+        }
+        self.ft_gates = Some(gates.clone());
+        Ok(gates)
     }
 
     /// Releases every disk image lock (migration hand-off to the destination).

@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod event_monitor;
+pub mod fault_tolerance;
 pub mod memory;
 pub mod migration;
 pub mod seccomp;

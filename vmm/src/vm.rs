@@ -391,6 +391,10 @@ impl Vm {
         &self.device_manager
     }
 
+    pub fn device_manager_mut(&mut self) -> &mut DeviceManager {
+        &mut self.device_manager
+    }
+
     /// Captures the complete state of a paused VM ([`Vm::pause`]): vCPUs, in-kernel devices
     /// and device models. Guest memory is not included.
     pub fn save_state(&mut self) -> Result<VmSnapshotState, VmError> {

@@ -12,17 +12,22 @@ use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::control::{
     ApiMessage, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
     VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
 };
+use crate::control::{EnableFtRequest, FtHealth, FtStatus, ReceiveFtRequest};
 use crate::event_monitor::EventMonitor;
+use crate::fault_tolerance::{
+    BackupEvent, BackupFt, FtProvider, PrimaryEvent, PrimaryFt, StopReason,
+};
 use crate::migration::{live, snapshot};
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
-use crate::vm::{PrepareOptions, RestoredMemory, Start, VmSnapshotState};
+use crate::vm::{PrepareOptions, PreparedVm, RestoredMemory, Start, VmSnapshotState};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -146,6 +151,10 @@ enum Wake {
     Reset = 2,
     VcpuFailure = 3,
     Api = 4,
+    /// A fault-tolerance thread needs the control loop.
+    Ft = 5,
+    /// The running epoch is over: checkpoint.
+    Epoch = 6,
 }
 
 /// The API side of the control loop: requests arrive on the channel, and the eventfd wakes
@@ -165,6 +174,15 @@ pub struct VmmOptions {
     pub api: Option<ApiReceiver>,
     pub seccomp: SeccompMode,
     pub event_monitor: Option<Arc<EventMonitor>>,
+    /// Fault tolerance (`vm.enable-ft`, `vm.receive-ft`); None: those requests fail.
+    pub ft: Option<Box<dyn FtProvider>>,
+}
+
+/// A backup's VM, built when the primary connected and kept current by the backup's receiver
+/// thread through its memory; it runs only when the backup takes over.
+struct Standby {
+    vm: PreparedVm,
+    serial: Option<SharedWriter>,
 }
 
 /// Owns the VM and everything about its lifecycle; runs on the control loop thread only.
@@ -179,6 +197,14 @@ struct Vmm {
     serial: Option<SharedWriter>,
     vm: Option<Vm>,
     state: VmState,
+    ft: Option<Box<dyn FtProvider>>,
+    ft_wake: Arc<EventFd>,
+    epoch_timer: TimerFd,
+    primary: Option<Box<dyn PrimaryFt>>,
+    backup: Option<Box<dyn BackupFt>>,
+    standby: Option<Standby>,
+    /// The last status of a protection session that ended (fenced, took over, failed).
+    ft_ended: Option<FtStatus>,
 }
 
 enum Next {
@@ -222,7 +248,17 @@ impl Vmm {
         Ok(())
     }
 
+    /// Ends the primary's protection session, if any, while the VM still exists.
+    fn end_protection(&mut self, reason: StopReason) {
+        if let Some(primary) = self.primary.take() {
+            primary.stop(self.vm.as_mut(), reason);
+            self.emit("ft", "stopped");
+            self.arm_epoch_timer(None);
+        }
+    }
+
     fn stop_vm(&mut self) {
+        self.end_protection(StopReason::VmGone);
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
         }
@@ -234,6 +270,7 @@ impl Vmm {
 
     fn reboot(&mut self) -> Result<(), RunError> {
         self.emit("vm", "rebooting");
+        self.end_protection(StopReason::VmGone);
         self.stop_vm();
         self.boot()?;
         self.emit("vm", "rebooted");
@@ -261,7 +298,48 @@ impl Vmm {
         }
     }
 
+    /// Requests a backup host answers while it holds a standby copy (everything else would
+    /// start, change or drop the VM the primary is running).
+    fn allowed_on_backup(request: &VmmRequest) -> bool {
+        matches!(
+            request,
+            VmmRequest::Ping
+                | VmmRequest::ShutdownVmm
+                | VmmRequest::VmInfo
+                | VmmRequest::Counters
+                | VmmRequest::FtStatus
+                | VmmRequest::DisableFt
+        )
+    }
+
     fn handle_request(&mut self, request: VmmRequest) -> (VmmResult, Option<ExitReason>) {
+        if self.backup.is_some() && !Self::allowed_on_backup(&request) {
+            return (
+                Err(VmmError::Failed {
+                    action: "this request",
+                    message: "this VMM is the hot backup of a VM running elsewhere; \
+                              run `disable-ft` here or on the primary first"
+                        .into(),
+                }),
+                None,
+            );
+        }
+        let protected = self.primary.is_some();
+        if protected
+            && matches!(
+                request,
+                VmmRequest::Snapshot(_) | VmmRequest::SendMigration(_) | VmmRequest::Restore(_)
+            )
+        {
+            return (
+                Err(VmmError::Failed {
+                    action: "this request",
+                    message: "the VM is protected by fault tolerance; run `disable-ft` first"
+                        .into(),
+                }),
+                None,
+            );
+        }
         let result = match request {
             VmmRequest::Ping => Ok(VmmResponse::Ping(VmmPingResponse {
                 build_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -270,6 +348,9 @@ impl Vmm {
                 features: vec!["kvm".to_string()],
             })),
             VmmRequest::ShutdownVmm => {
+                if let Some(backup) = self.backup.take() {
+                    backup.stop();
+                }
                 self.stop_vm();
                 return (Ok(VmmResponse::Empty), Some(ExitReason::VmmShutdown));
             }
@@ -349,6 +430,13 @@ impl Vmm {
             VmmRequest::ReceiveMigration(request) => {
                 self.receive_migration(&request).map(|_| VmmResponse::Empty)
             }
+            VmmRequest::EnableFt(request) => self
+                .require_state("protect", &[VmState::Running])
+                .and_then(|_| self.enable_ft(&request))
+                .map(|_| VmmResponse::Empty),
+            VmmRequest::ReceiveFt(request) => self.receive_ft(&request).map(|_| VmmResponse::Empty),
+            VmmRequest::FtStatus => Ok(VmmResponse::FtStatus(Box::new(self.ft_status()))),
+            VmmRequest::DisableFt => self.disable_ft().map(|_| VmmResponse::Empty),
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
@@ -530,11 +618,227 @@ impl Vmm {
         Ok(())
     }
 
+    fn arm_epoch_timer(&mut self, after: Option<Duration>) {
+        let result = match after {
+            // A zero duration would disarm the timer.
+            Some(d) => self
+                .epoch_timer
+                .reset(d.max(Duration::from_micros(50)), None),
+            None => self.epoch_timer.clear(),
+        };
+        if let Err(e) = result {
+            log::error!("cannot set the epoch timer: {e}");
+        }
+    }
+
+    fn enable_ft(&mut self, request: &EnableFtRequest) -> Result<(), VmmError> {
+        if let Some(primary) = &self.primary {
+            if primary.status().health != FtHealth::Degraded {
+                return Err(VmmError::Failed {
+                    action: "enable-ft",
+                    message: "the VM is already protected".into(),
+                });
+            }
+        }
+        // A primary that lost its backup gets a new one: the old session ends first.
+        self.end_protection(StopReason::Disabled);
+        self.emit("ft", "syncing");
+        let provider = self.ft.as_mut().ok_or(VmmError::Failed {
+            action: "enable-ft",
+            message: "fault tolerance is not built into this VMM".into(),
+        })?;
+        let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
+        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+        let primary = provider.enable(vm, &config, request, self.ft_wake.clone())?;
+        self.arm_epoch_timer(primary.next_checkpoint());
+        self.primary = Some(primary);
+        self.ft_ended = None;
+        self.emit("ft", "protected");
+        Ok(())
+    }
+
+    fn receive_ft(&mut self, request: &ReceiveFtRequest) -> Result<(), VmmError> {
+        if self.config.is_some() || self.backup.is_some() {
+            return Err(VmmError::VmAlreadyCreated);
+        }
+        let provider = self.ft.as_mut().ok_or(VmmError::Failed {
+            action: "receive-ft",
+            message: "fault tolerance is not built into this VMM".into(),
+        })?;
+        let backup = provider.receive(request, self.ft_wake.clone())?;
+        self.backup = Some(backup);
+        self.ft_ended = None;
+        self.emit("ft", "waiting");
+        Ok(())
+    }
+
+    fn disable_ft(&mut self) -> Result<(), VmmError> {
+        if self.primary.is_some() {
+            self.end_protection(StopReason::Disabled);
+            self.ft_ended = None;
+            return Ok(());
+        }
+        if let Some(backup) = self.backup.take() {
+            backup.stop();
+            self.drop_standby();
+            self.emit("ft", "stopped");
+            return Ok(());
+        }
+        Err(VmmError::Failed {
+            action: "disable-ft",
+            message: "the VM is not protected".into(),
+        })
+    }
+
+    fn ft_status(&self) -> FtStatus {
+        if let Some(primary) = &self.primary {
+            return primary.status();
+        }
+        if let Some(backup) = &self.backup {
+            return backup.status();
+        }
+        self.ft_ended.clone().unwrap_or_default()
+    }
+
+    fn drop_standby(&mut self) {
+        if self.standby.take().is_some() {
+            self.config = None;
+            self.state = VmState::Created;
+        }
+    }
+
+    fn handle_epoch(&mut self) {
+        let _ = self.epoch_timer.wait();
+        let (Some(primary), Some(vm)) = (self.primary.as_mut(), self.vm.as_mut()) else {
+            return;
+        };
+        if self.state == VmState::Running {
+            if let Err(e) = primary.checkpoint(vm) {
+                log::error!("checkpoint failed: {e}");
+            }
+        }
+        let next = primary.next_checkpoint();
+        self.arm_epoch_timer(next);
+    }
+
+    fn handle_ft(&mut self) -> Option<ExitReason> {
+        let _ = self.ft_wake.read();
+        if let (Some(primary), Some(vm)) = (self.primary.as_mut(), self.vm.as_mut()) {
+            let event = primary.poll(vm);
+            let next = primary.next_checkpoint();
+            self.arm_epoch_timer(next);
+            if let PrimaryEvent::Fenced(reason) = event {
+                log::error!("fenced: {reason}; this copy of the VM stops");
+                if let Some(primary) = self.primary.take() {
+                    let status = primary.status();
+                    primary.stop(self.vm.as_mut(), StopReason::VmGone);
+                    self.ft_ended = Some(status);
+                }
+                self.stop_vm();
+                self.state = VmState::Shutdown;
+                self.emit("ft", "fenced");
+            } else if self
+                .primary
+                .as_ref()
+                .is_some_and(|p| p.status().health == FtHealth::Degraded)
+            {
+                self.emit("ft", "degraded");
+            }
+        }
+        loop {
+            let Some(backup) = self.backup.as_mut() else {
+                return None;
+            };
+            match backup.poll() {
+                BackupEvent::None => return None,
+                BackupEvent::Prepare { config, reply } => {
+                    let result = self.prepare_standby(*config);
+                    let _ = reply.send(result);
+                }
+                BackupEvent::TakeOver { state, epoch } => self.take_over(&state, epoch),
+                BackupEvent::StandDown { guest_shutdown } => {
+                    if let Some(backup) = self.backup.take() {
+                        self.ft_ended = Some(backup.status());
+                        backup.stop();
+                    }
+                    self.drop_standby();
+                    self.emit("ft", "stood-down");
+                    if guest_shutdown {
+                        self.state = VmState::Shutdown;
+                        return Some(ExitReason::GuestShutdown);
+                    }
+                }
+                BackupEvent::Failed(message) => {
+                    log::error!("backup failed: {message}");
+                    if let Some(backup) = self.backup.take() {
+                        self.ft_ended = Some(backup.status());
+                        backup.stop();
+                    }
+                    self.drop_standby();
+                    self.emit("ft", "failed");
+                }
+            }
+        }
+    }
+
+    fn prepare_standby(
+        &mut self,
+        config: VmConfig,
+    ) -> Result<crate::memory::GuestMemoryMmap, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        let serial = serial_output(&config).map_err(|e| e.to_string())?;
+        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+        // The disks stay unlocked until takeover: in shared-disk mode the primary holds them.
+        let options = PrepareOptions {
+            memory: None,
+            defer_disk_locks: true,
+        };
+        let vm = Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
+            .map_err(|e| e.to_string())?;
+        let memory = vm.memory().clone();
+        self.standby = Some(Standby { vm, serial });
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(memory)
+    }
+
+    fn take_over(&mut self, state: &VmSnapshotState, epoch: u64) {
+        let Some(standby) = self.standby.take() else {
+            if let Some(backup) = self.backup.as_mut() {
+                backup.took_over(Err("no standby VM was prepared".into()));
+            }
+            return;
+        };
+        let result = standby.vm.restore(state, true);
+        let outcome = match result {
+            Ok(vm) => {
+                vm.device_manager().announce_nets();
+                self.vm = Some(vm);
+                self.serial = standby.serial;
+                self.state = VmState::Running;
+                log::warn!("took over the VM at epoch {epoch}");
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("takeover failed: {e}");
+                self.config = None;
+                Err(e.to_string())
+            }
+        };
+        if let Some(mut backup) = self.backup.take() {
+            backup.took_over(outcome);
+            self.ft_ended = Some(backup.status());
+            backup.stop();
+        }
+        self.emit("ft", "took-over");
+    }
+
     /// Handles one readiness event of the control loop.
     fn handle_wake(&mut self, wake: u64, api: Option<&ApiReceiver>) -> Result<Next, RunError> {
         match wake {
             w if w == Wake::Exit as u64 => {
                 let _ = self.events.exit.read();
+                self.end_protection(StopReason::GuestShutdown);
                 self.stop_vm();
                 self.state = VmState::Shutdown;
                 log::info!("guest shut down");
@@ -563,6 +867,14 @@ impl Vmm {
                     .collect::<Vec<_>>()
                     .join("; ");
                 Err(RunError::VcpuFailed(message))
+            }
+            w if w == Wake::Ft as u64 => match self.handle_ft() {
+                Some(reason) => Ok(Next::Exit(reason)),
+                None => Ok(Next::Continue),
+            },
+            w if w == Wake::Epoch as u64 => {
+                self.handle_epoch();
+                Ok(Next::Continue)
             }
             _ => {
                 let Some(api) = api else {
@@ -597,10 +909,14 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
     let kvm = vm::open_kvm()?;
     let events = VmEvents::new()?;
     let epoll = Epoll::new().map_err(RunError::Epoll)?;
+    let ft_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::Epoll)?);
+    let epoch_timer = TimerFd::new().map_err(|e| RunError::Epoll(e.into()))?;
     let mut watched = vec![
         (events.exit.as_raw_fd(), Wake::Exit),
         (events.reset.as_raw_fd(), Wake::Reset),
         (events.vcpu_failure.as_raw_fd(), Wake::VcpuFailure),
+        (ft_wake.as_raw_fd(), Wake::Ft),
+        (epoch_timer.as_raw_fd(), Wake::Epoch),
     ];
     if let Some(api) = &options.api {
         watched.push((api.wake.as_raw_fd(), Wake::Api));
@@ -623,6 +939,13 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         serial: None,
         vm: None,
         state: VmState::Created,
+        ft: options.ft,
+        ft_wake,
+        epoch_timer,
+        primary: None,
+        backup: None,
+        standby: None,
+        ft_ended: None,
     };
     vmm.emit("vmm", "starting");
     if let Some(config) = options.config {

@@ -6,12 +6,14 @@
 mod epoch;
 mod epoch_disk;
 mod epoch_net;
+mod record;
 
 pub use epoch::{
     DiscardStats, EpochControl, EpochError, GateMode, GateStats, HoldLimits, ReleaseStats,
 };
 pub use epoch_disk::EpochDiskGate;
 pub use epoch_net::EpochNetGate;
+pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
 
 /// Where a network device's transmitted frames go (a TAP device, through the gate).
 pub trait NetOutputGate: Send {

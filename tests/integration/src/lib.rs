@@ -957,6 +957,84 @@ fn run_ip(args: &[&str]) -> Result<()> {
 
 /// Whether this process may create network namespaces and TAP devices; prints a loud SKIP
 /// line for `test` when it may not.
+/// Two "hosts" and a client, as network namespaces: the client namespace has a bridge
+/// (192.168.249.1/24); each host has a bridge joining a TAP named `tapvm` (the same name on both,
+/// as a VM configuration names it) to a veth into the client's bridge; the hosts reach each
+/// other over their own link, `a` at 10.77.0.1 and `b` at 10.77.0.2 (migration and
+/// replication traffic). `tag` keeps the namespace names of concurrent tests apart.
+pub struct TwoHosts {
+    pub client: NetNs,
+    pub a: NetNs,
+    pub b: NetNs,
+}
+
+/// Address of host `a` on the host-to-host link.
+pub const HOST_A: &str = "10.77.0.1";
+/// Address of host `b` on the host-to-host link.
+pub const HOST_B: &str = "10.77.0.2";
+
+pub fn two_hosts(tag: &str) -> TwoHosts {
+    let client = NetNs::new(&format!("{tag}cli")).expect("client namespace");
+    let a = NetNs::new(&format!("{tag}ha")).expect("host A namespace");
+    let b = NetNs::new(&format!("{tag}hb")).expect("host B namespace");
+    let must = |r: Result<()>| r.expect("network setup");
+    must(client.ip(&["link", "add", "br0", "type", "bridge"]));
+    must(client.ip(&["addr", "add", "192.168.249.1/24", "dev", "br0"]));
+    must(client.ip(&["link", "set", "br0", "up"]));
+    for (host, side) in [(&a, "a"), (&b, "b")] {
+        let veth = format!("v{side}");
+        let peer = format!("v{side}p");
+        must(host.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            client.name(),
+        ]));
+        must(client.ip(&["link", "set", &peer, "master", "br0", "up"]));
+        must(host.ip(&["link", "add", "brh", "type", "bridge"]));
+        must(host.ip(&["link", "set", "brh", "up"]));
+        must(host.ip(&["link", "set", &veth, "master", "brh", "up"]));
+        must(host.ip(&["tuntap", "add", "tapvm", "mode", "tap", "vnet_hdr"]));
+        must(host.ip(&["link", "set", "tapvm", "master", "brh", "up"]));
+    }
+    // Link names must not be prefixes of `ip` keywords.
+    must(a.ip(&[
+        "link",
+        "add",
+        "hlinka",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "hlinkb",
+        "netns",
+        b.name(),
+    ]));
+    must(a.ip(&["addr", "add", &format!("{HOST_A}/24"), "dev", "hlinka"]));
+    must(a.ip(&["link", "set", "hlinka", "up"]));
+    must(b.ip(&["addr", "add", &format!("{HOST_B}/24"), "dev", "hlinkb"]));
+    must(b.ip(&["link", "set", "hlinkb", "up"]));
+    TwoHosts { client, a, b }
+}
+
+/// Starts a VMM with an API socket inside `host` and waits for the socket.
+pub fn api_vmm(timeout: Duration, name: &str, host: &NetNs, socket: &Path, extra: &[&str]) -> Vmm {
+    let mut vmm = Vmm::builder(name)
+        .wrapped_in(host.exec_prefix())
+        .args(["--api-socket", socket.to_str().expect("path")])
+        .args(extra)
+        .spawn()
+        .expect("start a VMM");
+    wait_for_api_socket(&mut vmm, socket, timeout);
+    vmm
+}
+
 pub fn netns_or_skip(test: &str) -> bool {
     let ok = Path::new("/dev/net/tun").exists()
         && Command::new("ip")

@@ -16,80 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration::{
-    ch_remote, ch_remote_binary, kvm_serial_guard, report, require_kvm, require_netns, test_guest,
-    wait_for_api_socket, NetNs, TempDir, Vmm,
+    api_vmm, ch_remote, ch_remote_binary, kvm_serial_guard, report, require_kvm, require_netns,
+    test_guest, two_hosts, wait_for_api_socket, TempDir, Vmm,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const GUEST_MAC: &str = "12:34:56:78:9a:bc";
-
-struct Hosts {
-    client: NetNs,
-    a: NetNs,
-    b: NetNs,
-}
-
-fn setup_hosts() -> Hosts {
-    let client = NetNs::new("mcli").expect("client namespace");
-    let a = NetNs::new("mha").expect("host A namespace");
-    let b = NetNs::new("mhb").expect("host B namespace");
-    let must = |r: integration::Result<()>| r.expect("network setup");
-    must(client.ip(&["link", "add", "br0", "type", "bridge"]));
-    must(client.ip(&["addr", "add", "192.168.249.1/24", "dev", "br0"]));
-    must(client.ip(&["link", "set", "br0", "up"]));
-    for (host, tag) in [(&a, "a"), (&b, "b")] {
-        let veth = format!("v{tag}");
-        let peer = format!("v{tag}p");
-        // The same TAP name on both hosts: the migrated configuration names it.
-        let tap = "tapvm".to_string();
-        must(host.ip(&[
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            client.name(),
-        ]));
-        must(client.ip(&["link", "set", &peer, "master", "br0", "up"]));
-        must(host.ip(&["link", "add", "brh", "type", "bridge"]));
-        must(host.ip(&["link", "set", "brh", "up"]));
-        must(host.ip(&["link", "set", &veth, "master", "brh", "up"]));
-        must(host.ip(&["tuntap", "add", &tap, "mode", "tap", "vnet_hdr"]));
-        must(host.ip(&["link", "set", &tap, "master", "brh", "up"]));
-    }
-    must(a.ip(&[
-        "link",
-        "add",
-        "miga",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "migb",
-        "netns",
-        b.name(),
-    ]));
-    must(a.ip(&["addr", "add", "10.77.0.1/24", "dev", "miga"]));
-    must(a.ip(&["link", "set", "miga", "up"]));
-    must(b.ip(&["addr", "add", "10.77.0.2/24", "dev", "migb"]));
-    must(b.ip(&["link", "set", "migb", "up"]));
-    Hosts { client, a, b }
-}
-
-fn api_vmm(name: &str, host: &NetNs, socket: &Path, extra: &[&str]) -> Vmm {
-    let mut vmm = Vmm::builder(name)
-        .wrapped_in(host.exec_prefix())
-        .args(["--api-socket", socket.to_str().expect("path")])
-        .args(extra)
-        .spawn()
-        .expect("start a VMM");
-    wait_for_api_socket(&mut vmm, socket, TIMEOUT);
-    vmm
-}
 
 /// Starts `ch-remote receive-migration` in the background (it returns when the VM arrived).
 fn receive_in_background(socket: &Path, url: &str) -> std::process::Child {
@@ -130,7 +62,7 @@ fn tcp_connection_survives_live_migration_between_two_hosts() {
     require_kvm!();
     require_netns!();
     let _boot = kvm_serial_guard();
-    let hosts = setup_hosts();
+    let hosts = two_hosts("m");
     let dir = TempDir::new("migration_tcp").expect("temp dir");
     let guest = test_guest().expect("guest");
     let image = dir.join("disk.img");
@@ -140,6 +72,7 @@ fn tcp_connection_survives_live_migration_between_two_hosts() {
     let net = format!("tap=tapvm,mac={GUEST_MAC}");
     let disk = format!("path={}", image.display());
     let mut source = api_vmm(
+        TIMEOUT,
         "migration_source",
         &hosts.a,
         &sock_a,
@@ -163,7 +96,7 @@ fn tcp_connection_survives_live_migration_between_two_hosts() {
     source
         .wait_for("NET ready", TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut destination = api_vmm("migration_destination", &hosts.b, &sock_b, &[]);
+    let mut destination = api_vmm(TIMEOUT, "migration_destination", &hosts.b, &sock_b, &[]);
     let mut receiver = receive_in_background(&sock_b, "tcp:10.77.0.2:6000");
 
     // A connection from the client namespace, used before, during and after the move.

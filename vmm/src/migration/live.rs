@@ -110,7 +110,9 @@ pub struct MigrationReport {
     pub bytes: u64,
 }
 
-fn dirty_since_last(vm: &Vm) -> Result<DirtyPages, String> {
+/// The pages written since the last call (KVM's log OR the device bitmap); dirty logging
+/// must be on.
+pub fn dirty_since_last(vm: &Vm) -> Result<DirtyPages, String> {
     let kvm = vm.take_dirty_log().map_err(|e| e.to_string())?;
     DirtyPages::from_bitmaps(&kvm, vm.memory(), true).map_err(|e| e.to_string())
 }
@@ -175,6 +177,33 @@ fn precopy_and_handoff(
 ) -> Result<(Duration, u32), String> {
     let e = |e: crate::migration::protocol::ProtocolError| e.to_string();
     sender.send_hello(config).map_err(e)?;
+    let (pending, passes) = precopy(vm, sender, downtime_target)?;
+
+    vm.pause().map_err(|e| e.to_string())?;
+    *paused = true;
+    let downtime_start = Instant::now();
+    let mut last = dirty_since_last(vm)?;
+    last.union_with(&pending);
+    sender.send_memory(vm.memory(), &last).map_err(e)?;
+    let state = vm.save_state().map_err(|e| e.to_string())?;
+    sender.send_state(&state).map_err(e)?;
+    vm.device_manager().release_disk_locks()?;
+    *unlocked = true;
+    sender.send_complete().map_err(e)?;
+    sender.recv_ack().map_err(e)?;
+    Ok((downtime_start.elapsed(), passes + 1))
+}
+
+/// Iterative pre-copy while the guest runs: switches dirty logging on, sends all memory, then
+/// what was dirtied meanwhile, until the rest would fit in `downtime_target` at the measured
+/// rate or [`MAX_PRECOPY_PASSES`] is reached. Returns the pages still to send (after the
+/// caller's final pause, together with [`dirty_since_last`]) and the passes made.
+pub fn precopy<T: Read + Write>(
+    vm: &Vm,
+    sender: &mut Sender<T>,
+    downtime_target: Duration,
+) -> Result<(DirtyPages, u32), String> {
+    let e = |e: crate::migration::protocol::ProtocolError| e.to_string();
     vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
     // Start the dirty sets empty: everything goes in the first full pass.
     dirty_since_last(vm)?;
@@ -194,20 +223,7 @@ fn precopy_and_handoff(
         passes += 1;
         pending = dirty_since_last(vm)?;
     }
-
-    vm.pause().map_err(|e| e.to_string())?;
-    *paused = true;
-    let downtime_start = Instant::now();
-    let mut last = dirty_since_last(vm)?;
-    last.union_with(&pending);
-    sender.send_memory(vm.memory(), &last).map_err(e)?;
-    let state = vm.save_state().map_err(|e| e.to_string())?;
-    sender.send_state(&state).map_err(e)?;
-    vm.device_manager().release_disk_locks()?;
-    *unlocked = true;
-    sender.send_complete().map_err(e)?;
-    sender.recv_ack().map_err(e)?;
-    Ok((downtime_start.elapsed(), passes + 1))
+    Ok((pending, passes))
 }
 
 /// Starts receiving a migration: reads the configuration, so the caller can prepare the VM

@@ -7,7 +7,8 @@
 //! offset  size  field
 //!      0     4  magic "TMIG" (0x47494d54 read as u32 LE)
 //!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
-//!                      6 Ack, 7 Error, 8 Abort
+//!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control (the last two
+//!                      only in fault-tolerance streams; a migration receiver rejects them)
 //!      5     1  flags  bit 0 = LZ4 (MemoryPages only); other bits must be 0
 //!      6     2  reserved, 0
 //!      8     4  payload length (at most MAX_FRAME_PAYLOAD, checked before any allocation)
@@ -24,7 +25,8 @@
 //!   decompresses to exactly that; at most MAX_PAGES_PER_FRAME entries;
 //! - MemoryDone: `iteration u32, reserved u32 (0), pages u64` closes one pass over memory
 //!   (pages = entries sent in the pass, checked by the receiver);
-//! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message.
+//! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message;
+//! - DiskWrites, Control: opaque here (their layout belongs to the fault-tolerance crate).
 //!
 //! Order (sender -> receiver): Hello, then per epoch any number of MemoryPages / MemoryDone,
 //! one State, Complete; the receiver answers Complete with Ack (or Error at any point), and
@@ -71,6 +73,8 @@ pub enum FrameType {
     Ack = 6,
     Error = 7,
     Abort = 8,
+    DiskWrites = 9,
+    Control = 10,
 }
 
 impl FrameType {
@@ -84,6 +88,8 @@ impl FrameType {
             6 => Self::Ack,
             7 => Self::Error,
             8 => Self::Abort,
+            9 => Self::DiskWrites,
+            10 => Self::Control,
             _ => return None,
         })
     }
@@ -107,6 +113,8 @@ impl fmt::Display for FrameType {
             Self::Ack => "Ack",
             Self::Error => "Error",
             Self::Abort => "Abort",
+            Self::DiskWrites => "DiskWrites",
+            Self::Control => "Control",
         };
         f.write_str(name)
     }
@@ -268,6 +276,12 @@ pub enum Message<'a> {
     Abort {
         message: String,
     },
+    DiskWrites {
+        payload: &'a [u8],
+    },
+    Control {
+        payload: &'a [u8],
+    },
 }
 
 /// The pages of one MemoryPages frame, checked for shape (count, alignment, data length).
@@ -402,6 +416,8 @@ impl<'a> Message<'a> {
             FrameType::Abort => Message::Abort {
                 message: message_text(p),
             },
+            FrameType::DiskWrites => Message::DiskWrites { payload: p },
+            FrameType::Control => Message::Control { payload: p },
         })
     }
 
@@ -614,6 +630,18 @@ pub fn encode_frame(kind: FrameType, flags: u8, seq: u32, payload: &[u8]) -> Vec
     buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
     seal_frame(&mut buf, kind, flags, seq, payload.len());
     buf
+}
+
+/// Writes one small frame with the next sequence number of `seq` (for a side that speaks the
+/// protocol without a [`Sender`] or [`Receiver`], such as the FT backup's answers).
+pub fn write_frame<T: Write>(
+    stream: &mut T,
+    seq: &mut u32,
+    stats: &mut TransferStats,
+    kind: FrameType,
+    payload: &[u8],
+) -> io::Result<()> {
+    write_small(stream, seq, stats, kind, payload)
 }
 
 /// Writes one small frame and counts it.
@@ -911,6 +939,13 @@ impl<T: Read + Write> Sender<T> {
         Ok((total as u64, zero))
     }
 
+    /// Sends one frame of a kind without its own method (fault tolerance's DiskWrites and
+    /// Control).
+    pub fn send_frame(&mut self, kind: FrameType, payload: &[u8]) -> Result<(), ProtocolError> {
+        self.check_started("frames")?;
+        self.send_small(kind, payload)
+    }
+
     /// Sends the VM state (after the last memory pass of an epoch or migration).
     pub fn send_state<S: Serialize>(&mut self, state: &S) -> Result<(), ProtocolError> {
         self.check_started("state")?;
@@ -1105,7 +1140,7 @@ impl<T: Read + Write> Receiver<T> {
             match (self.phase, msg) {
                 (_, Message::Abort { message }) => return Err(ProtocolError::Aborted(message)),
                 (RecvPhase::Memory, Message::MemoryPages(batch)) => {
-                    Self::apply_pages(
+                    apply_pages(
                         mem,
                         &batch,
                         &mut self.scratch,
@@ -1164,82 +1199,82 @@ impl<T: Read + Write> Receiver<T> {
             }
         }
     }
+}
 
-    /// Writes one frame's pages into `mem`. Every address is checked first, so a bad frame
-    /// writes nothing. Consecutive data pages are written with one call; a zero page is
-    /// written only if the destination is not already zero (fresh guest memory stays
-    /// unpopulated).
-    fn apply_pages(
-        mem: &GuestMemoryMmap,
-        batch: &PageBatch<'_>,
-        scratch: &mut Vec<u8>,
-        probe: &mut [u8],
-        stats: &mut TransferStats,
-    ) -> Result<(), ProtocolError> {
-        for (gpa, _) in batch.entries() {
-            let inside = mem
-                .find_region(gpa)
-                .is_some_and(|r| gpa.0 - r.start_addr().0 + PAGE_SIZE as u64 <= r.len());
-            if !inside {
-                return Err(ProtocolError::GuestMemory {
-                    gpa: gpa.0,
-                    reason: "outside guest memory".to_string(),
-                });
-            }
+/// Writes one frame's pages into `mem`. Every address is checked first, so a bad frame
+/// writes nothing. Consecutive data pages are written with one call; a zero page is
+/// written only if the destination is not already zero (fresh guest memory stays
+/// unpopulated). `probe` is a page-sized buffer.
+pub fn apply_pages(
+    mem: &GuestMemoryMmap,
+    batch: &PageBatch<'_>,
+    scratch: &mut Vec<u8>,
+    probe: &mut [u8],
+    stats: &mut TransferStats,
+) -> Result<(), ProtocolError> {
+    for (gpa, _) in batch.entries() {
+        let inside = mem
+            .find_region(gpa)
+            .is_some_and(|r| gpa.0 - r.start_addr().0 + PAGE_SIZE as u64 <= r.len());
+        if !inside {
+            return Err(ProtocolError::GuestMemory {
+                gpa: gpa.0,
+                reason: "outside guest memory".to_string(),
+            });
         }
-        let wire = batch.data.len();
-        let data = batch.data(scratch)?;
-        let write = |from: usize, to: usize, gpa: u64| {
-            mem.write_slice(&data[from..to], GuestAddress(gpa))
+    }
+    let wire = batch.data.len();
+    let data = batch.data(scratch)?;
+    let write = |from: usize, to: usize, gpa: u64| {
+        mem.write_slice(&data[from..to], GuestAddress(gpa))
+            .map_err(|e| ProtocolError::GuestMemory {
+                gpa,
+                reason: e.to_string(),
+            })
+    };
+    // A run of consecutive data pages: (first gpa, data offset, length).
+    let mut run: Option<(u64, usize, usize)> = None;
+    let mut at = 0usize;
+    let mut zero = 0u64;
+    for (gpa, is_zero_page) in batch.entries() {
+        if is_zero_page {
+            zero += 1;
+            if let Some((g, from, len)) = run.take() {
+                write(from, from + len, g)?;
+            }
+            mem.read_slice(probe, gpa)
                 .map_err(|e| ProtocolError::GuestMemory {
-                    gpa,
+                    gpa: gpa.0,
                     reason: e.to_string(),
-                })
-        };
-        // A run of consecutive data pages: (first gpa, data offset, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        let mut at = 0usize;
-        let mut zero = 0u64;
-        for (gpa, is_zero_page) in batch.entries() {
-            if is_zero_page {
-                zero += 1;
-                if let Some((g, from, len)) = run.take() {
-                    write(from, from + len, g)?;
-                }
-                mem.read_slice(probe, gpa)
+                })?;
+            if !is_zero(probe) {
+                mem.write_slice(&ZERO_PAGE, gpa)
                     .map_err(|e| ProtocolError::GuestMemory {
                         gpa: gpa.0,
                         reason: e.to_string(),
                     })?;
-                if !is_zero(probe) {
-                    mem.write_slice(&ZERO_PAGE, gpa)
-                        .map_err(|e| ProtocolError::GuestMemory {
-                            gpa: gpa.0,
-                            reason: e.to_string(),
-                        })?;
-                }
-                continue;
             }
-            run = match run {
-                Some((g, from, len)) if g + len as u64 == gpa.0 => Some((g, from, len + PAGE_SIZE)),
-                Some((g, from, len)) => {
-                    write(from, from + len, g)?;
-                    Some((gpa.0, at, PAGE_SIZE))
-                }
-                None => Some((gpa.0, at, PAGE_SIZE)),
-            };
-            at += PAGE_SIZE;
+            continue;
         }
-        if let Some((g, from, len)) = run {
-            write(from, from + len, g)?;
-        }
-        stats.pages += batch.len() as u64;
-        stats.zero_pages += zero;
-        stats.page_data_bytes += data.len() as u64;
-        stats.page_wire_bytes += wire as u64;
-        if batch.is_compressed() {
-            stats.compressed_frames += 1;
-        }
-        Ok(())
+        run = match run {
+            Some((g, from, len)) if g + len as u64 == gpa.0 => Some((g, from, len + PAGE_SIZE)),
+            Some((g, from, len)) => {
+                write(from, from + len, g)?;
+                Some((gpa.0, at, PAGE_SIZE))
+            }
+            None => Some((gpa.0, at, PAGE_SIZE)),
+        };
+        at += PAGE_SIZE;
     }
+    if let Some((g, from, len)) = run {
+        write(from, from + len, g)?;
+    }
+    stats.pages += batch.len() as u64;
+    stats.zero_pages += zero;
+    stats.page_data_bytes += data.len() as u64;
+    stats.page_wire_bytes += wire as u64;
+    if batch.is_compressed() {
+        stats.compressed_frames += 1;
+    }
+    Ok(())
 }

@@ -1,0 +1,647 @@
+//! The backup's side: one receiver thread waits for the primary, has the control loop prepare
+//! the standby VM, and then keeps that VM's memory at the newest complete epoch.
+//!
+//! An epoch (after the initial synchronisation) is buffered as it arrives and applied only
+//! when its EpochEnd arrives, so a partly received epoch is simply dropped: the memory always
+//! holds the last complete epoch, whose state is kept beside it. The backup acknowledges an
+//! epoch once it is applied. Replicated disks get the epoch's writes at that point; in
+//! shared-disk mode the writes are kept until the primary reports them released, and written
+//! again at failover (Cuju's disk I/O retry: re-applying the same writes in order is
+//! idempotent).
+//!
+//! A silent primary (no frame within the heartbeat timeout) or a closed connection means the
+//! primary is dead: after the witness agrees, the control loop restores the standby VM from
+//! the last complete epoch. A stream that breaks the protocol (bad checksum, bad frame) comes
+//! from a live primary: the backup reports the error and gives up without taking over.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm::config::VmConfig;
+use vmm::control::{FtDiskMode, FtHealth, FtRole, FtStatus, ReceiveFtRequest, VmmError};
+use vmm::fault_tolerance::{BackupEvent, BackupFt};
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::live::{parse_url, MigrationUrl};
+use vmm::migration::memory::PAGE_SIZE;
+use vmm::migration::protocol::{
+    apply_pages, write_frame, Frame, FrameReader, FrameType, Message, ProtocolError, TransferStats,
+    HEADER_LEN, PROTOCOL_VERSION, TRAILER_LEN,
+};
+use vmm::vm::VmSnapshotState;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fence;
+use crate::wire::{decode_disk_writes, Control, DiskWrite};
+
+/// How long the backup waits for Hello and Params once a primary has connected, and for the
+/// control loop to prepare the standby VM.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a backup waiting for its primary checks whether it was told to stop.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+struct Shared {
+    wake: Arc<EventFd>,
+    events: Mutex<VecDeque<BackupEvent>>,
+    status: Mutex<FtStatus>,
+    stop: AtomicBool,
+    stream: Mutex<Option<TcpStream>>,
+    /// When the primary was declared dead (for the failover time).
+    lost_at: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn push(&self, event: BackupEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(event);
+        let _ = self.wake.write(1);
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, FtStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct Backup {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backup {
+    pub fn start(request: &ReceiveFtRequest, wake: Arc<EventFd>) -> Result<Self, VmmError> {
+        let url = parse_url(&request.receiver_url).map_err(VmmError::InvalidConfig)?;
+        let MigrationUrl::Tcp(addr) = url else {
+            return Err(VmmError::InvalidConfig(format!(
+                "\"{}\": fault tolerance replicates over tcp:HOST:PORT",
+                request.receiver_url
+            )));
+        };
+        let listener = TcpListener::bind(&addr).map_err(|e| VmmError::Failed {
+            action: "receive-ft",
+            message: format!("cannot listen on {addr}: {e}"),
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VmmError::Failed {
+                action: "receive-ft",
+                message: format!("socket option: {e}"),
+            })?;
+        let shared = Arc::new(Shared {
+            wake,
+            events: Mutex::new(VecDeque::new()),
+            status: Mutex::new(FtStatus {
+                role: FtRole::Backup,
+                health: FtHealth::WaitingForPrimary,
+                fencing: fence::describe(&request.witness),
+                ..FtStatus::default()
+            }),
+            stop: AtomicBool::new(false),
+            stream: Mutex::new(None),
+            lost_at: Mutex::new(None),
+        });
+        let s = shared.clone();
+        let request = request.clone();
+        let thread = std::thread::Builder::new()
+            .name("ft-receiver".into())
+            .spawn(move || {
+                let event = match receive(&s, &listener, &request) {
+                    Ok(event) => event,
+                    Err(e) => BackupEvent::Failed(e),
+                };
+                if let BackupEvent::Failed(message) = &event {
+                    let mut status = s.status();
+                    status.health = FtHealth::Failed;
+                    status.last_error = Some(message.clone());
+                }
+                if !s.stop.load(Ordering::SeqCst) {
+                    s.push(event);
+                }
+            })
+            .map_err(|e| VmmError::Failed {
+                action: "receive-ft",
+                message: format!("receiver thread: {e}"),
+            })?;
+        log::info!("FT: waiting for a primary on {addr}");
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl BackupFt for Backup {
+    fn poll(&mut self) -> BackupEvent {
+        self.shared
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .unwrap_or(BackupEvent::None)
+    }
+
+    fn status(&self) -> FtStatus {
+        self.shared.status().clone()
+    }
+
+    fn stop(mut self: Box<Self>) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(stream) = self
+            .shared
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn took_over(&mut self, result: Result<(), String>) {
+        let lost_at = *self
+            .shared
+            .lost_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut status = self.shared.status();
+        match result {
+            Ok(()) => {
+                status.health = FtHealth::TookOver;
+                status.failovers += 1;
+                status.last_failover_ms = lost_at.map(|t| t.elapsed().as_millis() as u64);
+            }
+            Err(e) => {
+                status.health = FtHealth::Failed;
+                status.last_error = Some(format!("takeover failed: {e}"));
+            }
+        }
+    }
+}
+
+/// Waits for the primary (or a stop request).
+fn accept(shared: &Shared, listener: &TcpListener) -> Result<TcpStream, String> {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Err("stopped while waiting for a primary".into());
+        }
+        match listener.accept() {
+            Ok((stream, from)) => {
+                log::info!("FT: primary connected from {from}");
+                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) => return Err(format!("accepting the primary: {e}")),
+        }
+    }
+}
+
+/// The protection parameters the primary sent.
+struct Params {
+    pair_id: u64,
+    heartbeat_timeout: Duration,
+    epoch_ms: u64,
+    disk_mode: FtDiskMode,
+    witness: Option<String>,
+}
+
+/// One epoch being received: kept aside until its EpochEnd.
+#[derive(Default)]
+struct PendingEpoch {
+    /// MemoryPages frames: flags and payload.
+    pages: Vec<(u8, Vec<u8>)>,
+    disk_writes: Vec<(usize, DiskWrite)>,
+    state: Option<Vec<u8>>,
+    /// Page entries of the memory pass in progress (checked against MemoryDone).
+    pass_pages: u64,
+}
+
+/// What the receive loop ends with: the primary's departure or death.
+enum Ending {
+    StandDown { guest_shutdown: bool },
+    PrimaryLost(String),
+}
+
+/// Classifies a read error: the primary is gone (closed, silent, truncated mid-frame), or the
+/// stream itself is bad (then the primary is alive and must be told).
+fn primary_gone(e: &ProtocolError) -> bool {
+    matches!(
+        e,
+        ProtocolError::Closed | ProtocolError::Truncated { .. } | ProtocolError::Io(_)
+    )
+}
+
+struct Link {
+    stream: TcpStream,
+    reader: FrameReader,
+    seq: u32,
+    stats: TransferStats,
+}
+
+impl Link {
+    fn send(&mut self, kind: FrameType, payload: &[u8]) -> std::io::Result<()> {
+        write_frame(
+            &mut self.stream,
+            &mut self.seq,
+            &mut self.stats,
+            kind,
+            payload,
+        )
+    }
+
+    fn send_control(&mut self, control: &Control) -> std::io::Result<()> {
+        self.send(FrameType::Control, &control.encode())
+    }
+}
+
+fn receive(
+    shared: &Shared,
+    listener: &TcpListener,
+    request: &ReceiveFtRequest,
+) -> Result<BackupEvent, String> {
+    let stream = accept(shared, listener)?;
+    *shared.stream.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(stream.try_clone().map_err(|e| e.to_string())?);
+    stream
+        .set_read_timeout(Some(SETUP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut link = Link {
+        stream,
+        reader: FrameReader::new(),
+        seq: 0,
+        stats: TransferStats::default(),
+    };
+    let result = setup(shared, &mut link, request);
+    let (params, memory, disks) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            let _ = link.send(FrameType::Error, e.as_bytes());
+            return Err(e);
+        }
+    };
+    {
+        let mut status = shared.status();
+        status.peer = link.stream.peer_addr().ok().map(|a| a.to_string());
+        status.disk_mode = Some(params.disk_mode);
+        status.epoch_ms = params.epoch_ms;
+        status.heartbeat_timeout_ms = params.heartbeat_timeout.as_millis() as u64;
+        status.fencing = fence::describe(&params.witness);
+    }
+    link.stream
+        .set_read_timeout(Some(params.heartbeat_timeout))
+        .map_err(|e| e.to_string())?;
+    let mut replica = Replica {
+        memory,
+        disks,
+        disk_mode: params.disk_mode,
+        committed: None,
+        retained: Vec::new(),
+        scratch: Vec::new(),
+        probe: vec![0; PAGE_SIZE],
+        stats: TransferStats::default(),
+    };
+    let ending = receive_epochs(shared, &mut link, &mut replica);
+    match ending {
+        Ok(Ending::StandDown { guest_shutdown }) => {
+            shared.status().health = FtHealth::Off;
+            Ok(BackupEvent::StandDown { guest_shutdown })
+        }
+        Ok(Ending::PrimaryLost(reason)) => {
+            *shared.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            take_over(shared, &params, &mut replica, &reason)
+        }
+        Err(e) => {
+            let _ = link.send(FrameType::Error, e.as_bytes());
+            Err(e)
+        }
+    }
+}
+
+/// Hello and Params, then the standby VM prepared by the control loop.
+fn setup(
+    shared: &Shared,
+    link: &mut Link,
+    request: &ReceiveFtRequest,
+) -> Result<(Params, GuestMemoryMmap, Vec<File>), String> {
+    let frame = link
+        .reader
+        .read_frame(&mut link.stream)
+        .map_err(|e| e.to_string())?;
+    let mut config: VmConfig = match Message::parse(&frame).map_err(|e| e.to_string())? {
+        Message::Hello {
+            version,
+            page_size,
+            config_json,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(format!(
+                    "protocol version {version}, this VMM speaks {PROTOCOL_VERSION}"
+                ));
+            }
+            if page_size as usize != PAGE_SIZE {
+                return Err(format!("page size {page_size}, this VMM uses {PAGE_SIZE}"));
+            }
+            serde_json::from_slice(config_json).map_err(|e| format!("VM configuration: {e}"))?
+        }
+        other => return Err(format!("expected Hello, got {other:?}")),
+    };
+    let frame = link
+        .reader
+        .read_frame(&mut link.stream)
+        .map_err(|e| e.to_string())?;
+    let params = match Message::parse(&frame).map_err(|e| e.to_string())? {
+        Message::Control { payload } => {
+            match Control::decode(payload).map_err(|e| e.to_string())? {
+                Control::Params {
+                    pair_id,
+                    epoch_ms,
+                    heartbeat_timeout_ms,
+                    disk_mode,
+                    witness,
+                } => Params {
+                    pair_id,
+                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
+                    epoch_ms,
+                    disk_mode,
+                    witness: request.witness.clone().or(witness),
+                },
+                other => return Err(format!("expected Params, got {other:?}")),
+            }
+        }
+        other => return Err(format!("expected Params, got {other:?}")),
+    };
+    let disk_count = config.disks.as_ref().map_or(0, |d| d.len());
+    if params.disk_mode == FtDiskMode::Replicated && !request.disk_paths.is_empty() {
+        if request.disk_paths.len() != disk_count {
+            return Err(format!(
+                "{} disk paths given for a VM with {disk_count} disks",
+                request.disk_paths.len()
+            ));
+        }
+        for (disk, path) in config.disks.iter_mut().flatten().zip(&request.disk_paths) {
+            disk.path = Some(path.clone());
+        }
+    }
+    let mut disks = Vec::new();
+    for disk in config.disks.iter().flatten() {
+        let path = disk.path.clone().unwrap_or_default();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("disk {}: {e}", path.display()))?;
+        disks.push(file);
+    }
+    let (reply, answer) = mpsc::channel();
+    shared.push(BackupEvent::Prepare {
+        config: Box::new(config),
+        reply,
+    });
+    let memory = answer
+        .recv_timeout(SETUP_TIMEOUT)
+        .map_err(|_| "the control loop did not prepare the standby VM".to_string())?
+        .map_err(|e| format!("cannot prepare the standby VM: {e}"))?;
+    Ok((params, memory, disks))
+}
+
+/// The backup's copy of the VM: memory, disks and the last complete epoch's state.
+struct Replica {
+    memory: GuestMemoryMmap,
+    disks: Vec<File>,
+    disk_mode: FtDiskMode,
+    committed: Option<(u64, Box<VmSnapshotState>)>,
+    /// Shared-disk mode: writes of epochs the primary may not have written yet.
+    retained: Vec<(u64, Vec<(usize, DiskWrite)>)>,
+    scratch: Vec<u8>,
+    probe: Vec<u8>,
+    stats: TransferStats,
+}
+
+impl Replica {
+    fn apply_frame(&mut self, flags: u8, payload: &[u8]) -> Result<u64, String> {
+        let frame = Frame {
+            kind: FrameType::MemoryPages,
+            flags,
+            seq: 0,
+            payload,
+        };
+        match Message::parse(&frame).map_err(|e| e.to_string())? {
+            Message::MemoryPages(batch) => {
+                apply_pages(
+                    &self.memory,
+                    &batch,
+                    &mut self.scratch,
+                    &mut self.probe,
+                    &mut self.stats,
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(batch.len() as u64)
+            }
+            _ => Err("not a page frame".into()),
+        }
+    }
+
+    fn write_disks(&self, writes: &[(usize, DiskWrite)]) -> Result<(), String> {
+        for (disk, w) in writes {
+            let file = self
+                .disks
+                .get(*disk)
+                .ok_or_else(|| format!("write to disk {disk}, the VM has {}", self.disks.len()))?;
+            file.write_all_at(&w.data, w.offset)
+                .map_err(|e| format!("disk {disk} at {}: {e}", w.offset))?;
+        }
+        if !writes.is_empty() {
+            for file in &self.disks {
+                file.sync_data().map_err(|e| format!("disk sync: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `pending` (epoch `epoch`, complete) the backup's copy.
+    fn commit(
+        &mut self,
+        epoch: u64,
+        pending: PendingEpoch,
+        released_through: u64,
+    ) -> Result<(), String> {
+        let state_json = pending
+            .state
+            .ok_or_else(|| format!("epoch {epoch} ended without its state"))?;
+        let state: VmSnapshotState =
+            serde_json::from_slice(&state_json).map_err(|e| format!("epoch {epoch} state: {e}"))?;
+        for (flags, payload) in &pending.pages {
+            self.apply_frame(*flags, payload)?;
+        }
+        match self.disk_mode {
+            FtDiskMode::Replicated => self.write_disks(&pending.disk_writes)?,
+            FtDiskMode::Shared => {
+                self.retained.retain(|(e, _)| *e > released_through);
+                if !pending.disk_writes.is_empty() {
+                    self.retained.push((epoch, pending.disk_writes));
+                }
+            }
+        }
+        self.committed = Some((epoch, Box::new(state)));
+        Ok(())
+    }
+}
+
+fn receive_epochs(
+    shared: &Shared,
+    link: &mut Link,
+    replica: &mut Replica,
+) -> Result<Ending, String> {
+    // The initial synchronisation is written straight into memory: there is no earlier
+    // epoch to keep intact.
+    let mut initial = true;
+    let mut pending = PendingEpoch::default();
+    let mut received = 0u64;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return Ok(Ending::StandDown {
+                guest_shutdown: false,
+            });
+        }
+        let frame = match link.reader.read_frame(&mut link.stream) {
+            Ok(frame) => frame,
+            Err(e) if primary_gone(&e) => {
+                let reason = match &e {
+                    ProtocolError::Io(io)
+                        if matches!(
+                            io.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        "no heartbeat from the primary within the timeout".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                return Ok(Ending::PrimaryLost(reason));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let (kind, flags) = (frame.kind, frame.flags);
+        received += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
+        match Message::parse(&frame).map_err(|e| e.to_string())? {
+            Message::MemoryPages(batch) => {
+                pending.pass_pages += batch.len() as u64;
+                if initial {
+                    apply_pages(
+                        &replica.memory,
+                        &batch,
+                        &mut replica.scratch,
+                        &mut replica.probe,
+                        &mut replica.stats,
+                    )
+                    .map_err(|e| e.to_string())?;
+                } else {
+                    // Checked now, applied at EpochEnd.
+                    pending.pages.push((flags, frame.payload.to_vec()));
+                }
+            }
+            Message::MemoryDone { pages, .. } => {
+                if pages != pending.pass_pages {
+                    return Err(format!(
+                        "memory pass of {pages} pages, {} arrived",
+                        pending.pass_pages
+                    ));
+                }
+                pending.pass_pages = 0;
+            }
+            Message::DiskWrites { payload } => {
+                let (disk, writes) = decode_disk_writes(payload).map_err(|e| e.to_string())?;
+                let disk = disk as usize;
+                if disk >= replica.disks.len() {
+                    return Err(format!(
+                        "writes for disk {disk}, the VM has {}",
+                        replica.disks.len()
+                    ));
+                }
+                pending
+                    .disk_writes
+                    .extend(writes.into_iter().map(|w| (disk, w)));
+            }
+            Message::State { state_json } => pending.state = Some(state_json.to_vec()),
+            Message::Control { payload } => {
+                match Control::decode(payload).map_err(|e| e.to_string())? {
+                    Control::EpochEnd {
+                        epoch,
+                        released_through,
+                    } => {
+                        if pending.pass_pages != 0 {
+                            return Err(format!("epoch {epoch} ended inside a memory pass"));
+                        }
+                        if let Some((last, _)) = &replica.committed {
+                            if epoch <= *last {
+                                return Err(format!("epoch {epoch} after epoch {last}"));
+                            }
+                        }
+                        let done = std::mem::take(&mut pending);
+                        replica.commit(epoch, done, released_through)?;
+                        initial = false;
+                        link.send_control(&Control::Ack { epoch })
+                            .map_err(|e| format!("acknowledging epoch {epoch}: {e}"))?;
+                        let mut status = shared.status();
+                        status.health = FtHealth::Protected;
+                        status.epoch = epoch;
+                        status.last_committed_epoch = epoch;
+                        status.bytes = received;
+                        status.dirty_pages = replica.stats.pages;
+                    }
+                    Control::Heartbeat { epoch } => {
+                        link.send_control(&Control::Heartbeat { epoch })
+                            .map_err(|e| format!("answering a heartbeat: {e}"))?;
+                    }
+                    Control::StandDown {
+                        guest_shutdown,
+                        reason,
+                    } => {
+                        log::info!("FT: the primary ended protection: {reason}");
+                        return Ok(Ending::StandDown { guest_shutdown });
+                    }
+                    other => return Err(format!("unexpected {other:?} from the primary")),
+                }
+            }
+            Message::Abort { message } => {
+                return Err(format!("the primary aborted: {message}"));
+            }
+            _ => return Err(format!("unexpected {kind} frame from the primary")),
+        }
+    }
+}
+
+/// The primary is gone: ask the witness, re-issue shared-disk writes, and hand the last
+/// complete epoch to the control loop.
+fn take_over(
+    shared: &Shared,
+    params: &Params,
+    replica: &mut Replica,
+    reason: &str,
+) -> Result<BackupEvent, String> {
+    let Some((epoch, state)) = replica.committed.take() else {
+        return Err(format!(
+            "the primary was lost during the initial synchronisation ({reason}); nothing to take over"
+        ));
+    };
+    log::warn!("FT: primary lost ({reason}); taking over at epoch {epoch}");
+    fence::claim(&params.witness, params.pair_id, fence::Role::Backup, epoch)
+        .map_err(|fenced| format!("primary lost ({reason}) but not taking over: {fenced}"))?;
+    if params.disk_mode == FtDiskMode::Shared {
+        let retained = std::mem::take(&mut replica.retained);
+        let writes: Vec<(usize, DiskWrite)> = retained.into_iter().flat_map(|(_, w)| w).collect();
+        log::info!("FT: re-issuing {} shared-disk writes", writes.len());
+        replica.write_disks(&writes)?;
+    }
+    shared.status().last_error = Some(reason.to_string());
+    Ok(BackupEvent::TakeOver { state, epoch })
+}

@@ -1,0 +1,793 @@
+//! The primary's side: initial synchronisation, epochs (pause, capture into staging, resume),
+//! the sender thread that ships epochs while the next one runs, and the acknowledgement
+//! thread that commits each acknowledged epoch's held output.
+//!
+//! Threads and who owns what:
+//! - control loop (this module's [`Primary`]): pauses and resumes the VM, copies the epoch's
+//!   dirty pages into the staging memory, captures device and vCPU state, starts the next
+//!   epoch in every output gate;
+//! - `ft-sender`: encodes the staged epoch (zero pages elided, LZ4) and writes it, or a
+//!   heartbeat when nothing was sent for an epoch's length;
+//! - `ft-acks`: reads the backup's answers; an `Ack{E}` commits E in every gate (held frames
+//!   and shared-disk writes leave, in order). A silent or broken link wakes the control loop.
+//!
+//! One staging memory is enough for the pipeline: epoch E is sent from it while E+1 runs; if
+//! E is still being sent when E+1 ends, E+1 simply runs on until the sender is free.
+
+use std::io::Read;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::gate::{GateMode, RecordedWrite};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::VmConfig;
+use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
+use vmm::device_manager::FtGates;
+use vmm::fault_tolerance::{PrimaryEvent, PrimaryFt, StopReason};
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::live;
+use vmm::migration::memory::DirtyPages;
+use vmm::migration::protocol::{
+    FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
+};
+use vmm::vm::{Vm, VmSnapshotState};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fence;
+use crate::stats::PauseStats;
+use crate::wire::{encode_disk_writes, Control};
+
+/// Longest and shortest epochs `vm.enable-ft` accepts.
+pub const MAX_EPOCH_MS: u64 = 1000;
+/// The shortest epoch bounded-latency execution cuts an epoch down to.
+const MIN_CUT_EPOCH: Duration = Duration::from_millis(1);
+/// How long the initial synchronisation may wait for the backup's answer to epoch 0.
+const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The heartbeat timeout when the request gives none: five epochs, at least 50 ms.
+pub fn default_heartbeat_timeout(epoch: Duration) -> Duration {
+    (epoch * 5).max(Duration::from_millis(50))
+}
+
+/// `HOST:PORT` or `tcp:HOST:PORT`.
+pub fn parse_peer(peer: &str) -> Result<String, VmmError> {
+    let addr = peer.strip_prefix("tcp:").unwrap_or(peer);
+    let valid = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if valid {
+        Ok(addr.to_string())
+    } else {
+        Err(VmmError::InvalidConfig(format!(
+            "peer \"{peer}\" is not HOST:PORT"
+        )))
+    }
+}
+
+/// Checks a request before anything is connected.
+pub fn validate(request: &EnableFtRequest) -> Result<(String, Duration, Duration), VmmError> {
+    let peer = parse_peer(&request.peer)?;
+    if request.epoch_ms == 0 || request.epoch_ms > MAX_EPOCH_MS {
+        return Err(VmmError::InvalidConfig(format!(
+            "epoch_ms {} is outside 1..={MAX_EPOCH_MS}",
+            request.epoch_ms
+        )));
+    }
+    let epoch = Duration::from_millis(request.epoch_ms);
+    let timeout = match request.heartbeat_timeout_ms {
+        Some(0) => {
+            return Err(VmmError::InvalidConfig(
+                "heartbeat_timeout_ms must be at least 1".into(),
+            ))
+        }
+        Some(ms) if ms < request.epoch_ms => {
+            return Err(VmmError::InvalidConfig(format!(
+                "heartbeat_timeout_ms {ms} is shorter than one epoch ({} ms)",
+                request.epoch_ms
+            )))
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => default_heartbeat_timeout(epoch),
+    };
+    if let Some(witness) = &request.witness {
+        parse_peer(witness).map_err(|_| {
+            VmmError::InvalidConfig(format!("witness \"{witness}\" is not HOST:PORT"))
+        })?;
+    }
+    Ok((peer, epoch, timeout))
+}
+
+/// An epoch captured by the control loop, for the sender thread.
+struct EpochJob {
+    epoch: u64,
+    dirty: DirtyPages,
+    state: Box<VmSnapshotState>,
+    disk_writes: Vec<Vec<RecordedWrite>>,
+}
+
+enum Job {
+    Epoch(EpochJob),
+    StandDown {
+        guest_shutdown: bool,
+        reason: String,
+    },
+}
+
+/// What the replication threads and the control loop share.
+struct Shared {
+    gates: FtGates,
+    wake: Arc<EventFd>,
+    /// The sender still reads the staging memory.
+    staging_busy: AtomicBool,
+    last_acked: AtomicU64,
+    /// The epoch the sender is on (for heartbeats).
+    last_sent: AtomicU64,
+    bytes: AtomicU64,
+    /// How long the last epoch took to send, in microseconds.
+    last_send_us: AtomicU64,
+    lost: Mutex<Option<String>>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// The link to the backup failed: record why (first reason wins) and wake the loop.
+    fn lose(&self, reason: String) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() {
+            log::warn!("FT: backup lost: {reason}");
+            *lost = Some(reason);
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+pub struct Primary {
+    shared: Arc<Shared>,
+    jobs: Option<SyncSender<Job>>,
+    sender: Option<JoinHandle<()>>,
+    acks: Option<JoinHandle<()>>,
+    stream: TcpStream,
+    staging: GuestMemoryMmap,
+    peer: String,
+    pair_id: u64,
+    witness: Option<String>,
+    disk_mode: FtDiskMode,
+    epoch_len: Duration,
+    next_len: Duration,
+    heartbeat_timeout: Duration,
+    /// The epoch now running.
+    epoch: u64,
+    pauses: PauseStats,
+    dirty_pages: u64,
+    epochs_cut_early: u64,
+    health: FtHealth,
+    last_error: Option<String>,
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> VmmError {
+    VmmError::Failed {
+        action: "enable-ft",
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn connect(peer: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in peer.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+}
+
+/// A pair identifier for the witness: unique per protection session.
+fn new_pair_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        // Unique enough without /dev/urandom: time and process id.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        return now ^ (u64::from(std::process::id()) << 32);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// Reads frames until a Control message arrives (the backup sends nothing else but Error).
+fn read_control<R: Read>(reader: &mut FrameReader, stream: &mut R) -> Result<Control, String> {
+    let frame = reader
+        .read_frame(stream)
+        .map_err(|e| describe_read_error(&e))?;
+    match Message::parse(&frame).map_err(|e| e.to_string())? {
+        Message::Control { payload } => Control::decode(payload).map_err(|e| e.to_string()),
+        Message::Error { message } => Err(format!("the backup reported: {message}")),
+        other => Err(format!("unexpected message from the backup: {other:?}")),
+    }
+}
+
+fn describe_read_error(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            "no heartbeat from the peer within the timeout".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Primary {
+    /// Connects, synchronises and starts protecting `vm`. On failure the VM runs on as before.
+    pub fn enable(
+        vm: &mut Vm,
+        config: &VmConfig,
+        request: &EnableFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Self, VmmError> {
+        let (peer, epoch_len, heartbeat_timeout) = validate(request)?;
+        let stream = connect(&peer).map_err(|e| io_err(&format!("cannot connect to {peer}"), e))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| io_err("socket option", e))?;
+        let staging =
+            vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
+        let pair_id = new_pair_id();
+        let write_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
+        let mut sender = Sender::with_options(
+            write_half,
+            SenderOptions {
+                compress: request.compress,
+                ..SenderOptions::default()
+            },
+        );
+        let params = Control::Params {
+            pair_id,
+            epoch_ms: request.epoch_ms,
+            heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
+            disk_mode: request.disk_mode,
+            witness: request.witness.clone(),
+        };
+        let mut paused = false;
+        let synced = Self::initial_sync(
+            vm,
+            config,
+            &mut sender,
+            &stream,
+            &params,
+            epoch_len,
+            &mut paused,
+        );
+        let (gates, first_epoch, reader) = match synced {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = sender.abort(&e);
+                let _ = vm.set_dirty_logging(false);
+                if paused {
+                    if let Err(r) = vm.resume() {
+                        log::error!("FT: resuming after a failed sync: {r}");
+                    }
+                }
+                return Err(VmmError::Failed {
+                    action: "enable-ft",
+                    message: e,
+                });
+            }
+        };
+        // The VM is paused here with the gates holding; it runs again below.
+        let shared = Arc::new(Shared {
+            gates,
+            wake,
+            staging_busy: AtomicBool::new(false),
+            last_acked: AtomicU64::new(first_epoch - 1),
+            last_sent: AtomicU64::new(first_epoch - 1),
+            bytes: AtomicU64::new(sender.stats().bytes),
+            last_send_us: AtomicU64::new(0),
+            lost: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        });
+        let start = Self::start_threads(
+            &shared,
+            sender,
+            &stream,
+            staging.clone(),
+            reader,
+            epoch_len,
+            heartbeat_timeout,
+        );
+        let resumed = vm.resume().map_err(|e| io_err("resume", e));
+        let (jobs, sender_thread, ack_thread) = match (start, resumed) {
+            (Ok(threads), Ok(())) => threads,
+            (Err(e), _) | (_, Err(e)) => {
+                shared.stopping.store(true, Ordering::SeqCst);
+                let _ = stream.shutdown(Shutdown::Both);
+                for gate in shared.gates.all() {
+                    let _ = gate.passthrough();
+                }
+                let _ = vm.resume();
+                return Err(e);
+            }
+        };
+        log::info!(
+            "FT: protecting the VM with {peer}: epochs of {} ms, heartbeat timeout {} ms, {:?} disks, pair {pair_id:#x}",
+            epoch_len.as_millis(),
+            heartbeat_timeout.as_millis(),
+            request.disk_mode
+        );
+        Ok(Self {
+            shared,
+            jobs: Some(jobs),
+            sender: Some(sender_thread),
+            acks: Some(ack_thread),
+            stream,
+            staging,
+            peer,
+            pair_id,
+            witness: request.witness.clone(),
+            disk_mode: request.disk_mode,
+            epoch_len,
+            next_len: epoch_len,
+            heartbeat_timeout,
+            epoch: first_epoch,
+            pauses: PauseStats::default(),
+            dirty_pages: 0,
+            epochs_cut_early: 0,
+            health: FtHealth::Protected,
+            last_error: None,
+        })
+    }
+
+    /// Hello, Params, pre-copy while the guest runs, then the final pause: the rest of the
+    /// memory, the state, EpochEnd and the backup's Ack. Leaves the VM paused with the output
+    /// gates holding the next epoch. Returns the gates and the first protected epoch.
+    fn initial_sync(
+        vm: &mut Vm,
+        config: &VmConfig,
+        sender: &mut Sender<TcpStream>,
+        stream: &TcpStream,
+        params: &Control,
+        epoch_len: Duration,
+        paused: &mut bool,
+    ) -> Result<(FtGates, u64, FrameReader), String> {
+        let e = |e: ProtocolError| e.to_string();
+        sender.send_hello(config).map_err(e)?;
+        sender
+            .send_frame(FrameType::Control, &params.encode())
+            .map_err(e)?;
+        let (pending, _) = live::precopy(vm, sender, epoch_len)?;
+        vm.pause().map_err(|e| e.to_string())?;
+        *paused = true;
+        let mut last = live::dirty_since_last(vm)?;
+        last.union_with(&pending);
+        sender.send_memory(vm.memory(), &last).map_err(e)?;
+        let state = vm.save_state().map_err(|e| e.to_string())?;
+        sender.send_state(&state).map_err(e)?;
+        let gates = vm.device_manager_mut().ft_gates(0)?;
+        // Gates kept from an earlier session go on counting: epochs only grow.
+        let sync_epoch = gates.all().map(|g| g.current_epoch()).max().unwrap_or(0) + 1;
+        let end = Control::EpochEnd {
+            epoch: sync_epoch,
+            released_through: sync_epoch,
+        };
+        sender
+            .send_frame(FrameType::Control, &end.encode())
+            .map_err(e)?;
+        let mut read_half = stream.try_clone().map_err(|e| e.to_string())?;
+        read_half
+            .set_read_timeout(Some(SYNC_ACK_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut reader = FrameReader::new();
+        match read_control(&mut reader, &mut read_half)? {
+            Control::Ack { epoch } if epoch == sync_epoch => {}
+            other => return Err(format!("expected Ack({sync_epoch}), got {other:?}")),
+        }
+        let shared_disks = matches!(
+            params,
+            Control::Params {
+                disk_mode: FtDiskMode::Shared,
+                ..
+            }
+        );
+        for gate in &gates.nets {
+            gate.set_mode(GateMode::Hold).map_err(|e| e.to_string())?;
+            gate.begin_epoch(sync_epoch + 1)
+                .map_err(|e| e.to_string())?;
+        }
+        for gate in &gates.disks {
+            let mode = if shared_disks {
+                GateMode::Hold
+            } else {
+                GateMode::PassThrough
+            };
+            gate.set_mode(mode).map_err(|e| e.to_string())?;
+            gate.begin_epoch(sync_epoch + 1)
+                .map_err(|e| e.to_string())?;
+        }
+        for log in &gates.disk_logs {
+            // Writes of the sync epoch itself reached the image before the backup's copy
+            // was made, so only what comes after is shipped.
+            let _ = log.take();
+            log.set_recording(true);
+        }
+        Ok((gates, sync_epoch + 1, reader))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_threads(
+        shared: &Arc<Shared>,
+        sender: Sender<TcpStream>,
+        stream: &TcpStream,
+        staging: GuestMemoryMmap,
+        reader: FrameReader,
+        epoch_len: Duration,
+        heartbeat_timeout: Duration,
+    ) -> Result<(SyncSender<Job>, JoinHandle<()>, JoinHandle<()>), VmmError> {
+        let read_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
+        read_half
+            .set_read_timeout(Some(heartbeat_timeout))
+            .map_err(|e| io_err("socket option", e))?;
+        // A backup that stops reading must not block the sender forever.
+        stream
+            .set_write_timeout(Some(heartbeat_timeout.max(Duration::from_secs(1))))
+            .map_err(|e| io_err("socket option", e))?;
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        let s = shared.clone();
+        let heartbeat_every = epoch_len.min(heartbeat_timeout / 3);
+        let sender_thread = std::thread::Builder::new()
+            .name("ft-sender".into())
+            .spawn(move || send_loop(&s, sender, &staging, &job_rx, heartbeat_every))
+            .map_err(|e| io_err("sender thread", e))?;
+        let s = shared.clone();
+        let ack_thread = std::thread::Builder::new()
+            .name("ft-acks".into())
+            .spawn(move || ack_loop(&s, read_half, reader))
+            .map_err(|e| io_err("ack thread", e))?;
+        Ok((jobs, sender_thread, ack_thread))
+    }
+
+    fn lost(&self) -> bool {
+        self.shared
+            .lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Copies the pages of `dirty` from guest memory into the staging memory.
+    fn stage(&self, vm: &Vm, dirty: &DirtyPages) -> Result<(), String> {
+        let mem = vm.memory();
+        let mut buf = Vec::new();
+        for (start, pages) in dirty.runs() {
+            let len = pages as usize * vmm::migration::memory::PAGE_SIZE;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let chunk = &mut buf[..len];
+            mem.read_slice(chunk, start)
+                .map_err(|e| format!("reading guest page {:#x}: {e}", start.0))?;
+            self.staging
+                .write_slice(chunk, GuestAddress(start.0))
+                .map_err(|e| format!("staging page {:#x}: {e}", start.0))?;
+        }
+        Ok(())
+    }
+
+    /// The part of a checkpoint that runs while the VM is paused.
+    fn capture(&mut self, vm: &mut Vm) -> Result<EpochJob, String> {
+        let dirty = live::dirty_since_last(vm)?;
+        self.stage(vm, &dirty)?;
+        let state = vm.save_state().map_err(|e| e.to_string())?;
+        let disk_writes = self
+            .shared
+            .gates
+            .disk_logs
+            .iter()
+            .map(|l| l.take())
+            .collect();
+        let next = self.epoch + 1;
+        for gate in self.shared.gates.all() {
+            gate.begin_epoch(next).map_err(|e| e.to_string())?;
+        }
+        Ok(EpochJob {
+            epoch: self.epoch,
+            dirty,
+            state: Box::new(state),
+            disk_writes,
+        })
+    }
+
+    fn status_now(&self) -> FtStatus {
+        let s = &self.shared;
+        let last_acked = s.last_acked.load(Ordering::SeqCst);
+        let mut status = FtStatus {
+            role: FtRole::Primary,
+            health: self.health,
+            peer: Some(self.peer.clone()),
+            disk_mode: Some(self.disk_mode),
+            epoch_ms: self.epoch_len.as_millis() as u64,
+            heartbeat_timeout_ms: self.heartbeat_timeout.as_millis() as u64,
+            fencing: fence::describe(&self.witness),
+            epoch: self.epoch,
+            last_committed_epoch: last_acked,
+            lag_epochs: self.epoch.saturating_sub(last_acked + 1),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            dirty_pages: self.dirty_pages,
+            pause_us_last: self.pauses.last_us(),
+            pause_us_p50: self.pauses.percentile_us(50.0),
+            pause_us_p99: self.pauses.percentile_us(99.0),
+            pause_us_max: self.pauses.max_us(),
+            epochs_cut_early: self.epochs_cut_early,
+            last_error: self.last_error.clone(),
+            ..FtStatus::default()
+        };
+        for gate in &s.gates.nets {
+            let g = gate.stats();
+            status.held_packets += g.held_items;
+            status.released_packets += g.released.items + g.passed_items;
+        }
+        for gate in &s.gates.disks {
+            status.held_disk_writes += gate.stats().held_items;
+        }
+        status
+    }
+
+    /// Stops the replication threads (after `job`, if any, is sent) and closes the link.
+    fn close(&mut self, job: Option<Job>) {
+        if let Some(jobs) = self.jobs.take() {
+            if let Some(job) = job {
+                if !self.lost() {
+                    let _ = jobs.send(job);
+                }
+            }
+            drop(jobs);
+        }
+        if let Some(t) = self.sender.take() {
+            let _ = t.join();
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.acks.take() {
+            let _ = t.join();
+        }
+        for log in &self.shared.gates.disk_logs {
+            log.set_recording(false);
+        }
+    }
+}
+
+fn send_loop(
+    shared: &Shared,
+    mut sender: Sender<TcpStream>,
+    staging: &GuestMemoryMmap,
+    jobs: &mpsc::Receiver<Job>,
+    heartbeat_every: Duration,
+) {
+    loop {
+        let job = match jobs.recv_timeout(heartbeat_every) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                let beat = Control::Heartbeat {
+                    epoch: shared.last_sent.load(Ordering::SeqCst),
+                };
+                if let Err(e) = sender.send_frame(FrameType::Control, &beat.encode()) {
+                    shared.lose(format!("sending a heartbeat: {e}"));
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let result = match job {
+            Job::Epoch(job) => {
+                let t = Instant::now();
+                let epoch = job.epoch;
+                let released = shared.last_acked.load(Ordering::SeqCst);
+                let sent = send_epoch(&mut sender, staging, job, released);
+                shared
+                    .last_send_us
+                    .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                shared.last_sent.store(epoch, Ordering::SeqCst);
+                shared.staging_busy.store(false, Ordering::SeqCst);
+                sent
+            }
+            Job::StandDown {
+                guest_shutdown,
+                reason,
+            } => {
+                let msg = Control::StandDown {
+                    guest_shutdown,
+                    reason,
+                };
+                let _ = sender.send_frame(FrameType::Control, &msg.encode());
+                return;
+            }
+        };
+        shared.bytes.store(sender.stats().bytes, Ordering::Relaxed);
+        if let Err(e) = result {
+            shared.lose(format!("sending an epoch: {e}"));
+            return;
+        }
+    }
+}
+
+fn send_epoch(
+    sender: &mut Sender<TcpStream>,
+    staging: &GuestMemoryMmap,
+    job: EpochJob,
+    released_through: u64,
+) -> Result<(), ProtocolError> {
+    sender.send_memory(staging, &job.dirty)?;
+    for (disk, writes) in job.disk_writes.iter().enumerate() {
+        for frame in encode_disk_writes(disk as u32, writes) {
+            sender.send_frame(FrameType::DiskWrites, &frame)?;
+        }
+    }
+    sender.send_state(&job.state)?;
+    let end = Control::EpochEnd {
+        epoch: job.epoch,
+        // The ack thread commits an epoch (its shared-disk writes reach the image) before it
+        // counts it as acknowledged.
+        released_through,
+    };
+    sender.send_frame(FrameType::Control, &end.encode())
+}
+
+fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
+    loop {
+        match read_control(&mut reader, &mut stream) {
+            Ok(Control::Ack { epoch }) => {
+                for gate in shared.gates.all() {
+                    if let Err(e) = gate.commit(epoch) {
+                        log::error!("FT: committing epoch {epoch}: {e}");
+                    }
+                }
+                shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+            }
+            Ok(Control::Heartbeat { .. }) => {}
+            Ok(other) => {
+                shared.lose(format!("unexpected message from the backup: {other:?}"));
+                return;
+            }
+            Err(e) => {
+                shared.lose(e);
+                return;
+            }
+        }
+    }
+}
+
+impl PrimaryFt for Primary {
+    fn next_checkpoint(&self) -> Option<Duration> {
+        (self.health == FtHealth::Protected).then_some(self.next_len)
+    }
+
+    fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String> {
+        if self.health != FtHealth::Protected || self.lost() {
+            return Ok(());
+        }
+        if self.shared.staging_busy.load(Ordering::SeqCst) {
+            // The previous epoch is still on the wire: this one runs on a little.
+            self.next_len = MIN_CUT_EPOCH;
+            return Ok(());
+        }
+        let start = Instant::now();
+        vm.pause().map_err(|e| e.to_string())?;
+        let captured = self.capture(vm);
+        let resumed = vm.resume();
+        self.pauses.record(start.elapsed());
+        resumed.map_err(|e| e.to_string())?;
+        let job = captured?;
+        self.dirty_pages += job.dirty.count();
+        self.epoch += 1;
+        // Bounded latency: when sending an epoch takes longer than running one, output waits
+        // for both, so shorten the next epoch in proportion (fewer pages to send).
+        let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
+        self.next_len = if send > self.epoch_len {
+            self.epochs_cut_early += 1;
+            let scaled =
+                self.epoch_len.as_secs_f64() * self.epoch_len.as_secs_f64() / send.as_secs_f64();
+            Duration::from_secs_f64(scaled).max(MIN_CUT_EPOCH)
+        } else {
+            self.epoch_len
+        };
+        self.shared.staging_busy.store(true, Ordering::SeqCst);
+        if let Some(jobs) = &self.jobs {
+            if jobs.try_send(Job::Epoch(job)).is_err() {
+                self.shared.staging_busy.store(false, Ordering::SeqCst);
+                self.shared.lose("the sender thread is gone".to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, _vm: &mut Vm) -> PrimaryEvent {
+        let reason = self
+            .shared
+            .lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(reason) = reason else {
+            return PrimaryEvent::Continue;
+        };
+        if self.health != FtHealth::Protected {
+            return PrimaryEvent::Continue;
+        }
+        self.close(None);
+        self.last_error = Some(reason.clone());
+        let last = self.shared.last_acked.load(Ordering::SeqCst);
+        match fence::claim(&self.witness, self.pair_id, fence::Role::Primary, last) {
+            Ok(()) => {
+                // A dead backup never stops the primary: everything held goes out now.
+                for gate in self.shared.gates.all() {
+                    if let Err(e) = gate.passthrough() {
+                        log::error!("FT: releasing held output: {e}");
+                    }
+                }
+                self.health = FtHealth::Degraded;
+                log::warn!("FT: running unprotected ({reason})");
+                PrimaryEvent::Continue
+            }
+            Err(fenced) => {
+                for gate in self.shared.gates.all() {
+                    gate.discard_uncommitted();
+                }
+                self.health = FtHealth::Fenced;
+                PrimaryEvent::Fenced(format!("{reason}; {fenced}"))
+            }
+        }
+    }
+
+    fn status(&self) -> FtStatus {
+        self.status_now()
+    }
+
+    fn stop(mut self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) {
+        let job = match reason {
+            StopReason::Disabled => Job::StandDown {
+                guest_shutdown: false,
+                reason: "protection disabled on the primary".into(),
+            },
+            StopReason::GuestShutdown => Job::StandDown {
+                guest_shutdown: true,
+                reason: "the guest powered off".into(),
+            },
+            StopReason::VmGone => Job::StandDown {
+                guest_shutdown: false,
+                reason: "the primary's VM was stopped or reset".into(),
+            },
+        };
+        let was_protected = self.health == FtHealth::Protected;
+        self.close(Some(job));
+        if self.health != FtHealth::Fenced {
+            // The backup stood down (or is gone): held output may leave.
+            for gate in self.shared.gates.all() {
+                if let Err(e) = gate.passthrough() {
+                    log::error!("FT: releasing held output: {e}");
+                }
+            }
+        }
+        if let Some(vm) = vm {
+            if let Err(e) = vm.set_dirty_logging(false) {
+                log::warn!("FT: switching dirty logging off: {e}");
+            }
+        }
+        if was_protected {
+            log::info!("FT: protection ended ({reason:?})");
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The control loop's view of fault tolerance. The `ft` crate implements these traits and the
+//! binary plugs it in through [`crate::VmmOptions`], so `vmm` never depends on `ft`
+//! (dependencies point down: binaries -> ft -> vmm -> devices).
+//!
+//! Threads: the control loop calls these hooks (it owns the VM); the implementation runs its
+//! own sender/receiver threads and wakes the loop through the `wake` eventfd it was given when
+//! something needs the VM (backup lost, primary dead, a standby VM to prepare).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VmConfig;
+use crate::control::{EnableFtRequest, FtStatus, ReceiveFtRequest, VmmError};
+use crate::memory::GuestMemoryMmap;
+use crate::vm::{Vm, VmSnapshotState};
+
+/// Creates protection sessions (one at a time per VMM).
+pub trait FtProvider: Send {
+    /// Protects the running `vm`: connects to the backup, runs the initial synchronisation
+    /// (the guest keeps running until its final pause) and installs the output gates.
+    /// Returns once the backup holds epoch 0.
+    fn enable(
+        &mut self,
+        vm: &mut Vm,
+        config: &VmConfig,
+        request: &EnableFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Box<dyn PrimaryFt>, VmmError>;
+
+    /// Starts waiting for a primary (in the background) to become its backup.
+    fn receive(
+        &mut self,
+        request: &ReceiveFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Box<dyn BackupFt>, VmmError>;
+}
+
+/// What the primary's session asks of the control loop after [`PrimaryFt::poll`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrimaryEvent {
+    /// Nothing for the loop to do (the status may have changed: e.g. running unprotected).
+    Continue,
+    /// The witness gave the VM to the backup: this copy must stop and release nothing more.
+    Fenced(String),
+}
+
+/// Why the primary's protection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `vm.disable-ft`: the backup drops its copy; the VM runs on unprotected.
+    Disabled,
+    /// The guest powered off: the backup must not bring it back.
+    GuestShutdown,
+    /// The guest reset (the VM is rebuilt) or the VMM shuts down: the backup stands down.
+    VmGone,
+}
+
+pub trait PrimaryFt: Send {
+    /// How long the guest runs before the next checkpoint; None when no checkpoint is due
+    /// (the backup is gone).
+    fn next_checkpoint(&self) -> Option<Duration>;
+
+    /// Ends the running epoch: pause, capture, resume, hand the epoch to the sender. The VM is
+    /// running when this returns (also on error).
+    fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String>;
+
+    /// Handles what the replication threads reported through `wake`.
+    fn poll(&mut self, vm: &mut Vm) -> PrimaryEvent;
+
+    fn status(&self) -> FtStatus;
+
+    /// Ends protection (see [`StopReason`]); with a VM, held output is committed first where
+    /// the backup still acknowledges, else released (disable) or dropped (fenced).
+    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason);
+}
+
+/// What a backup asks of the control loop.
+pub enum BackupEvent {
+    /// Nothing for the loop to do.
+    None,
+    /// A primary connected: build the standby VM from its configuration (disk paths already
+    /// mapped to this host) and answer with its memory, which the backup keeps up to date.
+    Prepare {
+        config: Box<VmConfig>,
+        reply: mpsc::Sender<Result<GuestMemoryMmap, String>>,
+    },
+    /// The primary is dead and this host won the right to run the VM: restore the standby VM
+    /// from `state` (memory already holds the same epoch) and run it.
+    TakeOver {
+        state: Box<VmSnapshotState>,
+        epoch: u64,
+    },
+    /// The primary ended protection: drop the standby VM. With `guest_shutdown` the VM powered
+    /// off, so this VMM ends as the primary's does.
+    StandDown { guest_shutdown: bool },
+    /// Receiving failed without a reason to take over (e.g. a corrupt stream from a live
+    /// primary): drop the standby VM.
+    Failed(String),
+}
+
+pub trait BackupFt: Send {
+    fn poll(&mut self) -> BackupEvent;
+    fn status(&self) -> FtStatus;
+    /// `vm.disable-ft` on the backup or VMM shutdown: stop receiving (the primary then runs
+    /// unprotected).
+    fn stop(self: Box<Self>);
+    /// The control loop restored the VM after [`BackupEvent::TakeOver`] (Ok) or could not.
+    fn took_over(&mut self, result: Result<(), String>);
+}
