@@ -3,8 +3,9 @@
 
 use vmm::config::VmConfig;
 use vmm::control::{
-    ApiSender, ErrorKind, ReceiveMigrationRequest, RestoreRequest, SendError, SendMigrationRequest,
-    SnapshotRequest, VmmRequest, VmmResponse, VmmResult,
+    ApiSender, EnableFtRequest, ErrorKind, ReceiveFtRequest, ReceiveMigrationRequest,
+    RestoreRequest, SendError, SendMigrationRequest, SnapshotRequest, VmmRequest, VmmResponse,
+    VmmResult,
 };
 
 use crate::http::Response;
@@ -43,6 +44,10 @@ pub enum Endpoint {
     VmRestore,
     VmSendMigration,
     VmReceiveMigration,
+    VmEnableFt,
+    VmReceiveFt,
+    VmFtStatus,
+    VmDisableFt,
 }
 
 /// Every endpoint: name after `/api/v1/`, its method, and what it is.
@@ -63,6 +68,11 @@ pub const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("vm.restore", "PUT", Endpoint::VmRestore),
     ("vm.send-migration", "PUT", Endpoint::VmSendMigration),
     ("vm.receive-migration", "PUT", Endpoint::VmReceiveMigration),
+    // Tandem's fault-tolerance extension (not in Cloud Hypervisor).
+    ("vm.enable-ft", "PUT", Endpoint::VmEnableFt),
+    ("vm.receive-ft", "PUT", Endpoint::VmReceiveFt),
+    ("vm.ft-status", "GET", Endpoint::VmFtStatus),
+    ("vm.disable-ft", "PUT", Endpoint::VmDisableFt),
 ];
 
 /// Cloud Hypervisor endpoints that exist there but not here yet: a 404 that says so is more
@@ -120,8 +130,9 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
         Endpoint::VmReboot => VmmRequest::RebootVm,
         Endpoint::VmDelete => VmmRequest::DeleteVm,
         Endpoint::VmPowerButton => VmmRequest::PowerButton,
-        // The migration calls block until the migration is over (minutes, for a big guest):
-        // the connection thread waits for the control loop's answer with no timeout, and the
+        // The migration calls block until the migration is over (minutes, for a big guest), and
+        // `vm.enable-ft` until the initial synchronisation with the backup is done: the
+        // connection thread waits for the control loop's answer with no timeout, and the
         // socket timeouts only bound reading the request and writing the answer.
         Endpoint::VmSnapshot => {
             match parse_body(body, "vm.snapshot", "VmSnapshotConfig", |b: &[u8]| {
@@ -157,6 +168,26 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
             Ok(request) => VmmRequest::ReceiveMigration(request),
             Err(response) => return response,
         },
+        // Only the JSON shape is checked here; the control loop judges the values (peer and
+        // witness addresses, epoch length, disk paths) and answers 400 for bad ones.
+        Endpoint::VmEnableFt => {
+            match parse_body(body, "vm.enable-ft", "EnableFtData", |b: &[u8]| {
+                serde_json::from_slice::<EnableFtRequest>(b)
+            }) {
+                Ok(request) => VmmRequest::EnableFt(request),
+                Err(response) => return response,
+            }
+        }
+        Endpoint::VmReceiveFt => {
+            match parse_body(body, "vm.receive-ft", "ReceiveFtData", |b: &[u8]| {
+                serde_json::from_slice::<ReceiveFtRequest>(b)
+            }) {
+                Ok(request) => VmmRequest::ReceiveFt(request),
+                Err(response) => return response,
+            }
+        }
+        Endpoint::VmFtStatus => VmmRequest::FtStatus,
+        Endpoint::VmDisableFt => VmmRequest::DisableFt,
     };
     match backend.call(request) {
         Ok(result) => response_of(result),
@@ -192,9 +223,14 @@ fn parse_body<T>(
     from_json: fn(&[u8]) -> serde_json::Result<T>,
 ) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
+        let article = if schema.starts_with(['A', 'E', 'I', 'O', 'U']) {
+            "an"
+        } else {
+            "a"
+        };
         return Err(Response::error_one(
             400,
-            format!("{endpoint} needs a {schema} JSON request body"),
+            format!("{endpoint} needs {article} {schema} JSON request body"),
         ));
     }
     from_json(body).map_err(|e| Response::error_one(400, format!("invalid {schema} JSON: {e}")))
@@ -210,6 +246,7 @@ fn response_of(result: VmmResult) -> Response {
         Ok(VmmResponse::Ping(ping)) => json(serde_json::to_vec(&ping)),
         Ok(VmmResponse::VmInfo(info)) => json(serde_json::to_vec(&info)),
         Ok(VmmResponse::Counters(counters)) => json(serde_json::to_vec(&counters)),
+        Ok(VmmResponse::FtStatus(status)) => json(serde_json::to_vec(&status)),
         Err(e) => {
             let status = match e.kind() {
                 ErrorKind::BadRequest => 400,
@@ -226,7 +263,9 @@ fn response_of(result: VmmResult) -> Response {
 mod tests {
     use std::sync::Mutex;
 
-    use vmm::control::{VmState, VmmError, VmmPingResponse};
+    use vmm::control::{
+        FtDiskMode, FtHealth, FtRole, FtStatus, VmState, VmmError, VmmPingResponse,
+    };
 
     use super::*;
 
@@ -256,6 +295,7 @@ mod tests {
                     action: "boot",
                     message: "no kernel".into(),
                 }),
+                VmmRequest::FtStatus => Ok(VmmResponse::FtStatus(Box::default())),
                 _ => Err(VmmError::VmNotCreated),
             })
         }
@@ -288,12 +328,21 @@ mod tests {
         assert!(seen[2].starts_with("CreateVm("), "{}", seen[2]);
         assert_eq!(seen[11], "PowerButton");
         assert_eq!(
-            seen[12..],
+            seen[12..16],
             [
                 r#"Snapshot(SnapshotRequest { destination_url: "file:///tmp/snap" })"#,
                 r#"Restore(RestoreRequest { source_url: "file:///tmp/snap", prefault: true, resume: false })"#,
                 r#"SendMigration(SendMigrationRequest { destination_url: "tcp:10.0.0.2:6000", local: false, downtime_ms: 100 })"#,
                 r#"ReceiveMigration(ReceiveMigrationRequest { receiver_url: "unix:/tmp/mig.sock" })"#,
+            ]
+        );
+        assert_eq!(
+            seen[16..],
+            [
+                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), compress: false })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], witness: Some("10.0.0.3:7100") })"#,
+                "FtStatus",
+                "DisableFt",
             ]
         );
     }
@@ -308,6 +357,13 @@ mod tests {
                 r#"{"destination_url": "tcp:10.0.0.2:6000", "downtime_ms": 100}"#.into()
             }
             "vm.receive-migration" => r#"{"receiver_url": "unix:/tmp/mig.sock"}"#.into(),
+            "vm.enable-ft" => r#"{"peer": "10.0.0.2:7000", "epoch_ms": 20, "disk_mode": "shared",
+                "heartbeat_timeout_ms": 200, "witness": "10.0.0.3:7100", "compress": false}"#
+                .into(),
+            "vm.receive-ft" => r#"{"receiver_url": "tcp:0.0.0.0:7000",
+                "disk_paths": ["/var/b/disk0.img", "/var/b/disk1.img"],
+                "witness": "10.0.0.3:7100"}"#
+                .into(),
             _ => String::new(),
         }
     }
@@ -447,9 +503,9 @@ mod tests {
             ),
         ];
         for (error, status) in cases {
-            for (name, _, _) in &ENDPOINTS[12..] {
+            for (name, method, _) in &ENDPOINTS[12..] {
                 let r = handle(
-                    "PUT",
+                    method,
                     &format!("/api/v1/{name}"),
                     valid_body(name).as_bytes(),
                     &Refuses(error),
@@ -465,6 +521,251 @@ mod tests {
             &Fake::default(),
         );
         assert_eq!(r.status, 404);
+    }
+
+    #[test]
+    fn ft_bodies_take_defaults() {
+        let fake = Fake::default();
+        let put = |name: &str, json: &str| {
+            handle("PUT", &format!("/api/v1/{name}"), json.as_bytes(), &fake).status
+        };
+        assert_eq!(put("vm.enable-ft", r#"{"peer": "b:7000"}"#), 404);
+        assert_eq!(
+            put(
+                "vm.enable-ft",
+                r#"{"peer": "tcp:b:7000", "disk_mode": "replicated", "heartbeat_timeout_ms": null,
+                    "witness": null, "compress": true}"#
+            ),
+            404
+        );
+        assert_eq!(
+            put("vm.receive-ft", r#"{"receiver_url": "tcp:[::]:7000"}"#),
+            404
+        );
+        assert_eq!(
+            put(
+                "vm.receive-ft",
+                r#"{"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "witness": null}"#
+            ),
+            404
+        );
+        let seen = fake.seen.lock().unwrap();
+        assert_eq!(
+            *seen,
+            [
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true })"#,
+                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], witness: None })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], witness: None })"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn ft_endpoints_reject_bad_bodies_and_methods() {
+        let fake = Fake::default();
+        let cases = [
+            (
+                "vm.enable-ft",
+                "",
+                "vm.enable-ft needs an EnableFtData JSON request body",
+            ),
+            ("vm.enable-ft", "{", "invalid EnableFtData JSON"),
+            ("vm.enable-ft", "{}", "missing field `peer`"),
+            ("vm.enable-ft", r#"{"peer": 7000}"#, "invalid type: integer"),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "epoch_ms": -1}"#,
+                "invalid value: integer `-1`",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "epoch_ms": 1.5}"#,
+                "invalid type: floating point",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "disk_mode": "mirrored"}"#,
+                "unknown variant `mirrored`, expected `replicated` or `shared`",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "disk_mode": "Shared"}"#,
+                "unknown variant `Shared`",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "disk_mode": null}"#,
+                // serde_json's words for null where an enum belongs.
+                "invalid EnableFtData JSON: expected value",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "compress": "yes"}"#,
+                "invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:1", "epoch": 5}"#,
+                "unknown field `epoch`",
+            ),
+            (
+                "vm.receive-ft",
+                " ",
+                "vm.receive-ft needs a ReceiveFtData JSON request body",
+            ),
+            ("vm.receive-ft", "[]", "invalid ReceiveFtData JSON"),
+            ("vm.receive-ft", "{}", "missing field `receiver_url`"),
+            (
+                "vm.receive-ft",
+                r#"{"receiver_url": "tcp:0.0.0.0:1", "disk_paths": "/a"}"#,
+                "invalid type: string \"/a\", expected a sequence",
+            ),
+            (
+                "vm.receive-ft",
+                r#"{"receiver_url": "tcp:0.0.0.0:1", "disk_path": ["/a"]}"#,
+                "unknown field `disk_path`",
+            ),
+            (
+                "vm.receive-ft",
+                r#"{"receiver_url": "tcp:0.0.0.0:1", "witness": 5}"#,
+                "invalid type: integer `5`",
+            ),
+        ];
+        for (name, json, expected) in cases {
+            let r = handle("PUT", &format!("/api/v1/{name}"), json.as_bytes(), &fake);
+            assert_eq!(r.status, 400, "{name} {json}");
+            let message = body(&r)[0].as_str().unwrap().to_string();
+            assert!(message.contains(expected), "{name} {json}: {message}");
+        }
+        assert!(fake.seen.lock().unwrap().is_empty());
+        for (method, name, allowed) in [
+            ("GET", "vm.enable-ft", "PUT"),
+            ("POST", "vm.receive-ft", "PUT"),
+            ("PUT", "vm.ft-status", "GET"),
+            ("DELETE", "vm.ft-status", "GET"),
+            ("GET", "vm.disable-ft", "PUT"),
+        ] {
+            let r = handle(method, &format!("/api/v1/{name}"), b"", &fake);
+            assert_eq!((r.status, r.allow), (405, Some(allowed)), "{method} {name}");
+            let message = body(&r)[0].as_str().unwrap().to_string();
+            assert_eq!(
+                message,
+                format!("method {method} is not allowed on /api/v1/{name}; use {allowed}")
+            );
+        }
+        assert!(fake.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ft_status_is_json_with_every_field() {
+        let fake = Fake::default();
+        let r = handle("GET", "/api/v1/vm.ft-status", b"", &fake);
+        assert_eq!(r.status, 200);
+        // Every field is always present; the `Option`s are null (as api-spec documents).
+        assert_eq!(
+            body(&r),
+            serde_json::json!({
+                "role": "none", "health": "off", "peer": null, "disk_mode": null,
+                "epoch_ms": 0, "heartbeat_timeout_ms": 0, "fencing": "", "epoch": 0,
+                "last_committed_epoch": 0, "lag_epochs": 0, "bytes": 0, "dirty_pages": 0,
+                "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
+                "epochs_cut_early": 0, "held_packets": 0, "released_packets": 0,
+                "held_disk_writes": 0, "failovers": 0, "last_failover_ms": null,
+                "last_error": null,
+            })
+        );
+
+        struct Protected;
+        impl Backend for Protected {
+            fn call(&self, request: VmmRequest) -> Result<VmmResult, SendError> {
+                assert!(matches!(request, VmmRequest::FtStatus));
+                Ok(Ok(VmmResponse::FtStatus(Box::new(FtStatus {
+                    role: FtRole::Backup,
+                    health: FtHealth::WaitingForPrimary,
+                    peer: Some("10.0.0.1:7000".into()),
+                    disk_mode: Some(FtDiskMode::Shared),
+                    epoch_ms: 10,
+                    heartbeat_timeout_ms: 50,
+                    fencing: "witness 10.0.0.3:7100".into(),
+                    last_failover_ms: Some(12),
+                    last_error: Some("primary went silent".into()),
+                    ..FtStatus::default()
+                }))))
+            }
+        }
+        let r = handle("GET", "/api/v1/vm.ft-status", b"", &Protected);
+        assert_eq!(r.status, 200);
+        let v = body(&r);
+        assert_eq!(v["role"], "backup");
+        assert_eq!(v["health"], "waiting_for_primary");
+        assert_eq!(v["peer"], "10.0.0.1:7000");
+        assert_eq!(v["disk_mode"], "shared");
+        assert_eq!(v["fencing"], "witness 10.0.0.3:7100");
+        assert_eq!(v["last_failover_ms"], 12);
+        assert_eq!(v["last_error"], "primary went silent");
+    }
+
+    #[test]
+    fn ft_errors_of_the_control_loop_keep_their_status() {
+        let (enable, receive, status, disable) = (
+            "vm.enable-ft",
+            "vm.receive-ft",
+            "vm.ft-status",
+            "vm.disable-ft",
+        );
+        // The errors the FT engine answers with, and the status each must become.
+        let cases: [(&str, VmmError, u16); 6] = [
+            (
+                enable,
+                VmmError::InvalidConfig("peer \"b\" is not HOST:PORT".into()),
+                400,
+            ),
+            (enable, VmmError::VmNotCreated, 404),
+            (
+                enable,
+                VmmError::InvalidState {
+                    action: "enable fault tolerance for",
+                    state: VmState::Paused,
+                },
+                405,
+            ),
+            (
+                receive,
+                VmmError::Failed {
+                    action: "fault tolerance",
+                    message: "not built into this VMM".into(),
+                },
+                500,
+            ),
+            (
+                status,
+                VmmError::Failed {
+                    action: "fault tolerance",
+                    message: "gone".into(),
+                },
+                500,
+            ),
+            (disable, VmmError::VmNotCreated, 404),
+        ];
+        struct Refuses(Mutex<Option<VmmError>>);
+        impl Backend for Refuses {
+            fn call(&self, _: VmmRequest) -> Result<VmmResult, SendError> {
+                Ok(Err(self.0.lock().unwrap().take().unwrap()))
+            }
+        }
+        for (name, error, expected) in cases {
+            let message = error.to_string();
+            let (_, method, _) = ENDPOINTS.iter().find(|e| e.0 == name).unwrap();
+            let r = handle(
+                method,
+                &format!("/api/v1/{name}"),
+                valid_body(name).as_bytes(),
+                &Refuses(Mutex::new(Some(error))),
+            );
+            assert_eq!(r.status, expected, "{name}");
+            assert_eq!(body(&r), serde_json::json!([message]));
+        }
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub struct ServerOptions {
     /// How long a connection may stay silent (between or inside requests) before it is closed.
     /// It does not bound how long the control loop takes to answer: no read is pending while
     /// a request is handled, so a `vm.send-migration` or `vm.receive-migration` that runs
-    /// for minutes is answered normally.
+    /// for minutes, or a `vm.enable-ft` doing its initial synchronisation, is answered
+    /// normally.
     pub read_timeout: Duration,
     /// How long writing a response may block on a client that does not read. The write starts
     /// only once the control loop has answered.

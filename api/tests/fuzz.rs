@@ -23,6 +23,7 @@ impl Backend for Instant {
                 features: vec![],
             }),
             VmmRequest::Counters => VmmResponse::Counters(Default::default()),
+            VmmRequest::FtStatus => VmmResponse::FtStatus(Box::default()),
             _ => VmmResponse::Empty,
         }))
     }
@@ -112,6 +113,10 @@ const VALID: &[&str] = &[
     "GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 52\r\n\r\n{\"payload\":{\"kernel\":\"/k\"},\"console\":{\"mode\":\"Off\"}}",
     "PUT /api/v1/vm.boot HTTP/1.1\r\nConnection: keep-alive\r\n\r\n",
+    "PUT /api/v1/vm.enable-ft HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 120\r\n\r\n{\"peer\":\"10.0.0.2:7000\",\"epoch_ms\":20,\"disk_mode\":\"shared\",\"heartbeat_timeout_ms\":null,\"witness\":\"w:1\",\"compress\":false}",
+    "PUT /api/v1/vm.receive-ft HTTP/1.1\r\nContent-Length: 77\r\n\r\n{\"receiver_url\":\"tcp:0.0.0.0:7000\",\"disk_paths\":[\"/b/d0.img\"],\"witness\":null}",
+    "GET /api/v1/vm.ft-status HTTP/1.1\r\nAccept: */*\r\n\r\n",
+    "PUT /api/v1/vm.disable-ft HTTP/1.1\r\n\r\n",
     "GET /api/v1/vm.info HTTP/1.0\r\n\r\n",
     "GET /api/v1/vm.counters HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
     "PUT /api/v1/vm.pause HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -167,6 +172,10 @@ fn valid_pipeline_in_any_chunking() {
     for chunk in [1, 2, 3, 7, 64, 4096] {
         let statuses = check_responses(&run(all.clone(), chunk)).unwrap();
         // The HTTP/1.0 request (vm.info, which this backend answers with 204) ends the connection.
-        assert_eq!(statuses, vec![200, 204, 204, 204], "chunk {chunk}");
+        assert_eq!(
+            statuses,
+            vec![200, 204, 204, 204, 204, 200, 204, 204],
+            "chunk {chunk}"
+        );
     }
 }

@@ -168,7 +168,15 @@ fn long_running_calls_outlive_the_socket_timeouts() {
     .unwrap();
     assert_eq!(r.status, 204);
     assert!(started.elapsed() >= Duration::from_millis(800));
-    // The connection is still usable afterwards (keep-alive).
+    // The connection is still usable afterwards (keep-alive), and the fault-tolerance calls
+    // (`vm.enable-ft` waits for the initial synchronisation) are served the same way.
+    for (endpoint, body) in [
+        ("vm.enable-ft", r#"{"peer": "b:7000"}"#),
+        ("vm.receive-ft", r#"{"receiver_url": "tcp:0.0.0.0:7000"}"#),
+    ] {
+        let r = client::request_on(&mut s, "PUT", endpoint, Some(body), false).unwrap();
+        assert_eq!(r.status, 204, "{endpoint}");
+    }
     let r = client::request_on(
         &mut s,
         "PUT",
@@ -178,7 +186,91 @@ fn long_running_calls_outlive_the_socket_timeouts() {
     )
     .unwrap();
     assert_eq!(r.status, 204);
-    assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 4);
+    assert!(started.elapsed() >= Duration::from_millis(4 * 800));
+}
+
+#[test]
+fn fault_tolerance_endpoints() {
+    let (path, _fake) = start("ft");
+    let call = |m: &str, e: &str, b: Option<&str>| client::request(&path, m, e, b).unwrap();
+    let status = || {
+        let r = call("GET", "vm.ft-status", None);
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_str::<serde_json::Value>(&r.body).unwrap()
+    };
+
+    // Nothing protected: a status all the same, with the optional fields null.
+    let v = status();
+    assert_eq!((&v["role"], &v["health"]), (&"none".into(), &"off".into()));
+    assert!(v["peer"].is_null() && v["disk_mode"].is_null() && v["last_error"].is_null());
+
+    let r = call("PUT", "vm.enable-ft", Some(r#"{"peer": "b:7000"}"#));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_messages(), vec!["no VM has been created"]);
+    let r = call("PUT", "vm.enable-ft", Some(r#"{"peer": "b:7000", "x": 1}"#));
+    assert_eq!(r.status, 400);
+    assert!(r.error_messages()[0].contains("unknown field `x`"), "{r:?}");
+    let r = call("PUT", "vm.enable-ft", None);
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.error_messages(),
+        vec!["vm.enable-ft needs an EnableFtData JSON request body"]
+    );
+    assert_eq!(call("PUT", "vm.disable-ft", None).status, 404);
+    let r = call("GET", "vm.enable-ft", None);
+    assert_eq!(r.status, 405);
+
+    assert_eq!(call("PUT", "vm.create", Some(&kernel_config())).status, 204);
+    let r = call("PUT", "vm.enable-ft", Some(r#"{"peer": "b:7000"}"#));
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.error_messages(),
+        vec!["cannot enable fault tolerance for a VM in state Created"]
+    );
+    assert_eq!(call("PUT", "vm.boot", None).status, 204);
+    let r = call(
+        "PUT",
+        "vm.enable-ft",
+        Some(r#"{"peer": "b:7000", "epoch_ms": 0}"#),
+    );
+    assert_eq!(r.status, 400);
+    let r = call(
+        "PUT",
+        "vm.enable-ft",
+        Some(r#"{"peer": "b:7000", "epoch_ms": 25, "disk_mode": "shared"}"#),
+    );
+    assert_eq!((r.status, r.body.as_str()), (204, ""));
+    let v = status();
+    assert_eq!(v["role"], "primary");
+    assert_eq!(v["health"], "protected");
+    assert_eq!(v["peer"], "b:7000");
+    assert_eq!(v["disk_mode"], "shared");
+    assert_eq!(v["epoch_ms"], 25);
+    let r = call(
+        "PUT",
+        "vm.receive-ft",
+        Some(r#"{"receiver_url": "tcp:0.0.0.0:7000"}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!((call("PUT", "vm.disable-ft", None).status), 204);
+    assert_eq!(status()["role"], "none");
+
+    // A fresh VMM becomes a backup.
+    let (path, _fake) = start("ft-backup");
+    let r = client::request(
+        &path,
+        "PUT",
+        "vm.receive-ft",
+        Some(r#"{"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": ["/b/d0"], "witness": "w:1"}"#),
+    )
+    .unwrap();
+    assert_eq!(r.status, 204);
+    let r = client::request(&path, "GET", "vm.ft-status", None).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["role"], "backup");
+    assert_eq!(v["health"], "waiting_for_primary");
+    assert_eq!(v["fencing"], "witness w:1");
 }
 
 #[test]

@@ -297,9 +297,6 @@ fn receive(
         status.heartbeat_timeout_ms = params.heartbeat_timeout.as_millis() as u64;
         status.fencing = fence::describe(&params.witness);
     }
-    link.stream
-        .set_read_timeout(Some(params.heartbeat_timeout))
-        .map_err(|e| e.to_string())?;
     let mut replica = Replica {
         memory,
         disks,
@@ -310,7 +307,7 @@ fn receive(
         probe: vec![0; PAGE_SIZE],
         stats: TransferStats::default(),
     };
-    let ending = receive_epochs(shared, &mut link, &mut replica);
+    let ending = receive_epochs(shared, &mut link, &mut replica, params.heartbeat_timeout);
     match ending {
         Ok(Ending::StandDown { guest_shutdown }) => {
             shared.status().health = FtHealth::Off;
@@ -500,6 +497,7 @@ fn receive_epochs(
     shared: &Shared,
     link: &mut Link,
     replica: &mut Replica,
+    heartbeat_timeout: Duration,
 ) -> Result<Ending, String> {
     // The initial synchronisation is written straight into memory: there is no earlier
     // epoch to keep intact.
@@ -588,7 +586,14 @@ fn receive_epochs(
                         }
                         let done = std::mem::take(&mut pending);
                         replica.commit(epoch, done, released_through)?;
-                        initial = false;
+                        if initial {
+                            // Heartbeats start with protection; the initial copy may pause
+                            // longer between frames (first touch of every page).
+                            link.stream
+                                .set_read_timeout(Some(heartbeat_timeout))
+                                .map_err(|e| e.to_string())?;
+                            initial = false;
+                        }
                         link.send_control(&Control::Ack { epoch })
                             .map_err(|e| format!("acknowledging epoch {epoch}: {e}"))?;
                         let mut status = shared.status();
@@ -620,6 +625,47 @@ fn receive_epochs(
     }
 }
 
+/// How long a backup that won the witness waits for the old primary to let go of the
+/// shared disk images.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Exclusive `flock`s on the shared images (the lock the block device takes), held while the
+/// retained writes are re-issued.
+struct SharedDiskLocks<'a>(&'a [File]);
+
+impl<'a> SharedDiskLocks<'a> {
+    fn acquire(files: &'a [File], wait: Duration) -> Result<Self, String> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + wait;
+        for file in files {
+            loop {
+                // SAFETY: flock on a descriptor we own; it touches no memory.
+                let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+                if ret == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the shared disk is still locked by another process after {wait:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(Self(files))
+    }
+}
+
+impl Drop for SharedDiskLocks<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        for file in self.0 {
+            // SAFETY: flock on a descriptor we own; it touches no memory.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
 /// The primary is gone: ask the witness, re-issue shared-disk writes, and hand the last
 /// complete epoch to the control loop.
 fn take_over(
@@ -637,10 +683,15 @@ fn take_over(
     fence::claim(&params.witness, params.pair_id, fence::Role::Backup, epoch)
         .map_err(|fenced| format!("primary lost ({reason}) but not taking over: {fenced}"))?;
     if params.disk_mode == FtDiskMode::Shared {
+        // A fenced primary that is still alive lets go of the shared images only once the
+        // witness has told it so; its lock is the second fence.
+        let locks = SharedDiskLocks::acquire(&replica.disks, LOCK_WAIT)?;
         let retained = std::mem::take(&mut replica.retained);
         let writes: Vec<(usize, DiskWrite)> = retained.into_iter().flat_map(|(_, w)| w).collect();
         log::info!("FT: re-issuing {} shared-disk writes", writes.len());
         replica.write_disks(&writes)?;
+        // Released just before the restored VM takes the locks for good.
+        drop(locks);
     }
     shared.status().last_error = Some(reason.to_string());
     Ok(BackupEvent::TakeOver { state, epoch })

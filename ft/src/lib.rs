@@ -11,6 +11,7 @@
 //! - [`fence`] / [`witness`]: who may run after a partition.
 
 pub mod backup;
+pub mod fault;
 pub mod fence;
 pub mod primary;
 pub mod stats;

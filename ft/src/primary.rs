@@ -37,6 +37,7 @@ use vmm::migration::protocol::{
 use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fault::{crash_point, Phase};
 use crate::fence;
 use crate::stats::PauseStats;
 use crate::wire::{encode_disk_writes, Control};
@@ -49,9 +50,12 @@ const MIN_CUT_EPOCH: Duration = Duration::from_millis(1);
 const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The heartbeat timeout when the request gives none: five epochs, at least 50 ms.
+/// The heartbeat timeout when the request gives none: five epochs, at least 100 ms (a
+/// loaded host can stall a process for tens of milliseconds; a false failover costs a
+/// witness round trip and the backup, a missed one only detection time). A killed process
+/// is detected at once anyway: its connection closes.
 pub fn default_heartbeat_timeout(epoch: Duration) -> Duration {
-    (epoch * 5).max(Duration::from_millis(50))
+    (epoch * 5).max(Duration::from_millis(100))
 }
 
 /// `HOST:PORT` or `tcp:HOST:PORT`.
@@ -132,6 +136,8 @@ struct Shared {
     last_send_us: AtomicU64,
     lost: Mutex<Option<String>>,
     stopping: AtomicBool,
+    /// The first protected epoch (fault-injection points count from it).
+    first_epoch: u64,
 }
 
 impl Shared {
@@ -299,6 +305,7 @@ impl Primary {
             last_send_us: AtomicU64::new(0),
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            first_epoch,
         });
         let start = Self::start_threads(
             &shared,
@@ -596,7 +603,7 @@ fn send_loop(
                 let t = Instant::now();
                 let epoch = job.epoch;
                 let released = shared.last_acked.load(Ordering::SeqCst);
-                let sent = send_epoch(&mut sender, staging, job, released);
+                let sent = send_epoch(shared, &mut sender, staging, job, released);
                 shared
                     .last_send_us
                     .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -625,12 +632,14 @@ fn send_loop(
 }
 
 fn send_epoch(
+    shared: &Shared,
     sender: &mut Sender<TcpStream>,
     staging: &GuestMemoryMmap,
     job: EpochJob,
     released_through: u64,
 ) -> Result<(), ProtocolError> {
     sender.send_memory(staging, &job.dirty)?;
+    crash_point(Phase::Transfer, job.epoch - shared.first_epoch);
     for (disk, writes) in job.disk_writes.iter().enumerate() {
         for frame in encode_disk_writes(disk as u32, writes) {
             sender.send_frame(FrameType::DiskWrites, &frame)?;
@@ -650,6 +659,7 @@ fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
     loop {
         match read_control(&mut reader, &mut stream) {
             Ok(Control::Ack { epoch }) => {
+                crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
                 for gate in shared.gates.all() {
                     if let Err(e) = gate.commit(epoch) {
                         log::error!("FT: committing epoch {epoch}: {e}");
@@ -687,6 +697,7 @@ impl PrimaryFt for Primary {
         let start = Instant::now();
         vm.pause().map_err(|e| e.to_string())?;
         let captured = self.capture(vm);
+        crash_point(Phase::Pause, self.epoch - self.shared.first_epoch);
         let resumed = vm.resume();
         self.pauses.record(start.elapsed());
         resumed.map_err(|e| e.to_string())?;

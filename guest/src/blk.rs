@@ -25,7 +25,7 @@ const TIMEOUT_NS: u64 = 60_000_000_000;
 
 pub const MAGIC: [u8; 8] = *b"TANDEMBK";
 
-fn mix(mut x: u64) -> u64 {
+pub fn mix(mut x: u64) -> u64 {
     x ^= x >> 30;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 27;
@@ -40,7 +40,7 @@ fn fill_word(lba: u64, seq: u64, j: u64) -> u64 {
 
 /// FNV-1a style hash over the 64-bit words of a sector, word 3 (the checksum
 /// itself) excluded.
-fn checksum(w: &[u64; 64]) -> u64 {
+pub fn checksum(w: &[u64; 64]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (i, &x) in w.iter().enumerate() {
         if i != 3 {
@@ -233,7 +233,7 @@ impl Blk {
     }
 }
 
-fn setup(cfg: &Config, dev: &virtio::MmioDev) -> Result<(Blk, u64, u32), &'static str> {
+fn setup(req_kib: u64, dev: &virtio::MmioDev) -> Result<(Blk, u64, u32), &'static str> {
     let t = Transport::init(dev, F_SIZE_MAX | F_SEG_MAX | F_RO | F_FLUSH)?;
     let capacity = u64::from_le_bytes(t.config::<8>(0));
     let size_max = if t.has(F_SIZE_MAX) {
@@ -248,7 +248,7 @@ fn setup(cfg: &Config, dev: &virtio::MmioDev) -> Result<(Blk, u64, u32), &'stati
     };
     let q = t.queue(0, QUEUE_SIZE)?;
     t.driver_ok();
-    let mut req_bytes = (cfg.blk_req_kib.clamp(1, 4096) * 1024) as usize;
+    let mut req_bytes = (req_kib.clamp(1, 4096) * 1024) as usize;
     // Segments no longer than size_max (whole sectors), no more than seg_max.
     let seg_bytes = if size_max >= SECTOR as u32 {
         size_max as usize & !(SECTOR - 1)
@@ -285,6 +285,58 @@ fn setup(cfg: &Config, dev: &virtio::MmioDev) -> Result<(Blk, u64, u32), &'stati
     Ok((blk, capacity, seg_max))
 }
 
+/// The first virtio disk for other workloads (`workload=ft`): one request at
+/// a time, each waited for (`Blk::single`, one QueueNotify per request).
+pub struct Disk {
+    blk: Blk,
+    pub capacity: u64,
+    pub ro: bool,
+}
+
+impl Disk {
+    /// Initializes the device with requests of up to `req_kib` KiB.
+    pub fn open(dev: &virtio::MmioDev, req_kib: u64) -> Result<Disk, &'static str> {
+        let (blk, capacity, _) = setup(req_kib, dev)?;
+        let ro = blk.t.has(F_RO);
+        Ok(Disk { blk, capacity, ro })
+    }
+
+    /// Largest request in bytes (a multiple of 512).
+    pub fn max_bytes(&self) -> usize {
+        self.blk.req_bytes
+    }
+
+    fn status(st: u8) -> Result<(), &'static str> {
+        match st {
+            0 => Ok(()),
+            2 => Err("request unsupported"),
+            _ => Err("I/O error"),
+        }
+    }
+
+    /// Writes `data` (whole sectors, at most `max_bytes`) at `sector` and
+    /// waits until the device has completed the request.
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), &'static str> {
+        let len = data.len();
+        if len == 0 || !len.is_multiple_of(SECTOR) || len > self.blk.req_bytes {
+            return Err("bad write length");
+        }
+        self.blk.slot_data(0)[..len].copy_from_slice(data);
+        Self::status(self.blk.single(T_OUT, sector, len)?)
+    }
+
+    /// Reads `sectors` sectors (at most `max_bytes`) at `sector`; the data is
+    /// valid until the next request.
+    pub fn read(&mut self, sector: u64, sectors: usize) -> Result<&[u8], &'static str> {
+        let len = sectors * SECTOR;
+        if len == 0 || len > self.blk.req_bytes {
+            return Err("bad read length");
+        }
+        Self::status(self.blk.single(T_IN, sector, len)?)?;
+        Ok(&self.blk.slot_data(0)[..len])
+    }
+}
+
 fn mibps(bytes: u64, ns: u64) -> Frac {
     Frac(bytes as u128 * 1_000_000_000, ns.max(1) as u128 * (1 << 20))
 }
@@ -297,7 +349,7 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
             return;
         }
     };
-    let (mut blk, capacity, _) = match setup(cfg, &dev) {
+    let (mut blk, capacity, _) = match setup(cfg.blk_req_kib, &dev) {
         Ok(x) => x,
         Err(e) => {
             println!("BLK error {}", e);

@@ -16,6 +16,7 @@ mod blk;
 mod bootinfo;
 mod clock;
 mod dma;
+mod ft;
 mod mem;
 mod net;
 mod smp;

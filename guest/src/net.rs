@@ -199,7 +199,7 @@ impl phy::Device for VirtioNet {
     }
 }
 
-fn open(dev: &virtio::MmioDev) -> Result<(VirtioNet, [u8; 6]), &'static str> {
+pub fn open(dev: &virtio::MmioDev) -> Result<(VirtioNet, [u8; 6]), &'static str> {
     let t = Transport::init(dev, F_MAC)?;
     let mac = if t.has(F_MAC) {
         t.config::<6>(0)
@@ -258,11 +258,11 @@ fn open(dev: &virtio::MmioDev) -> Result<(VirtioNet, [u8; 6]), &'static str> {
     ))
 }
 
-fn now() -> Instant {
+pub fn now() -> Instant {
     Instant::from_micros((clock::now_ns() / 1000) as i64)
 }
 
-fn tcp_socket(rx: usize, tx: usize) -> tcp::Socket<'static> {
+pub fn tcp_socket(rx: usize, tx: usize) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
         tcp::SocketBuffer::new(dma::alloc_bytes(rx)),
         tcp::SocketBuffer::new(dma::alloc_bytes(tx)),
@@ -275,7 +275,7 @@ fn tcp_socket(rx: usize, tx: usize) -> tcp::Socket<'static> {
 /// Puts a socket back into LISTEN once its connection is over. TIME-WAIT is
 /// cut short: on a test link there are no stray old segments, and clients
 /// open connections in quick succession.
-fn relisten(s: &mut tcp::Socket, port: u16) -> bool {
+pub fn relisten(s: &mut tcp::Socket, port: u16) -> bool {
     if s.state() == tcp::State::TimeWait {
         s.abort();
     }
@@ -371,6 +371,48 @@ fn ipv4(a: [u8; 4]) -> Ipv4Address {
     Ipv4Address::new(a[0], a[1], a[2], a[3])
 }
 
+/// The smoltcp interface on `dev` with the command line's address and route.
+pub fn interface(net: &Net, dev: &mut VirtioNet, mac: [u8; 6]) -> Interface {
+    let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    icfg.random_seed = clock::rdtsc();
+    let mut iface = Interface::new(icfg, dev, now());
+    let ip = net.ip;
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(ipv4(ip).into(), net.prefix));
+    });
+    if let Some(gw) = net.gw {
+        let _ = iface.routes_mut().add_default_ipv4_route(ipv4(gw));
+    }
+    iface
+}
+
+/// End of a poll pass: smoltcp sends at most one segment per socket per
+/// egress pass, so repeat while it still sends (bounded by free TX
+/// descriptors) and a window's worth of data leaves before the single notify
+/// per queue.
+pub fn egress(ts: Instant, iface: &mut Interface, dev: &mut VirtioNet, sockets: &mut SocketSet) {
+    for _ in 0..QUEUE_SIZE {
+        if iface.poll_egress(ts, dev, sockets) == PollResult::None {
+            break;
+        }
+    }
+    dev.flush();
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub struct Mac(pub [u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
 pub fn run(cfg: &Config, devs: &virtio::Devices) {
     let vdev = match devs.first(virtio::ID_NET) {
         Ok(d) => d,
@@ -386,16 +428,8 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
             return;
         }
     };
-    let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-    icfg.random_seed = clock::rdtsc();
-    let mut iface = Interface::new(icfg, &mut dev, now());
+    let mut iface = interface(&cfg.net, &mut dev, mac);
     let ip = cfg.net.ip;
-    iface.update_ip_addrs(|a| {
-        let _ = a.push(IpCidr::new(ipv4(ip).into(), cfg.net.prefix));
-    });
-    if let Some(gw) = cfg.net.gw {
-        let _ = iface.routes_mut().add_default_ipv4_route(ipv4(gw));
-    }
 
     let storage = dma::alloc_array(ECHO_SOCKETS + COUNTER_SOCKETS + 1, || SocketStorage::EMPTY);
     let mut sockets = SocketSet::new(&mut storage[..]);
@@ -425,8 +459,12 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
     let scratch = dma::alloc_bytes(64 * 1024);
 
     println!(
-        "NET ready ip={}.{}.{}.{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        ip[0], ip[1], ip[2], ip[3], mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+        "NET ready ip={}.{}.{}.{} mac={}",
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        Mac(mac)
     );
 
     let t0 = clock::now_ns();
@@ -456,15 +494,7 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
                 let _ = s.send_slice(&scratch[..n], meta.endpoint);
             }
         }
-        // smoltcp sends at most one segment per socket per egress pass:
-        // repeat while it still sends (bounded by free TX descriptors), so a
-        // window's worth of data leaves before the single notify below.
-        for _ in 0..QUEUE_SIZE {
-            if iface.poll_egress(ts, &mut dev, &mut sockets) == PollResult::None {
-                break;
-            }
-        }
-        dev.flush();
+        egress(ts, &mut iface, &mut dev, &mut sockets);
         if limit_ns != 0 && clock::now_ns() - t0 >= limit_ns {
             break;
         }

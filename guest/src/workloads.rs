@@ -16,6 +16,8 @@ pub enum Workload {
     Blk,
     /// TCP/IP services over virtio-net (see net.rs).
     Net,
+    /// The service fault-tolerance tests and benchmarks run against (ft.rs).
+    Ft,
     /// Self-checks of the failure reports: a page fault / a Rust panic.
     Fault,
     Panic,
@@ -45,6 +47,10 @@ pub struct Config {
     pub net: crate::net::Net,
     pub net_count: u64,
     pub net_ms: u64,
+    /// Pages per second `workload=ft` rewrites (0 = none).
+    pub ft_dirty_rate: u64,
+    /// Size of the region `workload=ft` dirties and checks, MiB.
+    pub ft_dirty_mib: u64,
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -105,6 +111,8 @@ impl Config {
             },
             net_count: 1000,
             net_ms: 0,
+            ft_dirty_rate: 0,
+            ft_dirty_mib: 16,
         };
         for tok in cmdline.split(|b| b.is_ascii_whitespace()) {
             let Some(eq) = tok.iter().position(|&b| b == b'=') else {
@@ -118,6 +126,7 @@ impl Config {
                     b"smp" => c.workload = Workload::Smp,
                     b"blk" => c.workload = Workload::Blk,
                     b"net" => c.workload = Workload::Net,
+                    b"ft" => c.workload = Workload::Ft,
                     b"fault" => c.workload = Workload::Fault,
                     b"panic" => c.workload = Workload::Panic,
                     _ => {}
@@ -138,7 +147,9 @@ impl Config {
                 b"blk.seq" => c.blk_seq = parse_u64(v).unwrap_or(c.blk_seq),
                 b"blk.req_kib" => c.blk_req_kib = parse_u64(v).unwrap_or(c.blk_req_kib),
                 b"blk.verify_only" => c.blk_verify_only = v == b"1",
-                b"net.ip" => {
+                // `ip=` is accepted as a short form of `net.ip=` (only in
+                // the `A.B.C.D[/prefix]` form; Linux's `ip=` syntax is not).
+                b"net.ip" | b"ip" => {
                     if let Some((ip, prefix)) = parse_cidr(v) {
                         c.net.ip = ip;
                         c.net.prefix = prefix;
@@ -147,6 +158,8 @@ impl Config {
                 b"net.gw" => c.net.gw = parse_ipv4(v).or(c.net.gw),
                 b"net.count" => c.net_count = parse_u64(v).unwrap_or(c.net_count),
                 b"net.ms" => c.net_ms = parse_u64(v).unwrap_or(c.net_ms),
+                b"ft.dirty_rate" => c.ft_dirty_rate = parse_u64(v).unwrap_or(c.ft_dirty_rate),
+                b"ft.dirty_mib" => c.ft_dirty_mib = parse_u64(v).unwrap_or(c.ft_dirty_mib),
                 _ => {}
             }
         }
@@ -159,6 +172,7 @@ pub fn run(cfg: &Config, info: &BootInfo, cpus: &Cpus, devs: &Devices) {
         Workload::Hello => {}
         Workload::Blk => crate::blk::run(cfg, devs),
         Workload::Net => crate::net::run(cfg, devs),
+        Workload::Ft => crate::ft::run(cfg, devs),
         Workload::Dirty => dirty(cfg, info),
         Workload::Smp => smp_run(cfg, cpus),
         Workload::Fault => {

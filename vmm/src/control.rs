@@ -127,7 +127,7 @@ pub struct EnableFtRequest {
     pub epoch_ms: u64,
     #[serde(default)]
     pub disk_mode: FtDiskMode,
-    /// Missed-heartbeat timeout on both sides; default: five epochs, at least 50 ms.
+    /// Missed-heartbeat timeout on both sides; default: five epochs, at least 100 ms.
     #[serde(default)]
     pub heartbeat_timeout_ms: Option<u64>,
     /// The fencing witness `HOST:PORT` both hosts ask before taking over or going on alone.

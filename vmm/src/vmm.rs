@@ -746,9 +746,7 @@ impl Vmm {
             }
         }
         loop {
-            let Some(backup) = self.backup.as_mut() else {
-                return None;
-            };
+            let backup = self.backup.as_mut()?;
             match backup.poll() {
                 BackupEvent::None => return None,
                 BackupEvent::Prepare { config, reply } => {

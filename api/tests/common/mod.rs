@@ -11,14 +11,15 @@ use std::thread;
 
 use vmm::config::VmConfig;
 use vmm::control::{
-    ApiMessage, ApiSender, VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest,
-    VmmResponse, VmmResult,
+    ApiMessage, ApiSender, FtHealth, FtRole, FtStatus, VmInfoResponse, VmState, VmmError,
+    VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 pub struct FakeVmm {
     config: Option<VmConfig>,
     state: VmState,
+    ft: FtStatus,
 }
 
 impl FakeVmm {
@@ -53,7 +54,44 @@ impl FakeVmm {
                 };
                 Ok(VmmResponse::Empty)
             }
+            VmmRequest::FtStatus => Ok(VmmResponse::FtStatus(Box::new(self.ft.clone()))),
+            VmmRequest::ReceiveFt(request) => {
+                if self.config.is_some() || self.ft.role != FtRole::None {
+                    return Err(VmmError::VmAlreadyCreated);
+                }
+                self.ft = FtStatus {
+                    role: FtRole::Backup,
+                    health: FtHealth::WaitingForPrimary,
+                    fencing: request
+                        .witness
+                        .map_or("none".into(), |w| format!("witness {w}")),
+                    ..FtStatus::default()
+                };
+                Ok(VmmResponse::Empty)
+            }
             _ if self.config.is_none() => Err(VmmError::VmNotCreated),
+            VmmRequest::EnableFt(request) if state == VmState::Running => {
+                if request.epoch_ms == 0 || request.epoch_ms > 1000 {
+                    return Err(VmmError::InvalidConfig(format!(
+                        "epoch_ms {} is not from 1 to 1000",
+                        request.epoch_ms
+                    )));
+                }
+                self.ft = FtStatus {
+                    role: FtRole::Primary,
+                    health: FtHealth::Protected,
+                    peer: Some(request.peer),
+                    disk_mode: Some(request.disk_mode),
+                    epoch_ms: request.epoch_ms,
+                    ..FtStatus::default()
+                };
+                Ok(VmmResponse::Empty)
+            }
+            VmmRequest::EnableFt(_) => wrong("enable fault tolerance for"),
+            VmmRequest::DisableFt => {
+                self.ft = FtStatus::default();
+                Ok(VmmResponse::Empty)
+            }
             VmmRequest::Snapshot(_) if state == VmState::Paused => Ok(VmmResponse::Empty),
             VmmRequest::Snapshot(_) => wrong("snapshot"),
             VmmRequest::SendMigration(_) if state == VmState::Running => {
@@ -113,6 +151,7 @@ pub fn fake_control_loop() -> Fake {
         let mut vmm = FakeVmm {
             config: None,
             state: VmState::Created,
+            ft: FtStatus::default(),
         };
         for message in rx {
             let answer = vmm.answer(message.request);

@@ -13,16 +13,35 @@
 //! ```
 //!
 //! `send-migration` and `receive-migration` return when the migration is over.
+//!
+//! Fault tolerance (Tandem's extension, endpoints `vm.enable-ft`, `vm.receive-ft`,
+//! `vm.ft-status`, `vm.disable-ft`):
+//!
+//! ```text
+//! ch-remote receive-ft tcp:HOST:PORT [--disk-path PATH]... [--witness HOST:PORT]
+//!                                     (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
+//! ch-remote enable-ft --peer HOST:PORT [--epoch-ms N] [--disk-mode replicated|shared]
+//!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT] [--no-compress]
+//! ch-remote ft-status                 (the FtStatus JSON, pretty)
+//! ch-remote disable-ft
+//! ```
+//!
+//! `receive-ft` returns as soon as the backup's VMM listens (`ft-status` then shows
+//! `waiting_for_primary`, later `protected`); `enable-ft` returns once the initial
+//! synchronisation with the backup is over, which can take minutes for a big guest. Malformed
+//! flags are refused before anything is sent, with one line on stderr and exit code 2.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::client::{self, ApiResponse, ClientError};
+use clap::builder::PossibleValuesParser;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use cloud_hypervisor::option_parser::{OptionParser, OptionValue};
 use vmm::control::{
-    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
+    EnableFtRequest, FtDiskMode, ReceiveFtRequest, ReceiveMigrationRequest, RestoreRequest,
+    SendMigrationRequest, SnapshotRequest,
 };
 
 /// Subcommands: name, help, HTTP method, endpoint. `create` also takes a body.
@@ -36,6 +55,24 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "vm.create",
     ),
     ("delete", "Delete a VM", "PUT", "vm.delete"),
+    (
+        "disable-ft",
+        "Stop fault tolerance (the backup drops its copy)",
+        "PUT",
+        "vm.disable-ft",
+    ),
+    (
+        "enable-ft",
+        "Protect the running VM with a hot backup (fault tolerance)",
+        "PUT",
+        "vm.enable-ft",
+    ),
+    (
+        "ft-status",
+        "Fault-tolerance status of the VM",
+        "GET",
+        "vm.ft-status",
+    ),
     ("info", "Info on the VM", "GET", "vm.info"),
     ("pause", "Pause the VM", "PUT", "vm.pause"),
     (
@@ -51,6 +88,12 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "vm.power-button",
     ),
     ("reboot", "Reboot the VM", "PUT", "vm.reboot"),
+    (
+        "receive-ft",
+        "Become the hot backup of a primary that will connect (fault tolerance)",
+        "PUT",
+        "vm.receive-ft",
+    ),
     (
         "receive-migration",
         "Receive a VM migration",
@@ -144,6 +187,8 @@ fn cli() -> Command {
             "receive-migration" => command.arg(value(
                 "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
             )),
+            "enable-ft" => enable_ft_args(command),
+            "receive-ft" => receive_ft_args(command),
             _ => command,
         };
         app = app.subcommand(command);
@@ -164,13 +209,7 @@ fn main() -> ExitCode {
                     let _ = e.print();
                 }
                 // One line is enough to say what is wrong; --help has the rest.
-                _ => {
-                    let text = e.to_string();
-                    eprintln!(
-                        "{}",
-                        text.lines().next().unwrap_or("error: invalid arguments")
-                    );
-                }
+                _ => eprintln!("{}", one_line(&e.to_string())),
             }
             return ExitCode::from(code);
         }
@@ -201,6 +240,204 @@ fn main() -> ExitCode {
     }
 }
 
+/// A clap error as one line: its first line, plus the indented lines right after it that
+/// say which argument or value it is about ("the following required arguments were not
+/// provided:" / "  --peer <HOST:PORT>"), without the usage and tips that follow.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines();
+    let mut out = lines
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_string();
+    for line in lines {
+        if line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
+            break;
+        }
+        out.push(' ');
+        out.push_str(line.trim());
+    }
+    out
+}
+
+/// The VMM refuses longer epochs (400); checked here too so the mistake is caught at once.
+const MAX_EPOCH_MS: u64 = 1000;
+
+fn enable_ft_args(command: Command) -> Command {
+    command
+        .arg(
+            Arg::new("peer")
+                .long("peer")
+                .required(true)
+                .value_name("HOST:PORT")
+                .value_parser(host_port)
+                .help("The backup's address (its receive-ft listener); tcp:HOST:PORT works too"),
+        )
+        .arg(
+            Arg::new("epoch-ms")
+                .long("epoch-ms")
+                .value_name("MS")
+                .value_parser(|v: &str| millis(v, MAX_EPOCH_MS))
+                .help(format!(
+                    "Epoch length in milliseconds, 1 to {MAX_EPOCH_MS} (default {})",
+                    vmm::control::DEFAULT_EPOCH_MS
+                )),
+        )
+        .arg(
+            Arg::new("disk-mode")
+                .long("disk-mode")
+                .value_name("MODE")
+                .value_parser(PossibleValuesParser::new(["replicated", "shared"]))
+                .help(
+                    "replicated: each host has its own image (default); \
+                     shared: one image both hosts reach",
+                ),
+        )
+        .arg(
+            Arg::new("heartbeat-timeout-ms")
+                .long("heartbeat-timeout-ms")
+                .value_name("MS")
+                .value_parser(|v: &str| millis(v, u64::MAX))
+                .help("Missed-heartbeat timeout (default: five epochs, at least 100 ms)"),
+        )
+        .arg(
+            Arg::new("witness")
+                .long("witness")
+                .value_name("HOST:PORT")
+                .value_parser(host_port)
+                .help("Fencing witness both hosts ask before taking over or going on alone"),
+        )
+        .arg(
+            Arg::new("no-compress")
+                .long("no-compress")
+                .action(ArgAction::SetTrue)
+                .help("Send dirty pages uncompressed (LZ4 by default)"),
+        )
+}
+
+fn receive_ft_args(command: Command) -> Command {
+    command
+        .arg(
+            Arg::new("receiver_url")
+                .index(1)
+                .required(true)
+                .value_name("receiver_url")
+                .value_parser(receive_ft_url)
+                .help("Where to wait for the primary: tcp:<addr>:<port>, or receiver_url=tcp:..."),
+        )
+        .arg(
+            Arg::new("disk-path")
+                .long("disk-path")
+                .value_name("PATH")
+                .action(ArgAction::Append)
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(
+                    "This host's copy of a disk (replicated mode), repeated in the order of \
+                     the VM's disks",
+                ),
+        )
+        .arg(
+            Arg::new("witness")
+                .long("witness")
+                .value_name("HOST:PORT")
+                .value_parser(host_port)
+                .help("The witness's address as this host reaches it (default: the primary's)"),
+        )
+}
+
+/// A whole number of milliseconds from 1 to `max`.
+fn millis(value: &str, max: u64) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(ms) if (1..=max).contains(&ms) => Ok(ms),
+        _ if max == u64::MAX => Err("expected a whole number of milliseconds, at least 1".into()),
+        _ => Err(format!(
+            "expected a whole number of milliseconds from 1 to {max}"
+        )),
+    }
+}
+
+/// Checks `HOST:PORT` or `tcp:HOST:PORT` (as the VMM accepts them): a host without blanks
+/// (an IPv6 address in brackets) and a port from 1 to 65535. Returns the value unchanged;
+/// whether the host resolves is for the VMM to find out.
+fn host_port(value: &str) -> Result<String, String> {
+    let address = value.strip_prefix("tcp:").unwrap_or(value);
+    if value.chars().any(char::is_whitespace) {
+        return Err("expected HOST:PORT, without blanks".into());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("expected HOST:PORT".into());
+    };
+    if host.is_empty() || host == "[]" {
+        return Err("expected HOST:PORT; the host is missing".into());
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("expected HOST:PORT; an IPv6 address goes in brackets, [ADDR]:PORT".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(value.to_string()),
+        _ => Err(format!(
+            "expected HOST:PORT; port \"{port}\" is not a number from 1 to 65535"
+        )),
+    }
+}
+
+/// `tcp:HOST:PORT` or `receiver_url=tcp:HOST:PORT` (the other options are flags).
+fn receive_ft_url(value: &str) -> Result<String, String> {
+    let url = value.strip_prefix("receiver_url=").unwrap_or(value);
+    if url.contains(',') && url.split(',').skip(1).any(|option| option.contains('=')) {
+        return Err(
+            "receive-ft takes only receiver_url=...; give --disk-path and --witness as flags"
+                .into(),
+        );
+    }
+    let Some(address) = url.strip_prefix("tcp:") else {
+        return Err(format!("receiver_url \"{url}\" must be tcp:HOST:PORT"));
+    };
+    if address.starts_with("tcp:") {
+        return Err(format!("receiver_url \"{url}\" must be tcp:HOST:PORT"));
+    }
+    host_port(address)
+        .map(|_| url.to_string())
+        .map_err(|e| format!("receiver_url {e}"))
+}
+
+/// `enable-ft --peer HOST:PORT [...]`: flags already checked by clap.
+fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
+    // The VMM's defaults for what is not given (as the API applies them).
+    let defaults: EnableFtRequest =
+        serde_json::from_str(r#"{"peer": ""}"#).map_err(Error::Encode)?;
+    let disk_mode = match sub.get_one::<String>("disk-mode") {
+        Some(mode) => serde_json::from_value::<FtDiskMode>(serde_json::Value::String(mode.clone()))
+            .map_err(|e| invalid("enable-ft", mode, e))?,
+        None => defaults.disk_mode,
+    };
+    Ok(EnableFtRequest {
+        peer: sub.get_one::<String>("peer").cloned().unwrap_or_default(),
+        epoch_ms: sub
+            .get_one::<u64>("epoch-ms")
+            .copied()
+            .unwrap_or(defaults.epoch_ms),
+        disk_mode,
+        heartbeat_timeout_ms: sub.get_one::<u64>("heartbeat-timeout-ms").copied(),
+        witness: sub.get_one::<String>("witness").cloned(),
+        compress: defaults.compress && !sub.get_flag("no-compress"),
+    })
+}
+
+/// `receive-ft tcp:HOST:PORT [--disk-path PATH]... [--witness HOST:PORT]`.
+fn receive_ft_request(sub: &ArgMatches) -> ReceiveFtRequest {
+    ReceiveFtRequest {
+        receiver_url: sub
+            .get_one::<String>("receiver_url")
+            .cloned()
+            .unwrap_or_default(),
+        disk_paths: sub
+            .get_many::<PathBuf>("disk-path")
+            .map(|paths| paths.cloned().collect())
+            .unwrap_or_default(),
+        witness: sub.get_one::<String>("witness").cloned(),
+    }
+}
+
 /// The JSON body of subcommand `name`, if it takes one.
 fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
     // Only the subcommands that declare it have a "value" argument.
@@ -220,6 +457,8 @@ fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
             serde_json::to_string(&send_migration_request(value, sub.get_flag("local"))?)
         }
         "receive-migration" => serde_json::to_string(&receive_migration_request(value)?),
+        "enable-ft" => serde_json::to_string(&enable_ft_request(sub)?),
+        "receive-ft" => serde_json::to_string(&receive_ft_request(sub)),
         _ => return Ok(None),
     };
     json.map(Some).map_err(Error::Encode)
@@ -530,7 +769,16 @@ mod tests {
 
     #[test]
     fn actions_without_a_body() {
-        for name in ["boot", "pause", "resume", "shutdown", "info", "ping"] {
+        for name in [
+            "boot",
+            "pause",
+            "resume",
+            "shutdown",
+            "info",
+            "ping",
+            "ft-status",
+            "disable-ft",
+        ] {
             assert_eq!(body_of(&[name]).unwrap(), None, "{name}");
         }
     }
@@ -702,6 +950,191 @@ mod tests {
         assert!(error(&["receive-migration", "receiver_url=unix:/m,x=1"])
             .contains("unknown option \"x\""));
         assert!(error(&["receive-migration", "--local", "unix:/m"]).contains("--local"));
+    }
+
+    /// The one line ch-remote prints for a command line clap refuses.
+    fn arg_error(args: &[&str]) -> String {
+        let mut argv = vec!["ch-remote", "--api-socket", "/s"];
+        argv.extend_from_slice(args);
+        match cli().try_get_matches_from(argv) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => one_line(&e.to_string()),
+        }
+    }
+
+    #[test]
+    fn enable_ft_forms() {
+        assert_eq!(
+            body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
+            serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
+                "heartbeat_timeout_ms": null, "witness": null, "compress": true})
+        );
+        assert_eq!(
+            body(&[
+                "enable-ft",
+                "--epoch-ms",
+                "25",
+                "--peer=tcp:backup.example:7000",
+                "--disk-mode",
+                "shared",
+                "--heartbeat-timeout-ms",
+                "300",
+                "--witness",
+                "tcp:[fd00::3]:7100",
+                "--no-compress",
+            ]),
+            serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
+                "disk_mode": "shared", "heartbeat_timeout_ms": 300,
+                "witness": "tcp:[fd00::3]:7100", "compress": false})
+        );
+        // What ch-remote sends is what the API accepts.
+        let sent = body(&["enable-ft", "--peer", "b:1", "--disk-mode", "replicated"]);
+        let request: EnableFtRequest = serde_json::from_value(sent).unwrap();
+        assert_eq!(request.disk_mode, FtDiskMode::Replicated);
+
+        let cases = [
+            (
+                vec!["enable-ft"],
+                "error: the following required arguments were not provided: --peer <HOST:PORT>",
+            ),
+            (
+                vec!["enable-ft", "--peer", "10.0.0.2"],
+                "error: invalid value '10.0.0.2' for '--peer <HOST:PORT>': expected HOST:PORT",
+            ),
+            (
+                vec!["enable-ft", "--peer", ":7000"],
+                "error: invalid value ':7000' for '--peer <HOST:PORT>': expected HOST:PORT; the host is missing",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:70000"],
+                "error: invalid value 'b:70000' for '--peer <HOST:PORT>': expected HOST:PORT; port \"70000\" is not a number from 1 to 65535",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:0"],
+                "port \"0\" is not a number from 1 to 65535",
+            ),
+            (
+                vec!["enable-ft", "--peer", "fd00::2:7000"],
+                "an IPv6 address goes in brackets, [ADDR]:PORT",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b :7000"],
+                "expected HOST:PORT, without blanks",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--epoch-ms", "0"],
+                "error: invalid value '0' for '--epoch-ms <MS>': expected a whole number of milliseconds from 1 to 1000",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--epoch-ms", "1001"],
+                "from 1 to 1000",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--epoch-ms", "fast"],
+                "error: invalid value 'fast' for '--epoch-ms <MS>': expected a whole number of milliseconds from 1 to 1000",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--disk-mode", "mirrored"],
+                "error: invalid value 'mirrored' for '--disk-mode <MODE>' [possible values: replicated, shared]",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--heartbeat-timeout-ms", "0"],
+                "error: invalid value '0' for '--heartbeat-timeout-ms <MS>': expected a whole number of milliseconds, at least 1",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--witness", "w"],
+                "error: invalid value 'w' for '--witness <HOST:PORT>': expected HOST:PORT",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--compress"],
+                "error: unexpected argument '--compress' found",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--peer", "c:1"],
+                "error: the argument '--peer <HOST:PORT>' cannot be used multiple times",
+            ),
+            (
+                vec!["enable-ft", "b:1"],
+                "error: unexpected argument 'b:1' found",
+            ),
+        ];
+        for (args, expected) in cases {
+            let line = arg_error(&args);
+            assert!(line.ends_with(expected), "{args:?}: {line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn receive_ft_forms() {
+        assert_eq!(
+            body(&["receive-ft", "tcp:0.0.0.0:7000"]),
+            serde_json::json!({"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "witness": null})
+        );
+        assert_eq!(
+            body(&[
+                "receive-ft",
+                "receiver_url=tcp:[::]:7000",
+                "--disk-path",
+                "/var/b/disk0.img",
+                "--witness",
+                "w.example:7100",
+                "--disk-path=/var/b/disk 1.img",
+            ]),
+            serde_json::json!({"receiver_url": "tcp:[::]:7000",
+                "disk_paths": ["/var/b/disk0.img", "/var/b/disk 1.img"],
+                "witness": "w.example:7100"})
+        );
+        let cases = [
+            (
+                vec!["receive-ft"],
+                "error: the following required arguments were not provided: <receiver_url>",
+            ),
+            (
+                vec!["receive-ft", "0.0.0.0:7000"],
+                "error: invalid value '0.0.0.0:7000' for '<receiver_url>': receiver_url \"0.0.0.0:7000\" must be tcp:HOST:PORT",
+            ),
+            (
+                vec!["receive-ft", "unix:/tmp/ft.sock"],
+                "must be tcp:HOST:PORT",
+            ),
+            (
+                vec!["receive-ft", "tcp:0.0.0.0"],
+                "error: invalid value 'tcp:0.0.0.0' for '<receiver_url>': receiver_url expected HOST:PORT",
+            ),
+            (
+                vec!["receive-ft", "receiver_url=tcp:0.0.0.0:7000,witness=w:1"],
+                "receive-ft takes only receiver_url=...; give --disk-path and --witness as flags",
+            ),
+            (
+                vec!["receive-ft", "tcp:0.0.0.0:7000", "--witness", "w"],
+                "error: invalid value 'w' for '--witness <HOST:PORT>': expected HOST:PORT",
+            ),
+            (
+                vec!["receive-ft", "tcp:0.0.0.0:7000", "--disk-path"],
+                "error: a value is required for '--disk-path <PATH>' but none was supplied",
+            ),
+            (
+                vec!["receive-ft", "tcp:0.0.0.0:7000", "tcp:0.0.0.0:7001"],
+                "error: unexpected argument 'tcp:0.0.0.0:7001' found",
+            ),
+        ];
+        for (args, expected) in cases {
+            let line = arg_error(&args);
+            assert!(line.ends_with(expected), "{args:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn clap_errors_fit_on_one_line() {
+        assert_eq!(
+            arg_error(&["snapshot"]),
+            "error: the following required arguments were not provided: <config>"
+        );
+        assert_eq!(
+            arg_error(&["nope"]),
+            "error: unrecognized subcommand 'nope'"
+        );
     }
 
     #[test]

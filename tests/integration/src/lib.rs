@@ -22,6 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod ft;
+
 /// Serial marker the test guest prints when its kernel part is up.
 pub const GUEST_READY: &str = "TANDEM-GUEST READY";
 /// Serial marker the test guest prints right before it shuts the machine down.
@@ -453,6 +455,7 @@ pub struct VmmBuilder {
     temp: Option<TempDir>,
     program: Option<PathBuf>,
     wrapper: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl VmmBuilder {
@@ -516,6 +519,12 @@ impl VmmBuilder {
         self
     }
 
+    /// Sets an environment variable of the VMM process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Uses another program than the VMM under test (for harness self-tests).
     pub fn program(mut self, program: &Path) -> Self {
         self.program = Some(program.to_path_buf());
@@ -536,6 +545,7 @@ impl VmmBuilder {
             None => Command::new(&program),
         };
         cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -591,6 +601,7 @@ impl Vmm {
             temp: None,
             program: None,
             wrapper: Vec::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -961,12 +972,20 @@ fn run_ip(args: &[&str]) -> Result<()> {
 /// (192.168.249.1/24); each host has a bridge joining a TAP named `tapvm` (the same name on both,
 /// as a VM configuration names it) to a veth into the client's bridge; the hosts reach each
 /// other over their own link, `a` at 10.77.0.1 and `b` at 10.77.0.2 (migration and
-/// replication traffic). `tag` keeps the namespace names of concurrent tests apart.
+/// replication traffic); the hosts also have addresses of their own on the client network
+/// ([`CLIENT_NET_A`], [`CLIENT_NET_B`]). `tag` keeps the namespace names of concurrent tests apart.
 pub struct TwoHosts {
     pub client: NetNs,
     pub a: NetNs,
     pub b: NetNs,
 }
+
+/// The client namespace's address (a witness for both hosts can listen there).
+pub const CLIENT_NET: &str = "192.168.249.1";
+/// Host `a`'s own address on the client network.
+pub const CLIENT_NET_A: &str = "192.168.249.11";
+/// Host `b`'s own address on the client network.
+pub const CLIENT_NET_B: &str = "192.168.249.12";
 
 /// Address of host `a` on the host-to-host link.
 pub const HOST_A: &str = "10.77.0.1";
@@ -1002,6 +1021,13 @@ pub fn two_hosts(tag: &str) -> TwoHosts {
         must(host.ip(&["link", "set", &veth, "master", "brh", "up"]));
         must(host.ip(&["tuntap", "add", "tapvm", "mode", "tap", "vnet_hdr"]));
         must(host.ip(&["link", "set", "tapvm", "master", "brh", "up"]));
+        // The host itself on the client network (to reach a witness there).
+        let own = if side == "a" {
+            CLIENT_NET_A
+        } else {
+            CLIENT_NET_B
+        };
+        must(host.ip(&["addr", "add", &format!("{own}/24"), "dev", "brh"]));
     }
     // Link names must not be prefixes of `ip` keywords.
     must(a.ip(&[

@@ -1,0 +1,239 @@
+//! `api-spec/cloud-hypervisor.yaml` against the code: every endpoint the server routes is in the
+//! spec with its method and nothing else is, and the fault-tolerance schemas name exactly the
+//! fields (and enum values) serde reads and writes. The schema-driven test of a running VMM
+//! (`ci/api-schema-test`) needs KVM and Python; this one catches drift in `cargo test`.
+//!
+//! The spec is read as text with a few indentation rules that hold for this file (2-space
+//! steps, one key per line, enum lists in flow style), so no YAML parser is needed.
+
+use std::collections::BTreeSet;
+
+use api::ENDPOINTS;
+use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, ReceiveFtRequest};
+
+fn spec() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../api-spec/cloud-hypervisor.yaml"
+    );
+    std::fs::read_to_string(path).expect("read api-spec/cloud-hypervisor.yaml")
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// The lines under the key `key` that sits at `at` spaces (the first such key in `lines`),
+/// up to the next line indented `at` or less.
+fn block<'a>(lines: &[&'a str], at: usize, key: &str) -> Vec<&'a str> {
+    let start = lines
+        .iter()
+        .position(|l| indent(l) == at && l.trim_start().starts_with(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no key {key:?} at indent {at}"));
+    lines[start + 1..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || indent(l) > at)
+        .copied()
+        .collect()
+}
+
+/// The keys directly under a block whose entries sit at `at` spaces.
+fn keys(lines: &[&str], at: usize) -> BTreeSet<String> {
+    lines
+        .iter()
+        .filter(|l| indent(l) == at && !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .split(':')
+                .next()
+                .unwrap()
+                .trim_matches('"')
+                .to_string()
+        })
+        .collect()
+}
+
+/// A flow-style list (`key: [a, "b",\n c]`) starting in `lines` at the key `key`.
+fn flow_list(lines: &[&str], key: &str) -> Vec<String> {
+    let start = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(&format!("{key}: [")))
+        .unwrap_or_else(|| panic!("no {key}: [...]"));
+    let mut text = String::new();
+    for line in &lines[start..] {
+        text.push_str(line.trim());
+        text.push(' ');
+        if line.contains(']') {
+            break;
+        }
+    }
+    let inner = text.split_once('[').unwrap().1.split_once(']').unwrap().0;
+    inner
+        .split(',')
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// A schema of `components.schemas`.
+fn schema<'a>(lines: &[&'a str], name: &str) -> Vec<&'a str> {
+    let schemas = block(&block(lines, 0, "components"), 2, "schemas");
+    block(&schemas, 4, name)
+}
+
+fn json_keys(value: serde_json::Value) -> BTreeSet<String> {
+    value.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn every_routed_endpoint_is_in_the_spec_and_nothing_else() {
+    let text = spec();
+    let lines: Vec<&str> = text.lines().collect();
+    let paths = block(&lines, 0, "paths");
+    let in_spec: BTreeSet<(String, String)> = keys(&paths, 2)
+        .into_iter()
+        .map(|path| {
+            let methods = keys(&block(&paths, 2, &path), 4);
+            assert_eq!(methods.len(), 1, "{path}: {methods:?}");
+            let method = methods.into_iter().next().unwrap().to_uppercase();
+            (path.trim_start_matches('/').to_string(), method)
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> = ENDPOINTS
+        .iter()
+        .map(|(name, method, _)| (name.to_string(), method.to_string()))
+        .collect();
+    assert_eq!(in_spec, routed);
+}
+
+#[test]
+fn ft_schemas_match_serde() {
+    let text = spec();
+    let lines: Vec<&str> = text.lines().collect();
+
+    let enable = EnableFtRequest {
+        peer: "b:1".into(),
+        epoch_ms: 10,
+        disk_mode: FtDiskMode::Replicated,
+        heartbeat_timeout_ms: None,
+        witness: None,
+        compress: true,
+    };
+    let receive = ReceiveFtRequest {
+        receiver_url: "tcp:0.0.0.0:1".into(),
+        disk_paths: vec![],
+        witness: None,
+    };
+    let status = FtStatus::default();
+    for (name, value) in [
+        ("EnableFtData", serde_json::to_value(&enable).unwrap()),
+        ("ReceiveFtData", serde_json::to_value(&receive).unwrap()),
+        ("FtStatus", serde_json::to_value(&status).unwrap()),
+    ] {
+        let schema = schema(&lines, name);
+        let properties = keys(&block(&schema, 6, "properties"), 8);
+        assert_eq!(properties, json_keys(value.clone()), "{name} properties");
+        // Every value that serializes as null is declared nullable.
+        for (field, v) in value.as_object().unwrap() {
+            let nullable = block(&block(&schema, 6, "properties"), 8, field)
+                .iter()
+                .any(|l| l.trim() == "nullable: true");
+            if v.is_null() {
+                assert!(nullable, "{name}.{field} is null but not nullable");
+            }
+        }
+    }
+    // The status always has every field; the requests need only these.
+    let required: BTreeSet<String> = flow_list(&schema(&lines, "FtStatus"), "required")
+        .into_iter()
+        .collect();
+    assert_eq!(required, json_keys(serde_json::to_value(&status).unwrap()));
+    assert_eq!(
+        flow_list(&schema(&lines, "EnableFtData"), "required"),
+        ["peer"]
+    );
+    assert_eq!(
+        flow_list(&schema(&lines, "ReceiveFtData"), "required"),
+        ["receiver_url"]
+    );
+}
+
+/// Each variant, spelled by serde. The matches stop compiling when a variant is added, so the
+/// spec's enums are revisited with it.
+fn all_roles() -> Vec<FtRole> {
+    let all = vec![FtRole::None, FtRole::Primary, FtRole::Backup];
+    for r in &all {
+        match r {
+            FtRole::None | FtRole::Primary | FtRole::Backup => {}
+        }
+    }
+    all
+}
+
+fn all_healths() -> Vec<FtHealth> {
+    use FtHealth::*;
+    let all = vec![
+        Off,
+        Syncing,
+        Protected,
+        WaitingForPrimary,
+        Degraded,
+        Fenced,
+        TookOver,
+        Failed,
+    ];
+    for h in &all {
+        match h {
+            Off | Syncing | Protected | WaitingForPrimary | Degraded | Fenced | TookOver
+            | Failed => {}
+        }
+    }
+    all
+}
+
+fn all_disk_modes() -> Vec<FtDiskMode> {
+    let all = vec![FtDiskMode::Replicated, FtDiskMode::Shared];
+    for m in &all {
+        match m {
+            FtDiskMode::Replicated | FtDiskMode::Shared => {}
+        }
+    }
+    all
+}
+
+/// The serde spelling of unit enum values.
+macro_rules! spelled {
+    ($values:expr) => {
+        $values
+            .iter()
+            .map(|v| {
+                serde_json::to_value(v)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect::<Vec<String>>()
+    };
+}
+
+#[test]
+fn ft_enums_match_serde() {
+    let text = spec();
+    let lines: Vec<&str> = text.lines().collect();
+    let property = |schema_name: &str, field: &str| {
+        let schema = schema(&lines, schema_name);
+        let properties = block(&schema, 6, "properties");
+        flow_list(&block(&properties, 8, field), "enum")
+    };
+    assert_eq!(property("FtStatus", "role"), spelled!(all_roles()));
+    assert_eq!(property("FtStatus", "health"), spelled!(all_healths()));
+    assert_eq!(
+        property("FtStatus", "disk_mode"),
+        spelled!(all_disk_modes())
+    );
+    assert_eq!(
+        property("EnableFtData", "disk_mode"),
+        spelled!(all_disk_modes())
+    );
+}

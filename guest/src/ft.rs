@@ -1,0 +1,626 @@
+//! workload=ft: the service the fault-tolerance tests and benchmarks run
+//! against. One CPU, everything at CPL3, polled (no interrupts).
+//!
+//! Command line: `workload=ft net.ip=A.B.C.D/P` (`ip=` is a short form;
+//! `net.gw=` as for `workload=net`), `ft.dirty_rate=N` pages per second to
+//! rewrite (default 0), `ft.dirty_mib=M` size of the rewritten region (default
+//! 16). Devices: the first virtio-net device (required) and the first
+//! virtio-blk device if there is one (the service works without a disk).
+//!
+//! Main loop, forever: poll smoltcp and serve the sockets; rewrite the pages
+//! that are due at `ft.dirty_rate` (by the clock; at most 32 per pass, a
+//! backlog beyond 100 ms worth is dropped rather than made up in a burst,
+//! e.g. after the VM was paused); then one chunk of 2048 iterations of a
+//! register-only compute loop, counted as `work` (the FT benchmark compares
+//! work/s with and without FT). Nothing but the dirtier writes pages in the
+//! region, so its dirty rate is what the VMM's dirty log sees (plus the few
+//! pages of stacks, rings and socket buffers the loop itself touches).
+//!
+//! Region: `ft.dirty_mib` MiB of pages, all written once at start
+//! (generation 0), then rewritten round-robin: the k-th rewrite (k = 0, 1, ...)
+//! goes to page `k % pages` with generation `k / pages + 1`. A page holds 512
+//! little-endian u64 words: `w[0]` = page index, `w[1]` = generation,
+//! `w[j]` = `seed + j` for j = 2..511, with `seed = mix(page *
+//! 0x9e3779b97f4a7c15 ^ mix(gen ^ 0xf7f7f7f7))` (`mix` = splitmix64's
+//! finalizer, see README). So a page can be verified on its own, and against
+//! the number of rewrites so far. A region larger than the free RAM ends in
+//! `TANDEM-GUEST PANIC out of memory`.
+//!
+//! Disk records (sector `lba` = `seq % 2048`, the first 1 MiB of the disk):
+//! 64 little-endian u64 words: `w[0]` = ASCII `TANDEMFT`, `w[1]` = `lba`,
+//! `w[2]` = `seq`, `w[3]` = checksum (FNV-1a over words like the blk sectors:
+//! `h = 0xcbf29ce484222325`, `h = (h ^ w[j]) * 0x100000001b3` for every j
+//! except 3), `w[4]` = the run id of this boot (printed in the ready marker),
+//! `w[j]` = `mix(lba * 0x9e3779b97f4a7c15 ^ seq * 0xc2b2ae3d27d4eb4f ^ run *
+//! 0x165667b19e3779f9 ^ j)` for j = 5..63. Writes are not followed by a FLUSH.
+//!
+//! TCP 7000, control (4 connections at a time; lines end with `\n`, a `\r`
+//! before it is ignored, a last line without `\n` counts when the client
+//! half-closes):
+//! - `req` -> `seq += 1`, with a disk the record for `seq` is written and
+//!   completed, then `seq <n>`. If the write fails: `bad disk write: <why>`
+//!   and `seq` stays (the next `req` rewrites the same record).
+//! - `check` -> every page of the region holds its pattern and latest
+//!   generation, and (with a disk) for each `s` in `max(1, seq-2047)..=seq`
+//!   sector `s % 2048` holds the record of `s`: `ok seq=<n> pages=<k>
+//!   disk=<0|1>`, else `bad page <i> gen <g> word <j>`, `bad disk sector <lba>
+//!   want seq <s> <holds seq <x>|no record|corrupt>` or `bad disk read: <why>`.
+//! - `stats` -> `work <iterations> dirtied <pages> seq <n> uptime_ms <ms>`
+//!   (`dirtied` counts rewrites, `uptime_ms` is since the workload started).
+//! - `quit` -> the guest closes the connection (no reply).
+//! - `poweroff` -> `bye`, the connection is closed and the guest waits (at
+//!   most 2 s) until the client has acknowledged it, then the workload ends
+//!   and the guest does what `exit=` says (default: ACPI power-off).
+//! - anything else -> `bad unknown command`; a line over 128 bytes -> `bad
+//!   line too long`.
+//!
+//! TCP 7001, sink (2 connections at a time, 1 MiB receive window each):
+//! discards what it receives and, when the client half-closes, replies
+//! `got <bytes>` and closes.
+//!
+//! ARP and ICMP echo are answered by smoltcp's interface (`ping` works).
+//!
+//! Serial: `ft: ready ip=<A.B.C.D> mac=<mac> disk=<0|1> pages=<k>
+//! dirty_rate=<n> run=<hex>` once the services listen; `ft: poweroff seq=<n>
+//! work=<w> dirtied=<d>` before the workload ends; `ft: error <why>` (no
+//! usable NIC: the workload ends) and `ft: disk unusable: <why>` (goes on
+//! without a disk).
+
+use core::fmt::Write;
+
+use smoltcp::iface::{SocketHandle, SocketSet, SocketStorage};
+use smoltcp::socket::tcp;
+
+use crate::blk::{self, Disk};
+use crate::workloads::Config;
+use crate::{clock, dma, net, virtio};
+
+const CONTROL_PORT: u16 = 7000;
+const SINK_PORT: u16 = 7001;
+const CONTROL_SOCKETS: usize = 4;
+const SINK_SOCKETS: usize = 2;
+const CONTROL_RX: usize = 4096;
+const CONTROL_TX: usize = 16 * 1024;
+const SINK_RX: usize = 1 << 20;
+const SINK_TX: usize = 4096;
+/// Longest command line (the newline included) and longest reply.
+const LINE_MAX: usize = 128;
+const REPLY_MAX: usize = 128;
+
+const PAGE_WORDS: usize = 512;
+/// Most pages rewritten per pass of the main loop (network latency stays low).
+const DIRTY_BURST: u64 = 32;
+/// Iterations of the compute loop per pass.
+const WORK_CHUNK: u64 = 2048;
+
+/// Records live in sectors 0..2048.
+const DISK_SLOTS: u64 = 2048;
+const SECTOR: usize = 512;
+pub const RECORD_MAGIC: [u8; 8] = *b"TANDEMFT";
+const POWEROFF_DRAIN_NS: u64 = 2_000_000_000;
+
+fn page_seed(page: u64, gen: u64) -> u64 {
+    blk::mix(page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ blk::mix(gen ^ 0xf7f7_f7f7))
+}
+
+fn fill_page(words: &mut [u64], page: u64, gen: u64) {
+    let seed = page_seed(page, gen);
+    words[0] = page;
+    words[1] = gen;
+    for (j, w) in words.iter_mut().enumerate().skip(2) {
+        *w = seed.wrapping_add(j as u64);
+    }
+}
+
+/// The first word of `words` that differs from page `page`, generation `gen`.
+fn page_mismatch(words: &[u64], page: u64, gen: u64) -> Option<usize> {
+    if words[0] != page {
+        return Some(0);
+    }
+    if words[1] != gen {
+        return Some(1);
+    }
+    let seed = page_seed(page, gen);
+    words
+        .iter()
+        .enumerate()
+        .skip(2)
+        .find(|&(j, &w)| w != seed.wrapping_add(j as u64))
+        .map(|(j, _)| j)
+}
+
+fn make_record(lba: u64, seq: u64, run: u64) -> [u64; 64] {
+    let mut w = [0u64; 64];
+    w[0] = u64::from_le_bytes(RECORD_MAGIC);
+    w[1] = lba;
+    w[2] = seq;
+    w[4] = run;
+    for (j, x) in w.iter_mut().enumerate().skip(5) {
+        *x = blk::mix(
+            lba.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ seq.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+                ^ run.wrapping_mul(0x1656_67b1_9e37_79f9)
+                ^ j as u64,
+        );
+    }
+    w[3] = blk::checksum(&w);
+    w
+}
+
+/// The largest s <= seq with s % 2048 == lba and s >= 1 (the record sector
+/// `lba` must hold), or None if no such request happened yet.
+fn expected_seq(lba: u64, seq: u64) -> Option<u64> {
+    let r = seq % DISK_SLOTS;
+    let base = seq - r;
+    let s = if lba <= r {
+        Some(base + lba)
+    } else {
+        (base + lba).checked_sub(DISK_SLOTS)
+    };
+    s.filter(|&s| s >= 1)
+}
+
+/// A reply line (cut at REPLY_MAX - 1 bytes; the newline always fits).
+struct Reply {
+    buf: [u8; REPLY_MAX],
+    len: usize,
+}
+
+impl Reply {
+    fn new() -> Reply {
+        Reply {
+            buf: [0; REPLY_MAX],
+            len: 0,
+        }
+    }
+
+    fn line(&mut self) -> &[u8] {
+        self.buf[self.len] = b'\n';
+        &self.buf[..self.len + 1]
+    }
+}
+
+impl Write for Reply {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(REPLY_MAX - 1 - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// A control connection's partial input line.
+struct Conn {
+    line: [u8; LINE_MAX],
+    len: usize,
+    /// The current line grew past LINE_MAX: dropped up to its newline.
+    overflow: bool,
+    /// `quit` or `poweroff` seen: further input is ignored.
+    closing: bool,
+}
+
+impl Conn {
+    const fn new() -> Conn {
+        Conn {
+            line: [0; LINE_MAX],
+            len: 0,
+            overflow: false,
+            closing: false,
+        }
+    }
+}
+
+enum Action {
+    None,
+    Poweroff,
+}
+
+struct Ft {
+    seq: u64,
+    work: u64,
+    work_state: u64,
+    dirtied: u64,
+    /// Rewrites dropped because the loop fell too far behind.
+    skipped: u64,
+    rate: u64,
+    t0: u64,
+    region: &'static mut [u64],
+    pages: u64,
+    disk: Option<Disk>,
+    run: u64,
+}
+
+#[inline(never)]
+fn work_chunk(mut x: u64) -> u64 {
+    for _ in 0..WORK_CHUNK {
+        x = x
+            .wrapping_mul(0x5851_f42d_4c95_7f2d)
+            .wrapping_add(0x1405_7b7e_f767_814f);
+        x ^= x >> 33;
+    }
+    x
+}
+
+impl Ft {
+    fn page(&mut self, page: u64) -> &mut [u64] {
+        let i = page as usize * PAGE_WORDS;
+        &mut self.region[i..i + PAGE_WORDS]
+    }
+
+    fn dirty_step(&mut self, now: u64) {
+        if self.rate == 0 || self.pages == 0 {
+            return;
+        }
+        let due = (self.rate as u128 * now.saturating_sub(self.t0) as u128 / 1_000_000_000) as u64;
+        let due = due.saturating_sub(self.skipped);
+        let mut behind = due.saturating_sub(self.dirtied);
+        let max_backlog = (self.rate / 10).max(DIRTY_BURST);
+        if behind > max_backlog {
+            self.skipped += behind - max_backlog;
+            behind = max_backlog;
+        }
+        for _ in 0..behind.min(DIRTY_BURST) {
+            let page = self.dirtied % self.pages;
+            let gen = self.dirtied / self.pages + 1;
+            fill_page(self.page(page), page, gen);
+            self.dirtied += 1;
+        }
+    }
+
+    fn work_step(&mut self) {
+        self.work_state = core::hint::black_box(work_chunk(self.work_state));
+        self.work += WORK_CHUNK;
+    }
+
+    fn req(&mut self, out: &mut Reply) {
+        let next = self.seq + 1;
+        if let Some(disk) = self.disk.as_mut() {
+            let lba = next % DISK_SLOTS;
+            let rec = make_record(lba, next, self.run);
+            let mut bytes = [0u8; SECTOR];
+            for (b, w) in bytes.chunks_exact_mut(8).zip(rec.iter()) {
+                b.copy_from_slice(&w.to_le_bytes());
+            }
+            if let Err(e) = disk.write(lba, &bytes) {
+                let _ = write!(out, "bad disk write: {}", e);
+                return;
+            }
+        }
+        self.seq = next;
+        let _ = write!(out, "seq {}", next);
+    }
+
+    fn check(&mut self, out: &mut Reply) {
+        for page in 0..self.pages {
+            let gen = self.dirtied / self.pages + u64::from(page < self.dirtied % self.pages);
+            if let Some(j) = page_mismatch(self.page(page), page, gen) {
+                let _ = write!(out, "bad page {} gen {} word {}", page, gen, j);
+                return;
+            }
+        }
+        let seq = self.seq;
+        let run = self.run;
+        if let Some(disk) = self.disk.as_mut() {
+            // Sectors 1..=seq before the first wrap, all of them after it.
+            let (mut lba, end) = if seq < DISK_SLOTS {
+                (1, seq + 1)
+            } else {
+                (0, DISK_SLOTS)
+            };
+            let per = (disk.max_bytes() / SECTOR) as u64;
+            while lba < end {
+                let n = per.min(end - lba);
+                let data = match disk.read(lba, n as usize) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = write!(out, "bad disk read: {}", e);
+                        return;
+                    }
+                };
+                for (k, sector) in data.chunks_exact(SECTOR).enumerate() {
+                    let at = lba + k as u64;
+                    let Some(want) = expected_seq(at, seq) else {
+                        continue;
+                    };
+                    let rec = make_record(at, want, run);
+                    let same = sector
+                        .chunks_exact(8)
+                        .zip(rec.iter())
+                        .all(|(b, &w)| b == w.to_le_bytes());
+                    if !same {
+                        let word = |j: usize| {
+                            u64::from_le_bytes(
+                                sector[j * 8..j * 8 + 8].try_into().unwrap_or([0; 8]),
+                            )
+                        };
+                        let _ = write!(out, "bad disk sector {} want seq {} ", at, want);
+                        let _ = if word(0) != rec[0] {
+                            write!(out, "no record")
+                        } else if word(2) != want {
+                            write!(out, "holds seq {}", word(2))
+                        } else {
+                            write!(out, "corrupt")
+                        };
+                        return;
+                    }
+                }
+                lba += n;
+            }
+        }
+        let _ = write!(
+            out,
+            "ok seq={} pages={} disk={}",
+            seq,
+            self.pages,
+            u8::from(self.disk.is_some())
+        );
+    }
+
+    fn stats(&self, out: &mut Reply) {
+        let _ = write!(
+            out,
+            "work {} dirtied {} seq {} uptime_ms {}",
+            self.work,
+            self.dirtied,
+            self.seq,
+            clock::now_ns().saturating_sub(self.t0) / 1_000_000
+        );
+    }
+
+    /// Runs one command line into `out`; returns whether the connection stays
+    /// open, and what the main loop must do.
+    fn command(&mut self, line: &[u8], out: &mut Reply) -> (bool, Action) {
+        let mut end = line.len();
+        while end > 0 && matches!(line[end - 1], b'\r' | b' ' | b'\t') {
+            end -= 1;
+        }
+        let mut start = 0;
+        while start < end && matches!(line[start], b' ' | b'\t') {
+            start += 1;
+        }
+        match &line[start..end] {
+            b"req" => self.req(out),
+            b"check" => self.check(out),
+            b"stats" => self.stats(out),
+            b"quit" => return (false, Action::None),
+            b"poweroff" => {
+                let _ = write!(out, "bye");
+                return (false, Action::Poweroff);
+            }
+            b"" => {}
+            _ => {
+                let _ = write!(out, "bad unknown command");
+            }
+        }
+        (true, Action::None)
+    }
+
+    /// Serves the complete lines a control connection has sent, as long as
+    /// its send buffer has room for a reply.
+    fn serve_control(&mut self, s: &mut tcp::Socket, c: &mut Conn) -> Action {
+        if c.closing {
+            let _ = s.recv(|b| (b.len(), ()));
+            return Action::None;
+        }
+        loop {
+            if let Some(nl) = c.line[..c.len].iter().position(|&b| b == b'\n') {
+                if s.send_capacity() - s.send_queue() < REPLY_MAX {
+                    return Action::None;
+                }
+                let mut out = Reply::new();
+                let (keep, action) = if c.overflow {
+                    c.overflow = false;
+                    let _ = write!(out, "bad line too long");
+                    (true, Action::None)
+                } else {
+                    let mut line = [0u8; LINE_MAX];
+                    line[..nl].copy_from_slice(&c.line[..nl]);
+                    self.command(&line[..nl], &mut out)
+                };
+                c.line.copy_within(nl + 1..c.len, 0);
+                c.len -= nl + 1;
+                if out.len > 0 {
+                    let _ = s.send_slice(out.line());
+                }
+                if !keep {
+                    c.closing = true;
+                    s.close();
+                    return action;
+                }
+                continue;
+            }
+            if c.len == LINE_MAX {
+                c.overflow = true;
+                c.len = 0;
+            }
+            if s.can_recv() {
+                match s.recv_slice(&mut c.line[c.len..]) {
+                    Ok(n) if n > 0 => c.len += n,
+                    _ => return Action::None,
+                }
+            } else if s.state() == tcp::State::CloseWait {
+                // The client is done sending: a last line without a newline
+                // still counts; then the connection closes once replies are
+                // queued (smoltcp sends the FIN after them).
+                if c.len > 0 || c.overflow {
+                    if c.len == LINE_MAX {
+                        c.overflow = true;
+                        c.len = 0;
+                    }
+                    c.line[c.len] = b'\n';
+                    c.len += 1;
+                    continue;
+                }
+                c.closing = true;
+                s.close();
+                return Action::None;
+            } else {
+                return Action::None;
+            }
+        }
+    }
+}
+
+/// Discards what a sink connection receives; `got <bytes>` once the client
+/// half-closes.
+fn serve_sink(s: &mut tcp::Socket, count: &mut u64) {
+    while s.can_recv() {
+        match s.recv(|b| (b.len(), b.len())) {
+            Ok(n) if n > 0 => *count += n as u64,
+            _ => break,
+        }
+    }
+    if s.state() == tcp::State::CloseWait && !s.can_recv() {
+        let mut out = Reply::new();
+        let _ = write!(out, "got {}", *count);
+        let _ = s.send_slice(out.line());
+        s.close();
+    }
+}
+
+pub fn run(cfg: &Config, devs: &virtio::Devices) {
+    let vdev = match devs.first(virtio::ID_NET) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("ft: error {}", e);
+            return;
+        }
+    };
+    let disk = match devs.first(virtio::ID_BLK) {
+        Err(_) if !devs.iter().any(|d| d.id == virtio::ID_BLK) => None,
+        Err(e) => {
+            println!("ft: disk unusable: {}", e);
+            None
+        }
+        Ok(d) => match Disk::open(&d, 64) {
+            Ok(disk) if disk.ro => {
+                println!("ft: disk unusable: read-only");
+                None
+            }
+            Ok(disk) if disk.capacity < DISK_SLOTS => {
+                println!(
+                    "ft: disk unusable: {} sectors, {} needed",
+                    disk.capacity, DISK_SLOTS
+                );
+                None
+            }
+            Ok(disk) => Some(disk),
+            Err(e) => {
+                println!("ft: disk unusable: {}", e);
+                None
+            }
+        },
+    };
+    let (mut dev, mac) = match net::open(&vdev) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("ft: error {}", e);
+            return;
+        }
+    };
+    let mut iface = net::interface(&cfg.net, &mut dev, mac);
+
+    let pages = cfg.ft_dirty_mib.saturating_mul(1 << 20) / 4096;
+    let region = dma::alloc(pages as usize * 4096, 4096) as *mut u64;
+    // SAFETY: a fresh allocation of `pages` pages, never handed out again.
+    let region = unsafe { core::slice::from_raw_parts_mut(region, pages as usize * PAGE_WORDS) };
+    let mut ft = Ft {
+        seq: 0,
+        work: 0,
+        work_state: clock::rdtsc(),
+        dirtied: 0,
+        skipped: 0,
+        rate: cfg.ft_dirty_rate,
+        t0: 0,
+        region,
+        pages,
+        disk,
+        run: blk::mix(clock::rdtsc()) | 1,
+    };
+    for page in 0..pages {
+        fill_page(ft.page(page), page, 0);
+    }
+
+    let storage = dma::alloc_array(CONTROL_SOCKETS + SINK_SOCKETS, || SocketStorage::EMPTY);
+    let mut sockets = SocketSet::new(&mut storage[..]);
+    let mut control_h = [SocketHandle::default(); CONTROL_SOCKETS];
+    for h in control_h.iter_mut() {
+        *h = sockets.add(net::tcp_socket(CONTROL_RX, CONTROL_TX));
+    }
+    let mut sink_h = [SocketHandle::default(); SINK_SOCKETS];
+    for h in sink_h.iter_mut() {
+        *h = sockets.add(net::tcp_socket(SINK_RX, SINK_TX));
+    }
+    let conns = dma::alloc_array(CONTROL_SOCKETS, Conn::new);
+    let mut sink_bytes = [0u64; SINK_SOCKETS];
+    for (h, c) in control_h.iter().zip(conns.iter_mut()) {
+        net::relisten(sockets.get_mut::<tcp::Socket>(*h), CONTROL_PORT);
+        *c = Conn::new();
+    }
+    for h in sink_h {
+        net::relisten(sockets.get_mut::<tcp::Socket>(h), SINK_PORT);
+    }
+
+    let ip = cfg.net.ip;
+    println!(
+        "ft: ready ip={}.{}.{}.{} mac={} disk={} pages={} dirty_rate={} run={:x}",
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        net::Mac(mac),
+        u8::from(ft.disk.is_some()),
+        pages,
+        ft.rate,
+        ft.run
+    );
+
+    ft.t0 = clock::now_ns();
+    let bye = 'main: loop {
+        let ts = net::now();
+        iface.poll(ts, &mut dev, &mut sockets);
+        for (i, h) in control_h.into_iter().enumerate() {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            if net::relisten(s, CONTROL_PORT) {
+                conns[i] = Conn::new();
+            }
+            if let Action::Poweroff = ft.serve_control(s, &mut conns[i]) {
+                net::egress(ts, &mut iface, &mut dev, &mut sockets);
+                break 'main h;
+            }
+        }
+        for (i, h) in sink_h.into_iter().enumerate() {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            if net::relisten(s, SINK_PORT) {
+                sink_bytes[i] = 0;
+            }
+            serve_sink(s, &mut sink_bytes[i]);
+        }
+        net::egress(ts, &mut iface, &mut dev, &mut sockets);
+        ft.dirty_step(clock::now_ns());
+        ft.work_step();
+    };
+
+    // `bye` and the FIN are queued: keep the stack running until the client
+    // has acknowledged both (or the deadline passes), so the reply is not
+    // lost with the machine.
+    let deadline = clock::now_ns() + POWEROFF_DRAIN_NS;
+    while clock::now_ns() < deadline {
+        let ts = net::now();
+        iface.poll(ts, &mut dev, &mut sockets);
+        net::egress(ts, &mut iface, &mut dev, &mut sockets);
+        let s = sockets.get::<tcp::Socket>(bye);
+        if s.send_queue() == 0
+            && matches!(
+                s.state(),
+                tcp::State::FinWait2 | tcp::State::TimeWait | tcp::State::Closed
+            )
+        {
+            break;
+        }
+    }
+    println!(
+        "ft: poweroff seq={} work={} dirtied={}",
+        ft.seq, ft.work, ft.dirtied
+    );
+}

@@ -1,0 +1,616 @@
+//! Fault injection against fault tolerance, with the guest's `workload=ft` under a combined
+//! load (pages dirtied continuously, a disk record written per request, a client issuing
+//! requests back to back over TCP from a third namespace).
+//!
+//! Invariants checked after every fault: the client's sequence continues with no gap and no
+//! repeat (nothing acknowledged is lost, no output from a rolled-back state was seen), the
+//! same TCP connection keeps working, exactly one copy runs, and at the end the guest's own
+//! check of its memory pattern and of the disk against its sequence passes.
+//!
+//! `a_chain_of_random_kills...` runs `TANDEM_FT_KILLS` faults (default 50) from the schedule
+//! seeded by `TANDEM_FT_SEED` (printed; default: the clock). For 1000:
+//! `TANDEM_FT_KILLS=1000 cargo test -p integration --test ft_faults a_chain -- --nocapture`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use integration::ft::{start_witness, wait_status, witness_addr, Load, Rng, SeqClient};
+use integration::{
+    api_vmm, ch_remote, kvm_serial_guard, report, require_kvm, require_netns, test_guest,
+    two_hosts, NetNs, TempDir, TwoHosts, Vmm, HOST_A, HOST_B,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const GUEST_MAC: &str = "12:34:56:78:9a:bc";
+const FT_PORT: u16 = 7100;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+    fn addr(self) -> &'static str {
+        match self {
+            Side::A => HOST_A,
+            Side::B => HOST_B,
+        }
+    }
+    fn ns(self, hosts: &TwoHosts) -> &NetNs {
+        match self {
+            Side::A => &hosts.a,
+            Side::B => &hosts.b,
+        }
+    }
+}
+
+/// One VMM process and what the test planned for it.
+struct Node {
+    vmm: Vmm,
+    socket: PathBuf,
+    side: Side,
+    /// `TANDEM_FT_CRASH` given to this process (it aborts there once it is a primary).
+    crash: Option<String>,
+}
+
+struct Pair {
+    hosts: TwoHosts,
+    dir: TempDir,
+    kernel: String,
+    disk: String,
+    started: u32,
+}
+
+impl Pair {
+    fn new(tag: &str, disk_mib: usize) -> Self {
+        let hosts = two_hosts(tag);
+        let dir = TempDir::new(&format!("ft_{tag}")).expect("temp dir");
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![0u8; disk_mib << 20]).expect("image");
+        let kernel = test_guest().expect("guest").display().to_string();
+        let disk = format!("path={}", image.display());
+        Self {
+            hosts,
+            dir,
+            kernel,
+            disk,
+            started: 0,
+        }
+    }
+
+    fn spawn(&mut self, side: Side, crash: Option<String>, boot: Option<&[&str]>) -> Node {
+        self.started += 1;
+        let socket = self.dir.join(&format!("vmm{}.sock", self.started));
+        let name = format!("ft_vmm{}_{side:?}", self.started);
+        let mut args: Vec<String> = vec!["-v".into()];
+        if let Some(extra) = boot {
+            args.extend(extra.iter().map(|s| s.to_string()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let vmm = match &crash {
+            // api_vmm has no environment; build the crash-armed node by hand.
+            Some(spec) => {
+                let mut vmm = Vmm::builder(&name)
+                    .wrapped_in(side.ns(&self.hosts).exec_prefix())
+                    .env("TANDEM_FT_CRASH", spec)
+                    .args(["--api-socket", socket.to_str().expect("path")])
+                    .args(&args)
+                    .spawn()
+                    .expect("start a VMM");
+                integration::wait_for_api_socket(&mut vmm, &socket, TIMEOUT);
+                vmm
+            }
+            None => api_vmm(TIMEOUT, &name, side.ns(&self.hosts), &socket, &args),
+        };
+        Node {
+            vmm,
+            socket,
+            side,
+            crash,
+        }
+    }
+
+    fn boot_primary(&mut self, cmdline: &str, memory: &str) -> Node {
+        let net = format!("tap=tapvm,mac={GUEST_MAC}");
+        let (kernel, disk) = (self.kernel.clone(), self.disk.clone());
+        let boot = [
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            cmdline,
+            "--memory",
+            memory,
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+            "--net",
+            &net,
+            "--disk",
+            &disk,
+        ];
+        let mut node = self.spawn(Side::A, None, Some(&boot));
+        node.vmm
+            .wait_for("ft: ready", TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        node
+    }
+}
+
+fn ok(out: std::process::Output, what: &str) -> Result<(), String> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+}
+
+/// Makes `backup` the hot backup of `primary` (shared disk, the witness, 10 ms epochs).
+fn protect(primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> {
+    let url = format!("tcp:{}:{FT_PORT}", backup.side.addr());
+    ok(
+        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        "receive-ft",
+    )?;
+    let peer = format!("{}:{FT_PORT}", backup.side.addr());
+    let witness = witness_addr();
+    let mut args = vec![
+        "enable-ft",
+        "--peer",
+        &peer,
+        "--disk-mode",
+        "shared",
+        "--witness",
+        &witness,
+        "--heartbeat-timeout-ms",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    ok(ch_remote(&primary.socket, &args, None), "enable-ft")?;
+    wait_status(&primary.socket, "health", &["protected"], TIMEOUT)?;
+    Ok(())
+}
+
+fn diagnose(nodes: &[&Node], what: &str) -> String {
+    nodes
+        .iter()
+        .map(|n| n.vmm.diagnose(what))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let kills: u32 = std::env::var("TANDEM_FT_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut rng = Rng::from_env();
+    let mut pair = Pair::new("k", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    let mut primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=2000 ft.dirty_mib=4",
+        "size=64M",
+    );
+    let mut backup = pair.spawn(Side::B, None, None);
+    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let mut failovers = Vec::new();
+    let mut kinds = std::collections::BTreeMap::<String, u32>::new();
+    for round in 0..kills {
+        let kill_backup = primary.crash.is_none() && rng.below(10) < 3;
+        let kind;
+        if kill_backup {
+            kind = "kill -9 backup".to_string();
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            backup.vmm.kill();
+            wait_status(&primary.socket, "health", &["degraded"], TIMEOUT).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: {e}\n{}",
+                    diagnose(&[&primary], "after killing the backup")
+                )
+            });
+        } else {
+            let killed = if let Some(spec) = &primary.crash {
+                kind = format!("crash at {}", spec.split(':').next().unwrap_or(spec));
+                primary
+                    .vmm
+                    .wait_exit(TIMEOUT)
+                    .unwrap_or_else(|e| panic!("round {round}: armed crash never came: {e}"));
+                Instant::now()
+            } else {
+                kind = "kill -9 primary".to_string();
+                std::thread::sleep(Duration::from_millis(rng.below(400)));
+                primary.vmm.kill();
+                Instant::now()
+            };
+            let status = wait_status(&backup.socket, "health", &["took_over", "failed"], TIMEOUT)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(
+                status["health"],
+                "took_over",
+                "round {round} ({kind}): {status}\n{}",
+                diagnose(&[&backup], "backup")
+            );
+            load.wait_progress(3, TIMEOUT).unwrap_or_else(|e| {
+                panic!(
+                    "round {round} ({kind}): {e}\n{}",
+                    diagnose(&[&backup], "after the failover")
+                )
+            });
+            failovers.push((killed.elapsed(), status["last_failover_ms"].as_u64()));
+            primary = backup;
+        }
+        *kinds.entry(kind.clone()).or_default() += 1;
+        // A new backup on the other host; some are armed to crash once they are primaries.
+        let crash = match rng.below(10) {
+            0 => Some(format!("pause:{}", 3 + rng.below(30))),
+            1 => Some(format!("transfer:{}", 3 + rng.below(30))),
+            2 => Some(format!("release:{}", 3 + rng.below(30))),
+            _ => None,
+        };
+        backup = pair.spawn(primary.side.other(), crash, None);
+        protect(&primary, &backup, &[]).unwrap_or_else(|e| {
+            panic!(
+                "round {round}: {e}\n{}",
+                diagnose(&[&primary, &backup], "re-protect")
+            )
+        });
+        load.wait_progress(5, TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "round {round} ({kind}): {e}\n{}",
+                diagnose(&[&primary, &backup], "load")
+            )
+        });
+    }
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "guest self-check: {check}");
+    let mut ms: Vec<u64> = failovers.iter().filter_map(|f| f.1).collect();
+    ms.sort_unstable();
+    report(&format!(
+        "ft faults: {kills} faults {kinds:?}; client seq reached {} with no gap or repeat; guest {check}; takeover ms (detection->running) median {} max {}",
+        client.last,
+        ms.get(ms.len() / 2).copied().unwrap_or(0),
+        ms.last().copied().unwrap_or(0)
+    ));
+}
+
+fn tc(ns: &NetNs, args: &[&str]) {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), "tc"]).args(args);
+    let out = cmd.output().expect("tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_cut_replication_link_leaves_exactly_one_copy_running() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut pair = Pair::new("p", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    let primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
+        "size=64M",
+    );
+    let backup = pair.spawn(Side::B, None, None);
+    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Partition: the hosts no longer reach each other, both still reach the witness.
+    pair.hosts
+        .a
+        .ip(&["link", "set", "hlinka", "down"])
+        .expect("cut the link");
+    let p = wait_status(&primary.socket, "health", &["degraded", "fenced"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = wait_status(&backup.socket, "health", &["took_over", "failed"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let primary_runs = p["health"] == "degraded";
+    let backup_runs = b["health"] == "took_over";
+    assert!(
+        primary_runs != backup_runs,
+        "exactly one copy must run: primary {p}, backup {b}"
+    );
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&primary, &backup], "partition")));
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "guest self-check: {check}");
+    report(&format!(
+        "ft partition: {} runs on, the other is {}; client seq {} consistent; {check}",
+        if primary_runs { "primary" } else { "backup" },
+        if primary_runs {
+            &b["health"]
+        } else {
+            &p["health"]
+        },
+        client.last
+    ));
+}
+
+#[test]
+fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut pair = Pair::new("s", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    let mut primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=2000",
+        "size=64M",
+    );
+    let backup = pair.spawn(Side::B, None, None);
+    // The kernel here has no netem: a proxy delays the replication link by 20 ms each way.
+    let url = format!("tcp:{HOST_B}:{FT_PORT}");
+    ok(
+        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        "receive-ft",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    proxy(
+        &pair.hosts.b,
+        format!("{HOST_B}:7101"),
+        format!("{HOST_B}:{FT_PORT}"),
+        Duration::from_millis(20),
+        None,
+    );
+    let peer = format!("{HOST_B}:7101");
+    let witness = witness_addr();
+    ok(
+        ch_remote(
+            &primary.socket,
+            &[
+                "enable-ft",
+                "--peer",
+                &peer,
+                "--disk-mode",
+                "shared",
+                "--witness",
+                &witness,
+            ],
+            None,
+        ),
+        "enable-ft",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A rate limit on the host link as well (tbf; the kernel has no netem).
+    tc(
+        &pair.hosts.b,
+        &[
+            "qdisc", "add", "dev", "hlinkb", "root", "tbf", "rate", "200mbit", "burst", "64kb",
+            "latency", "100ms",
+        ],
+    );
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    let t = Instant::now();
+    let before = load.seq.load(std::sync::atomic::Ordering::SeqCst);
+    load.wait_progress(30, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let per_req =
+        t.elapsed() / (load.seq.load(std::sync::atomic::Ordering::SeqCst) - before).max(1) as u32;
+    let status = wait_status(&primary.socket, "health", &["protected"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    primary.vmm.kill();
+    wait_status(&backup.socket, "health", &["took_over"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&backup], "slow link failover")));
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&backup], "after the failover")));
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "guest self-check: {check}");
+    report(&format!(
+        "ft slow link (20 ms each way, 200 mbit): {per_req:?} per request while protected (lag {} epochs, {} cut early); failover consistent, seq {}; {check}",
+        status["lag_epochs"], status["epochs_cut_early"], client.last
+    ));
+}
+
+/// Copies `from` to `to`, each chunk `delay` after it arrived, flipping the byte at offset
+/// `corrupt_at` of the stream if given.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: Duration,
+    corrupt_at: Option<usize>,
+) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+    let mut seen = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(at) = corrupt_at {
+            if seen <= at && at < seen + n {
+                buf[at - seen] ^= 0x5a;
+            }
+        }
+        seen += n;
+        if tx
+            .send((Instant::now() + delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+/// A TCP proxy inside `ns` for the replication link: one connection from `listen` to
+/// `target`, each direction delayed by `delay`, optionally corrupting one byte of the
+/// primary's stream.
+fn proxy(ns: &NetNs, listen: String, target: String, delay: Duration, corrupt_at: Option<usize>) {
+    let _ = ns.run(move || {
+        let listener = std::net::TcpListener::bind(&listen).expect("proxy bind");
+        std::thread::spawn(move || {
+            let Ok((from, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(to) = std::net::TcpStream::connect(&target) else {
+                return;
+            };
+            let _ = (from.set_nodelay(true), to.set_nodelay(true));
+            let (Ok(back_from), Ok(back_to)) = (to.try_clone(), from.try_clone()) else {
+                return;
+            };
+            std::thread::spawn(move || pump(back_from, back_to, delay, None));
+            pump(from, to, delay, corrupt_at);
+        });
+    });
+}
+
+#[test]
+fn a_corrupt_stream_makes_the_backup_give_up_without_taking_over() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut pair = Pair::new("c", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    let primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
+        "size=64M",
+    );
+    let backup = pair.spawn(Side::B, None, None);
+    let url = format!("tcp:{HOST_B}:{FT_PORT}");
+    ok(
+        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        "receive-ft",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // 70 MB in: past the initial copy of 64 MiB, inside the epochs.
+    proxy(
+        &pair.hosts.b,
+        format!("{HOST_B}:7101"),
+        format!("{HOST_B}:{FT_PORT}"),
+        Duration::ZERO,
+        Some(70_000_000),
+    );
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    let peer = format!("{HOST_B}:7101");
+    let witness = witness_addr();
+    ok(
+        ch_remote(
+            &primary.socket,
+            &[
+                "enable-ft",
+                "--peer",
+                &peer,
+                "--disk-mode",
+                "shared",
+                "--witness",
+                &witness,
+            ],
+            None,
+        ),
+        "enable-ft",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let b = wait_status(&backup.socket, "health", &["failed", "took_over"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(b["health"], "failed", "{b}");
+    let p = wait_status(&primary.socket, "health", &["degraded"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "{check}");
+    report(&format!(
+        "ft corrupt stream: backup gave up ({}), primary runs on ({}); seq {} consistent",
+        b["last_error"], p["last_error"], client.last
+    ));
+}
+
+#[test]
+fn replicated_disks_fail_over_with_the_backup_image_consistent() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut pair = Pair::new("r", 8);
+    let primary_image = pair.dir.join("disk.img");
+    let backup_image: PathBuf = pair.dir.join("backup.img");
+    std::fs::copy(&primary_image, &backup_image).expect("copy the image");
+    let mut primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
+        "size=64M",
+    );
+    let backup = pair.spawn(Side::B, None, None);
+    let url = format!("tcp:{HOST_B}:{FT_PORT}");
+    let backup_disk = backup_image.display().to_string();
+    ok(
+        ch_remote(
+            &backup.socket,
+            &["receive-ft", &url, "--disk-path", &backup_disk],
+            None,
+        ),
+        "receive-ft",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let peer = format!("{HOST_B}:{FT_PORT}");
+    ok(
+        ch_remote(&primary.socket, &["enable-ft", "--peer", &peer], None),
+        "enable-ft",
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nbackup: {}",
+            integration::ft::ft_status(&backup.socket)
+        )
+    });
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    load.wait_progress(200, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    primary.vmm.kill();
+    wait_status(&backup.socket, "health", &["took_over"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&backup], "replicated failover")));
+    load.wait_progress(50, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    // The guest checks its records against the backup's own image now.
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "{check}");
+    assert!(check.contains("disk=1"), "{check}");
+    report(&format!(
+        "ft replicated disks: failover onto the backup's own image, seq {}; {check}",
+        client.last
+    ));
+    let _ = Path::new(&backup_disk);
+}
