@@ -156,7 +156,24 @@ fn ok(out: std::process::Output, what: &str) -> Result<(), String> {
     }
 }
 
-/// Makes `backup` the hot backup of `primary` (shared disk, the witness, 10 ms epochs).
+/// Protects `primary` with the backup listening at `peer` (shared disk, the witness, 10 ms
+/// epochs, plus `extra` flags); returns when the initial synchronisation is over.
+fn enable(primary: &Node, peer: &str, extra: &[&str]) -> Result<(), String> {
+    let witness = witness_addr();
+    let mut args = vec![
+        "enable-ft",
+        "--peer",
+        peer,
+        "--disk-mode",
+        "shared",
+        "--witness",
+        &witness,
+    ];
+    args.extend_from_slice(extra);
+    ok(ch_remote(&primary.socket, &args, None), "enable-ft")
+}
+
+/// Makes `backup` the hot backup of `primary` and waits until the primary is protected.
 fn protect(primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> {
     let url = format!("tcp:{}:{FT_PORT}", backup.side.addr());
     ok(
@@ -164,20 +181,9 @@ fn protect(primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> 
         "receive-ft",
     )?;
     let peer = format!("{}:{FT_PORT}", backup.side.addr());
-    let witness = witness_addr();
-    let mut args = vec![
-        "enable-ft",
-        "--peer",
-        &peer,
-        "--disk-mode",
-        "shared",
-        "--witness",
-        &witness,
-        "--heartbeat-timeout-ms",
-        "1000",
-    ];
+    let mut args = vec!["--heartbeat-timeout-ms", "1000"];
     args.extend_from_slice(extra);
-    ok(ch_remote(&primary.socket, &args, None), "enable-ft")?;
+    enable(primary, &peer, &args)?;
     wait_status(&primary.socket, "health", &["protected"], TIMEOUT)?;
     Ok(())
 }
@@ -378,25 +384,7 @@ fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
         Duration::from_millis(20),
         None,
     );
-    let peer = format!("{HOST_B}:7101");
-    let witness = witness_addr();
-    ok(
-        ch_remote(
-            &primary.socket,
-            &[
-                "enable-ft",
-                "--peer",
-                &peer,
-                "--disk-mode",
-                "shared",
-                "--witness",
-                &witness,
-            ],
-            None,
-        ),
-        "enable-ft",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    enable(&primary, &format!("{HOST_B}:7101"), &[]).unwrap_or_else(|e| panic!("{e}"));
     // A rate limit on the host link as well (tbf; the kernel has no netem).
     tc(
         &pair.hosts.b,
@@ -524,25 +512,7 @@ fn a_corrupt_stream_makes_the_backup_give_up_without_taking_over() {
         Some(70_000_000),
     );
     let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
-    let peer = format!("{HOST_B}:7101");
-    let witness = witness_addr();
-    ok(
-        ch_remote(
-            &primary.socket,
-            &[
-                "enable-ft",
-                "--peer",
-                &peer,
-                "--disk-mode",
-                "shared",
-                "--witness",
-                &witness,
-            ],
-            None,
-        ),
-        "enable-ft",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    enable(&primary, &format!("{HOST_B}:7101"), &[]).unwrap_or_else(|e| panic!("{e}"));
     let b = wait_status(&backup.socket, "health", &["failed", "took_over"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(b["health"], "failed", "{b}");
