@@ -339,8 +339,8 @@ mod tests {
         assert_eq!(
             seen[16..],
             [
-                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), compress: false })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], witness: Some("10.0.0.3:7100") })"#,
+                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), compress: false, group: Some("/run/web.sock") })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], witness: Some("10.0.0.3:7100"), group: None })"#,
                 "FtStatus",
                 "DisableFt",
             ]
@@ -358,7 +358,8 @@ mod tests {
             }
             "vm.receive-migration" => r#"{"receiver_url": "unix:/tmp/mig.sock"}"#.into(),
             "vm.enable-ft" => r#"{"peer": "10.0.0.2:7000", "epoch_ms": 20, "disk_mode": "shared",
-                "heartbeat_timeout_ms": 200, "witness": "10.0.0.3:7100", "compress": false}"#
+                "heartbeat_timeout_ms": 200, "witness": "10.0.0.3:7100", "compress": false,
+                "group": "/run/web.sock"}"#
                 .into(),
             "vm.receive-ft" => r#"{"receiver_url": "tcp:0.0.0.0:7000",
                 "disk_paths": ["/var/b/disk0.img", "/var/b/disk1.img"],
@@ -553,10 +554,10 @@ mod tests {
         assert_eq!(
             *seen,
             [
-                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true })"#,
-                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], witness: None })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], witness: None })"#,
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true, group: None })"#,
+                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true, group: None })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], witness: None, group: None })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], witness: None, group: None })"#,
             ]
         );
     }
@@ -672,7 +673,7 @@ mod tests {
                 "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
                 "epochs_cut_early": 0, "held_packets": 0, "released_packets": 0,
                 "held_disk_writes": 0, "failovers": 0, "last_failover_ms": null,
-                "last_error": null,
+                "last_error": null, "group": null, "group_members": 0, "group_epoch": 0,
             })
         );
 

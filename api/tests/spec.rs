@@ -118,11 +118,13 @@ fn ft_schemas_match_serde() {
         heartbeat_timeout_ms: None,
         witness: None,
         compress: true,
+        group: Some("/run/web.sock".into()),
     };
     let receive = ReceiveFtRequest {
         receiver_url: "tcp:0.0.0.0:1".into(),
         disk_paths: vec![],
         witness: None,
+        group: None,
     };
     let status = FtStatus::default();
     for (name, value) in [

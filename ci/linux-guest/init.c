@@ -18,6 +18,11 @@
  *              one connection, echo everything it receives until the peer shuts down its
  *              side, then print the byte count and FNV-1a 64 checksum of the data
  *                -> LINUX-GUEST TCP ok bytes=<n> fnv=<16 hex digits>
+ *        serve syncs, then serves line commands on TCP port 5001 (`tg.ctl=`), one connection
+ *              at a time, until `poweroff` (see serve() for the commands)
+ *                -> LINUX-GUEST SERVE listening port=<port> uptime_ms=<ms since boot>
+ *              A VM snapshotted while it waits here can be restored any number of times and
+ *              driven from the host without another boot (tests/integration/tests/linux_guest.rs).
  *   4. prints "LINUX-GUEST DONE", unmounts /mnt, syncs and powers the VM off.
  *
  * Power-off: there is no ACPI in this guest (the VMM describes the machine with an MP table),
@@ -34,6 +39,7 @@
 #include <fcntl.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -291,33 +297,38 @@ static void check_ping(void)
 		say("PING fail peer=%s status=%d", peer, status);
 }
 
-static void check_tcp(void)
+/*
+ * Listens on TCP `port`, calls listening(arg) once the socket listens, accepts one connection
+ * and echoes everything it receives until the peer shuts down its side. Returns 0 and the byte
+ * count, FNV-1a 64 checksum and duration, or -1 after reporting the failure.
+ */
+static int tcp_echo_once(int port, void (*listening)(int, void *), void *arg, uint64_t *bytes,
+			 uint64_t *fnv, long *ms)
 {
-	char port_s[16] = "5000";
-	param("tg.port", port_s, sizeof(port_s));
-	int port = atoi(port_s);
 	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
 	struct sockaddr_in sin;
 	memset(&sin, 0, sizeof(sin));
 	sin.sin_family = AF_INET;
 	sin.sin_port = htons(port);
-	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (ls < 0 || bind(ls, (struct sockaddr *)&sin, sizeof(sin)) || listen(ls, 1)) {
+	if (ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(ls, (struct sockaddr *)&sin, sizeof(sin)) || listen(ls, 1)) {
 		fail("tcp", "listen");
-		return;
+		if (ls >= 0)
+			close(ls);
+		return -1;
 	}
-	say("TCP listening port=%d", port);
+	listening(port, arg);
 	struct pollfd pfd = { .fd = ls, .events = POLLIN };
 	if (poll(&pfd, 1, 600 * 1000) != 1) {
 		fail("tcp", "no connection within 600 s");
 		close(ls);
-		return;
+		return -1;
 	}
 	int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
 	close(ls);
 	if (c < 0) {
 		fail("tcp", "accept");
-		return;
+		return -1;
 	}
 	static char buf[64 << 10];
 	uint64_t h = 0xcbf29ce484222325ull, total = 0;
@@ -329,7 +340,7 @@ static void check_tcp(void)
 		if (n < 0) {
 			fail("tcp", strerror(errno));
 			close(c);
-			return;
+			return -1;
 		}
 		if (n == 0)
 			break;
@@ -340,8 +351,296 @@ static void check_tcp(void)
 	}
 	shutdown(c, SHUT_WR);
 	close(c);
-	say("TCP ok bytes=%llu fnv=%016llx ms=%ld", (unsigned long long)total,
-	    (unsigned long long)h, uptime_ms() - start);
+	*bytes = total;
+	*fnv = h;
+	*ms = uptime_ms() - start;
+	return 0;
+}
+
+static void say_listening(int port, void *arg)
+{
+	(void)arg;
+	say("TCP listening port=%d", port);
+}
+
+static void check_tcp(void)
+{
+	char port_s[16] = "5000";
+	param("tg.port", port_s, sizeof(port_s));
+	uint64_t bytes, h;
+	long ms;
+	if (tcp_echo_once(atoi(port_s), say_listening, NULL, &bytes, &h, &ms) == 0)
+		say("TCP ok bytes=%llu fnv=%016llx ms=%ld", (unsigned long long)bytes,
+		    (unsigned long long)h, ms);
+}
+
+/* --- serve: line commands from the host ------------------------------------------------------ */
+
+/* Replies one line (the newline added) on the control connection. */
+static void reply(int fd, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if (n > (int)sizeof(line) - 2)
+		n = sizeof(line) - 2;
+	line[n++] = '\n';
+	write_all(fd, line, n);
+}
+
+struct conn {
+	int fd;
+	char buf[4096];
+	size_t len;
+};
+
+/* Reads one line (without its newline) into out; 0 on success, -1 at EOF or on an error. */
+static int read_line(struct conn *c, char *out, size_t size)
+{
+	for (;;) {
+		char *nl = memchr(c->buf, '\n', c->len);
+		if (nl) {
+			size_t len = nl - c->buf;
+			size_t copy = len < size - 1 ? len : size - 1;
+			memcpy(out, c->buf, copy);
+			out[copy] = 0;
+			if (copy > 0 && out[copy - 1] == '\r')
+				out[copy - 1] = 0;
+			memmove(c->buf, nl + 1, c->len - len - 1);
+			c->len -= len + 1;
+			return 0;
+		}
+		if (c->len == sizeof(c->buf))
+			c->len = 0; /* a line longer than the buffer: drop it */
+		ssize_t n = read(c->fd, c->buf + c->len, sizeof(c->buf) - c->len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		c->len += n;
+	}
+}
+
+static void reply_listening(int port, void *arg)
+{
+	reply(*(int *)arg, "tcp listening port=%d", port);
+}
+
+/* busybox ping -c 3 PEER; its output goes to the console. 0 when it succeeded. */
+static int run_ping(const char *peer, int *status)
+{
+	pid_t pid = fork();
+	if (pid == 0) {
+		execl("/bin/busybox", "ping", "-c", "3", "-W", "5", peer, (char *)NULL);
+		_exit(127);
+	}
+	*status = -1;
+	if (pid < 0 || waitpid(pid, status, 0) < 0)
+		return -1;
+	return WIFEXITED(*status) && WEXITSTATUS(*status) == 0 ? 0 : -1;
+}
+
+/*
+ * The first line of the kernel log that tells of a kernel problem (oops, BUG, WARNING, panic,
+ * lockup, RCU stall...) into `bad`, or an empty string; returns the size of the log read.
+ */
+static int klog_scan(char *bad, size_t size)
+{
+	static char log[256 << 10];
+	static const char *const words[] = { "Oops", "BUG:", "WARNING:", "Kernel panic",
+					     "soft lockup", "hard LOCKUP", "rcu_sched self-detected",
+					     "rcu: INFO", "detected stall", "Call Trace", "general protection",
+					     "unable to handle", "hung_task", "blocked for more than" };
+	bad[0] = 0;
+	int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, log, sizeof(log) - 1);
+	if (n < 0) {
+		snprintf(bad, size, "klogctl: %s", strerror(errno));
+		return -1;
+	}
+	log[n] = 0;
+	for (char *line = log; line && *line;) {
+		char *end = strchr(line, '\n');
+		if (end)
+			*end = 0;
+		for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+			if (strstr(line, words[i])) {
+				snprintf(bad, size, "%.400s", line);
+				return n;
+			}
+		}
+		line = end ? end + 1 : NULL;
+	}
+	return n;
+}
+
+/* A file name under /mnt: one plain component. */
+static int valid_name(const char *name)
+{
+	return *name && !strchr(name, '/') && strcmp(name, ".") && strcmp(name, "..");
+}
+
+/*
+ * Serves one control connection. Commands (one line each, one reply line each):
+ *   info             -> info cpus=<online CPUs> online=<list> uptime_ms=<ms> clocksource=<name>
+ *   ping PEER        -> ping ok peer=PEER | ping fail peer=PEER exit=<code>|signal=<number>
+ *                       (busybox ping -c 3 in the guest)
+ *   tcp              -> tcp listening port=<tg.port>, then once the host's connection to that
+ *                       port ended (tcp_echo_once): tcp ok bytes=<n> fnv=<hex> ms=<ms>
+ *   write NAME TEXT  -> write ok   (/mnt/NAME := TEXT + newline, fsync'd, then sync)
+ *   read NAME        -> read ok TEXT (first line of /mnt/NAME)
+ *   seq N            -> seq N count=<C>   (C counts seq commands since boot, all connections:
+ *                       replies from a rolled-back guest would repeat a count)
+ *   klog             -> klog ok bytes=<n> | klog bad <first kernel log line telling of trouble>
+ *   dmesg            -> dmesg ok bytes=<n>, after writing the whole kernel log to the console
+ *   clocksource NAME -> clocksource ok|fail <current>   (switches the kernel's clocksource)
+ *   quit             -> closes this connection
+ *   poweroff         -> poweroff ok; closes the connection and ends serve (then /init powers off)
+ * Returns 1 after poweroff.
+ */
+static int serve_conn(int fd)
+{
+	static uint64_t seq_count;
+	static struct conn c;
+	char line[1024], bad[512];
+	c.fd = fd;
+	c.len = 0;
+	while (read_line(&c, line, sizeof(line)) == 0) {
+		char *arg = strchr(line, ' ');
+		if (arg)
+			*arg++ = 0;
+		else
+			arg = line + strlen(line);
+		if (!strcmp(line, "info")) {
+			char online[64] = "?", clock[64] = "?";
+			read_file("/sys/devices/system/cpu/online", online, sizeof(online));
+			read_file("/sys/devices/system/clocksource/clocksource0/current_clocksource",
+				  clock, sizeof(clock));
+			reply(fd, "info cpus=%d online=%s uptime_ms=%ld clocksource=%s",
+			      count_cpus(online), online, uptime_ms(), clock);
+		} else if (!strcmp(line, "ping")) {
+			int status;
+			if (run_ping(arg, &status) == 0)
+				reply(fd, "ping ok peer=%s", arg);
+			else if (status != -1 && WIFSIGNALED(status))
+				reply(fd, "ping fail peer=%s signal=%d", arg, WTERMSIG(status));
+			else
+				reply(fd, "ping fail peer=%s exit=%d", arg,
+				      status == -1 ? -1 : WEXITSTATUS(status));
+		} else if (!strcmp(line, "tcp")) {
+			char port_s[16] = "5000";
+			param("tg.port", port_s, sizeof(port_s));
+			uint64_t bytes, h;
+			long ms;
+			if (tcp_echo_once(atoi(port_s), reply_listening, &fd, &bytes, &h, &ms) == 0)
+				reply(fd, "tcp ok bytes=%llu fnv=%016llx ms=%ld",
+				      (unsigned long long)bytes, (unsigned long long)h, ms);
+			else
+				reply(fd, "tcp fail");
+		} else if (!strcmp(line, "write")) {
+			char *text = strchr(arg, ' ');
+			if (text)
+				*text++ = 0;
+			char path[300];
+			snprintf(path, sizeof(path), "/mnt/%s", arg);
+			int f = valid_name(arg) && text ?
+					open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644) :
+					-1;
+			if (f < 0) {
+				reply(fd, "write fail %s", strerror(errno));
+				continue;
+			}
+			write_all(f, text, strlen(text));
+			write_all(f, "\n", 1);
+			int bad_sync = fsync(f);
+			close(f);
+			sync();
+			reply(fd, bad_sync ? "write fail fsync" : "write ok");
+		} else if (!strcmp(line, "read")) {
+			char path[300], text[512];
+			snprintf(path, sizeof(path), "/mnt/%s", arg);
+			if (valid_name(arg) && read_file(path, text, sizeof(text)) >= 0) {
+				char *nl = strchr(text, '\n');
+				if (nl)
+					*nl = 0;
+				reply(fd, "read ok %s", text);
+			} else {
+				reply(fd, "read fail %s", arg);
+			}
+		} else if (!strcmp(line, "seq")) {
+			seq_count++;
+			reply(fd, "seq %s count=%llu", arg, (unsigned long long)seq_count);
+		} else if (!strcmp(line, "klog")) {
+			int n = klog_scan(bad, sizeof(bad));
+			if (bad[0])
+				reply(fd, "klog bad %s", bad);
+			else
+				reply(fd, "klog ok bytes=%d", n);
+		} else if (!strcmp(line, "clocksource")) {
+			const char *path =
+				"/sys/devices/system/clocksource/clocksource0/current_clocksource";
+			char now[64] = "?";
+			int f = open(path, O_WRONLY | O_CLOEXEC);
+			int ok = f >= 0 && write(f, arg, strlen(arg)) == (ssize_t)strlen(arg);
+			if (f >= 0)
+				close(f);
+			read_file(path, now, sizeof(now));
+			reply(fd, "clocksource %s %s", ok && !strcmp(now, arg) ? "ok" : "fail", now);
+		} else if (!strcmp(line, "dmesg")) {
+			/* The whole kernel log on the console (diagnostics; slow on emulated CPUs). */
+			static char log[256 << 10];
+			int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, log, sizeof(log));
+			if (n > 0)
+				write_all(1, log, n);
+			reply(fd, "dmesg ok bytes=%d", n);
+		} else if (!strcmp(line, "quit")) {
+			return 0;
+		} else if (!strcmp(line, "poweroff")) {
+			reply(fd, "poweroff ok");
+			return 1;
+		} else {
+			reply(fd, "error unknown command %s", line);
+		}
+	}
+	return 0;
+}
+
+static void serve(void)
+{
+	char port_s[16] = "5001";
+	param("tg.ctl", port_s, sizeof(port_s));
+	int port = atoi(port_s), one = 1;
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_in sin;
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_port = htons(port);
+	if (ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(ls, (struct sockaddr *)&sin, sizeof(sin)) || listen(ls, 4)) {
+		fail("serve", "listen");
+		return;
+	}
+	/* Nothing dirty in the page cache while the host may snapshot the VM (and copy its disk). */
+	sync();
+	say("SERVE listening port=%d uptime_ms=%ld", port, uptime_ms());
+	for (;;) {
+		int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+		if (c < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			fail("serve", strerror(errno));
+			break;
+		}
+		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		int done = serve_conn(c);
+		close(c);
+		if (done)
+			break;
+	}
+	close(ls);
 }
 
 static void power_off(void)
@@ -387,6 +686,8 @@ int main(void)
 			check_ping();
 		else if (!strcmp(c, "tcp"))
 			check_tcp();
+		else if (!strcmp(c, "serve"))
+			serve();
 		else
 			fail("checks", c);
 	}

@@ -163,6 +163,35 @@ fn net_frames_leave_only_after_their_epoch_is_committed() {
 }
 
 #[test]
+fn net_frames_to_group_members_leave_at_once_and_others_wait_for_commit() {
+    let (gate, ctl, rec) = net_gate(1);
+    let peers = GroupPeers::default();
+    let mut gate = gate.with_group_peers(peers.clone());
+    let member = [0x52, 0x54, 0, 0, 0, 0x22];
+    let outside = [0x52, 0x54, 0, 0, 0, 0x99];
+    let to = |mac: [u8; 6], tag: u8| {
+        let mut f = mac.to_vec();
+        f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 0x21, 0x08, 0x00, tag]);
+        f
+    };
+    // Outside a group (empty list) every frame is held.
+    gate.transmit(&to(member, 1)).unwrap();
+    assert!(rec.frames().is_empty());
+    peers.set(vec![member]);
+    gate.transmit(&to(member, 2)).unwrap();
+    gate.transmit(&to(outside, 3)).unwrap();
+    gate.transmit(&[0xff; 4]).unwrap(); // too short to carry a destination: held
+    assert_eq!(rec.frames(), vec![to(member, 2)]);
+    ctl.begin_epoch(2).unwrap();
+    ctl.commit(1).unwrap();
+    assert_eq!(
+        rec.frames(),
+        vec![to(member, 2), to(member, 1), to(outside, 3), vec![0xff; 4]]
+    );
+    assert_eq!(ctl.stats().passed_items, 1);
+}
+
+#[test]
 fn net_commit_releases_the_epoch_and_all_earlier_ones_in_order() {
     let (mut gate, ctl, rec) = net_gate(10);
     let mut tag = 0;

@@ -37,6 +37,7 @@ use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::fence;
+use crate::group::BackupMember;
 use crate::wire::{decode_disk_writes, Control, DiskWrite};
 
 /// How long the backup waits for Hello and Params once a primary has connected, and for the
@@ -53,6 +54,9 @@ struct Shared {
     stream: Mutex<Option<TcpStream>>,
     /// When the primary was declared dead (for the failover time).
     lost_at: Mutex<Option<Instant>>,
+    /// The group's coordinator told this member to stop receiving (another member's primary
+    /// was lost).
+    frozen: AtomicBool,
 }
 
 impl Shared {
@@ -105,13 +109,39 @@ impl Backup {
             stop: AtomicBool::new(false),
             stream: Mutex::new(None),
             lost_at: Mutex::new(None),
+            frozen: AtomicBool::new(false),
         });
+        let group = match &request.group {
+            Some(path) => {
+                let mut member = BackupMember::join(path).map_err(|e| VmmError::Failed {
+                    action: "receive-ft",
+                    message: format!("joining the FT group: {e}"),
+                })?;
+                let s = shared.clone();
+                let decision = member
+                    .listen(move || {
+                        s.frozen.store(true, Ordering::SeqCst);
+                        if let Some(stream) =
+                            s.stream.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+                        {
+                            let _ = stream.shutdown(Shutdown::Both);
+                        }
+                    })
+                    .map_err(|message| VmmError::Failed {
+                        action: "receive-ft",
+                        message,
+                    })?;
+                shared.status().group = Some(path.clone());
+                Some(GroupSide { member, decision })
+            }
+            None => None,
+        };
         let s = shared.clone();
         let request = request.clone();
         let thread = std::thread::Builder::new()
             .name("ft-receiver".into())
             .spawn(move || {
-                let event = match receive(&s, &listener, &request) {
+                let event = match receive(&s, &listener, &request, group) {
                     Ok(event) => event,
                     Err(e) => BackupEvent::Failed(e),
                 };
@@ -187,6 +217,17 @@ impl BackupFt for Backup {
     }
 }
 
+/// A backup's membership in an FT group: the coordinator's decision arrives on `decision`.
+struct GroupSide {
+    member: BackupMember,
+    decision: mpsc::Receiver<Result<Option<u64>, String>>,
+}
+
+/// How long a member waits for the group's decision after reporting its primary lost.
+fn group_decision_timeout(grace: Duration) -> Duration {
+    grace + Duration::from_secs(5)
+}
+
 /// Waits for the primary (or a stop request).
 fn accept(shared: &Shared, listener: &TcpListener) -> Result<TcpStream, String> {
     loop {
@@ -228,7 +269,10 @@ struct PendingEpoch {
 
 /// What the receive loop ends with: the primary's departure or death.
 enum Ending {
-    StandDown { guest_shutdown: bool },
+    StandDown {
+        guest_shutdown: bool,
+        reprotect: bool,
+    },
     PrimaryLost(String),
 }
 
@@ -268,6 +312,7 @@ fn receive(
     shared: &Shared,
     listener: &TcpListener,
     request: &ReceiveFtRequest,
+    mut group: Option<GroupSide>,
 ) -> Result<BackupEvent, String> {
     let stream = accept(shared, listener)?;
     *shared.stream.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -301,7 +346,10 @@ fn receive(
         memory,
         disks,
         disk_mode: params.disk_mode,
+        grouped: group.is_some(),
+        complete: VecDeque::new(),
         committed: None,
+        committed_group: None,
         retained: Vec::new(),
         scratch: Vec::new(),
         probe: vec![0; PAGE_SIZE],
@@ -309,12 +357,33 @@ fn receive(
     };
     let ending = receive_epochs(shared, &mut link, &mut replica, params.heartbeat_timeout);
     match ending {
-        Ok(Ending::StandDown { guest_shutdown }) => {
+        Ok(Ending::StandDown {
+            guest_shutdown,
+            reprotect,
+        }) => {
             shared.status().health = FtHealth::Off;
-            Ok(BackupEvent::StandDown { guest_shutdown })
+            Ok(BackupEvent::StandDown {
+                guest_shutdown,
+                reprotect,
+            })
         }
         Ok(Ending::PrimaryLost(reason)) => {
             *shared.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            let reason = if shared.frozen.load(Ordering::SeqCst) {
+                "another member of the FT group lost its primary".to_string()
+            } else {
+                reason
+            };
+            if let Some(group) = group.as_mut() {
+                // Every member claims the group's id: a grant here is the whole group's, and
+                // a refusal (the primaries run on, degraded) must not freeze the others.
+                let newest = replica.newest_complete().unwrap_or(0);
+                fence::claim(&params.witness, params.pair_id, fence::Role::Backup, newest)
+                    .map_err(|fenced| {
+                        format!("primary lost ({reason}) but not taking over: {fenced}")
+                    })?;
+                agree_with_group(shared, group, &params, &mut replica, &reason)?;
+            }
             take_over(shared, &params, &mut replica, &reason)
         }
         Err(e) => {
@@ -410,12 +479,25 @@ fn setup(
     Ok((params, memory, disks))
 }
 
+/// A complete epoch of a group member, kept aside until the group has committed it.
+struct CompleteEpoch {
+    epoch: u64,
+    group_epoch: u64,
+    pending: PendingEpoch,
+    released_through: u64,
+}
+
 /// The backup's copy of the VM: memory, disks and the last complete epoch's state.
 struct Replica {
     memory: GuestMemoryMmap,
     disks: Vec<File>,
     disk_mode: FtDiskMode,
+    /// A member of an FT group: complete epochs wait in `complete` until the group commits
+    /// them (the primary's `released_through`) or the group picks its failover epoch.
+    grouped: bool,
+    complete: VecDeque<CompleteEpoch>,
     committed: Option<(u64, Box<VmSnapshotState>)>,
+    committed_group: Option<u64>,
     /// Shared-disk mode: writes of epochs the primary may not have written yet.
     retained: Vec<(u64, Vec<(usize, DiskWrite)>)>,
     scratch: Vec<u8>,
@@ -491,6 +573,68 @@ impl Replica {
         self.committed = Some((epoch, Box::new(state)));
         Ok(())
     }
+
+    /// The newest epoch held completely (applied or kept aside).
+    fn newest_complete(&self) -> Option<u64> {
+        self.complete
+            .back()
+            .map(|c| c.epoch)
+            .or(self.committed.as_ref().map(|(e, _)| *e))
+    }
+
+    fn newest_complete_group_epoch(&self) -> Option<u64> {
+        self.complete
+            .back()
+            .map(|c| c.group_epoch)
+            .or(self.committed_group)
+    }
+
+    /// Applies the kept-aside epochs up to local epoch `through`, or group epoch
+    /// `group_through`.
+    fn apply_complete(&mut self, through: u64, group_through: u64) -> Result<(), String> {
+        while let Some(next) = self.complete.front() {
+            if next.epoch > through && next.group_epoch > group_through {
+                break;
+            }
+            let Some(next) = self.complete.pop_front() else {
+                break;
+            };
+            self.commit(next.epoch, next.pending, next.released_through)?;
+            self.committed_group = Some(next.group_epoch);
+        }
+        Ok(())
+    }
+}
+
+/// The primary is gone: report to the group and resume from the epoch every member holds.
+fn agree_with_group(
+    shared: &Shared,
+    group: &mut GroupSide,
+    params: &Params,
+    replica: &mut Replica,
+    reason: &str,
+) -> Result<(), String> {
+    let latest = replica.newest_complete_group_epoch();
+    let grace = params.heartbeat_timeout * 2 + Duration::from_millis(200);
+    log::warn!("FT group: primary lost ({reason}); holding group epochs through {latest:?}");
+    group.member.report_lost(latest, grace)?;
+    let decision = group
+        .decision
+        .recv_timeout(group_decision_timeout(grace))
+        .map_err(|_| "no decision from the group's coordinator".to_string())??;
+    let Some(target) = decision else {
+        return Err("the group has no epoch every member holds".into());
+    };
+    replica.apply_complete(0, target)?;
+    replica.complete.clear();
+    if replica.committed_group != Some(target) {
+        return Err(format!(
+            "the group resumes from group epoch {target}, this member holds {:?}",
+            replica.committed_group
+        ));
+    }
+    shared.status().group_epoch = target;
+    Ok(())
 }
 
 fn receive_epochs(
@@ -504,10 +648,21 @@ fn receive_epochs(
     let mut initial = true;
     let mut pending = PendingEpoch::default();
     let mut received = 0u64;
+    // The primary counts its backup dead after a heartbeat timeout of silence: while a long
+    // epoch streams in (no EpochEnd to acknowledge yet), say something now and then.
+    let mut last_answer = Instant::now();
+    let answer_every = heartbeat_timeout / 4;
     loop {
+        if !initial && last_answer.elapsed() >= answer_every {
+            let epoch = replica.newest_complete().unwrap_or(0);
+            link.send_control(&Control::Heartbeat { epoch })
+                .map_err(|e| format!("sending a heartbeat: {e}"))?;
+            last_answer = Instant::now();
+        }
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(Ending::StandDown {
                 guest_shutdown: false,
+                reprotect: false,
             });
         }
         let frame = match link.reader.read_frame(&mut link.stream) {
@@ -575,17 +730,29 @@ fn receive_epochs(
                     Control::EpochEnd {
                         epoch,
                         released_through,
+                        group_epoch,
                     } => {
                         if pending.pass_pages != 0 {
                             return Err(format!("epoch {epoch} ended inside a memory pass"));
                         }
-                        if let Some((last, _)) = &replica.committed {
-                            if epoch <= *last {
+                        if let Some(last) = replica.newest_complete() {
+                            if epoch <= last {
                                 return Err(format!("epoch {epoch} after epoch {last}"));
                             }
                         }
                         let done = std::mem::take(&mut pending);
-                        replica.commit(epoch, done, released_through)?;
+                        match group_epoch {
+                            Some(group_epoch) if replica.grouped => {
+                                replica.complete.push_back(CompleteEpoch {
+                                    epoch,
+                                    group_epoch,
+                                    pending: done,
+                                    released_through,
+                                });
+                                replica.apply_complete(released_through, 0)?;
+                            }
+                            _ => replica.commit(epoch, done, released_through)?,
+                        }
                         if initial {
                             // Heartbeats start with protection; the initial copy may pause
                             // longer between frames (first touch of every page).
@@ -596,23 +763,32 @@ fn receive_epochs(
                         }
                         link.send_control(&Control::Ack { epoch })
                             .map_err(|e| format!("acknowledging epoch {epoch}: {e}"))?;
+                        last_answer = Instant::now();
                         let mut status = shared.status();
                         status.health = FtHealth::Protected;
                         status.epoch = epoch;
                         status.last_committed_epoch = epoch;
+                        if let Some(group_epoch) = replica.newest_complete_group_epoch() {
+                            status.group_epoch = group_epoch;
+                        }
                         status.bytes = received;
                         status.dirty_pages = replica.stats.pages;
                     }
                     Control::Heartbeat { epoch } => {
                         link.send_control(&Control::Heartbeat { epoch })
                             .map_err(|e| format!("answering a heartbeat: {e}"))?;
+                        last_answer = Instant::now();
                     }
                     Control::StandDown {
                         guest_shutdown,
                         reason,
+                        reprotect,
                     } => {
                         log::info!("FT: the primary ended protection: {reason}");
-                        return Ok(Ending::StandDown { guest_shutdown });
+                        return Ok(Ending::StandDown {
+                            guest_shutdown,
+                            reprotect,
+                        });
                     }
                     other => return Err(format!("unexpected {other:?} from the primary")),
                 }

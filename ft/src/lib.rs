@@ -8,11 +8,13 @@
 //! - [`primary`]: initial sync, epochs, sender and acknowledgement threads;
 //! - [`backup`]: receiver thread, epoch staging, takeover;
 //! - [`wire`]: the Control and DiskWrites messages added to the migration stream;
+//! - [`group`]: fate sharing, several VMs cut, committed and failed over together;
 //! - [`fence`] / [`witness`]: who may run after a partition.
 
 pub mod backup;
 pub mod fault;
 pub mod fence;
+pub mod group;
 pub mod primary;
 pub mod stats;
 pub mod wire;

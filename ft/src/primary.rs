@@ -14,16 +14,17 @@
 //! One staging memory is enough for the pipeline: epoch E is sent from it while E+1 runs; if
 //! E is still being sent when E+1 ends, E+1 simply runs on until the sender is free.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::gate::{GateMode, RecordedWrite};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestMemoryBackend;
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
@@ -39,6 +40,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::fault::{crash_point, Phase};
 use crate::fence;
+use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::stats::PauseStats;
 use crate::wire::{encode_disk_writes, Control};
 
@@ -46,6 +48,8 @@ use crate::wire::{encode_disk_writes, Control};
 pub const MAX_EPOCH_MS: u64 = 1000;
 /// The shortest epoch bounded-latency execution cuts an epoch down to.
 const MIN_CUT_EPOCH: Duration = Duration::from_millis(1);
+/// The shortest wait the epoch timer is armed with (zero would disarm it).
+const MIN_TIMER: Duration = Duration::from_micros(100);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
 const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,6 +113,8 @@ pub fn validate(request: &EnableFtRequest) -> Result<(String, Duration, Duration
 /// An epoch captured by the control loop, for the sender thread.
 struct EpochJob {
     epoch: u64,
+    /// The group epoch it ends (FT groups only).
+    group_epoch: Option<u64>,
     dirty: DirtyPages,
     state: Box<VmSnapshotState>,
     disk_writes: Vec<Vec<RecordedWrite>>,
@@ -118,6 +124,7 @@ enum Job {
     Epoch(EpochJob),
     StandDown {
         guest_shutdown: bool,
+        reprotect: bool,
         reason: String,
     },
 }
@@ -138,6 +145,58 @@ struct Shared {
     stopping: AtomicBool,
     /// The first protected epoch (fault-injection points count from it).
     first_epoch: u64,
+    group: Option<GroupLink>,
+}
+
+/// A group member's side of the group (see [`crate::group`]).
+struct GroupLink {
+    member: PrimaryMember,
+    /// Local epoch minus group epoch, fixed at the first group cut (`i64::MIN` until then):
+    /// a member is cut exactly once per group epoch, so the two advance together. Negative
+    /// for a member that joined a group older than its own epochs.
+    offset: AtomicI64,
+    /// Orders for the control loop, in arrival order.
+    orders: Mutex<VecDeque<GroupOrder>>,
+    members: AtomicU64,
+    group_epoch: AtomicU64,
+}
+
+/// What the coordinator asks of this member's control loop.
+#[derive(Debug)]
+enum GroupOrder {
+    /// End group epoch `epoch`; with `barrier`, resume only when the coordinator says so.
+    Cut { epoch: u64, barrier: bool },
+    /// Another member's primary failed: stop, as it did.
+    Fail(String),
+    /// Another member lost its backup (or the group ended): run on unprotected.
+    Degrade(String),
+}
+
+impl GroupLink {
+    fn local_epoch(&self, group_epoch: u64) -> Option<u64> {
+        let offset = self.offset.load(Ordering::SeqCst);
+        if offset == i64::MIN {
+            return None;
+        }
+        u64::try_from(i64::try_from(group_epoch).ok()?.checked_add(offset)?).ok()
+    }
+
+    fn group_epoch_of(&self, local: u64) -> Option<u64> {
+        let offset = self.offset.load(Ordering::SeqCst);
+        if offset == i64::MIN {
+            return None;
+        }
+        let group_epoch = i64::try_from(local).ok()?.checked_sub(offset)?;
+        u64::try_from(group_epoch).ok().filter(|g| *g > 0)
+    }
+
+    fn order(&self, order: GroupOrder, wake: &EventFd) {
+        self.orders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(order);
+        let _ = wake.write(1);
+    }
 }
 
 impl Shared {
@@ -160,6 +219,8 @@ pub struct Primary {
     jobs: Option<SyncSender<Job>>,
     sender: Option<JoinHandle<()>>,
     acks: Option<JoinHandle<()>>,
+    /// Group members: the coordinator's Resume for each cut.
+    resumes: Option<Receiver<u64>>,
     stream: TcpStream,
     staging: GuestMemoryMmap,
     peer: String,
@@ -172,6 +233,10 @@ pub struct Primary {
     /// The epoch now running.
     epoch: u64,
     pauses: PauseStats,
+    /// When the running epoch's checkpoint started (its length counts from there).
+    epoch_started: Instant,
+    /// The epoch is over but the sender still ships the previous one: check again shortly.
+    waiting_for_sender: bool,
     dirty_pages: u64,
     epochs_cut_early: u64,
     health: FtHealth,
@@ -245,14 +310,32 @@ impl Primary {
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
-        let (peer, epoch_len, heartbeat_timeout) = validate(request)?;
+        let (peer, mut epoch_len, mut heartbeat_timeout) = validate(request)?;
+        let group = match &request.group {
+            Some(path) => {
+                let gates = vm.device_manager_mut().ft_gates(0);
+                let macs = gates.map_err(|e| io_err("output gates", e))?.macs;
+                let timing = GroupTiming {
+                    epoch: epoch_len,
+                    heartbeat_timeout,
+                };
+                let member = PrimaryMember::join(path, macs, timing, new_pair_id())
+                    .map_err(|e| io_err("joining the FT group", e))?;
+                // The group's timing is its creator's.
+                epoch_len = member.timing.epoch;
+                heartbeat_timeout = member.timing.heartbeat_timeout;
+                Some(member)
+            }
+            None => None,
+        };
         let stream = connect(&peer).map_err(|e| io_err(&format!("cannot connect to {peer}"), e))?;
         stream
             .set_nodelay(true)
             .map_err(|e| io_err("socket option", e))?;
         let staging =
             vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
-        let pair_id = new_pair_id();
+        // Every member of a group claims the group at the witness: it fails over as one.
+        let pair_id = group.as_ref().map_or_else(new_pair_id, |g| g.group_id);
         let write_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
         let mut sender = Sender::with_options(
             write_half,
@@ -263,7 +346,7 @@ impl Primary {
         );
         let params = Control::Params {
             pair_id,
-            epoch_ms: request.epoch_ms,
+            epoch_ms: epoch_len.as_millis() as u64,
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
             disk_mode: request.disk_mode,
             witness: request.witness.clone(),
@@ -282,6 +365,9 @@ impl Primary {
             Ok(done) => done,
             Err(e) => {
                 let _ = sender.abort(&e);
+                if let Some(group) = &group {
+                    group.leave("its initial synchronisation failed");
+                }
                 let _ = vm.set_dirty_logging(false);
                 if paused {
                     if let Err(r) = vm.resume() {
@@ -306,6 +392,13 @@ impl Primary {
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
             first_epoch,
+            group: group.map(|member| GroupLink {
+                member,
+                offset: AtomicI64::new(i64::MIN),
+                orders: Mutex::new(VecDeque::new()),
+                members: AtomicU64::new(0),
+                group_epoch: AtomicU64::new(0),
+            }),
         });
         let start = Self::start_threads(
             &shared,
@@ -325,8 +418,18 @@ impl Primary {
                 for gate in shared.gates.all() {
                     let _ = gate.passthrough();
                 }
+                if let Some(group) = &shared.group {
+                    group.member.leave("protection could not start");
+                }
                 let _ = vm.resume();
                 return Err(e);
+            }
+        };
+        let resumes = match Self::listen_to_group(&shared) {
+            Ok(resumes) => resumes,
+            Err(e) => {
+                log::error!("FT: {e}; the group will fail this member");
+                None
             }
         };
         log::info!(
@@ -340,6 +443,7 @@ impl Primary {
             jobs: Some(jobs),
             sender: Some(sender_thread),
             acks: Some(ack_thread),
+            resumes,
             stream,
             staging,
             peer,
@@ -351,6 +455,8 @@ impl Primary {
             heartbeat_timeout,
             epoch: first_epoch,
             pauses: PauseStats::default(),
+            epoch_started: Instant::now(),
+            waiting_for_sender: false,
             dirty_pages: 0,
             epochs_cut_early: 0,
             health: FtHealth::Protected,
@@ -389,6 +495,7 @@ impl Primary {
         let end = Control::EpochEnd {
             epoch: sync_epoch,
             released_through: sync_epoch,
+            group_epoch: None,
         };
         sender
             .send_frame(FrameType::Control, &end.encode())
@@ -466,6 +573,208 @@ impl Primary {
         Ok((jobs, sender_thread, ack_thread))
     }
 
+    /// Group members: starts taking the coordinator's orders and reports this member ready.
+    /// Returns the channel the coordinator's Resume orders arrive on.
+    fn listen_to_group(shared: &Arc<Shared>) -> Result<Option<Receiver<u64>>, String> {
+        let Some(group) = &shared.group else {
+            return Ok(None);
+        };
+        let (resume_tx, resumes) = mpsc::channel();
+        let mut resume_tx = Some(resume_tx);
+        let s = shared.clone();
+        group.member.listen(move |msg| {
+            let Some(group) = &s.group else {
+                return;
+            };
+            match msg {
+                Ok(PrimaryMsg::Cut { epoch, barrier }) => {
+                    group.order(GroupOrder::Cut { epoch, barrier }, &s.wake)
+                }
+                Ok(PrimaryMsg::Resume { epoch }) => {
+                    if let Some(tx) = &resume_tx {
+                        let _ = tx.send(epoch);
+                    }
+                }
+                Ok(PrimaryMsg::Commit { epoch }) => commit_group_epoch(&s, group, epoch),
+                Ok(PrimaryMsg::Peers { macs, members }) => {
+                    s.gates.group_peers.set(macs);
+                    group.members.store(members, Ordering::SeqCst);
+                }
+                Ok(PrimaryMsg::Degrade { reason }) => {
+                    resume_tx = None;
+                    group.order(GroupOrder::Degrade(reason), &s.wake);
+                }
+                Ok(PrimaryMsg::Fail { reason }) => {
+                    resume_tx = None;
+                    group.order(GroupOrder::Fail(reason), &s.wake);
+                }
+                Ok(other) => log::warn!("FT group: ignoring {other:?}"),
+                Err(why) => {
+                    // A waiting cut must not sit out its timeout.
+                    resume_tx = None;
+                    if !s.stopping.load(Ordering::SeqCst) {
+                        let reason = format!("the group's coordinator is gone ({why})");
+                        group.order(GroupOrder::Fail(reason), &s.wake);
+                    }
+                }
+            }
+        })?;
+        group.member.send(&PrimaryMsg::Ready)?;
+        Ok(Some(resumes))
+    }
+
+    /// A group cut: pause, tell the coordinator, capture while the others pause too, and
+    /// resume only once every member has paused (see [`crate::group`]).
+    fn group_checkpoint(
+        &mut self,
+        vm: &mut Vm,
+        group_epoch: u64,
+        barrier: bool,
+        running: bool,
+    ) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let Some(group) = &shared.group else {
+            return Ok(());
+        };
+        // The previous epoch must have left the staging memory; a sender stuck for longer
+        // than the heartbeat timeout has lost its backup anyway.
+        let start = Instant::now();
+        if running {
+            vm.pause().map_err(|e| e.to_string())?;
+        }
+        // A cut that came before this member's sender was done (the coordinator cuts an
+        // overdue epoch anyway): the guest waits, paused, for the sender.
+        if !self.wait_for_staging() {
+            let resumed = if running { vm.resume() } else { Ok(()) };
+            resumed.map_err(|e| e.to_string())?;
+            return if self.lost() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "group epoch {group_epoch}: the previous epoch is still being sent"
+                ))
+            };
+        }
+        let told = if barrier {
+            group
+                .member
+                .send(&PrimaryMsg::Paused { epoch: group_epoch })
+        } else {
+            Ok(())
+        };
+        let captured = self.capture(vm);
+        let go = match (&told, &self.resumes) {
+            (Ok(()), _) if !barrier => Ok(group_epoch),
+            // As long as the coordinator waits for the slowest member (see group.rs).
+            (Ok(()), Some(resumes)) => resumes
+                .recv_timeout(self.heartbeat_timeout * 2 + Duration::from_millis(500))
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => "the group did not resume in time".to_string(),
+                    RecvTimeoutError::Disconnected => {
+                        "the group ended during the cut: another member was lost".to_string()
+                    }
+                }),
+            (Err(e), _) => Err(e.clone()),
+            (_, None) => Err("not listening to the group".to_string()),
+        };
+        let resumed = if running { vm.resume() } else { Ok(()) };
+        self.pauses.record(start.elapsed());
+        resumed.map_err(|e| e.to_string())?;
+        match go {
+            Ok(epoch) if epoch == group_epoch => {}
+            Ok(epoch) => {
+                return Err(format!(
+                    "resumed for group epoch {epoch}, cut {group_epoch}"
+                ))
+            }
+            Err(e) => return Err(format!("group epoch {group_epoch}: {e}")),
+        }
+        let mut job = captured?;
+        // Epochs stay far below i64::MAX (one per millisecond for 292 million years).
+        let offset = job.epoch as i64 - group_epoch as i64;
+        let _ = group
+            .offset
+            .compare_exchange(i64::MIN, offset, Ordering::SeqCst, Ordering::SeqCst);
+        group.group_epoch.store(group_epoch, Ordering::SeqCst);
+        job.group_epoch = Some(group_epoch);
+        self.hand_over(job);
+        Ok(())
+    }
+
+    /// Waits until the sender has shipped the previous epoch out of the staging memory.
+    /// False when the link is lost meanwhile, or when the sender is stuck for a heartbeat
+    /// timeout (then the link counts as lost).
+    fn wait_for_staging(&self) -> bool {
+        let deadline = Instant::now() + self.heartbeat_timeout;
+        while self.shared.staging_busy.load(Ordering::SeqCst) {
+            if self.lost() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                self.shared.lose(format!(
+                    "no epoch sent within the heartbeat timeout ({:?})",
+                    self.heartbeat_timeout
+                ));
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        true
+    }
+
+    /// The captured epoch goes to the sender; the next one runs.
+    fn hand_over(&mut self, job: EpochJob) {
+        self.dirty_pages += job.dirty.count();
+        self.epoch += 1;
+        self.shared.staging_busy.store(true, Ordering::SeqCst);
+        if let Some(jobs) = &self.jobs {
+            if jobs.try_send(Job::Epoch(job)).is_err() {
+                self.shared.staging_busy.store(false, Ordering::SeqCst);
+                self.shared.lose("the sender thread is gone".to_string());
+            }
+        }
+    }
+
+    /// This member stops because the group failed: nothing uncommitted may leave, and the
+    /// backup (its link now closed) takes over with the others.
+    fn fail_with_group(&mut self, reason: String) -> PrimaryEvent {
+        self.close(None);
+        for gate in self.shared.gates.all() {
+            gate.discard_uncommitted();
+        }
+        self.health = FtHealth::Fenced;
+        self.last_error = Some(reason.clone());
+        PrimaryEvent::Fenced(format!("fate sharing: {reason}"))
+    }
+
+    /// The group runs on unprotected: the backup stands down and held output leaves.
+    fn degrade_with_group(&mut self, reason: String) {
+        self.close(Some(Job::StandDown {
+            guest_shutdown: false,
+            reprotect: false,
+            reason: format!("the FT group runs unprotected: {reason}"),
+        }));
+        for gate in self.shared.gates.all() {
+            if let Err(e) = gate.passthrough() {
+                log::error!("FT: releasing held output: {e}");
+            }
+        }
+        self.shared.gates.group_peers.set(Vec::new());
+        self.health = FtHealth::Degraded;
+        log::warn!("FT: running unprotected ({reason})");
+        self.last_error = Some(reason);
+    }
+
+    fn next_group_order(&self) -> Option<GroupOrder> {
+        self.shared
+            .group
+            .as_ref()?
+            .orders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
     fn lost(&self) -> bool {
         self.shared
             .lost
@@ -474,21 +783,20 @@ impl Primary {
             .is_some()
     }
 
-    /// Copies the pages of `dirty` from guest memory into the staging memory.
+    /// Copies the pages of `dirty` from guest memory into the staging memory (same layout;
+    /// a run never crosses a region boundary, so each run is one slice-to-slice copy).
     fn stage(&self, vm: &Vm, dirty: &DirtyPages) -> Result<(), String> {
         let mem = vm.memory();
-        let mut buf = Vec::new();
         for (start, pages) in dirty.runs() {
             let len = pages as usize * vmm::migration::memory::PAGE_SIZE;
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let chunk = &mut buf[..len];
-            mem.read_slice(chunk, start)
-                .map_err(|e| format!("reading guest page {:#x}: {e}", start.0))?;
-            self.staging
-                .write_slice(chunk, GuestAddress(start.0))
-                .map_err(|e| format!("staging page {:#x}: {e}", start.0))?;
+            let from = mem
+                .get_slice(start, len)
+                .map_err(|e| format!("reading guest pages at {:#x}: {e}", start.0))?;
+            let to = self
+                .staging
+                .get_slice(start, len)
+                .map_err(|e| format!("staging pages at {:#x}: {e}", start.0))?;
+            from.copy_to_volatile_slice(to);
         }
         Ok(())
     }
@@ -511,6 +819,7 @@ impl Primary {
         }
         Ok(EpochJob {
             epoch: self.epoch,
+            group_epoch: None,
             dirty,
             state: Box::new(state),
             disk_writes,
@@ -541,6 +850,11 @@ impl Primary {
             last_error: self.last_error.clone(),
             ..FtStatus::default()
         };
+        if let Some(group) = &s.group {
+            status.group = Some(group.member.path().to_string());
+            status.group_members = group.members.load(Ordering::SeqCst);
+            status.group_epoch = group.group_epoch.load(Ordering::SeqCst);
+        }
         for gate in &s.gates.nets {
             let g = gate.stats();
             status.held_packets += g.held_items;
@@ -556,9 +870,8 @@ impl Primary {
     fn close(&mut self, job: Option<Job>) {
         if let Some(jobs) = self.jobs.take() {
             if let Some(job) = job {
-                if !self.lost() {
-                    let _ = jobs.send(job);
-                }
+                // Best effort: a sender that is gone or still has an epoch queued misses it.
+                let _ = jobs.try_send(job);
             }
             drop(jobs);
         }
@@ -601,23 +914,31 @@ fn send_loop(
         let result = match job {
             Job::Epoch(job) => {
                 let t = Instant::now();
-                let epoch = job.epoch;
+                let (epoch, group_epoch) = (job.epoch, job.group_epoch);
                 let released = shared.last_acked.load(Ordering::SeqCst);
                 let sent = send_epoch(shared, &mut sender, staging, job, released);
-                shared
-                    .last_send_us
-                    .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let send_us = t.elapsed().as_micros() as u64;
+                shared.last_send_us.store(send_us, Ordering::Relaxed);
                 shared.last_sent.store(epoch, Ordering::SeqCst);
                 shared.staging_busy.store(false, Ordering::SeqCst);
+                if let (Some(group), Some(epoch), true) = (&shared.group, group_epoch, sent.is_ok())
+                {
+                    // The group's next cut waits for every member's staging memory.
+                    if let Err(e) = group.member.send(&PrimaryMsg::Sent { epoch, send_us }) {
+                        log::warn!("FT group: {e}");
+                    }
+                }
                 sent
             }
             Job::StandDown {
                 guest_shutdown,
+                reprotect,
                 reason,
             } => {
                 let msg = Control::StandDown {
                     guest_shutdown,
                     reason,
+                    reprotect,
                 };
                 let _ = sender.send_frame(FrameType::Control, &msg.encode());
                 return;
@@ -651,6 +972,7 @@ fn send_epoch(
         // The ack thread commits an epoch (its shared-disk writes reach the image) before it
         // counts it as acknowledged.
         released_through,
+        group_epoch: job.group_epoch,
     };
     sender.send_frame(FrameType::Control, &end.encode())
 }
@@ -659,6 +981,16 @@ fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
     loop {
         match read_control(&mut reader, &mut stream) {
             Ok(Control::Ack { epoch }) => {
+                if let Some(group) = &shared.group {
+                    // A member's output waits for the whole group (see commit_group_epoch).
+                    if let Some(group_epoch) = group.group_epoch_of(epoch) {
+                        let acked = PrimaryMsg::Acked { epoch: group_epoch };
+                        if let Err(e) = group.member.send(&acked) {
+                            log::warn!("FT group: {e}");
+                        }
+                    }
+                    continue;
+                }
                 crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
                 for gate in shared.gates.all() {
                     if let Err(e) = gate.commit(epoch) {
@@ -680,30 +1012,66 @@ fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
     }
 }
 
+/// Every member's backup holds `group_epoch`: its output may leave.
+fn commit_group_epoch(shared: &Shared, group: &GroupLink, group_epoch: u64) {
+    let Some(epoch) = group.local_epoch(group_epoch) else {
+        return;
+    };
+    crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
+    for gate in shared.gates.all() {
+        if let Err(e) = gate.commit(epoch) {
+            log::error!("FT: committing epoch {epoch} (group epoch {group_epoch}): {e}");
+        }
+    }
+    shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+}
+
 impl PrimaryFt for Primary {
     fn next_checkpoint(&self) -> Option<Duration> {
-        (self.health == FtHealth::Protected).then_some(self.next_len)
+        // A group's coordinator decides when its members checkpoint.
+        if self.health != FtHealth::Protected || self.shared.group.is_some() {
+            return None;
+        }
+        if self.waiting_for_sender {
+            return Some(MIN_CUT_EPOCH);
+        }
+        // Epochs are measured from one checkpoint's start to the next, so the pause does not
+        // lengthen them.
+        let left = self.next_len.saturating_sub(self.epoch_started.elapsed());
+        Some(left.max(MIN_TIMER))
     }
 
     fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String> {
-        if self.health != FtHealth::Protected || self.lost() {
+        if self.health != FtHealth::Protected || self.lost() || self.shared.group.is_some() {
             return Ok(());
         }
-        if self.shared.staging_busy.load(Ordering::SeqCst) {
+        let busy = self.shared.staging_busy.load(Ordering::SeqCst);
+        self.waiting_for_sender = busy && self.epoch_started.elapsed() < self.epoch_len * 2;
+        if self.waiting_for_sender {
             // The previous epoch is still on the wire: this one runs on a little.
-            self.next_len = MIN_CUT_EPOCH;
             return Ok(());
         }
         let start = Instant::now();
+        self.epoch_started = start;
         vm.pause().map_err(|e| e.to_string())?;
+        if busy {
+            // Bounded latency (Cuju): the sender cannot keep up with the guest's dirty rate.
+            // Letting the guest run on would grow the epoch (and the wait of its output)
+            // without bound; after one extra epoch it waits, paused, for the sender.
+            self.epochs_cut_early += 1;
+            if !self.wait_for_staging() {
+                let resumed = vm.resume();
+                self.pauses.record(start.elapsed());
+                resumed.map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+        }
         let captured = self.capture(vm);
         crash_point(Phase::Pause, self.epoch - self.shared.first_epoch);
         let resumed = vm.resume();
         self.pauses.record(start.elapsed());
         resumed.map_err(|e| e.to_string())?;
         let job = captured?;
-        self.dirty_pages += job.dirty.count();
-        self.epoch += 1;
         // Bounded latency: when sending an epoch takes longer than running one, output waits
         // for both, so shorten the next epoch in proportion (fewer pages to send).
         let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
@@ -715,17 +1083,29 @@ impl PrimaryFt for Primary {
         } else {
             self.epoch_len
         };
-        self.shared.staging_busy.store(true, Ordering::SeqCst);
-        if let Some(jobs) = &self.jobs {
-            if jobs.try_send(Job::Epoch(job)).is_err() {
-                self.shared.staging_busy.store(false, Ordering::SeqCst);
-                self.shared.lose("the sender thread is gone".to_string());
-            }
-        }
+        self.hand_over(job);
         Ok(())
     }
 
-    fn poll(&mut self, _vm: &mut Vm) -> PrimaryEvent {
+    fn poll(&mut self, vm: &mut Vm, running: bool) -> PrimaryEvent {
+        while self.health == FtHealth::Protected {
+            let Some(order) = self.next_group_order() else {
+                break;
+            };
+            match order {
+                GroupOrder::Cut { epoch, barrier } => {
+                    if self.lost() {
+                        // Handled below: the group learns it from this member.
+                        break;
+                    }
+                    if let Err(e) = self.group_checkpoint(vm, epoch, barrier, running) {
+                        return self.fail_with_group(e);
+                    }
+                }
+                GroupOrder::Fail(reason) => return self.fail_with_group(reason),
+                GroupOrder::Degrade(reason) => self.degrade_with_group(reason),
+            }
+        }
         let reason = self
             .shared
             .lost
@@ -738,11 +1118,27 @@ impl PrimaryFt for Primary {
         if self.health != FtHealth::Protected {
             return PrimaryEvent::Continue;
         }
-        self.close(None);
         self.last_error = Some(reason.clone());
         let last = self.shared.last_acked.load(Ordering::SeqCst);
         match fence::claim(&self.witness, self.pair_id, fence::Role::Primary, last) {
             Ok(()) => {
+                // Told, a backup that is alive after all (a false detection) stands down
+                // instead of taking over when the connection closes.
+                self.close(Some(Job::StandDown {
+                    guest_shutdown: false,
+                    reprotect: false,
+                    reason: format!("the primary gave up on its backup ({reason})"),
+                }));
+                if let Some(group) = &self.shared.group {
+                    // The whole group runs on unprotected.
+                    let degrade = PrimaryMsg::Degrade {
+                        reason: reason.clone(),
+                    };
+                    if let Err(e) = group.member.send(&degrade) {
+                        log::warn!("FT group: {e}");
+                    }
+                    self.shared.gates.group_peers.set(Vec::new());
+                }
                 // A dead backup never stops the primary: everything held goes out now.
                 for gate in self.shared.gates.all() {
                     if let Err(e) = gate.passthrough() {
@@ -754,6 +1150,7 @@ impl PrimaryFt for Primary {
                 PrimaryEvent::Continue
             }
             Err(fenced) => {
+                self.close(None);
                 for gate in self.shared.gates.all() {
                     gate.discard_uncommitted();
                 }
@@ -771,18 +1168,30 @@ impl PrimaryFt for Primary {
         let job = match reason {
             StopReason::Disabled => Job::StandDown {
                 guest_shutdown: false,
+                reprotect: false,
                 reason: "protection disabled on the primary".into(),
             },
             StopReason::GuestShutdown => Job::StandDown {
                 guest_shutdown: true,
+                reprotect: false,
                 reason: "the guest powered off".into(),
             },
             StopReason::VmGone => Job::StandDown {
                 guest_shutdown: false,
-                reason: "the primary's VM was stopped or reset".into(),
+                reprotect: false,
+                reason: "the primary's VM was stopped".into(),
+            },
+            StopReason::Reset => Job::StandDown {
+                guest_shutdown: false,
+                reprotect: true,
+                reason: "the guest reset; the primary protects the rebooted VM again".into(),
             },
         };
         let was_protected = self.health == FtHealth::Protected;
+        if let Some(group) = &self.shared.group {
+            group.member.leave(&format!("{reason:?}"));
+            self.shared.gates.group_peers.set(Vec::new());
+        }
         self.close(Some(job));
         if self.health != FtHealth::Fenced {
             // The backup stood down (or is gone): held output may leave.

@@ -39,6 +39,9 @@ pub enum Control {
     EpochEnd {
         epoch: u64,
         released_through: u64,
+        /// The group epoch this epoch ends, for a member of an FT group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group_epoch: Option<u64>,
     },
     /// The backup holds `epoch` completely.
     Ack {
@@ -48,10 +51,12 @@ pub enum Control {
         epoch: u64,
     },
     /// Protection ends on purpose: the backup drops its copy (and with `guest_shutdown`, its
-    /// VMM ends as the primary's does).
+    /// VMM ends as the primary's does; with `reprotect`, it waits for the primary again).
     StandDown {
         guest_shutdown: bool,
         reason: String,
+        #[serde(default)]
+        reprotect: bool,
     },
 }
 
@@ -186,11 +191,23 @@ mod tests {
 
     #[test]
     fn control_round_trips_and_rejects_unknown_fields() {
-        let c = Control::EpochEnd {
-            epoch: 7,
-            released_through: 5,
-        };
-        assert_eq!(Control::decode(&c.encode()).unwrap(), c);
+        for group_epoch in [None, Some(3)] {
+            let c = Control::EpochEnd {
+                epoch: 7,
+                released_through: 5,
+                group_epoch,
+            };
+            assert_eq!(Control::decode(&c.encode()).unwrap(), c);
+        }
+        // A peer that predates groups leaves the field out.
+        assert_eq!(
+            Control::decode(br#"{"epoch_end":{"epoch":2,"released_through":1}}"#).unwrap(),
+            Control::EpochEnd {
+                epoch: 2,
+                released_through: 1,
+                group_epoch: None
+            }
+        );
         assert!(Control::decode(br#"{"ack":{"epoch":1,"x":2}}"#).is_err());
         assert!(Control::decode(b"").is_err());
     }

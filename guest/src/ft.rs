@@ -45,8 +45,31 @@
 //!   sector `s % 2048` holds the record of `s`: `ok seq=<n> pages=<k>
 //!   disk=<0|1>`, else `bad page <i> gen <g> word <j>`, `bad disk sector <lba>
 //!   want seq <s> <holds seq <x>|no record|corrupt>` or `bad disk read: <why>`.
-//! - `stats` -> `work <iterations> dirtied <pages> seq <n> uptime_ms <ms>`
-//!   (`dirtied` counts rewrites, `uptime_ms` is since the workload started).
+//! - `stats` -> `work <iterations> dirtied <pages> seq <n> uptime_ms <ms>
+//!   relays <r> relay_errors <e>` (`dirtied` counts rewrites, `uptime_ms` is
+//!   since the workload started, `relays`/`relay_errors` count the `relay`
+//!   replies below of either kind; fields are only ever added at the end).
+//! - `relay A.B.C.D` or `relay A.B.C.D:PORT` (default port 7000) -> this
+//!   guest sends `req` to that peer (another ft guest, nothing special there)
+//!   over an outgoing connection of its own and replies `relay <A.B.C.D> seq
+//!   <n>` with the peer's number (`relay <A.B.C.D:PORT> seq <n>` for a port
+//!   other than 7000), or `relay error <why>`: `missing address`, `bad
+//!   address` (not a unicast IPv4 address), `bad port`, `own address`, `no
+//!   route` (off-subnet without `net.gw`), `timeout connecting` (no ARP
+//!   answer or SYN-ACK), `timeout waiting for the answer`, `timeout waiting
+//!   for a free connection`, `connection refused`, `connection closed`,
+//!   `answer too long`, `cannot connect`, or `peer said <its line>` (e.g. the
+//!   peer's `bad disk write: ...`). The whole relay is bounded by 2 s. One
+//!   connection per peer (local port from 49152..=65535), kept open and
+//!   reused, reopened when it is gone (a reused one found dead is retried
+//!   once within the relay); up to 4 peers at a time, a new peer beyond that
+//!   takes over the least recently used idle connection. One `req` at a time
+//!   per peer connection: concurrent relays to one peer (from several
+//!   clients) are served one after the other. The main loop goes on while a
+//!   relay waits (other connections are served, pages dirtied, work done);
+//!   the connection that asked reads no further command until the relay's
+//!   reply is queued, so replies keep the order of the commands. See
+//!   `ft/relay.rs`.
 //! - `quit` -> the guest closes the connection (no reply).
 //! - `poweroff` -> `bye`, the connection is closed and the guest waits (at
 //!   most 2 s) until the client has acknowledged it, then the workload ends
@@ -58,7 +81,8 @@
 //! discards what it receives and, when the client half-closes, replies
 //! `got <bytes>` and closes.
 //!
-//! ARP and ICMP echo are answered by smoltcp's interface (`ping` works).
+//! ARP and ICMP echo are answered by smoltcp's interface (`ping` works); it
+//! also resolves relay peers by ARP (16-entry neighbour cache).
 //!
 //! Serial: `ft: ready ip=<A.B.C.D> mac=<mac> disk=<0|1> pages=<k>
 //! dirty_rate=<n> run=<hex>` once the services listen; `ft: poweroff seq=<n>
@@ -66,11 +90,14 @@
 //! usable NIC: the workload ends) and `ft: disk unusable: <why>` (goes on
 //! without a disk).
 
+mod relay;
+
 use core::fmt::Write;
 
 use smoltcp::iface::{SocketHandle, SocketSet, SocketStorage};
 use smoltcp::socket::tcp;
 
+use self::relay::{Pending, Relays, RELAY_SOCKETS};
 use crate::blk::{self, Disk};
 use crate::workloads::Config;
 use crate::{clock, dma, net, virtio};
@@ -197,6 +224,8 @@ struct Conn {
     overflow: bool,
     /// `quit` or `poweroff` seen: further input is ignored.
     closing: bool,
+    /// A `relay` in progress (further lines wait for its reply).
+    relay: Pending,
 }
 
 impl Conn {
@@ -206,6 +235,7 @@ impl Conn {
             len: 0,
             overflow: false,
             closing: false,
+            relay: Pending::None,
         }
     }
 }
@@ -213,6 +243,8 @@ impl Conn {
 enum Action {
     None,
     Poweroff,
+    /// `relay` to a valid peer: the reply comes later.
+    Relay(relay::Peer),
 }
 
 struct Ft {
@@ -228,6 +260,7 @@ struct Ft {
     pages: u64,
     disk: Option<Disk>,
     run: u64,
+    relay: Relays,
 }
 
 #[inline(never)]
@@ -359,11 +392,13 @@ impl Ft {
     fn stats(&self, out: &mut Reply) {
         let _ = write!(
             out,
-            "work {} dirtied {} seq {} uptime_ms {}",
+            "work {} dirtied {} seq {} uptime_ms {} relays {} relay_errors {}",
             self.work,
             self.dirtied,
             self.seq,
-            clock::now_ns().saturating_sub(self.t0) / 1_000_000
+            clock::now_ns().saturating_sub(self.t0) / 1_000_000,
+            self.relay.ok,
+            self.relay.errors
         );
     }
 
@@ -378,7 +413,21 @@ impl Ft {
         while start < end && matches!(line[start], b' ' | b'\t') {
             start += 1;
         }
-        match &line[start..end] {
+        let line = &line[start..end];
+        if let Some(arg) = line.strip_prefix(b"relay") {
+            if arg.is_empty() || matches!(arg[0], b' ' | b'\t') {
+                let arg = arg.trim_ascii_start();
+                match self.relay.parse(arg) {
+                    Ok(peer) => return (true, Action::Relay(peer)),
+                    Err(why) => {
+                        self.relay.errors += 1;
+                        let _ = write!(out, "relay error {}", why);
+                        return (true, Action::None);
+                    }
+                }
+            }
+        }
+        match line {
             b"req" => self.req(out),
             b"check" => self.check(out),
             b"stats" => self.stats(out),
@@ -403,6 +452,18 @@ impl Ft {
             return Action::None;
         }
         loop {
+            // A relay's reply goes first; lines after a relay wait for it.
+            match &mut c.relay {
+                Pending::None => {}
+                Pending::Queued(..) | Pending::InFlight => return Action::None,
+                Pending::Done(reply) => {
+                    if s.send_capacity() - s.send_queue() < REPLY_MAX {
+                        return Action::None;
+                    }
+                    let _ = s.send_slice(reply.line());
+                    c.relay = Pending::None;
+                }
+            }
             if let Some(nl) = c.line[..c.len].iter().position(|&b| b == b'\n') {
                 if s.send_capacity() - s.send_queue() < REPLY_MAX {
                     return Action::None;
@@ -419,6 +480,10 @@ impl Ft {
                 };
                 c.line.copy_within(nl + 1..c.len, 0);
                 c.len -= nl + 1;
+                if let Action::Relay(peer) = action {
+                    c.relay = Pending::Queued(peer, clock::now_ns() + relay::TIMEOUT_NS);
+                    continue;
+                }
                 if out.len > 0 {
                     let _ = s.send_slice(out.line());
                 }
@@ -524,6 +589,11 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
     let region = dma::alloc(pages as usize * 4096, 4096) as *mut u64;
     // SAFETY: a fresh allocation of `pages` pages, never handed out again.
     let region = unsafe { core::slice::from_raw_parts_mut(region, pages as usize * PAGE_WORDS) };
+    let storage = dma::alloc_array(CONTROL_SOCKETS + SINK_SOCKETS + RELAY_SOCKETS, || {
+        SocketStorage::EMPTY
+    });
+    let mut sockets = SocketSet::new(&mut storage[..]);
+    let relays = Relays::new(&mut sockets, &cfg.net);
     let mut ft = Ft {
         seq: 0,
         work: 0,
@@ -536,13 +606,12 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         pages,
         disk,
         run: blk::mix(clock::rdtsc()) | 1,
+        relay: relays,
     };
     for page in 0..pages {
         fill_page(ft.page(page), page, 0);
     }
 
-    let storage = dma::alloc_array(CONTROL_SOCKETS + SINK_SOCKETS, || SocketStorage::EMPTY);
-    let mut sockets = SocketSet::new(&mut storage[..]);
     let mut control_h = [SocketHandle::default(); CONTROL_SOCKETS];
     for h in control_h.iter_mut() {
         *h = sockets.add(net::tcp_socket(CONTROL_RX, CONTROL_TX));
@@ -580,13 +649,27 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         let ts = net::now();
         iface.poll(ts, &mut dev, &mut sockets);
         for (i, h) in control_h.into_iter().enumerate() {
-            let s = sockets.get_mut::<tcp::Socket>(h);
-            if net::relisten(s, CONTROL_PORT) {
+            if net::relisten(sockets.get_mut::<tcp::Socket>(h), CONTROL_PORT) {
+                ft.relay.cancel(i, &mut sockets);
                 conns[i] = Conn::new();
             }
+            let s = sockets.get_mut::<tcp::Socket>(h);
             if let Action::Poweroff = ft.serve_control(s, &mut conns[i]) {
                 net::egress(ts, &mut iface, &mut dev, &mut sockets);
                 break 'main h;
+            }
+        }
+        ft.relay
+            .step(clock::now_ns(), &mut iface, &mut sockets, conns);
+        // Relays that finished in this pass: their replies (and the lines
+        // that waited for them) go out with this pass's egress.
+        for (i, h) in control_h.into_iter().enumerate() {
+            if let Pending::Done(_) = conns[i].relay {
+                let s = sockets.get_mut::<tcp::Socket>(h);
+                if let Action::Poweroff = ft.serve_control(s, &mut conns[i]) {
+                    net::egress(ts, &mut iface, &mut dev, &mut sockets);
+                    break 'main h;
+                }
             }
         }
         for (i, h) in sink_h.into_iter().enumerate() {

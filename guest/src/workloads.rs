@@ -53,7 +53,7 @@ pub struct Config {
     pub ft_dirty_mib: u64,
 }
 
-fn parse_u64(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;
     }
@@ -67,7 +67,7 @@ fn parse_u64(v: &[u8]) -> Option<u64> {
     Some(n)
 }
 
-fn parse_ipv4(v: &[u8]) -> Option<[u8; 4]> {
+pub(crate) fn parse_ipv4(v: &[u8]) -> Option<[u8; 4]> {
     let mut out = [0u8; 4];
     let mut parts = v.split(|&b| b == b'.');
     for o in out.iter_mut() {

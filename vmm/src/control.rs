@@ -137,6 +137,12 @@ pub struct EnableFtRequest {
     /// LZ4-compress dirty pages on the wire.
     #[serde(default = "default_true")]
     pub compress: bool,
+    /// Fate sharing: the Unix socket path that names a group of VMs on this host. Members
+    /// checkpoint on common epochs, frames between them are not held, and if any member's
+    /// primary fails they all fail over to the same epoch. The first member creates the group
+    /// (its epoch length and heartbeat timeout are the group's).
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn default_epoch_ms() -> u64 {
@@ -160,6 +166,10 @@ pub struct ReceiveFtRequest {
     /// another address).
     #[serde(default)]
     pub witness: Option<String>,
+    /// The backups of one FT group name the same Unix socket path on their host, so that they
+    /// agree on the epoch they all resume from.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +225,8 @@ pub struct FtStatus {
     pub pause_us_p50: u64,
     pub pause_us_p99: u64,
     pub pause_us_max: u64,
-    /// Epochs cut short because their dirty set would take too long to send.
+    /// Epochs cut short because their dirty set would take too long to send, or held (the
+    /// guest paused) until the previous epoch was sent.
     pub epochs_cut_early: u64,
     pub held_packets: u64,
     pub released_packets: u64,
@@ -223,6 +234,13 @@ pub struct FtStatus {
     pub failovers: u64,
     pub last_failover_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// The FT group's socket path, for a member of one.
+    pub group: Option<String>,
+    /// Group members now protected (this one included).
+    pub group_members: u64,
+    /// Primary: the group epoch now running; backup: the newest group epoch held completely
+    /// (after a failover: the one every member resumed from).
+    pub group_epoch: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

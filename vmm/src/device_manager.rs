@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use devices::gate::{
-    DiskOutputGate, DiskWriteLog, EpochControl, EpochDiskGate, EpochNetGate, GateMode,
+    DiskOutputGate, DiskWriteLog, EpochControl, EpochDiskGate, EpochNetGate, GateMode, GroupPeers,
     NetOutputGate, RecordingDiskGate,
 };
 use devices::legacy::serial::SerialDeviceState;
@@ -161,6 +161,10 @@ pub struct FtGates {
     pub disks: Vec<EpochControl>,
     /// One per disk, in configuration order: the writes of each epoch, for the backup.
     pub disk_logs: Vec<DiskWriteLog>,
+    /// The NICs' MAC addresses, in configuration order.
+    pub macs: Vec<[u8; 6]>,
+    /// Shared by every NIC gate: frames to these MACs (the rest of an FT group) are not held.
+    pub group_peers: GroupPeers,
 }
 
 impl FtGates {
@@ -389,8 +393,10 @@ impl DeviceManager {
                     let mut net = lock(net);
                     let inner = net.replace_output_gate(Box::new(Detached));
                     let (gate, control) = EpochNetGate::new(inner, epoch);
+                    let gate = gate.with_group_peers(gates.group_peers.clone());
                     net.replace_output_gate(Box::new(gate));
                     gates.nets.push(control);
+                    gates.macs.push(net.mac().bytes());
                 }
                 VirtioHandle::Block(block) => {
                     let mut block = lock(block);

@@ -54,8 +54,11 @@ pub enum StopReason {
     Disabled,
     /// The guest powered off: the backup must not bring it back.
     GuestShutdown,
-    /// The guest reset (the VM is rebuilt) or the VMM shuts down: the backup stands down.
+    /// The VM is stopped or the VMM shuts down: the backup stands down.
     VmGone,
+    /// The guest reset: the backup stands down and waits for the rebooted VM, which the
+    /// primary protects again with the same settings.
+    Reset,
 }
 
 pub trait PrimaryFt: Send {
@@ -67,8 +70,10 @@ pub trait PrimaryFt: Send {
     /// running when this returns (also on error).
     fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String>;
 
-    /// Handles what the replication threads reported through `wake`.
-    fn poll(&mut self, vm: &mut Vm) -> PrimaryEvent;
+    /// Handles what the replication threads reported through `wake` (for a member of an FT
+    /// group this includes the group's checkpoints; `running` says whether the guest runs,
+    /// so that a checkpoint of a paused VM leaves it paused).
+    fn poll(&mut self, vm: &mut Vm, running: bool) -> PrimaryEvent;
 
     fn status(&self) -> FtStatus;
 
@@ -94,8 +99,12 @@ pub enum BackupEvent {
         epoch: u64,
     },
     /// The primary ended protection: drop the standby VM. With `guest_shutdown` the VM powered
-    /// off, so this VMM ends as the primary's does.
-    StandDown { guest_shutdown: bool },
+    /// off, so this VMM ends as the primary's does; with `reprotect` the guest reset and the
+    /// primary protects the rebooted VM again, so this VMM waits for it anew.
+    StandDown {
+        guest_shutdown: bool,
+        reprotect: bool,
+    },
     /// Receiving failed without a reason to take over (e.g. a corrupt stream from a live
     /// primary): drop the standby VM.
     Failed(String),

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -205,7 +205,15 @@ struct Vmm {
     standby: Option<Standby>,
     /// The last status of a protection session that ended (fenced, took over, failed).
     ft_ended: Option<FtStatus>,
+    /// The settings of the running protection (primary) or wait (backup): a guest reset
+    /// protects the rebooted VM again with them.
+    ft_request: Option<EnableFtRequest>,
+    receive_request: Option<ReceiveFtRequest>,
 }
+
+/// How long a primary whose guest reset keeps trying to reach its backup again (the backup
+/// starts listening anew when it learns of the reset).
+const REPROTECT_WINDOW: Duration = Duration::from_secs(5);
 
 enum Next {
     Continue,
@@ -270,11 +278,45 @@ impl Vmm {
 
     fn reboot(&mut self) -> Result<(), RunError> {
         self.emit("vm", "rebooting");
-        self.end_protection(StopReason::VmGone);
+        let protected = self
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.status().health == FtHealth::Protected);
+        let reprotect = if protected {
+            self.ft_request.clone()
+        } else {
+            None
+        };
+        self.end_protection(StopReason::Reset);
         self.stop_vm();
         self.boot()?;
         self.emit("vm", "rebooted");
+        if let Some(request) = reprotect {
+            self.reprotect(&request);
+        }
         Ok(())
+    }
+
+    /// Protects the rebooted VM again (its backup stood down and listens anew).
+    fn reprotect(&mut self, request: &EnableFtRequest) {
+        let deadline = Instant::now() + REPROTECT_WINDOW;
+        loop {
+            match self.enable_ft(request) {
+                Ok(()) => {
+                    log::info!("FT: the rebooted VM is protected again");
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    log::debug!("FT: protecting the rebooted VM: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    log::error!("FT: the rebooted VM runs unprotected: {e}");
+                    self.emit("ft", "reprotect-failed");
+                    return;
+                }
+            }
+        }
     }
 
     fn require_state(&self, action: &'static str, allowed: &[VmState]) -> Result<(), VmmError> {
@@ -379,10 +421,10 @@ impl Vmm {
                 self.require_state("pause", &[VmState::Running])
                     .and_then(|_| {
                         self.emit("vm", "pausing");
-                        let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
-                        vm.vcpus()
-                            .pause(crate::vm::PAUSE_TIMEOUT)
-                            .map_err(|e| Self::failed("pause", e))?;
+                        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+                        // The device loop stops too: a snapshot of a paused VM must not see a
+                        // device move on between its state and its memory being written.
+                        vm.pause().map_err(|e| Self::failed("pause", e))?;
                         self.state = VmState::Paused;
                         self.emit("vm", "paused");
                         Ok(VmmResponse::Empty)
@@ -392,8 +434,8 @@ impl Vmm {
                 self.require_state("resume", &[VmState::Paused])
                     .and_then(|_| {
                         self.emit("vm", "resuming");
-                        let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
-                        vm.vcpus().resume();
+                        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+                        vm.resume().map_err(|e| Self::failed("resume", e))?;
                         self.state = VmState::Running;
                         self.emit("vm", "resumed");
                         Ok(VmmResponse::Empty)
@@ -652,6 +694,7 @@ impl Vmm {
         let primary = provider.enable(vm, &config, request, self.ft_wake.clone())?;
         self.arm_epoch_timer(primary.next_checkpoint());
         self.primary = Some(primary);
+        self.ft_request = Some(request.clone());
         self.ft_ended = None;
         self.emit("ft", "protected");
         Ok(())
@@ -667,6 +710,7 @@ impl Vmm {
         })?;
         let backup = provider.receive(request, self.ft_wake.clone())?;
         self.backup = Some(backup);
+        self.receive_request = Some(request.clone());
         self.ft_ended = None;
         self.emit("ft", "waiting");
         Ok(())
@@ -676,9 +720,11 @@ impl Vmm {
         if self.primary.is_some() {
             self.end_protection(StopReason::Disabled);
             self.ft_ended = None;
+            self.ft_request = None;
             return Ok(());
         }
         if let Some(backup) = self.backup.take() {
+            self.receive_request = None;
             backup.stop();
             self.drop_standby();
             self.emit("ft", "stopped");
@@ -724,7 +770,7 @@ impl Vmm {
     fn handle_ft(&mut self) -> Option<ExitReason> {
         let _ = self.ft_wake.read();
         if let (Some(primary), Some(vm)) = (self.primary.as_mut(), self.vm.as_mut()) {
-            let event = primary.poll(vm);
+            let event = primary.poll(vm, self.state == VmState::Running);
             let next = primary.next_checkpoint();
             self.arm_epoch_timer(next);
             if let PrimaryEvent::Fenced(reason) = event {
@@ -754,7 +800,10 @@ impl Vmm {
                     let _ = reply.send(result);
                 }
                 BackupEvent::TakeOver { state, epoch } => self.take_over(&state, epoch),
-                BackupEvent::StandDown { guest_shutdown } => {
+                BackupEvent::StandDown {
+                    guest_shutdown,
+                    reprotect,
+                } => {
                     if let Some(backup) = self.backup.take() {
                         self.ft_ended = Some(backup.status());
                         backup.stop();
@@ -764,6 +813,13 @@ impl Vmm {
                     if guest_shutdown {
                         self.state = VmState::Shutdown;
                         return Some(ExitReason::GuestShutdown);
+                    }
+                    if let Some(request) = self.receive_request.clone().filter(|_| reprotect) {
+                        // The primary's guest reset: wait for the rebooted VM.
+                        match self.receive_ft(&request) {
+                            Ok(()) => log::info!("FT: waiting for the primary's rebooted VM"),
+                            Err(e) => log::error!("FT: cannot wait for the rebooted VM: {e}"),
+                        }
                     }
                 }
                 BackupEvent::Failed(message) => {
@@ -944,6 +1000,8 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         backup: None,
         standby: None,
         ft_ended: None,
+        ft_request: None,
+        receive_request: None,
     };
     vmm.emit("vmm", "starting");
     if let Some(config) = options.config {

@@ -312,6 +312,33 @@ fn enable_ft_args(command: Command) -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Send dirty pages uncompressed (LZ4 by default)"),
         )
+        .arg(group_arg(
+            "Fate sharing: join (or create) the FT group named by this Unix socket path; \
+             members fail over together",
+        ))
+}
+
+/// `--group PATH` for enable-ft and receive-ft.
+fn group_arg(help: &'static str) -> Arg {
+    Arg::new("group")
+        .long("group")
+        .value_name("PATH")
+        .value_parser(group_path)
+        .help(help)
+}
+
+/// A Unix socket path (the kernel limits it to 107 bytes).
+fn group_path(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("expected the path of the group's Unix socket".into());
+    }
+    if value.len() > 107 {
+        return Err(format!(
+            "a Unix socket path has at most 107 bytes; this one has {}",
+            value.len()
+        ));
+    }
+    Ok(value.to_string())
 }
 
 fn receive_ft_args(command: Command) -> Command {
@@ -342,6 +369,9 @@ fn receive_ft_args(command: Command) -> Command {
                 .value_parser(host_port)
                 .help("The witness's address as this host reaches it (default: the primary's)"),
         )
+        .arg(group_arg(
+            "The backups of one FT group name the same Unix socket path on their host",
+        ))
 }
 
 /// A whole number of milliseconds from 1 to `max`.
@@ -420,6 +450,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         heartbeat_timeout_ms: sub.get_one::<u64>("heartbeat-timeout-ms").copied(),
         witness: sub.get_one::<String>("witness").cloned(),
         compress: defaults.compress && !sub.get_flag("no-compress"),
+        group: sub.get_one::<String>("group").cloned(),
     })
 }
 
@@ -435,6 +466,7 @@ fn receive_ft_request(sub: &ArgMatches) -> ReceiveFtRequest {
             .map(|paths| paths.cloned().collect())
             .unwrap_or_default(),
         witness: sub.get_one::<String>("witness").cloned(),
+        group: sub.get_one::<String>("group").cloned(),
     }
 }
 
@@ -967,7 +999,7 @@ mod tests {
         assert_eq!(
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
-                "heartbeat_timeout_ms": null, "witness": null, "compress": true})
+                "heartbeat_timeout_ms": null, "witness": null, "compress": true, "group": null})
         );
         assert_eq!(
             body(&[
@@ -982,10 +1014,13 @@ mod tests {
                 "--witness",
                 "tcp:[fd00::3]:7100",
                 "--no-compress",
+                "--group",
+                "/run/tandem/web.sock",
             ]),
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
-                "witness": "tcp:[fd00::3]:7100", "compress": false})
+                "witness": "tcp:[fd00::3]:7100", "compress": false,
+                "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.
         let sent = body(&["enable-ft", "--peer", "b:1", "--disk-mode", "replicated"]);
@@ -1057,6 +1092,10 @@ mod tests {
                 vec!["enable-ft", "b:1"],
                 "error: unexpected argument 'b:1' found",
             ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--group", ""],
+                "error: invalid value '' for '--group <PATH>': expected the path of the group's Unix socket",
+            ),
         ];
         for (args, expected) in cases {
             let line = arg_error(&args);
@@ -1069,7 +1108,8 @@ mod tests {
     fn receive_ft_forms() {
         assert_eq!(
             body(&["receive-ft", "tcp:0.0.0.0:7000"]),
-            serde_json::json!({"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "witness": null})
+            serde_json::json!({"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "witness": null,
+                "group": null})
         );
         assert_eq!(
             body(&[
@@ -1080,10 +1120,12 @@ mod tests {
                 "--witness",
                 "w.example:7100",
                 "--disk-path=/var/b/disk 1.img",
+                "--group",
+                "/run/tandem/web-b.sock",
             ]),
             serde_json::json!({"receiver_url": "tcp:[::]:7000",
                 "disk_paths": ["/var/b/disk0.img", "/var/b/disk 1.img"],
-                "witness": "w.example:7100"})
+                "witness": "w.example:7100", "group": "/run/tandem/web-b.sock"})
         );
         let cases = [
             (

@@ -207,9 +207,7 @@ impl<S: Sink> EpochCore<S> {
     /// holding it would exceed the limits (the caller decides what refusal means).
     pub(crate) fn accept(&mut self, meta: S::Meta, data: &[u8]) -> io::Result<Accepted> {
         if self.mode == GateMode::PassThrough {
-            self.sink.release(&meta, data)?;
-            self.stats.passed_items += 1;
-            return Ok(Accepted::Passed);
+            return self.pass(meta, data);
         }
         let bytes_after = (self.stats.held_bytes as usize).saturating_add(data.len());
         if bytes_after > self.limits.max_bytes
@@ -243,6 +241,14 @@ impl<S: Sink> EpochCore<S> {
         self.stats.held_items += 1;
         self.stats.held_bytes += data.len() as u64;
         Ok(Accepted::Held)
+    }
+
+    /// Sends output on at once, whatever the mode (pass-through, or output a group member
+    /// receives: the group rolls back together, so it need not wait).
+    pub(crate) fn pass(&mut self, meta: S::Meta, data: &[u8]) -> io::Result<Accepted> {
+        self.sink.release(&meta, data)?;
+        self.stats.passed_items += 1;
+        Ok(Accepted::Passed)
     }
 
     /// Releases, in order, every held item of epochs `<= upto`.

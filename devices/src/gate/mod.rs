@@ -12,7 +12,7 @@ pub use epoch::{
     DiscardStats, EpochControl, EpochError, GateMode, GateStats, HoldLimits, ReleaseStats,
 };
 pub use epoch_disk::EpochDiskGate;
-pub use epoch_net::EpochNetGate;
+pub use epoch_net::{EpochNetGate, GroupPeers};
 pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
 
 /// Where a network device's transmitted frames go (a TAP device, through the gate).

@@ -58,13 +58,14 @@ pub struct SeqClient {
 
 impl SeqClient {
     pub fn connect(client: &NetNs) -> Result<Self, String> {
+        Self::connect_to(client, GUEST_SERVICE)
+    }
+
+    /// Connects to the service at `addr` (`IP:PORT`).
+    pub fn connect_to(client: &NetNs, addr: &str) -> Result<Self, String> {
+        let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
         let stream = client
-            .run(|| {
-                TcpStream::connect_timeout(
-                    &GUEST_SERVICE.parse().expect("address"),
-                    Duration::from_secs(10),
-                )
-            })
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("connect to the guest: {e}"))?;
         stream
@@ -101,6 +102,21 @@ impl SeqClient {
             .strip_prefix("seq ")
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| format!("bad reply to req: {reply:?}"))?;
+        self.check_seq(seq)
+    }
+
+    /// One request the guest relays to the same service on `peer` (another VM); checks the
+    /// peer's sequence as seen through this guest.
+    pub fn relay(&mut self, peer: &str) -> Result<u64, String> {
+        let reply = self.command(&format!("relay {peer}"))?;
+        let seq: u64 = reply
+            .strip_prefix(&format!("relay {peer} seq "))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("bad reply to relay: {reply:?}"))?;
+        self.check_seq(seq)
+    }
+
+    fn check_seq(&mut self, seq: u64) -> Result<u64, String> {
         if self.last != 0 && seq != self.last + 1 {
             return Err(format!(
                 "sequence broken: {} then {seq} (a {} )",
@@ -126,14 +142,22 @@ pub struct Load {
 }
 
 impl Load {
-    pub fn start(mut client: SeqClient) -> Self {
+    pub fn start(client: SeqClient) -> Self {
+        Self::start_with(client, SeqClient::req)
+    }
+
+    /// Like [`Load::start`] with another sequence-checked request (e.g. a relay).
+    pub fn start_with(
+        mut client: SeqClient,
+        mut request: impl FnMut(&mut SeqClient) -> Result<u64, String> + Send + 'static,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(AtomicU64::new(client.last));
         let error = Arc::new(Mutex::new(None));
         let (s, q, e) = (stop.clone(), seq.clone(), error.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                match client.req() {
+                match request(&mut client) {
                     Ok(n) => q.store(n, Ordering::SeqCst),
                     Err(err) => {
                         *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);

@@ -969,8 +969,8 @@ fn run_ip(args: &[&str]) -> Result<()> {
 /// Whether this process may create network namespaces and TAP devices; prints a loud SKIP
 /// line for `test` when it may not.
 /// Two "hosts" and a client, as network namespaces: the client namespace has a bridge
-/// (192.168.249.1/24); each host has a bridge joining a TAP named `tapvm` (the same name on both,
-/// as a VM configuration names it) to a veth into the client's bridge; the hosts reach each
+/// (192.168.249.1/24); each host has a bridge joining TAPs named `tapvm` and `tapvm2` (the same
+/// names on both, as a VM configuration names them) to a veth into the client's bridge; the hosts reach each
 /// other over their own link, `a` at 10.77.0.1 and `b` at 10.77.0.2 (migration and
 /// replication traffic); the hosts also have addresses of their own on the client network
 /// ([`CLIENT_NET_A`], [`CLIENT_NET_B`]). `tag` keeps the namespace names of concurrent tests apart.
@@ -993,17 +993,21 @@ pub const HOST_A: &str = "10.77.0.1";
 pub const HOST_B: &str = "10.77.0.2";
 
 pub fn two_hosts(tag: &str) -> TwoHosts {
-    let client = NetNs::new(&format!("{tag}cli")).expect("client namespace");
-    let a = NetNs::new(&format!("{tag}ha")).expect("host A namespace");
-    let b = NetNs::new(&format!("{tag}hb")).expect("host B namespace");
-    let must = |r: Result<()>| r.expect("network setup");
-    must(client.ip(&["link", "add", "br0", "type", "bridge"]));
-    must(client.ip(&["addr", "add", "192.168.249.1/24", "dev", "br0"]));
-    must(client.ip(&["link", "set", "br0", "up"]));
+    try_two_hosts(tag).expect("network setup")
+}
+
+/// [`two_hosts`] that returns an error instead of panicking (for the benchmarks).
+pub fn try_two_hosts(tag: &str) -> Result<TwoHosts> {
+    let client = NetNs::new(&format!("{tag}cli"))?;
+    let a = NetNs::new(&format!("{tag}ha"))?;
+    let b = NetNs::new(&format!("{tag}hb"))?;
+    client.ip(&["link", "add", "br0", "type", "bridge"])?;
+    client.ip(&["addr", "add", "192.168.249.1/24", "dev", "br0"])?;
+    client.ip(&["link", "set", "br0", "up"])?;
     for (host, side) in [(&a, "a"), (&b, "b")] {
         let veth = format!("v{side}");
         let peer = format!("v{side}p");
-        must(host.ip(&[
+        host.ip(&[
             "link",
             "add",
             &veth,
@@ -1014,23 +1018,26 @@ pub fn two_hosts(tag: &str) -> TwoHosts {
             &peer,
             "netns",
             client.name(),
-        ]));
-        must(client.ip(&["link", "set", &peer, "master", "br0", "up"]));
-        must(host.ip(&["link", "add", "brh", "type", "bridge"]));
-        must(host.ip(&["link", "set", "brh", "up"]));
-        must(host.ip(&["link", "set", &veth, "master", "brh", "up"]));
-        must(host.ip(&["tuntap", "add", "tapvm", "mode", "tap", "vnet_hdr"]));
-        must(host.ip(&["link", "set", "tapvm", "master", "brh", "up"]));
+        ])?;
+        client.ip(&["link", "set", &peer, "master", "br0", "up"])?;
+        host.ip(&["link", "add", "brh", "type", "bridge"])?;
+        host.ip(&["link", "set", "brh", "up"])?;
+        host.ip(&["link", "set", &veth, "master", "brh", "up"])?;
+        // A second TAP for tests that run two VMs on one host (FT groups).
+        for tap in ["tapvm", "tapvm2"] {
+            host.ip(&["tuntap", "add", tap, "mode", "tap", "vnet_hdr"])?;
+            host.ip(&["link", "set", tap, "master", "brh", "up"])?;
+        }
         // The host itself on the client network (to reach a witness there).
         let own = if side == "a" {
             CLIENT_NET_A
         } else {
             CLIENT_NET_B
         };
-        must(host.ip(&["addr", "add", &format!("{own}/24"), "dev", "brh"]));
+        host.ip(&["addr", "add", &format!("{own}/24"), "dev", "brh"])?;
     }
     // Link names must not be prefixes of `ip` keywords.
-    must(a.ip(&[
+    a.ip(&[
         "link",
         "add",
         "hlinka",
@@ -1041,12 +1048,12 @@ pub fn two_hosts(tag: &str) -> TwoHosts {
         "hlinkb",
         "netns",
         b.name(),
-    ]));
-    must(a.ip(&["addr", "add", &format!("{HOST_A}/24"), "dev", "hlinka"]));
-    must(a.ip(&["link", "set", "hlinka", "up"]));
-    must(b.ip(&["addr", "add", &format!("{HOST_B}/24"), "dev", "hlinkb"]));
-    must(b.ip(&["link", "set", "hlinkb", "up"]));
-    TwoHosts { client, a, b }
+    ])?;
+    a.ip(&["addr", "add", &format!("{HOST_A}/24"), "dev", "hlinka"])?;
+    a.ip(&["link", "set", "hlinka", "up"])?;
+    b.ip(&["addr", "add", &format!("{HOST_B}/24"), "dev", "hlinkb"])?;
+    b.ip(&["link", "set", "hlinkb", "up"])?;
+    Ok(TwoHosts { client, a, b })
 }
 
 /// Starts a VMM with an API socket inside `host` and waits for the socket.

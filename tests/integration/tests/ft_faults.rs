@@ -584,3 +584,81 @@ fn replicated_disks_fail_over_with_the_backup_image_consistent() {
     ));
     let _ = Path::new(&backup_disk);
 }
+
+/// How many times the console holds `marker`.
+fn occurrences(vmm: &Vmm, marker: &str) -> usize {
+    vmm.console().matches(marker).count()
+}
+
+#[test]
+fn a_guest_reset_is_protected_again_and_still_fails_over() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut pair = Pair::new("r", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    // `poweroff` ends the workload; `exit=reset` makes that a reset (a reboot of the VM).
+    let primary = pair.boot_primary(
+        "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=500 ft.dirty_mib=4 exit=reset",
+        "size=64M",
+    );
+    let backup = pair.spawn(Side::B, None, None);
+    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let first = wait_status(&backup.socket, "health", &["protected"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut client = SeqClient::connect(&pair.hosts.client).expect("client");
+    for _ in 0..5 {
+        client.req().unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(client.command("poweroff").as_deref(), Ok("bye"));
+    drop(client);
+
+    // The VM reboots; the primary protects it again and the backup follows.
+    let deadline = Instant::now() + TIMEOUT;
+    while occurrences(&primary.vmm, "ft: ready") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            diagnose(&[&primary], "the guest did not come back after its reset")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = integration::ft::ft_status(&primary.socket);
+        let b = integration::ft::ft_status(&backup.socket);
+        // A new session: the backup's epochs start again from the rebooted VM's sync.
+        if p["health"] == "protected" && b["health"] == "protected" && b["bytes"] != first["bytes"]
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not protected again after the reset: primary {p}\nbackup {b}\n{}",
+            diagnose(&[&primary, &backup], "re-protect")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut primary = primary;
+    primary.vmm.kill();
+    let status = wait_status(&backup.socket, "health", &["took_over", "failed"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        status["health"],
+        "took_over",
+        "{status}\n{}",
+        diagnose(&[&backup], "backup")
+    );
+    load.wait_progress(20, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&backup], "after the failover")));
+    let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));
+    let check = client.command("check").expect("check");
+    assert!(check.starts_with("ok "), "guest self-check: {check}");
+    report(&format!(
+        "ft reset: the guest reset while protected, was protected again after its reboot, and failed over; the rebooted guest's seq reached {} with no gap or repeat",
+        client.last
+    ));
+}

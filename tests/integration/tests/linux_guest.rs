@@ -5,39 +5,72 @@
 //! independently (it shares our reading of the specifications).
 //!
 //! The guest's `/init` (ci/linux-guest/init.c) prints `LINUX-GUEST ...` marker lines, runs the
-//! checks named by `tg.checks=` on its command line and powers the VM off through the ACPI S5
-//! port (via `/dev/port`), which ends our VMM with exit code 0.
+//! checks named by `tg.checks=` on its command line, then serves line commands on TCP port
+//! 5001 (`info`, `ping`, `tcp`, `write`, `read`, `seq`, `klog`, `poweroff`) and powers the VM
+//! off through the ACPI S5 port (via `/dev/port`), which ends our VMM with exit code 0.
 //!
 //! On this project's CI machines guest CPL0 code is emulated by a nested KVM (DESIGN.md,
-//! section 2), so a boot to the ready marker takes about 30 s there; the timeouts are generous.
+//! section 2), so a boot to the ready marker takes about 30 s there. The binary therefore boots
+//! Linux once ([`booted`], shared by its tests): that boot runs the cold checks, and the VM is
+//! snapshotted while `/init` waits for commands; the other tests restore that snapshot (about
+//! a second) instead of booting again: a plain restore, and a restore that becomes the primary
+//! of a fault-tolerant pair whose primary is then killed.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use integration::{
-    kvm_serial_guard, marker_fields, report, require_kvm, require_netns, workspace_root, FileLock,
-    NetNs, TempDir, Vmm,
+    api_vmm, ch_remote, kvm_serial_guard, marker_fields, report, require_kvm, require_netns,
+    scratch_dir, two_hosts, workspace_root, FileLock, NetNs, TempDir, Vmm, HOST_B,
 };
 
 const HOST_IP: &str = "192.168.249.1";
 const GUEST_IP: &str = "192.168.249.2";
 const GUEST_MAC: &str = "12:34:56:78:9a:bd";
+/// The TAP every VM of this file uses: the snapshot's configuration names it, and the FT hosts
+/// of `two_hosts` have one by that name.
+const TAP: &str = "tapvm";
 const TCP_PORT: u16 = 5000;
-/// Bytes the host sends through the guest's TCP echo (every packet is processed by emulated
-/// guest kernel code on the CI machines, so this stays modest).
+/// /init's command service (`tg.ctl=`, its default).
+const CTL_PORT: u16 = 5001;
+/// Bytes the host sends through the guest's TCP echo at the cold boot (every packet is
+/// processed by emulated guest kernel code on the CI machines, ~100 KiB/s, so this stays
+/// modest), and after a restore.
 const TCP_BYTES: usize = 1 << 20;
+const RESTORED_TCP_BYTES: usize = 256 << 10;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Command line shared by all boots: serial console; the kernel must not use XSAVE, POPCNT,
 /// RDRAND/RDSEED, FSGSBASE, SMAP (stac/clac), PCID/INVPCID: the instruction emulator of the
 /// nested KVM on our CI machines, which runs all guest CPL0 code, lacks them (a real KVM host
 /// does not mind). `pci=off`: there is no PCI bus (PCI is only configured for /dev/port).
+/// `clocksource=kvm-clock`: that nested KVM cannot offset the guest's TSC (the guest reads the
+/// host's TSC whatever KVM_SET_MSRS says), so a restored guest on the `tsc` clocksource, which
+/// Linux prefers when the TSC is invariant, finds its clock advanced by all the time since the
+/// snapshot (RCU stall reports once that passes 21 s); kvm-clock comes back with KVM_SET_CLOCK.
+/// On a real KVM host the TSC is restored too and either clocksource continues.
 const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave nofsgsbase \
-     nopcid clearcpuid=popcnt,rdrand,rdseed,smap,invpcid pci=off";
+     nopcid clearcpuid=popcnt,rdrand,rdseed,smap,invpcid pci=off clocksource=kvm-clock";
+/// Kernel log words that tell of a kernel problem, on the serial console (where /init lets
+/// only messages of KERN_ERR and up through once it runs).
+const KERNEL_TROUBLE: [&str; 10] = [
+    "Kernel panic",
+    "Oops",
+    "BUG:",
+    "WARNING:",
+    "Call Trace",
+    "soft lockup",
+    "detected stall",
+    "general protection",
+    "emulation failure",
+    "LINUX-GUEST FAIL",
+];
 
 struct Assets {
     vmlinux: PathBuf,
@@ -47,8 +80,8 @@ struct Assets {
 
 /// Builds (or finds in the cache) the guest assets with `ci/build-linux-guest`. Not optional:
 /// if they cannot be built, the test fails with the script's one-line reason (stage and log).
-fn linux_assets() -> Assets {
-    let _lock = FileLock::acquire("build-linux-guest.lock").expect("take the build lock");
+fn linux_assets() -> Result<Assets, String> {
+    let _lock = FileLock::acquire("build-linux-guest.lock").map_err(|e| e.to_string())?;
     let script = workspace_root().join("ci/build-linux-guest");
     let started = Instant::now();
     let out = Command::new("bash")
@@ -56,33 +89,37 @@ fn linux_assets() -> Assets {
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "ci/build-linux-guest failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .map_err(|e| format!("could not run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ci/build-linux-guest failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
     report(&format!(
         "linux_guest: assets ready in {:.1} s: {}",
         started.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&out.stdout).trim()
     ));
-    let dir = workspace_root().join("target/linux-guest/current");
+    // The resolved directory, so that a concurrent rebuild cannot swap files under us.
+    let dir = fs::canonicalize(workspace_root().join("target/linux-guest/current"))
+        .map_err(|e| format!("target/linux-guest/current: {e}"))?;
     let assets = Assets {
         vmlinux: dir.join("vmlinux"),
         initramfs: dir.join("initramfs.cpio"),
         disk: dir.join("disk.img"),
     };
     for path in [&assets.vmlinux, &assets.initramfs, &assets.disk] {
-        assert!(
-            path.exists(),
-            "ci/build-linux-guest succeeded but {} is missing",
-            path.display()
-        );
+        if !path.exists() {
+            return Err(format!(
+                "ci/build-linux-guest succeeded but {} is missing",
+                path.display()
+            ));
+        }
     }
-    assets
+    Ok(assets)
 }
 
 /// Waits for a `LINUX-GUEST` marker, failing at once on a failure line of /init or a kernel
@@ -112,6 +149,14 @@ fn wait_step(vmm: &mut Vmm, marker: &str, timeout: Duration) -> String {
     }
 }
 
+/// The first console line that tells of a kernel problem, if any.
+fn kernel_trouble(console: &str) -> Option<String> {
+    console
+        .lines()
+        .find(|l| KERNEL_TROUBLE.iter().any(|w| l.contains(w)))
+        .map(str::to_string)
+}
+
 fn fnv(data: &[u8], mut h: u64) -> u64 {
     for &b in data {
         h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
@@ -119,9 +164,9 @@ fn fnv(data: &[u8], mut h: u64) -> u64 {
     h
 }
 
-/// Sends `TCP_BYTES` pseudo-random bytes to the guest's echo and reads them back; returns
+/// Sends `bytes` pseudo-random bytes to the guest's echo and reads them back; returns
 /// (FNV-1a of what was sent, of what came back, bytes back, seconds).
-fn tcp_echo() -> Result<(u64, u64, usize, f64), String> {
+fn tcp_echo(bytes: usize) -> Result<(u64, u64, usize, f64), String> {
     let addr: SocketAddr = format!("{GUEST_IP}:{TCP_PORT}").parse().expect("address");
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
         .map_err(|e| format!("connect to the guest: {e}"))?;
@@ -131,7 +176,7 @@ fn tcp_echo() -> Result<(u64, u64, usize, f64), String> {
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let start = Instant::now();
     let sender = std::thread::spawn(move || -> Result<u64, String> {
-        let mut data = vec![0u8; TCP_BYTES];
+        let mut data = vec![0u8; bytes];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
         for b in data.iter_mut() {
             x ^= x << 13;
@@ -197,32 +242,270 @@ fn read_from_image(image: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
-    require_kvm!();
-    require_netns!();
-    let assets = linux_assets();
-    let _boot = kvm_serial_guard();
-
-    let dir = TempDir::new("linux_guest").expect("temp dir");
-    let disk = dir.join("disk.img");
-    fs::copy(&assets.disk, &disk).expect("copy the disk image");
-    let ns = NetNs::new("lg").expect("create a namespace");
-    let token = format!(
-        "{}-{}",
+/// A token no earlier run wrote.
+fn new_token(label: &str) -> String {
+    format!(
+        "{label}-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0)
+    )
+}
+
+/// A namespace whose TAP `tapvm` is the guest's peer at [`HOST_IP`] (the VMM attaches to the
+/// TAP by name, as the snapshot's configuration says).
+fn guest_namespace(label: &str) -> Result<NetNs, String> {
+    let ns = NetNs::new(label).map_err(|e| e.to_string())?;
+    for args in [
+        &["tuntap", "add", TAP, "mode", "tap", "vnet_hdr"][..],
+        &["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP],
+        &["link", "set", TAP, "up"],
+    ] {
+        ns.ip(args).map_err(|e| e.to_string())?;
+    }
+    Ok(ns)
+}
+
+/// A line-command connection to /init's service on [`CTL_PORT`].
+struct Ctl {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Ctl {
+    /// Connects from `ns`, retrying until `timeout` (a restored guest answers after a moment).
+    fn connect(ns: &NetNs, timeout: Duration) -> Result<Ctl, String> {
+        let stream = ns
+            .run(move || {
+                let addr: SocketAddr = format!("{GUEST_IP}:{CTL_PORT}").parse().expect("address");
+                let deadline = Instant::now() + timeout;
+                loop {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                        Ok(s) => return Ok(s),
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(format!("connect to {addr}: {e}"))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())??;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        Ok(Ctl {
+            writer: stream,
+            reader,
+        })
+    }
+
+    fn send(&mut self, command: &str) -> Result<(), String> {
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("{command}: write: {e}"))
+    }
+
+    fn line(&mut self, command: &str) -> Result<String, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(format!("{command}: the guest closed the connection")),
+            Ok(_) => Ok(line.trim_end().to_string()),
+            Err(e) => Err(format!("{command}: read: {e}")),
+        }
+    }
+
+    /// Sends one command and returns its reply line.
+    fn cmd(&mut self, command: &str) -> Result<String, String> {
+        self.send(command)?;
+        self.line(command)
+    }
+}
+
+/// Asserts that `reply` starts with `want`, with the VMM's diagnostics otherwise.
+fn expect_reply(vmm: &Vmm, reply: Result<String, String>, want: &str) -> String {
+    match reply {
+        Ok(line) if line.starts_with(want) => line,
+        Ok(line) => panic!(
+            "{}",
+            vmm.diagnose(&format!("expected a reply {want:?}, got {line:?}"))
+        ),
+        Err(e) => panic!("{}", vmm.diagnose(&e)),
+    }
+}
+
+/// `tcp` on the control connection, then the echo of `bytes` from `ns`, checksummed on both
+/// sides. Returns seconds.
+fn tcp_transfer(vmm: &Vmm, ctl: &mut Ctl, ns: &NetNs, bytes: usize) -> f64 {
+    expect_reply(vmm, ctl.cmd("tcp"), "tcp listening");
+    let (sent, back, back_len, secs) = ns
+        .run(move || tcp_echo(bytes))
+        .expect("enter the namespace")
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("TCP echo: {e}"))));
+    assert_eq!(back_len, bytes, "{}", vmm.diagnose("echoed byte count"));
+    assert_eq!(sent, back, "{}", vmm.diagnose("echoed data differs"));
+    let done = expect_reply(vmm, ctl.line("tcp"), "tcp ok");
+    let fields = marker_fields(&done);
+    assert_eq!(
+        fields.get("bytes").map(String::as_str),
+        Some(bytes.to_string().as_str()),
+        "{}",
+        vmm.diagnose(&done)
     );
+    assert_eq!(
+        fields.get("fnv").map(String::as_str),
+        Some(format!("{sent:016x}").as_str()),
+        "{}",
+        vmm.diagnose("the guest's checksum of the received data differs")
+    );
+    secs
+}
+
+/// `info` -> both CPUs online.
+fn check_cpus(vmm: &Vmm, ctl: &mut Ctl) -> String {
+    let info = expect_reply(vmm, ctl.cmd("info"), "info ");
+    let fields = marker_fields(&info);
+    assert_eq!(
+        (
+            fields.get("cpus").map(String::as_str),
+            fields.get("online").map(String::as_str)
+        ),
+        (Some("2"), Some("0-1")),
+        "{}",
+        vmm.diagnose(&format!("both vCPUs should be online: {info}"))
+    );
+    info
+}
+
+/// The guest's own kernel log holds no oops, BUG, WARNING, stall...
+fn check_klog(vmm: &Vmm, ctl: &mut Ctl) {
+    expect_reply(vmm, ctl.cmd("klog"), "klog ok");
+}
+
+/// `poweroff` -> /init powers off through the ACPI S5 port and the VMM exits 0.
+fn power_off(vmm: &mut Vmm, ctl: &mut Ctl) {
+    expect_reply(vmm, ctl.cmd("poweroff"), "poweroff ok");
+    let done = wait_step(vmm, "LINUX-GUEST DONE", STEP_TIMEOUT);
+    assert!(done.contains("failures=0"), "{}", vmm.diagnose(&done));
+    let status = vmm
+        .wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        vmm.diagnose("the guest's poweroff should end the VMM with exit code 0")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one boot of this binary
+// ---------------------------------------------------------------------------------------------
+
+/// The directory of this process's snapshot (`linux-snap-<pid>` under the scratch directory):
+/// removed when the process exits, and by the next run if this one was killed.
+fn snapshot_home() -> PathBuf {
+    scratch_dir().join(format!("linux-snap-{}", std::process::id()))
+}
+
+extern "C" fn remove_snapshot_home() {
+    let _ = fs::remove_dir_all(snapshot_home());
+}
+
+/// Creates [`snapshot_home`] after removing those of runs that are gone.
+fn make_snapshot_home() -> Result<PathBuf, String> {
+    let scratch = scratch_dir();
+    fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    if let Ok(entries) = fs::read_dir(&scratch) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("linux-snap-")
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 only asks whether the PID exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let home = snapshot_home();
+    let _ = fs::remove_dir_all(&home);
+    fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+    // SAFETY: registers a plain function without arguments to run at exit.
+    unsafe { libc::atexit(remove_snapshot_home) };
+    Ok(home)
+}
+
+/// The snapshot of a booted Linux, and what its boot measured.
+struct Booted {
+    /// `file://` URL of the snapshot directory.
+    url: String,
+    /// The disk image path the snapshot's configuration names (every restore uses it).
+    disk: PathBuf,
+    /// A copy of that image made while the VM was paused for the snapshot.
+    disk_at_snapshot: PathBuf,
+    /// The token the boot's `blk` check wrote into `/guest.txt` before the snapshot.
+    token: String,
+    home: PathBuf,
+    /// VMM start -> `LINUX-GUEST READY`, and -> the command service listening.
+    ready: Duration,
+    serving: Duration,
+    /// The guest's uptime when the snapshot was taken (as the pause returned; the snapshot
+    /// reads the guest's clock right after).
+    uptime_at_snapshot: Duration,
+}
+
+impl Booted {
+    /// Puts the disk image back as it was at the snapshot (the boot, and every restore, wrote to
+    /// it after that). Call it while holding the KVM boot lock, before starting a restore.
+    fn reset_disk(&self) {
+        fs::copy(&self.disk_at_snapshot, &self.disk).expect("put the snapshot's disk image back");
+    }
+}
+
+/// Boots Linux once per test binary (the first test to get here does it; the others wait) and
+/// snapshots it. The boot checks the guest on its way, like any test: a failure is recorded
+/// and every test that needs the snapshot fails with it.
+fn booted() -> &'static Result<Booted, String> {
+    static BOOTED: OnceLock<Result<Booted, String>> = OnceLock::new();
+    BOOTED.get_or_init(|| {
+        std::panic::catch_unwind(boot_and_snapshot).unwrap_or_else(|panic| {
+            Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the boot panicked".into()))
+        })
+    })
+}
+
+/// Boots Linux with 2 vCPUs, checks it (CPUs, ext4 on virtio-blk, ping both ways, TCP with
+/// checksums), snapshots it while /init waits for commands, resumes it, checks it again and
+/// powers it off (exit code 0, the guest's writes in the image).
+fn boot_and_snapshot() -> Result<Booted, String> {
+    let assets = linux_assets()?;
+    let home = make_snapshot_home()?;
+    let disk = home.join("disk.img");
+    fs::copy(&assets.disk, &disk).map_err(|e| format!("copy the disk image: {e}"))?;
+    let _boot = kvm_serial_guard();
+    let ns = guest_namespace("lg")?;
+    let token = new_token("boot");
     let cmdline = format!(
         "{BASE_CMDLINE} tg.ip={GUEST_IP}/24 tg.peer={HOST_IP} tg.port={TCP_PORT} \
-         tg.token={token} tg.checks=blk,ping,tcp"
+         tg.ctl={CTL_PORT} tg.token={token} tg.checks=blk,ping,tcp,serve"
     );
+    let socket = home.join("boot.sock");
     let initramfs_arg = assets.initramfs.display().to_string();
     let disk_arg = format!("path={}", disk.display());
-    let net_arg = format!("ip={HOST_IP},mask=255.255.255.0,mac={GUEST_MAC}");
+    let net_arg = format!("tap={TAP},mac={GUEST_MAC}");
     let mut vmm = Vmm::builder("linux_guest")
         .wrapped_in(ns.exec_prefix())
         .kernel(&assets.vmlinux)
@@ -232,15 +515,16 @@ fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
         .memory("256M")
         .serial_tty()
         .args(["--disk", disk_arg.as_str(), "--net", net_arg.as_str()])
+        .args(["--api-socket", socket.to_str().expect("path")])
         .spawn()
-        .expect("start the VMM");
+        .map_err(|e| e.to_string())?;
 
     // Both CPUs online (Linux's own count, from /sys/devices/system/cpu/online).
     let ready = wait_step(&mut vmm, "LINUX-GUEST READY", BOOT_TIMEOUT);
-    let booted = vmm.elapsed();
+    let ready_after = vmm.elapsed();
     report(&format!(
         "linux_guest: '{ready}' after {} ms",
-        booted.as_millis()
+        ready_after.as_millis()
     ));
     let fields = marker_fields(&ready);
     assert_eq!(
@@ -277,8 +561,8 @@ fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
 
     // TCP through the guest's echo, checksummed on both sides.
     let (sent, back, back_len, secs) = ns
-        .run(tcp_echo)
-        .expect("enter the namespace")
+        .run(|| tcp_echo(TCP_BYTES))
+        .map_err(|e| e.to_string())?
         .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("TCP echo: {e}"))));
     assert_eq!(back_len, TCP_BYTES, "{}", vmm.diagnose("echoed byte count"));
     assert_eq!(sent, back, "{}", vmm.diagnose("echoed data differs"));
@@ -302,23 +586,64 @@ fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
         (TCP_BYTES >> 10) as f64 / secs
     ));
 
-    // /init powers off through the ACPI S5 port: the VMM exits 0.
-    let done = wait_step(&mut vmm, "LINUX-GUEST DONE", STEP_TIMEOUT);
-    assert!(done.contains("failures=0"), "{}", vmm.diagnose(&done));
-    let status = vmm
-        .wait_exit(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{}",
-        vmm.diagnose("the guest's poweroff should end the VMM with exit code 0")
-    );
+    // /init synced its disk and waits for commands: snapshot it there (pause, snapshot, copy
+    // the disk image as the paused guest left it, resume).
+    let listening = wait_step(&mut vmm, "LINUX-GUEST SERVE listening", STEP_TIMEOUT);
+    let serving = vmm.elapsed();
+    let serve_uptime = marker_fields(&listening)
+        .get("uptime_ms")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| panic!("{}", vmm.diagnose(&format!("no uptime in {listening:?}"))));
+    let snap = home.join("snap");
+    let url = format!("file://{}", snap.display());
+    let disk_at_snapshot = home.join("disk-at-snapshot.img");
+    let snapshot_started = Instant::now();
+    let mut uptime_at_snapshot = Duration::ZERO;
+    for args in [&["pause"][..], &["snapshot", &url]] {
+        let out = ch_remote(&socket, args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            vmm.diagnose(&format!(
+                "ch-remote {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        );
+        if args == ["pause"] {
+            // The guest printed its uptime just before the marker arrived; the snapshot reads
+            // the guest's clock right after the pause.
+            uptime_at_snapshot = serve_uptime + (vmm.elapsed() - serving);
+        }
+    }
+    fs::copy(&disk, &disk_at_snapshot).map_err(|e| format!("copy the disk image: {e}"))?;
+    let out = ch_remote(&socket, &["resume"], None);
+    assert!(out.status.success(), "{}", vmm.diagnose("ch-remote resume"));
     report(&format!(
-        "linux_guest: ready after {:.1} s, powered off after {:.1} s",
-        booted.as_secs_f64(),
+        "linux_guest: paused, snapshotted (256 MiB) and resumed in {:.1} s",
+        snapshot_started.elapsed().as_secs_f64()
+    ));
+
+    // The resumed guest goes on: both CPUs, a file written, a clean kernel log, poweroff.
+    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)?;
+    check_cpus(&vmm, &mut ctl);
+    let after = new_token("resumed");
+    expect_reply(
+        &vmm,
+        ctl.cmd(&format!("write resumed.txt {after}")),
+        "write ok",
+    );
+    check_klog(&vmm, &mut ctl);
+    power_off(&mut vmm, &mut ctl);
+    report(&format!(
+        "linux_guest: ready after {:.1} s, serving commands after {:.1} s, powered off after {:.1} s",
+        ready_after.as_secs_f64(),
+        serving.as_secs_f64(),
         vmm.elapsed().as_secs_f64()
     ));
+    if let Some(line) = kernel_trouble(&vmm.console()) {
+        panic!("{}", vmm.diagnose(&format!("kernel trouble: {line}")));
+    }
 
     // What the guest wrote is in the host's image after the VMM stopped.
     let written = read_from_image(&disk, "/guest.txt");
@@ -326,7 +651,365 @@ fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
         written.contains(&format!("token={token}")),
         "/guest.txt in the image holds {written:?}, expected the token {token}"
     );
-    drop(vmm);
-    drop(ns);
-    drop(dir);
+    assert_eq!(read_from_image(&disk, "/resumed.txt").trim(), after);
+    Ok(Booted {
+        url,
+        disk,
+        disk_at_snapshot,
+        token,
+        home,
+        ready: ready_after,
+        serving,
+        uptime_at_snapshot,
+    })
+}
+
+fn booted_or_panic() -> &'static Booted {
+    match booted() {
+        Ok(b) => b,
+        Err(e) => panic!("the boot this test starts from failed: {e}"),
+    }
+}
+
+#[test]
+fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
+    require_kvm!();
+    require_netns!();
+    // The checks run in the boot that every test of this file shares.
+    let booted = booted_or_panic();
+    assert!(booted.home.join("snap/state.json").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn linux_guest_restored_from_a_snapshot_works_without_booting_again() {
+    require_kvm!();
+    require_netns!();
+    let booted = booted_or_panic();
+    let _boot = kvm_serial_guard();
+    booted.reset_disk();
+    let ns = guest_namespace("lr").expect("namespace");
+    let restore = format!("source_url={},resume=on", booted.url);
+    let mut vmm = Vmm::builder("linux_restored")
+        .wrapped_in(ns.exec_prefix())
+        .args(["--restore", restore.as_str(), "-v"])
+        .spawn()
+        .expect("start the restoring VMM");
+
+    // Restore start -> the guest answering on the connection made after the restore.
+    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
+    let info = check_cpus(&vmm, &mut ctl);
+    let answered = vmm.elapsed();
+    // The guest's clock goes on from the snapshot (kvm-clock state): it has run for at most
+    // as long as this VMM, whatever time passed between the snapshot and the restore.
+    let uptime = marker_fields(&info)
+        .get("uptime_ms")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .expect("uptime in the info reply");
+    let ran = uptime.saturating_sub(booted.uptime_at_snapshot);
+    assert!(
+        uptime
+            >= booted
+                .uptime_at_snapshot
+                .saturating_sub(Duration::from_secs(1))
+            && ran <= answered + Duration::from_secs(2),
+        "{}",
+        vmm.diagnose(&format!(
+            "the guest's uptime was {:?} at the snapshot and is {uptime:?} {answered:?} after \
+             the restore: its clock did not go on from the snapshot",
+            booted.uptime_at_snapshot
+        ))
+    );
+    report(&format!(
+        "linux_guest: restore answered after {:.2} s ({info}; uptime at the snapshot {:.1} s); \
+         cold boot: READY after {:.1} s, commands after {:.1} s ({:.0}x the restore)",
+        answered.as_secs_f64(),
+        booted.uptime_at_snapshot.as_secs_f64(),
+        booted.ready.as_secs_f64(),
+        booted.serving.as_secs_f64(),
+        booted.serving.as_secs_f64() / answered.as_secs_f64()
+    ));
+    check_klog(&vmm, &mut ctl);
+
+    // Ping both ways: the namespace -> the guest, the guest's busybox -> the namespace.
+    let out = ping_from(&ns, GUEST_IP);
+    assert!(
+        out.status.success(),
+        "ping of the restored guest failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        vmm.diagnose("ping from the namespace")
+    );
+    let mut ping = ctl.cmd(&format!("ping {HOST_IP}"));
+    if let Some(line) = ping.as_ref().ok().filter(|l| l.contains("signal=")) {
+        // Seen once on a heavily loaded CI machine, in a VM that was never paused: busybox
+        // died of a #GP on a %fs-relative load (its TLS pointer read back as garbage), a quirk
+        // of the nested KVM there. Not what this test is about: say so and try once more.
+        report(&format!(
+            "linux_guest: NOTE: busybox ping in the restored guest was killed ({line}); \
+             trying once more"
+        ));
+        ping = ctl.cmd(&format!("ping {HOST_IP}"));
+    }
+    expect_reply(&vmm, ping, "ping ok");
+
+    // TCP through the guest's echo, checksummed on both sides.
+    let secs = tcp_transfer(&vmm, &mut ctl, &ns, RESTORED_TCP_BYTES);
+    report(&format!(
+        "linux_guest: restored guest: TCP echo of {} KiB in {secs:.1} s",
+        RESTORED_TCP_BYTES >> 10
+    ));
+
+    // ext4 still usable: what the guest wrote before the snapshot is there, a new file goes
+    // to the disk and reads back; the host sees both in the image after the poweroff.
+    let token = new_token("restored");
+    expect_reply(
+        &vmm,
+        ctl.cmd(&format!("write restored.txt {token}")),
+        "write ok",
+    );
+    let back = expect_reply(&vmm, ctl.cmd("read restored.txt"), "read ok");
+    assert_eq!(back, format!("read ok {token}"));
+    let before = expect_reply(&vmm, ctl.cmd("read guest.txt"), "read ok");
+    assert!(before.contains(&booted.token), "{before}");
+    check_cpus(&vmm, &mut ctl);
+    check_klog(&vmm, &mut ctl);
+    power_off(&mut vmm, &mut ctl);
+    if let Some(line) = kernel_trouble(&vmm.console()) {
+        panic!("{}", vmm.diagnose(&format!("kernel trouble: {line}")));
+    }
+    assert_eq!(read_from_image(&booted.disk, "/restored.txt").trim(), token);
+    assert!(read_from_image(&booted.disk, "/guest.txt").contains(&booted.token));
+    report(&format!(
+        "linux_guest: restored guest powered off after {:.1} s",
+        vmm.elapsed().as_secs_f64()
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault tolerance
+// ---------------------------------------------------------------------------------------------
+
+/// One `seq` exchange as the client saw it.
+struct Exchange {
+    n: u64,
+    at: Instant,
+}
+
+/// A client exchanging numbered lines (`seq N` -> `seq N count=N`) back to back on one
+/// connection, in a thread, until told to stop or a reply is wrong.
+struct Numbered {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Exchange>>>,
+    thread: Option<std::thread::JoinHandle<(Ctl, Result<(), String>)>>,
+}
+
+impl Numbered {
+    fn start(mut ctl: Ctl) -> Numbered {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                n += 1;
+                // The guest counts `seq` commands since boot (and the snapshot holds none):
+                // a repeated count would be output of a rolled-back guest, a gap a lost line.
+                let want = format!("seq {n} count={n}");
+                match ctl.cmd(&format!("seq {n}")) {
+                    Ok(reply) if reply == want => {
+                        l.lock().unwrap_or_else(|p| p.into_inner()).push(Exchange {
+                            n,
+                            at: Instant::now(),
+                        })
+                    }
+                    Ok(reply) => return (ctl, Err(format!("sent seq {n}, got {reply:?}"))),
+                    Err(e) => return (ctl, Err(e)),
+                }
+            }
+            (ctl, Ok(()))
+        });
+        Numbered {
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    fn last(&self) -> u64 {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.last().map_or(0, |e| e.n)
+    }
+
+    fn first_after(&self, t: Instant) -> Option<Duration> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().find(|e| e.at > t).map(|e| e.at - t)
+    }
+
+    /// The longest time without a reply from the last reply before `t` on (a reply the
+    /// primary released just before its death can arrive right after the kill; the silence
+    /// is the failover as the client sees it).
+    fn longest_silence_around(&self, t: Instant) -> Duration {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let from = log.iter().rposition(|e| e.at <= t).unwrap_or(0);
+        log[from..]
+            .windows(2)
+            .map(|w| w[1].at - w[0].at)
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits until `n` lines were answered (or the client failed).
+    fn wait_for(&self, n: u64, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while self.last() < n {
+            if self.finished() {
+                return Err(format!("the client stopped at line {}", self.last()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "line {n} not answered within {timeout:?} (last {})",
+                    self.last()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) -> (Ctl, Result<(), String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .expect("started")
+            .join()
+            .expect("client thread")
+    }
+}
+
+#[test]
+fn linux_guest_keeps_a_tcp_connection_across_the_kill_of_its_ft_primary() {
+    require_kvm!();
+    require_netns!();
+    let booted = booted_or_panic();
+    let _boot = kvm_serial_guard();
+    // Replicated disks: the primary's image is the one the snapshot names, the backup's is a
+    // copy of it (identical at the start, as receive-ft --disk-path requires).
+    booted.reset_disk();
+    let dir = TempDir::new("linux_ft").expect("temp dir");
+    let backup_disk = dir.join("disk-b.img");
+    fs::copy(&booted.disk_at_snapshot, &backup_disk).expect("copy the backup's disk");
+    let hosts = two_hosts("lx");
+    let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let restore = format!("source_url={},resume=on", booted.url);
+    let mut primary = api_vmm(
+        STEP_TIMEOUT,
+        "linux_ft_primary",
+        &hosts.a,
+        &sock_a,
+        &["--restore", &restore, "-v"],
+    );
+    let mut backup = api_vmm(STEP_TIMEOUT, "linux_ft_backup", &hosts.b, &sock_b, &["-v"]);
+    let url = format!("tcp:{HOST_B}:7300");
+    let backup_disk_arg = backup_disk.display().to_string();
+    let out = ch_remote(
+        &sock_b,
+        &["receive-ft", &url, "--disk-path", &backup_disk_arg],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        backup.diagnose(&format!(
+            "receive-ft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    );
+    let sync_started = Instant::now();
+    let out = ch_remote(
+        &sock_a,
+        &[
+            "enable-ft",
+            "--peer",
+            &format!("{HOST_B}:7300"),
+            "--heartbeat-timeout-ms",
+            "1000",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "enable-ft: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        primary.diagnose("primary"),
+        backup.diagnose("backup")
+    );
+    let sync = sync_started.elapsed();
+    integration::ft::wait_status(&sock_a, "health", &["protected"], STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", primary.diagnose("primary")));
+
+    // One connection from the client namespace, kept for the whole test.
+    let mut ctl = Ctl::connect(&hosts.client, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", primary.diagnose(&e)));
+    check_cpus(&primary, &mut ctl);
+    let client = Numbered::start(ctl);
+    client
+        .wait_for(40, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", primary.diagnose(&e)));
+    let protected = integration::ft::ft_status(&sock_a);
+    assert!(
+        protected["last_committed_epoch"].as_u64().unwrap_or(0) > 1,
+        "{protected}"
+    );
+
+    primary.kill();
+    let killed = Instant::now();
+    let at_kill = client.last();
+    if let Some(line) = kernel_trouble(&primary.console()) {
+        panic!("{}", primary.diagnose(&format!("kernel trouble: {line}")));
+    }
+    let took_over = integration::ft::wait_status(&sock_b, "health", &["took_over"], STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", backup.diagnose("backup")));
+    client
+        .wait_for(at_kill + 40, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", backup.diagnose(&format!("after the failover: {e}"))));
+    let first_reply = client.first_after(killed).expect("a reply after the kill");
+    let silence = client.longest_silence_around(killed);
+    let lines = client.last();
+    let (mut ctl, result) = client.stop();
+    result.unwrap_or_else(|e| panic!("{}", backup.diagnose(&e)));
+
+    // The same connection goes on against the backup: the guest is whole.
+    check_cpus(&backup, &mut ctl);
+    check_klog(&backup, &mut ctl);
+    let token = new_token("failover");
+    expect_reply(
+        &backup,
+        ctl.cmd(&format!("write failover.txt {token}")),
+        "write ok",
+    );
+    if let Some(line) = kernel_trouble(&backup.console()) {
+        panic!("{}", backup.diagnose(&format!("kernel trouble: {line}")));
+    }
+    report(&format!(
+        "linux_guest: FT: initial sync {:.1} s; numbered lines 1..={at_kill} before the kill \
+         of the primary, up to {lines} after, all consistent; first reply {:.0} ms after the \
+         kill, longest silence around it {:.0} ms (backup: took over after {} ms); {} epochs \
+         committed before",
+        sync.as_secs_f64(),
+        first_reply.as_secs_f64() * 1000.0,
+        silence.as_secs_f64() * 1000.0,
+        took_over["last_failover_ms"],
+        protected["last_committed_epoch"]
+    ));
+    power_off(&mut backup, &mut ctl);
+    assert_eq!(read_from_image(&backup_disk, "/failover.txt").trim(), token);
 }

@@ -1,0 +1,2619 @@
+//! The fault-tolerance benchmark (`ci/bench-ft` builds the release binaries and runs this).
+//!
+//! Lab: the integration tests' two "hosts" and a client as network namespaces
+//! ([`integration::try_two_hosts`]): the primary VMM runs on host A with the guest's NIC on a
+//! TAP bridged to the client network, the backup VMM on host B, replication over the hosts' own
+//! link (10.77.0.1 -> 10.77.0.2). The guest is the test guest's `workload=ft` (1 vCPU, 256 MiB):
+//! it rewrites `ft.dirty_rate` pages per second of a 32 MiB region, counts the iterations of a
+//! compute loop as `work`, answers `req` with the next sequence number on TCP 7000 and discards
+//! what it receives on TCP 7001.
+//!
+//! Cells: epochs of 5, 10 and 20 ms x 0, 250, 1000 and 4000 dirtied pages per epoch (the guest
+//! is asked for pages_per_epoch * 1000 / epoch_ms pages/s; what it achieves is reported, since
+//! the first write to a write-protected page is slow on this machine). One VM is booted per
+//! distinct dirty rate; in it, for run i = 1..N, the cases "no FT" and "FT at epoch E" (for
+//! every cell with that rate) alternate (odd runs: no FT first, even runs: reversed), each FT
+//! case on a fresh protection session with a fresh backup VMM (so ft-status's pause percentiles
+//! cover that session only). Each case measures, in this order:
+//!   work      `stats` at the start and the end of a window: work/s and pages dirtied/s by the
+//!             guest's own clock; under FT also ft-status deltas over the window (epochs,
+//!             bytes sent, pages the VMM found dirty) and the session's pause p50/p99/max;
+//!   latency   sequential `req` round trips on one connection (each reply checked to be the
+//!             next sequence number), p50 and p99; under FT each request is sent after a random
+//!             think time in [0, epoch) so that requests arrive at random points of an epoch;
+//!   tcp       (10 ms epochs at 0 and 1000 pages only) MB/s of a bulk send to the sink, from
+//!             the first byte to its `got N` reply.
+//! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
+//! to back and pinging the guest every millisecond; the primary is killed with SIGKILL. Failover
+//! time = SIGKILL sent -> first ICMP echo reply to a ping sent at least 5 ms after it (only the
+//! backup can answer it). Also shown: the same for the first `req` reply (same TCP
+//! connection), the backup's own figure (`last_failover_ms`: primary lost -> VM running) and
+//! how long the killed process took to disappear (its connection to the backup closes then).
+//! The roles then swap (a new backup on the other host) for the next repetition.
+//! Peer: QEMU COLO on the same guest at 10 ms (x-checkpoint-delay) x 0 and 1000 pages: a
+//! diskless primary/secondary pair over loopback in a namespace of its own, against QEMU alone
+//! (work/s overhead and round-trip latency, measured as above).
+//!
+//! Time caps: the round trips of a case stop after a budget (at least 5 are taken), a bulk
+//! send after a few seconds; overloaded cells (round trips of hundreds of ms) would otherwise
+//! take minutes. The cells' protection sessions use a 1 s heartbeat timeout (see
+//! [`CELL_HEARTBEAT_TIMEOUT_MS`]).
+//!
+//! Targets (reported, never an error): pause <= 1 ms at 1000 pages/epoch; overhead <= 5 % at
+//! 10 ms epochs and 1000 pages/epoch; added p99 latency <= epoch + 2 ms; failover <= 100 ms.
+//! The exit code is non-zero only if a case could not run.
+//!
+//! Needs root, /dev/kvm, iproute2 and /dev/net/tun; prints a SKIP line and exits 0 without
+//! them. `TANDEM_VMM_BIN` / `TANDEM_GUEST` name the binaries (else the harness builds them).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use integration::ft::SeqClient;
+use integration::{
+    kvm_available, netns_or_skip, test_guest, try_two_hosts, vmm_binary, NetNs, TempDir, TwoHosts,
+    Vmm, HOST_A, HOST_B,
+};
+
+type Res<T> = Result<T, String>;
+
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 249, 2);
+const GUEST_MAC: &str = "12:34:56:78:9a:bc";
+const GUEST_MEMORY: &str = "256M";
+const DIRTY_REGION_MIB: u64 = 32;
+const SINK_PORT: u16 = 7001;
+const FIRST_FT_PORT: u16 = 7300;
+/// Generous: boots and syncs share two cores with whatever else runs on this machine.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
+const FAILOVER_EPOCH_MS: u64 = 10;
+const FAILOVER_PAGES: u64 = 250;
+const PING_EVERY: Duration = Duration::from_millis(1);
+/// Probes sent this long after SIGKILL count as answered by the backup.
+const KILL_MARGIN: Duration = Duration::from_millis(5);
+const LATENCY_WARMUP: usize = 10;
+const LATENCY_MIN_SAMPLES: usize = 5;
+/// Heartbeat timeout of the cells' protection sessions. The default (five epochs, at least
+/// 100 ms) trips at high dirty rates on this machine: the primary hears nothing from the backup
+/// while it is still sending a large epoch, declares it lost and goes on alone (and, with no
+/// witness, the backup takes over too). The failover runs keep the default.
+const CELL_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+
+const TARGET_PAUSE_MS: f64 = 1.0;
+const TARGET_PAUSE_PAGES: u64 = 1000;
+const TARGET_OVERHEAD_PCT: f64 = 5.0;
+const TARGET_OVERHEAD_CELL: (u64, u64) = (10, 1000);
+const TARGET_ADDED_LATENCY_SLACK_MS: f64 = 2.0;
+const TARGET_FAILOVER_MS: f64 = 100.0;
+/// Cells that also measure TCP throughput (epoch ms, pages per epoch).
+const TCP_CELLS: [(u64, u64); 2] = [(10, 0), (10, 1000)];
+
+// ---------------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------------
+
+struct Options {
+    quick: bool,
+    runs: usize,
+    window: Duration,
+    settle: Duration,
+    round_trips: usize,
+    /// The round trips of a case stop early after this long (slow cells would take minutes).
+    latency_budget: Duration,
+    sink_mib: usize,
+    /// A bulk send stops early after this long.
+    sink_budget: Duration,
+    failovers: usize,
+    epochs: Vec<u64>,
+    pages: Vec<u64>,
+    cells: bool,
+    colo: bool,
+    /// `--heartbeat-timeout-ms` for the cells (the failover runs use the default).
+    heartbeat_timeout_ms: u64,
+}
+
+const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
+[--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
+[--heartbeat-timeout-ms N]";
+
+fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
+    text.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{what}: {v:?} is not a number"))
+        })
+        .collect()
+}
+
+impl Options {
+    fn parse() -> Res<Options> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut quick = false;
+        let mut runs = None;
+        let mut window = None;
+        let mut round_trips = None;
+        let mut failovers = None;
+        let mut epochs = vec![5, 10, 20];
+        let mut pages = vec![0, 250, 1000, 4000];
+        let mut cells = true;
+        let mut colo = true;
+        let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
+        let mut i = 0;
+        while i < args.len() {
+            let flag = args[i].as_str();
+            let mut value = || -> Res<&str> {
+                i += 1;
+                args.get(i)
+                    .map(String::as_str)
+                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+            };
+            match flag {
+                "--quick" => quick = true,
+                "--runs" | "-n" => runs = Some(parse_count(value()?, "--runs")?),
+                "--window-s" => {
+                    let v = value()?;
+                    let secs: f64 = v
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| *s > 0.0 && s.is_finite())
+                        .ok_or_else(|| format!("--window-s: {v:?} is not a positive number"))?;
+                    window = Some(Duration::from_secs_f64(secs));
+                }
+                "--round-trips" => round_trips = Some(parse_count(value()?, "--round-trips")?),
+                "--failovers" => {
+                    let v = value()?;
+                    failovers = Some(
+                        v.parse::<usize>()
+                            .map_err(|_| format!("--failovers: {v:?} is not a number"))?,
+                    );
+                }
+                "--epochs" => epochs = parse_list(value()?, "--epochs")?,
+                "--pages" => pages = parse_list(value()?, "--pages")?,
+                "--no-cells" => cells = false,
+                "--no-colo" => colo = false,
+                "--heartbeat-timeout-ms" => {
+                    heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
+                }
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            }
+            i += 1;
+        }
+        if epochs.iter().any(|&e| e == 0 || e > 1000) {
+            return Err("--epochs: each epoch is 1..=1000 ms".into());
+        }
+        Ok(Options {
+            quick,
+            runs: runs.unwrap_or(if quick { 1 } else { 2 }),
+            window: window.unwrap_or(Duration::from_millis(if quick { 1500 } else { 3000 })),
+            settle: Duration::from_millis(if quick { 300 } else { 500 }),
+            round_trips: round_trips.unwrap_or(if quick { 100 } else { 300 }),
+            latency_budget: Duration::from_secs(if quick { 2 } else { 4 }),
+            sink_mib: if quick { 16 } else { 32 },
+            sink_budget: Duration::from_secs(if quick { 2 } else { 3 }),
+            failovers: failovers.unwrap_or(if quick { 3 } else { 5 }),
+            epochs,
+            pages,
+            cells,
+            colo,
+            heartbeat_timeout_ms,
+        })
+    }
+}
+
+fn parse_count(v: &str, what: &str) -> Res<usize> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("{what}: {v:?} is not a whole number >= 1"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interruption: SIGINT/SIGTERM/SIGHUP set a flag that every wait checks, so that the lab is
+// torn down by the normal drops (the release profile aborts on panic: no unwinding to rely on).
+// ---------------------------------------------------------------------------------------------
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn check_interrupted() -> Res<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted by a signal".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps `d`, waking early (with an error) when a signal arrived.
+fn nap(d: Duration) -> Res<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+fn log(line: &str) {
+    println!("==> bench-ft: {line}");
+    let _ = std::io::stdout().flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Linear-interpolation percentile (as the other benchmarks compute it).
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let k = (sorted.len() - 1) as f64 * p / 100.0;
+    let lo = k.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (k - lo as f64))
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    percentile(values, 50.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ch-remote and ft-status
+// ---------------------------------------------------------------------------------------------
+
+struct Binaries {
+    ch_remote: PathBuf,
+    guest: PathBuf,
+}
+
+fn binaries() -> Res<Binaries> {
+    let vmm = vmm_binary().map_err(|e| format!("the VMM binary: {e}"))?;
+    let guest = test_guest().map_err(|e| format!("the test guest: {e}"))?;
+    let ch_remote = vmm.with_file_name("ch-remote");
+    for path in [&vmm, &ch_remote, &guest] {
+        if !path.is_file() {
+            return Err(format!("{} is missing", path.display()));
+        }
+    }
+    Ok(Binaries { ch_remote, guest })
+}
+
+/// `ch-remote --api-socket SOCKET ARGS...` -> its stdout, or an error with its stderr.
+fn ch_remote(bins: &Binaries, socket: &Path, args: &[&str]) -> Res<String> {
+    let mut child = Command::new(&bins.ch_remote)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start ch-remote {}: {e}", args.join(" ")))?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    // Its output is a few hundred bytes at most: the pipes cannot fill up while it runs.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "ch-remote {} did not answer within {STEP_TIMEOUT:?}",
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(format!("wait for ch-remote: {e}")),
+        }
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut stdout);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    if !status.success() {
+        return Err(format!(
+            "ch-remote {} failed ({status}): {}{}",
+            args.join(" "),
+            stderr.trim(),
+            stdout.trim()
+        ));
+    }
+    Ok(stdout)
+}
+
+/// What the benchmark reads from `ft-status`.
+#[derive(Clone, Debug, Default)]
+struct FtStatus {
+    health: String,
+    epoch: u64,
+    bytes: u64,
+    dirty_pages: u64,
+    pause_us_p50: u64,
+    pause_us_p99: u64,
+    pause_us_max: u64,
+    epochs_cut_early: u64,
+    last_failover_ms: Option<u64>,
+    last_error: Option<String>,
+}
+
+fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
+    let text = ch_remote(bins, socket, &["ft-status"])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("ft-status is not JSON ({e}): {text}"))?;
+    let num = |key: &str| -> Res<u64> {
+        v[key]
+            .as_u64()
+            .ok_or_else(|| format!("ft-status has no number {key:?}: {text}"))
+    };
+    Ok(FtStatus {
+        health: v["health"].as_str().unwrap_or("?").to_string(),
+        epoch: num("epoch")?,
+        bytes: num("bytes")?,
+        dirty_pages: num("dirty_pages")?,
+        pause_us_p50: num("pause_us_p50")?,
+        pause_us_p99: num("pause_us_p99")?,
+        pause_us_max: num("pause_us_max")?,
+        epochs_cut_early: num("epochs_cut_early")?,
+        last_failover_ms: v["last_failover_ms"].as_u64(),
+        last_error: v["last_error"].as_str().map(str::to_string),
+    })
+}
+
+fn wait_health(bins: &Binaries, socket: &Path, want: &str, timeout: Duration) -> Res<FtStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let status = ft_status(bins, socket)?;
+        if status.health == want {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "ft-status health is {:?}, not {want:?}, after {timeout:?} (last error: {:?})",
+                status.health, status.last_error
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab: two hosts, VMM processes on them
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+
+    fn addr(self) -> &'static str {
+        match self {
+            Side::A => HOST_A,
+            Side::B => HOST_B,
+        }
+    }
+}
+
+/// One VMM process on one host.
+struct Node {
+    vmm: Vmm,
+    socket: PathBuf,
+    side: Side,
+}
+
+impl Node {
+    /// The VMM's console and stderr tails, for a failure report.
+    fn diagnose(&self, what: &str) -> String {
+        self.vmm.diagnose(what)
+    }
+}
+
+struct Lab {
+    bins: Binaries,
+    hosts: TwoHosts,
+    dir: TempDir,
+    next_port: u16,
+    spawned: u32,
+}
+
+impl Lab {
+    fn new(bins: Binaries) -> Res<Lab> {
+        let hosts = try_two_hosts("bft").map_err(|e| format!("network namespaces: {e}"))?;
+        let dir = TempDir::new("bench_ft").map_err(|e| e.to_string())?;
+        Ok(Lab {
+            bins,
+            hosts,
+            dir,
+            next_port: FIRST_FT_PORT,
+            spawned: 0,
+        })
+    }
+
+    fn ns(&self, side: Side) -> &NetNs {
+        match side {
+            Side::A => &self.hosts.a,
+            Side::B => &self.hosts.b,
+        }
+    }
+
+    /// Starts a VMM with an API socket on `side` and waits until the socket answers.
+    fn spawn_vmm(&mut self, role: &str, side: Side, extra: &[&str]) -> Res<Node> {
+        self.spawned += 1;
+        let socket = self.dir.join(&format!("vmm{}.sock", self.spawned));
+        let socket_arg = socket.to_str().ok_or("socket path is not UTF-8")?;
+        let mut vmm = Vmm::builder(&format!("{role}{}-{side:?}", self.spawned))
+            .wrapped_in(self.ns(side).exec_prefix())
+            .args(["--api-socket", socket_arg, "-v"])
+            .args(extra)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while UnixStream::connect(&socket).is_err() {
+            check_interrupted()?;
+            if let Some(status) = vmm.poll_exit() {
+                return Err(vmm.diagnose(&format!("the VMM exited ({status}) before its API")));
+            }
+            if Instant::now() >= deadline {
+                return Err(vmm.diagnose("the API socket never appeared"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Node { vmm, socket, side })
+    }
+
+    /// Forgets where the guest's MAC was: a new VM on host A after one on host B (a takeover)
+    /// would otherwise not be reached until it transmits first.
+    fn flush_bridges(&self) -> Res<()> {
+        for (ns, bridge) in [
+            (&self.hosts.client, "br0"),
+            (&self.hosts.a, "brh"),
+            (&self.hosts.b, "brh"),
+        ] {
+            ns.ip(&["link", "set", bridge, "type", "bridge", "fdb_flush"])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Boots the ft workload dirtying `dirty_rate` pages/s on `side`; waits for its services.
+    fn boot_primary(&mut self, side: Side, dirty_rate: u64) -> Res<Node> {
+        self.flush_bridges()?;
+        let kernel = self.bins.guest.to_str().ok_or("guest path is not UTF-8")?;
+        let kernel = kernel.to_string();
+        let cmdline = format!(
+            "workload=ft net.ip={GUEST_IP}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB}"
+        );
+        let net = format!("tap=tapvm,mac={GUEST_MAC}");
+        let memory = format!("size={GUEST_MEMORY}");
+        let mut node = self.spawn_vmm(
+            "primary",
+            side,
+            &[
+                "--kernel",
+                &kernel,
+                "--cmdline",
+                &cmdline,
+                "--memory",
+                &memory,
+                "--serial",
+                "tty",
+                "--console",
+                "off",
+                "--net",
+                &net,
+            ],
+        )?;
+        node.vmm
+            .wait_for("ft: ready", STEP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        Ok(node)
+    }
+
+    /// A fresh backup VMM on the other host, and `primary` protected by it at `epoch_ms`
+    /// (with the default heartbeat timeout unless `heartbeat_timeout_ms` is given).
+    fn protect(
+        &mut self,
+        primary: &Node,
+        epoch_ms: u64,
+        heartbeat_timeout_ms: Option<u64>,
+    ) -> Res<Node> {
+        let port = self.next_port;
+        // A fresh port per session: no listener ever waits for an old one's TIME_WAIT.
+        self.next_port = if port >= 7999 {
+            FIRST_FT_PORT
+        } else {
+            port + 1
+        };
+        let backup_side = primary.side.other();
+        let backup = self.spawn_vmm("backup", backup_side, &[])?;
+        let listen = format!("tcp:{}:{port}", backup_side.addr());
+        ch_remote(&self.bins, &backup.socket, &["receive-ft", &listen])
+            .map_err(|e| format!("{e}\n{}", backup.diagnose("receive-ft")))?;
+        let peer = format!("{}:{port}", backup_side.addr());
+        let epoch = epoch_ms.to_string();
+        let mut args = vec!["enable-ft", "--peer", &peer, "--epoch-ms", &epoch];
+        let heartbeat = heartbeat_timeout_ms.map(|ms| ms.to_string());
+        if let Some(ms) = &heartbeat {
+            args.extend(["--heartbeat-timeout-ms", ms.as_str()]);
+        }
+        ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
+            format!(
+                "{e}\n{}\n{}",
+                primary.diagnose("enable-ft"),
+                backup.diagnose("enable-ft")
+            )
+        })?;
+        wait_health(&self.bins, &primary.socket, "protected", STEP_TIMEOUT)?;
+        Ok(backup)
+    }
+
+    /// Ends the protection session (the backup stands down and its process is stopped).
+    fn unprotect(&mut self, primary: &Node, backup: Node) -> Res<()> {
+        let disabled = ch_remote(&self.bins, &primary.socket, &["disable-ft"])
+            .map_err(|e| format!("{e}\n{}", primary.diagnose("disable-ft")));
+        drop(backup);
+        // A backup that took over (after a false failure detection) announced the guest's MAC
+        // on host B; the primary's guest must be reachable again for the next case.
+        self.flush_bridges()?;
+        disabled.map(|_| ())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest clients
+// ---------------------------------------------------------------------------------------------
+
+/// `stats` -> `work W dirtied D seq S uptime_ms U`.
+#[derive(Clone, Copy, Debug)]
+struct GuestStats {
+    work: u64,
+    dirtied: u64,
+    uptime_ms: u64,
+}
+
+fn guest_stats(client: &mut SeqClient) -> Res<GuestStats> {
+    let line = client.command("stats")?;
+    // `name value` pairs; newer guests may add pairs after these.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let num = |name: &str| -> Res<u64> {
+        words
+            .chunks(2)
+            .find(|pair| pair[0] == name)
+            .and_then(|pair| pair.get(1)?.parse().ok())
+            .ok_or_else(|| format!("stats reply {line:?} has no number {name:?}"))
+    };
+    Ok(GuestStats {
+        work: num("work")?,
+        dirtied: num("dirtied")?,
+        uptime_ms: num("uptime_ms")?,
+    })
+}
+
+/// Sends `bytes` (or what fits into `budget`) to the guest's sink, half-closes and waits for
+/// `got N`; returns MB/s (10^6) from the first byte to the reply.
+fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<f64> {
+    let addr = std::net::SocketAddr::from((GUEST_IP, SINK_PORT));
+    let mut stream = ns
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("connect to the sink: {e}"))?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(30))))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + 3) as u8).collect();
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes && start.elapsed() < budget {
+        let n = chunk.len().min(bytes - sent);
+        stream
+            .write_all(&chunk[..n])
+            .map_err(|e| format!("sink: send after {sent} bytes: {e}"))?;
+        sent += n;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("sink: half-close: {e}"))?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("sink: reply: {e}"))?;
+    let elapsed = start.elapsed();
+    if reply.trim() != format!("got {sent}") {
+        return Err(format!("sink replied {reply:?} to {sent} bytes"));
+    }
+    Ok(sent as f64 / elapsed.as_secs_f64() / 1e6)
+}
+
+/// Sequential `req` round trips (each reply checked to continue the sequence), in ms. Under
+/// FT each request waits a random time in [0, epoch) first: a request sent right after the
+/// previous reply was released would always arrive early in an epoch and wait for all of it,
+/// which measures the epoch length rather than the latency of independent requests.
+fn round_trips(
+    client: &mut SeqClient,
+    count: usize,
+    think_max: Duration,
+    budget: Duration,
+) -> Res<Vec<f64>> {
+    let mut rtts = Vec::with_capacity(count);
+    let mut rng = XorShift::from_clock();
+    let start = Instant::now();
+    let mut warmup = 0;
+    loop {
+        check_interrupted()?;
+        // Warm-up takes at most a quarter of the budget; then at least a few samples even
+        // when one round trip takes longer than the budget (an overloaded cell).
+        let warming = warmup < LATENCY_WARMUP && start.elapsed() < budget / 4;
+        let enough =
+            rtts.len() >= count || (rtts.len() >= LATENCY_MIN_SAMPLES && start.elapsed() >= budget);
+        if !warming && enough {
+            break;
+        }
+        if !think_max.is_zero() {
+            let nanos = think_max.as_nanos() as u64;
+            std::thread::sleep(Duration::from_nanos(rng.next() % nanos));
+        }
+        let t = Instant::now();
+        client.req()?;
+        if warming {
+            warmup += 1;
+        } else {
+            rtts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(rtts)
+}
+
+/// xorshift64*: think times need no more than this.
+struct XorShift(u64);
+
+impl XorShift {
+    fn from_clock() -> XorShift {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        XorShift(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A client issuing `req` back to back, remembering when each was sent and answered.
+struct ReqLoad {
+    stop: Arc<AtomicBool>,
+    /// The last sequence number the client was answered.
+    last_seq: Arc<AtomicU64>,
+    /// (sent, answered) per request.
+    log: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    error: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<SeqClient>>,
+}
+
+impl ReqLoad {
+    fn start(mut client: SeqClient) -> ReqLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_seq = Arc::new(AtomicU64::new(client.last));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let error = Arc::new(Mutex::new(None));
+        let (s, q, l, e) = (stop.clone(), last_seq.clone(), log.clone(), error.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                match client.req() {
+                    Ok(seq) => {
+                        lock(&l).push((sent, Instant::now()));
+                        q.store(seq, Ordering::SeqCst);
+                    }
+                    Err(err) => {
+                        *lock(&e) = Some(err);
+                        break;
+                    }
+                }
+            }
+            client
+        });
+        ReqLoad {
+            stop,
+            last_seq,
+            log,
+            error,
+            thread: Some(thread),
+        }
+    }
+
+    fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+
+    fn answered(&self) -> usize {
+        lock(&self.log).len()
+    }
+
+    /// Time from `origin` to the reply of the first request sent at or after `sent_after`.
+    fn first_answer_to_request_after(
+        &self,
+        sent_after: Instant,
+        origin: Instant,
+    ) -> Option<Duration> {
+        lock(&self.log)
+            .iter()
+            .find(|(sent, _)| *sent >= sent_after)
+            .map(|(_, answered)| answered.saturating_duration_since(origin))
+    }
+
+    fn stop(mut self) -> Res<SeqClient> {
+        self.stop.store(true, Ordering::SeqCst);
+        let client = self
+            .thread
+            .take()
+            .ok_or("the request load was already stopped")?
+            .join()
+            .map_err(|_| "the request load thread panicked".to_string())?;
+        match self.error() {
+            Some(e) => Err(e),
+            None => Ok(client),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP echo prober (raw socket in the client namespace)
+// ---------------------------------------------------------------------------------------------
+
+struct Pinger {
+    stop: Arc<AtomicBool>,
+    /// Send time of echo request number `i` (its ICMP sequence number).
+    sent: Arc<Mutex<Vec<Instant>>>,
+    /// (sequence number, arrival) of each echo reply, in arrival order.
+    replies: Arc<Mutex<Vec<(u16, Instant)>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn icmp_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn open_icmp_socket() -> Res<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "raw ICMP socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A receive timeout lets the reader notice the stop flag.
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 20_000,
+    };
+    // SAFETY: setsockopt with a pointer to a timeval that lives across the call and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("SO_RCVTIMEO: {}", std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+impl Pinger {
+    fn start(ns: &NetNs, target: Ipv4Addr, ident: u16) -> Res<Pinger> {
+        let fd = Arc::new(ns.run(open_icmp_socket).map_err(|e| e.to_string())??);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let sender = {
+            let (fd, stop, sent) = (fd.clone(), stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(target).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                for seq in 0..=u16::MAX {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut packet = [0u8; 16];
+                    packet[0] = 8; // echo request
+                    packet[4..6].copy_from_slice(&ident.to_be_bytes());
+                    packet[6..8].copy_from_slice(&seq.to_be_bytes());
+                    packet[8..16].copy_from_slice(b"tandemft");
+                    let sum = icmp_checksum(&packet);
+                    packet[2..4].copy_from_slice(&sum.to_be_bytes());
+                    lock(&sent).push(Instant::now());
+                    // SAFETY: sendto with a buffer and a sockaddr_in that outlive the call.
+                    // A failed send (no route for a moment) is just a lost probe.
+                    unsafe {
+                        libc::sendto(
+                            fd.as_raw_fd(),
+                            packet.as_ptr().cast(),
+                            packet.len(),
+                            0,
+                            (&addr as *const libc::sockaddr_in).cast(),
+                            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        );
+                    }
+                    std::thread::sleep(PING_EVERY);
+                }
+            })
+        };
+        let receiver = {
+            let (fd, stop, replies) = (fd, stop.clone(), replies.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    // SAFETY: recv into a buffer we own, with its length.
+                    let n = unsafe {
+                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
+                    let arrived = Instant::now();
+                    if n <= 0 {
+                        continue; // timeout (checks the stop flag) or a transient error
+                    }
+                    let packet = &buf[..n as usize];
+                    let ip_header = usize::from(packet[0] & 0x0f) * 4;
+                    let Some(icmp) = packet.get(ip_header..ip_header + 8) else {
+                        continue;
+                    };
+                    let is_our_reply =
+                        icmp[0] == 0 && u16::from_be_bytes([icmp[4], icmp[5]]) == ident;
+                    if is_our_reply {
+                        lock(&replies).push((u16::from_be_bytes([icmp[6], icmp[7]]), arrived));
+                    }
+                }
+            })
+        };
+        Ok(Pinger {
+            stop,
+            sent,
+            replies,
+            threads: vec![sender, receiver],
+        })
+    }
+
+    /// Time from `origin` to the first echo reply to a request sent at or after `sent_after`.
+    fn first_answer_after(&self, sent_after: Instant, origin: Instant) -> Option<Duration> {
+        let sent = lock(&self.sent);
+        lock(&self.replies)
+            .iter()
+            .find(|(seq, _)| {
+                sent.get(usize::from(*seq))
+                    .is_some_and(|s| *s >= sent_after)
+            })
+            .map(|(_, arrived)| arrived.saturating_duration_since(origin))
+    }
+
+    fn replies(&self) -> usize {
+        lock(&self.replies).len()
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------------------------
+
+/// What the FT side of one case measured.
+#[derive(Clone, Debug)]
+struct FtWindow {
+    epochs: u64,
+    real_epoch_ms: f64,
+    vmm_dirty_pages: u64,
+    bytes: u64,
+    cut_early: u64,
+    pause_p50_us: u64,
+    pause_p99_us: u64,
+    pause_max_us: u64,
+}
+
+#[derive(Clone, Debug)]
+struct CaseResult {
+    work_per_s: f64,
+    dirtied_per_s: f64,
+    rtts_ms: Vec<f64>,
+    tcp_mbps: Option<f64>,
+    ft: Option<FtWindow>,
+}
+
+/// How one case is measured.
+struct CaseSetup<'a> {
+    bins: &'a Binaries,
+    /// Where the client runs (the throughput connection is opened there).
+    client_ns: &'a NetNs,
+    /// The primary's API socket when the VM is protected by our FT (ft-status is read).
+    ft_socket: Option<&'a Path>,
+    /// Each round trip waits a random time below this first (the epoch under FT, else 0).
+    think_max: Duration,
+    tcp: bool,
+}
+
+/// One case on a running guest: the work window, the round trips and, if asked, throughput.
+fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Res<CaseResult> {
+    nap(opts.settle)?;
+    let (ft_socket, think_max) = (setup.ft_socket, setup.think_max);
+    let ft_before = match ft_socket {
+        Some(s) => Some((Instant::now(), ft_status(setup.bins, s)?)),
+        None => None,
+    };
+    let g0 = guest_stats(client)?;
+    nap(opts.window)?;
+    let g1 = guest_stats(client)?;
+    let ft = match (ft_socket, ft_before) {
+        (Some(s), Some((t0, before))) => {
+            let after = ft_status(setup.bins, s)?;
+            let elapsed = t0.elapsed();
+            if after.health != "protected" {
+                return Err(format!(
+                    "the VM is no longer protected: health {:?}, last error {:?}",
+                    after.health, after.last_error
+                ));
+            }
+            let epochs = after.epoch.saturating_sub(before.epoch);
+            if epochs == 0 {
+                return Err("no epoch ended during the window".into());
+            }
+            Some(FtWindow {
+                epochs,
+                real_epoch_ms: elapsed.as_secs_f64() * 1e3 / epochs as f64,
+                vmm_dirty_pages: after.dirty_pages.saturating_sub(before.dirty_pages),
+                bytes: after.bytes.saturating_sub(before.bytes),
+                cut_early: after
+                    .epochs_cut_early
+                    .saturating_sub(before.epochs_cut_early),
+                pause_p50_us: after.pause_us_p50,
+                pause_p99_us: after.pause_us_p99,
+                pause_max_us: after.pause_us_max,
+            })
+        }
+        _ => None,
+    };
+    let guest_ms = g1.uptime_ms.saturating_sub(g0.uptime_ms);
+    if guest_ms == 0 || g1.work <= g0.work {
+        return Err(format!("the guest made no progress: {g0:?} -> {g1:?}"));
+    }
+    let guest_s = guest_ms as f64 / 1e3;
+    let rtts_ms = round_trips(client, opts.round_trips, think_max, opts.latency_budget)?;
+    let tcp_mbps = if setup.tcp {
+        Some(sink_throughput(
+            setup.client_ns,
+            opts.sink_mib << 20,
+            opts.sink_budget,
+        )?)
+    } else {
+        None
+    };
+    Ok(CaseResult {
+        work_per_s: (g1.work - g0.work) as f64 / guest_s,
+        dirtied_per_s: g1.dirtied.saturating_sub(g0.dirtied) as f64 / guest_s,
+        rtts_ms,
+        tcp_mbps,
+        ft,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    NoFt,
+    Ft,
+    /// QEMU without COLO (the peer's baseline).
+    QemuPlain,
+    Colo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Metric {
+    WorkPerS,
+    AchievedPagesPerEpoch,
+    VmmDirtyPerEpoch,
+    RealEpochMs,
+    PauseP50Ms,
+    PauseP99Ms,
+    PauseMaxMs,
+    BytesPerDirtyPage,
+    KibPerEpoch,
+    CutEarlyPct,
+    RttP50Ms,
+    RttP99Ms,
+    RoundTrips,
+    TcpMbps,
+}
+
+/// A cell: (epoch ms, pages per epoch).
+type Cell = (u64, u64);
+
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<(Cell, Mode, Metric), Vec<f64>>,
+    failovers: Vec<FailoverSample>,
+    failures: Vec<String>,
+    notes: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FailoverSample {
+    icmp_ms: f64,
+    tcp_ms: f64,
+    backup_own_ms: Option<f64>,
+    reaped_ms: f64,
+}
+
+impl Results {
+    fn add(&mut self, cell: Cell, mode: Mode, metric: Metric, value: f64) {
+        self.samples
+            .entry((cell, mode, metric))
+            .or_default()
+            .push(value);
+    }
+
+    fn med(&self, cell: Cell, mode: Mode, metric: Metric) -> Option<f64> {
+        self.samples
+            .get(&(cell, mode, metric))
+            .and_then(|v| median(v))
+    }
+
+    fn count(&self, cell: Cell, mode: Mode, metric: Metric) -> usize {
+        self.samples.get(&(cell, mode, metric)).map_or(0, Vec::len)
+    }
+
+    fn fail(&mut self, what: String) {
+        println!("  FAILED: {}", what.replace('\n', "\n    "));
+        self.failures.push(what);
+    }
+
+    /// Stores one case's figures under `cell`.
+    fn record(&mut self, cell: Cell, mode: Mode, r: &CaseResult) {
+        let (epoch_ms, _) = cell;
+        self.add(cell, mode, Metric::WorkPerS, r.work_per_s);
+        self.add(
+            cell,
+            mode,
+            Metric::AchievedPagesPerEpoch,
+            r.dirtied_per_s * epoch_ms as f64 / 1e3,
+        );
+        if let Some(p50) = percentile(&r.rtts_ms, 50.0) {
+            self.add(cell, mode, Metric::RttP50Ms, p50);
+        }
+        if let Some(p99) = percentile(&r.rtts_ms, 99.0) {
+            self.add(cell, mode, Metric::RttP99Ms, p99);
+        }
+        self.add(cell, mode, Metric::RoundTrips, r.rtts_ms.len() as f64);
+        if let Some(mbps) = r.tcp_mbps {
+            self.add(cell, mode, Metric::TcpMbps, mbps);
+        }
+        if let Some(ft) = &r.ft {
+            let epochs = ft.epochs as f64;
+            self.add(
+                cell,
+                mode,
+                Metric::VmmDirtyPerEpoch,
+                ft.vmm_dirty_pages as f64 / epochs,
+            );
+            self.add(cell, mode, Metric::RealEpochMs, ft.real_epoch_ms);
+            self.add(cell, mode, Metric::PauseP50Ms, ft.pause_p50_us as f64 / 1e3);
+            self.add(cell, mode, Metric::PauseP99Ms, ft.pause_p99_us as f64 / 1e3);
+            self.add(cell, mode, Metric::PauseMaxMs, ft.pause_max_us as f64 / 1e3);
+            if ft.vmm_dirty_pages > 0 {
+                self.add(
+                    cell,
+                    mode,
+                    Metric::BytesPerDirtyPage,
+                    ft.bytes as f64 / ft.vmm_dirty_pages as f64,
+                );
+            }
+            self.add(
+                cell,
+                mode,
+                Metric::KibPerEpoch,
+                ft.bytes as f64 / 1024.0 / epochs,
+            );
+            self.add(
+                cell,
+                mode,
+                Metric::CutEarlyPct,
+                ft.cut_early as f64 * 100.0 / epochs,
+            );
+        }
+    }
+}
+
+fn describe_case(r: &CaseResult) -> String {
+    let mut s = format!(
+        "work {:.1} M/s, dirtied {:.0} pages/s, {} round trips p50 {:.2} p99 {:.2} ms",
+        r.work_per_s / 1e6,
+        r.dirtied_per_s,
+        r.rtts_ms.len(),
+        percentile(&r.rtts_ms, 50.0).unwrap_or(f64::NAN),
+        percentile(&r.rtts_ms, 99.0).unwrap_or(f64::NAN),
+    );
+    if let Some(mbps) = r.tcp_mbps {
+        let _ = write!(s, ", tcp {mbps:.1} MB/s");
+    }
+    if let Some(ft) = &r.ft {
+        let _ = write!(
+            s,
+            "; {} epochs of {:.2} ms, {:.0} VMM-dirty pages/epoch, {:.0} B/dirty page, pause p50 {:.3} p99 {:.3} max {:.3} ms, {} cut early",
+            ft.epochs,
+            ft.real_epoch_ms,
+            ft.vmm_dirty_pages as f64 / ft.epochs as f64,
+            ft.bytes as f64 / ft.vmm_dirty_pages.max(1) as f64,
+            ft.pause_p50_us as f64 / 1e3,
+            ft.pause_p99_us as f64 / 1e3,
+            ft.pause_max_us as f64 / 1e3,
+            ft.cut_early
+        );
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runs
+// ---------------------------------------------------------------------------------------------
+
+/// Guest dirty rate (pages/s) for a cell.
+fn rate_of(cell: Cell) -> u64 {
+    let (epoch_ms, pages) = cell;
+    pages * 1000 / epoch_ms
+}
+
+/// Cells grouped by the guest dirty rate they need (one boot per rate).
+fn groups(opts: &Options) -> BTreeMap<u64, Vec<Cell>> {
+    let mut groups: BTreeMap<u64, Vec<Cell>> = BTreeMap::new();
+    for &pages in &opts.pages {
+        for &epoch in &opts.epochs {
+            groups
+                .entry(rate_of((epoch, pages)))
+                .or_default()
+                .push((epoch, pages));
+        }
+    }
+    groups
+}
+
+/// One boot: no FT and FT at each of `cells`' epochs, alternating, `opts.runs` times.
+fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: &mut Results) {
+    let cells_text: Vec<String> = cells
+        .iter()
+        .map(|(e, p)| format!("{p} pages/{e} ms"))
+        .collect();
+    log(&format!(
+        "guest dirtying {rate} pages/s ({})",
+        cells_text.join(", ")
+    ));
+    let mut primary = match lab.boot_primary(Side::A, rate) {
+        Ok(node) => node,
+        Err(e) => {
+            results.fail(format!("boot at {rate} pages/s: {e}"));
+            return;
+        }
+    };
+    let mut client = match SeqClient::connect(&lab.hosts.client) {
+        Ok(c) => c,
+        Err(e) => {
+            results.fail(format!(
+                "connect to the guest at {rate} pages/s: {e}\n{}",
+                primary.diagnose("connect")
+            ));
+            return;
+        }
+    };
+    let with_tcp = cells.iter().any(|c| TCP_CELLS.contains(c));
+    for run in 1..=opts.runs {
+        let mut order: Vec<Option<Cell>> = std::iter::once(None)
+            .chain(cells.iter().copied().map(Some))
+            .collect();
+        if run % 2 == 0 {
+            order.reverse();
+        }
+        for case in order {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                return;
+            }
+            let label = match case {
+                None => format!("run {run} {rate:>6} pages/s  no FT"),
+                Some((e, p)) => {
+                    format!("run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch)")
+                }
+            };
+            let outcome = match case {
+                None => {
+                    let setup = CaseSetup {
+                        bins: &lab.bins,
+                        client_ns: &lab.hosts.client,
+                        ft_socket: None,
+                        think_max: Duration::ZERO,
+                        tcp: with_tcp,
+                    };
+                    measure_case(&setup, &mut client, opts)
+                }
+                .map(|r| {
+                    log(&format!("  {label}: {}", describe_case(&r)));
+                    for &cell in cells {
+                        results.record(cell, Mode::NoFt, &r);
+                    }
+                }),
+                Some(cell) => ft_case(lab, &primary, &mut client, cell, opts).map(|r| {
+                    log(&format!("  {label}: {}", describe_case(&r)));
+                    results.record(cell, Mode::Ft, &r);
+                }),
+            };
+            if let Err(e) = outcome {
+                results.fail(format!("{label}: {e}"));
+                if let Some(status) = primary.vmm.poll_exit() {
+                    results.fail(primary.diagnose(&format!(
+                        "the primary exited ({status}); the rest of this rate is skipped"
+                    )));
+                    return;
+                }
+                // The connection may be unusable after a failure: start a new one.
+                match SeqClient::connect(&lab.hosts.client) {
+                    Ok(c) => client = c,
+                    Err(e) => {
+                        results.fail(format!("reconnect to the guest: {e}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = guest_check(&mut client) {
+        results.fail(format!("guest self-check at {rate} pages/s: {e}"));
+    }
+    primary.vmm.kill();
+}
+
+/// The guest's own check of its memory pattern and the sequence.
+fn guest_check(client: &mut SeqClient) -> Res<()> {
+    let reply = client.command("check")?;
+    if reply.starts_with("ok ") {
+        Ok(())
+    } else {
+        Err(format!("check answered {reply:?}"))
+    }
+}
+
+fn ft_case(
+    lab: &mut Lab,
+    primary: &Node,
+    client: &mut SeqClient,
+    cell: Cell,
+    opts: &Options,
+) -> Res<CaseResult> {
+    let backup = lab.protect(primary, cell.0, Some(opts.heartbeat_timeout_ms))?;
+    let tcp = TCP_CELLS.contains(&cell);
+    let setup = CaseSetup {
+        bins: &lab.bins,
+        client_ns: &lab.hosts.client,
+        ft_socket: Some(&primary.socket),
+        think_max: Duration::from_millis(cell.0),
+        tcp,
+    };
+    let measured = measure_case(&setup, client, opts);
+    let measured = measured.map_err(|e| {
+        format!(
+            "{e}\n{}\n{}",
+            primary.diagnose("FT case"),
+            backup.diagnose("FT case")
+        )
+    });
+    let ended = lab.unprotect(primary, backup);
+    let result = measured?;
+    ended?;
+    Ok(result)
+}
+
+/// What the client and the guest say about a connection that stopped after a failover: the
+/// client's TCP state (`ss`) and the guest's own sequence number on a new connection. A guest
+/// behind the client's last answer means the client saw output the backup never had.
+fn stall_diagnosis(client_ns: &NetNs, client_last_seq: u64) -> String {
+    let ss = Command::new("ip")
+        .args(["netns", "exec", client_ns.name(), "ss", "-tino", "dst"])
+        .arg(format!("{GUEST_IP}"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("ss: {e}"));
+    let guest = SeqClient::connect(client_ns).and_then(|mut c| c.command("stats"));
+    format!(
+        "client: last answered seq {client_last_seq}; guest on a new connection: {guest:?}\nclient TCP state:\n{ss}"
+    )
+}
+
+/// Kill -9 of the primary under load, `opts.failovers` times, the roles swapping each time.
+fn run_failovers(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()> {
+    let rate = rate_of((FAILOVER_EPOCH_MS, FAILOVER_PAGES));
+    log(&format!(
+        "failover: {} kill(s) of the primary, {FAILOVER_EPOCH_MS} ms epochs, guest dirtying {rate} pages/s",
+        opts.failovers
+    ));
+    let mut primary = lab.boot_primary(Side::A, rate)?;
+    let client = SeqClient::connect(&lab.hosts.client)?;
+    let load = ReqLoad::start(client);
+    for rep in 1..=opts.failovers {
+        check_interrupted()?;
+        let backup = lab.protect(&primary, FAILOVER_EPOCH_MS, None)?;
+        nap(Duration::from_millis(if opts.quick { 500 } else { 1000 }))?;
+        if let Some(e) = load.error() {
+            return Err(format!("request load before kill {rep}: {e}"));
+        }
+        let ident = (std::process::id() as u16) ^ (rep as u16).wrapping_mul(0x101);
+        let pinger = Pinger::start(&lab.hosts.client, GUEST_IP, ident)?;
+        // Pings and requests must both be answered before the kill.
+        let answered_at_start = load.answered();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            nap(Duration::from_millis(100))?;
+            if pinger.replies() > 0 && load.answered() > answered_at_start {
+                break;
+            }
+            if let Some(e) = load.error() {
+                return Err(format!("request load before kill {rep}: {e}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "before kill {rep}: in 5 s {} ICMP echo replies and {} answered requests from the protected guest\n{}\n{}",
+                    pinger.replies(),
+                    load.answered() - answered_at_start,
+                    primary.diagnose("before the kill"),
+                    backup.diagnose("before the kill")
+                ));
+            }
+        }
+        let answered_before = load.answered();
+        let killed = Instant::now();
+        primary.vmm.kill();
+        let reaped_ms = killed.elapsed().as_secs_f64() * 1e3;
+        // Once SIGKILL has taken effect no thread of the primary runs again, so a probe sent
+        // after that can only be answered by the backup; the margin covers signal delivery.
+        let only_backup_answers = killed + KILL_MARGIN;
+        let mut took_over: Option<(f64, Option<u64>)> = None;
+        let deadline = killed + FAILOVER_TIMEOUT;
+        let (icmp, tcp) = loop {
+            check_interrupted()?;
+            if took_over.is_none() {
+                let status = ft_status(&lab.bins, &backup.socket)?;
+                match status.health.as_str() {
+                    "took_over" => {
+                        took_over = Some((
+                            killed.elapsed().as_secs_f64() * 1e3,
+                            status.last_failover_ms,
+                        ))
+                    }
+                    "failed" | "fenced" => {
+                        return Err(format!(
+                            "the backup did not take over: {} ({:?})\n{}",
+                            status.health,
+                            status.last_error,
+                            backup.diagnose("failover")
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            let icmp = pinger.first_answer_after(only_backup_answers, killed);
+            let tcp = load.first_answer_to_request_after(only_backup_answers, killed);
+            if let (Some(icmp), Some(tcp), Some(_)) = (icmp, tcp, took_over) {
+                break (icmp, tcp);
+            }
+            if let Some(e) = load.error() {
+                return Err(format!("request load after kill {rep}: {e}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "kill {rep}: after {FAILOVER_TIMEOUT:?}: took over {took_over:?}, first ICMP answer {icmp:?}, first TCP answer {tcp:?} ({} requests answered before the kill, {} now)\n{}\n{}",
+                    answered_before,
+                    load.answered(),
+                    stall_diagnosis(&lab.hosts.client, load.last_seq.load(Ordering::SeqCst)),
+                    backup.diagnose("failover")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        drop(pinger);
+        let (seen_ms, own_ms) = took_over.unwrap_or((f64::NAN, None));
+        // Why the backup gave up on the primary (connection closed or heartbeat timeout).
+        let stderr = backup.vmm.stderr();
+        let reason = stderr
+            .lines()
+            .find_map(|l| l.split_once("FT: primary lost (").map(|(_, r)| r))
+            .and_then(|r| r.rsplit_once("); taking over").map(|(r, _)| r.to_string()))
+            .unwrap_or_else(|| "reason not logged".into());
+        let sample = FailoverSample {
+            icmp_ms: icmp.as_secs_f64() * 1e3,
+            tcp_ms: tcp.as_secs_f64() * 1e3,
+            backup_own_ms: own_ms.map(|v| v as f64),
+            reaped_ms,
+        };
+        log(&format!(
+            "  kill {rep}: primary reaped after {reaped_ms:.1} ms, first ICMP answer {:.1} ms, first TCP answer to a new request {:.1} ms, backup: {reason}, then -> running in {} ms (took_over seen via the API after {:.1} ms)",
+            sample.icmp_ms,
+            sample.tcp_ms,
+            own_ms.map_or("?".to_string(), |v| v.to_string()),
+            seen_ms
+        ));
+        results.failovers.push(sample);
+        primary = backup;
+    }
+    let mut client = load.stop()?;
+    guest_check(&mut client).map_err(|e| format!("guest self-check after the failovers: {e}"))?;
+    primary.vmm.kill();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer: QEMU COLO (diskless pair on this machine, over loopback)
+// ---------------------------------------------------------------------------------------------
+
+const QEMU: &str = "qemu-system-x86_64";
+/// Cells measured under QEMU COLO too; the epoch is COLO's periodic checkpoint interval
+/// (`x-checkpoint-delay`). COLO also checkpoints whenever the two copies' output differs.
+const COLO_CELLS: [Cell; 2] = [(10, 0), (10, 1000)];
+const COLO_FIRST_PORT: u16 = 9100;
+
+/// A QMP connection: JSON lines over a Unix socket.
+struct Qmp {
+    reader: std::io::BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path, vm: &mut Vmm) -> Res<Qmp> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let stream = loop {
+            check_interrupted()?;
+            if let Ok(s) = UnixStream::connect(path) {
+                break s;
+            }
+            if let Some(status) = vm.poll_exit() {
+                return Err(vm.diagnose(&format!("QEMU exited ({status}) before its QMP socket")));
+            }
+            if Instant::now() >= deadline {
+                return Err(vm.diagnose("the QMP socket never appeared"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        stream
+            .set_read_timeout(Some(STEP_TIMEOUT))
+            .map_err(|e| format!("QMP socket: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
+        let mut qmp = Qmp {
+            reader: std::io::BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(format!("unexpected QMP greeting {greeting}"));
+        }
+        qmp.cmd("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    fn line(&mut self) -> Res<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QMP connection closed".into()),
+            Ok(_) => Ok(line),
+            Err(e) => Err(format!("QMP read: {e}")),
+        }
+    }
+
+    /// Runs a command and returns its `return` value (events in between are skipped).
+    fn cmd(&mut self, name: &str, args: Option<serde_json::Value>) -> Res<serde_json::Value> {
+        let mut msg = serde_json::json!({ "execute": name });
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        writeln!(self.writer, "{msg}").map_err(|e| format!("QMP {name}: {e}"))?;
+        loop {
+            let line = self.line()?;
+            let reply: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| format!("QMP {name}: {e}: {line}"))?;
+            if let Some(error) = reply.get("error") {
+                return Err(format!("QMP {name}: {error}"));
+            }
+            if let Some(value) = reply.get("return") {
+                return Ok(value.clone());
+            }
+        }
+    }
+}
+
+/// `Ok` when this QEMU has the objects a diskless COLO pair needs (the `x-colo` migration
+/// capability is checked when the pair is set up), else why not.
+fn colo_support() -> Res<String> {
+    let out = Command::new(QEMU)
+        .args(["-object", "help"])
+        .output()
+        .map_err(|e| format!("{QEMU} cannot be started: {e}"))?;
+    let objects = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = [
+        "colo-compare",
+        "filter-mirror",
+        "filter-redirector",
+        "filter-rewriter",
+        "iothread",
+    ]
+    .into_iter()
+    .filter(|o| !objects.lines().any(|l| l.trim() == *o))
+    .collect();
+    if !missing.is_empty() {
+        return Err(format!("{QEMU} lacks {}", missing.join(", ")));
+    }
+    let version = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown version".into());
+    Ok(version)
+}
+
+/// A namespace holding QEMU's guest TAP (tapp, the client's side: 192.168.249.1) and the COLO
+/// secondary's TAP (taps, connected to nothing: the secondary's traffic goes through the
+/// primary's filters).
+struct ColoLab {
+    ns: NetNs,
+    dir: TempDir,
+    guest: PathBuf,
+    sessions: u16,
+}
+
+impl ColoLab {
+    fn new(guest: &Path) -> Res<ColoLab> {
+        let ns = NetNs::new("bftcolo").map_err(|e| e.to_string())?;
+        for args in [
+            &["tuntap", "add", "tapp", "mode", "tap"][..],
+            &["addr", "add", "192.168.249.1/24", "dev", "tapp"],
+            &["link", "set", "tapp", "up"],
+            &["tuntap", "add", "taps", "mode", "tap"],
+            &["link", "set", "taps", "up"],
+        ] {
+            ns.ip(args).map_err(|e| e.to_string())?;
+        }
+        let dir = TempDir::new("bench_ft_colo").map_err(|e| e.to_string())?;
+        Ok(ColoLab {
+            ns,
+            dir,
+            guest: guest.to_path_buf(),
+            sessions: 0,
+        })
+    }
+
+    /// Starts QEMU microvm with the ft workload on `tap`; returns it and its QMP connection.
+    fn qemu(&self, name: &str, tap: &str, rate: u64, extra: &[String]) -> Res<(Vmm, Qmp)> {
+        let qmp_path = self.dir.join(&format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&qmp_path);
+        let guest = self.guest.to_str().ok_or("guest path is not UTF-8")?;
+        let qmp_arg = format!(
+            "unix:{},server=on,wait=off",
+            qmp_path.to_str().ok_or("QMP path is not UTF-8")?
+        );
+        let cmdline = format!(
+            "workload=ft net.ip={GUEST_IP}/24 ft.dirty_rate={rate} ft.dirty_mib={DIRTY_REGION_MIB}"
+        );
+        // -arch-capabilities: QEMU 7.2 aborts writing MSR 0x10a under this machine's KVM.
+        // acpi=off: microvm then names the virtio-mmio devices on the command line (the guest
+        // finds them there). vnet_hdr=off: colo-compare cannot parse frames with a vnet header
+        // unless every filter is told about it.
+        let netdev =
+            format!("tap,id=hn0,ifname={tap},script=no,downscript=no,vhost=off,vnet_hdr=off");
+        let device = format!("virtio-net-device,netdev=hn0,mac={GUEST_MAC}");
+        let mut vm = Vmm::builder(name)
+            .program(Path::new(QEMU))
+            .wrapped_in(self.ns.exec_prefix())
+            .args([
+                "-M",
+                "microvm,acpi=off",
+                "-enable-kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-m",
+                GUEST_MEMORY,
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-global",
+                "virtio-mmio.force-legacy=false",
+                "-kernel",
+                guest,
+                "-append",
+                &cmdline,
+                "-qmp",
+                &qmp_arg,
+                "-netdev",
+                &netdev,
+                "-device",
+                &device,
+            ])
+            .args(extra)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let qmp = Qmp::connect(&qmp_path, &mut vm)?;
+        Ok((vm, qmp))
+    }
+
+    /// QEMU alone (no COLO): the baseline of the COLO figures.
+    fn plain_case(&mut self, bins: &Binaries, rate: u64, opts: &Options) -> Res<CaseResult> {
+        let (mut vm, _qmp) = self.qemu("qemu-plain", "tapp", rate, &[])?;
+        vm.wait_for("ft: ready", STEP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let mut client = SeqClient::connect(&self.ns)?;
+        let setup = CaseSetup {
+            bins,
+            client_ns: &self.ns,
+            ft_socket: None,
+            think_max: Duration::ZERO,
+            tcp: false,
+        };
+        let result = measure_case(&setup, &mut client, opts)
+            .map_err(|e| format!("{e}\n{}", vm.diagnose("QEMU case")));
+        vm.kill();
+        result
+    }
+
+    /// A COLO pair checkpointing every `epoch_ms` (and on every output mismatch).
+    fn colo_case(
+        &mut self,
+        bins: &Binaries,
+        rate: u64,
+        epoch_ms: u64,
+        opts: &Options,
+    ) -> Res<CaseResult> {
+        // Fresh ports per pair: nothing waits for the previous pair's sockets to go away.
+        let base = COLO_FIRST_PORT + 10 * (self.sessions % 80);
+        self.sessions += 1;
+        let port = |n: u16| base + n;
+        let primary_extra: Vec<String> = [
+            format!("socket,id=mirror0,host=127.0.0.1,port={},server=on,wait=off", port(3)),
+            format!("socket,id=compare1,host=127.0.0.1,port={},server=on,wait=off", port(4)),
+            format!("socket,id=compare0,host=127.0.0.1,port={},server=on,wait=off", port(1)),
+            format!("socket,id=compare0-0,host=127.0.0.1,port={}", port(1)),
+            format!("socket,id=compare_out,host=127.0.0.1,port={},server=on,wait=off", port(5)),
+            format!("socket,id=compare_out0,host=127.0.0.1,port={}", port(5)),
+        ]
+        .into_iter()
+        .flat_map(|c| ["-chardev".to_string(), c])
+        .chain(
+            [
+                "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
+                "filter-redirector,netdev=hn0,id=redire0,queue=rx,indev=compare_out",
+                "filter-redirector,netdev=hn0,id=redire1,queue=rx,outdev=compare0",
+                "iothread,id=iothread1",
+                "colo-compare,id=comp0,primary_in=compare0-0,secondary_in=compare1,outdev=compare_out0,iothread=iothread1",
+            ]
+            .into_iter()
+            .flat_map(|o| ["-object".to_string(), o.to_string()]),
+        )
+        .collect();
+        let secondary_extra: Vec<String> = vec![
+            "-chardev".into(),
+            format!("socket,id=red0,host=127.0.0.1,port={},reconnect=1", port(3)),
+            "-chardev".into(),
+            format!("socket,id=red1,host=127.0.0.1,port={},reconnect=1", port(4)),
+            "-object".into(),
+            "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0".into(),
+            "-object".into(),
+            "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1".into(),
+            "-object".into(),
+            "filter-rewriter,id=rew0,netdev=hn0,queue=all".into(),
+            "-incoming".into(),
+            format!("tcp:127.0.0.1:{}", port(8)),
+        ];
+        // The primary first: its filter sockets listen before the secondary connects to them.
+        let (mut primary, mut qmp_p) = self.qemu("colo-primary", "tapp", rate, &primary_extra)?;
+        let (secondary, mut qmp_s) = self.qemu("colo-secondary", "taps", rate, &secondary_extra)?;
+        let diagnose =
+            |what: &str, p: &Vmm, s: &Vmm| format!("{}\n{}", p.diagnose(what), s.diagnose(what));
+        primary
+            .wait_for("ft: ready", STEP_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let colo =
+            serde_json::json!({ "capabilities": [{ "capability": "x-colo", "state": true }] });
+        qmp_s.cmd("migrate-set-capabilities", Some(colo.clone()))?;
+        qmp_p.cmd("migrate-set-capabilities", Some(colo))?;
+        qmp_p.cmd(
+            "migrate-set-parameters",
+            Some(
+                serde_json::json!({ "x-checkpoint-delay": epoch_ms, "max-bandwidth": 1u64 << 40 }),
+            ),
+        )?;
+        qmp_p.cmd(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("tcp:127.0.0.1:{}", port(8)) })),
+        )?;
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            check_interrupted()?;
+            let status = qmp_p.cmd("query-migrate", None)?;
+            match status["status"].as_str() {
+                Some("colo") => break,
+                Some("failed") | Some("cancelled") | Some("completed") => {
+                    return Err(format!(
+                        "COLO did not start: query-migrate {status}\n{}",
+                        diagnose("COLO start", &primary, &secondary)
+                    ))
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "COLO did not start within {STEP_TIMEOUT:?}: query-migrate {status}"
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let mut client = SeqClient::connect(&self.ns)?;
+        let setup = CaseSetup {
+            bins,
+            client_ns: &self.ns,
+            ft_socket: None,
+            think_max: Duration::from_millis(epoch_ms),
+            tcp: false,
+        };
+        let result = measure_case(&setup, &mut client, opts)
+            .map_err(|e| format!("{e}\n{}", diagnose("COLO case", &primary, &secondary)))?;
+        // Still a COLO pair at the end (no failover happened on the way)?
+        let mode = qmp_p.cmd("query-colo-status", None)?;
+        if mode["mode"] != "primary" {
+            return Err(format!(
+                "the COLO pair broke up during the case: query-colo-status {mode}\n{}",
+                diagnose("COLO end", &primary, &secondary)
+            ));
+        }
+        Ok(result)
+    }
+}
+
+/// QEMU alone and QEMU COLO, alternating, for the cells in [`COLO_CELLS`] that this run
+/// measures. Returns the peer line for the report.
+fn run_colo(bins: &Binaries, opts: &Options, results: &mut Results) -> String {
+    let cells: Vec<Cell> = COLO_CELLS
+        .into_iter()
+        .filter(|(e, p)| opts.epochs.contains(e) && opts.pages.contains(p))
+        .collect();
+    if cells.is_empty() {
+        return "no QEMU COLO column: none of its cells (10 ms x 0 and 1000 pages) is in this run"
+            .into();
+    }
+    let version = match colo_support() {
+        Ok(v) => v,
+        Err(why) => return format!("no QEMU COLO column: {why}"),
+    };
+    let mut lab = match ColoLab::new(&bins.guest) {
+        Ok(lab) => lab,
+        Err(e) => {
+            results.fail(format!("COLO lab: {e}"));
+            return format!("no QEMU COLO column: its namespace could not be set up ({e})");
+        }
+    };
+    log(&format!("peer: {version}, COLO pair vs QEMU alone"));
+    for run in 1..=opts.runs {
+        for &cell in &cells {
+            let rate = rate_of(cell);
+            let mut order = [Mode::QemuPlain, Mode::Colo];
+            if run % 2 == 0 {
+                order.reverse();
+            }
+            for mode in order {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    return "interrupted".into();
+                }
+                let label = match mode {
+                    Mode::Colo => format!(
+                        "run {run} {rate:>6} pages/s  QEMU COLO {} ms ({} pages/epoch)",
+                        cell.0, cell.1
+                    ),
+                    _ => format!("run {run} {rate:>6} pages/s  QEMU alone"),
+                };
+                let outcome = match mode {
+                    Mode::Colo => lab.colo_case(bins, rate, cell.0, opts),
+                    _ => lab.plain_case(bins, rate, opts),
+                };
+                match outcome {
+                    Ok(r) => {
+                        log(&format!("  {label}: {}", describe_case(&r)));
+                        results.record(cell, mode, &r);
+                    }
+                    Err(e) => results.fail(format!("{label}: {e}")),
+                }
+            }
+        }
+    }
+    format!(
+        "{version} COLO: a diskless pair on loopback in one namespace (colo-compare, filter-mirror/redirector/rewriter; no disk, so no quorum/replication drivers), x-checkpoint-delay = epoch; compared with QEMU alone on the same guest; cells {}",
+        cells
+            .iter()
+            .map(|(e, p)| format!("{e} ms/{p} pages"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.decimals$}"),
+        _ => "-".into(),
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn machine() -> Vec<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let pvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        "loaded"
+    } else {
+        "not loaded"
+    };
+    vec![
+        format!("nproc: {cores}"),
+        format!("cpu: {cpu}"),
+        format!("kernel: {}", read_trimmed("/proc/sys/kernel/osrelease")),
+        format!("kvm_pvm: {pvm}"),
+    ]
+}
+
+fn loadavg() -> String {
+    read_trimmed("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Other processes using CPU now (a build or a test run beside the benchmark).
+fn other_load() -> String {
+    let Ok(out) = Command::new("ps")
+        .args(["-eo", "pcpu=,comm=", "--sort=-pcpu"])
+        .output()
+    else {
+        return String::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .take(8)
+        .filter_map(|l| {
+            let (pcpu, comm) = l.trim().split_once(' ')?;
+            let pcpu: f64 = pcpu.parse().ok()?;
+            let comm = comm.trim();
+            (pcpu >= 20.0 && !["ps", "bench_ft", "cloud-hypervisor"].contains(&comm))
+                .then(|| format!("{comm} {pcpu}%"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                // The first column names the row: left-aligned; figures right-aligned.
+                if i == 0 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let head = line(header.iter().map(|h| h.to_string()).collect());
+    println!("{head}");
+    println!("{}", "-".repeat(head.len()));
+    for row in rows {
+        println!("{}", line(row.clone()));
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "MISSED"
+    }
+}
+
+struct Report<'a> {
+    opts: &'a Options,
+    results: &'a Results,
+    load_before: String,
+    peer_note: String,
+    elapsed: Duration,
+}
+
+impl Report<'_> {
+    fn cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for &epoch in &self.opts.epochs {
+            for &pages in &self.opts.pages {
+                cells.push((epoch, pages));
+            }
+        }
+        cells
+    }
+
+    fn print(&self) {
+        let r = self.results;
+        let o = self.opts;
+        println!();
+        println!(
+            "FT benchmark: test guest workload=ft, 1 vCPU, {GUEST_MEMORY}iB, {DIRTY_REGION_MIB} MiB dirty region; primary and backup VMMs in two network namespaces on this machine; {} run(s) per case, median; {:.1} s work window, {} round trips per case; took {:.0} s",
+            o.runs,
+            o.window.as_secs_f64(),
+            o.round_trips,
+            self.elapsed.as_secs_f64()
+        );
+        for line in machine() {
+            println!("  {line}");
+        }
+        println!(
+            "  load average (1/5/15 min) before: {}, after: {}",
+            self.load_before,
+            loadavg()
+        );
+        let busy = other_load();
+        if !busy.is_empty() {
+            println!("  other busy processes at the end (numbers are noisy): {busy}");
+        }
+        println!("  peer: {}", self.peer_note);
+        if o.cells {
+            self.print_cells();
+            self.print_peer();
+        }
+        self.print_failover();
+        self.print_targets();
+        if !r.notes.is_empty() {
+            println!("\nnotes:");
+            for n in &r.notes {
+                println!("  {n}");
+            }
+        }
+        if !r.failures.is_empty() {
+            println!("\n{} failure(s):", r.failures.len());
+            for f in &r.failures {
+                println!("  {}", f.replace('\n', "\n    "));
+            }
+        }
+    }
+
+    fn print_cells(&self) {
+        let r = self.results;
+        let cells = self.cells();
+        println!();
+        println!("Epochs, pauses and replication traffic (FT cases). pages/ep = pages per epoch;");
+        println!("  asked = the guest's dirty rate was set for this many; achieved = what it dirtied (by its own");
+        println!("  stats) x the nominal epoch; VMM dirty = pages the VMM found dirty per real epoch (the");
+        println!("  region plus the guest's stacks, rings, socket buffers); pause = guest stopped per epoch");
+        println!("  (ft-status p50/p99/max of the case's session); B/dirty pg = bytes sent / VMM-dirty pages");
+        println!(
+            "  (4096 = raw page; less = LZ4/zero pages; includes per-epoch state and framing)"
+        );
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "achieved FT",
+            "achieved noFT",
+            "VMM dirty/ep",
+            "real epoch ms",
+            "pause p50 ms",
+            "pause p99 ms",
+            "pause max ms",
+            "B/dirty pg",
+            "KiB/epoch",
+            "cut early %",
+            "runs",
+        ];
+        let rows: Vec<Vec<String>> = cells
+            .iter()
+            .map(|&c| {
+                let m = |mode, metric, d| fmt(r.med(c, mode, metric), d);
+                vec![
+                    c.0.to_string(),
+                    c.1.to_string(),
+                    m(Mode::Ft, Metric::AchievedPagesPerEpoch, 0),
+                    m(Mode::NoFt, Metric::AchievedPagesPerEpoch, 0),
+                    m(Mode::Ft, Metric::VmmDirtyPerEpoch, 0),
+                    m(Mode::Ft, Metric::RealEpochMs, 2),
+                    m(Mode::Ft, Metric::PauseP50Ms, 3),
+                    m(Mode::Ft, Metric::PauseP99Ms, 3),
+                    m(Mode::Ft, Metric::PauseMaxMs, 3),
+                    m(Mode::Ft, Metric::BytesPerDirtyPage, 0),
+                    m(Mode::Ft, Metric::KibPerEpoch, 1),
+                    m(Mode::Ft, Metric::CutEarlyPct, 1),
+                    format!(
+                        "{}/{}",
+                        r.count(c, Mode::Ft, Metric::WorkPerS),
+                        self.opts.runs
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+
+        println!();
+        println!("Runtime overhead: guest work (compute-loop iterations) per second of its own clock, same");
+        println!("  guest and dirty rate with and without FT; overhead = 1 - FT/noFT");
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "work/s noFT (M)",
+            "work/s FT (M)",
+            "FT/noFT",
+            "overhead %",
+            "runs noFT/FT",
+        ];
+        let rows: Vec<Vec<String>> = cells
+            .iter()
+            .map(|&c| {
+                let no = r.med(c, Mode::NoFt, Metric::WorkPerS);
+                let ft = r.med(c, Mode::Ft, Metric::WorkPerS);
+                let ratio = match (no, ft) {
+                    (Some(n), Some(f)) if n > 0.0 => Some(f / n),
+                    _ => None,
+                };
+                vec![
+                    c.0.to_string(),
+                    c.1.to_string(),
+                    fmt(no.map(|v| v / 1e6), 1),
+                    fmt(ft.map(|v| v / 1e6), 1),
+                    fmt(ratio, 3),
+                    fmt(ratio.map(|x| (1.0 - x) * 100.0), 1),
+                    format!(
+                        "{}/{}",
+                        r.count(c, Mode::NoFt, Metric::WorkPerS),
+                        r.count(c, Mode::Ft, Metric::WorkPerS)
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+
+        println!();
+        println!("Output latency: `req` round trips on one connection from the client namespace, ms; under FT");
+        println!("  the reply is held until the backup has its epoch, and each request waits a random time in");
+        println!("  [0, epoch) first (independent arrivals); added = FT - noFT; target: added p99 <= epoch + 2 ms;");
+        println!(
+            "  n = round trips per case (median; at most {}, fewer when {:.0} s were not enough)",
+            self.opts.round_trips,
+            self.opts.latency_budget.as_secs_f64()
+        );
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "p50 noFT",
+            "p50 FT",
+            "p99 noFT",
+            "p99 FT",
+            "added p50",
+            "added p99",
+            "target",
+            "n noFT/FT",
+        ];
+        let rows: Vec<Vec<String>> = cells
+            .iter()
+            .map(|&c| {
+                let get = |mode, metric| r.med(c, mode, metric);
+                let added = |metric| match (get(Mode::Ft, metric), get(Mode::NoFt, metric)) {
+                    (Some(f), Some(n)) => Some(f - n),
+                    _ => None,
+                };
+                let added_p99 = added(Metric::RttP99Ms);
+                let limit = c.0 as f64 + TARGET_ADDED_LATENCY_SLACK_MS;
+                vec![
+                    c.0.to_string(),
+                    c.1.to_string(),
+                    fmt(get(Mode::NoFt, Metric::RttP50Ms), 2),
+                    fmt(get(Mode::Ft, Metric::RttP50Ms), 2),
+                    fmt(get(Mode::NoFt, Metric::RttP99Ms), 2),
+                    fmt(get(Mode::Ft, Metric::RttP99Ms), 2),
+                    fmt(added(Metric::RttP50Ms), 2),
+                    fmt(added_p99, 2),
+                    match added_p99 {
+                        Some(a) => {
+                            format!("<= {limit:.0}: {}", if a <= limit { "met" } else { "MISS" })
+                        }
+                        None => "-".into(),
+                    },
+                    format!(
+                        "{}/{}",
+                        fmt(get(Mode::NoFt, Metric::RoundTrips), 0),
+                        fmt(get(Mode::Ft, Metric::RoundTrips), 0)
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+
+        let tcp_rows: Vec<Vec<String>> = TCP_CELLS
+            .iter()
+            .filter(|c| self.opts.epochs.contains(&c.0) && self.opts.pages.contains(&c.1))
+            .map(|&c| {
+                let no = r.med(c, Mode::NoFt, Metric::TcpMbps);
+                let ft = r.med(c, Mode::Ft, Metric::TcpMbps);
+                let ratio = match (no, ft) {
+                    (Some(n), Some(f)) if n > 0.0 => Some(f / n),
+                    _ => None,
+                };
+                vec![
+                    c.0.to_string(),
+                    c.1.to_string(),
+                    fmt(no, 1),
+                    fmt(ft, 1),
+                    fmt(ratio, 3),
+                ]
+            })
+            .collect();
+        if !tcp_rows.is_empty() {
+            println!();
+            println!(
+                "TCP throughput client -> guest sink (port 7001, {} MiB or {:.0} s per case, first byte -> `got N`), MB/s",
+                self.opts.sink_mib,
+                self.opts.sink_budget.as_secs_f64()
+            );
+            println!();
+            print_table(
+                &["epoch ms", "asked pages/ep", "noFT", "FT", "FT/noFT"],
+                &tcp_rows,
+            );
+        }
+    }
+
+    fn print_peer(&self) {
+        let r = self.results;
+        let cells: Vec<Cell> = COLO_CELLS
+            .into_iter()
+            .filter(|&c| {
+                r.count(c, Mode::Colo, Metric::WorkPerS)
+                    + r.count(c, Mode::QemuPlain, Metric::WorkPerS)
+                    > 0
+            })
+            .collect();
+        if cells.is_empty() {
+            return;
+        }
+        println!();
+        println!(
+            "Peer: QEMU COLO on the same guest and client, each against its own VMM without FT"
+        );
+        println!("  (COLO: QEMU alone; ours: our VMM without FT). COLO checkpoints every epoch and whenever");
+        println!(
+            "  the primary's and the secondary's output differ; its secondary runs the guest too"
+        );
+        println!(
+            "  (a second busy vCPU on this 2-core machine). Round trips as in the latency table."
+        );
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "achieved COLO",
+            "work/s QEMU (M)",
+            "work/s COLO (M)",
+            "overhead COLO %",
+            "overhead ours %",
+            "p50 QEMU",
+            "p50 COLO",
+            "p99 QEMU",
+            "p99 COLO",
+            "added p99 COLO",
+            "added p99 ours",
+            "runs QEMU/COLO",
+        ];
+        let overhead = |c: Cell, base: Mode, ft: Mode| match (
+            r.med(c, base, Metric::WorkPerS),
+            r.med(c, ft, Metric::WorkPerS),
+        ) {
+            (Some(b), Some(f)) if b > 0.0 => Some((1.0 - f / b) * 100.0),
+            _ => None,
+        };
+        let added = |c: Cell, base: Mode, ft: Mode| match (
+            r.med(c, base, Metric::RttP99Ms),
+            r.med(c, ft, Metric::RttP99Ms),
+        ) {
+            (Some(b), Some(f)) => Some(f - b),
+            _ => None,
+        };
+        let rows: Vec<Vec<String>> = cells
+            .iter()
+            .map(|&c| {
+                let m = |mode, metric, d| fmt(r.med(c, mode, metric), d);
+                vec![
+                    c.0.to_string(),
+                    c.1.to_string(),
+                    m(Mode::Colo, Metric::AchievedPagesPerEpoch, 0),
+                    fmt(
+                        r.med(c, Mode::QemuPlain, Metric::WorkPerS).map(|v| v / 1e6),
+                        1,
+                    ),
+                    fmt(r.med(c, Mode::Colo, Metric::WorkPerS).map(|v| v / 1e6), 1),
+                    fmt(overhead(c, Mode::QemuPlain, Mode::Colo), 1),
+                    fmt(overhead(c, Mode::NoFt, Mode::Ft), 1),
+                    m(Mode::QemuPlain, Metric::RttP50Ms, 2),
+                    m(Mode::Colo, Metric::RttP50Ms, 2),
+                    m(Mode::QemuPlain, Metric::RttP99Ms, 2),
+                    m(Mode::Colo, Metric::RttP99Ms, 2),
+                    fmt(added(c, Mode::QemuPlain, Mode::Colo), 2),
+                    fmt(added(c, Mode::NoFt, Mode::Ft), 2),
+                    format!(
+                        "{}/{}",
+                        r.count(c, Mode::QemuPlain, Metric::WorkPerS),
+                        r.count(c, Mode::Colo, Metric::WorkPerS)
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+
+    fn failover_figures(&self) -> Option<(f64, f64)> {
+        let icmp: Vec<f64> = self.results.failovers.iter().map(|f| f.icmp_ms).collect();
+        Some((
+            median(&icmp)?,
+            icmp.iter().copied().fold(f64::MIN, f64::max),
+        ))
+    }
+
+    fn print_failover(&self) {
+        let f = &self.results.failovers;
+        if self.opts.failovers == 0 {
+            return;
+        }
+        println!();
+        println!(
+            "Failover: SIGKILL of the primary ({FAILOVER_EPOCH_MS} ms epochs, {FAILOVER_PAGES} pages/epoch, request load + 1 ms pings), ms, {}/{} kills",
+            f.len(),
+            self.opts.failovers
+        );
+        println!("  first ICMP answer = SIGKILL sent -> echo reply to the first ping sent 5 ms or more after it");
+        println!("  (only the backup can answer it; the target is judged on this); first TCP answer = the same");
+        println!(
+            "  for `req` on the client's connection (includes the client's TCP retransmission"
+        );
+        println!(
+            "  timeout, >= 200 ms on Linux, when the request in flight was lost); backup: its own"
+        );
+        println!("  last_failover_ms, from noticing the primary gone to the VM running; reaped = until the");
+        println!("  killed process was gone (its replication connection closes only then)");
+        println!();
+        let stat = |values: Vec<f64>| -> (String, String) {
+            let max = values.iter().copied().fold(f64::NAN, f64::max);
+            (fmt(median(&values), 1), fmt(Some(max), 1))
+        };
+        let rows = [
+            ("first ICMP answer", f.iter().map(|s| s.icmp_ms).collect()),
+            ("first TCP answer", f.iter().map(|s| s.tcp_ms).collect()),
+            (
+                "backup: primary lost -> VM running",
+                f.iter()
+                    .filter_map(|s| s.backup_own_ms)
+                    .collect::<Vec<f64>>(),
+            ),
+            (
+                "SIGKILL -> primary reaped",
+                f.iter().map(|s| s.reaped_ms).collect::<Vec<f64>>(),
+            ),
+        ];
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|(name, values)| {
+                let (med, max) = stat(values);
+                vec![name.to_string(), med, max]
+            })
+            .collect();
+        print_table(&["measure", "median", "max"], &rows);
+    }
+
+    fn print_targets(&self) {
+        let r = self.results;
+        println!();
+        println!("Targets (a miss is reported, not an error):");
+        if self.opts.cells {
+            for &epoch in &self.opts.epochs {
+                let cell = (epoch, TARGET_PAUSE_PAGES);
+                if !self.opts.pages.contains(&TARGET_PAUSE_PAGES) {
+                    break;
+                }
+                match (
+                    r.med(cell, Mode::Ft, Metric::PauseP50Ms),
+                    r.med(cell, Mode::Ft, Metric::PauseP99Ms),
+                ) {
+                    (Some(p50), Some(p99)) => println!(
+                        "  pause <= {TARGET_PAUSE_MS} ms at {TARGET_PAUSE_PAGES} pages/epoch, {epoch} ms epochs (achieved {} pages/epoch): median {p50:.3} ms {} by {:.3} ms; p99 {p99:.3} ms {} by {:.3} ms",
+                        fmt(r.med(cell, Mode::Ft, Metric::AchievedPagesPerEpoch), 0),
+                        verdict(p50 <= TARGET_PAUSE_MS),
+                        (TARGET_PAUSE_MS - p50).abs(),
+                        verdict(p99 <= TARGET_PAUSE_MS),
+                        (TARGET_PAUSE_MS - p99).abs(),
+                    ),
+                    _ => println!(
+                        "  pause <= {TARGET_PAUSE_MS} ms at {TARGET_PAUSE_PAGES} pages/epoch, {epoch} ms epochs: not measured"
+                    ),
+                }
+            }
+            let cell = TARGET_OVERHEAD_CELL;
+            match (
+                r.med(cell, Mode::NoFt, Metric::WorkPerS),
+                r.med(cell, Mode::Ft, Metric::WorkPerS),
+            ) {
+                (Some(no), Some(ft)) if no > 0.0 => {
+                    let overhead = (1.0 - ft / no) * 100.0;
+                    println!(
+                        "  overhead <= {TARGET_OVERHEAD_PCT} % at {} ms epochs, {} pages/epoch (achieved {}): {overhead:.1} % {} by {:.1} points",
+                        cell.0,
+                        cell.1,
+                        fmt(r.med(cell, Mode::Ft, Metric::AchievedPagesPerEpoch), 0),
+                        verdict(overhead <= TARGET_OVERHEAD_PCT),
+                        (TARGET_OVERHEAD_PCT - overhead).abs()
+                    );
+                }
+                _ => println!(
+                    "  overhead <= {TARGET_OVERHEAD_PCT} % at {} ms epochs, {} pages/epoch: not measured",
+                    cell.0, cell.1
+                ),
+            }
+            let mut met = 0;
+            let mut measured = 0;
+            let mut misses = Vec::new();
+            for c in self.cells() {
+                if let (Some(f), Some(n)) = (
+                    r.med(c, Mode::Ft, Metric::RttP99Ms),
+                    r.med(c, Mode::NoFt, Metric::RttP99Ms),
+                ) {
+                    measured += 1;
+                    let limit = c.0 as f64 + TARGET_ADDED_LATENCY_SLACK_MS;
+                    let added = f - n;
+                    if added <= limit {
+                        met += 1;
+                    } else {
+                        misses.push(format!(
+                            "{} ms/{} pages: +{added:.1} ms, over by {:.1} ms",
+                            c.0,
+                            c.1,
+                            added - limit
+                        ));
+                    }
+                }
+            }
+            let worst_margin = self
+                .cells()
+                .iter()
+                .filter_map(|&c| {
+                    let f = r.med(c, Mode::Ft, Metric::RttP99Ms)?;
+                    let n = r.med(c, Mode::NoFt, Metric::RttP99Ms)?;
+                    Some(c.0 as f64 + TARGET_ADDED_LATENCY_SLACK_MS - (f - n))
+                })
+                .fold(f64::INFINITY, f64::min);
+            if measured == 0 {
+                println!("  added p99 latency <= epoch + {TARGET_ADDED_LATENCY_SLACK_MS} ms: not measured");
+            } else if misses.is_empty() {
+                println!(
+                    "  added p99 latency <= epoch + {TARGET_ADDED_LATENCY_SLACK_MS} ms: MET in all {measured} cells (smallest margin {worst_margin:.1} ms)"
+                );
+            } else {
+                println!(
+                    "  added p99 latency <= epoch + {TARGET_ADDED_LATENCY_SLACK_MS} ms: MISSED in {} of {measured} cells ({met} met): {}",
+                    misses.len(),
+                    misses.join("; ")
+                );
+            }
+        }
+        if self.opts.failovers > 0 {
+            match self.failover_figures() {
+                Some((med, max)) => println!(
+                    "  failover <= {TARGET_FAILOVER_MS} ms (kill -9 -> first answer from the backup, detection included): median {med:.1} ms {} by {:.1} ms; max {max:.1} ms {} by {:.1} ms",
+                    verdict(med <= TARGET_FAILOVER_MS),
+                    (TARGET_FAILOVER_MS - med).abs(),
+                    verdict(max <= TARGET_FAILOVER_MS),
+                    (TARGET_FAILOVER_MS - max).abs()
+                ),
+                None => println!("  failover <= {TARGET_FAILOVER_MS} ms: not measured"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let opts = match Options::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench-ft: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(why) = kvm_available() {
+        println!("SKIP: bench-ft: {why} - the FT benchmark did NOT run");
+        return;
+    }
+    if !netns_or_skip("bench-ft") {
+        return;
+    }
+    install_signal_handlers();
+    let started = Instant::now();
+    let load_before = loadavg();
+    let mut results = Results::default();
+    let mut peer_note = "no QEMU COLO column: the run ended before it".to_string();
+    let outcome = run(&opts, &mut results, &mut peer_note);
+    if let Err(e) = outcome {
+        results.fail(e);
+    }
+    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+    Report {
+        opts: &opts,
+        results: &results,
+        load_before,
+        peer_note,
+        elapsed: started.elapsed(),
+    }
+    .print();
+    if interrupted {
+        println!("interrupted: partial results");
+        std::process::exit(130);
+    }
+    if !results.failures.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()> {
+    let bins = binaries()?;
+    let mut lab = Lab::new(bins)?;
+    log(&format!(
+        "namespaces {}, {}, {}; {} run(s) per case, no FT and FT alternating",
+        lab.hosts.client.name(),
+        lab.hosts.a.name(),
+        lab.hosts.b.name(),
+        opts.runs
+    ));
+    if opts.cells {
+        for (rate, cells) in groups(opts) {
+            check_interrupted()?;
+            run_group(&mut lab, rate, &cells, opts, results);
+        }
+    }
+    check_interrupted()?;
+    if opts.colo && opts.cells {
+        *peer_note = run_colo(&lab.bins, opts, results);
+    } else {
+        *peer_note = "no QEMU COLO column: not asked for (--no-colo or --no-cells)".into();
+    }
+    check_interrupted()?;
+    if opts.failovers > 0 {
+        if let Err(e) = run_failovers(&mut lab, opts, results) {
+            results.fail(format!("failover: {e}"));
+        }
+    }
+    Ok(())
+}
