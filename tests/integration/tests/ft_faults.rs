@@ -144,6 +144,16 @@ impl Pair {
     }
 }
 
+/// The common start: a pair with a witness in the client namespace, the guest booted with
+/// `cmdline` (64 MiB) on host A, and a VMM on host B that is not yet its backup.
+fn start(tag: &str, cmdline: &str) -> (Pair, Vmm, Node, Node) {
+    let mut pair = Pair::new(tag, 8);
+    let witness = start_witness(&pair.hosts.client);
+    let primary = pair.boot_primary(cmdline, "size=64M");
+    let backup = pair.spawn(Side::B, None, None);
+    (pair, witness, primary, backup)
+}
+
 fn ok(out: std::process::Output, what: &str) -> Result<(), String> {
     if out.status.success() {
         Ok(())
@@ -206,13 +216,10 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let mut rng = Rng::from_env();
-    let mut pair = Pair::new("k", 8);
-    let _witness = start_witness(&pair.hosts.client);
-    let mut primary = pair.boot_primary(
+    let (mut pair, _witness, mut primary, mut backup) = start(
+        "k",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=2000 ft.dirty_mib=4",
-        "size=64M",
     );
-    let mut backup = pair.spawn(Side::B, None, None);
     protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
     load.wait_progress(20, TIMEOUT)
@@ -315,13 +322,10 @@ fn a_cut_replication_link_leaves_exactly_one_copy_running() {
     require_kvm!();
     require_netns!();
     let _boot = kvm_serial_guard();
-    let mut pair = Pair::new("p", 8);
-    let _witness = start_witness(&pair.hosts.client);
-    let primary = pair.boot_primary(
+    let (pair, _witness, primary, backup) = start(
+        "p",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
-        "size=64M",
     );
-    let backup = pair.spawn(Side::B, None, None);
     protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
     load.wait_progress(20, TIMEOUT)
@@ -363,13 +367,10 @@ fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
     require_kvm!();
     require_netns!();
     let _boot = kvm_serial_guard();
-    let mut pair = Pair::new("s", 8);
-    let _witness = start_witness(&pair.hosts.client);
-    let mut primary = pair.boot_primary(
+    let (pair, _witness, mut primary, backup) = start(
+        "s",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=2000",
-        "size=64M",
     );
-    let backup = pair.spawn(Side::B, None, None);
     // The kernel here has no netem: a proxy delays the replication link by 20 ms each way.
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
@@ -490,13 +491,10 @@ fn a_corrupt_stream_makes_the_backup_give_up_without_taking_over() {
     require_kvm!();
     require_netns!();
     let _boot = kvm_serial_guard();
-    let mut pair = Pair::new("c", 8);
-    let _witness = start_witness(&pair.hosts.client);
-    let primary = pair.boot_primary(
+    let (pair, _witness, primary, backup) = start(
+        "c",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
-        "size=64M",
     );
-    let backup = pair.spawn(Side::B, None, None);
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
         ch_remote(&backup.socket, &["receive-ft", &url], None),
@@ -595,14 +593,11 @@ fn a_guest_reset_is_protected_again_and_still_fails_over() {
     require_kvm!();
     require_netns!();
     let _boot = kvm_serial_guard();
-    let mut pair = Pair::new("r", 8);
-    let _witness = start_witness(&pair.hosts.client);
     // `poweroff` ends the workload; `exit=reset` makes that a reset (a reboot of the VM).
-    let primary = pair.boot_primary(
+    let (pair, _witness, primary, backup) = start(
+        "rs",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=500 ft.dirty_mib=4 exit=reset",
-        "size=64M",
     );
-    let backup = pair.spawn(Side::B, None, None);
     protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let first = wait_status(&backup.socket, "health", &["protected"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
