@@ -172,7 +172,16 @@ fn connect_or_bind(path: &Path) -> Result<(UnixStream, Option<UnixListener>), Gr
         match UnixStream::connect(path) {
             Ok(stream) => return Ok((stream, None)),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                // A coordinator that ended without cleaning up (its VMM was killed).
+                // A coordinator that ended without cleaning up (its VMM was killed); anything
+                // but a socket at the path is the operator's and stays.
+                let is_socket = std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                if !is_socket {
+                    return Err(GroupError::Protocol {
+                        path: path.display().to_string(),
+                        message: "the path exists and is not a socket".into(),
+                    });
+                }
                 let _ = std::fs::remove_file(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1108,6 +1117,39 @@ mod tests {
             .starts_with("malformed"));
         assert!(reader.next::<PrimaryMsg>().unwrap_err().contains("longer"));
         drop(b);
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer writes on a group socket, reading it gives a message or an error.
+        #[test]
+        fn group_lines_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            b.write_all(&bytes).unwrap();
+            b.write_all(b"\n").unwrap();
+            drop(b);
+            let mut reader = LineReader::new(a);
+            let _ = reader.next::<PrimaryMsg>();
+            let (c, mut d) = UnixStream::pair().unwrap();
+            d.write_all(&bytes).unwrap();
+            d.write_all(b"\n").unwrap();
+            drop(d);
+            let _ = LineReader::new(c).next::<BackupMsg>();
+        }
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_socket_is_refused_and_kept() {
+        let (_dir, path) = socket_path("file");
+        std::fs::write(&path, b"precious").unwrap();
+        let err = PrimaryMember::join(&path, vec![], timing(), 1)
+            .err()
+            .expect("a regular file is no group");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        // A socket left by a killed coordinator is replaced.
+        let (_dir2, stale) = socket_path("stale");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(BackupMember::join(&stale).is_ok());
     }
 
     fn timing() -> GroupTiming {
