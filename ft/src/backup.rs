@@ -724,7 +724,14 @@ fn receive_epochs(
                     .disk_writes
                     .extend(writes.into_iter().map(|w| (disk, w)));
             }
-            Message::State { state_json } => pending.state = Some(state_json.to_vec()),
+            Message::State {
+                state_json,
+                compressed,
+            } => {
+                let json =
+                    Message::state_json(state_json, compressed).map_err(|e| e.to_string())?;
+                pending.state = Some(json.into_owned());
+            }
             Message::Control { payload } => {
                 match Control::decode(payload).map_err(|e| e.to_string())? {
                     Control::EpochEnd {

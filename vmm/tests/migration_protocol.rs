@@ -247,6 +247,43 @@ fn state_before_hello() {
 }
 
 #[test]
+fn compressed_state_round_trips_and_bad_lz4_state_is_refused() {
+    let state = DummyState {
+        epoch: 3,
+        regs: vec![7; 4096],
+    };
+    let json = serde_json::to_vec(&state).unwrap();
+    let packed = lz4_flex::block::compress_prepend_size(&json);
+    assert!(packed.len() < json.len() / 4);
+    let decoded = Message::state_json(&packed, true).unwrap();
+    assert_eq!(&decoded[..], &json[..]);
+    assert_eq!(&Message::state_json(&json, false).unwrap()[..], &json[..]);
+
+    let mut huge = packed.clone();
+    huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut short = packed.clone();
+    short[..4].copy_from_slice(&((json.len() + 1) as u32).to_le_bytes());
+    for (bad, why) in [
+        (vec![1, 2], "shorter than its length"),
+        (huge, "more than"),
+        (short, "decompresses to"),
+        (vec![16, 0, 0, 0, 0xff, 0xff], "LZ4 state"),
+    ] {
+        let (e, _) = feed(
+            &[hello(PROTOCOL_VERSION), (FrameType::State, 1, bad)],
+            32 << 20,
+        );
+        assert!(e.to_string().contains(why), "{why}: {e}");
+    }
+    // The flag is only for State and MemoryPages.
+    let (e, _) = feed(
+        &[hello(PROTOCOL_VERSION), (FrameType::Complete, 1, vec![])],
+        32 << 20,
+    );
+    assert!(e.to_string().contains("invalid flags"), "{e}");
+}
+
+#[test]
 fn complete_without_state() {
     let (e, _) = feed(
         &[hello(PROTOCOL_VERSION), (FrameType::Complete, 0, vec![])],

@@ -9,7 +9,7 @@
 //!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
 //!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control (the last two
 //!                      only in fault-tolerance streams; a migration receiver rejects them)
-//!      5     1  flags  bit 0 = LZ4 (MemoryPages only); other bits must be 0
+//!      5     1  flags  bit 0 = LZ4 (MemoryPages, State); other bits must be 0
 //!      6     2  reserved, 0
 //!      8     4  payload length (at most MAX_FRAME_PAYLOAD, checked before any allocation)
 //!     12     4  sequence number: 0, 1, 2, ... per direction
@@ -43,12 +43,16 @@ use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: State frames may be LZ4-compressed (a version-1 peer would refuse the flag mid-stream;
+/// Hello says it at once).
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
 /// Largest payload accepted; a header announcing more is rejected before reading on.
 pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
+/// Largest decompressed VM state accepted.
+pub const MAX_STATE_JSON: usize = 64 << 20;
 /// Most page entries one MemoryPages frame may carry (32 MiB of page data).
 pub const MAX_PAGES_PER_FRAME: usize = 8192;
 pub const FLAG_LZ4: u8 = 1;
@@ -96,7 +100,7 @@ impl FrameType {
 
     fn allowed_flags(self) -> u8 {
         match self {
-            Self::MemoryPages => FLAG_LZ4,
+            Self::MemoryPages | Self::State => FLAG_LZ4,
             _ => 0,
         }
     }
@@ -265,8 +269,11 @@ pub enum Message<'a> {
         iteration: u32,
         pages: u64,
     },
+    /// The state's JSON; with `compressed`, LZ4 with the JSON's length prepended (see
+    /// [`Message::state_json`]).
     State {
         state_json: &'a [u8],
+        compressed: bool,
     },
     Complete,
     Ack,
@@ -365,6 +372,36 @@ fn message_text(payload: &[u8]) -> String {
 }
 
 impl<'a> Message<'a> {
+    /// The JSON of a State frame, decompressed when it came compressed. The length LZ4 data
+    /// claims is checked against the frame limit before anything is allocated.
+    pub fn state_json(
+        payload: &[u8],
+        compressed: bool,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, ProtocolError> {
+        if !compressed {
+            return Ok(std::borrow::Cow::Borrowed(payload));
+        }
+        let bad = |why: String| ProtocolError::malformed(FrameType::State, why);
+        let (len, data) = match payload {
+            [a, b, c, d, data @ ..] => (u32::from_le_bytes([*a, *b, *c, *d]) as usize, data),
+            _ => return Err(bad("LZ4 state shorter than its length".into())),
+        };
+        if len > MAX_STATE_JSON {
+            return Err(bad(format!(
+                "LZ4 state claims {len} bytes, more than {MAX_STATE_JSON}"
+            )));
+        }
+        let mut json = vec![0u8; len];
+        let n = lz4_flex::block::decompress_into(data, &mut json)
+            .map_err(|e| bad(format!("LZ4 state: {e}")))?;
+        if n != len {
+            return Err(bad(format!(
+                "LZ4 state decompresses to {n} bytes, {len} claimed"
+            )));
+        }
+        Ok(std::borrow::Cow::Owned(json))
+    }
+
     /// Decodes and checks the payload of `frame`.
     pub fn parse(frame: &Frame<'a>) -> Result<Self, ProtocolError> {
         let p = frame.payload;
@@ -401,7 +438,10 @@ impl<'a> Message<'a> {
                     pages: le_u64(p, 8),
                 }
             }
-            FrameType::State => Message::State { state_json: p },
+            FrameType::State => Message::State {
+                state_json: p,
+                compressed: frame.flags & FLAG_LZ4 != 0,
+            },
             FrameType::Complete => {
                 fixed(0)?;
                 Message::Complete
@@ -652,6 +692,17 @@ fn write_small<T: Write>(
     kind: FrameType,
     payload: &[u8],
 ) -> io::Result<()> {
+    write_small_flagged(stream, seq, stats, kind, 0, payload)
+}
+
+fn write_small_flagged<T: Write>(
+    stream: &mut T,
+    seq: &mut u32,
+    stats: &mut TransferStats,
+    kind: FrameType,
+    flags: u8,
+    payload: &[u8],
+) -> io::Result<()> {
     if payload.len() > MAX_FRAME_PAYLOAD {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -661,7 +712,7 @@ fn write_small<T: Write>(
             ),
         ));
     }
-    let frame = encode_frame(kind, 0, *seq, payload);
+    let frame = encode_frame(kind, flags, *seq, payload);
     stream.write_all(&frame)?;
     stream.flush()?;
     *seq = seq.wrapping_add(1);
@@ -953,6 +1004,24 @@ impl<T: Read + Write> Sender<T> {
             what: "VM state",
             source,
         })?;
+        // Fault tolerance sends the state every epoch: tens of KiB of JSON that LZ4 shrinks
+        // several times over.
+        if self.options.compress {
+            let packed = lz4_flex::block::compress_prepend_size(&json);
+            if packed.len() < json.len() {
+                return match write_small_flagged(
+                    &mut self.stream,
+                    &mut self.seq,
+                    &mut self.stats,
+                    FrameType::State,
+                    FLAG_LZ4,
+                    &packed,
+                ) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(self.write_failed(e)),
+                };
+            }
+        }
         self.send_small(FrameType::State, &json)
     }
 
@@ -1167,14 +1236,21 @@ impl<T: Read + Write> Receiver<T> {
                     self.iteration = self.iteration.wrapping_add(1);
                     self.stats.iterations += 1;
                 }
-                (RecvPhase::Memory, Message::State { state_json }) => {
+                (
+                    RecvPhase::Memory,
+                    Message::State {
+                        state_json,
+                        compressed,
+                    },
+                ) => {
                     if self.pass_pages != 0 {
                         return Err(ProtocolError::UnexpectedFrame {
                             got: kind,
                             state: "in the middle of a memory pass (no MemoryDone)",
                         });
                     }
-                    state = Some(serde_json::from_slice(state_json).map_err(ProtocolError::State)?);
+                    let json = Message::state_json(state_json, compressed)?;
+                    state = Some(serde_json::from_slice(&json).map_err(ProtocolError::State)?);
                     self.phase = RecvPhase::AwaitComplete;
                 }
                 (RecvPhase::AwaitComplete, Message::Complete) => {
