@@ -30,6 +30,15 @@
 //! connection), the backup's own figure (`last_failover_ms`: primary lost -> VM running) and
 //! how long the killed process took to disappear (its connection to the backup closes then).
 //! The roles then swap (a new backup on the other host) for the next repetition.
+//! Groups (`--no-group` skips it): two VMs on host A (guests .21 and .22 on TAPs `tapvm` and
+//! `tapvm2`), each dirtying 250 pages per 10 ms epoch, booted once; in turn no FT, both
+//! protected separately (two sessions, a backup VMM each on host B) and both in one FT group.
+//! Each case measures relay round trips (`relay` to VM 1, which asks VM 2 for `req`: client ->
+//! VM 1 -> VM 2 -> VM 1 -> client) and then direct `req` round trips to VM 1, p50 and p99, each
+//! request after a random think time in [0, epoch) in all three cases (one run; twice the
+//! cells' round trips in three times their budget). Separately protected VMs hold every frame
+//! they send, the members of a group do not hold frames between each other: a relay should wait
+//! for about three epoch commits apart and one in a group.
 //! Peer: QEMU COLO on the same guest at 10 ms (x-checkpoint-delay) x 0 and 1000 pages: a
 //! diskless primary/secondary pair over loopback in a namespace of its own, against QEMU alone
 //! (work/s overhead and round-trip latency, measured as above).
@@ -66,6 +75,8 @@ use integration::{
 };
 
 type Res<T> = Result<T, String>;
+/// A guest's NIC: the TAP on its host, its IP, its MAC.
+type GuestNic = (&'static str, Ipv4Addr, &'static str);
 
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 249, 2);
 const GUEST_MAC: &str = "12:34:56:78:9a:bc";
@@ -97,6 +108,24 @@ const TARGET_ADDED_LATENCY_SLACK_MS: f64 = 2.0;
 const TARGET_FAILOVER_MS: f64 = 100.0;
 /// Cells that also measure TCP throughput (epoch ms, pages per epoch).
 const TCP_CELLS: [(u64, u64); 2] = [(10, 0), (10, 1000)];
+/// The groups section: epoch and pages per epoch of both VMs.
+const GROUP_EPOCH_MS: u64 = 10;
+const GROUP_PAGES: u64 = 250;
+/// The groups section's two VMs: TAP on host A, guest IP, MAC.
+const GROUP_VMS: [GuestNic; 2] = [
+    (
+        "tapvm",
+        Ipv4Addr::new(192, 168, 249, 21),
+        "12:34:56:78:9a:b0",
+    ),
+    (
+        "tapvm2",
+        Ipv4Addr::new(192, 168, 249, 22),
+        "12:34:56:78:9a:b1",
+    ),
+];
+/// The guest's control service (`req`, `relay`, `stats`).
+const SEQ_PORT: u16 = 7000;
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -118,13 +147,15 @@ struct Options {
     pages: Vec<u64>,
     cells: bool,
     colo: bool,
+    /// The groups section (relay latency: no FT, separate protection, one group).
+    group: bool,
     /// `--heartbeat-timeout-ms` for the cells (the failover runs use the default).
     heartbeat_timeout_ms: u64,
 }
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
-[--heartbeat-timeout-ms N]";
+[--no-group] [--heartbeat-timeout-ms N]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
     text.split(',')
@@ -148,6 +179,7 @@ impl Options {
         let mut pages = vec![0, 250, 1000, 4000];
         let mut cells = true;
         let mut colo = true;
+        let mut group = true;
         let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
         let mut i = 0;
         while i < args.len() {
@@ -182,6 +214,7 @@ impl Options {
                 "--pages" => pages = parse_list(value()?, "--pages")?,
                 "--no-cells" => cells = false,
                 "--no-colo" => colo = false,
+                "--no-group" => group = false,
                 "--heartbeat-timeout-ms" => {
                     heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
                 }
@@ -210,6 +243,7 @@ impl Options {
             pages,
             cells,
             colo,
+            group,
             heartbeat_timeout_ms,
         })
     }
@@ -370,6 +404,8 @@ struct FtStatus {
     epochs_cut_early: u64,
     last_failover_ms: Option<u64>,
     last_error: Option<String>,
+    /// Members of the VM's FT group (none when it is in no group).
+    group_members: Option<u64>,
 }
 
 fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
@@ -392,6 +428,7 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         epochs_cut_early: num("epochs_cut_early")?,
         last_failover_ms: v["last_failover_ms"].as_u64(),
         last_error: v["last_error"].as_str().map(str::to_string),
+        group_members: v["group_members"].as_u64(),
     })
 }
 
@@ -522,13 +559,18 @@ impl Lab {
 
     /// Boots the ft workload dirtying `dirty_rate` pages/s on `side`; waits for its services.
     fn boot_primary(&mut self, side: Side, dirty_rate: u64) -> Res<Node> {
+        self.boot_vm(side, dirty_rate, ("tapvm", GUEST_IP, GUEST_MAC))
+    }
+
+    /// [`Lab::boot_primary`] with the guest on `tap` at `ip` with `mac`.
+    fn boot_vm(&mut self, side: Side, dirty_rate: u64, (tap, ip, mac): GuestNic) -> Res<Node> {
         self.flush_bridges()?;
         let kernel = self.bins.guest.to_str().ok_or("guest path is not UTF-8")?;
         let kernel = kernel.to_string();
         let cmdline = format!(
-            "workload=ft net.ip={GUEST_IP}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB}"
+            "workload=ft net.ip={ip}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB}"
         );
-        let net = format!("tap=tapvm,mac={GUEST_MAC}");
+        let net = format!("tap={tap},mac={mac}");
         let memory = format!("size={GUEST_MEMORY}");
         let mut node = self.spawn_vmm(
             "primary",
@@ -555,12 +597,14 @@ impl Lab {
     }
 
     /// A fresh backup VMM on the other host, and `primary` protected by it at `epoch_ms`
-    /// (with the default heartbeat timeout unless `heartbeat_timeout_ms` is given).
+    /// (with the default heartbeat timeout unless `heartbeat_timeout_ms` is given), as a
+    /// member of `group` if given.
     fn protect(
         &mut self,
         primary: &Node,
         epoch_ms: u64,
         heartbeat_timeout_ms: Option<u64>,
+        group: Option<&GroupSockets>,
     ) -> Res<Node> {
         let port = self.next_port;
         // A fresh port per session: no listener ever waits for an old one's TIME_WAIT.
@@ -572,7 +616,11 @@ impl Lab {
         let backup_side = primary.side.other();
         let backup = self.spawn_vmm("backup", backup_side, &[])?;
         let listen = format!("tcp:{}:{port}", backup_side.addr());
-        ch_remote(&self.bins, &backup.socket, &["receive-ft", &listen])
+        let mut receive = vec!["receive-ft", listen.as_str()];
+        if let Some(g) = group {
+            receive.extend(["--group", g.backups.as_str()]);
+        }
+        ch_remote(&self.bins, &backup.socket, &receive)
             .map_err(|e| format!("{e}\n{}", backup.diagnose("receive-ft")))?;
         let peer = format!("{}:{port}", backup_side.addr());
         let epoch = epoch_ms.to_string();
@@ -580,6 +628,9 @@ impl Lab {
         let heartbeat = heartbeat_timeout_ms.map(|ms| ms.to_string());
         if let Some(ms) = &heartbeat {
             args.extend(["--heartbeat-timeout-ms", ms.as_str()]);
+        }
+        if let Some(g) = group {
+            args.extend(["--group", g.primaries.as_str()]);
         }
         ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
             format!(
@@ -670,15 +721,17 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<f64> {
     Ok(sent as f64 / elapsed.as_secs_f64() / 1e6)
 }
 
-/// Sequential `req` round trips (each reply checked to continue the sequence), in ms. Under
-/// FT each request waits a random time in [0, epoch) first: a request sent right after the
-/// previous reply was released would always arrive early in an epoch and wait for all of it,
-/// which measures the epoch length rather than the latency of independent requests.
+/// Sequential round trips of `request` (`req`, `relay`: each reply checked to continue the
+/// sequence), in ms. Under FT each request waits a random time in [0, epoch) first: a request
+/// sent right after the previous reply was released would always arrive early in an epoch and
+/// wait for all of it, which measures the epoch length rather than the latency of independent
+/// requests.
 fn round_trips(
     client: &mut SeqClient,
     count: usize,
     think_max: Duration,
     budget: Duration,
+    mut request: impl FnMut(&mut SeqClient) -> Res<u64>,
 ) -> Res<Vec<f64>> {
     let mut rtts = Vec::with_capacity(count);
     let mut rng = XorShift::from_clock();
@@ -699,7 +752,7 @@ fn round_trips(
             std::thread::sleep(Duration::from_nanos(rng.next() % nanos));
         }
         let t = Instant::now();
-        client.req()?;
+        request(client)?;
         if warming {
             warmup += 1;
         } else {
@@ -1060,7 +1113,13 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         return Err(format!("the guest made no progress: {g0:?} -> {g1:?}"));
     }
     let guest_s = guest_ms as f64 / 1e3;
-    let rtts_ms = round_trips(client, opts.round_trips, think_max, opts.latency_budget)?;
+    let rtts_ms = round_trips(
+        client,
+        opts.round_trips,
+        think_max,
+        opts.latency_budget,
+        SeqClient::req,
+    )?;
     let tcp_mbps = if setup.tcp {
         Some(sink_throughput(
             setup.client_ns,
@@ -1117,6 +1176,8 @@ type Cell = (u64, u64);
 struct Results {
     samples: BTreeMap<(Cell, Mode, Metric), Vec<f64>>,
     failovers: Vec<FailoverSample>,
+    /// The groups section, in the order measured.
+    group: Vec<GroupSample>,
     failures: Vec<String>,
     notes: Vec<String>,
 }
@@ -1370,7 +1431,7 @@ fn ft_case(
     cell: Cell,
     opts: &Options,
 ) -> Res<CaseResult> {
-    let backup = lab.protect(primary, cell.0, Some(opts.heartbeat_timeout_ms))?;
+    let backup = lab.protect(primary, cell.0, Some(opts.heartbeat_timeout_ms), None)?;
     let tcp = TCP_CELLS.contains(&cell);
     let setup = CaseSetup {
         bins: &lab.bins,
@@ -1421,7 +1482,7 @@ fn run_failovers(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()
     let load = ReqLoad::start(client);
     for rep in 1..=opts.failovers {
         check_interrupted()?;
-        let backup = lab.protect(&primary, FAILOVER_EPOCH_MS, None)?;
+        let backup = lab.protect(&primary, FAILOVER_EPOCH_MS, None, None)?;
         nap(Duration::from_millis(if opts.quick { 500 } else { 1000 }))?;
         if let Some(e) = load.error() {
             return Err(format!("request load before kill {rep}: {e}"));
@@ -1528,6 +1589,196 @@ fn run_failovers(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()
     guest_check(&mut client).map_err(|e| format!("guest self-check after the failovers: {e}"))?;
     primary.vmm.kill();
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups: relay latency with no FT, separate protection and one FT group
+// ---------------------------------------------------------------------------------------------
+
+/// The `--group` socket paths of one FT group: the primaries' (host A) and the backups'
+/// (host B). The namespaces share the file system, so the two must differ.
+struct GroupSockets {
+    primaries: String,
+    backups: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GroupCase {
+    NoFt,
+    Separate,
+    Group,
+}
+
+impl GroupCase {
+    fn label(self) -> &'static str {
+        match self {
+            GroupCase::NoFt => "no FT",
+            GroupCase::Separate => "FT separately",
+            GroupCase::Group => "FT in one group",
+        }
+    }
+}
+
+/// Round trips of one groups case, in ms.
+#[derive(Clone, Debug)]
+struct GroupSample {
+    case: GroupCase,
+    relay_ms: Vec<f64>,
+    direct_ms: Vec<f64>,
+}
+
+/// The groups section's two VMs and their clients (both connected to VM 1).
+struct GroupVms {
+    vms: Vec<Node>,
+    relay: SeqClient,
+    direct: SeqClient,
+}
+
+/// Boots both VMs, then measures no FT, separate protection and one group, in that order.
+fn run_groups(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()> {
+    let rate = rate_of((GROUP_EPOCH_MS, GROUP_PAGES));
+    log(&format!(
+        "groups: two VMs dirtying {rate} pages/s, {GROUP_EPOCH_MS} ms epochs: relay and direct round trips with no FT, FT separately, FT in one group"
+    ));
+    let mut vms = Vec::new();
+    for vm in GROUP_VMS {
+        vms.push(lab.boot_vm(Side::A, rate, vm)?);
+    }
+    let vm1 = format!("{}:{SEQ_PORT}", GROUP_VMS[0].1);
+    let mut g = GroupVms {
+        relay: SeqClient::connect_to(&lab.hosts.client, &vm1)?,
+        direct: SeqClient::connect_to(&lab.hosts.client, &vm1)?,
+        vms,
+    };
+    let outcome = group_cases(lab, &mut g, opts, results);
+    for node in &mut g.vms {
+        node.vmm.kill();
+    }
+    outcome
+}
+
+fn group_cases(lab: &mut Lab, g: &mut GroupVms, opts: &Options, results: &mut Results) -> Res<()> {
+    let sample = group_round_trips(lab, g, GroupCase::NoFt, &[], opts)?;
+    results.group.push(sample);
+    for case in [GroupCase::Separate, GroupCase::Group] {
+        check_interrupted()?;
+        let sockets = (case == GroupCase::Group).then(|| GroupSockets {
+            primaries: lab.dir.join("group-primaries.sock").display().to_string(),
+            backups: lab.dir.join("group-backups.sock").display().to_string(),
+        });
+        let mut backups = Vec::new();
+        let mut protected = Ok(());
+        for (i, vm) in g.vms.iter().enumerate() {
+            let heartbeat = Some(opts.heartbeat_timeout_ms);
+            match lab.protect(vm, GROUP_EPOCH_MS, heartbeat, sockets.as_ref()) {
+                Ok(backup) => backups.push(backup),
+                Err(e) => {
+                    protected = Err(format!("{}: protect VM {}: {e}", case.label(), i + 1));
+                    break;
+                }
+            }
+        }
+        if protected.is_ok() && sockets.is_some() {
+            protected = wait_group_members(&lab.bins, &g.vms, g.vms.len() as u64);
+        }
+        let sockets: Vec<PathBuf> = g.vms.iter().map(|n| n.socket.clone()).collect();
+        let measured = protected.and_then(|()| group_round_trips(lab, g, case, &sockets, opts));
+        let measured = measured.map_err(|e| {
+            let mut text = e;
+            for (vm, backup) in g.vms.iter().zip(&backups) {
+                let _ = write!(
+                    text,
+                    "\n{}\n{}",
+                    vm.diagnose(case.label()),
+                    backup.diagnose(case.label())
+                );
+            }
+            text
+        });
+        // The group's creator (VM 1) last: its protection ending ends the group's.
+        let mut ended = Ok(());
+        for (vm, backup) in g.vms.iter().zip(backups).rev() {
+            let r = lab.unprotect(vm, backup);
+            ended = ended.and(r);
+        }
+        results.group.push(measured?);
+        ended?;
+    }
+    for (tap, ip, _) in GROUP_VMS {
+        let mut client = SeqClient::connect_to(&lab.hosts.client, &format!("{ip}:{SEQ_PORT}"))?;
+        guest_check(&mut client).map_err(|e| format!("guest self-check of {tap}'s VM: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Waits until every primary in `vms` is protected in a group of `members`.
+fn wait_group_members(bins: &Binaries, vms: &[Node], members: u64) -> Res<()> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    for vm in vms {
+        loop {
+            check_interrupted()?;
+            let status = ft_status(bins, &vm.socket)?;
+            if status.health == "protected" && status.group_members == Some(members) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the group never had {members} members protected: health {:?}, members {:?}, last error {:?}",
+                    status.health, status.group_members, status.last_error
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+/// Relay round trips through VM 1 to VM 2, then direct ones to VM 1; each request after a
+/// random think time in [0, epoch). `ft_sockets` (the primaries under FT) must still be
+/// protected afterwards.
+fn group_round_trips(
+    lab: &Lab,
+    g: &mut GroupVms,
+    case: GroupCase,
+    ft_sockets: &[PathBuf],
+    opts: &Options,
+) -> Res<GroupSample> {
+    nap(opts.settle)?;
+    let think = Duration::from_millis(GROUP_EPOCH_MS);
+    // p99s of one run each: twice the cells' round trips, in three times their budget (separate
+    // relays take about three epochs each). About 30 s in all with --quick, 60 s without.
+    let (count, budget) = (opts.round_trips * 2, opts.latency_budget * 3);
+    let peer = GROUP_VMS[1].1.to_string();
+    let relay_ms = round_trips(&mut g.relay, count, think, budget, |c| c.relay(&peer))?;
+    let direct_ms = round_trips(&mut g.direct, count, think, budget, SeqClient::req)?;
+    for socket in ft_sockets {
+        let status = ft_status(&lab.bins, socket)?;
+        if status.health != "protected" {
+            return Err(format!(
+                "{} is no longer protected: health {:?}, last error {:?}",
+                socket.display(),
+                status.health,
+                status.last_error
+            ));
+        }
+    }
+    let sample = GroupSample {
+        case,
+        relay_ms,
+        direct_ms,
+    };
+    let p = |v: &[f64], q| percentile(v, q).unwrap_or(f64::NAN);
+    log(&format!(
+        "  {}: {} relays p50 {:.2} p99 {:.2} ms, {} direct p50 {:.2} p99 {:.2} ms",
+        case.label(),
+        sample.relay_ms.len(),
+        p(&sample.relay_ms, 50.0),
+        p(&sample.relay_ms, 99.0),
+        sample.direct_ms.len(),
+        p(&sample.direct_ms, 50.0),
+        p(&sample.direct_ms, 99.0),
+    ));
+    Ok(sample)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2086,6 +2337,9 @@ impl Report<'_> {
             self.print_cells();
             self.print_peer();
         }
+        if o.group {
+            self.print_group();
+        }
         self.print_failover();
         self.print_targets();
         if !r.notes.is_empty() {
@@ -2382,6 +2636,60 @@ impl Report<'_> {
         ))
     }
 
+    fn print_group(&self) {
+        let samples = &self.results.group;
+        println!();
+        println!(
+            "FT groups: two VMs on host A, {GROUP_PAGES} pages per {GROUP_EPOCH_MS} ms epoch each; relay = client -> VM 1 -> VM 2 -> VM 1 -> client, direct = client -> VM 1; ms, each request after a random think time in [0, {GROUP_EPOCH_MS} ms)"
+        );
+        println!("  separately protected VMs hold every frame (a relay waits for about 3 epoch commits); a group holds only what leaves it (about 1)");
+        println!();
+        let p = |v: &[f64], q| percentile(v, q);
+        let mut rows: Vec<Vec<String>> = samples
+            .iter()
+            .map(|g| {
+                vec![
+                    g.case.label().to_string(),
+                    fmt(p(&g.relay_ms, 50.0), 2),
+                    fmt(p(&g.relay_ms, 99.0), 2),
+                    fmt(p(&g.direct_ms, 50.0), 2),
+                    fmt(p(&g.direct_ms, 99.0), 2),
+                    format!("{}/{}", g.relay_ms.len(), g.direct_ms.len()),
+                ]
+            })
+            .collect();
+        let find = |case| samples.iter().find(|g| g.case == case);
+        if let (Some(sep), Some(grp)) = (find(GroupCase::Separate), find(GroupCase::Group)) {
+            let ratio = |a: &[f64], b: &[f64], q| match (p(a, q), p(b, q)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            rows.push(vec![
+                "separately / group".into(),
+                ratio(&sep.relay_ms, &grp.relay_ms, 50.0),
+                ratio(&sep.relay_ms, &grp.relay_ms, 99.0),
+                ratio(&sep.direct_ms, &grp.direct_ms, 50.0),
+                ratio(&sep.direct_ms, &grp.direct_ms, 99.0),
+                String::new(),
+            ]);
+        }
+        if rows.is_empty() {
+            println!("  not measured");
+            return;
+        }
+        print_table(
+            &[
+                "case",
+                "relay p50",
+                "relay p99",
+                "direct p50",
+                "direct p99",
+                "round trips",
+            ],
+            &rows,
+        );
+    }
+
     fn print_failover(&self) {
         let f = &self.results.failovers;
         if self.opts.failovers == 0 {
@@ -2608,6 +2916,12 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
         *peer_note = run_colo(&lab.bins, opts, results);
     } else {
         *peer_note = "no QEMU COLO column: not asked for (--no-colo or --no-cells)".into();
+    }
+    check_interrupted()?;
+    if opts.group {
+        if let Err(e) = run_groups(&mut lab, opts, results) {
+            results.fail(format!("groups: {e}"));
+        }
     }
     check_interrupted()?;
     if opts.failovers > 0 {
