@@ -290,6 +290,8 @@ struct Link {
     reader: FrameReader,
     seq: u32,
     stats: TransferStats,
+    /// A write to the primary failed (see [`Link::answer`]).
+    broken: bool,
 }
 
 impl Link {
@@ -305,6 +307,20 @@ impl Link {
 
     fn send_control(&mut self, control: &Control) -> std::io::Result<()> {
         self.send(FrameType::Control, &control.encode())
+    }
+
+    /// Answers the primary. A failed write means the primary's end is closing (it died, or
+    /// it stands this backup down): that is not this side's error to report. Reading on
+    /// finds out which (StandDown, or the connection's end), so the write error is only
+    /// remembered and later answers are skipped.
+    fn answer(&mut self, control: &Control) {
+        if self.broken {
+            return;
+        }
+        if let Err(e) = self.send_control(control) {
+            log::debug!("FT: answering the primary: {e}; reading on");
+            self.broken = true;
+        }
     }
 }
 
@@ -325,6 +341,7 @@ fn receive(
         reader: FrameReader::new(),
         seq: 0,
         stats: TransferStats::default(),
+        broken: false,
     };
     let result = setup(shared, &mut link, request);
     let (params, memory, disks) = match result {
@@ -655,8 +672,7 @@ fn receive_epochs(
     loop {
         if !initial && last_answer.elapsed() >= answer_every {
             let epoch = replica.newest_complete().unwrap_or(0);
-            link.send_control(&Control::Heartbeat { epoch })
-                .map_err(|e| format!("sending a heartbeat: {e}"))?;
+            link.answer(&Control::Heartbeat { epoch });
             last_answer = Instant::now();
         }
         if shared.stop.load(Ordering::SeqCst) {
@@ -768,8 +784,7 @@ fn receive_epochs(
                                 .map_err(|e| e.to_string())?;
                             initial = false;
                         }
-                        link.send_control(&Control::Ack { epoch })
-                            .map_err(|e| format!("acknowledging epoch {epoch}: {e}"))?;
+                        link.answer(&Control::Ack { epoch });
                         last_answer = Instant::now();
                         let mut status = shared.status();
                         status.health = FtHealth::Protected;
@@ -782,8 +797,7 @@ fn receive_epochs(
                         status.dirty_pages = replica.stats.pages;
                     }
                     Control::Heartbeat { epoch } => {
-                        link.send_control(&Control::Heartbeat { epoch })
-                            .map_err(|e| format!("answering a heartbeat: {e}"))?;
+                        link.answer(&Control::Heartbeat { epoch });
                         last_answer = Instant::now();
                     }
                     Control::StandDown {

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +48,8 @@ use crate::wire::{encode_disk_writes, Control};
 pub const MAX_EPOCH_MS: u64 = 1000;
 /// The shortest epoch bounded-latency execution cuts an epoch down to.
 const MIN_CUT_EPOCH: Duration = Duration::from_millis(1);
+/// How long a StandDown may wait behind an epoch still queued for the sender.
+const STAND_DOWN_QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// The shortest wait the epoch timer is armed with (zero would disarm it).
 const MIN_TIMER: Duration = Duration::from_micros(100);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
@@ -188,6 +190,14 @@ impl GroupLink {
         }
         let group_epoch = i64::try_from(local).ok()?.checked_sub(offset)?;
         u64::try_from(group_epoch).ok().filter(|g| *g > 0)
+    }
+
+    fn degrade_pending(&self) -> bool {
+        self.orders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|o| matches!(o, GroupOrder::Degrade(_)))
     }
 
     fn order(&self, order: GroupOrder, wake: &EventFd) {
@@ -687,6 +697,9 @@ impl Primary {
                     "resumed for group epoch {epoch}, cut {group_epoch}"
                 ))
             }
+            // The group ran on unprotected while this member was in the cut: the epoch is
+            // dropped and the Degrade order, next in line, ends protection.
+            Err(_) if group.degrade_pending() => return Ok(()),
             Err(e) => return Err(format!("group epoch {group_epoch}: {e}")),
         }
         let mut job = captured?;
@@ -869,9 +882,19 @@ impl Primary {
     /// Stops the replication threads (after `job`, if any, is sent) and closes the link.
     fn close(&mut self, job: Option<Job>) {
         if let Some(jobs) = self.jobs.take() {
-            if let Some(job) = job {
-                // Best effort: a sender that is gone or still has an epoch queued misses it.
-                let _ = jobs.try_send(job);
+            if let Some(mut job) = job {
+                // Behind at most one queued epoch; a sender that is gone (or stuck on a dead
+                // link) misses it.
+                let deadline = Instant::now() + STAND_DOWN_QUEUE_WAIT;
+                loop {
+                    match jobs.try_send(job) {
+                        Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                            job = again;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        _ => break,
+                    }
+                }
             }
             drop(jobs);
         }
