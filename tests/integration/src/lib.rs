@@ -1056,6 +1056,33 @@ pub fn try_two_hosts(tag: &str) -> Result<TwoHosts> {
     Ok(TwoHosts { client, a, b })
 }
 
+/// The flags that boot `kernel` (the test guest) with `cmdline` and `memory` (`size=...`), its
+/// console on the VMM's stdout (where [`Vmm::wait_for`] reads it) and one NIC `net`
+/// (`tap=...,mac=...`), followed by `extra` (e.g. `--disk`, `-v`).
+pub fn guest_vm_args(
+    kernel: &str,
+    cmdline: &str,
+    memory: &str,
+    net: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let base = [
+        "--kernel",
+        kernel,
+        "--cmdline",
+        cmdline,
+        "--memory",
+        memory,
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--net",
+        net,
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// Starts a VMM with an API socket inside `host` and waits for the socket.
 pub fn api_vmm(timeout: Duration, name: &str, host: &NetNs, socket: &Path, extra: &[&str]) -> Vmm {
     let mut vmm = Vmm::builder(name)

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::{
-    api_vmm, ch_remote, ch_remote_binary, kvm_serial_guard, report, require_kvm, require_netns,
-    test_guest, two_hosts, TempDir, HOST_B,
+    api_vmm, ch_remote, ch_remote_binary, guest_vm_args, kvm_serial_guard, report, require_kvm,
+    require_netns, test_guest, two_hosts, TempDir, HOST_B,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -74,27 +74,15 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
     let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
     let kernel = guest.display().to_string();
     let net = format!("tap=tapvm,mac={GUEST_MAC}");
-    let mut primary = api_vmm(
-        TIMEOUT,
-        "ft_primary",
-        &hosts.a,
-        &sock_a,
-        &[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "workload=net net.ip=192.168.249.2/24",
-            "--memory",
-            "size=128M",
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--net",
-            &net,
-            "-v",
-        ],
+    let args = guest_vm_args(
+        &kernel,
+        "workload=net net.ip=192.168.249.2/24",
+        "size=128M",
+        &net,
+        &["-v"],
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut primary = api_vmm(TIMEOUT, "ft_primary", &hosts.a, &sock_a, &args);
     primary
         .wait_for("NET ready", TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));

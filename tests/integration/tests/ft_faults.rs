@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use integration::ft::{start_witness, wait_status, witness_addr, Load, Rng, SeqClient};
 use integration::{
-    api_vmm, ch_remote, kvm_serial_guard, report, require_kvm, require_netns, test_guest,
-    two_hosts, NetNs, TempDir, TwoHosts, Vmm, HOST_A, HOST_B,
+    api_vmm, ch_remote, guest_vm_args, kvm_serial_guard, report, require_kvm, require_netns,
+    test_guest, two_hosts, NetNs, TempDir, TwoHosts, Vmm, HOST_A, HOST_B,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -120,22 +120,8 @@ impl Pair {
     fn boot_primary(&mut self, cmdline: &str, memory: &str) -> Node {
         let net = format!("tap=tapvm,mac={GUEST_MAC}");
         let (kernel, disk) = (self.kernel.clone(), self.disk.clone());
-        let boot = [
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            cmdline,
-            "--memory",
-            memory,
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--net",
-            &net,
-            "--disk",
-            &disk,
-        ];
+        let boot = guest_vm_args(&kernel, cmdline, memory, &net, &["--disk", &disk]);
+        let boot: Vec<&str> = boot.iter().map(String::as_str).collect();
         let mut node = self.spawn(Side::A, None, Some(&boot));
         node.vmm
             .wait_for("ft: ready", TIMEOUT)

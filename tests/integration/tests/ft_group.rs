@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use integration::ft::{ft_status, start_witness, wait_status, witness_addr, Load, SeqClient};
 use integration::{
-    api_vmm, ch_remote, kvm_serial_guard, report, require_kvm, require_netns, test_guest,
-    two_hosts, TempDir, TwoHosts, Vmm, HOST_B,
+    api_vmm, ch_remote, guest_vm_args, kvm_serial_guard, report, require_kvm, require_netns,
+    test_guest, two_hosts, TempDir, TwoHosts, Vmm, HOST_B,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,27 +94,10 @@ fn start_group(tag: &str) -> Group {
         let primary_socket = dir.join(&format!("primary{i}.sock"));
         let net = format!("tap={tap},mac=12:34:56:78:9a:b{i}");
         let cmdline = format!("workload=ft net.ip={ip}/24 ft.dirty_rate=2000");
-        let mut primary = api_vmm(
-            TIMEOUT,
-            &format!("group_primary{i}"),
-            &hosts.a,
-            &primary_socket,
-            &[
-                "--kernel",
-                &kernel,
-                "--cmdline",
-                &cmdline,
-                "--memory",
-                "size=64M",
-                "--serial",
-                "tty",
-                "--console",
-                "off",
-                "--net",
-                &net,
-                "-v",
-            ],
-        );
+        let args = guest_vm_args(&kernel, &cmdline, "size=64M", &net, &["-v"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let name = format!("group_primary{i}");
+        let mut primary = api_vmm(TIMEOUT, &name, &hosts.a, &primary_socket, &args);
         primary
             .wait_for("ft: ready", TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));

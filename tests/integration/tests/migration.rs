@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration::{
-    api_vmm, ch_remote, ch_remote_binary, kvm_serial_guard, report, require_kvm, require_netns,
-    test_guest, two_hosts, wait_for_api_socket, TempDir, Vmm,
+    api_vmm, ch_remote, ch_remote_binary, guest_vm_args, kvm_serial_guard, report, require_kvm,
+    require_netns, test_guest, two_hosts, wait_for_api_socket, TempDir, Vmm,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -71,28 +71,15 @@ fn tcp_connection_survives_live_migration_between_two_hosts() {
     let kernel = guest.display().to_string();
     let net = format!("tap=tapvm,mac={GUEST_MAC}");
     let disk = format!("path={}", image.display());
-    let mut source = api_vmm(
-        TIMEOUT,
-        "migration_source",
-        &hosts.a,
-        &sock_a,
-        &[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "workload=net net.ip=192.168.249.2/24",
-            "--memory",
-            "size=256M",
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--net",
-            &net,
-            "--disk",
-            &disk,
-        ],
+    let args = guest_vm_args(
+        &kernel,
+        "workload=net net.ip=192.168.249.2/24",
+        "size=256M",
+        &net,
+        &["--disk", &disk],
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut source = api_vmm(TIMEOUT, "migration_source", &hosts.a, &sock_a, &args);
     source
         .wait_for("NET ready", TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
