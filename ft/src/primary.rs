@@ -646,14 +646,13 @@ impl Primary {
         let Some(group) = &shared.group else {
             return Ok(());
         };
-        // The previous epoch must have left the staging memory; a sender stuck for longer
-        // than the heartbeat timeout has lost its backup anyway.
         let start = Instant::now();
         if running {
             vm.pause().map_err(|e| e.to_string())?;
         }
         // A cut that came before this member's sender was done (the coordinator cuts an
-        // overdue epoch anyway): the guest waits, paused, for the sender.
+        // overdue epoch anyway): the guest waits, paused, for the sender; one stuck for a
+        // heartbeat timeout has lost its backup.
         if !self.wait_for_staging() {
             let resumed = if running { vm.resume() } else { Ok(()) };
             resumed.map_err(|e| e.to_string())?;

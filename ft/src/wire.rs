@@ -199,6 +199,19 @@ mod tests {
             };
             assert_eq!(Control::decode(&c.encode()).unwrap(), c);
         }
+        // A peer that predates re-protection leaves `reprotect` out.
+        assert_eq!(
+            Control::decode(br#"{"stand_down":{"guest_shutdown":false,"reason":"r"}}"#).unwrap(),
+            Control::StandDown {
+                guest_shutdown: false,
+                reason: "r".into(),
+                reprotect: false
+            }
+        );
+        assert!(Control::decode(
+            br#"{"epoch_end":{"epoch":2,"released_through":1,"group_epoch":-1}}"#
+        )
+        .is_err());
         // A peer that predates groups leaves the field out.
         assert_eq!(
             Control::decode(br#"{"epoch_end":{"epoch":2,"released_through":1}}"#).unwrap(),

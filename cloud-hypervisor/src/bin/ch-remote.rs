@@ -996,6 +996,7 @@ mod tests {
 
     #[test]
     fn enable_ft_forms() {
+        let long_path = format!("/{}", "g".repeat(119));
         assert_eq!(
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
@@ -1095,6 +1096,10 @@ mod tests {
             (
                 vec!["enable-ft", "--peer", "b:1", "--group", ""],
                 "error: invalid value '' for '--group <PATH>': expected the path of the group's Unix socket",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--group", &long_path],
+                "a Unix socket path has at most 107 bytes; this one has 120",
             ),
         ];
         for (args, expected) in cases {
