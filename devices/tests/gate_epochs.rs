@@ -500,9 +500,6 @@ fn disk_a_failed_release_keeps_the_write_and_later_ones_held_for_retry() {
         "a failed commit is not recorded"
     );
     assert_eq!(ctl.stats().held_items, 3);
-    // Switching to pass-through must not let new writes overtake the failed ones.
-    assert!(ctl.passthrough().is_err());
-    assert_eq!(ctl.mode(), GateMode::Hold);
     assert_eq!(
         guest_read(&gate, &rec, 0, 3),
         [1, 2, 3],
@@ -512,6 +509,36 @@ fn disk_a_failed_release_keeps_the_write_and_later_ones_held_for_retry() {
     let stats = ctl.commit(2).unwrap();
     assert_eq!(stats.items, 3);
     assert_eq!(&rec.image()[0..3], &[1, 2, 3]);
+}
+
+#[test]
+fn disk_a_gate_whose_held_writes_fail_when_protection_ends_passes_through_behind_them() {
+    let (mut gate, ctl, rec) = disk_gate(8, 1);
+    gate.write_at(0, &[1]).unwrap();
+    ctl.begin_epoch(2).unwrap();
+    gate.write_at(1, &[2]).unwrap();
+    rec.fail_writes(true);
+    // Protection ends while the image refuses writes: the gate does not stay holding...
+    assert!(ctl.passthrough().is_err());
+    assert_eq!(ctl.mode(), GateMode::PassThrough);
+    assert_eq!(ctl.stats().held_items, 2);
+    // ...but a new write may not overtake the held ones: it is refused while they fail.
+    assert!(gate.write_at(2, &[3]).is_err());
+    assert_eq!(guest_read(&gate, &rec, 0, 3), [1, 2, 0]);
+    rec.fail_writes(false);
+    // The next write drains the backlog first, in order, then goes straight through.
+    gate.write_at(2, &[3]).unwrap();
+    assert_eq!(ctl.stats().held_items, 0);
+    assert_eq!(&rec.image()[0..3], &[1, 2, 3]);
+    let order: Vec<_> = rec
+        .log()
+        .into_iter()
+        .filter_map(|e| match e {
+            DiskEvent::Write(offset, _) => Some(offset),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, [0, 1, 2]);
 }
 
 #[test]

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -30,14 +30,16 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live::{parse_url, MigrationUrl};
 use vmm::migration::memory::PAGE_SIZE;
 use vmm::migration::protocol::{
-    apply_pages, write_frame, Frame, FrameReader, FrameType, Message, ProtocolError, TransferStats,
-    HEADER_LEN, PROTOCOL_VERSION, TRAILER_LEN,
+    self, apply_pages, write_frame, Frame, FrameReader, FrameType, Message, ProtocolError,
+    TransferStats, HEADER_LEN, TRAILER_LEN,
 };
 use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::disk_sync::ReplicaSet;
 use crate::fence;
 use crate::group::BackupMember;
+use crate::link::FtStream;
 use crate::wire::{decode_disk_writes, Control, DiskWrite};
 
 /// How long the backup waits for Hello and Params once a primary has connected, and for the
@@ -51,7 +53,7 @@ struct Shared {
     events: Mutex<VecDeque<BackupEvent>>,
     status: Mutex<FtStatus>,
     stop: AtomicBool,
-    stream: Mutex<Option<TcpStream>>,
+    stream: Mutex<Option<FtStream>>,
     /// When the primary was declared dead (for the failover time).
     lost_at: Mutex<Option<Instant>>,
     /// The group's coordinator told this member to stop receiving (another member's primary
@@ -97,6 +99,24 @@ impl Backup {
                 action: "receive-ft",
                 message: format!("socket option: {e}"),
             })?;
+        log::info!("FT: waiting for a primary on {addr}");
+        Self::start_with(Source::Listen(listener), request, wake)
+    }
+
+    /// A backup for a primary that is already connected (in-process links).
+    pub fn start_connected(
+        stream: FtStream,
+        request: &ReceiveFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Self, VmmError> {
+        Self::start_with(Source::Connected(stream), request, wake)
+    }
+
+    fn start_with(
+        source: Source,
+        request: &ReceiveFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Self, VmmError> {
         let shared = Arc::new(Shared {
             wake,
             events: Mutex::new(VecDeque::new()),
@@ -124,7 +144,7 @@ impl Backup {
                         if let Some(stream) =
                             s.stream.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
                         {
-                            let _ = stream.shutdown(Shutdown::Both);
+                            stream.shutdown();
                         }
                     })
                     .map_err(|message| VmmError::Failed {
@@ -141,7 +161,7 @@ impl Backup {
         let thread = std::thread::Builder::new()
             .name("ft-receiver".into())
             .spawn(move || {
-                let event = match receive(&s, &listener, &request, group) {
+                let event = match receive(&s, source, &request, group) {
                     Ok(event) => event,
                     Err(e) => BackupEvent::Failed(e),
                 };
@@ -158,7 +178,6 @@ impl Backup {
                 action: "receive-ft",
                 message: format!("receiver thread: {e}"),
             })?;
-        log::info!("FT: waiting for a primary on {addr}");
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -189,7 +208,7 @@ impl BackupFt for Backup {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -228,8 +247,14 @@ fn group_decision_timeout(grace: Duration) -> Duration {
     grace + Duration::from_secs(5)
 }
 
+/// Where the primary's connection comes from.
+enum Source {
+    Listen(TcpListener),
+    Connected(FtStream),
+}
+
 /// Waits for the primary (or a stop request).
-fn accept(shared: &Shared, listener: &TcpListener) -> Result<TcpStream, String> {
+fn accept(shared: &Shared, listener: &TcpListener) -> Result<FtStream, String> {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Err("stopped while waiting for a primary".into());
@@ -239,7 +264,7 @@ fn accept(shared: &Shared, listener: &TcpListener) -> Result<TcpStream, String> 
                 log::info!("FT: primary connected from {from}");
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
                 stream.set_nodelay(true).map_err(|e| e.to_string())?;
-                return Ok(stream);
+                return Ok(FtStream::Tcp(stream));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
             Err(e) => return Err(format!("accepting the primary: {e}")),
@@ -265,6 +290,36 @@ struct PendingEpoch {
     state: Option<Vec<u8>>,
     /// Page entries of the memory pass in progress (checked against MemoryDone).
     pass_pages: u64,
+    /// Bytes buffered so far (bounded by [`Replica::epoch_limit`]).
+    bytes: u64,
+}
+
+impl PendingEpoch {
+    /// Counts `len` more buffered bytes; a primary that sends more than one epoch can hold
+    /// (all of guest RAM, the disk writes, the state) breaks the stream instead of this
+    /// host's memory.
+    fn account(&mut self, len: usize, limit: u64) -> Result<(), String> {
+        self.bytes = self.bytes.saturating_add(len as u64);
+        if self.bytes > limit {
+            return Err(format!(
+                "an epoch of more than {limit} bytes (guest RAM, disk writes and state) arrived"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one epoch may carry besides guest RAM: disk writes and the VM state.
+const EPOCH_DISK_WRITES_MAX: u64 = 256 << 20;
+const EPOCH_STATE_MAX: u64 = vmm::migration::protocol::MAX_STATE_JSON as u64;
+
+fn epoch_limit(memory: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let ram: u64 = memory.iter().map(|r| r.len()).sum();
+    // Page entries carry a small header each; compressed pages are never much larger.
+    ram.saturating_add(ram / 64)
+        .saturating_add(EPOCH_DISK_WRITES_MAX)
+        .saturating_add(EPOCH_STATE_MAX)
 }
 
 /// What the receive loop ends with: the primary's departure or death.
@@ -286,7 +341,7 @@ fn primary_gone(e: &ProtocolError) -> bool {
 }
 
 struct Link {
-    stream: TcpStream,
+    stream: FtStream,
     reader: FrameReader,
     seq: u32,
     stats: TransferStats,
@@ -326,24 +381,39 @@ impl Link {
 
 fn receive(
     shared: &Shared,
-    listener: &TcpListener,
+    source: Source,
     request: &ReceiveFtRequest,
     mut group: Option<GroupSide>,
 ) -> Result<BackupEvent, String> {
-    let stream = accept(shared, listener)?;
+    let stream = match source {
+        Source::Listen(listener) => accept(shared, &listener)?,
+        Source::Connected(stream) => stream,
+    };
     *shared.stream.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(stream.try_clone().map_err(|e| e.to_string())?);
     stream
         .set_read_timeout(Some(SETUP_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    // Hello is the migration protocol's (version, page size, configuration): its receiver
+    // reads it, then hands over the stream for the FT frames that follow.
+    let mut receiver = protocol::Receiver::new(stream);
+    let config = match receiver.recv_hello() {
+        Ok(config) => config,
+        Err(e) => {
+            let e = e.to_string();
+            let _ = receiver.send_error(&e);
+            return Err(e);
+        }
+    };
+    let (stream, reader, seq, stats) = receiver.into_parts();
     let mut link = Link {
         stream,
-        reader: FrameReader::new(),
-        seq: 0,
-        stats: TransferStats::default(),
+        reader,
+        seq,
+        stats,
         broken: false,
     };
-    let result = setup(shared, &mut link, request);
+    let result = setup(shared, &mut link, request, config);
     let (params, memory, disks) = match result {
         Ok(ok) => ok,
         Err(e) => {
@@ -353,13 +423,14 @@ fn receive(
     };
     {
         let mut status = shared.status();
-        status.peer = link.stream.peer_addr().ok().map(|a| a.to_string());
+        status.peer = link.stream.peer();
         status.disk_mode = Some(params.disk_mode);
         status.epoch_ms = params.epoch_ms;
         status.heartbeat_timeout_ms = params.heartbeat_timeout.as_millis() as u64;
         status.fencing = fence::describe(&params.witness);
     }
     let mut replica = Replica {
+        epoch_limit: epoch_limit(&memory),
         memory,
         disks,
         disk_mode: params.disk_mode,
@@ -382,6 +453,13 @@ fn receive(
             Ok(BackupEvent::StandDown {
                 guest_shutdown,
                 reprotect,
+            })
+        }
+        Ok(Ending::PrimaryLost(_)) if shared.stop.load(Ordering::SeqCst) => {
+            // Stopped on this side (its connection closed by `stop`): no claim, no takeover.
+            Ok(BackupEvent::StandDown {
+                guest_shutdown: false,
+                reprotect: false,
             })
         }
         Ok(Ending::PrimaryLost(reason)) => {
@@ -410,34 +488,13 @@ fn receive(
     }
 }
 
-/// Hello and Params, then the standby VM prepared by the control loop.
+/// Params (after Hello), then the standby VM prepared by the control loop.
 fn setup(
     shared: &Shared,
     link: &mut Link,
     request: &ReceiveFtRequest,
+    mut config: VmConfig,
 ) -> Result<(Params, GuestMemoryMmap, Vec<File>), String> {
-    let frame = link
-        .reader
-        .read_frame(&mut link.stream)
-        .map_err(|e| e.to_string())?;
-    let mut config: VmConfig = match Message::parse(&frame).map_err(|e| e.to_string())? {
-        Message::Hello {
-            version,
-            page_size,
-            config_json,
-        } => {
-            if version != PROTOCOL_VERSION {
-                return Err(format!(
-                    "protocol version {version}, this VMM speaks {PROTOCOL_VERSION}"
-                ));
-            }
-            if page_size as usize != PAGE_SIZE {
-                return Err(format!("page size {page_size}, this VMM uses {PAGE_SIZE}"));
-            }
-            serde_json::from_slice(config_json).map_err(|e| format!("VM configuration: {e}"))?
-        }
-        other => return Err(format!("expected Hello, got {other:?}")),
-    };
     let frame = link
         .reader
         .read_frame(&mut link.stream)
@@ -479,6 +536,7 @@ fn setup(
     for disk in config.disks.iter().flatten() {
         let path = disk.path.clone().unwrap_or_default();
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| format!("disk {}: {e}", path.display()))?;
@@ -507,6 +565,8 @@ struct CompleteEpoch {
 /// The backup's copy of the VM: memory, disks and the last complete epoch's state.
 struct Replica {
     memory: GuestMemoryMmap,
+    /// Most bytes one epoch may buffer before its EpochEnd.
+    epoch_limit: u64,
     disks: Vec<File>,
     disk_mode: FtDiskMode,
     /// A member of an FT group: complete epochs wait in `complete` until the group commits
@@ -663,6 +723,17 @@ fn receive_epochs(
     // The initial synchronisation is written straight into memory: there is no earlier
     // epoch to keep intact.
     let mut initial = true;
+    // Replicated disks: the images arrive whole during the initial synchronisation and are
+    // written at once (there is no earlier copy to keep intact), then checked by digest.
+    let mut images = match replica.disk_mode {
+        FtDiskMode::Replicated => {
+            let files: Result<Vec<File>, _> = replica.disks.iter().map(File::try_clone).collect();
+            Some(ReplicaSet::new(
+                files.map_err(|e| format!("disk images: {e}"))?,
+            ))
+        }
+        FtDiskMode::Shared => None,
+    };
     let mut pending = PendingEpoch::default();
     let mut received = 0u64;
     // The primary counts its backup dead after a heartbeat timeout of silence: while a long
@@ -715,6 +786,7 @@ fn receive_epochs(
                     .map_err(|e| e.to_string())?;
                 } else {
                     // Checked now, applied at EpochEnd.
+                    pending.account(frame.payload.len(), replica.epoch_limit)?;
                     pending.pages.push((flags, frame.payload.to_vec()));
                 }
             }
@@ -727,7 +799,15 @@ fn receive_epochs(
                 }
                 pending.pass_pages = 0;
             }
+            Message::DiskWrites { payload } if initial && images.is_some() => {
+                if let Some(images) = images.as_mut() {
+                    images
+                        .apply_disk_writes(payload)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             Message::DiskWrites { payload } => {
+                pending.account(payload.len(), replica.epoch_limit)?;
                 let (disk, writes) = decode_disk_writes(payload).map_err(|e| e.to_string())?;
                 let disk = disk as usize;
                 if disk >= replica.disks.len() {
@@ -746,15 +826,28 @@ fn receive_epochs(
             } => {
                 let json =
                     Message::state_json(state_json, compressed).map_err(|e| e.to_string())?;
+                pending.account(json.len(), replica.epoch_limit)?;
                 pending.state = Some(json.into_owned());
             }
             Message::Control { payload } => {
-                match Control::decode(payload).map_err(|e| e.to_string())? {
+                let control = Control::decode(payload).map_err(|e| e.to_string())?;
+                if let (true, Some(images)) = (initial, images.as_mut()) {
+                    if images.apply_control(&control).map_err(|e| e.to_string())? {
+                        continue;
+                    }
+                }
+                match control {
                     Control::EpochEnd {
                         epoch,
                         released_through,
                         group_epoch,
                     } => {
+                        if initial {
+                            if let Some(images) = images.take() {
+                                // A copy that does not match refuses protection.
+                                images.verify_all().map_err(|e| e.to_string())?;
+                            }
+                        }
                         if pending.pass_pages != 0 {
                             return Err(format!("epoch {epoch} ended inside a memory pass"));
                         }

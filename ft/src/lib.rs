@@ -12,9 +12,11 @@
 //! - [`fence`] / [`witness`]: who may run after a partition.
 
 pub mod backup;
+pub mod disk_sync;
 pub mod fault;
 pub mod fence;
 pub mod group;
+pub mod link;
 pub mod primary;
 pub mod stats;
 pub mod wire;

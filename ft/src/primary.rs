@@ -16,19 +16,19 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::gate::{GateMode, RecordedWrite};
+use devices::gate::{EpochError, GateMode, RecordedWrite};
 use vm_memory::GuestMemoryBackend;
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
-use vmm::fault_tolerance::{PrimaryEvent, PrimaryFt, StopReason};
+use vmm::fault_tolerance::{PrimaryEvent, PrimaryFt, ReplicableVm, StopReason};
 use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live;
 use vmm::migration::memory::DirtyPages;
@@ -38,11 +38,16 @@ use vmm::migration::protocol::{
 use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::disk_sync::DiskSync;
 use crate::fault::{crash_point, Phase};
 use crate::fence;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
+use crate::link::FtStream;
 use crate::stats::PauseStats;
 use crate::wire::{encode_disk_writes, Control};
+
+mod group_member;
+use group_member::{GroupLink, GroupOrder};
 
 /// Longest and shortest epochs `vm.enable-ft` accepts.
 pub const MAX_EPOCH_MS: u64 = 1000;
@@ -52,6 +57,12 @@ const MIN_CUT_EPOCH: Duration = Duration::from_millis(1);
 const STAND_DOWN_QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// The shortest wait the epoch timer is armed with (zero would disarm it).
 const MIN_TIMER: Duration = Duration::from_micros(100);
+/// How long held output (shared-disk writes) may keep failing to reach the image before this
+/// primary gives the VM to its backup (this host's path to the storage is broken). Meanwhile
+/// the backup keeps the writes and the guest runs on (its new writes wait behind the failed
+/// ones, up to the gate's hold limits). A full storage (ENOSPC, EDQUOT) is retried without end
+/// instead: the backup writes to the same storage.
+pub const COMMIT_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
 const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,6 +123,16 @@ pub fn validate(request: &EnableFtRequest) -> Result<(String, Duration, Duration
     Ok((peer, epoch, timeout))
 }
 
+/// Who ends an epoch.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    /// This VM's own epoch timer.
+    Own,
+    /// The FT group's coordinator; with `barrier`, every member stays paused until all have
+    /// paused.
+    Group { epoch: u64, barrier: bool },
+}
+
 /// An epoch captured by the control loop, for the sender thread.
 struct EpochJob {
     epoch: u64,
@@ -131,6 +152,15 @@ enum Job {
     },
 }
 
+/// Held output that keeps failing to leave.
+struct CommitFailure {
+    since: Instant,
+    error: String,
+    /// The storage is full: failing over would not help (the backup writes to the same
+    /// storage), so the primary retries until space is freed.
+    no_space: bool,
+}
+
 /// What the replication threads and the control loop share.
 struct Shared {
     gates: FtGates,
@@ -140,6 +170,12 @@ struct Shared {
     last_acked: AtomicU64,
     /// The epoch the sender is on (for heartbeats).
     last_sent: AtomicU64,
+    /// The newest epoch whose EpochEnd went out (set just before it is written): the backup
+    /// may acknowledge nothing newer.
+    last_ended: AtomicU64,
+    /// Held output that keeps failing to leave (a shared image refusing writes): since when,
+    /// and why. `last_acked` (the backup's `released_through`) stays behind meanwhile.
+    commit_failure: Mutex<Option<CommitFailure>>,
     bytes: AtomicU64,
     /// How long the last epoch took to send, in microseconds.
     last_send_us: AtomicU64,
@@ -148,65 +184,6 @@ struct Shared {
     /// The first protected epoch (fault-injection points count from it).
     first_epoch: u64,
     group: Option<GroupLink>,
-}
-
-/// A group member's side of the group (see [`crate::group`]).
-struct GroupLink {
-    member: PrimaryMember,
-    /// Local epoch minus group epoch, fixed at the first group cut (`i64::MIN` until then):
-    /// a member is cut exactly once per group epoch, so the two advance together. Negative
-    /// for a member that joined a group older than its own epochs.
-    offset: AtomicI64,
-    /// Orders for the control loop, in arrival order.
-    orders: Mutex<VecDeque<GroupOrder>>,
-    members: AtomicU64,
-    group_epoch: AtomicU64,
-}
-
-/// What the coordinator asks of this member's control loop.
-#[derive(Debug)]
-enum GroupOrder {
-    /// End group epoch `epoch`; with `barrier`, resume only when the coordinator says so.
-    Cut { epoch: u64, barrier: bool },
-    /// Another member's primary failed: stop, as it did.
-    Fail(String),
-    /// Another member lost its backup (or the group ended): run on unprotected.
-    Degrade(String),
-}
-
-impl GroupLink {
-    fn local_epoch(&self, group_epoch: u64) -> Option<u64> {
-        let offset = self.offset.load(Ordering::SeqCst);
-        if offset == i64::MIN {
-            return None;
-        }
-        u64::try_from(i64::try_from(group_epoch).ok()?.checked_add(offset)?).ok()
-    }
-
-    fn group_epoch_of(&self, local: u64) -> Option<u64> {
-        let offset = self.offset.load(Ordering::SeqCst);
-        if offset == i64::MIN {
-            return None;
-        }
-        let group_epoch = i64::try_from(local).ok()?.checked_sub(offset)?;
-        u64::try_from(group_epoch).ok().filter(|g| *g > 0)
-    }
-
-    fn degrade_pending(&self) -> bool {
-        self.orders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|o| matches!(o, GroupOrder::Degrade(_)))
-    }
-
-    fn order(&self, order: GroupOrder, wake: &EventFd) {
-        self.orders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(order);
-        let _ = wake.write(1);
-    }
 }
 
 impl Shared {
@@ -231,7 +208,7 @@ pub struct Primary {
     acks: Option<JoinHandle<()>>,
     /// Group members: the coordinator's Resume for each cut.
     resumes: Option<Receiver<u64>>,
-    stream: TcpStream,
+    stream: FtStream,
     staging: GuestMemoryMmap,
     peer: String,
     pair_id: u64,
@@ -315,15 +292,28 @@ fn describe_read_error(e: &ProtocolError) -> String {
 impl Primary {
     /// Connects, synchronises and starts protecting `vm`. On failure the VM runs on as before.
     pub fn enable(
-        vm: &mut Vm,
+        vm: &mut dyn ReplicableVm,
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
+        let (peer, _, _) = validate(request)?;
+        let stream = connect(&peer).map_err(|e| io_err(&format!("cannot connect to {peer}"), e))?;
+        Self::enable_over(vm, config, request, wake, FtStream::Tcp(stream))
+    }
+
+    /// [`Primary::enable`] over a connection already made to the backup.
+    pub fn enable_over(
+        vm: &mut dyn ReplicableVm,
+        config: &VmConfig,
+        request: &EnableFtRequest,
+        wake: Arc<EventFd>,
+        stream: FtStream,
+    ) -> Result<Self, VmmError> {
         let (peer, mut epoch_len, mut heartbeat_timeout) = validate(request)?;
         let group = match &request.group {
             Some(path) => {
-                let gates = vm.device_manager_mut().ft_gates(0);
+                let gates = vm.ft_gates();
                 let macs = gates.map_err(|e| io_err("output gates", e))?.macs;
                 let timing = GroupTiming {
                     epoch: epoch_len,
@@ -338,9 +328,8 @@ impl Primary {
             }
             None => None,
         };
-        let stream = connect(&peer).map_err(|e| io_err(&format!("cannot connect to {peer}"), e))?;
         stream
-            .set_nodelay(true)
+            .set_nodelay()
             .map_err(|e| io_err("socket option", e))?;
         let staging =
             vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
@@ -397,6 +386,8 @@ impl Primary {
             staging_busy: AtomicBool::new(false),
             last_acked: AtomicU64::new(first_epoch - 1),
             last_sent: AtomicU64::new(first_epoch - 1),
+            last_ended: AtomicU64::new(first_epoch - 1),
+            commit_failure: Mutex::new(None),
             bytes: AtomicU64::new(sender.stats().bytes),
             last_send_us: AtomicU64::new(0),
             lost: Mutex::new(None),
@@ -424,7 +415,7 @@ impl Primary {
             (Ok(threads), Ok(())) => threads,
             (Err(e), _) | (_, Err(e)) => {
                 shared.stopping.store(true, Ordering::SeqCst);
-                let _ = stream.shutdown(Shutdown::Both);
+                stream.shutdown();
                 for gate in shared.gates.all() {
                     let _ = gate.passthrough();
                 }
@@ -478,10 +469,10 @@ impl Primary {
     /// memory, the state, EpochEnd and the backup's Ack. Leaves the VM paused with the output
     /// gates holding the next epoch. Returns the gates and the first protected epoch.
     fn initial_sync(
-        vm: &mut Vm,
+        vm: &mut dyn ReplicableVm,
         config: &VmConfig,
-        sender: &mut Sender<TcpStream>,
-        stream: &TcpStream,
+        sender: &mut Sender<FtStream>,
+        stream: &FtStream,
         params: &Control,
         epoch_len: Duration,
         paused: &mut bool,
@@ -491,15 +482,35 @@ impl Primary {
         sender
             .send_frame(FrameType::Control, &params.encode())
             .map_err(e)?;
+        let replicated = matches!(
+            params,
+            Control::Params {
+                disk_mode: FtDiskMode::Replicated,
+                ..
+            }
+        );
+        let mut disks = if replicated {
+            Self::start_disk_sync(vm, config, sender)?
+        } else {
+            None
+        };
         let (pending, _) = live::precopy(vm, sender, epoch_len)?;
+        if let Some(disks) = disks.as_mut() {
+            let mut send = |kind: FrameType, payload: &[u8]| sender.send_frame(kind, payload);
+            disks.catch_up(&mut send).map_err(|e| e.to_string())?;
+        }
         vm.pause().map_err(|e| e.to_string())?;
         *paused = true;
         let mut last = live::dirty_since_last(vm)?;
         last.union_with(&pending);
         sender.send_memory(vm.memory(), &last).map_err(e)?;
+        if let Some(mut disks) = disks.take() {
+            let mut send = |kind: FrameType, payload: &[u8]| sender.send_frame(kind, payload);
+            disks.finish_paused(&mut send).map_err(|e| e.to_string())?;
+        }
         let state = vm.save_state().map_err(|e| e.to_string())?;
         sender.send_state(&state).map_err(e)?;
-        let gates = vm.device_manager_mut().ft_gates(0)?;
+        let gates = vm.ft_gates()?;
         // Gates kept from an earlier session go on counting: epochs only grow.
         let sync_epoch = gates.all().map(|g| g.current_epoch()).max().unwrap_or(0) + 1;
         let end = Control::EpochEnd {
@@ -550,11 +561,46 @@ impl Primary {
         Ok((gates, sync_epoch + 1, reader))
     }
 
+    /// Replicated disks: starts tracking written blocks and copies every image whole while
+    /// the guest runs (the backup's image may start blank or stale; see [`DiskSync`]).
+    fn start_disk_sync(
+        vm: &mut dyn ReplicableVm,
+        config: &VmConfig,
+        sender: &mut Sender<FtStream>,
+    ) -> Result<Option<DiskSync>, String> {
+        let paths: Vec<_> = config
+            .disks
+            .iter()
+            .flatten()
+            .map(|d| d.path.clone().unwrap_or_default())
+            .collect();
+        if paths.is_empty() {
+            return Ok(None);
+        }
+        // The gates (and their write logs) are installed with the device loop stopped.
+        vm.pause()?;
+        let gates = vm.ft_gates();
+        vm.resume()?;
+        let gates = gates?;
+        if gates.disk_logs.len() != paths.len() {
+            return Err(format!(
+                "{} disks configured, {} write logs",
+                paths.len(),
+                gates.disk_logs.len()
+            ));
+        }
+        let mut disks =
+            DiskSync::start(paths.into_iter().zip(gates.disk_logs)).map_err(|e| e.to_string())?;
+        let mut send = |kind: FrameType, payload: &[u8]| sender.send_frame(kind, payload);
+        disks.copy_live(&mut send).map_err(|e| e.to_string())?;
+        Ok(Some(disks))
+    }
+
     #[allow(clippy::type_complexity)]
     fn start_threads(
         shared: &Arc<Shared>,
-        sender: Sender<TcpStream>,
-        stream: &TcpStream,
+        sender: Sender<FtStream>,
+        stream: &FtStream,
         staging: GuestMemoryMmap,
         reader: FrameReader,
         epoch_len: Duration,
@@ -583,134 +629,59 @@ impl Primary {
         Ok((jobs, sender_thread, ack_thread))
     }
 
-    /// Group members: starts taking the coordinator's orders and reports this member ready.
-    /// Returns the channel the coordinator's Resume orders arrive on.
-    fn listen_to_group(shared: &Arc<Shared>) -> Result<Option<Receiver<u64>>, String> {
-        let Some(group) = &shared.group else {
-            return Ok(None);
-        };
-        let (resume_tx, resumes) = mpsc::channel();
-        let mut resume_tx = Some(resume_tx);
-        let s = shared.clone();
-        group.member.listen(move |msg| {
-            let Some(group) = &s.group else {
-                return;
-            };
-            match msg {
-                Ok(PrimaryMsg::Cut { epoch, barrier }) => {
-                    group.order(GroupOrder::Cut { epoch, barrier }, &s.wake)
-                }
-                Ok(PrimaryMsg::Resume { epoch }) => {
-                    if let Some(tx) = &resume_tx {
-                        let _ = tx.send(epoch);
-                    }
-                }
-                Ok(PrimaryMsg::Commit { epoch }) => commit_group_epoch(&s, group, epoch),
-                Ok(PrimaryMsg::Peers { macs, members }) => {
-                    s.gates.group_peers.set(macs);
-                    group.members.store(members, Ordering::SeqCst);
-                }
-                Ok(PrimaryMsg::Degrade { reason }) => {
-                    resume_tx = None;
-                    group.order(GroupOrder::Degrade(reason), &s.wake);
-                }
-                Ok(PrimaryMsg::Fail { reason }) => {
-                    resume_tx = None;
-                    group.order(GroupOrder::Fail(reason), &s.wake);
-                }
-                Ok(other) => log::warn!("FT group: ignoring {other:?}"),
-                Err(why) => {
-                    // A waiting cut must not sit out its timeout.
-                    resume_tx = None;
-                    if !s.stopping.load(Ordering::SeqCst) {
-                        let reason = format!("the group's coordinator is gone ({why})");
-                        group.order(GroupOrder::Fail(reason), &s.wake);
-                    }
-                }
-            }
-        })?;
-        group.member.send(&PrimaryMsg::Ready)?;
-        Ok(Some(resumes))
-    }
-
-    /// A group cut: pause, tell the coordinator, capture while the others pause too, and
-    /// resume only once every member has paused (see [`crate::group`]).
-    fn group_checkpoint(
+    /// Ends the running epoch, for a single VM and a group member alike: pause (if running),
+    /// wait for the sender to free the staging memory, capture, resume, record the pause. A
+    /// group member tells the coordinator it paused and resumes only when told (so the cut is
+    /// consistent across the group). None: nothing was captured and nothing is wrong here (the
+    /// link was lost meanwhile, or the group went on unprotected); `poll` handles what follows.
+    fn cut(
         &mut self,
-        vm: &mut Vm,
-        group_epoch: u64,
-        barrier: bool,
+        vm: &mut dyn ReplicableVm,
+        cut: &Cut,
         running: bool,
-    ) -> Result<(), String> {
-        let shared = self.shared.clone();
-        let Some(group) = &shared.group else {
-            return Ok(());
-        };
+    ) -> Result<Option<EpochJob>, String> {
         let start = Instant::now();
         if running {
-            vm.pause().map_err(|e| e.to_string())?;
+            vm.pause()?;
         }
-        // A cut that came before this member's sender was done (the coordinator cuts an
-        // overdue epoch anyway): the guest waits, paused, for the sender; one stuck for a
-        // heartbeat timeout has lost its backup.
-        if !self.wait_for_staging() {
-            let resumed = if running { vm.resume() } else { Ok(()) };
-            resumed.map_err(|e| e.to_string())?;
-            return if self.lost() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "group epoch {group_epoch}: the previous epoch is still being sent"
-                ))
-            };
+        if self.shared.staging_busy.load(Ordering::SeqCst) {
+            if *cut == Cut::Own {
+                // Bounded latency (Cuju): the sender cannot keep up with the guest's dirty
+                // rate; the guest waits, paused, for it rather than growing the epoch (and
+                // the wait of its output) without bound.
+                self.epochs_cut_early += 1;
+            }
+            // A sender stuck for a heartbeat timeout has lost its backup.
+            if !self.wait_for_staging() {
+                let resumed = if running { vm.resume() } else { Ok(()) };
+                self.pauses.record(start.elapsed());
+                resumed?;
+                return match cut {
+                    Cut::Group { epoch, .. } if !self.lost() => Err(format!(
+                        "group epoch {epoch}: the previous epoch is still being sent"
+                    )),
+                    _ => Ok(None),
+                };
+            }
         }
-        let told = if barrier {
-            group
-                .member
-                .send(&PrimaryMsg::Paused { epoch: group_epoch })
-        } else {
-            Ok(())
-        };
+        let told = self.group_paused(cut);
         let captured = self.capture(vm);
-        let go = match (&told, &self.resumes) {
-            (Ok(()), _) if !barrier => Ok(group_epoch),
-            // As long as the coordinator waits for the slowest member (see group.rs).
-            (Ok(()), Some(resumes)) => resumes
-                .recv_timeout(self.heartbeat_timeout * 2 + Duration::from_millis(500))
-                .map_err(|e| match e {
-                    RecvTimeoutError::Timeout => "the group did not resume in time".to_string(),
-                    RecvTimeoutError::Disconnected => {
-                        "the group ended during the cut: another member was lost".to_string()
-                    }
-                }),
-            (Err(e), _) => Err(e.clone()),
-            (_, None) => Err("not listening to the group".to_string()),
-        };
+        crash_point(Phase::Pause, self.epoch - self.shared.first_epoch);
+        let go = self.group_resume(cut, told);
         let resumed = if running { vm.resume() } else { Ok(()) };
         self.pauses.record(start.elapsed());
-        resumed.map_err(|e| e.to_string())?;
-        match go {
-            Ok(epoch) if epoch == group_epoch => {}
-            Ok(epoch) => {
-                return Err(format!(
-                    "resumed for group epoch {epoch}, cut {group_epoch}"
-                ))
-            }
+        resumed?;
+        if let Err(e) = go {
+            let degrading = self
+                .shared
+                .group
+                .as_ref()
+                .is_some_and(|g| g.degrade_pending());
             // The group ran on unprotected while this member was in the cut: the epoch is
             // dropped and the Degrade order, next in line, ends protection.
-            Err(_) if group.degrade_pending() => return Ok(()),
-            Err(e) => return Err(format!("group epoch {group_epoch}: {e}")),
+            return if degrading { Ok(None) } else { Err(e) };
         }
-        let mut job = captured?;
-        // Epochs stay far below i64::MAX (one per millisecond for 292 million years).
-        let offset = job.epoch as i64 - group_epoch as i64;
-        let _ = group
-            .offset
-            .compare_exchange(i64::MIN, offset, Ordering::SeqCst, Ordering::SeqCst);
-        group.group_epoch.store(group_epoch, Ordering::SeqCst);
-        job.group_epoch = Some(group_epoch);
-        self.hand_over(job);
-        Ok(())
+        captured.map(Some)
     }
 
     /// Waits until the sender has shipped the previous epoch out of the staging memory.
@@ -747,44 +718,24 @@ impl Primary {
         }
     }
 
-    /// This member stops because the group failed: nothing uncommitted may leave, and the
-    /// backup (its link now closed) takes over with the others.
-    fn fail_with_group(&mut self, reason: String) -> PrimaryEvent {
-        self.close(None);
-        for gate in self.shared.gates.all() {
-            gate.discard_uncommitted();
+    /// Held output that could not leave for [`COMMIT_FAILURE_GRACE`] while protected.
+    fn commit_failing_too_long(&self) -> Option<String> {
+        if self.health != FtHealth::Protected {
+            return None;
         }
-        self.health = FtHealth::Fenced;
-        self.last_error = Some(reason.clone());
-        PrimaryEvent::Fenced(format!("fate sharing: {reason}"))
-    }
-
-    /// The group runs on unprotected: the backup stands down and held output leaves.
-    fn degrade_with_group(&mut self, reason: String) {
-        self.close(Some(Job::StandDown {
-            guest_shutdown: false,
-            reprotect: false,
-            reason: format!("the FT group runs unprotected: {reason}"),
-        }));
-        for gate in self.shared.gates.all() {
-            if let Err(e) = gate.passthrough() {
-                log::error!("FT: releasing held output: {e}");
-            }
-        }
-        self.shared.gates.group_peers.set(Vec::new());
-        self.health = FtHealth::Degraded;
-        log::warn!("FT: running unprotected ({reason})");
-        self.last_error = Some(reason);
-    }
-
-    fn next_group_order(&self) -> Option<GroupOrder> {
-        self.shared
-            .group
-            .as_ref()?
-            .orders
+        let failure = self
+            .shared
+            .commit_failure
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+            .unwrap_or_else(|p| p.into_inner());
+        let failure = failure.as_ref()?;
+        (!failure.no_space && failure.since.elapsed() >= COMMIT_FAILURE_GRACE).then(|| {
+            format!(
+                "held output could not leave for {:?} ({})",
+                failure.since.elapsed(),
+                failure.error
+            )
+        })
     }
 
     fn lost(&self) -> bool {
@@ -797,7 +748,7 @@ impl Primary {
 
     /// Copies the pages of `dirty` from guest memory into the staging memory (same layout;
     /// a run never crosses a region boundary, so each run is one slice-to-slice copy).
-    fn stage(&self, vm: &Vm, dirty: &DirtyPages) -> Result<(), String> {
+    fn stage(&self, vm: &dyn ReplicableVm, dirty: &DirtyPages) -> Result<(), String> {
         let mem = vm.memory();
         for (start, pages) in dirty.runs() {
             let len = pages as usize * vmm::migration::memory::PAGE_SIZE;
@@ -814,7 +765,7 @@ impl Primary {
     }
 
     /// The part of a checkpoint that runs while the VM is paused.
-    fn capture(&mut self, vm: &mut Vm) -> Result<EpochJob, String> {
+    fn capture(&mut self, vm: &mut dyn ReplicableVm) -> Result<EpochJob, String> {
         let dirty = live::dirty_since_last(vm)?;
         self.stage(vm, &dirty)?;
         let state = vm.save_state().map_err(|e| e.to_string())?;
@@ -851,7 +802,7 @@ impl Primary {
             fencing: fence::describe(&self.witness),
             epoch: self.epoch,
             last_committed_epoch: last_acked,
-            lag_epochs: self.epoch.saturating_sub(last_acked + 1),
+            lag_epochs: self.epoch.saturating_sub(last_acked.saturating_add(1)),
             bytes: s.bytes.load(Ordering::Relaxed),
             dirty_pages: self.dirty_pages,
             pause_us_last: self.pauses.last_us(),
@@ -859,7 +810,13 @@ impl Primary {
             pause_us_p99: self.pauses.percentile_us(99.0),
             pause_us_max: self.pauses.max_us(),
             epochs_cut_early: self.epochs_cut_early,
-            last_error: self.last_error.clone(),
+            last_error: self.last_error.clone().or_else(|| {
+                s.commit_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|f| format!("held output cannot leave (retrying): {}", f.error))
+            }),
             ..FtStatus::default()
         };
         if let Some(group) = &s.group {
@@ -901,7 +858,7 @@ impl Primary {
             let _ = t.join();
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.stream.shutdown();
         if let Some(t) = self.acks.take() {
             let _ = t.join();
         }
@@ -913,7 +870,7 @@ impl Primary {
 
 fn send_loop(
     shared: &Shared,
-    mut sender: Sender<TcpStream>,
+    mut sender: Sender<FtStream>,
     staging: &GuestMemoryMmap,
     jobs: &mpsc::Receiver<Job>,
     heartbeat_every: Duration,
@@ -976,7 +933,7 @@ fn send_loop(
 
 fn send_epoch(
     shared: &Shared,
-    sender: &mut Sender<TcpStream>,
+    sender: &mut Sender<FtStream>,
     staging: &GuestMemoryMmap,
     job: EpochJob,
     released_through: u64,
@@ -989,6 +946,7 @@ fn send_epoch(
         }
     }
     sender.send_state(&job.state)?;
+    shared.last_ended.fetch_max(job.epoch, Ordering::SeqCst);
     let end = Control::EpochEnd {
         epoch: job.epoch,
         // The ack thread commits an epoch (its shared-disk writes reach the image) before it
@@ -999,10 +957,22 @@ fn send_epoch(
     sender.send_frame(FrameType::Control, &end.encode())
 }
 
-fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
+fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
+    // Acks come once per epoch, in order, and only for epochs whose end was sent: anything
+    // else (a confused or forged peer) must not release output, so it breaks the link.
+    let mut last_ack = shared.last_acked.load(Ordering::SeqCst);
     loop {
         match read_control(&mut reader, &mut stream) {
             Ok(Control::Ack { epoch }) => {
+                let ended = shared.last_ended.load(Ordering::SeqCst);
+                if epoch <= last_ack || epoch > ended {
+                    shared.lose(format!(
+                        "the backup acknowledged epoch {epoch}; the only epochs it may acknowledge are {}..={ended}",
+                        last_ack.saturating_add(1)
+                    ));
+                    return;
+                }
+                last_ack = epoch;
                 if let Some(group) = &shared.group {
                     // A member's output waits for the whole group (see commit_group_epoch).
                     if let Some(group_epoch) = group.group_epoch_of(epoch) {
@@ -1013,13 +983,7 @@ fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
                     }
                     continue;
                 }
-                crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
-                for gate in shared.gates.all() {
-                    if let Err(e) = gate.commit(epoch) {
-                        log::error!("FT: committing epoch {epoch}: {e}");
-                    }
-                }
-                shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+                commit_epoch(shared, epoch);
             }
             Ok(Control::Heartbeat { .. }) => {}
             Ok(other) => {
@@ -1034,22 +998,51 @@ fn ack_loop(shared: &Shared, mut stream: TcpStream, mut reader: FrameReader) {
     }
 }
 
-/// Every member's backup holds `group_epoch`: its output may leave.
-fn commit_group_epoch(shared: &Shared, group: &GroupLink, group_epoch: u64) {
-    let Some(epoch) = group.local_epoch(group_epoch) else {
-        return;
-    };
+/// The backup holds `epoch`: its held output leaves, in order, through every gate. Only when
+/// every gate released it completely does `last_acked` (the backup's `released_through`, after
+/// which it forgets the epoch's disk writes) move on; a failed release stays held and is
+/// retried by the next commit.
+fn commit_epoch(shared: &Shared, epoch: u64) {
     crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
+    let mut failed = None;
     for gate in shared.gates.all() {
+        // The other gates still release: the backup holds the epoch, so they may.
         if let Err(e) = gate.commit(epoch) {
-            log::error!("FT: committing epoch {epoch} (group epoch {group_epoch}): {e}");
+            let no_space = matches!(&e, EpochError::Release { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)));
+            failed = Some((e.to_string(), no_space));
         }
     }
-    shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+    let mut failure = shared
+        .commit_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    match failed {
+        None => {
+            if failure.take().is_some() {
+                log::warn!("FT: held output leaves again (epoch {epoch} committed)");
+            }
+            shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+        }
+        Some((error, no_space)) => {
+            log::error!(
+                "FT: committing epoch {epoch}: {error}; the backup keeps its copy, retrying"
+            );
+            let since = failure.as_ref().map_or_else(Instant::now, |f| f.since);
+            *failure = Some(CommitFailure {
+                since,
+                error,
+                no_space,
+            });
+            drop(failure);
+            let _ = shared.wake.write(1);
+        }
+    }
 }
 
-impl PrimaryFt for Primary {
-    fn next_checkpoint(&self) -> Option<Duration> {
+impl Primary {
+    /// See [`PrimaryFt::next_checkpoint`].
+    pub fn next_checkpoint(&self) -> Option<Duration> {
         // A group's coordinator decides when its members checkpoint.
         if self.health != FtHealth::Protected || self.shared.group.is_some() {
             return None;
@@ -1063,7 +1056,8 @@ impl PrimaryFt for Primary {
         Some(left.max(MIN_TIMER))
     }
 
-    fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String> {
+    /// See [`PrimaryFt::checkpoint`].
+    pub fn checkpoint(&mut self, vm: &mut dyn ReplicableVm) -> Result<(), String> {
         if self.health != FtHealth::Protected || self.lost() || self.shared.group.is_some() {
             return Ok(());
         }
@@ -1073,27 +1067,10 @@ impl PrimaryFt for Primary {
             // The previous epoch is still on the wire: this one runs on a little.
             return Ok(());
         }
-        let start = Instant::now();
-        self.epoch_started = start;
-        vm.pause().map_err(|e| e.to_string())?;
-        if busy {
-            // Bounded latency (Cuju): the sender cannot keep up with the guest's dirty rate.
-            // Letting the guest run on would grow the epoch (and the wait of its output)
-            // without bound; after one extra epoch it waits, paused, for the sender.
-            self.epochs_cut_early += 1;
-            if !self.wait_for_staging() {
-                let resumed = vm.resume();
-                self.pauses.record(start.elapsed());
-                resumed.map_err(|e| e.to_string())?;
-                return Ok(());
-            }
-        }
-        let captured = self.capture(vm);
-        crash_point(Phase::Pause, self.epoch - self.shared.first_epoch);
-        let resumed = vm.resume();
-        self.pauses.record(start.elapsed());
-        resumed.map_err(|e| e.to_string())?;
-        let job = captured?;
+        self.epoch_started = Instant::now();
+        let Some(job) = self.cut(vm, &Cut::Own, true)? else {
+            return Ok(());
+        };
         // Bounded latency: when sending an epoch takes longer than running one, output waits
         // for both, so shorten the next epoch in proportion (fewer pages to send).
         let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
@@ -1109,7 +1086,14 @@ impl PrimaryFt for Primary {
         Ok(())
     }
 
-    fn poll(&mut self, vm: &mut Vm, running: bool) -> PrimaryEvent {
+    /// See [`PrimaryFt::poll`].
+    pub fn poll(&mut self, vm: &mut dyn ReplicableVm, running: bool) -> PrimaryEvent {
+        if let Some(reason) = self.commit_failing_too_long() {
+            // Hand the VM to the backup, which holds every write not yet on the image and
+            // re-issues them from its host (Cuju's disk I/O retry).
+            log::error!("FT: {reason}; fencing this primary so that the backup takes over");
+            return self.fail_with_group(reason);
+        }
         while self.health == FtHealth::Protected {
             let Some(order) = self.next_group_order() else {
                 break;
@@ -1182,11 +1166,12 @@ impl PrimaryFt for Primary {
         }
     }
 
-    fn status(&self) -> FtStatus {
+    pub fn status(&self) -> FtStatus {
         self.status_now()
     }
 
-    fn stop(mut self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) {
+    /// See [`PrimaryFt::stop`].
+    pub fn stop(mut self, vm: Option<&mut dyn ReplicableVm>, reason: StopReason) {
         let job = match reason {
             StopReason::Disabled => Job::StandDown {
                 guest_shutdown: false,
@@ -1231,5 +1216,27 @@ impl PrimaryFt for Primary {
         if was_protected {
             log::info!("FT: protection ended ({reason:?})");
         }
+    }
+}
+
+impl PrimaryFt for Primary {
+    fn next_checkpoint(&self) -> Option<Duration> {
+        Primary::next_checkpoint(self)
+    }
+
+    fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String> {
+        Primary::checkpoint(self, vm)
+    }
+
+    fn poll(&mut self, vm: &mut Vm, running: bool) -> PrimaryEvent {
+        Primary::poll(self, vm, running)
+    }
+
+    fn status(&self) -> FtStatus {
+        self.status_now()
+    }
+
+    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) {
+        Primary::stop(*self, vm.map(|vm| vm as &mut dyn ReplicableVm), reason)
     }
 }

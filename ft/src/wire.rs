@@ -8,6 +8,10 @@
 //! Control(StandDown)                                 protection ends on purpose
 //! ```
 //!
+//! Replicated disks are copied inside the initial sync (epoch 0), per disk (see `disk_sync`):
+//! `Control(DiskSyncStart)`, then DiskWrites and `Control(DiskZero)` (applied in stream
+//! order), then `Control(DiskSyncDone)` while the primary is paused, before the State.
+//!
 //! and backup -> primary: `Control(Ack{E})` once E is held completely, `Control(Heartbeat)`
 //! in answer to each heartbeat, `Error` before it closes on a bad stream.
 //!
@@ -57,6 +61,24 @@ pub enum Control {
         reason: String,
         #[serde(default)]
         reprotect: bool,
+    },
+    /// Replicated disks: the copy of image `disk` (`size` bytes) begins; the backup resizes
+    /// its image to match. `chunk_size`: the granularity of the image digest.
+    DiskSyncStart {
+        disk: u32,
+        size: u64,
+        chunk_size: u64,
+    },
+    /// Bytes `offset .. offset + len` of image `disk` are zero (a hole or all-zero data).
+    DiskZero {
+        disk: u32,
+        offset: u64,
+        len: u64,
+    },
+    /// The copy of image `disk` is complete; `digest` (hex) is the primary's digest of it.
+    DiskSyncDone {
+        disk: u32,
+        digest: String,
     },
 }
 
@@ -222,6 +244,25 @@ mod tests {
             }
         );
         assert!(Control::decode(br#"{"ack":{"epoch":1,"x":2}}"#).is_err());
+        for c in [
+            Control::DiskSyncStart {
+                disk: 1,
+                size: 1 << 40,
+                chunk_size: 1 << 20,
+            },
+            Control::DiskZero {
+                disk: 0,
+                offset: 4096,
+                len: u64::MAX - 4096,
+            },
+            Control::DiskSyncDone {
+                disk: 2,
+                digest: "00ff".into(),
+            },
+        ] {
+            assert_eq!(Control::decode(&c.encode()).unwrap(), c);
+        }
+        assert!(Control::decode(br#"{"disk_zero":{"disk":0,"offset":0,"len":1,"x":0}}"#).is_err());
         assert!(Control::decode(b"").is_err());
     }
 

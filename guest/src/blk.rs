@@ -325,6 +325,27 @@ impl Disk {
         Self::status(self.blk.single(T_OUT, sector, len)?)
     }
 
+    /// Like `write`, the data made in place: `fill(k, bytes)` fills the `k`-th
+    /// of `sectors` sectors (no copy of the data on the caller's stack).
+    pub fn write_with(
+        &mut self,
+        sector: u64,
+        sectors: usize,
+        mut fill: impl FnMut(usize, &mut [u8]),
+    ) -> Result<(), &'static str> {
+        let len = sectors * SECTOR;
+        if len == 0 || len > self.blk.req_bytes {
+            return Err("bad write length");
+        }
+        for (k, bytes) in self.blk.slot_data(0)[..len]
+            .chunks_exact_mut(SECTOR)
+            .enumerate()
+        {
+            fill(k, bytes);
+        }
+        Self::status(self.blk.single(T_OUT, sector, len)?)
+    }
+
     /// Reads `sectors` sectors (at most `max_bytes`) at `sector`; the data is
     /// valid until the next request.
     pub fn read(&mut self, sector: u64, sectors: usize) -> Result<&[u8], &'static str> {
@@ -332,6 +353,9 @@ impl Disk {
         if len == 0 || len > self.blk.req_bytes {
             return Err("bad read length");
         }
+        // The buffer may still hold what a write just sent: cleared, so only
+        // the device's data can match it.
+        self.blk.slot_data(0)[..len].fill(0);
         Self::status(self.blk.single(T_IN, sector, len)?)?;
         Ok(&self.blk.slot_data(0)[..len])
     }

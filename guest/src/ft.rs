@@ -33,6 +33,8 @@
 //! except 3), `w[4]` = the run id of this boot (printed in the ready marker),
 //! `w[j]` = `mix(lba * 0x9e3779b97f4a7c15 ^ seq * 0xc2b2ae3d27d4eb4f ^ run *
 //! 0x165667b19e3779f9 ^ j)` for j = 5..63. Writes are not followed by a FLUSH.
+//! `rw` rounds write the same format to sectors 2048..2304 (the 128 KiB after
+//! the first MiB), with the round number `k` in place of `seq`.
 //!
 //! TCP 7000, control (4 connections at a time; lines end with `\n`, a `\r`
 //! before it is ignored, a last line without `\n` counts when the client
@@ -70,6 +72,14 @@
 //!   the connection that asked reads no further command until the relay's
 //!   reply is queued, so replies keep the order of the commands. See
 //!   `ft/relay.rs`.
+//! - `rw <n>` (1 <= n <= 128) -> read-your-writes round `k` (1, 2, ...): the
+//!   records of `k` are written to the `n` sectors from `lba = 2048 + (k * 5)
+//!   % (257 - n)` in one request, completed, then read back at once in one
+//!   request: `rw <k> ok lba=<lba> sectors=<n>` when every sector holds its
+//!   new record, else `rw <k> bad sector <lba> <holds seq <x>|no record|
+//!   corrupt>`. Consecutive rounds overlap, so a read must see the newest
+//!   write. `bad disk write: <why>` (`k` stays), `bad disk read: <why>`, `bad
+//!   no disk`, `bad disk too small` (under 2304 sectors) or `bad rw count`.
 //! - `quit` -> the guest closes the connection (no reply).
 //! - `poweroff` -> `bye`, the connection is closed and the guest waits (at
 //!   most 2 s) until the client has acknowledged it, then the workload ends
@@ -99,7 +109,7 @@ use smoltcp::socket::tcp;
 
 use self::relay::{Pending, Relays, RELAY_SOCKETS};
 use crate::blk::{self, Disk};
-use crate::workloads::Config;
+use crate::workloads::{parse_u64, Config};
 use crate::{clock, dma, net, virtio};
 
 const CONTROL_PORT: u16 = 7000;
@@ -124,6 +134,9 @@ const WORK_CHUNK: u64 = 2048;
 const DISK_SLOTS: u64 = 2048;
 const SECTOR: usize = 512;
 pub const RECORD_MAGIC: [u8; 8] = *b"TANDEMFT";
+/// `rw` rounds use sectors RW_BASE..RW_BASE + RW_SPAN, after the records.
+const RW_BASE: u64 = DISK_SLOTS;
+const RW_SPAN: u64 = 256;
 const POWEROFF_DRAIN_NS: u64 = 2_000_000_000;
 
 fn page_seed(page: u64, gen: u64) -> u64 {
@@ -172,6 +185,31 @@ fn make_record(lba: u64, seq: u64, run: u64) -> [u64; 64] {
     }
     w[3] = blk::checksum(&w);
     w
+}
+
+fn record_bytes(rec: &[u64; 64], bytes: &mut [u8]) {
+    for (b, w) in bytes.chunks_exact_mut(8).zip(rec.iter()) {
+        b.copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+fn holds_record(sector: &[u8], rec: &[u64; 64]) -> bool {
+    sector
+        .chunks_exact(8)
+        .zip(rec.iter())
+        .all(|(b, &w)| b == w.to_le_bytes())
+}
+
+/// What `sector` holds instead of `rec`, the record of sequence `want`.
+fn describe_instead(out: &mut Reply, sector: &[u8], rec: &[u64; 64], want: u64) {
+    let word = |j: usize| u64::from_le_bytes(sector[j * 8..j * 8 + 8].try_into().unwrap_or([0; 8]));
+    let _ = if word(0) != rec[0] {
+        write!(out, "no record")
+    } else if word(2) != want {
+        write!(out, "holds seq {}", word(2))
+    } else {
+        write!(out, "corrupt")
+    };
 }
 
 /// The largest s <= seq with s % 2048 == lba and s >= 1 (the record sector
@@ -249,6 +287,8 @@ enum Action {
 
 struct Ft {
     seq: u64,
+    /// The last `rw` round.
+    rw_seq: u64,
     work: u64,
     work_state: u64,
     dirtied: u64,
@@ -311,9 +351,7 @@ impl Ft {
             let lba = next % DISK_SLOTS;
             let rec = make_record(lba, next, self.run);
             let mut bytes = [0u8; SECTOR];
-            for (b, w) in bytes.chunks_exact_mut(8).zip(rec.iter()) {
-                b.copy_from_slice(&w.to_le_bytes());
-            }
+            record_bytes(&rec, &mut bytes);
             if let Err(e) = disk.write(lba, &bytes) {
                 let _ = write!(out, "bad disk write: {}", e);
                 return;
@@ -356,24 +394,9 @@ impl Ft {
                         continue;
                     };
                     let rec = make_record(at, want, run);
-                    let same = sector
-                        .chunks_exact(8)
-                        .zip(rec.iter())
-                        .all(|(b, &w)| b == w.to_le_bytes());
-                    if !same {
-                        let word = |j: usize| {
-                            u64::from_le_bytes(
-                                sector[j * 8..j * 8 + 8].try_into().unwrap_or([0; 8]),
-                            )
-                        };
+                    if !holds_record(sector, &rec) {
                         let _ = write!(out, "bad disk sector {} want seq {} ", at, want);
-                        let _ = if word(0) != rec[0] {
-                            write!(out, "no record")
-                        } else if word(2) != want {
-                            write!(out, "holds seq {}", word(2))
-                        } else {
-                            write!(out, "corrupt")
-                        };
+                        describe_instead(out, sector, &rec, want);
                         return;
                     }
                 }
@@ -387,6 +410,52 @@ impl Ft {
             self.pages,
             u8::from(self.disk.is_some())
         );
+    }
+
+    /// `rw <n>`: one read-your-writes round (see the module comment).
+    fn rw(&mut self, arg: &[u8], out: &mut Reply) {
+        let run = self.run;
+        let Some(disk) = self.disk.as_mut() else {
+            let _ = write!(out, "bad no disk");
+            return;
+        };
+        if disk.capacity < RW_BASE + RW_SPAN {
+            let _ = write!(out, "bad disk too small");
+            return;
+        }
+        let max = (disk.max_bytes() / SECTOR) as u64;
+        let Some(n) = parse_u64(arg).filter(|&n| n >= 1 && n <= max.min(RW_SPAN)) else {
+            let _ = write!(out, "bad rw count");
+            return;
+        };
+        let k = self.rw_seq + 1;
+        // Rounds overlap their predecessors: reads must see the newest data.
+        let lba = RW_BASE + (k * 5) % (RW_SPAN + 1 - n);
+        let fill = |i: usize, bytes: &mut [u8]| {
+            record_bytes(&make_record(lba + i as u64, k, run), bytes);
+        };
+        if let Err(e) = disk.write_with(lba, n as usize, fill) {
+            let _ = write!(out, "bad disk write: {}", e);
+            return;
+        }
+        self.rw_seq = k;
+        let data = match disk.read(lba, n as usize) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = write!(out, "bad disk read: {}", e);
+                return;
+            }
+        };
+        for (i, sector) in data.chunks_exact(SECTOR).enumerate() {
+            let at = lba + i as u64;
+            let rec = make_record(at, k, run);
+            if !holds_record(sector, &rec) {
+                let _ = write!(out, "rw {} bad sector {} ", k, at);
+                describe_instead(out, sector, &rec, k);
+                return;
+            }
+        }
+        let _ = write!(out, "rw {} ok lba={} sectors={}", k, lba, n);
     }
 
     fn stats(&self, out: &mut Reply) {
@@ -425,6 +494,12 @@ impl Ft {
                         return (true, Action::None);
                     }
                 }
+            }
+        }
+        if let Some(arg) = line.strip_prefix(b"rw") {
+            if arg.is_empty() || matches!(arg[0], b' ' | b'\t') {
+                self.rw(arg.trim_ascii_start(), out);
+                return (true, Action::None);
             }
         }
         match line {
@@ -596,6 +671,7 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
     let relays = Relays::new(&mut sockets, &cfg.net);
     let mut ft = Ft {
         seq: 0,
+        rw_seq: 0,
         work: 0,
         work_state: clock::rdtsc(),
         dirtied: 0,

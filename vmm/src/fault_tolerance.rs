@@ -14,8 +14,53 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::control::{EnableFtRequest, FtStatus, ReceiveFtRequest, VmmError};
+use crate::device_manager::FtGates;
 use crate::memory::GuestMemoryMmap;
+use crate::migration::memory::DirtyPages;
 use crate::vm::{Vm, VmSnapshotState};
+
+/// What fault tolerance (and pre-copy) needs of a VM, and nothing more, in the spirit of
+/// Cloud Hypervisor's `Pausable` / `Snapshottable` / `Migratable`. The FT primary runs against
+/// this trait only, so its state machine can be driven without KVM by a fake VM.
+pub trait ReplicableVm {
+    /// Stops the guest and the device loop: neither changes memory, state or output until
+    /// [`ReplicableVm::resume`].
+    fn pause(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), String>;
+    fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), String>;
+    /// Pages written since the last call (by the guest or by devices); starts a new set.
+    fn dirty_since_last(&mut self) -> Result<DirtyPages, String>;
+    fn memory(&self) -> &GuestMemoryMmap;
+    /// The state of a paused VM (vCPUs, in-kernel devices, device models).
+    fn save_state(&mut self) -> Result<VmSnapshotState, String>;
+    /// The devices' FT output gates (installed on the first call, in pass-through mode).
+    fn ft_gates(&mut self) -> Result<FtGates, String>;
+}
+
+impl ReplicableVm for Vm {
+    fn pause(&mut self) -> Result<(), String> {
+        Vm::pause(self).map_err(|e| e.to_string())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        Vm::resume(self).map_err(|e| e.to_string())
+    }
+    fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), String> {
+        Vm::set_dirty_logging(self, enabled).map_err(|e| e.to_string())
+    }
+    fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
+        let kvm = self.take_dirty_log().map_err(|e| e.to_string())?;
+        DirtyPages::from_bitmaps(&kvm, Vm::memory(self), true).map_err(|e| e.to_string())
+    }
+    fn memory(&self) -> &GuestMemoryMmap {
+        Vm::memory(self)
+    }
+    fn save_state(&mut self) -> Result<VmSnapshotState, String> {
+        Vm::save_state(self).map_err(|e| e.to_string())
+    }
+    fn ft_gates(&mut self) -> Result<FtGates, String> {
+        self.device_manager_mut().ft_gates(0)
+    }
+}
 
 /// Creates protection sessions (one at a time per VMM).
 pub trait FtProvider: Send {

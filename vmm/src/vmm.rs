@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,8 @@ use crate::event_monitor::EventMonitor;
 use crate::fault_tolerance::{
     BackupEvent, BackupFt, FtProvider, PrimaryEvent, PrimaryFt, StopReason,
 };
-use crate::migration::{live, snapshot};
+use crate::migration::receive::{IncomingEvent, IncomingMigration, ReceiveError, ReceiveTimeouts};
+use crate::migration::{live, snapshot, TransferStats};
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
 use crate::vm::{PrepareOptions, PreparedVm, RestoredMemory, Start, VmSnapshotState};
@@ -155,6 +156,8 @@ enum Wake {
     Ft = 5,
     /// The running epoch is over: checkpoint.
     Epoch = 6,
+    /// The migration receiver thread needs the control loop.
+    Migration = 7,
 }
 
 /// The API side of the control loop: requests arrive on the channel, and the eventfd wakes
@@ -176,6 +179,17 @@ pub struct VmmOptions {
     pub event_monitor: Option<Arc<EventMonitor>>,
     /// Fault tolerance (`vm.enable-ft`, `vm.receive-ft`); None: those requests fail.
     pub ft: Option<Box<dyn FtProvider>>,
+}
+
+/// A `vm.receive-migration` in progress: its `migration-rx` thread does all the network I/O;
+/// the control loop builds and restores the VM when the thread asks.
+struct Incoming {
+    receiver: IncomingMigration,
+    /// The request's answer, sent when the receive ends (the client waits, as with Cloud
+    /// Hypervisor; the control loop does not).
+    reply: mpsc::Sender<VmmResult>,
+    /// The VM being filled with the source's memory (built when its Hello arrived).
+    prepared: Option<(PreparedVm, Option<SharedWriter>)>,
 }
 
 /// A backup's VM, built when the primary connected and kept current by the backup's receiver
@@ -209,6 +223,8 @@ struct Vmm {
     /// protects the rebooted VM again with them.
     ft_request: Option<EnableFtRequest>,
     receive_request: Option<ReceiveFtRequest>,
+    migration_wake: Arc<EventFd>,
+    incoming: Option<Incoming>,
 }
 
 /// How long a primary whose guest reset keeps trying to reach its backup again (the backup
@@ -354,15 +370,47 @@ impl Vmm {
         )
     }
 
-    fn handle_request(&mut self, request: VmmRequest) -> (VmmResult, Option<ExitReason>) {
+    /// Requests answered while a migration is being received (the others would create, start
+    /// or drop a VM while the receiver fills one).
+    fn allowed_while_receiving(request: &VmmRequest) -> bool {
+        matches!(
+            request,
+            VmmRequest::Ping
+                | VmmRequest::ShutdownVmm
+                | VmmRequest::VmInfo
+                | VmmRequest::Counters
+                | VmmRequest::FtStatus
+        )
+    }
+
+    /// Handles one API request. The answer is None when it is sent later through `reply`
+    /// (`vm.receive-migration`, answered when the receive ends).
+    fn handle_request(
+        &mut self,
+        request: VmmRequest,
+        reply: &mpsc::Sender<VmmResult>,
+    ) -> (Option<VmmResult>, Option<ExitReason>) {
+        if let Some(incoming) = &self.incoming {
+            if !Self::allowed_while_receiving(&request) {
+                let message = format!(
+                    "a migration is already being received on {}; wait until it ends",
+                    incoming.receiver.url()
+                );
+                let action = match request {
+                    VmmRequest::ReceiveMigration(_) => "receive-migration",
+                    _ => "this request",
+                };
+                return (Some(Err(VmmError::Failed { action, message })), None);
+            }
+        }
         if self.backup.is_some() && !Self::allowed_on_backup(&request) {
             return (
-                Err(VmmError::Failed {
+                Some(Err(VmmError::Failed {
                     action: "this request",
                     message: "this VMM is the hot backup of a VM running elsewhere; \
                               run `disable-ft` here or on the primary first"
                         .into(),
-                }),
+                })),
                 None,
             );
         }
@@ -374,11 +422,11 @@ impl Vmm {
             )
         {
             return (
-                Err(VmmError::Failed {
+                Some(Err(VmmError::Failed {
                     action: "this request",
                     message: "the VM is protected by fault tolerance; run `disable-ft` first"
                         .into(),
-                }),
+                })),
                 None,
             );
         }
@@ -393,8 +441,14 @@ impl Vmm {
                 if let Some(backup) = self.backup.take() {
                     backup.stop();
                 }
+                if let Some(incoming) = self.incoming.take() {
+                    let _ = incoming.reply.send(Err(Self::failed(
+                        "receiving a migration",
+                        "the VMM is shutting down",
+                    )));
+                }
                 self.stop_vm();
-                return (Ok(VmmResponse::Empty), Some(ExitReason::VmmShutdown));
+                return (Some(Ok(VmmResponse::Empty)), Some(ExitReason::VmmShutdown));
             }
             VmmRequest::CreateVm(config) => self.create(*config).map(|_| VmmResponse::Empty),
             VmmRequest::BootVm => self
@@ -465,12 +519,18 @@ impl Vmm {
                     .require_state("migrate", &[VmState::Running])
                     .and_then(|_| self.send_migration(&request))
                 {
-                    Ok(()) => return (Ok(VmmResponse::Empty), Some(ExitReason::MigratedAway)),
+                    Ok(()) => {
+                        return (Some(Ok(VmmResponse::Empty)), Some(ExitReason::MigratedAway))
+                    }
                     Err(e) => Err(e),
                 }
             }
             VmmRequest::ReceiveMigration(request) => {
-                self.receive_migration(&request).map(|_| VmmResponse::Empty)
+                match self.receive_migration(&request, reply.clone()) {
+                    // Answered when the receive ends.
+                    Ok(()) => return (None, None),
+                    Err(e) => Err(e),
+                }
             }
             VmmRequest::EnableFt(request) => self
                 .require_state("protect", &[VmState::Running])
@@ -488,7 +548,7 @@ impl Vmm {
                 VmmResponse::Empty
             }),
         };
-        (result, None)
+        (Some(result), None)
     }
 
     fn snapshot(&mut self, request: &SnapshotRequest) -> Result<(), VmmError> {
@@ -599,65 +659,119 @@ impl Vmm {
         Ok(())
     }
 
-    /// Waits for an incoming migration and runs the VM it brings.
-    fn receive_migration(&mut self, request: &ReceiveMigrationRequest) -> Result<(), VmmError> {
+    /// Starts receiving a migration on the `migration-rx` thread; the request is answered when
+    /// the receive ends ([`Vmm::finish_incoming`]). Meanwhile `vm.info` reports no VM until the
+    /// source's Hello, then its configuration in state Created, and Running once restored.
+    fn receive_migration(
+        &mut self,
+        request: &ReceiveMigrationRequest,
+        reply: mpsc::Sender<VmmResult>,
+    ) -> Result<(), VmmError> {
         if self.config.is_some() {
             return Err(VmmError::VmAlreadyCreated);
         }
-        let url = live::parse_url(&request.receiver_url).map_err(VmmError::InvalidConfig)?;
-        let stream = live::accept(&url).map_err(|e| {
-            Self::failed(
-                "receiving a migration",
-                format!("cannot listen on {}: {e}", request.receiver_url),
-            )
+        let receiver = IncomingMigration::start(
+            &request.receiver_url,
+            ReceiveTimeouts::default(),
+            self.migration_wake.clone(),
+        )
+        .map_err(|e| match e {
+            ReceiveError::Url(message) => VmmError::InvalidConfig(message),
+            other => Self::failed("receiving a migration", other),
         })?;
+        log::info!("waiting for a migration on {}", request.receiver_url);
+        self.incoming = Some(Incoming {
+            receiver,
+            reply,
+            prepared: None,
+        });
+        Ok(())
+    }
+
+    /// Serves what the migration receiver thread asks for.
+    fn handle_incoming(&mut self) {
+        let _ = self.migration_wake.read();
+        while let Some(event) = self.incoming.as_ref().and_then(|i| i.receiver.try_next()) {
+            match event {
+                IncomingEvent::Prepare { config, reply } => {
+                    let _ = reply.send(self.prepare_incoming(*config));
+                }
+                IncomingEvent::Restore { state, reply } => {
+                    let _ = reply.send(self.restore_incoming(&state));
+                }
+                IncomingEvent::Finished(result) => self.finish_incoming(result),
+            }
+        }
+    }
+
+    /// Builds everything of the incoming VM that does not depend on its contents, during the
+    /// source's pre-copy, so the downtime window holds only the state restore.
+    fn prepare_incoming(
+        &mut self,
+        config: VmConfig,
+    ) -> Result<crate::memory::GuestMemoryMmap, String> {
+        let serial = serial_output(&config).map_err(|e| e.to_string())?;
+        let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let options = PrepareOptions {
+            memory: None,
+            defer_disk_locks: true,
+        };
+        let vm = Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
+            .map_err(|e| e.to_string())?;
+        let memory = vm.memory().clone();
+        let incoming = self.incoming.as_mut().ok_or("the receive was cancelled")?;
+        incoming.prepared = Some((vm, serial));
+        self.config = Some(config);
+        self.state = VmState::Created;
         self.emit("vm", "receiving");
-        let (mut receiver, config) =
-            live::receive_config(stream).map_err(|e| Self::failed("receiving a migration", e))?;
-        // Everything that does not depend on the VM's contents is built now, during the
-        // source's pre-copy, so the downtime window holds only the state restore.
-        let prepared = serial_output(&config)
-            .map_err(|e| e.to_string())
-            .and_then(|serial| {
-                let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
-                let options = PrepareOptions {
-                    memory: None,
-                    defer_disk_locks: true,
-                };
-                Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
-                    .map(|vm| (vm, serial))
-                    .map_err(|e| e.to_string())
-            });
-        let (prepared, serial) = match prepared {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                let _ = receiver.send_error(&e);
-                return Err(Self::failed("receiving a migration", e));
-            }
-        };
-        let state: VmSnapshotState = receiver
-            .recv_state(prepared.memory())
-            .map_err(|e| Self::failed("receiving a migration", e))?;
-        let vm = match prepared.restore(&state, true) {
-            Ok(vm) => vm,
-            Err(e) => {
-                let _ = receiver.send_error(&e.to_string());
-                return Err(Self::failed("receiving a migration", e));
-            }
-        };
+        Ok(memory)
+    }
+
+    /// Restores the received state into the prepared VM and runs it.
+    fn restore_incoming(&mut self, state: &VmSnapshotState) -> Result<(), String> {
+        let (prepared, serial) = self
+            .incoming
+            .as_mut()
+            .and_then(|i| i.prepared.take())
+            .ok_or("no VM was prepared for the migration")?;
+        let vm = prepared.restore(state, true).map_err(|e| e.to_string())?;
         vm.device_manager().announce_nets();
         self.vm = Some(vm);
         self.serial = serial;
-        self.config = Some(config);
         self.state = VmState::Running;
-        // The source stops for good once it reads this. If the ack is lost, a source with disks
-        // stays paused (it cannot take their locks back from us); fencing a disk-less VM
-        // against such a split is fault tolerance's job, not migration's.
-        receiver
-            .send_ack()
-            .map_err(|e| Self::failed("receiving a migration", e))?;
-        self.emit("vm", "migrated");
         Ok(())
+    }
+
+    /// Answers the `vm.receive-migration` request. A failed receive leaves no VM behind, so
+    /// this VMM can receive again.
+    fn finish_incoming(&mut self, result: Result<TransferStats, String>) {
+        let Some(incoming) = self.incoming.take() else {
+            return;
+        };
+        let answer = match result {
+            Ok(stats) => {
+                log::info!(
+                    "migration received: {} bytes in {} frames, {} memory passes",
+                    stats.bytes,
+                    stats.frames,
+                    stats.iterations
+                );
+                self.emit("vm", "migrated");
+                Ok(VmmResponse::Empty)
+            }
+            Err(message) => {
+                // After a restore only the acknowledgement failed: the VM runs here.
+                if self.vm.is_none() {
+                    self.config = None;
+                    self.serial = None;
+                    self.state = VmState::Created;
+                }
+                self.emit("vm", "receive-failed");
+                Err(Self::failed("receiving a migration", message))
+            }
+        };
+        // A client that went away does not care about the answer.
+        let _ = incoming.reply.send(answer);
     }
 
     fn arm_epoch_timer(&mut self, after: Option<Duration>) {
@@ -930,15 +1044,21 @@ impl Vmm {
                 self.handle_epoch();
                 Ok(Next::Continue)
             }
+            w if w == Wake::Migration as u64 => {
+                self.handle_incoming();
+                Ok(Next::Continue)
+            }
             _ => {
                 let Some(api) = api else {
                     return Ok(Next::Continue);
                 };
                 let _ = api.wake.read();
                 while let Ok(message) = api.requests.try_recv() {
-                    let (result, exit) = self.handle_request(message.request);
-                    // A client that went away does not care about the answer.
-                    let _ = message.reply.send(result);
+                    let (result, exit) = self.handle_request(message.request, &message.reply);
+                    if let Some(result) = result {
+                        // A client that went away does not care about the answer.
+                        let _ = message.reply.send(result);
+                    }
                     if let Some(reason) = exit {
                         return Ok(Next::Exit(reason));
                     }
@@ -965,12 +1085,14 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
     let epoll = Epoll::new().map_err(RunError::Epoll)?;
     let ft_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::Epoll)?);
     let epoch_timer = TimerFd::new().map_err(|e| RunError::Epoll(e.into()))?;
+    let migration_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::Epoll)?);
     let mut watched = vec![
         (events.exit.as_raw_fd(), Wake::Exit),
         (events.reset.as_raw_fd(), Wake::Reset),
         (events.vcpu_failure.as_raw_fd(), Wake::VcpuFailure),
         (ft_wake.as_raw_fd(), Wake::Ft),
         (epoch_timer.as_raw_fd(), Wake::Epoch),
+        (migration_wake.as_raw_fd(), Wake::Migration),
     ];
     if let Some(api) = &options.api {
         watched.push((api.wake.as_raw_fd(), Wake::Api));
@@ -1002,6 +1124,8 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         ft_ended: None,
         ft_request: None,
         receive_request: None,
+        migration_wake,
+        incoming: None,
     };
     vmm.emit("vmm", "starting");
     if let Some(config) = options.config {

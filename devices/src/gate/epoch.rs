@@ -207,6 +207,15 @@ impl<S: Sink> EpochCore<S> {
     /// holding it would exceed the limits (the caller decides what refusal means).
     pub(crate) fn accept(&mut self, meta: S::Meta, data: &[u8]) -> io::Result<Accepted> {
         if self.mode == GateMode::PassThrough {
+            if !self.queues.is_empty() {
+                // Output held when protection ended that could not leave then: it goes
+                // first, or the new item is refused (the caller reports an I/O error) rather
+                // than overtaking it.
+                self.release_through(u64::MAX).map_err(|e| match e {
+                    EpochError::Release { source, .. } => source,
+                    other => io::Error::other(other.to_string()),
+                })?;
+            }
             return self.pass(meta, data);
         }
         let bytes_after = (self.stats.held_bytes as usize).saturating_add(data.len());
@@ -338,14 +347,16 @@ impl<S: Sink> EpochCore<S> {
     }
 
     fn set_mode(&mut self, mode: GateMode) -> Result<ReleaseStats, EpochError> {
-        let mut stats = ReleaseStats::default();
-        if mode == GateMode::PassThrough && self.mode == GateMode::Hold {
-            // Held output first, so that nothing new overtakes it. On failure the gate keeps
-            // holding: passing new writes through would put them before the failed one.
-            stats = self.release_through(u64::MAX)?;
-        }
+        let previous = self.mode;
         self.mode = mode;
-        Ok(stats)
+        if mode == GateMode::PassThrough && previous == GateMode::Hold {
+            // Held output first, so that nothing new overtakes it. What fails to leave stays
+            // queued, and the gate passes through anyway: protection has ended, so nothing
+            // may stay held for a commit that never comes. Each new item retries the backlog
+            // first (see `accept`).
+            return self.release_through(u64::MAX);
+        }
+        Ok(ReleaseStats::default())
     }
 
     fn discard_uncommitted(&mut self) -> DiscardStats {
@@ -456,8 +467,10 @@ impl EpochControl {
     }
 
     /// Switches mode. To [`GateMode::PassThrough`]: releases everything held (all epochs, in
-    /// order) and from then on passes output straight through. To [`GateMode::Hold`]: output
-    /// from now on is held in the current epoch.
+    /// order) and from then on passes output straight through; if a release fails (an error is
+    /// returned) the rest stays queued and each new item retries it first, so nothing
+    /// overtakes it and nothing stays held for good. To [`GateMode::Hold`]: output from now on
+    /// is held in the current epoch.
     pub fn set_mode(&self, mode: GateMode) -> Result<ReleaseStats, EpochError> {
         self.core.set_mode(mode)
     }

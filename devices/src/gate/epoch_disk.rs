@@ -38,9 +38,8 @@ impl Sink for DiskSink {
 /// A disk output gate that holds each epoch's writes (and flush barriers) until the epoch is
 /// committed (see [`EpochControl`]), then applies them through the wrapped gate in order.
 ///
-/// The block device reads its image directly, so held writes must show through reads:
-/// [`DiskOutputGate::read_through`] (or [`EpochDiskGate::overlay_read`]) patches what was read
-/// from the image with held data.
+/// Held writes must show through reads: the block device reads through
+/// [`DiskOutputGate::read_through`], which patches what was read from the image with held data.
 ///
 /// Over the hold limits a write is refused with an error (the guest sees an I/O error): unlike a
 /// packet, a silently dropped write is corruption, and waiting for a commit inside the device

@@ -21,11 +21,11 @@ pub trait NetOutputGate: Send {
     fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()>;
 }
 
-/// Where a block device's writes to its disk image go.
+/// Where a block device's writes to its disk image go, and through which it reads.
 ///
-/// Reads do not pass through the gate: the device reads its image directly. A gate that holds
-/// writes (shared-disk fault tolerance) must therefore also make held data visible to later
-/// reads, or hold back reads of held ranges; the pass-through gate needs neither.
+/// The device reads every request with [`DiskOutputGate::read_through`], so a gate that holds
+/// writes (shared-disk fault tolerance) must make held data visible there: a guest reads its own
+/// completed writes even before their epoch commits. The pass-through gate only reads the image.
 pub trait DiskOutputGate: Send {
     /// Writes `data` at byte `offset` of the image. With an image opened with `O_DIRECT`, the
     /// block device hands over 4096-byte aligned buffers, offsets and lengths in 512-byte units.

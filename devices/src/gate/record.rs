@@ -3,7 +3,12 @@
 //! them to re-issue at failover). The gate passes every write on to its inner gate and, while
 //! recording, keeps a copy tagged by arrival order; the epoch loop takes the copies at each
 //! epoch boundary, when the device loop is stopped.
+//!
+//! It can also track which blocks writes touch, recording or not: replicated-disk fault
+//! tolerance copies the whole image to the backup while the guest runs, then re-sends the
+//! blocks written meanwhile, so tracking must start before that copy does.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::DiskOutputGate;
@@ -15,11 +20,29 @@ pub struct RecordedWrite {
     pub data: Vec<u8>,
 }
 
+/// Blocks written since the last [`DiskWriteLog::take_dirty_blocks`].
+struct Tracking {
+    block_size: u64,
+    dirty: BTreeSet<u64>,
+}
+
+impl Tracking {
+    fn mark(&mut self, offset: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let last_byte = offset.saturating_add(len as u64 - 1);
+        let (first, last) = (offset / self.block_size, last_byte / self.block_size);
+        self.dirty.extend(first..=last);
+    }
+}
+
 #[derive(Default)]
 struct Log {
     recording: bool,
     writes: Vec<RecordedWrite>,
     bytes: u64,
+    tracking: Option<Tracking>,
 }
 
 /// The epoch loop's handle on a [`RecordingDiskGate`] (cloneable).
@@ -34,6 +57,10 @@ impl std::fmt::Debug for DiskWriteLog {
         f.debug_struct("DiskWriteLog")
             .field("recording", &log.recording)
             .field("writes", &log.writes.len())
+            .field(
+                "dirty_blocks",
+                &log.tracking.as_ref().map(|t| t.dirty.len()),
+            )
             .finish()
     }
 }
@@ -66,6 +93,38 @@ impl DiskWriteLog {
     pub fn pending_bytes(&self) -> u64 {
         self.lock().bytes
     }
+
+    /// Starts marking the `block_size`-byte blocks that writes touch (whether or not
+    /// recording is on); a write that spans blocks marks each of them. Restarting forgets the
+    /// marks so far. A `block_size` of 0 is taken as 1 (byte granularity).
+    pub fn start_tracking(&self, block_size: u64) {
+        self.lock().tracking = Some(Tracking {
+            block_size: block_size.max(1),
+            dirty: BTreeSet::new(),
+        });
+    }
+
+    /// Stops marking blocks and forgets the marks.
+    pub fn stop_tracking(&self) {
+        self.lock().tracking = None;
+    }
+
+    /// The block size blocks are tracked at, while tracking.
+    pub fn tracking_block_size(&self) -> Option<u64> {
+        self.lock().tracking.as_ref().map(|t| t.block_size)
+    }
+
+    /// The indexes (byte offset / block size) of the blocks written since tracking started or
+    /// since the last call, ascending, and clears them. Empty when not tracking.
+    ///
+    /// A block is marked only once its write has reached the inner gate, so a reader that
+    /// takes the marks and then reads the image sees every write whose mark it took.
+    pub fn take_dirty_blocks(&self) -> Vec<u64> {
+        match self.lock().tracking.as_mut() {
+            Some(t) => std::mem::take(&mut t.dirty).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// A disk gate that records writes for [`DiskWriteLog`] and passes everything to `inner`.
@@ -91,6 +150,10 @@ impl DiskOutputGate for RecordingDiskGate {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.inner.write_at(offset, data)?;
         let mut log = self.log.lock();
+        // Marked after the write: see `DiskWriteLog::take_dirty_blocks`.
+        if let Some(tracking) = log.tracking.as_mut() {
+            tracking.mark(offset, data.len());
+        }
         if log.recording {
             log.bytes += data.len() as u64;
             log.writes.push(RecordedWrite {
@@ -165,5 +228,69 @@ mod tests {
         })
         .unwrap();
         assert_eq!(buf, [7; 8]);
+    }
+
+    #[test]
+    fn tracks_touched_blocks_with_or_without_recording() {
+        let (mut gate, log) = RecordingDiskGate::new(Box::new(Memory(vec![0; 64 << 10])));
+        assert!(log.take_dirty_blocks().is_empty(), "not tracking yet");
+        gate.write_at(0, b"before").unwrap();
+        log.start_tracking(4096);
+        assert_eq!(log.tracking_block_size(), Some(4096));
+        assert!(
+            log.take_dirty_blocks().is_empty(),
+            "writes before start are not marked"
+        );
+        gate.write_at(3 * 4096 + 10, b"x").unwrap();
+        gate.write_at(4096, &[1; 4096]).unwrap(); // exactly block 1
+        gate.write_at(4096 * 6 - 1, b"yz").unwrap(); // last byte of 5, first of 6
+        gate.write_at(4096 * 8 + 100, &[2; 3 * 4096]).unwrap(); // blocks 8..=11
+        gate.write_at(4096 * 3, b"again").unwrap();
+        gate.write_at(4096 * 13, b"").unwrap(); // an empty write touches nothing
+        assert!(log.take().is_empty(), "tracking does not record");
+        assert_eq!(log.take_dirty_blocks(), vec![1, 3, 5, 6, 8, 9, 10, 11]);
+        assert!(log.take_dirty_blocks().is_empty(), "taking clears");
+
+        log.set_recording(true);
+        gate.write_at(4096 * 2, b"both").unwrap();
+        assert_eq!(log.take_dirty_blocks(), vec![2]);
+        assert_eq!(log.take().len(), 1);
+
+        gate.write_at(0, b"z").unwrap();
+        log.stop_tracking();
+        assert_eq!(log.tracking_block_size(), None);
+        assert!(log.take_dirty_blocks().is_empty(), "stopping forgets");
+        gate.write_at(0, b"z").unwrap();
+        assert!(log.take_dirty_blocks().is_empty());
+
+        log.start_tracking(0);
+        assert_eq!(log.tracking_block_size(), Some(1));
+        gate.write_at(7, b"abc").unwrap();
+        assert_eq!(log.take_dirty_blocks(), vec![7, 8, 9]);
+    }
+
+    #[test]
+    fn a_failed_write_marks_nothing() {
+        struct Failing;
+        impl DiskOutputGate for Failing {
+            fn write_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+                Err(std::io::Error::other("no"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut gate, log) = RecordingDiskGate::new(Box::new(Failing));
+        log.start_tracking(512);
+        assert!(gate.write_at(0, b"a").is_err());
+        assert!(log.take_dirty_blocks().is_empty());
+    }
+
+    #[test]
+    fn a_write_at_the_end_of_the_address_space_does_not_overflow() {
+        let log = DiskWriteLog::default();
+        log.start_tracking(4096);
+        log.lock().tracking.as_mut().unwrap().mark(u64::MAX - 1, 10);
+        assert_eq!(log.take_dirty_blocks(), vec![u64::MAX / 4096]);
     }
 }

@@ -6,9 +6,10 @@
 //! serves reset, so a driver can reset and re-activate the device any number of times.
 //!
 //! Writes leave through a [`DiskOutputGate`] (fault tolerance swaps in a holding gate for shared
-//! disks); reads go to the image directly. All guest memory access goes through vm-memory, so
-//! device writes land in the dirty bitmap, and a malformed request can only fail, never touch
-//! memory outside the guest's RAM or the request's own writable buffers.
+//! disks). Reads pass through the same gate, which reads the image and patches in writes it still
+//! holds, so the guest reads its own writes before their epoch commits. All guest memory access
+//! goes through vm-memory, so device writes land in the dirty bitmap, and a malformed request can
+//! only fail, never touch memory outside the guest's RAM or the request's own writable buffers.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -670,7 +671,14 @@ impl Disk {
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
             let buf = &mut self.bounce[self.bounce_start..self.bounce_start + n];
-            if let Err(e) = self.file.read_exact_at(buf, offset) {
+            // Through the gate: a holding gate patches in writes it has not released yet, so
+            // the guest reads what it wrote. The image read fills the aligned bounce buffer, as
+            // O_DIRECT needs.
+            let file = &self.file;
+            let res = self
+                .gate
+                .read_through(offset, buf, &mut |b| file.read_exact_at(b, offset));
+            if let Err(e) = res {
                 log::warn!(
                     "virtio-blk {}: read at {offset} failed: {e}",
                     self.path.display()

@@ -268,16 +268,33 @@ pub fn kvm_available() -> std::result::Result<(), String> {
     }
 }
 
+/// Set to `1` (`ci/test` does on a root host with `/dev/kvm`) to turn every skip for a missing
+/// host prerequisite (KVM, network namespaces, TAP, mount namespaces) into a failure: there, a
+/// skip would hide a broken setup.
+pub const REQUIRE_KVM_ENV: &str = "TANDEM_REQUIRE_KVM";
+
+/// Whether [`REQUIRE_KVM_ENV`] forbids skipping.
+pub fn skipping_forbidden() -> bool {
+    std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1")
+}
+
+/// Reports that `test` cannot run because `missing` (a host prerequisite) is not there: a loud
+/// SKIP line past the output capture, or a panic naming `missing` when
+/// [`skipping_forbidden`].
+pub fn skip_or_fail(test: &str, missing: &str) {
+    if skipping_forbidden() {
+        panic!("{test}: {missing}, and {REQUIRE_KVM_ENV}=1 forbids skipping");
+    }
+    report(&format!("SKIP: {test}: {missing} - this test did NOT run"));
+}
+
 /// Body of [`require_kvm!`]: `true` when the test may go on. Otherwise reports a loud SKIP line
 /// (or panics when `TANDEM_REQUIRE_KVM=1`, for machines where a skip would hide a problem).
 pub fn kvm_or_skip(test: &str) -> bool {
     match kvm_available() {
         Ok(()) => true,
         Err(why) => {
-            if std::env::var("TANDEM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: {why}, and TANDEM_REQUIRE_KVM=1 forbids skipping");
-            }
-            report(&format!("SKIP: {test}: {why} - this test did NOT run"));
+            skip_or_fail(test, &why);
             false
         }
     }
@@ -865,6 +882,58 @@ pub fn ch_remote(socket: &Path, args: &[&str], stdin: Option<&str>) -> std::proc
     child.wait_with_output().expect("wait for ch-remote")
 }
 
+/// One raw HTTP request on the API socket, answered within `limit` (connect, write and read
+/// all count): the status code and the body. For tests that time the API itself, without a
+/// `ch-remote` process start in the measurement.
+pub fn api_request(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+    limit: Duration,
+) -> Result<(u16, String)> {
+    let started = Instant::now();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .context(|| format!("connect {socket:?}"))?;
+    stream
+        .set_read_timeout(Some(limit))
+        .context(|| "read timeout".into())?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .context(|| format!("send {method} {endpoint}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .context(|| format!("{method} {endpoint}: no answer within {limit:?}"))?;
+    if started.elapsed() > limit {
+        return err(format!(
+            "{method} {endpoint}: answered after {:?} (limit {limit:?})",
+            started.elapsed()
+        ));
+    }
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            Error(format!(
+                "{method} {endpoint}: not an HTTP response: {text:?}"
+            ))
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// Waits until the VMM's API socket accepts connections.
 pub fn wait_for_api_socket(vmm: &mut Vmm, socket: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -1096,21 +1165,33 @@ pub fn api_vmm(timeout: Duration, name: &str, host: &NetNs, socket: &Path, extra
 }
 
 pub fn netns_or_skip(test: &str) -> bool {
-    let ok = Path::new("/dev/net/tun").exists()
-        && Command::new("ip")
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        // SAFETY: geteuid has no preconditions.
-        && unsafe { libc::geteuid() } == 0;
-    if !ok {
-        let line = format!(
-            "SKIP: {test}: needs root, iproute2 and /dev/net/tun - this test did NOT run\n"
-        );
-        let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root");
     }
-    ok
+    let iproute2 = Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !iproute2 {
+        missing.push("iproute2 (`ip`)");
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    skip_or_fail(
+        test,
+        &format!(
+            "needs root, iproute2 and /dev/net/tun; missing: {}",
+            missing.join(", ")
+        ),
+    );
+    false
 }
 
 /// Like `require_kvm!`, for tests that need network namespaces and TAP devices.

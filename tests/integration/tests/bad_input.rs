@@ -203,8 +203,9 @@ fn rejects_host_without_dev_kvm() {
         .args(["--mount", "--propagation", "private", "true"])
         .status();
     if !matches!(probe, Ok(s) if s.success()) {
-        integration::report(
-            "SKIP: rejects_host_without_dev_kvm: cannot create a mount namespace (needs root and unshare) - this test did NOT run",
+        integration::skip_or_fail(
+            "rejects_host_without_dev_kvm",
+            "cannot create a mount namespace (needs root and unshare)",
         );
         return;
     }

@@ -1,15 +1,17 @@
 //! Live migration on top of the stream protocol: iterative pre-copy with KVM dirty logging OR'd
 //! with the device dirty bitmap, a downtime target, then the final pause, state and hand-off.
-//! Any failure on the way leaves the source VM running.
+//! Any failure on the way leaves the source VM running. The destination side is in
+//! [`crate::migration::receive`].
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
+use crate::fault_tolerance::ReplicableVm;
 use crate::migration::memory::{DirtyPages, PAGE_SIZE};
-use crate::migration::protocol::{Receiver, Sender};
+use crate::migration::protocol::Sender;
 use crate::vm::Vm;
 
 /// Pre-copy passes before the VM is stopped whatever the dirty rate (bounded migration time).
@@ -82,24 +84,6 @@ pub fn connect(url: &MigrationUrl) -> std::io::Result<MigrationStream> {
     })
 }
 
-/// Waits for the one incoming migration connection.
-pub fn accept(url: &MigrationUrl) -> std::io::Result<MigrationStream> {
-    Ok(match url {
-        MigrationUrl::Tcp(addr) => {
-            let (stream, _) = TcpListener::bind(addr)?.accept()?;
-            stream.set_nodelay(true)?;
-            MigrationStream::Tcp(stream)
-        }
-        MigrationUrl::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path)?;
-            let (stream, _) = listener.accept()?;
-            let _ = std::fs::remove_file(path);
-            MigrationStream::Unix(stream)
-        }
-    })
-}
-
 /// What a finished migration reports.
 #[derive(Debug, Clone)]
 pub struct MigrationReport {
@@ -112,9 +96,8 @@ pub struct MigrationReport {
 
 /// The pages written since the last call (KVM's log OR the device bitmap); dirty logging
 /// must be on.
-pub fn dirty_since_last(vm: &Vm) -> Result<DirtyPages, String> {
-    let kvm = vm.take_dirty_log().map_err(|e| e.to_string())?;
-    DirtyPages::from_bitmaps(&kvm, vm.memory(), true).map_err(|e| e.to_string())
+pub fn dirty_since_last<V: ReplicableVm + ?Sized>(vm: &mut V) -> Result<DirtyPages, String> {
+    vm.dirty_since_last()
 }
 
 /// Sends the running `vm` to a receiver. On success the VM is paused and its disks unlocked
@@ -198,8 +181,8 @@ fn precopy_and_handoff(
 /// what was dirtied meanwhile, until the rest would fit in `downtime_target` at the measured
 /// rate or [`MAX_PRECOPY_PASSES`] is reached. Returns the pages still to send (after the
 /// caller's final pause, together with [`dirty_since_last`]) and the passes made.
-pub fn precopy<T: Read + Write>(
-    vm: &Vm,
+pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
+    vm: &mut V,
     sender: &mut Sender<T>,
     downtime_target: Duration,
 ) -> Result<(DirtyPages, u32), String> {
@@ -224,21 +207,6 @@ pub fn precopy<T: Read + Write>(
         pending = dirty_since_last(vm)?;
     }
     Ok((pending, passes))
-}
-
-/// Starts receiving a migration: reads the configuration, so the caller can prepare the VM
-/// (KVM objects, memory slots, devices) while the source is still in pre-copy.
-pub fn receive_config(
-    stream: MigrationStream,
-) -> Result<(Receiver<MigrationStream>, VmConfig), String> {
-    let mut receiver = Receiver::new(stream);
-    let config = receiver.recv_hello().map_err(|e| e.to_string())?;
-    if let Err(e) = config.validate() {
-        let message = format!("the migrated VM's configuration is invalid: {e}");
-        let _ = receiver.send_error(&message);
-        return Err(message);
-    }
-    Ok((receiver, config))
 }
 
 #[cfg(test)]

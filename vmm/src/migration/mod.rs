@@ -9,6 +9,7 @@
 pub mod live;
 pub mod memory;
 pub mod protocol;
+pub mod receive;
 pub mod snapshot;
 
 pub use memory::{DirtyPages, DirtyPagesError, PAGE_SIZE};

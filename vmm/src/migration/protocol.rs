@@ -1104,6 +1104,12 @@ impl<T: Read + Write> Receiver<T> {
         self.stream
     }
 
+    /// The stream with the frame reader and the sequence of this side's frames, for a
+    /// protocol that goes on with frames of its own after Hello (fault tolerance).
+    pub fn into_parts(self) -> (T, FrameReader, u32, TransferStats) {
+        (self.stream, self.reader, self.seq, self.stats)
+    }
+
     /// Reports `message` to the sender (e.g. the VM could not be created or restored).
     pub fn send_error(&mut self, message: &str) -> Result<(), ProtocolError> {
         let cut = message.as_bytes();

@@ -1,0 +1,1200 @@
+//! The FT primary and backup state machines driven without KVM: a fake VM (guest memory,
+//! a "register", a NIC and a disk behind the real output gates), the real `Primary` and
+//! `Backup`, an in-process link (Unix socket pairs) through a proxy that observes and mangles
+//! frames, and the real witness. Long random runs inject one or two faults each (a side killed
+//! at any frame, a partition, frames dropped, duplicated, reordered, truncated or corrupted,
+//! forged acknowledgements, disk writes that fail); after every run the invariants of the FT
+//! protocol are checked:
+//! - output commit: no frame or shared-disk write of epoch E leaves before the backup holds E
+//!   (checked at the moment it leaves), unless the witness gave the VM to the primary alone;
+//! - the backup resumes exactly the last epoch delivered to it completely, with that epoch's
+//!   memory and state;
+//! - nothing acknowledged is lost: at takeover the disk holds exactly the writes of the epochs
+//!   up to the resumed one;
+//! - never two live primaries.
+//!
+//! `FT_MODEL_RUNS` sets the number of runs per disk mode, `FT_MODEL_SEED` replays one run.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::gate::{
+    DiskOutputGate, EpochDiskGate, EpochNetGate, GateMode, NetOutputGate, RecordingDiskGate,
+};
+use ft::backup::Backup;
+use ft::link::FtStream;
+use ft::primary::Primary;
+use ft::wire::Control;
+use ft::witness::{Role, WitnessHandle};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::VmConfig;
+use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, ReceiveFtRequest};
+use vmm::device_manager::{DevicesState, FtGates};
+use vmm::fault_tolerance::{BackupEvent, BackupFt, ReplicableVm, StopReason};
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::memory::DirtyPages;
+use vmm::migration::protocol::{encode_frame, FrameReader, FrameType};
+use vmm::vm::VmSnapshotState;
+use vmm::x86_64::cpu_state::KvmVmState;
+use vmm_sys_util::eventfd::EventFd;
+
+const MEMORY: u64 = 4 << 20;
+const PAGE: u64 = 4096;
+const BLOCK: u64 = 4096;
+const DISK_BLOCKS: u64 = 64;
+const EPOCH_MS: u64 = 2;
+const HEARTBEAT_MS: u64 = 250;
+/// Checkpoints a run drives at most.
+const CHECKPOINTS: u64 = 40;
+
+// ------------------------------------------------------------------------------------------
+// Randomness with a printed seed, so that a failing run can be replayed.
+
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The outside world: what left the primary, checked as it leaves.
+
+#[derive(Default)]
+struct World {
+    /// A killed primary releases nothing more (its process is gone).
+    primary_dead: AtomicBool,
+    /// A killed backup reaches nobody any more.
+    backup_dead: AtomicBool,
+    /// Protection was ended on purpose (the backup stood down): held output may leave.
+    ended: AtomicBool,
+    /// The newest epoch the real backup acknowledged (seen on the link before the primary).
+    backup_holds: AtomicU64,
+    pair_id: AtomicU64,
+    witness: Mutex<Option<Arc<WitnessHandle>>>,
+    violations: Mutex<Vec<String>>,
+    frames_out: AtomicU64,
+    /// The next this many writes to the disk image fail with EIO.
+    disk_failures: AtomicU32,
+}
+
+impl World {
+    fn primary_alone(&self) -> bool {
+        let witness = self.witness.lock().unwrap();
+        let Some(witness) = witness.as_ref() else {
+            return false;
+        };
+        witness
+            .decision(self.pair_id.load(Ordering::SeqCst))
+            .is_some_and(|d| d.winner == Role::Primary)
+    }
+
+    /// Output tagged with epoch `tag` leaves now: the backup must hold that epoch.
+    fn leaves(&self, what: &str, tag: u64) {
+        let holds = self.backup_holds.load(Ordering::SeqCst);
+        let ended = self.ended.load(Ordering::SeqCst);
+        if tag != 0 && tag > holds && !ended && !self.primary_alone() {
+            self.violations.lock().unwrap().push(format!(
+                "output commit: {what} of epoch {tag} left while the backup holds epoch {holds}"
+            ));
+        }
+    }
+}
+
+struct WorldNet(Arc<World>);
+
+impl NetOutputGate for WorldNet {
+    fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        if self.0.primary_dead.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let tag = u64::from_le_bytes(frame[..8].try_into().unwrap());
+        self.0.leaves("a frame", tag);
+        self.0.frames_out.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The primary's disk image (shared or its own), behind the output gates.
+struct WorldDisk {
+    file: File,
+    world: Arc<World>,
+    /// Only a shared image is output; a replicated image is this host's own.
+    shared: bool,
+}
+
+impl DiskOutputGate for WorldDisk {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.world.primary_dead.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let failing = self.world.disk_failures.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.world
+                .disk_failures
+                .store(failing - 1, Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        let tag = u64::from_le_bytes(data[..8].try_into().unwrap());
+        if self.shared {
+            self.world.leaves("a disk write", tag);
+        }
+        self.file.write_all_at(data, offset)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn read_through(
+        &self,
+        _offset: u64,
+        buf: &mut [u8],
+        read_image: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        read_image(buf)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The fake VM.
+
+struct Capture {
+    register: u64,
+    memory: u64,
+}
+
+struct FakeVm {
+    memory: GuestMemoryMmap,
+    world: Arc<World>,
+    disk_path: PathBuf,
+    shared_disk: bool,
+    gates: Option<FtGates>,
+    nic: Option<Box<dyn NetOutputGate>>,
+    disk: Option<Box<dyn DiskOutputGate>>,
+    paused: bool,
+    register: u64,
+    /// One per `save_state`: capture #n (from 1) ends epoch n (the sync epoch is 1).
+    captures: Vec<Capture>,
+    /// Every disk write the guest saw complete: (epoch, offset, data).
+    completed_writes: Vec<(u64, u64, Vec<u8>)>,
+    rng: Rng,
+}
+
+fn memory_hash(mem: &GuestMemoryMmap) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut page = vec![0u8; PAGE as usize];
+    let mut addr = 0;
+    while addr < MEMORY {
+        mem.read_slice(&mut page, GuestAddress(addr)).unwrap();
+        for chunk in page.chunks_exact(8) {
+            hash = (hash ^ u64::from_le_bytes(chunk.try_into().unwrap()))
+                .wrapping_mul(0x100_0000_01b3);
+        }
+        addr += PAGE;
+    }
+    hash
+}
+
+impl FakeVm {
+    fn new(world: Arc<World>, disk_path: PathBuf, shared_disk: bool, seed: u64) -> Self {
+        Self {
+            memory: vmm::memory::create(MEMORY).unwrap(),
+            world,
+            disk_path,
+            shared_disk,
+            gates: None,
+            nic: None,
+            disk: None,
+            paused: false,
+            register: 0,
+            captures: Vec::new(),
+            completed_writes: Vec::new(),
+            rng: Rng(seed | 1),
+        }
+    }
+
+    /// The epoch output produced now belongs to (0: not protected yet).
+    fn epoch(&self) -> u64 {
+        match self.captures.len() as u64 {
+            0 => 0,
+            n => n + 1,
+        }
+    }
+
+    /// The guest runs a little: pages, a frame, sometimes a disk write.
+    fn step(&mut self) {
+        assert!(!self.paused, "the guest ran while paused");
+        self.register += 1;
+        for _ in 0..1 + self.rng.below(4) {
+            let page = self.rng.below(MEMORY / PAGE);
+            let value = self.register ^ (page << 32);
+            self.memory
+                .write_obj(value, GuestAddress(page * PAGE + 8 * self.rng.below(512)))
+                .unwrap();
+        }
+        let epoch = self.epoch();
+        if let Some(nic) = self.nic.as_mut() {
+            let mut frame = vec![0u8; 60];
+            frame[..8].copy_from_slice(&epoch.to_le_bytes());
+            frame[8..16].copy_from_slice(&self.register.to_le_bytes());
+            let _ = nic.transmit(&frame);
+        }
+        if self.rng.below(3) == 0 {
+            if let Some(disk) = self.disk.as_mut() {
+                let offset = self.rng.below(DISK_BLOCKS) * BLOCK;
+                let mut data = vec![(self.register % 251) as u8; BLOCK as usize];
+                data[..8].copy_from_slice(&epoch.to_le_bytes());
+                data[8..16].copy_from_slice(&self.register.to_le_bytes());
+                if disk.write_at(offset, &data).is_ok() {
+                    self.completed_writes.push((epoch, offset, data));
+                }
+            }
+        }
+    }
+
+    /// The disk as it must be once every write of epochs `<= epoch` reached it.
+    fn expected_disk(&self, epoch: u64) -> Vec<u8> {
+        let mut image = vec![FIRST_BYTE; (DISK_BLOCKS * BLOCK) as usize];
+        for (e, offset, data) in &self.completed_writes {
+            if *e <= epoch {
+                image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+        }
+        image
+    }
+}
+
+impl ReplicableVm for FakeVm {
+    fn pause(&mut self) -> Result<(), String> {
+        self.paused = true;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.paused = false;
+        Ok(())
+    }
+    fn set_dirty_logging(&mut self, _enabled: bool) -> Result<(), String> {
+        Ok(())
+    }
+    fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
+        if !self.paused {
+            // The guest runs between the passes of the initial synchronisation too.
+            for _ in 0..3 {
+                self.step();
+            }
+        }
+        // Every write of the fake goes through vm-memory, so the device bitmap is the log.
+        DirtyPages::from_bitmaps(&[], &self.memory, true).map_err(|e| e.to_string())
+    }
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+    fn save_state(&mut self) -> Result<VmSnapshotState, String> {
+        if !self.paused {
+            return Err("state captured from a running VM".into());
+        }
+        self.captures.push(Capture {
+            register: self.register,
+            memory: memory_hash(&self.memory),
+        });
+        let mut state = VmSnapshotState {
+            vcpus: Vec::new(),
+            kvm: KvmVmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            devices: DevicesState {
+                serial: None,
+                virtio: Vec::new(),
+            },
+        };
+        // The "register" travels in the state: the backup must resume with the captured one.
+        state.kvm.clock.clock = self.register;
+        Ok(state)
+    }
+    fn ft_gates(&mut self) -> Result<FtGates, String> {
+        self.gates.clone().ok_or_else(|| "no gates".to_string())
+    }
+}
+
+impl FakeVm {
+    /// The devices' gates exist from the start, in pass-through mode, as in the real VM.
+    fn install_gates(&mut self) -> Result<(), String> {
+        let (nic, net_control) = EpochNetGate::new(Box::new(WorldNet(self.world.clone())), 0);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.disk_path)
+            .map_err(|e| e.to_string())?;
+        let image = WorldDisk {
+            file,
+            world: self.world.clone(),
+            shared: self.shared_disk,
+        };
+        let (held, disk_control) = EpochDiskGate::new(Box::new(image), 0);
+        let (recorder, log) = RecordingDiskGate::new(Box::new(held));
+        let gates = FtGates {
+            nets: vec![net_control],
+            disks: vec![disk_control],
+            disk_logs: vec![log],
+            macs: vec![[2, 0, 0, 0, 0, 1]],
+            group_peers: Default::default(),
+        };
+        for gate in gates.all() {
+            gate.set_mode(GateMode::PassThrough)
+                .map_err(|e| e.to_string())?;
+        }
+        self.nic = Some(Box::new(nic));
+        self.disk = Some(Box::new(recorder));
+        self.gates = Some(gates);
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Faults.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    /// Primary to backup.
+    Forward,
+    /// Backup to primary.
+    Back,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// The primary's host dies when the link carries frame `at`.
+    KillPrimary {
+        at: u64,
+    },
+    /// The backup's host dies when the link carries frame `at`.
+    KillBackup {
+        at: u64,
+    },
+    /// The link is cut (both sides live on; the witness decides).
+    Partition {
+        at: u64,
+    },
+    Drop {
+        dir: Dir,
+        at: u64,
+    },
+    Duplicate {
+        dir: Dir,
+        at: u64,
+    },
+    /// Frame `at` goes after the next one.
+    Reorder {
+        dir: Dir,
+        at: u64,
+    },
+    /// Half of frame `at` arrives, then the link is cut.
+    Truncate {
+        dir: Dir,
+        at: u64,
+    },
+    /// A byte of frame `at` is flipped (its checksum no longer matches).
+    Corrupt {
+        dir: Dir,
+        at: u64,
+    },
+    /// An Ack for an epoch the backup never acknowledged reaches the primary at frame `at`.
+    ForgeAck {
+        at: u64,
+        ahead: u64,
+    },
+    /// The next `count` writes to the disk image fail, from checkpoint `at` on.
+    FailDisk {
+        at: u64,
+        count: u32,
+    },
+}
+
+impl Fault {
+    fn random(rng: &mut Rng) -> Self {
+        // A run carries about 1200 frames (sync, epochs, acks and heartbeats).
+        let at = rng.below(1200);
+        let dir = if rng.below(2) == 0 {
+            Dir::Forward
+        } else {
+            Dir::Back
+        };
+        match rng.below(10) {
+            0 => Fault::KillPrimary { at },
+            1 => Fault::KillBackup { at },
+            2 => Fault::Partition { at },
+            3 => Fault::Drop { dir, at },
+            4 => Fault::Duplicate { dir, at },
+            5 => Fault::Reorder { dir, at },
+            6 => Fault::Truncate { dir, at },
+            7 => Fault::Corrupt { dir, at },
+            8 => Fault::ForgeAck {
+                at,
+                ahead: 1 + rng.below(3),
+            },
+            _ => Fault::FailDisk {
+                at: rng.below(CHECKPOINTS),
+                count: 1 + rng.below(6) as u32,
+            },
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The link: a proxy between two socket pairs that sees every frame.
+
+#[derive(Default)]
+struct LinkState {
+    /// Frames carried so far (both directions): the clock faults are scheduled on.
+    frames: AtomicU64,
+    /// The newest EpochEnd written completely to the backup.
+    delivered: AtomicU64,
+    cut: AtomicBool,
+    kill: Mutex<Option<Side>>,
+    forged: AtomicBool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Backup,
+}
+
+struct Link {
+    state: Arc<LinkState>,
+    to_primary: UnixStream,
+    to_backup: UnixStream,
+    _threads: Vec<JoinHandle<()>>,
+}
+
+impl Link {
+    fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        let _ = self.to_primary.shutdown(std::net::Shutdown::Both);
+        let _ = self.to_backup.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Returns the link and the two ends for the primary and the backup.
+fn link(world: Arc<World>, faults: Vec<Fault>) -> (Link, UnixStream, UnixStream) {
+    let (primary_end, to_primary) = UnixStream::pair().unwrap();
+    let (backup_end, to_backup) = UnixStream::pair().unwrap();
+    let state = Arc::new(LinkState::default());
+    let mut threads = Vec::new();
+    for dir in [Dir::Forward, Dir::Back] {
+        let (from, to) = match dir {
+            Dir::Forward => (
+                to_primary.try_clone().unwrap(),
+                to_backup.try_clone().unwrap(),
+            ),
+            Dir::Back => (
+                to_backup.try_clone().unwrap(),
+                to_primary.try_clone().unwrap(),
+            ),
+        };
+        let (state, world, faults) = (state.clone(), world.clone(), faults.clone());
+        let cut_primary = to_primary.try_clone().unwrap();
+        let cut_backup = to_backup.try_clone().unwrap();
+        threads.push(std::thread::spawn(move || {
+            let cut = || {
+                state.cut.store(true, Ordering::SeqCst);
+                let _ = cut_primary.shutdown(std::net::Shutdown::Both);
+                let _ = cut_backup.shutdown(std::net::Shutdown::Both);
+            };
+            carry(dir, from, to, &state, &world, &faults, &cut);
+        }));
+    }
+    (
+        Link {
+            state,
+            to_primary,
+            to_backup,
+            _threads: threads,
+        },
+        primary_end,
+        backup_end,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn carry(
+    dir: Dir,
+    mut from: UnixStream,
+    mut to: UnixStream,
+    state: &LinkState,
+    world: &World,
+    faults: &[Fault],
+    cut: &dyn Fn(),
+) {
+    let mut reader = FrameReader::new();
+    // Frames are re-sequenced, so that dropped, repeated or forged frames are well-formed
+    // at the frame layer and must be caught by the protocol above it.
+    let mut seq = 0u32;
+    let mut held_back: Option<Vec<u8>> = None;
+    loop {
+        let (kind, flags, payload) = match reader.read_frame(&mut from) {
+            Ok(frame) => (frame.kind, frame.flags, frame.payload.to_vec()),
+            Err(_) => {
+                cut();
+                return;
+            }
+        };
+        if state.cut.load(Ordering::SeqCst) {
+            return;
+        }
+        let at = state.frames.fetch_add(1, Ordering::SeqCst);
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut frame = |payload: &[u8], kind: FrameType| {
+            let f = encode_frame(kind, flags, seq, payload);
+            seq = seq.wrapping_add(1);
+            f
+        };
+        let mut cut_after = false;
+        let mut forward = true;
+        for fault in faults {
+            match *fault {
+                Fault::KillPrimary { at: t } if t == at => {
+                    *state.kill.lock().unwrap() = Some(Side::Primary);
+                    world.primary_dead.store(true, Ordering::SeqCst);
+                    cut();
+                    return;
+                }
+                Fault::KillBackup { at: t } if t == at => {
+                    *state.kill.lock().unwrap() = Some(Side::Backup);
+                    world.backup_dead.store(true, Ordering::SeqCst);
+                    cut();
+                    return;
+                }
+                Fault::Partition { at: t } if t == at => {
+                    cut();
+                    return;
+                }
+                Fault::Drop { dir: d, at: t } if d == dir && t == at => forward = false,
+                Fault::Duplicate { dir: d, at: t } if d == dir && t == at => {
+                    out.push(frame(&payload, kind));
+                }
+                Fault::Truncate { dir: d, at: t } if d == dir && t == at => {
+                    let whole = frame(&payload, kind);
+                    let _ = to.write_all(&whole[..whole.len() / 2]);
+                    cut();
+                    return;
+                }
+                Fault::Corrupt { dir: d, at: t } if d == dir && t == at => {
+                    let mut bad = frame(&payload, kind);
+                    let i = bad.len() / 2;
+                    bad[i] ^= 0x40;
+                    out.push(bad);
+                    forward = false;
+                }
+                // The first answer from the backup at or after frame `t`.
+                Fault::ForgeAck { at: t, ahead }
+                    if dir == Dir::Back
+                        && at >= t
+                        && !state.forged.swap(true, Ordering::SeqCst) =>
+                {
+                    let holds = world.backup_holds.load(Ordering::SeqCst);
+                    let forged = Control::Ack {
+                        epoch: holds.saturating_add(ahead),
+                    };
+                    out.push(frame(&forged.encode(), FrameType::Control));
+                }
+                Fault::Reorder { dir: d, at: t } if d == dir && t == at => {
+                    held_back = Some(frame(&payload, kind));
+                    forward = false;
+                }
+                _ => {}
+            }
+        }
+        let mut epoch_end = None;
+        if forward {
+            if kind == FrameType::Control {
+                if let Ok(control) = Control::decode(&payload) {
+                    match (dir, control) {
+                        (Dir::Forward, Control::Params { pair_id, .. }) => {
+                            world.pair_id.store(pair_id, Ordering::SeqCst)
+                        }
+                        (Dir::Forward, Control::EpochEnd { epoch, .. }) => epoch_end = Some(epoch),
+                        // Observed before the primary sees it: output of `epoch` may leave.
+                        (Dir::Back, Control::Ack { epoch }) => {
+                            world.backup_holds.fetch_max(epoch, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            out.push(frame(&payload, kind));
+            if let Some(late) = held_back.take() {
+                // The late frame keeps its (now out-of-order) sequence number.
+                out.push(late);
+                cut_after = false;
+            }
+        }
+        for bytes in out {
+            if to.write_all(&bytes).is_err() {
+                cut();
+                return;
+            }
+        }
+        if let Some(epoch) = epoch_end {
+            state.delivered.fetch_max(epoch, Ordering::SeqCst);
+        }
+        if cut_after {
+            cut();
+            return;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The witness, reached by each side through a relay that dies with its side.
+
+struct Relay {
+    addr: String,
+}
+
+/// A side's way to the witness; it goes dead with the side (the proxy marks the kill).
+fn relay(target: std::net::SocketAddr, world: Arc<World>, side: Side) -> Relay {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let dead = match side {
+                Side::Primary => &world.primary_dead,
+                Side::Backup => &world.backup_dead,
+            };
+            if dead.load(Ordering::SeqCst) {
+                continue; // dropped: the claimant sees the connection close
+            }
+            let Ok(mut server) = TcpStream::connect(target) else {
+                continue;
+            };
+            let mut c2 = client.try_clone().unwrap();
+            let mut s2 = server.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client);
+            });
+        }
+    });
+    Relay { addr }
+}
+
+// ------------------------------------------------------------------------------------------
+// One run.
+
+#[derive(Debug, Default)]
+struct BackupOutcome {
+    took_over: Option<(u64, u64, u64)>,
+    stood_down: bool,
+    failed: Option<String>,
+}
+
+fn scratch_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ft-model-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What the primary's image holds before the guest writes.
+const FIRST_BYTE: u8 = 0x11;
+
+fn image(path: &Path, byte: u8) {
+    std::fs::write(path, vec![byte; (DISK_BLOCKS * BLOCK) as usize]).unwrap();
+}
+
+fn read_image(path: &Path) -> Vec<u8> {
+    let mut data = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut data).unwrap();
+    data
+}
+
+/// Runs the backup's half of a control loop: prepares the standby memory, records the
+/// outcome.
+fn backup_loop(
+    mut backup: Backup,
+    wake: Arc<EventFd>,
+    done: Arc<AtomicBool>,
+) -> (Backup, BackupOutcome) {
+    let mut memory: Option<GuestMemoryMmap> = None;
+    let mut outcome = BackupOutcome::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = wake.read();
+        match backup.poll() {
+            BackupEvent::None => {
+                if done.load(Ordering::SeqCst) || Instant::now() > deadline {
+                    return (backup, outcome);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            BackupEvent::Prepare { config, reply } => {
+                let mem = vmm::memory::create(config.memory.size).map_err(|e| e.to_string());
+                memory = mem.as_ref().ok().cloned();
+                let _ = reply.send(mem);
+            }
+            BackupEvent::TakeOver { state, epoch } => {
+                let hash = memory.as_ref().map(memory_hash).unwrap_or_default();
+                outcome.took_over = Some((epoch, state.kvm.clock.clock, hash));
+                backup.took_over(Ok(()));
+                return (backup, outcome);
+            }
+            BackupEvent::StandDown { .. } => {
+                outcome.stood_down = true;
+                return (backup, outcome);
+            }
+            BackupEvent::Failed(e) => {
+                outcome.failed = Some(e);
+                return (backup, outcome);
+            }
+        }
+    }
+}
+
+struct Report {
+    summary: String,
+    primary_health: Option<FtHealth>,
+    acked: u64,
+    /// The newest epoch the primary had committed (its output released) while protected.
+    committed: u64,
+    /// Frames that left while the primary was protected.
+    frames_released: u64,
+    frames: u64,
+    took_over: bool,
+}
+
+fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
+    let context = format!("seed {seed:#x}, {mode:?} disks, faults {faults:?}");
+    let dir = scratch_dir();
+    let primary_disk = dir.join("primary.img");
+    let backup_disk = dir.join("backup.img");
+    image(&primary_disk, FIRST_BYTE);
+    // A replicated backup starts from a stale copy: the initial sync must overwrite it.
+    image(&backup_disk, 0xaa);
+    let world = Arc::new(World::default());
+    *world.witness.lock().unwrap() = Some(witness.clone());
+    let primary_witness = relay(witness.local_addr(), world.clone(), Side::Primary);
+    let backup_witness = relay(witness.local_addr(), world.clone(), Side::Backup);
+
+    let (link, primary_end, backup_end) = link(world.clone(), faults.clone());
+    let backup_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let request = ReceiveFtRequest {
+        receiver_url: "tcp:127.0.0.1:1".into(),
+        disk_paths: match mode {
+            FtDiskMode::Replicated => vec![backup_disk.clone()],
+            FtDiskMode::Shared => Vec::new(),
+        },
+        witness: Some(backup_witness.addr.clone()),
+        group: None,
+    };
+    let backup =
+        Backup::start_connected(FtStream::Unix(backup_end), &request, backup_wake.clone()).unwrap();
+    let backup_done = Arc::new(AtomicBool::new(false));
+    let backup_thread = {
+        let (wake, done) = (backup_wake.clone(), backup_done.clone());
+        std::thread::spawn(move || backup_loop(backup, wake, done))
+    };
+
+    let mut vm = FakeVm::new(
+        world.clone(),
+        primary_disk.clone(),
+        mode == FtDiskMode::Shared,
+        seed,
+    );
+    vm.install_gates().unwrap();
+    for _ in 0..20 {
+        vm.step();
+    }
+    let config: VmConfig = serde_json::from_value(serde_json::json!({
+        "memory": {"size": MEMORY},
+        "disks": [{"path": primary_disk}],
+    }))
+    .unwrap();
+    let enable = EnableFtRequest {
+        peer: "127.0.0.1:1".into(),
+        epoch_ms: EPOCH_MS,
+        disk_mode: mode,
+        heartbeat_timeout_ms: Some(HEARTBEAT_MS),
+        witness: Some(primary_witness.addr.clone()),
+        compress: true,
+        group: None,
+    };
+    let primary_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let enabled = Primary::enable_over(
+        &mut vm,
+        &config,
+        &enable,
+        primary_wake,
+        FtStream::Unix(primary_end),
+    );
+    // None: a fault during the sync, protection never started.
+    let mut primary = enabled.ok();
+    let kill_seen = |link: &Link| *link.state.kill.lock().unwrap();
+    let mut checkpoints = 0;
+    let mut fenced = false;
+    if let Some(p) = primary.as_mut() {
+        let mut last = Instant::now();
+        // A run goes on until its link fault has happened.
+        let fault_frame = faults
+            .iter()
+            .filter_map(|f| match *f {
+                Fault::FailDisk { .. } => None,
+                Fault::KillPrimary { at }
+                | Fault::KillBackup { at }
+                | Fault::Partition { at }
+                | Fault::Drop { at, .. }
+                | Fault::Duplicate { at, .. }
+                | Fault::Reorder { at, .. }
+                | Fault::Truncate { at, .. }
+                | Fault::Corrupt { at, .. }
+                | Fault::ForgeAck { at, .. } => Some(at + 1),
+            })
+            .max()
+            .unwrap_or(0);
+        let started = Instant::now();
+        while checkpoints < CHECKPOINTS
+            || (link.state.frames.load(Ordering::SeqCst) < fault_frame
+                && p.status().health == FtHealth::Protected
+                && started.elapsed() < Duration::from_secs(20))
+        {
+            if kill_seen(&link) == Some(Side::Primary) {
+                break;
+            }
+            for fault in &faults {
+                if let Fault::FailDisk { at, count } = *fault {
+                    if at == checkpoints {
+                        world.disk_failures.store(count, Ordering::SeqCst);
+                    }
+                }
+            }
+            vm.step();
+            std::thread::sleep(Duration::from_micros(300));
+            match p.next_checkpoint() {
+                Some(wait) if last.elapsed() >= wait => {
+                    p.checkpoint(&mut vm)
+                        .unwrap_or_else(|e| panic!("{context}: {e}"));
+                    last = Instant::now();
+                    checkpoints += 1;
+                }
+                Some(_) => {}
+                // Unprotected: the guest runs on for a while.
+                None => checkpoints += 1,
+            }
+            let committed = p.status().last_committed_epoch;
+            let holds = world.backup_holds.load(Ordering::SeqCst);
+            if committed > holds && p.status().health == FtHealth::Protected {
+                world.violations.lock().unwrap().push(format!(
+                    "the primary counts epoch {committed} committed, the backup holds {holds}"
+                ));
+            }
+            if let vmm::fault_tolerance::PrimaryEvent::Fenced(_) = p.poll(&mut vm, true) {
+                fenced = true;
+                break;
+            }
+        }
+    }
+    // The run ends: a killed side is gone; otherwise protection ends on purpose.
+    let killed = kill_seen(&link);
+    let primary_health = primary.as_ref().map(|p| p.status().health);
+    let committed = primary
+        .as_ref()
+        .map_or(0, |p| p.status().last_committed_epoch);
+    let frames_released = world.frames_out.load(Ordering::SeqCst);
+    if killed == Some(Side::Primary) {
+        // Its threads may still run in this process: nothing they do leaves any more.
+        world.primary_dead.store(true, Ordering::SeqCst);
+        drop(primary.take());
+    }
+    // Let the survivor notice and decide.
+    let (backup, outcome) = if killed == Some(Side::Backup) {
+        link.cut();
+        backup_done.store(true, Ordering::SeqCst);
+        backup_thread.join().unwrap()
+    } else {
+        let start = Instant::now();
+        if killed.is_none() && primary_health != Some(FtHealth::Protected) {
+            // Wait for the backup to decide on its own.
+            while !backup_thread.is_finished() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if killed.is_none() {
+            if let Some(p) = primary.take() {
+                let health = p.status().health;
+                if health == FtHealth::Protected {
+                    world.ended.store(true, Ordering::SeqCst);
+                    p.stop(Some(&mut vm), StopReason::VmGone);
+                } else {
+                    std::mem::forget(p);
+                }
+            }
+        }
+        let start = Instant::now();
+        while !backup_thread.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        backup_done.store(true, Ordering::SeqCst);
+        backup_thread.join().unwrap()
+    };
+    let acked = world.backup_holds.load(Ordering::SeqCst);
+    let delivered = link.state.delivered.load(Ordering::SeqCst);
+    // A killed backup's process is gone: its late decisions do not count.
+    let took_over = if killed == Some(Side::Backup) {
+        None
+    } else {
+        outcome.took_over
+    };
+
+    // Invariants.
+    let mut violations = std::mem::take(&mut *world.violations.lock().unwrap());
+    if let Some((epoch, register, memory)) = took_over {
+        if epoch != delivered {
+            violations.push(format!(
+                "the backup resumed epoch {epoch}, the last complete epoch it got is {delivered}"
+            ));
+        }
+        match vm.captures.get(epoch as usize - 1) {
+            Some(capture) => {
+                if capture.register != register {
+                    violations.push(format!(
+                        "epoch {epoch}: state register {register}, captured {}",
+                        capture.register
+                    ));
+                }
+                if capture.memory != memory {
+                    violations.push(format!("epoch {epoch}: the backup's memory differs"));
+                }
+            }
+            None => violations.push(format!("the backup resumed epoch {epoch}, never captured")),
+        }
+        let image = match mode {
+            FtDiskMode::Shared => read_image(&primary_disk),
+            FtDiskMode::Replicated => read_image(&backup_disk),
+        };
+        if image != vm.expected_disk(epoch) {
+            let differ = image
+                .chunks(BLOCK as usize)
+                .zip(vm.expected_disk(epoch).chunks(BLOCK as usize))
+                .position(|(a, b)| a != b);
+            violations.push(format!(
+                "after failover to epoch {epoch} the disk differs from the writes of epochs <= {epoch} (block {differ:?})"
+            ));
+        }
+        if primary_health == Some(FtHealth::Degraded) && killed.is_none() {
+            violations
+                .push("two live primaries: the backup took over and the primary runs on".into());
+        }
+    }
+    if fenced && took_over.is_none() && killed.is_none() && outcome.failed.is_none() {
+        violations.push("the primary was fenced but the backup did not take over".into());
+    }
+    drop(backup);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        violations.is_empty(),
+        "{context}:\n  {}\n  (backup: {outcome:?}, primary: {primary_health:?}, acked {acked}, delivered {delivered})",
+        violations.join("\n  ")
+    );
+    Report {
+        primary_health,
+        committed,
+        frames_released,
+        summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
+        acked,
+        frames: link.state.frames.load(Ordering::SeqCst),
+        took_over: took_over.is_some(),
+    }
+}
+
+fn runs() -> u64 {
+    std::env::var("FT_MODEL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
+}
+
+fn witness() -> Arc<WitnessHandle> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    Arc::new(ft::witness::spawn_server(listener, None).unwrap())
+}
+
+fn random_runs(mode: FtDiskMode, base_seed: u64) {
+    let witness = witness();
+    let seeds: Vec<u64> = match std::env::var("FT_MODEL_SEED") {
+        Ok(seed) => vec![u64::from_str_radix(seed.trim_start_matches("0x"), 16).unwrap()],
+        Err(_) => (0..runs())
+            .map(|i| base_seed.wrapping_add(i * 0x9e37_79b9))
+            .collect(),
+    };
+    let mut takeovers = 0;
+    for seed in seeds {
+        let mut rng = Rng(seed | 1);
+        let mut faults = vec![Fault::random(&mut rng)];
+        if rng.below(3) == 0 {
+            faults.push(Fault::random(&mut rng));
+        }
+        let report = run(seed, mode, faults, &witness);
+        takeovers += report.took_over as u64;
+    }
+    eprintln!("{mode:?}: {takeovers} takeovers checked");
+}
+
+#[test]
+fn no_fault_run_replicates_and_releases_everything() {
+    let witness = witness();
+    for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
+        let report = run(1, mode, Vec::new(), &witness);
+        assert!(
+            report.acked > 10,
+            "{mode:?}: only {} epochs acknowledged",
+            report.acked
+        );
+        // Liveness: acknowledged output leaves (a gate stuck in one epoch holds it forever).
+        assert!(
+            report.committed + 3 >= report.acked,
+            "{mode:?}: the backup acknowledged epoch {}, the primary committed only {}",
+            report.acked,
+            report.committed
+        );
+        assert!(
+            report.frames_released > 2 * report.acked,
+            "{mode:?}: {} frames left over {} epochs",
+            report.frames_released,
+            report.acked
+        );
+        assert!(!report.took_over);
+        eprintln!(
+            "{mode:?}: {} frames, {} epochs acknowledged",
+            report.frames, report.acked
+        );
+    }
+}
+
+#[test]
+fn failover_keeps_every_acknowledged_epoch() {
+    let witness = witness();
+    for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
+        let frames = run(1, mode, Vec::new(), &witness).frames;
+        for at in [frames / 4, frames / 2, frames * 3 / 4] {
+            let report = run(at, mode, vec![Fault::KillPrimary { at }], &witness);
+            assert!(
+                report.took_over,
+                "{mode:?}: no takeover after a kill at frame {at}: {}",
+                report.summary
+            );
+        }
+    }
+}
+
+#[test]
+fn random_faults_shared_disk() {
+    random_runs(FtDiskMode::Shared, 0x5eed_0001);
+}
+
+#[test]
+fn random_faults_replicated_disk() {
+    random_runs(FtDiskMode::Replicated, 0x5eed_1001);
+}
+
+/// An acknowledgement the primary never asked for (a forged or confused backup) must not
+/// release anything: the link counts as broken.
+#[test]
+fn forged_acks_release_nothing() {
+    let witness = witness();
+    for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
+        for at in [300, 600, 900] {
+            for ahead in [1_000, u64::MAX] {
+                let faults = vec![Fault::ForgeAck { at, ahead }];
+                let report = run(at, mode, faults, &witness);
+                assert_ne!(
+                    report.primary_health,
+                    Some(FtHealth::Protected),
+                    "{mode:?}: an Ack {ahead} epochs ahead at frame {at} did not break the link: {}",
+                    report.summary
+                );
+            }
+        }
+    }
+}
+
+/// A shared-disk write that fails to reach the image stays the backup's to re-issue: the
+/// primary dies while its commits fail, and the backup's takeover must still hold every
+/// acknowledged write.
+#[test]
+fn failed_disk_commits_are_kept_by_the_backup() {
+    let witness = witness();
+    for (i, at) in [5u64, 15, 25].into_iter().enumerate() {
+        let faults = vec![
+            Fault::FailDisk { at, count: 1_000 },
+            Fault::KillPrimary {
+                at: 300 + 200 * i as u64 + at * 25,
+            },
+        ];
+        run(at, FtDiskMode::Shared, faults, &witness);
+    }
+}
+
+/// Either side killed at each frame of a stretch of consecutive frames (every message of a
+/// few epochs: pages, disk writes, state, EpochEnd, Ack, heartbeats).
+#[test]
+fn kill_either_side_at_every_protocol_step() {
+    let witness = witness();
+    let mut takeovers = 0;
+    for at in 700..724 {
+        for (i, fault) in [Fault::KillPrimary { at }, Fault::KillBackup { at }]
+            .into_iter()
+            .enumerate()
+        {
+            let mode = if at % 2 == 0 {
+                FtDiskMode::Shared
+            } else {
+                FtDiskMode::Replicated
+            };
+            let report = run(at * 2 + i as u64, mode, vec![fault], &witness);
+            takeovers += report.took_over as u64;
+            if let Fault::KillBackup { .. } = fault {
+                // A dead backup never stops the primary: it runs on unprotected.
+                assert_eq!(
+                    report.primary_health,
+                    Some(FtHealth::Degraded),
+                    "backup killed at frame {at}: {}",
+                    report.summary
+                );
+            }
+        }
+    }
+    assert!(
+        takeovers >= 20,
+        "only {takeovers} of 24 primary kills taken over"
+    );
+}

@@ -1,0 +1,293 @@
+//! A hostile or broken peer: random frame sequences (well-formed frames with any type, random
+//! payloads, and well-formed Control messages with any numbers, in any order) sent to a real
+//! backup (after a valid Hello) and to a real primary (after its initial synchronisation).
+//! Each side must end with a clear error or a decision, never panic (the test build aborts on
+//! panic, killing this test), and a primary must count the link broken without releasing
+//! anything it was not told the backup holds.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ft::backup::Backup;
+use ft::link::FtStream;
+use ft::wire::Control;
+use proptest::prelude::*;
+use vmm::config::VmConfig;
+use vmm::control::{FtDiskMode, FtHealth, ReceiveFtRequest};
+use vmm::fault_tolerance::{BackupEvent, BackupFt};
+use vmm::migration::protocol::{encode_frame, FrameType, Sender};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEMORY: u64 = 4 << 20;
+
+/// One frame a hostile peer may send.
+#[derive(Clone, Debug)]
+enum Hostile {
+    Raw { kind: u8, payload: Vec<u8> },
+    Control(Control),
+}
+
+fn control() -> impl Strategy<Value = Control> {
+    let n = prop_oneof![Just(0u64), Just(1), Just(2), Just(u64::MAX), any::<u64>()];
+    prop_oneof![
+        (n.clone(), n.clone(), proptest::option::of(n.clone())).prop_map(
+            |(epoch, released_through, group_epoch)| Control::EpochEnd {
+                epoch,
+                released_through,
+                group_epoch
+            }
+        ),
+        n.clone().prop_map(|epoch| Control::Ack { epoch }),
+        n.clone().prop_map(|epoch| Control::Heartbeat { epoch }),
+        (any::<bool>(), any::<bool>()).prop_map(|(guest_shutdown, reprotect)| {
+            Control::StandDown {
+                guest_shutdown,
+                reason: "fuzz".into(),
+                reprotect,
+            }
+        }),
+        (n.clone(), n).prop_map(|(disk, offset)| Control::DiskZero {
+            disk: disk as u32,
+            offset,
+            len: 4096,
+        }),
+    ]
+}
+
+fn hostile() -> impl Strategy<Value = Hostile> {
+    prop_oneof![
+        (1u8..=10, proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(kind, payload)| Hostile::Raw { kind, payload }),
+        control().prop_map(Hostile::Control),
+    ]
+}
+
+fn encode(frame: &Hostile, seq: u32) -> Vec<u8> {
+    match frame {
+        Hostile::Raw { kind, payload } => {
+            let kind = FrameType::from_u8(*kind).unwrap_or(FrameType::Control);
+            encode_frame(kind, 0, seq, payload)
+        }
+        Hostile::Control(c) => encode_frame(FrameType::Control, 0, seq, &c.encode()),
+    }
+}
+
+/// Runs the backup's control-loop half until it reports an outcome.
+fn outcome(mut backup: Backup, wake: &EventFd) -> Option<BackupEvent> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let _ = wake.read();
+        match backup.poll() {
+            BackupEvent::None => std::thread::sleep(Duration::from_millis(1)),
+            BackupEvent::Prepare { config, reply } => {
+                let _ =
+                    reply.send(vmm::memory::create(config.memory.size).map_err(|e| e.to_string()));
+            }
+            other => {
+                if let BackupEvent::TakeOver { .. } = other {
+                    backup.took_over(Ok(()));
+                }
+                Box::new(backup).stop();
+                return Some(other);
+            }
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn a_hostile_primary_gets_a_clear_error(frames in proptest::collection::vec(hostile(), 1..24)) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let request = ReceiveFtRequest {
+            receiver_url: "tcp:127.0.0.1:1".into(),
+            disk_paths: Vec::new(),
+            witness: None,
+            group: None,
+        };
+        let backup = Backup::start_connected(FtStream::Unix(theirs), &request, wake.clone()).unwrap();
+        let config: VmConfig =
+            serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
+        let mut sender = Sender::new(ours.try_clone().unwrap());
+        sender.send_hello(&config).unwrap();
+        let params = Control::Params {
+            pair_id: 7,
+            epoch_ms: 10,
+            heartbeat_timeout_ms: 200,
+            disk_mode: FtDiskMode::Shared,
+            witness: None,
+        };
+        sender.send_frame(FrameType::Control, &params.encode()).unwrap();
+        // Hello and Params were frames 0 and 1.
+        let mut writer = ours;
+        for (seq, frame) in (2u32..).zip(&frames) {
+            if writer.write_all(&encode(frame, seq)).is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        let event = outcome(backup, &wake);
+        prop_assert!(event.is_some(), "the backup never decided");
+    }
+}
+
+/// A backup that answers the primary's epochs with nonsense: the primary counts the link
+/// broken, releases nothing the backup did not acknowledge, and keeps running.
+#[test]
+fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
+    use vmm::migration::protocol::FrameReader;
+    let answers: Vec<Vec<Hostile>> = vec![
+        vec![Hostile::Control(Control::Ack { epoch: u64::MAX })],
+        vec![Hostile::Control(Control::Ack { epoch: 0 })],
+        vec![Hostile::Control(Control::EpochEnd {
+            epoch: 3,
+            released_through: 3,
+            group_epoch: None,
+        })],
+        vec![Hostile::Raw {
+            kind: 2,
+            payload: vec![0xff; 40],
+        }],
+        vec![Hostile::Raw {
+            kind: 7,
+            payload: b"no".to_vec(),
+        }],
+    ];
+    for answer in answers {
+        let (primary_end, backup_end) = UnixStream::pair().unwrap();
+        // A fake backup: reads the sync, acknowledges it, then answers with `answer`.
+        let fake = std::thread::spawn(move || {
+            let mut stream = backup_end;
+            let mut reader = FrameReader::new();
+            let mut seq = 0u32;
+            let mut sync_done = false;
+            let mut answered = false;
+            loop {
+                let frame = match reader.read_frame(&mut stream) {
+                    Ok(f) => (f.kind, f.payload.to_vec()),
+                    Err(_) => return,
+                };
+                if frame.0 != FrameType::Control {
+                    continue;
+                }
+                if let Ok(Control::EpochEnd { epoch, .. }) = Control::decode(&frame.1) {
+                    if !sync_done {
+                        sync_done = true;
+                        let ack = Control::Ack { epoch }.encode();
+                        let _ = stream.write_all(&encode_frame(FrameType::Control, 0, seq, &ack));
+                        seq += 1;
+                    } else if !answered {
+                        answered = true;
+                        for f in &answer {
+                            let _ = stream.write_all(&encode(f, seq));
+                            seq += 1;
+                        }
+                    }
+                }
+            }
+        });
+        let mut vm = fake_vm::FakeVm::new();
+        let config: VmConfig =
+            serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
+        let request = vmm::control::EnableFtRequest {
+            peer: "127.0.0.1:1".into(),
+            epoch_ms: 2,
+            disk_mode: FtDiskMode::Shared,
+            heartbeat_timeout_ms: Some(500),
+            witness: None,
+            compress: true,
+            group: None,
+        };
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut primary = ft::primary::Primary::enable_over(
+            &mut vm,
+            &config,
+            &request,
+            wake,
+            FtStream::Unix(primary_end),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while primary.status().health == FtHealth::Protected && Instant::now() < deadline {
+            if let Some(wait) = primary.next_checkpoint() {
+                std::thread::sleep(wait.min(Duration::from_millis(2)));
+                primary.checkpoint(&mut vm).unwrap();
+            }
+            let _ = primary.poll(&mut vm, true);
+        }
+        let status = primary.status();
+        assert_eq!(status.health, FtHealth::Degraded, "{status:?}");
+        assert!(
+            status.last_committed_epoch <= 2,
+            "committed {} on a hostile answer",
+            status.last_committed_epoch
+        );
+        assert!(status.last_error.is_some());
+        primary.stop(Some(&mut vm), vmm::fault_tolerance::StopReason::VmGone);
+        let _ = fake.join();
+    }
+}
+
+/// The smallest VM the primary can protect: memory and pass-through gates, no devices.
+mod fake_vm {
+    use vmm::device_manager::{DevicesState, FtGates};
+    use vmm::fault_tolerance::ReplicableVm;
+    use vmm::memory::GuestMemoryMmap;
+    use vmm::migration::memory::DirtyPages;
+    use vmm::vm::VmSnapshotState;
+    use vmm::x86_64::cpu_state::KvmVmState;
+
+    pub struct FakeVm {
+        memory: GuestMemoryMmap,
+    }
+
+    impl FakeVm {
+        pub fn new() -> Self {
+            Self {
+                memory: vmm::memory::create(super::MEMORY).unwrap(),
+            }
+        }
+    }
+
+    impl ReplicableVm for FakeVm {
+        fn pause(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_dirty_logging(&mut self, _enabled: bool) -> Result<(), String> {
+            Ok(())
+        }
+        fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
+            DirtyPages::from_bitmaps(&[], &self.memory, true).map_err(|e| e.to_string())
+        }
+        fn memory(&self) -> &GuestMemoryMmap {
+            &self.memory
+        }
+        fn save_state(&mut self) -> Result<VmSnapshotState, String> {
+            Ok(VmSnapshotState {
+                vcpus: Vec::new(),
+                kvm: KvmVmState {
+                    pic_master: Default::default(),
+                    pic_slave: Default::default(),
+                    ioapic: Default::default(),
+                    pit: Default::default(),
+                    clock: Default::default(),
+                },
+                devices: DevicesState {
+                    serial: None,
+                    virtio: Vec::new(),
+                },
+            })
+        }
+        fn ft_gates(&mut self) -> Result<FtGates, String> {
+            Ok(FtGates::default())
+        }
+    }
+}
