@@ -200,6 +200,10 @@ fn accept_loop(
     options: ServerOptions,
     busy: Arc<AtomicUsize>,
 ) {
+    // Connection threads inherit this filter.
+    if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Api) {
+        return;
+    }
     let connections = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match listener.accept() {

@@ -123,6 +123,7 @@ fn ft_schemas_match_serde() {
     let receive = ReceiveFtRequest {
         receiver_url: "tcp:0.0.0.0:1".into(),
         disk_paths: vec![],
+        taps: vec![],
         witness: None,
         group: None,
     };

@@ -78,6 +78,7 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
     .map_err(|e| format!("--event-monitor: {e}"))?
     .map(Arc::new);
 
+    vmm::seccomp::set_process_mode(seccomp).map_err(|e| e.to_string())?;
     let mut socket_file = SocketFile(None);
     let mut server = None;
     let mut api = None;
@@ -105,6 +106,8 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
         api = Some(vmm::ApiReceiver { requests, wake });
     }
 
+    // The control loop's filter; every thread it starts keeps it beneath its own.
+    vmm::seccomp::apply(vmm::seccomp::ThreadRole::Vmm).map_err(|e| e.to_string())?;
     let result = vmm::run(vmm::VmmOptions {
         config: options.vm_config,
         restore: options.restore,

@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm::config::VmConfig;
+use vmm::config::{HostResources, VmConfig};
 use vmm::control::{FtDiskMode, FtHealth, FtRole, FtStatus, ReceiveFtRequest, VmmError};
 use vmm::fault_tolerance::{BackupEvent, BackupFt};
 use vmm::memory::GuestMemoryMmap;
@@ -161,7 +161,12 @@ impl Backup {
         let thread = std::thread::Builder::new()
             .name("ft-receiver".into())
             .spawn(move || {
-                let event = match receive(&s, source, &request, group) {
+                let event = if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    receive(&s, source, &request, group)
+                } else {
+                    Err("the receiver thread cannot install its seccomp filter".to_string())
+                };
+                let event = match event {
                     Ok(event) => event,
                     Err(e) => BackupEvent::Failed(e),
                 };
@@ -279,6 +284,7 @@ struct Params {
     epoch_ms: u64,
     disk_mode: FtDiskMode,
     witness: Option<String>,
+    disk_sizes: Vec<u64>,
 }
 
 /// One epoch being received: kept aside until its EpochEnd.
@@ -493,7 +499,7 @@ fn setup(
     shared: &Shared,
     link: &mut Link,
     request: &ReceiveFtRequest,
-    mut config: VmConfig,
+    config: VmConfig,
 ) -> Result<(Params, GuestMemoryMmap, Vec<File>), String> {
     let frame = link
         .reader
@@ -508,30 +514,27 @@ fn setup(
                     heartbeat_timeout_ms,
                     disk_mode,
                     witness,
+                    disk_sizes,
                 } => Params {
                     pair_id,
                     heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
                     epoch_ms,
                     disk_mode,
-                    witness: request.witness.clone().or(witness),
+                    witness: fencing_witness(request, witness)?,
+                    disk_sizes,
                 },
                 other => return Err(format!("expected Params, got {other:?}")),
             }
         }
         other => return Err(format!("expected Params, got {other:?}")),
     };
-    let disk_count = config.disks.as_ref().map_or(0, |d| d.len());
-    if params.disk_mode == FtDiskMode::Replicated && !request.disk_paths.is_empty() {
-        if request.disk_paths.len() != disk_count {
-            return Err(format!(
-                "{} disk paths given for a VM with {disk_count} disks",
-                request.disk_paths.len()
-            ));
-        }
-        for (disk, path) in config.disks.iter_mut().flatten().zip(&request.disk_paths) {
-            disk.path = Some(path.clone());
-        }
-    }
+    // Only what this host's operator named is opened here (the peer's configuration only
+    // says how many disks and NICs the VM has).
+    let local = HostResources {
+        disk_paths: request.disk_paths.clone(),
+        taps: request.taps.clone(),
+    };
+    let config = config.localize(&local).map_err(|e| e.to_string())?;
     let mut disks = Vec::new();
     for disk in config.disks.iter().flatten() {
         let path = disk.path.clone().unwrap_or_default();
@@ -541,6 +544,20 @@ fn setup(
             .open(&path)
             .map_err(|e| format!("disk {}: {e}", path.display()))?;
         disks.push(file);
+    }
+    if params.disk_mode == FtDiskMode::Replicated {
+        // The standby VM's disks take their capacity from the images when they are built,
+        // before the initial sync copies the primary's: size them to the primary's first.
+        if params.disk_sizes.len() != disks.len() {
+            return Err(format!(
+                "the primary sent the sizes of {} images for a VM with {} disks",
+                params.disk_sizes.len(),
+                disks.len()
+            ));
+        }
+        for ((file, &size), disk) in disks.iter().zip(&params.disk_sizes).zip(0u32..) {
+            crate::disk_sync::size_image(disk, file, size).map_err(|e| e.to_string())?;
+        }
     }
     let (reply, answer) = mpsc::channel();
     shared.push(BackupEvent::Prepare {
@@ -552,6 +569,23 @@ fn setup(
         .map_err(|_| "the control loop did not prepare the standby VM".to_string())?
         .map_err(|e| format!("cannot prepare the standby VM: {e}"))?;
     Ok((params, memory, disks))
+}
+
+/// The witness this backup asks: only its own operator's. A primary that fences with a
+/// witness this side was not told of is refused (asking the peer's choice would let a peer
+/// decide who grants a takeover; asking none would take over without fencing).
+fn fencing_witness(
+    request: &ReceiveFtRequest,
+    announced: Option<String>,
+) -> Result<Option<String>, String> {
+    match (&request.witness, announced) {
+        (Some(own), _) => Ok(Some(own.clone())),
+        (None, None) => Ok(None),
+        (None, Some(theirs)) => Err(format!(
+            "the primary fences with the witness {theirs}; name this host's way to it \
+             (receive-ft --witness HOST:PORT)"
+        )),
+    }
 }
 
 /// A complete epoch of a group member, kept aside until the group has committed it.
@@ -606,18 +640,19 @@ impl Replica {
         }
     }
 
-    fn write_disks(&self, writes: &[(usize, DiskWrite)]) -> Result<(), String> {
+    fn write_disks(&self, writes: &[(usize, DiskWrite)]) -> Result<(), DiskWriteFailure> {
         for (disk, w) in writes {
-            let file = self
-                .disks
-                .get(*disk)
-                .ok_or_else(|| format!("write to disk {disk}, the VM has {}", self.disks.len()))?;
+            let file = self.disks.get(*disk).ok_or_else(|| DiskWriteFailure {
+                message: format!("write to disk {disk}, the VM has {}", self.disks.len()),
+                no_space: false,
+            })?;
             file.write_all_at(&w.data, w.offset)
-                .map_err(|e| format!("disk {disk} at {}: {e}", w.offset))?;
+                .map_err(|e| DiskWriteFailure::new(format!("disk {disk} at {}", w.offset), &e))?;
         }
         if !writes.is_empty() {
             for file in &self.disks {
-                file.sync_data().map_err(|e| format!("disk sync: {e}"))?;
+                file.sync_data()
+                    .map_err(|e| DiskWriteFailure::new("disk sync".to_string(), &e))?;
             }
         }
         Ok(())
@@ -639,7 +674,9 @@ impl Replica {
             self.apply_frame(*flags, payload)?;
         }
         match self.disk_mode {
-            FtDiskMode::Replicated => self.write_disks(&pending.disk_writes)?,
+            FtDiskMode::Replicated => self
+                .write_disks(&pending.disk_writes)
+                .map_err(|e| e.message)?,
             FtDiskMode::Shared => {
                 self.retained.retain(|(e, _)| *e > released_through);
                 if !pending.disk_writes.is_empty() {
@@ -956,6 +993,67 @@ impl Drop for SharedDiskLocks<'_> {
     }
 }
 
+/// A write to an image that failed.
+#[derive(Debug)]
+struct DiskWriteFailure {
+    message: String,
+    /// The storage is full (ENOSPC, EDQUOT): it may take the write once space is freed.
+    no_space: bool,
+}
+
+impl DiskWriteFailure {
+    fn new(what: String, e: &std::io::Error) -> Self {
+        Self {
+            message: format!("{what}: {e}"),
+            no_space: matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)),
+        }
+    }
+}
+
+/// How often a takeover that waits for space on the shared disk retries.
+const REISSUE_RETRY: Duration = Duration::from_millis(200);
+/// How often it says so in the log meanwhile.
+const REISSUE_REPORT: Duration = Duration::from_secs(10);
+
+/// Re-issues the writes the old primary may not have written. A full storage is waited for
+/// (the writes are the only copy of what the guest saw complete; giving up would lose them):
+/// the takeover completes once space is freed, and `ft-status` says why it waits. Any other
+/// error fails the takeover.
+fn reissue(
+    shared: &Shared,
+    replica: &Replica,
+    writes: &[(usize, DiskWrite)],
+) -> Result<(), String> {
+    let mut reported: Option<Instant> = None;
+    loop {
+        match replica.write_disks(writes) {
+            Ok(()) => {
+                if reported.is_some() {
+                    log::warn!("FT: the held shared-disk writes reached the image");
+                    shared.status().last_error = None;
+                }
+                return Ok(());
+            }
+            Err(e) if e.no_space && !shared.stop.load(Ordering::SeqCst) => {
+                if reported.is_none_or(|t| t.elapsed() >= REISSUE_REPORT) {
+                    log::error!(
+                        "FT: re-issuing {} held writes: {}; the storage is full, retrying until space is freed",
+                        writes.len(),
+                        e.message
+                    );
+                    reported = Some(Instant::now());
+                }
+                shared.status().last_error = Some(format!(
+                    "the takeover waits for space on the shared disk (retrying): {}",
+                    e.message
+                ));
+                std::thread::sleep(REISSUE_RETRY);
+            }
+            Err(e) => return Err(e.message),
+        }
+    }
+}
+
 /// The primary is gone: ask the witness, re-issue shared-disk writes, and hand the last
 /// complete epoch to the control loop.
 fn take_over(
@@ -979,7 +1077,7 @@ fn take_over(
         let retained = std::mem::take(&mut replica.retained);
         let writes: Vec<(usize, DiskWrite)> = retained.into_iter().flat_map(|(_, w)| w).collect();
         log::info!("FT: re-issuing {} shared-disk writes", writes.len());
-        replica.write_disks(&writes)?;
+        reissue(shared, replica, &writes)?;
         // Released just before the restored VM takes the locks for good.
         drop(locks);
     }

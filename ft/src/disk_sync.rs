@@ -302,6 +302,34 @@ fn image_size(disk: u32, mut file: &File) -> Result<u64, DiskSyncError> {
         .map_err(|source| DiskSyncError::Size { disk, source })
 }
 
+/// The size of the image at `path` (a file or a block device).
+pub fn image_size_of(disk: u32, path: &Path) -> Result<u64, DiskSyncError> {
+    let file = File::open(path).map_err(|source| DiskSyncError::Size { disk, source })?;
+    image_size(disk, &file)
+}
+
+/// Gives the backup's image of `disk` the primary's `size` before its block device is built
+/// (the guest must see the same capacity after failover): a regular file is extended or cut,
+/// a block device must be large enough. `size` comes off the wire and is checked first.
+pub fn size_image(disk: u32, file: &File, size: u64) -> Result<(), DiskSyncError> {
+    DigestTable::new(disk, size, chunk_size_for(size))?;
+    let have = image_size(disk, file)?;
+    let is_block = file
+        .metadata()
+        .map_err(|source| DiskSyncError::Size { disk, source })?
+        .file_type()
+        .is_block_device();
+    if let Some(new_size) = resize_plan(disk, is_block, have, size)? {
+        file.set_len(new_size)
+            .map_err(|source| DiskSyncError::Resize {
+                disk,
+                size: new_size,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// The first offset at or after `from` that holds data; `None` when only a hole follows.
 fn next_data(file: &File, from: u64) -> io::Result<Option<u64>> {
     let from =
@@ -851,22 +879,7 @@ impl ImageReplica {
         let disk = self.disk;
         // The table first: it checks the size and chunk size that came off the wire.
         let table = DigestTable::new(disk, size, chunk_size)?;
-        let have = image_size(disk, &self.file)?;
-        let is_block = self
-            .file
-            .metadata()
-            .map_err(|source| DiskSyncError::Size { disk, source })?
-            .file_type()
-            .is_block_device();
-        if let Some(new_size) = resize_plan(disk, is_block, have, size)? {
-            self.file
-                .set_len(new_size)
-                .map_err(|source| DiskSyncError::Resize {
-                    disk,
-                    size: new_size,
-                    source,
-                })?;
-        }
+        size_image(disk, &self.file, size)?;
         self.applying = Some(Applying {
             table,
             unflushed: 0,

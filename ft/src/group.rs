@@ -233,6 +233,9 @@ impl<M: DeserializeOwned + Send + 'static> Hub<M> {
         std::thread::Builder::new()
             .name("ft-group-accept".into())
             .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
                 while !accept_stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((stream, _)) => {
@@ -272,6 +275,9 @@ impl<M: DeserializeOwned + Send + 'static> Hub<M> {
         let spawned = std::thread::Builder::new()
             .name("ft-group-rx".into())
             .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
                 let mut lines = LineReader::new(reader);
                 loop {
                     match lines.next::<M>() {
@@ -364,6 +370,9 @@ impl PrimaryCoordinator {
         let thread = std::thread::Builder::new()
             .name("ft-group".into())
             .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
                 let mut coordinator = Coordinator {
                     hub,
                     group_id,
@@ -842,12 +851,17 @@ impl PrimaryMember {
             .ok_or_else(|| "the group is already being listened to".to_string())?;
         std::thread::Builder::new()
             .name("ft-group-member".into())
-            .spawn(move || loop {
-                match reader.next::<PrimaryMsg>() {
-                    Ok(msg) => handle(Ok(msg)),
-                    Err(why) => {
-                        handle(Err(why));
-                        return;
+            .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
+                loop {
+                    match reader.next::<PrimaryMsg>() {
+                        Ok(msg) => handle(Ok(msg)),
+                        Err(why) => {
+                            handle(Err(why));
+                            return;
+                        }
                     }
                 }
             })
@@ -898,6 +912,9 @@ impl BackupCoordinator {
         std::thread::Builder::new()
             .name("ft-group-backup".into())
             .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
                 BackupCoordination {
                     hub,
                     members: BTreeSet::new(),
@@ -1034,20 +1051,27 @@ impl BackupMember {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("ft-group-member".into())
-            .spawn(move || loop {
-                match reader.next::<BackupMsg>() {
-                    Ok(BackupMsg::Freeze) => on_freeze(),
-                    Ok(BackupMsg::TakeOver { epoch }) => {
-                        let _ = tx.send(Ok(epoch));
-                        return;
-                    }
-                    Ok(other) => {
-                        let _ = tx.send(Err(format!("unexpected {other:?} from the coordinator")));
-                        return;
-                    }
-                    Err(why) => {
-                        let _ = tx.send(Err(format!("the group's coordinator is gone ({why})")));
-                        return;
+            .spawn(move || {
+                if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    return;
+                }
+                loop {
+                    match reader.next::<BackupMsg>() {
+                        Ok(BackupMsg::Freeze) => on_freeze(),
+                        Ok(BackupMsg::TakeOver { epoch }) => {
+                            let _ = tx.send(Ok(epoch));
+                            return;
+                        }
+                        Ok(other) => {
+                            let _ =
+                                tx.send(Err(format!("unexpected {other:?} from the coordinator")));
+                            return;
+                        }
+                        Err(why) => {
+                            let _ =
+                                tx.send(Err(format!("the group's coordinator is gone ({why})")));
+                            return;
+                        }
                     }
                 }
             })

@@ -63,6 +63,11 @@ const MIN_TIMER: Duration = Duration::from_micros(100);
 /// ones, up to the gate's hold limits). A full storage (ENOSPC, EDQUOT) is retried without end
 /// instead: the backup writes to the same storage.
 pub const COMMIT_FAILURE_GRACE: Duration = Duration::from_secs(5);
+/// How often writes held when protection ended, which could not reach the image then, are
+/// retried without waiting for the guest's next write.
+const STRANDED_RETRY: Duration = Duration::from_millis(500);
+/// How often a commit that keeps failing is logged (it is retried at every epoch).
+const COMMIT_FAILURE_REPORT: Duration = Duration::from_secs(10);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
 const SYNC_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +160,8 @@ enum Job {
 /// Held output that keeps failing to leave.
 struct CommitFailure {
     since: Instant,
+    /// When it was last logged.
+    reported: Instant,
     error: String,
     /// The storage is full: failing over would not help (the backup writes to the same
     /// storage), so the primary retries until space is freed.
@@ -343,12 +350,26 @@ impl Primary {
                 ..SenderOptions::default()
             },
         );
+        let disk_sizes = match request.disk_mode {
+            FtDiskMode::Replicated => config
+                .disks
+                .iter()
+                .flatten()
+                .zip(0u32..)
+                .map(|(d, i)| {
+                    crate::disk_sync::image_size_of(i, &d.path.clone().unwrap_or_default())
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io_err("disk images", e))?,
+            FtDiskMode::Shared => Vec::new(),
+        };
         let params = Control::Params {
             pair_id,
             epoch_ms: epoch_len.as_millis() as u64,
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
             disk_mode: request.disk_mode,
             witness: request.witness.clone(),
+            disk_sizes,
         };
         let mut paused = false;
         let synced = Self::initial_sync(
@@ -619,12 +640,24 @@ impl Primary {
         let heartbeat_every = epoch_len.min(heartbeat_timeout / 3);
         let sender_thread = std::thread::Builder::new()
             .name("ft-sender".into())
-            .spawn(move || send_loop(&s, sender, &staging, &job_rx, heartbeat_every))
+            .spawn(move || {
+                if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    send_loop(&s, sender, &staging, &job_rx, heartbeat_every);
+                } else {
+                    s.lose("the sender thread cannot install its seccomp filter".into());
+                }
+            })
             .map_err(|e| io_err("sender thread", e))?;
         let s = shared.clone();
         let ack_thread = std::thread::Builder::new()
             .name("ft-acks".into())
-            .spawn(move || ack_loop(&s, read_half, reader))
+            .spawn(move || {
+                if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
+                    ack_loop(&s, read_half, reader);
+                } else {
+                    s.lose("the ack thread cannot install its seccomp filter".into());
+                }
+            })
             .map_err(|e| io_err("ack thread", e))?;
         Ok((jobs, sender_thread, ack_thread))
     }
@@ -714,6 +747,45 @@ impl Primary {
             if jobs.try_send(Job::Epoch(job)).is_err() {
                 self.shared.staging_busy.store(false, Ordering::SeqCst);
                 self.shared.lose("the sender thread is gone".to_string());
+            }
+        }
+    }
+
+    /// Disk writes held when protection ended that could not reach the image yet.
+    fn stranded_writes(&self) -> u64 {
+        self.shared
+            .gates
+            .disks
+            .iter()
+            .map(|g| g.stats().held_items)
+            .sum()
+    }
+
+    /// What `ft-status` says while writes held when protection ended cannot reach the image.
+    fn stranded_report(&self) -> Option<String> {
+        if self.health == FtHealth::Protected {
+            return None;
+        }
+        let stranded = self.stranded_writes();
+        (stranded > 0).then(|| {
+            format!(
+                "{stranded} disk writes held when protection ended cannot reach the image yet (retrying every {STRANDED_RETRY:?}; new writes wait behind them)"
+            )
+        })
+    }
+
+    /// Retries the stranded writes (in order; new guest writes wait behind them).
+    fn drain_stranded(&mut self) {
+        for gate in &self.shared.gates.disks {
+            if gate.stats().held_items == 0 {
+                continue;
+            }
+            match gate.drain() {
+                Ok(stats) if stats.items > 0 => {
+                    log::warn!("FT: {} held writes reached the image", stats.items)
+                }
+                Ok(_) => {}
+                Err(e) => log::debug!("FT: held writes still cannot leave: {e}"),
             }
         }
     }
@@ -810,13 +882,16 @@ impl Primary {
             pause_us_p99: self.pauses.percentile_us(99.0),
             pause_us_max: self.pauses.max_us(),
             epochs_cut_early: self.epochs_cut_early,
-            last_error: self.last_error.clone().or_else(|| {
-                s.commit_failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .map(|f| format!("held output cannot leave (retrying): {}", f.error))
-            }),
+            last_error: self
+                .stranded_report()
+                .or_else(|| self.last_error.clone())
+                .or_else(|| {
+                    s.commit_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|f| format!("held output cannot leave (retrying): {}", f.error))
+                }),
             ..FtStatus::default()
         };
         if let Some(group) = &s.group {
@@ -1025,12 +1100,21 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
             shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
         }
         Some((error, no_space)) => {
-            log::error!(
-                "FT: committing epoch {epoch}: {error}; the backup keeps its copy, retrying"
-            );
+            // Retried at every epoch: logged when it starts and then now and then.
+            let reported = failure.as_ref().map(|f| f.reported);
+            let reported = match reported {
+                Some(at) if at.elapsed() < COMMIT_FAILURE_REPORT => at,
+                _ => {
+                    log::error!(
+                        "FT: committing epoch {epoch}: {error}; the backup keeps its copy, retrying"
+                    );
+                    Instant::now()
+                }
+            };
             let since = failure.as_ref().map_or_else(Instant::now, |f| f.since);
             *failure = Some(CommitFailure {
                 since,
+                reported,
                 error,
                 no_space,
             });
@@ -1043,8 +1127,12 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
 impl Primary {
     /// See [`PrimaryFt::next_checkpoint`].
     pub fn next_checkpoint(&self) -> Option<Duration> {
+        if self.health != FtHealth::Protected {
+            // Unprotected with writes that could not leave: the timer retries them.
+            return (self.stranded_writes() > 0).then_some(STRANDED_RETRY);
+        }
         // A group's coordinator decides when its members checkpoint.
-        if self.health != FtHealth::Protected || self.shared.group.is_some() {
+        if self.shared.group.is_some() {
             return None;
         }
         if self.waiting_for_sender {
@@ -1058,6 +1146,10 @@ impl Primary {
 
     /// See [`PrimaryFt::checkpoint`].
     pub fn checkpoint(&mut self, vm: &mut dyn ReplicableVm) -> Result<(), String> {
+        if self.health == FtHealth::Degraded {
+            self.drain_stranded();
+            return Ok(());
+        }
         if self.health != FtHealth::Protected || self.lost() || self.shared.group.is_some() {
             return Ok(());
         }

@@ -37,6 +37,10 @@ pub enum Control {
         heartbeat_timeout_ms: u64,
         disk_mode: FtDiskMode,
         witness: Option<String>,
+        /// Replicated mode: the size of each of the primary's images, so that the backup
+        /// sizes its own before it builds the standby VM's disks.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        disk_sizes: Vec<u64>,
     },
     /// Closes epoch `epoch`. `released_through`: the newest epoch whose held disk writes the
     /// primary has written to the shared image (the backup may forget them).

@@ -823,7 +823,12 @@ pub fn spawn_server_with_config(
     let accept_shared = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name("witness-accept".to_owned())
-        .spawn(move || accept_loop(&listener, &accept_shared))?;
+        .spawn(move || {
+            // Connection threads inherit this filter.
+            if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Witness) {
+                accept_loop(&listener, &accept_shared);
+            }
+        })?;
     info!("witness: listening on {local_addr}");
     Ok(WitnessHandle {
         local_addr,

@@ -799,8 +799,13 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
     let primary_disk = dir.join("primary.img");
     let backup_disk = dir.join("backup.img");
     image(&primary_disk, FIRST_BYTE);
-    // A replicated backup starts from a stale copy: the initial sync must overwrite it.
+    // A replicated backup starts from a stale copy (shorter for odd seeds): the initial sync
+    // must size and overwrite it.
     image(&backup_disk, 0xaa);
+    if seed % 2 == 1 {
+        let f = OpenOptions::new().write(true).open(&backup_disk).unwrap();
+        f.set_len(DISK_BLOCKS * BLOCK / 2).unwrap();
+    }
     let world = Arc::new(World::default());
     *world.witness.lock().unwrap() = Some(witness.clone());
     let primary_witness = relay(witness.local_addr(), world.clone(), Side::Primary);
@@ -812,8 +817,9 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
         receiver_url: "tcp:127.0.0.1:1".into(),
         disk_paths: match mode {
             FtDiskMode::Replicated => vec![backup_disk.clone()],
-            FtDiskMode::Shared => Vec::new(),
+            FtDiskMode::Shared => vec![primary_disk.clone()],
         },
+        taps: Vec::new(),
         witness: Some(backup_witness.addr.clone()),
         group: None,
     };

@@ -107,6 +107,7 @@ proptest! {
         let request = ReceiveFtRequest {
             receiver_url: "tcp:127.0.0.1:1".into(),
             disk_paths: Vec::new(),
+            taps: Vec::new(),
             witness: None,
             group: None,
         };
@@ -121,6 +122,7 @@ proptest! {
             heartbeat_timeout_ms: 200,
             disk_mode: FtDiskMode::Shared,
             witness: None,
+            disk_sizes: Vec::new(),
         };
         sender.send_frame(FrameType::Control, &params.encode()).unwrap();
         // Hello and Params were frames 0 and 1.

@@ -99,6 +99,13 @@ fn default_downtime_ms() -> u64 {
 pub struct ReceiveMigrationRequest {
     /// `tcp:ADDR:PORT` (listen) or `unix:/path`
     pub receiver_url: String,
+    /// This host's image for each disk of the arriving VM, in order (Tandem's extension: the
+    /// source's paths are never opened here).
+    #[serde(default)]
+    pub disk_paths: Vec<std::path::PathBuf>,
+    /// This host's TAP for each network interface of the arriving VM, in order.
+    #[serde(default)]
+    pub taps: Vec<String>,
 }
 
 /// VM lifecycle states, spelled as Cloud Hypervisor's `VmInfo.state`.
@@ -162,6 +169,10 @@ pub struct ReceiveFtRequest {
     /// (each must start identical to the primary's image). Ignored in shared mode.
     #[serde(default)]
     pub disk_paths: Vec<std::path::PathBuf>,
+    /// This host's TAP for each network interface of the VM, in order (existing TAPs: the
+    /// peer's TAP names are never used here).
+    #[serde(default)]
+    pub taps: Vec<String>,
     /// Overrides the witness address the primary announces (when this host reaches it under
     /// another address).
     #[serde(default)]

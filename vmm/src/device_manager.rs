@@ -315,6 +315,11 @@ impl DeviceManager {
         let thread = std::thread::Builder::new()
             .name("device-loop".into())
             .spawn(move || {
+                // The device loop parses guest-controlled queues: it runs filtered or not at
+                // all (the VM then makes no device progress, and the log says why).
+                if !crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::DeviceLoop) {
+                    return manager;
+                }
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         log::error!("device event loop failed: {e}");

@@ -1,10 +1,31 @@
-//! Seccomp filters per thread kind, as Firecracker and Cloud Hypervisor do: a vCPU thread runs
-//! guest-driven device emulation, so it may make only the few system calls that work needs.
+//! Seccomp filters per thread role, as Firecracker and Cloud Hypervisor do. Every thread of
+//! the VMM installs the filter of its role when it starts ([`apply`]); a thread spawned later
+//! also keeps the filter of the thread that spawned it (filters stack: a call must pass all
+//! of them), so the control loop's filter is the broadest and each role narrows it.
+//!
+//! Roles and why they need what they need:
+//! - control loop (`Vmm`): creates the VM (KVM ioctls of every kind), opens images, TAPs and
+//!   sockets, spawns the other threads;
+//! - `vcpu<N>`: runs the guest and guest-driven port/MMIO emulation: KVM ioctls, eventfds;
+//! - `device-loop`: guest-driven virtio queues: epoll, eventfds, image and TAP reads and
+//!   writes; no ioctl at all;
+//! - `http-server` / `http-conn`: the API socket: accept, read, write, spawn a thread per
+//!   connection; ioctl only to make a socket (non-)blocking;
+//! - replication (`ft-*`, `migration-rx`): network streams, the witness, disk images (the
+//!   backup's copies, the shared-disk retry), thread spawning for FT groups;
+//! - `serial-socket`: accepts the console client and writes to it;
+//! - the witness process: its sockets and its state file.
+//!
+//! The process mode is set once by the binary ([`set_process_mode`]); without it (libraries,
+//! tests) [`apply`] installs nothing.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a filter does with a system call outside its list (`--seccomp true|false|log`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,67 +45,296 @@ pub enum SeccompError {
     Build(seccompiler::BackendError),
     #[error("cannot install the SIGSYS handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
+    #[error("cannot install the seccomp filter of the {role:?} thread: {source}")]
+    Apply {
+        role: ThreadRole,
+        source: seccompiler::Error,
+    },
 }
 
-/// System calls of a vCPU thread: KVM ioctls, futexes for pause/resume, eventfd and console
-/// writes, memory management by the allocator, and thread exit.
-const VCPU_SYSCALLS: &[libc::c_long] = &[
+/// What a thread does, which decides its filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// The control loop (the main thread of `cloud-hypervisor`).
+    Vmm,
+    Vcpu,
+    DeviceLoop,
+    /// The REST API server and its connection threads.
+    Api,
+    /// FT replication (sender, acks, receiver, groups) and live migration streams.
+    Replication,
+    SerialSocket,
+    /// The `tandem-witness` process.
+    Witness,
+}
+
+/// What every thread needs: memory, futexes, time, signals, its own exit, logging (the
+/// SIGSYS report writes to stderr), and `abort` on a panic (`tgkill`, `rt_sigaction`).
+const COMMON: &[libc::c_long] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_close,
     libc::SYS_exit,
     libc::SYS_exit_group,
-    libc::SYS_fcntl,
     libc::SYS_futex,
     libc::SYS_getpid,
+    libc::SYS_getrandom,
     libc::SYS_gettid,
-    libc::SYS_ioctl,
     libc::SYS_madvise,
     libc::SYS_mmap,
     libc::SYS_mprotect,
     libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_nanosleep,
-    libc::SYS_read,
     libc::SYS_restart_syscall,
     libc::SYS_rseq,
+    libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sched_yield,
-    libc::SYS_sendmsg,
-    libc::SYS_sendto,
     libc::SYS_sigaltstack,
     libc::SYS_tgkill,
     libc::SYS_write,
     libc::SYS_writev,
 ];
 
-extern "C" fn handle_sigsys(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// Starting threads (the new thread runs under its parent's filter until it installs its own).
+const SPAWN: &[libc::c_long] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    // A new thread installs its own filter under the inherited one.
+    libc::SYS_seccomp,
+    libc::SYS_set_robust_list,
+];
+
+/// Stream sockets (TCP and Unix) and waiting on them.
+const NETWORK: &[libc::c_long] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_connect,
+    libc::SYS_fcntl,
+    libc::SYS_getpeername,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_listen,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+];
+
+/// Files: images, state and log files, sockets' paths.
+const FILES: &[libc::c_long] = &[
+    libc::SYS_fallocate,
+    libc::SYS_fcntl,
+    libc::SYS_fdatasync,
+    libc::SYS_flock,
+    libc::SYS_fstat,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_lseek,
+    libc::SYS_newfstatat,
+    libc::SYS_openat,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_read,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// Event loops: epoll, eventfds, timers.
+const EVENTS: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
+    libc::SYS_read,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_timerfd_settime,
+];
+
+/// The control loop's extras: the process-wide work (KVM, TAP set-up, signals, pipes).
+const VMM_EXTRA: &[libc::c_long] = &[
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_getuid,
+    libc::SYS_ioctl,
+    libc::SYS_kill,
+    libc::SYS_memfd_create,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_pipe2,
+    libc::SYS_prlimit64,
+    libc::SYS_sysinfo,
+    libc::SYS_tkill,
+    libc::SYS_uname,
+];
+
+/// A vCPU thread: KVM ioctls, futexes for pause/resume, eventfd and console writes.
+const VCPU_EXTRA: &[libc::c_long] = &[
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+];
+
+/// The requests a socket may use `ioctl` for (`set_nonblocking`, close-on-exec).
+const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX];
+
+fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
+    match role {
+        ThreadRole::Vmm => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS, VMM_EXTRA],
+        ThreadRole::Vcpu => vec![COMMON, VCPU_EXTRA],
+        ThreadRole::DeviceLoop => vec![COMMON, EVENTS, FILES],
+        ThreadRole::Api => vec![COMMON, SPAWN, NETWORK, EVENTS],
+        ThreadRole::Replication => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS],
+        ThreadRole::SerialSocket => vec![COMMON, NETWORK],
+        ThreadRole::Witness => vec![COMMON, SPAWN, NETWORK, FILES],
+    }
+}
+
+/// `ioctl` requests a role may make, or None for any (the roles that drive KVM).
+fn ioctls(role: ThreadRole) -> Option<&'static [u64]> {
+    match role {
+        ThreadRole::Vmm | ThreadRole::Vcpu => None,
+        ThreadRole::DeviceLoop => Some(&[]),
+        ThreadRole::Api
+        | ThreadRole::Replication
+        | ThreadRole::SerialSocket
+        | ThreadRole::Witness => Some(SOCKET_IOCTLS),
+    }
+}
+
+extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     const MSG: &[u8] = b"Error: a thread made a system call its seccomp filter forbids \
-(run with --seccomp log and check the kernel log to find it)\n";
-    // SAFETY: write(2) and _exit(2) are async-signal-safe and both are in every filter.
+(run with --seccomp log and check the kernel log to find it): system call ";
+    // The kernel's siginfo for SIGSYS carries the call number as an int at offset 24
+    // (after signo, errno, code, padding and the calling address).
+    let number = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a complete siginfo_t (128 bytes) for SA_SIGINFO handlers.
+        unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(24).cast::<i32>()) }
+    };
+    let mut digits = [0u8; 12];
+    let mut at = digits.len() - 1;
+    digits[at] = b'\n';
+    let mut n = number.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 1 {
+            break;
+        }
+    }
+    if number < 0 {
+        at -= 1;
+        digits[at] = b'-';
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and both are in every filter; the
+    // buffers outlive the calls.
     unsafe {
         libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::write(2, digits[at..].as_ptr().cast(), digits.len() - at);
         libc::_exit(1);
+    }
+}
+
+static PROCESS_MODE: OnceLock<SeccompMode> = OnceLock::new();
+
+/// Sets the filtering mode of the whole process, once, before its threads start (the
+/// `--seccomp` flag); installs the SIGSYS report for [`SeccompMode::Trap`].
+pub fn set_process_mode(mode: SeccompMode) -> Result<(), SeccompError> {
+    if mode == SeccompMode::Trap {
+        vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
+            .map_err(SeccompError::SignalHandler)?;
+    }
+    let _ = PROCESS_MODE.set(mode);
+    Ok(())
+}
+
+fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::Trap => SeccompAction::Trap,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for list in syscalls(role) {
+        for &nr in list {
+            rules.insert(nr, Vec::new());
+        }
+    }
+    if let Some(allowed) = ioctls(role) {
+        let mut ioctl_rules = Vec::new();
+        for &request in allowed {
+            let request =
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                    .map_err(SeccompError::Build)?;
+            ioctl_rules.push(SeccompRule::new(vec![request]).map_err(SeccompError::Build)?);
+        }
+        if ioctl_rules.is_empty() {
+            rules.remove(&libc::SYS_ioctl);
+        } else {
+            rules.insert(libc::SYS_ioctl, ioctl_rules);
+        }
+    }
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(SeccompError::Build)?;
+    BpfProgram::try_from(filter)
+        .map(Some)
+        .map_err(SeccompError::Build)
+}
+
+/// Installs the filter of `role` on the calling thread (nothing when the process mode is
+/// off or unset). A thread that cannot install its filter must not go on.
+pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
+    let mode = PROCESS_MODE.get().copied().unwrap_or(SeccompMode::Off);
+    let Some(program) = build(role, mode)? else {
+        return Ok(());
+    };
+    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Apply { role, source })
+}
+
+/// [`apply`] for a thread body: false (and the reason logged) when the thread must not go on.
+pub fn apply_or_log(role: ThreadRole) -> bool {
+    match apply(role) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("{e}");
+            false
+        }
     }
 }
 
 /// The filter for vCPU threads, or None when filtering is off.
 pub fn vcpu_filter(mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
-    let mismatch = match mode {
-        SeccompMode::Off => return Ok(None),
-        SeccompMode::Trap => {
-            vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
-                .map_err(SeccompError::SignalHandler)?;
-            SeccompAction::Trap
-        }
-        SeccompMode::Log => SeccompAction::Log,
-    };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        VCPU_SYSCALLS.iter().map(|&nr| (nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(SeccompError::Build)?;
-    let program = BpfProgram::try_from(filter).map_err(SeccompError::Build)?;
-    Ok(Some(Arc::new(program)))
+    if mode == SeccompMode::Trap {
+        vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
+            .map_err(SeccompError::SignalHandler)?;
+    }
+    Ok(build(ThreadRole::Vcpu, mode)?.map(Arc::new))
 }

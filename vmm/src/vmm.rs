@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::config::{ConsoleOutputMode, HostResources, VmConfig};
 use crate::control::{
     ApiMessage, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
     VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
@@ -113,6 +113,9 @@ fn serial_socket(path: &Path) -> Result<SocketWriter, RunError> {
     std::thread::Builder::new()
         .name("serial-socket".into())
         .spawn(move || {
+            if !crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::SerialSocket) {
+                return;
+            }
             for stream in listener.incoming().flatten() {
                 *accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
             }
@@ -190,6 +193,8 @@ struct Incoming {
     reply: mpsc::Sender<VmmResult>,
     /// The VM being filled with the source's memory (built when its Hello arrived).
     prepared: Option<(PreparedVm, Option<SharedWriter>)>,
+    /// What this host's operator named for the arriving VM (the source's are never used).
+    resources: HostResources,
 }
 
 /// A backup's VM, built when the primary connected and kept current by the backup's receiver
@@ -684,6 +689,10 @@ impl Vmm {
             receiver,
             reply,
             prepared: None,
+            resources: HostResources {
+                disk_paths: request.disk_paths.clone(),
+                taps: request.taps.clone(),
+            },
         });
         Ok(())
     }
@@ -710,6 +719,12 @@ impl Vmm {
         &mut self,
         config: VmConfig,
     ) -> Result<crate::memory::GuestMemoryMmap, String> {
+        let resources = &self
+            .incoming
+            .as_ref()
+            .ok_or("the receive was cancelled")?
+            .resources;
+        let config = config.localize(resources).map_err(|e| e.to_string())?;
         let serial = serial_output(&config).map_err(|e| e.to_string())?;
         let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
         let options = PrepareOptions {

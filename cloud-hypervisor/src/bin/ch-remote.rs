@@ -18,7 +18,7 @@
 //! `vm.ft-status`, `vm.disable-ft`):
 //!
 //! ```text
-//! ch-remote receive-ft tcp:HOST:PORT [--disk-path PATH]... [--witness HOST:PORT]
+//! ch-remote receive-ft tcp:HOST:PORT [--disk-path PATH]... [--tap NAME]... [--witness HOST:PORT]
 //!                                     (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT] [--no-compress]
@@ -184,9 +184,30 @@ fn cli() -> Command {
                         .action(ArgAction::SetTrue)
                         .help("Same-host migration (local=on)"),
                 ),
-            "receive-migration" => command.arg(value(
-                "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
-            )),
+            "receive-migration" => command
+                .arg(value(
+                    "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
+                ))
+                .arg(
+                    Arg::new("disk-path")
+                        .long("disk-path")
+                        .value_name("PATH")
+                        .action(ArgAction::Append)
+                        .value_parser(clap::value_parser!(PathBuf))
+                        .help(
+                            "This host's image for each disk of the VM, in order (the source's \
+                             paths are never opened here)",
+                        ),
+                )
+                .arg(
+                    Arg::new("tap")
+                        .long("tap")
+                        .value_name("NAME")
+                        .action(ArgAction::Append)
+                        .help(
+                            "This host's TAP for each network interface of the VM, in order",
+                        ),
+                ),
             "enable-ft" => enable_ft_args(command),
             "receive-ft" => receive_ft_args(command),
             _ => command,
@@ -358,8 +379,19 @@ fn receive_ft_args(command: Command) -> Command {
                 .action(ArgAction::Append)
                 .value_parser(clap::value_parser!(PathBuf))
                 .help(
-                    "This host's copy of a disk (replicated mode), repeated in the order of \
-                     the VM's disks",
+                    "This host's image of each disk of the VM, in order: its own copy \
+                     (replicated mode) or the shared image as this host reaches it; the \
+                     primary's paths are never opened here",
+                ),
+        )
+        .arg(
+            Arg::new("tap")
+                .long("tap")
+                .value_name("NAME")
+                .action(ArgAction::Append)
+                .help(
+                    "This host's TAP for each network interface of the VM, in order (the \
+                     primary's TAP names are never used here)",
                 ),
         )
         .arg(
@@ -367,7 +399,10 @@ fn receive_ft_args(command: Command) -> Command {
                 .long("witness")
                 .value_name("HOST:PORT")
                 .value_parser(host_port)
-                .help("The witness's address as this host reaches it (default: the primary's)"),
+                .help(
+                    "The fencing witness as this host reaches it; required when the primary \
+                     fences with one (the primary's address is never used)",
+                ),
         )
         .arg(group_arg(
             "The backups of one FT group name the same Unix socket path on their host",
@@ -415,7 +450,7 @@ fn receive_ft_url(value: &str) -> Result<String, String> {
     let url = value.strip_prefix("receiver_url=").unwrap_or(value);
     if url.contains(',') && url.split(',').skip(1).any(|option| option.contains('=')) {
         return Err(
-            "receive-ft takes only receiver_url=...; give --disk-path and --witness as flags"
+            "receive-ft takes only receiver_url=...; give --disk-path, --tap and --witness as flags"
                 .into(),
         );
     }
@@ -454,7 +489,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
     })
 }
 
-/// `receive-ft tcp:HOST:PORT [--disk-path PATH]... [--witness HOST:PORT]`.
+/// `receive-ft tcp:HOST:PORT [--disk-path PATH]... [--tap NAME]... [--witness HOST:PORT]`.
 fn receive_ft_request(sub: &ArgMatches) -> ReceiveFtRequest {
     ReceiveFtRequest {
         receiver_url: sub
@@ -464,6 +499,10 @@ fn receive_ft_request(sub: &ArgMatches) -> ReceiveFtRequest {
         disk_paths: sub
             .get_many::<PathBuf>("disk-path")
             .map(|paths| paths.cloned().collect())
+            .unwrap_or_default(),
+        taps: sub
+            .get_many::<String>("tap")
+            .map(|taps| taps.cloned().collect())
             .unwrap_or_default(),
         witness: sub.get_one::<String>("witness").cloned(),
         group: sub.get_one::<String>("group").cloned(),
@@ -488,7 +527,18 @@ fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
         "send-migration" => {
             serde_json::to_string(&send_migration_request(value, sub.get_flag("local"))?)
         }
-        "receive-migration" => serde_json::to_string(&receive_migration_request(value)?),
+        "receive-migration" => {
+            let mut request = receive_migration_request(value)?;
+            request.disk_paths = sub
+                .get_many::<PathBuf>("disk-path")
+                .map(|paths| paths.cloned().collect())
+                .unwrap_or_default();
+            request.taps = sub
+                .get_many::<String>("tap")
+                .map(|taps| taps.cloned().collect())
+                .unwrap_or_default();
+            serde_json::to_string(&request)
+        }
         "enable-ft" => serde_json::to_string(&enable_ft_request(sub)?),
         "receive-ft" => serde_json::to_string(&receive_ft_request(sub)),
         _ => return Ok(None),
@@ -683,6 +733,8 @@ fn receive_migration_request(value: &str) -> Result<ReceiveMigrationRequest, Err
         .transpose()?;
     Ok(ReceiveMigrationRequest {
         receiver_url: url(COMMAND, value, parser.as_ref(), KEYS[0], MIGRATION_SCHEMES)?,
+        disk_paths: Vec::new(),
+        taps: Vec::new(),
     })
 }
 

@@ -80,6 +80,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The witness is reached over the network: its threads run filtered (the accept thread
+    // installs the witness filter, its connection threads inherit it).
+    if let Err(e) = vmm::seccomp::set_process_mode(vmm::SeccompMode::Trap) {
+        eprintln!("Error: tandem-witness: {e}");
+        return ExitCode::FAILURE;
+    }
     let handle = match ft::witness::spawn_server(listener, state) {
         Ok(h) => h,
         Err(e) => {

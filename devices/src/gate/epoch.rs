@@ -392,6 +392,7 @@ trait Controlled: Send + Sync {
     fn set_mode(&self, mode: GateMode) -> Result<ReleaseStats, EpochError>;
     fn mode(&self) -> GateMode;
     fn discard_uncommitted(&self) -> DiscardStats;
+    fn drain(&self) -> Result<ReleaseStats, EpochError>;
     fn last_committed(&self) -> Option<u64>;
     fn stats(&self) -> GateStats;
 }
@@ -414,6 +415,14 @@ impl<S: Sink> Controlled for Mutex<EpochCore<S>> {
     }
     fn discard_uncommitted(&self) -> DiscardStats {
         lock(self).discard_uncommitted()
+    }
+    fn drain(&self) -> Result<ReleaseStats, EpochError> {
+        let mut core = lock(self);
+        if core.mode == GateMode::PassThrough {
+            core.release_through(u64::MAX)
+        } else {
+            Ok(ReleaseStats::default())
+        }
     }
     fn last_committed(&self) -> Option<u64> {
         lock(self).committed
@@ -490,6 +499,12 @@ impl EpochControl {
     /// whose uncommitted output must never leave. The gate keeps its mode.
     pub fn discard_uncommitted(&self) -> DiscardStats {
         self.core.discard_uncommitted()
+    }
+
+    /// A gate in pass-through whose held output failed to leave when protection ended: try
+    /// again now (without waiting for the next new item). Nothing to do in hold mode.
+    pub fn drain(&self) -> Result<ReleaseStats, EpochError> {
+        self.core.drain()
     }
 
     /// The gate's counters.

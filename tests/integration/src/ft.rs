@@ -18,6 +18,27 @@ pub fn witness_addr() -> String {
     format!("{CLIENT_NET}:7200")
 }
 
+/// `receive-ft URL` with what the backup's own operator names: its image for each disk, its
+/// TAP for each interface, and the witness (the primary's are never used by a backup).
+pub fn receive_ft_args(
+    url: &str,
+    disks: &[&str],
+    taps: &[&str],
+    witness: Option<&str>,
+) -> Vec<String> {
+    let mut args = vec!["receive-ft".to_string(), url.to_string()];
+    for disk in disks {
+        args.extend(["--disk-path".to_string(), disk.to_string()]);
+    }
+    for tap in taps {
+        args.extend(["--tap".to_string(), tap.to_string()]);
+    }
+    if let Some(witness) = witness {
+        args.extend(["--witness".to_string(), witness.to_string()]);
+    }
+    args
+}
+
 pub fn ft_status(socket: &Path) -> serde_json::Value {
     let out = ch_remote(socket, &["ft-status"], None);
     if !out.status.success() {

@@ -1204,6 +1204,42 @@ macro_rules! require_netns {
     };
 }
 
+/// Each thread of process `pid`: its name and its `Seccomp:` mode (2: a filter is installed).
+pub fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        threads.push((field("Name:"), field("Seccomp:")));
+    }
+    threads
+}
+
+/// Panics naming the threads of `pid` that run without a seccomp filter.
+pub fn assert_every_thread_filtered(pid: u32, what: &str) {
+    let threads = thread_seccomp(pid);
+    assert!(
+        !threads.is_empty(),
+        "{what}: no threads found for pid {pid}"
+    );
+    let open: Vec<_> = threads.iter().filter(|(_, mode)| mode != "2").collect();
+    assert!(
+        open.is_empty(),
+        "{what}: threads without a seccomp filter: {open:?} (all: {threads:?})"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,7 +88,7 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
         .unwrap_or_else(|e| panic!("{e}"));
     let mut backup = api_vmm(TIMEOUT, "ft_backup", &hosts.b, &sock_b, &["-v"]);
     let url = format!("tcp:{HOST_B}:7100");
-    let out = ch_remote(&sock_b, &["receive-ft", &url], None);
+    let out = ch_remote(&sock_b, &["receive-ft", &url, "--tap", "tapvm"], None);
     assert!(
         out.status.success(),
         "receive-ft: {}",

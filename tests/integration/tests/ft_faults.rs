@@ -14,7 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration::ft::{start_witness, wait_status, witness_addr, Load, Rng, SeqClient};
+use integration::ft::{
+    receive_ft_args, start_witness, wait_status, witness_addr, Load, Rng, SeqClient,
+};
 use integration::{
     api_vmm, ch_remote, guest_vm_args, kvm_serial_guard, report, require_kvm, require_netns,
     test_guest, two_hosts, NetNs, TempDir, TwoHosts, Vmm, HOST_A, HOST_B,
@@ -65,6 +67,7 @@ struct Pair {
     dir: TempDir,
     kernel: String,
     disk: String,
+    image: String,
     started: u32,
 }
 
@@ -81,8 +84,17 @@ impl Pair {
             dir,
             kernel,
             disk,
+            image: image.display().to_string(),
             started: 0,
         }
+    }
+
+    /// `receive-ft URL` for the backup: the shared image, the TAP in host B's namespace, the
+    /// witness (`disk`: another image for replicated mode).
+    fn receive_ft(&self, url: &str, disk: Option<&str>) -> Vec<String> {
+        let witness = witness_addr();
+        let image = disk.unwrap_or(&self.image);
+        receive_ft_args(url, &[image], &["tapvm"], Some(&witness))
     }
 
     fn spawn(&mut self, side: Side, crash: Option<String>, boot: Option<&[&str]>) -> Node {
@@ -170,10 +182,10 @@ fn enable(primary: &Node, peer: &str, extra: &[&str]) -> Result<(), String> {
 }
 
 /// Makes `backup` the hot backup of `primary` and waits until the primary is protected.
-fn protect(primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> {
+fn protect(pair: &Pair, primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> {
     let url = format!("tcp:{}:{FT_PORT}", backup.side.addr());
     ok(
-        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
         "receive-ft",
     )?;
     let peer = format!("{}:{FT_PORT}", backup.side.addr());
@@ -182,6 +194,10 @@ fn protect(primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> 
     enable(primary, &peer, &args)?;
     wait_status(&primary.socket, "health", &["protected"], TIMEOUT)?;
     Ok(())
+}
+
+fn args(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
 }
 
 fn diagnose(nodes: &[&Node], what: &str) -> String {
@@ -206,7 +222,7 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
         "k",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=2000 ft.dirty_mib=4",
     );
-    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    protect(&pair, &primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
     load.wait_progress(20, TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -266,7 +282,7 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
             _ => None,
         };
         backup = pair.spawn(primary.side.other(), crash, None);
-        protect(&primary, &backup, &[]).unwrap_or_else(|e| {
+        protect(&pair, &primary, &backup, &[]).unwrap_or_else(|e| {
             panic!(
                 "round {round}: {e}\n{}",
                 diagnose(&[&primary, &backup], "re-protect")
@@ -312,7 +328,7 @@ fn a_cut_replication_link_leaves_exactly_one_copy_running() {
         "p",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=1000",
     );
-    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    protect(&pair, &primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let load = Load::start(SeqClient::connect(&pair.hosts.client).expect("client"));
     load.wait_progress(20, TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -360,7 +376,7 @@ fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
     // The kernel here has no netem: a proxy delays the replication link by 20 ms each way.
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
-        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
         "receive-ft",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -483,7 +499,7 @@ fn a_corrupt_stream_makes_the_backup_give_up_without_taking_over() {
     );
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
-        ch_remote(&backup.socket, &["receive-ft", &url], None),
+        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
         "receive-ft",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -532,7 +548,7 @@ fn replicated_disks_fail_over_with_the_backup_image_consistent() {
     ok(
         ch_remote(
             &backup.socket,
-            &["receive-ft", &url, "--disk-path", &backup_disk],
+            &args(&pair.receive_ft(&url, Some(&backup_disk))),
             None,
         ),
         "receive-ft",
@@ -584,7 +600,7 @@ fn a_guest_reset_is_protected_again_and_still_fails_over() {
         "rs",
         "workload=ft net.ip=192.168.249.2/24 ft.dirty_rate=500 ft.dirty_mib=4 exit=reset",
     );
-    protect(&primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
+    protect(&pair, &primary, &backup, &[]).unwrap_or_else(|e| panic!("{e}"));
     let first = wait_status(&backup.socket, "health", &["protected"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     let mut client = SeqClient::connect(&pair.hosts.client).expect("client");

@@ -86,7 +86,16 @@ fn start_group(tag: &str) -> Group {
         ok(
             ch_remote(
                 &backup_socket,
-                &["receive-ft", &url, "--group", &backup_group],
+                &[
+                    "receive-ft",
+                    &url,
+                    "--group",
+                    &backup_group,
+                    "--tap",
+                    tap,
+                    "--witness",
+                    &witness_addr(),
+                ],
                 None,
             ),
             "receive-ft",

@@ -168,7 +168,20 @@ fn guest_reads_its_own_held_writes_under_shared_disk_ft() {
 
     let backup = api_vmm(TIMEOUT, "sdr_backup", &hosts.b, &sock_b, &["-v"]);
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
-    let out = ch_remote(&sock_b, &["receive-ft", &url], None);
+    // The backup's operator names the shared image as this host reaches it, and its TAP.
+    let image_path = image.display().to_string();
+    let out = ch_remote(
+        &sock_b,
+        &[
+            "receive-ft",
+            &url,
+            "--disk-path",
+            &image_path,
+            "--tap",
+            "tapvm",
+        ],
+        None,
+    );
     ok(out, "receive-ft", &[&backup]);
     let peer = format!("{HOST_B}:{FT_PORT}");
     let enable = [
@@ -185,6 +198,9 @@ fn guest_reads_its_own_held_writes_under_shared_disk_ft() {
     let status = wait_status(&sock_a, "health", &["protected"], TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", primary.diagnose("protection")));
     assert_eq!(status["disk_mode"], "shared", "{status}");
+    // Every thread of both sides of a protected pair runs under its seccomp filter.
+    integration::assert_every_thread_filtered(primary.pid(), "protected primary");
+    integration::assert_every_thread_filtered(backup.pid(), "backup");
     let epoch0 = status["last_committed_epoch"].as_u64().unwrap_or(0);
 
     let mut control = Control::connect(&hosts.client).unwrap_or_else(|e| panic!("{e}"));

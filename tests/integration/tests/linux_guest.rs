@@ -922,7 +922,14 @@ fn linux_guest_keeps_a_tcp_connection_across_the_kill_of_its_ft_primary() {
     let backup_disk_arg = backup_disk.display().to_string();
     let out = ch_remote(
         &sock_b,
-        &["receive-ft", &url, "--disk-path", &backup_disk_arg],
+        &[
+            "receive-ft",
+            &url,
+            "--disk-path",
+            &backup_disk_arg,
+            "--tap",
+            TAP,
+        ],
         None,
     );
     assert!(

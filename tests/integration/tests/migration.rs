@@ -25,11 +25,13 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 const GUEST_MAC: &str = "12:34:56:78:9a:bc";
 
 /// Starts `ch-remote receive-migration` in the background (it returns when the VM arrived).
-fn receive_in_background(socket: &Path, url: &str) -> std::process::Child {
+/// `extra`: what the destination's operator names for the VM (`--disk-path`, `--tap`).
+fn receive_in_background(socket: &Path, url: &str, extra: &[&str]) -> std::process::Child {
     Command::new(ch_remote_binary())
         .arg("--api-socket")
         .arg(socket)
         .args(["receive-migration", url])
+        .args(extra)
         .spawn()
         .expect("start ch-remote receive-migration")
 }
@@ -85,7 +87,12 @@ fn tcp_connection_survives_live_migration_between_two_hosts() {
         .wait_for("NET ready", TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     let mut destination = api_vmm(TIMEOUT, "migration_destination", &hosts.b, &sock_b, &[]);
-    let mut receiver = receive_in_background(&sock_b, "tcp:10.77.0.2:6000");
+    let image_path = image.display().to_string();
+    let mut receiver = receive_in_background(
+        &sock_b,
+        "tcp:10.77.0.2:6000",
+        &["--disk-path", &image_path, "--tap", "tapvm"],
+    );
 
     // A connection from the client namespace, used before, during and after the move.
     let stream = hosts
@@ -207,7 +214,7 @@ fn busy_guest_memory_is_intact_after_migration_over_a_unix_socket() {
     wait_for_api_socket(&mut destination, &sock_b, TIMEOUT);
     let link = dir.join("migration.sock");
     let url = format!("unix:{}", link.display());
-    let mut receiver = receive_in_background(&sock_b, &url);
+    let mut receiver = receive_in_background(&sock_b, &url, &[]);
     let deadline = Instant::now() + TIMEOUT;
     while !link.exists() {
         assert!(Instant::now() < deadline, "the receiver never listened");
@@ -475,7 +482,7 @@ fn silent_migration_source_does_not_block_the_destination() {
         .unwrap_or_else(|e| panic!("{e}"));
     let link = dir.join("real.sock");
     let url = format!("unix:{}", link.display());
-    let mut receiver = receive_in_background(&sock_b, &url);
+    let mut receiver = receive_in_background(&sock_b, &url, &[]);
     let deadline = Instant::now() + TIMEOUT;
     while !link.exists() {
         assert!(Instant::now() < deadline, "the receiver never listened");

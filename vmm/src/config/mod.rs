@@ -13,7 +13,9 @@
 use std::path::PathBuf;
 
 mod devices;
+mod localize;
 pub use devices::*;
+pub use localize::{HostResources, LocalizeError};
 
 use log::info;
 use serde::{Deserialize, Serialize};

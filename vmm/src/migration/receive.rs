@@ -106,7 +106,11 @@ impl IncomingMigration {
         };
         std::thread::Builder::new()
             .name("migration-rx".into())
-            .spawn(move || thread.run(listener))
+            .spawn(move || {
+                if crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::Replication) {
+                    thread.run(listener)
+                }
+            })
             .map_err(ReceiveError::Spawn)?;
         Ok(Self {
             url: url.to_string(),

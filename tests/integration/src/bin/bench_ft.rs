@@ -481,6 +481,8 @@ struct Node {
     vmm: Vmm,
     socket: PathBuf,
     side: Side,
+    /// The guest's TAP (a primary's); its backup's operator names the same TAP on its host.
+    tap: Option<String>,
 }
 
 impl Node {
@@ -540,7 +542,12 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(Node { vmm, socket, side })
+        Ok(Node {
+            vmm,
+            socket,
+            side,
+            tap: None,
+        })
     }
 
     /// Forgets where the guest's MAC was: a new VM on host A after one on host B (a takeover)
@@ -593,6 +600,7 @@ impl Lab {
         node.vmm
             .wait_for("ft: ready", STEP_TIMEOUT)
             .map_err(|e| e.to_string())?;
+        node.tap = Some(tap.to_string());
         Ok(node)
     }
 
@@ -617,6 +625,9 @@ impl Lab {
         let backup = self.spawn_vmm("backup", backup_side, &[])?;
         let listen = format!("tcp:{}:{port}", backup_side.addr());
         let mut receive = vec!["receive-ft", listen.as_str()];
+        if let Some(tap) = &primary.tap {
+            receive.extend(["--tap", tap.as_str()]);
+        }
         if let Some(g) = group {
             receive.extend(["--group", g.backups.as_str()]);
         }
