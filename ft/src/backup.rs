@@ -1084,3 +1084,41 @@ fn take_over(
     shared.status().last_error = Some(reason.to_string());
     Ok(BackupEvent::TakeOver { state, epoch })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A primary that streams an epoch without end (frames, no EpochEnd) is cut off at the
+    /// bound instead of growing this host's memory (one guest's RAM plus disk writes and
+    /// state per epoch).
+    #[test]
+    fn an_epoch_is_bounded_by_guest_ram_disk_writes_and_state() {
+        let memory = vmm::memory::create(32 << 20).unwrap();
+        let limit = epoch_limit(&memory);
+        assert!(
+            limit > 32 << 20 && limit < (32 << 20) + (512 << 20),
+            "{limit}"
+        );
+        let mut pending = PendingEpoch::default();
+        let frame = 16 << 20;
+        let mut sent = 0u64;
+        let err = loop {
+            match pending.account(frame, limit) {
+                Ok(()) => sent += frame as u64,
+                Err(e) => break e,
+            }
+            assert!(
+                sent <= limit,
+                "accepted {sent} bytes past the limit {limit}"
+            );
+        };
+        assert!(err.contains("more than"), "{err}");
+        // Nothing overflows, whatever a peer claims.
+        let mut pending = PendingEpoch {
+            bytes: u64::MAX - 1,
+            ..PendingEpoch::default()
+        };
+        assert!(pending.account(usize::MAX, limit).is_err());
+    }
+}

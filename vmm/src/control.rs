@@ -100,11 +100,12 @@ pub struct ReceiveMigrationRequest {
     /// `tcp:ADDR:PORT` (listen) or `unix:/path`
     pub receiver_url: String,
     /// This host's image for each disk of the arriving VM, in order (Tandem's extension: the
-    /// source's paths are never opened here).
-    #[serde(default)]
+    /// source's paths are never opened here). Left out of the body when empty, so that the
+    /// body stays Cloud Hypervisor's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_paths: Vec<std::path::PathBuf>,
     /// This host's TAP for each network interface of the arriving VM, in order.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taps: Vec<String>,
 }
 

@@ -1034,6 +1034,18 @@ mod tests {
         assert!(error(&["receive-migration", "receiver_url=unix:/m,x=1"])
             .contains("unknown option \"x\""));
         assert!(error(&["receive-migration", "--local", "unix:/m"]).contains("--local"));
+        assert_eq!(
+            body(&[
+                "receive-migration",
+                "tcp:0.0.0.0:6000",
+                "--disk-path",
+                "/srv/b.img",
+                "--tap",
+                "tap0",
+            ]),
+            serde_json::json!({"receiver_url": "tcp:0.0.0.0:6000", "disk_paths": ["/srv/b.img"],
+                "taps": ["tap0"]})
+        );
     }
 
     /// The one line ch-remote prints for a command line clap refuses.
@@ -1165,8 +1177,8 @@ mod tests {
     fn receive_ft_forms() {
         assert_eq!(
             body(&["receive-ft", "tcp:0.0.0.0:7000"]),
-            serde_json::json!({"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "witness": null,
-                "group": null})
+            serde_json::json!({"receiver_url": "tcp:0.0.0.0:7000", "disk_paths": [], "taps": [],
+                "witness": null, "group": null})
         );
         assert_eq!(
             body(&[
@@ -1179,9 +1191,11 @@ mod tests {
                 "--disk-path=/var/b/disk 1.img",
                 "--group",
                 "/run/tandem/web-b.sock",
+                "--tap",
+                "tap0",
             ]),
             serde_json::json!({"receiver_url": "tcp:[::]:7000",
-                "disk_paths": ["/var/b/disk0.img", "/var/b/disk 1.img"],
+                "disk_paths": ["/var/b/disk0.img", "/var/b/disk 1.img"], "taps": ["tap0"],
                 "witness": "w.example:7100", "group": "/run/tandem/web-b.sock"})
         );
         let cases = [
@@ -1203,7 +1217,7 @@ mod tests {
             ),
             (
                 vec!["receive-ft", "receiver_url=tcp:0.0.0.0:7000,witness=w:1"],
-                "receive-ft takes only receiver_url=...; give --disk-path and --witness as flags",
+                "receive-ft takes only receiver_url=...; give --disk-path, --tap and --witness as flags",
             ),
             (
                 vec!["receive-ft", "tcp:0.0.0.0:7000", "--witness", "w"],

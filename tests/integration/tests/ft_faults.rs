@@ -90,11 +90,12 @@ impl Pair {
     }
 
     /// `receive-ft URL` for the backup: the shared image, the TAP in host B's namespace, the
-    /// witness (`disk`: another image for replicated mode).
-    fn receive_ft(&self, url: &str, disk: Option<&str>) -> Vec<String> {
-        let witness = witness_addr();
+    /// witness (`disk`: another image for replicated mode; no witness where the primary has
+    /// none).
+    fn receive_ft(&self, url: &str, disk: Option<&str>, witness: bool) -> Vec<String> {
+        let witness = witness.then(witness_addr);
         let image = disk.unwrap_or(&self.image);
-        receive_ft_args(url, &[image], &["tapvm"], Some(&witness))
+        receive_ft_args(url, &[image], &["tapvm"], witness.as_deref())
     }
 
     fn spawn(&mut self, side: Side, crash: Option<String>, boot: Option<&[&str]>) -> Node {
@@ -185,7 +186,11 @@ fn enable(primary: &Node, peer: &str, extra: &[&str]) -> Result<(), String> {
 fn protect(pair: &Pair, primary: &Node, backup: &Node, extra: &[&str]) -> Result<(), String> {
     let url = format!("tcp:{}:{FT_PORT}", backup.side.addr());
     ok(
-        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
+        ch_remote(
+            &backup.socket,
+            &args(&pair.receive_ft(&url, None, true)),
+            None,
+        ),
         "receive-ft",
     )?;
     let peer = format!("{}:{FT_PORT}", backup.side.addr());
@@ -376,7 +381,11 @@ fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
     // The kernel here has no netem: a proxy delays the replication link by 20 ms each way.
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
-        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
+        ch_remote(
+            &backup.socket,
+            &args(&pair.receive_ft(&url, None, true)),
+            None,
+        ),
         "receive-ft",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -499,7 +508,11 @@ fn a_corrupt_stream_makes_the_backup_give_up_without_taking_over() {
     );
     let url = format!("tcp:{HOST_B}:{FT_PORT}");
     ok(
-        ch_remote(&backup.socket, &args(&pair.receive_ft(&url, None)), None),
+        ch_remote(
+            &backup.socket,
+            &args(&pair.receive_ft(&url, None, true)),
+            None,
+        ),
         "receive-ft",
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -548,7 +561,7 @@ fn replicated_disks_fail_over_with_the_backup_image_consistent() {
     ok(
         ch_remote(
             &backup.socket,
-            &args(&pair.receive_ft(&url, Some(&backup_disk))),
+            &args(&pair.receive_ft(&url, Some(&backup_disk), false)),
             None,
         ),
         "receive-ft",
