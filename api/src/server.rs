@@ -1,6 +1,8 @@
 //! The server: an accept thread (`http-server`) and one thread per connection (`http-conn`),
 //! at most [`ServerOptions::max_connections`] at a time. A connection that stalls only ties up
-//! its own thread, and its read timeout ends it. Requests on one connection are answered in
+//! its own thread, and its read timeout ends it; one that trickles a request in byte by byte
+//! is ended by the whole-request deadline ([`ServerOptions::request_timeout`]). The socket
+//! file is created with mode 0600 ([`bind`]). Requests on one connection are answered in
 //! order (keep-alive and pipelining), each by a blocking [`Backend::call`] to the control loop.
 //!
 //! Reads go through `recvmsg(2)` with room for `SCM_RIGHTS` ancillary data, so that endpoints
@@ -39,6 +41,10 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// How long one request (head and body) may take to arrive, from its first byte. A
+    /// client trickling bytes slowly (slow-loris) is never silent for `read_timeout`, so
+    /// this bound is what keeps it from holding a connection slot for ever.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -47,6 +53,7 @@ impl Default for ServerOptions {
             read_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 64,
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,7 +84,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         Ok(_) => return Err(BindError::NotASocket { path: shown() }),
         Err(_) => {}
     }
-    UnixListener::bind(path).map_err(|source| BindError::Bind {
+    // Mode 0600 from the start: anyone who can connect can drive the VMM.
+    vmm::unix_socket::bind_owner_only(path).map_err(|source| BindError::Bind {
         path: shown(),
         source,
     })
@@ -243,7 +251,8 @@ fn accept_loop(
             .name("http-conn".into())
             .spawn(move || {
                 let _slot = guard;
-                let mut transport = SocketTransport::new(stream);
+                let mut transport =
+                    SocketTransport::new(stream).with_request_timeout(options.request_timeout);
                 serve_connection(&mut transport, backend.as_ref(), &busy);
             });
         if let Err(e) = spawned {
@@ -268,6 +277,12 @@ pub trait Transport {
     /// or `TimedOut`.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     fn send(&mut self, data: &[u8]) -> io::Result<()>;
+    /// The first byte of a request has arrived: its whole-request deadline starts, if the
+    /// transport has one. Called again while the request is incomplete; only the first call
+    /// of a request counts.
+    fn request_begun(&mut self) {}
+    /// The request was read in full: no deadline until the next one begins.
+    fn request_read(&mut self) {}
 }
 
 /// Room for this many descriptors in one message's ancillary data.
@@ -276,11 +291,51 @@ const MAX_FDS: usize = 16;
 /// A connected client socket read with `recvmsg`.
 pub struct SocketTransport {
     stream: UnixStream,
+    /// The per-read timeout set on the stream when it was handed over.
+    read_timeout: Option<Duration>,
+    /// How long a request may take to arrive from its first byte (None: no bound).
+    request_timeout: Option<Duration>,
+    /// When the request being read must be complete.
+    deadline: Option<Instant>,
+    /// The read timeout currently set on the socket, to skip redundant `setsockopt` calls.
+    applied: Option<Duration>,
 }
 
 impl SocketTransport {
     pub fn new(stream: UnixStream) -> Self {
-        Self { stream }
+        let read_timeout = stream.read_timeout().ok().flatten();
+        Self {
+            stream,
+            read_timeout,
+            request_timeout: None,
+            deadline: None,
+            applied: read_timeout,
+        }
+    }
+
+    /// Bounds the time a whole request (head and body) may take to arrive.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// Shortens the socket's read timeout so that no read waits past the request deadline.
+    fn arm_timeout(&mut self) -> io::Result<()> {
+        let wanted = match self.deadline {
+            None => self.read_timeout,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                Some(self.read_timeout.map_or(left, |t| t.min(left)))
+            }
+        };
+        if wanted != self.applied {
+            self.stream.set_read_timeout(wanted)?;
+            self.applied = wanted;
+        }
+        Ok(())
     }
 
     /// Reads bytes and any descriptors passed with them (`SCM_RIGHTS`).
@@ -337,6 +392,7 @@ impl SocketTransport {
 
 impl Transport for SocketTransport {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm_timeout()?;
         let (n, fds) = self.recv_with_fds(buf)?;
         if !fds.is_empty() {
             // No endpoint takes descriptors yet; dropping them closes them.
@@ -351,16 +407,33 @@ impl Transport for SocketTransport {
     fn send(&mut self, data: &[u8]) -> io::Result<()> {
         self.stream.write_all(data)
     }
+
+    fn request_begun(&mut self) {
+        if self.deadline.is_none() {
+            // A timeout too large to add is no bound at all.
+            self.deadline = self
+                .request_timeout
+                .and_then(|t| Instant::now().checked_add(t));
+        }
+    }
+
+    fn request_read(&mut self) {
+        self.deadline = None;
+    }
 }
 
 /// Serves requests on one connection until the client closes it, asks to, stalls past the
-/// read timeout, or sends something that breaks the framing.
+/// read timeout or the transport's request deadline, or sends something that breaks the
+/// framing.
 pub fn serve_connection(transport: &mut dyn Transport, backend: &dyn Backend, busy: &AtomicUsize) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
         // 1. A complete head.
         let (head, head_len) = loop {
+            if !buf.is_empty() {
+                transport.request_begun();
+            }
             match http::parse_head(&buf) {
                 Ok(Parsed::Complete { head, head_len }) => break (head, head_len),
                 Ok(Parsed::Incomplete) => {}
@@ -397,6 +470,7 @@ pub fn serve_connection(transport: &mut dyn Transport, backend: &dyn Backend, bu
                 }
             }
         }
+        transport.request_read();
         // 3. The answer. `busy` covers the call and the write, so the VMM can wait for the
         // answer to `vmm.shutdown` to leave before it exits.
         busy.fetch_add(1, Ordering::AcqRel);

@@ -611,3 +611,59 @@ fn inherited_listener_fd() {
     let e = api::listener_from_fd(devnull.as_raw_fd()).unwrap_err();
     assert!(e.to_string().contains("not a socket"), "{e}");
 }
+
+#[test]
+fn socket_is_private_whatever_the_umask() {
+    let path = socket_path("mode");
+    // SAFETY: umask only swaps this process's file-creation mask; it touches no memory.
+    let old = unsafe { libc::umask(0) };
+    let bound = api::bind(&path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let _listener = bound.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "API socket mode {mode:o}");
+}
+
+#[test]
+fn slow_loris_clients_are_cut_off_by_the_request_deadline() {
+    let path = socket_path("slowloris");
+    let listener = api::bind(&path).unwrap();
+    let fake = fake_control_loop();
+    let options = ServerOptions {
+        read_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    api::spawn_server(listener, Arc::new(fake.sender.clone()), options).unwrap();
+
+    // One byte every 100 ms: never silent long enough for the per-read timeout.
+    let slow = connect(&path);
+    let mut writer = slow.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut bytes = b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Slow: ".iter().copied();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            let b = bytes.next().unwrap_or(b'a');
+            if writer.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // A normal client is served meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = client::request(&path, "GET", "vmm.ping", None).unwrap();
+    assert_eq!(r.status, 200);
+
+    let started = Instant::now();
+    let mut slow = slow;
+    let r = read_response(&mut slow).expect("the slow client got no answer");
+    assert_eq!(r.status, 408);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+}

@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,7 +188,8 @@ fn connect_or_bind(path: &Path) -> Result<(UnixStream, Option<UnixListener>), Gr
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(socket_err(e)),
         }
-        match UnixListener::bind(path) {
+        // 0600: only this user's VMMs may join (`Hub::start` also checks each peer's uid).
+        match vmm::unix_socket::bind_owner_only(path) {
             Ok(listener) => {
                 let stream = UnixStream::connect(path).map_err(socket_err)?;
                 return Ok((stream, Some(listener)));
@@ -201,6 +203,29 @@ fn connect_or_bind(path: &Path) -> Result<(UnixStream, Option<UnixListener>), Gr
         path: path.display().to_string(),
         message: "neither a coordinator to join nor a path to create one at".into(),
     })
+}
+
+/// The effective uid of the process at the other end of `stream`, as the kernel recorded it
+/// when the connection was made (`SO_PEERCRED`).
+fn peer_uid(stream: &UnixStream) -> std::io::Result<libc::uid_t> {
+    // SAFETY: an all-zero `ucred` is a valid value of this plain C struct.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own; the descriptor
+    // is borrowed from a live stream.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// What a coordinator's connection threads report.
@@ -236,9 +261,28 @@ impl<M: DeserializeOwned + Send + 'static> Hub<M> {
                 if !vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
                     return;
                 }
+                // SAFETY: geteuid only reads the process's credentials.
+                let own_uid = unsafe { libc::geteuid() };
                 while !accept_stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            // A member of the group can make every VM in it cut, fail or
+                            // freeze: only processes of the same user may take part, even if
+                            // the socket's mode was loosened.
+                            match peer_uid(&stream) {
+                                Ok(uid) if uid == own_uid => {}
+                                Ok(uid) => {
+                                    log::warn!(
+                                        "FT group: refusing a connection from uid {uid} \
+                                         (this VMM runs as uid {own_uid})"
+                                    );
+                                    continue;
+                                }
+                                Err(e) => {
+                                    log::warn!("FT group: refusing a connection: SO_PEERCRED: {e}");
+                                    continue;
+                                }
+                            }
                             if stream.set_nonblocking(false).is_ok()
                                 && accept_tx.send(Event::Connected(stream)).is_err()
                             {
@@ -1159,6 +1203,93 @@ mod tests {
             drop(d);
             let _ = LineReader::new(c).next::<BackupMsg>();
         }
+    }
+
+    #[test]
+    fn the_group_socket_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, path) = socket_path("mode");
+        // SAFETY: umask only swaps this process's file-creation mask; it touches no memory.
+        let old = unsafe { libc::umask(0) };
+        let bound = connect_or_bind(Path::new(&path));
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let (_stream, listener) = bound.unwrap();
+        assert!(listener.is_some());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "group socket mode {mode:o}");
+    }
+
+    #[test]
+    fn peers_of_this_user_are_recognised() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        // SAFETY: geteuid only reads the process's credentials.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(peer_uid(&a).unwrap(), me);
+    }
+
+    /// Only as root (which can take another uid): a process of another user that reaches the
+    /// socket despite its mode is dropped at once.
+    #[test]
+    fn peers_of_another_user_are_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid only reads the process's credentials.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let (_dir, path) = socket_path("peer");
+        let _member = BackupMember::join(&path).unwrap();
+        // As if an operator had loosened the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Everything the child needs is prepared before fork: it makes raw calls only.
+        // SAFETY: an all-zero sockaddr_un is a valid value of this plain C struct.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: the child only makes async-signal-safe system calls on memory prepared
+        // above and leaves with _exit; the parent waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: raw system calls on the child's own copies of `addr` and `timeout`.
+            unsafe {
+                if libc::setuid(65534) != 0 {
+                    libc::_exit(3);
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if fd < 0 || libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                {
+                    libc::_exit(4);
+                }
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                let mut byte = 0u8;
+                // 0: the coordinator closed the connection; -1 (timeout): it kept it.
+                let n = libc::read(fd, (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(if n == 0 { 0 } else { 2 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above; writes only `status`.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "the other user's connection was kept"
+        );
     }
 
     #[test]

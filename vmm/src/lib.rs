@@ -9,6 +9,7 @@ pub mod fault_tolerance;
 pub mod memory;
 pub mod migration;
 pub mod seccomp;
+pub mod unix_socket;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

@@ -117,6 +117,8 @@ const NETWORK: &[libc::c_long] = &[
     libc::SYS_bind,
     libc::SYS_connect,
     libc::SYS_fcntl,
+    // Peer credential checks (FT group): compare SO_PEERCRED with our own uid.
+    libc::SYS_geteuid,
     libc::SYS_getpeername,
     libc::SYS_getsockname,
     libc::SYS_getsockopt,
@@ -137,8 +139,11 @@ const NETWORK: &[libc::c_long] = &[
 
 /// Files: images, state and log files, sockets' paths.
 const FILES: &[libc::c_long] = &[
+    // `unix_socket::bind_owner_only` (API, FT group sockets): umask around bind, then chmod.
+    libc::SYS_chmod,
     libc::SYS_fallocate,
     libc::SYS_fcntl,
+    libc::SYS_fchmodat,
     libc::SYS_fdatasync,
     libc::SYS_flock,
     libc::SYS_fstat,
@@ -157,6 +162,7 @@ const FILES: &[libc::c_long] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_statx,
+    libc::SYS_umask,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
 ];

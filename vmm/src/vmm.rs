@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -81,17 +81,67 @@ impl Write for SharedWriter {
     }
 }
 
+/// The console client connected to a serial socket.
+struct SerialClient {
+    stream: UnixStream,
+    /// Output dropped because the client did not read it fast enough.
+    dropped: u64,
+}
+
+impl SerialClient {
+    /// Makes the stream non-blocking: the vCPU thread writes to it and must never wait for a
+    /// client that stopped reading.
+    fn new(stream: UnixStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self { stream, dropped: 0 })
+    }
+
+    /// Writes what the socket takes now and drops the rest. Err on a permanent error.
+    fn write_or_drop(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            match self.stream.write(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.dropped == 0 {
+                        log::warn!("serial socket: the client is not reading; dropping output");
+                    }
+                    self.dropped += rest.len() as u64;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SerialClient {
+    fn drop(&mut self) {
+        if self.dropped > 0 {
+            log::info!(
+                "serial socket: {} bytes of output were dropped for a slow client",
+                self.dropped
+            );
+        }
+    }
+}
+
 /// Serial output to whichever client is connected to the socket; output with no client
 /// connected is dropped, as on a real serial line.
 struct SocketWriter {
-    client: Arc<Mutex<Option<UnixStream>>>,
+    client: Arc<Mutex<Option<SerialClient>>>,
 }
 
 impl Write for SocketWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stream) = client.as_mut() {
-            if stream.write_all(buf).is_err() {
+        if let Some(c) = client.as_mut() {
+            if let Err(e) = c.write_or_drop(buf) {
+                // Gone (or broken): forget it so that a new client can connect.
+                log::info!("serial socket: dropping the client: {e}");
                 *client = None;
             }
         }
@@ -102,12 +152,58 @@ impl Write for SocketWriter {
     }
 }
 
+/// Default bound of `--serial file=` output.
+const SERIAL_FILE_CAP: u64 = 64 << 20;
+
+/// A writer that stops writing after `cap` bytes, so that a guest printing without end
+/// cannot fill the host's disk. Output beyond the cap is reported written and dropped.
+struct CappedWriter<W> {
+    inner: W,
+    written: u64,
+    cap: u64,
+}
+
+impl<W: Write> CappedWriter<W> {
+    fn new(inner: W, cap: u64) -> Self {
+        Self {
+            inner,
+            written: 0,
+            cap,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.cap.saturating_sub(self.written);
+        if room == 0 {
+            return Ok(buf.len());
+        }
+        let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.write(&buf[..take])?;
+        self.written += n as u64;
+        if self.written >= self.cap {
+            log::warn!(
+                "serial output reached its cap of {} bytes; further output is dropped",
+                self.cap
+            );
+            // Whatever of `buf` is beyond the cap is dropped, not retried.
+            return Ok(buf.len());
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn serial_socket(path: &Path) -> Result<SocketWriter, RunError> {
     let err = |source| RunError::SerialSocket {
         path: path.to_path_buf(),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(err)?;
+    // The console carries the guest's output and input: only this user may connect.
+    let listener = crate::unix_socket::bind_owner_only(path).map_err(err)?;
     let client = Arc::new(Mutex::new(None));
     let accepted = client.clone();
     std::thread::Builder::new()
@@ -117,7 +213,10 @@ fn serial_socket(path: &Path) -> Result<SocketWriter, RunError> {
                 return;
             }
             for stream in listener.incoming().flatten() {
-                *accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                match SerialClient::new(stream) {
+                    Ok(c) => *accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
+                    Err(e) => log::warn!("serial socket: cannot take a client: {e}"),
+                }
             }
         })
         .map_err(err)?;
@@ -138,7 +237,7 @@ fn serial_output(config: &VmConfig) -> Result<Option<SharedWriter>, RunError> {
                 .truncate(true)
                 .open(&path)
                 .map_err(|source| RunError::SerialFile { path, source })?;
-            Box::new(file)
+            Box::new(CappedWriter::new(file, SERIAL_FILE_CAP))
         }
         ConsoleOutputMode::Socket => {
             let path = serial.socket.clone().unwrap_or_default();
@@ -1168,5 +1267,59 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
             vmm.emit("vmm", "shutdown");
             return Ok(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_serial_socket_client_that_never_reads_does_not_block_writes() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = Arc::new(Mutex::new(Some(SerialClient::new(ours).unwrap())));
+        let mut writer = SocketWriter {
+            client: client.clone(),
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            for _ in 0..(10 << 20) / 4096 {
+                writer.write_all(&[b'x'; 4096]).unwrap();
+            }
+            let _ = tx.send(started.elapsed());
+        });
+        let took = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("10 MiB of serial output blocked on a client that does not read");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        let guard = client.lock().unwrap();
+        let kept = guard.as_ref().expect("a slow client is kept");
+        assert!(kept.dropped > 0);
+        drop(guard);
+        drop(theirs);
+    }
+
+    #[test]
+    fn a_serial_socket_client_that_went_away_is_dropped() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = Arc::new(Mutex::new(Some(SerialClient::new(ours).unwrap())));
+        let mut writer = SocketWriter {
+            client: client.clone(),
+        };
+        drop(theirs);
+        assert_eq!(writer.write(b"hello").unwrap(), 5);
+        assert!(client.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn serial_file_output_stops_at_the_cap() {
+        let mut w = CappedWriter::new(Vec::new(), 10);
+        assert_eq!(w.write(b"0123456").unwrap(), 7);
+        // Beyond the cap output is dropped, yet reported written so the guest never stalls.
+        assert_eq!(w.write(b"789abc").unwrap(), 6);
+        assert_eq!(w.write(b"more").unwrap(), 4);
+        w.flush().unwrap();
+        assert_eq!(w.inner, b"0123456789");
     }
 }
