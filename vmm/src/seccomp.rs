@@ -318,11 +318,28 @@ fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, Secc
 /// Installs the filter of `role` on the calling thread (nothing when the process mode is
 /// off or unset). A thread that cannot install its filter must not go on.
 pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
-    let mode = PROCESS_MODE.get().copied().unwrap_or(SeccompMode::Off);
-    let Some(program) = build(role, mode)? else {
+    let Some(&mode) = PROCESS_MODE.get() else {
+        return Ok(());
+    };
+    let Some(program) = compiled(role, mode)? else {
         return Ok(());
     };
     seccompiler::apply_filter(&program).map_err(|source| SeccompError::Apply { role, source })
+}
+
+/// Each role's filter, compiled once: the process mode is set once, and the device loop
+/// starts anew at every epoch boundary, where compiling its filter again would lengthen the
+/// checkpoint's tail.
+static COMPILED: [OnceLock<Option<Arc<BpfProgram>>>; ROLES] = [const { OnceLock::new() }; ROLES];
+const ROLES: usize = 7;
+
+fn compiled(role: ThreadRole, mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+    let slot = &COMPILED[role as usize];
+    if let Some(program) = slot.get() {
+        return Ok(program.clone());
+    }
+    let program = build(role, mode)?.map(Arc::new);
+    Ok(slot.get_or_init(|| program).clone())
 }
 
 /// [`apply`] for a thread body: false (and the reason logged) when the thread must not go on.

@@ -622,7 +622,9 @@ impl Lab {
             port + 1
         };
         let backup_side = primary.side.other();
-        let backup = self.spawn_vmm("backup", backup_side, &[])?;
+        let mut backup = self.spawn_vmm("backup", backup_side, &[])?;
+        // After a takeover the backup is the primary, protected in turn on the same TAP.
+        backup.tap = primary.tap.clone();
         let listen = format!("tcp:{}:{port}", backup_side.addr());
         let mut receive = vec!["receive-ft", listen.as_str()];
         if let Some(tap) = &primary.tap {
