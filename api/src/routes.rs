@@ -332,15 +332,15 @@ mod tests {
             [
                 r#"Snapshot(SnapshotRequest { destination_url: "file:///tmp/snap" })"#,
                 r#"Restore(RestoreRequest { source_url: "file:///tmp/snap", prefault: true, resume: false })"#,
-                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:10.0.0.2:6000", local: false, downtime_ms: 100 })"#,
-                r#"ReceiveMigration(ReceiveMigrationRequest { receiver_url: "unix:/tmp/mig.sock", disk_paths: [], taps: [] })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:10.0.0.2:6000", local: false, downtime_ms: 100, tls_dir: None, insecure_plaintext: false })"#,
+                r#"ReceiveMigration(ReceiveMigrationRequest { receiver_url: "unix:/tmp/mig.sock", disk_paths: [], taps: [], tls_dir: None, insecure_plaintext: false })"#,
             ]
         );
         assert_eq!(
             seen[16..],
             [
-                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), compress: false, group: Some("/run/web.sock") })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], taps: [], witness: Some("10.0.0.3:7100"), group: None })"#,
+                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], taps: [], witness: Some("10.0.0.3:7100"), fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 "FtStatus",
                 "DisableFt",
             ]
@@ -400,8 +400,8 @@ mod tests {
             [
                 r#"Restore(RestoreRequest { source_url: "file:///s", prefault: false, resume: false })"#,
                 r#"Restore(RestoreRequest { source_url: "file:///s", prefault: false, resume: true })"#,
-                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:h:1", local: false, downtime_ms: 300 })"#,
-                r#"SendMigration(SendMigrationRequest { destination_url: "unix:/m", local: true, downtime_ms: 50 })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "tcp:h:1", local: false, downtime_ms: 300, tls_dir: None, insecure_plaintext: false })"#,
+                r#"SendMigration(SendMigrationRequest { destination_url: "unix:/m", local: true, downtime_ms: 50, tls_dir: None, insecure_plaintext: false })"#,
             ]
         );
     }
@@ -554,10 +554,10 @@ mod tests {
         assert_eq!(
             *seen,
             [
-                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true, group: None })"#,
-                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, compress: true, group: None })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], taps: [], witness: None, group: None })"#,
-                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], taps: [], witness: None, group: None })"#,
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
             ]
         );
     }

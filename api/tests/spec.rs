@@ -117,15 +117,22 @@ fn ft_schemas_match_serde() {
         disk_mode: FtDiskMode::Replicated,
         heartbeat_timeout_ms: None,
         witness: None,
+        fencing: Some("etcd://e:2379".into()),
         compress: true,
         group: Some("/run/web.sock".into()),
+        // Fields left out at their defaults are set so that every one is compared.
+        tls_dir: Some("/etc/tandem/tls".into()),
+        insecure_plaintext: true,
     };
     let receive = ReceiveFtRequest {
         receiver_url: "tcp:0.0.0.0:1".into(),
         disk_paths: vec![],
         taps: vec![],
         witness: None,
+        fencing: Some("etcd://e:2379".into()),
         group: None,
+        tls_dir: Some("/etc/tandem/tls".into()),
+        insecure_plaintext: true,
     };
     let status = FtStatus::default();
     for (name, value) in [

@@ -37,10 +37,13 @@ use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk_sync::ReplicaSet;
+use crate::etcd_fence::LeaseHold;
 use crate::fence;
+use crate::fence::Fencing;
 use crate::group::BackupMember;
 use crate::link::FtStream;
 use crate::wire::{decode_disk_writes, Control, DiskWrite};
+use transport::Security;
 
 /// How long the backup waits for Hello and Params once a primary has connected, and for the
 /// control loop to prepare the standby VM.
@@ -59,6 +62,13 @@ struct Shared {
     /// The group's coordinator told this member to stop receiving (another member's primary
     /// was lost).
     frozen: AtomicBool,
+    /// The operator's TLS credentials (or plaintext opt-out) for the primary's and the
+    /// witness's channels; `None` for an in-process link without a witness.
+    security: Option<Security>,
+    /// How this backup decides it may take over: its own operator's choice.
+    fencing: Fencing,
+    /// On etcd, the pair's key this side won at takeover: kept alive while it runs the VM.
+    taken: Mutex<Option<LeaseHold>>,
 }
 
 impl Shared {
@@ -89,6 +99,13 @@ impl Backup {
                 request.receiver_url
             )));
         };
+        let security = Security::choose(
+            request.tls_dir.as_deref(),
+            request.insecure_plaintext,
+            "FT replication",
+        )
+        .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        let fencing = operator_fencing(request, Some(&security))?;
         let listener = TcpListener::bind(&addr).map_err(|e| VmmError::Failed {
             action: "receive-ft",
             message: format!("cannot listen on {addr}: {e}"),
@@ -99,8 +116,17 @@ impl Backup {
                 action: "receive-ft",
                 message: format!("socket option: {e}"),
             })?;
-        log::info!("FT: waiting for a primary on {addr}");
-        Self::start_with(Source::Listen(listener), request, wake)
+        log::info!(
+            "FT: waiting for a primary on {addr} ({})",
+            security.describe()
+        );
+        Self::start_with(
+            Source::Listen(listener),
+            Some(security),
+            fencing,
+            request,
+            wake,
+        )
     }
 
     /// A backup for a primary that is already connected (in-process links).
@@ -109,11 +135,31 @@ impl Backup {
         request: &ReceiveFtRequest,
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
-        Self::start_with(Source::Connected(stream), request, wake)
+        // An in-process link has no TCP to secure; a witness or etcd still does.
+        let security = if request.witness.is_none()
+            && request.fencing.is_none()
+            && request.tls_dir.is_none()
+            && !request.insecure_plaintext
+        {
+            None
+        } else {
+            Some(
+                Security::choose(
+                    request.tls_dir.as_deref(),
+                    request.insecure_plaintext,
+                    "FT replication",
+                )
+                .map_err(|e| VmmError::InvalidConfig(e.to_string()))?,
+            )
+        };
+        let fencing = operator_fencing(request, security.as_ref())?;
+        Self::start_with(Source::Connected(stream), security, fencing, request, wake)
     }
 
     fn start_with(
         source: Source,
+        security: Option<Security>,
+        fencing: Fencing,
         request: &ReceiveFtRequest,
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
@@ -123,13 +169,16 @@ impl Backup {
             status: Mutex::new(FtStatus {
                 role: FtRole::Backup,
                 health: FtHealth::WaitingForPrimary,
-                fencing: fence::describe(&request.witness),
+                fencing: fencing.describe(),
                 ..FtStatus::default()
             }),
             stop: AtomicBool::new(false),
             stream: Mutex::new(None),
             lost_at: Mutex::new(None),
             frozen: AtomicBool::new(false),
+            security,
+            fencing,
+            taken: Mutex::new(None),
         });
         let group = match &request.group {
             Some(path) => {
@@ -266,10 +315,20 @@ fn accept(shared: &Shared, listener: &TcpListener) -> Result<FtStream, String> {
         }
         match listener.accept() {
             Ok((stream, from)) => {
-                log::info!("FT: primary connected from {from}");
                 stream.set_nonblocking(false).map_err(|e| e.to_string())?;
                 stream.set_nodelay(true).map_err(|e| e.to_string())?;
-                return Ok(FtStream::Tcp(stream));
+                let Some(security) = &shared.security else {
+                    return Err("a TCP listener without a security choice".into());
+                };
+                // A stranger that fails the handshake is turned away; the backup goes on
+                // waiting for its primary.
+                match security.accept(stream, transport::HANDSHAKE_TIMEOUT) {
+                    Ok(stream) => {
+                        log::info!("FT: primary connected from {from}");
+                        return Ok(stream);
+                    }
+                    Err(e) => log::warn!("FT: refused {from}: {e}"),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
             Err(e) => return Err(format!("accepting the primary: {e}")),
@@ -283,7 +342,6 @@ struct Params {
     heartbeat_timeout: Duration,
     epoch_ms: u64,
     disk_mode: FtDiskMode,
-    witness: Option<String>,
     disk_sizes: Vec<u64>,
 }
 
@@ -338,12 +396,15 @@ enum Ending {
 }
 
 /// Classifies a read error: the primary is gone (closed, silent, truncated mid-frame), or the
-/// stream itself is bad (then the primary is alive and must be told).
+/// stream itself is bad (then the primary is alive and must be told). Over TLS a damaged
+/// record fails its integrity check (`InvalidData`) before any frame check sees it: that is
+/// a bad stream too, not a dead primary.
 fn primary_gone(e: &ProtocolError) -> bool {
-    matches!(
-        e,
-        ProtocolError::Closed | ProtocolError::Truncated { .. } | ProtocolError::Io(_)
-    )
+    match e {
+        ProtocolError::Closed | ProtocolError::Truncated { .. } => true,
+        ProtocolError::Io(io) => io.kind() != std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
 }
 
 struct Link {
@@ -433,7 +494,6 @@ fn receive(
         status.disk_mode = Some(params.disk_mode);
         status.epoch_ms = params.epoch_ms;
         status.heartbeat_timeout_ms = params.heartbeat_timeout.as_millis() as u64;
-        status.fencing = fence::describe(&params.witness);
     }
     let mut replica = Replica {
         epoch_limit: epoch_limit(&memory),
@@ -479,10 +539,9 @@ fn receive(
                 // Every member claims the group's id: a grant here is the whole group's, and
                 // a refusal (the primaries run on, degraded) must not freeze the others.
                 let newest = replica.newest_complete().unwrap_or(0);
-                fence::claim(&params.witness, params.pair_id, fence::Role::Backup, newest)
-                    .map_err(|fenced| {
-                        format!("primary lost ({reason}) but not taking over: {fenced}")
-                    })?;
+                claim(shared, params.pair_id, newest).map_err(|fenced| {
+                    format!("primary lost ({reason}) but not taking over: {fenced}")
+                })?;
                 agree_with_group(shared, group, &params, &mut replica, &reason)?;
             }
             take_over(shared, &params, &mut replica, &reason)
@@ -514,15 +573,20 @@ fn setup(
                     heartbeat_timeout_ms,
                     disk_mode,
                     witness,
+                    fencing,
                     disk_sizes,
-                } => Params {
-                    pair_id,
-                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
-                    epoch_ms,
-                    disk_mode,
-                    witness: fencing_witness(request, witness)?,
-                    disk_sizes,
-                },
+                } => {
+                    shared
+                        .fencing
+                        .agree(witness.as_deref(), fencing.as_deref())?;
+                    Params {
+                        pair_id,
+                        heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
+                        epoch_ms,
+                        disk_mode,
+                        disk_sizes,
+                    }
+                }
                 other => return Err(format!("expected Params, got {other:?}")),
             }
         }
@@ -571,21 +635,37 @@ fn setup(
     Ok((params, memory, disks))
 }
 
-/// The witness this backup asks: only its own operator's. A primary that fences with a
-/// witness this side was not told of is refused (asking the peer's choice would let a peer
-/// decide who grants a takeover; asking none would take over without fencing).
-fn fencing_witness(
+/// The operator's fencing for this backup (`--witness` or `--fencing etcd://`), asked once
+/// now so that an unreachable decider is an error at `receive-ft`, not at the first fault.
+fn operator_fencing(
     request: &ReceiveFtRequest,
-    announced: Option<String>,
-) -> Result<Option<String>, String> {
-    match (&request.witness, announced) {
-        (Some(own), _) => Ok(Some(own.clone())),
-        (None, None) => Ok(None),
-        (None, Some(theirs)) => Err(format!(
-            "the primary fences with the witness {theirs}; name this host's way to it \
-             (receive-ft --witness HOST:PORT)"
-        )),
+    security: Option<&Security>,
+) -> Result<Fencing, VmmError> {
+    let fencing = Fencing::from_operator(
+        request.witness.as_deref(),
+        request.fencing.as_deref(),
+        security,
+    )
+    .map_err(VmmError::InvalidConfig)?;
+    if request.group.is_some() && matches!(fencing, Fencing::Etcd(_)) {
+        return Err(VmmError::InvalidConfig(
+            "fencing on etcd does not cover FT groups yet; fence a group with the witness".into(),
+        ));
     }
+    fencing.check_reachable().map_err(VmmError::InvalidConfig)?;
+    Ok(fencing)
+}
+
+/// Asks this side's fencing whether the backup may take over; on etcd the won key is kept
+/// alive while this side runs the VM.
+fn claim(shared: &Shared, pair_id: u64, epoch: u64) -> Result<(), String> {
+    let hold = shared
+        .fencing
+        .claim(pair_id, fence::Role::Backup, epoch, None)?;
+    if hold.is_some() {
+        *shared.taken.lock().unwrap_or_else(|p| p.into_inner()) = hold;
+    }
+    Ok(())
 }
 
 /// A complete epoch of a group member, kept aside until the group has committed it.
@@ -1068,7 +1148,7 @@ fn take_over(
         ));
     };
     log::warn!("FT: primary lost ({reason}); taking over at epoch {epoch}");
-    fence::claim(&params.witness, params.pair_id, fence::Role::Backup, epoch)
+    claim(shared, params.pair_id, epoch)
         .map_err(|fenced| format!("primary lost ({reason}) but not taking over: {fenced}"))?;
     if params.disk_mode == FtDiskMode::Shared {
         // A fenced primary that is still alive lets go of the shared images only once the

@@ -13,6 +13,7 @@
 
 pub mod backup;
 pub mod disk_sync;
+pub mod etcd_fence;
 pub mod fault;
 pub mod fence;
 pub mod group;

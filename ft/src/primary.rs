@@ -16,7 +16,6 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -39,12 +38,15 @@ use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk_sync::DiskSync;
+use crate::etcd_fence::LeaseHold;
 use crate::fault::{crash_point, Phase};
 use crate::fence;
+use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::FtStream;
 use crate::stats::PauseStats;
 use crate::wire::{encode_disk_writes, Control};
+use transport::Security;
 
 mod group_member;
 use group_member::{GroupLink, GroupOrder};
@@ -63,6 +65,9 @@ const MIN_TIMER: Duration = Duration::from_micros(100);
 /// ones, up to the gate's hold limits). A full storage (ENOSPC, EDQUOT) is retried without end
 /// instead: the backup writes to the same storage.
 pub const COMMIT_FAILURE_GRACE: Duration = Duration::from_secs(5);
+/// How often an unprotected primary on etcd checks its lease (well under the lease's safety
+/// margin, a tenth of its TTL).
+const LEASE_WATCH: Duration = Duration::from_millis(50);
 /// How often writes held when protection ended, which could not reach the image then, are
 /// retried without waiting for the guest's next write.
 const STRANDED_RETRY: Duration = Duration::from_millis(500);
@@ -190,7 +195,17 @@ struct Shared {
     stopping: AtomicBool,
     /// The first protected epoch (fault-injection points count from it).
     first_epoch: u64,
+    /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
+    /// is provably alive.
+    lease: Option<LeaseHold>,
     group: Option<GroupLink>,
+}
+
+impl Shared {
+    /// On etcd: the lease of the pair is no longer provably this primary's.
+    fn lease_lapsed(&self) -> bool {
+        self.lease.as_ref().is_some_and(|lease| !lease.is_alive())
+    }
 }
 
 impl Shared {
@@ -219,7 +234,7 @@ pub struct Primary {
     staging: GuestMemoryMmap,
     peer: String,
     pair_id: u64,
-    witness: Option<String>,
+    fencing: Fencing,
     disk_mode: FtDiskMode,
     epoch_len: Duration,
     next_len: Duration,
@@ -244,18 +259,29 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> VmmError {
     }
 }
 
-fn connect(peer: &str) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in peer.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
+/// How the replication channel (and the witness's) is secured: the operator's TLS
+/// credentials or explicit plaintext opt-out. `None` only for an in-process link without a
+/// witness, where there is no TCP to secure.
+fn security(request: &EnableFtRequest, in_process: bool) -> Result<Option<Security>, VmmError> {
+    if in_process
+        && request.witness.is_none()
+        && request.fencing.is_none()
+        && request.tls_dir.is_none()
+        && !request.insecure_plaintext
+    {
+        return Ok(None);
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+    Security::choose(
+        request.tls_dir.as_deref(),
+        request.insecure_plaintext,
+        "FT replication",
+    )
+    .map(Some)
+    .map_err(|e| VmmError::InvalidConfig(e.to_string()))
 }
 
-/// A pair identifier for the witness: unique per protection session.
+/// A pair identifier for the witness: unique per protection session, never 0 (the
+/// reachability check asks about pair 0).
 fn new_pair_id() -> u64 {
     let mut bytes = [0u8; 8];
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
@@ -265,9 +291,9 @@ fn new_pair_id() -> u64 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or_default();
-        return now ^ (u64::from(std::process::id()) << 32);
+        return (now ^ (u64::from(std::process::id()) << 32)).max(1);
     }
-    u64::from_le_bytes(bytes)
+    u64::from_le_bytes(bytes).max(1)
 }
 
 /// Reads frames until a Control message arrives (the backup sends nothing else but Error).
@@ -305,8 +331,12 @@ impl Primary {
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
         let (peer, _, _) = validate(request)?;
-        let stream = connect(&peer).map_err(|e| io_err(&format!("cannot connect to {peer}"), e))?;
-        Self::enable_over(vm, config, request, wake, FtStream::Tcp(stream))
+        let Some(security) = security(request, false)? else {
+            return Err(VmmError::InvalidConfig("no security choice".into()));
+        };
+        let stream =
+            transport::dial(&peer, &security, CONNECT_TIMEOUT).map_err(|e| io_err("backup", e))?;
+        Self::enable_over(vm, config, request, wake, stream)
     }
 
     /// [`Primary::enable`] over a connection already made to the backup.
@@ -318,6 +348,20 @@ impl Primary {
         stream: FtStream,
     ) -> Result<Self, VmmError> {
         let (peer, mut epoch_len, mut heartbeat_timeout) = validate(request)?;
+        let security = security(request, matches!(stream, FtStream::Unix(_)))?;
+        let fencing = Fencing::from_operator(
+            request.witness.as_deref(),
+            request.fencing.as_deref(),
+            security.as_ref(),
+        )
+        .map_err(VmmError::InvalidConfig)?;
+        if request.group.is_some() && matches!(fencing, Fencing::Etcd(_)) {
+            return Err(VmmError::InvalidConfig(
+                "fencing on etcd does not cover FT groups yet; fence a group with the witness"
+                    .into(),
+            ));
+        }
+        fencing.check_reachable().map_err(VmmError::InvalidConfig)?;
         let group = match &request.group {
             Some(path) => {
                 let gates = vm.ft_gates();
@@ -342,6 +386,10 @@ impl Primary {
             vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
         // Every member of a group claims the group at the witness: it fails over as one.
         let pair_id = group.as_ref().map_or_else(new_pair_id, |g| g.group_id);
+        // On etcd the pair's key is this primary's before anything is protected.
+        let lease = fencing
+            .hold_as_primary(pair_id)
+            .map_err(|e| io_err("fencing", e))?;
         let write_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
         let mut sender = Sender::with_options(
             write_half,
@@ -368,7 +416,8 @@ impl Primary {
             epoch_ms: epoch_len.as_millis() as u64,
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
             disk_mode: request.disk_mode,
-            witness: request.witness.clone(),
+            witness: fencing.announced_witness(),
+            fencing: fencing.announced_kind(),
             disk_sizes,
         };
         let mut paused = false;
@@ -414,6 +463,7 @@ impl Primary {
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
             first_epoch,
+            lease,
             group: group.map(|member| GroupLink {
                 member,
                 offset: AtomicI64::new(i64::MIN),
@@ -470,7 +520,7 @@ impl Primary {
             staging,
             peer,
             pair_id,
-            witness: request.witness.clone(),
+            fencing,
             disk_mode: request.disk_mode,
             epoch_len,
             next_len: epoch_len,
@@ -871,7 +921,7 @@ impl Primary {
             disk_mode: Some(self.disk_mode),
             epoch_ms: self.epoch_len.as_millis() as u64,
             heartbeat_timeout_ms: self.heartbeat_timeout.as_millis() as u64,
-            fencing: fence::describe(&self.witness),
+            fencing: self.fencing.describe(),
             epoch: self.epoch,
             last_committed_epoch: last_acked,
             lag_epochs: self.epoch.saturating_sub(last_acked.saturating_add(1)),
@@ -1079,6 +1129,11 @@ fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
 /// retried by the next commit.
 fn commit_epoch(shared: &Shared, epoch: u64) {
     crash_point(Phase::Release, epoch.saturating_sub(shared.first_epoch));
+    if shared.lease_lapsed() {
+        // The backup may own the pair by now: nothing more leaves (the loop fences).
+        shared.lose("the etcd lease of the pair is no longer provably alive".to_string());
+        return;
+    }
     let mut failed = None;
     for gate in shared.gates.all() {
         // The other gates still release: the backup holds the epoch, so they may.
@@ -1127,6 +1182,11 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
 impl Primary {
     /// See [`PrimaryFt::next_checkpoint`].
     pub fn next_checkpoint(&self) -> Option<Duration> {
+        if self.health == FtHealth::Degraded && self.shared.lease.is_some() {
+            // Unprotected on etcd: the lease is watched so that this copy stops before the
+            // server can expire it.
+            return Some(LEASE_WATCH);
+        }
         if self.health != FtHealth::Protected {
             // Unprotected with writes that could not leave: the timer retries them.
             return (self.stranded_writes() > 0).then_some(STRANDED_RETRY);
@@ -1146,6 +1206,11 @@ impl Primary {
 
     /// See [`PrimaryFt::checkpoint`].
     pub fn checkpoint(&mut self, vm: &mut dyn ReplicableVm) -> Result<(), String> {
+        if self.shared.lease_lapsed() {
+            // `poll` fences.
+            let _ = self.shared.wake.write(1);
+            return Ok(());
+        }
         if self.health == FtHealth::Degraded {
             self.drain_stranded();
             return Ok(());
@@ -1180,6 +1245,22 @@ impl Primary {
 
     /// See [`PrimaryFt::poll`].
     pub fn poll(&mut self, vm: &mut dyn ReplicableVm, running: bool) -> PrimaryEvent {
+        if matches!(self.health, FtHealth::Protected | FtHealth::Degraded)
+            && self.shared.lease_lapsed()
+        {
+            // etcd may give the pair to the backup once the lease expires: stop first.
+            let reason = "the etcd lease of the pair is no longer provably alive (etcd \
+                          unreachable or too slow)"
+                .to_string();
+            log::error!("FT: {reason}; fencing this primary");
+            self.close(None);
+            for gate in self.shared.gates.all() {
+                gate.discard_uncommitted();
+            }
+            self.health = FtHealth::Fenced;
+            self.last_error = Some(reason.clone());
+            return PrimaryEvent::Fenced(reason);
+        }
         if let Some(reason) = self.commit_failing_too_long() {
             // Hand the VM to the backup, which holds every write not yet on the image and
             // re-issues them from its host (Cuju's disk I/O retry).
@@ -1218,8 +1299,13 @@ impl Primary {
         }
         self.last_error = Some(reason.clone());
         let last = self.shared.last_acked.load(Ordering::SeqCst);
-        match fence::claim(&self.witness, self.pair_id, fence::Role::Primary, last) {
-            Ok(()) => {
+        match self.fencing.claim(
+            self.pair_id,
+            fence::Role::Primary,
+            last,
+            self.shared.lease.as_ref(),
+        ) {
+            Ok(_) => {
                 // Told, a backup that is alive after all (a false detection) stands down
                 // instead of taking over when the connection closes.
                 self.close(Some(Job::StandDown {

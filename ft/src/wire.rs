@@ -37,6 +37,9 @@ pub enum Control {
         heartbeat_timeout_ms: u64,
         disk_mode: FtDiskMode,
         witness: Option<String>,
+        /// Fencing other than a witness (`"etcd"`): the backup must fence the same way.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fencing: Option<String>,
         /// Replicated mode: the size of each of the primary's images, so that the backup
         /// sizes its own before it builds the standby VM's disks.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -821,7 +821,11 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
         },
         taps: Vec::new(),
         witness: Some(backup_witness.addr.clone()),
+        fencing: None,
         group: None,
+        tls_dir: None,
+        // The witness in these tests listens on plain TCP.
+        insecure_plaintext: true,
     };
     let backup =
         Backup::start_connected(FtStream::Unix(backup_end), &request, backup_wake.clone()).unwrap();
@@ -852,8 +856,12 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
         disk_mode: mode,
         heartbeat_timeout_ms: Some(HEARTBEAT_MS),
         witness: Some(primary_witness.addr.clone()),
+        fencing: None,
         compress: true,
         group: None,
+        tls_dir: None,
+        // The witness in these tests listens on plain TCP.
+        insecure_plaintext: true,
     };
     let primary_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let enabled = Primary::enable_over(
@@ -1051,7 +1059,10 @@ fn runs() -> u64 {
 
 fn witness() -> Arc<WitnessHandle> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    Arc::new(ft::witness::spawn_server(listener, None).unwrap())
+    Arc::new(
+        ft::witness::spawn_server(listener, ft::witness::Security::InsecurePlaintext, None)
+            .unwrap(),
+    )
 }
 
 fn random_runs(mode: FtDiskMode, base_seed: u64) {

@@ -109,7 +109,10 @@ proptest! {
             disk_paths: Vec::new(),
             taps: Vec::new(),
             witness: None,
+            fencing: None,
             group: None,
+            tls_dir: None,
+                        insecure_plaintext: false,
         };
         let backup = Backup::start_connected(FtStream::Unix(theirs), &request, wake.clone()).unwrap();
         let config: VmConfig =
@@ -122,6 +125,7 @@ proptest! {
             heartbeat_timeout_ms: 200,
             disk_mode: FtDiskMode::Shared,
             witness: None,
+            fencing: None,
             disk_sizes: Vec::new(),
         };
         sender.send_frame(FrameType::Control, &params.encode()).unwrap();
@@ -202,8 +206,11 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             disk_mode: FtDiskMode::Shared,
             heartbeat_timeout_ms: Some(500),
             witness: None,
+            fencing: None,
             compress: true,
             group: None,
+            tls_dir: None,
+            insecure_plaintext: false,
         };
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mut primary = ft::primary::Primary::enable_over(

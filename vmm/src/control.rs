@@ -87,6 +87,15 @@ pub struct SendMigrationRequest {
     /// Target downtime: pre-copy iterates until the rest can be sent within this time.
     #[serde(default = "default_downtime_ms", alias = "downtime")]
     pub downtime_ms: u64,
+    /// Mutual TLS credentials for this channel: a directory laid out like QEMU's x509
+    /// credentials (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`). Required over TCP unless `insecure_plaintext` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plain TCP without authentication: anyone who reaches the port is trusted. Unsafe;
+    /// only for a private, trusted network.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_plaintext: bool,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -107,6 +116,15 @@ pub struct ReceiveMigrationRequest {
     /// This host's TAP for each network interface of the arriving VM, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taps: Vec<String>,
+    /// Mutual TLS credentials for this channel: a directory laid out like QEMU's x509
+    /// credentials (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`). Required over TCP unless `insecure_plaintext` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plain TCP without authentication: anyone who reaches the port is trusted. Unsafe;
+    /// only for a private, trusted network.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_plaintext: bool,
 }
 
 /// VM lifecycle states, spelled as Cloud Hypervisor's `VmInfo.state`.
@@ -142,6 +160,11 @@ pub struct EnableFtRequest {
     /// Without one a partitioned pair can run twice (the status says `fencing: none`).
     #[serde(default)]
     pub witness: Option<String>,
+    /// Fencing on etcd instead of the witness: `etcd://HOST:PORT[,HOST:PORT...]`, reached
+    /// with the credentials of `tls_dir`. The primary holds a lease-bound key per pair and
+    /// releases output only while its lease is provably alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing: Option<String>,
     /// LZ4-compress dirty pages on the wire.
     #[serde(default = "default_true")]
     pub compress: bool,
@@ -151,10 +174,23 @@ pub struct EnableFtRequest {
     /// (its epoch length and heartbeat timeout are the group's).
     #[serde(default)]
     pub group: Option<String>,
+    /// Mutual TLS credentials for this channel: a directory laid out like QEMU's x509
+    /// credentials (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`). Required over TCP unless `insecure_plaintext` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plain TCP without authentication: anyone who reaches the port is trusted. Unsafe;
+    /// only for a private, trusted network.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_plaintext: bool,
 }
 
 fn default_epoch_ms() -> u64 {
     DEFAULT_EPOCH_MS
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn default_true() -> bool {
@@ -178,10 +214,23 @@ pub struct ReceiveFtRequest {
     /// another address).
     #[serde(default)]
     pub witness: Option<String>,
+    /// Fencing on etcd (`etcd://HOST:PORT[,...]`, as this host reaches it); required when the
+    /// primary fences on etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing: Option<String>,
     /// The backups of one FT group name the same Unix socket path on their host, so that they
     /// agree on the epoch they all resume from.
     #[serde(default)]
     pub group: Option<String>,
+    /// Mutual TLS credentials for this channel: a directory laid out like QEMU's x509
+    /// credentials (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+    /// `client-key.pem`). Required over TCP unless `insecure_plaintext` says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// Plain TCP without authentication: anyone who reaches the port is trusted. Unsafe;
+    /// only for a private, trusted network.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

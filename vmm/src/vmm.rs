@@ -735,12 +735,11 @@ impl Vmm {
         }
         let url = live::parse_url(&request.destination_url).map_err(VmmError::InvalidConfig)?;
         let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
-        let stream = live::connect(&url).map_err(|e| {
-            Self::failed(
-                "migration",
-                format!("cannot connect to {}: {e}", request.destination_url),
-            )
-        })?;
+        let security =
+            live::security_for(&url, request.tls_dir.as_deref(), request.insecure_plaintext)
+                .map_err(VmmError::InvalidConfig)?;
+        let stream =
+            live::connect(&url, security.as_ref()).map_err(|e| Self::failed("migration", e))?;
         self.emit("vm", "migrating");
         let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
         let report = live::send(
@@ -776,6 +775,8 @@ impl Vmm {
         }
         let receiver = IncomingMigration::start(
             &request.receiver_url,
+            request.tls_dir.as_deref(),
+            request.insecure_plaintext,
             ReceiveTimeouts::default(),
             self.migration_wake.clone(),
         )

@@ -7,10 +7,14 @@
 //! ```text
 //! ch-remote snapshot file:///tmp/snap                 (or destination_url=file:///tmp/snap)
 //! ch-remote restore source_url=file:///tmp/snap[,prefault=on][,resume=on]   (or a bare URL)
-//! ch-remote send-migration destination_url=tcp:HOST:PORT[,downtime_ms=100][,local=off]
+//! ch-remote send-migration destination_url=tcp:HOST:PORT,tls_dir=DIR[,downtime_ms=100][,local=off]
 //! ch-remote send-migration [--local] tcp:HOST:PORT|unix:/path          (the older form)
-//! ch-remote receive-migration receiver_url=tcp:0.0.0.0:PORT   (or tcp:ADDR:PORT, unix:/path)
+//! ch-remote receive-migration receiver_url=tcp:0.0.0.0:PORT,tls_dir=DIR   (or unix:/path)
 //! ```
+//!
+//! Over TCP every channel between hosts is mutual TLS with the certificates in `tls_dir`
+//! (`--tls-dir`), laid out like QEMU's x509 directory. Plain TCP takes `insecure_plaintext=on`
+//! (`--insecure-plaintext`): unsafe, anyone who reaches the port is trusted.
 //!
 //! `send-migration` and `receive-migration` return when the migration is over.
 //!
@@ -18,10 +22,11 @@
 //! `vm.ft-status`, `vm.disable-ft`):
 //!
 //! ```text
-//! ch-remote receive-ft tcp:HOST:PORT [--disk-path PATH]... [--tap NAME]... [--witness HOST:PORT]
-//!                                     (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
-//! ch-remote enable-ft --peer HOST:PORT [--epoch-ms N] [--disk-mode replicated|shared]
-//!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT] [--no-compress]
+//! ch-remote receive-ft tcp:HOST:PORT --tls-dir DIR [--disk-path PATH]... [--tap NAME]...
+//!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
+//! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
+//!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
+//!                     [--no-compress]
 //! ch-remote ft-status                 (the FtStatus JSON, pretty)
 //! ch-remote disable-ft
 //! ```
@@ -183,7 +188,9 @@ fn cli() -> Command {
                         .long("local")
                         .action(ArgAction::SetTrue)
                         .help("Same-host migration (local=on)"),
-                ),
+                )
+                .arg(tls_dir_arg())
+                .arg(insecure_plaintext_arg()),
             "receive-migration" => command
                 .arg(value(
                     "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
@@ -207,7 +214,9 @@ fn cli() -> Command {
                         .help(
                             "This host's TAP for each network interface of the VM, in order",
                         ),
-                ),
+                )
+                .arg(tls_dir_arg())
+                .arg(insecure_plaintext_arg()),
             "enable-ft" => enable_ft_args(command),
             "receive-ft" => receive_ft_args(command),
             _ => command,
@@ -283,8 +292,58 @@ fn one_line(text: &str) -> String {
 /// The VMM refuses longer epochs (400); checked here too so the mistake is caught at once.
 const MAX_EPOCH_MS: u64 = 1000;
 
+/// `--fencing etcd://HOST:PORT[,...]`: fencing on etcd instead of the witness.
+fn fencing_arg() -> Arg {
+    Arg::new("fencing")
+        .long("fencing")
+        .value_name("etcd://HOST:PORT[,HOST:PORT...]")
+        .value_parser(etcd_spec)
+        .conflicts_with("witness")
+        .help(
+            "Fence on etcd: the primary holds a lease-bound key per pair (TLS with --tls-dir); \
+             the backup takes over only once the lease expired",
+        )
+}
+
+/// `etcd://HOST:PORT[,HOST:PORT...]`, each endpoint checked as `--peer` is.
+fn etcd_spec(value: &str) -> Result<String, String> {
+    let Some(endpoints) = value.strip_prefix("etcd://") else {
+        return Err(format!(
+            "\"{value}\" must be etcd://HOST:PORT[,HOST:PORT...]"
+        ));
+    };
+    for endpoint in endpoints.split(',') {
+        host_port(endpoint)?;
+    }
+    Ok(value.to_string())
+}
+
+/// `--tls-dir DIR`: mutual TLS credentials for a channel between hosts.
+fn tls_dir_arg() -> Arg {
+    Arg::new("tls-dir")
+        .long("tls-dir")
+        .value_name("DIR")
+        .value_parser(clap::value_parser!(PathBuf))
+        .help(
+            "Mutual TLS credentials: ca-cert.pem, server-cert.pem, server-key.pem, \
+             client-cert.pem, client-key.pem (QEMU's x509 layout)",
+        )
+}
+
+/// `--insecure-plaintext`: the explicit opt-out of TLS.
+fn insecure_plaintext_arg() -> Arg {
+    Arg::new("insecure-plaintext")
+        .long("insecure-plaintext")
+        .action(ArgAction::SetTrue)
+        .conflicts_with("tls-dir")
+        .help("UNSAFE: plain TCP; anyone who reaches the port is trusted with the VM")
+}
+
 fn enable_ft_args(command: Command) -> Command {
     command
+        .arg(tls_dir_arg())
+        .arg(insecure_plaintext_arg())
+        .arg(fencing_arg())
         .arg(
             Arg::new("peer")
                 .long("peer")
@@ -364,6 +423,9 @@ fn group_path(value: &str) -> Result<String, String> {
 
 fn receive_ft_args(command: Command) -> Command {
     command
+        .arg(tls_dir_arg())
+        .arg(insecure_plaintext_arg())
+        .arg(fencing_arg())
         .arg(
             Arg::new("receiver_url")
                 .index(1)
@@ -484,8 +546,11 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         disk_mode,
         heartbeat_timeout_ms: sub.get_one::<u64>("heartbeat-timeout-ms").copied(),
         witness: sub.get_one::<String>("witness").cloned(),
+        fencing: sub.get_one::<String>("fencing").cloned(),
         compress: defaults.compress && !sub.get_flag("no-compress"),
         group: sub.get_one::<String>("group").cloned(),
+        tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
+        insecure_plaintext: sub.get_flag("insecure-plaintext"),
     })
 }
 
@@ -505,7 +570,10 @@ fn receive_ft_request(sub: &ArgMatches) -> ReceiveFtRequest {
             .map(|taps| taps.cloned().collect())
             .unwrap_or_default(),
         witness: sub.get_one::<String>("witness").cloned(),
+        fencing: sub.get_one::<String>("fencing").cloned(),
         group: sub.get_one::<String>("group").cloned(),
+        tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
+        insecure_plaintext: sub.get_flag("insecure-plaintext"),
     }
 }
 
@@ -525,10 +593,17 @@ fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
         "snapshot" => serde_json::to_string(&snapshot_request(value)?),
         "restore" => serde_json::to_string(&restore_request(value)?),
         "send-migration" => {
-            serde_json::to_string(&send_migration_request(value, sub.get_flag("local"))?)
+            let mut request = send_migration_request(value, sub.get_flag("local"))?;
+            let security =
+                channel_security(sub, request.tls_dir.take(), request.insecure_plaintext);
+            (request.tls_dir, request.insecure_plaintext) = security?;
+            serde_json::to_string(&request)
         }
         "receive-migration" => {
             let mut request = receive_migration_request(value)?;
+            let security =
+                channel_security(sub, request.tls_dir.take(), request.insecure_plaintext);
+            (request.tls_dir, request.insecure_plaintext) = security?;
             request.disk_paths = sub
                 .get_many::<PathBuf>("disk-path")
                 .map(|paths| paths.cloned().collect())
@@ -681,12 +756,40 @@ fn restore_request(value: &str) -> Result<RestoreRequest, Error> {
     })
 }
 
+/// The channel's security from the keyed value (`tls_dir=`, `insecure_plaintext=`) and the
+/// flags (`--tls-dir`, `--insecure-plaintext`); one way of giving each.
+fn channel_security(
+    sub: &ArgMatches,
+    key_dir: Option<PathBuf>,
+    key_plaintext: bool,
+) -> Result<(Option<PathBuf>, bool), Error> {
+    let flag_dir = sub.get_one::<PathBuf>("tls-dir").cloned();
+    if key_dir.is_some() && flag_dir.is_some() {
+        return Err(invalid(
+            "migration",
+            "tls_dir",
+            "give tls_dir= or --tls-dir, not both",
+        ));
+    }
+    Ok((
+        key_dir.or(flag_dir),
+        key_plaintext || sub.get_flag("insecure-plaintext"),
+    ))
+}
+
 /// `send-migration destination_url=<url>[,downtime_ms=<ms>][,local=on|off]`, or the older
 /// `send-migration [--local] <url>`.
 fn send_migration_request(value: &str, local_flag: bool) -> Result<SendMigrationRequest, Error> {
     const COMMAND: &str = "send-migration";
     // `downtime` is the spelling of the API body's alias.
-    const KEYS: &[&str] = &["destination_url", "downtime_ms", "downtime", "local"];
+    const KEYS: &[&str] = &[
+        "destination_url",
+        "downtime_ms",
+        "downtime",
+        "local",
+        "tls_dir",
+        "insecure_plaintext",
+    ];
     let defaults: SendMigrationRequest =
         serde_json::from_str(r#"{"destination_url": ""}"#).map_err(Error::Encode)?;
     let Some(parser) = is_keyed(value, KEYS)
@@ -721,20 +824,32 @@ fn send_migration_request(value: &str, local_flag: bool) -> Result<SendMigration
         destination_url: url(COMMAND, value, Some(&parser), KEYS[0], MIGRATION_SCHEMES)?,
         local,
         downtime_ms: downtime_ms.or(downtime).unwrap_or(defaults.downtime_ms),
+        tls_dir: convert::<String>(&parser, COMMAND, value, "tls_dir")?.map(PathBuf::from),
+        insecure_plaintext: convert::<bool>(&parser, COMMAND, value, "insecure_plaintext")?
+            .unwrap_or(false),
     })
 }
 
 /// `receive-migration receiver_url=<url>` or `receive-migration <url>`.
 fn receive_migration_request(value: &str) -> Result<ReceiveMigrationRequest, Error> {
     const COMMAND: &str = "receive-migration";
-    const KEYS: &[&str] = &["receiver_url"];
+    const KEYS: &[&str] = &["receiver_url", "tls_dir", "insecure_plaintext"];
     let parser = is_keyed(value, KEYS)
         .then(|| parse_options(COMMAND, value, KEYS))
         .transpose()?;
+    let (tls_dir, insecure_plaintext) = match &parser {
+        Some(parser) => (
+            convert::<String>(parser, COMMAND, value, "tls_dir")?.map(PathBuf::from),
+            convert::<bool>(parser, COMMAND, value, "insecure_plaintext")?.unwrap_or(false),
+        ),
+        None => (None, false),
+    };
     Ok(ReceiveMigrationRequest {
         receiver_url: url(COMMAND, value, parser.as_ref(), KEYS[0], MIGRATION_SCHEMES)?,
         disk_paths: Vec::new(),
         taps: Vec::new(),
+        tls_dir,
+        insecure_plaintext,
     })
 }
 
@@ -1236,6 +1351,84 @@ mod tests {
             let line = arg_error(&args);
             assert!(line.ends_with(expected), "{args:?}: {line}");
         }
+    }
+
+    #[test]
+    fn channel_security_forms() {
+        // FT: a flag each; both at once is a clap conflict.
+        let sent = body(&["enable-ft", "--peer", "b:1", "--tls-dir", "/etc/tandem/tls"]);
+        assert_eq!(sent["tls_dir"], "/etc/tandem/tls");
+        assert!(sent.get("insecure_plaintext").is_none(), "{sent}");
+        let sent = body(&["receive-ft", "tcp:0.0.0.0:1", "--insecure-plaintext"]);
+        assert_eq!(sent["insecure_plaintext"], true);
+        assert!(sent.get("tls_dir").is_none(), "{sent}");
+        let line = arg_error(&[
+            "enable-ft",
+            "--peer",
+            "b:1",
+            "--tls-dir",
+            "/d",
+            "--insecure-plaintext",
+        ]);
+        assert!(line.contains("cannot be used with"), "{line}");
+        // Migration: Cloud Hypervisor's key, or the flag; not both.
+        assert_eq!(
+            body(&["send-migration", "destination_url=tcp:h:1,tls_dir=/etc/tls"])["tls_dir"],
+            "/etc/tls"
+        );
+        assert_eq!(
+            body(&["send-migration", "tcp:h:1", "--tls-dir", "/etc/tls"])["tls_dir"],
+            "/etc/tls"
+        );
+        assert_eq!(
+            body(&[
+                "receive-migration",
+                "receiver_url=tcp:0.0.0.0:1,insecure_plaintext=on"
+            ])["insecure_plaintext"],
+            true
+        );
+        assert_eq!(
+            body(&["receive-migration", "receiver_url=tcp:0.0.0.0:1,tls_dir=/t"])["tls_dir"],
+            "/t"
+        );
+        assert!(error(&[
+            "send-migration",
+            "destination_url=tcp:h:1,tls_dir=/a",
+            "--tls-dir",
+            "/b"
+        ])
+        .contains("not both"));
+        // A body without a choice stays Cloud Hypervisor's (the VMM refuses it over TCP).
+        let sent = body(&["receive-migration", "tcp:0.0.0.0:1"]);
+        assert_eq!(sent, serde_json::json!({"receiver_url": "tcp:0.0.0.0:1"}));
+    }
+
+    #[test]
+    fn etcd_fencing_forms() {
+        let sent = body(&[
+            "enable-ft",
+            "--peer",
+            "b:1",
+            "--fencing",
+            "etcd://e1:2379,10.0.0.9:2379",
+        ]);
+        assert_eq!(sent["fencing"], "etcd://e1:2379,10.0.0.9:2379");
+        let sent = body(&["receive-ft", "tcp:0.0.0.0:1", "--fencing", "etcd://e:2379"]);
+        assert_eq!(sent["fencing"], "etcd://e:2379");
+        let line = arg_error(&["enable-ft", "--peer", "b:1", "--fencing", "zk://e:1"]);
+        assert!(line.contains("must be etcd://"), "{line}");
+        let line = arg_error(&["enable-ft", "--peer", "b:1", "--fencing", "etcd://e"]);
+        assert!(line.contains("expected HOST:PORT"), "{line}");
+        let line = arg_error(&[
+            "enable-ft",
+            "--peer",
+            "b:1",
+            "--fencing",
+            "etcd://e:1",
+            "--witness",
+            "w:1",
+        ]);
+        assert!(line.contains("cannot be used with"), "{line}");
     }
 
     #[test]

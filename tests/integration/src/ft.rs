@@ -1,7 +1,7 @@
 //! Helpers for the fault-tolerance tests: `ft-status` polling, the sequence-checking client of
 //! the guest's `workload=ft` service, a witness process, and a small seeded random source.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +16,25 @@ pub const GUEST_SERVICE: &str = "192.168.249.2:7000";
 /// Where the witness of the FT tests listens (in the client namespace).
 pub fn witness_addr() -> String {
     format!("{CLIENT_NET}:7200")
+}
+
+/// One round with the guest's echo service (`workload=net`, TCP 7): 2000 bytes out, the same
+/// bytes back.
+pub fn echo_round(stream: &mut TcpStream, round: u32) -> Result<(), String> {
+    let data: Vec<u8> = (0..2000u32)
+        .map(|i| (i.wrapping_mul(7).wrapping_add(round)) as u8)
+        .collect();
+    stream
+        .write_all(&data)
+        .map_err(|e| format!("round {round}: write: {e}"))?;
+    let mut back = vec![0u8; data.len()];
+    stream
+        .read_exact(&mut back)
+        .map_err(|e| format!("round {round}: read: {e}"))?;
+    if back != data {
+        return Err(format!("round {round}: echoed bytes differ"));
+    }
+    Ok(())
 }
 
 /// `receive-ft URL` with what the backup's own operator names: its image for each disk, its
@@ -245,7 +264,14 @@ pub fn start_witness(ns: &NetNs) -> Vmm {
     let mut witness = Vmm::builder("witness")
         .program(&bin)
         .wrapped_in(ns.exec_prefix())
-        .args(["--listen", addr.as_str(), "-v"])
+        .args([
+            "--listen",
+            addr.as_str(),
+            "-v",
+            "--no-state-file",
+            "--tls-dir",
+        ])
+        .args([crate::tls_dir().to_string_lossy()])
         .spawn()
         .expect("start the witness");
     witness

@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
 pub mod ft;
 
 /// Serial marker the test guest prints when its kernel part is up.
@@ -863,12 +864,73 @@ pub fn ch_remote_binary() -> PathBuf {
         .with_file_name("ch-remote")
 }
 
-/// Runs `ch-remote --api-socket SOCKET ARGS...`, feeding `stdin` to it.
+/// Every address a test VMM or witness listens on for another host: the server certificate of
+/// [`tls_dir`] names them all.
+const TLS_NAMES: &[&str] = &[
+    "127.0.0.1",
+    "localhost",
+    HOST_A,
+    HOST_B,
+    CLIENT_NET,
+    CLIENT_NET_A,
+    CLIENT_NET_B,
+];
+
+/// The test CA's credentials (QEMU's x509 layout) that secure every channel between the test
+/// hosts, made once per test process by `ci/make-tls-certs`.
+pub fn tls_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id()));
+        let out = Command::new(workspace_root().join("ci/make-tls-certs"))
+            .arg(&dir)
+            .args(TLS_NAMES)
+            .output()
+            .expect("run ci/make-tls-certs");
+        assert!(
+            out.status.success(),
+            "ci/make-tls-certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// As an operator would, the tests secure each channel between hosts with mutual TLS: for a
+/// subcommand that opens one over TCP and names no choice itself (`--tls-dir`, `tls_dir=`,
+/// `--insecure-plaintext`, `insecure_plaintext=`), [`ch_remote`] adds `--tls-dir` with the
+/// test CA's credentials. Tests of the refusals spell their choice out.
+fn with_channel_security<'a>(args: &[&'a str]) -> Vec<std::borrow::Cow<'a, str>> {
+    const CHANNELS: &[&str] = &[
+        "enable-ft",
+        "receive-ft",
+        "send-migration",
+        "receive-migration",
+    ];
+    let mut out: Vec<std::borrow::Cow<'a, str>> = args.iter().map(|a| (*a).into()).collect();
+    let opens_channel = args.first().is_some_and(|cmd| CHANNELS.contains(cmd));
+    let chosen = args.iter().any(|a| {
+        a.starts_with("--tls-dir")
+            || a.contains("tls_dir=")
+            || a.contains("insecure_plaintext")
+            || *a == "--insecure-plaintext"
+    });
+    let unix = args.iter().any(|a| a.contains("unix:"));
+    if opens_channel && !chosen && !unix {
+        out.push("--tls-dir".into());
+        out.push(tls_dir().to_string_lossy().into_owned().into());
+    }
+    out
+}
+
+/// Runs `ch-remote --api-socket SOCKET ARGS...`, feeding `stdin` to it (see
+/// [`with_channel_security`]).
 pub fn ch_remote(socket: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let args = with_channel_security(args);
     let mut child = Command::new(ch_remote_binary())
         .arg("--api-socket")
         .arg(socket)
-        .args(args)
+        .args(args.iter().map(|a| a.as_ref()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

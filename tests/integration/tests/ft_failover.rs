@@ -2,12 +2,12 @@
 //! (network namespaces), a client in a third namespace talking to the guest over TCP, then the
 //! primary killed with SIGKILL. The client's connection must go on against the backup.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration::ft::echo_round;
 use integration::{
     api_vmm, ch_remote, ch_remote_binary, guest_vm_args, kvm_serial_guard, report, require_kvm,
     require_netns, test_guest, two_hosts, TempDir, HOST_B,
@@ -44,23 +44,6 @@ fn wait_status(socket: &Path, field: &str, want: &str, timeout: Duration) -> ser
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn echo_round(stream: &mut TcpStream, round: u32) -> Result<(), String> {
-    let data: Vec<u8> = (0..2000u32)
-        .map(|i| (i.wrapping_mul(7).wrapping_add(round)) as u8)
-        .collect();
-    stream
-        .write_all(&data)
-        .map_err(|e| format!("round {round}: write: {e}"))?;
-    let mut back = vec![0u8; data.len()];
-    stream
-        .read_exact(&mut back)
-        .map_err(|e| format!("round {round}: read: {e}"))?;
-    if back != data {
-        return Err(format!("round {round}: echoed bytes differ"));
-    }
-    Ok(())
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use integration::{
     api_request, api_vmm, ch_remote, ch_remote_binary, guest_vm_args, kvm_serial_guard, report,
-    require_kvm, require_netns, test_guest, two_hosts, wait_for_api_socket, TempDir, Vmm,
+    require_kvm, require_netns, test_guest, tls_dir, two_hosts, wait_for_api_socket, TempDir, Vmm,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -26,12 +26,19 @@ const GUEST_MAC: &str = "12:34:56:78:9a:bc";
 
 /// Starts `ch-remote receive-migration` in the background (it returns when the VM arrived).
 /// `extra`: what the destination's operator names for the VM (`--disk-path`, `--tap`).
+/// Over TCP the channel is mutual TLS with the test CA's credentials.
 fn receive_in_background(socket: &Path, url: &str, extra: &[&str]) -> std::process::Child {
+    let security: Vec<&std::ffi::OsStr> = if url.starts_with("tcp:") {
+        vec!["--tls-dir".as_ref(), tls_dir().as_os_str()]
+    } else {
+        Vec::new()
+    };
     Command::new(ch_remote_binary())
         .arg("--api-socket")
         .arg(socket)
         .args(["receive-migration", url])
         .args(extra)
+        .args(security)
         .spawn()
         .expect("start ch-remote receive-migration")
 }

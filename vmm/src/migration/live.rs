@@ -4,8 +4,8 @@
 //! [`crate::migration::receive`].
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
@@ -13,39 +13,16 @@ use crate::fault_tolerance::ReplicableVm;
 use crate::migration::memory::{DirtyPages, PAGE_SIZE};
 use crate::migration::protocol::Sender;
 use crate::vm::Vm;
+use transport::Security;
 
 /// Pre-copy passes before the VM is stopped whatever the dirty rate (bounded migration time).
 const MAX_PRECOPY_PASSES: u32 = 30;
 
-/// A migration connection: TCP or a Unix socket.
-pub enum MigrationStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+/// A migration connection: mutual TLS (or, by explicit opt-out, plain TCP) or a Unix socket.
+pub use transport::Stream as MigrationStream;
 
-impl Read for MigrationStream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            MigrationStream::Tcp(s) => s.read(buf),
-            MigrationStream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for MigrationStream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            MigrationStream::Tcp(s) => s.write(buf),
-            MigrationStream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            MigrationStream::Tcp(s) => s.flush(),
-            MigrationStream::Unix(s) => s.flush(),
-        }
-    }
-}
+/// How long connecting to a destination may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationUrl {
@@ -73,15 +50,36 @@ pub fn parse_url(url: &str) -> Result<MigrationUrl, String> {
     Err(format!("\"{url}\" is neither tcp:HOST:PORT nor unix:/path"))
 }
 
-pub fn connect(url: &MigrationUrl) -> std::io::Result<MigrationStream> {
-    Ok(match url {
-        MigrationUrl::Tcp(addr) => {
-            let stream = TcpStream::connect(addr)?;
-            stream.set_nodelay(true)?;
-            MigrationStream::Tcp(stream)
+/// How the channel of a migration URL is secured: over TCP, mutual TLS with the credentials in
+/// `tls_dir` or plaintext by the operator's explicit `insecure_plaintext`; a Unix socket stays
+/// on this host and needs neither (`None`).
+pub fn security_for(
+    url: &MigrationUrl,
+    tls_dir: Option<&Path>,
+    insecure_plaintext: bool,
+) -> Result<Option<Security>, String> {
+    match url {
+        MigrationUrl::Tcp(_) => Security::choose(tls_dir, insecure_plaintext, "migration")
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        MigrationUrl::Unix(_) if tls_dir.is_some() || insecure_plaintext => Err(
+            "tls_dir and insecure_plaintext apply to tcp: URLs; a unix: socket stays on this host"
+                .to_string(),
+        ),
+        MigrationUrl::Unix(_) => Ok(None),
+    }
+}
+
+pub fn connect(url: &MigrationUrl, security: Option<&Security>) -> Result<MigrationStream, String> {
+    match (url, security) {
+        (MigrationUrl::Tcp(addr), Some(security)) => {
+            transport::dial(addr, security, CONNECT_TIMEOUT).map_err(|e| e.to_string())
         }
-        MigrationUrl::Unix(path) => MigrationStream::Unix(UnixStream::connect(path)?),
-    })
+        (MigrationUrl::Tcp(addr), None) => Err(format!("tcp:{addr} needs a security choice")),
+        (MigrationUrl::Unix(path), _) => UnixStream::connect(path)
+            .map(MigrationStream::Unix)
+            .map_err(|e| format!("cannot connect to {}: {e}", path.display())),
+    }
 }
 
 /// What a finished migration reports.
@@ -212,6 +210,25 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_needs_tls_or_the_opt_out_and_unix_needs_neither() {
+        let tcp = parse_url("tcp:10.0.0.2:6000").unwrap();
+        let unix = parse_url("unix:/run/m.sock").unwrap();
+        let e = security_for(&tcp, None, false).unwrap_err();
+        assert!(e.contains("needs mutual TLS"), "{e}");
+        assert!(matches!(
+            security_for(&tcp, None, true),
+            Ok(Some(Security::InsecurePlaintext))
+        ));
+        let e = security_for(&tcp, Some(Path::new("/nonexistent")), false).unwrap_err();
+        assert!(e.contains("/nonexistent/ca-cert.pem"), "{e}");
+        assert!(matches!(security_for(&unix, None, false), Ok(None)));
+        let e = security_for(&unix, Some(Path::new("/d")), false).unwrap_err();
+        assert!(e.contains("apply to tcp:"), "{e}");
+        let e = connect(&tcp, None).err().unwrap();
+        assert!(e.contains("needs a security choice"), "{e}");
+    }
 
     #[test]
     fn urls_are_parsed_strictly() {

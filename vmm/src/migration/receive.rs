@@ -7,10 +7,10 @@
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,9 +20,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
-use crate::migration::live::{parse_url, MigrationStream, MigrationUrl};
+use crate::migration::live::{parse_url, security_for, MigrationStream, MigrationUrl};
 use crate::migration::protocol::{ProtocolError, Receiver, TransferStats};
 use crate::vm::VmSnapshotState;
+use transport::Security;
 
 /// How long a connected source has to deliver its whole Hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,10 +88,14 @@ impl IncomingMigration {
     /// which writes `wake` whenever an [`IncomingEvent`] is queued.
     pub fn start(
         url: &str,
+        tls_dir: Option<&Path>,
+        insecure_plaintext: bool,
         timeouts: ReceiveTimeouts,
         wake: Arc<EventFd>,
     ) -> Result<Self, ReceiveError> {
         let parsed = parse_url(url).map_err(ReceiveError::Url)?;
+        let security =
+            security_for(&parsed, tls_dir, insecure_plaintext).map_err(ReceiveError::Url)?;
         let listen_err = |source| ReceiveError::Listen {
             url: url.to_string(),
             source,
@@ -103,6 +108,7 @@ impl IncomingMigration {
             wake,
             stop: stop.clone(),
             timeouts,
+            security,
         };
         std::thread::Builder::new()
             .name("migration-rx".into())
@@ -174,23 +180,29 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<MigrationStream> {
+    /// A connection, not yet secured (TCP) or ready (Unix).
+    fn accept(&self) -> io::Result<Accepted> {
         Ok(match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept()?;
                 log::info!("migration source connected from {peer}");
                 stream.set_nonblocking(false)?;
                 stream.set_nodelay(true)?;
-                MigrationStream::Tcp(stream)
+                Accepted::Tcp(stream, peer)
             }
             Listener::Unix(l, path) => {
                 let (stream, _) = l.accept()?;
                 log::info!("migration source connected on {}", path.display());
                 stream.set_nonblocking(false)?;
-                MigrationStream::Unix(stream)
+                Accepted::Unix(stream)
             }
         })
     }
+}
+
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
 }
 
 impl Drop for Listener {
@@ -215,10 +227,7 @@ struct TimedStream {
 
 impl TimedStream {
     fn new(stream: MigrationStream, timeouts: ReceiveTimeouts) -> io::Result<Self> {
-        match &stream {
-            MigrationStream::Tcp(s) => s.set_write_timeout(Some(timeouts.read))?,
-            MigrationStream::Unix(s) => s.set_write_timeout(Some(timeouts.read))?,
-        }
+        stream.set_write_timeout(Some(timeouts.read))?;
         Ok(Self {
             stream,
             handshake_deadline: Cell::new(Some(Instant::now() + timeouts.handshake)),
@@ -243,10 +252,7 @@ impl TimedStream {
 
     fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         if self.socket_timeout != Some(timeout) {
-            match &self.stream {
-                MigrationStream::Tcp(s) => s.set_read_timeout(Some(timeout))?,
-                MigrationStream::Unix(s) => s.set_read_timeout(Some(timeout))?,
-            }
+            self.stream.set_read_timeout(Some(timeout))?;
             self.socket_timeout = Some(timeout);
         }
         Ok(())
@@ -303,6 +309,8 @@ struct ReceiverThread {
     wake: Arc<EventFd>,
     stop: Arc<EventFd>,
     timeouts: ReceiveTimeouts,
+    /// For TCP: TLS or the operator's plaintext opt-out.
+    security: Option<Security>,
 }
 
 impl ReceiverThread {
@@ -410,7 +418,18 @@ impl ReceiverThread {
                 return Err("cancelled before a source connected".into());
             }
             match listener.accept() {
-                Ok(stream) => return Ok(stream),
+                Ok(Accepted::Unix(stream)) => return Ok(MigrationStream::Unix(stream)),
+                Ok(Accepted::Tcp(tcp, peer)) => {
+                    let Some(security) = &self.security else {
+                        return Err("a TCP listener without a security choice".into());
+                    };
+                    // A stranger that fails the handshake is turned away; the receive goes on
+                    // waiting for the real source.
+                    match security.accept(tcp, self.timeouts.handshake) {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => log::warn!("migration: refused {peer}: {e}"),
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(format!("accepting the source: {e}")),
             }
@@ -440,7 +459,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("rx-{}-{name}.sock", std::process::id()));
         let wake = Arc::new(EventFd::new(0).unwrap());
         let url = format!("unix:{}", path.display());
-        let incoming = IncomingMigration::start(&url, SHORT, wake.clone()).unwrap();
+        let incoming = IncomingMigration::start(&url, None, false, SHORT, wake.clone()).unwrap();
         Fixture {
             incoming,
             wake,
@@ -565,7 +584,7 @@ mod tests {
     #[test]
     fn a_bad_url_fails_at_once() {
         let wake = Arc::new(EventFd::new(0).unwrap());
-        let e = IncomingMigration::start("file:///x", SHORT, wake)
+        let e = IncomingMigration::start("file:///x", None, false, SHORT, wake)
             .err()
             .unwrap();
         assert!(matches!(e, ReceiveError::Url(_)), "{e}");

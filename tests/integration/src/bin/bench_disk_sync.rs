@@ -54,8 +54,8 @@ use std::time::{Duration, Instant};
 
 use integration::ft::{ft_status, wait_status};
 use integration::{
-    api_request, ch_remote, kvm_available, test_guest, vmm_binary, wait_for_api_socket, TempDir,
-    Vmm, GUEST_DONE,
+    api_request, ch_remote, kvm_available, test_guest, tls_dir, vmm_binary, wait_for_api_socket,
+    TempDir, Vmm, GUEST_DONE,
 };
 
 type Res<T> = Result<T, String>;
@@ -399,10 +399,13 @@ fn ours(o: &Opts, dir: &TempDir, image: &Path, copy: &Path, port: u16, label: &s
             note = "no vcpu thread found to deprioritise".into();
         }
     }
-    let body = format!(
-        "{{\"peer\":\"127.0.0.1:{port}\",\"disk_mode\":\"replicated\",\
-         \"heartbeat_timeout_ms\":2000}}"
-    );
+    let body = serde_json::json!({
+        "peer": format!("127.0.0.1:{port}"),
+        "disk_mode": "replicated",
+        "heartbeat_timeout_ms": 2000,
+        "tls_dir": tls_dir(),
+    })
+    .to_string();
     let cpu0 = cpu_ticks(primary.pid(), Some("vcpu")) + cpu_ticks(backup.pid(), None);
     let (pt0, bt0) = (thread_ticks(primary.pid()), thread_ticks(backup.pid()));
     let mut perf = match &o.perf {

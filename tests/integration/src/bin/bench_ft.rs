@@ -13,8 +13,8 @@
 //! the first write to a write-protected page is slow on this machine). One VM is booted per
 //! distinct dirty rate; in it, for run i = 1..N, the cases "no FT" and "FT at epoch E" (for
 //! every cell with that rate) alternate (odd runs: no FT first, even runs: reversed), each FT
-//! case on a fresh protection session with a fresh backup VMM (so ft-status's pause percentiles
-//! cover that session only). Each case measures, in this order:
+//! case on a fresh protection session (mutual TLS) with a fresh backup VMM (so ft-status's
+//! pause percentiles cover that session only). Each case measures, in this order:
 //!   work      `stats` at the start and the end of a window: work/s and pages dirtied/s by the
 //!             guest's own clock; under FT also ft-status deltas over the window (epochs,
 //!             bytes sent, pages the VMM found dirty) and the session's pause p50/p99/max;
@@ -42,6 +42,15 @@
 //! Peer: QEMU COLO on the same guest at 10 ms (x-checkpoint-delay) x 0 and 1000 pages: a
 //! diskless primary/secondary pair over loopback in a namespace of its own, against QEMU alone
 //! (work/s overhead and round-trip latency, measured as above).
+//! TLS (`--no-tls` skips it): every protection session above replicates over mutual TLS with
+//! the test CA's credentials ([`integration::tls_dir`]); this section shows what TLS costs. At
+//! 10 ms epochs x 1000 and 4000 pages/epoch (the cells where the sender is busiest) one VM is
+//! booted per rate; in it, for run i = 1..N, an FT case over plain TCP (`--insecure-plaintext`)
+//! and one over mutual TLS (`--tls-dir`) alternate (odd runs: plaintext first, even runs:
+//! reversed), each on a fresh session and measured like the cells' FT cases. Reported per rate,
+//! plaintext vs TLS with the ratio TLS/plaintext: sender throughput (ft-status bytes sent during
+//! the work window / its wall time, i.e. epochs x real epoch), pause p50 and p99, guest work/s,
+//! `req` round trips p50/p99 and, at 1000 pages (a TCP cell), TCP MB/s to the guest.
 //!
 //! Time caps: the round trips of a case stop after a budget (at least 5 are taken), a bulk
 //! send after a few seconds; overloaded cells (round trips of hundreds of ms) would otherwise
@@ -49,7 +58,9 @@
 //! [`CELL_HEARTBEAT_TIMEOUT_MS`]).
 //!
 //! Targets (reported, never an error): pause <= 1 ms at 1000 pages/epoch; overhead <= 5 % at
-//! 10 ms epochs and 1000 pages/epoch; added p99 latency <= epoch + 2 ms; failover <= 100 ms.
+//! 10 ms epochs and 1000 pages/epoch; added p99 latency <= epoch + 2 ms; failover <= 100 ms;
+//! TLS costs <= 10 % of FT sender throughput (1 - TLS/plaintext bytes sent per second) at
+//! both TLS cells.
 //! The exit code is non-zero only if a case could not run.
 //!
 //! Needs root, /dev/kvm, iproute2 and /dev/net/tun; prints a SKIP line and exits 0 without
@@ -70,8 +81,8 @@ use std::time::{Duration, Instant};
 
 use integration::ft::SeqClient;
 use integration::{
-    kvm_available, netns_or_skip, test_guest, try_two_hosts, vmm_binary, NetNs, TempDir, TwoHosts,
-    Vmm, HOST_A, HOST_B,
+    kvm_available, netns_or_skip, test_guest, tls_dir, try_two_hosts, vmm_binary, NetNs, TempDir,
+    TwoHosts, Vmm, HOST_A, HOST_B,
 };
 
 type Res<T> = Result<T, String>;
@@ -106,6 +117,11 @@ const TARGET_OVERHEAD_PCT: f64 = 5.0;
 const TARGET_OVERHEAD_CELL: (u64, u64) = (10, 1000);
 const TARGET_ADDED_LATENCY_SLACK_MS: f64 = 2.0;
 const TARGET_FAILOVER_MS: f64 = 100.0;
+/// The TLS section: its epoch and its pages per epoch (the sender-bound cells).
+const TLS_EPOCH_MS: u64 = 10;
+const TLS_PAGES: [u64; 2] = [1000, 4000];
+/// TLS may cost at most this share of the FT sender's throughput (bytes sent per second).
+const TARGET_TLS_COST_PCT: f64 = 10.0;
 /// Cells that also measure TCP throughput (epoch ms, pages per epoch).
 const TCP_CELLS: [(u64, u64); 2] = [(10, 0), (10, 1000)];
 /// The groups section: epoch and pages per epoch of both VMs.
@@ -151,11 +167,13 @@ struct Options {
     group: bool,
     /// `--heartbeat-timeout-ms` for the cells (the failover runs use the default).
     heartbeat_timeout_ms: u64,
+    /// The TLS section (FT over plaintext TCP vs mutual TLS).
+    tls: bool,
 }
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
-[--no-group] [--heartbeat-timeout-ms N]";
+[--no-group] [--no-tls] [--heartbeat-timeout-ms N]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
     text.split(',')
@@ -180,6 +198,7 @@ impl Options {
         let mut cells = true;
         let mut colo = true;
         let mut group = true;
+        let mut tls = true;
         let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
         let mut i = 0;
         while i < args.len() {
@@ -215,6 +234,7 @@ impl Options {
                 "--no-cells" => cells = false,
                 "--no-colo" => colo = false,
                 "--no-group" => group = false,
+                "--no-tls" => tls = false,
                 "--heartbeat-timeout-ms" => {
                     heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
                 }
@@ -245,6 +265,7 @@ impl Options {
             colo,
             group,
             heartbeat_timeout_ms,
+            tls,
         })
     }
 }
@@ -498,6 +519,9 @@ struct Lab {
     dir: TempDir,
     next_port: u16,
     spawned: u32,
+    /// The replication channel: mutual TLS with the test CA's credentials (`Some`), or the
+    /// explicit plaintext opt-out (`None`) for the rows that show what TLS costs.
+    tls_dir: Option<String>,
 }
 
 impl Lab {
@@ -510,6 +534,7 @@ impl Lab {
             dir,
             next_port: FIRST_FT_PORT,
             spawned: 0,
+            tls_dir: Some(tls_dir().to_string_lossy().into_owned()),
         })
     }
 
@@ -626,7 +651,12 @@ impl Lab {
         // After a takeover the backup is the primary, protected in turn on the same TAP.
         backup.tap = primary.tap.clone();
         let listen = format!("tcp:{}:{port}", backup_side.addr());
+        let security = match &self.tls_dir {
+            Some(dir) => vec!["--tls-dir", dir.as_str()],
+            None => vec!["--insecure-plaintext"],
+        };
         let mut receive = vec!["receive-ft", listen.as_str()];
+        receive.extend(&security);
         if let Some(tap) = &primary.tap {
             receive.extend(["--tap", tap.as_str()]);
         }
@@ -638,6 +668,7 @@ impl Lab {
         let peer = format!("{}:{port}", backup_side.addr());
         let epoch = epoch_ms.to_string();
         let mut args = vec!["enable-ft", "--peer", &peer, "--epoch-ms", &epoch];
+        args.extend(&security);
         let heartbeat = heartbeat_timeout_ms.map(|ms| ms.to_string());
         if let Some(ms) = &heartbeat {
             args.extend(["--heartbeat-timeout-ms", ms.as_str()]);
@@ -1162,6 +1193,10 @@ enum Mode {
     /// QEMU without COLO (the peer's baseline).
     QemuPlain,
     Colo,
+    /// FT over plain TCP (`--insecure-plaintext`; the TLS section).
+    FtPlaintext,
+    /// FT over mutual TLS (`--tls-dir`; the TLS section).
+    FtTls,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -1180,6 +1215,8 @@ enum Metric {
     RttP99Ms,
     RoundTrips,
     TcpMbps,
+    /// FT bytes sent per second of the work window, MB/s.
+    SenderMbps,
 }
 
 /// A cell: (epoch ms, pages per epoch).
@@ -1278,6 +1315,15 @@ impl Results {
                 Metric::CutEarlyPct,
                 ft.cut_early as f64 * 100.0 / epochs,
             );
+            let window_s = epochs * ft.real_epoch_ms / 1e3;
+            if window_s > 0.0 {
+                self.add(
+                    cell,
+                    mode,
+                    Metric::SenderMbps,
+                    ft.bytes as f64 / window_s / 1e6,
+                );
+            }
         }
     }
 }
@@ -1434,6 +1480,88 @@ fn guest_check(client: &mut SeqClient) -> Res<()> {
         Ok(())
     } else {
         Err(format!("check answered {reply:?}"))
+    }
+}
+
+/// The TLS section: per cell of [`TLS_PAGES`] one boot, in which FT cases over plaintext TCP
+/// and over mutual TLS alternate (odd runs: plaintext first), each on a fresh session.
+fn run_tls(lab: &mut Lab, opts: &Options, results: &mut Results) {
+    for pages in TLS_PAGES {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return;
+        }
+        let cell = (TLS_EPOCH_MS, pages);
+        let rate = rate_of(cell);
+        log(&format!(
+            "TLS: guest dirtying {rate} pages/s ({pages} pages/{TLS_EPOCH_MS} ms), FT over plaintext and TLS alternating"
+        ));
+        let mut primary = match lab.boot_primary(Side::A, rate) {
+            Ok(node) => node,
+            Err(e) => {
+                results.fail(format!("TLS: boot at {rate} pages/s: {e}"));
+                continue;
+            }
+        };
+        let mut client = match SeqClient::connect(&lab.hosts.client) {
+            Ok(c) => c,
+            Err(e) => {
+                results.fail(format!(
+                    "TLS: connect to the guest at {rate} pages/s: {e}\n{}",
+                    primary.diagnose("connect")
+                ));
+                continue;
+            }
+        };
+        'runs: for run in 1..=opts.runs {
+            let mut order = [Mode::FtPlaintext, Mode::FtTls];
+            if run % 2 == 0 {
+                order.reverse();
+            }
+            for mode in order {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    break 'runs;
+                }
+                let (channel, dir) = match mode {
+                    Mode::FtTls => ("TLS", Some(tls_dir().to_string_lossy().into_owned())),
+                    _ => ("plaintext", None),
+                };
+                let label = format!(
+                    "run {run} {rate:>6} pages/s  FT {TLS_EPOCH_MS:>2} ms ({pages} pages/epoch) over {channel}"
+                );
+                let saved = std::mem::replace(&mut lab.tls_dir, dir);
+                let outcome = ft_case(lab, &primary, &mut client, cell, opts);
+                lab.tls_dir = saved;
+                match outcome {
+                    Ok(r) => {
+                        log(&format!("  {label}: {}", describe_case(&r)));
+                        results.record(cell, mode, &r);
+                    }
+                    Err(e) => {
+                        results.fail(format!("TLS: {label}: {e}"));
+                        if let Some(status) = primary.vmm.poll_exit() {
+                            results.fail(primary.diagnose(&format!(
+                                "the primary exited ({status}); the rest of this rate is skipped"
+                            )));
+                            break 'runs;
+                        }
+                        // The connection may be unusable after a failure: start a new one.
+                        match SeqClient::connect(&lab.hosts.client) {
+                            Ok(c) => client = c,
+                            Err(e) => {
+                                results.fail(format!("TLS: reconnect to the guest: {e}"));
+                                break 'runs;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if primary.vmm.poll_exit().is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
+            if let Err(e) = guest_check(&mut client) {
+                results.fail(format!("TLS: guest self-check at {rate} pages/s: {e}"));
+            }
+        }
+        primary.vmm.kill();
     }
 }
 
@@ -2350,6 +2478,9 @@ impl Report<'_> {
             self.print_cells();
             self.print_peer();
         }
+        if o.tls {
+            self.print_tls();
+        }
         if o.group {
             self.print_group();
         }
@@ -2641,6 +2772,135 @@ impl Report<'_> {
         print_table(&header, &rows);
     }
 
+    fn print_tls(&self) {
+        let r = self.results;
+        let runs = self.opts.runs;
+        println!();
+        println!(
+            "TLS: FT replication over plaintext TCP (--insecure-plaintext) vs mutual TLS (--tls-dir: rustls, ring provider) at {TLS_EPOCH_MS} ms epochs; per rate one VM, the two alternating on fresh sessions (odd runs plaintext first); median of {runs} run(s)"
+        );
+        let aes = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("flags"))
+                    .map(|l| l.split_whitespace().any(|f| f == "aes"))
+            })
+            .map_or("unknown", |yes| if yes { "yes" } else { "no" });
+        println!(
+            "  machine: {}; AES-NI: {aes}; primary and backup share its cores",
+            machine().join(", ")
+        );
+        println!("  sender MB/s = ft-status bytes sent during the work window / its wall time (epochs x real epoch);");
+        println!("  pause = ft-status p50/p99 of the case's session; work = the guest's compute loop, M/s of its");
+        println!("  own clock; req = `req` round trips, ms; TCP = bulk send client -> guest sink (MB/s; only");
+        println!("  the cells that measure it); ratio = TLS/plaintext (the cost: < 1 for MB/s and work, > 1");
+        println!("  for pauses and round trips)");
+        println!();
+        type Row = (&'static str, Metric, f64, usize);
+        let measures: [Row; 8] = [
+            ("achieved pages/ep", Metric::AchievedPagesPerEpoch, 1.0, 0),
+            ("sender MB/s", Metric::SenderMbps, 1.0, 1),
+            ("pause p50 ms", Metric::PauseP50Ms, 1.0, 3),
+            ("pause p99 ms", Metric::PauseP99Ms, 1.0, 3),
+            ("work M/s", Metric::WorkPerS, 1e-6, 1),
+            ("req p50 ms", Metric::RttP50Ms, 1.0, 2),
+            ("req p99 ms", Metric::RttP99Ms, 1.0, 2),
+            ("TCP MB/s", Metric::TcpMbps, 1.0, 1),
+        ];
+        let mut rows = Vec::new();
+        for pages in TLS_PAGES {
+            let cell = (TLS_EPOCH_MS, pages);
+            let mut first = true;
+            for (name, metric, scale, decimals) in measures {
+                let plain = r.med(cell, Mode::FtPlaintext, metric).map(|v| v * scale);
+                let tls = r.med(cell, Mode::FtTls, metric).map(|v| v * scale);
+                let (np, nt) = (
+                    r.count(cell, Mode::FtPlaintext, metric),
+                    r.count(cell, Mode::FtTls, metric),
+                );
+                if metric == Metric::TcpMbps && np + nt == 0 {
+                    continue;
+                }
+                let ratio = match (plain, tls) {
+                    (Some(p), Some(t)) if p > 0.0 => Some(t / p),
+                    _ => None,
+                };
+                rows.push(vec![
+                    if first {
+                        format!("{pages} pages/{TLS_EPOCH_MS} ms")
+                    } else {
+                        String::new()
+                    },
+                    name.to_string(),
+                    fmt(plain, decimals),
+                    fmt(tls, decimals),
+                    fmt(ratio, 3),
+                    format!("{np}/{nt}"),
+                ]);
+                first = false;
+            }
+        }
+        print_table(
+            &[
+                "cell",
+                "measure",
+                "plaintext",
+                "TLS",
+                "TLS/plain",
+                "runs plain/TLS",
+            ],
+            &rows,
+        );
+        println!();
+        self.print_tls_target();
+    }
+
+    /// The TLS target line: sender throughput with TLS within [`TARGET_TLS_COST_PCT`] of
+    /// plaintext at every TLS cell.
+    fn print_tls_target(&self) {
+        let r = self.results;
+        let mut parts = Vec::new();
+        let mut all_met = true;
+        let mut measured = 0;
+        for pages in TLS_PAGES {
+            let cell = (TLS_EPOCH_MS, pages);
+            match (
+                r.med(cell, Mode::FtPlaintext, Metric::SenderMbps),
+                r.med(cell, Mode::FtTls, Metric::SenderMbps),
+            ) {
+                (Some(p), Some(t)) if p > 0.0 => {
+                    measured += 1;
+                    let cost = (1.0 - t / p) * 100.0;
+                    let met = cost <= TARGET_TLS_COST_PCT;
+                    all_met &= met;
+                    parts.push(format!(
+                        "{pages} pages/epoch: {p:.1} -> {t:.1} MB/s, cost {cost:.1} % {}",
+                        if met { "met" } else { "MISSED" }
+                    ));
+                }
+                _ => parts.push(format!("{pages} pages/epoch: not measured")),
+            }
+        }
+        if measured == 0 {
+            println!(
+                "  TLS costs <= {TARGET_TLS_COST_PCT} % of FT sender throughput ({TLS_EPOCH_MS} ms epochs): not measured"
+            );
+        } else {
+            println!(
+                "  TLS costs <= {TARGET_TLS_COST_PCT} % of FT sender throughput ({TLS_EPOCH_MS} ms epochs): {} ({})",
+                if all_met && measured == TLS_PAGES.len() {
+                    "MET"
+                } else if all_met {
+                    "MET where measured"
+                } else {
+                    "MISSED"
+                },
+                parts.join("; ")
+            );
+        }
+    }
+
     fn failover_figures(&self) -> Option<(f64, f64)> {
         let icmp: Vec<f64> = self.results.failovers.iter().map(|f| f.icmp_ms).collect();
         Some((
@@ -2847,6 +3107,9 @@ impl Report<'_> {
                 );
             }
         }
+        if self.opts.tls {
+            self.print_tls_target();
+        }
         if self.opts.failovers > 0 {
             match self.failover_figures() {
                 Some((med, max)) => println!(
@@ -2929,6 +3192,10 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
         *peer_note = run_colo(&lab.bins, opts, results);
     } else {
         *peer_note = "no QEMU COLO column: not asked for (--no-colo or --no-cells)".into();
+    }
+    check_interrupted()?;
+    if opts.tls {
+        run_tls(&mut lab, opts, results);
     }
     check_interrupted()?;
     if opts.group {
