@@ -10,7 +10,7 @@
 //!   the key once the lease expired.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::etcd_fence::{EtcdFencing, LeaseHold};
 pub use crate::witness::Role;
@@ -19,6 +19,8 @@ use transport::Security;
 
 /// How long a claim may take before the claimant counts itself fenced.
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before a witness claim that got no answer is tried again.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
 
 /// The name the primary announces for etcd fencing (the backup must fence the same way).
 pub const ETCD: &str = "etcd";
@@ -205,8 +207,21 @@ fn claim_witness(
     let Some(security) = security else {
         return Err(no_security(addr));
     };
-    let client = WitnessClient::new(addr.to_string(), CLAIM_TIMEOUT, security.clone());
-    match client.claim(pair_id, role, epoch, &claimant(role)) {
+    // A claim is idempotent: one that found the witness busy or its connection dropped is
+    // tried again while the claim's time lasts (many pairs of a failed host claim at once).
+    let deadline = Instant::now() + CLAIM_TIMEOUT;
+    let answer = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let client = WitnessClient::new(addr.to_string(), left, security.clone());
+        match client.claim(pair_id, role, epoch, &claimant(role)) {
+            Err(e) if deadline.saturating_duration_since(Instant::now()) > CLAIM_RETRY => {
+                log::warn!("FT: claim at the witness {addr}: {e}; trying again");
+                std::thread::sleep(CLAIM_RETRY);
+            }
+            answer => break answer,
+        }
+    };
+    match answer {
         Ok(outcome) if outcome.granted => {
             log::warn!("FT: witness {addr} granted pair {pair_id:#x} to this {role}");
             Ok(())

@@ -68,6 +68,8 @@ pub const COMMIT_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// How often an unprotected primary on etcd checks its lease (well under the lease's safety
 /// margin, a tenth of its TTL).
 const LEASE_WATCH: Duration = Duration::from_millis(50);
+/// How long a member whose group link broke waits for the coordinator's order saying why.
+const GROUP_ORDER_GRACE: Duration = Duration::from_millis(200);
 /// How often writes held when protection ended, which could not reach the image then, are
 /// retried without waiting for the guest's next write.
 const STRANDED_RETRY: Duration = Duration::from_millis(500);
@@ -1278,7 +1280,8 @@ impl Primary {
                         break;
                     }
                     if let Err(e) = self.group_checkpoint(vm, epoch, barrier, running) {
-                        return self.fail_with_group(e);
+                        let reason = self.group_failure_reason(e, GROUP_ORDER_GRACE);
+                        return self.fail_with_group(reason);
                     }
                 }
                 GroupOrder::Fail(reason) => return self.fail_with_group(reason),

@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
@@ -287,6 +287,43 @@ fn explain_tls(error: &rustls::Error) -> String {
     }
 }
 
+/// The socket during the handshake: each read and write gets only the time left.
+struct Deadline<'a> {
+    tcp: &'a mut TcpStream,
+    until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io::Error::from(io::ErrorKind::TimedOut))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_write_timeout(Some(left))?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 struct Inner {
     conn: Mutex<Connection>,
     /// Serializes writers so that records leave in the order they were sealed.
@@ -369,16 +406,21 @@ impl TlsStream {
         };
         let old_read = tcp.read_timeout().ok().flatten();
         let old_write = tcp.write_timeout().ok().flatten();
-        tcp.set_read_timeout(Some(timeout))
-            .and_then(|()| tcp.set_write_timeout(Some(timeout)))
-            .map_err(|e| handshake_error(e.to_string()))?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)
-                .map_err(|e| handshake_error(explain(&e)))?;
-        }
-        while conn.wants_write() {
-            conn.write_tls(&mut tcp)
-                .map_err(|e| handshake_error(explain(&e)))?;
+        {
+            // The whole handshake, not each read, is bounded: a peer trickling a byte at a
+            // time cannot hold a listener longer than `timeout`.
+            let mut io = Deadline {
+                tcp: &mut tcp,
+                until: Instant::now() + timeout,
+            };
+            while conn.is_handshaking() {
+                conn.complete_io(&mut io)
+                    .map_err(|e| handshake_error(explain(&e)))?;
+            }
+            while conn.wants_write() {
+                conn.write_tls(&mut io)
+                    .map_err(|e| handshake_error(explain(&e)))?;
+            }
         }
         tcp.set_read_timeout(old_read)
             .and_then(|()| tcp.set_write_timeout(old_write))

@@ -250,4 +250,19 @@ impl Primary {
             .unwrap_or_else(|p| p.into_inner())
             .pop_front()
     }
+
+    /// Why the group failed, when talking to the coordinator did: it closes a member's link
+    /// right after ordering it to fail, so a send can break before the order is read. The
+    /// order, if it comes within `wait`, names the real cause.
+    pub(super) fn group_failure_reason(&self, broken: String, wait: Duration) -> String {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.next_group_order() {
+                Some(GroupOrder::Fail(reason)) => return reason,
+                Some(_) => continue,
+                None if std::time::Instant::now() >= deadline => return broken,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
 }

@@ -141,10 +141,14 @@ fn start_group(tag: &str) -> Group {
             "enable-ft",
         );
         let deadline = std::time::Instant::now() + TIMEOUT;
-        while ft_status(&member.primary_socket)["health"] != "protected" {
+        loop {
+            let status = ft_status(&member.primary_socket);
+            if status["health"] == "protected" {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "member {i} never protected"
+                "member {i} never protected: {status}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -324,3 +324,36 @@ fn credentials_from_the_ci_helper_work() {
         .to_string();
     assert!(error.contains("does not name the host"), "{error}");
 }
+
+/// A peer that trickles one byte at a time (each within any per-read timeout) cannot hold a
+/// listener's handshake past its whole deadline.
+#[test]
+fn a_trickling_peer_cannot_stretch_the_handshake() {
+    let ca = new_ca("ca");
+    let dir = make_dir("trickle", &ca, &ca, &["127.0.0.1"], false);
+    let creds = TlsCredentials::load(&dir).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let trickle = thread::spawn(move || {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        // A handshake record header announcing 16 KiB, then a byte every 100 ms.
+        let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00]);
+        for _ in 0..30 {
+            thread::sleep(Duration::from_millis(100));
+            if tcp.write_all(&[0x01]).is_err() {
+                return;
+            }
+        }
+    });
+    let (tcp, _) = listener.accept().unwrap();
+    let started = std::time::Instant::now();
+    let error = creds
+        .accept(tcp, Duration::from_millis(700))
+        .err()
+        .expect("a trickle must fail")
+        .to_string();
+    let took = started.elapsed();
+    assert!(error.contains("no TLS answer in time"), "{error}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    trickle.join().unwrap();
+}
