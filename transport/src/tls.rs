@@ -335,8 +335,8 @@ struct Inner {
 /// A TLS connection whose clones share the session: one thread may read while another writes.
 pub struct TlsStream {
     inner: Arc<Inner>,
-    /// This handle's socket (a `try_clone` of the original), so timeouts set on one half do
-    /// not change the other's.
+    /// This handle's descriptor of the socket (a `try_clone`): the halves read and write on
+    /// their own, while socket options such as timeouts stay shared, as with plain TCP clones.
     socket: TcpStream,
     /// Ciphertext this handle read from the socket and the session has not taken yet.
     pending: Ciphertext,
