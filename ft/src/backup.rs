@@ -41,7 +41,7 @@ use crate::etcd_fence::LeaseHold;
 use crate::fence;
 use crate::fence::Fencing;
 use crate::group::BackupMember;
-use crate::link::FtStream;
+use crate::link::{channel_security, FtStream};
 use crate::wire::{decode_disk_writes, Control, DiskWrite};
 use transport::Security;
 
@@ -99,12 +99,9 @@ impl Backup {
                 request.receiver_url
             )));
         };
-        let security = Security::choose(
-            request.tls_dir.as_deref(),
-            request.insecure_plaintext,
-            "FT replication",
-        )
-        .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        let security =
+            channel_security(request.tls_dir.as_deref(), request.insecure_plaintext, true)?
+                .ok_or_else(|| VmmError::InvalidConfig("no security choice".into()))?;
         let fencing = operator_fencing(request, Some(&security))?;
         let listener = TcpListener::bind(&addr).map_err(|e| VmmError::Failed {
             action: "receive-ft",
@@ -136,22 +133,11 @@ impl Backup {
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
         // An in-process link has no TCP to secure; a witness or etcd still does.
-        let security = if request.witness.is_none()
-            && request.fencing.is_none()
-            && request.tls_dir.is_none()
-            && !request.insecure_plaintext
-        {
-            None
-        } else {
-            Some(
-                Security::choose(
-                    request.tls_dir.as_deref(),
-                    request.insecure_plaintext,
-                    "FT replication",
-                )
-                .map_err(|e| VmmError::InvalidConfig(e.to_string()))?,
-            )
-        };
+        let security = channel_security(
+            request.tls_dir.as_deref(),
+            request.insecure_plaintext,
+            request.witness.is_some() || request.fencing.is_some(),
+        )?;
         let fencing = operator_fencing(request, security.as_ref())?;
         Self::start_with(Source::Connected(stream), security, fencing, request, wake)
     }

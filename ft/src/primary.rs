@@ -43,7 +43,7 @@ use crate::fault::{crash_point, Phase};
 use crate::fence;
 use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
-use crate::link::FtStream;
+use crate::link::{channel_security, FtStream};
 use crate::stats::PauseStats;
 use crate::wire::{encode_disk_writes, Control};
 use transport::Security;
@@ -261,25 +261,14 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> VmmError {
     }
 }
 
-/// How the replication channel (and the witness's) is secured: the operator's TLS
-/// credentials or explicit plaintext opt-out. `None` only for an in-process link without a
-/// witness, where there is no TCP to secure.
+/// The request's channel security (see [`channel_security`]); a witness or etcd is reached
+/// over TCP even from an in-process link.
 fn security(request: &EnableFtRequest, in_process: bool) -> Result<Option<Security>, VmmError> {
-    if in_process
-        && request.witness.is_none()
-        && request.fencing.is_none()
-        && request.tls_dir.is_none()
-        && !request.insecure_plaintext
-    {
-        return Ok(None);
-    }
-    Security::choose(
+    channel_security(
         request.tls_dir.as_deref(),
         request.insecure_plaintext,
-        "FT replication",
+        !in_process || request.witness.is_some() || request.fencing.is_some(),
     )
-    .map(Some)
-    .map_err(|e| VmmError::InvalidConfig(e.to_string()))
 }
 
 /// A pair identifier for the witness: unique per protection session, never 0 (the
