@@ -13,7 +13,8 @@ use clap::{Arg, ArgAction, ArgMatches, ColorChoice, Command};
 use thiserror::Error;
 use vmm::config::{
     ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, HotplugMethod, MemoryConfig,
-    NetConfig, PayloadConfig, ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
+    NetConfig, PayloadConfig, RngConfig, ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS,
+    DEFAULT_MEMORY_MB,
 };
 use vmm::control::RestoreRequest;
 
@@ -134,7 +135,6 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "platform",
     "pmem",
     "rate-limit-group",
-    "rng",
     "sgx-epc",
     "tpm",
     "user-device",
@@ -154,6 +154,7 @@ const VM_FLAGS: &[&str] = &[
     "initramfs",
     "memory",
     "net",
+    "rng",
     "serial",
 ];
 
@@ -182,7 +183,10 @@ pub fn command() -> Command {
             Arg::new("console")
                 .long("console")
                 .value_name("console")
-                .help("Control (virtio) console: \"off|null|tty\" [default: tty]"),
+                .help(
+                    "Control (virtio) console: \"off|null|pty|tty|file=</path/to/a/file>|\
+                     socket=</path/to/a/file>,iommu=on|off\" [default: tty]",
+                ),
         )
         .arg(
             Arg::new("cpus")
@@ -262,6 +266,12 @@ pub fn command() -> Command {
                 .long("seccomp")
                 .value_name("seccomp")
                 .help("Seccomp filtering: true|false|log [default: true]"),
+        )
+        .arg(
+            Arg::new("rng")
+                .long("rng")
+                .value_name("rng")
+                .help("Random number generator parameters \"src=<entropy_source_path>,iommu=on|off\" [default: src=/dev/urandom]"),
         )
         .arg(Arg::new("serial").long("serial").value_name("serial").help(
             "Control serial port: off|null|tty|file=</path/to/a/file>|\
@@ -569,6 +579,7 @@ fn build_vm_config(
     let nets = many_args(matches, "net")
         .map(parse_net)
         .collect::<Result<Vec<_>, _>>()?;
+    let rng = string_arg(matches, "rng").map(parse_rng).transpose()?;
 
     let Some(kernel) = matches.get_one::<PathBuf>("kernel") else {
         if let Some(flag) = VM_FLAGS.iter().find(|id| matches.contains_id(id)) {
@@ -593,6 +604,7 @@ fn build_vm_config(
         console: console.unwrap_or_else(ConsoleConfig::default_console),
         disks: (!disks.is_empty()).then_some(disks),
         net: (!nets.is_empty()).then_some(nets),
+        rng: rng.unwrap_or_default(),
     };
     config.validate().map_err(|source| CliError::Validation {
         flag: flag_for_validation_error(&source),
@@ -610,6 +622,7 @@ fn vm_flag_name(id: &str) -> &'static str {
         "initramfs" => "--initramfs",
         "memory" => "--memory",
         "net" => "--net",
+        "rng" => "--rng",
         _ => "--serial",
     }
 }
@@ -643,6 +656,7 @@ fn flag_for_validation_error(err: &ValidationError) -> &'static str {
         "payload" => "--kernel",
         "disks" => "--disk",
         "net" => "--net",
+        "rng" => "--rng",
         _ => "configuration",
     }
 }
@@ -910,15 +924,6 @@ fn parse_console_flag(flag: &'static str, value: &str) -> Result<ConsoleConfig, 
 
     let unsupported = match (flag, config.mode) {
         ("--serial", ConsoleOutputMode::Pty) => Some("pty"),
-        ("--console", ConsoleOutputMode::Pty) => {
-            Some("pty (there is no virtio console device yet)")
-        }
-        ("--console", ConsoleOutputMode::File) => {
-            Some("file (there is no virtio console device yet)")
-        }
-        ("--console", ConsoleOutputMode::Socket) => {
-            Some("socket (there is no virtio console device yet)")
-        }
         _ if config.iommu => Some("iommu=on"),
         _ => None,
     };
@@ -929,6 +934,29 @@ fn parse_console_flag(flag: &'static str, value: &str) -> Result<ConsoleConfig, 
         }),
         None => Ok(config),
     }
+}
+
+/// `--rng src=<path>,iommu=on|off` (Cloud Hypervisor's syntax; only `iommu=off` here).
+fn parse_rng(value: &str) -> Result<RngConfig, CliError> {
+    const FLAG: &str = "--rng";
+    let mut parser = OptionParser::new();
+    parser.add("src").add("iommu");
+    parse_options(&mut parser, FLAG, value)?;
+    let mut rng = RngConfig::default();
+    if parser.is_set("src") {
+        let Some(src) = parser.get("src") else {
+            return Err(invalid(FLAG, value, "src needs a path: src=<path>"));
+        };
+        rng.src = PathBuf::from(src);
+    }
+    rng.iommu = convert::<bool>(&parser, FLAG, value, "iommu")?.unwrap_or(false);
+    if rng.iommu {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "iommu=on (there is no virtual IOMMU)".to_owned(),
+        });
+    }
+    Ok(rng)
 }
 
 #[cfg(test)]
@@ -1159,11 +1187,48 @@ mod tests {
             assert_eq!(config(&["--console", value]).console.mode, mode);
         }
         assert_eq!(
-            kernel_error(&["--console", "pty"]),
-            "--console: pty (there is no virtio console device yet) is not supported yet"
+            config(&["--console", "pty"]).console.mode,
+            ConsoleOutputMode::Pty
         );
-        assert!(kernel_error(&["--console", "file=/tmp/c"]).starts_with("--console: file"));
-        assert!(kernel_error(&["--console", "socket=/tmp/c"]).starts_with("--console: socket"));
+        let file = config(&["--console", "file=/tmp/c"]).console;
+        assert_eq!(file.mode, ConsoleOutputMode::File);
+        assert_eq!(file.file, Some(PathBuf::from("/tmp/c")));
+        let socket = config(&["--console", "socket=/tmp/c.sock"]).console;
+        assert_eq!(socket.mode, ConsoleOutputMode::Socket);
+        assert_eq!(socket.socket, Some(PathBuf::from("/tmp/c.sock")));
+        assert_eq!(
+            kernel_error(&["--console", "tty,iommu=on"]),
+            "--console: iommu=on is not supported yet"
+        );
+        // Cloud Hypervisor's defaults, and the harness's explicit form.
+        assert_eq!(config(&[]).console.mode, ConsoleOutputMode::Tty);
+        assert_eq!(config(&[]).serial.mode, ConsoleOutputMode::Null);
+        let explicit = config(&["--serial", "tty", "--console", "off"]);
+        assert_eq!(explicit.serial.mode, ConsoleOutputMode::Tty);
+        assert_eq!(explicit.console.mode, ConsoleOutputMode::Off);
+    }
+
+    #[test]
+    fn rng_flag() {
+        assert_eq!(config(&[]).rng, RngConfig::default());
+        assert_eq!(config(&[]).rng.src, PathBuf::from("/dev/urandom"));
+        let rng = config(&["--rng", "src=/dev/random"]).rng;
+        assert_eq!(rng.src, PathBuf::from("/dev/random"));
+        assert!(!rng.iommu);
+        assert_eq!(
+            config(&["--rng", "src=/dev/hwrng,iommu=off"]).rng.src,
+            PathBuf::from("/dev/hwrng")
+        );
+        assert_eq!(
+            kernel_error(&["--rng", "src=/dev/urandom,iommu=on"]),
+            "--rng: iommu=on (there is no virtual IOMMU) is not supported yet"
+        );
+        assert!(kernel_error(&["--rng", "source=/dev/urandom"]).starts_with("--rng: "));
+        assert!(kernel_error(&["--rng", "src="]).starts_with("--rng: "));
+        assert_eq!(
+            error(&["--rng", "src=/dev/urandom"]),
+            "--rng requires --kernel"
+        );
     }
 
     #[test]
@@ -1301,7 +1366,7 @@ mod tests {
         }
         assert_eq!(
             kernel_error(&["--rng", "src=/dev/urandom", "--pmem", "file=/d"]),
-            "--rng is not supported yet"
+            "--pmem is not supported yet"
         );
     }
 

@@ -8,6 +8,7 @@ pub mod acpi;
 pub mod bus;
 pub mod gate;
 pub mod legacy;
+pub mod pci;
 pub mod state;
 pub mod tap;
 pub mod virtio;

@@ -1,8 +1,9 @@
 //! Saved device state: what a restore needs, as plain serde data.
 //!
 //! Each device keeps its persisted state next to its model (`SerialDeviceState` in
-//! `legacy::serial`, `MmioTransportState` in `virtio::mmio`, `BlockState` in `virtio::block`,
-//! `NetState` in `virtio::net`); this module gathers them into one [`DeviceState`] per device
+//! `legacy::serial`, `PciTransportState` in `virtio::pci`, `BlockState` in `virtio::block`,
+//! `NetState` in `virtio::net`, `ConsoleState` in `virtio::console`, `RngState` in
+//! `virtio::rng`); this module gathers them into one [`DeviceState`] per device
 //! and holds the error every restore reports. One format serves snapshot/restore, live migration
 //! and fault tolerance.
 //!
@@ -20,16 +21,18 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::legacy::serial::SerialDeviceState;
 pub use crate::virtio::block::{BlockCounters, BlockState};
-pub use crate::virtio::mmio::MmioTransportState;
+pub use crate::virtio::console::{ConsoleCounters, ConsoleState};
 pub use crate::virtio::net::{NetCounters, NetState};
+pub use crate::virtio::pci::PciTransportState;
+pub use crate::virtio::rng::{RngCounters, RngState};
 pub use crate::virtio::VirtQueueState;
 
 /// A virtio device's saved state: its transport's (registers, queues, interrupt status) and the
 /// device model's own.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct VirtioState<D> {
-    pub transport: MmioTransportState,
+pub struct VirtioState<D, T = PciTransportState> {
+    pub transport: T,
     pub device: D,
 }
 
@@ -43,6 +46,8 @@ pub enum DeviceState {
     Serial(SerialDeviceState),
     Block(VirtioState<BlockState>),
     Net(VirtioState<NetState>),
+    Console(VirtioState<ConsoleState>),
+    Rng(VirtioState<RngState>),
 }
 
 /// Why a saved state cannot be restored into a device. The destination builds its devices from
@@ -81,17 +86,17 @@ pub enum RestoreError {
         have: Option<u16>,
         want: Option<u16>,
     },
-    #[error("virtio-mmio: the device has type {have} but the snapshot is of type {want}")]
+    #[error("virtio: the device has type {have} but the snapshot is of type {want}")]
     DeviceType { have: u32, want: u32 },
-    #[error("virtio-mmio (device type {device_type}): queue {index}: {reason}")]
+    #[error("virtio (device type {device_type}): queue {index}: {reason}")]
     Queue {
         device_type: u32,
         index: usize,
         reason: String,
     },
-    #[error("virtio-mmio (device type {device_type}): inconsistent snapshot: {reason}")]
+    #[error("virtio (device type {device_type}): inconsistent snapshot: {reason}")]
     Inconsistent { device_type: u32, reason: String },
-    #[error("virtio-mmio (device type {device_type}): re-activating the device failed: {source}")]
+    #[error("virtio (device type {device_type}): re-activating the device failed: {source}")]
     Activate {
         device_type: u32,
         source: crate::virtio::ActivateError,

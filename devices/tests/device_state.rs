@@ -13,10 +13,10 @@ use std::time::Duration;
 use common::*;
 use devices::gate::NetOutputGate;
 use devices::virtio::block::*;
-use devices::virtio::mmio::{INTERRUPT_USED_BUFFER, REG_CONFIG};
+use devices::virtio::core::INTERRUPT_USED_BUFFER;
 use devices::virtio::net::{Net, NetConfig, NetState};
 use devices::virtio::VIRTIO_F_VERSION_1;
-use devices::{BusDevice, DeviceState, GuestMemoryMmap, VirtioState};
+use devices::{DeviceState, GuestMemoryMmap, VirtioState};
 use event_manager::SubscriberOps;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -136,10 +136,10 @@ fn pending_block_request_survives(init_before_restore: bool) {
     // The loop is stopped here: no poll.
 
     let captured = VirtioState {
-        transport: h.driver.bus.lock().unwrap().state(),
+        transport: h.driver.dev.lock().unwrap().state(),
         device: dev.lock().unwrap().state(),
     };
-    let t = &captured.transport;
+    let t = &captured.transport.virtio;
     assert!(t.activated);
     assert_eq!(t.interrupt_status, INTERRUPT_USED_BUFFER);
     assert_eq!((t.queues[0].next_avail, t.queues[0].next_used), (1, 1));
@@ -159,22 +159,23 @@ fn pending_block_request_survives(init_before_restore: bool) {
     let mut h = if init_before_restore {
         Harness::with_memory(dev.clone(), mem.clone())
     } else {
-        let (bus, irq) = transport(dev.clone(), &mem);
+        let f = pci_function(dev.clone(), &mem);
         Harness {
             em: DeviceEventManager::new().unwrap(),
-            driver: Driver::new(bus, mem.clone(), irq),
+            driver: Driver::new(f.dev, mem.clone(), f.intx),
+            vectors: f.vectors,
             alloc: Alloc::new(BUFFER_BASE, MEM_SIZE as u64),
         }
     };
     h.driver.queues = queues;
     dev.lock().unwrap().restore(&saved.device).unwrap();
     h.driver
-        .bus
+        .dev
         .lock()
         .unwrap()
         .restore(&saved.transport)
         .unwrap();
-    assert_eq!(h.driver.bus.lock().unwrap().state(), saved.transport);
+    assert_eq!(h.driver.dev.lock().unwrap().state(), saved.transport);
     assert_eq!(dev.lock().unwrap().state(), saved.device);
     // The unacknowledged interrupt is raised again.
     assert_eq!(h.driver.irq.read().unwrap(), 1);
@@ -193,7 +194,7 @@ fn pending_block_request_survives(init_before_restore: bool) {
     assert_eq!(h.read(rstatus, 1), [VIRTIO_BLK_S_OK]);
     assert_eq!(h.read(dst, 512), payload);
     assert_eq!(used_idx(&mem, &h.driver.queues[0]), 2);
-    let after = h.driver.bus.lock().unwrap().state();
+    let after = h.driver.dev.lock().unwrap().state().virtio;
     assert_eq!(
         (after.queues[0].next_avail, after.queues[0].next_used),
         (2, 2)
@@ -263,18 +264,18 @@ fn pending_net_tx_is_sent_after_restore() {
         h.driver.add_chain(0, &[(rx, 2048, true)]);
 
         let state = VirtioState {
-            transport: h.driver.bus.lock().unwrap().state(),
+            transport: h.driver.dev.lock().unwrap().state(),
             device: net.lock().unwrap().state(),
         };
         assert_eq!(state.device.counters.tx_frames, 1);
         assert_eq!(
             (
-                state.transport.queues[1].next_avail,
-                state.transport.queues[1].next_used
+                state.transport.virtio.queues[1].next_avail,
+                state.transport.virtio.queues[1].next_used
             ),
             (1, 1)
         );
-        assert_eq!(state.transport.queues[0].next_avail, 0);
+        assert_eq!(state.transport.virtio.queues[0].next_avail, 0);
         let json = serde_json::to_string(&state).unwrap();
         let saved: VirtioState<NetState> = serde_json::from_str(&json).unwrap();
         assert_eq!(saved, state);
@@ -296,18 +297,18 @@ fn pending_net_tx_is_sent_after_restore() {
             .replace_output_gate(Box::new(rec2.clone()));
         net.lock().unwrap().restore(&saved.device).unwrap();
         assert_eq!(net.lock().unwrap().mac(), saved.device.mac);
-        let (bus, irq) = transport(net.clone(), &mem);
-        bus.lock().unwrap().restore(&saved.transport).unwrap();
-        assert_eq!(bus.lock().unwrap().state(), saved.transport);
+        let (dev, irq) = transport(net.clone(), &mem);
+        dev.lock().unwrap().restore(&saved.transport).unwrap();
+        assert_eq!(dev.lock().unwrap().state(), saved.transport);
         assert_eq!(net.lock().unwrap().state(), saved.device);
         assert_eq!(irq.read().unwrap(), 1);
+        let mut driver = Driver::new(dev, mem.clone(), irq);
         let mut mac = [0u8; 6];
-        bus.lock().unwrap().read(REG_CONFIG, &mut mac);
+        driver.read_config(0, &mut mac);
         assert_eq!(mac, saved.device.mac.bytes());
 
         let mut em = DeviceEventManager::new().unwrap();
         em.add_subscriber(net.clone());
-        let mut driver = Driver::new(bus, mem.clone(), irq);
         driver.queues = queues;
         let used = driver.wait_used(1, 1, WAIT, || {
             em.run_with_timeout(50).unwrap();
@@ -317,7 +318,7 @@ fn pending_net_tx_is_sent_after_restore() {
         assert_eq!(used_idx(&mem, &driver.queues[1]), 2);
         assert_eq!(net.lock().unwrap().counters()["tx_frames"], 2);
         // The RX buffer is still available (no frame came), not lost.
-        let t = driver.bus.lock().unwrap().state();
+        let t = driver.dev.lock().unwrap().state().virtio;
         assert_eq!(t.queues[0].next_avail, 0);
     });
 }

@@ -1,4 +1,4 @@
-//! virtio-net end to end: a `Net` on a real TAP behind the virtio-mmio transport, driven by the
+//! virtio-net end to end: a `Net` on a real TAP behind a virtio-pci function, driven by the
 //! in-test driver, with the device event loop run by the test thread.
 //!
 //! Every test that needs a TAP runs on a thread that first moves into a fresh network
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use common::{clear_dirty, guest_memory, in_netns, is_dirty, transport, Alloc, Driver};
 use devices::gate::NetOutputGate;
 use devices::tap::VNET_HDR_LEN;
-use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::{MacAddr, Net, NetConfig, NetError, MAX_PACKET_LEN};
 use devices::virtio::VIRTIO_F_VERSION_1;
 use devices::GuestMemoryMmap;
@@ -51,7 +50,7 @@ impl NetOutputGate for Recorder {
 /// A device, its transport and driver, and the event loop, all on the calling thread.
 struct Rig {
     net: Arc<Mutex<Net>>,
-    drv: Driver<MmioTransport>,
+    drv: Driver,
     em: Em,
     mem: GuestMemoryMmap,
     alloc: Alloc,

@@ -233,7 +233,7 @@ impl Blk {
     }
 }
 
-fn setup(req_kib: u64, dev: &virtio::MmioDev) -> Result<(Blk, u64, u32), &'static str> {
+fn setup(req_kib: u64, dev: &virtio::Dev) -> Result<(Blk, u64, u32), &'static str> {
     let t = Transport::init(dev, F_SIZE_MAX | F_SEG_MAX | F_RO | F_FLUSH)?;
     let capacity = u64::from_le_bytes(t.config::<8>(0));
     let size_max = if t.has(F_SIZE_MAX) {
@@ -295,7 +295,7 @@ pub struct Disk {
 
 impl Disk {
     /// Initializes the device with requests of up to `req_kib` KiB.
-    pub fn open(dev: &virtio::MmioDev, req_kib: u64) -> Result<Disk, &'static str> {
+    pub fn open(dev: &virtio::Dev, req_kib: u64) -> Result<Disk, &'static str> {
         let (blk, capacity, _) = setup(req_kib, dev)?;
         let ro = blk.t.has(F_RO);
         Ok(Disk { blk, capacity, ro })

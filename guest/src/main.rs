@@ -19,6 +19,7 @@ mod dma;
 mod ft;
 mod mem;
 mod net;
+mod pci;
 mod smp;
 mod sys;
 mod tables;
@@ -74,18 +75,50 @@ pub extern "C" fn user_main(_cpu: u64) -> ! {
         console::Bytes(info.cmdline())
     );
     dma::init(&info);
-    let devs = virtio::discover(info.cmdline());
-    for d in devs.iter() {
+    let bus = if cfg.pci_off {
+        pci::Bus::empty()
+    } else {
+        pci::init(tables::find_ecam(info.rsdp), cfg.pci_cf8);
+        pci::scan()
+    };
+    for f in bus.iter() {
         println!(
-            "VIRTIO dev={} base=0x{:x} irq={} features=0x{:x} id={} version={} size=0x{:x}",
-            d.kind(),
-            d.base,
-            d.irq,
-            d.features,
-            d.id,
-            d.version,
-            d.size
+            "PCI {} id={:04x}:{:04x} class=0x{:06x} header=0x{:02x} access={}",
+            f.addr,
+            f.vendor,
+            f.device,
+            f.class,
+            f.header_type,
+            pci::method()
         );
+    }
+    let devs = virtio::discover(info.cmdline(), &bus);
+    for d in devs.iter() {
+        match d.at {
+            virtio::At::Mmio { base, size } => println!(
+                "VIRTIO dev={} base=0x{:x} irq={} features=0x{:x} id={} version={} size=0x{:x}",
+                d.kind(),
+                base,
+                d.irq,
+                d.features,
+                d.id,
+                d.version,
+                size
+            ),
+            virtio::At::Pci { addr, span } => println!(
+                "VIRTIO dev={} pci={} irq={} features=0x{:x} id={} version={} size=0x{:x}",
+                d.kind(),
+                addr,
+                d.irq,
+                d.features,
+                d.id,
+                d.version,
+                span
+            ),
+        }
+        if let Some((why, at)) = d.problem {
+            println!("VIRTIO error {} (0x{:x})", why, at);
+        }
     }
     workloads::run(&cfg, &info, &cpus, &devs);
     println!("TANDEM-GUEST DONE");

@@ -199,7 +199,7 @@ impl phy::Device for VirtioNet {
     }
 }
 
-pub fn open(dev: &virtio::MmioDev) -> Result<(VirtioNet, [u8; 6]), &'static str> {
+pub fn open(dev: &virtio::Dev) -> Result<(VirtioNet, [u8; 6]), &'static str> {
     let t = Transport::init(dev, F_MAC)?;
     let mac = if t.has(F_MAC) {
         t.config::<6>(0)

@@ -10,13 +10,10 @@ const PARK: u64 = 2;
 const OUTS: u64 = 3;
 const OUTB: u64 = 4;
 const INB: u64 = 5;
-#[allow(dead_code)]
 const OUTW: u64 = 6;
 #[allow(dead_code)]
 const INW: u64 = 7;
-#[allow(dead_code)]
 const OUTL: u64 = 8;
-#[allow(dead_code)]
 const INL: u64 = 9;
 const WRMSR: u64 = 10;
 const RDMSR: u64 = 11;
@@ -82,7 +79,6 @@ pub fn inb(port: u16) -> u8 {
     call(INB, port as u64, 0, 0) as u8
 }
 
-#[allow(dead_code)]
 pub fn outw(port: u16, v: u16) {
     call(OUTW, port as u64, v as u64, 0);
 }
@@ -92,12 +88,10 @@ pub fn inw(port: u16) -> u16 {
     call(INW, port as u64, 0, 0) as u16
 }
 
-#[allow(dead_code)]
 pub fn outl(port: u16, v: u32) {
     call(OUTL, port as u64, v as u64, 0);
 }
 
-#[allow(dead_code)]
 pub fn inl(port: u16) -> u32 {
     call(INL, port as u64, 0, 0) as u32
 }

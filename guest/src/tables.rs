@@ -73,7 +73,8 @@ fn find_rsdp(hint: u64) -> Option<u64> {
     scan(0xe0000, 0x100000, b"RSD PTR ", 20)
 }
 
-fn find_madt(rsdp: u64) -> Option<u64> {
+/// The ACPI table with signature `sig` (through the XSDT, else the RSDT).
+fn find_table(rsdp: u64, sig: &[u8]) -> Option<u64> {
     // SAFETY: ACPI tables in RAM, addresses below 4 GiB in practice.
     unsafe {
         let rev: u8 = phys(rsdp + 15);
@@ -94,7 +95,7 @@ fn find_madt(rsdp: u64) -> Option<u64> {
             } else {
                 phys::<u32>(p) as u64
             };
-            if t != 0 && t < (1 << 32) && sig_at(t, b"APIC") {
+            if t != 0 && t < (1 << 32) && sig_at(t, sig) {
                 return Some(t);
             }
             p += step;
@@ -169,7 +170,7 @@ pub fn find_cpus(rsdp_hint: u64) -> Cpus {
         source: Source::None,
     };
     let hint = rsdp_hint;
-    if let Some(madt) = find_rsdp(hint).and_then(find_madt) {
+    if let Some(madt) = find_rsdp(hint).and_then(|r| find_table(r, b"APIC")) {
         from_madt(madt, &mut cpus);
         if cpus.count > 0 {
             cpus.source = Source::Madt;
@@ -183,4 +184,27 @@ pub fn find_cpus(rsdp_hint: u64) -> Cpus {
         }
     }
     cpus
+}
+
+/// The PCI Express enhanced configuration (ECAM) window of segment 0, bus 0,
+/// from the ACPI MCFG table, if it lies inside the identity map.
+pub fn find_ecam(rsdp_hint: u64) -> Option<u64> {
+    let mcfg = find_table(find_rsdp(rsdp_hint)?, b"MCFG")?;
+    // SAFETY: bounded by the table's own length.
+    unsafe {
+        let len = phys::<u32>(mcfg + 4) as u64;
+        // Header (36 bytes), 8 reserved, then 16-byte entries: base address,
+        // segment, first bus, last bus, reserved.
+        let mut p = mcfg + 44;
+        while p + 16 <= mcfg + len {
+            let base: u64 = phys(p);
+            let segment: u16 = phys(p + 8);
+            let first_bus: u8 = phys(p + 10);
+            if segment == 0 && first_bus == 0 && base != 0 && base + (1 << 20) <= 1 << 32 {
+                return Some(base);
+            }
+            p += 16;
+        }
+    }
+    None
 }

@@ -39,6 +39,10 @@ pub struct Config {
     pub exit: Exit,
     /// `clock=tsc`: skip kvmclock (exercises the fallback).
     pub force_tsc: bool,
+    /// `pci=cf8`: configuration space through ports 0xcf8/0xcfc only.
+    pub pci_cf8: bool,
+    /// `pci=off`: no PCI scan (virtio-mmio devices only).
+    pub pci_off: bool,
     pub blk_mib: u64,
     pub blk_start: u64,
     pub blk_seq: u64,
@@ -99,6 +103,8 @@ impl Config {
             smp_iters: 20_000,
             exit: Exit::Shutdown,
             force_tsc: false,
+            pci_cf8: false,
+            pci_off: false,
             blk_mib: 8,
             blk_start: 0,
             blk_seq: 1,
@@ -138,6 +144,10 @@ impl Config {
                     _ => {}
                 },
                 b"clock" => c.force_tsc = v == b"tsc",
+                b"pci" => {
+                    c.pci_cf8 = v == b"cf8";
+                    c.pci_off = v == b"off";
+                }
                 b"dirty.mib" => c.dirty_mib = parse_u64(v).unwrap_or(c.dirty_mib),
                 b"dirty.rate" => c.dirty_rate = parse_u64(v).unwrap_or(c.dirty_rate),
                 b"dirty.ms" => c.dirty_ms = parse_u64(v).unwrap_or(c.dirty_ms),

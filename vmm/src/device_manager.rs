@@ -1,6 +1,8 @@
-//! Creates the virtio devices of a VM, places them in the MMIO hole, wires their notifications
-//! (KVM ioeventfds) and interrupts (KVM irqfds), announces them to the guest on its kernel
-//! command line, and runs the one device event loop thread they all share.
+//! Creates the virtio devices of a VM as virtio-pci functions on bus 0 (in Cloud Hypervisor's
+//! order and numbering: 00:01.0 onwards), gives each its BAR in the 32-bit window, its MSI-X
+//! vectors (each an irqfd on a GSI of its own) and an INTx line while free lines last, maps the
+//! PCI configuration mechanisms and BAR windows onto the VM's buses, and runs the one device
+//! event loop thread they all share.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,36 +14,48 @@ use devices::gate::{
 };
 use devices::legacy::serial::SerialDeviceState;
 use devices::legacy::Serial;
+use devices::pci::msix::MsixVector;
+use devices::pci::{PciBarWindow, PciBus, PciConfigIo, PciEcam};
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::console::Console;
 use devices::virtio::net::Net;
+use devices::virtio::pci::{self as virtio_pci, IntxLine, PciResources, VirtioPciDevice};
+use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 use devices::{DeviceState, GuestMemoryMmap, IoBus, VirtioState};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VmCounters;
+use crate::kvm_routing::{KvmRouting, IOAPIC_PINS};
+use crate::x86_64::layout;
 
-/// First virtio-mmio window; devices follow at `MMIO_REGION_SIZE` strides.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// ISA IRQ lines free on our PC layout (the MP table routes 0-15 to the IOAPIC).
-const VIRTIO_IRQS: [u32; 9] = [5, 6, 7, 9, 10, 11, 12, 14, 15];
+/// IOAPIC lines free for PCI INTx on our PC layout (4 is COM1, 5 the ACPI GED). Devices past
+/// these have MSI-X only, which every virtio-pci driver uses anyway.
+const PCI_INTX_LINES: [u32; 8] = [6, 7, 9, 10, 11, 12, 14, 15];
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
-    #[error("too many virtio devices (at most {})", VIRTIO_IRQS.len())]
+    #[error("too many PCI devices (bus 0 holds 31 besides the host bridge)")]
     TooManyDevices,
+    #[error("no room left in the 32-bit PCI window for device {0}")]
+    NoBarSpace(String),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot set up the transport of device {id}: {source}")]
     Transport {
         id: String,
-        source: devices::virtio::mmio::MmioError,
+        source: devices::virtio::pci::PciTransportError,
+    },
+    #[error("cannot place device {id} on the PCI bus: {source}")]
+    Pci {
+        id: String,
+        source: devices::pci::PciBusError,
     },
     #[error("cannot register KVM {what} for device {id}: {source}")]
     Kvm {
@@ -63,6 +77,8 @@ pub enum DeviceManagerError {
 pub enum VirtioHandle {
     Block(Arc<Mutex<Block>>),
     Net(Arc<Mutex<Net>>),
+    Console(Arc<Mutex<Console>>),
+    Rng(Arc<Mutex<Rng>>),
 }
 
 impl VirtioHandle {
@@ -70,6 +86,8 @@ impl VirtioHandle {
         match self {
             VirtioHandle::Block(d) => d.clone(),
             VirtioHandle::Net(d) => d.clone(),
+            VirtioHandle::Console(d) => d.clone(),
+            VirtioHandle::Rng(d) => d.clone(),
         }
     }
 
@@ -77,6 +95,8 @@ impl VirtioHandle {
         match self {
             VirtioHandle::Block(d) => d.clone(),
             VirtioHandle::Net(d) => d.clone(),
+            VirtioHandle::Console(d) => d.clone(),
+            VirtioHandle::Rng(d) => d.clone(),
         }
     }
 
@@ -84,6 +104,8 @@ impl VirtioHandle {
         match self {
             VirtioHandle::Block(d) => lock(d).counters(),
             VirtioHandle::Net(d) => lock(d).counters(),
+            VirtioHandle::Console(d) => lock(d).counters(),
+            VirtioHandle::Rng(d) => lock(d).counters(),
         }
     }
 }
@@ -96,7 +118,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct VirtioEntry {
     id: String,
-    transport: Arc<Mutex<MmioTransport>>,
+    transport: Arc<Mutex<VirtioPciDevice>>,
     handle: VirtioHandle,
 }
 
@@ -195,9 +217,12 @@ impl DiskOutputGate for Detached {
 pub struct DeviceManager {
     mem: GuestMemoryMmap,
     ft_gates: Option<FtGates>,
-    next_slot: usize,
-    /// Added to the kernel command line (`virtio_mmio.device=...`).
-    cmdline_entries: Vec<String>,
+    pci: Arc<Mutex<PciBus>>,
+    routing: Arc<KvmRouting>,
+    /// The next free GSI for an MSI-X vector.
+    next_gsi: u32,
+    /// (device number, GSI) of each function with an INTx line, for the ACPI `_PRT`.
+    intx: Vec<(u8, u32)>,
     subscribers: Vec<Subscriber>,
     virtio: Vec<VirtioEntry>,
     serial: Option<Arc<Mutex<Serial>>>,
@@ -209,12 +234,14 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    pub fn new(mem: GuestMemoryMmap) -> Self {
+    pub fn new(mem: GuestMemoryMmap, vm_fd: Arc<VmFd>) -> Self {
         Self {
             mem,
             ft_gates: None,
-            next_slot: 0,
-            cmdline_entries: Vec::new(),
+            pci: Arc::new(Mutex::new(PciBus::new())),
+            routing: Arc::new(KvmRouting::new(vm_fd)),
+            next_gsi: IOAPIC_PINS,
+            intx: Vec::new(),
             subscribers: Vec::new(),
             virtio: Vec::new(),
             serial: None,
@@ -225,65 +252,131 @@ impl DeviceManager {
         }
     }
 
-    /// Places `device` behind a virtio-mmio transport: MMIO window, irqfd, one ioeventfd per
-    /// queue, and the device loop subscription.
+    /// Maps the PCI machine onto the VM's buses: configuration ports 0xcf8-0xcff, ECAM, and
+    /// the 32- and 64-bit BAR windows.
+    pub fn attach_pci(
+        &self,
+        pio: &mut IoBus,
+        mmio: &mut IoBus,
+        mmio64: (u64, u64),
+    ) -> Result<(), devices::IoBusError> {
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(self.pci.clone()))),
+            layout::PCI_CONFIG_IO_START,
+            layout::PCI_CONFIG_IO_SIZE,
+        )?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(self.pci.clone()))),
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+        )?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciBarWindow::new(
+                self.pci.clone(),
+                layout::PCI_MMIO32_START,
+            ))),
+            layout::PCI_MMIO32_START,
+            layout::PCI_MMIO32_SIZE,
+        )?;
+        if mmio64.1 > 0 {
+            mmio.insert(
+                Arc::new(Mutex::new(PciBarWindow::new(self.pci.clone(), mmio64.0))),
+                mmio64.0,
+                mmio64.1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// (PCI device number, GSI) of every function with an INTx line: the ACPI `_PRT`.
+    pub fn pci_intx(&self) -> Vec<(u8, u32)> {
+        self.intx.clone()
+    }
+
+    /// Places `device` on the PCI bus as a virtio-pci function: the next device number, its
+    /// BAR in the 32-bit window (in device order, so the same configuration gives the same
+    /// addresses on every host), one irqfd per MSI-X vector, an INTx line while free ones
+    /// last, and the device loop subscription.
     pub fn add_virtio_device(
         &mut self,
         vm_fd: &VmFd,
-        mmio_bus: &mut IoBus,
         id: String,
         handle: VirtioHandle,
     ) -> Result<(), DeviceManagerError> {
-        let irq = *VIRTIO_IRQS
-            .get(self.next_slot)
-            .ok_or(DeviceManagerError::TooManyDevices)?;
-        let base = VIRTIO_MMIO_BASE + self.next_slot as u64 * MMIO_REGION_SIZE;
         let kvm_err = |what, id: &str| {
             let id = id.to_string();
             move |source| DeviceManagerError::Kvm { what, id, source }
         };
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
-        vm_fd
-            .register_irqfd(&irq_evt, irq)
-            .map_err(kvm_err("irqfd", &id))?;
-        let transport =
-            MmioTransport::new(handle.device(), self.mem.clone(), irq_evt).map_err(|source| {
-                DeviceManagerError::Transport {
-                    id: id.clone(),
-                    source,
-                }
-            })?;
-        for (queue, evt) in transport.queue_notify_evts().iter().enumerate() {
+        let number = lock(&self.pci)
+            .next_device_number()
+            .ok_or(DeviceManagerError::TooManyDevices)?;
+        let bar_address = layout::PCI_MMIO32_START + u64::from(number - 1) * virtio_pci::BAR_SIZE;
+        if bar_address + virtio_pci::BAR_SIZE > layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE {
+            return Err(DeviceManagerError::NoBarSpace(id));
+        }
+        let queues = lock(&handle.device()).queue_max_sizes().len();
+        let mut vectors = Vec::new();
+        for _ in 0..virtio_pci::vector_count(queues) {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
             vm_fd
-                .register_ioevent(
-                    evt.as_ref(),
-                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                    queue as u32,
-                )
-                .map_err(kvm_err("ioeventfd", &id))?;
+                .register_irqfd(&irq, self.next_gsi)
+                .map_err(kvm_err("MSI-X irqfd", &id))?;
+            vectors.push(MsixVector {
+                gsi: self.next_gsi,
+                irq,
+            });
+            self.next_gsi += 1;
+        }
+        let intx = match PCI_INTX_LINES.get(self.intx.len()) {
+            Some(&line) => {
+                let new_evt =
+                    || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd);
+                let (irq, resample) = (new_evt()?, new_evt()?);
+                vm_fd
+                    .register_irqfd_with_resample(&irq, &resample, line)
+                    .map_err(kvm_err("INTx irqfd", &id))?;
+                self.intx.push((number, line));
+                Some(IntxLine {
+                    irq,
+                    resample,
+                    line: line as u8,
+                })
+            }
+            None => None,
+        };
+        let mut transport = VirtioPciDevice::new(
+            handle.device(),
+            self.mem.clone(),
+            PciResources {
+                bar_address,
+                intx,
+                vectors,
+                router: self.routing.clone(),
+                ioevents: self.routing.clone(),
+            },
+        )
+        .map_err(|source| DeviceManagerError::Transport {
+            id: id.clone(),
+            source,
+        })?;
+        if let Some(resampler) = transport.take_intx_resampler() {
+            self.subscribers.push(Arc::new(Mutex::new(resampler)));
         }
         let transport = Arc::new(Mutex::new(transport));
-        mmio_bus
-            .insert(transport.clone(), base, MMIO_REGION_SIZE)
-            .map_err(|source| DeviceManagerError::Bus {
+        lock(&self.pci)
+            .insert(number, transport.clone())
+            .map_err(|source| DeviceManagerError::Pci {
                 id: id.clone(),
                 source,
             })?;
-        self.cmdline_entries
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        log::debug!("{id}: virtio-pci at 00:{number:02x}.0, BAR0 {bar_address:#x}");
         self.subscribers.push(handle.subscriber());
         self.virtio.push(VirtioEntry {
             id,
             transport,
             handle,
         });
-        self.next_slot += 1;
         Ok(())
-    }
-
-    /// Kernel command line fragment announcing the devices.
-    pub fn cmdline(&self) -> String {
-        self.cmdline_entries.join(" ")
     }
 
     /// Starts the device event loop thread with every device added so far.
@@ -412,6 +505,8 @@ impl DeviceManager {
                     gates.disks.push(control);
                     gates.disk_logs.push(log);
                 }
+                // Console output and entropy are not held (as with the serial port).
+                VirtioHandle::Console(_) | VirtioHandle::Rng(_) => {}
             }
         }
         for control in gates.all() {
@@ -466,6 +561,14 @@ impl DeviceManager {
                             transport,
                             device: lock(d).state(),
                         }),
+                        VirtioHandle::Console(d) => DeviceState::Console(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
+                        VirtioHandle::Rng(d) => DeviceState::Rng(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
                     };
                     NamedDeviceState {
                         id: entry.id.clone(),
@@ -510,9 +613,19 @@ impl DeviceManager {
                     lock(d).restore(&s.device)?;
                     lock(&entry.transport).restore(&s.transport)?;
                 }
+                (VirtioHandle::Console(d), DeviceState::Console(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
+                (VirtioHandle::Rng(d), DeviceState::Rng(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
                 _ => return Err(mismatch("the device kinds differ")),
             }
         }
+        // Configuration spaces are back: put the notification ioeventfds where BARs decode.
+        lock(&self.pci).refresh_decode();
         Ok(())
     }
 

@@ -2,10 +2,12 @@
 //! the control loop that owns the VM.
 
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod device_manager;
 pub mod event_monitor;
 pub mod fault_tolerance;
+pub mod kvm_routing;
 pub mod memory;
 pub mod migration;
 pub mod seccomp;

@@ -8,7 +8,8 @@
 //!   sockets, spawns the other threads;
 //! - `vcpu<N>`: runs the guest and guest-driven port/MMIO emulation: KVM ioctls, eventfds;
 //! - `device-loop`: guest-driven virtio queues: epoll, eventfds, image and TAP reads and
-//!   writes; no ioctl at all;
+//!   writes, the console's input and output and its socket client (accept4), entropy reads;
+//!   no ioctl at all;
 //! - `http-server` / `http-conn`: the API socket: accept, read, write, spawn a thread per
 //!   connection; ioctl only to make a socket (non-)blocking;
 //! - replication (`ft-*`, `migration-rx`): network streams, the witness, disk images (the
@@ -197,6 +198,10 @@ const VMM_EXTRA: &[libc::c_long] = &[
     libc::SYS_uname,
 ];
 
+/// The device loop's extras: accepting the virtio console's socket client (its input and
+/// output, like stdin, stdout and a pty, are plain `read`/`write`).
+const DEVICE_LOOP_EXTRA: &[libc::c_long] = &[libc::SYS_accept4];
+
 /// A vCPU thread: KVM ioctls, futexes for pause/resume, eventfd and console writes.
 const VCPU_EXTRA: &[libc::c_long] = &[
     libc::SYS_fcntl,
@@ -213,7 +218,7 @@ fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
     match role {
         ThreadRole::Vmm => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS, VMM_EXTRA],
         ThreadRole::Vcpu => vec![COMMON, VCPU_EXTRA],
-        ThreadRole::DeviceLoop => vec![COMMON, EVENTS, FILES],
+        ThreadRole::DeviceLoop => vec![COMMON, EVENTS, FILES, DEVICE_LOOP_EXTRA],
         ThreadRole::Api => vec![COMMON, SPAWN, NETWORK, EVENTS],
         ThreadRole::Replication => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS],
         ThreadRole::SerialSocket => vec![COMMON, NETWORK],

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::acpi::{AcpiShutdownDevice, SHUTDOWN_PORT};
+use devices::acpi::{AcpiShutdownDevice, Ged, SHUTDOWN_PORT};
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use devices::legacy::serial::SERIAL_IRQ;
 use devices::legacy::{Serial, I8042, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
@@ -13,15 +13,18 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::console::ConsoleHost;
 use crate::device_manager::{DeviceManager, DeviceManagerError, DevicesState, VirtioHandle};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
 use crate::x86_64::cpu_state::{self, KvmVmState, VcpuState};
-use crate::x86_64::{boot, cpuid, layout, mptable, msr, regs};
+use crate::x86_64::{acpi, boot, cpuid, layout, mptable, msr, regs};
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::console::Console;
 use devices::virtio::net::{MacAddr, Net, NetConfig};
+use devices::virtio::rng::Rng;
 
 /// How long a pause may take before it is reported as stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,6 +65,10 @@ pub enum VmError {
     Regs(#[from] regs::RegsError),
     #[error("{0}")]
     Mptable(#[from] mptable::MptableError),
+    #[error("{0}")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("cannot press the power button: {0}")]
+    PowerButton(std::io::Error),
     #[error("cannot set up vCPU {index} ({what}): {source}")]
     SetupVcpu {
         index: u8,
@@ -138,7 +145,8 @@ pub struct Vm {
     // they use is unmapped.
     vcpus: Vcpus,
     device_manager: DeviceManager,
-    vm_fd: VmFd,
+    ged: Arc<Mutex<Ged>>,
+    vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
 }
 
@@ -210,7 +218,7 @@ impl Vm {
                 seccomp,
                 PrepareOptions {
                     memory: Some(memory),
-                    defer_disk_locks: false,
+                    ..Default::default()
                 },
             )?
             .restore(state, resume),
@@ -255,7 +263,7 @@ impl Vm {
         let mem_size = config.memory.size;
         memory::validate_size(mem_size, phys_bits(&base_cpuid))?;
 
-        let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         let setup = |what, r: Result<(), kvm_ioctls::Error>| {
             r.map_err(|source| VmError::SetupVm { what, source })
         };
@@ -293,25 +301,32 @@ impl Vm {
         memory::register(&vm_fd, &memory, false)?;
 
         let mut mmio = IoBus::new();
-        let mut device_manager = DeviceManager::new(memory.clone());
+        let ged = add_ged(&vm_fd, &mut mmio)?;
+        let mut device_manager = DeviceManager::new(memory.clone(), vm_fd.clone());
+        // Cloud Hypervisor's order: the virtio console, disks, NICs, then the entropy device.
+        add_console(
+            &vm_fd,
+            &mut device_manager,
+            config,
+            options.console.as_deref(),
+        )?;
         add_disks(
             &vm_fd,
-            &mut mmio,
             &mut device_manager,
             config,
             options.defer_disk_locks,
         )?;
-        add_nets(&vm_fd, &mut mmio, &mut device_manager, config)?;
-        let mut cmdline = payload.cmdline.clone().unwrap_or_default();
-        let devices_cmdline = device_manager.cmdline();
-        if !devices_cmdline.is_empty() {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
-            }
-            cmdline.push_str(&devices_cmdline);
-        }
+        add_nets(&vm_fd, &mut device_manager, config)?;
+        add_rng(&vm_fd, &mut device_manager, config)?;
+        // Devices are found on the PCI bus and through ACPI: the command line is the user's.
+        let cmdline = payload.cmdline.clone().unwrap_or_default();
 
         let mut pio = IoBus::new();
+        device_manager.attach_pci(
+            &mut pio,
+            &mut mmio,
+            layout::pci_mmio64_window(mem_size, phys_bits(&base_cpuid) as u8),
+        )?;
         let serial = match serial_out {
             Some(out) => {
                 let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -353,6 +368,7 @@ impl Vm {
             reset_evt: clone_evt(&events.reset)?,
             exit_evt: clone_evt(&events.exit)?,
         });
+        let acpi_pci_intx = device_manager.pci_intx();
         Ok(PreparedVm {
             config: config.clone(),
             vm_fd,
@@ -367,6 +383,8 @@ impl Vm {
             failure_evt: clone_evt(&events.vcpu_failure)?,
             seccomp,
             disk_locks_deferred: options.defer_disk_locks,
+            ged,
+            acpi_pci_intx,
         })
     }
 
@@ -445,6 +463,17 @@ impl Vm {
         self.device_manager.counters()
     }
 
+    /// Presses the ACPI power button: the generic event device interrupts the guest, whose
+    /// ACPI code sees a power-button event; a guest that handles it powers itself off.
+    pub fn power_button(&self) -> Result<(), VmError> {
+        // A poisoned lock still holds a usable device: its state is one word.
+        self.ged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .notify_power_button()
+            .map_err(VmError::PowerButton)
+    }
+
     /// Stops the vCPUs; the VM is done after this.
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
@@ -460,7 +489,7 @@ pub struct PreparedVm {
     // Dropped in this order if the VM never starts: devices before memory.
     device_manager: DeviceManager,
     vcpu_fds: Vec<VcpuFd>,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     serial: Option<Arc<Mutex<Serial>>>,
     base_cpuid: CpuId,
@@ -470,6 +499,10 @@ pub struct PreparedVm {
     failure_evt: EventFd,
     seccomp: SeccompMode,
     disk_locks_deferred: bool,
+    ged: Arc<Mutex<Ged>>,
+    /// Legacy PCI interrupts the ACPI tables route (`_PRT`): (device number on bus 0, GSI its
+    /// INTA# is wired to), one per device that has an INTx line.
+    acpi_pci_intx: Vec<(u8, u32)>,
 }
 
 /// What [`Vm::prepare`] starts from.
@@ -480,6 +513,9 @@ pub struct PrepareOptions {
     /// Open disk images without their locks; [`PreparedVm::restore`] takes them (a migration
     /// destination prepares while the source still holds them).
     pub defer_disk_locks: bool,
+    /// The host ends of the virtio console, kept by the caller across reboots; None opens
+    /// them from the configuration for this VM alone.
+    pub console: Option<Arc<ConsoleHost>>,
 }
 
 impl PreparedVm {
@@ -493,14 +529,25 @@ impl PreparedVm {
         let kernel = payload.kernel.as_deref().ok_or(VmError::NoKernel)?;
         let mem_size = self.config.memory.size;
         let cpu_count = self.config.cpus.boot_vcpus;
+        mptable::setup(&self.memory, cpu_count)?;
+        let rsdp = acpi::create_acpi_tables(
+            &self.memory,
+            &acpi::AcpiMachine {
+                cpus: cpu_count,
+                mem_size,
+                phys_bits: phys_bits(&self.base_cpuid) as u8,
+                pci_intx: self.acpi_pci_intx.clone(),
+                serial: self.serial.is_some(),
+            },
+        )?;
         let loaded = boot::load_kernel(
             &self.memory,
             mem_size,
             kernel,
             payload.initramfs.as_deref(),
             &self.cmdline,
+            Some(rsdp),
         )?;
-        mptable::setup(&self.memory, cpu_count)?;
         let boot_msrs = msr::boot_msrs(&self.msr_indices)?;
         for (index, fd) in self.vcpu_fds.iter().enumerate() {
             setup_vcpu(
@@ -568,15 +615,29 @@ impl PreparedVm {
         Ok(Vm {
             vcpus,
             device_manager: self.device_manager,
+            ged: self.ged,
             vm_fd: self.vm_fd,
             memory: self.memory,
         })
     }
 }
 
+/// The ACPI generic event device on the MMIO bus, its interrupt an irqfd on the GED line.
+fn add_ged(vm_fd: &VmFd, mmio: &mut IoBus) -> Result<Arc<Mutex<Ged>>, VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&irq, layout::GED_IRQ)
+        .map_err(|source| VmError::SetupVm {
+            what: "GED irqfd",
+            source,
+        })?;
+    let ged = Arc::new(Mutex::new(Ged::new(irq)));
+    mmio.insert(ged.clone(), layout::GED_START, layout::GED_SIZE)?;
+    Ok(ged)
+}
+
 fn add_disks(
     vm_fd: &VmFd,
-    mmio: &mut IoBus,
     device_manager: &mut DeviceManager,
     config: &VmConfig,
     defer_lock: bool,
@@ -595,7 +656,6 @@ fn add_disks(
         .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
         device_manager.add_virtio_device(
             vm_fd,
-            mmio,
             id,
             VirtioHandle::Block(Arc::new(Mutex::new(block))),
         )?;
@@ -605,7 +665,6 @@ fn add_disks(
 
 fn add_nets(
     vm_fd: &VmFd,
-    mmio: &mut IoBus,
     device_manager: &mut DeviceManager,
     config: &VmConfig,
 ) -> Result<(), VmError> {
@@ -635,11 +694,74 @@ fn add_nets(
         log::info!("{id}: TAP {}", net.tap_name());
         device_manager.add_virtio_device(
             vm_fd,
-            mmio,
             id,
             VirtioHandle::Net(Arc::new(Mutex::new(net))),
         )?;
     }
+    Ok(())
+}
+
+/// Cloud Hypervisor's id of the virtio console.
+pub const CONSOLE_DEVICE_ID: &str = "__console";
+/// Cloud Hypervisor's id of the entropy device.
+pub const RNG_DEVICE_ID: &str = "_rng";
+
+/// The virtio console on `host`'s ends (or ends opened from the configuration).
+fn add_console(
+    vm_fd: &VmFd,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+    host: Option<&ConsoleHost>,
+) -> Result<(), VmError> {
+    if config.console.mode == ConsoleOutputMode::Off {
+        return Ok(());
+    }
+    let opened;
+    let host = match host {
+        Some(host) => host,
+        None => {
+            opened = ConsoleHost::open(&config.console)
+                .map_err(|e| VmError::Device(format!("--console: {e}")))?;
+            match &opened {
+                Some(host) => host,
+                None => return Ok(()),
+            }
+        }
+    };
+    let backend = host
+        .backend()
+        .map_err(|e| VmError::Device(format!("--console: {e}")))?;
+    let (cols, rows) = host.size();
+    let console = Console::new(CONSOLE_DEVICE_ID, backend, cols, rows)
+        .map_err(|e| VmError::Device(format!("--console: {e}")))?;
+    device_manager.add_virtio_device(
+        vm_fd,
+        CONSOLE_DEVICE_ID.to_string(),
+        VirtioHandle::Console(Arc::new(Mutex::new(console))),
+    )?;
+    Ok(())
+}
+
+/// The entropy device, reading `rng.src`.
+fn add_rng(
+    vm_fd: &VmFd,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+) -> Result<(), VmError> {
+    let src = &config.rng.src;
+    let source = std::fs::File::open(src).map_err(|e| {
+        VmError::Device(format!(
+            "--rng: cannot open entropy source {}: {e}",
+            src.display()
+        ))
+    })?;
+    let rng =
+        Rng::new(RNG_DEVICE_ID, source).map_err(|e| VmError::Device(format!("--rng: {e}")))?;
+    device_manager.add_virtio_device(
+        vm_fd,
+        RNG_DEVICE_ID.to_string(),
+        VirtioHandle::Rng(Arc::new(Mutex::new(rng))),
+    )?;
     Ok(())
 }
 

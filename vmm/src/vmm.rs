@@ -56,6 +56,8 @@ pub enum RunError {
     },
     #[error("serial mode {0:?} is not supported")]
     SerialMode(ConsoleOutputMode),
+    #[error("{0}")]
+    Console(#[from] crate::console::ConsoleHostError),
     #[error("control loop epoll failed: {0}")]
     Epoll(std::io::Error),
     #[error("no VM has been created")]
@@ -153,18 +155,18 @@ impl Write for SocketWriter {
 }
 
 /// Default bound of `--serial file=` output.
-const SERIAL_FILE_CAP: u64 = 64 << 20;
+pub(crate) const SERIAL_FILE_CAP: u64 = 64 << 20;
 
 /// A writer that stops writing after `cap` bytes, so that a guest printing without end
 /// cannot fill the host's disk. Output beyond the cap is reported written and dropped.
-struct CappedWriter<W> {
+pub(crate) struct CappedWriter<W> {
     inner: W,
     written: u64,
     cap: u64,
 }
 
 impl<W: Write> CappedWriter<W> {
-    fn new(inner: W, cap: u64) -> Self {
+    pub(crate) fn new(inner: W, cap: u64) -> Self {
         Self {
             inner,
             written: 0,
@@ -313,6 +315,8 @@ struct Vmm {
     config: Option<VmConfig>,
     /// Console output kept across reboots of the same VM.
     serial: Option<SharedWriter>,
+    /// The virtio console's host ends (pty, socket, file), kept across reboots likewise.
+    console: Option<Arc<crate::console::ConsoleHost>>,
     vm: Option<Vm>,
     state: VmState,
     ft: Option<Box<dyn FtProvider>>,
@@ -365,11 +369,19 @@ impl Vmm {
         if self.serial.is_none() {
             self.serial = serial_output(config)?;
         }
+        if self.console.is_none() {
+            self.console = crate::console::ConsoleHost::open(&config.console)?.map(Arc::new);
+        }
         let out = self
             .serial
             .clone()
             .map(|w| Box::new(w) as Box<dyn Write + Send>);
-        let vm = Vm::boot(&self.kvm, config, out, &self.events, self.seccomp)?;
+        let options = PrepareOptions {
+            console: self.console.clone(),
+            ..PrepareOptions::default()
+        };
+        let vm =
+            Vm::prepare(&self.kvm, config, out, &self.events, self.seccomp, options)?.boot()?;
         self.vm = Some(vm);
         self.state = VmState::Running;
         self.emit("vm", "booted");
@@ -560,7 +572,11 @@ impl Vmm {
                 .and_then(|_| self.boot().map_err(|e| Self::failed("boot", e)))
                 .map(|_| VmmResponse::Empty),
             VmmRequest::VmInfo => self.require_state("query", &ALL_STATES).map(|_| {
-                let config = self.config.clone().unwrap_or_default();
+                let mut config = self.config.clone().unwrap_or_default();
+                // As Cloud Hypervisor: a pty console reports its path as `console.file`.
+                if let Some(path) = self.console.as_ref().and_then(|c| c.pty_path()) {
+                    config.console.file = Some(path.to_path_buf());
+                }
                 VmmResponse::VmInfo(Box::new(VmInfoResponse {
                     memory_actual_size: config.memory.size,
                     config,
@@ -599,9 +615,21 @@ impl Vmm {
                         Ok(VmmResponse::Empty)
                     })
             }
-            // Without an ACPI power button device the press is a forced power-off, which is
-            // what holding a PC's power button does; a guest gets no chance to clean up.
-            VmmRequest::ShutdownVm | VmmRequest::PowerButton => self
+            // The guest hears an ACPI power-button event and shuts down on its own; its S5
+            // write then ends the VM through the exit event. Like Cloud Hypervisor, no monitor
+            // event marks the press itself.
+            VmmRequest::PowerButton => self
+                .require_state(
+                    "press the power button of",
+                    &[VmState::Running, VmState::Paused],
+                )
+                .and_then(|_| {
+                    let vm = self.vm.as_ref().ok_or(VmmError::VmNotCreated)?;
+                    vm.power_button()
+                        .map_err(|e| Self::failed("power button", e))
+                })
+                .map(|_| VmmResponse::Empty),
+            VmmRequest::ShutdownVm => self
                 .require_state("shut down", &[VmState::Running, VmState::Paused])
                 .map(|_| {
                     self.stop_vm();
@@ -646,6 +674,7 @@ impl Vmm {
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
+                self.console = None;
                 self.serial = None;
                 self.state = VmState::Created;
                 self.emit("vm", "deleted");
@@ -827,9 +856,14 @@ impl Vmm {
         let config = config.localize(resources).map_err(|e| e.to_string())?;
         let serial = serial_output(&config).map_err(|e| e.to_string())?;
         let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
+        let console = crate::console::ConsoleHost::open(&config.console)
+            .map_err(|e| e.to_string())?
+            .map(Arc::new);
+        self.console = console.clone();
         let options = PrepareOptions {
             memory: None,
             defer_disk_locks: true,
+            console,
         };
         let vm = Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
             .map_err(|e| e.to_string())?;
@@ -879,6 +913,7 @@ impl Vmm {
                 if self.vm.is_none() {
                     self.config = None;
                     self.serial = None;
+                    self.console = None;
                     self.state = VmState::Created;
                 }
                 self.emit("vm", "receive-failed");
@@ -1072,9 +1107,14 @@ impl Vmm {
         let serial = serial_output(&config).map_err(|e| e.to_string())?;
         let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
         // The disks stay unlocked until takeover: in shared-disk mode the primary holds them.
+        let console = crate::console::ConsoleHost::open(&config.console)
+            .map_err(|e| e.to_string())?
+            .map(Arc::new);
+        self.console = console.clone();
         let options = PrepareOptions {
             memory: None,
             defer_disk_locks: true,
+            console,
         };
         let vm = Vm::prepare(&self.kvm, &config, out, &self.events, self.seccomp, options)
             .map_err(|e| e.to_string())?;
@@ -1228,6 +1268,7 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         monitor: options.event_monitor,
         config: None,
         serial: None,
+        console: None,
         vm: None,
         state: VmState::Created,
         ft: options.ft,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
-use vmm::migration::snapshot::{CONFIG_FILE, MEMORY_FILE, STATE_FILE};
+use vmm::migration::snapshot::{CONFIG_FILE, MEMORY_FILE, SNAPSHOT_VERSION, STATE_FILE};
 use vmm::migration::{read_snapshot, write_snapshot, DirtyPages, SnapshotError, PAGE_SIZE};
 
 const MEM_SIZE: u64 = 64 << 20;
@@ -169,7 +169,7 @@ fn round_trip() {
     let header: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.0.join(STATE_FILE)).unwrap()).unwrap();
     assert_eq!(header["format"], "tandem-snapshot");
-    assert_eq!(header["version"], 1);
+    assert_eq!(header["version"], SNAPSHOT_VERSION);
     assert_eq!(header["memory"]["file"], "memory-ranges");
     assert_eq!(header["memory"]["ranges"][0]["gpa"], 0);
     assert_eq!(header["memory"]["ranges"][0]["len"], MEM_SIZE);
@@ -273,11 +273,11 @@ fn wrong_version_and_format() {
     let (dir, _) = snapshot("version");
     let path = dir.0.join(STATE_FILE);
     let text = fs::read_to_string(&path).unwrap();
-    fs::write(&path, text.replacen("\"version\": 1", "\"version\": 7", 1)).unwrap();
+    fs::write(&path, text.replacen("\"version\": 2", "\"version\": 7", 1)).unwrap();
     let e = expect_error(
         &dir.0,
         &[
-            "unsupported snapshot version 7 (this VMM reads version 1)",
+            "unsupported snapshot version 7 (this VMM reads version 2)",
             "state.json",
         ],
     );

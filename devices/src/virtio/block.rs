@@ -382,27 +382,12 @@ impl Block {
                 want: state.capacity,
             });
         }
-        if state.queue_sizes != self.queue_sizes {
-            return Err(RestoreError::QueueSizes {
-                device,
-                have: self.queue_sizes.clone(),
-                want: state.queue_sizes.clone(),
-            });
-        }
-        if state.avail_features != self.avail_features {
-            return Err(RestoreError::Features {
-                device,
-                have: self.avail_features,
-                want: state.avail_features,
-            });
-        }
-        if state.acked_features & !self.avail_features != 0 {
-            return Err(RestoreError::AckedFeatures {
-                device,
-                acked: state.acked_features,
-                offered: self.avail_features,
-            });
-        }
+        super::check_restored_device(
+            &device,
+            (&self.queue_sizes, &state.queue_sizes),
+            (self.avail_features, state.avail_features),
+            state.acked_features,
+        )?;
         self.acked_features = state.acked_features;
         self.disk.id = state.id;
         self.disk.counters = state.counters;
@@ -461,7 +446,7 @@ impl Block {
         match aq.queue.needs_notification(mem) {
             Ok(false) => {}
             Ok(true) | Err(_) => {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index as u16)) {
                     log::warn!("virtio-blk: cannot interrupt the guest: {e}");
                 }
             }
@@ -832,14 +817,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -1,20 +1,24 @@
-//! Virtio devices (virtio 1.x) and their MMIO transport.
+//! Virtio devices (virtio 1.x) and their transport, virtio-pci.
 //!
 //! A device implements [`VirtioDevice`]: its identity, features, config space and what happens
-//! when the driver activates it. The transport (`mmio`) owns the guest-facing registers, the
-//! queues' configuration and the interrupt status, and hands the device its queues, their
-//! notification eventfds (ioeventfds registered with KVM) and an interrupt handle on
-//! activation. Devices do their queue work on the device event loop thread (`event-manager`),
-//! never on a vCPU thread.
+//! when the driver activates it. The transport (`pci`) owns the guest-facing registers; what
+//! does not depend on the transport (queue configuration, status, features, interrupt status,
+//! activation, saved state) is in `core`.
+//! On activation the device gets its queues, their notification eventfds (ioeventfds
+//! registered with KVM) and an interrupt handle. Devices do their queue work on the device
+//! event loop thread (`event-manager`), never on a vCPU thread.
 
 pub mod block;
-pub mod mmio;
+pub mod console;
+pub mod core;
 pub mod net;
+pub mod pci;
+pub mod rng;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
@@ -22,15 +26,18 @@ use crate::GuestMemoryMmap;
 /// Device IDs from the virtio specification (5 Device Types).
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+pub const VIRTIO_ID_RNG: u32 = 4;
 
 /// Feature bits every device offers (6 Reserved Feature Bits).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// Why the device wants the driver's attention (4.2.2 interrupt status bits).
+/// Why the device wants the driver's attention (the ISR bits, 4.1.4.5, or an MSI-X vector).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InterruptKind {
-    /// Used buffers were added to a queue.
-    Queue,
+    /// Used buffers were added to the queue with this index (a virtio-pci transport with
+    /// MSI-X interrupts through that queue's vector).
+    Queue(u16),
     /// The device configuration changed.
     Config,
 }
@@ -41,7 +48,7 @@ pub trait VirtioInterrupt: Send + Sync {
 }
 
 /// A queue handed to a device on activation, with the eventfd the guest's notifications
-/// (QueueNotify writes, caught by a KVM ioeventfd) arrive on.
+/// (writes to the queue's notify address, caught by a KVM ioeventfd) arrive on.
 pub struct ActiveQueue {
     pub queue: Queue,
     pub notify: Arc<EventFd>,
@@ -106,6 +113,70 @@ pub enum ActivateError {
     InvalidQueue(usize),
     #[error("device activation failed: {0}")]
     Device(String),
+}
+
+/// Reads `data.len()` bytes of a device's configuration space `config` at `offset`; bytes past
+/// its end read as 0 (what every device here does with an out-of-range read).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+/// What a device's restore checks before anything else: it was built with the same queues and
+/// offers the same features as the snapshot's device, and the driver acked only offered ones.
+pub fn check_restored_device(
+    device: &str,
+    queue_sizes: (&[u16], &[u16]),
+    avail_features: (u64, u64),
+    acked_features: u64,
+) -> Result<(), crate::RestoreError> {
+    use crate::RestoreError;
+    let ((have_sizes, want_sizes), (have, want)) = (queue_sizes, avail_features);
+    if have_sizes != want_sizes {
+        return Err(RestoreError::QueueSizes {
+            device: device.to_string(),
+            have: have_sizes.to_vec(),
+            want: want_sizes.to_vec(),
+        });
+    }
+    if have != want {
+        return Err(RestoreError::Features {
+            device: device.to_string(),
+            have,
+            want,
+        });
+    }
+    if acked_features & !have != 0 {
+        return Err(RestoreError::AckedFeatures {
+            device: device.to_string(),
+            acked: acked_features,
+            offered: have,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that the driver set up exactly `want` queues, all in guest memory.
+pub fn check_active_queues(
+    queues: &[ActiveQueue],
+    mem: &GuestMemoryMmap,
+    want: usize,
+) -> Result<(), ActivateError> {
+    if queues.len() != want {
+        return Err(ActivateError::QueueCount {
+            got: queues.len(),
+            want,
+        });
+    }
+    match queues.iter().position(|q| !q.queue.is_valid(mem)) {
+        Some(i) => Err(ActivateError::InvalidQueue(i)),
+        None => Ok(()),
+    }
 }
 
 /// A virtio device model, independent of the transport.

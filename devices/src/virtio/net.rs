@@ -498,32 +498,17 @@ impl Net {
     /// not matter. On error the device is unchanged.
     pub fn restore(&mut self, state: &NetState) -> Result<(), RestoreError> {
         let device = format!("virtio-net {}", self.id);
-        if state.queue_sizes[..] != self.queue_sizes[..] {
-            return Err(RestoreError::QueueSizes {
-                device,
-                have: self.queue_sizes.to_vec(),
-                want: state.queue_sizes.clone(),
-            });
-        }
+        super::check_restored_device(
+            &device,
+            (&self.queue_sizes, &state.queue_sizes),
+            (self.avail_features, state.avail_features),
+            state.acked_features,
+        )?;
         if state.mtu != self.mtu {
             return Err(RestoreError::Mtu {
                 device,
                 have: self.mtu,
                 want: state.mtu,
-            });
-        }
-        if state.avail_features != self.avail_features {
-            return Err(RestoreError::Features {
-                device,
-                have: self.avail_features,
-                want: state.avail_features,
-            });
-        }
-        if state.acked_features & !self.avail_features != 0 {
-            return Err(RestoreError::AckedFeatures {
-                device,
-                acked: state.acked_features,
-                offered: self.avail_features,
             });
         }
         if state.mac != self.mac {
@@ -753,7 +738,10 @@ impl Net {
         // Honours VRING_AVAIL_F_NO_INTERRUPT; on a ring read error interrupt anyway, a spurious
         // interrupt is harmless and a lost one stalls the driver.
         if queue.needs_notification(&active.mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue) {
+            if let Err(e) = active
+                .interrupt
+                .trigger(InterruptKind::Queue(queue_index as u16))
+            {
                 error!("{}: cannot interrupt the guest: {e}", self.id);
             }
         }
@@ -898,14 +886,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_space();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -924,17 +905,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: NUM_QUEUES,
-            });
-        }
-        for (i, q) in queues.iter().enumerate() {
-            if !q.queue.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(i));
-            }
-        }
+        super::check_active_queues(&queues, &mem, NUM_QUEUES)?;
         let mut queues = queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount {

@@ -1,5 +1,5 @@
 //! virtio-blk end to end: the test guest's driver writes sequence-numbered, checksummed
-//! sectors through our virtio-mmio transport and block device; the host reads the image file
+//! sectors through our virtio-pci transport and block device; the host reads the image file
 //! and checks every sector; a second boot verifies the data survived; the image lock keeps a
 //! second VMM out.
 

@@ -1,6 +1,6 @@
 //! virtio-net end to end: the VMM creates a TAP inside a network namespace made for the test;
 //! Linux's own tools and TCP/IP stack in that namespace talk to the test guest's smoltcp
-//! services through our virtio-mmio transport and net device.
+//! services through our virtio-pci transport and net device.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use super::{ConsoleOutputMode, VmConfig};
+use super::{ConsoleOutputMode, RngConfig, VmConfig};
 
 /// What this host's operator gives for a VM arriving from a peer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,8 +36,9 @@ pub enum LocalizeError {
 impl VmConfig {
     /// The peer's configuration with this host's resources in place of the peer's: image
     /// paths and TAP names from `local`, no host-side TAP addresses (the operator's TAPs are
-    /// set up already), and console or serial files and sockets replaced by `null` (output
-    /// to a path a peer chose could truncate any file here).
+    /// set up already), console or serial files and sockets replaced by `null` (output to a
+    /// path a peer chose could truncate any file here; a `pty` console gets a new pty here),
+    /// and the entropy source is this host's default (a peer's path could name any file).
     pub fn localize(mut self, local: &HostResources) -> Result<VmConfig, LocalizeError> {
         let disks = self.disks.as_deref().map_or(0, <[_]>::len);
         if disks != local.disk_paths.len() {
@@ -80,6 +81,18 @@ impl VmConfig {
                 console.socket = None;
             }
         }
+        let default_rng = RngConfig::default();
+        if self.rng.src != default_rng.src {
+            log::warn!(
+                "the peer's entropy source {} is not opened here; {} is used",
+                self.rng.src.display(),
+                default_rng.src.display()
+            );
+        }
+        self.rng = RngConfig {
+            iommu: self.rng.iommu,
+            ..default_rng
+        };
         Ok(self)
     }
 }
@@ -92,7 +105,8 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "memory": {"size": 33554432},
             "serial": {"mode": "File", "file": "/etc/passwd"},
-            "console": {"mode": "Off"},
+            "console": {"mode": "Socket", "socket": "/run/other.sock"},
+            "rng": {"src": "/etc/shadow"},
             "disks": [{"path": "/etc/shadow"}, {"path": "/var/lib/other-vm.img"}],
             "net": [{"tap": "other-vm-tap", "ip": "10.9.9.1", "mask": "255.255.255.0",
                      "mac": "12:34:56:78:9a:bc"}],
@@ -127,6 +141,22 @@ mod tests {
         );
         assert_eq!(config.serial.mode, ConsoleOutputMode::Null);
         assert_eq!(config.serial.file, None);
+        assert_eq!(config.console.mode, ConsoleOutputMode::Null);
+        assert_eq!(config.console.socket, None);
+        assert_eq!(config.rng, RngConfig::default());
+    }
+
+    #[test]
+    fn a_pty_console_stays_a_pty_of_this_host() {
+        let mut peer = peer_config();
+        peer.console = crate::config::ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
+        let local = HostResources {
+            disk_paths: vec!["/a".into(), "/b".into()],
+            taps: vec!["t".into()],
+        };
+        let config = peer.localize(&local).unwrap();
+        assert_eq!(config.console.mode, ConsoleOutputMode::Pty);
+        assert_eq!(config.console.file, None);
     }
 
     #[test]

@@ -45,7 +45,8 @@ use crate::memory::GuestMemoryMmap;
 
 /// 2: State frames may be LZ4-compressed (a version-1 peer would refuse the flag mid-stream;
 /// Hello says it at once).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: device states are virtio-pci's (see `SNAPSHOT_VERSION` 2).
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;

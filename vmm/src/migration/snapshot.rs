@@ -29,7 +29,10 @@ use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 
 pub const SNAPSHOT_FORMAT: &str = "tandem-snapshot";
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// 2: the machine is Cloud Hypervisor's (virtio-pci devices, a virtio-rng by default), so
+/// device states carry PCI configuration space and MSI-X; a version-1 (virtio-mmio) snapshot
+/// cannot be restored into it.
+pub const SNAPSHOT_VERSION: u32 = 2;
 pub const CONFIG_FILE: &str = "config.json";
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory-ranges";

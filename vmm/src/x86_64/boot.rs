@@ -160,13 +160,15 @@ fn bzimage_load_end(file: &mut File) -> std::io::Result<u64> {
 }
 
 /// Loads the kernel, initramfs and command line, writes the MP-independent boot information,
-/// and says how to enter the kernel.
+/// and says how to enter the kernel. `rsdp` is the address of the ACPI tables' root pointer,
+/// handed to the kernel in the boot information (None: the guest finds no ACPI tables there).
 pub fn load_kernel<M: GuestMemoryBackend>(
     mem: &M,
     mem_size: u64,
     kernel_path: &Path,
     initramfs_path: Option<&Path>,
     cmdline: &str,
+    rsdp: Option<GuestAddress>,
 ) -> Result<LoadedKernel, BootError> {
     let mut kernel = File::open(kernel_path).map_err(|source| BootError::OpenKernel {
         path: kernel_path.to_path_buf(),
@@ -231,7 +233,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         _ => None,
     };
     if let Some(entry) = pvh_entry {
-        write_pvh_info(mem, &memory_map, initramfs)?;
+        write_pvh_info(mem, &memory_map, initramfs, rsdp)?;
         return Ok(LoadedKernel {
             entry: EntryMode::Pvh { entry },
             boot_info: PVH_INFO_START,
@@ -248,6 +250,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         &memory_map,
         cmdline_len,
         initramfs,
+        rsdp,
     )?;
     Ok(LoadedKernel {
         entry: EntryMode::Linux64 { entry },
@@ -291,6 +294,7 @@ fn write_pvh_info<M: GuestMemoryBackend>(
     mem: &M,
     memory_map: &[layout::MemoryMapEntry],
     initramfs: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<(), BootError> {
     if memory_map.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(BootError::TooManyMemoryMapEntries(memory_map.len()));
@@ -301,6 +305,7 @@ fn write_pvh_info<M: GuestMemoryBackend>(
         cmdline_paddr: CMDLINE_START.raw_value(),
         memmap_paddr: PVH_MEMMAP_START.raw_value(),
         memmap_entries: memory_map.len() as u32,
+        rsdp_paddr: rsdp.map_or(0, |a| a.raw_value()),
         ..Default::default()
     };
     let entries: Vec<hvm_memmap_table_entry> = memory_map
@@ -340,9 +345,11 @@ fn write_zero_page<M: GuestMemoryBackend>(
     memory_map: &[layout::MemoryMapEntry],
     cmdline_len: u32,
     initramfs: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<(), BootError> {
     let mut params = boot_params {
         hdr: setup.unwrap_or_default(),
+        acpi_rsdp_addr: rsdp.map_or(0, |a| a.raw_value()),
         ..Default::default()
     };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
@@ -373,4 +380,36 @@ fn write_zero_page<M: GuestMemoryBackend>(
     params.e820_entries = memory_map.len() as u8;
     let params = BootParams::new(&params, ZERO_PAGE_START);
     LinuxBootConfigurator::write_bootparams::<M>(&params, mem).map_err(BootError::BootConfigurator)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestMemory = vm_memory::GuestMemoryMmap<()>;
+
+    fn memory() -> TestMemory {
+        TestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn pvh_start_info_carries_the_rsdp() {
+        let mem = memory();
+        let map = layout::memory_map(64 << 20);
+        write_pvh_info(&mem, &map, None, Some(GuestAddress(0xe_0000))).unwrap();
+        let info: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
+        assert_eq!({ info.rsdp_paddr }, 0xe_0000);
+        write_pvh_info(&mem, &map, None, None).unwrap();
+        let info: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
+        assert_eq!({ info.rsdp_paddr }, 0);
+    }
+
+    #[test]
+    fn zero_page_carries_the_rsdp() {
+        let mem = memory();
+        let map = layout::memory_map(64 << 20);
+        write_zero_page(&mem, None, &map, 1, None, Some(GuestAddress(0xe_0000))).unwrap();
+        let params: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+    }
 }

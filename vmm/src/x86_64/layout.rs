@@ -34,6 +34,28 @@ pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 /// RAM stops below this address; the hole up to 4 GiB holds the IOAPIC, LAPIC and MMIO.
 pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
 pub const RAM_64BIT_START: GuestAddress = GuestAddress(0x1_0000_0000);
+/// The PCI machine (Cloud Hypervisor's layout in spirit): BARs the VMM assigns live in the
+/// 32-bit window at the start of the hole; the guest may move 64-bit BARs to the 64-bit window
+/// above RAM ([`pci_mmio64_window`]). ECAM (PCI Express enhanced configuration access,
+/// described by the MCFG table) covers segment 0, bus 0 only: 32 devices x 8 functions x 4 KiB.
+pub const PCI_MMIO32_START: u64 = MEM_32BIT_GAP_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2800_0000;
+pub const PCI_ECAM_START: u64 = 0xe800_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The last PCI bus number ECAM covers.
+pub const PCI_ECAM_LAST_BUS: u8 = 0;
+/// Legacy configuration mechanism #1: address at 0xcf8, data at 0xcfc..0xcff.
+pub const PCI_CONFIG_IO_START: u64 = 0xcf8;
+pub const PCI_CONFIG_IO_SIZE: u64 = 8;
+/// ACPI generic event device (GED, ACPI0013): one 32-bit register the guest reads to learn
+/// which event fired (bit 0: power button), raised on [`GED_IRQ`].
+pub const GED_START: u64 = 0xfe00_0000;
+pub const GED_SIZE: u64 = 0x10;
+pub const GED_IRQ: u32 = 5;
+/// ACPI tables: the RSDP at the start (Linux also scans 0xe0000..0xfffff for it), the other
+/// tables after it, below the MP table.
+pub const ACPI_START: GuestAddress = GuestAddress(0xe_0000);
+pub const ACPI_END: u64 = 0xf_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// Where KVM places its TSS and identity-map pages (three pages, inside the 32-bit hole).
@@ -50,6 +72,18 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
         ranges.push((RAM_64BIT_START, size - low));
     }
     ranges
+}
+
+/// The 64-bit PCI window: from the first 4 GiB boundary at or above the end of RAM, 64 GiB,
+/// clipped to what the CPU's physical address width reaches.
+pub fn pci_mmio64_window(mem_size: u64, phys_bits: u8) -> (u64, u64) {
+    const FOUR_GIB: u64 = 1 << 32;
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(start, len)| start.0 + len);
+    let start = ram_end.max(FOUR_GIB).div_ceil(FOUR_GIB) * FOUR_GIB;
+    let limit = 1u64 << phys_bits.clamp(36, 52);
+    (start, (64u64 << 30).min(limit.saturating_sub(start)))
 }
 
 /// A memory-map entry as both the e820 table and the PVH memmap describe it.
