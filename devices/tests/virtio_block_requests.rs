@@ -493,3 +493,27 @@ fn interrupts_follow_msix_vectors() {
     assert_eq!(fired(&h), vec![false; 3]);
     assert_eq!(h.driver.ack_interrupt(), INTERRUPT_USED_BUFFER);
 }
+
+/// A driver that polls sets VRING_AVAIL_F_NO_INTERRUPT (no EVENT_IDX is offered): its requests
+/// complete without an interrupt; clearing the flag brings interrupts back (2.7.7).
+#[test]
+fn no_interrupt_flag_is_honoured() {
+    let path = image("no-interrupt", 64 * 1024);
+    let (_dev, mut h) = block(BlockConfig::new(&path));
+    h.driver.enable_msix();
+    assert!(h.activate(BASE_FEATURES, &[16]));
+    let fired = |h: &Harness| h.vectors.iter().any(|v| v.read().is_ok());
+    h.driver.queues[0].set_avail_flags(&h.driver.mem, 1);
+    let buf = h.buffer(512);
+    assert_eq!(
+        request(&mut h, VIRTIO_BLK_T_IN, 1, &[(buf, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert!(!fired(&h), "an interrupt the driver did not want");
+    h.driver.queues[0].set_avail_flags(&h.driver.mem, 0);
+    assert_eq!(
+        request(&mut h, VIRTIO_BLK_T_IN, 1, &[(buf, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert!(fired(&h));
+}

@@ -443,12 +443,9 @@ impl Block {
         if !used_any {
             return;
         }
-        match aq.queue.needs_notification(mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index as u16)) {
-                    log::warn!("virtio-blk: cannot interrupt the guest: {e}");
-                }
+        if super::driver_wants_interrupt(&mut aq.queue, mem) {
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+                log::warn!("virtio-blk: cannot interrupt the guest: {e}");
             }
         }
     }

@@ -644,9 +644,7 @@ impl Console {
         } else {
             &mut active.tx.queue
         };
-        // On a ring read error interrupt anyway: a spurious interrupt is harmless, a lost one
-        // stalls the driver.
-        if queue.needs_notification(&active.mem).unwrap_or(true) {
+        if super::driver_wants_interrupt(queue, &active.mem) {
             if let Err(e) = active
                 .interrupt
                 .trigger(InterruptKind::Queue(queue_index as u16))

@@ -115,6 +115,26 @@ pub enum ActivateError {
     Device(String),
 }
 
+/// The driver's "no interrupt, please" flag in the avail ring (2.7.7).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for what was just added to `queue`'s used ring. With
+/// EVENT_IDX that is virtio-queue's `used_event` check; without it, the avail ring's
+/// NO_INTERRUPT flag (2.7.7), which virtio-queue does not look at: polling drivers (the test
+/// guest, Linux's NAPI) set it, and an interrupt they did not ask for costs a VM exit on a
+/// polling vCPU. A ring that cannot be read asks for one: a spurious interrupt is harmless, a
+/// lost one stalls the driver.
+pub fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used-ring writes must be visible before the flag is read (as needs_notification does).
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
+        .map_or(true, |flags| flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
 /// Reads `data.len()` bytes of a device's configuration space `config` at `offset`; bytes past
 /// its end read as 0 (what every device here does with an out-of-range read).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

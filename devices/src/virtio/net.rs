@@ -608,6 +608,11 @@ impl Net {
         let mut used_any = false;
         for _ in 0..MAX_BATCH {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Out of buffers: the driver's next RX kick is wanted now. Buffers it added
+                // before it could see that would otherwise wait for a kick that never comes.
+                if queue.enable_notification(mem).unwrap_or(false) {
+                    continue;
+                }
                 self.rx_blocked = true;
                 break;
             };
@@ -735,9 +740,7 @@ impl Net {
         } else {
             &mut active.tx.queue
         };
-        // Honours VRING_AVAIL_F_NO_INTERRUPT; on a ring read error interrupt anyway, a spurious
-        // interrupt is harmless and a lost one stalls the driver.
-        if queue.needs_notification(&active.mem).unwrap_or(true) {
+        if super::driver_wants_interrupt(queue, &active.mem) {
             if let Err(e) = active
                 .interrupt
                 .trigger(InterruptKind::Queue(queue_index as u16))
@@ -759,7 +762,7 @@ impl Net {
     /// works, the driver is told not to notify (VRING_USED_F_NO_NOTIFY): each notification is
     /// a VM exit, and the loop picks up chains added meanwhile anyway.
     fn handle_tx(&mut self) {
-        self.set_tx_notification(false);
+        self.set_notification(TX_QUEUE, false);
         loop {
             let (used, more) = self.process_tx();
             if used {
@@ -768,8 +771,8 @@ impl Net {
             if !more {
                 // Chains the driver added after the last pop but before notifications were on
                 // again would otherwise wait for the next kick.
-                if self.set_tx_notification(true) {
-                    self.set_tx_notification(false);
+                if self.set_notification(TX_QUEUE, true) {
+                    self.set_notification(TX_QUEUE, false);
                     continue;
                 }
                 break;
@@ -778,11 +781,17 @@ impl Net {
     }
 
     /// Turns TX notifications on or off; when turning them on, says whether chains are waiting.
-    fn set_tx_notification(&mut self, enable: bool) -> bool {
+    /// Turns the driver's notifications for one queue on or off (VRING_USED_F_NO_NOTIFY);
+    /// turning them on returns whether chains were added meanwhile.
+    fn set_notification(&mut self, queue_index: usize, enable: bool) -> bool {
         let Some(active) = self.active.as_mut() else {
             return false;
         };
-        let queue = &mut active.tx.queue;
+        let queue = if queue_index == RX_QUEUE {
+            &mut active.rx.queue
+        } else {
+            &mut active.tx.queue
+        };
         let result = if enable {
             queue.enable_notification(&active.mem)
         } else {
@@ -1001,8 +1010,11 @@ impl MutEventSubscriber for Net {
                 if let Some(a) = &self.active {
                     let _ = a.rx.notify.read();
                 }
-                // New RX buffers: the TAP may be polled again.
+                // New RX buffers: the TAP may be polled again, and while buffers last the
+                // driver need not kick RX (each kick is a VM exit and a loop wake-up for
+                // nothing); running out turns the kicks back on (`process_rx`).
                 self.rx_blocked = false;
+                self.set_notification(RX_QUEUE, false);
                 self.handle_rx(ops);
             }
             TOKEN_TX_QUEUE => {

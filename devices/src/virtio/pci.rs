@@ -7,7 +7,7 @@
 //! driver programs `queue_msix_vector`), else through the function's INTx line with the ISR.
 //! Queue notifications are KVM ioeventfds at each queue's notify address, moved with the BAR.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -103,6 +103,9 @@ pub struct PciInterrupt {
     vectors: Arc<Vectors>,
     isr: Arc<AtomicU32>,
     intx: Option<EventFd>,
+    /// The command register's Interrupt Disable bit: a driver that polls (or uses MSI-X) sets
+    /// it, and then the function must not assert INTx (PCI 3.0, 6.2.2).
+    intx_disabled: Arc<AtomicBool>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
@@ -135,8 +138,8 @@ impl VirtioInterrupt for PciInterrupt {
         drop(msix);
         self.isr.fetch_or(bit, Ordering::SeqCst);
         match &self.intx {
-            Some(irq) => irq.write(1),
-            None => Ok(()),
+            Some(irq) if !self.intx_disabled.load(Ordering::SeqCst) => irq.write(1),
+            _ => Ok(()),
         }
     }
 }
@@ -170,12 +173,16 @@ pub struct IntxResampler {
     irq: EventFd,
     isr: Arc<AtomicU32>,
     msix: Arc<Mutex<Msix>>,
+    intx_disabled: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for IntxResampler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.resample.read();
-        if self.isr.load(Ordering::SeqCst) != 0 && !lock(&self.msix).enabled() {
+        if self.isr.load(Ordering::SeqCst) != 0
+            && !self.intx_disabled.load(Ordering::SeqCst)
+            && !lock(&self.msix).enabled()
+        {
             if let Err(e) = self.irq.write(1) {
                 log::warn!("virtio-pci: cannot re-assert INTx: {e}");
             }
@@ -213,6 +220,7 @@ pub struct VirtioPciDevice {
     vectors: Arc<Vectors>,
     isr: Arc<AtomicU32>,
     intx: Option<EventFd>,
+    intx_disabled: Arc<AtomicBool>,
     ioevents: Arc<dyn IoEventRegistry>,
     /// Where the notification ioeventfds are registered now (the BAR's decode address).
     notify_base: Option<u64>,
@@ -242,6 +250,7 @@ impl VirtioPciDevice {
         }
         let msix = Arc::new(Mutex::new(Msix::new(resources.vectors, resources.router)));
         let isr = Arc::new(AtomicU32::new(0));
+        let intx_disabled = Arc::new(AtomicBool::new(false));
         let clone = |e: &EventFd| e.try_clone().map_err(TransportError::IrqClone);
         let (intx, line, resampler) = match resources.intx {
             Some(IntxLine {
@@ -254,6 +263,7 @@ impl VirtioPciDevice {
                     irq: clone(&irq)?,
                     isr: isr.clone(),
                     msix: msix.clone(),
+                    intx_disabled: intx_disabled.clone(),
                 };
                 (Some(irq), Some(line), Some(resampler))
             }
@@ -264,6 +274,7 @@ impl VirtioPciDevice {
             vectors: vectors.clone(),
             isr: isr.clone(),
             intx: intx.as_ref().map(clone).transpose()?,
+            intx_disabled: intx_disabled.clone(),
         });
         let core = VirtioCore::new("virtio-pci", device, mem, isr.clone(), interrupt)?;
 
@@ -320,6 +331,7 @@ impl VirtioPciDevice {
             vectors,
             isr,
             intx,
+            intx_disabled,
             ioevents: resources.ioevents,
             notify_base: None,
             resampler,
@@ -389,7 +401,7 @@ impl VirtioPciDevice {
         let mut msix = lock(&self.msix);
         if msix.enabled() {
             msix.kick_all();
-        } else if state.virtio.interrupt_status != 0 {
+        } else if state.virtio.interrupt_status != 0 && !self.intx_disabled.load(Ordering::SeqCst) {
             if let Some(irq) = &self.intx {
                 irq.write(1).map_err(RestoreError::Interrupt)?;
             }
@@ -562,6 +574,10 @@ impl PciDevice for VirtioPciDevice {
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        self.intx_disabled.store(
+            self.config.command() & config::COMMAND_INTX_DISABLE != 0,
+            Ordering::SeqCst,
+        );
         let control = self.msix_cap + 2;
         if offset < control + 2 && offset + data.len() > control {
             let (enabled, masked) = msix::control_bits(self.config.get16(control));
@@ -882,6 +898,19 @@ mod tests {
             0,
             "reading the ISR clears it"
         );
+    }
+
+    #[test]
+    fn no_intx_while_the_driver_disables_it() {
+        let mut rig = rig();
+        bring_up(&mut rig.dev);
+        let command = rig.dev.config().command() | config::COMMAND_INTX_DISABLE;
+        rig.dev.write_config(COMMAND, &command.to_le_bytes());
+        let interrupt = rig.fake.lock().unwrap().interrupt.clone().unwrap();
+        interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+        assert!(rig.intx.read().is_err());
+        // The ISR still tells a polling driver what happened.
+        assert_eq!(r(&mut rig.dev, ISR_OFFSET, 1), 1);
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl Rng {
                 }
             }
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if used_any && super::driver_wants_interrupt(queue, mem) {
             if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
                 error!("{}: cannot interrupt the guest: {e}", self.id);
             }
