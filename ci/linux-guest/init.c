@@ -10,6 +10,16 @@
  *        LINUX-GUEST READY cpus=<online CPUs> online=<list> uptime_ms=<ms since boot>
  *   2. brings up lo, and eth0 with the address of `tg.ip=A.B.C.D/N` (ioctls, no tools);
  *   3. runs the checks named by `tg.checks=` (comma-separated, in this order):
+ *        pci   lists the PCI functions (/sys/bus/pci/devices): the virtio ones must be bound
+ *              to virtio-pci and use MSI-X
+ *                -> LINUX-GUEST PCI ok devices=<n> virtio=<sorted device ids, e.g.
+ *                   1041,1042,1044> bound=<virtio ones bound to virtio-pci> msix=<virtio ones
+ *                   with MSI-X vectors> list=<slot/vendor:device/driver/vectors,...>
+ *        rng   reads 64 bytes from /dev/hwrng (virtio-rng)
+ *                -> LINUX-GUEST RNG ok bytes=64 distinct=<distinct byte values>
+ *                   current=<rng_current, virtio_rng.N> head=<first 8 bytes in hex>
+ *        hvc   /dev/hvc0 (virtio-console) exists; writes one line to it
+ *                -> LINUX-GUEST HVC ok dev=/dev/hvc0 consoles=<the kernel's active consoles>
  *        blk   mount /dev/vda (ext4) on /mnt, print /mnt/hello.txt (written by the build),
  *              write /mnt/guest.txt (`tg.token=` in it) and fsync it
  *                -> LINUX-GUEST BLK ok hello="..." wrote=/guest.txt
@@ -23,18 +33,23 @@
  *                -> LINUX-GUEST SERVE listening port=<port> uptime_ms=<ms since boot>
  *              A VM snapshotted while it waits here can be restored any number of times and
  *              driven from the host without another boot (tests/integration/tests/linux_guest.rs).
+ *        wait  waits for the power button -> LINUX-GUEST WAIT power-button uptime_ms=<ms>
  *   4. prints "LINUX-GUEST DONE", unmounts /mnt, syncs and powers the VM off.
  *
- * Power-off: there is no ACPI in this guest (the VMM describes the machine with an MP table),
- * so the kernel has no way to power off by itself. Our VMM (like Cloud Hypervisor) powers off
- * when SLP_TYP=S5|SLP_EN (0x34) is written to its ACPI sleep control port 0x600, so /init
- * writes that byte through /dev/port (the kernel does the port I/O; `outb` from user space
- * raises #GP on the nested KVM of our CI machines even with iopl/ioperm). If that fails it
- * falls back to reboot(RB_POWER_OFF), which halts the CPUs.
+ * Power-off: the machine is described by ACPI (hardware-reduced, as Cloud Hypervisor's), so
+ * reboot(RB_POWER_OFF) has the kernel enter ACPI S5 through the FADT's sleep control register,
+ * which ends the VMM.
+ * Power button: the kernel's tiny ACPI power-button driver (CONFIG_ACPI_TINY_POWER_BUTTON, no
+ * input layer needed) signals init with SIGPWR when the VMM presses the button (a GED event the
+ * DSDT turns into a Notify of the PNP0C0C device). /init then prints
+ *   LINUX-GUEST POWER-BUTTON pressed
+ * and shuts down as at the end: DONE, unmount /mnt, sync, reboot(RB_POWER_OFF); whatever it
+ * was doing (serve, wait, a check) is abandoned.
  * Any failure prints "LINUX-GUEST FAIL <what>: <why>" and still powers off.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
@@ -243,6 +258,179 @@ static void write_all(int fd, const char *data, size_t len)
 		data += n;
 		len -= n;
 	}
+}
+
+/* Sorts small arrays of ints (insertion sort: a handful of PCI functions). */
+static void sort_ints(int *v, int n)
+{
+	for (int i = 1; i < n; i++)
+		for (int j = i; j > 0 && v[j - 1] > v[j]; j--) {
+			int t = v[j];
+			v[j] = v[j - 1];
+			v[j - 1] = t;
+		}
+}
+
+/* Number of entries (other than . and ..) in a directory, or -1. */
+static int count_entries(const char *path)
+{
+	DIR *d = opendir(path);
+	if (!d)
+		return -1;
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d)))
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(d);
+	return n;
+}
+
+static void check_pci(void)
+{
+	const char *root = "/sys/bus/pci/devices";
+	DIR *d = opendir(root);
+	if (!d) {
+		fail("pci", "no /sys/bus/pci/devices (no PCI bus found)");
+		return;
+	}
+	char list[700] = "", virtio[200] = "", why[256] = "";
+	int ids[64], nids = 0, devices = 0, bound = 0, msix = 0;
+	size_t used = 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		devices++;
+		char path[512], vendor[16] = "?", device[16] = "?", driver[256] = "-";
+		snprintf(path, sizeof(path), "%s/%s/vendor", root, e->d_name);
+		read_file(path, vendor, sizeof(vendor));
+		snprintf(path, sizeof(path), "%s/%s/device", root, e->d_name);
+		read_file(path, device, sizeof(device));
+		snprintf(path, sizeof(path), "%s/%s/driver", root, e->d_name);
+		ssize_t len = readlink(path, driver, sizeof(driver) - 1);
+		if (len > 0) {
+			driver[len] = 0;
+			char *slash = strrchr(driver, '/');
+			if (slash)
+				memmove(driver, slash + 1, strlen(slash));
+		} else {
+			strcpy(driver, "-");
+		}
+		snprintf(path, sizeof(path), "%s/%s/msi_irqs", root, e->d_name);
+		int vectors = count_entries(path);
+		if (vectors < 0)
+			vectors = 0;
+		/* "0000:00:01.0" -> "00:01.0"; "0x1af4" -> "1af4" */
+		const char *slot = strlen(e->d_name) > 5 ? e->d_name + 5 : e->d_name;
+		const char *v = strncmp(vendor, "0x", 2) ? vendor : vendor + 2;
+		const char *dv = strncmp(device, "0x", 2) ? device : device + 2;
+		if (used < sizeof(list))
+			used += snprintf(list + used, sizeof(list) - used, "%s%s/%s:%s/%s/%d",
+					 used ? "," : "", slot, v, dv, driver, vectors);
+		if (!strcmp(v, "1af4")) {
+			if (nids < (int)(sizeof(ids) / sizeof(ids[0])))
+				ids[nids++] = (int)strtol(dv, NULL, 16);
+			if (!strcmp(driver, "virtio-pci"))
+				bound++;
+			else if (!why[0])
+				snprintf(why, sizeof(why), "%.16s (%.8s:%.8s) not bound to virtio-pci", slot, v, dv);
+			if (vectors > 0)
+				msix++;
+			else if (!why[0])
+				snprintf(why, sizeof(why), "%.16s (%.8s:%.8s) has no MSI-X vectors", slot, v, dv);
+		}
+	}
+	closedir(d);
+	sort_ints(ids, nids);
+	size_t vused = 0;
+	for (int i = 0; i < nids && vused < sizeof(virtio); i++)
+		vused += snprintf(virtio + vused, sizeof(virtio) - vused, "%s%04x", i ? "," : "", ids[i]);
+	if (!nids && !why[0])
+		snprintf(why, sizeof(why), "no virtio device on PCI");
+	say("PCI %s devices=%d virtio=%s bound=%d msix=%d list=%s", why[0] ? "bad" : "ok", devices,
+	    nids ? virtio : "none", bound, msix, list);
+	if (why[0])
+		fail("pci", why);
+}
+
+static void check_rng(void)
+{
+	unsigned char buf[64];
+	size_t got = 0;
+	int fd = open("/dev/hwrng", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0) {
+		char why[128];
+		snprintf(why, sizeof(why), "open /dev/hwrng: %s", strerror(errno));
+		fail("rng", why);
+		return;
+	}
+	/* Non-blocking reads with a deadline: a device that never answers must not hang /init. */
+	long deadline = uptime_ms() + 30000;
+	while (got < sizeof(buf) && uptime_ms() < deadline) {
+		ssize_t n = read(fd, buf + got, sizeof(buf) - got);
+		if (n > 0) {
+			got += n;
+		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+			break;
+		} else {
+			struct timespec ts = { 0, 10 * 1000 * 1000 };
+			nanosleep(&ts, NULL);
+		}
+	}
+	int err = errno;
+	close(fd);
+	if (got < sizeof(buf)) {
+		char why[128];
+		snprintf(why, sizeof(why), "read /dev/hwrng: %zu of %zu bytes (%s)", got, sizeof(buf),
+			 got ? "timeout" : strerror(err));
+		fail("rng", why);
+		return;
+	}
+	int seen[256] = { 0 }, distinct = 0;
+	for (size_t i = 0; i < got; i++)
+		if (!seen[buf[i]]++)
+			distinct++;
+	char current[64] = "?", head[17];
+	read_file("/sys/class/misc/hw_random/rng_current", current, sizeof(current));
+	for (int i = 0; i < 8; i++)
+		snprintf(head + 2 * i, 3, "%02x", buf[i]);
+	say("RNG %s bytes=%zu distinct=%d current=%s head=%s", distinct >= 16 ? "ok" : "bad", got,
+	    distinct, current, head);
+	if (distinct < 16)
+		fail("rng", "the bytes of /dev/hwrng are not random");
+}
+
+static void check_hvc(void)
+{
+	struct stat st;
+	if (stat("/dev/hvc0", &st) || !S_ISCHR(st.st_mode)) {
+		fail("hvc", "no /dev/hvc0 (virtio-console)");
+		return;
+	}
+	int fd = open("/dev/hvc0", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (fd < 0) {
+		char why[128];
+		snprintf(why, sizeof(why), "open /dev/hvc0: %s", strerror(errno));
+		fail("hvc", why);
+		return;
+	}
+	static const char line[] = "LINUX-GUEST HVC written to /dev/hvc0\n";
+	write_all(fd, line, sizeof(line) - 1);
+	close(fd);
+	char consoles[128] = "?";
+	read_file("/sys/class/tty/console/active", consoles, sizeof(consoles));
+	for (char *c = consoles; *c; c++)
+		if (*c == ' ')
+			*c = ',';
+	say("HVC ok dev=/dev/hvc0 consoles=%s", consoles);
+}
+
+static void check_wait(void)
+{
+	say("WAIT power-button uptime_ms=%ld", uptime_ms());
+	for (;;)
+		pause(); /* on_power_button() powers off */
 }
 
 static void check_blk(void)
@@ -643,31 +831,42 @@ static void serve(void)
 	close(ls);
 }
 
+/* Unmounts /mnt, syncs and powers the VM off (ACPI S5); does not return. */
 static void power_off(void)
 {
 	sync();
 	umount("/mnt");
 	sync();
-	int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
-	if (fd >= 0) {
-		const unsigned char s5 = (5 << 2) | (1 << 5); /* SLP_TYP=S5, SLP_EN */
-		if (pwrite(fd, &s5, 1, 0x600) != 1)
-			say("FAIL poweroff: write /dev/port: %s", strerror(errno));
-		close(fd);
-	} else {
-		say("FAIL poweroff: open /dev/port: %s", strerror(errno));
-	}
-	/* The VMM should be gone by now; if not, stop the CPUs. */
-	sleep(5);
 	reboot(RB_POWER_OFF);
+	/* Only reached if the kernel refused (reboot(2) returns on errors only). */
+	say("FAIL poweroff: reboot(RB_POWER_OFF): %s", strerror(errno));
 	for (;;)
 		pause();
+}
+
+/*
+ * SIGPWR from the kernel's ACPI power-button driver: shut down cleanly from wherever /init is.
+ * Everything here is a system call (the markers are formatted with snprintf, which takes no
+ * lock for these formats); the handler never returns.
+ */
+static void on_power_button(int sig)
+{
+	static volatile sig_atomic_t pressed;
+	(void)sig;
+	if (pressed++)
+		return;
+	say("POWER-BUTTON pressed uptime_ms=%ld", uptime_ms());
+	say("DONE failures=%d uptime_ms=%ld", failures, uptime_ms());
+	power_off();
 }
 
 int main(void)
 {
 	char online[64] = "?", checks[256] = "";
 	signal(SIGPIPE, SIG_IGN);
+	struct sigaction power = { .sa_handler = on_power_button };
+	sigfillset(&power.sa_mask);
+	sigaction(SIGPWR, &power, NULL);
 	mount_basics();
 	/* Kernel messages on the console only from KERN_ERR up from now on: they could split our lines. */
 	klogctl(8 /* SYSLOG_ACTION_CONSOLE_LEVEL */, NULL, 4);
@@ -680,7 +879,15 @@ int main(void)
 	param("tg.checks", checks, sizeof(checks));
 	char *save = NULL;
 	for (char *c = strtok_r(checks, ",", &save); c; c = strtok_r(NULL, ",", &save)) {
-		if (!strcmp(c, "blk"))
+		if (!strcmp(c, "pci"))
+			check_pci();
+		else if (!strcmp(c, "rng"))
+			check_rng();
+		else if (!strcmp(c, "hvc"))
+			check_hvc();
+		else if (!strcmp(c, "wait"))
+			check_wait();
+		else if (!strcmp(c, "blk"))
 			check_blk();
 		else if (!strcmp(c, "ping"))
 			check_ping();

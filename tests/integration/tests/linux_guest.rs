@@ -1,20 +1,28 @@
 //! Slow tier: a small real Linux (Debian's `linux-source-6.1`, built with its busybox initramfs
-//! and ext4 disk image by `ci/build-linux-guest`) under our VMM with 2 vCPUs, a virtio-blk disk
-//! and a virtio-net TAP in a namespace made for the test. Linux's own virtio drivers, ext4,
-//! TCP/IP stack and tools check our devices, which the project's own test guest cannot do
-//! independently (it shares our reading of the specifications).
+//! and ext4 disk image by `ci/build-linux-guest`) under our VMM on Cloud Hypervisor's machine:
+//! 2 vCPUs, ACPI (hardware-reduced: MADT, MCFG, DSDT with the PCI host bridge, COM1 and a GED
+//! power button), and a PCI bus with virtio-pci (MSI-X) devices: a virtio-blk disk, a
+//! virtio-net TAP in a namespace made for the test, a virtio-rng, and in one boot a
+//! virtio-console as the kernel's console (`console=hvc0`). Linux's own ACPI, PCI and virtio
+//! drivers, ext4, TCP/IP stack and tools check our machine, which the project's own test guest
+//! cannot do independently (it shares our reading of the specifications).
 //!
 //! The guest's `/init` (ci/linux-guest/init.c) prints `LINUX-GUEST ...` marker lines, runs the
-//! checks named by `tg.checks=` on its command line, then serves line commands on TCP port
-//! 5001 (`info`, `ping`, `tcp`, `write`, `read`, `seq`, `klog`, `poweroff`) and powers the VM
-//! off through the ACPI S5 port (via `/dev/port`), which ends our VMM with exit code 0.
+//! checks named by `tg.checks=` on its command line (`pci`, `rng`, `hvc`, `blk`, `ping`, `tcp`,
+//! then `serve` or `wait`), serves line commands on TCP port 5001 (`info`, `ping`, `tcp`,
+//! `write`, `read`, `seq`, `klog`, `poweroff`) and powers the VM off with
+//! `reboot(RB_POWER_OFF)`: the kernel enters ACPI S5 through the FADT's sleep control register,
+//! which ends our VMM with exit code 0. A press of the ACPI power button (`ch-remote
+//! power-button`) reaches /init as SIGPWR (the kernel's tiny power-button driver), and /init
+//! shuts down the same way: unmount, sync, power off.
 //!
 //! On this project's CI machines guest CPL0 code is emulated by a nested KVM (DESIGN.md,
 //! section 2), so a boot to the ready marker takes about 30 s there. The binary therefore boots
 //! Linux once ([`booted`], shared by its tests): that boot runs the cold checks, and the VM is
 //! snapshotted while `/init` waits for commands; the other tests restore that snapshot (about
-//! a second) instead of booting again: a plain restore, and a restore that becomes the primary
-//! of a fault-tolerant pair whose primary is then killed.
+//! a second) instead of booting again: a plain restore, a restore shut down by the power
+//! button, and a restore that becomes the primary of a fault-tolerant pair whose primary is then
+//! killed. One more boot (the only other one) has its console on the virtio-console.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,17 +54,30 @@ const TCP_BYTES: usize = 1 << 20;
 const RESTORED_TCP_BYTES: usize = 256 << 10;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
-/// Command line shared by all boots: serial console; the kernel must not use XSAVE, POPCNT,
+/// The kernel's quirk flags, shared by all boots: the kernel must not use XSAVE, POPCNT,
 /// RDRAND/RDSEED, FSGSBASE, SMAP (stac/clac), PCID/INVPCID: the instruction emulator of the
 /// nested KVM on our CI machines, which runs all guest CPL0 code, lacks them (a real KVM host
-/// does not mind). `pci=off`: there is no PCI bus (PCI is only configured for /dev/port).
-/// `clocksource=kvm-clock`: that nested KVM cannot offset the guest's TSC (the guest reads the
+/// does not mind). `clocksource=kvm-clock`: that nested KVM cannot offset the guest's TSC (the guest reads the
 /// host's TSC whatever KVM_SET_MSRS says), so a restored guest on the `tsc` clocksource, which
 /// Linux prefers when the TSC is invariant, finds its clock advanced by all the time since the
 /// snapshot (RCU stall reports once that passes 21 s); kvm-clock comes back with KVM_SET_CLOCK.
 /// On a real KVM host the TSC is restored too and either clocksource continues.
-const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave nofsgsbase \
-     nopcid clearcpuid=popcnt,rdrand,rdseed,smap,invpcid pci=off clocksource=kvm-clock";
+const QUIRKS_CMDLINE: &str =
+    "noxsave nofsgsbase nopcid clearcpuid=popcnt,rdrand,rdseed,smap,invpcid \
+     clocksource=kvm-clock";
+/// The console of the boot the other tests restore: the serial port (COM1), from the first
+/// instruction on (earlyprintk).
+const SERIAL_CONSOLE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200";
+/// The console as Cloud Hypervisor's users have it: the virtio-console (`--console tty
+/// --serial null`).
+const HVC_CONSOLE: &str = "console=hvc0";
+/// Modern virtio-pci device IDs (0x1040 + the virtio device type).
+const VIRTIO_NET_ID: &str = "1041";
+const VIRTIO_BLK_ID: &str = "1042";
+const VIRTIO_CONSOLE_ID: &str = "1043";
+const VIRTIO_RNG_ID: &str = "1044";
+/// Where the VMM's virtio-rng reads its entropy (Cloud Hypervisor's default).
+const RNG_ARG: &str = "src=/dev/urandom";
 /// Kernel log words that tell of a kernel problem, on the serial console (where /init lets
 /// only messages of KERN_ERR and up through once it runs).
 const KERNEL_TROUBLE: [&str; 10] = [
@@ -385,9 +406,15 @@ fn check_klog(vmm: &Vmm, ctl: &mut Ctl) {
     expect_reply(vmm, ctl.cmd("klog"), "klog ok");
 }
 
-/// `poweroff` -> /init powers off through the ACPI S5 port and the VMM exits 0.
+/// `poweroff` -> /init unmounts, syncs and calls reboot(RB_POWER_OFF): the kernel enters ACPI
+/// S5 and the VMM exits 0.
 fn power_off(vmm: &mut Vmm, ctl: &mut Ctl) {
     expect_reply(vmm, ctl.cmd("poweroff"), "poweroff ok");
+    expect_clean_exit(vmm, "the guest's poweroff");
+}
+
+/// /init's `DONE failures=0`, then the VMM's exit with code 0 (the guest's ACPI S5).
+fn expect_clean_exit(vmm: &mut Vmm, what: &str) {
     let done = wait_step(vmm, "LINUX-GUEST DONE", STEP_TIMEOUT);
     assert!(done.contains("failures=0"), "{}", vmm.diagnose(&done));
     let status = vmm
@@ -397,7 +424,91 @@ fn power_off(vmm: &mut Vmm, ctl: &mut Ctl) {
         status.code(),
         Some(0),
         "{}",
-        vmm.diagnose("the guest's poweroff should end the VMM with exit code 0")
+        vmm.diagnose(&format!("{what} should end the VMM with exit code 0"))
+    );
+}
+
+/// `ch-remote power-button` -> /init sees the press (SIGPWR from the kernel's ACPI power-button
+/// driver), unmounts, syncs and powers off: the VMM exits 0.
+fn power_button(vmm: &mut Vmm, socket: &Path) {
+    let out = ch_remote(socket, &["power-button"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&format!(
+            "ch-remote power-button: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    );
+    wait_step(vmm, "LINUX-GUEST POWER-BUTTON pressed", STEP_TIMEOUT);
+    expect_clean_exit(vmm, "a power-button press");
+}
+
+/// The ext4 image was unmounted cleanly: its journal needs no recovery (a mounted ext4, or one
+/// whose guest stopped without unmounting it, has the `needs_recovery` feature set).
+fn assert_cleanly_unmounted(image: &Path) {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .output()
+        .expect("run dumpe2fs (e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let features = text
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_else(|| panic!("dumpe2fs -h {}: no features line: {text}", image.display()));
+    assert!(
+        !features.contains("needs_recovery"),
+        "{}: the guest did not unmount its ext4 cleanly ({features})",
+        image.display()
+    );
+}
+
+/// The virtio device IDs (`virtio=`, e.g. `1041,1042,1044`) of /init's `PCI` marker; each of
+/// `want` must be there, and every virtio function bound to virtio-pci with MSI-X vectors.
+fn check_pci_marker(line: &str, want: &[&str]) {
+    let fields = marker_fields(line);
+    let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    let virtio = field("virtio");
+    let found: Vec<&str> = virtio.split(',').collect();
+    for id in want {
+        assert!(
+            found.contains(id),
+            "virtio device {id} not found on PCI by the guest: {line}"
+        );
+    }
+    assert!(line.contains("PCI ok"), "{line}");
+    assert_eq!(
+        field("bound"),
+        found.len().to_string(),
+        "a virtio function is not bound to virtio-pci: {line}"
+    );
+    assert_eq!(
+        field("msix"),
+        found.len().to_string(),
+        "a virtio function has no MSI-X vectors: {line}"
+    );
+}
+
+/// /init's `RNG` marker: 64 bytes of /dev/hwrng from the virtio-rng, not constant.
+fn check_rng_marker(line: &str) {
+    let fields = marker_fields(line);
+    assert!(line.contains("RNG ok"), "{line}");
+    assert_eq!(
+        fields.get("bytes").map(String::as_str),
+        Some("64"),
+        "{line}"
+    );
+    let distinct: usize = fields
+        .get("distinct")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
+    assert!(distinct >= 16, "/dev/hwrng bytes look constant: {line}");
+    assert!(
+        fields
+            .get("current")
+            .is_some_and(|c| c.starts_with("virtio_rng")),
+        "/dev/hwrng is not the virtio-rng: {line}"
     );
 }
 
@@ -461,6 +572,9 @@ struct Booted {
     /// The guest's uptime when the snapshot was taken (as the pause returned; the snapshot
     /// reads the guest's clock right after).
     uptime_at_snapshot: Duration,
+    /// /init's `PCI` and `RNG` marker lines of the boot.
+    pci: String,
+    rng: String,
 }
 
 impl Booted {
@@ -487,8 +601,8 @@ fn booted() -> &'static Result<Booted, String> {
     })
 }
 
-/// Boots Linux with 2 vCPUs, checks it (CPUs, ext4 on virtio-blk, ping both ways, TCP with
-/// checksums), snapshots it while /init waits for commands, resumes it, checks it again and
+/// Boots Linux with 2 vCPUs, checks it (CPUs, virtio devices on PCI, /dev/hwrng, ext4 on
+/// virtio-blk, ping both ways, TCP with checksums), snapshots it while /init waits for commands, resumes it, checks it again and
 /// powers it off (exit code 0, the guest's writes in the image).
 fn boot_and_snapshot() -> Result<Booted, String> {
     let assets = linux_assets()?;
@@ -499,8 +613,9 @@ fn boot_and_snapshot() -> Result<Booted, String> {
     let ns = guest_namespace("lg")?;
     let token = new_token("boot");
     let cmdline = format!(
-        "{BASE_CMDLINE} tg.ip={GUEST_IP}/24 tg.peer={HOST_IP} tg.port={TCP_PORT} \
-         tg.ctl={CTL_PORT} tg.token={token} tg.checks=blk,ping,tcp,serve"
+        "{SERIAL_CONSOLE} {QUIRKS_CMDLINE} tg.ip={GUEST_IP}/24 tg.peer={HOST_IP} \
+         tg.port={TCP_PORT} tg.ctl={CTL_PORT} tg.token={token} \
+         tg.checks=pci,rng,blk,ping,tcp,serve"
     );
     let socket = home.join("boot.sock");
     let initramfs_arg = assets.initramfs.display().to_string();
@@ -515,6 +630,7 @@ fn boot_and_snapshot() -> Result<Booted, String> {
         .memory("256M")
         .serial_tty()
         .args(["--disk", disk_arg.as_str(), "--net", net_arg.as_str()])
+        .args(["--rng", RNG_ARG])
         .args(["--api-socket", socket.to_str().expect("path")])
         .spawn()
         .map_err(|e| e.to_string())?;
@@ -533,6 +649,12 @@ fn boot_and_snapshot() -> Result<Booted, String> {
         "{}",
         vmm.diagnose("both vCPUs should be online")
     );
+
+    // The devices as the guest found them on PCI, and /dev/hwrng: asserted by their own tests
+    // (linux_guest_finds_*), which read these lines.
+    let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
+    report(&format!("linux_guest: {pci}"));
+    let rng = wait_step(&mut vmm, "LINUX-GUEST RNG", STEP_TIMEOUT);
 
     let net = wait_step(&mut vmm, "LINUX-GUEST NET", STEP_TIMEOUT);
     assert!(net.contains(GUEST_MAC), "{}", vmm.diagnose(&net));
@@ -652,6 +774,7 @@ fn boot_and_snapshot() -> Result<Booted, String> {
         "/guest.txt in the image holds {written:?}, expected the token {token}"
     );
     assert_eq!(read_from_image(&disk, "/resumed.txt").trim(), after);
+    assert_cleanly_unmounted(&disk);
     Ok(Booted {
         url,
         disk,
@@ -661,6 +784,8 @@ fn boot_and_snapshot() -> Result<Booted, String> {
         ready: ready_after,
         serving,
         uptime_at_snapshot,
+        pci,
+        rng,
     })
 }
 
@@ -678,6 +803,135 @@ fn linux_guest_boots_two_cpus_uses_ext4_disk_and_tcp_and_powers_off() {
     // The checks run in the boot that every test of this file shares.
     let booted = booted_or_panic();
     assert!(booted.home.join("snap/state.json").exists());
+}
+
+#[test]
+fn linux_guest_finds_virtio_blk_net_and_rng_on_pci_with_msix() {
+    require_kvm!();
+    require_netns!();
+    let booted = booted_or_panic();
+    check_pci_marker(&booted.pci, &[VIRTIO_NET_ID, VIRTIO_BLK_ID, VIRTIO_RNG_ID]);
+}
+
+#[test]
+fn linux_guest_reads_random_bytes_from_the_virtio_rng() {
+    require_kvm!();
+    require_netns!();
+    let booted = booted_or_panic();
+    check_rng_marker(&booted.rng);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The virtio-console as the kernel's console, and the power button
+// ---------------------------------------------------------------------------------------------
+
+/// A boot as Cloud Hypervisor's users boot: `--console tty --serial null`, `console=hvc0`.
+/// The kernel's log and /init's markers reach the VMM's stdout through the virtio-console
+/// only; /init finds the console and rng on PCI, then waits for the power button, whose press
+/// shuts the guest down cleanly (VMM exit code 0).
+#[test]
+fn linux_guest_console_on_hvc0_and_power_button_shut_down_cleanly() {
+    require_kvm!();
+    let assets = linux_assets().unwrap_or_else(|e| panic!("{e}"));
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("linux_hvc").expect("temp dir");
+    let socket = dir.join("api.sock");
+    let cmdline = format!("{HVC_CONSOLE} {QUIRKS_CMDLINE} tg.checks=pci,rng,hvc,wait");
+    let initramfs_arg = assets.initramfs.display().to_string();
+    let mut vmm = Vmm::builder("linux_hvc")
+        .kernel(&assets.vmlinux)
+        .args(["--initramfs", initramfs_arg.as_str()])
+        .cmdline(&cmdline)
+        .cpus(2)
+        .memory("256M")
+        // The console on stdout (where Vmm::wait_for reads) is the virtio-console.
+        .args(["--console", "tty", "--serial", "null"])
+        .args(["--rng", RNG_ARG])
+        .args(["--api-socket", socket.to_str().expect("path")])
+        .spawn()
+        .expect("start the VMM");
+
+    let ready = wait_step(&mut vmm, "LINUX-GUEST READY", BOOT_TIMEOUT);
+    report(&format!(
+        "linux_guest: console=hvc0: '{ready}' after {} ms",
+        vmm.elapsed().as_millis()
+    ));
+    let hvc = wait_step(&mut vmm, "LINUX-GUEST HVC ok", STEP_TIMEOUT);
+    assert!(
+        marker_fields(&hvc)
+            .get("consoles")
+            .is_some_and(|c| c.split(',').any(|c| c == "hvc0")),
+        "{}",
+        vmm.diagnose(&format!("hvc0 should be the kernel's console: {hvc}"))
+    );
+    wait_step(
+        &mut vmm,
+        "LINUX-GUEST HVC written to /dev/hvc0",
+        STEP_TIMEOUT,
+    );
+    // The kernel's own log comes through the virtio-console too, from the moment hvc0 is
+    // registered (Linux 6.1's virtio-console drops the replay of the earlier log: the port
+    // joins its console list only after the console registered, so the banner is not there).
+    assert!(
+        vmm.stdout().contains("Run /init as init process"),
+        "{}",
+        vmm.diagnose("no kernel log on the virtio-console")
+    );
+    let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
+    check_pci_marker(&pci, &[VIRTIO_CONSOLE_ID, VIRTIO_RNG_ID]);
+    let rng = wait_step(&mut vmm, "LINUX-GUEST RNG", STEP_TIMEOUT);
+    check_rng_marker(&rng);
+
+    wait_step(&mut vmm, "LINUX-GUEST WAIT power-button", STEP_TIMEOUT);
+    power_button(&mut vmm, &socket);
+    if let Some(line) = kernel_trouble(&vmm.console()) {
+        panic!("{}", vmm.diagnose(&format!("kernel trouble: {line}")));
+    }
+    report(&format!(
+        "linux_guest: console=hvc0 boot shut down by the power button after {:.1} s",
+        vmm.elapsed().as_secs_f64()
+    ));
+}
+
+/// A restored guest (serving commands, its ext4 mounted and just written) shut down by the
+/// power button: /init unmounts and syncs, the VMM exits 0, the image is clean and holds the
+/// write.
+#[test]
+fn linux_guest_restored_shuts_down_cleanly_on_the_power_button() {
+    require_kvm!();
+    require_netns!();
+    let booted = booted_or_panic();
+    let _boot = kvm_serial_guard();
+    booted.reset_disk();
+    let ns = guest_namespace("lp").expect("namespace");
+    let dir = TempDir::new("linux_pwrbtn").expect("temp dir");
+    let socket = dir.join("api.sock");
+    let restore = format!("source_url={},resume=on", booted.url);
+    let mut vmm = Vmm::builder("linux_power_button")
+        .wrapped_in(ns.exec_prefix())
+        .args(["--restore", restore.as_str(), "-v"])
+        .args(["--api-socket", socket.to_str().expect("path")])
+        .spawn()
+        .expect("start the restoring VMM");
+    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
+    check_cpus(&vmm, &mut ctl);
+    let token = new_token("button");
+    expect_reply(
+        &vmm,
+        ctl.cmd(&format!("write button.txt {token}")),
+        "write ok",
+    );
+    power_button(&mut vmm, &socket);
+    if let Some(line) = kernel_trouble(&vmm.console()) {
+        panic!("{}", vmm.diagnose(&format!("kernel trouble: {line}")));
+    }
+    assert_eq!(read_from_image(&booted.disk, "/button.txt").trim(), token);
+    assert_cleanly_unmounted(&booted.disk);
+    report(&format!(
+        "linux_guest: restored guest shut down by the power button after {:.1} s",
+        vmm.elapsed().as_secs_f64()
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
