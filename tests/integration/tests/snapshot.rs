@@ -152,11 +152,9 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
     // Edited state.
     let state_path = snap.join("state.json");
     let state = std::fs::read_to_string(&state_path).expect("state");
-    std::fs::write(
-        &state_path,
-        state.replacen("\"version\": 1", "\"version\": 7", 1),
-    )
-    .expect("edit");
+    let edited = state.replacen("\"version\": 2", "\"version\": 7", 1);
+    assert_ne!(edited, state, "state.json should name snapshot version 2");
+    std::fs::write(&state_path, edited).expect("edit");
     restore_fails("restore_version", &["version"]);
     std::fs::write(&state_path, &state).expect("put state back");
     std::fs::remove_file(snap.join("config.json")).expect("remove config");
