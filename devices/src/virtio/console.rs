@@ -393,18 +393,14 @@ impl Console {
         let mut buf = [0u8; IO_CHUNK];
         // One read per readiness event: stdin may share its file description with stdout,
         // so it is not switched to non-blocking; a single read after readiness cannot block.
-        match input.read(&mut buf) {
-            Ok(0) => {
+        match read_once(input, &mut buf) {
+            HostRead::Bytes(n) => self.push_input(&buf[..n]),
+            HostRead::Nothing => {}
+            HostRead::Closed => {
                 info!("{}: the console input ended", self.id);
                 self.drop_input(ops);
             }
-            Ok(n) => self.push_input(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => {
+            HostRead::Failed(e) => {
                 warn!("{}: cannot read the console input: {e}", self.id);
                 self.drop_input(ops);
             }
@@ -490,18 +486,14 @@ impl Console {
             return;
         };
         let mut buf = [0u8; IO_CHUNK];
-        match client.read(&mut buf) {
-            Ok(0) => {
+        match read_once(client, &mut buf) {
+            HostRead::Bytes(n) => self.push_input(&buf[..n]),
+            HostRead::Nothing => {}
+            HostRead::Closed => {
                 debug!("{}: the console client went away", self.id);
                 self.drop_client(ops);
             }
-            Ok(n) => self.push_input(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => {
+            HostRead::Failed(e) => {
                 debug!("{}: dropping the console client: {e}", self.id);
                 self.drop_client(ops);
             }
@@ -759,6 +751,32 @@ fn rx_segments(
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<(GuestAddress, usize)>, ChainError> {
     segments(chain, mem, true)
+}
+
+/// What one read of a host-side input (stdin, a pty, a socket client) gave.
+enum HostRead {
+    Bytes(usize),
+    /// Not ready after all (or interrupted): try again at the next readiness event.
+    Nothing,
+    /// End of input.
+    Closed,
+    Failed(io::Error),
+}
+
+fn read_once(input: &mut impl Read, buf: &mut [u8]) -> HostRead {
+    match input.read(buf) {
+        Ok(0) => HostRead::Closed,
+        Ok(n) => HostRead::Bytes(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            HostRead::Nothing
+        }
+        Err(e) => HostRead::Failed(e),
+    }
 }
 
 impl VirtioDevice for Console {
