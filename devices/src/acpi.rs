@@ -92,6 +92,15 @@ impl Ged {
     pub fn pending(&self) -> u32 {
         self.pending
     }
+
+    /// Puts back events a snapshot (or the FT primary) had raised but the guest had not read,
+    /// and interrupts again: a power-button press survives a restore or a failover.
+    pub fn restore(&mut self, pending: u32) -> std::io::Result<()> {
+        if pending == 0 {
+            return Ok(());
+        }
+        self.notify(pending)
+    }
 }
 
 impl BusDevice for Ged {
@@ -130,6 +139,23 @@ mod tests {
         assert_eq!(u32::from_le_bytes(word), GED_EVENT_POWER_BUTTON);
         ged.read(0, &mut word);
         assert_eq!(word, [0; 4], "a read clears the pending events");
+    }
+
+    #[test]
+    fn ged_pending_press_survives_a_restore() {
+        let source = Ged::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut pressed = source;
+        pressed.notify_power_button().unwrap();
+        let saved = pressed.pending();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut restored = Ged::new(irq.try_clone().unwrap());
+        restored.restore(0).unwrap();
+        assert!(irq.read().is_err(), "nothing pending, no interrupt");
+        restored.restore(saved).unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut word = [0u8; 4];
+        restored.read(0, &mut word);
+        assert_eq!(u32::from_le_bytes(word), GED_EVENT_POWER_BUTTON);
     }
 
     #[test]

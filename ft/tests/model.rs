@@ -328,6 +328,7 @@ impl ReplicableVm for FakeVm {
                 serial: None,
                 virtio: Vec::new(),
             },
+            acpi_events: 0,
         };
         // The "register" travels in the state: the backup must resume with the captured one.
         state.kvm.clock.clock = self.register;

@@ -293,6 +293,7 @@ mod fake_vm {
                     serial: None,
                     virtio: Vec::new(),
                 },
+                acpi_events: 0,
             })
         }
         fn ft_gates(&mut self) -> Result<FtGates, String> {

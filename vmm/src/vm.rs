@@ -157,6 +157,9 @@ pub struct VmSnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub kvm: KvmVmState,
     pub devices: DevicesState,
+    /// ACPI events (the power button) raised and not yet read by the guest.
+    #[serde(default)]
+    pub acpi_events: u32,
 }
 
 /// How a new VM gets its first contents.
@@ -420,6 +423,7 @@ impl Vm {
             vcpus: self.vcpus.save_state()?,
             kvm: cpu_state::save_vm(&self.vm_fd).map_err(|e| VmError::Restore(e.to_string()))?,
             devices: self.device_manager.save_state(),
+            acpi_events: lock_ged(&self.ged).pending(),
         })
     }
 
@@ -467,9 +471,7 @@ impl Vm {
     /// ACPI code sees a power-button event; a guest that handles it powers itself off.
     pub fn power_button(&self) -> Result<(), VmError> {
         // A poisoned lock still holds a usable device: its state is one word.
-        self.ged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_ged(&self.ged)
             .notify_power_button()
             .map_err(VmError::PowerButton)
     }
@@ -592,6 +594,9 @@ impl PreparedVm {
         self.device_manager
             .restore(&state.devices, self.serial.as_ref())
             .map_err(|e| restore_err(&e))?;
+        lock_ged(&self.ged)
+            .restore(state.acpi_events)
+            .map_err(VmError::PowerButton)?;
         log::info!(
             "VM restored: {} vCPU(s), {} MiB, {}",
             self.vcpu_fds.len(),
@@ -816,4 +821,10 @@ fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
         }
     }
     fd.set_lapic(&lapic)
+}
+
+/// The GED's state is one word: a poisoned lock still holds a usable device.
+fn lock_ged(ged: &Mutex<Ged>) -> std::sync::MutexGuard<'_, Ged> {
+    ged.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
