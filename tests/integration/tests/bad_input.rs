@@ -291,3 +291,49 @@ fn rejects_tap_name_too_long() {
         &["net.tap"],
     );
 }
+
+#[test]
+fn rejects_missing_rng_source() {
+    require_kvm!();
+    let dir = TempDir::new("missing_rng").expect("temp dir");
+    let source = format!("src={}", dir.join("no-such-entropy").display());
+    let kernel = guest().display().to_string();
+    expect_rejected(
+        "missing rng source",
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "size=64M",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+            "--rng",
+            &source,
+        ],
+        &["--rng", "no-such-entropy"],
+    );
+}
+
+#[test]
+fn rejects_console_file_in_a_missing_directory() {
+    require_kvm!();
+    let dir = TempDir::new("console_file").expect("temp dir");
+    let console = format!("file={}", dir.join("no-such-dir/console.log").display());
+    let kernel = guest().display().to_string();
+    expect_rejected(
+        "console file in a missing directory",
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "size=64M",
+            "--serial",
+            "null",
+            "--console",
+            &console,
+        ],
+        &["console", "no-such-dir"],
+    );
+}
