@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{BarSpec, PciConfiguration, PciIdentity};
 
+use crate::virtio::core::lock;
 use crate::BusDevice;
 
 /// Devices per bus.
@@ -356,12 +357,6 @@ impl BusDevice for PciBarWindow {
     fn write(&mut self, offset: u64, data: &[u8]) {
         lock(&self.bus).write_bar(self.base + offset, data);
     }
-}
-
-/// A poisoned lock means a thread panicked inside a device; with panic=abort that cannot
-/// happen, so recovering the guard is sound.
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
