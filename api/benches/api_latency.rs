@@ -34,6 +34,7 @@ fn fake_control_loop() -> ApiSender {
                     config: VmConfig::default(),
                     state: VmState::Running,
                     memory_actual_size: 512 << 20,
+                    device_tree: None,
                 })),
             };
             let _ = message.reply.send(Ok(answer));

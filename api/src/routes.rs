@@ -4,8 +4,8 @@
 use vmm::config::VmConfig;
 use vmm::control::{
     ApiSender, EnableFtRequest, ErrorKind, ReceiveFtRequest, ReceiveMigrationRequest,
-    RestoreRequest, SendError, SendMigrationRequest, SnapshotRequest, VmmRequest, VmmResponse,
-    VmmResult,
+    RestoreRequest, SendError, SendMigrationRequest, SnapshotRequest, VmResizeRequest, VmmRequest,
+    VmmResponse, VmmResult,
 };
 
 use crate::http::Response;
@@ -48,6 +48,8 @@ pub enum Endpoint {
     VmReceiveFt,
     VmFtStatus,
     VmDisableFt,
+    VmProgress,
+    VmResize,
 }
 
 /// Every endpoint: name after `/api/v1/`, its method, and what it is.
@@ -73,13 +75,16 @@ pub const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("vm.receive-ft", "PUT", Endpoint::VmReceiveFt),
     ("vm.ft-status", "GET", Endpoint::VmFtStatus),
     ("vm.disable-ft", "PUT", Endpoint::VmDisableFt),
+    // Tandem's extension: progress of the running enable-ft sync or send-migration.
+    ("vm.progress", "GET", Endpoint::VmProgress),
+    // Cloud Hypervisor's, listed last so the indices above stay put.
+    ("vm.resize", "PUT", Endpoint::VmResize),
 ];
 
 /// Cloud Hypervisor endpoints that exist there but not here yet: a 404 that says so is more
 /// useful to someone switching over than a bare "no such endpoint".
 const NOT_YET: &[&str] = &[
     "vmm.info",
-    "vm.resize",
     "vm.resize-zone",
     "vm.add-device",
     "vm.remove-device",
@@ -188,6 +193,16 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
         }
         Endpoint::VmFtStatus => VmmRequest::FtStatus,
         Endpoint::VmDisableFt => VmmRequest::DisableFt,
+        Endpoint::VmProgress => VmmRequest::Progress,
+        // Only the shape is checked here; the control loop compares the sizes with the VM's.
+        Endpoint::VmResize => {
+            match parse_body(body, "vm.resize", "VmResize", |b: &[u8]| {
+                serde_json::from_slice::<VmResizeRequest>(b)
+            }) {
+                Ok(request) => VmmRequest::Resize(request),
+                Err(response) => return response,
+            }
+        }
     };
     match backend.call(request) {
         Ok(result) => response_of(result),
@@ -247,6 +262,7 @@ fn response_of(result: VmmResult) -> Response {
         Ok(VmmResponse::VmInfo(info)) => json(serde_json::to_vec(&info)),
         Ok(VmmResponse::Counters(counters)) => json(serde_json::to_vec(&counters)),
         Ok(VmmResponse::FtStatus(status)) => json(serde_json::to_vec(&status)),
+        Ok(VmmResponse::Progress(report)) => json(serde_json::to_vec(&report)),
         Err(e) => {
             let status = match e.kind() {
                 ErrorKind::BadRequest => 400,
@@ -336,8 +352,13 @@ mod tests {
                 r#"ReceiveMigration(ReceiveMigrationRequest { receiver_url: "unix:/tmp/mig.sock", disk_paths: [], taps: [], tls_dir: None, insecure_plaintext: false })"#,
             ]
         );
+        assert!(
+            seen.iter().any(|r| r
+                == "Resize(VmResizeRequest { desired_vcpus: Some(2), desired_ram: None, desired_balloon: None })"),
+            "{seen:?}"
+        );
         assert_eq!(
-            seen[16..],
+            seen[16..20],
             [
                 r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], taps: [], witness: Some("10.0.0.3:7100"), fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
@@ -351,6 +372,7 @@ mod tests {
     fn valid_body(name: &str) -> String {
         match name {
             "vm.create" => kernel_config(),
+            "vm.resize" => r#"{"desired_vcpus": 2}"#.into(),
             "vm.snapshot" => r#"{"destination_url": "file:///tmp/snap"}"#.into(),
             "vm.restore" => r#"{"source_url": "file:///tmp/snap", "prefault": true}"#.into(),
             "vm.send-migration" => {
@@ -674,6 +696,7 @@ mod tests {
                 "epochs_cut_early": 0, "held_packets": 0, "released_packets": 0,
                 "held_disk_writes": 0, "failovers": 0, "last_failover_ms": null,
                 "last_error": null, "group": null, "group_members": 0, "group_epoch": 0,
+                "sync": null,
             })
         );
 
@@ -767,6 +790,35 @@ mod tests {
             assert_eq!(r.status, expected, "{name}");
             assert_eq!(body(&r), serde_json::json!([message]));
         }
+    }
+
+    #[test]
+    fn resize_bodies_as_cloud_hypervisor() {
+        let fake = Fake::default();
+        let put = |json: &str| handle("PUT", "/api/v1/vm.resize", json.as_bytes(), &fake);
+        // The Fake has no VM: a well-formed body reaches it and gets its 404.
+        for json in [
+            r#"{"desired_vcpus": 2}"#,
+            r#"{"desired_ram": 1073741824, "desired_balloon": 0}"#,
+            r#"{"desired_balloon_size": 0}"#,
+            "{}",
+        ] {
+            assert_eq!(put(json).status, 404, "{json}");
+        }
+        for (json, expected) in [
+            ("", "vm.resize needs a VmResize JSON request body"),
+            (r#"{"desired_vcpus": -1}"#, "invalid VmResize JSON"),
+            (r#"{"desired_cpus": 2}"#, "unknown field `desired_cpus`"),
+            (r#"{"desired_ram": "1G"}"#, "invalid type: string"),
+        ] {
+            let r = put(json);
+            assert_eq!(r.status, 400, "{json}");
+            let message = body(&r)[0].as_str().unwrap().to_string();
+            assert!(message.contains(expected), "{json}: {message}");
+        }
+        let r = handle("GET", "/api/v1/vm.resize", b"", &fake);
+        assert_eq!((r.status, r.allow), (405, Some("PUT")));
+        assert_eq!(fake.seen.lock().unwrap().len(), 4);
     }
 
     #[test]

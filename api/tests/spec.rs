@@ -247,3 +247,143 @@ fn ft_enums_match_serde() {
         spelled!(all_disk_modes())
     );
 }
+
+/// Whether `field` of schema `name` may be null: declared on the property, or on the schema a
+/// bare `$ref` points to.
+fn nullable(lines: &[&str], name: &str, field: &str) -> bool {
+    let property = block(&block(&schema(lines, name), 6, "properties"), 8, field);
+    if property.iter().any(|l| l.trim() == "nullable: true") {
+        return true;
+    }
+    property
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("$ref: \"#/components/schemas/"))
+        .map(|target| {
+            schema(lines, target.trim_end_matches('"'))
+                .iter()
+                .any(|l| indent(l) == 6 && l.trim() == "nullable: true")
+        })
+        .unwrap_or(false)
+}
+
+/// The schema `name` lists exactly the members serde writes for `value`, and every member
+/// written as null is nullable.
+fn check_schema(lines: &[&str], name: &str, value: &serde_json::Value) {
+    let properties = keys(&block(&schema(lines, name), 6, "properties"), 8);
+    assert_eq!(properties, json_keys(value.clone()), "{name} properties");
+    for (field, v) in value.as_object().unwrap() {
+        if v.is_null() {
+            assert!(
+                nullable(lines, name, field),
+                "{name}.{field} is null but not nullable"
+            );
+        }
+    }
+}
+
+/// serde's JSON for any value (the api crate names no serde trait of its own).
+macro_rules! value {
+    ($v:expr) => {
+        serde_json::to_value($v).unwrap()
+    };
+}
+
+#[test]
+fn vm_config_schemas_match_serde() {
+    use vmm::config::{
+        CpuTopology, DiskConfig, FsConfig, NetConfig, PayloadConfig, PlatformConfig, PmemConfig,
+        VmConfig, VsockConfig,
+    };
+    use vmm::control::{
+        DeviceNode, DeviceResource, PciBarType, VmInfoResponse, VmResizeRequest, VmState,
+    };
+    let text = spec();
+    let lines: Vec<&str> = text.lines().collect();
+
+    let mut config = VmConfig {
+        sgx_epc: Some(Vec::new()),
+        ..VmConfig::default()
+    };
+    let full = value!(&config);
+    check_schema(&lines, "VmConfig", &full);
+    for (name, member) in [
+        ("CpusConfig", "cpus"),
+        ("MemoryConfig", "memory"),
+        ("ConsoleConfig", "console"),
+        ("ConsoleConfig", "serial"),
+        ("DebugConsoleConfig", "debug_console"),
+        ("RngConfig", "rng"),
+    ] {
+        check_schema(&lines, name, &full[member]);
+    }
+    config.cpus.topology = Some(CpuTopology {
+        threads_per_core: 1,
+        cores_per_die: 1,
+        dies_per_package: 1,
+        packages: 1,
+    });
+    check_schema(
+        &lines,
+        "CpuTopology",
+        &value!(&config).pointer("/cpus/topology").cloned().unwrap(),
+    );
+    for (name, v) in [
+        ("PayloadConfig", value!(&PayloadConfig::default())),
+        ("DiskConfig", value!(&DiskConfig::with_path("/d"))),
+        ("NetConfig", value!(&NetConfig::default())),
+        ("PlatformConfig", value!(&PlatformConfig::default())),
+        ("VsockConfig", value!(&VsockConfig::new(3, "/v"))),
+        ("PmemConfig", value!(&PmemConfig::new("/p"))),
+        ("FsConfig", value!(&FsConfig::new("t", "/f"))),
+        ("VmResize", value!(&VmResizeRequest::default())),
+    ] {
+        check_schema(&lines, name, &v);
+    }
+    let node = DeviceNode {
+        id: "_virtio-pci-_disk0".into(),
+        resources: vec![DeviceResource::PciBar {
+            index: 0,
+            base: 0xc000_0000,
+            size: 0x8_0000,
+            type_: PciBarType::Mmio32,
+            prefetchable: false,
+        }],
+        parent: Some("x".into()),
+        children: vec!["_disk0".into()],
+        pci_bdf: Some("0000:00:02.0".into()),
+    };
+    let node_json = value!(&node);
+    check_schema(&lines, "DeviceNode", &node_json);
+    assert_eq!(
+        node_json["resources"][0]["PciBar"]["type_"],
+        serde_json::json!("Mmio32")
+    );
+    let info = VmInfoResponse {
+        config: VmConfig::default(),
+        state: VmState::Running,
+        memory_actual_size: 1 << 29,
+        device_tree: Some([(node.id.clone(), node)].into_iter().collect()),
+    };
+    check_schema(&lines, "VmInfo", &value!(&info));
+    // The enums the schemas spell out are serde's.
+    let property = |schema_name: &str, field: &str| {
+        let schema = schema(&lines, schema_name);
+        flow_list(&block(&block(&schema, 6, "properties"), 8, field), "enum")
+    };
+    assert_eq!(
+        property("CpusConfig", "core_scheduling"),
+        ["Vm", "Vcpu", "Off"]
+    );
+    assert_eq!(
+        property("DiskConfig", "image_type"),
+        ["FlatVmdk", "FixedVhd", "Qcow2", "Raw", "Vhdx", "Unknown"]
+    );
+    for variant in property("DiskConfig", "image_type") {
+        serde_json::from_value::<vmm::config::ImageType>(serde_json::json!(variant)).unwrap();
+    }
+    assert_eq!(property("NetConfig", "vhost_mode"), ["Client", "Server"]);
+    assert_eq!(
+        property("DiskConfig", "lock_granularity"),
+        ["ByteRange", "Full"]
+    );
+}

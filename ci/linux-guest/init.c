@@ -33,6 +33,19 @@
  *                -> LINUX-GUEST SERVE listening port=<port> uptime_ms=<ms since boot>
  *              A VM snapshotted while it waits here can be restored any number of times and
  *              driven from the host without another boot (tests/integration/tests/linux_guest.rs).
+ *        vsock listens on vsock port 1234 (`tg.vport=`) -> LINUX-GUEST VSOCK listening port=<p>,
+ *              accepts one connection from the host (its `CONNECT <p>` through the VMM's Unix
+ *              socket), echoes everything until the host shuts down its side
+ *                -> LINUX-GUEST VSOCK echo ok bytes=<n> fnv=<16 hex digits>
+ *              then, with `tg.vhost=P`, connects to the host (CID 2) port P (the VMM's
+ *              `PATH_P` Unix socket), sends "hello from the guest token=<tg.token>\n", shuts
+ *              down its side and reads the host's answer to its end
+ *                -> LINUX-GUEST VSOCK connect ok port=<P> reply="<first line of the answer>"
+ *        pmem  for each /dev/pmemN (virtio-pmem): prints the first line of the device (a marker
+ *              the host wrote into its file), writes "guest wrote pmemN token=<tg.token>\n" at
+ *              offset 4096 and fsyncs (a virtio-pmem FLUSH)
+ *                -> LINUX-GUEST PMEM ok dev=pmemN marker="<line>" wrote=4096
+ *                -> LINUX-GUEST PMEM done devices=<n>
  *        wait  waits for the power button -> LINUX-GUEST WAIT power-button uptime_ms=<ms>
  *   4. prints "LINUX-GUEST DONE", unmounts /mnt, syncs and powers the VM off.
  *
@@ -49,6 +62,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <linux/vm_sockets.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -562,6 +576,244 @@ static void check_tcp(void)
 		    (unsigned long long)h, ms);
 }
 
+/* --- vsock and pmem ---------------------------------------------------------------------------- */
+
+/* Reads until EOF (or error) into buf (NUL-terminated, truncated); returns the bytes read or -1. */
+static ssize_t read_to_end(int fd, char *buf, size_t size)
+{
+	size_t got = 0;
+	for (;;) {
+		char scratch[512];
+		char *dst = got < size - 1 ? buf + got : scratch;
+		size_t room = got < size - 1 ? size - 1 - got : sizeof(scratch);
+		ssize_t n = read(fd, dst, room);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			break;
+		if (dst != scratch)
+			got += n;
+	}
+	buf[got] = 0;
+	return got;
+}
+
+static void check_vsock(void)
+{
+	char port_s[16] = "1234", host_s[16] = "", token[128] = "none", why[160];
+	param("tg.vport", port_s, sizeof(port_s));
+	param("tg.token", token, sizeof(token));
+	struct sockaddr_vm svm;
+	memset(&svm, 0, sizeof(svm));
+	svm.svm_family = AF_VSOCK;
+	svm.svm_cid = VMADDR_CID_ANY;
+	svm.svm_port = (unsigned)atoi(port_s);
+	int ls = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (ls < 0 || bind(ls, (struct sockaddr *)&svm, sizeof(svm)) || listen(ls, 1)) {
+		snprintf(why, sizeof(why), "listen on vsock port %s: %s", port_s, strerror(errno));
+		fail("vsock", why);
+		if (ls >= 0)
+			close(ls);
+		return;
+	}
+	say("VSOCK listening port=%s", port_s);
+	struct pollfd pfd = { .fd = ls, .events = POLLIN };
+	if (poll(&pfd, 1, 600 * 1000) != 1) {
+		fail("vsock", "no connection within 600 s");
+		close(ls);
+		return;
+	}
+	int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+	close(ls);
+	if (c < 0) {
+		snprintf(why, sizeof(why), "accept: %s", strerror(errno));
+		fail("vsock", why);
+		return;
+	}
+	static char buf[16 << 10];
+	uint64_t h = 0xcbf29ce484222325ull, total = 0;
+	for (;;) {
+		ssize_t n = read(c, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			snprintf(why, sizeof(why), "read: %s", strerror(errno));
+			fail("vsock", why);
+			close(c);
+			return;
+		}
+		if (n == 0)
+			break;
+		for (ssize_t i = 0; i < n; i++)
+			h = (h ^ (uint8_t)buf[i]) * 0x100000001b3ull;
+		total += n;
+		write_all(c, buf, n);
+	}
+	shutdown(c, SHUT_WR);
+	close(c);
+	say("VSOCK echo ok bytes=%llu fnv=%016llx", (unsigned long long)total, (unsigned long long)h);
+
+	if (!param("tg.vhost", host_s, sizeof(host_s)))
+		return;
+	memset(&svm, 0, sizeof(svm));
+	svm.svm_family = AF_VSOCK;
+	svm.svm_cid = VMADDR_CID_HOST;
+	svm.svm_port = (unsigned)atoi(host_s);
+	c = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c < 0 || connect(c, (struct sockaddr *)&svm, sizeof(svm))) {
+		snprintf(why, sizeof(why), "connect to host port %s: %s", host_s, strerror(errno));
+		fail("vsock", why);
+		if (c >= 0)
+			close(c);
+		return;
+	}
+	char line[256];
+	int len = snprintf(line, sizeof(line), "hello from the guest token=%s\n", token);
+	write_all(c, line, len);
+	shutdown(c, SHUT_WR);
+	char answer[256];
+	ssize_t n = read_to_end(c, answer, sizeof(answer));
+	close(c);
+	if (n <= 0) {
+		snprintf(why, sizeof(why), "no answer from host port %s", host_s);
+		fail("vsock", why);
+		return;
+	}
+	char *nl = strchr(answer, '\n');
+	if (nl)
+		*nl = 0;
+	say("VSOCK connect ok port=%s reply=\"%s\"", host_s, answer);
+}
+
+/* Virtio devices of type `id` (/sys/bus/virtio/devices/<dev>/device, e.g. "0x001b"). */
+static int count_virtio(int id)
+{
+	DIR *d = opendir("/sys/bus/virtio/devices");
+	if (!d)
+		return 0;
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		char path[300], value[16];
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/bus/virtio/devices/%s/device", e->d_name);
+		if (read_file(path, value, sizeof(value)) > 0 && strtol(value, NULL, 16) == id)
+			n++;
+	}
+	closedir(d);
+	return n;
+}
+
+static void check_pmem(void)
+{
+	char token[128] = "none", why[160];
+	param("tg.token", token, sizeof(token));
+	/*
+	 * libnvdimm registers its region, namespace and disk devices asynchronously, in a domain
+	 * the kernel does not wait for before it runs /init: wait for one /dev/pmemN per
+	 * virtio-pmem device (the disks are numbered in the devices' probe order).
+	 */
+	int expected = count_virtio(27 /* VIRTIO_ID_PMEM */);
+	long deadline = uptime_ms() + 60000;
+	for (int i = 0; i < expected && uptime_ms() < deadline;) {
+		char path[32];
+		struct stat st;
+		snprintf(path, sizeof(path), "/dev/pmem%d", i);
+		if (stat(path, &st) == 0) {
+			i++;
+		} else {
+			struct timespec ts = { 0, 20 * 1000 * 1000 };
+			nanosleep(&ts, NULL);
+		}
+	}
+	int devices = 0;
+	for (int i = 0; i < 8; i++) {
+		char path[32], head[128], text[192];
+		snprintf(path, sizeof(path), "/dev/pmem%d", i);
+		int fd = open(path, O_RDWR | O_CLOEXEC);
+		if (fd < 0) {
+			if (errno == ENOENT)
+				break;
+			snprintf(why, sizeof(why), "open %s: %s", path, strerror(errno));
+			fail("pmem", why);
+			continue;
+		}
+		devices++;
+		ssize_t n = pread(fd, head, sizeof(head) - 1, 0);
+		if (n < 0) {
+			snprintf(why, sizeof(why), "read %s: %s", path, strerror(errno));
+			fail("pmem", why);
+			close(fd);
+			continue;
+		}
+		head[n] = 0;
+		for (char *p = head; *p; p++)
+			if (*p == '\n' || *p == '"' || (unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e) {
+				*p = 0;
+				break;
+			}
+		int len = snprintf(text, sizeof(text), "guest wrote pmem%d token=%s\n", i, token);
+		if (pwrite(fd, text, len, 4096) != len || fsync(fd)) {
+			snprintf(why, sizeof(why), "write and fsync %s: %s", path, strerror(errno));
+			fail("pmem", why);
+			close(fd);
+			continue;
+		}
+		close(fd);
+		say("PMEM ok dev=pmem%d marker=\"%s\" wrote=4096", i, head);
+	}
+	if (!devices || devices != expected) {
+		/* What libnvdimm made of the devices, and what the kernel said about them. */
+		char list[400] = "";
+		size_t used = 0;
+		DIR *d = opendir("/sys/bus/nd/devices");
+		struct dirent *e;
+		while (d && (e = readdir(d)))
+			if (e->d_name[0] != '.' && used < sizeof(list)) {
+				char path[300], driver[128] = "-";
+				snprintf(path, sizeof(path), "/sys/bus/nd/devices/%s/driver", e->d_name);
+				ssize_t len = readlink(path, driver, sizeof(driver) - 1);
+				driver[len > 0 ? len : 1] = 0;
+				char *slash = strrchr(driver, '/');
+				used += snprintf(list + used, sizeof(list) - used, " %s(%s)", e->d_name,
+						 slash ? slash + 1 : driver);
+			}
+		if (d)
+			closedir(d);
+		say("PMEM nd-devices:%s", used ? list : " none");
+		static const char *const attrs[] = { "region0/size", "region0/resource",
+						     "namespace0.0/size", "namespace0.0/resource",
+						     "namespace0.0/mode", "region0/align" };
+		for (size_t a = 0; a < sizeof(attrs) / sizeof(attrs[0]); a++) {
+			char path[300], value[64] = "?";
+			snprintf(path, sizeof(path), "/sys/bus/nd/devices/%s", attrs[a]);
+			read_file(path, value, sizeof(value));
+			say("PMEM %s=%s", attrs[a], value);
+		}
+		static char log[256 << 10];
+		int n = klogctl(3 /* SYSLOG_ACTION_READ_ALL */, log, sizeof(log) - 1);
+		log[n > 0 ? n : 0] = 0;
+		for (char *line = log; *line;) {
+			char *end = strchr(line, '\n');
+			if (end)
+				*end = 0;
+			if (strstr(line, "pmem") || strstr(line, "nvdimm") || strstr(line, "nd_") ||
+			    strstr(line, "namespace") || strstr(line, "remap") ||
+			    (line[0] == '<' && line[1] >= '0' && line[1] <= '4'))
+				say("PMEM klog: %.300s", line);
+			if (!end)
+				break;
+			line = end + 1;
+		}
+		snprintf(why, sizeof(why), "%d /dev/pmemN for %d virtio-pmem devices", devices, expected);
+		fail("pmem", why);
+	}
+	say("PMEM done devices=%d", devices);
+}
+
 /* --- serve: line commands from the host ------------------------------------------------------ */
 
 /* Replies one line (the newline added) on the control connection. */
@@ -893,6 +1145,10 @@ int main(void)
 			check_ping();
 		else if (!strcmp(c, "tcp"))
 			check_tcp();
+		else if (!strcmp(c, "vsock"))
+			check_vsock();
+		else if (!strcmp(c, "pmem"))
+			check_pmem();
 		else if (!strcmp(c, "serve"))
 			serve();
 		else

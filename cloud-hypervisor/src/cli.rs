@@ -12,9 +12,9 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, ArgMatches, ColorChoice, Command};
 use thiserror::Error;
 use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, HotplugMethod, MemoryConfig,
-    NetConfig, PayloadConfig, RngConfig, ValidationError, VmConfig, DEFAULT_MAX_PHYS_BITS,
-    DEFAULT_MEMORY_MB,
+    ConsoleConfig, ConsoleOutputMode, CoreScheduling, CpuTopology, CpusConfig, DiskConfig,
+    FsConfig, HotplugMethod, MemoryConfig, NetConfig, PayloadConfig, PmemConfig, RngConfig,
+    ValidationError, VmConfig, VsockConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
 };
 use vmm::control::RestoreRequest;
 
@@ -123,7 +123,6 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "debug-console",
     "device",
     "firmware",
-    "fs",
     "gdb",
     "generic-vhost-user",
     "host-data",
@@ -133,13 +132,11 @@ const UNSUPPORTED_VALUE_FLAGS: &[&str] = &[
     "numa",
     "pci-segment",
     "platform",
-    "pmem",
     "rate-limit-group",
     "sgx-epc",
     "tpm",
     "user-device",
     "vdpa",
-    "vsock",
 ];
 
 /// Like [`UNSUPPORTED_VALUE_FLAGS`], for flags that take no value.
@@ -151,11 +148,14 @@ const VM_FLAGS: &[&str] = &[
     "console",
     "cpus",
     "disk",
+    "fs",
     "initramfs",
     "memory",
     "net",
+    "pmem",
     "rng",
     "serial",
+    "vsock",
 ];
 
 /// The clap definition of the `cloud-hypervisor` command line.
@@ -212,6 +212,18 @@ pub fn command() -> Command {
                 .help("File to report events on: path=</path/to/a/file> or fd=<fd>"),
         )
         .arg(
+            Arg::new("fs")
+                .long("fs")
+                .value_name("fs")
+                .num_args(1..)
+                .action(ArgAction::Append)
+                .help(
+                    "virtio-fs parameters \"tag=<tag_name>,socket=<socket_path>,\
+                     num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,\
+                     id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"",
+                ),
+        )
+        .arg(
             Arg::new("initramfs")
                 .long("initramfs")
                 .value_name("initramfs")
@@ -253,6 +265,18 @@ pub fn command() -> Command {
                 ),
         )
         .arg(
+            Arg::new("pmem")
+                .long("pmem")
+                .value_name("pmem")
+                .num_args(1..)
+                .action(ArgAction::Append)
+                .help(
+                    "Persistent memory parameters \"file=<backing_file_path>,\
+                     size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,\
+                     id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"",
+                ),
+        )
+        .arg(
             Arg::new("restore")
                 .long("restore")
                 .value_name("restore")
@@ -277,6 +301,16 @@ pub fn command() -> Command {
             "Control serial port: off|null|tty|file=</path/to/a/file>|\
                      socket=</path/to/a/file> [default: null]",
         ))
+        .arg(
+            Arg::new("vsock")
+                .long("vsock")
+                .value_name("vsock")
+                .help(
+                    "Virtio VSOCK parameters \"cid=<context_id>,socket=<socket_path>,\
+                     iommu=on|off,id=<device_id>,pci_segment=<segment_id>,\
+                     pci_device_id=<pci_slot>\"",
+                ),
+        )
         .arg(
             Arg::new("v")
                 .short('v')
@@ -312,9 +346,11 @@ pub fn command() -> Command {
     command
 }
 
-/// The `--version` text.
+/// The `--version` text: Cloud Hypervisor's shape (`cloud-hypervisor v<major>.<minor>.<patch>`,
+/// which libvirt parses) with the Cloud Hypervisor release Tandem follows, then Tandem's own
+/// version in parentheses.
 pub fn version_text() -> String {
-    format!("cloud-hypervisor v{}\n", env!("CARGO_PKG_VERSION"))
+    format!("cloud-hypervisor {}\n", vmm::control::build_version())
 }
 
 /// Parses a full command line (`args` starts with the program name).
@@ -580,6 +616,13 @@ fn build_vm_config(
         .map(parse_net)
         .collect::<Result<Vec<_>, _>>()?;
     let rng = string_arg(matches, "rng").map(parse_rng).transpose()?;
+    let vsock = string_arg(matches, "vsock").map(parse_vsock).transpose()?;
+    let pmem = many_args(matches, "pmem")
+        .map(parse_pmem)
+        .collect::<Result<Vec<_>, _>>()?;
+    let fs = many_args(matches, "fs")
+        .map(parse_fs)
+        .collect::<Result<Vec<_>, _>>()?;
 
     let Some(kernel) = matches.get_one::<PathBuf>("kernel") else {
         if let Some(flag) = VM_FLAGS.iter().find(|id| matches.contains_id(id)) {
@@ -595,16 +638,20 @@ fn build_vm_config(
         cpus: cpus.unwrap_or_default(),
         memory: memory.unwrap_or_default(),
         payload: Some(PayloadConfig {
-            firmware: None,
             kernel: Some(kernel.clone()),
             cmdline: matches.get_one::<String>("cmdline").cloned(),
             initramfs: matches.get_one::<PathBuf>("initramfs").cloned(),
+            ..PayloadConfig::default()
         }),
         serial: serial.unwrap_or_else(ConsoleConfig::default_serial),
         console: console.unwrap_or_else(ConsoleConfig::default_console),
         disks: (!disks.is_empty()).then_some(disks),
         net: (!nets.is_empty()).then_some(nets),
         rng: rng.unwrap_or_default(),
+        vsock,
+        pmem: (!pmem.is_empty()).then_some(pmem),
+        fs: (!fs.is_empty()).then_some(fs),
+        ..VmConfig::default()
     };
     config.validate().map_err(|source| CliError::Validation {
         flag: flag_for_validation_error(&source),
@@ -619,10 +666,13 @@ fn vm_flag_name(id: &str) -> &'static str {
         "console" => "--console",
         "cpus" => "--cpus",
         "disk" => "--disk",
+        "fs" => "--fs",
         "initramfs" => "--initramfs",
         "memory" => "--memory",
         "net" => "--net",
+        "pmem" => "--pmem",
         "rng" => "--rng",
+        "vsock" => "--vsock",
         _ => "--serial",
     }
 }
@@ -633,7 +683,8 @@ fn flag_for_validation_error(err: &ValidationError) -> &'static str {
     let field = match err {
         ValidationError::NoBootVcpus
         | ValidationError::MaxBelowBoot { .. }
-        | ValidationError::TooManyVcpus { .. } => "cpus",
+        | ValidationError::TooManyVcpus { .. }
+        | ValidationError::InconsistentTopology { .. } => "cpus",
         ValidationError::MemoryTooSmall { .. } | ValidationError::MemoryNotAligned { .. } => {
             "memory"
         }
@@ -657,6 +708,9 @@ fn flag_for_validation_error(err: &ValidationError) -> &'static str {
         "disks" => "--disk",
         "net" => "--net",
         "rng" => "--rng",
+        "vsock" => "--vsock",
+        "pmem" => "--pmem",
+        "fs" => "--fs",
         _ => "configuration",
     }
 }
@@ -779,7 +833,7 @@ fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
         .add("core_scheduling");
     parse_options(&mut parser, FLAG, value)?;
 
-    for key in ["topology", "affinity", "features", "core_scheduling"] {
+    for key in ["affinity", "features"] {
         if parser.get(key).is_some() {
             return Err(CliError::UnsupportedOption {
                 flag: FLAG,
@@ -808,12 +862,52 @@ fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
     }
 
     let mut cpus = CpusConfig::default();
+    if let Some(topology) = parser.get("topology") {
+        cpus.topology = Some(parse_topology(topology).map_err(|why| invalid(FLAG, value, why))?);
+    }
+    cpus.core_scheduling = match parser.get("core_scheduling") {
+        None => CoreScheduling::default(),
+        Some(mode) if mode.eq_ignore_ascii_case("vm") => CoreScheduling::Vm,
+        Some(mode) if mode.eq_ignore_ascii_case("vcpu") => CoreScheduling::Vcpu,
+        Some(mode) if mode.eq_ignore_ascii_case("off") => CoreScheduling::Off,
+        Some(_) => {
+            return Err(invalid(
+                FLAG,
+                value,
+                "core_scheduling must be vm, vcpu or off",
+            ))
+        }
+    };
     let boot = convert::<u8>(&parser, FLAG, value, "boot")?;
     let max = convert::<u8>(&parser, FLAG, value, "max")?;
     // As in Cloud Hypervisor, max defaults to boot and boot to 1.
     cpus.boot_vcpus = boot.unwrap_or(cpus.boot_vcpus);
     cpus.max_vcpus = max.unwrap_or(cpus.boot_vcpus);
     Ok(cpus)
+}
+
+/// `topology=<threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>`.
+fn parse_topology(value: &str) -> Result<CpuTopology, String> {
+    let parts = value
+        .split(':')
+        .map(|part| part.trim().parse::<u16>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            "topology must be <threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>"
+                .to_string()
+        })?;
+    match parts.as_slice() {
+        &[threads_per_core, cores_per_die, dies_per_package, packages] => Ok(CpuTopology {
+            threads_per_core,
+            cores_per_die,
+            dies_per_package,
+            packages,
+        }),
+        _ => Err(
+            "topology must be <threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>"
+                .to_string(),
+        ),
+    }
 }
 
 fn parse_memory(value: &str) -> Result<MemoryConfig, CliError> {
@@ -859,8 +953,8 @@ fn parse_memory(value: &str) -> Result<MemoryConfig, CliError> {
         hugepages: flag("hugepages")?.unwrap_or(defaults.hugepages),
         hugepage_size: size("hugepage_size")?,
         prefault: flag("prefault")?.unwrap_or(defaults.prefault),
-        zones: None,
         thp: flag("thp")?.unwrap_or(defaults.thp),
+        ..defaults
     })
 }
 
@@ -934,6 +1028,121 @@ fn parse_console_flag(flag: &'static str, value: &str) -> Result<ConsoleConfig, 
         }),
         None => Ok(config),
     }
+}
+
+/// The PCI placement options Cloud Hypervisor's devices share (`id`, `iommu`, `pci_segment`,
+/// `pci_device_id`), for [`VmConfig::validate`] to judge.
+struct PciOptions {
+    id: Option<String>,
+    iommu: bool,
+    pci_segment: u16,
+    pci_device_id: Option<u8>,
+}
+
+fn pci_options(
+    parser: &OptionParser,
+    flag: &'static str,
+    value: &str,
+) -> Result<PciOptions, CliError> {
+    Ok(PciOptions {
+        id: parser.get("id").map(str::to_owned),
+        iommu: convert::<bool>(parser, flag, value, "iommu")?.unwrap_or(false),
+        pci_segment: convert::<u16>(parser, flag, value, "pci_segment")?.unwrap_or(0),
+        pci_device_id: convert::<u8>(parser, flag, value, "pci_device_id")?,
+    })
+}
+
+/// A path option that must be given.
+fn required_path(
+    parser: &OptionParser,
+    flag: &'static str,
+    value: &str,
+    key: &str,
+) -> Result<PathBuf, CliError> {
+    parser
+        .get(key)
+        .map(PathBuf::from)
+        .ok_or_else(|| invalid(flag, value, format!("{key}=<path> is required")))
+}
+
+/// `--vsock cid=<cid>,socket=<path>[,iommu=on|off][,id=..][,pci_segment=..][,pci_device_id=..]`.
+fn parse_vsock(value: &str) -> Result<VsockConfig, CliError> {
+    const FLAG: &str = "--vsock";
+    let mut parser = OptionParser::new();
+    parser
+        .add("cid")
+        .add("socket")
+        .add("iommu")
+        .add("id")
+        .add("pci_segment")
+        .add("pci_device_id");
+    parse_options(&mut parser, FLAG, value)?;
+    let socket = required_path(&parser, FLAG, value, "socket")?;
+    let Some(cid) = convert::<u32>(&parser, FLAG, value, "cid")? else {
+        return Err(invalid(FLAG, value, "cid=<context id> is required"));
+    };
+    let pci = pci_options(&parser, FLAG, value)?;
+    Ok(VsockConfig {
+        iommu: pci.iommu,
+        pci_segment: pci.pci_segment,
+        pci_device_id: pci.pci_device_id,
+        id: pci.id,
+        ..VsockConfig::new(cid, socket)
+    })
+}
+
+/// `--pmem file=<path>[,size=<size>][,discard_writes=on|off][,iommu=on|off][,id=..]...`.
+fn parse_pmem(value: &str) -> Result<PmemConfig, CliError> {
+    const FLAG: &str = "--pmem";
+    let mut parser = OptionParser::new();
+    parser
+        .add("file")
+        .add("size")
+        .add("discard_writes")
+        .add("iommu")
+        .add("id")
+        .add("pci_segment")
+        .add("pci_device_id");
+    parse_options(&mut parser, FLAG, value)?;
+    let file = required_path(&parser, FLAG, value, "file")?;
+    let size = convert::<ByteSize>(&parser, FLAG, value, "size")?.map(|ByteSize(n)| n);
+    let discard_writes = convert::<bool>(&parser, FLAG, value, "discard_writes")?.unwrap_or(false);
+    let pci = pci_options(&parser, FLAG, value)?;
+    Ok(PmemConfig {
+        size,
+        discard_writes,
+        iommu: pci.iommu,
+        pci_segment: pci.pci_segment,
+        pci_device_id: pci.pci_device_id,
+        id: pci.id,
+        ..PmemConfig::new(file)
+    })
+}
+
+/// `--fs tag=<tag>,socket=<path>[,num_queues=N][,queue_size=N][,id=..][,pci_segment=..]...`.
+fn parse_fs(value: &str) -> Result<FsConfig, CliError> {
+    const FLAG: &str = "--fs";
+    let mut parser = OptionParser::new();
+    parser
+        .add("tag")
+        .add("socket")
+        .add("num_queues")
+        .add("queue_size")
+        .add("id")
+        .add("pci_segment")
+        .add("pci_device_id");
+    parse_options(&mut parser, FLAG, value)?;
+    let Some(tag) = parser.get("tag") else {
+        return Err(invalid(FLAG, value, "tag=<tag> is required"));
+    };
+    let socket = required_path(&parser, FLAG, value, "socket")?;
+    let mut fs = FsConfig::new(tag, socket);
+    fs.num_queues = convert::<usize>(&parser, FLAG, value, "num_queues")?.unwrap_or(fs.num_queues);
+    fs.queue_size = convert::<u16>(&parser, FLAG, value, "queue_size")?.unwrap_or(fs.queue_size);
+    fs.id = parser.get("id").map(str::to_owned);
+    fs.pci_segment = convert::<u16>(&parser, FLAG, value, "pci_segment")?.unwrap_or(0);
+    fs.pci_device_id = convert::<u8>(&parser, FLAG, value, "pci_device_id")?;
+    Ok(fs)
 }
 
 /// `--rng src=<path>,iommu=on|off` (Cloud Hypervisor's syntax; only `iommu=off` here).
@@ -1062,8 +1271,15 @@ mod tests {
             "--cpus: cpus.boot_vcpus must be at least 1"
         );
         assert_eq!(
-            kernel_error(&["--cpus", "boot=1,topology=1:1:1:1"]),
-            "--cpus: topology is not supported yet"
+            kernel_error(&["--cpus", "boot=1,topology=1:2:1:1"]),
+            "--cpus: cpus.topology: threads_per_core (1) * cores_per_die (2) * \
+             dies_per_package (1) * packages (1) = 2, but cpus.max_vcpus is 1; each part must \
+             be at least 1 and the product must equal max_vcpus"
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=1,topology=1:2"]),
+            "--cpus: invalid value \"boot=1,topology=1:2\": topology must be \
+             <threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>"
         );
         assert_eq!(
             kernel_error(&["--cpus", "affinity=[0@[0-3]]"]),
@@ -1102,13 +1318,16 @@ mod tests {
             kernel_error(&["--memory", "size=lots"]),
             "--memory: invalid value \"size=lots\": size must be a size in bytes, optionally with a K, M, G or T suffix"
         );
+        let memory = config(&[
+            "--memory",
+            "size=1G,shared=on,hugepages=on,hugepage_size=2M",
+        ])
+        .memory;
+        assert!(memory.shared && memory.hugepages);
+        assert_eq!(memory.hugepage_size, Some(2 << 20));
         assert_eq!(
-            kernel_error(&["--memory", "size=1G,shared=on"]),
-            "--memory: memory.shared: shared guest memory is not supported yet"
-        );
-        assert_eq!(
-            kernel_error(&["--memory", "size=1G,hugepages=on"]),
-            "--memory: memory.hugepages: hugepage-backed memory is not supported yet"
+            kernel_error(&["--memory", "size=1G,hugepages=on,hugepage_size=4M"]),
+            "--memory: memory.hugepage_size: 4194304 is not a huge page size of x86_64 (2 MiB or 1 GiB)"
         );
         assert_eq!(
             kernel_error(&["--memory", "size=1G,shared=maybe"]),
@@ -1120,7 +1339,14 @@ mod tests {
         );
         assert!(kernel_error(&["--memory", "size=1G,hotplug_method=dimm"])
             .ends_with("hotplug_method must be acpi or virtio-mem"));
-        assert!(kernel_error(&["--memory", "size=1G,hotplug_size=1G"])
+        // Room for a later resize: accepted and echoed; the resize itself is refused.
+        assert_eq!(
+            config(&["--memory", "size=1G,hotplug_size=1G"])
+                .memory
+                .hotplug_size,
+            Some(1 << 30)
+        );
+        assert!(kernel_error(&["--memory", "size=1G,hotplugged_size=1G"])
             .ends_with("is not supported yet"));
     }
 
@@ -1365,8 +1591,13 @@ mod tests {
             );
         }
         assert_eq!(
-            kernel_error(&["--rng", "src=/dev/urandom", "--pmem", "file=/d"]),
-            "--pmem is not supported yet"
+            kernel_error(&[
+                "--rng",
+                "src=/dev/urandom",
+                "--platform",
+                "num_pci_segments=2"
+            ]),
+            "--platform is not supported yet"
         );
     }
 
@@ -1536,7 +1767,10 @@ mod tests {
                 assert_eq!(code, 0);
                 assert_eq!(
                     text,
-                    format!("cloud-hypervisor v{}\n", env!("CARGO_PKG_VERSION"))
+                    format!(
+                        "cloud-hypervisor v53.0.0 (tandem {})\n",
+                        env!("CARGO_PKG_VERSION")
+                    )
                 );
             }
             other => panic!("{other:?}"),
@@ -1554,7 +1788,8 @@ mod tests {
                     assert_eq!(code, 0);
                     assert!(text.contains("Usage: cloud-hypervisor"), "{text}");
                     assert!(text.contains("--kernel"));
-                    assert!(!text.contains("--pmem"), "unsupported flags stay hidden");
+                    assert!(!text.contains("--tpm"), "unsupported flags stay hidden");
+                    assert!(text.contains("--vsock") && text.contains("--pmem"));
                     assert!(text.ends_with('\n'));
                 }
                 other => panic!("{other:?}"),
@@ -1567,6 +1802,99 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn vsock_pmem_and_fs_parse_in_cloud_hypervisor_syntax() {
+        let options = run(&[
+            "--kernel",
+            "/k",
+            "--vsock",
+            "cid=3,socket=/run/v.sock,id=vsock0",
+            "--pmem",
+            "file=/img,size=2M,discard_writes=on",
+            "file=/b",
+            "--fs",
+            "tag=myfs,socket=/run/fs.sock,num_queues=1,queue_size=512",
+        ]);
+        // Parsed into their types first; virtio-fs is refused by validation until it is wired.
+        assert_eq!(
+            options.unwrap_err().to_string(),
+            "--fs: fs: a virtio-fs device is not supported yet"
+        );
+        assert_eq!(
+            parse_vsock("cid=3,socket=/run/v.sock,id=vsock0").unwrap(),
+            VsockConfig {
+                id: Some("vsock0".into()),
+                ..VsockConfig::new(3, "/run/v.sock")
+            }
+        );
+        assert_eq!(
+            parse_pmem("file=/img,size=2M,discard_writes=on").unwrap(),
+            PmemConfig {
+                size: Some(2 << 20),
+                discard_writes: true,
+                ..PmemConfig::new("/img")
+            }
+        );
+        let fs = parse_fs("tag=myfs,socket=/run/fs.sock,queue_size=512,pci_segment=1").unwrap();
+        assert_eq!(
+            (
+                fs.tag.as_str(),
+                fs.queue_size,
+                fs.num_queues,
+                fs.pci_segment
+            ),
+            ("myfs", 512, 1, 1)
+        );
+        // vsock and pmem are wired: the flags alone give a valid configuration.
+        assert!(run(&["--kernel", "/k", "--pmem", "file=/img"]).is_ok());
+        assert!(run(&["--kernel", "/k", "--vsock", "cid=3,socket=/run/v.sock"]).is_ok());
+        assert_eq!(
+            kernel_error(&["--fs", "tag=t,socket=/s"]),
+            "--fs: fs: a virtio-fs device is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--vsock", "socket=/s"]),
+            "--vsock: invalid value \"socket=/s\": cid=<context id> is required"
+        );
+        assert_eq!(
+            kernel_error(&["--vsock", "cid=2,socket=/s"]),
+            "--vsock: vsock.cid: 2 is reserved: guest CIDs start at 3"
+        );
+        assert_eq!(
+            kernel_error(&["--pmem", "size=2M"]),
+            "--pmem: invalid value \"size=2M\": file=<path> is required"
+        );
+        assert_eq!(
+            kernel_error(&["--fs", "socket=/s"]),
+            "--fs: invalid value \"socket=/s\": tag=<tag> is required"
+        );
+        assert!(kernel_error(&["--vsock", "cid=3,socket=/s,bogus=1"]).contains("bogus"));
+        assert_eq!(
+            error(&["--vsock", "cid=3,socket=/s"]),
+            "--vsock requires --kernel"
+        );
+    }
+
+    #[test]
+    fn consistent_topology_is_accepted() {
+        let config = config(&[
+            "--cpus",
+            "boot=2,max=4,topology=1:4:1:1,core_scheduling=off",
+        ]);
+        assert_eq!(
+            config.cpus.topology,
+            Some(CpuTopology {
+                threads_per_core: 1,
+                cores_per_die: 4,
+                dies_per_package: 1,
+                packages: 1,
+            })
+        );
+        assert_eq!(config.cpus.core_scheduling, CoreScheduling::Off);
+        let config = self::config(&["--cpus", "boot=4,topology=2:1:1:2"]);
+        assert_eq!(config.cpus.topology.map(|t| t.cpu_count()), Some(4));
     }
 
     #[test]

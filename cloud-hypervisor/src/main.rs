@@ -69,6 +69,8 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
         SeccompAction::Allow => vmm::SeccompMode::Off,
         SeccompAction::Log => vmm::SeccompMode::Log,
     };
+    // Before the event monitor: its writer thread installs its filter as it starts.
+    vmm::seccomp::set_process_mode(seccomp).map_err(|e| e.to_string())?;
     let event_monitor = match &options.event_monitor {
         Some(cli::EventMonitor::Path(path)) => Some(EventMonitor::from_path(path)),
         Some(cli::EventMonitor::Fd(fd)) => Some(EventMonitor::from_fd(*fd)),
@@ -78,7 +80,7 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
     .map_err(|e| format!("--event-monitor: {e}"))?
     .map(Arc::new);
 
-    vmm::seccomp::set_process_mode(seccomp).map_err(|e| e.to_string())?;
+    let progress = Arc::new(vmm::progress::ProgressBoard::default());
     let mut socket_file = SocketFile(None);
     let mut server = None;
     let mut api = None;
@@ -98,7 +100,8 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
             EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| format!("cannot create an eventfd: {e}"))?,
         );
-        let backend = Arc::new(ApiSender::new(sender, wake.clone()));
+        let backend =
+            Arc::new(ApiSender::new(sender, wake.clone()).with_progress(progress.clone()));
         server = Some(
             api::spawn_server(listener, backend, api::ServerOptions::default())
                 .map_err(|e| format!("cannot start the API server: {e}"))?,
@@ -115,6 +118,7 @@ fn run(options: CliOptions) -> Result<vmm::ExitReason, String> {
         seccomp,
         event_monitor,
         ft: Some(Box::new(ft::TandemFt)),
+        progress,
     });
     if let Some(server) = &server {
         // Let the answer to vmm.shutdown reach the client before the process exits.

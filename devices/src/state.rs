@@ -3,7 +3,7 @@
 //! Each device keeps its persisted state next to its model (`SerialDeviceState` in
 //! `legacy::serial`, `PciTransportState` in `virtio::pci`, `BlockState` in `virtio::block`,
 //! `NetState` in `virtio::net`, `ConsoleState` in `virtio::console`, `RngState` in
-//! `virtio::rng`); this module gathers them into one [`DeviceState`] per device
+//! `virtio::rng`, `PmemState` in `virtio::pmem`, `VsockState` in `virtio::vsock`); this module gathers them into one [`DeviceState`] per device
 //! and holds the error every restore reports. One format serves snapshot/restore, live migration
 //! and fault tolerance.
 //!
@@ -24,7 +24,9 @@ pub use crate::virtio::block::{BlockCounters, BlockState};
 pub use crate::virtio::console::{ConsoleCounters, ConsoleState};
 pub use crate::virtio::net::{NetCounters, NetState};
 pub use crate::virtio::pci::PciTransportState;
+pub use crate::virtio::pmem::{PmemCounters, PmemState};
 pub use crate::virtio::rng::{RngCounters, RngState};
+pub use crate::virtio::vsock::{VsockCounters, VsockState};
 pub use crate::virtio::VirtQueueState;
 
 /// A virtio device's saved state: its transport's (registers, queues, interrupt status) and the
@@ -48,6 +50,8 @@ pub enum DeviceState {
     Net(VirtioState<NetState>),
     Console(VirtioState<ConsoleState>),
     Rng(VirtioState<RngState>),
+    Pmem(VirtioState<PmemState>),
+    Vsock(VirtioState<VsockState>),
 }
 
 /// Why a saved state cannot be restored into a device. The destination builds its devices from

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, ReceiveFtRequest, VmmError};
 use vmm::fault_tolerance::{BackupFt, FtProvider, PrimaryFt};
+use vmm::progress::TransferProgress;
 use vmm::vm::Vm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,9 +43,14 @@ impl FtProvider for TandemFt {
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
+        progress: Arc<TransferProgress>,
     ) -> Result<Box<dyn PrimaryFt>, VmmError> {
         Ok(Box::new(primary::Primary::enable(
-            vm, config, request, wake,
+            vm,
+            config,
+            request,
+            wake,
+            Some(progress),
         )?))
     }
 

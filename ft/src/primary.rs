@@ -34,6 +34,7 @@ use vmm::migration::memory::DirtyPages;
 use vmm::migration::protocol::{
     FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
 };
+use vmm::progress::TransferProgress;
 use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -320,6 +321,7 @@ impl Primary {
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
+        progress: Option<Arc<TransferProgress>>,
     ) -> Result<Self, VmmError> {
         let (peer, _, _) = validate(request)?;
         let Some(security) = security(request, false)? else {
@@ -327,16 +329,18 @@ impl Primary {
         };
         let stream =
             transport::dial(&peer, &security, CONNECT_TIMEOUT).map_err(|e| io_err("backup", e))?;
-        Self::enable_over(vm, config, request, wake, stream)
+        Self::enable_over(vm, config, request, wake, stream, progress)
     }
 
-    /// [`Primary::enable`] over a connection already made to the backup.
+    /// [`Primary::enable`] over a connection already made to the backup. `progress` follows
+    /// the initial synchronisation for the operator (`vm.progress`).
     pub fn enable_over(
         vm: &mut dyn ReplicableVm,
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
         stream: FtStream,
+        progress: Option<Arc<TransferProgress>>,
     ) -> Result<Self, VmmError> {
         let (peer, mut epoch_len, mut heartbeat_timeout) = validate(request)?;
         let security = security(request, matches!(stream, FtStream::Unix(_)))?;
@@ -373,6 +377,8 @@ impl Primary {
         stream
             .set_nodelay()
             .map_err(|e| io_err("socket option", e))?;
+        // Private memory whatever backs the guest's: only the sender reads it, and hugepage
+        // staging would double what the host must reserve. The layout is the guest's.
         let staging =
             vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
         // Every member of a group claims the group at the witness: it fails over as one.
@@ -389,6 +395,7 @@ impl Primary {
                 ..SenderOptions::default()
             },
         );
+        sender.set_progress(progress.clone());
         let disk_sizes = match request.disk_mode {
             FtDiskMode::Replicated => config
                 .disks
@@ -421,6 +428,14 @@ impl Primary {
             epoch_len,
             &mut paused,
         );
+        // Epochs are counted by the FT status from here on, not by the sync's progress.
+        sender.set_progress(None);
+        if let Some(progress) = &progress {
+            match &synced {
+                Ok(_) => progress.done(),
+                Err(e) => progress.failed(e),
+            }
+        }
         let (gates, first_epoch, reader) = match synced {
             Ok(done) => done,
             Err(e) => {
@@ -565,6 +580,10 @@ impl Primary {
         *paused = true;
         let mut last = live::dirty_since_last(vm)?;
         last.union_with(&pending);
+        if let Some(progress) = sender.progress() {
+            progress.begin_pass(last.count());
+            progress.finishing();
+        }
         sender.send_memory(vm.memory(), &last).map_err(e)?;
         if let Some(mut disks) = disks.take() {
             let mut send = |kind: FrameType, payload: &[u8]| sender.send_frame(kind, payload);

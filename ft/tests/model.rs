@@ -52,6 +52,8 @@ const BLOCK: u64 = 4096;
 const DISK_BLOCKS: u64 = 64;
 const EPOCH_MS: u64 = 2;
 const HEARTBEAT_MS: u64 = 250;
+/// The heartbeat timeout of a run without faults (see [`run_with`]).
+const NO_FAULT_HEARTBEAT_MS: u64 = 3000;
 /// Checkpoints a run drives at most.
 const CHECKPOINTS: u64 = 40;
 
@@ -327,6 +329,7 @@ impl ReplicableVm for FakeVm {
             devices: DevicesState {
                 serial: None,
                 virtio: Vec::new(),
+                pmem_pages: Vec::new(),
             },
             acpi_events: 0,
         };
@@ -795,6 +798,18 @@ struct Report {
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
+    run_with(seed, mode, faults, witness, HEARTBEAT_MS)
+}
+
+/// [`run`] with its own heartbeat timeout: a run without faults has nothing to detect, so it
+/// gets one a loaded 2-core host cannot miss (the model's tests run in parallel there).
+fn run_with(
+    seed: u64,
+    mode: FtDiskMode,
+    faults: Vec<Fault>,
+    witness: &Arc<WitnessHandle>,
+    heartbeat_ms: u64,
+) -> Report {
     let context = format!("seed {seed:#x}, {mode:?} disks, faults {faults:?}");
     let dir = scratch_dir();
     let primary_disk = dir.join("primary.img");
@@ -855,7 +870,7 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
         peer: "127.0.0.1:1".into(),
         epoch_ms: EPOCH_MS,
         disk_mode: mode,
-        heartbeat_timeout_ms: Some(HEARTBEAT_MS),
+        heartbeat_timeout_ms: Some(heartbeat_ms),
         witness: Some(primary_witness.addr.clone()),
         fencing: None,
         compress: true,
@@ -865,13 +880,33 @@ fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHan
         insecure_plaintext: true,
     };
     let primary_wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let progress = Arc::new(vmm::progress::TransferProgress::new(
+        vmm::progress::Operation::EnableFt,
+        config.memory.size,
+    ));
     let enabled = Primary::enable_over(
         &mut vm,
         &config,
         &enable,
         primary_wake,
         FtStream::Unix(primary_end),
+        Some(progress.clone()),
     );
+    // The operator's progress ends as the sync does: done with protection, failed without.
+    let phase = progress.report().phase;
+    match &enabled {
+        Ok(_) => assert_eq!(phase, vmm::progress::Phase::Done),
+        Err(e) => {
+            // A failure before the stream opened (fencing, group) leaves the sync unstarted.
+            assert!(
+                matches!(
+                    phase,
+                    vmm::progress::Phase::Failed | vmm::progress::Phase::Starting
+                ),
+                "{phase:?} after {e}"
+            );
+        }
+    }
     // None: a fault during the sync, protection never started.
     let mut primary = enabled.ok();
     let kill_seen = |link: &Link| *link.state.kill.lock().unwrap();
@@ -1091,7 +1126,7 @@ fn random_runs(mode: FtDiskMode, base_seed: u64) {
 fn no_fault_run_replicates_and_releases_everything() {
     let witness = witness();
     for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
-        let report = run(1, mode, Vec::new(), &witness);
+        let report = run_with(1, mode, Vec::new(), &witness, NO_FAULT_HEARTBEAT_MS);
         assert!(
             report.acked > 10,
             "{mode:?}: only {} epochs acknowledged",

@@ -219,6 +219,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             &request,
             wake,
             FtStream::Unix(primary_end),
+            None,
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -292,6 +293,7 @@ mod fake_vm {
                 devices: DevicesState {
                     serial: None,
                     virtio: Vec::new(),
+                    pmem_pages: Vec::new(),
                 },
                 acpi_events: 0,
             })

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::progress::{Operation, ProgressBoard, ProgressReport};
 
 /// What the API (or ch-remote through it) asks the VMM to do.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub enum VmmRequest {
     BootVm,
     /// `GET vm.info`
     VmInfo,
+    /// `PUT vm.resize`
+    Resize(VmResizeRequest),
     /// `GET vm.counters`
     Counters,
     /// `PUT vm.pause`
@@ -52,6 +55,9 @@ pub enum VmmRequest {
     FtStatus,
     /// Stop protecting the VM; the backup drops its copy (`vm.disable-ft`).
     DisableFt,
+    /// How far the running (or last) `enable-ft` sync or `send-migration` is (`vm.progress`,
+    /// Tandem's extension). Answered by the API thread itself while the control loop is busy.
+    Progress,
 }
 
 /// `vm.snapshot` body (Cloud Hypervisor's `VmSnapshotConfig`).
@@ -60,6 +66,20 @@ pub enum VmmRequest {
 pub struct SnapshotRequest {
     /// `file:///path/to/dir`
     pub destination_url: String,
+}
+
+/// `vm.resize` body (Cloud Hypervisor's `VmResize`): each member absent means "as it is".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmResizeRequest {
+    #[serde(default)]
+    pub desired_vcpus: Option<u32>,
+    /// Guest RAM in bytes.
+    #[serde(default)]
+    pub desired_ram: Option<u64>,
+    /// Balloon size in bytes (`desired_balloon_size` in some clients).
+    #[serde(default, alias = "desired_balloon_size")]
+    pub desired_balloon: Option<u64>,
 }
 
 /// `vm.restore` body (Cloud Hypervisor's `RestoreConfig`), also `--restore source_url=...`.
@@ -302,6 +322,42 @@ pub struct FtStatus {
     /// Primary: the group epoch now running; backup: the newest group epoch held completely
     /// (after a failover: the one every member resumed from).
     pub group_epoch: u64,
+    /// Health `syncing`: how far the initial synchronisation is (else null).
+    #[serde(default)]
+    pub sync: Option<ProgressReport>,
+}
+
+impl FtStatus {
+    /// The numeric part of the status, as `vm.counters` reports it under `ft`.
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut c = BTreeMap::new();
+        let mut put = |name: &str, value: u64| {
+            c.insert(name.to_string(), value);
+        };
+        put("epoch", self.epoch);
+        put("last_committed_epoch", self.last_committed_epoch);
+        put("lag_epochs", self.lag_epochs);
+        put("bytes", self.bytes);
+        put("dirty_pages", self.dirty_pages);
+        put("pause_us_last", self.pause_us_last);
+        put("pause_us_p50", self.pause_us_p50);
+        put("pause_us_p99", self.pause_us_p99);
+        put("pause_us_max", self.pause_us_max);
+        put("epochs_cut_early", self.epochs_cut_early);
+        put("held_packets", self.held_packets);
+        put("released_packets", self.released_packets);
+        put("held_disk_writes", self.held_disk_writes);
+        put("failovers", self.failovers);
+        if let Some(ms) = self.last_failover_ms {
+            put("last_failover_ms", ms);
+        }
+        put("protected", u64::from(self.health == FtHealth::Protected));
+        if self.group.is_some() {
+            put("group_members", self.group_members);
+            put("group_epoch", self.group_epoch);
+        }
+        c
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +369,20 @@ pub enum VmState {
     BreakPoint,
 }
 
+/// The Cloud Hypervisor release whose API and command line Tandem follows. Tools that key
+/// behaviour to Cloud Hypervisor's version (libvirt parses `cloud-hypervisor --version`,
+/// API clients read `vmm.ping`'s `version`) get this one; Tandem's own version follows it.
+pub const CLOUD_HYPERVISOR_VERSION: &str = "53.0.0";
+
+/// Tandem's own version.
+pub const TANDEM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `v<Cloud Hypervisor version> (tandem <version>)`: what `--version` prints after the
+/// program name, and `vmm.ping`'s `build_version`.
+pub fn build_version() -> String {
+    format!("v{CLOUD_HYPERVISOR_VERSION} (tandem {TANDEM_VERSION})")
+}
+
 /// `GET vmm.ping` body (Cloud Hypervisor's `VmmPingResponse`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmPingResponse {
@@ -322,12 +392,73 @@ pub struct VmmPingResponse {
     pub features: Vec<String>,
 }
 
+impl VmmPingResponse {
+    /// This VMM's answer: Cloud Hypervisor's version shape (`version` without a `v`), our
+    /// own version in `build_version`.
+    pub fn current(features: Vec<String>) -> Self {
+        Self {
+            build_version: build_version(),
+            version: CLOUD_HYPERVISOR_VERSION.to_string(),
+            pid: i64::from(std::process::id()),
+            features,
+        }
+    }
+}
+
 /// `GET vm.info` body (Cloud Hypervisor's `VmInfo`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmInfoResponse {
     pub config: VmConfig,
     pub state: VmState,
+    /// Bytes of guest RAM.
     pub memory_actual_size: u64,
+    /// The VM's devices once it has been booted (absent before, as in Cloud Hypervisor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tree: Option<DeviceTree>,
+}
+
+/// `vm.info`'s `device_tree`: device id -> node.
+pub type DeviceTree = BTreeMap<String, DeviceNode>;
+
+/// One node of the device tree, in Cloud Hypervisor's shape: a virtio device (`_disk0`) is
+/// the child of its PCI transport (`_virtio-pci-_disk0`), which holds the BDF and the BAR.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    pub resources: Vec<DeviceResource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub children: Vec<String>,
+    /// `segment:bus:device.function`, e.g. `0000:00:01.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_bdf: Option<String>,
+}
+
+/// A resource a device node holds, spelled as Cloud Hypervisor serializes its `Resource`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceResource {
+    PciBar {
+        index: usize,
+        base: u64,
+        size: u64,
+        type_: PciBarType,
+        prefetchable: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PciBarType {
+    Io,
+    Mmio32,
+    Mmio64,
+}
+
+/// The prefix of a virtio device's PCI transport node, as in Cloud Hypervisor.
+pub const VIRTIO_PCI_NODE_PREFIX: &str = "_virtio-pci";
+
+/// `00:NN.0` on segment 0 for PCI device number `device`.
+pub fn pci_bdf(device: u8) -> String {
+    format!("0000:00:{device:02x}.0")
 }
 
 /// `GET vm.counters` body: device id -> counter name -> value.
@@ -342,6 +473,7 @@ pub enum VmmResponse {
     VmInfo(Box<VmInfoResponse>),
     Counters(VmCounters),
     FtStatus(Box<FtStatus>),
+    Progress(Box<ProgressReport>),
 }
 
 /// How an error maps onto HTTP (the API layer picks the status code from this).
@@ -376,12 +508,15 @@ pub enum VmmError {
         action: &'static str,
         message: String,
     },
+    /// Something asked about does not exist (404), other than the VM itself.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl VmmError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            VmmError::VmNotCreated => ErrorKind::NotFound,
+            VmmError::VmNotCreated | VmmError::NotFound(_) => ErrorKind::NotFound,
             VmmError::VmAlreadyCreated | VmmError::InvalidConfig(_) => ErrorKind::BadRequest,
             VmmError::InvalidState { .. } => ErrorKind::WrongState,
             VmmError::Failed { .. } => ErrorKind::Internal,
@@ -411,15 +546,53 @@ pub enum SendError {
 pub struct ApiSender {
     sender: mpsc::Sender<ApiMessage>,
     wake: std::sync::Arc<EventFd>,
+    progress: Option<std::sync::Arc<ProgressBoard>>,
+}
+
+/// `vm.progress` from `board`: the running or last transfer, else 404.
+pub fn progress_response(board: &ProgressBoard) -> VmmResult {
+    match board.current() {
+        Some(progress) => Ok(VmmResponse::Progress(Box::new(progress.report()))),
+        None => Err(VmmError::NotFound(
+            "no enable-ft or send-migration has run on this VMM".into(),
+        )),
+    }
 }
 
 impl ApiSender {
     pub fn new(sender: mpsc::Sender<ApiMessage>, wake: std::sync::Arc<EventFd>) -> Self {
-        Self { sender, wake }
+        Self {
+            sender,
+            wake,
+            progress: None,
+        }
+    }
+
+    /// Answers `vm.progress`, and `vm.ft-status` during an initial sync, from `board` on the
+    /// calling thread: the control loop is busy with the transfer then.
+    pub fn with_progress(mut self, board: std::sync::Arc<ProgressBoard>) -> Self {
+        self.progress = Some(board);
+        self
     }
 
     /// Sends `request` and waits for the control loop's answer.
     pub fn call(&self, request: VmmRequest) -> Result<VmmResult, SendError> {
+        if let Some(board) = &self.progress {
+            match request {
+                VmmRequest::Progress => return Ok(progress_response(board)),
+                VmmRequest::FtStatus => {
+                    if let Some(sync) = board.running(Operation::EnableFt) {
+                        return Ok(Ok(VmmResponse::FtStatus(Box::new(FtStatus {
+                            role: FtRole::Primary,
+                            health: FtHealth::Syncing,
+                            sync: Some(sync.report()),
+                            ..FtStatus::default()
+                        }))));
+                    }
+                }
+                _ => {}
+            }
+        }
         let (reply, answer) = mpsc::channel();
         self.sender
             .send(ApiMessage { request, reply })

@@ -20,7 +20,9 @@ use devices::virtio::block::Block;
 use devices::virtio::console::Console;
 use devices::virtio::net::Net;
 use devices::virtio::pci::{self as virtio_pci, IntxLine, PciResources, VirtioPciDevice};
+use devices::virtio::pmem::{Pmem, PmemBacking};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{DeviceState, GuestMemoryMmap, IoBus, VirtioState};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -29,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::VmCounters;
+use crate::control::{
+    pci_bdf, DeviceNode, DeviceResource, DeviceTree, PciBarType, VmCounters, VIRTIO_PCI_NODE_PREFIX,
+};
 use crate::kvm_routing::{KvmRouting, IOAPIC_PINS};
 use crate::x86_64::layout;
 
@@ -79,6 +83,8 @@ pub enum VirtioHandle {
     Net(Arc<Mutex<Net>>),
     Console(Arc<Mutex<Console>>),
     Rng(Arc<Mutex<Rng>>),
+    Pmem(Arc<Mutex<Pmem>>),
+    Vsock(Arc<Mutex<Vsock>>),
 }
 
 impl VirtioHandle {
@@ -88,6 +94,8 @@ impl VirtioHandle {
             VirtioHandle::Net(d) => d.clone(),
             VirtioHandle::Console(d) => d.clone(),
             VirtioHandle::Rng(d) => d.clone(),
+            VirtioHandle::Pmem(d) => d.clone(),
+            VirtioHandle::Vsock(d) => d.clone(),
         }
     }
 
@@ -97,6 +105,8 @@ impl VirtioHandle {
             VirtioHandle::Net(d) => d.clone(),
             VirtioHandle::Console(d) => d.clone(),
             VirtioHandle::Rng(d) => d.clone(),
+            VirtioHandle::Pmem(d) => d.clone(),
+            VirtioHandle::Vsock(d) => d.clone(),
         }
     }
 
@@ -106,6 +116,8 @@ impl VirtioHandle {
             VirtioHandle::Net(d) => lock(d).counters(),
             VirtioHandle::Console(d) => lock(d).counters(),
             VirtioHandle::Rng(d) => lock(d).counters(),
+            VirtioHandle::Pmem(d) => lock(d).counters(),
+            VirtioHandle::Vsock(d) => lock(d).counters(),
         }
     }
 }
@@ -120,6 +132,9 @@ struct VirtioEntry {
     id: String,
     transport: Arc<Mutex<VirtioPciDevice>>,
     handle: VirtioHandle,
+    /// PCI device number on bus 0 (function 0).
+    number: u8,
+    bar_address: u64,
 }
 
 /// The state of every device model of a VM, in creation order (the order the configuration
@@ -129,7 +144,29 @@ struct VirtioEntry {
 pub struct DevicesState {
     pub serial: Option<SerialDeviceState>,
     pub virtio: Vec<NamedDeviceState>,
+    /// The guest's changes to `discard_writes` pmem regions (snapshots only: migration and
+    /// fault tolerance refuse such a VM). Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem_pages: Vec<PmemPages>,
 }
+
+/// The pages of one `discard_writes` pmem region that differ from its file: the region maps
+/// the file privately, so these exist only in the VMM's memory and a snapshot must carry them.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemPages {
+    /// The device's id.
+    pub id: String,
+    /// Offsets in the region of each page, ascending.
+    pub offsets: Vec<u64>,
+    /// The pages' contents, in `offsets` order, LZ4-compressed (size-prepended) and
+    /// hex-encoded.
+    pub data: String,
+}
+
+/// Most bytes of changed `discard_writes` pmem pages a snapshot carries: they travel inside the
+/// state file, whose reader accepts 64 MiB (hex doubles the compressed size).
+pub const MAX_PMEM_SNAPSHOT_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +187,8 @@ pub enum DeviceStateError {
     },
     #[error("the state has a serial port but the configuration has none, or the reverse")]
     Serial,
+    #[error("pmem {id}: {why}")]
+    PmemPages { id: String, why: String },
     #[error("{0}")]
     Device(#[from] devices::RestoreError),
 }
@@ -375,6 +414,8 @@ impl DeviceManager {
             id,
             transport,
             handle,
+            number,
+            bar_address,
         });
         Ok(())
     }
@@ -451,6 +492,42 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// `vm.info`'s device tree: each virtio device under its PCI transport node, which holds
+    /// the BDF and BAR 0, as Cloud Hypervisor lays it out.
+    pub fn device_tree(&self) -> DeviceTree {
+        let mut tree = DeviceTree::new();
+        for entry in &self.virtio {
+            let transport_id = format!("{VIRTIO_PCI_NODE_PREFIX}-{}", entry.id);
+            tree.insert(
+                entry.id.clone(),
+                DeviceNode {
+                    id: entry.id.clone(),
+                    resources: Vec::new(),
+                    parent: Some(transport_id.clone()),
+                    children: Vec::new(),
+                    pci_bdf: None,
+                },
+            );
+            tree.insert(
+                transport_id.clone(),
+                DeviceNode {
+                    id: transport_id,
+                    resources: vec![DeviceResource::PciBar {
+                        index: 0,
+                        base: entry.bar_address,
+                        size: virtio_pci::BAR_SIZE,
+                        type_: PciBarType::Mmio32,
+                        prefetchable: false,
+                    }],
+                    parent: None,
+                    children: vec![entry.id.clone()],
+                    pci_bdf: Some(pci_bdf(entry.number)),
+                },
+            );
+        }
+        tree
+    }
+
     pub fn counters(&self) -> VmCounters {
         self.virtio
             .iter()
@@ -505,8 +582,13 @@ impl DeviceManager {
                     gates.disks.push(control);
                     gates.disk_logs.push(log);
                 }
-                // Console output and entropy are not held (as with the serial port).
-                VirtioHandle::Console(_) | VirtioHandle::Rng(_) => {}
+                // Console output and entropy are not held (as with the serial port). Enabling
+                // fault tolerance refuses a VM with pmem or vsock (see
+                // `migration::ft_refusal`), so neither needs a gate here.
+                VirtioHandle::Console(_)
+                | VirtioHandle::Rng(_)
+                | VirtioHandle::Pmem(_)
+                | VirtioHandle::Vsock(_) => {}
             }
         }
         for control in gates.all() {
@@ -543,9 +625,20 @@ impl DeviceManager {
         self.serial = serial;
     }
 
-    /// Every device's state; the vCPUs must be paused and the loop stopped.
-    pub fn save_state(&self) -> DevicesState {
-        DevicesState {
+    /// Every device's state; the vCPUs must be paused and the loop stopped. Writable pmem
+    /// files are synced (a snapshot or a migration's destination reads them), and the guest's
+    /// changes to `discard_writes` regions are captured.
+    pub fn save_state(&self) -> Result<DevicesState, DeviceStateError> {
+        let mut pmem_pages = Vec::new();
+        for entry in &self.virtio {
+            if let VirtioHandle::Pmem(pmem) = &entry.handle {
+                let backing = lock(pmem).backing().clone();
+                if let Some(pages) = save_pmem_pages(&entry.id, &backing)? {
+                    pmem_pages.push(pages);
+                }
+            }
+        }
+        Ok(DevicesState {
             serial: self.serial.as_ref().map(|s| lock(s).state()),
             virtio: self
                 .virtio
@@ -569,6 +662,14 @@ impl DeviceManager {
                             transport,
                             device: lock(d).state(),
                         }),
+                        VirtioHandle::Pmem(d) => DeviceState::Pmem(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
+                        VirtioHandle::Vsock(d) => DeviceState::Vsock(VirtioState {
+                            transport,
+                            device: lock(d).state(),
+                        }),
                     };
                     NamedDeviceState {
                         id: entry.id.clone(),
@@ -576,7 +677,19 @@ impl DeviceManager {
                     }
                 })
                 .collect(),
-        }
+            pmem_pages,
+        })
+    }
+
+    /// The mappings of every pmem region, which the VM keeps until its KVM slots are gone.
+    pub fn pmem_backings(&self) -> Vec<Arc<PmemBacking>> {
+        self.virtio
+            .iter()
+            .filter_map(|entry| match &entry.handle {
+                VirtioHandle::Pmem(pmem) => Some(lock(pmem).backing().clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Puts saved device states back, before the loop starts and before any vCPU runs.
@@ -621,8 +734,34 @@ impl DeviceManager {
                     lock(d).restore(&s.device)?;
                     lock(&entry.transport).restore(&s.transport)?;
                 }
+                (VirtioHandle::Pmem(d), DeviceState::Pmem(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
+                (VirtioHandle::Vsock(d), DeviceState::Vsock(s)) => {
+                    lock(d).restore(&s.device)?;
+                    lock(&entry.transport).restore(&s.transport)?;
+                }
                 _ => return Err(mismatch("the device kinds differ")),
             }
+        }
+        for pages in &state.pmem_pages {
+            let backing = self
+                .virtio
+                .iter()
+                .find_map(|entry| match &entry.handle {
+                    VirtioHandle::Pmem(pmem) if entry.id == pages.id => {
+                        Some(lock(pmem).backing().clone())
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| DeviceStateError::PmemPages {
+                    id: pages.id.clone(),
+                    why: "the state has changed pages for it but the configuration has no such \
+                          pmem device"
+                        .into(),
+                })?;
+            restore_pmem_pages(pages, &backing)?;
         }
         // Configuration spaces are back: put the notification ioeventfds where BARs decode.
         lock(&self.pci).refresh_decode();
@@ -642,5 +781,176 @@ impl DeviceManager {
 impl Drop for DeviceManager {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Page size of the pmem pages a snapshot carries (the host's: x86-64).
+const PMEM_PAGE: usize = 4096;
+
+/// Syncs a writable pmem file; for a `discard_writes` region, reads the pages the guest changed
+/// (None when it changed none, as a read-only root file system leaves it).
+fn save_pmem_pages(id: &str, backing: &PmemBacking) -> Result<Option<PmemPages>, DeviceStateError> {
+    let err = |why: String| DeviceStateError::PmemPages {
+        id: id.to_string(),
+        why,
+    };
+    backing.sync().map_err(|e| err(e.to_string()))?;
+    let offsets = backing.private_pages().map_err(|e| err(e.to_string()))?;
+    if offsets.is_empty() {
+        return Ok(None);
+    }
+    let bytes = offsets.len().saturating_mul(PMEM_PAGE);
+    if bytes > MAX_PMEM_SNAPSHOT_BYTES {
+        return Err(err(format!(
+            "the guest changed {} MiB of its discard_writes region; a snapshot carries at most \
+             {} MiB of such changes",
+            bytes >> 20,
+            MAX_PMEM_SNAPSHOT_BYTES >> 20
+        )));
+    }
+    let mut raw = vec![0u8; bytes];
+    for (offset, page) in offsets.iter().zip(raw.chunks_exact_mut(PMEM_PAGE)) {
+        backing
+            .read_at(*offset, page)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(Some(PmemPages {
+        id: id.to_string(),
+        offsets,
+        data: hex_encode(&lz4_flex::compress_prepend_size(&raw)),
+    }))
+}
+
+/// Writes a snapshot's changed pages back into the region's private mapping (before any vCPU
+/// runs). Everything is checked before the first page is written.
+fn restore_pmem_pages(pages: &PmemPages, backing: &PmemBacking) -> Result<(), DeviceStateError> {
+    let err = |why: String| DeviceStateError::PmemPages {
+        id: pages.id.clone(),
+        why,
+    };
+    if !backing.discard_writes() {
+        return Err(err(
+            "the snapshot has changed pages of a discard_writes region but the device is \
+             configured without discard_writes"
+                .into(),
+        ));
+    }
+    let valid_offsets = pages.offsets.windows(2).all(|w| w[0] < w[1])
+        && pages.offsets.iter().all(|&o| {
+            o.is_multiple_of(PMEM_PAGE as u64)
+                && o.checked_add(PMEM_PAGE as u64)
+                    .is_some_and(|end| end <= backing.len())
+        });
+    if !valid_offsets {
+        return Err(err(
+            "the snapshot's page offsets are not ascending page-aligned offsets inside the region"
+                .into(),
+        ));
+    }
+    let want = pages.offsets.len().saturating_mul(PMEM_PAGE);
+    if want > MAX_PMEM_SNAPSHOT_BYTES {
+        return Err(err(format!(
+            "the snapshot lists {} MiB of changed pages, more than a snapshot carries",
+            want >> 20
+        )));
+    }
+    let compressed = hex_decode(&pages.data)
+        .ok_or_else(|| err("the snapshot's page data is not hexadecimal".into()))?;
+    // The decoder allocates what the size prefix says: check it first.
+    let declared = compressed
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if declared != Some(want) {
+        return Err(err(format!(
+            "the snapshot's page data holds {declared:?} bytes, not the {want} of its {} pages",
+            pages.offsets.len()
+        )));
+    }
+    let raw = lz4_flex::decompress_size_prepended(&compressed)
+        .map_err(|e| err(format!("the snapshot's page data is corrupt: {e}")))?;
+    if raw.len() != want {
+        return Err(err(format!(
+            "the snapshot's page data decompresses to {} bytes, not {want}",
+            raw.len()
+        )));
+    }
+    for (offset, page) in pages.offsets.iter().zip(raw.chunks_exact(PMEM_PAGE)) {
+        backing
+            .write_at(*offset, page)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let data: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_decode(&hex_encode(&data)), Some(data));
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
+
+    #[test]
+    fn discard_writes_pages_survive_a_save_and_restore() {
+        let dir = std::env::temp_dir().join(format!("pmem-pages-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("img");
+        std::fs::write(&file, vec![0x11u8; 2 << 20]).unwrap();
+        let saved = PmemBacking::open(&file, None, true).unwrap();
+        assert!(save_pmem_pages("p", &saved).unwrap().is_none());
+        saved.write_at(8192, b"changed by the guest").unwrap();
+        let pages = save_pmem_pages("p", &saved)
+            .unwrap()
+            .expect("one changed page");
+        assert_eq!(pages.offsets, vec![8192]);
+
+        let restored = PmemBacking::open(&file, None, true).unwrap();
+        restore_pmem_pages(&pages, &restored).unwrap();
+        let mut buf = [0u8; 20];
+        restored.read_at(8192, &mut buf).unwrap();
+        assert_eq!(&buf, b"changed by the guest");
+        // The file itself is untouched.
+        assert!(std::fs::read(&file).unwrap().iter().all(|&b| b == 0x11));
+
+        let writable = PmemBacking::open(&file, None, false).unwrap();
+        let e = restore_pmem_pages(&pages, &writable).unwrap_err();
+        assert!(e.to_string().contains("without discard_writes"), "{e}");
+        let mut bad = PmemPages {
+            id: "p".into(),
+            offsets: vec![2 << 20],
+            data: pages.data.clone(),
+        };
+        let e = restore_pmem_pages(&bad, &restored).unwrap_err();
+        assert!(e.to_string().contains("inside the region"), "{e}");
+        bad.offsets = vec![0, 4096];
+        let e = restore_pmem_pages(&bad, &restored).unwrap_err();
+        assert!(e.to_string().contains("not the 8192"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

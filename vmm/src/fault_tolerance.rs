@@ -17,6 +17,7 @@ use crate::control::{EnableFtRequest, FtStatus, ReceiveFtRequest, VmmError};
 use crate::device_manager::FtGates;
 use crate::memory::GuestMemoryMmap;
 use crate::migration::memory::DirtyPages;
+use crate::progress::TransferProgress;
 use crate::vm::{Vm, VmSnapshotState};
 
 /// What fault tolerance (and pre-copy) needs of a VM, and nothing more, in the spirit of
@@ -66,13 +67,14 @@ impl ReplicableVm for Vm {
 pub trait FtProvider: Send {
     /// Protects the running `vm`: connects to the backup, runs the initial synchronisation
     /// (the guest keeps running until its final pause) and installs the output gates.
-    /// Returns once the backup holds epoch 0.
+    /// Returns once the backup holds epoch 0; reports how far it got in `progress`.
     fn enable(
         &mut self,
         vm: &mut Vm,
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
+        progress: Arc<TransferProgress>,
     ) -> Result<Box<dyn PrimaryFt>, VmmError>;
 
     /// Starts waiting for a primary (in the background) to become its backup.

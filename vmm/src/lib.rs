@@ -10,6 +10,7 @@ pub mod fault_tolerance;
 pub mod kvm_routing;
 pub mod memory;
 pub mod migration;
+pub mod progress;
 pub mod seccomp;
 pub mod unix_socket;
 pub mod vcpu;

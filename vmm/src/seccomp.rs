@@ -67,6 +67,8 @@ pub enum ThreadRole {
     SerialSocket,
     /// The `tandem-witness` process.
     Witness,
+    /// The event monitor's writer: writes to its file or pipe, nothing else.
+    EventMonitor,
 }
 
 /// What every thread needs: memory, futexes, time, signals, its own exit, logging (the
@@ -199,8 +201,20 @@ const VMM_EXTRA: &[libc::c_long] = &[
 ];
 
 /// The device loop's extras: accepting the virtio console's socket client (its input and
-/// output, like stdin, stdout and a pty, are plain `read`/`write`).
-const DEVICE_LOOP_EXTRA: &[libc::c_long] = &[libc::SYS_accept4];
+/// output, like stdin, stdout and a pty, are plain `read`/`write`); virtio-vsock's host side:
+/// accepting clients on its listening socket, connecting to `PATH_port` listeners (`socket`
+/// is allowed for `AF_UNIX` only, see [`DEVICE_LOOP_SOCKET_DOMAIN`]), `send`/`recv` (with
+/// MSG_PEEK for the CONNECT line) and half-closing connections.
+const DEVICE_LOOP_EXTRA: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+];
+
+/// The one socket domain the device loop may create sockets in (vsock's Unix connections).
+const DEVICE_LOOP_SOCKET_DOMAIN: libc::c_int = libc::AF_UNIX;
 
 /// A vCPU thread: KVM ioctls, futexes for pause/resume, eventfd and console writes.
 const VCPU_EXTRA: &[libc::c_long] = &[
@@ -210,6 +224,10 @@ const VCPU_EXTRA: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_sendto,
 ];
+
+/// The event monitor's writer: closing its file (debug builds of std check the descriptor with
+/// `fcntl(F_GETFD)` before closing it).
+const EVENT_MONITOR_EXTRA: &[libc::c_long] = &[libc::SYS_fcntl];
 
 /// The requests a socket may use `ioctl` for (`set_nonblocking`, close-on-exec).
 const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX];
@@ -223,6 +241,7 @@ fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
         ThreadRole::Replication => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS],
         ThreadRole::SerialSocket => vec![COMMON, NETWORK],
         ThreadRole::Witness => vec![COMMON, SPAWN, NETWORK, FILES],
+        ThreadRole::EventMonitor => vec![COMMON, EVENT_MONITOR_EXTRA],
     }
 }
 
@@ -230,7 +249,7 @@ fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
 fn ioctls(role: ThreadRole) -> Option<&'static [u64]> {
     match role {
         ThreadRole::Vmm | ThreadRole::Vcpu => None,
-        ThreadRole::DeviceLoop => Some(&[]),
+        ThreadRole::DeviceLoop | ThreadRole::EventMonitor => Some(&[]),
         ThreadRole::Api
         | ThreadRole::Replication
         | ThreadRole::SerialSocket
@@ -299,6 +318,19 @@ fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, Secc
             rules.insert(nr, Vec::new());
         }
     }
+    if role == ThreadRole::DeviceLoop {
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            DEVICE_LOOP_SOCKET_DOMAIN as u64,
+        )
+        .map_err(SeccompError::Build)?;
+        rules.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![unix]).map_err(SeccompError::Build)?],
+        );
+    }
     if let Some(allowed) = ioctls(role) {
         let mut ioctl_rules = Vec::new();
         for &request in allowed {
@@ -336,7 +368,7 @@ pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
 /// starts anew at every epoch boundary, where compiling its filter again would lengthen the
 /// checkpoint's tail.
 static COMPILED: [OnceLock<Option<Arc<BpfProgram>>>; ROLES] = [const { OnceLock::new() }; ROLES];
-const ROLES: usize = 7;
+const ROLES: usize = 8;
 
 fn compiled(role: ThreadRole, mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
     let slot = &COMPILED[role as usize];

@@ -15,7 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::console::ConsoleHost;
-use crate::device_manager::{DeviceManager, DeviceManagerError, DevicesState, VirtioHandle};
+use crate::device_manager::{
+    DeviceManager, DeviceManagerError, DeviceStateError, DevicesState, VirtioHandle,
+};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
@@ -24,13 +26,19 @@ use crate::x86_64::{acpi, boot, cpuid, layout, mptable, msr, regs};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::console::Console;
 use devices::virtio::net::{MacAddr, Net, NetConfig};
+use devices::virtio::pmem::{Pmem, PmemBacking, PmemError, PMEM_ALIGNMENT};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{Vsock, VsockError};
+use kvm_bindings::kvm_userspace_memory_region;
+use vm_memory::GuestAddress;
 
 /// How long a pause may take before it is reported as stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
 /// Used when the host does not report its physical address width.
 const DEFAULT_PHYS_BITS: u32 = 36;
+/// KVM memory slots of pmem regions start here, clear of guest RAM's (slot = region index).
+const PMEM_SLOT_BASE: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -89,6 +97,40 @@ pub enum VmError {
     Restore(String),
     #[error("{0}")]
     DeviceManager(#[from] DeviceManagerError),
+    #[error("cannot capture the devices' state: {0}")]
+    SaveDevices(#[source] DeviceStateError),
+    #[error("{field} ({id}): {source}")]
+    Pmem {
+        field: &'static str,
+        id: String,
+        #[source]
+        source: PmemError,
+    },
+    #[error(
+        "pmem {id}: no room for its {size} bytes in the guest physical address space \
+             (from {start:#x} to {limit:#x}, above the 64-bit PCI window)"
+    )]
+    PmemNoRoom {
+        id: String,
+        size: u64,
+        start: u64,
+        limit: u64,
+    },
+    #[error("pmem {id}: KVM refused its memory slot {slot} at {addr:#x} ({size} bytes): {source}")]
+    PmemSlot {
+        id: String,
+        slot: u32,
+        addr: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{field}: {source}")]
+    Vsock {
+        field: &'static str,
+        #[source]
+        source: VsockError,
+    },
 }
 
 /// Event fds through which the guest ends a VM run; the control loop waits on them.
@@ -147,6 +189,8 @@ pub struct Vm {
     device_manager: DeviceManager,
     ged: Arc<Mutex<Ged>>,
     vm_fd: Arc<VmFd>,
+    /// pmem regions are KVM slots: their mappings go only after the VM fd is closed.
+    _pmem_regions: Vec<Arc<PmemBacking>>,
     memory: GuestMemoryMmap,
 }
 
@@ -265,6 +309,9 @@ impl Vm {
         let base_cpuid = cpuid::supported(kvm)?;
         let mem_size = config.memory.size;
         memory::validate_size(mem_size, phys_bits(&base_cpuid))?;
+        // Shared or hugepage RAM, as configured; a migration, restore or standby VM gets the
+        // same kind as its source because it is built from the source's configuration.
+        let backing = memory::Backing::from_config(&config.memory)?;
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         let setup = |what, r: Result<(), kvm_ioctls::Error>| {
@@ -299,7 +346,7 @@ impl Vm {
                 }
                 memory
             }
-            None => memory::create(mem_size)?,
+            None => memory::create_backed(mem_size, backing)?,
         };
         memory::register(&vm_fd, &memory, false)?;
 
@@ -321,15 +368,20 @@ impl Vm {
         )?;
         add_nets(&vm_fd, &mut device_manager, config)?;
         add_rng(&vm_fd, &mut device_manager, config)?;
+        // Then, as Cloud Hypervisor: pmem, vsock. pmem regions go above the 64-bit PCI window.
+        let mmio64 = layout::pci_mmio64_window(mem_size, phys_bits(&base_cpuid) as u8);
+        let pmem_area = (
+            (mmio64.0 + mmio64.1).next_multiple_of(PMEM_ALIGNMENT),
+            1u64 << phys_bits(&base_cpuid).min(52),
+        );
+        add_pmem(&vm_fd, &mut device_manager, config, pmem_area)?;
+        add_vsock(&vm_fd, &mut device_manager, config)?;
+        let pmem_regions = device_manager.pmem_backings();
         // Devices are found on the PCI bus and through ACPI: the command line is the user's.
         let cmdline = payload.cmdline.clone().unwrap_or_default();
 
         let mut pio = IoBus::new();
-        device_manager.attach_pci(
-            &mut pio,
-            &mut mmio,
-            layout::pci_mmio64_window(mem_size, phys_bits(&base_cpuid) as u8),
-        )?;
+        device_manager.attach_pci(&mut pio, &mut mmio, mmio64)?;
         let serial = match serial_out {
             Some(out) => {
                 let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -375,6 +427,7 @@ impl Vm {
         Ok(PreparedVm {
             config: config.clone(),
             vm_fd,
+            pmem_regions,
             memory,
             device_manager,
             serial,
@@ -422,7 +475,10 @@ impl Vm {
         Ok(VmSnapshotState {
             vcpus: self.vcpus.save_state()?,
             kvm: cpu_state::save_vm(&self.vm_fd).map_err(|e| VmError::Restore(e.to_string()))?,
-            devices: self.device_manager.save_state(),
+            devices: self
+                .device_manager
+                .save_state()
+                .map_err(VmError::SaveDevices)?,
             acpi_events: lock_ged(&self.ged).pending(),
         })
     }
@@ -467,6 +523,11 @@ impl Vm {
         self.device_manager.counters()
     }
 
+    /// `vm.info`'s device tree (PCI devices and their BDFs).
+    pub fn device_tree(&self) -> crate::control::DeviceTree {
+        self.device_manager.device_tree()
+    }
+
     /// Presses the ACPI power button: the generic event device interrupts the guest, whose
     /// ACPI code sees a power-button event; a guest that handles it powers itself off.
     pub fn power_button(&self) -> Result<(), VmError> {
@@ -492,6 +553,7 @@ pub struct PreparedVm {
     device_manager: DeviceManager,
     vcpu_fds: Vec<VcpuFd>,
     vm_fd: Arc<VmFd>,
+    pmem_regions: Vec<Arc<PmemBacking>>,
     memory: GuestMemoryMmap,
     serial: Option<Arc<Mutex<Serial>>>,
     base_cpuid: CpuId,
@@ -622,6 +684,7 @@ impl PreparedVm {
             device_manager: self.device_manager,
             ged: self.ged,
             vm_fd: self.vm_fd,
+            _pmem_regions: self.pmem_regions,
             memory: self.memory,
         })
     }
@@ -766,6 +829,121 @@ fn add_rng(
         vm_fd,
         RNG_DEVICE_ID.to_string(),
         VirtioHandle::Rng(Arc::new(Mutex::new(rng))),
+    )?;
+    Ok(())
+}
+
+/// The virtio-pmem devices, each region a KVM memory slot of its own, laid out one after the
+/// other from `area.0` (below `area.1`, the end of the guest's physical address space).
+fn add_pmem(
+    vm_fd: &VmFd,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+    area: (u64, u64),
+) -> Result<(), VmError> {
+    let mut next = area.0;
+    for (index, pmem) in config.pmem.iter().flatten().enumerate() {
+        let id = pmem.id.clone().unwrap_or_else(|| format!("_pmem{index}"));
+        let pmem_err = |source: PmemError| VmError::Pmem {
+            field: match source {
+                PmemError::SizeNotAligned { .. }
+                | PmemError::Empty { .. }
+                | PmemError::FileTooSmall { .. }
+                | PmemError::TooLarge { .. }
+                | PmemError::SetLen { .. } => "pmem.size",
+                _ => "pmem.file",
+            },
+            id: id.clone(),
+            source,
+        };
+        let backing = Arc::new(
+            PmemBacking::open(&pmem.file, pmem.size, pmem.discard_writes).map_err(pmem_err)?,
+        );
+        let (start, size) = (next, backing.len());
+        let end = start
+            .checked_add(size)
+            .filter(|&end| end <= area.1)
+            .ok_or_else(|| VmError::PmemNoRoom {
+                id: id.clone(),
+                size,
+                start,
+                limit: area.1,
+            })?;
+        let device =
+            Pmem::new(id.clone(), GuestAddress(start), backing.clone()).map_err(pmem_err)?;
+        let slot = PMEM_SLOT_BASE + index as u32;
+        let mut region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: backing.host_addr(),
+        };
+        // SAFETY: the mapping lives as long as `backing`; the VM holds it (and the device an
+        // Arc of it) until after its VM fd is closed, and the error path below deletes the
+        // slot before the mapping can go.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::PmemSlot {
+            id: id.clone(),
+            slot,
+            addr: start,
+            size,
+            source,
+        })?;
+        log::info!(
+            "{id}: pmem {} ({size} bytes{}) at guest address {start:#x}",
+            backing.path().display(),
+            if backing.discard_writes() {
+                ", discard_writes"
+            } else {
+                ""
+            }
+        );
+        if let Err(e) = device_manager.add_virtio_device(
+            vm_fd,
+            id,
+            VirtioHandle::Pmem(Arc::new(Mutex::new(device))),
+        ) {
+            region.memory_size = 0;
+            // SAFETY: a zero size deletes the slot; nothing is mapped by it afterwards.
+            if let Err(del) = unsafe { vm_fd.set_user_memory_region(region) } {
+                log::error!("cannot delete pmem memory slot {slot}: {del}");
+            }
+            return Err(e.into());
+        }
+        next = end.next_multiple_of(PMEM_ALIGNMENT);
+    }
+    Ok(())
+}
+
+/// The virtio-vsock device with Cloud Hypervisor's hybrid (Unix socket) backend.
+fn add_vsock(
+    vm_fd: &VmFd,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+) -> Result<(), VmError> {
+    let Some(vsock) = &config.vsock else {
+        return Ok(());
+    };
+    let id = vsock.id.clone().unwrap_or_else(|| "_vsock0".to_string());
+    let device = Vsock::new(id.clone(), u64::from(vsock.cid), &vsock.socket).map_err(|source| {
+        VmError::Vsock {
+            field: match source {
+                VsockError::InvalidCid { .. } => "vsock.cid",
+                VsockError::Bind { .. } => "vsock.socket",
+                _ => "vsock",
+            },
+            source,
+        }
+    })?;
+    log::info!(
+        "{id}: vsock guest CID {}, host socket {}",
+        vsock.cid,
+        vsock.socket.display()
+    );
+    device_manager.add_virtio_device(
+        vm_fd,
+        id,
+        VirtioHandle::Vsock(Arc::new(Mutex::new(device))),
     )?;
     Ok(())
 }

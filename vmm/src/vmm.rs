@@ -1,6 +1,7 @@
 //! The control loop: owns the VM, waits for the events that end or restart a run, and (later)
 //! for API requests. Nothing else touches the VM.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -17,15 +18,17 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::config::{ConsoleOutputMode, HostResources, VmConfig};
 use crate::control::{
     ApiMessage, ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
-    VmInfoResponse, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse, VmmResult,
+    VmInfoResponse, VmResizeRequest, VmState, VmmError, VmmPingResponse, VmmRequest, VmmResponse,
+    VmmResult,
 };
-use crate::control::{EnableFtRequest, FtHealth, FtStatus, ReceiveFtRequest};
+use crate::control::{EnableFtRequest, FtHealth, FtRole, FtStatus, ReceiveFtRequest};
 use crate::event_monitor::EventMonitor;
 use crate::fault_tolerance::{
     BackupEvent, BackupFt, FtProvider, PrimaryEvent, PrimaryFt, StopReason,
 };
 use crate::migration::receive::{IncomingEvent, IncomingMigration, ReceiveError, ReceiveTimeouts};
 use crate::migration::{live, snapshot, TransferStats};
+use crate::progress::{Operation, Phase, ProgressBoard, TransferProgress};
 use crate::seccomp::SeccompMode;
 use crate::vm::{self, Vm, VmError, VmEvents};
 use crate::vm::{PrepareOptions, PreparedVm, RestoredMemory, Start, VmSnapshotState};
@@ -283,6 +286,8 @@ pub struct VmmOptions {
     pub event_monitor: Option<Arc<EventMonitor>>,
     /// Fault tolerance (`vm.enable-ft`, `vm.receive-ft`); None: those requests fail.
     pub ft: Option<Box<dyn FtProvider>>,
+    /// Where long transfers publish their progress for the API threads (`vm.progress`).
+    pub progress: Arc<ProgressBoard>,
 }
 
 /// A `vm.receive-migration` in progress: its `migration-rx` thread does all the network I/O;
@@ -311,6 +316,10 @@ struct Vmm {
     events: VmEvents,
     seccomp: SeccompMode,
     monitor: Option<Arc<EventMonitor>>,
+    progress: Arc<ProgressBoard>,
+    /// The primary's health and group size last reported on the event monitor, so that each
+    /// change is reported once.
+    ft_reported: (FtHealth, u64),
     /// The created VM's configuration (None before `vm.create` or after `vm.delete`).
     config: Option<VmConfig>,
     /// Console output kept across reboots of the same VM.
@@ -351,6 +360,17 @@ impl Vmm {
         }
     }
 
+    /// An FT event (source `vm`, as Cloud Hypervisor's VM events) with its properties.
+    fn emit_ft(&self, event: &str, properties: &[(&str, String)]) {
+        if let Some(monitor) = &self.monitor {
+            let props: BTreeMap<String, String> = properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            monitor.emit("vm", event, (!props.is_empty()).then_some(&props));
+        }
+    }
+
     fn create(&mut self, config: VmConfig) -> Result<(), VmmError> {
         if self.config.is_some() {
             return Err(VmmError::VmAlreadyCreated);
@@ -358,6 +378,11 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        // Huge pages the host lacks fail here already (the boot checks again: pages are
+        // taken only when the memory is mapped).
+        crate::memory::Backing::from_config(&config.memory)
+            .and_then(|backing| backing.check_host(config.memory.size))
+            .map_err(|e| VmmError::InvalidConfig(format!("--memory: {e}")))?;
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(())
@@ -392,7 +417,11 @@ impl Vmm {
     fn end_protection(&mut self, reason: StopReason) {
         if let Some(primary) = self.primary.take() {
             primary.stop(self.vm.as_mut(), reason);
-            self.emit("ft", "stopped");
+            self.emit_ft(
+                "ft-stopped",
+                &[("reason", format!("{reason:?}").to_lowercase())],
+            );
+            self.ft_reported = (FtHealth::Off, 0);
             self.arm_epoch_timer(None);
         }
     }
@@ -444,7 +473,7 @@ impl Vmm {
                 }
                 Err(e) => {
                     log::error!("FT: the rebooted VM runs unprotected: {e}");
-                    self.emit("ft", "reprotect-failed");
+                    self.emit_ft("ft-reprotect-failed", &[("error", e.to_string())]);
                     return;
                 }
             }
@@ -482,6 +511,7 @@ impl Vmm {
                 | VmmRequest::VmInfo
                 | VmmRequest::Counters
                 | VmmRequest::FtStatus
+                | VmmRequest::Progress
                 | VmmRequest::DisableFt
         )
     }
@@ -496,6 +526,7 @@ impl Vmm {
                 | VmmRequest::VmInfo
                 | VmmRequest::Counters
                 | VmmRequest::FtStatus
+                | VmmRequest::Progress
         )
     }
 
@@ -547,12 +578,9 @@ impl Vmm {
             );
         }
         let result = match request {
-            VmmRequest::Ping => Ok(VmmResponse::Ping(VmmPingResponse {
-                build_version: env!("CARGO_PKG_VERSION").to_string(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                pid: i64::from(std::process::id()),
-                features: vec!["kvm".to_string()],
-            })),
+            VmmRequest::Ping => Ok(VmmResponse::Ping(VmmPingResponse::current(vec![
+                "kvm".to_string()
+            ]))),
             VmmRequest::ShutdownVmm => {
                 if let Some(backup) = self.backup.take() {
                     backup.stop();
@@ -581,14 +609,20 @@ impl Vmm {
                     memory_actual_size: config.memory.size,
                     config,
                     state: self.state,
+                    device_tree: self.vm.as_ref().map(|vm| vm.device_tree()),
                 }))
             }),
             VmmRequest::Counters => {
                 self.require_state("read the counters of", &ALL_STATES)
                     .map(|_| {
-                        VmmResponse::Counters(
-                            self.vm.as_ref().map(|vm| vm.counters()).unwrap_or_default(),
-                        )
+                        let mut counters =
+                            self.vm.as_ref().map(|vm| vm.counters()).unwrap_or_default();
+                        // Next to the devices', so tools that scrape counters see FT too.
+                        let ft = self.ft_status();
+                        if ft.role != FtRole::None {
+                            counters.insert("ft".to_string(), ft.counters());
+                        }
+                        VmmResponse::Counters(counters)
                     })
             }
             VmmRequest::PauseVm => {
@@ -670,7 +704,9 @@ impl Vmm {
                 .map(|_| VmmResponse::Empty),
             VmmRequest::ReceiveFt(request) => self.receive_ft(&request).map(|_| VmmResponse::Empty),
             VmmRequest::FtStatus => Ok(VmmResponse::FtStatus(Box::new(self.ft_status()))),
+            VmmRequest::Progress => crate::control::progress_response(&self.progress),
             VmmRequest::DisableFt => self.disable_ft().map(|_| VmmResponse::Empty),
+            VmmRequest::Resize(request) => self.resize(&request).map(|_| VmmResponse::Empty),
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
@@ -682,6 +718,68 @@ impl Vmm {
             }),
         };
         (Some(result), None)
+    }
+
+    /// `vm.resize`. Before boot (and after a shutdown) the configuration changes, as in Cloud
+    /// Hypervisor; a running VM cannot grow or shrink yet, so there only a request equal to
+    /// the current size succeeds (orchestrators send one on every container start).
+    fn resize(&mut self, request: &VmResizeRequest) -> Result<(), VmmError> {
+        let config = self.config.as_mut().ok_or(VmmError::VmNotCreated)?;
+        if request.desired_vcpus == Some(0) {
+            return Err(VmmError::InvalidConfig(
+                "desired_vcpus must be at least 1".into(),
+            ));
+        }
+        if self.vm.is_none() {
+            let mut resized = config.clone();
+            if let Some(vcpus) = request.desired_vcpus {
+                resized.cpus.boot_vcpus = u8::try_from(vcpus).map_err(|_| {
+                    VmmError::InvalidConfig(format!(
+                        "desired_vcpus={vcpus} exceeds cpus.max_vcpus ({})",
+                        config.cpus.max_vcpus
+                    ))
+                })?;
+            }
+            if let Some(ram) = request.desired_ram {
+                resized.memory.size = ram;
+            }
+            if request.desired_balloon.is_some_and(|size| size != 0) {
+                return Err(VmmError::InvalidConfig(
+                    "desired_balloon: the VM has no balloon device".into(),
+                ));
+            }
+            resized
+                .validate()
+                .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+            *config = resized;
+            return Ok(());
+        }
+        let (vcpus, ram) = (u32::from(config.cpus.boot_vcpus), config.memory.size);
+        let refuse = |message: String| Err(Self::failed("resize", message));
+        match request.desired_vcpus {
+            Some(desired) if desired != vcpus => {
+                return refuse(format!(
+                    "desired_vcpus={desired}: the VM runs {vcpus} vCPUs and hot-plugging \
+                     vCPUs is not supported yet"
+                ))
+            }
+            _ => {}
+        }
+        match request.desired_ram {
+            Some(desired) if desired != ram => {
+                return refuse(format!(
+                    "desired_ram={desired}: the VM has {ram} bytes of RAM and memory hot-plug \
+                     is not supported yet"
+                ))
+            }
+            _ => {}
+        }
+        match request.desired_balloon {
+            Some(desired) if desired != 0 => refuse(format!(
+                "desired_balloon={desired}: the VM has no balloon device"
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn snapshot(&mut self, request: &SnapshotRequest) -> Result<(), VmmError> {
@@ -764,18 +862,27 @@ impl Vmm {
         }
         let url = live::parse_url(&request.destination_url).map_err(VmmError::InvalidConfig)?;
         let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
+        if let Some(why) = crate::migration::migration_refusal(&config) {
+            return Err(Self::failed("migration", why));
+        }
         let security =
             live::security_for(&url, request.tls_dir.as_deref(), request.insecure_plaintext)
                 .map_err(VmmError::InvalidConfig)?;
         let stream =
             live::connect(&url, security.as_ref()).map_err(|e| Self::failed("migration", e))?;
         self.emit("vm", "migrating");
+        let progress = Arc::new(
+            TransferProgress::new(Operation::SendMigration, config.memory.size)
+                .with_monitor(self.monitor.clone()),
+        );
+        self.progress.start(progress.clone());
         let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
         let report = live::send(
             vm,
             &config,
             stream,
             Duration::from_millis(request.downtime_ms),
+            Some(progress),
         )
         .map_err(|e| Self::failed("migration", e))?;
         log::info!(
@@ -938,6 +1045,9 @@ impl Vmm {
     }
 
     fn enable_ft(&mut self, request: &EnableFtRequest) -> Result<(), VmmError> {
+        if let Some(why) = self.config.as_ref().and_then(crate::migration::ft_refusal) {
+            return Err(Self::failed("enable-ft", why));
+        }
         if let Some(primary) = &self.primary {
             if primary.status().health != FtHealth::Degraded {
                 return Err(VmmError::Failed {
@@ -948,19 +1058,57 @@ impl Vmm {
         }
         // A primary that lost its backup gets a new one: the old session ends first.
         self.end_protection(StopReason::Disabled);
-        self.emit("ft", "syncing");
-        let provider = self.ft.as_mut().ok_or(VmmError::Failed {
-            action: "enable-ft",
-            message: "fault tolerance is not built into this VMM".into(),
-        })?;
+        if self.ft.is_none() {
+            return Err(VmmError::Failed {
+                action: "enable-ft",
+                message: "fault tolerance is not built into this VMM".into(),
+            });
+        }
         let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
-        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
-        let primary = provider.enable(vm, &config, request, self.ft_wake.clone())?;
+        if self.vm.is_none() {
+            return Err(VmmError::VmNotCreated);
+        }
+        self.emit_ft("ft-syncing", &[("peer", request.peer.clone())]);
+        let progress = Arc::new(
+            TransferProgress::new(Operation::EnableFt, config.memory.size)
+                .with_monitor(self.monitor.clone()),
+        );
+        self.progress.start(progress.clone());
+        let enabled = match (self.ft.as_mut(), self.vm.as_mut()) {
+            (Some(provider), Some(vm)) => {
+                provider.enable(vm, &config, request, self.ft_wake.clone(), progress.clone())
+            }
+            _ => Err(VmmError::VmNotCreated),
+        };
+        let primary = match enabled {
+            Ok(primary) => primary,
+            Err(e) => {
+                // A failure before memory moved (no backup, fencing) ends the progress too.
+                if matches!(progress.phase(), Phase::Starting | Phase::Copying) {
+                    progress.failed(&e.to_string());
+                }
+                self.emit_ft("ft-sync-failed", &[("error", e.to_string())]);
+                return Err(e);
+            }
+        };
         self.arm_epoch_timer(primary.next_checkpoint());
+        let status = primary.status();
         self.primary = Some(primary);
         self.ft_request = Some(request.clone());
         self.ft_ended = None;
-        self.emit("ft", "protected");
+        self.ft_reported = (status.health, status.group_members);
+        let report = progress.report();
+        let mut props = vec![
+            ("peer", request.peer.clone()),
+            ("epoch_ms", status.epoch_ms.to_string()),
+            ("sync_ms", report.elapsed_ms.to_string()),
+            ("sync_bytes", report.bytes.to_string()),
+        ];
+        if let Some(group) = &status.group {
+            props.push(("group", group.clone()));
+            props.push(("group_members", status.group_members.to_string()));
+        }
+        self.emit_ft("ft-protected", &props);
         Ok(())
     }
 
@@ -976,7 +1124,10 @@ impl Vmm {
         self.backup = Some(backup);
         self.receive_request = Some(request.clone());
         self.ft_ended = None;
-        self.emit("ft", "waiting");
+        self.emit_ft(
+            "ft-waiting",
+            &[("receiver_url", request.receiver_url.clone())],
+        );
         Ok(())
     }
 
@@ -991,7 +1142,7 @@ impl Vmm {
             self.receive_request = None;
             backup.stop();
             self.drop_standby();
-            self.emit("ft", "stopped");
+            self.emit_ft("ft-stopped", &[("reason", "disabled".to_string())]);
             return Ok(());
         }
         Err(VmmError::Failed {
@@ -1046,13 +1197,10 @@ impl Vmm {
                 }
                 self.stop_vm();
                 self.state = VmState::Shutdown;
-                self.emit("ft", "fenced");
-            } else if self
-                .primary
-                .as_ref()
-                .is_some_and(|p| p.status().health == FtHealth::Degraded)
-            {
-                self.emit("ft", "degraded");
+                self.ft_reported = (FtHealth::Fenced, 0);
+                self.emit_ft("ft-fenced", &[("reason", reason)]);
+            } else if let Some(status) = self.primary.as_ref().map(|p| p.status()) {
+                self.report_primary_changes(&status);
             }
         }
         loop {
@@ -1073,7 +1221,13 @@ impl Vmm {
                         backup.stop();
                     }
                     self.drop_standby();
-                    self.emit("ft", "stood-down");
+                    self.emit_ft(
+                        "ft-stood-down",
+                        &[
+                            ("guest_shutdown", guest_shutdown.to_string()),
+                            ("reprotect", reprotect.to_string()),
+                        ],
+                    );
                     if guest_shutdown {
                         self.state = VmState::Shutdown;
                         return Some(ExitReason::GuestShutdown);
@@ -1093,7 +1247,7 @@ impl Vmm {
                         backup.stop();
                     }
                     self.drop_standby();
-                    self.emit("ft", "failed");
+                    self.emit_ft("ft-failed", &[("error", message)]);
                 }
             }
         }
@@ -1104,6 +1258,10 @@ impl Vmm {
         config: VmConfig,
     ) -> Result<crate::memory::GuestMemoryMmap, String> {
         config.validate().map_err(|e| e.to_string())?;
+        // Before anything is built: a standby must never bind the primary's vsock path.
+        if let Some(why) = crate::migration::ft_refusal(&config) {
+            return Err(why);
+        }
         let serial = serial_output(&config).map_err(|e| e.to_string())?;
         let out = serial.clone().map(|w| Box::new(w) as Box<dyn Write + Send>);
         // The disks stay unlocked until takeover: in shared-disk mode the primary holds them.
@@ -1148,12 +1306,55 @@ impl Vmm {
                 Err(e.to_string())
             }
         };
+        let failed = outcome.as_ref().err().cloned();
+        let mut status = None;
         if let Some(mut backup) = self.backup.take() {
             backup.took_over(outcome);
-            self.ft_ended = Some(backup.status());
+            status = Some(backup.status());
+            self.ft_ended = status.clone();
             backup.stop();
         }
-        self.emit("ft", "took-over");
+        let mut props = vec![("epoch", epoch.to_string())];
+        if let Some(status) = &status {
+            if let Some(ms) = status.last_failover_ms {
+                props.push(("takeover_ms", ms.to_string()));
+            }
+            if let Some(group) = &status.group {
+                props.push(("group", group.clone()));
+                props.push(("group_epoch", status.group_epoch.to_string()));
+            }
+        }
+        match failed {
+            None => self.emit_ft("ft-failover", &props),
+            Some(error) => {
+                props.push(("error", error));
+                self.emit_ft("ft-failover-failed", &props);
+            }
+        }
+    }
+
+    /// Reports on the event monitor what changed in a protecting primary: losing its backup
+    /// (`ft-degraded`) and its FT group growing or shrinking (`ft-group-changed`).
+    fn report_primary_changes(&mut self, status: &FtStatus) {
+        let (health, members) = self.ft_reported;
+        if status.health != health {
+            if status.health == FtHealth::Degraded {
+                let reason = status.last_error.clone().unwrap_or_default();
+                self.emit_ft("ft-degraded", &[("reason", reason)]);
+            }
+            self.ft_reported.0 = status.health;
+        }
+        if status.group.is_some() && status.group_members != members {
+            self.emit_ft(
+                "ft-group-changed",
+                &[
+                    ("group", status.group.clone().unwrap_or_default()),
+                    ("members", status.group_members.to_string()),
+                    ("was", members.to_string()),
+                ],
+            );
+            self.ft_reported.1 = status.group_members;
+        }
     }
 
     /// Handles one readiness event of the control loop.
@@ -1266,6 +1467,8 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         events,
         seccomp: options.seccomp,
         monitor: options.event_monitor,
+        progress: options.progress,
+        ft_reported: (FtHealth::Off, 0),
         config: None,
         serial: None,
         console: None,
@@ -1307,6 +1510,11 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         };
         if let Next::Exit(reason) = vmm.handle_wake(event.data(), options.api.as_ref())? {
             vmm.emit("vmm", "shutdown");
+            if let Some(monitor) = &vmm.monitor {
+                // The process ends next: let the reader have the last events (bounded, so a
+                // reader that stopped reading cannot hold the exit up).
+                monitor.flush(Duration::from_secs(1));
+            }
             return Ok(reason);
         }
     }

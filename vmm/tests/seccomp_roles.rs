@@ -21,6 +21,8 @@ enum Call {
     Socket,
     /// `ioctl(FIONBIO)` on a pipe.
     SocketIoctl,
+    /// An empty `write` to a pipe.
+    Write,
     /// `ioctl(TUNSETIFF)` on a pipe (refused by the kernel, but only after the filter).
     TunIoctl,
 }
@@ -43,6 +45,8 @@ fn call(call: Call, pipe: i32) -> i64 {
                 libc::O_RDONLY,
             ),
             Call::Socket => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+            // An empty write: allowed or trapped, it changes nothing.
+            Call::Write => libc::syscall(libc::SYS_write, pipe, c"".as_ptr(), 0),
             Call::SocketIoctl | Call::TunIoctl => {
                 let request: u64 = match call {
                     Call::SocketIoctl => libc::FIONBIO,
@@ -63,6 +67,7 @@ fn role_named(name: &str) -> ThreadRole {
         "Api" => ThreadRole::Api,
         "Replication" => ThreadRole::Replication,
         "SerialSocket" => ThreadRole::SerialSocket,
+        "EventMonitor" => ThreadRole::EventMonitor,
         _ => ThreadRole::Witness,
     }
 }
@@ -73,6 +78,7 @@ fn call_named(name: &str) -> Call {
         "Open" => Call::Open,
         "Socket" => Call::Socket,
         "SocketIoctl" => Call::SocketIoctl,
+        "Write" => Call::Write,
         _ => Call::TunIoctl,
     }
 }
@@ -143,6 +149,8 @@ fn every_role_traps_a_call_outside_it_and_allows_its_own() {
         ("Replication", "TunIoctl", "Socket"),
         ("SerialSocket", "Open", "SocketIoctl"),
         ("Witness", "TunIoctl", "Open"),
+        ("EventMonitor", "Open", "Write"),
+        ("EventMonitor", "Socket", "Write"),
     ];
     for (role, forbidden, allowed) in cases {
         assert!(

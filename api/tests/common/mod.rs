@@ -103,7 +103,29 @@ impl FakeVmm {
                 config: self.config.clone().unwrap_or_default(),
                 state,
                 memory_actual_size: 512 << 20,
+                device_tree: None,
             }))),
+            VmmRequest::Progress => Err(VmmError::NotFound("no transfer has run".into())),
+            // A running VM keeps its size; before boot the size is the configuration's.
+            VmmRequest::Resize(request) => {
+                let Some(config) = self.config.as_mut() else {
+                    return Err(VmmError::VmNotCreated);
+                };
+                let vcpus = u32::from(config.cpus.boot_vcpus);
+                match request.desired_vcpus {
+                    Some(desired) if desired != vcpus && state == VmState::Created => {
+                        config.cpus.boot_vcpus = u8::try_from(desired).unwrap_or(u8::MAX);
+                        Ok(VmmResponse::Empty)
+                    }
+                    Some(desired) if desired != vcpus => Err(VmmError::Failed {
+                        action: "resize",
+                        message: format!(
+                            "desired_vcpus={desired}: hot-plugging vCPUs is not supported yet"
+                        ),
+                    }),
+                    _ => Ok(VmmResponse::Empty),
+                }
+            }
             VmmRequest::Counters => Ok(VmmResponse::Counters(Default::default())),
             VmmRequest::BootVm if state == VmState::Created => {
                 self.state = VmState::Running;

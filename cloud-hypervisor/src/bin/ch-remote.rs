@@ -27,27 +27,37 @@
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
 //!                     [--no-compress]
-//! ch-remote ft-status                 (the FtStatus JSON, pretty)
+//! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
+//!                                     --json or when stdout is not a terminal)
+//! ch-remote progress                  (the running enable-ft sync or send-migration, JSON)
 //! ch-remote disable-ft
 //! ```
+//!
+//! While `enable-ft` and `send-migration` wait, they show the transfer's progress on stderr
+//! (read from `vm.progress` on a second connection): one line redrawn in place on a
+//! terminal, a plain line every few seconds otherwise; `--no-progress` shows none.
 //!
 //! `receive-ft` returns as soon as the backup's VMM listens (`ft-status` then shows
 //! `waiting_for_primary`, later `protected`); `enable-ft` returns once the initial
 //! synchronisation with the backup is over, which can take minutes for a big guest. Malformed
 //! flags are refused before anything is sent, with one line on stderr and exit code 2.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use api::client::{self, ApiResponse, ClientError};
 use clap::builder::PossibleValuesParser;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use cloud_hypervisor::option_parser::{OptionParser, OptionValue};
+use cloud_hypervisor::option_parser::{ByteSize, OptionParser, OptionValue};
 use vmm::control::{
-    EnableFtRequest, FtDiskMode, ReceiveFtRequest, ReceiveMigrationRequest, RestoreRequest,
-    SendMigrationRequest, SnapshotRequest,
+    EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, ReceiveFtRequest,
+    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
+    VmResizeRequest,
 };
+use vmm::progress::ProgressReport;
 
 /// Subcommands: name, help, HTTP method, endpoint. `create` also takes a body.
 const COMMANDS: &[(&str, &str, &str, &str)] = &[
@@ -78,6 +88,12 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "GET",
         "vm.ft-status",
     ),
+    (
+        "progress",
+        "Progress of the running enable-ft sync or send-migration",
+        "GET",
+        "vm.progress",
+    ),
     ("info", "Info on the VM", "GET", "vm.info"),
     ("pause", "Pause the VM", "PUT", "vm.pause"),
     (
@@ -105,6 +121,7 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "PUT",
         "vm.receive-migration",
     ),
+    ("resize", "Resize the VM", "PUT", "vm.resize"),
     ("restore", "Restore VM from a snapshot", "PUT", "vm.restore"),
     ("resume", "Resume the VM", "PUT", "vm.resume"),
     (
@@ -190,7 +207,8 @@ fn cli() -> Command {
                         .help("Same-host migration (local=on)"),
                 )
                 .arg(tls_dir_arg())
-                .arg(insecure_plaintext_arg()),
+                .arg(insecure_plaintext_arg())
+                .arg(no_progress_arg()),
             "receive-migration" => command
                 .arg(value(
                     "receiver_url=<receiver_url>, or <receiver_url> (tcp:<addr>:<port> or unix:<path>)",
@@ -217,8 +235,23 @@ fn cli() -> Command {
                 )
                 .arg(tls_dir_arg())
                 .arg(insecure_plaintext_arg()),
-            "enable-ft" => enable_ft_args(command),
+            "enable-ft" => enable_ft_args(command).arg(no_progress_arg()),
             "receive-ft" => receive_ft_args(command),
+            "resize" => resize_args(command),
+            "ft-status" => command
+                .arg(
+                    Arg::new("json")
+                        .long("json")
+                        .action(ArgAction::SetTrue)
+                        .help("The FtStatus JSON even on a terminal"),
+                )
+                .arg(
+                    Arg::new("summary")
+                        .long("summary")
+                        .action(ArgAction::SetTrue)
+                        .conflicts_with("json")
+                        .help("The summary even when stdout is not a terminal"),
+                ),
             _ => command,
         };
         app = app.subcommand(command);
@@ -260,7 +293,20 @@ fn main() -> ExitCode {
         Ok(body) => body,
         Err(e) => return fail(&e),
     };
-    match run(socket, method, endpoint, body.as_deref()) {
+    let result = match name {
+        "ft-status" => {
+            let json = sub.get_flag("json")
+                || (!sub.get_flag("summary") && !std::io::stdout().is_terminal());
+            ft_status(socket, json)
+        }
+        "enable-ft" | "send-migration" if !sub.get_flag("no-progress") => {
+            with_progress(socket, name, || {
+                run(socket, method, endpoint, body.as_deref())
+            })
+        }
+        _ => run(socket, method, endpoint, body.as_deref()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Http(ClientError::Connect { source, .. })) => {
             eprintln!("Error opening HTTP socket: {source}");
@@ -616,6 +662,7 @@ fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
         }
         "enable-ft" => serde_json::to_string(&enable_ft_request(sub)?),
         "receive-ft" => serde_json::to_string(&receive_ft_request(sub)),
+        "resize" => serde_json::to_string(&resize_request(sub)?),
         _ => return Ok(None),
     };
     json.map(Some).map_err(Error::Encode)
@@ -853,6 +900,48 @@ fn receive_migration_request(value: &str) -> Result<ReceiveMigrationRequest, Err
     })
 }
 
+/// `resize --cpus N --memory SIZE --balloon SIZE` (Cloud Hypervisor's flags; sizes in bytes
+/// with an optional K/M/G suffix). Flags left out stay out of the body.
+fn resize_args(command: Command) -> Command {
+    command
+        .arg(
+            Arg::new("cpus")
+                .long("cpus")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u32))
+                .help("New vCPUs count"),
+        )
+        .arg(
+            Arg::new("memory")
+                .long("memory")
+                .value_name("SIZE")
+                .help("New memory size in bytes (supports K/M/G suffix)"),
+        )
+        .arg(
+            Arg::new("balloon")
+                .long("balloon")
+                .value_name("SIZE")
+                .help("New balloon size in bytes (supports K/M/G suffix)"),
+        )
+}
+
+fn resize_request(sub: &ArgMatches) -> Result<VmResizeRequest, Error> {
+    let size = |flag: &'static str| -> Result<Option<u64>, Error> {
+        sub.get_one::<String>(flag)
+            .map(|value| {
+                ByteSize::parse_option(value)
+                    .map(|ByteSize(bytes)| bytes)
+                    .map_err(|reason| invalid("resize", value, format!("--{flag}: {reason}")))
+            })
+            .transpose()
+    };
+    Ok(VmResizeRequest {
+        desired_vcpus: sub.get_one::<u32>("cpus").copied(),
+        desired_ram: size("memory")?,
+        desired_balloon: size("balloon")?,
+    })
+}
+
 fn read_config(path: &str) -> Result<String, Error> {
     if path == "-" {
         let mut data = String::new();
@@ -880,6 +969,262 @@ fn run(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> Resul
         }
     }
     Ok(())
+}
+
+fn no_progress_arg() -> Arg {
+    Arg::new("no-progress")
+        .long("no-progress")
+        .action(ArgAction::SetTrue)
+        .help("Show no progress while waiting")
+}
+
+/// How often the progress is read while a transfer runs.
+const PROGRESS_POLL: Duration = Duration::from_millis(250);
+/// Without a terminal, a plain progress line at most this often.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `wait` (the request that returns when the transfer is over) while a second thread
+/// shows the transfer's progress on stderr.
+fn with_progress(
+    socket: &Path,
+    command: &str,
+    wait: impl FnOnce() -> Result<(), Error>,
+) -> Result<(), Error> {
+    // Dropping `done` ends the watcher at once (it must not delay our exit by a poll period:
+    // scripts act on the transfer's end as soon as the command returns).
+    let (done, finished) = mpsc::channel::<()>();
+    let terminal = std::io::stderr().is_terminal();
+    let watcher = {
+        let socket = socket.to_path_buf();
+        let command = command.to_string();
+        std::thread::spawn(move || watch_progress(&socket, &command, terminal, &finished))
+    };
+    let result = wait();
+    drop(done);
+    let last = watcher.join().ok().flatten();
+    if terminal {
+        // Replace the redrawn line with how it ended.
+        let mut line = String::from("\r\x1b[2K");
+        if let (Ok(()), Some(report)) = (&result, last) {
+            line.push_str(&format!(
+                "{command}: done in {:.1} s, {} sent\n",
+                report.elapsed_ms as f64 / 1000.0,
+                human_bytes(report.bytes)
+            ));
+        }
+        eprint!("{line}");
+    }
+    result
+}
+
+/// Polls `vm.progress` until `finished` disconnects; returns the last report of this transfer.
+fn watch_progress(
+    socket: &Path,
+    command: &str,
+    terminal: bool,
+    finished: &mpsc::Receiver<()>,
+) -> Option<ProgressReport> {
+    let started = Instant::now();
+    let mut last_plain: Option<Instant> = None;
+    let mut last = None;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(PROGRESS_POLL) {
+        let Ok(response) = client::request(socket, "GET", "vm.progress", None) else {
+            continue;
+        };
+        let Ok(report) = serde_json::from_str::<ProgressReport>(&response.body) else {
+            continue;
+        };
+        // A report from an earlier transfer is older than this command.
+        if Duration::from_millis(report.elapsed_ms) > started.elapsed() + PROGRESS_POLL {
+            continue;
+        }
+        let line = progress_line(command, &report);
+        if terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else if last_plain.is_none_or(|t| t.elapsed() >= PLAIN_PROGRESS_EVERY) {
+            eprintln!("{line}");
+            last_plain = Some(Instant::now());
+        }
+        last = Some(report);
+    }
+    last
+}
+
+/// One line: `enable-ft: copying, pass 1: 12000/32768 pages (36%), 47.0 MiB sent at
+/// 120.3 MiB/s, about 1 s left`.
+fn progress_line(command: &str, r: &ProgressReport) -> String {
+    let phase = serde_json::to_value(r.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut line = format!("{command}: {phase}");
+    if r.pass > 0 {
+        let percent = (r.pages_done * 100)
+            .checked_div(r.pages_total)
+            .unwrap_or(100);
+        line.push_str(&format!(
+            ", pass {}: {}/{} pages ({percent}%)",
+            r.pass, r.pages_done, r.pages_total
+        ));
+    }
+    line.push_str(&format!(
+        ", {} sent at {}/s",
+        human_bytes(r.bytes),
+        human_bytes(r.rate_bytes_per_s)
+    ));
+    if let Some(eta) = r.eta_ms {
+        line.push_str(&format!(", about {} s left", eta.div_ceil(1000)));
+    }
+    if let Some(error) = &r.error {
+        line.push_str(&format!(": {error}"));
+    }
+    line
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `ft-status`: the JSON (for tools), or a short summary for a person at a terminal.
+fn ft_status(socket: &Path, json: bool) -> Result<(), Error> {
+    if json {
+        return run(socket, "GET", "vm.ft-status", None);
+    }
+    let response = client::request(socket, "GET", "vm.ft-status", None).map_err(Error::Http)?;
+    if !response.is_success() {
+        return Err(Error::Server(response));
+    }
+    match serde_json::from_str::<FtStatus>(&response.body) {
+        Ok(status) => print!("{}", ft_summary(&status)),
+        // A newer VMM's status this ch-remote cannot read: show it as it came.
+        Err(_) => println!("{}", response.body),
+    }
+    Ok(())
+}
+
+/// An enum value as serde spells it, with spaces for underscores (`took over`).
+fn words(value: serde_json::Result<serde_json::Value>) -> String {
+    value
+        .ok()
+        .and_then(|v| v.as_str().map(|s| s.replace('_', " ")))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn micros(us: u64) -> String {
+    if us >= 1000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else {
+        format!("{us} us")
+    }
+}
+
+/// What `ft-status` shows a person: role, health (and what it means), peer, lag, the last
+/// pause, the last failover.
+fn ft_summary(s: &FtStatus) -> String {
+    let mut out = String::new();
+    let mut row = |name: &str, value: String| {
+        out.push_str(&format!("{name:<12} {value}\n"));
+    };
+    row("role:", words(serde_json::to_value(s.role)));
+    row(
+        "health:",
+        format!(
+            "{} ({})",
+            words(serde_json::to_value(s.health)),
+            health_meaning(s.health)
+        ),
+    );
+    if let Some(sync) = &s.sync {
+        row("sync:", progress_line("enable-ft", sync));
+    }
+    if s.role == FtRole::None && s.health == FtHealth::Off {
+        return out;
+    }
+    if let Some(peer) = &s.peer {
+        row("peer:", peer.clone());
+    }
+    if s.epoch_ms > 0 {
+        let epoch = match s.role {
+            FtRole::Backup => format!("{} received ({} ms epochs)", s.epoch, s.epoch_ms),
+            _ => format!(
+                "{} running, {} committed, lag {} ({} ms epochs)",
+                s.epoch, s.last_committed_epoch, s.lag_epochs, s.epoch_ms
+            ),
+        };
+        row("epoch:", epoch);
+    }
+    if s.role == FtRole::Primary && s.pause_us_p50 > 0 {
+        row(
+            "last pause:",
+            format!(
+                "{} (p50 {}, p99 {}, max {})",
+                micros(s.pause_us_last),
+                micros(s.pause_us_p50),
+                micros(s.pause_us_p99),
+                micros(s.pause_us_max)
+            ),
+        );
+        row(
+            "output:",
+            format!(
+                "{} packets held, {} released, {} disk writes held",
+                s.held_packets, s.released_packets, s.held_disk_writes
+            ),
+        );
+    }
+    if s.bytes > 0 {
+        row("replicated:", human_bytes(s.bytes));
+    }
+    if let Some(mode) = &s.disk_mode {
+        row("disks:", words(serde_json::to_value(mode)));
+    }
+    row("fencing:", s.fencing.clone());
+    if let Some(group) = &s.group {
+        row(
+            "group:",
+            format!(
+                "{group}, {} members, group epoch {}",
+                s.group_members, s.group_epoch
+            ),
+        );
+    }
+    let failover = match s.last_failover_ms {
+        Some(ms) => format!("{} (the last took {ms} ms)", s.failovers),
+        None => s.failovers.to_string(),
+    };
+    row("failovers:", failover);
+    if let Some(error) = &s.last_error {
+        row("last error:", error.clone());
+    }
+    out
+}
+
+/// One phrase per health state, and what to do about it (the runbook has more).
+fn health_meaning(health: FtHealth) -> &'static str {
+    match health {
+        FtHealth::Off => "not protected: protect it with enable-ft",
+        FtHealth::Syncing => "initial synchronisation with the backup is running",
+        FtHealth::Protected => "a live backup holds every committed epoch",
+        FtHealth::WaitingForPrimary => "backup listening; the primary has not connected yet",
+        FtHealth::Degraded => {
+            "the backup is gone and the VM runs unprotected: enable-ft to a new backup"
+        }
+        FtHealth::Fenced => "this copy lost the right to run and is stopped: do not restart it",
+        FtHealth::TookOver => {
+            "this host runs the VM after a failover, unprotected: enable-ft to a new backup"
+        }
+        FtHealth::Failed => "the backup stopped receiving without taking over: see last error",
+    }
 }
 
 /// A status name in the spelling of Cloud Hypervisor's client (`Server responded with
@@ -941,6 +1286,132 @@ fn fail(error: &Error) -> ExitCode {
 mod tests {
     use super::*;
 
+    #[test]
+    fn ft_status_summary_reads_as_a_person_needs_it() {
+        let off = ft_summary(&FtStatus::default());
+        assert_eq!(
+            off,
+            "role:        none\nhealth:      off (not protected: protect it with enable-ft)\n"
+        );
+        let primary = FtStatus {
+            role: FtRole::Primary,
+            health: FtHealth::Degraded,
+            peer: Some("10.0.0.2:7000".into()),
+            disk_mode: Some(FtDiskMode::Replicated),
+            epoch_ms: 10,
+            fencing: "witness 10.0.0.9:7100".into(),
+            epoch: 5120,
+            last_committed_epoch: 5119,
+            lag_epochs: 1,
+            bytes: 3 << 30,
+            pause_us_last: 812,
+            pause_us_p50: 790,
+            pause_us_p99: 2100,
+            pause_us_max: 4000,
+            released_packets: 48210,
+            last_error: Some("no heartbeat from the peer within the timeout".into()),
+            ..FtStatus::default()
+        };
+        let text = ft_summary(&primary);
+        for line in [
+            "role:        primary\n",
+            "health:      degraded (the backup is gone and the VM runs unprotected: enable-ft to a new backup)\n",
+            "peer:        10.0.0.2:7000\n",
+            "epoch:       5120 running, 5119 committed, lag 1 (10 ms epochs)\n",
+            "last pause:  812 us (p50 790 us, p99 2.1 ms, max 4.0 ms)\n",
+            "output:      0 packets held, 48210 released, 0 disk writes held\n",
+            "replicated:  3.0 GiB\n",
+            "disks:       replicated\n",
+            "fencing:     witness 10.0.0.9:7100\n",
+            "failovers:   0\n",
+            "last error:  no heartbeat from the peer within the timeout\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        let survivor = FtStatus {
+            role: FtRole::Backup,
+            health: FtHealth::TookOver,
+            epoch_ms: 10,
+            epoch: 240,
+            failovers: 1,
+            last_failover_ms: Some(6),
+            ..FtStatus::default()
+        };
+        let text = ft_summary(&survivor);
+        assert!(
+            text.contains("health:      took over (this host runs the VM"),
+            "{text}"
+        );
+        assert!(text.contains("epoch:       240 received"), "{text}");
+        assert!(
+            text.contains("failovers:   1 (the last took 6 ms)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn progress_lines() {
+        let mut report = ProgressReport {
+            operation: vmm::progress::Operation::EnableFt,
+            phase: vmm::progress::Phase::Copying,
+            pass: 1,
+            pages_done: 12000,
+            pages_total: 32768,
+            pages_sent: 12000,
+            bytes: 47 << 20,
+            memory_bytes: 128 << 20,
+            elapsed_ms: 400,
+            rate_bytes_per_s: 120 << 20,
+            eta_ms: Some(600),
+            error: None,
+        };
+        assert_eq!(
+            progress_line("enable-ft", &report),
+            "enable-ft: copying, pass 1: 12000/32768 pages (36%), 47.0 MiB sent at 120.0 MiB/s, about 1 s left"
+        );
+        report.phase = vmm::progress::Phase::Failed;
+        report.eta_ms = None;
+        report.error = Some("the backup closed the connection".into());
+        assert!(progress_line("send-migration", &report)
+            .ends_with("sent at 120.0 MiB/s: the backup closed the connection"));
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn ft_status_and_transfers_take_their_output_flags() {
+        for args in [
+            &["ft-status", "--json"][..],
+            &["ft-status", "--summary"],
+            &[
+                "enable-ft",
+                "--peer",
+                "b:1",
+                "--insecure-plaintext",
+                "--no-progress",
+            ],
+            &[
+                "send-migration",
+                "tcp:b:1",
+                "--insecure-plaintext",
+                "--no-progress",
+            ],
+        ] {
+            let mut argv = vec!["ch-remote", "--api-socket", "/s"];
+            argv.extend_from_slice(args);
+            assert!(cli().try_get_matches_from(&argv).is_ok(), "{args:?}");
+        }
+        let both = [
+            "ch-remote",
+            "--api-socket",
+            "/s",
+            "ft-status",
+            "--json",
+            "--summary",
+        ];
+        assert!(cli().try_get_matches_from(both).is_err());
+    }
+
     /// The body ch-remote sends for a command line (after `ch-remote --api-socket S`).
     fn body_of(args: &[&str]) -> Result<Option<serde_json::Value>, String> {
         let mut argv = vec!["ch-remote", "--api-socket", "/s"];
@@ -964,6 +1435,26 @@ mod tests {
     #[test]
     fn command_definition_is_consistent() {
         cli().debug_assert();
+    }
+
+    #[test]
+    fn resize_forms() {
+        assert_eq!(
+            body(&["resize", "--cpus", "2"]),
+            serde_json::json!({"desired_vcpus": 2, "desired_ram": null, "desired_balloon": null})
+        );
+        assert_eq!(
+            body(&["resize", "--memory", "1G", "--balloon", "512M"]),
+            serde_json::json!({"desired_vcpus": null, "desired_ram": 1u64 << 30,
+                               "desired_balloon": 512u64 << 20})
+        );
+        assert_eq!(
+            body(&["resize"]),
+            serde_json::json!({"desired_vcpus": null, "desired_ram": null, "desired_balloon": null})
+        );
+        let err = error(&["resize", "--memory", "lots"]);
+        assert!(err.contains("--memory"), "{err}");
+        assert!(arg_error(&["resize", "--cpus", "two"]).contains("--cpus"));
     }
 
     #[test]

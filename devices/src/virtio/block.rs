@@ -797,21 +797,7 @@ impl<'a> SegCursor<'a> {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_device_basics!(VIRTIO_ID_BLOCK);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);

@@ -780,21 +780,7 @@ fn read_once(input: &mut impl Read, buf: &mut [u8]) -> HostRead {
 }
 
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_device_basics!(VIRTIO_ID_CONSOLE);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config_space(), offset, data);

@@ -8,12 +8,37 @@
 //! registered with KVM) and an interrupt handle. Devices do their queue work on the device
 //! event loop thread (`event-manager`), never on a vCPU thread.
 
+/// The [`VirtioDevice`] methods every device implements alike, over its fields `queue_sizes`
+/// (`Vec<u16>` or array), `avail_features` and `acked_features` (`u64`): its type, queue sizes
+/// and feature negotiation (the driver gets only what was offered).
+macro_rules! virtio_device_basics {
+    ($device_type:expr) => {
+        fn device_type(&self) -> u32 {
+            $device_type
+        }
+
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.queue_sizes
+        }
+
+        fn avail_features(&self) -> u64 {
+            self.avail_features
+        }
+
+        fn ack_features(&mut self, features: u64) {
+            self.acked_features = features & self.avail_features;
+        }
+    };
+}
+
 pub mod block;
 pub mod console;
 pub mod core;
 pub mod net;
 pub mod pci;
+pub mod pmem;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::Arc;
 

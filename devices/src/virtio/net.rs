@@ -878,21 +878,7 @@ fn gather_tx(
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_device_basics!(VIRTIO_ID_NET);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config_space(), offset, data);

@@ -294,21 +294,7 @@ fn fill(
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    virtio_device_basics!(VIRTIO_ID_RNG);
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         // No config space (5.4.4).

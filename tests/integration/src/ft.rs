@@ -312,3 +312,39 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+
+/// The FT events (source `vm`, name `ft-...`) on an event monitor: name and properties.
+pub fn ft_events(path: &Path) -> Vec<(String, serde_json::Value)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .map_while(Result::ok)
+        .filter(|e| e["source"] == "vm")
+        .filter_map(|e| {
+            let name = e["event"].as_str()?.to_string();
+            name.starts_with("ft-")
+                .then(|| (name, e["properties"].clone()))
+        })
+        .collect()
+}
+
+/// Waits for `event` on the monitor at `path` (events are written by the monitor's own
+/// thread, a moment after they happen); returns the FT events then.
+pub fn wait_for_event(
+    path: &Path,
+    event: &str,
+    timeout: Duration,
+) -> Vec<(String, serde_json::Value)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = ft_events(path);
+        if events.iter().any(|(e, _)| e == event) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {event} event; FT events so far: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

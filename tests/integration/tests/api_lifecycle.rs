@@ -121,6 +121,20 @@ fn api_lifecycle_with_ch_remote() {
     // Nothing created yet.
     fails(&vmm, &socket, &["info"], None, "NotFound", "");
     fails(&vmm, &socket, &["boot"], None, "NotFound", "");
+    // A VMM without a VM is simply not protecting anything, in words and in JSON.
+    let out = ch_remote(&socket, &["ft-status", "--summary"], None);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("health:      off (not protected: protect it with enable-ft)"),
+        "{stdout}"
+    );
+    let out = ch_remote(&socket, &["ft-status"], None);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON when piped");
+    assert_eq!(
+        (&status["role"], &status["health"]),
+        (&"none".into(), &"off".into())
+    );
 
     // Bad JSON and a config that fails validation: 400 naming the problem.
     fails(

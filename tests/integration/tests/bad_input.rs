@@ -337,3 +337,60 @@ fn rejects_console_file_in_a_missing_directory() {
         &["console", "no-such-dir"],
     );
 }
+
+// --- vsock and pmem ---------------------------------------------------------------------------
+
+#[test]
+fn rejects_vsock_socket_path_that_exists() {
+    require_kvm!();
+    let dir = TempDir::new("vsock_exists").expect("temp dir");
+    let socket = dir.join("vsock.sock");
+    // A stale socket (or any file) there: the VMM must not take it over or remove it.
+    std::fs::write(&socket, b"someone else's").expect("write file");
+    let arg = format!("cid=3,socket={}", socket.display());
+    run_guest_with(
+        "vsock_exists",
+        &["--vsock", arg.as_str()],
+        &["vsock.socket"],
+    );
+    assert_eq!(
+        std::fs::read(&socket).expect("the file is still there"),
+        b"someone else's"
+    );
+}
+
+#[test]
+fn rejects_vsock_cid_below_3() {
+    let dir = TempDir::new("vsock_cid").expect("temp dir");
+    let arg = format!("cid=2,socket={}", dir.join("vsock.sock").display());
+    run_guest_with("vsock_cid", &["--vsock", arg.as_str()], &["vsock.cid"]);
+}
+
+#[test]
+fn rejects_missing_pmem_file() {
+    require_kvm!();
+    run_guest_with(
+        "pmem_missing",
+        &["--pmem", "file=/nonexistent/pmem.img"],
+        &["pmem.file"],
+    );
+}
+
+#[test]
+fn rejects_pmem_file_smaller_than_its_size() {
+    require_kvm!();
+    let dir = TempDir::new("pmem_small").expect("temp dir");
+    let file = dir.join("pmem.img");
+    std::fs::write(&file, vec![0u8; 2 << 20]).expect("write file");
+    let arg = format!("file={},size=4M", file.display());
+    run_guest_with("pmem_small", &["--pmem", arg.as_str()], &["pmem.size"]);
+}
+
+#[test]
+fn rejects_pmem_size_not_a_multiple_of_2mib() {
+    let dir = TempDir::new("pmem_unaligned").expect("temp dir");
+    let file = dir.join("pmem.img");
+    std::fs::write(&file, vec![0u8; 4 << 20]).expect("write file");
+    let arg = format!("file={},size=3M", file.display());
+    run_guest_with("pmem_unaligned", &["--pmem", arg.as_str()], &["pmem.size"]);
+}

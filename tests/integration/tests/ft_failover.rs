@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration::ft::echo_round;
+use integration::ft::{echo_round, ft_events, wait_for_event};
 use integration::{
     api_vmm, ch_remote, ch_remote_binary, guest_vm_args, kvm_serial_guard, report, require_kvm,
     require_netns, test_guest, two_hosts, TempDir, HOST_B,
@@ -55,6 +55,10 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
     let dir = TempDir::new("ft_failover").expect("temp dir");
     let guest = test_guest().expect("guest");
     let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    // Both sides report every protection change on their event monitors.
+    let (events_a, events_b) = (dir.join("a-events.json"), dir.join("b-events.json"));
+    let monitor_a = format!("path={}", events_a.display());
+    let monitor_b = format!("path={}", events_b.display());
     let kernel = guest.display().to_string();
     let net = format!("tap=tapvm,mac={GUEST_MAC}");
     let args = guest_vm_args(
@@ -62,14 +66,20 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
         "workload=net net.ip=192.168.249.2/24",
         "size=128M",
         &net,
-        &["-v"],
+        &["-v", "--event-monitor", &monitor_a],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut primary = api_vmm(TIMEOUT, "ft_primary", &hosts.a, &sock_a, &args);
     primary
         .wait_for("NET ready", TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut backup = api_vmm(TIMEOUT, "ft_backup", &hosts.b, &sock_b, &["-v"]);
+    let mut backup = api_vmm(
+        TIMEOUT,
+        "ft_backup",
+        &hosts.b,
+        &sock_b,
+        &["-v", "--event-monitor", &monitor_b],
+    );
     let url = format!("tcp:{HOST_B}:7100");
     let out = ch_remote(&sock_b, &["receive-ft", &url, "--tap", "tapvm"], None);
     assert!(
@@ -130,6 +140,50 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
             .unwrap_or_else(|e| panic!("{e}\n{}", backup.diagnose("echo after the failover")));
     }
     let first_answer = killed.elapsed();
+    // The operator's view of all this, on each side's event monitor.
+    let primary_events = ft_events(&events_a);
+    let names: Vec<&str> = primary_events.iter().map(|(e, _)| e.as_str()).collect();
+    let syncing_at = names.iter().position(|e| *e == "ft-syncing");
+    let protected_at = names.iter().position(|e| *e == "ft-protected");
+    assert!(
+        syncing_at.is_some() && protected_at.is_some() && syncing_at < protected_at,
+        "primary events: {names:?}"
+    );
+    let (_, done) = primary_events
+        .iter()
+        .rfind(|(e, _)| e == "ft-sync-progress")
+        .unwrap_or_else(|| panic!("no ft-sync-progress event: {names:?}"));
+    assert_eq!(done["phase"], "done", "{done}");
+    let events = wait_for_event(&events_b, "ft-failover", TIMEOUT);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names.first(),
+        Some(&"ft-waiting"),
+        "backup events: {names:?}"
+    );
+    let (_, failover) = events
+        .iter()
+        .find(|(e, _)| e == "ft-failover")
+        .expect("an ft-failover event");
+    assert_eq!(
+        failover["epoch"]
+            .as_str()
+            .and_then(|e| e.parse::<u64>().ok()),
+        backup_status["epoch"].as_u64(),
+        "the event names the epoch the VM resumed from: {failover}"
+    );
+    assert_eq!(
+        failover["takeover_ms"]
+            .as_str()
+            .and_then(|e| e.parse::<u64>().ok()),
+        backup_status["last_failover_ms"].as_u64(),
+        "{failover}"
+    );
+    // The FT counters sit next to the device counters.
+    let counters = ch_remote(&sock_b, &["counters"], None);
+    let counters: serde_json::Value =
+        serde_json::from_slice(&counters.stdout).expect("counters JSON");
+    assert_eq!(counters["ft"]["failovers"], 1, "{counters}");
     let info = ch_remote(&sock_b, &["info"], None);
     assert!(String::from_utf8_lossy(&info.stdout).contains("Running"));
     report(&format!(

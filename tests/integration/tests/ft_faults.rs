@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration::ft::{
-    receive_ft_args, start_witness, wait_status, witness_addr, Load, Rng, SeqClient,
+    receive_ft_args, start_witness, wait_for_event, wait_status, witness_addr, Load, Rng, SeqClient,
 };
 use integration::{
     api_vmm, ch_remote, guest_vm_args, kvm_serial_guard, report, require_kvm, require_netns,
@@ -57,6 +57,8 @@ impl Side {
 struct Node {
     vmm: Vmm,
     socket: PathBuf,
+    /// Its `--event-monitor` file.
+    events: PathBuf,
     side: Side,
     /// `TANDEM_FT_CRASH` given to this process (it aborts there once it is a primary).
     crash: Option<String>,
@@ -101,8 +103,13 @@ impl Pair {
     fn spawn(&mut self, side: Side, crash: Option<String>, boot: Option<&[&str]>) -> Node {
         self.started += 1;
         let socket = self.dir.join(&format!("vmm{}.sock", self.started));
+        let events = self.dir.join(&format!("vmm{}-events.json", self.started));
         let name = format!("ft_vmm{}_{side:?}", self.started);
-        let mut args: Vec<String> = vec!["-v".into()];
+        let mut args: Vec<String> = vec![
+            "-v".into(),
+            "--event-monitor".into(),
+            format!("path={}", events.display()),
+        ];
         if let Some(extra) = boot {
             args.extend(extra.iter().map(|s| s.to_string()));
         }
@@ -125,6 +132,7 @@ impl Pair {
         Node {
             vmm,
             socket,
+            events,
             side,
             crash,
         }
@@ -352,6 +360,17 @@ fn a_cut_replication_link_leaves_exactly_one_copy_running() {
         primary_runs != backup_runs,
         "exactly one copy must run: primary {p}, backup {b}"
     );
+    // Each side's event monitor tells its operator which way it went, once.
+    let (primary_event, backup_event) = if primary_runs {
+        ("ft-degraded", "ft-failed")
+    } else {
+        ("ft-fenced", "ft-failover")
+    };
+    for (node, event) in [(&primary, primary_event), (&backup, backup_event)] {
+        let events = wait_for_event(&node.events, event, TIMEOUT);
+        let count = events.iter().filter(|(e, _)| e == event).count();
+        assert_eq!(count, 1, "{event} reported {count} times: {events:?}");
+    }
     load.wait_progress(20, TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&primary, &backup], "partition")));
     let mut client = load.stop().unwrap_or_else(|e| panic!("{e}"));

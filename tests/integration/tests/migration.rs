@@ -287,6 +287,14 @@ fn failed_migration_leaves_the_source_running() {
     let nowhere = format!("unix:{}", dir.join("nobody.sock").display());
     let out = ch_remote(&sock, &["send-migration", &nowhere], None);
     assert!(!out.status.success(), "migration to nowhere succeeded");
+    // Nothing was sent: no transfer to report.
+    let progress = ch_remote(&sock, &["progress"], None);
+    assert!(!progress.status.success());
+    assert!(
+        String::from_utf8_lossy(&progress.stderr).contains("no enable-ft or send-migration"),
+        "{}",
+        String::from_utf8_lossy(&progress.stderr)
+    );
     // A receiver that hangs up mid-stream.
     let link = dir.join("hangup.sock");
     let listener = std::os::unix::net::UnixListener::bind(&link).expect("bind");
@@ -306,6 +314,16 @@ fn failed_migration_leaves_the_source_running() {
         "migration to a vanished peer succeeded"
     );
     let _ = hangup.join();
+    // The operator sees how far it got and why it stopped.
+    let progress = ch_remote(&sock, &["progress"], None);
+    assert!(progress.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&progress.stdout).expect("JSON");
+    assert_eq!(report["operation"], "send-migration", "{report}");
+    assert_eq!(report["phase"], "failed", "{report}");
+    assert!(
+        report["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{report}"
+    );
     let info = ch_remote(&sock, &["info"], None);
     let info = String::from_utf8_lossy(&info.stdout).to_string();
     assert!(

@@ -1,11 +1,17 @@
-//! Disk and network device configuration, with Cloud Hypervisor's JSON field names and
-//! defaults (`--disk`, `--net`, and the `disks`/`net` arrays of `vm.create`).
+//! Device configuration, with Cloud Hypervisor's JSON field names and defaults: disks and
+//! NICs (`--disk`, `--net`), the devices being wired next (`--vsock`, `--pmem`, `--fs`), and
+//! the device kinds Tandem does not have, typed so that Cloud Hypervisor's bodies parse.
+//!
+//! Every PCI device of Cloud Hypervisor carries `id`, `iommu`, `pci_segment` and
+//! `pci_device_id`; they are spelled out per struct (serde cannot combine a flattened common
+//! part with `deny_unknown_fields`) and checked by [`validate_pci_common`].
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::platform::{non_empty, RateLimiterConfig};
 use super::{unsupported, ValidationError};
 
 /// Cloud Hypervisor's defaults.
@@ -34,6 +40,81 @@ fn default_true() -> bool {
     true
 }
 
+/// The JSON names of a device's PCI placement fields, so errors name the right one.
+pub(crate) struct PciFields {
+    pub iommu: &'static str,
+    pub pci_segment: &'static str,
+    pub pci_device_id: &'static str,
+}
+
+/// [`PciFields`] of the device array or object `$device` (`"disks"`, `"vsock"`, ...).
+macro_rules! pci_fields {
+    ($device:literal) => {
+        $crate::config::devices::PciFields {
+            iommu: concat!($device, ".iommu"),
+            pci_segment: concat!($device, ".pci_segment"),
+            pci_device_id: concat!($device, ".pci_device_id"),
+        }
+    };
+}
+pub(crate) use pci_fields;
+
+/// The PCI placement fields every device shares: Tandem has no vIOMMU, one PCI segment, and
+/// numbers devices itself (00:01.0 upward, in Cloud Hypervisor's order).
+pub(crate) fn validate_pci_common(
+    fields: &PciFields,
+    iommu: bool,
+    pci_segment: u16,
+    pci_device_id: Option<u8>,
+) -> Result<(), ValidationError> {
+    if iommu {
+        return Err(unsupported(fields.iommu, "a virtual IOMMU (iommu=true)"));
+    }
+    if pci_segment != 0 {
+        return Err(unsupported(
+            fields.pci_segment,
+            format!("PCI segment {pci_segment} (devices sit on segment 0)"),
+        ));
+    }
+    if let Some(slot) = pci_device_id {
+        return Err(unsupported(
+            fields.pci_device_id,
+            format!("choosing the PCI slot ({slot}; devices are numbered in order)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `disks.image_type`, spelled as Cloud Hypervisor serializes it. `Unknown` (the default)
+/// means "find out from the file"; Tandem reads every image as raw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageType {
+    FlatVmdk,
+    FixedVhd,
+    Qcow2,
+    Raw,
+    Vhdx,
+    #[default]
+    Unknown,
+}
+
+/// `disks.lock_granularity`. Tandem locks a whole image with `flock(2)` either way, so both
+/// are accepted; what the guest sees does not depend on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockGranularity {
+    #[default]
+    ByteRange,
+    Full,
+}
+
+/// One `disks.queue_affinity` entry: host CPUs for a queue's I/O thread.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtQueueAffinity {
+    pub queue_index: u16,
+    pub host_cpus: Vec<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -58,6 +139,31 @@ pub struct DiskConfig {
     pub pci_segment: u16,
     #[serde(default)]
     pub serial: Option<String>,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub rate_limit_group: Option<String>,
+    #[serde(default)]
+    pub rate_limiter_config: Option<RateLimiterConfig>,
+    /// Cloud Hypervisor's test switches for its I/O backends; Tandem uses neither io_uring
+    /// nor AIO, so both values change nothing.
+    #[serde(default)]
+    pub disable_io_uring: bool,
+    #[serde(default)]
+    pub disable_aio: bool,
+    #[serde(default)]
+    pub queue_affinity: Option<Vec<VirtQueueAffinity>>,
+    /// Permission to open a QCOW2 image's backing files; raw images have none.
+    #[serde(default)]
+    pub backing_files: bool,
+    /// Whether discards may punch holes; Tandem offers no discard, so both values are
+    /// accepted.
+    #[serde(default = "default_true")]
+    pub sparse: bool,
+    #[serde(default)]
+    pub image_type: ImageType,
+    #[serde(default)]
+    pub lock_granularity: LockGranularity,
 }
 
 impl DiskConfig {
@@ -74,6 +180,16 @@ impl DiskConfig {
             id: None,
             pci_segment: 0,
             serial: None,
+            pci_device_id: None,
+            rate_limit_group: None,
+            rate_limiter_config: None,
+            disable_io_uring: false,
+            disable_aio: false,
+            queue_affinity: None,
+            backing_files: false,
+            sparse: true,
+            image_type: ImageType::Unknown,
+            lock_granularity: LockGranularity::ByteRange,
         }
     }
 
@@ -91,14 +207,32 @@ impl DiskConfig {
         if self.num_queues != 1 {
             return Err(unsupported("disks.num_queues", "more than one queue"));
         }
-        if self.iommu {
-            return Err(unsupported("disks.iommu", "an IOMMU"));
-        }
+        validate_pci_common(
+            &pci_fields!("disks"),
+            self.iommu,
+            self.pci_segment,
+            self.pci_device_id,
+        )?;
         if self.vhost_user || self.vhost_socket.is_some() {
             return Err(unsupported("disks.vhost_user", "vhost-user disks"));
         }
-        if self.pci_segment != 0 {
-            return Err(unsupported("disks.pci_segment", "PCI segments"));
+        if !matches!(self.image_type, ImageType::Raw | ImageType::Unknown) {
+            return Err(unsupported(
+                "disks.image_type",
+                format!("{:?} images (raw only)", self.image_type),
+            ));
+        }
+        if self.rate_limit_group.is_some() || self.rate_limiter_config.is_some() {
+            return Err(unsupported(
+                "disks.rate_limiter_config",
+                "I/O rate limiting",
+            ));
+        }
+        if non_empty(&self.queue_affinity) {
+            return Err(unsupported(
+                "disks.queue_affinity",
+                "pinning queue threads to host CPUs",
+            ));
         }
         Ok(())
     }
@@ -146,6 +280,21 @@ pub struct NetConfig {
     pub offload_ufo: bool,
     #[serde(default = "default_true")]
     pub offload_csum: bool,
+    /// Only meaningful for vhost-user NICs (refused), so both values are accepted.
+    #[serde(default)]
+    pub vhost_mode: VhostMode,
+    #[serde(default)]
+    pub rate_limiter_config: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+}
+
+/// `net.vhost_mode`, spelled as Cloud Hypervisor serializes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VhostMode {
+    #[default]
+    Client,
+    Server,
 }
 
 impl Default for NetConfig {
@@ -168,6 +317,9 @@ impl Default for NetConfig {
             offload_tso: true,
             offload_ufo: true,
             offload_csum: true,
+            vhost_mode: VhostMode::Client,
+            rate_limiter_config: None,
+            pci_device_id: None,
         }
     }
 }
@@ -230,20 +382,331 @@ impl NetConfig {
         if self.host_mac.is_some() {
             return Err(unsupported("net.host_mac", "setting the TAP's MAC"));
         }
-        if self.iommu {
-            return Err(unsupported("net.iommu", "an IOMMU"));
-        }
+        validate_pci_common(
+            &pci_fields!("net"),
+            self.iommu,
+            self.pci_segment,
+            self.pci_device_id,
+        )?;
         if self.vhost_user || self.vhost_socket.is_some() {
             return Err(unsupported("net.vhost_user", "vhost-user networking"));
         }
-        if self.fds.is_some() {
+        if self.fds.as_ref().is_some_and(|fds| !fds.is_empty()) {
             return Err(unsupported("net.fds", "TAP file descriptors passed in"));
         }
-        if self.pci_segment != 0 {
-            return Err(unsupported("net.pci_segment", "PCI segments"));
+        if self.rate_limiter_config.is_some() {
+            return Err(unsupported("net.rate_limiter_config", "I/O rate limiting"));
         }
         Ok(())
     }
+}
+
+/// Cloud Hypervisor's defaults for `fs`.
+pub const DEFAULT_FS_NUM_QUEUES: usize = 1;
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
+/// Longest virtio-fs tag (the virtio specification's `tag` field is 36 bytes).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Smallest guest CID; 0-2 are reserved (hypervisor, local, host).
+pub const MIN_VSOCK_CID: u32 = 3;
+/// virtio-pmem regions are mapped in whole 2 MiB pages.
+pub const PMEM_ALIGNMENT: u64 = 2 << 20;
+
+fn default_fs_num_queues() -> usize {
+    DEFAULT_FS_NUM_QUEUES
+}
+fn default_fs_queue_size() -> u16 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
+fn require_path(field: &'static str, path: &std::path::Path) -> Result<(), ValidationError> {
+    if path.as_os_str().is_empty() {
+        return Err(ValidationError::Invalid {
+            field,
+            why: "a path is required".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `vsock` (`--vsock`): a virtio-vsock device whose host side is the Unix socket `socket`
+/// (Firecracker's hybrid vsock: a host connection to `socket` sends `CONNECT <port>`, a
+/// guest connection to port P reaches `<socket>_P`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl VsockConfig {
+    pub fn new(cid: u32, socket: impl Into<PathBuf>) -> Self {
+        Self {
+            cid,
+            socket: socket.into(),
+            iommu: false,
+            pci_segment: 0,
+            pci_device_id: None,
+            id: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.cid < MIN_VSOCK_CID || self.cid == u32::MAX {
+            return Err(ValidationError::Invalid {
+                field: "vsock.cid",
+                why: format!(
+                    "{} is reserved: guest CIDs start at {MIN_VSOCK_CID}",
+                    self.cid
+                ),
+            });
+        }
+        require_path("vsock.socket", &self.socket)?;
+        validate_pci_common(
+            &pci_fields!("vsock"),
+            self.iommu,
+            self.pci_segment,
+            self.pci_device_id,
+        )
+    }
+}
+
+/// One `pmem` entry (`--pmem`): a virtio-pmem device backed by `file`; `size` defaults to the
+/// file's size. `discard_writes` maps the file private, so guest writes never reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    pub file: PathBuf,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub discard_writes: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl PmemConfig {
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        Self {
+            file: file.into(),
+            size: None,
+            iommu: false,
+            discard_writes: false,
+            pci_segment: 0,
+            pci_device_id: None,
+            id: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        require_path("pmem.file", &self.file)?;
+        if let Some(size) = self.size {
+            if size == 0 || size % PMEM_ALIGNMENT != 0 {
+                return Err(ValidationError::Invalid {
+                    field: "pmem.size",
+                    why: format!("{size} bytes is not a non-zero multiple of 2 MiB"),
+                });
+            }
+        }
+        validate_pci_common(
+            &pci_fields!("pmem"),
+            self.iommu,
+            self.pci_segment,
+            self.pci_device_id,
+        )
+    }
+}
+
+/// One `fs` entry (`--fs`): a virtio-fs device served by the vhost-user daemon at `socket`
+/// (virtiofsd), mounted in the guest by `tag`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
+    #[serde(default = "default_fs_num_queues")]
+    pub num_queues: usize,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl FsConfig {
+    pub fn new(tag: impl Into<String>, socket: impl Into<PathBuf>) -> Self {
+        Self {
+            tag: tag.into(),
+            socket: socket.into(),
+            num_queues: DEFAULT_FS_NUM_QUEUES,
+            queue_size: DEFAULT_FS_QUEUE_SIZE,
+            pci_segment: 0,
+            pci_device_id: None,
+            id: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.tag.is_empty() || self.tag.len() > MAX_FS_TAG_LEN {
+            return Err(ValidationError::Invalid {
+                field: "fs.tag",
+                why: format!("\"{}\" must be 1 to {MAX_FS_TAG_LEN} bytes long", self.tag),
+            });
+        }
+        require_path("fs.socket", &self.socket)?;
+        if self.num_queues == 0 {
+            return Err(ValidationError::Invalid {
+                field: "fs.num_queues",
+                why: "at least one request queue is needed".into(),
+            });
+        }
+        validate_queue_size("fs.queue_size", self.queue_size)?;
+        // No `iommu` member: Cloud Hypervisor's virtio-fs cannot sit behind a vIOMMU.
+        validate_pci_common(
+            &pci_fields!("fs"),
+            false,
+            self.pci_segment,
+            self.pci_device_id,
+        )
+    }
+}
+
+/// `balloon`: a virtio-balloon device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub free_page_reporting: bool,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// One `generic_vhost_user` entry: any vhost-user device by virtio device type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericVhostUserConfig {
+    pub socket: PathBuf,
+    pub queue_sizes: Vec<u16>,
+    pub device_type: u32,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// One `devices` entry: a VFIO passthrough device (Cloud Hypervisor's `DeviceConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfioDeviceConfig {
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A descriptor number is meaningless outside the process that opened it.
+    #[serde(default)]
+    pub fd: Option<i32>,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub x_nv_gpudirect_clique: Option<u8>,
+    #[serde(default)]
+    pub x_exclude_mmap_bars: Vec<u64>,
+}
+
+/// One `user_devices` entry: a vfio-user device served at `socket`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// One `vdpa` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VdpaConfig {
+    pub path: PathBuf,
+    #[serde(default = "default_vdpa_num_queues")]
+    pub num_queues: usize,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+fn default_vdpa_num_queues() -> usize {
+    1
+}
+
+/// `rtc`: Cloud Hypervisor's optional PCI real-time-clock device (the PC's CMOS clock is
+/// always there and is not this).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtcConfig {
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// `ivshmem`: an inter-VM shared-memory PCI device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IvshmemConfig {
+    pub path: PathBuf,
+    pub size: usize,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default)]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 fn validate_queue_size(field: &'static str, size: u16) -> Result<(), ValidationError> {

@@ -6,12 +6,14 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::fault_tolerance::ReplicableVm;
 use crate::migration::memory::{DirtyPages, PAGE_SIZE};
 use crate::migration::protocol::Sender;
+use crate::progress::TransferProgress;
 use crate::vm::Vm;
 use transport::Security;
 
@@ -105,8 +107,10 @@ pub fn send(
     config: &VmConfig,
     stream: MigrationStream,
     downtime_target: Duration,
+    progress: Option<Arc<TransferProgress>>,
 ) -> Result<MigrationReport, String> {
     let mut sender = Sender::new(stream);
+    sender.set_progress(progress);
     let start = Instant::now();
     let mut paused = false;
     let mut unlocked = false;
@@ -118,6 +122,12 @@ pub fn send(
         &mut paused,
         &mut unlocked,
     );
+    if let Some(progress) = sender.progress() {
+        match &result {
+            Ok(_) => progress.done(),
+            Err(e) => progress.failed(e),
+        }
+    }
     match result {
         Ok((downtime, passes)) => {
             let _ = vm.set_dirty_logging(false);
@@ -165,6 +175,10 @@ fn precopy_and_handoff(
     let downtime_start = Instant::now();
     let mut last = dirty_since_last(vm)?;
     last.union_with(&pending);
+    if let Some(progress) = sender.progress() {
+        progress.begin_pass(last.count());
+        progress.finishing();
+    }
     sender.send_memory(vm.memory(), &last).map_err(e)?;
     let state = vm.save_state().map_err(|e| e.to_string())?;
     sender.send_state(&state).map_err(e)?;
@@ -189,7 +203,11 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
     // Start the dirty sets empty: everything goes in the first full pass.
     dirty_since_last(vm)?;
     let pass_start = Instant::now();
-    let first = sender.send_all_memory(vm.memory()).map_err(e)?;
+    let all = DirtyPages::all(vm.memory()).map_err(|e| e.to_string())?;
+    if let Some(progress) = sender.progress() {
+        progress.begin_pass(all.count());
+    }
+    let first = sender.send_memory(vm.memory(), &all).map_err(e)?;
     let mut rate = first.wire_bytes.max(1) as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
     let mut passes = 1;
     let mut pending = dirty_since_last(vm)?;
@@ -199,6 +217,9 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
             break;
         }
         let t = Instant::now();
+        if let Some(progress) = sender.progress() {
+            progress.begin_pass(pending.count());
+        }
         let pass = sender.send_memory(vm.memory(), &pending).map_err(e)?;
         rate = pass.wire_bytes.max(1) as f64 / t.elapsed().as_secs_f64().max(1e-6);
         passes += 1;

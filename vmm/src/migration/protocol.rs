@@ -34,6 +34,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,6 +43,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::progress::TransferProgress;
 
 /// 2: State frames may be LZ4-compressed (a version-1 peer would refuse the flag mid-stream;
 /// Hello says it at once).
@@ -754,6 +756,8 @@ pub struct Sender<T: Read + Write> {
     packed: Vec<u8>,
     /// The page runs of the frame being assembled.
     chunks: Vec<(u64, usize)>,
+    /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
+    progress: Option<Arc<TransferProgress>>,
 }
 
 impl<T: Read + Write> Sender<T> {
@@ -777,7 +781,17 @@ impl<T: Read + Write> Sender<T> {
             frame: Vec::new(),
             packed: Vec::new(),
             chunks: Vec::new(),
+            progress: None,
         }
+    }
+
+    /// Reports what is sent to `progress` from now on (None: stop reporting).
+    pub fn set_progress(&mut self, progress: Option<Arc<TransferProgress>>) {
+        self.progress = progress;
+    }
+
+    pub fn progress(&self) -> Option<&Arc<TransferProgress>> {
+        self.progress.as_ref()
     }
 
     pub fn stats(&self) -> TransferStats {
@@ -815,7 +829,12 @@ impl<T: Read + Write> Sender<T> {
             kind,
             payload,
         ) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(progress) = &self.progress {
+                    progress.sent_bytes((HEADER_LEN + payload.len() + TRAILER_LEN) as u64);
+                }
+                Ok(())
+            }
             Err(e) => Err(self.write_failed(e)),
         }
     }
@@ -987,6 +1006,9 @@ impl<T: Read + Write> Sender<T> {
         self.stats.page_wire_bytes += (end - data_at) as u64;
         if flags & FLAG_LZ4 != 0 {
             self.stats.compressed_frames += 1;
+        }
+        if let Some(progress) = &self.progress {
+            progress.sent(count as u64, total as u64);
         }
         Ok((total as u64, zero))
     }
