@@ -1637,8 +1637,6 @@ fn linux_guest_vsock_round_trips_both_ways_through_the_hybrid_socket() {
 /// wrote into the files; the guest's write + fsync (a virtio-pmem FLUSH) reaches the writable
 /// file, and leaves the `discard_writes` file byte for byte as it was.
 #[test]
-#[ignore = "Linux 6.1's nd_pmem does not bind the namespace of our virtio-pmem region yet \
-            (namespace0.0 stays unbound, no kernel message): under investigation"]
 fn linux_guest_pmem_writes_reach_the_file_and_discard_writes_leaves_it_unchanged() {
     require_kvm!();
     let run = vsock_pmem_run();
