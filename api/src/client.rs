@@ -2,6 +2,8 @@
 //! `ch-remote`, the tests and the latency benchmark.
 
 use std::io::{self, Read, Write};
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -15,7 +17,12 @@ pub enum ClientError {
     Truncated,
     #[error("malformed HTTP response: {0}")]
     Malformed(String),
+    #[error("cannot pass {count} file descriptors with one request (at most {MAX_SEND_FDS})")]
+    TooManyFds { count: usize },
 }
+
+/// Most descriptors sent with one request (the server keeps at most as many).
+pub const MAX_SEND_FDS: usize = 16;
 
 /// A response: status code and body (empty for 204).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,15 +62,99 @@ pub fn request(
     request_on(&mut stream, method, endpoint, body, true)
 }
 
-/// Sends one request on an open connection and reads its response; with `close` false the
-/// connection stays usable for the next request (keep-alive).
-pub fn request_on(
-    stream: &mut UnixStream,
+/// Like [`request`], passing `fds` with the request (`SCM_RIGHTS`, as Cloud Hypervisor's
+/// `ch-remote add-net fd=[...]` does). The server receives duplicates; ours stay open.
+pub fn request_with_fds(
+    socket: &Path,
     method: &str,
     endpoint: &str,
     body: Option<&str>,
-    close: bool,
+    fds: &[BorrowedFd<'_>],
 ) -> Result<ApiResponse, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let out = serialize_request(method, endpoint, body, true);
+    if let Err(e) = send_with_fds(&stream, out.as_bytes(), fds) {
+        if matches!(e, ClientError::TooManyFds { .. }) {
+            return Err(e);
+        }
+        return read_response(&mut stream).map_err(|_| e);
+    }
+    read_response(&mut stream)
+}
+
+/// Writes `data`, the descriptors going with its first bytes (one `sendmsg`), the rest with
+/// plain writes.
+pub fn send_with_fds(
+    stream: &UnixStream,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ClientError> {
+    if fds.len() > MAX_SEND_FDS {
+        return Err(ClientError::TooManyFds { count: fds.len() });
+    }
+    if fds.is_empty() || data.is_empty() {
+        return (&*stream).write_all(data).map_err(ClientError::Socket);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let payload = mem::size_of_val(raw.as_slice());
+    // u64 storage keeps the control buffer aligned for `cmsghdr`; 16 descriptors need 80 bytes.
+    let mut control = [0u64; 16];
+    // SAFETY: CMSG_SPACE and CMSG_LEN are pure computations on their argument.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(payload as u32),
+            libc::CMSG_LEN(payload as u32),
+        )
+    };
+    let space = space as usize;
+    if space > mem::size_of_val(&control) {
+        return Err(ClientError::TooManyFds { count: fds.len() });
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `control`, which has room for one header and `payload` bytes
+    // (checked above); CMSG_FIRSTHDR is non-null for such a buffer and CMSG_DATA points
+    // inside it, where exactly `payload` bytes are copied.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(ClientError::TooManyFds { count: fds.len() });
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = len as _;
+        std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload);
+    }
+    let sent = loop {
+        // SAFETY: `msg` points at `iov` (covering `data`, only read by the kernel) and
+        // `control`, all alive for the call. MSG_NOSIGNAL: a closed peer is an error, not
+        // SIGPIPE.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(ClientError::Socket(e));
+        }
+    };
+    (&*stream)
+        .write_all(&data[sent..])
+        .map_err(ClientError::Socket)
+}
+
+fn serialize_request(method: &str, endpoint: &str, body: Option<&str>, close: bool) -> String {
     let mut out =
         format!("{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
     if close {
@@ -77,6 +168,19 @@ pub fn request_on(
     if let Some(body) = body {
         out.push_str(body);
     }
+    out
+}
+
+/// Sends one request on an open connection and reads its response; with `close` false the
+/// connection stays usable for the next request (keep-alive).
+pub fn request_on(
+    stream: &mut UnixStream,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+    close: bool,
+) -> Result<ApiResponse, ClientError> {
+    let out = serialize_request(method, endpoint, body, close);
     if let Err(e) = stream.write_all(out.as_bytes()) {
         // The server may answer and close before reading everything (503 when too busy, 413
         // for a body too large): its answer is more useful than the broken pipe.

@@ -1,11 +1,15 @@
 //! Cloud Hypervisor's endpoints: which method and path become which [`VmmRequest`], and how
 //! the control loop's answer becomes an HTTP response.
 
-use vmm::config::VmConfig;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use vmm::config::{
+    DiskConfig, FsConfig, NetConfig, PmemConfig, ValidationError, VmConfig, VsockConfig,
+};
 use vmm::control::{
-    ApiSender, EnableFtRequest, ErrorKind, ReceiveFtRequest, ReceiveMigrationRequest,
-    RestoreRequest, SendError, SendMigrationRequest, SnapshotRequest, VmResizeRequest, VmmRequest,
-    VmmResponse, VmmResult,
+    ApiSender, EnableFtRequest, ErrorKind, HotplugRequest, ReceiveFtRequest,
+    ReceiveMigrationRequest, RemoveDeviceRequest, RestoreRequest, SendError, SendMigrationRequest,
+    SnapshotRequest, VmResizeRequest, VmmRequest, VmmResponse, VmmResult,
 };
 
 use crate::http::Response;
@@ -50,6 +54,12 @@ pub enum Endpoint {
     VmDisableFt,
     VmProgress,
     VmResize,
+    VmAddDisk,
+    VmAddNet,
+    VmAddPmem,
+    VmAddFs,
+    VmAddVsock,
+    VmRemoveDevice,
 }
 
 /// Every endpoint: name after `/api/v1/`, its method, and what it is.
@@ -79,7 +89,21 @@ pub const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("vm.progress", "GET", Endpoint::VmProgress),
     // Cloud Hypervisor's, listed last so the indices above stay put.
     ("vm.resize", "PUT", Endpoint::VmResize),
+    // PCI hot-plug (Cloud Hypervisor's).
+    ("vm.add-disk", "PUT", Endpoint::VmAddDisk),
+    ("vm.add-net", "PUT", Endpoint::VmAddNet),
+    ("vm.add-pmem", "PUT", Endpoint::VmAddPmem),
+    ("vm.add-fs", "PUT", Endpoint::VmAddFs),
+    ("vm.add-vsock", "PUT", Endpoint::VmAddVsock),
+    ("vm.remove-device", "PUT", Endpoint::VmRemoveDevice),
 ];
+
+/// The one endpoint that takes file descriptors with its request (`SCM_RIGHTS`): TAPs for
+/// `vm.add-net`, as in Cloud Hypervisor.
+pub const TAKES_FDS: Endpoint = Endpoint::VmAddNet;
+
+/// TAP descriptors `vm.add-net` takes: one per queue pair, and Tandem's NICs have one pair.
+const MAX_NET_FDS: usize = 1;
 
 /// Cloud Hypervisor endpoints that exist there but not here yet: a 404 that says so is more
 /// useful to someone switching over than a bare "no such endpoint".
@@ -87,20 +111,26 @@ const NOT_YET: &[&str] = &[
     "vmm.info",
     "vm.resize-zone",
     "vm.add-device",
-    "vm.remove-device",
-    "vm.add-disk",
-    "vm.add-fs",
-    "vm.add-pmem",
-    "vm.add-net",
-    "vm.add-vsock",
     "vm.add-vdpa",
     "vm.add-user-device",
     "vm.coredump",
     "vm.nmi",
 ];
 
-/// Handles one complete request.
+/// Handles one complete request that came without file descriptors.
 pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> Response {
+    handle_with_fds(method, path, body, Vec::new(), backend)
+}
+
+/// Handles one complete request and the descriptors passed with it. Only [`TAKES_FDS`]
+/// accepts any; elsewhere they are a 400 (and closed, as they are dropped).
+pub fn handle_with_fds(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+    backend: &dyn Backend,
+) -> Response {
     let name = path.strip_prefix(API_PREFIX).unwrap_or("");
     let Some(&(_, allowed, endpoint)) = ENDPOINTS.iter().find(|(n, _, _)| *n == name) else {
         if NOT_YET.contains(&name) {
@@ -118,6 +148,15 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
         );
         response.allow = Some(allowed);
         return response;
+    }
+    if !fds.is_empty() && endpoint != TAKES_FDS {
+        return Response::error_one(
+            400,
+            format!(
+                "{name} takes no file descriptors ({} passed with the request)",
+                fds.len()
+            ),
+        );
     }
     let request = match endpoint {
         Endpoint::VmmPing => VmmRequest::Ping,
@@ -203,6 +242,64 @@ pub fn handle(method: &str, path: &str, body: &[u8], backend: &dyn Backend) -> R
                 Err(response) => return response,
             }
         }
+        // Each device is checked as `vm.create` checks it (the same refusals); what depends on
+        // the VM (ids in use, room on the bus, shared memory for virtio-fs) is the control
+        // loop's to judge.
+        Endpoint::VmAddDisk => match parse_device(
+            body,
+            "vm.add-disk",
+            "DiskConfig",
+            |b| serde_json::from_slice::<DiskConfig>(b),
+            DiskConfig::validate,
+        ) {
+            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Disk(config))),
+            Err(response) => return response,
+        },
+        Endpoint::VmAddNet => match parse_net(body, fds) {
+            Ok(request) => VmmRequest::AddDevice(Box::new(request)),
+            Err(response) => return response,
+        },
+        Endpoint::VmAddPmem => match parse_device(
+            body,
+            "vm.add-pmem",
+            "PmemConfig",
+            |b| serde_json::from_slice::<PmemConfig>(b),
+            PmemConfig::validate,
+        ) {
+            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Pmem(config))),
+            Err(response) => return response,
+        },
+        Endpoint::VmAddFs => match parse_device(
+            body,
+            "vm.add-fs",
+            "FsConfig",
+            |b| serde_json::from_slice::<FsConfig>(b),
+            FsConfig::validate,
+        ) {
+            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Fs(config))),
+            Err(response) => return response,
+        },
+        Endpoint::VmAddVsock => match parse_device(
+            body,
+            "vm.add-vsock",
+            "VsockConfig",
+            |b| serde_json::from_slice::<VsockConfig>(b),
+            VsockConfig::validate,
+        ) {
+            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Vsock(config))),
+            Err(response) => return response,
+        },
+        Endpoint::VmRemoveDevice => {
+            match parse_body(body, "vm.remove-device", "VmRemoveDevice", |b: &[u8]| {
+                serde_json::from_slice::<RemoveDeviceRequest>(b)
+            }) {
+                Ok(request) if request.id.is_empty() => {
+                    return Response::error_one(400, "VmRemoveDevice.id must not be empty")
+                }
+                Ok(request) => VmmRequest::RemoveDevice(request),
+                Err(response) => return response,
+            }
+        }
     };
     match backend.call(request) {
         Ok(result) => response_of(result),
@@ -225,6 +322,66 @@ fn parse_vm_config(body: &[u8]) -> Result<VmConfig, Response> {
         .validate()
         .map_err(|e| Response::error_one(400, format!("invalid VM configuration: {e}")))?;
     Ok(config)
+}
+
+/// A device's configuration (`schema` in Cloud Hypervisor's API spec): bad JSON as
+/// [`parse_body`], and the device kind's own validation (the checks `vm.create` makes of such
+/// a device), both 400.
+fn parse_device<T>(
+    body: &[u8],
+    endpoint: &str,
+    schema: &str,
+    from_json: fn(&[u8]) -> serde_json::Result<T>,
+    validate: fn(&T) -> Result<(), ValidationError>,
+) -> Result<T, Response> {
+    let config = parse_body(body, endpoint, schema, from_json)?;
+    validate(&config).map_err(|e| invalid_device(schema, e))?;
+    Ok(config)
+}
+
+fn invalid_device(schema: &str, e: ValidationError) -> Response {
+    Response::error_one(400, format!("invalid {schema}: {e}"))
+}
+
+/// `vm.add-net`: the NetConfig and the TAP descriptors passed with it. As in Cloud
+/// Hypervisor, passed descriptors replace whatever numbers the body's `fds` holds (those are
+/// the client's and mean nothing here); the configuration then records the numbers of the
+/// received descriptors, which `fds` of the request keeps open. Numbers in the body without
+/// descriptors are refused: the VMM never uses a number a client chose.
+fn parse_net(body: &[u8], fds: Vec<OwnedFd>) -> Result<HotplugRequest, Response> {
+    let mut config = parse_body(body, "vm.add-net", "NetConfig", |b: &[u8]| {
+        serde_json::from_slice::<NetConfig>(b)
+    })?;
+    if fds.len() > MAX_NET_FDS {
+        return Err(Response::error_one(
+            400,
+            format!(
+                "vm.add-net: {} file descriptors were passed; a NIC takes one TAP descriptor \
+                 per queue pair, and this VMM supports one queue pair (at most {MAX_NET_FDS} \
+                 descriptor)",
+                fds.len()
+            ),
+        ));
+    }
+    if fds.is_empty() {
+        if config.passed_fds().is_some() {
+            return Err(Response::error_one(
+                400,
+                "invalid NetConfig: net.fds: descriptor numbers in the body are the client's; \
+                 pass the TAP descriptors with the request (SCM_RIGHTS), as \
+                 `ch-remote add-net fd=[...]` does",
+            ));
+        }
+    } else {
+        if config.passed_fds().is_some() {
+            log::debug!("vm.add-net: the body's fds are replaced by the descriptors passed");
+        }
+        config.fds = Some(fds.iter().map(AsRawFd::as_raw_fd).collect());
+    }
+    config
+        .validate()
+        .map_err(|e| invalid_device("NetConfig", e))?;
+    Ok(HotplugRequest::Net { config, fds })
 }
 
 /// A JSON request body of type `T` (named `schema` as in Cloud Hypervisor's API spec): a
@@ -263,6 +420,7 @@ fn response_of(result: VmmResult) -> Response {
         Ok(VmmResponse::Counters(counters)) => json(serde_json::to_vec(&counters)),
         Ok(VmmResponse::FtStatus(status)) => json(serde_json::to_vec(&status)),
         Ok(VmmResponse::Progress(report)) => json(serde_json::to_vec(&report)),
+        Ok(VmmResponse::DeviceAdded(info)) => json(serde_json::to_vec(&info)),
         Err(e) => {
             let status = match e.kind() {
                 ErrorKind::BadRequest => 400,
@@ -280,7 +438,7 @@ mod tests {
     use std::sync::Mutex;
 
     use vmm::control::{
-        FtDiskMode, FtHealth, FtRole, FtStatus, VmState, VmmError, VmmPingResponse,
+        FtDiskMode, FtHealth, FtRole, FtStatus, PciDeviceInfo, VmState, VmmError, VmmPingResponse,
     };
 
     use super::*;
@@ -387,8 +545,325 @@ mod tests {
                 "disk_paths": ["/var/b/disk0.img", "/var/b/disk1.img"],
                 "witness": "10.0.0.3:7100"}"#
                 .into(),
+            "vm.add-disk" => r#"{"path": "/img/a.raw", "readonly": true}"#.into(),
+            "vm.add-net" => r#"{"tap": "tap0", "mac": "12:34:56:78:9a:bc"}"#.into(),
+            "vm.add-pmem" => r#"{"file": "/img/p", "size": 4194304}"#.into(),
+            "vm.add-fs" => r#"{"tag": "myfs", "socket": "/run/fs.sock"}"#.into(),
+            "vm.add-vsock" => r#"{"cid": 3, "socket": "/run/v.sock"}"#.into(),
+            "vm.remove-device" => r#"{"id": "_disk0"}"#.into(),
             _ => String::new(),
         }
+    }
+
+    /// Keeps every request it gets and answers a hot-plug as a running VM would.
+    #[derive(Default)]
+    struct Keeps(Mutex<Vec<VmmRequest>>);
+
+    impl Backend for Keeps {
+        fn call(&self, request: VmmRequest) -> Result<VmmResult, SendError> {
+            let answer = match &request {
+                VmmRequest::AddDevice(_) => Ok(VmmResponse::DeviceAdded(PciDeviceInfo {
+                    id: "_disk1".into(),
+                    bdf: "0000:00:05.0".into(),
+                })),
+                _ => Ok(VmmResponse::Empty),
+            };
+            self.0.lock().unwrap().push(request);
+            Ok(answer)
+        }
+    }
+
+    /// A descriptor of this process (the read end of a pipe) to pass with a request.
+    fn some_fd() -> OwnedFd {
+        let (read, _write) = std::io::pipe().unwrap();
+        read.into()
+    }
+
+    #[test]
+    fn hotplug_answers_pci_device_info() {
+        let keeps = Keeps::default();
+        let r = handle(
+            "PUT",
+            "/api/v1/vm.add-disk",
+            br#"{"path": "/img/b.raw", "id": "_disk1"}"#,
+            &keeps,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            body(&r),
+            serde_json::json!({"id": "_disk1", "bdf": "0000:00:05.0"})
+        );
+        let r = handle(
+            "PUT",
+            "/api/v1/vm.remove-device",
+            br#"{"id": "_disk1"}"#,
+            &keeps,
+        );
+        assert_eq!((r.status, r.body), (204, None));
+        let seen = keeps.0.lock().unwrap();
+        match &seen[0] {
+            VmmRequest::AddDevice(device) => match device.as_ref() {
+                HotplugRequest::Disk(disk) => {
+                    assert_eq!(
+                        disk.path.as_deref(),
+                        Some(std::path::Path::new("/img/b.raw"))
+                    );
+                    assert_eq!(disk.id.as_deref(), Some("_disk1"));
+                    // Cloud Hypervisor's defaults fill the rest.
+                    assert_eq!((disk.num_queues, disk.queue_size), (1, 128));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&seen[1], VmmRequest::RemoveDevice(RemoveDeviceRequest { id }) if id == "_disk1")
+        );
+    }
+
+    #[test]
+    fn hotplug_bodies_each_reach_the_control_loop_as_their_device() {
+        let keeps = Keeps::default();
+        for name in [
+            "vm.add-disk",
+            "vm.add-net",
+            "vm.add-pmem",
+            "vm.add-fs",
+            "vm.add-vsock",
+        ] {
+            let r = handle(
+                "PUT",
+                &format!("/api/v1/{name}"),
+                valid_body(name).as_bytes(),
+                &keeps,
+            );
+            assert_eq!(r.status, 200, "{name}: {:?}", r.body);
+        }
+        let seen = keeps.0.lock().unwrap();
+        let endpoints: Vec<&str> = seen
+            .iter()
+            .map(|request| match request {
+                VmmRequest::AddDevice(device) => device.endpoint(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "vm.add-disk",
+                "vm.add-net",
+                "vm.add-pmem",
+                "vm.add-fs",
+                "vm.add-vsock"
+            ]
+        );
+        match &seen[1] {
+            VmmRequest::AddDevice(device) => match device.as_ref() {
+                HotplugRequest::Net { config, fds } => {
+                    assert_eq!(config.tap.as_deref(), Some("tap0"));
+                    assert!(fds.is_empty() && config.fds.is_none());
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hotplug_rejects_bad_bodies_with_400_naming_the_schema_and_field() {
+        let fake = Fake::default();
+        let cases = [
+            (
+                "vm.add-disk",
+                "",
+                "vm.add-disk needs a DiskConfig JSON request body",
+            ),
+            ("vm.add-disk", "{", "invalid DiskConfig JSON"),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "bogus": 1}"#,
+                "unknown field `bogus`",
+            ),
+            ("vm.add-disk", r#"{"path": 5}"#, "invalid type: integer `5`"),
+            // The refusals vm.create makes of the same device.
+            (
+                "vm.add-disk",
+                "{}",
+                "invalid DiskConfig: disks.path: a disk image path is required",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "num_queues": 2}"#,
+                "invalid DiskConfig: disks.num_queues: more than one queue is not supported yet",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "vhost_user": true}"#,
+                "disks.vhost_user",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "iommu": true}"#,
+                "disks.iommu",
+            ),
+            (
+                "vm.add-net",
+                "",
+                "vm.add-net needs a NetConfig JSON request body",
+            ),
+            ("vm.add-net", r#"{"tap": 1}"#, "invalid NetConfig JSON"),
+            (
+                "vm.add-net",
+                r#"{"mac": "12:34"}"#,
+                "invalid NetConfig: net.mac",
+            ),
+            ("vm.add-net", r#"{"num_queues": 4}"#, "net.num_queues"),
+            ("vm.add-net", r#"{"vhost_user": true}"#, "net.vhost_user"),
+            (
+                "vm.add-net",
+                r#"{"fds": [3]}"#,
+                "pass the TAP descriptors with the request",
+            ),
+            ("vm.add-pmem", "{}", "missing field `file`"),
+            (
+                "vm.add-pmem",
+                r#"{"file": "/p", "size": 3145728}"#,
+                "invalid PmemConfig: pmem.size",
+            ),
+            ("vm.add-fs", r#"{"socket": "/s"}"#, "missing field `tag`"),
+            (
+                "vm.add-fs",
+                r#"{"tag": "", "socket": "/s"}"#,
+                "invalid FsConfig: fs.tag",
+            ),
+            (
+                "vm.add-fs",
+                r#"{"tag": "t", "socket": "/s", "queue_size": 3}"#,
+                "fs.queue_size",
+            ),
+            (
+                "vm.add-vsock",
+                r#"{"cid": 2, "socket": "/v"}"#,
+                "invalid VsockConfig: vsock.cid",
+            ),
+            ("vm.add-vsock", r#"{"cid": 3}"#, "missing field `socket`"),
+            (
+                "vm.remove-device",
+                "",
+                "vm.remove-device needs a VmRemoveDevice JSON request body",
+            ),
+            (
+                "vm.remove-device",
+                "{}",
+                "invalid VmRemoveDevice JSON: missing field `id`",
+            ),
+            (
+                "vm.remove-device",
+                r#"{"id": 3}"#,
+                "invalid type: integer `3`",
+            ),
+            (
+                "vm.remove-device",
+                r#"{"id": "a", "x": 1}"#,
+                "unknown field `x`",
+            ),
+            (
+                "vm.remove-device",
+                r#"{"id": ""}"#,
+                "VmRemoveDevice.id must not be empty",
+            ),
+        ];
+        for (name, json, expected) in cases {
+            let r = handle("PUT", &format!("/api/v1/{name}"), json.as_bytes(), &fake);
+            assert_eq!(r.status, 400, "{name} {json}");
+            let message = body(&r)[0].as_str().unwrap().to_string();
+            assert!(message.contains(expected), "{name} {json}: {message}");
+        }
+        assert!(fake.seen.lock().unwrap().is_empty());
+        for name in ["vm.add-disk", "vm.add-net", "vm.remove-device"] {
+            let r = handle("GET", &format!("/api/v1/{name}"), b"", &fake);
+            assert_eq!((r.status, r.allow), (405, Some("PUT")), "{name}");
+        }
+        // No VM: well-formed requests get the control loop's 404.
+        let r = handle("PUT", "/api/v1/vm.add-disk", br#"{"path": "/a"}"#, &fake);
+        assert_eq!(r.status, 404);
+        assert_eq!(body(&r), serde_json::json!(["no VM has been created"]));
+    }
+
+    #[test]
+    fn descriptors_are_taken_by_add_net_only() {
+        let keeps = Keeps::default();
+        // Every other endpoint refuses them, before looking at the body.
+        for (name, method, _) in ENDPOINTS.iter().filter(|e| e.2 != TAKES_FDS) {
+            let r = handle_with_fds(
+                method,
+                &format!("/api/v1/{name}"),
+                valid_body(name).as_bytes(),
+                vec![some_fd()],
+                &keeps,
+            );
+            assert_eq!(r.status, 400, "{name}");
+            assert_eq!(
+                body(&r),
+                serde_json::json!([format!(
+                    "{name} takes no file descriptors (1 passed with the request)"
+                )])
+            );
+        }
+        assert!(keeps.0.lock().unwrap().is_empty());
+
+        // One TAP per queue pair, and we have one pair.
+        let r = handle_with_fds(
+            "PUT",
+            "/api/v1/vm.add-net",
+            b"{}",
+            vec![some_fd(), some_fd()],
+            &keeps,
+        );
+        assert_eq!(r.status, 400);
+        let message = body(&r)[0].as_str().unwrap().to_string();
+        assert!(
+            message.starts_with("vm.add-net: 2 file descriptors were passed"),
+            "{message}"
+        );
+        assert!(keeps.0.lock().unwrap().is_empty());
+
+        // One descriptor: it replaces the body's numbers, which are the client's.
+        let fd = some_fd();
+        let raw = fd.as_raw_fd();
+        let r = handle_with_fds(
+            "PUT",
+            "/api/v1/vm.add-net",
+            br#"{"fds": [42], "mac": "12:34:56:78:9a:bc", "id": "net7"}"#,
+            vec![fd],
+            &keeps,
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let seen = keeps.0.lock().unwrap();
+        match &seen[0] {
+            VmmRequest::AddDevice(device) => match device.as_ref() {
+                HotplugRequest::Net { config, fds } => {
+                    assert_eq!(fds.len(), 1);
+                    assert_eq!(fds[0].as_raw_fd(), raw);
+                    assert_eq!(config.fds, Some(vec![raw]));
+                    assert_eq!(config.id.as_deref(), Some("net7"));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        drop(seen);
+
+        // A passed TAP is not also a named one.
+        let r = handle_with_fds(
+            "PUT",
+            "/api/v1/vm.add-net",
+            br#"{"tap": "tap0"}"#,
+            vec![some_fd()],
+            &keeps,
+        );
+        assert_eq!(r.status, 400);
+        assert!(body(&r)[0].as_str().unwrap().contains("not both"));
     }
 
     #[test]

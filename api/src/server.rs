@@ -5,10 +5,10 @@
 //! file is created with mode 0600 ([`bind`]). Requests on one connection are answered in
 //! order (keep-alive and pipelining), each by a blocking [`Backend::call`] to the control loop.
 //!
-//! Reads go through `recvmsg(2)` with room for `SCM_RIGHTS` ancillary data, so that endpoints
-//! taking file descriptors (Cloud Hypervisor's `vm.add-net` with fds, `vm.restore`) can be
-//! added later without changing the reading code. No endpoint takes descriptors yet: any that
-//! arrive are closed at once so they cannot leak.
+//! Reads go through `recvmsg(2)` with room for `SCM_RIGHTS` ancillary data: descriptors that
+//! arrive while a request is read go with it to [`routes::handle_with_fds`] (Cloud
+//! Hypervisor's `vm.add-net` takes TAPs that way; every other endpoint refuses them). They are
+//! received close-on-exec and closed when the request is done with them, so none leak.
 
 use std::fs;
 use std::io::{self, Write};
@@ -283,6 +283,10 @@ pub trait Transport {
     fn request_begun(&mut self) {}
     /// The request was read in full: no deadline until the next one begins.
     fn request_read(&mut self) {}
+    /// The descriptors received since the last call (those sent with the request just read).
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        Vec::new()
+    }
 }
 
 /// Room for this many descriptors in one message's ancillary data.
@@ -299,6 +303,8 @@ pub struct SocketTransport {
     deadline: Option<Instant>,
     /// The read timeout currently set on the socket, to skip redundant `setsockopt` calls.
     applied: Option<Duration>,
+    /// Descriptors received with the request being read (at most [`MAX_FDS`]).
+    fds: Vec<OwnedFd>,
 }
 
 impl SocketTransport {
@@ -310,6 +316,7 @@ impl SocketTransport {
             request_timeout: None,
             deadline: None,
             applied: read_timeout,
+            fds: Vec::new(),
         }
     }
 
@@ -394,12 +401,14 @@ impl Transport for SocketTransport {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm_timeout()?;
         let (n, fds) = self.recv_with_fds(buf)?;
-        if !fds.is_empty() {
-            // No endpoint takes descriptors yet; dropping them closes them.
-            log::debug!(
-                "API server: closing {} unexpected file descriptor(s)",
-                fds.len()
-            );
+        for fd in fds {
+            // A client cannot pile up descriptors in the VMM: beyond what one request can
+            // carry they are closed (dropped) at once; the request still sees too many.
+            if self.fds.len() < MAX_FDS {
+                self.fds.push(fd);
+            } else {
+                log::debug!("API server: closing a file descriptor beyond {MAX_FDS}");
+            }
         }
         Ok(n)
     }
@@ -419,6 +428,10 @@ impl Transport for SocketTransport {
 
     fn request_read(&mut self) {
         self.deadline = None;
+    }
+
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
     }
 }
 
@@ -474,7 +487,14 @@ pub fn serve_connection(transport: &mut dyn Transport, backend: &dyn Backend, bu
         // 3. The answer. `busy` covers the call and the write, so the VMM can wait for the
         // answer to `vmm.shutdown` to leave before it exits.
         busy.fetch_add(1, Ordering::AcqRel);
-        let response = routes::handle(&head.method, &head.path, &buf[head_len..total], backend);
+        let fds = transport.take_fds();
+        let response = routes::handle_with_fds(
+            &head.method,
+            &head.path,
+            &buf[head_len..total],
+            fds,
+            backend,
+        );
         let sent = transport.send(&response.serialize(head.close));
         busy.fetch_sub(1, Ordering::AcqRel);
         buf.drain(..total);

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -547,30 +547,121 @@ fn send_with_fd(s: &UnixStream, data: &[u8], fd: i32) {
     }
 }
 
-#[test]
-fn passed_descriptors_are_closed_not_leaked() {
-    let (path, _fake) = start("fds");
+/// A pipe: (read end, write end).
+fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: pipe writes two new descriptors into `fds`.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let (read_end, write_end) = (fds[0], fds[1]);
-    let mut s = connect(&path);
-    send_with_fd(&s, b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n", read_end);
-    assert_eq!(read_response(&mut s).unwrap().status, 200);
-    // SAFETY: closing our own copy of the read end.
-    unsafe { libc::close(read_end) };
-    // If the server kept its copy, the pipe would still have a reader and this would succeed.
+    // SAFETY: both were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Whether the pipe whose write end is `write_end` still has a reader anywhere (the server
+/// keeping its copy of the read end), waiting a little for the server to drop it.
+fn pipe_has_reader(write_end: &OwnedFd) -> bool {
     // SAFETY: ignore SIGPIPE for this process so that the write reports EPIPE instead.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    // SAFETY: writing one byte from a valid buffer to our own write end.
-    let n = unsafe { libc::write(write_end, b"x".as_ptr().cast(), 1) };
-    assert_eq!(n, -1, "the server kept the passed descriptor open");
-    assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::EPIPE)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: writing one byte from a valid buffer to our own write end.
+        let n = unsafe { libc::write(write_end.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        if n == -1 {
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EPIPE)
+            );
+            return false;
+        }
+        if Instant::now() > deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn passed_descriptors_are_refused_and_closed_not_leaked() {
+    let (path, _fake) = start("fds");
+    let (read_end, write_end) = pipe();
+    let mut s = connect(&path);
+    send_with_fd(
+        &s,
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n",
+        read_end.as_raw_fd(),
     );
-    // SAFETY: closing our own write end.
-    unsafe { libc::close(write_end) };
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.error_messages(),
+        ["vmm.ping takes no file descriptors (1 passed with the request)"]
+    );
+    drop(read_end);
+    // If the server kept its copy, the pipe would still have a reader.
+    assert!(
+        !pipe_has_reader(&write_end),
+        "the server kept the passed descriptor open"
+    );
+}
+
+#[test]
+fn add_net_takes_the_descriptors_passed_with_it() {
+    let (path, _fake) = start("add_net_fds");
+    let call = |body: &str, fds: &[BorrowedFd<'_>]| {
+        client::request_with_fds(&path, "PUT", "vm.add-net", Some(body), fds).unwrap()
+    };
+    let (read_end, write_end) = pipe();
+    // No VM yet: the request reaches the control loop, which has nothing to plug into.
+    let r = call("{}", &[read_end.as_fd()]);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(
+        client::request(&path, "PUT", "vm.create", Some(&kernel_config()))
+            .unwrap()
+            .status,
+        204
+    );
+    // The body's numbers (the client's) give way to the descriptor received.
+    let r = call(
+        r#"{"fds": [99], "mac": "12:34:56:78:9a:bc"}"#,
+        &[read_end.as_fd()],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        info,
+        serde_json::json!({"id": "net-1-fds-named", "bdf": "0000:00:05.0"})
+    );
+    // Numbers without descriptors are refused, and so is more than one queue pair's worth.
+    let r = call(r#"{"fds": [3]}"#, &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("SCM_RIGHTS"), "{}", r.body);
+    let (other, _other_write) = pipe();
+    let r = call("{}", &[read_end.as_fd(), other.as_fd()]);
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error_messages()[0].starts_with("vm.add-net: 2 file descriptors were passed"),
+        "{}",
+        r.body
+    );
+    // The other endpoints refuse them.
+    let r = client::request_with_fds(
+        &path,
+        "PUT",
+        "vm.add-disk",
+        Some(r#"{"path": "/img"}"#),
+        &[read_end.as_fd()],
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.error_messages(),
+        ["vm.add-disk takes no file descriptors (1 passed with the request)"]
+    );
+    // Whatever the outcome, the server closed every descriptor it was given.
+    drop(read_end);
+    assert!(
+        !pipe_has_reader(&write_end),
+        "the server kept a passed descriptor open"
+    );
 }
 
 #[test]

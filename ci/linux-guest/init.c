@@ -46,6 +46,13 @@
  *              offset 4096 and fsyncs (a virtio-pmem FLUSH)
  *                -> LINUX-GUEST PMEM ok dev=pmemN marker="<line>" wrote=4096
  *                -> LINUX-GUEST PMEM done devices=<n>
+ *        fs    mounts the virtio-fs tag `tg.fstag=` (default myfs) at /virtiofs, reads host.bin,
+ *              writes guest.txt ("guest wrote virtiofs token=<tg.token>\n") and fsyncs it; with
+ *              `tg.fsmib=N` also writes and reads back N MiB, timed
+ *                -> LINUX-GUEST FS read name=host.bin bytes=<n> fnv=<FNV-1a 64, hex>
+ *                -> LINUX-GUEST FS wrote name=guest.txt bytes=<n>
+ *                -> LINUX-GUEST FS bench mib=<N> write_ms=<ms> read_ms=<ms>
+ *                -> LINUX-GUEST FS done ok=<0|1>
  *        wait  waits for the power button -> LINUX-GUEST WAIT power-button uptime_ms=<ms>
  *   4. prints "LINUX-GUEST DONE", unmounts /mnt, syncs and powers the VM off.
  *
@@ -814,6 +821,115 @@ static void check_pmem(void)
 	say("PMEM done devices=%d", devices);
 }
 
+/*
+ * virtio-fs (`tg.checks=fs`): mounts the tag `tg.fstag=` (default myfs) at /virtiofs, reads
+ * host.bin (FNV-1a 64 and size reported), writes guest.txt (`guest wrote virtiofs token=...`)
+ * and fsyncs it. With `tg.fsmib=N` also times N MiB written to bench.bin (1 MiB writes, then
+ * fsync) and read back: `FS bench`.
+ */
+static uint64_t fnv64(const unsigned char *p, size_t n, uint64_t h)
+{
+	while (n--) {
+		h ^= *p++;
+		h *= 0x100000001b3ULL;
+	}
+	return h;
+}
+
+static void check_fs(void)
+{
+	static unsigned char buf[1 << 20];
+	char tag[64] = "myfs", token[128] = "none", mib_text[16] = "0", why[200];
+	param("tg.fstag", tag, sizeof(tag));
+	param("tg.token", token, sizeof(token));
+	param("tg.fsmib", mib_text, sizeof(mib_text));
+	mkdir("/virtiofs", 0755);
+	if (mount(tag, "/virtiofs", "virtiofs", 0, NULL)) {
+		snprintf(why, sizeof(why), "mount -t virtiofs %s /virtiofs: %s", tag, strerror(errno));
+		fail("fs", why);
+		say("FS done ok=0");
+		return;
+	}
+	say("FS mounted tag=%s", tag);
+	int ok = 1;
+	int fd = open("/virtiofs/host.bin", O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		snprintf(why, sizeof(why), "open host.bin: %s", strerror(errno));
+		fail("fs", why);
+		ok = 0;
+	} else {
+		uint64_t h = 0xcbf29ce484222325ULL;
+		long total = 0;
+		ssize_t n;
+		while ((n = read(fd, buf, sizeof(buf))) > 0) {
+			h = fnv64(buf, n, h);
+			total += n;
+		}
+		if (n < 0) {
+			snprintf(why, sizeof(why), "read host.bin: %s", strerror(errno));
+			fail("fs", why);
+			ok = 0;
+		}
+		close(fd);
+		say("FS read name=host.bin bytes=%ld fnv=%016llx", total, (unsigned long long)h);
+	}
+	char text[200];
+	int len = snprintf(text, sizeof(text), "guest wrote virtiofs token=%s\n", token);
+	fd = open("/virtiofs/guest.txt", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0 || write(fd, text, len) != len || fsync(fd)) {
+		snprintf(why, sizeof(why), "write guest.txt: %s", strerror(errno));
+		fail("fs", why);
+		ok = 0;
+	} else {
+		say("FS wrote name=guest.txt bytes=%d", len);
+	}
+	if (fd >= 0)
+		close(fd);
+	long mib = strtol(mib_text, NULL, 10);
+	if (mib > 0) {
+		for (size_t i = 0; i < sizeof(buf); i++)
+			buf[i] = (unsigned char)(i * 7 + 1);
+		long t0 = uptime_ms();
+		fd = open("/virtiofs/bench.bin", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		long written = 0;
+		for (long i = 0; fd >= 0 && i < mib; i++) {
+			ssize_t n = write(fd, buf, sizeof(buf));
+			if (n != (ssize_t)sizeof(buf))
+				break;
+			written += n;
+		}
+		if (fd < 0 || written != mib << 20 || fsync(fd)) {
+			snprintf(why, sizeof(why), "bench write: %s", strerror(errno));
+			fail("fs", why);
+			ok = 0;
+		}
+		if (fd >= 0)
+			close(fd);
+		long t1 = uptime_ms();
+		long got = 0;
+		fd = open("/virtiofs/bench.bin", O_RDONLY | O_CLOEXEC);
+		ssize_t n;
+		while (fd >= 0 && (n = read(fd, buf, sizeof(buf))) > 0)
+			got += n;
+		if (fd >= 0)
+			close(fd);
+		long t2 = uptime_ms();
+		if (got != written) {
+			snprintf(why, sizeof(why), "bench read %ld of %ld bytes", got, written);
+			fail("fs", why);
+			ok = 0;
+		}
+		unlink("/virtiofs/bench.bin");
+		say("FS bench mib=%ld write_ms=%ld read_ms=%ld", mib, t1 - t0, t2 - t1);
+	}
+	if (umount("/virtiofs")) {
+		snprintf(why, sizeof(why), "umount /virtiofs: %s", strerror(errno));
+		fail("fs", why);
+		ok = 0;
+	}
+	say("FS done ok=%d", ok);
+}
+
 /* --- serve: line commands from the host ------------------------------------------------------ */
 
 /* Replies one line (the newline added) on the control connection. */
@@ -923,6 +1039,51 @@ static int valid_name(const char *name)
 	return *name && !strchr(name, '/') && strcmp(name, ".") && strcmp(name, "..");
 }
 
+/* The `pcidev` command: is the function at `bdf` on the bus, bound to which driver, and which
+ * block device (if any) its virtio device gave. */
+static void pci_device_reply(int fd, const char *bdf)
+{
+	char path[512], driver[128] = "-", block[64] = "-";
+	struct stat st;
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s", bdf);
+	if (!valid_name(bdf) || stat(path, &st) != 0) {
+		reply(fd, "pcidev absent");
+		return;
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver", bdf);
+	ssize_t len = readlink(path, driver, sizeof(driver) - 1);
+	if (len > 0) {
+		driver[len] = 0;
+		char *slash = strrchr(driver, '/');
+		if (slash)
+			memmove(driver, slash + 1, strlen(slash));
+	} else {
+		strcpy(driver, "-");
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s", bdf);
+	DIR *d = opendir(path);
+	struct dirent *e;
+	while (d && (e = readdir(d))) {
+		if (strncmp(e->d_name, "virtio", 6))
+			continue;
+		char sub[700];
+		snprintf(sub, sizeof(sub), "%s/%s/block", path, e->d_name);
+		DIR *b = opendir(sub);
+		struct dirent *be;
+		while (b && (be = readdir(b))) {
+			if (be->d_name[0] != '.') {
+				snprintf(block, sizeof(block), "%.60s", be->d_name);
+				break;
+			}
+		}
+		if (b)
+			closedir(b);
+	}
+	if (d)
+		closedir(d);
+	reply(fd, "pcidev present driver=%s block=%s", driver, block);
+}
+
 /*
  * Serves one control connection. Commands (one line each, one reply line each):
  *   info             -> info cpus=<online CPUs> online=<list> uptime_ms=<ms> clocksource=<name>
@@ -937,6 +1098,9 @@ static int valid_name(const char *name)
  *   klog             -> klog ok bytes=<n> | klog bad <first kernel log line telling of trouble>
  *   dmesg            -> dmesg ok bytes=<n>, after writing the whole kernel log to the console
  *   clocksource NAME -> clocksource ok|fail <current>   (switches the kernel's clocksource)
+ *   pcidev BDF       -> pcidev present driver=<name|-> block=<vdX|-> | pcidev absent
+ *                       (a hot-plugged function, 0000:00:XX.0, as the guest's PCI core sees it)
+ *   head DEV         -> head ok TEXT (first line of /dev/DEV) | head fail DEV <why>
  *   quit             -> closes this connection
  *   poweroff         -> poweroff ok; closes the connection and ends serve (then /init powers off)
  * Returns 1 after poweroff.
@@ -1036,6 +1200,19 @@ static int serve_conn(int fd)
 			if (n > 0)
 				write_all(1, log, n);
 			reply(fd, "dmesg ok bytes=%d", n);
+		} else if (!strcmp(line, "pcidev")) {
+			pci_device_reply(fd, arg);
+		} else if (!strcmp(line, "head")) {
+			char path[300], text[512];
+			snprintf(path, sizeof(path), "/dev/%s", arg);
+			if (valid_name(arg) && read_file(path, text, sizeof(text)) >= 0) {
+				char *nl = strchr(text, '\n');
+				if (nl)
+					*nl = 0;
+				reply(fd, "head ok %s", text);
+			} else {
+				reply(fd, "head fail %s %s", arg, strerror(errno));
+			}
 		} else if (!strcmp(line, "quit")) {
 			return 0;
 		} else if (!strcmp(line, "poweroff")) {
@@ -1149,6 +1326,8 @@ int main(void)
 			check_vsock();
 		else if (!strcmp(c, "pmem"))
 			check_pmem();
+		else if (!strcmp(c, "fs"))
+			check_fs();
 		else if (!strcmp(c, "serve"))
 			serve();
 		else

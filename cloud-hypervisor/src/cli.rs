@@ -18,7 +18,7 @@ use vmm::config::{
 };
 use vmm::control::RestoreRequest;
 
-use crate::option_parser::{ByteSize, OptionParser, OptionParserError};
+use crate::option_parser::{ByteSize, IntegerList, OptionParser, OptionParserError};
 
 /// What `parse_args` decided the process should do.
 // Built once per process and matched right away, so the size difference
@@ -260,8 +260,9 @@ pub fn command() -> Command {
                 .num_args(1..)
                 .action(ArgAction::Append)
                 .help(
-                    "tap=<if_name>,ip=<ip_addr>,mask=<net_mask>,mac=<mac_addr>,mtu=<mtu>,\
-                     num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>",
+                    "tap=<if_name>,ip=<ip_addr>,mask=<net_mask>,mac=<mac_addr>,fd=<fd1,fd2...>,\
+                     mtu=<mtu>,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,\
+                     id=<device_id>",
                 ),
         )
         .arg(
@@ -723,7 +724,7 @@ fn many_args<'a>(matches: &'a ArgMatches, id: &str) -> impl Iterator<Item = &'a 
         .map(String::as_str)
 }
 
-fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
+pub fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     const FLAG: &str = "--disk";
     let mut parser = OptionParser::new();
     parser
@@ -759,7 +760,7 @@ fn parse_disk(value: &str) -> Result<DiskConfig, CliError> {
     Ok(disk)
 }
 
-fn parse_net(value: &str) -> Result<NetConfig, CliError> {
+pub fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     const FLAG: &str = "--net";
     let mut parser = OptionParser::new();
     parser
@@ -805,17 +806,28 @@ fn parse_net(value: &str) -> Result<NetConfig, CliError> {
     net.vhost_user = flag("vhost_user")?.unwrap_or(false);
     net.vhost_socket = parser.get("socket").map(str::to_owned);
     net.id = parser.get("id").map(str::to_owned);
-    if parser.is_set("fd") {
-        return Err(CliError::UnsupportedOption {
-            flag: FLAG,
-            what: "fd (TAP file descriptors passed in)".to_owned(),
-        });
-    }
+    net.fds = parse_net_fds(&parser, value)?;
     net.pci_segment = convert::<u16>(&parser, FLAG, value, "pci_segment")?.unwrap_or(0);
     net.offload_tso = flag("offload_tso")?.unwrap_or(true);
     net.offload_ufo = flag("offload_ufo")?.unwrap_or(true);
     net.offload_csum = flag("offload_csum")?.unwrap_or(true);
     Ok(net)
+}
+
+/// `fd=3` or `fd=[3,4]` (Cloud Hypervisor's syntax): TAP descriptors this process inherited,
+/// one per queue pair (validation checks the count).
+fn parse_net_fds(parser: &OptionParser, value: &str) -> Result<Option<Vec<i32>>, CliError> {
+    const FLAG: &str = "--net";
+    let Some(IntegerList(list)) = convert::<IntegerList>(parser, FLAG, value, "fd")? else {
+        return Ok(None);
+    };
+    list.into_iter()
+        .map(|fd| {
+            i32::try_from(fd)
+                .map_err(|_| invalid(FLAG, value, format!("fd {fd} is not a descriptor number")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
@@ -1066,7 +1078,7 @@ fn required_path(
 }
 
 /// `--vsock cid=<cid>,socket=<path>[,iommu=on|off][,id=..][,pci_segment=..][,pci_device_id=..]`.
-fn parse_vsock(value: &str) -> Result<VsockConfig, CliError> {
+pub fn parse_vsock(value: &str) -> Result<VsockConfig, CliError> {
     const FLAG: &str = "--vsock";
     let mut parser = OptionParser::new();
     parser
@@ -1092,7 +1104,7 @@ fn parse_vsock(value: &str) -> Result<VsockConfig, CliError> {
 }
 
 /// `--pmem file=<path>[,size=<size>][,discard_writes=on|off][,iommu=on|off][,id=..]...`.
-fn parse_pmem(value: &str) -> Result<PmemConfig, CliError> {
+pub fn parse_pmem(value: &str) -> Result<PmemConfig, CliError> {
     const FLAG: &str = "--pmem";
     let mut parser = OptionParser::new();
     parser
@@ -1120,7 +1132,7 @@ fn parse_pmem(value: &str) -> Result<PmemConfig, CliError> {
 }
 
 /// `--fs tag=<tag>,socket=<path>[,num_queues=N][,queue_size=N][,id=..][,pci_segment=..]...`.
-fn parse_fs(value: &str) -> Result<FsConfig, CliError> {
+pub fn parse_fs(value: &str) -> Result<FsConfig, CliError> {
     const FLAG: &str = "--fs";
     let mut parser = OptionParser::new();
     parser
@@ -1130,8 +1142,17 @@ fn parse_fs(value: &str) -> Result<FsConfig, CliError> {
         .add("queue_size")
         .add("id")
         .add("pci_segment")
-        .add("pci_device_id");
+        .add("pci_device_id")
+        // Older Cloud Hypervisor releases' DAX window; named so the refusal says what it is.
+        .add("dax")
+        .add("cache_size");
     parse_options(&mut parser, FLAG, value)?;
+    if parser.is_set("dax") || parser.is_set("cache_size") {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "a DAX window (dax=, cache_size=)".into(),
+        });
+    }
     let Some(tag) = parser.get("tag") else {
         return Err(invalid(FLAG, value, "tag=<tag> is required"));
     };
@@ -1742,7 +1763,20 @@ mod tests {
         assert!(kernel_error(&["--disk", "path=/a,bogus=1"]).contains("bogus"));
         assert!(kernel_error(&["--net", "mac=12:34"]).starts_with("--net: net.mac"));
         assert!(kernel_error(&["--net", "ip=1.2.3"]).contains("ip must be an IPv4 address"));
-        assert!(kernel_error(&["--net", "fd=3"]).contains("not supported yet"));
+        // Cloud Hypervisor's TAP descriptors: one per queue pair, and we have one pair.
+        let with_fd = |fd: &str| config(&["--net", fd]).net.unwrap()[0].fds.clone().unwrap();
+        assert_eq!(with_fd("fd=3"), [3]);
+        assert_eq!(with_fd("fd=[7],mac=12:34:56:78:9a:bc"), [7]);
+        assert_eq!(
+            kernel_error(&["--net", "fd=[3,4]"]),
+            "--net: net.fds: 2 descriptor(s) for num_queues=2: give one TAP descriptor per queue \
+             pair"
+        );
+        assert!(kernel_error(&["--net", "fd=[3,4],num_queues=4"]).contains("multiqueue"));
+        assert!(kernel_error(&["--net", "fd=2"]).contains("reserved descriptor"));
+        assert!(kernel_error(&["--net", "fd=3,tap=tap0"]).contains("not both"));
+        assert!(kernel_error(&["--net", "fd=x"]).contains("a list of integers"));
+        assert!(kernel_error(&["--net", "fd=4294967296"]).contains("not a descriptor number"));
         assert!(kernel_error(&["--disk", "path=/a,id=x", "--net", "id=x"])
             .contains("used by more than one"));
         assert_eq!(error(&["--disk", "path=/a"]), "--disk requires --kernel");
@@ -1817,10 +1851,11 @@ mod tests {
             "--fs",
             "tag=myfs,socket=/run/fs.sock,num_queues=1,queue_size=512",
         ]);
-        // Parsed into their types first; virtio-fs is refused by validation until it is wired.
+        // virtio-fs needs guest memory its vhost-user backend can map.
         assert_eq!(
             options.unwrap_err().to_string(),
-            "--fs: fs: a virtio-fs device is not supported yet"
+            "--memory: memory.shared: virtio-fs (fs) is served by a vhost-user backend, which \
+             must map guest memory: set shared=on (or hugepages=on)"
         );
         assert_eq!(
             parse_vsock("cid=3,socket=/run/v.sock,id=vsock0").unwrap(),
@@ -1850,9 +1885,27 @@ mod tests {
         // vsock and pmem are wired: the flags alone give a valid configuration.
         assert!(run(&["--kernel", "/k", "--pmem", "file=/img"]).is_ok());
         assert!(run(&["--kernel", "/k", "--vsock", "cid=3,socket=/run/v.sock"]).is_ok());
+        assert!(run(&[
+            "--kernel",
+            "/k",
+            "--memory",
+            "size=512M,shared=on",
+            "--fs",
+            "tag=t,socket=/s"
+        ])
+        .is_ok());
         assert_eq!(
-            kernel_error(&["--fs", "tag=t,socket=/s"]),
-            "--fs: fs: a virtio-fs device is not supported yet"
+            kernel_error(&[
+                "--memory",
+                "shared=on",
+                "--fs",
+                "tag=t,socket=/s,pci_segment=1"
+            ]),
+            "--fs: fs.pci_segment: PCI segment 1 (devices sit on segment 0) is not supported yet"
+        );
+        assert_eq!(
+            kernel_error(&["--fs", "tag=t,socket=/s,dax=on,cache_size=8G"]),
+            "--fs: a DAX window (dax=, cache_size=) is not supported yet"
         );
         assert_eq!(
             kernel_error(&["--vsock", "socket=/s"]),

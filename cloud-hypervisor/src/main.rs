@@ -31,6 +31,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the VMM opens anything: a number that is not open now could later name one of
+    // the VMM's own files.
+    if let Err(e) = claim_inherited_tap_fds(&options) {
+        eprintln!("Error: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Err(e) = logger::init(options.verbosity, options.log_file.as_deref()) {
         eprintln!("Error: {e}");
         return ExitCode::FAILURE;
@@ -50,6 +56,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--net fd=N`: each N must be a descriptor this process inherited. It stays open for the
+/// life of the VMM (every build of the NIC, a reboot's too, uses a duplicate) and is marked
+/// close-on-exec so that processes the VMM starts do not inherit it.
+fn claim_inherited_tap_fds(options: &CliOptions) -> Result<(), String> {
+    let nets = options
+        .vm_config
+        .iter()
+        .flat_map(|c| c.net.iter().flatten());
+    for fd in nets.flat_map(|net| net.passed_fds().unwrap_or_default()) {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; no memory involved, and an unused
+        // number only fails with EBADF.
+        let flags = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(format!(
+                "--net fd={fd}: descriptor {fd} is not open in this process ({})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: as above.
+        unsafe { libc::fcntl(*fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    }
+    Ok(())
 }
 
 /// Removes the API socket file when the VMM exits, as Cloud Hypervisor does.

@@ -58,6 +58,9 @@ impl BusDevice for AcpiShutdownDevice {
 
 /// Pending-event bit of a power-button press in the GED register (the DSDT's `_EVT` tests it).
 pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+/// Pending-event bit of a PCI hot-plug or unplug request: `_EVT` then scans the hot-plug
+/// controller's slot bitmaps.
+pub const GED_EVENT_PCI_CHANGED: u32 = 1 << 1;
 /// Width in bytes of the GED event register, at offset 0 of the device's MMIO range.
 const GED_REGISTER_SIZE: usize = 4;
 
@@ -81,6 +84,11 @@ impl Ged {
     /// Presses the power button: marks the event and interrupts the guest.
     pub fn notify_power_button(&mut self) -> std::io::Result<()> {
         self.notify(GED_EVENT_POWER_BUTTON)
+    }
+
+    /// A PCI slot gained a device or should give one up (see [`crate::pci::hotplug`]).
+    pub fn notify_pci_changed(&mut self) -> std::io::Result<()> {
+        self.notify(GED_EVENT_PCI_CHANGED)
     }
 
     fn notify(&mut self, event: u32) -> std::io::Result<()> {

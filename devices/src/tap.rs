@@ -11,12 +11,17 @@
 //! Interface configuration (address, netmask, MTU, up) goes through `SIOC*` ioctls on an
 //! `AF_INET` socket, which act on the network namespace of the calling thread, the one the TAP
 //! was created in.
+//!
+//! A TAP can also come as a descriptor someone else opened (`--net fd=N`, or descriptors passed
+//! with `vm.add-net`): [`Tap::from_fd`] checks with `TUNGETIFF` that it is a TAP opened with the
+//! framing above, learns its name, and sets the same header size and offloads.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
 
 /// Size of the virtio-net header that precedes every frame on the TAP (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -84,7 +89,58 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("the descriptor passed for {what} is not a TAP device: {reason}")]
+    FdNotATap { what: String, reason: String },
+    #[error(
+        "the TAP {name} passed for {what} was opened without {missing}: open it with \
+         IFF_TAP | IFF_NO_PI | IFF_VNET_HDR"
+    )]
+    FdFraming {
+        what: String,
+        name: String,
+        missing: &'static str,
+    },
+    #[error("the TAP descriptor passed for {what}: cannot {action}: {source}")]
+    FdSetup {
+        what: String,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
+
+/// A TAP descriptor opened by someone else (inherited by the VMM, or passed over the API),
+/// kept so that the device can be built from it again (a reboot rebuilds every device): each
+/// build attaches a duplicate, as Cloud Hypervisor does, so dropping a device never closes the
+/// descriptor it came from.
+#[derive(Clone, Debug)]
+pub struct PassedTap {
+    fd: Arc<OwnedFd>,
+    what: String,
+}
+
+impl PassedTap {
+    /// `what` says where the descriptor came from, for errors (`--net fd=3`, `vm.add-net`).
+    pub fn new(fd: OwnedFd, what: impl Into<String>) -> PassedTap {
+        PassedTap {
+            fd: Arc::new(fd),
+            what: what.into(),
+        }
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+/// Two handles are the same TAP source when they share the descriptor.
+impl PartialEq for PassedTap {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.fd, &other.fd)
+    }
+}
+
+impl Eq for PassedTap {}
 
 /// An open TAP device (non-blocking) whose frames carry a 12-byte virtio-net header.
 #[derive(Debug)]
@@ -219,12 +275,17 @@ impl Tap {
             file,
             name: name_from_ifreq(&ifr),
         };
+        tap.set_framing()?;
+        Ok(tap)
+    }
 
+    /// The 12-byte vnet header and no offloads (see the module documentation).
+    fn set_framing(&self) -> io::Result<()> {
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at a live
-        // local; the fd is the tun fd bound above.
+        // local; the fd is an attached tun fd.
         let ret =
-            unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &hdr_len) };
+            unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &hdr_len) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -232,7 +293,7 @@ impl Tap {
         // no memory is passed.
         let ret = unsafe {
             libc::ioctl(
-                tap.file.as_raw_fd(),
+                self.file.as_raw_fd(),
                 libc::TUNSETOFFLOAD as _,
                 0 as libc::c_ulong,
             )
@@ -240,7 +301,88 @@ impl Tap {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    /// Takes over a TAP descriptor opened by someone else (`what` names where it came from,
+    /// for errors). It must be attached to a TAP (not TUN) interface with `IFF_NO_PI` and
+    /// `IFF_VNET_HDR`, the framing every frame here assumes (the first is not checkable, the
+    /// rest is checked); it is made non-blocking and gets
+    /// the same header size and offloads as a TAP opened by name. The interface itself (address,
+    /// up) is its owner's business, and it may live in another network namespace.
+    pub fn from_fd(fd: OwnedFd, what: &str) -> Result<Tap, TapError> {
+        let not_a_tap = |reason: String| TapError::FdNotATap {
+            what: what.to_string(),
+            reason,
+        };
+        // SAFETY: an all-zero ifreq is valid (see `ifreq_for`).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one `struct ifreq` into `ifr`, which is valid and
+        // exclusively borrowed for the call; on any other kind of file the call fails
+        // (ENOTTY, EBADFD for a tun descriptor not attached to an interface) and writes nothing.
+        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF as _, &mut ifr) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return Err(not_a_tap(match e.raw_os_error() {
+                Some(libc::ENOTTY) | Some(libc::EINVAL) => {
+                    format!("{} (TUNGETIFF: {e})", describe_fd(fd.as_fd()))
+                }
+                Some(libc::EBADFD) => "a tun descriptor attached to no interface".to_string(),
+                _ => format!("TUNGETIFF: {e}"),
+            }));
+        }
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        let name = name_from_ifreq(&ifr);
+        if flags & libc::IFF_TAP == 0 {
+            return Err(not_a_tap(format!(
+                "{name} is a TUN (layer 3) interface; a NIC needs a TAP (layer 2) one"
+            )));
+        }
+        let framing = |missing| TapError::FdFraming {
+            what: what.to_string(),
+            name: name.clone(),
+            missing,
+        };
+        // IFF_NO_PI cannot be checked: TUNGETIFF reports IFF_NOFILTER on the same bit
+        // (0x1000) whenever no filter is attached. It is a documented requirement, as with
+        // Cloud Hypervisor.
+        if flags & libc::IFF_VNET_HDR == 0 {
+            return Err(framing("IFF_VNET_HDR"));
+        }
+        let setup = |action, source| TapError::FdSetup {
+            what: what.to_string(),
+            action,
+            source,
+        };
+        // SAFETY: F_GETFL on an open descriptor; no memory involved.
+        let status = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if status < 0 {
+            return Err(setup("read its flags", io::Error::last_os_error()));
+        }
+        // The device loop must never block on it (the sender's copy shares the flag, as with
+        // Cloud Hypervisor).
+        // SAFETY: F_SETFL with an int argument on an open descriptor; no memory involved.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, status | libc::O_NONBLOCK) } < 0 {
+            return Err(setup("make it non-blocking", io::Error::last_os_error()));
+        }
+        let tap = Tap {
+            file: File::from(fd),
+            name,
+        };
+        tap.set_framing()
+            .map_err(|e| setup("set the vnet header size and offloads", e))?;
         Ok(tap)
+    }
+
+    /// A TAP on a duplicate of `passed` (the original stays open for the next build).
+    pub fn from_passed(passed: &PassedTap) -> Result<Tap, TapError> {
+        let fd = passed.fd.try_clone().map_err(|source| TapError::FdSetup {
+            what: passed.what.clone(),
+            action: "duplicate it",
+            source,
+        })?;
+        Tap::from_fd(fd, &passed.what)
     }
 
     /// The interface name (as the kernel knows it, e.g. `vmtap0`).
@@ -407,6 +549,25 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+/// What kind of file `fd` is, for the error about a descriptor that is not a TAP.
+fn describe_fd(fd: std::os::fd::BorrowedFd<'_>) -> &'static str {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes into `st`, which we own; `fd` is open (borrowed).
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return "a descriptor of unknown kind";
+    }
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFIFO => "a pipe",
+        libc::S_IFCHR => "a character device other than a TAP",
+        libc::S_IFBLK => "a block device",
+        _ => "not a TAP",
     }
 }
 

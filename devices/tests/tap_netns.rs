@@ -149,3 +149,145 @@ fn names_too_long_are_refused_before_any_syscall() {
     let err = Tap::open_named("bad/name").expect_err("slash");
     assert!(err.to_string().contains("invalid TAP name"), "{err}");
 }
+
+// ---- TAPs passed as descriptors (`--net fd=N`, `vm.add-net` with SCM_RIGHTS) ----------------
+
+/// `/dev/net/tun` opened the way another program would (blocking), attached to `name` with
+/// `flags` (`IFF_*`).
+fn tun_fd(name: &str, flags: libc::c_int) -> std::os::fd::OwnedFd {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq, which lives across the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
+    assert_eq!(ret, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    file.into()
+}
+
+fn status_flags(fd: &impl AsRawFd) -> libc::c_int {
+    // SAFETY: F_GETFL on an open descriptor.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) }
+}
+
+#[test]
+fn a_passed_tap_descriptor_is_set_up_like_a_named_tap() {
+    in_netns("a_passed_tap_descriptor_is_set_up_like_a_named_tap", || {
+        let fd = tun_fd(
+            "tndfd0",
+            libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+        );
+        assert_eq!(status_flags(&fd) & libc::O_NONBLOCK, 0);
+        let tap = Tap::from_fd(fd, "net0").expect("a TAP");
+        assert_eq!(tap.name(), "tndfd0");
+        assert_ne!(status_flags(&tap) & libc::O_NONBLOCK, 0, "not non-blocking");
+        let mut size: libc::c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one int into `size`.
+        let ret = unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNGETVNETHDRSZ as _, &mut size) };
+        assert_eq!(ret, 0);
+        assert_eq!(size as usize, devices::tap::VNET_HDR_LEN);
+        let mut buf = [0u8; 2048];
+        let err = tap.read(&mut buf).expect_err("nothing queued");
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        // Frames go through it as through a TAP opened by name.
+        tap.enable().expect("up");
+        let mut frame = vec![0u8; devices::tap::VNET_HDR_LEN];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        frame.extend_from_slice(&[0x88, 0xb5]);
+        frame.extend_from_slice(&[0u8; 46]);
+        assert_eq!(tap.write(&frame).expect("write"), frame.len());
+    });
+}
+
+#[test]
+fn a_net_device_is_built_again_from_the_same_passed_tap() {
+    use devices::tap::PassedTap;
+    use devices::virtio::net::{Net, NetConfig};
+    in_netns(
+        "a_net_device_is_built_again_from_the_same_passed_tap",
+        || {
+            let fd = tun_fd(
+                "tndfd1",
+                libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+            );
+            let passed = PassedTap::new(fd, "net _net0 (fd 3)");
+            let config = NetConfig {
+                tap_fd: Some(passed.clone()),
+                ..NetConfig::default()
+            };
+            // A reboot builds the device again: the first one's drop must not close the source.
+            for _ in 0..2 {
+                let net = Net::new(config.clone()).expect("virtio-net on the passed TAP");
+                assert_eq!(net.tap_name(), "tndfd1");
+                drop(net);
+            }
+        },
+    );
+}
+
+#[test]
+fn a_tun_descriptor_or_a_tap_without_the_vnet_header_is_refused() {
+    in_netns(
+        "a_tun_descriptor_or_a_tap_without_the_vnet_header_is_refused",
+        || {
+            let tun = tun_fd("tndtun0", libc::IFF_TUN | libc::IFF_NO_PI);
+            let err = Tap::from_fd(tun, "net0").expect_err("TUN is not TAP");
+            assert!(matches!(err, TapError::FdNotATap { .. }), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                "the descriptor passed for net0 is not a TAP device: tndtun0 is a TUN (layer \
+                 3) interface; a NIC needs a TAP (layer 2) one"
+            );
+            let plain = tun_fd("tndfd2", libc::IFF_TAP | libc::IFF_NO_PI);
+            let err = Tap::from_fd(plain, "net1").expect_err("no vnet header");
+            assert!(
+                err.to_string()
+                    .starts_with("the TAP tndfd2 passed for net1 was opened without IFF_VNET_HDR"),
+                "{err}"
+            );
+        },
+    );
+}
+
+#[test]
+fn a_file_or_a_socket_passed_as_a_tap_is_refused() {
+    // Needs no privileges: TUNGETIFF fails on anything but a tun descriptor.
+    let path = std::env::temp_dir().join(format!("tandem-tap-fd-{}", std::process::id()));
+    let file = std::fs::File::create(&path).expect("temp file");
+    let _ = std::fs::remove_file(&path);
+    let err = Tap::from_fd(file.into(), "--net fd=3").expect_err("a regular file");
+    assert!(matches!(err, TapError::FdNotATap { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(
+            "the descriptor passed for --net fd=3 is not a TAP device: a regular file"
+        ),
+        "{err}"
+    );
+    let (socket, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let err = Tap::from_fd(socket.into(), "vm.add-net").expect_err("a socket");
+    assert!(
+        err.to_string()
+            .starts_with("the descriptor passed for vm.add-net is not a TAP device: a socket"),
+        "{err}"
+    );
+    // /dev/net/tun itself, attached to no interface yet.
+    if let Ok(tun) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        let err = Tap::from_fd(tun.into(), "net0").expect_err("unattached");
+        assert!(
+            err.to_string().contains("attached to no interface"),
+            "{err}"
+        );
+    }
+}

@@ -1002,6 +1002,9 @@ fn receive_epochs(
                         reprotect,
                     } => {
                         log::info!("FT: the primary ended protection: {reason}");
+                        // Told before this side lets go: the primary releases its held
+                        // output only once it knows no takeover can follow.
+                        link.answer(&Control::StoodDown);
                         return Ok(Ending::StandDown {
                             guest_shutdown,
                             reprotect,

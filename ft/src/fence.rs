@@ -139,6 +139,19 @@ impl Fencing {
         }
     }
 
+    /// On etcd: how long a primary that stops without its backup's word keeps its lease
+    /// alive. A backup that timed out (at most `heartbeat_timeout` after the stop) claims the
+    /// pair once the lease expires, for at most [`Self::claim`]'s deadline; past that it has
+    /// given up, so the released output can no longer be overwritten by a takeover.
+    pub fn stop_lease_window(&self, heartbeat_timeout: Duration) -> Option<Duration> {
+        match self {
+            Fencing::Etcd(etcd) => {
+                Some(heartbeat_timeout + etcd.ttl() + CLAIM_TIMEOUT * 2 + Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
     /// The primary takes its pair's key before protection starts (etcd; nothing otherwise).
     pub fn hold_as_primary(&self, pair_id: u64) -> Result<Option<LeaseHold>, String> {
         match self {

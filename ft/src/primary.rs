@@ -6,8 +6,9 @@
 //! - control loop (this module's [`Primary`]): pauses and resumes the VM, copies the epoch's
 //!   dirty pages into the staging memory, captures device and vCPU state, starts the next
 //!   epoch in every output gate;
-//! - `ft-sender`: encodes the staged epoch (zero pages elided, LZ4) and writes it, or a
-//!   heartbeat when nothing was sent for an epoch's length;
+//! - `ft-sender`: encodes the staged epoch (zero pages elided, deltas against the backup's
+//!   copy of each page, LZ4) and writes it, or a heartbeat when nothing was sent for an
+//!   epoch's length;
 //! - `ft-acks`: reads the backup's answers; an `Ack{E}` commits E in every gate (held frames
 //!   and shared-disk writes leave, in order). A silent or broken link wakes the control loop.
 //!
@@ -32,7 +33,7 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live;
 use vmm::migration::memory::DirtyPages;
 use vmm::migration::protocol::{
-    FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
+    DeltaBase, FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
 };
 use vmm::progress::TransferProgress;
 use vmm::vm::{Vm, VmSnapshotState};
@@ -196,6 +197,10 @@ struct Shared {
     last_send_us: AtomicU64,
     lost: Mutex<Option<String>>,
     stopping: AtomicBool,
+    /// A StandDown was queued for the backup.
+    standing_down: AtomicBool,
+    /// The backup answered the StandDown: it dropped its copy and cannot take over.
+    stood_down: AtomicBool,
     /// The first protected epoch (fault-injection points count from it).
     first_epoch: u64,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
@@ -381,6 +386,11 @@ impl Primary {
         // staging would double what the host must reserve. The layout is the guest's.
         let staging =
             vmm::memory::create(config.memory.size).map_err(|e| io_err("staging memory", e))?;
+        // The backup's copy of every page sent so far, for deltas (Cuju keeps the same): only
+        // the pages ever dirtied under protection take host memory.
+        let base = vmm::memory::create(config.memory.size)
+            .map_err(|e| io_err("delta base memory", e))
+            .and_then(|mem| DeltaBase::new(mem).map_err(|e| io_err("delta base memory", e)))?;
         // Every member of a group claims the group at the witness: it fails over as one.
         let pair_id = group.as_ref().map_or_else(new_pair_id, |g| g.group_id);
         // On etcd the pair's key is this primary's before anything is protected.
@@ -468,6 +478,8 @@ impl Primary {
             last_send_us: AtomicU64::new(0),
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            standing_down: AtomicBool::new(false),
+            stood_down: AtomicBool::new(false),
             first_epoch,
             lease,
             group: group.map(|member| GroupLink {
@@ -482,7 +494,7 @@ impl Primary {
             &shared,
             sender,
             &stream,
-            staging.clone(),
+            (staging.clone(), base),
             reader,
             epoch_len,
             heartbeat_timeout,
@@ -682,7 +694,7 @@ impl Primary {
         shared: &Arc<Shared>,
         sender: Sender<FtStream>,
         stream: &FtStream,
-        staging: GuestMemoryMmap,
+        (staging, base): (GuestMemoryMmap, DeltaBase),
         reader: FrameReader,
         epoch_len: Duration,
         heartbeat_timeout: Duration,
@@ -702,7 +714,7 @@ impl Primary {
             .name("ft-sender".into())
             .spawn(move || {
                 if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
-                    send_loop(&s, sender, &staging, &job_rx, heartbeat_every);
+                    send_loop(&s, sender, (&staging, base), &job_rx, heartbeat_every);
                 } else {
                     s.lose("the sender thread cannot install its seccomp filter".into());
                 }
@@ -972,6 +984,8 @@ impl Primary {
 
     /// Stops the replication threads (after `job`, if any, is sent) and closes the link.
     fn close(&mut self, job: Option<Job>) {
+        // Set by `stop`, which needs the backup's answer.
+        let standing_down = self.shared.standing_down.load(Ordering::SeqCst);
         if let Some(jobs) = self.jobs.take() {
             if let Some(mut job) = job {
                 // Behind at most one queued epoch; a sender that is gone (or stuck on a dead
@@ -992,6 +1006,17 @@ impl Primary {
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
+        if standing_down {
+            // The backup's answer proves it will not take over; a backup that is gone or
+            // already taking over never sends it (`stop` then asks the fencing).
+            let deadline = Instant::now() + self.heartbeat_timeout;
+            while !self.shared.stood_down.load(Ordering::SeqCst)
+                && self.acks.as_ref().is_some_and(|t| !t.is_finished())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.stream.shutdown();
         if let Some(t) = self.acks.take() {
@@ -1006,7 +1031,7 @@ impl Primary {
 fn send_loop(
     shared: &Shared,
     mut sender: Sender<FtStream>,
-    staging: &GuestMemoryMmap,
+    (staging, mut base): (&GuestMemoryMmap, DeltaBase),
     jobs: &mpsc::Receiver<Job>,
     heartbeat_every: Duration,
 ) {
@@ -1030,7 +1055,7 @@ fn send_loop(
                 let t = Instant::now();
                 let (epoch, group_epoch) = (job.epoch, job.group_epoch);
                 let released = shared.last_acked.load(Ordering::SeqCst);
-                let sent = send_epoch(shared, &mut sender, staging, job, released);
+                let sent = send_epoch(shared, &mut sender, (staging, &mut base), job, released);
                 let send_us = t.elapsed().as_micros() as u64;
                 shared.last_send_us.store(send_us, Ordering::Relaxed);
                 shared.last_sent.store(epoch, Ordering::SeqCst);
@@ -1069,11 +1094,13 @@ fn send_loop(
 fn send_epoch(
     shared: &Shared,
     sender: &mut Sender<FtStream>,
-    staging: &GuestMemoryMmap,
+    (staging, base): (&GuestMemoryMmap, &mut DeltaBase),
     job: EpochJob,
     released_through: u64,
 ) -> Result<(), ProtocolError> {
-    sender.send_memory(staging, &job.dirty)?;
+    // Each dirty page as a delta against the backup's copy where that is smaller (an epoch
+    // the backup does not apply ends the session, and `base` with it).
+    sender.send_memory_delta(staging, &job.dirty, base)?;
     crash_point(Phase::Transfer, job.epoch - shared.first_epoch);
     for (disk, writes) in job.disk_writes.iter().enumerate() {
         for frame in encode_disk_writes(disk as u32, writes) {
@@ -1121,6 +1148,10 @@ fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
                 commit_epoch(shared, epoch);
             }
             Ok(Control::Heartbeat { .. }) => {}
+            Ok(Control::StoodDown) if shared.standing_down.load(Ordering::SeqCst) => {
+                shared.stood_down.store(true, Ordering::SeqCst);
+                return;
+            }
             Ok(other) => {
                 shared.lose(format!("unexpected message from the backup: {other:?}"));
                 return;
@@ -1360,7 +1391,13 @@ impl Primary {
     }
 
     /// See [`PrimaryFt::stop`].
-    pub fn stop(mut self, vm: Option<&mut dyn ReplicableVm>, reason: StopReason) {
+    /// Err(why) when this side may not release its held output (the backup may own the VM):
+    /// the held output is discarded and the caller must stop the VM.
+    pub fn stop(
+        mut self,
+        vm: Option<&mut dyn ReplicableVm>,
+        reason: StopReason,
+    ) -> Result<(), String> {
         let job = match reason {
             StopReason::Disabled => Job::StandDown {
                 guest_shutdown: false,
@@ -1388,13 +1425,38 @@ impl Primary {
             group.member.leave(&format!("{reason:?}"));
             self.shared.gates.group_peers.set(Vec::new());
         }
+        self.shared
+            .standing_down
+            .store(was_protected, Ordering::SeqCst);
         self.close(Some(job));
-        if self.health != FtHealth::Fenced {
-            // The backup stood down (or is gone): held output may leave.
-            for gate in self.shared.gates.all() {
-                if let Err(e) = gate.passthrough() {
-                    log::error!("FT: releasing held output: {e}");
+        let outcome = match self.health {
+            FtHealth::Fenced => Err(self
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "this primary was fenced".to_string())),
+            // A backup that timed out before the StandDown reached it may be taking over
+            // right now: held output (epochs it never acknowledged) must not reach a shared
+            // image it is about to write, so the fencing decides, as at a link loss.
+            FtHealth::Protected if !self.shared.stood_down.load(Ordering::SeqCst) => self
+                .fence_for_stop()
+                .map_err(|fenced| format!("the backup did not confirm it stood down and {fenced}")),
+            // It stood down, or protection had already ended with this side going on alone.
+            _ => Ok(()),
+        };
+        match &outcome {
+            Ok(()) => {
+                for gate in self.shared.gates.all() {
+                    if let Err(e) = gate.passthrough() {
+                        log::error!("FT: releasing held output: {e}");
+                    }
                 }
+            }
+            Err(reason) => {
+                log::error!("FT: {reason}; this primary's held output is discarded");
+                for gate in self.shared.gates.all() {
+                    gate.discard_uncommitted();
+                }
+                self.health = FtHealth::Fenced;
             }
         }
         if let Some(vm) = vm {
@@ -1405,6 +1467,36 @@ impl Primary {
         if was_protected {
             log::info!("FT: protection ended ({reason:?})");
         }
+        outcome
+    }
+
+    /// Protection ends without the backup's word: this side may release held output only
+    /// once the fencing proves the backup cannot take over.
+    fn fence_for_stop(&self) -> Result<(), String> {
+        let last = self.shared.last_acked.load(Ordering::SeqCst);
+        self.fencing
+            .claim(
+                self.pair_id,
+                fence::Role::Primary,
+                last,
+                self.shared.lease.as_ref(),
+            )
+            .map_err(|e| format!("the fencing refuses this primary: {e}"))?;
+        if let Some(window) = self.fencing.stop_lease_window(self.heartbeat_timeout) {
+            // On etcd a backup takes over once the lease expires: it stays alive for as
+            // long as a backup that timed out may still be waiting to claim the pair.
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ft-lease-linger".into())
+                .spawn(move || {
+                    std::thread::sleep(window);
+                    drop(shared);
+                });
+            if let Err(e) = spawned {
+                return Err(format!("keeping the etcd lease alive: {e}"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1425,7 +1517,7 @@ impl PrimaryFt for Primary {
         self.status_now()
     }
 
-    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) {
+    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) -> Result<(), String> {
         Primary::stop(*self, vm.map(|vm| vm as &mut dyn ReplicableVm), reason)
     }
 }

@@ -69,6 +69,9 @@ pub enum Control {
         #[serde(default)]
         reprotect: bool,
     },
+    /// The backup's answer to StandDown: it dropped its copy and will not take over, so the
+    /// primary's held output may leave without asking the fencing.
+    StoodDown,
     /// Replicated disks: the copy of image `disk` (`size` bytes) begins; the backup resizes
     /// its image to match. `chunk_size`: the granularity of the image digest.
     DiskSyncStart {

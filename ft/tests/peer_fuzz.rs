@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use vmm::config::VmConfig;
 use vmm::control::{FtDiskMode, FtHealth, ReceiveFtRequest};
 use vmm::fault_tolerance::{BackupEvent, BackupFt};
-use vmm::migration::protocol::{encode_frame, FrameType, Sender};
+use vmm::migration::protocol::{encode_frame, FrameType, Sender, FLAG_DELTA, FLAG_LZ4};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEMORY: u64 = 4 << 20;
@@ -25,8 +25,18 @@ const MEMORY: u64 = 4 << 20;
 /// One frame a hostile peer may send.
 #[derive(Clone, Debug)]
 enum Hostile {
-    Raw { kind: u8, payload: Vec<u8> },
+    Raw {
+        kind: u8,
+        payload: Vec<u8>,
+    },
     Control(Control),
+    /// A delta MemoryPages frame: per entry a page number and, for a delta, its runs (else a
+    /// whole page); the announced records length off by `skew`; flagged LZ4 if `lz4`.
+    Deltas {
+        entries: Vec<(u64, Option<Vec<u8>>)>,
+        skew: i8,
+        lz4: bool,
+    },
 }
 
 fn control() -> impl Strategy<Value = Control> {
@@ -57,11 +67,53 @@ fn control() -> impl Strategy<Value = Control> {
 }
 
 fn hostile() -> impl Strategy<Value = Hostile> {
+    let entry = (
+        0u64..2048,
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..24)),
+    );
     prop_oneof![
         (1u8..=10, proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(kind, payload)| Hostile::Raw { kind, payload }),
         control().prop_map(Hostile::Control),
+        (
+            proptest::collection::vec(entry, 1..4),
+            prop_oneof![Just(0i8), any::<i8>()],
+            any::<bool>()
+        )
+            .prop_map(|(entries, skew, lz4)| Hostile::Deltas { entries, skew, lz4 }),
     ]
+}
+
+/// The payload of [`Hostile::Deltas`] (the layout of vmm's protocol module header).
+fn delta_frame(entries: &[(u64, Option<Vec<u8>>)], skew: i8, lz4: bool) -> (u8, Vec<u8>) {
+    let mut records = Vec::new();
+    let mut p = (entries.len() as u32).to_le_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    for (page, delta) in entries {
+        let gpa = page * 4096;
+        match delta {
+            Some(d) => {
+                p.extend_from_slice(&(gpa | 2).to_le_bytes());
+                records.extend_from_slice(&(d.len() as u16).to_le_bytes());
+                records.extend_from_slice(d);
+            }
+            None => {
+                p.extend_from_slice(&gpa.to_le_bytes());
+                records.extend_from_slice(&[0x5a; 4096]);
+            }
+        }
+    }
+    let announced = (records.len() as i64 + i64::from(skew)).max(0) as u32;
+    p[4..8].copy_from_slice(&announced.to_le_bytes());
+    // With the LZ4 flag the records themselves pose as the LZ4 block (mostly invalid LZ4,
+    // found only when the epoch is applied).
+    let flags = if lz4 {
+        FLAG_DELTA | FLAG_LZ4
+    } else {
+        FLAG_DELTA
+    };
+    p.extend_from_slice(&records);
+    (flags, p)
 }
 
 fn encode(frame: &Hostile, seq: u32) -> Vec<u8> {
@@ -71,6 +123,10 @@ fn encode(frame: &Hostile, seq: u32) -> Vec<u8> {
             encode_frame(kind, 0, seq, payload)
         }
         Hostile::Control(c) => encode_frame(FrameType::Control, 0, seq, &c.encode()),
+        Hostile::Deltas { entries, skew, lz4 } => {
+            let (flags, payload) = delta_frame(entries, *skew, *lz4);
+            encode_frame(FrameType::MemoryPages, flags, seq, &payload)
+        }
     }
 }
 
@@ -238,7 +294,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             status.last_committed_epoch
         );
         assert!(status.last_error.is_some());
-        primary.stop(Some(&mut vm), vmm::fault_tolerance::StopReason::VmGone);
+        let _ = primary.stop(Some(&mut vm), vmm::fault_tolerance::StopReason::VmGone);
         let _ = fake.join();
     }
 }
@@ -294,6 +350,7 @@ mod fake_vm {
                     serial: None,
                     virtio: Vec::new(),
                     pmem_pages: Vec::new(),
+                    pci_hotplug: Default::default(),
                 },
                 acpi_events: 0,
             })

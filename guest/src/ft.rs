@@ -4,7 +4,8 @@
 //! Command line: `workload=ft net.ip=A.B.C.D/P` (`ip=` is a short form;
 //! `net.gw=` as for `workload=net`), `ft.dirty_rate=N` pages per second to
 //! rewrite (default 0), `ft.dirty_mib=M` size of the rewritten region (default
-//! 16). Devices: the first virtio-net device (required) and the first
+//! 16), `ft.dirty_bytes=B` bytes each rewrite of a page changes (default 0: every
+//! word; see Region). Devices: the first virtio-net device (required) and the first
 //! virtio-blk device if there is one (the service works without a disk).
 //!
 //! Main loop, forever: poll smoltcp and serve the sockets; rewrite the pages
@@ -25,6 +26,15 @@
 //! finalizer, see README). So a page can be verified on its own, and against
 //! the number of rewrites so far. A region larger than the free RAM ends in
 //! `TANDEM-GUEST PANIC out of memory`.
+//!
+//! With `ft.dirty_bytes=B` (1 ..= 4087; larger is every word) a rewrite changes
+//! only `n = ceil(B / 8)` words (a page delta's workload): `w[1]` and a window of
+//! `m = max(1, n - 1)` words. Words 2.. are cut into `slots = 510 / m` windows of
+//! `m` words (slot `s` = words `2 + s*m .. 2 + (s+1)*m`); generation `g >= 1`
+//! rewrites slot `(g - 1) % slots` with `seed(g) + j`. So word `j` of slot `s`
+//! holds `seed(g') + j` for the newest `g' <= gen` with `(g' - 1) % slots == s`,
+//! or `seed(0) + j` when there is none yet; words past the last slot keep
+//! generation 0. Generation 0 (the first fill) writes every word as above.
 //!
 //! Disk records (sector `lba` = `seq % 2048`, the first 1 MiB of the disk):
 //! 64 little-endian u64 words: `w[0]` = ASCII `TANDEMFT`, `w[1]` = `lba`,
@@ -143,29 +153,71 @@ fn page_seed(page: u64, gen: u64) -> u64 {
     blk::mix(page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ blk::mix(gen ^ 0xf7f7_f7f7))
 }
 
-fn fill_page(words: &mut [u64], page: u64, gen: u64) {
-    let seed = page_seed(page, gen);
+/// Words a rewrite changes besides `w[1]` (`ft.dirty_bytes`; 0: every word).
+fn window_words(dirty_bytes: u64) -> usize {
+    let words = dirty_bytes.div_ceil(8) as usize;
+    if dirty_bytes == 0 || words >= PAGE_WORDS - 1 {
+        0
+    } else {
+        words.saturating_sub(1).max(1)
+    }
+}
+
+/// The generation whose pattern word `j` holds in generation `gen` (module comment: with
+/// windows of `m` words, the newest generation that rewrote word `j`'s window).
+fn word_gen(j: usize, gen: u64, m: usize) -> u64 {
+    if m == 0 {
+        return gen;
+    }
+    let slots = ((PAGE_WORDS - 2) / m) as u64;
+    let slot = ((j - 2) / m) as u64;
+    if slot >= slots || gen < slot + 1 {
+        return 0;
+    }
+    gen - (gen - 1 - slot) % slots
+}
+
+/// Writes generation `gen` of page `page`: every word for generation 0 or without windows
+/// (`m` = 0), else `w[1]` and the window generation `gen` rewrites.
+fn fill_page(words: &mut [u64], page: u64, gen: u64, m: usize) {
     words[0] = page;
     words[1] = gen;
-    for (j, w) in words.iter_mut().enumerate().skip(2) {
+    if gen == 0 || m == 0 {
+        let seed = page_seed(page, gen);
+        for (j, w) in words.iter_mut().enumerate().skip(2) {
+            *w = seed.wrapping_add(j as u64);
+        }
+        return;
+    }
+    let slots = ((PAGE_WORDS - 2) / m) as u64;
+    let first = 2 + ((gen - 1) % slots) as usize * m;
+    let seed = page_seed(page, gen);
+    for (j, w) in words.iter_mut().enumerate().skip(first).take(m) {
         *w = seed.wrapping_add(j as u64);
     }
 }
 
 /// The first word of `words` that differs from page `page`, generation `gen`.
-fn page_mismatch(words: &[u64], page: u64, gen: u64) -> Option<usize> {
+fn page_mismatch(words: &[u64], page: u64, gen: u64, m: usize) -> Option<usize> {
     if words[0] != page {
         return Some(0);
     }
     if words[1] != gen {
         return Some(1);
     }
-    let seed = page_seed(page, gen);
+    let (now, first) = (page_seed(page, gen), page_seed(page, 0));
     words
         .iter()
         .enumerate()
         .skip(2)
-        .find(|&(j, &w)| w != seed.wrapping_add(j as u64))
+        .find(|&(j, &w)| {
+            let seed = match word_gen(j, gen, m) {
+                g if g == gen => now,
+                0 => first,
+                g => page_seed(page, g),
+            };
+            w != seed.wrapping_add(j as u64)
+        })
         .map(|(j, _)| j)
 }
 
@@ -298,6 +350,8 @@ struct Ft {
     t0: u64,
     region: &'static mut [u64],
     pages: u64,
+    /// Words a rewrite changes besides the generation (0: every word).
+    window: usize,
     disk: Option<Disk>,
     run: u64,
     relay: Relays,
@@ -335,7 +389,8 @@ impl Ft {
         for _ in 0..behind.min(DIRTY_BURST) {
             let page = self.dirtied % self.pages;
             let gen = self.dirtied / self.pages + 1;
-            fill_page(self.page(page), page, gen);
+            let m = self.window;
+            fill_page(self.page(page), page, gen, m);
             self.dirtied += 1;
         }
     }
@@ -364,7 +419,8 @@ impl Ft {
     fn check(&mut self, out: &mut Reply) {
         for page in 0..self.pages {
             let gen = self.dirtied / self.pages + u64::from(page < self.dirtied % self.pages);
-            if let Some(j) = page_mismatch(self.page(page), page, gen) {
+            let m = self.window;
+            if let Some(j) = page_mismatch(self.page(page), page, gen, m) {
                 let _ = write!(out, "bad page {} gen {} word {}", page, gen, j);
                 return;
             }
@@ -680,12 +736,13 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         t0: 0,
         region,
         pages,
+        window: window_words(cfg.ft_dirty_bytes),
         disk,
         run: blk::mix(clock::rdtsc()) | 1,
         relay: relays,
     };
     for page in 0..pages {
-        fill_page(ft.page(page), page, 0);
+        fill_page(ft.page(page), page, 0, 0);
     }
 
     let mut control_h = [SocketHandle::default(); CONTROL_SOCKETS];

@@ -55,6 +55,8 @@ pub struct Config {
     pub ft_dirty_rate: u64,
     /// Size of the region `workload=ft` dirties and checks, MiB.
     pub ft_dirty_mib: u64,
+    /// Bytes each rewrite of a page changes in `workload=ft` (0: every word).
+    pub ft_dirty_bytes: u64,
 }
 
 pub(crate) fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -119,6 +121,7 @@ impl Config {
             net_ms: 0,
             ft_dirty_rate: 0,
             ft_dirty_mib: 16,
+            ft_dirty_bytes: 0,
         };
         for tok in cmdline.split(|b| b.is_ascii_whitespace()) {
             let Some(eq) = tok.iter().position(|&b| b == b'=') else {
@@ -170,6 +173,7 @@ impl Config {
                 b"net.ms" => c.net_ms = parse_u64(v).unwrap_or(c.net_ms),
                 b"ft.dirty_rate" => c.ft_dirty_rate = parse_u64(v).unwrap_or(c.ft_dirty_rate),
                 b"ft.dirty_mib" => c.ft_dirty_mib = parse_u64(v).unwrap_or(c.ft_dirty_mib),
+                b"ft.dirty_bytes" => c.ft_dirty_bytes = parse_u64(v).unwrap_or(c.ft_dirty_bytes),
                 _ => {}
             }
         }

@@ -58,6 +58,58 @@ pub enum VmmRequest {
     /// How far the running (or last) `enable-ft` sync or `send-migration` is (`vm.progress`,
     /// Tandem's extension). Answered by the API thread itself while the control loop is busy.
     Progress,
+    /// `PUT vm.add-disk`, `vm.add-net`, `vm.add-pmem`, `vm.add-fs`, `vm.add-vsock`: hot-plug
+    /// a device onto the running VM's PCI bus (ACPI PCI hot-plug). Answers
+    /// [`VmmResponse::DeviceAdded`]; before boot the device is only added to the
+    /// configuration (as Cloud Hypervisor does) and the answer is 204.
+    AddDevice(Box<HotplugRequest>),
+    /// `PUT vm.remove-device`: ask the guest to eject a device; it leaves the bus and the
+    /// configuration once the guest has let go of it.
+    RemoveDevice(RemoveDeviceRequest),
+}
+
+/// A device to hot-plug, with its Cloud Hypervisor configuration.
+#[derive(Debug)]
+pub enum HotplugRequest {
+    Disk(crate::config::DiskConfig),
+    /// `fds`: TAP descriptors passed with the request (`SCM_RIGHTS` on the API socket); the
+    /// configuration's `fds` member is ignored in their favour when any were passed.
+    Net {
+        config: crate::config::NetConfig,
+        fds: Vec<std::os::fd::OwnedFd>,
+    },
+    Pmem(crate::config::PmemConfig),
+    Fs(crate::config::FsConfig),
+    Vsock(crate::config::VsockConfig),
+}
+
+impl HotplugRequest {
+    /// The endpoint's name, for errors.
+    pub fn endpoint(&self) -> &'static str {
+        match self {
+            HotplugRequest::Disk(_) => "vm.add-disk",
+            HotplugRequest::Net { .. } => "vm.add-net",
+            HotplugRequest::Pmem(_) => "vm.add-pmem",
+            HotplugRequest::Fs(_) => "vm.add-fs",
+            HotplugRequest::Vsock(_) => "vm.add-vsock",
+        }
+    }
+}
+
+/// `vm.remove-device` body (Cloud Hypervisor's `VmRemoveDevice`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveDeviceRequest {
+    pub id: String,
+}
+
+/// The answer to a hot-plug (Cloud Hypervisor's `PciDeviceInfo`): the device's id and where
+/// it sits, `0000:00:XX.0`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    pub bdf: String,
 }
 
 /// `vm.snapshot` body (Cloud Hypervisor's `VmSnapshotConfig`).
@@ -474,6 +526,8 @@ pub enum VmmResponse {
     Counters(VmCounters),
     FtStatus(Box<FtStatus>),
     Progress(Box<ProgressReport>),
+    /// 200 with a `PciDeviceInfo` body.
+    DeviceAdded(PciDeviceInfo),
 }
 
 /// How an error maps onto HTTP (the API layer picks the status code from this).

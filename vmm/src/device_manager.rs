@@ -4,20 +4,24 @@
 //! PCI configuration mechanisms and BAR windows onto the VM's buses, and runs the one device
 //! event loop thread they all share.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::acpi::Ged;
 use devices::gate::{
     DiskOutputGate, DiskWriteLog, EpochControl, EpochDiskGate, EpochNetGate, GateMode, GroupPeers,
     NetOutputGate, RecordingDiskGate,
 };
 use devices::legacy::serial::SerialDeviceState;
 use devices::legacy::Serial;
+use devices::pci::hotplug::{PciHotplugController, PciHotplugState};
 use devices::pci::msix::MsixVector;
 use devices::pci::{PciBarWindow, PciBus, PciConfigIo, PciEcam};
 use devices::virtio::block::Block;
 use devices::virtio::console::Console;
+use devices::virtio::fs::Fs;
 use devices::virtio::net::Net;
 use devices::virtio::pci::{self as virtio_pci, IntxLine, PciResources, VirtioPciDevice};
 use devices::virtio::pmem::{Pmem, PmemBacking};
@@ -25,7 +29,9 @@ use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{DeviceState, GuestMemoryMmap, IoBus, VirtioState};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
@@ -37,11 +43,15 @@ use crate::control::{
 use crate::kvm_routing::{KvmRouting, IOAPIC_PINS};
 use crate::x86_64::layout;
 
-/// IOAPIC lines free for PCI INTx on our PC layout (4 is COM1, 5 the ACPI GED). Devices past
-/// these have MSI-X only, which every virtio-pci driver uses anyway.
+/// IOAPIC lines for PCI INTx on our PC layout (4 is COM1, 5 the ACPI GED): device number N
+/// (1..=8) has entry N-1. Functions past these have MSI-X only, which every virtio-pci driver
+/// uses anyway.
 const PCI_INTX_LINES: [u32; 8] = [6, 7, 9, 10, 11, 12, 14, 15];
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The highest device number on bus 0 (0 is the host bridge).
+const MAX_DEVICE_NUMBER: u8 = 31;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
@@ -74,6 +84,18 @@ pub enum DeviceManagerError {
     },
     #[error("cannot start the device event loop: {0}")]
     EventLoop(String),
+    #[error("pci_device_id {number} of device {id}: {why}")]
+    Placement { id: String, number: u8, why: String },
+    #[error("no device {0}")]
+    NoSuchDevice(String),
+    #[error("a device with id {0} exists already")]
+    DuplicateId(String),
+    #[error("device {id} cannot be removed: {why}")]
+    NotRemovable { id: String, why: &'static str },
+    #[error("this VM has no PCI hot-plug controller")]
+    NoHotplug,
+    #[error("cannot tell the guest about the PCI change: {0}")]
+    Notify(std::io::Error),
 }
 
 /// A virtio device model, kept typed so its state can be captured and restored.
@@ -85,6 +107,7 @@ pub enum VirtioHandle {
     Rng(Arc<Mutex<Rng>>),
     Pmem(Arc<Mutex<Pmem>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Fs(Arc<Mutex<Fs>>),
 }
 
 impl VirtioHandle {
@@ -96,6 +119,7 @@ impl VirtioHandle {
             VirtioHandle::Rng(d) => d.clone(),
             VirtioHandle::Pmem(d) => d.clone(),
             VirtioHandle::Vsock(d) => d.clone(),
+            VirtioHandle::Fs(d) => d.clone(),
         }
     }
 
@@ -107,6 +131,7 @@ impl VirtioHandle {
             VirtioHandle::Rng(d) => d.clone(),
             VirtioHandle::Pmem(d) => d.clone(),
             VirtioHandle::Vsock(d) => d.clone(),
+            VirtioHandle::Fs(d) => d.clone(),
         }
     }
 
@@ -118,6 +143,7 @@ impl VirtioHandle {
             VirtioHandle::Rng(d) => lock(d).counters(),
             VirtioHandle::Pmem(d) => lock(d).counters(),
             VirtioHandle::Vsock(d) => lock(d).counters(),
+            VirtioHandle::Fs(d) => lock(d).counters(),
         }
     }
 }
@@ -135,6 +161,10 @@ struct VirtioEntry {
     /// PCI device number on bus 0 (function 0).
     number: u8,
     bar_address: u64,
+    /// Copies of the irqfds registered for it, with their GSIs: a hot-unplug unregisters them.
+    irqfds: Vec<(EventFd, u32)>,
+    /// Its subscriptions in the device loop (known once they are added to the loop).
+    subscriptions: Vec<SubscriberId>,
 }
 
 /// The state of every device model of a VM, in creation order (the order the configuration
@@ -148,6 +178,13 @@ pub struct DevicesState {
     /// fault tolerance refuse such a VM). Absent when there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pmem_pages: Vec<PmemPages>,
+    /// Hot-plug events the guest has not taken yet (absent: none).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pci_hotplug: PciHotplugState,
+}
+
+fn is_default(state: &PciHotplugState) -> bool {
+    *state == PciHotplugState::default()
 }
 
 /// The pages of one `discard_writes` pmem region that differ from its file: the region maps
@@ -189,8 +226,12 @@ pub enum DeviceStateError {
     Serial,
     #[error("pmem {id}: {why}")]
     PmemPages { id: String, why: String },
+    #[error("device {id} cannot be captured: {why}")]
+    NotCapturable { id: String, why: &'static str },
     #[error("{0}")]
     Device(#[from] devices::RestoreError),
+    #[error("cannot signal the guest's pending PCI ejects: {0}")]
+    Hotplug(std::io::Error),
 }
 
 /// Stops the device loop when its eventfd is written.
@@ -260,9 +301,9 @@ pub struct DeviceManager {
     routing: Arc<KvmRouting>,
     /// The next free GSI for an MSI-X vector.
     next_gsi: u32,
-    /// (device number, GSI) of each function with an INTx line, for the ACPI `_PRT`.
-    intx: Vec<(u8, u32)>,
-    subscribers: Vec<Subscriber>,
+    /// Subscriptions not in the loop yet, each with the index of the device entry it
+    /// belongs to (None: not a device's).
+    subscribers: Vec<(Option<usize>, Subscriber)>,
     virtio: Vec<VirtioEntry>,
     serial: Option<Arc<Mutex<Serial>>>,
     event_loop: Option<(JoinHandle<EventManager<Subscriber>>, EventFd)>,
@@ -270,6 +311,14 @@ pub struct DeviceManager {
     parked_loop: Option<EventManager<Subscriber>>,
     parked_stop_evt: Option<EventFd>,
     stop_flag: Arc<AtomicBool>,
+    /// Device numbers the configuration fixes (`pci_device_id`), by device id.
+    placement: BTreeMap<String, u8>,
+    /// The ACPI PCI hot-plug controller and the GED that announces its changes.
+    hotplug: Option<Arc<Mutex<PciHotplugController>>>,
+    ged: Option<Arc<Mutex<Ged>>>,
+    /// Set once the loop first starts: devices added later are hot-plugged (MSI-X only; the
+    /// guest's `_PRT` was written at boot).
+    started: bool,
 }
 
 impl DeviceManager {
@@ -280,7 +329,6 @@ impl DeviceManager {
             pci: Arc::new(Mutex::new(PciBus::new())),
             routing: Arc::new(KvmRouting::new(vm_fd)),
             next_gsi: IOAPIC_PINS,
-            intx: Vec::new(),
             subscribers: Vec::new(),
             virtio: Vec::new(),
             serial: None,
@@ -288,7 +336,208 @@ impl DeviceManager {
             parked_loop: None,
             parked_stop_evt: None,
             stop_flag: Arc::new(AtomicBool::new(false)),
+            placement: BTreeMap::new(),
+            hotplug: None,
+            ged: None,
+            started: false,
         }
+    }
+
+    /// Fixes device numbers by id (the configuration's `pci_device_id`s); the other devices
+    /// take the lowest numbers none of these claims, in order.
+    pub fn set_placement(&mut self, placement: BTreeMap<String, u8>) {
+        self.placement = placement;
+    }
+
+    /// Maps the PCI hot-plug controller (its eject register writes `eject_evt`) and keeps the
+    /// GED whose PCI event tells the guest to look at it.
+    pub fn attach_hotplug(
+        &mut self,
+        mmio: &mut IoBus,
+        ged: Arc<Mutex<Ged>>,
+        eject_evt: EventFd,
+    ) -> Result<(), devices::IoBusError> {
+        let controller = Arc::new(Mutex::new(PciHotplugController::new(eject_evt)));
+        mmio.insert(
+            controller.clone(),
+            layout::PCI_HOTPLUG_START,
+            layout::PCI_HOTPLUG_SIZE,
+        )?;
+        self.hotplug = Some(controller);
+        self.ged = Some(ged);
+        Ok(())
+    }
+
+    /// The device number each device sits at, by id.
+    pub fn placement(&self) -> BTreeMap<String, u8> {
+        self.virtio
+            .iter()
+            .map(|entry| (entry.id.clone(), entry.number))
+            .collect()
+    }
+
+    /// Whether a device with this id exists.
+    pub fn has_device(&self, id: &str) -> bool {
+        self.virtio.iter().any(|entry| entry.id == id)
+    }
+
+    /// Where the next device without a fixed number goes: the lowest free number that no
+    /// configured device claims.
+    fn free_number(&self, pci: &PciBus) -> Option<u8> {
+        let claimed: std::collections::BTreeSet<u8> = self.placement.values().copied().collect();
+        (1..=MAX_DEVICE_NUMBER).find(|n| !pci.is_occupied(*n) && !claimed.contains(n))
+    }
+
+    /// Hot-plugs `handle` into the running VM: placed like a boot device (MSI-X only), its
+    /// queues join the device loop, and the guest is told through ACPI. Returns its number.
+    pub fn hotplug_virtio_device(
+        &mut self,
+        vm_fd: &VmFd,
+        id: String,
+        handle: VirtioHandle,
+    ) -> Result<u8, DeviceManagerError> {
+        let (hotplug, ged) = match (&self.hotplug, &self.ged) {
+            (Some(h), Some(g)) => (h.clone(), g.clone()),
+            _ => return Err(DeviceManagerError::NoHotplug),
+        };
+        if self.has_device(&id) {
+            return Err(DeviceManagerError::DuplicateId(id));
+        }
+        self.add_virtio_device(vm_fd, id, handle)?;
+        let number = self.virtio.last().map(|e| e.number).unwrap_or_default();
+        if let Err(e) = self.join_loop() {
+            // Take it off the bus again: a device without its queue handling would hang the
+            // guest's driver.
+            if let Some(entry) = self.virtio.pop() {
+                self.forget(vm_fd, entry);
+            }
+            return Err(e);
+        }
+        lock(&hotplug).announce_added(number);
+        lock(&ged)
+            .notify_pci_changed()
+            .map_err(DeviceManagerError::Notify)?;
+        Ok(number)
+    }
+
+    /// Subscriptions added since the loop started join it (paused around the change).
+    fn join_loop(&mut self) -> Result<(), DeviceManagerError> {
+        if !self.started {
+            return Ok(());
+        }
+        if self.event_loop.is_none() && self.parked_loop.is_none() {
+            // The VM booted without devices: this one starts the loop.
+            return self.start();
+        }
+        let running = self.event_loop.is_some();
+        self.pause_loop()?;
+        let result = match self.parked_loop.as_mut() {
+            Some(manager) => {
+                for (owner, subscriber) in self.subscribers.drain(..) {
+                    let sid = manager.add_subscriber(subscriber);
+                    if let Some(entry) = owner.and_then(|i| self.virtio.get_mut(i)) {
+                        entry.subscriptions.push(sid);
+                    }
+                }
+                Ok(())
+            }
+            None => Err(DeviceManagerError::EventLoop(
+                "the device loop is not running".into(),
+            )),
+        };
+        if running {
+            self.resume_loop()?;
+        }
+        result
+    }
+
+    /// Asks the guest to eject device `id` (it leaves once the guest ejects it; see
+    /// [`DeviceManager::complete_ejects`]). Returns its number.
+    pub fn request_unplug(&self, id: &str) -> Result<u8, DeviceManagerError> {
+        let entry = self
+            .virtio
+            .iter()
+            .find(|entry| entry.id == id)
+            .ok_or_else(|| DeviceManagerError::NoSuchDevice(id.to_string()))?;
+        if matches!(
+            entry.handle,
+            VirtioHandle::Console(_) | VirtioHandle::Rng(_)
+        ) {
+            return Err(DeviceManagerError::NotRemovable {
+                id: id.to_string(),
+                why: "the console and the entropy device stay for the VM's life",
+            });
+        }
+        let (hotplug, ged) = match (&self.hotplug, &self.ged) {
+            (Some(h), Some(g)) => (h, g),
+            _ => return Err(DeviceManagerError::NoHotplug),
+        };
+        lock(hotplug).request_eject(entry.number);
+        lock(ged)
+            .notify_pci_changed()
+            .map_err(DeviceManagerError::Notify)?;
+        Ok(entry.number)
+    }
+
+    /// Takes the devices the guest ejected off the bus, out of the loop and out of KVM.
+    /// Returns their ids.
+    pub fn complete_ejects(&mut self, vm_fd: &VmFd) -> Vec<String> {
+        let ejected = match &self.hotplug {
+            Some(h) => lock(h).take_ejected(),
+            None => 0,
+        };
+        let mut removed = Vec::new();
+        for number in 1..=MAX_DEVICE_NUMBER {
+            if ejected & (1 << number) == 0 {
+                continue;
+            }
+            let Some(index) = self.virtio.iter().position(|e| e.number == number) else {
+                log::warn!("PCI hot-plug: the guest ejected empty slot {number}");
+                continue;
+            };
+            if matches!(
+                self.virtio[index].handle,
+                VirtioHandle::Console(_) | VirtioHandle::Rng(_)
+            ) {
+                log::warn!("PCI hot-plug: the guest ejected slot {number}, which stays");
+                continue;
+            }
+            let entry = self.virtio.remove(index);
+            removed.push(entry.id.clone());
+            self.forget(vm_fd, entry);
+        }
+        removed
+    }
+
+    /// Undoes what [`DeviceManager::add_virtio_device`] registered for `entry`.
+    fn forget(&mut self, vm_fd: &VmFd, entry: VirtioEntry) {
+        lock(&self.pci).remove(entry.number);
+        if !entry.subscriptions.is_empty() {
+            let running = self.event_loop.is_some();
+            if let Err(e) = self.pause_loop() {
+                log::error!("{}: cannot pause the device loop: {e}", entry.id);
+            }
+            if let Some(manager) = self.parked_loop.as_mut() {
+                for sid in &entry.subscriptions {
+                    if let Err(e) = manager.remove_subscriber(*sid) {
+                        log::warn!("{}: leaving the device loop: {e:?}", entry.id);
+                    }
+                }
+            }
+            if running {
+                if let Err(e) = self.resume_loop() {
+                    log::error!("{}: cannot resume the device loop: {e}", entry.id);
+                }
+            }
+        }
+        for (irq, gsi) in &entry.irqfds {
+            if let Err(e) = vm_fd.unregister_irqfd(irq, *gsi) {
+                log::warn!("{}: unregistering the irqfd of GSI {gsi}: {e}", entry.id);
+            }
+        }
+        // The device model and its host resources (image, TAP, sockets) go with the last
+        // reference, which the entry held.
+        log::info!("{}: removed from 00:{:02x}.0", entry.id, entry.number);
     }
 
     /// Maps the PCI machine onto the VM's buses: configuration ports 0xcf8-0xcff, ECAM, and
@@ -327,9 +576,10 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// (PCI device number, GSI) of every function with an INTx line: the ACPI `_PRT`.
+    /// (PCI device number, GSI) of every slot with an INTx line, occupied or not (a device
+    /// hot-plugged there later uses it): the ACPI `_PRT`.
     pub fn pci_intx(&self) -> Vec<(u8, u32)> {
-        self.intx.clone()
+        (1u8..).zip(PCI_INTX_LINES).collect()
     }
 
     /// Places `device` on the PCI bus as a virtio-pci function: the next device number, its
@@ -346,27 +596,48 @@ impl DeviceManager {
             let id = id.to_string();
             move |source| DeviceManagerError::Kvm { what, id, source }
         };
-        let number = lock(&self.pci)
-            .next_device_number()
-            .ok_or(DeviceManagerError::TooManyDevices)?;
+        let number = match self.placement.get(&id) {
+            Some(&number) => {
+                let pci = lock(&self.pci);
+                if number == 0 || number > MAX_DEVICE_NUMBER || pci.is_occupied(number) {
+                    return Err(DeviceManagerError::Placement {
+                        id,
+                        number,
+                        why: "it is taken or not a device number of bus 0 (1..=31)".into(),
+                    });
+                }
+                number
+            }
+            None => self
+                .free_number(&lock(&self.pci))
+                .ok_or(DeviceManagerError::TooManyDevices)?,
+        };
         let bar_address = layout::PCI_MMIO32_START + u64::from(number - 1) * virtio_pci::BAR_SIZE;
         if bar_address + virtio_pci::BAR_SIZE > layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE {
             return Err(DeviceManagerError::NoBarSpace(id));
         }
         let queues = lock(&handle.device()).queue_max_sizes().len();
         let mut vectors = Vec::new();
+        let mut irqfds = Vec::new();
         for _ in 0..virtio_pci::vector_count(queues) {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
             vm_fd
                 .register_irqfd(&irq, self.next_gsi)
                 .map_err(kvm_err("MSI-X irqfd", &id))?;
+            irqfds.push((
+                irq.try_clone().map_err(DeviceManagerError::EventFd)?,
+                self.next_gsi,
+            ));
             vectors.push(MsixVector {
                 gsi: self.next_gsi,
                 irq,
             });
             self.next_gsi += 1;
         }
-        let intx = match PCI_INTX_LINES.get(self.intx.len()) {
+        // The line follows the device number, not the order devices came in, so a VM rebuilt
+        // from a pinned configuration (after a hot-plug) wires every function as before.
+        let line_of_slot = PCI_INTX_LINES.get(usize::from(number) - 1);
+        let intx = match line_of_slot {
             Some(&line) => {
                 let new_evt =
                     || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd);
@@ -374,7 +645,7 @@ impl DeviceManager {
                 vm_fd
                     .register_irqfd_with_resample(&irq, &resample, line)
                     .map_err(kvm_err("INTx irqfd", &id))?;
-                self.intx.push((number, line));
+                irqfds.push((irq.try_clone().map_err(DeviceManagerError::EventFd)?, line));
                 Some(IntxLine {
                     irq,
                     resample,
@@ -398,8 +669,10 @@ impl DeviceManager {
             id: id.clone(),
             source,
         })?;
+        let owner = Some(self.virtio.len());
         if let Some(resampler) = transport.take_intx_resampler() {
-            self.subscribers.push(Arc::new(Mutex::new(resampler)));
+            self.subscribers
+                .push((owner, Arc::new(Mutex::new(resampler))));
         }
         let transport = Arc::new(Mutex::new(transport));
         lock(&self.pci)
@@ -409,27 +682,33 @@ impl DeviceManager {
                 source,
             })?;
         log::debug!("{id}: virtio-pci at 00:{number:02x}.0, BAR0 {bar_address:#x}");
-        self.subscribers.push(handle.subscriber());
+        self.subscribers.push((owner, handle.subscriber()));
         self.virtio.push(VirtioEntry {
             id,
             transport,
             handle,
             number,
             bar_address,
+            irqfds,
+            subscriptions: Vec::new(),
         });
         Ok(())
     }
 
     /// Starts the device event loop thread with every device added so far.
     pub fn start(&mut self) -> Result<(), DeviceManagerError> {
+        self.started = true;
         if self.subscribers.is_empty() {
             return Ok(());
         }
         let loop_err = |e: &dyn std::fmt::Display| DeviceManagerError::EventLoop(e.to_string());
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| loop_err(&e))?;
-        for subscriber in self.subscribers.drain(..) {
-            manager.add_subscriber(subscriber);
+        for (owner, subscriber) in self.subscribers.drain(..) {
+            let sid = manager.add_subscriber(subscriber);
+            if let Some(entry) = owner.and_then(|i| self.virtio.get_mut(i)) {
+                entry.subscriptions.push(sid);
+            }
         }
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         manager.add_subscriber(Arc::new(Mutex::new(LoopControl {
@@ -583,12 +862,13 @@ impl DeviceManager {
                     gates.disk_logs.push(log);
                 }
                 // Console output and entropy are not held (as with the serial port). Enabling
-                // fault tolerance refuses a VM with pmem or vsock (see
-                // `migration::ft_refusal`), so neither needs a gate here.
+                // fault tolerance refuses a VM with pmem, vsock or virtio-fs (see
+                // `migration::ft_refusal`), so none needs a gate here.
                 VirtioHandle::Console(_)
                 | VirtioHandle::Rng(_)
                 | VirtioHandle::Pmem(_)
-                | VirtioHandle::Vsock(_) => {}
+                | VirtioHandle::Vsock(_)
+                | VirtioHandle::Fs(_) => {}
             }
         }
         for control in gates.all() {
@@ -638,12 +918,22 @@ impl DeviceManager {
                 }
             }
         }
+        if let Some(entry) = self
+            .virtio
+            .iter()
+            .find(|entry| matches!(entry.handle, VirtioHandle::Fs(_)))
+        {
+            return Err(DeviceStateError::NotCapturable {
+                id: entry.id.clone(),
+                why: "a vhost-user backend serves its queues and keeps its own state",
+            });
+        }
         Ok(DevicesState {
             serial: self.serial.as_ref().map(|s| lock(s).state()),
             virtio: self
                 .virtio
                 .iter()
-                .map(|entry| {
+                .filter_map(|entry| {
                     let transport = lock(&entry.transport).state();
                     let state = match &entry.handle {
                         VirtioHandle::Block(d) => DeviceState::Block(VirtioState {
@@ -670,14 +960,21 @@ impl DeviceManager {
                             transport,
                             device: lock(d).state(),
                         }),
+                        // Refused above.
+                        VirtioHandle::Fs(_) => return None,
                     };
-                    NamedDeviceState {
+                    Some(NamedDeviceState {
                         id: entry.id.clone(),
                         state,
-                    }
+                    })
                 })
                 .collect(),
             pmem_pages,
+            pci_hotplug: self
+                .hotplug
+                .as_ref()
+                .map(|h| lock(h).state())
+                .unwrap_or_default(),
         })
     }
 
@@ -711,7 +1008,18 @@ impl DeviceManager {
                 config: self.virtio.len(),
             });
         }
-        for (entry, saved) in self.virtio.iter().zip(&state.virtio) {
+        // By id, not by position: a device hot-plugged after boot was created last on its
+        // source but sits in its kind's list in the configuration this VM was built from.
+        for saved in &state.virtio {
+            let entry = self
+                .virtio
+                .iter()
+                .find(|entry| entry.id == saved.id)
+                .ok_or_else(|| DeviceStateError::Mismatch {
+                    config_id: String::new(),
+                    state_id: saved.id.clone(),
+                    what: "the configuration has no device with this id",
+                })?;
             let mismatch = |what| DeviceStateError::Mismatch {
                 config_id: entry.id.clone(),
                 state_id: saved.id.clone(),
@@ -762,6 +1070,11 @@ impl DeviceManager {
                         .into(),
                 })?;
             restore_pmem_pages(pages, &backing)?;
+        }
+        if let Some(hotplug) = &self.hotplug {
+            lock(hotplug)
+                .restore(state.pci_hotplug)
+                .map_err(DeviceStateError::Hotplug)?;
         }
         // Configuration spaces are back: put the notification ioeventfds where BARs decode.
         lock(&self.pci).refresh_decode();

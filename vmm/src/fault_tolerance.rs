@@ -126,7 +126,9 @@ pub trait PrimaryFt: Send {
 
     /// Ends protection (see [`StopReason`]); with a VM, held output is committed first where
     /// the backup still acknowledges, else released (disable) or dropped (fenced).
-    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason);
+    /// Err(why): the backup may own the VM (it did not confirm standing down and the fencing
+    /// refused this side); the held output was dropped and this copy must stop.
+    fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) -> Result<(), String>;
 }
 
 /// What a backup asks of the control loop.

@@ -7,6 +7,7 @@ pub mod control;
 pub mod device_manager;
 pub mod event_monitor;
 pub mod fault_tolerance;
+pub mod hotplug;
 pub mod kvm_routing;
 pub mod memory;
 pub mod migration;

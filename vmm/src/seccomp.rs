@@ -69,6 +69,8 @@ pub enum ThreadRole {
     Witness,
     /// The event monitor's writer: writes to its file or pipe, nothing else.
     EventMonitor,
+    /// A vhost-user connection's watchdog: waits for a deadline and shuts the socket down.
+    VhostUserWatchdog,
 }
 
 /// What every thread needs: memory, futexes, time, signals, its own exit, logging (the
@@ -204,11 +206,15 @@ const VMM_EXTRA: &[libc::c_long] = &[
 /// output, like stdin, stdout and a pty, are plain `read`/`write`); virtio-vsock's host side:
 /// accepting clients on its listening socket, connecting to `PATH_port` listeners (`socket`
 /// is allowed for `AF_UNIX` only, see [`DEVICE_LOOP_SOCKET_DOMAIN`]), `send`/`recv` (with
-/// MSG_PEEK for the CONNECT line) and half-closing connections.
+/// MSG_PEEK for the CONNECT line) and half-closing connections; virtio-fs's vhost-user
+/// socket: requests carrying file descriptors (guest memory, kick and call eventfds, with
+/// SCM_RIGHTS) at activation and reset, and their replies.
 const DEVICE_LOOP_EXTRA: &[libc::c_long] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
     libc::SYS_sendto,
     libc::SYS_shutdown,
 ];
@@ -224,6 +230,11 @@ const VCPU_EXTRA: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_sendto,
 ];
+
+/// A vhost-user watchdog: `shutdown` on the socket whose answer is overdue (its wait is a
+/// futex with a timeout, in [`COMMON`]); closing its copy of the socket when it ends (debug
+/// builds of std check the descriptor with `fcntl(F_GETFD)` first).
+const VHOST_USER_WATCHDOG_EXTRA: &[libc::c_long] = &[libc::SYS_fcntl, libc::SYS_shutdown];
 
 /// The event monitor's writer: closing its file (debug builds of std check the descriptor with
 /// `fcntl(F_GETFD)` before closing it).
@@ -242,6 +253,7 @@ fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
         ThreadRole::SerialSocket => vec![COMMON, NETWORK],
         ThreadRole::Witness => vec![COMMON, SPAWN, NETWORK, FILES],
         ThreadRole::EventMonitor => vec![COMMON, EVENT_MONITOR_EXTRA],
+        ThreadRole::VhostUserWatchdog => vec![COMMON, VHOST_USER_WATCHDOG_EXTRA],
     }
 }
 
@@ -249,7 +261,9 @@ fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
 fn ioctls(role: ThreadRole) -> Option<&'static [u64]> {
     match role {
         ThreadRole::Vmm | ThreadRole::Vcpu => None,
-        ThreadRole::DeviceLoop | ThreadRole::EventMonitor => Some(&[]),
+        ThreadRole::DeviceLoop | ThreadRole::EventMonitor | ThreadRole::VhostUserWatchdog => {
+            Some(&[])
+        }
         ThreadRole::Api
         | ThreadRole::Replication
         | ThreadRole::SerialSocket
@@ -368,7 +382,7 @@ pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
 /// starts anew at every epoch boundary, where compiling its filter again would lengthen the
 /// checkpoint's tail.
 static COMPILED: [OnceLock<Option<Arc<BpfProgram>>>; ROLES] = [const { OnceLock::new() }; ROLES];
-const ROLES: usize = 8;
+const ROLES: usize = 9;
 
 fn compiled(role: ThreadRole, mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
     let slot = &COMPILED[role as usize];

@@ -13,7 +13,7 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::config::{ConsoleOutputMode, DiskConfig, VmConfig};
 use crate::console::ConsoleHost;
 use crate::device_manager::{
     DeviceManager, DeviceManagerError, DeviceStateError, DevicesState, VirtioHandle,
@@ -25,9 +25,11 @@ use crate::x86_64::cpu_state::{self, KvmVmState, VcpuState};
 use crate::x86_64::{acpi, boot, cpuid, layout, mptable, msr, regs};
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::console::Console;
+use devices::virtio::fs::{Fs, FsError};
 use devices::virtio::net::{MacAddr, Net, NetConfig};
 use devices::virtio::pmem::{Pmem, PmemBacking, PmemError, PMEM_ALIGNMENT};
 use devices::virtio::rng::Rng;
+use devices::virtio::vhost_user::{VhostUserError, HANDSHAKE_TIMEOUT};
 use devices::virtio::vsock::{Vsock, VsockError};
 use kvm_bindings::kvm_userspace_memory_region;
 use vm_memory::GuestAddress;
@@ -126,6 +128,21 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     #[error("{field}: {source}")]
+    Fs {
+        field: &'static str,
+        #[source]
+        source: FsError,
+    },
+    #[error(
+        "fs ({id}): a vhost-user backend must map guest memory, which needs \
+         memory.shared=on (or memory.hugepages=on): {source}"
+    )]
+    FsMemory {
+        id: String,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("{field}: {source}")]
     Vsock {
         field: &'static str,
         #[source]
@@ -138,6 +155,8 @@ pub struct VmEvents {
     pub exit: EventFd,
     pub reset: EventFd,
     pub vcpu_failure: EventFd,
+    /// The guest ejected a hot-plugged PCI device (its `_EJ0` ran).
+    pub pci_eject: EventFd,
 }
 
 impl VmEvents {
@@ -147,6 +166,7 @@ impl VmEvents {
             exit: new()?,
             reset: new()?,
             vcpu_failure: new()?,
+            pci_eject: new()?,
         })
     }
 }
@@ -353,6 +373,12 @@ impl Vm {
         let mut mmio = IoBus::new();
         let ged = add_ged(&vm_fd, &mut mmio)?;
         let mut device_manager = DeviceManager::new(memory.clone(), vm_fd.clone());
+        device_manager.set_placement(config.pci_placement());
+        device_manager.attach_hotplug(
+            &mut mmio,
+            ged.clone(),
+            events.pci_eject.try_clone().map_err(VmError::EventFd)?,
+        )?;
         // Cloud Hypervisor's order: the virtio console, disks, NICs, then the entropy device.
         add_console(
             &vm_fd,
@@ -368,7 +394,8 @@ impl Vm {
         )?;
         add_nets(&vm_fd, &mut device_manager, config)?;
         add_rng(&vm_fd, &mut device_manager, config)?;
-        // Then, as Cloud Hypervisor: pmem, vsock. pmem regions go above the 64-bit PCI window.
+        add_fs(&vm_fd, &mut device_manager, config, &memory)?;
+        // Then, as Cloud Hypervisor: (virtio-fs above,) pmem, vsock. pmem regions go above the 64-bit PCI window.
         let mmio64 = layout::pci_mmio64_window(mem_size, phys_bits(&base_cpuid) as u8);
         let pmem_area = (
             (mmio64.0 + mmio64.1).next_multiple_of(PMEM_ALIGNMENT),
@@ -463,6 +490,11 @@ impl Vm {
 
     pub fn device_manager(&self) -> &DeviceManager {
         &self.device_manager
+    }
+
+    /// What a hot-plug needs at once: the device manager, the VM's KVM handle and memory.
+    pub(crate) fn hotplug_parts(&mut self) -> (&mut DeviceManager, &VmFd, &GuestMemoryMmap) {
+        (&mut self.device_manager, &self.vm_fd, &self.memory)
     }
 
     pub fn device_manager_mut(&mut self) -> &mut DeviceManager {
@@ -712,23 +744,29 @@ fn add_disks(
 ) -> Result<(), VmError> {
     for (index, disk) in config.disks.iter().flatten().enumerate() {
         let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
-        let block = Block::new(BlockConfig {
-            path: disk.path.clone().unwrap_or_default(),
-            readonly: disk.readonly,
-            direct: disk.direct,
-            id: disk.serial.clone().or_else(|| disk.id.clone()),
-            num_queues: disk.num_queues,
-            queue_size: disk.queue_size,
-            defer_lock,
-        })
-        .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
-        device_manager.add_virtio_device(
-            vm_fd,
-            id,
-            VirtioHandle::Block(Arc::new(Mutex::new(block))),
-        )?;
+        let block = new_disk(disk, &id, defer_lock)?;
+        device_manager.add_virtio_device(vm_fd, id, block)?;
     }
     Ok(())
+}
+
+/// The virtio-blk model of `disk` (at boot and for `vm.add-disk`).
+pub(crate) fn new_disk(
+    disk: &DiskConfig,
+    id: &str,
+    defer_lock: bool,
+) -> Result<VirtioHandle, VmError> {
+    let block = Block::new(BlockConfig {
+        path: disk.path.clone().unwrap_or_default(),
+        readonly: disk.readonly,
+        direct: disk.direct,
+        id: disk.serial.clone().or_else(|| disk.id.clone()),
+        num_queues: disk.num_queues,
+        queue_size: disk.queue_size,
+        defer_lock,
+    })
+    .map_err(|e| VmError::Device(format!("--disk {id}: {e}")))?;
+    Ok(VirtioHandle::Block(Arc::new(Mutex::new(block))))
 }
 
 fn add_nets(
@@ -741,32 +779,57 @@ fn add_nets(
             .id
             .clone()
             .unwrap_or_else(|| format!("_net{index}"));
-        let mac = match &net_config.mac {
-            Some(mac) => Some(
-                mac.parse::<MacAddr>()
-                    .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?,
-            ),
-            None => None,
-        };
-        let (ip, mask) = net_config.host_address();
-        let net = Net::new(NetConfig {
-            tap: net_config.tap.clone(),
-            ip,
-            mask,
-            mac,
-            mtu: net_config.mtu,
-            queue_size: net_config.queue_size,
-            id: Some(id.clone()),
-        })
-        .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?;
-        log::info!("{id}: TAP {}", net.tap_name());
-        device_manager.add_virtio_device(
-            vm_fd,
-            id,
-            VirtioHandle::Net(Arc::new(Mutex::new(net))),
-        )?;
+        let net = new_net(net_config, &id)?;
+        device_manager.add_virtio_device(vm_fd, id, net)?;
     }
     Ok(())
+}
+
+/// The virtio-net model of `net_config` (at boot and for `vm.add-net`).
+pub(crate) fn new_net(
+    net_config: &crate::config::NetConfig,
+    id: &str,
+) -> Result<VirtioHandle, VmError> {
+    let mac = match &net_config.mac {
+        Some(mac) => Some(
+            mac.parse::<MacAddr>()
+                .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?,
+        ),
+        None => None,
+    };
+    let (ip, mask) = net_config.host_address();
+    let tap_fd = match net_config.passed_fds().and_then(|fds| fds.first()) {
+        Some(&fd) => Some(passed_tap(id, fd)?),
+        None => None,
+    };
+    let net = Net::new(NetConfig {
+        tap: net_config.tap.clone(),
+        tap_fd,
+        ip,
+        mask,
+        mac,
+        mtu: net_config.mtu,
+        queue_size: net_config.queue_size,
+        id: Some(id.to_string()),
+    })
+    .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?;
+    log::info!("{id}: TAP {}", net.tap_name());
+    Ok(VirtioHandle::Net(Arc::new(Mutex::new(net))))
+}
+
+/// The TAP of a NIC given by descriptor (`fds`, one per queue pair; validation allows one).
+/// The number is this process's: inherited (`--net fd=N`, checked open at start-up and never
+/// closed) or passed with `vm.add-net` (held open by the control loop while the NIC exists).
+/// The device gets a duplicate, so a rebuild (reboot) finds the original still open.
+fn passed_tap(id: &str, fd: i32) -> Result<devices::tap::PassedTap, VmError> {
+    let what = format!("net {id} (fd {fd})");
+    // SAFETY: the descriptor is open for the duration of the borrow (see above); it is only
+    // duplicated here, never closed or taken over.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let owned = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| VmError::Device(format!("{what}: cannot duplicate the descriptor: {e}")))?;
+    Ok(devices::tap::PassedTap::new(owned, what))
 }
 
 /// Cloud Hypervisor's id of the virtio console.
@@ -911,6 +974,58 @@ fn add_pmem(
             return Err(e.into());
         }
         next = end.next_multiple_of(PMEM_ALIGNMENT);
+    }
+    Ok(())
+}
+
+/// The virtio-fs devices, each connected to (and negotiated with) its vhost-user backend now,
+/// so that a backend that is missing, dead or mute fails the boot with its socket named.
+fn add_fs(
+    vm_fd: &VmFd,
+    device_manager: &mut DeviceManager,
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+) -> Result<(), VmError> {
+    for (index, fs) in config.fs.iter().flatten().enumerate() {
+        let id = fs.id.clone().unwrap_or_else(|| format!("_fs{index}"));
+        // Validation already asks for shared memory; this names the memory actually made.
+        memory::shared_regions(memory).map_err(|source| VmError::FsMemory {
+            id: id.clone(),
+            source,
+        })?;
+        let device = Fs::new(
+            id.clone(),
+            &fs.tag,
+            fs.num_queues,
+            fs.queue_size,
+            &fs.socket,
+            HANDSHAKE_TIMEOUT,
+            Arc::new(|| {
+                crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::VhostUserWatchdog)
+            }),
+        )
+        .map_err(|source| VmError::Fs {
+            field: match &source {
+                FsError::Tag { .. } => "fs.tag",
+                FsError::NoRequestQueue { .. } => "fs.num_queues",
+                FsError::Backend {
+                    source: VhostUserError::QueueCount { .. },
+                    ..
+                } => "fs.num_queues",
+                _ => "fs.socket",
+            },
+            source,
+        })?;
+        log::info!(
+            "{id}: virtio-fs tag {} served by the vhost-user backend at {}",
+            fs.tag,
+            fs.socket.display()
+        );
+        device_manager.add_virtio_device(
+            vm_fd,
+            id,
+            VirtioHandle::Fs(Arc::new(Mutex::new(device))),
+        )?;
     }
     Ok(())
 }

@@ -22,10 +22,12 @@ use crate::control::{
     VmmResult,
 };
 use crate::control::{EnableFtRequest, FtHealth, FtRole, FtStatus, ReceiveFtRequest};
+use crate::control::{HotplugRequest, PciDeviceInfo, RemoveDeviceRequest};
 use crate::event_monitor::EventMonitor;
 use crate::fault_tolerance::{
-    BackupEvent, BackupFt, FtProvider, PrimaryEvent, PrimaryFt, StopReason,
+    BackupEvent, BackupFt, FtProvider, PrimaryEvent, PrimaryFt, ReplicableVm, StopReason,
 };
+use crate::hotplug;
 use crate::migration::receive::{IncomingEvent, IncomingMigration, ReceiveError, ReceiveTimeouts};
 use crate::migration::{live, snapshot, TransferStats};
 use crate::progress::{Operation, Phase, ProgressBoard, TransferProgress};
@@ -265,6 +267,8 @@ enum Wake {
     Epoch = 6,
     /// The migration receiver thread needs the control loop.
     Migration = 7,
+    /// The guest ejected a hot-plugged PCI device.
+    PciEject = 8,
 }
 
 /// The API side of the control loop: requests arrive on the channel, and the eventfd wakes
@@ -336,6 +340,9 @@ struct Vmm {
     standby: Option<Standby>,
     /// The last status of a protection session that ended (fenced, took over, failed).
     ft_ended: Option<FtStatus>,
+    /// TAP descriptors passed with `vm.add-net`, by NIC id: open while the NIC exists (its
+    /// configuration names the number, so a reboot rebuilds it).
+    passed_taps: BTreeMap<String, std::os::fd::OwnedFd>,
     /// The settings of the running protection (primary) or wait (backup): a guest reset
     /// protects the rebooted VM again with them.
     ft_request: Option<EnableFtRequest>,
@@ -360,8 +367,8 @@ impl Vmm {
         }
     }
 
-    /// An FT event (source `vm`, as Cloud Hypervisor's VM events) with its properties.
-    fn emit_ft(&self, event: &str, properties: &[(&str, String)]) {
+    /// A VM event (source `vm`, as Cloud Hypervisor's) with its properties: FT and hot-plug.
+    fn emit_vm(&self, event: &str, properties: &[(&str, String)]) {
         if let Some(monitor) = &self.monitor {
             let props: BTreeMap<String, String> = properties
                 .iter()
@@ -413,17 +420,37 @@ impl Vmm {
         Ok(())
     }
 
-    /// Ends the primary's protection session, if any, while the VM still exists.
-    fn end_protection(&mut self, reason: StopReason) {
-        if let Some(primary) = self.primary.take() {
-            primary.stop(self.vm.as_mut(), reason);
-            self.emit_ft(
-                "ft-stopped",
-                &[("reason", format!("{reason:?}").to_lowercase())],
-            );
-            self.ft_reported = (FtHealth::Off, 0);
-            self.arm_epoch_timer(None);
+    /// Ends the primary's protection session, if any, while the VM still exists. False when
+    /// this copy was fenced on the way out (the backup may own the VM): the VM is stopped
+    /// then, whatever the reason, and must not be started again here.
+    fn end_protection(&mut self, reason: StopReason) -> bool {
+        let Some(primary) = self.primary.take() else {
+            return true;
+        };
+        let status = primary.status();
+        let result = primary.stop(self.vm.as_mut(), reason);
+        self.emit_vm(
+            "ft-stopped",
+            &[("reason", format!("{reason:?}").to_lowercase())],
+        );
+        self.ft_reported = (FtHealth::Off, 0);
+        self.arm_epoch_timer(None);
+        let Err(why) = result else {
+            return true;
+        };
+        log::error!("fenced: {why}; this copy of the VM stops");
+        self.ft_ended = Some(FtStatus {
+            health: FtHealth::Fenced,
+            last_error: Some(why.clone()),
+            ..status
+        });
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
         }
+        self.state = VmState::Shutdown;
+        self.ft_reported = (FtHealth::Fenced, 0);
+        self.emit_vm("ft-fenced", &[("reason", why)]);
+        false
     }
 
     fn stop_vm(&mut self) {
@@ -448,7 +475,10 @@ impl Vmm {
         } else {
             None
         };
-        self.end_protection(StopReason::Reset);
+        if !self.end_protection(StopReason::Reset) {
+            // The backup may run this VM now: it does not boot again here.
+            return Ok(());
+        }
         self.stop_vm();
         self.boot()?;
         self.emit("vm", "rebooted");
@@ -473,7 +503,7 @@ impl Vmm {
                 }
                 Err(e) => {
                     log::error!("FT: the rebooted VM runs unprotected: {e}");
-                    self.emit_ft("ft-reprotect-failed", &[("error", e.to_string())]);
+                    self.emit_vm("ft-reprotect-failed", &[("error", e.to_string())]);
                     return;
                 }
             }
@@ -707,9 +737,14 @@ impl Vmm {
             VmmRequest::Progress => crate::control::progress_response(&self.progress),
             VmmRequest::DisableFt => self.disable_ft().map(|_| VmmResponse::Empty),
             VmmRequest::Resize(request) => self.resize(&request).map(|_| VmmResponse::Empty),
+            VmmRequest::AddDevice(request) => self.add_device(*request),
+            VmmRequest::RemoveDevice(request) => {
+                self.remove_device(&request).map(|_| VmmResponse::Empty)
+            }
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
+                self.passed_taps.clear();
                 self.console = None;
                 self.serial = None;
                 self.state = VmState::Created;
@@ -785,6 +820,13 @@ impl Vmm {
     fn snapshot(&mut self, request: &SnapshotRequest) -> Result<(), VmmError> {
         let dir = snapshot::parse_file_url(&request.destination_url)
             .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        if let Some(why) = self
+            .config
+            .as_ref()
+            .and_then(crate::migration::snapshot_refusal)
+        {
+            return Err(Self::failed("snapshot", why));
+        }
         self.emit("vm", "snapshotting");
         let config = self.config.as_ref().ok_or(VmmError::VmNotCreated)?;
         let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
@@ -1045,6 +1087,9 @@ impl Vmm {
     }
 
     fn enable_ft(&mut self, request: &EnableFtRequest) -> Result<(), VmmError> {
+        if request.peer == DIRTY_LOG_FLOOR_PEER {
+            return self.start_dirty_log_floor(request);
+        }
         if let Some(why) = self.config.as_ref().and_then(crate::migration::ft_refusal) {
             return Err(Self::failed("enable-ft", why));
         }
@@ -1057,7 +1102,14 @@ impl Vmm {
             }
         }
         // A primary that lost its backup gets a new one: the old session ends first.
-        self.end_protection(StopReason::Disabled);
+        if !self.end_protection(StopReason::Disabled) {
+            return Err(VmmError::Failed {
+                action: "enable-ft",
+                message:
+                    "this copy of the VM was fenced while its old protection ended (see ft-status)"
+                        .into(),
+            });
+        }
         if self.ft.is_none() {
             return Err(VmmError::Failed {
                 action: "enable-ft",
@@ -1068,7 +1120,7 @@ impl Vmm {
         if self.vm.is_none() {
             return Err(VmmError::VmNotCreated);
         }
-        self.emit_ft("ft-syncing", &[("peer", request.peer.clone())]);
+        self.emit_vm("ft-syncing", &[("peer", request.peer.clone())]);
         let progress = Arc::new(
             TransferProgress::new(Operation::EnableFt, config.memory.size)
                 .with_monitor(self.monitor.clone()),
@@ -1087,7 +1139,7 @@ impl Vmm {
                 if matches!(progress.phase(), Phase::Starting | Phase::Copying) {
                     progress.failed(&e.to_string());
                 }
-                self.emit_ft("ft-sync-failed", &[("error", e.to_string())]);
+                self.emit_vm("ft-sync-failed", &[("error", e.to_string())]);
                 return Err(e);
             }
         };
@@ -1108,7 +1160,23 @@ impl Vmm {
             props.push(("group", group.clone()));
             props.push(("group_members", status.group_members.to_string()));
         }
-        self.emit_ft("ft-protected", &props);
+        self.emit_vm("ft-protected", &props);
+        Ok(())
+    }
+
+    /// The benchmark floor (see [`DirtyLogFloor`]); `vm.disable-ft` ends it, a reboot too.
+    fn start_dirty_log_floor(&mut self, request: &EnableFtRequest) -> Result<(), VmmError> {
+        if self.primary.is_some() {
+            return Err(Self::failed("enable-ft", "the VM is already protected"));
+        }
+        let vm = self.vm.as_mut().ok_or(VmmError::VmNotCreated)?;
+        let floor = DirtyLogFloor::start(vm, request.epoch_ms)
+            .map_err(|e| Self::failed("enable-ft", &e))?;
+        self.arm_epoch_timer(floor.next_checkpoint());
+        self.primary = Some(Box::new(floor));
+        self.ft_request = None;
+        self.ft_ended = None;
+        self.ft_reported = (FtHealth::Off, 0);
         Ok(())
     }
 
@@ -1124,25 +1192,124 @@ impl Vmm {
         self.backup = Some(backup);
         self.receive_request = Some(request.clone());
         self.ft_ended = None;
-        self.emit_ft(
+        self.emit_vm(
             "ft-waiting",
             &[("receiver_url", request.receiver_url.clone())],
         );
         Ok(())
     }
 
+    /// `vm.add-*`: see [`VmmRequest::AddDevice`].
+    fn add_device(&mut self, request: HotplugRequest) -> Result<VmmResponse, VmmError> {
+        let action = request.endpoint();
+        let config = self.config.clone().ok_or(VmmError::VmNotCreated)?;
+        self.refuse_hotplug_while_protected(action)?;
+        let mut plan = hotplug::plan_add(&config, request)?;
+        let Some(vm) = self.vm.as_mut() else {
+            // Before boot the device only joins the configuration, as in Cloud Hypervisor.
+            if let Some(fd) = plan.passed_fd.take() {
+                self.passed_taps.insert(plan.id.clone(), fd);
+            }
+            self.config = Some(plan.config);
+            return Ok(VmmResponse::Empty);
+        };
+        let number = hotplug::attach(vm, &mut plan)
+            .map_err(|message| VmmError::Failed { action, message })?;
+        plan.config.pin_devices(&vm.device_manager().placement());
+        if let Some(fd) = plan.passed_fd.take() {
+            self.passed_taps.insert(plan.id.clone(), fd);
+        }
+        self.config = Some(plan.config);
+        let info = PciDeviceInfo {
+            id: plan.id,
+            bdf: crate::control::pci_bdf(number),
+        };
+        log::info!("{action}: {} at {}", info.id, info.bdf);
+        self.emit_vm(
+            "device-added",
+            &[("id", info.id.clone()), ("bdf", info.bdf.clone())],
+        );
+        Ok(VmmResponse::DeviceAdded(info))
+    }
+
+    /// `vm.remove-device`: see [`VmmRequest::RemoveDevice`].
+    fn remove_device(&mut self, request: &RemoveDeviceRequest) -> Result<(), VmmError> {
+        let config = self.config.as_mut().ok_or(VmmError::VmNotCreated)?;
+        let id = request.id.as_str();
+        if !config.device_ids().iter().any(|known| known == id) {
+            return Err(VmmError::NotFound(format!("no device {id}")));
+        }
+        self.refuse_hotplug_while_protected("vm.remove-device")?;
+        let Some(vm) = self.vm.as_mut() else {
+            // Not booted: it only leaves the configuration.
+            let config = self.config.as_mut().ok_or(VmmError::VmNotCreated)?;
+            return hotplug::forget(config, id, None)
+                .map_err(|e| VmmError::InvalidConfig(e.to_string()));
+        };
+        vm.device_manager()
+            .request_unplug(id)
+            .map_err(|e| VmmError::InvalidConfig(e.to_string()))?;
+        self.emit_vm("device-eject-requested", &[("id", id.to_string())]);
+        Ok(())
+    }
+
+    /// The guest ejected devices: they leave the bus and the configuration.
+    fn handle_pci_eject(&mut self) {
+        let _ = self.events.pci_eject.read();
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
+        let placement = vm.device_manager().placement();
+        let (device_manager, vm_fd, _) = vm.hotplug_parts();
+        let removed = device_manager.complete_ejects(vm_fd);
+        for id in removed {
+            if let Some(config) = self.config.as_mut() {
+                if let Err(e) = hotplug::forget(config, &id, Some(&placement)) {
+                    log::error!("{id}: {e}");
+                }
+            }
+            self.passed_taps.remove(&id);
+            log::info!("{id}: ejected by the guest and removed");
+            self.emit_vm("device-removed", &[("id", id)]);
+        }
+    }
+
+    /// Hot-plug changes the VM the backup mirrors: refused while a backup exists (its
+    /// standby VM is built from the configuration at `enable-ft`).
+    fn refuse_hotplug_while_protected(&self, action: &'static str) -> Result<(), VmmError> {
+        let protected = self
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.status().health != FtHealth::Degraded);
+        if protected || self.backup.is_some() {
+            return Err(VmmError::Failed {
+                action,
+                message: "the VM is protected by fault tolerance: its backup's copy cannot \
+                          change devices; disable-ft, change the devices, then enable-ft again"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     fn disable_ft(&mut self) -> Result<(), VmmError> {
         if self.primary.is_some() {
-            self.end_protection(StopReason::Disabled);
-            self.ft_ended = None;
+            let kept = self.end_protection(StopReason::Disabled);
             self.ft_request = None;
+            if !kept {
+                return Err(VmmError::Failed {
+                    action: "disable-ft",
+                    message: "the backup did not confirm it stood down and the fencing gave it the VM: this copy stopped (see ft-status)".into(),
+                });
+            }
+            self.ft_ended = None;
             return Ok(());
         }
         if let Some(backup) = self.backup.take() {
             self.receive_request = None;
             backup.stop();
             self.drop_standby();
-            self.emit_ft("ft-stopped", &[("reason", "disabled".to_string())]);
+            self.emit_vm("ft-stopped", &[("reason", "disabled".to_string())]);
             return Ok(());
         }
         Err(VmmError::Failed {
@@ -1192,13 +1359,14 @@ impl Vmm {
                 log::error!("fenced: {reason}; this copy of the VM stops");
                 if let Some(primary) = self.primary.take() {
                     let status = primary.status();
-                    primary.stop(self.vm.as_mut(), StopReason::VmGone);
+                    // Already fenced: its held output is dropped either way.
+                    let _ = primary.stop(self.vm.as_mut(), StopReason::VmGone);
                     self.ft_ended = Some(status);
                 }
                 self.stop_vm();
                 self.state = VmState::Shutdown;
                 self.ft_reported = (FtHealth::Fenced, 0);
-                self.emit_ft("ft-fenced", &[("reason", reason)]);
+                self.emit_vm("ft-fenced", &[("reason", reason)]);
             } else if let Some(status) = self.primary.as_ref().map(|p| p.status()) {
                 self.report_primary_changes(&status);
             }
@@ -1221,7 +1389,7 @@ impl Vmm {
                         backup.stop();
                     }
                     self.drop_standby();
-                    self.emit_ft(
+                    self.emit_vm(
                         "ft-stood-down",
                         &[
                             ("guest_shutdown", guest_shutdown.to_string()),
@@ -1247,7 +1415,7 @@ impl Vmm {
                         backup.stop();
                     }
                     self.drop_standby();
-                    self.emit_ft("ft-failed", &[("error", message)]);
+                    self.emit_vm("ft-failed", &[("error", message)]);
                 }
             }
         }
@@ -1325,10 +1493,10 @@ impl Vmm {
             }
         }
         match failed {
-            None => self.emit_ft("ft-failover", &props),
+            None => self.emit_vm("ft-failover", &props),
             Some(error) => {
                 props.push(("error", error));
-                self.emit_ft("ft-failover-failed", &props);
+                self.emit_vm("ft-failover-failed", &props);
             }
         }
     }
@@ -1340,12 +1508,12 @@ impl Vmm {
         if status.health != health {
             if status.health == FtHealth::Degraded {
                 let reason = status.last_error.clone().unwrap_or_default();
-                self.emit_ft("ft-degraded", &[("reason", reason)]);
+                self.emit_vm("ft-degraded", &[("reason", reason)]);
             }
             self.ft_reported.0 = status.health;
         }
         if status.group.is_some() && status.group_members != members {
-            self.emit_ft(
+            self.emit_vm(
                 "ft-group-changed",
                 &[
                     ("group", status.group.clone().unwrap_or_default()),
@@ -1404,6 +1572,10 @@ impl Vmm {
                 self.handle_incoming();
                 Ok(Next::Continue)
             }
+            w if w == Wake::PciEject as u64 => {
+                self.handle_pci_eject();
+                Ok(Next::Continue)
+            }
             _ => {
                 let Some(api) = api else {
                     return Ok(Next::Continue);
@@ -1449,6 +1621,7 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         (ft_wake.as_raw_fd(), Wake::Ft),
         (epoch_timer.as_raw_fd(), Wake::Epoch),
         (migration_wake.as_raw_fd(), Wake::Migration),
+        (events.pci_eject.as_raw_fd(), Wake::PciEject),
     ];
     if let Some(api) = &options.api {
         watched.push((api.wake.as_raw_fd(), Wake::Api));
@@ -1485,6 +1658,7 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         receive_request: None,
         migration_wake,
         incoming: None,
+        passed_taps: BTreeMap::new(),
     };
     vmm.emit("vmm", "starting");
     if let Some(config) = options.config {
@@ -1517,6 +1691,83 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
             }
             return Ok(reason);
         }
+    }
+}
+
+/// `vm.enable-ft` with this peer protects nothing: it is a benchmark hook (the FT benchmark's
+/// floor). Every epoch the control loop harvests and re-arms the dirty log exactly as an FT
+/// checkpoint does (`ReplicableVm::dirty_since_last`: `KVM_GET_DIRTY_LOG` per slot, which
+/// write-protects the pages again, OR the device bitmap), and nothing else: no pause, no
+/// copy, no state capture, no sending. So guest work under it shows what dirty tracking
+/// alone costs on this host. `vm.ft-status` reports role primary, health off, this peer, the
+/// harvests as epochs and the pages found dirty.
+pub const DIRTY_LOG_FLOOR_PEER: &str = "dirty-log-floor";
+
+struct DirtyLogFloor {
+    epoch_len: Duration,
+    /// When the last harvest started (epochs count from there, as FT's do).
+    started: Instant,
+    epoch: u64,
+    dirty_pages: u64,
+}
+
+impl DirtyLogFloor {
+    fn start(vm: &mut Vm, epoch_ms: u64) -> Result<Self, String> {
+        if epoch_ms == 0 || epoch_ms > 1000 {
+            return Err(format!("epoch_ms {epoch_ms}: the floor takes 1 to 1000 ms"));
+        }
+        ReplicableVm::set_dirty_logging(vm, true)?;
+        // What was dirty before it started does not count.
+        if let Err(e) = ReplicableVm::dirty_since_last(vm) {
+            let _ = ReplicableVm::set_dirty_logging(vm, false);
+            return Err(e);
+        }
+        Ok(Self {
+            epoch_len: Duration::from_millis(epoch_ms),
+            started: Instant::now(),
+            epoch: 0,
+            dirty_pages: 0,
+        })
+    }
+}
+
+impl PrimaryFt for DirtyLogFloor {
+    fn next_checkpoint(&self) -> Option<Duration> {
+        Some(self.epoch_len.saturating_sub(self.started.elapsed()))
+    }
+
+    fn checkpoint(&mut self, vm: &mut Vm) -> Result<(), String> {
+        self.started = Instant::now();
+        let dirty = ReplicableVm::dirty_since_last(vm)?;
+        self.dirty_pages += dirty.count();
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, _vm: &mut Vm, _running: bool) -> PrimaryEvent {
+        PrimaryEvent::Continue
+    }
+
+    fn status(&self) -> FtStatus {
+        FtStatus {
+            role: FtRole::Primary,
+            health: FtHealth::Off,
+            peer: Some(DIRTY_LOG_FLOOR_PEER.to_string()),
+            epoch_ms: self.epoch_len.as_millis() as u64,
+            epoch: self.epoch,
+            dirty_pages: self.dirty_pages,
+            ..FtStatus::default()
+        }
+    }
+
+    fn stop(self: Box<Self>, vm: Option<&mut Vm>, _reason: StopReason) -> Result<(), String> {
+        // No backup: nothing can own the VM but this side.
+        if let Some(vm) = vm {
+            if let Err(e) = ReplicableVm::set_dirty_logging(vm, false) {
+                log::warn!("dirty-log floor: turning dirty logging off: {e}");
+            }
+        }
+        Ok(())
     }
 }
 

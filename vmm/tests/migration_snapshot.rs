@@ -403,3 +403,23 @@ fn throughput_1gib() {
         mb / load
     );
 }
+
+/// A NIC that was a passed TAP descriptor cannot be restored: the number belonged to the
+/// process that took the snapshot.
+#[test]
+fn a_nic_given_by_descriptor_is_refused_at_restore() {
+    let dir = TempDir::new("passed_tap");
+    let mem = vmm::memory::create(MEM_SIZE).unwrap();
+    let cfg = VmConfig {
+        net: Some(vec![vmm::config::NetConfig {
+            fds: Some(vec![7]),
+            id: Some("net0".into()),
+            ..Default::default()
+        }]),
+        ..config()
+    };
+    write_snapshot(&dir.0, &cfg, &state(), &mem).unwrap();
+    let e = read_snapshot::<DummyState>(&dir.0).unwrap_err().to_string();
+    assert!(e.contains("network interface net0"), "{e}");
+    assert!(e.contains("net_fds"), "{e}");
+}

@@ -127,6 +127,34 @@ impl FakeVmm {
                 }
             }
             VmmRequest::Counters => Ok(VmmResponse::Counters(Default::default())),
+            // Hot-plug: a VM takes every device on slot 5; the NIC's id tells how many TAP
+            // descriptors came with it and whether the configuration names them.
+            VmmRequest::AddDevice(_) | VmmRequest::RemoveDevice(_) if self.config.is_none() => {
+                Err(VmmError::VmNotCreated)
+            }
+            VmmRequest::AddDevice(device) => {
+                let id = match *device {
+                    vmm::control::HotplugRequest::Net { config, fds } => {
+                        use std::os::fd::AsRawFd;
+                        let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                        let named = config.fds.as_deref() == Some(raw.as_slice());
+                        format!(
+                            "net-{}-fds-{}",
+                            fds.len(),
+                            if named { "named" } else { "unnamed" }
+                        )
+                    }
+                    other => other.endpoint().to_string(),
+                };
+                Ok(VmmResponse::DeviceAdded(vmm::control::PciDeviceInfo {
+                    id,
+                    bdf: "0000:00:05.0".into(),
+                }))
+            }
+            VmmRequest::RemoveDevice(request) => Err(VmmError::NotFound(format!(
+                "no device with id {}",
+                request.id
+            ))),
             VmmRequest::BootVm if state == VmState::Created => {
                 self.state = VmState::Running;
                 Ok(VmmResponse::Empty)

@@ -12,6 +12,16 @@
 //! ch-remote receive-migration receiver_url=tcp:0.0.0.0:PORT,tls_dir=DIR   (or unix:/path)
 //! ```
 //!
+//! Hot-plug takes the cloud-hypervisor binary's device syntax and prints the VMM's answer
+//! (`{"id":"_disk1","bdf":"0000:00:05.0"}`) as Cloud Hypervisor's ch-remote does:
+//!
+//! ```text
+//! ch-remote add-disk path=/x.img,readonly=on      (also add-pmem, add-fs, add-vsock)
+//! ch-remote add-net tap=tap1,mac=12:34:56:78:9a:bc
+//! ch-remote add-net fd=3,mac=12:34:56:78:9a:bc    (a TAP descriptor of ch-remote, passed along)
+//! ch-remote remove-device _disk1
+//! ```
+//!
 //! Over TCP every channel between hosts is mutual TLS with the certificates in `tls_dir`
 //! (`--tls-dir`), laid out like QEMU's x509 directory. Plain TCP takes `insecure_plaintext=on`
 //! (`--insecure-plaintext`): unsafe, anyone who reaches the port is trusted.
@@ -48,19 +58,38 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{BorrowedFd, RawFd};
+
 use api::client::{self, ApiResponse, ClientError};
 use clap::builder::PossibleValuesParser;
 use clap::{Arg, ArgAction, ArgMatches, Command};
+use cloud_hypervisor::cli::{self, CliError};
 use cloud_hypervisor::option_parser::{ByteSize, OptionParser, OptionValue};
+use vmm::config::NetConfig;
 use vmm::control::{
     EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, ReceiveFtRequest,
-    ReceiveMigrationRequest, RestoreRequest, SendMigrationRequest, SnapshotRequest,
-    VmResizeRequest,
+    ReceiveMigrationRequest, RemoveDeviceRequest, RestoreRequest, SendMigrationRequest,
+    SnapshotRequest, VmResizeRequest,
 };
 use vmm::progress::ProgressReport;
 
 /// Subcommands: name, help, HTTP method, endpoint. `create` also takes a body.
 const COMMANDS: &[(&str, &str, &str, &str)] = &[
+    ("add-disk", "Add block device", "PUT", "vm.add-disk"),
+    (
+        "add-fs",
+        "Add virtio-fs backed fs device",
+        "PUT",
+        "vm.add-fs",
+    ),
+    ("add-net", "Add network device", "PUT", "vm.add-net"),
+    (
+        "add-pmem",
+        "Add persistent memory device",
+        "PUT",
+        "vm.add-pmem",
+    ),
+    ("add-vsock", "Add vsock device", "PUT", "vm.add-vsock"),
     ("boot", "Boot a created VM", "PUT", "vm.boot"),
     ("counters", "Counters from the VM", "GET", "vm.counters"),
     (
@@ -109,6 +138,12 @@ const COMMANDS: &[(&str, &str, &str, &str)] = &[
         "vm.power-button",
     ),
     ("reboot", "Reboot the VM", "PUT", "vm.reboot"),
+    (
+        "remove-device",
+        "Remove VFIO and PCI device",
+        "PUT",
+        "vm.remove-device",
+    ),
     (
         "receive-ft",
         "Become the hot backup of a primary that will connect (fault tolerance)",
@@ -191,6 +226,26 @@ fn cli() -> Command {
                     .default_value("-")
                     .help("VmConfig JSON file; - reads standard input"),
             ),
+            // The same syntax as the cloud-hypervisor binary's --disk, --net, ... flags.
+            "add-disk" => command.arg(value(
+                "path=<disk_image_path>[,readonly=on|off][,direct=on|off][,id=<device_id>]...",
+            )),
+            "add-net" => command.arg(value(
+                "tap=<if_name>|fd=<fd1>|fd=[<fd1>][,mac=<guest_mac>][,ip=..][,mask=..][,mtu=..]\
+                 [,id=<device_id>]... (fd: a TAP descriptor of this process, passed to the VMM)",
+            )),
+            "add-pmem" => command.arg(value(
+                "file=<backing_file_path>[,size=<persistent_memory_size>]\
+                 [,discard_writes=on|off][,id=<device_id>]...",
+            )),
+            "add-fs" => command.arg(value(
+                "tag=<tag_name>,socket=<socket_path>[,num_queues=<n>][,queue_size=<size>]\
+                 [,id=<device_id>]...",
+            )),
+            "add-vsock" => command.arg(value(
+                "cid=<context_id>,socket=<socket_path>[,id=<device_id>]...",
+            )),
+            "remove-device" => command.arg(value("<device_id>")),
             "snapshot" => command.arg(value("<destination_url> (file:///path/to/dir)")),
             "restore" => command.arg(value(
                 "source_url=<source_url>[,prefault=on|off][,resume=on|off]",
@@ -294,6 +349,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let result = match name {
+        "add-net" => match add_net_fds(sub) {
+            Ok(fds) => run_with_fds(socket, method, endpoint, body.as_deref(), &fds),
+            Err(e) => Err(e),
+        },
+        "add-disk" | "add-fs" | "add-pmem" | "add-vsock" => {
+            run_with_fds(socket, method, endpoint, body.as_deref(), &[])
+        }
         "ft-status" => {
             let json = sub.get_flag("json")
                 || (!sub.get_flag("summary") && !std::io::stdout().is_terminal());
@@ -663,9 +725,62 @@ fn request_body(name: &str, sub: &ArgMatches) -> Result<Option<String>, Error> {
         "enable-ft" => serde_json::to_string(&enable_ft_request(sub)?),
         "receive-ft" => serde_json::to_string(&receive_ft_request(sub)),
         "resize" => serde_json::to_string(&resize_request(sub)?),
+        "add-disk" => serde_json::to_string(&device_config("add-disk", value, cli::parse_disk)?),
+        "add-net" => serde_json::to_string(&add_net_request(value)?.0),
+        "add-pmem" => serde_json::to_string(&device_config("add-pmem", value, cli::parse_pmem)?),
+        "add-fs" => serde_json::to_string(&device_config("add-fs", value, cli::parse_fs)?),
+        "add-vsock" => serde_json::to_string(&device_config("add-vsock", value, cli::parse_vsock)?),
+        "remove-device" => serde_json::to_string(&RemoveDeviceRequest {
+            id: value.to_string(),
+        }),
         _ => return Ok(None),
     };
     json.map(Some).map_err(Error::Encode)
+}
+
+/// A device configuration in the cloud-hypervisor binary's syntax (its `--disk`, `--net`, ...
+/// parser), errors naming the subcommand instead of the flag. Only the syntax is checked here;
+/// the VMM judges the values.
+fn device_config<T>(
+    command: &'static str,
+    value: &str,
+    parse: fn(&str) -> Result<T, CliError>,
+) -> Result<T, Error> {
+    parse(value).map_err(|e| {
+        let reason = match e {
+            CliError::InvalidValue { reason, .. } => reason,
+            CliError::UnsupportedOption { what, .. } => format!("{what} is not supported yet"),
+            other => other.to_string(),
+        };
+        invalid(command, value, reason)
+    })
+}
+
+/// `add-net`: the NetConfig body and the descriptors to pass. As Cloud Hypervisor's ch-remote,
+/// `fd=[...]` names descriptors of this process: they travel with the request (SCM_RIGHTS),
+/// and the body leaves their numbers out, which would mean nothing in the VMM.
+fn add_net_request(value: &str) -> Result<(NetConfig, Vec<RawFd>), Error> {
+    let mut config = device_config("add-net", value, cli::parse_net)?;
+    let fds = config.fds.take().unwrap_or_default();
+    Ok((config, fds))
+}
+
+/// The descriptors `add-net` passes, each checked to be open in this process.
+fn add_net_fds(sub: &ArgMatches) -> Result<Vec<RawFd>, Error> {
+    let value = sub.get_one::<String>("value").map_or("", String::as_str);
+    let (_, fds) = add_net_request(value)?;
+    for &fd in &fds {
+        // SAFETY: F_GETFD on a descriptor number; no memory involved, and a number that is
+        // not open only fails with EBADF.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(invalid(
+                "add-net",
+                value,
+                format!("fd {fd} is not an open descriptor of ch-remote"),
+            ));
+        }
+    }
+    Ok(fds)
 }
 
 /// Whether `value` is written `key=...` with one of `keys` (Cloud Hypervisor's option
@@ -967,6 +1082,32 @@ fn run(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> Resul
             Ok(pretty) => println!("{pretty}"),
             Err(_) => println!("{}", response.body),
         }
+    }
+    Ok(())
+}
+
+/// A hot-plug request, with `fds` passed along (SCM_RIGHTS). The answer (`PciDeviceInfo`) is
+/// printed as the VMM sent it, as Cloud Hypervisor's ch-remote does; before boot there is none.
+fn run_with_fds(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+    fds: &[RawFd],
+) -> Result<(), Error> {
+    // SAFETY: each descriptor was checked open (`add_net_fds`) and nothing in this process
+    // closes it before the request is sent.
+    let borrowed: Vec<BorrowedFd<'_>> = fds
+        .iter()
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        .collect();
+    let response =
+        client::request_with_fds(socket, method, endpoint, body, &borrowed).map_err(Error::Http)?;
+    if !response.is_success() {
+        return Err(Error::Server(response));
+    }
+    if !response.body.is_empty() {
+        println!("{}", response.body);
     }
     Ok(())
 }
@@ -1920,6 +2061,93 @@ mod tests {
             "w:1",
         ]);
         assert!(line.contains("cannot be used with"), "{line}");
+    }
+
+    #[test]
+    fn hotplug_forms_use_the_cloud_hypervisor_device_syntax() {
+        let disk = body(&["add-disk", "path=/x.img,readonly=on,id=_disk1"]);
+        assert_eq!(
+            (&disk["path"], &disk["readonly"], &disk["id"]),
+            (
+                &serde_json::json!("/x.img"),
+                &serde_json::json!(true),
+                &serde_json::json!("_disk1")
+            )
+        );
+        // The body is the whole DiskConfig, Cloud Hypervisor's defaults included.
+        assert_eq!(disk["queue_size"], 128);
+        let net = body(&["add-net", "tap=tap1,mac=12:34:56:78:9a:bc"]);
+        assert_eq!(
+            (&net["tap"], &net["fds"]),
+            (&serde_json::json!("tap1"), &serde_json::Value::Null)
+        );
+        assert_eq!(net["mac"], "12:34:56:78:9a:bc");
+        let pmem = body(&["add-pmem", "file=/p,size=4M,discard_writes=on"]);
+        assert_eq!(
+            (&pmem["file"], &pmem["size"]),
+            (&serde_json::json!("/p"), &serde_json::json!(4u64 << 20))
+        );
+        assert_eq!(
+            body(&["add-fs", "tag=myfs,socket=/run/fs.sock"])["tag"],
+            "myfs"
+        );
+        let vsock = body(&["add-vsock", "cid=3,socket=/run/v.sock"]);
+        assert_eq!(
+            (&vsock["cid"], &vsock["socket"]),
+            (&serde_json::json!(3), &serde_json::json!("/run/v.sock"))
+        );
+        assert_eq!(
+            body(&["remove-device", "_disk1"]),
+            serde_json::json!({"id": "_disk1"})
+        );
+
+        assert_eq!(
+            error(&["add-disk", "readonly=on"]),
+            "invalid add-disk argument \"readonly=on\": path=<disk image> is required"
+        );
+        assert!(error(&["add-disk", "path=/a,bogus=1"]).contains("bogus"));
+        assert!(error(&["add-vsock", "socket=/v"]).contains("cid=<context id> is required"));
+        assert!(error(&["add-net", "ip=1.2.3"]).contains("ip must be an IPv4 address"));
+        assert_eq!(
+            error(&["add-fs", "tag=t,socket=/s,dax=on"]),
+            "invalid add-fs argument \"tag=t,socket=/s,dax=on\": a DAX window (dax=, \
+             cache_size=) is not supported yet"
+        );
+        assert!(arg_error(&["add-disk"]).contains("required arguments"));
+        assert!(arg_error(&["remove-device"]).contains("required arguments"));
+    }
+
+    #[test]
+    fn add_net_passes_its_descriptors_instead_of_their_numbers() {
+        for (value, fds) in [
+            ("fd=3,mac=12:34:56:78:9a:bc", vec![3]),
+            ("fd=[4]", vec![4]),
+            ("tap=t", vec![]),
+        ] {
+            let (config, passed) = add_net_request(value).unwrap();
+            assert_eq!(passed, fds, "{value}");
+            // The numbers are ch-remote's: they never reach the body.
+            assert_eq!(config.fds, None, "{value}");
+            assert_eq!(body(&["add-net", value])["fds"], serde_json::Value::Null);
+        }
+        let matches = |value: &str| {
+            cli()
+                .try_get_matches_from(["ch-remote", "--api-socket", "/s", "add-net", value])
+                .unwrap()
+        };
+        // A descriptor ch-remote does not have is refused before anything is sent.
+        let m = matches("fd=1000000");
+        let (_, sub) = m.subcommand().unwrap();
+        let e = add_net_fds(sub).unwrap_err().to_string();
+        assert!(
+            e.contains("fd 1000000 is not an open descriptor of ch-remote"),
+            "{e}"
+        );
+        let (read, _write) = std::io::pipe().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&read);
+        let m = matches(&format!("fd={fd}"));
+        let (_, sub) = m.subcommand().unwrap();
+        assert_eq!(add_net_fds(sub).unwrap(), [fd]);
     }
 
     #[test]

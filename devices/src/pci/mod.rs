@@ -9,6 +9,7 @@
 //! told through [`PciDevice::bar_decode_changed`].
 
 pub mod config;
+pub mod hotplug;
 pub mod msix;
 
 use std::sync::{Arc, Mutex};
@@ -104,6 +105,32 @@ impl PciBus {
         let decode = decode_of(&*lock(&device));
         *slot = Some(Slot { device, decode });
         Ok(())
+    }
+
+    /// Takes the function at `number` off the bus (a hot-unplug): its BARs stop decoding
+    /// (each is told it decodes nothing, so notifications registered with KVM go too).
+    pub fn remove(&mut self, number: u8) -> Option<SharedPciDevice> {
+        if number == 0 {
+            // The host bridge stays.
+            return None;
+        }
+        let slot = self.slots.get_mut(usize::from(number))?.take()?;
+        {
+            let mut dev = lock(&slot.device);
+            for (bar, old) in slot.decode.iter().enumerate() {
+                if let Some((base, _)) = old {
+                    dev.bar_decode_changed(bar, Some(*base), None);
+                }
+            }
+        }
+        Some(slot.device)
+    }
+
+    /// Whether a function sits at `number`.
+    pub fn is_occupied(&self, number: u8) -> bool {
+        self.slots
+            .get(usize::from(number))
+            .is_some_and(Option::is_some)
     }
 
     fn slot(&self, device: usize, function: usize) -> Option<&Slot> {

@@ -152,6 +152,11 @@ impl Msix {
         self.enabled
     }
 
+    /// The irqfd behind `vector` (what a vhost-user backend signals directly).
+    pub fn irqfd(&self, vector: u16) -> Option<&EventFd> {
+        self.vectors.get(usize::from(vector)).map(|v| &v.irq)
+    }
+
     pub fn table_size_bytes(&self) -> u64 {
         self.vectors.len() as u64 * MSIX_ENTRY_SIZE
     }

@@ -34,10 +34,12 @@ macro_rules! virtio_device_basics {
 pub mod block;
 pub mod console;
 pub mod core;
+pub mod fs;
 pub mod net;
 pub mod pci;
 pub mod pmem;
 pub mod rng;
+pub mod vhost_user;
 pub mod vsock;
 
 use std::sync::Arc;
@@ -70,6 +72,16 @@ pub enum InterruptKind {
 /// How a device interrupts the guest; implemented by the transport.
 pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+
+    /// An eventfd whose every write raises `kind`'s interrupt with no work in this process:
+    /// for a device whose queues another process serves (vhost-user), which signals it
+    /// directly. With MSI-X that is the vector's KVM irqfd, as Cloud Hypervisor hands it out.
+    /// None when the interrupt needs this process's bookkeeping (INTx and the ISR, or no
+    /// vector assigned): the device then relays the backend's signals through
+    /// [`VirtioInterrupt::trigger`].
+    fn notifier(&self, _kind: InterruptKind) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue handed to a device on activation, with the eventfd the guest's notifications

@@ -39,7 +39,7 @@ use super::{
 };
 use crate::gate::NetOutputGate;
 use crate::state::RestoreError;
-use crate::tap::{Tap, TapError, VNET_HDR_LEN};
+use crate::tap::{PassedTap, Tap, TapError, VNET_HDR_LEN};
 use crate::GuestMemoryMmap;
 
 /// Queue indices (5.1.2): receiveq1, transmitq1; no control queue.
@@ -175,6 +175,9 @@ impl fmt::Display for MacAddr {
 pub struct NetConfig {
     /// TAP to attach to or create; `None` creates `vmtap<N>`.
     pub tap: Option<String>,
+    /// A TAP descriptor someone else opened (`--net fd=N`, `vm.add-net` with descriptors);
+    /// used instead of `tap` when set.
+    pub tap_fd: Option<PassedTap>,
     /// IPv4 address for the host side of the TAP (set when given).
     pub ip: Option<Ipv4Addr>,
     /// Netmask for `ip` (set when given).
@@ -193,6 +196,7 @@ impl Default for NetConfig {
     fn default() -> Self {
         NetConfig {
             tap: None,
+            tap_fd: None,
             ip: None,
             mask: None,
             mac: None,
@@ -372,9 +376,10 @@ impl Net {
             }
         }
 
-        let tap = match &cfg.tap {
-            Some(name) => Tap::open_named(name)?,
-            None => Tap::create()?,
+        let tap = match (&cfg.tap_fd, &cfg.tap) {
+            (Some(passed), _) => Tap::from_passed(passed)?,
+            (None, Some(name)) => Tap::open_named(name)?,
+            (None, None) => Tap::create()?,
         };
         if let Some(ip) = cfg.ip {
             tap.set_ip_addr(ip)?;
@@ -385,7 +390,11 @@ impl Net {
         if let Some(mtu) = cfg.mtu {
             tap.set_mtu(mtu)?;
         }
-        tap.enable()?;
+        // A passed TAP was set up by whoever opened it (as with Cloud Hypervisor); the VMM may
+        // lack the privilege to touch the interface, which may sit in another namespace.
+        if cfg.tap_fd.is_none() {
+            tap.enable()?;
+        }
 
         let gate_tap = tap.try_clone().map_err(|source| NetError::CloneTap {
             name: tap.name().to_string(),

@@ -394,3 +394,131 @@ fn rejects_pmem_size_not_a_multiple_of_2mib() {
     let arg = format!("file={},size=3M", file.display());
     run_guest_with("pmem_unaligned", &["--pmem", arg.as_str()], &["pmem.size"]);
 }
+
+// --- virtio-fs (vhost-user) ---------------------------------------------------------------------
+
+/// `--fs` with the memory it needs (a vhost-user backend maps guest RAM).
+fn fs_args(socket: &std::path::Path) -> Vec<String> {
+    vec![
+        "--memory".into(),
+        "size=512M,shared=on".into(),
+        "--fs".into(),
+        format!("tag=myfs,socket={}", socket.display()),
+    ]
+}
+
+#[test]
+fn rejects_fs_without_shared_memory() {
+    run_guest_with(
+        "fs_private_memory",
+        &["--fs", "tag=myfs,socket=/nonexistent/fs.sock"],
+        &["memory.shared"],
+    );
+}
+
+#[test]
+fn rejects_fs_on_pci_segment_1_and_a_dax_window() {
+    run_guest_with(
+        "fs_segment",
+        &[
+            "--memory",
+            "size=512M,shared=on",
+            "--fs",
+            "tag=myfs,socket=/nonexistent/fs.sock,pci_segment=1",
+        ],
+        &["fs.pci_segment"],
+    );
+    run_guest_with(
+        "fs_dax",
+        &[
+            "--memory",
+            "size=512M,shared=on",
+            "--fs",
+            "tag=myfs,socket=/nonexistent/fs.sock,cache_size=8G",
+        ],
+        &["dax"],
+    );
+}
+
+#[test]
+fn rejects_fs_socket_that_does_not_exist() {
+    require_kvm!();
+    let args = fs_args(std::path::Path::new("/nonexistent/fs.sock"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_guest_with("fs_missing_socket", &args, &["fs.socket"]);
+}
+
+#[test]
+fn rejects_fs_socket_nobody_listens_on() {
+    require_kvm!();
+    let dir = TempDir::new("fs_refused").expect("temp dir");
+    let socket = dir.join("fs.sock");
+    // A socket file whose listener is gone: connections are refused.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    let args = fs_args(&socket);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_guest_with("fs_refused", &args, &["fs.socket"]);
+}
+
+#[test]
+fn rejects_fs_backend_that_never_answers() {
+    require_kvm!();
+    let dir = TempDir::new("fs_mute").expect("temp dir");
+    let socket = dir.join("fs.sock");
+    // Listening (so the connection is made) but never answering: the handshake times out.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let args = fs_args(&socket);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    run_guest_with("fs_mute", &args, &["no answer"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the handshake timeout took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Through the API: `vm.create` refuses private memory, and `vm.boot` reports a backend
+/// nobody runs (the VM stays created, nothing hangs).
+#[test]
+fn api_refuses_fs_without_shared_memory_and_boot_names_the_missing_backend() {
+    require_kvm!();
+    let dir = TempDir::new("fs_api").expect("temp dir");
+    let api = dir.join("api.sock");
+    let fs_socket = dir.join("fs.sock");
+    let mut vmm = Vmm::builder("fs_api")
+        .args(["--api-socket", api.to_str().expect("path")])
+        .spawn()
+        .expect("start the VMM");
+    integration::wait_for_api_socket(&mut vmm, &api, Duration::from_secs(30));
+    let body = |shared: bool| {
+        format!(
+            r#"{{"cpus": {{"boot_vcpus": 1, "max_vcpus": 1}},
+                "memory": {{"size": 536870912, "shared": {shared}}},
+                "payload": {{"kernel": "{}", "cmdline": "workload=hello"}},
+                "serial": {{"mode": "Null"}}, "console": {{"mode": "Off"}},
+                "fs": [{{"tag": "myfs", "socket": "{}", "num_queues": 1, "queue_size": 1024}}]}}"#,
+            guest().display(),
+            fs_socket.display()
+        )
+    };
+    let limit = Duration::from_secs(30);
+    let (status, text) =
+        integration::api_request(&api, "PUT", "vm.create", Some(&body(false)), limit)
+            .expect("vm.create");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("memory.shared"), "{text}");
+    let (status, text) =
+        integration::api_request(&api, "PUT", "vm.create", Some(&body(true)), limit)
+            .expect("vm.create");
+    assert!((200..300).contains(&status), "{status} {text}");
+    let (status, text) =
+        integration::api_request(&api, "PUT", "vm.boot", None, limit).expect("vm.boot");
+    assert!(status >= 400, "{status} {text}");
+    assert!(text.contains("fs.socket"), "{text}");
+    assert!(text.contains(&fs_socket.display().to_string()), "{text}");
+    let (status, text) =
+        integration::api_request(&api, "GET", "vm.info", None, limit).expect("vm.info");
+    assert_eq!(status, 200, "{text}");
+    drop(vmm);
+}

@@ -1676,3 +1676,375 @@ fn linux_guest_pmem_writes_reach_the_file_and_discard_writes_leaves_it_unchanged
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// virtio-fs through vhost-user (QEMU's virtiofsd as the backend)
+// ---------------------------------------------------------------------------------------------
+
+/// The vhost-user virtio-fs backend shipped with QEMU 7.2 (Debian's qemu-system-common).
+const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+/// Modern virtio-pci device ID of virtio-fs (0x1040 + 26).
+const VIRTIO_FS_ID: &str = "105a";
+/// Size of the file the host shares with the guest.
+const FS_HOST_BYTES: usize = 300_000;
+
+/// A backend process, killed when the test ends however it ends.
+struct Backend(std::process::Child);
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts virtiofsd sharing `dir` (`cache=none`: every guest read and write reaches the
+/// host's file) on `socket`; waits until it listens.
+fn start_virtiofsd(socket: &Path, dir: &Path, log: &Path) -> Result<Backend, String> {
+    let log = fs::File::create(log).map_err(|e| e.to_string())?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(VIRTIOFSD)
+        .arg(format!("--socket-path={}", socket.display()))
+        .args([
+            "-o",
+            &format!("source={}", dir.display()),
+            "-o",
+            "cache=none",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {VIRTIOFSD}: {e}"))?;
+    let backend = Backend(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{VIRTIOFSD} did not create {}", socket.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(backend)
+}
+
+/// Linux mounts a virtio-fs (`--fs tag=myfs,socket=...` on `--memory shared=on`) served by
+/// virtiofsd: it reads the file the host wrote (same size and FNV-1a as the host's), writes one
+/// the host then reads, the device shows in `vm.counters`. Then the backend is killed while the
+/// VM runs: the VMM logs it, marks the device failed (`backend_failed`), keeps answering the
+/// API, and the guest still shuts down cleanly on the power button.
+#[test]
+fn linux_guest_mounts_virtio_fs_from_virtiofsd_and_survives_the_backend_dying() {
+    require_kvm!();
+    if !Path::new(VIRTIOFSD).exists() {
+        report(&format!("SKIPPED: {VIRTIOFSD} is not installed"));
+        return;
+    }
+    let assets = linux_assets().unwrap_or_else(|e| panic!("{e}"));
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("linux_virtiofs").expect("temp dir");
+    let share = dir.join("share");
+    fs::create_dir_all(&share).expect("share dir");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let host_data: Vec<u8> = (0..FS_HOST_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(share.join("host.bin"), &host_data).expect("write host.bin");
+    let socket = dir.join("virtiofsd.sock");
+    let backend_log = dir.join("virtiofsd.log");
+    let mut backend =
+        start_virtiofsd(&socket, &share, &backend_log).unwrap_or_else(|e| panic!("{e}"));
+    let token = new_token("fs");
+    let api = dir.join("api.sock");
+    let cmdline =
+        format!("{SERIAL_CONSOLE} {QUIRKS_CMDLINE} tg.token={token} tg.checks=pci,fs,wait");
+    let initramfs_arg = assets.initramfs.display().to_string();
+    let fs_arg = format!("tag=myfs,socket={}", socket.display());
+    let mut vmm = Vmm::builder("linux_virtiofs")
+        .kernel(&assets.vmlinux)
+        .args(["--initramfs", initramfs_arg.as_str()])
+        .cmdline(&cmdline)
+        .cpus(1)
+        .memory("256M,shared=on")
+        .serial_tty()
+        .args(["--fs", fs_arg.as_str()])
+        .args(["--api-socket", api.to_str().expect("path")])
+        .spawn()
+        .expect("start the VMM");
+
+    let ready = wait_step(&mut vmm, "LINUX-GUEST READY", BOOT_TIMEOUT);
+    report(&format!(
+        "linux_guest: virtio-fs boot: '{ready}' after {} ms",
+        vmm.elapsed().as_millis()
+    ));
+    let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
+    assert!(pci.contains(VIRTIO_FS_ID), "{}", vmm.diagnose(&pci));
+    let read = wait_step(&mut vmm, "LINUX-GUEST FS read", STEP_TIMEOUT);
+    let want = format!(
+        "bytes={FS_HOST_BYTES} fnv={:016x}",
+        fnv(&host_data, 0xcbf2_9ce4_8422_2325)
+    );
+    assert!(
+        read.contains(&want),
+        "{}",
+        vmm.diagnose(&format!("{read} (want {want})"))
+    );
+    let done = wait_step(&mut vmm, "LINUX-GUEST FS done", STEP_TIMEOUT);
+    assert!(done.contains("ok=1"), "{}", vmm.diagnose(&done));
+    assert_eq!(
+        fs::read_to_string(share.join("guest.txt")).unwrap_or_default(),
+        format!("guest wrote virtiofs token={token}\n"),
+        "{}",
+        vmm.diagnose("the guest's file in the shared directory")
+    );
+    wait_step(&mut vmm, "LINUX-GUEST WAIT", STEP_TIMEOUT);
+    let counters = |vmm: &Vmm| -> serde_json::Value {
+        let out = ch_remote(&api, &["counters"], None);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("ch-remote counters: {e}"))))
+    };
+    let before = counters(&vmm);
+    assert_eq!(before["_fs0"]["activations"], 1, "{before}");
+    assert_eq!(before["_fs0"]["backend_failed"], 0, "{before}");
+
+    // The backend dies while the VM runs.
+    let _ = backend.0.kill();
+    let _ = backend.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let now = counters(&vmm);
+        if now["_fs0"]["backend_failed"] == 1 || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        after["_fs0"]["backend_failed"],
+        1,
+        "{}",
+        vmm.diagnose(&after.to_string())
+    );
+    let info = ch_remote(&api, &["info"], None);
+    assert!(
+        info.status.success(),
+        "{}",
+        vmm.diagnose("ch-remote info after the backend died")
+    );
+    power_button(&mut vmm, &api);
+    assert!(
+        vmm.stderr().contains("virtio-fs backend failed"),
+        "{}",
+        vmm.diagnose("the VMM should log the backend's death")
+    );
+    report(&format!(
+        "linux_guest: virtio-fs boot done after {:.1} s",
+        vmm.elapsed().as_secs_f64()
+    ));
+}
+
+/// The guest's answer to `pcidev BDF`, polled until `done` accepts it; returns it with the
+/// time it took.
+fn poll_pcidev(
+    vmm: &Vmm,
+    ctl: &mut Ctl,
+    bdf: &str,
+    done: impl Fn(&str) -> bool,
+) -> (String, Duration) {
+    let start = Instant::now();
+    loop {
+        let reply = expect_reply(vmm, ctl.cmd(&format!("pcidev {bdf}")), "pcidev ");
+        if done(&reply) {
+            return (reply, start.elapsed());
+        }
+        if start.elapsed() > STEP_TIMEOUT {
+            panic!(
+                "{}",
+                vmm.diagnose(&format!("{bdf}: the guest still says {reply:?}"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// ACPI PCI hot-plug as Cloud Hypervisor offers it, with Linux's own `acpiphp` driver:
+/// `ch-remote add-disk` answers `{id, bdf}`, the guest finds the function at that BDF, binds
+/// virtio-pci and reads the new disk; `add-net` brings a NIC; `remove-device` makes the guest
+/// eject the disk, after which it is gone from the guest, the bus and the configuration.
+/// Prints the hot-plug latencies (API call to the guest's block device).
+#[test]
+fn linux_guest_hot_plugs_a_disk_and_a_nic_and_ejects_the_disk() {
+    require_kvm!();
+    require_netns!();
+    let assets = linux_assets().unwrap_or_else(|e| panic!("{e}"));
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("linux_hotplug").expect("temp dir");
+    let ns = guest_namespace("lhp").unwrap_or_else(|e| panic!("{e}"));
+    let second_tap = "taphp";
+    for args in [
+        &["tuntap", "add", second_tap, "mode", "tap", "vnet_hdr"][..],
+        &["link", "set", second_tap, "up"],
+    ] {
+        ns.ip(args).expect("second TAP");
+    }
+    let token = new_token("hp");
+    let boot_disk = dir.join("disk.img");
+    fs::copy(&assets.disk, &boot_disk).expect("copy the disk image");
+    let added = dir.join("added.img");
+    let marker = format!("hot-plugged-disk-{token}");
+    let mut image = format!("{marker}\n").into_bytes();
+    image.resize(1 << 20, 0);
+    fs::write(&added, &image).expect("write the disk to add");
+    let api = dir.join("api.sock");
+    let cmdline = format!(
+        "{SERIAL_CONSOLE} {QUIRKS_CMDLINE} tg.ip={GUEST_IP}/24 tg.peer={HOST_IP} \
+         tg.ctl={CTL_PORT} tg.token={token} tg.checks=pci,serve"
+    );
+    let initramfs_arg = assets.initramfs.display().to_string();
+    let disk_arg = format!("path={}", boot_disk.display());
+    let net_arg = format!("tap={TAP},mac={GUEST_MAC}");
+    let mut vmm = Vmm::builder("linux_hotplug")
+        .wrapped_in(ns.exec_prefix())
+        .kernel(&assets.vmlinux)
+        .args(["--initramfs", initramfs_arg.as_str()])
+        .cmdline(&cmdline)
+        .cpus(1)
+        .memory("256M")
+        .serial_tty()
+        .args(["--disk", disk_arg.as_str(), "--net", net_arg.as_str()])
+        .args(["--api-socket", api.to_str().expect("path")])
+        .spawn()
+        .expect("start the VMM");
+    wait_step(&mut vmm, "LINUX-GUEST SERVE listening", BOOT_TIMEOUT);
+    let mut ctl =
+        Ctl::connect(&ns, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+
+    // add-disk: CH's answer, the BDF Kata checks the shape of, and the guest's disk.
+    let disk_spec = format!("path={}", added.display());
+    let t = Instant::now();
+    let out = ch_remote(&api, &["add-disk", disk_spec.as_str()], None);
+    let api_ms = t.elapsed().as_millis();
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&String::from_utf8_lossy(&out.stderr))
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("add-disk answer: {e}"))));
+    let id = info["id"].as_str().expect("id").to_string();
+    let bdf = info["bdf"].as_str().expect("bdf").to_string();
+    assert_eq!(id, "_disk1", "{info}");
+    assert!(
+        bdf.starts_with("0000:00:") && bdf.ends_with(".0") && bdf.len() == 12,
+        "{bdf}"
+    );
+    let (present, seen) = poll_pcidev(&vmm, &mut ctl, &bdf, |r| {
+        r.contains("driver=virtio-pci") && !r.contains("block=-")
+    });
+    let block = marker_fields(&present)
+        .get("block")
+        .cloned()
+        .expect("block field");
+    // The block device node may appear a moment before the disk is ready to open.
+    let head_deadline = Instant::now() + Duration::from_secs(30);
+    let head = loop {
+        let reply = ctl
+            .cmd(&format!("head {block}"))
+            .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+        if reply.starts_with("head ok") || Instant::now() > head_deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(head.contains(&marker), "{}", vmm.diagnose(&head));
+    report(&format!(
+        "linux_guest: hot-plug: add-disk answered in {api_ms} ms; the guest had /dev/{block} \
+         at {bdf} {} ms later",
+        seen.as_millis()
+    ));
+
+    // add-net by TAP name: a second NIC bound to virtio-pci.
+    let net_spec = format!("tap={second_tap},mac=12:34:56:78:9a:be");
+    let out = ch_remote(&api, &["add-net", net_spec.as_str()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&String::from_utf8_lossy(&out.stderr))
+    );
+    let net_info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("add-net answer");
+    let net_bdf = net_info["bdf"].as_str().expect("bdf").to_string();
+    assert_ne!(net_bdf, bdf);
+    let (net_present, net_seen) = poll_pcidev(&vmm, &mut ctl, &net_bdf, |r| {
+        r.contains("driver=virtio-pci")
+    });
+    report(&format!(
+        "linux_guest: hot-plug: add-net at {net_bdf}: {net_present} after {} ms",
+        net_seen.as_millis()
+    ));
+
+    // vm.info: both devices in the configuration, pinned to where the guest saw them.
+    let info_out = ch_remote(&api, &["info"], None);
+    let vm_info: serde_json::Value = serde_json::from_slice(&info_out.stdout).expect("vm.info");
+    let disks = vm_info["config"]["disks"].as_array().expect("disks");
+    let added_entry = disks
+        .iter()
+        .find(|d| d["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("vm.info lacks {id}: {vm_info}"));
+    let slot = u64::from_str_radix(&bdf[8..10], 16).expect("slot");
+    assert_eq!(
+        added_entry["pci_device_id"].as_u64(),
+        Some(slot),
+        "{vm_info}"
+    );
+    assert_eq!(vm_info["config"]["net"].as_array().map(Vec::len), Some(2));
+
+    // Bad input leaves the VM alone: an unknown id, the console-less entropy device.
+    let out = ch_remote(&api, &["remove-device", "no-such-device"], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ch_remote(&api, &["remove-device", "_rng"], None);
+    assert!(!out.status.success(), "the entropy device was removed");
+
+    // remove-device: the guest ejects it; it leaves the guest, the bus and the configuration.
+    let t = Instant::now();
+    let out = ch_remote(&api, &["remove-device", id.as_str()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&String::from_utf8_lossy(&out.stderr))
+    );
+    let (gone, gone_after) = poll_pcidev(&vmm, &mut ctl, &bdf, |r| r.contains("absent"));
+    assert_eq!(gone, "pcidev absent");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let out = ch_remote(&api, &["info"], None);
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("vm.info");
+        let still = info["config"]["disks"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["id"] == id.as_str()));
+        if !still {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose("the ejected disk stays in the configuration")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    report(&format!(
+        "linux_guest: hot-plug: remove-device {id}: gone from the guest after {} ms (total {} ms)",
+        gone_after.as_millis(),
+        t.elapsed().as_millis()
+    ));
+    // The guest still works and its kernel log is clean.
+    check_klog(&vmm, &mut ctl);
+    power_off(&mut vmm, &mut ctl);
+}

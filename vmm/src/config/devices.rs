@@ -59,8 +59,8 @@ macro_rules! pci_fields {
 }
 pub(crate) use pci_fields;
 
-/// The PCI placement fields every device shares: Tandem has no vIOMMU, one PCI segment, and
-/// numbers devices itself (00:01.0 upward, in Cloud Hypervisor's order).
+/// The PCI placement fields every device shares: Tandem has no vIOMMU and one PCI segment;
+/// `pci_device_id` places a device (see `config::placement`).
 pub(crate) fn validate_pci_common(
     fields: &PciFields,
     iommu: bool,
@@ -76,12 +76,8 @@ pub(crate) fn validate_pci_common(
             format!("PCI segment {pci_segment} (devices sit on segment 0)"),
         ));
     }
-    if let Some(slot) = pci_device_id {
-        return Err(unsupported(
-            fields.pci_device_id,
-            format!("choosing the PCI slot ({slot}; devices are numbered in order)"),
-        ));
-    }
+    // Checked with every other device's number (`VmConfig::validate_pci_placement`).
+    let _ = (fields.pci_device_id, pci_device_id);
     Ok(())
 }
 
@@ -334,9 +330,20 @@ pub fn is_valid_mac(mac: &str) -> bool {
 }
 
 impl NetConfig {
-    /// The TAP's host-side address and mask as the VMM applies them (see `ip`).
+    /// The TAP descriptors of this NIC (`fds`, an empty list meaning none): numbers of
+    /// descriptors open in this VMM process, inherited (`--net fd=N`) or passed with
+    /// `vm.add-net`.
+    pub fn passed_fds(&self) -> Option<&[i32]> {
+        self.fds.as_deref().filter(|fds| !fds.is_empty())
+    }
+
+    /// The TAP's host-side address and mask as the VMM applies them (see `ip`). A TAP passed
+    /// as a descriptor is its owner's to configure: Cloud Hypervisor ignores `ip` and `mask`
+    /// for it, and so does Tandem (its clients send its default address in every body).
     pub fn host_address(&self) -> (Option<Ipv4Addr>, Option<Ipv4Addr>) {
-        if self.tap.is_some() {
+        if self.passed_fds().is_some() {
+            (None, None)
+        } else if self.tap.is_some() {
             (self.ip, self.mask)
         } else {
             (
@@ -391,8 +398,31 @@ impl NetConfig {
         if self.vhost_user || self.vhost_socket.is_some() {
             return Err(unsupported("net.vhost_user", "vhost-user networking"));
         }
-        if self.fds.as_ref().is_some_and(|fds| !fds.is_empty()) {
-            return Err(unsupported("net.fds", "TAP file descriptors passed in"));
+        if let Some(fds) = self.passed_fds() {
+            // As Cloud Hypervisor: one TAP descriptor per queue pair, and never stdio.
+            if fds.len() * 2 != self.num_queues {
+                return Err(ValidationError::Invalid {
+                    field: "net.fds",
+                    why: format!(
+                        "{} descriptor(s) for num_queues={}: give one TAP descriptor per queue \
+                         pair",
+                        fds.len(),
+                        self.num_queues
+                    ),
+                });
+            }
+            if let Some(fd) = fds.iter().find(|&&fd| fd <= 2) {
+                return Err(ValidationError::Invalid {
+                    field: "net.fds",
+                    why: format!("{fd} is a reserved descriptor (0-2 are stdio)"),
+                });
+            }
+            if self.tap.is_some() {
+                return Err(ValidationError::Invalid {
+                    field: "net.fds",
+                    why: "give a TAP by name (tap) or by descriptor (fds), not both".into(),
+                });
+            }
         }
         if self.rate_limiter_config.is_some() {
             return Err(unsupported("net.rate_limiter_config", "I/O rate limiting"));
@@ -791,6 +821,35 @@ mod tests {
             .to_string()
             .contains("net.tap"));
         assert!(is_valid_mac("12:34:56:78:9A:bc"));
+    }
+
+    #[test]
+    fn net_fds_follow_cloud_hypervisor_rules() {
+        let passed = |fds: Vec<i32>| NetConfig {
+            fds: Some(fds),
+            ..Default::default()
+        };
+        passed(vec![3]).validate().unwrap();
+        // An empty list is no descriptor at all.
+        assert_eq!(passed(vec![]).passed_fds(), None);
+        passed(vec![]).validate().unwrap();
+        let message = |config: NetConfig| config.validate().unwrap_err().to_string();
+        assert_eq!(
+            message(passed(vec![3, 4])),
+            "net.fds: 2 descriptor(s) for num_queues=2: give one TAP descriptor per queue pair"
+        );
+        assert!(message(passed(vec![1])).contains("reserved descriptor"));
+        assert!(message(NetConfig {
+            tap: Some("tap0".into()),
+            ..passed(vec![3])
+        })
+        .contains("not both"));
+        // A passed TAP is its owner's to configure: no default address is applied to it.
+        let with_ip = NetConfig {
+            ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..passed(vec![3])
+        };
+        assert_eq!(with_ip.host_address(), (None, None));
         assert!(!is_valid_mac("12:34:56:78:9a:bcd"));
     }
 }

@@ -64,6 +64,11 @@ impl VmConfig {
             net.tap = Some(tap.clone());
             net.ip = None;
             net.mask = None;
+            // `fds` are descriptor numbers of the peer's VMM process (inherited with
+            // `--net fd=N` or passed with `vm.add-net`): here they name nothing, or some
+            // unrelated file of this process. The rule: a descriptor is used only by the
+            // process it was given to; everywhere else the NIC is the operator's named TAP.
+            net.fds = None;
         }
         for console in [&mut self.serial, &mut self.console] {
             if matches!(
@@ -109,7 +114,8 @@ mod tests {
             "rng": {"src": "/etc/shadow"},
             "disks": [{"path": "/etc/shadow"}, {"path": "/var/lib/other-vm.img"}],
             "net": [{"tap": "other-vm-tap", "ip": "10.9.9.1", "mask": "255.255.255.0",
-                     "mac": "12:34:56:78:9a:bc"}],
+                     "mac": "12:34:56:78:9a:bc"},
+                    {"fds": [7], "mac": "12:34:56:78:9a:bd"}],
         }))
         .unwrap()
     }
@@ -118,7 +124,7 @@ mod tests {
     fn nothing_the_peer_names_survives() {
         let local = HostResources {
             disk_paths: vec!["/srv/a.img".into(), "/srv/b.img".into()],
-            taps: vec!["tap-b".into()],
+            taps: vec!["tap-b".into(), "tap-c".into()],
         };
         let config = peer_config().localize(&local).unwrap();
         let disks: Vec<_> = config
@@ -134,6 +140,13 @@ mod tests {
         let net = &config.net.as_ref().unwrap()[0];
         assert_eq!(net.tap.as_deref(), Some("tap-b"));
         assert_eq!((net.ip, net.mask), (None, None));
+        // The peer's descriptor number is dropped: the NIC is this host's named TAP.
+        let passed = &config.net.as_ref().unwrap()[1];
+        assert_eq!(
+            (passed.tap.as_deref(), passed.fds.as_ref()),
+            (Some("tap-c"), None)
+        );
+        passed.validate().unwrap();
         assert_eq!(
             net.mac.as_deref(),
             Some("12:34:56:78:9a:bc"),
@@ -152,7 +165,7 @@ mod tests {
         peer.console = crate::config::ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
         let local = HostResources {
             disk_paths: vec!["/a".into(), "/b".into()],
-            taps: vec!["t".into()],
+            taps: vec!["t".into(), "u".into()],
         };
         let config = peer.localize(&local).unwrap();
         assert_eq!(config.console.mode, ConsoleOutputMode::Pty);
@@ -170,6 +183,6 @@ mod tests {
             taps: Vec::new(),
         };
         let err = peer_config().localize(&local).unwrap_err();
-        assert_eq!(err, LocalizeError::TapCount { vm: 1, named: 0 });
+        assert_eq!(err, LocalizeError::TapCount { vm: 2, named: 0 });
     }
 }

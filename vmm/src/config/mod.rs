@@ -16,6 +16,7 @@ use std::path::PathBuf;
 
 pub(crate) mod devices;
 mod localize;
+pub mod placement;
 mod platform;
 pub use devices::*;
 pub use localize::{HostResources, LocalizeError};
@@ -542,6 +543,7 @@ impl VmConfig {
         self.refuse_unsupported_memory_backing()?;
         self.validate_payload()?;
         self.validate_devices()?;
+        self.validate_pci_placement()?;
         self.refuse_unwired_devices()?;
         self.refuse_absent_features()?;
         validate_console(&SERIAL_FIELDS, &self.serial)?;
@@ -575,9 +577,6 @@ impl VmConfig {
     /// Devices that are parsed and checked (their own `validate`) but not built yet. Lift an
     /// entry here when its device is wired into the VM.
     fn refuse_unwired_devices(&self) -> Result<(), ValidationError> {
-        if non_empty(&self.fs) {
-            return Err(unsupported("fs", "a virtio-fs device"));
-        }
         Ok(())
     }
 
@@ -827,6 +826,16 @@ impl VmConfig {
                 });
             }
             claim("fs.id", &fs.id)?;
+        }
+        // As Cloud Hypervisor: a vhost-user backend maps guest RAM, so it must be a shared
+        // (memfd or hugetlbfs) mapping.
+        if non_empty(&self.fs) && !self.memory.shared && !self.memory.hugepages {
+            return Err(ValidationError::Invalid {
+                field: "memory.shared",
+                why: "virtio-fs (fs) is served by a vhost-user backend, which must map guest \
+                      memory: set shared=on (or hugepages=on)"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -1505,11 +1514,6 @@ mod tests {
                 "disks.image_type",
             ),
             (
-                "/disks/0/pci_device_id",
-                serde_json::json!(5),
-                "disks.pci_device_id",
-            ),
-            (
                 "/disks/0/pci_segment",
                 serde_json::json!(1),
                 "disks.pci_segment",
@@ -1524,7 +1528,6 @@ mod tests {
                 serde_json::json!([{"queue_index": 0, "host_cpus": [1]}]),
                 "disks.queue_affinity",
             ),
-            ("/net/0/fds", serde_json::json!([3]), "net.fds"),
             ("/net/0/iommu", serde_json::json!(true), "net.iommu"),
             ("/rng/id", serde_json::json!("myrng"), "rng.id"),
             (
@@ -1582,9 +1585,20 @@ mod tests {
             .starts_with("pmem.size"));
         config.pmem = Some(Vec::new());
         config.fs = Some(vec![FsConfig::new("myfs", "/run/fs.sock")]);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("memory.shared: virtio-fs (fs) is served by a vhost-user backend"));
+        config.memory.shared = true;
+        config.validate().unwrap();
+        config.fs = Some(vec![FsConfig {
+            pci_segment: 1,
+            ..FsConfig::new("myfs", "/run/fs.sock")
+        }]);
         assert_eq!(
             config.validate().unwrap_err().to_string(),
-            "fs: a virtio-fs device is not supported yet"
+            "fs.pci_segment: PCI segment 1 (devices sit on segment 0) is not supported yet"
         );
         config.fs = Some(vec![FsConfig::new("", "/run/fs.sock")]);
         assert!(config

@@ -43,7 +43,28 @@ pub fn ft_refusal(config: &VmConfig) -> Option<String> {
             pmem.file.display()
         ));
     }
-    None
+    fs_refusal(config, "fault tolerance")
+}
+
+/// Why a VM with a virtio-fs device cannot be captured, moved or protected: its vhost-user
+/// backend (virtiofsd) serves the queues and keeps the file system session (open files, FUSE
+/// state) outside this process, and writes guest memory where no dirty log sees it. Cloud
+/// Hypervisor refuses migration of such a VM too.
+fn fs_refusal(config: &VmConfig, what: &str) -> Option<String> {
+    config.fs.iter().flatten().next().map(|fs| {
+        format!(
+            "fs (tag {}, socket {}): a vhost-user backend serves the device and keeps its state \
+             (open files, the FUSE session) outside the VMM; {what} is not available for a VM \
+             with a virtio-fs device",
+            fs.tag,
+            fs.socket.display()
+        )
+    })
+}
+
+/// Why a VM with this configuration cannot be snapshotted (yet), or None.
+pub fn snapshot_refusal(config: &VmConfig) -> Option<String> {
+    fs_refusal(config, "a snapshot")
 }
 
 /// Why a VM with this configuration cannot be live-migrated (yet), or None. A writable pmem
@@ -62,12 +83,13 @@ pub fn migration_refusal(config: &VmConfig) -> Option<String> {
                 pmem.file.display()
             )
         })
+        .or_else(|| fs_refusal(config, "live migration"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PmemConfig, VsockConfig};
+    use crate::config::{FsConfig, PmemConfig, VsockConfig};
 
     #[test]
     fn ft_and_migration_refusals_name_the_device() {
@@ -88,5 +110,27 @@ mod tests {
         assert!(ft_refusal(&config)
             .unwrap()
             .starts_with("vsock (/run/v.sock)"));
+    }
+
+    #[test]
+    fn a_virtio_fs_device_refuses_snapshot_migration_and_ft() {
+        let mut config = VmConfig::default();
+        assert_eq!(snapshot_refusal(&config), None);
+        config.fs = Some(vec![FsConfig::new("myfs", "/run/fs.sock")]);
+        for (why, what) in [
+            (snapshot_refusal(&config), "a snapshot is not available"),
+            (
+                migration_refusal(&config),
+                "live migration is not available",
+            ),
+            (ft_refusal(&config), "fault tolerance is not available"),
+        ] {
+            let why = why.expect("refused");
+            assert!(
+                why.starts_with("fs (tag myfs, socket /run/fs.sock)"),
+                "{why}"
+            );
+            assert!(why.contains(what), "{why}");
+        }
     }
 }

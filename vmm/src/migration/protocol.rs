@@ -9,7 +9,8 @@
 //!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
 //!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control (the last two
 //!                      only in fault-tolerance streams; a migration receiver rejects them)
-//!      5     1  flags  bit 0 = LZ4 (MemoryPages, State); other bits must be 0
+//!      5     1  flags  bit 0 = LZ4 (MemoryPages, State), bit 1 = delta (MemoryPages);
+//!                      other bits must be 0
 //!      6     2  reserved, 0
 //!      8     4  payload length (at most MAX_FRAME_PAYLOAD, checked before any allocation)
 //!     12     4  sequence number: 0, 1, 2, ... per direction
@@ -23,6 +24,16 @@
 //!   page's guest physical address with bit 0 set for a zero page (no data sent); data is the
 //!   non-zero pages, 4 KiB each in entry order, or with the LZ4 flag one LZ4 block that
 //!   decompresses to exactly that; at most MAX_PAGES_PER_FRAME entries;
+//! - MemoryPages with the delta flag (the FT primary's encoding; the migration source does
+//!   not use it): the reserved word is the length of the data before LZ4 (at most
+//!   MAX_FRAME_PAYLOAD), and an entry may have bit 1 set (not with bit 0): the page is sent as
+//!   a change to the copy the receiver already holds. The data is, per non-zero entry in
+//!   order, either the whole page (4 KiB) or for a delta entry `len u16` (0 ..= 4096) and
+//!   `len` bytes of runs `skip, count, count bytes` (skip and count LEB128, at most 2 bytes
+//!   each, count >= 1): skip `skip` bytes of the page from where the last run ended (from 0
+//!   at first), then overwrite `count` bytes; no run may reach past the page. With the LZ4
+//!   flag the whole data is one LZ4 block that decompresses to exactly the announced length.
+//!   Every length and offset is checked before anything is written;
 //! - MemoryDone: `iteration u32, reserved u32 (0), pages u64` closes one pass over memory
 //!   (pages = entries sent in the pass, checked by the receiver);
 //! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message;
@@ -48,7 +59,8 @@ use crate::progress::TransferProgress;
 /// 2: State frames may be LZ4-compressed (a version-1 peer would refuse the flag mid-stream;
 /// Hello says it at once).
 /// 3: device states are virtio-pci's (see `SNAPSHOT_VERSION` 2).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: MemoryPages frames may carry page deltas (an older peer would refuse them mid-stream).
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -59,7 +71,15 @@ pub const MAX_STATE_JSON: usize = 64 << 20;
 /// Most page entries one MemoryPages frame may carry (32 MiB of page data).
 pub const MAX_PAGES_PER_FRAME: usize = 8192;
 pub const FLAG_LZ4: u8 = 1;
+/// MemoryPages: entries may be deltas against the receiver's copy of the page.
+pub const FLAG_DELTA: u8 = 2;
 const ZERO_PAGE_BIT: u64 = 1;
+const DELTA_PAGE_BIT: u64 = 2;
+/// Longest page delta a frame may carry (the sender sends the page itself before that).
+const MAX_DELTA_LEN: usize = PAGE_SIZE;
+const DELTA_LEN_BYTES: usize = 2;
+/// The shortest delta record: its length alone (0: the page did not change).
+const MIN_DELTA_RECORD: usize = DELTA_LEN_BYTES;
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
 const PAGES_HEADER_LEN: usize = 8;
 const ENTRY_LEN: usize = 8;
@@ -103,7 +123,8 @@ impl FrameType {
 
     fn allowed_flags(self) -> u8 {
         match self {
-            Self::MemoryPages | Self::State => FLAG_LZ4,
+            Self::MemoryPages => FLAG_LZ4 | FLAG_DELTA,
+            Self::State => FLAG_LZ4,
             _ => 0,
         }
     }
@@ -239,6 +260,8 @@ pub struct TransferStats {
     pub page_wire_bytes: u64,
     /// Completed memory passes (MemoryDone frames).
     pub iterations: u64,
+    /// Pages sent (or applied) as deltas against the receiver's copy.
+    pub delta_pages: u64,
 }
 
 /// What one `send_memory` call did.
@@ -294,13 +317,27 @@ pub enum Message<'a> {
     },
 }
 
-/// The pages of one MemoryPages frame, checked for shape (count, alignment, data length).
+/// How one page of a MemoryPages frame travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    /// No data: the page is all zeros.
+    Zero,
+    /// The whole page.
+    Data,
+    /// A delta against the receiver's copy of the page.
+    Delta,
+}
+
+/// The pages of one MemoryPages frame, checked for shape (count, alignment, data length;
+/// delta records are checked in full when the data is at hand, see [`apply_pages`]).
 #[derive(Debug)]
 pub struct PageBatch<'a> {
     entries: &'a [u8],
     data: &'a [u8],
     compressed: bool,
     data_pages: usize,
+    /// Delta frames: the length of the data before LZ4 (the records).
+    delta_data_len: Option<usize>,
 }
 
 impl<'a> PageBatch<'a> {
@@ -322,24 +359,58 @@ impl<'a> PageBatch<'a> {
         self.compressed
     }
 
+    /// Whether the frame carries deltas (its data is records, not whole pages).
+    pub fn is_delta(&self) -> bool {
+        self.delta_data_len.is_some()
+    }
+
     /// The entries: page address and whether it is a zero page.
     pub fn entries(&self) -> impl Iterator<Item = (GuestAddress, bool)> + 'a {
+        self.kinds()
+            .map(|(gpa, kind)| (gpa, kind == PageKind::Zero))
+    }
+
+    /// The entries: page address and how the page travels.
+    pub fn kinds(&self) -> impl Iterator<Item = (GuestAddress, PageKind)> + 'a {
         self.entries.chunks_exact(ENTRY_LEN).map(|e| {
             let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            (GuestAddress(v & !PAGE_MASK), v & ZERO_PAGE_BIT != 0)
+            let kind = if v & ZERO_PAGE_BIT != 0 {
+                PageKind::Zero
+            } else if v & DELTA_PAGE_BIT != 0 {
+                PageKind::Delta
+            } else {
+                PageKind::Data
+            };
+            (GuestAddress(v & !PAGE_MASK), kind)
         })
     }
 
     /// The data of the non-zero pages, 4 KiB each in entry order (decompressed into
-    /// `scratch` if needed; its size is bounded by `MAX_PAGES_PER_FRAME` pages).
+    /// `scratch` if needed; its size is bounded by `MAX_PAGES_PER_FRAME` pages). A delta
+    /// frame has no such data on its own (its pages need the receiver's copy): an error.
     pub fn data<'s>(&self, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], ProtocolError>
+    where
+        'a: 's,
+    {
+        if self.is_delta() {
+            return Err(ProtocolError::malformed(
+                FrameType::MemoryPages,
+                "a delta frame's pages need the receiver's copy (apply_pages)",
+            ));
+        }
+        self.raw_data(scratch)
+    }
+
+    /// The data as sent, decompressed if needed: whole pages, or a delta frame's records
+    /// (checked by [`check_records`] before use).
+    fn raw_data<'s>(&self, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], ProtocolError>
     where
         'a: 's,
     {
         if !self.compressed {
             return Ok(self.data);
         }
-        let want = self.data_pages * PAGE_SIZE;
+        let want = self.delta_data_len.unwrap_or(self.data_pages * PAGE_SIZE);
         if scratch.len() < want {
             scratch.resize(want, 0);
         }
@@ -471,7 +542,9 @@ impl<'a> Message<'a> {
             return Err(ProtocolError::malformed(kind, "shorter than 8 bytes"));
         }
         let count = le_u32(p, 0) as usize;
-        if le_u32(p, 4) != 0 {
+        let delta = frame.flags & FLAG_DELTA != 0;
+        let announced = le_u32(p, 4) as usize;
+        if !delta && announced != 0 {
             return Err(ProtocolError::malformed(kind, "reserved field is not 0"));
         }
         if count > MAX_PAGES_PER_FRAME {
@@ -488,10 +561,17 @@ impl<'a> Message<'a> {
             ));
         }
         let entries = &p[PAGES_HEADER_LEN..data_at];
+        let flag_bits = if delta {
+            ZERO_PAGE_BIT | DELTA_PAGE_BIT
+        } else {
+            ZERO_PAGE_BIT
+        };
         let mut data_pages = 0;
+        let mut delta_pages = 0;
         for (i, e) in entries.chunks_exact(ENTRY_LEN).enumerate() {
             let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            if v & PAGE_MASK & !ZERO_PAGE_BIT != 0 {
+            let both = ZERO_PAGE_BIT | DELTA_PAGE_BIT;
+            if v & PAGE_MASK & !flag_bits != 0 || v & both == both {
                 return Err(ProtocolError::malformed(
                     kind,
                     format!("entry {i} ({v:#x}) is not a page address"),
@@ -500,9 +580,53 @@ impl<'a> Message<'a> {
             if v & ZERO_PAGE_BIT == 0 {
                 data_pages += 1;
             }
+            if v & DELTA_PAGE_BIT != 0 {
+                delta_pages += 1;
+            }
         }
         let data = &p[data_at..];
         let compressed = frame.flags & FLAG_LZ4 != 0;
+        if delta {
+            // The records' length is bounded by the entries before any decompression: whole
+            // pages plus at most a page and its length word per delta.
+            let whole = (data_pages - delta_pages) * PAGE_SIZE;
+            let least = whole + delta_pages * MIN_DELTA_RECORD;
+            let most = whole + delta_pages * (DELTA_LEN_BYTES + MAX_DELTA_LEN);
+            if announced < least || announced > most || announced > MAX_FRAME_PAYLOAD {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!(
+                        "{announced} bytes of delta records announced, {} whole and {delta_pages} delta pages need {least} to {most}",
+                        data_pages - delta_pages
+                    ),
+                ));
+            }
+            if compressed && data.is_empty() {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    "LZ4 flag on a frame without page data",
+                ));
+            }
+            if !compressed {
+                if data.len() != announced {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!(
+                            "{} bytes of delta records, {announced} announced",
+                            data.len()
+                        ),
+                    ));
+                }
+                check_records(entries, data)?;
+            }
+            return Ok(PageBatch {
+                entries,
+                data,
+                compressed,
+                data_pages,
+                delta_data_len: Some(announced),
+            });
+        }
         let raw = data_pages * PAGE_SIZE;
         if compressed {
             if data_pages == 0 || data.is_empty() {
@@ -525,8 +649,175 @@ impl<'a> Message<'a> {
             data,
             compressed,
             data_pages,
+            delta_data_len: None,
         })
     }
+}
+
+// Page deltas, XBZRLE-style (QEMU's encoding of a page as runs against its previous copy; no
+// maintained crate implements it, and the format is a few lines): runs of changed bytes
+// found word by word, trimmed to the bytes that differ.
+
+/// Reads a LEB128 value of at most 2 bytes (anything a page offset needs) at `*at`.
+fn read_leb(b: &[u8], at: &mut usize) -> Result<usize, String> {
+    let first = *b
+        .get(*at)
+        .ok_or_else(|| format!("run header cut at byte {at}"))?;
+    *at += 1;
+    let mut v = usize::from(first & 0x7f);
+    if first & 0x80 != 0 {
+        let second = *b
+            .get(*at)
+            .ok_or_else(|| format!("run header cut at byte {at}"))?;
+        *at += 1;
+        if second & 0x80 != 0 {
+            return Err("run header longer than 2 bytes".into());
+        }
+        v |= usize::from(second) << 7;
+    }
+    Ok(v)
+}
+
+fn write_leb(out: &mut [u8], at: &mut usize, v: usize) -> Option<()> {
+    if v < 0x80 {
+        *out.get_mut(*at)? = v as u8;
+        *at += 1;
+    } else {
+        *out.get_mut(*at)? = (v as u8 & 0x7f) | 0x80;
+        *out.get_mut(*at + 1)? = (v >> 7) as u8;
+        *at += 2;
+    }
+    Some(())
+}
+
+/// Walks the runs of one page delta, checking every length and offset: `copy(offset, bytes)`
+/// is called per run, always with `offset + bytes.len() <= PAGE_SIZE`.
+fn walk_delta(delta: &[u8], mut copy: impl FnMut(usize, &[u8])) -> Result<(), String> {
+    let mut at = 0;
+    let mut pos = 0usize;
+    while at < delta.len() {
+        let skip = read_leb(delta, &mut at)?;
+        let count = read_leb(delta, &mut at)?;
+        if count == 0 {
+            return Err(format!("empty run at byte {pos} of the page"));
+        }
+        let start = pos + skip;
+        let end = start + count;
+        if end > PAGE_SIZE {
+            return Err(format!(
+                "run of {count} bytes at byte {start} passes the end of the page"
+            ));
+        }
+        let bytes = delta
+            .get(at..at + count)
+            .ok_or_else(|| format!("run of {count} bytes cut short"))?;
+        copy(start, bytes);
+        at += count;
+        pos = end;
+    }
+    Ok(())
+}
+
+/// One delta record at `data[at..]`: its runs, and where the next record starts.
+fn delta_record(data: &[u8], at: usize) -> Result<(&[u8], usize), String> {
+    let len = data
+        .get(at..at + DELTA_LEN_BYTES)
+        .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+        .ok_or("delta length cut short")?;
+    if len > MAX_DELTA_LEN {
+        return Err(format!("delta of {len} bytes"));
+    }
+    let body_at = at + DELTA_LEN_BYTES;
+    let body = data
+        .get(body_at..body_at + len)
+        .ok_or_else(|| format!("delta of {len} bytes cut short"))?;
+    Ok((body, body_at + len))
+}
+
+/// Checks a delta frame's records against its entries (lengths, runs, total length).
+fn check_records(entries: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+    let bad = |i: usize, why: String| {
+        ProtocolError::malformed(FrameType::MemoryPages, format!("entry {i}: {why}"))
+    };
+    let mut at = 0usize;
+    for (i, e) in entries.chunks_exact(ENTRY_LEN).enumerate() {
+        let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+        if v & ZERO_PAGE_BIT != 0 {
+            continue;
+        }
+        if v & DELTA_PAGE_BIT != 0 {
+            let (body, next) = delta_record(data, at).map_err(|why| bad(i, why))?;
+            walk_delta(body, |_, _| {}).map_err(|why| bad(i, why))?;
+            at = next;
+        } else {
+            at += PAGE_SIZE;
+            if at > data.len() {
+                return Err(bad(i, "page data cut short".into()));
+            }
+        }
+    }
+    if at != data.len() {
+        return Err(ProtocolError::malformed(
+            FrameType::MemoryPages,
+            format!("{} bytes of records, the entries use {at}", data.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Applies a checked delta to `page`.
+fn apply_delta(page: &mut [u8], delta: &[u8]) -> Result<(), String> {
+    if page.len() != PAGE_SIZE {
+        return Err(format!("a page buffer of {} bytes", page.len()));
+    }
+    walk_delta(delta, |start, bytes| {
+        page[start..start + bytes.len()].copy_from_slice(bytes)
+    })
+}
+
+/// Encodes `new` as runs against `old` into `out` (0 bytes: nothing changed); None when that
+/// takes more than `out.len()` bytes (send the page itself then). Words are compared 8 bytes at a
+/// time; a run spans consecutive changed words and is trimmed to the bytes that differ.
+pub fn encode_delta(old: &[u8], new: &[u8], out: &mut [u8]) -> Option<usize> {
+    const WORD: usize = 8;
+    if old.len() != PAGE_SIZE || new.len() != PAGE_SIZE {
+        return None;
+    }
+    let words = PAGE_SIZE / WORD;
+    let same = |w: usize| old[w * WORD..(w + 1) * WORD] == new[w * WORD..(w + 1) * WORD];
+    let mut at = 0usize;
+    let mut pos = 0usize;
+    let mut w = 0usize;
+    loop {
+        while w < words && same(w) {
+            w += 1;
+        }
+        if w == words {
+            break;
+        }
+        let first = w;
+        while w < words && !same(w) {
+            w += 1;
+            if (w - first) * WORD > out.len().saturating_sub(at) {
+                return None;
+            }
+        }
+        let mut start = first * WORD;
+        while old[start] == new[start] {
+            start += 1;
+        }
+        let mut end = w * WORD;
+        while old[end - 1] == new[end - 1] {
+            end -= 1;
+        }
+        write_leb(out, &mut at, start - pos)?;
+        write_leb(out, &mut at, end - start)?;
+        out.get_mut(at..at + (end - start))?
+            .copy_from_slice(&new[start..end]);
+        at += end - start;
+        pos = end;
+    }
+    Some(at)
 }
 
 /// Reads frames, reusing one buffer whose size never exceeds the largest frame actually
@@ -724,6 +1015,27 @@ fn write_small_flagged<T: Write>(
     Ok(())
 }
 
+/// What the receiver of a delta stream holds, as its sender knows it: a copy of every page
+/// sent so far (same layout as the guest's memory), and which pages those are. Pages never
+/// sent (the receiver has them from before, e.g. the initial copy) are sent whole once.
+pub struct DeltaBase {
+    mem: GuestMemoryMmap,
+    known: DirtyPages,
+}
+
+impl DeltaBase {
+    /// `mem`: fresh (zeroed) memory with the guest's layout; pages are populated as sent.
+    pub fn new(mem: GuestMemoryMmap) -> Result<Self, DirtyPagesError> {
+        let known = DirtyPages::empty(&mem)?;
+        Ok(Self { mem, known })
+    }
+
+    /// Whether the receiver's copy of the page at `gpa` is known.
+    pub fn knows(&self, gpa: GuestAddress) -> bool {
+        self.known.contains(gpa)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SenderOptions {
     /// LZ4-compress page data (a frame is sent compressed only when that is smaller).
@@ -756,6 +1068,9 @@ pub struct Sender<T: Read + Write> {
     packed: Vec<u8>,
     /// The page runs of the frame being assembled.
     chunks: Vec<(u64, usize)>,
+    /// Delta frames: the receiver's copy of one page, and one page's delta.
+    old: Vec<u8>,
+    delta: Vec<u8>,
     /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
     progress: Option<Arc<TransferProgress>>,
 }
@@ -781,6 +1096,8 @@ impl<T: Read + Write> Sender<T> {
             frame: Vec::new(),
             packed: Vec::new(),
             chunks: Vec::new(),
+            old: vec![0; PAGE_SIZE],
+            delta: vec![0; PAGE_SIZE],
             progress: None,
         }
     }
@@ -877,6 +1194,28 @@ impl<T: Read + Write> Sender<T> {
         mem: &GuestMemoryMmap,
         pages: &DirtyPages,
     ) -> Result<PassStats, ProtocolError> {
+        self.send_pass(mem, pages, None)
+    }
+
+    /// [`Sender::send_memory`] for a receiver whose copy of memory `base` tracks: a page
+    /// `base` knows goes as a delta against it when that is smaller than the page, and
+    /// `base` then holds every page sent. Only for a stream on which every pass is applied
+    /// in order (FT: an epoch that is not applied ends the session, and with it `base`).
+    pub fn send_memory_delta(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pages: &DirtyPages,
+        base: &mut DeltaBase,
+    ) -> Result<PassStats, ProtocolError> {
+        self.send_pass(mem, pages, Some(base))
+    }
+
+    fn send_pass(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pages: &DirtyPages,
+        mut base: Option<&mut DeltaBase>,
+    ) -> Result<PassStats, ProtocolError> {
         self.check_started("memory")?;
         let batch = self.options.batch_pages;
         let frame_len =
@@ -915,7 +1254,7 @@ impl<T: Read + Write> Sender<T> {
             if count == 0 {
                 break;
             }
-            let (wire, zero) = self.send_page_frame(mem, count)?;
+            let (wire, zero) = self.send_page_frame(mem, count, base.as_deref_mut())?;
             pass.pages += count as u64;
             pass.zero_pages += zero;
             pass.wire_bytes += wire;
@@ -937,7 +1276,11 @@ impl<T: Read + Write> Sender<T> {
         &mut self,
         mem: &GuestMemoryMmap,
         count: usize,
+        base: Option<&mut DeltaBase>,
     ) -> Result<(u64, u64), ProtocolError> {
+        if let Some(base) = base {
+            return self.send_delta_frame(mem, count, base);
+        }
         let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
         let data_at = entries_at + count * ENTRY_LEN;
         let mut end = data_at;
@@ -973,8 +1316,113 @@ impl<T: Read + Write> Sender<T> {
         }
         self.frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
         self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&0u32.to_le_bytes());
+        self.finish_page_frame(data_at, end, count, zero, 0)
+    }
+
+    /// Assembles and sends one MemoryPages frame from `self.chunks` (`count` pages) with
+    /// deltas against `base`, and records the pages in `base`; returns (bytes written, zero
+    /// pages).
+    fn send_delta_frame(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        count: usize,
+        base: &mut DeltaBase,
+    ) -> Result<(u64, u64), ProtocolError> {
+        let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
+        let data_at = entries_at + count * ENTRY_LEN;
+        let mut end = data_at;
+        let mut entry = entries_at;
+        let mut zero = 0u64;
+        let mut deltas = 0u64;
+        // A delta is sent only when it is clearly smaller than the page: beyond three quarters
+        // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
+        // the encoder gives up early (pages rewritten whole cost little CPU).
+        let budget = PAGE_SIZE * 3 / 4;
+        for ci in 0..self.chunks.len() {
+            let (start, n) = self.chunks[ci];
+            let len = n * PAGE_SIZE;
+            // The pages land past the records written so far (records never outgrow pages).
+            let src0 = end;
+            mem.read_slice(&mut self.frame[src0..src0 + len], GuestAddress(start))
+                .map_err(|e| ProtocolError::GuestMemory {
+                    gpa: start,
+                    reason: e.to_string(),
+                })?;
+            for i in 0..n {
+                let gpa = GuestAddress(start + (i * PAGE_SIZE) as u64);
+                let src = src0 + i * PAGE_SIZE;
+                let page_err = |e: vm_memory::GuestMemoryError| ProtocolError::GuestMemory {
+                    gpa: gpa.0,
+                    reason: e.to_string(),
+                };
+                let known = base.known.contains(gpa);
+                let value = if is_zero(&self.frame[src..src + PAGE_SIZE]) {
+                    zero += 1;
+                    // A page never recorded is still zero in `base` (fresh memory).
+                    if known {
+                        base.mem.write_slice(&ZERO_PAGE, gpa).map_err(page_err)?;
+                    }
+                    gpa.0 | ZERO_PAGE_BIT
+                } else {
+                    let mut delta_len = None;
+                    if known {
+                        base.mem.read_slice(&mut self.old, gpa).map_err(page_err)?;
+                        delta_len = encode_delta(
+                            &self.old,
+                            &self.frame[src..src + PAGE_SIZE],
+                            &mut self.delta[..budget],
+                        );
+                    }
+                    base.mem
+                        .write_slice(&self.frame[src..src + PAGE_SIZE], gpa)
+                        .map_err(page_err)?;
+                    match delta_len {
+                        Some(d) => {
+                            // `end + 2 + d < src + PAGE_SIZE`: the page is used up by now.
+                            self.frame[end..end + DELTA_LEN_BYTES]
+                                .copy_from_slice(&(d as u16).to_le_bytes());
+                            let body = end + DELTA_LEN_BYTES;
+                            self.frame[body..body + d].copy_from_slice(&self.delta[..d]);
+                            end = body + d;
+                            deltas += 1;
+                            gpa.0 | DELTA_PAGE_BIT
+                        }
+                        None => {
+                            if end != src {
+                                self.frame.copy_within(src..src + PAGE_SIZE, end);
+                            }
+                            end += PAGE_SIZE;
+                            gpa.0
+                        }
+                    }
+                };
+                base.known.insert(gpa);
+                self.frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
+                entry += ENTRY_LEN;
+            }
+        }
+        let records = end - data_at;
+        self.frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
+        self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&(records as u32).to_le_bytes());
+        self.finish_page_frame(data_at, end, count, zero, deltas)
+    }
+
+    /// Compresses (if asked and smaller), seals and writes the frame assembled in
+    /// `self.frame` with its data at `data_at..end`; `deltas` > 0 marks a delta frame.
+    fn finish_page_frame(
+        &mut self,
+        data_at: usize,
+        mut end: usize,
+        count: usize,
+        zero: u64,
+        deltas: u64,
+    ) -> Result<(u64, u64), ProtocolError> {
         let raw = end - data_at;
-        let mut flags = 0;
+        let mut flags = if deltas > 0 { FLAG_DELTA } else { 0 };
+        if deltas == 0 {
+            // Without deltas the frame is a plain one (reserved word 0).
+            self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&0u32.to_le_bytes());
+        }
         if self.options.compress && raw > 0 {
             if let Ok(n) =
                 lz4_flex::block::compress_into(&self.frame[data_at..end], &mut self.packed)
@@ -982,7 +1430,7 @@ impl<T: Read + Write> Sender<T> {
                 if n < raw {
                     self.frame[data_at..data_at + n].copy_from_slice(&self.packed[..n]);
                     end = data_at + n;
-                    flags = FLAG_LZ4;
+                    flags |= FLAG_LZ4;
                 }
             }
         }
@@ -1002,6 +1450,7 @@ impl<T: Read + Write> Sender<T> {
         self.stats.bytes += total as u64;
         self.stats.pages += count as u64;
         self.stats.zero_pages += zero;
+        self.stats.delta_pages += deltas;
         self.stats.page_data_bytes += raw as u64;
         self.stats.page_wire_bytes += (end - data_at) as u64;
         if flags & FLAG_LZ4 != 0 {
@@ -1329,7 +1778,11 @@ pub fn apply_pages(
         }
     }
     let wire = batch.data.len();
-    let data = batch.data(scratch)?;
+    let data = batch.raw_data(scratch)?;
+    if batch.is_delta() {
+        // Checked whole before the first write: a bad record writes nothing.
+        check_records(batch.entries, data)?;
+    }
     let write = |from: usize, to: usize, gpa: u64| {
         mem.write_slice(&data[from..to], GuestAddress(gpa))
             .map_err(|e| ProtocolError::GuestMemory {
@@ -1341,8 +1794,30 @@ pub fn apply_pages(
     let mut run: Option<(u64, usize, usize)> = None;
     let mut at = 0usize;
     let mut zero = 0u64;
-    for (gpa, is_zero_page) in batch.entries() {
-        if is_zero_page {
+    let mut deltas = 0u64;
+    for (gpa, kind) in batch.kinds() {
+        if kind == PageKind::Delta {
+            deltas += 1;
+            if let Some((g, from, len)) = run.take() {
+                write(from, from + len, g)?;
+            }
+            let (body, next) = delta_record(data, at)
+                .map_err(|reason| ProtocolError::GuestMemory { gpa: gpa.0, reason })?;
+            at = next;
+            if body.is_empty() {
+                continue;
+            }
+            let guest = |e: vm_memory::GuestMemoryError| ProtocolError::GuestMemory {
+                gpa: gpa.0,
+                reason: e.to_string(),
+            };
+            mem.read_slice(probe, gpa).map_err(guest)?;
+            apply_delta(probe, body)
+                .map_err(|reason| ProtocolError::GuestMemory { gpa: gpa.0, reason })?;
+            mem.write_slice(probe, gpa).map_err(guest)?;
+            continue;
+        }
+        if kind == PageKind::Zero {
             zero += 1;
             if let Some((g, from, len)) = run.take() {
                 write(from, from + len, g)?;
@@ -1376,6 +1851,7 @@ pub fn apply_pages(
     }
     stats.pages += batch.len() as u64;
     stats.zero_pages += zero;
+    stats.delta_pages += deltas;
     stats.page_data_bytes += data.len() as u64;
     stats.page_wire_bytes += wire as u64;
     if batch.is_compressed() {

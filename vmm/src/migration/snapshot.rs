@@ -67,6 +67,13 @@ pub enum SnapshotError {
         file.display()
     )]
     Version { file: PathBuf, found: u64 },
+    #[error(
+        "{}: network interface {net} was a TAP descriptor passed to the VMM that took the \
+         snapshot (fds); descriptor numbers mean nothing in this process, and passing new ones \
+         at restore (net_fds) is not supported",
+        file.display()
+    )]
+    PassedTap { file: PathBuf, net: String },
     #[error("{}: checksum mismatch (expected {expected:08x}, got {actual:08x})", file.display())]
     Checksum {
         file: PathBuf,
@@ -607,9 +614,24 @@ pub fn read_snapshot<S: DeserializeOwned>(
     }
     let config: VmConfig =
         serde_json::from_slice(&config_bytes).map_err(|source| SnapshotError::Json {
-            file: config_path,
+            file: config_path.clone(),
             source,
         })?;
+    // A descriptor belongs to the process it was given to (see `VmConfig::localize`): a
+    // restore never reuses the number, and a NIC without its TAP is refused rather than
+    // silently attached to a new one.
+    if let Some((index, net)) = config
+        .net
+        .iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, net)| net.passed_fds().is_some())
+    {
+        return Err(SnapshotError::PassedTap {
+            file: config_path,
+            net: net.id.clone().unwrap_or_else(|| format!("_net{index}")),
+        });
+    }
     let state: S =
         serde_json::from_value(header.state).map_err(|source| SnapshotError::StateShape {
             file: state_path.clone(),

@@ -5,8 +5,14 @@
 //! Layout in guest memory: the RSDP at [`ACPI_START`] (where a PC OS also scans for it), then
 //! DSDT, FADT, MADT, MCFG and the XSDT, each 8-byte aligned, all below [`ACPI_END`].
 //!
+//! PCI hot-plug is ACPI's, as in Cloud Hypervisor: a slot object per device number under the
+//! host bridge (`_ADR`, `_SUN`, `_EJ0`), the hot-plug controller `PHPR` whose registers say
+//! which slots gained or should lose a device, and the GED's PCI event that makes the guest
+//! look (see `devices::pci::hotplug`).
+//!
 //! A Linux guest runs every CPL0 instruction under emulation on some hosts, AML interpretation
-//! included, so the DSDT stays small: no per-CPU objects, no hotplug machinery.
+//! included, so the DSDT stays small: no per-CPU objects, and the slot objects hold no more
+//! than the hot-plug driver needs.
 
 use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable, Path};
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -17,7 +23,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use devices::acpi::{GED_EVENT_POWER_BUTTON, RESET_VALUE, SHUTDOWN_PORT};
+use devices::acpi::{GED_EVENT_PCI_CHANGED, GED_EVENT_POWER_BUTTON, RESET_VALUE, SHUTDOWN_PORT};
 use devices::legacy::serial::SERIAL_IRQ;
 use devices::legacy::{SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -25,7 +31,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::layout::{
     pci_mmio64_window, ACPI_END, ACPI_START, APIC_START, GED_IRQ, GED_START, IOAPIC_START,
     PCI_CONFIG_IO_SIZE, PCI_CONFIG_IO_START, PCI_ECAM_LAST_BUS, PCI_ECAM_SIZE, PCI_ECAM_START,
-    PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    PCI_HOTPLUG_SIZE, PCI_HOTPLUG_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 
 /// Cloud Hypervisor's OEM identifiers, so guest software that keys on them sees the same
@@ -39,6 +45,9 @@ const TABLE_ALIGN: u64 = 8;
 const PCI_MAX_DEVICE: u8 = 31;
 /// `Notify` value of a power-button press (ACPI "device specific: S0 power button pressed").
 const NOTIFY_POWER_BUTTON: u8 = 0x80;
+/// `Notify` values for a PCI slot: re-enumerate it (a device was added) / eject its device.
+const NOTIFY_DEVICE_CHECK: u8 = 1;
+const NOTIFY_EJECT_REQUEST: u8 = 3;
 /// SLP_TYP value of S5 in the `_S5_` package; the shutdown device powers off on it.
 const S5_SLEEP_TYPE: u8 = 5;
 /// MADT structure types and flags.
@@ -234,6 +243,7 @@ fn dsdt(machine: &AcpiMachine) -> Sdt {
     }
     sleep_states(&mut body);
     power_button(&mut body);
+    pci_hotplug_controller(&mut body);
     ged(&mut body);
     dsdt.append_slice(&body);
     dsdt
@@ -283,16 +293,150 @@ fn pci_host_bridge(machine: &AcpiMachine, sink: &mut Vec<u8>) {
         prt.add_element(&entry);
     }
 
+    let slots: Vec<PciSlot> = (1..=PCI_MAX_DEVICE).map(PciSlot).collect();
+    let notify_slots = NotifySlots;
+    let up = aml::Local(0);
+    let down = aml::Local(1);
+    let (pciu, pcid) = (Path::new("\\_SB_.PHPR.PCIU"), Path::new("\\_SB_.PHPR.PCID"));
+    let read_up = aml::Store::new(&up, &pciu);
+    let read_down = aml::Store::new(&down, &pcid);
+    let notify_up = aml::MethodCall::new("DVNT".into(), vec![&up, &NOTIFY_DEVICE_CHECK]);
+    let notify_down = aml::MethodCall::new("DVNT".into(), vec![&down, &NOTIFY_EJECT_REQUEST]);
+    // PCNT: read each bitmap once (a read clears it), then notify the slots it names.
+    let pcnt = aml::Method::new(
+        "PCNT".into(),
+        0,
+        true,
+        vec![&read_up, &read_down, &notify_up, &notify_down],
+    );
+    let (hid, cid) = (aml::EISAName::new("PNP0A08"), aml::EISAName::new("PNP0A03"));
+    let names = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+        aml::Name::new("_PRT".into(), &prt),
+    ];
+    let mut children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    children.push(&notify_slots);
+    children.push(&pcnt);
+    for slot in &slots {
+        children.push(slot);
+    }
+    aml::Device::new(Path::new("\\_SB_.PCI0"), children).to_aml_bytes(sink);
+}
+
+/// The ACPI object of PCI slot `.0` (device number) under the host bridge: its address, its
+/// slot number, and `_EJ0`, which tells the hot-plug controller the guest let go of it.
+struct PciSlot(u8);
+
+impl Aml for PciSlot {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let slot = self.0;
+        let address = u32::from(slot) << 16;
+        let sun = aml::Path::new("_SUN");
+        let eject = aml::MethodCall::new("\\_SB_.PHPR.PCEJ".into(), vec![&sun]);
+        aml::Device::new(
+            slot_name(slot).as_str().into(),
+            vec![
+                &aml::Name::new("_ADR".into(), &address),
+                &aml::Name::new("_SUN".into(), &u32::from(slot)),
+                &aml::Method::new("_EJ0".into(), 1, false, vec![&eject]),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:03}")
+}
+
+/// `DVNT(bitmap, value)`: `Notify(Snnn, value)` for each slot whose bit is set.
+struct NotifySlots;
+
+impl Aml for NotifySlots {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let names: Vec<String> = (1..=PCI_MAX_DEVICE).map(slot_name).collect();
+        let paths: Vec<Path> = names.iter().map(|n| Path::new(n)).collect();
+        let bits: Vec<u32> = (1..=PCI_MAX_DEVICE).map(|slot| 1u32 << slot).collect();
+        let masked: Vec<aml::And> = bits
+            .iter()
+            .map(|bit| aml::And::new(&aml::ZERO, &aml::Arg(0), bit))
+            .collect();
+        let tests: Vec<aml::Equal> = masked
+            .iter()
+            .zip(&bits)
+            .map(|(m, bit)| aml::Equal::new(m, bit))
+            .collect();
+        let notifies: Vec<aml::Notify> = paths
+            .iter()
+            .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+            .collect();
+        let ifs: Vec<aml::If> = tests
+            .iter()
+            .zip(&notifies)
+            .map(|(t, n)| aml::If::new(t, vec![n]))
+            .collect();
+        let body: Vec<&dyn Aml> = ifs.iter().map(|i| i as &dyn Aml).collect();
+        aml::Method::new("DVNT".into(), 2, true, body).to_aml_bytes(sink);
+    }
+}
+
+/// `\_SB_.PHPR`: the PCI hot-plug controller's registers as AML fields, `PCEJ(slot)` (an
+/// eject, from a slot's `_EJ0`) and `PSCN` (a scan, from the GED's PCI event).
+fn pci_hotplug_controller(sink: &mut Vec<u8>) {
+    let registers =
+        aml::Memory32Fixed::new(true, PCI_HOTPLUG_START as u32, PCI_HOTPLUG_SIZE as u32);
+    let lock = || Path::new("BLCK");
+    let (pseg, b0ej) = (Path::new("PSEG"), Path::new("B0EJ"));
+    let select_segment = aml::Store::new(&pseg, &aml::ZERO);
+    let slot_bit = aml::ShiftLeft::new(&b0ej, &aml::ONE, &aml::Arg(0));
+    let (acquire, release) = (aml::Acquire::new(lock(), 0xffff), aml::Release::new(lock()));
+    let done = aml::Return::new(&aml::ZERO);
+    let pcej = aml::Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![&acquire, &select_segment, &slot_bit, &release, &done],
+    );
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let pscn = aml::Method::new(
+        "PSCN".into(),
+        0,
+        true,
+        vec![&acquire, &select_segment, &scan, &release],
+    );
     aml::Device::new(
-        Path::new("\\_SB_.PCI0"),
+        Path::new("\\_SB_.PHPR"),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new("_SEG".into(), &aml::ZERO),
-            &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &aml::Name::new("_CRS".into(), &crs),
-            &aml::Name::new("_PRT".into(), &prt),
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &aml::Name::new("_UID".into(), &"PCI Hotplug Controller"),
+            &aml::Name::new("_STA".into(), &0x0bu8),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&registers])),
+            &aml::Mutex::new(lock(), 0),
+            &aml::OpRegion::new(
+                "PCST".into(),
+                aml::OpRegionSpace::SystemMemory,
+                &(PCI_HOTPLUG_START as u32),
+                &(PCI_HOTPLUG_SIZE as u32),
+            ),
+            &aml::Field::new(
+                "PCST".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![
+                    aml::FieldEntry::Named(*b"PCIU", 32),
+                    aml::FieldEntry::Named(*b"PCID", 32),
+                    aml::FieldEntry::Named(*b"B0EJ", 32),
+                    aml::FieldEntry::Named(*b"PSEG", 32),
+                ],
+            ),
+            &pcej,
+            &pscn,
         ],
     )
     .to_aml_bytes(sink);
@@ -364,6 +508,9 @@ fn ged(sink: &mut Vec<u8>) {
     let is_pressed = aml::Equal::new(&pressed, &GED_EVENT_POWER_BUTTON);
     let button = Path::new("\\_SB_.PWRB");
     let notify = aml::Notify::new(&button, &NOTIFY_POWER_BUTTON);
+    let pci_bits = aml::And::new(&aml::ZERO, &event_bits, &GED_EVENT_PCI_CHANGED);
+    let pci_changed = aml::Equal::new(&pci_bits, &GED_EVENT_PCI_CHANGED);
+    let scan = aml::MethodCall::new("\\_SB_.PHPR.PSCN".into(), vec![]);
     aml::Device::new(
         Path::new("\\_SB_.GED_"),
         vec![
@@ -390,6 +537,7 @@ fn ged(sink: &mut Vec<u8>) {
                 vec![
                     &aml::Store::new(&event_bits, &Path::new("GDAT")),
                     &aml::If::new(&is_pressed, vec![&notify]),
+                    &aml::If::new(&pci_changed, vec![&scan]),
                 ],
             ),
         ],
@@ -574,6 +722,54 @@ mod tests {
         assert_eq!(mcfg.len(), 36 + 8 + 16);
         assert_eq!(u64_at(mcfg, 44), PCI_ECAM_START);
         assert_eq!(&mcfg[52..56], &[0, 0, 0, PCI_ECAM_LAST_BUS]);
+    }
+
+    /// The AML of the hot-plug machinery, checked by ACPICA's own disassembler (the parser
+    /// the kernel's interpreter shares): every object parses and the methods are where the
+    /// guest's hot-plug driver looks for them.
+    #[test]
+    fn dsdt_hotplug_aml_disassembles_with_acpica() {
+        let Ok(out) = std::process::Command::new("iasl").arg("-v").output() else {
+            eprintln!("SKIP: iasl (acpica-tools, installed by ci/setup) is missing");
+            return;
+        };
+        assert!(out.status.success());
+        let mem = memory();
+        let tables = walk(&mem, create_acpi_tables(&mem, &machine(2)).unwrap());
+        let dsdt = get(&tables, b"DSDT");
+        let dir = std::env::temp_dir().join(format!("dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .output()
+            .unwrap();
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        if std::env::var_os("DSDT_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        assert!(
+            out.status.success(),
+            "iasl -d: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for needle in [
+            "Device (\\_SB.PHPR)",
+            "Method (PCEJ, 1, Serialized)",
+            "Method (PSCN, 0, Serialized)",
+            "Method (PCNT, 0, Serialized)",
+            "Method (DVNT, 2, Serialized)",
+            "Device (S001)",
+            "Device (S031)",
+            "Method (_EJ0, 1, NotSerialized)",
+            "PCIU,   32",
+            "\\_SB.PHPR.PSCN ()",
+            "Notify (S031, Arg1)",
+        ] {
+            assert!(dsl.contains(needle), "DSDT lacks {needle:?}:\n{dsl}");
+        }
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub const PCI_CONFIG_IO_SIZE: u64 = 8;
 pub const GED_START: u64 = 0xfe00_0000;
 pub const GED_SIZE: u64 = 0x10;
 pub const GED_IRQ: u32 = 5;
+/// The PCI hot-plug controller's registers (slot bitmaps and the eject register, see
+/// `devices::pci::hotplug`), next to the GED whose PCI event announces them.
+pub const PCI_HOTPLUG_START: u64 = 0xfe00_1000;
+pub const PCI_HOTPLUG_SIZE: u64 = devices::pci::hotplug::HOTPLUG_REGISTERS_SIZE;
 /// ACPI tables: the RSDP at the start (Linux also scans 0xe0000..0xfffff for it), the other
 /// tables after it, below the MP table.
 pub const ACPI_START: GuestAddress = GuestAddress(0xe_0000);

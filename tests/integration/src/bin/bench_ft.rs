@@ -11,10 +11,18 @@
 //! Cells: epochs of 5, 10 and 20 ms x 0, 250, 1000 and 4000 dirtied pages per epoch (the guest
 //! is asked for pages_per_epoch * 1000 / epoch_ms pages/s; what it achieves is reported, since
 //! the first write to a write-protected page is slow on this machine). One VM is booted per
-//! distinct dirty rate; in it, for run i = 1..N, the cases "no FT" and "FT at epoch E" (for
-//! every cell with that rate) alternate (odd runs: no FT first, even runs: reversed), each FT
-//! case on a fresh protection session (mutual TLS) with a fresh backup VMM (so ft-status's
-//! pause percentiles cover that session only). Each case measures, in this order:
+//! distinct dirty rate; in it, for run i = 1..N, the cases "no FT", and per cell with that
+//! rate "floor at epoch E" and "FT at epoch E", alternate (odd runs: no FT first, even runs:
+//! reversed), each FT case on a fresh protection session (mutual TLS) with a fresh backup VMM
+//! (so ft-status's pause percentiles cover that session only).
+//! The floor is the honest baseline of FT's cost: the same guest with no FT while the VMM
+//! harvests and re-arms the dirty log every epoch exactly as an FT checkpoint does
+//! (`vm.enable-ft` with the peer `dirty-log-floor`, a benchmark hook of the VMM: its epoch
+//! timer calls the same `dirty_since_last` harvest, KVM_GET_DIRTY_LOG per slot, which
+//! write-protects the pages again, OR the device bitmap) and does nothing else: no pause, no
+//! copy, no state capture, no backup, nothing sent. floor/noFT is this machine's
+//! dirty-tracking cost (write faults on nested KVM are expensive), FT/floor what FT costs
+//! beyond it. Each case measures, in this order:
 //!   work      `stats` at the start and the end of a window: work/s and pages dirtied/s by the
 //!             guest's own clock; under FT also ft-status deltas over the window (epochs,
 //!             bytes sent, pages the VMM found dirty) and the session's pause p50/p99/max;
@@ -51,6 +59,12 @@
 //! plaintext vs TLS with the ratio TLS/plaintext: sender throughput (ft-status bytes sent during
 //! the work window / its wall time, i.e. epochs x real epoch), pause p50 and p99, guest work/s,
 //! `req` round trips p50/p99 and, at 1000 pages (a TCP cell), TCP MB/s to the guest.
+//! Delta (`--no-delta` skips it): the FT primary sends a dirty page as a delta against the
+//! backup's copy when that is smaller. The cells' guest rewrites every word of a page (no
+//! delta helps); here, per page count at 10 ms epochs, a guest booted with
+//! `ft.dirty_bytes=64` (`--dirty-bytes N`) changes 64 bytes per rewrite; no FT and FT alternate
+//! as in the cells. Reported: bytes sent per VMM-dirty page with every word rewritten (the
+//! cell) and with 64 bytes (the delta case) side by side, pause p50/p99 and work overhead.
 //!
 //! Time caps: the round trips of a case stop after a budget (at least 5 are taken), a bulk
 //! send after a few seconds; overloaded cells (round trips of hundreds of ms) would otherwise
@@ -60,7 +74,8 @@
 //! Targets (reported, never an error): pause <= 1 ms at 1000 pages/epoch; overhead <= 5 % at
 //! 10 ms epochs and 1000 pages/epoch; added p99 latency <= epoch + 2 ms; failover <= 100 ms;
 //! TLS costs <= 10 % of FT sender throughput (1 - TLS/plaintext bytes sent per second) at
-//! both TLS cells.
+//! both TLS cells; <= 300 bytes per dirty page at 1000 pages/epoch with 64 bytes changed per
+//! rewrite.
 //! The exit code is non-zero only if a case could not run.
 //!
 //! Needs root, /dev/kvm, iproute2 and /dev/net/tun; prints a SKIP line and exits 0 without
@@ -81,8 +96,8 @@ use std::time::{Duration, Instant};
 
 use integration::ft::SeqClient;
 use integration::{
-    kvm_available, netns_or_skip, test_guest, tls_dir, try_two_hosts, vmm_binary, NetNs, TempDir,
-    TwoHosts, Vmm, HOST_A, HOST_B,
+    api_request, kvm_available, netns_or_skip, test_guest, tls_dir, try_two_hosts, vmm_binary,
+    NetNs, TempDir, TwoHosts, Vmm, HOST_A, HOST_B,
 };
 
 type Res<T> = Result<T, String>;
@@ -142,6 +157,16 @@ const GROUP_VMS: [GuestNic; 2] = [
 ];
 /// The guest's control service (`req`, `relay`, `stats`).
 const SEQ_PORT: u16 = 7000;
+/// `vm.enable-ft` with this peer starts the VMM's dirty-log floor (`vmm::vmm::
+/// DIRTY_LOG_FLOOR_PEER`; this binary does not link the VMM's crate).
+const DIRTY_LOG_FLOOR_PEER: &str = "dirty-log-floor";
+/// The delta section's epoch (the first of `--epochs` if this one is not among them).
+const DELTA_EPOCH_MS: u64 = 10;
+/// Default `ft.dirty_bytes` of the delta section.
+const DELTA_DIRTY_BYTES: u64 = 64;
+/// Target: bytes on the wire per dirty page when each rewrite changes 64 bytes.
+const TARGET_DELTA_BYTES: f64 = 300.0;
+const TARGET_DELTA_PAGES: u64 = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -169,11 +194,14 @@ struct Options {
     heartbeat_timeout_ms: u64,
     /// The TLS section (FT over plaintext TCP vs mutual TLS).
     tls: bool,
+    /// The delta section (the guest changes `dirty_bytes` bytes per page rewrite).
+    delta: bool,
+    dirty_bytes: u64,
 }
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
-[--no-group] [--no-tls] [--heartbeat-timeout-ms N]";
+[--no-group] [--no-tls] [--no-delta] [--dirty-bytes N] [--heartbeat-timeout-ms N]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
     text.split(',')
@@ -199,6 +227,8 @@ impl Options {
         let mut colo = true;
         let mut group = true;
         let mut tls = true;
+        let mut delta = true;
+        let mut dirty_bytes = DELTA_DIRTY_BYTES;
         let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
         let mut i = 0;
         while i < args.len() {
@@ -235,6 +265,8 @@ impl Options {
                 "--no-colo" => colo = false,
                 "--no-group" => group = false,
                 "--no-tls" => tls = false,
+                "--no-delta" => delta = false,
+                "--dirty-bytes" => dirty_bytes = parse_count(value()?, "--dirty-bytes")? as u64,
                 "--heartbeat-timeout-ms" => {
                     heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
                 }
@@ -266,6 +298,8 @@ impl Options {
             group,
             heartbeat_timeout_ms,
             tls,
+            delta,
+            dirty_bytes,
         })
     }
 }
@@ -416,6 +450,7 @@ fn ch_remote(bins: &Binaries, socket: &Path, args: &[&str]) -> Res<String> {
 #[derive(Clone, Debug, Default)]
 struct FtStatus {
     health: String,
+    peer: Option<String>,
     epoch: u64,
     bytes: u64,
     dirty_pages: u64,
@@ -440,6 +475,7 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
     };
     Ok(FtStatus {
         health: v["health"].as_str().unwrap_or("?").to_string(),
+        peer: v["peer"].as_str().map(str::to_string),
         epoch: num("epoch")?,
         bytes: num("bytes")?,
         dirty_pages: num("dirty_pages")?,
@@ -591,16 +627,23 @@ impl Lab {
 
     /// Boots the ft workload dirtying `dirty_rate` pages/s on `side`; waits for its services.
     fn boot_primary(&mut self, side: Side, dirty_rate: u64) -> Res<Node> {
-        self.boot_vm(side, dirty_rate, ("tapvm", GUEST_IP, GUEST_MAC))
+        self.boot_vm(side, dirty_rate, 0, ("tapvm", GUEST_IP, GUEST_MAC))
     }
 
     /// [`Lab::boot_primary`] with the guest on `tap` at `ip` with `mac`.
-    fn boot_vm(&mut self, side: Side, dirty_rate: u64, (tap, ip, mac): GuestNic) -> Res<Node> {
+    /// `dirty_bytes`: bytes each page rewrite changes (`ft.dirty_bytes`; 0: every word).
+    fn boot_vm(
+        &mut self,
+        side: Side,
+        dirty_rate: u64,
+        dirty_bytes: u64,
+        (tap, ip, mac): GuestNic,
+    ) -> Res<Node> {
         self.flush_bridges()?;
         let kernel = self.bins.guest.to_str().ok_or("guest path is not UTF-8")?;
         let kernel = kernel.to_string();
         let cmdline = format!(
-            "workload=ft net.ip={ip}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB}"
+            "workload=ft net.ip={ip}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB} ft.dirty_bytes={dirty_bytes}"
         );
         let net = format!("tap={tap},mac={mac}");
         let memory = format!("size={GUEST_MEMORY}");
@@ -1107,6 +1150,9 @@ struct CaseSetup<'a> {
     client_ns: &'a NetNs,
     /// The primary's API socket when the VM is protected by our FT (ft-status is read).
     ft_socket: Option<&'a Path>,
+    /// What ft-status must say after the window: `protected`, or `off` with the dirty-log
+    /// floor's peer (the floor protects nothing).
+    floor: bool,
     /// Each round trip waits a random time below this first (the epoch under FT, else 0).
     think_max: Duration,
     tcp: bool,
@@ -1127,7 +1173,13 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         (Some(s), Some((t0, before))) => {
             let after = ft_status(setup.bins, s)?;
             let elapsed = t0.elapsed();
-            if after.health != "protected" {
+            if setup.floor && after.peer.as_deref() != Some(DIRTY_LOG_FLOOR_PEER) {
+                return Err(format!(
+                    "the dirty-log floor is not running: health {:?}, peer {:?}",
+                    after.health, after.peer
+                ));
+            }
+            if !setup.floor && after.health != "protected" {
                 return Err(format!(
                     "the VM is no longer protected: health {:?}, last error {:?}",
                     after.health, after.last_error
@@ -1197,6 +1249,11 @@ enum Mode {
     FtPlaintext,
     /// FT over mutual TLS (`--tls-dir`; the TLS section).
     FtTls,
+    /// No FT, the dirty log harvested and re-armed every epoch (the VMM's dirty-log floor).
+    Floor,
+    /// The delta section (`ft.dirty_bytes`): no FT, and FT.
+    NoFtDelta,
+    FtDelta,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -1410,8 +1467,13 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
     };
     let with_tcp = cells.iter().any(|c| TCP_CELLS.contains(c));
     for run in 1..=opts.runs {
-        let mut order: Vec<Option<Cell>> = std::iter::once(None)
-            .chain(cells.iter().copied().map(Some))
+        // Per cell the floor (dirty logging at the cell's epoch, no FT) next to its FT case.
+        let mut order: Vec<Option<(Cell, bool)>> = std::iter::once(None)
+            .chain(
+                cells
+                    .iter()
+                    .flat_map(|&c| [Some((c, true)), Some((c, false))]),
+            )
             .collect();
         if run % 2 == 0 {
             order.reverse();
@@ -1422,16 +1484,24 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
             }
             let label = match case {
                 None => format!("run {run} {rate:>6} pages/s  no FT"),
-                Some((e, p)) => {
+                Some(((e, p), true)) => format!(
+                    "run {run} {rate:>6} pages/s  floor {e:>2} ms ({p} pages/epoch, dirty log only)"
+                ),
+                Some(((e, p), false)) => {
                     format!("run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch)")
                 }
             };
             let outcome = match case {
+                Some((cell, true)) => floor_case(lab, &primary, &mut client, cell, opts).map(|r| {
+                    log(&format!("  {label}: {}", describe_case(&r)));
+                    results.record(cell, Mode::Floor, &r);
+                }),
                 None => {
                     let setup = CaseSetup {
                         bins: &lab.bins,
                         client_ns: &lab.hosts.client,
                         ft_socket: None,
+                        floor: false,
                         think_max: Duration::ZERO,
                         tcp: with_tcp,
                     };
@@ -1443,7 +1513,7 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
                         results.record(cell, Mode::NoFt, &r);
                     }
                 }),
-                Some(cell) => ft_case(lab, &primary, &mut client, cell, opts).map(|r| {
+                Some((cell, false)) => ft_case(lab, &primary, &mut client, cell, opts).map(|r| {
                     log(&format!("  {label}: {}", describe_case(&r)));
                     results.record(cell, Mode::Ft, &r);
                 }),
@@ -1578,6 +1648,7 @@ fn ft_case(
         bins: &lab.bins,
         client_ns: &lab.hosts.client,
         ft_socket: Some(&primary.socket),
+        floor: false,
         think_max: Duration::from_millis(cell.0),
         tcp,
     };
@@ -1593,6 +1664,147 @@ fn ft_case(
     let result = measured?;
     ended?;
     Ok(result)
+}
+
+/// The dirty-log floor at `cell`'s epoch: the VMM harvests and re-arms the dirty log every
+/// epoch as an FT checkpoint does, with no backup, no pause, no copy and nothing sent.
+fn floor_case(
+    lab: &Lab,
+    primary: &Node,
+    client: &mut SeqClient,
+    cell: Cell,
+    opts: &Options,
+) -> Res<CaseResult> {
+    let body = format!(
+        r#"{{"peer": "{DIRTY_LOG_FLOOR_PEER}", "epoch_ms": {}}}"#,
+        cell.0
+    );
+    let (code, answer) = api_request(
+        &primary.socket,
+        "PUT",
+        "vm.enable-ft",
+        Some(&body),
+        STEP_TIMEOUT,
+    )
+    .map_err(|e| format!("start the dirty-log floor: {e}"))?;
+    if !(200..300).contains(&code) {
+        return Err(format!("start the dirty-log floor: HTTP {code} {answer}"));
+    }
+    let setup = CaseSetup {
+        bins: &lab.bins,
+        client_ns: &lab.hosts.client,
+        ft_socket: Some(&primary.socket),
+        floor: true,
+        think_max: Duration::ZERO,
+        tcp: false,
+    };
+    let measured = measure_case(&setup, client, opts)
+        .map_err(|e| format!("{e}\n{}", primary.diagnose("floor case")));
+    let ended = ch_remote(&lab.bins, &primary.socket, &["disable-ft"]);
+    let result = measured?;
+    ended?;
+    Ok(result)
+}
+
+/// The delta section: per page count one boot whose guest changes `opts.dirty_bytes` bytes
+/// per page rewrite; no FT and FT at [`DELTA_EPOCH_MS`] alternate (odd runs: no FT first).
+fn run_delta(lab: &mut Lab, opts: &Options, results: &mut Results) {
+    let epoch = delta_epoch(opts);
+    for &pages in &opts.pages {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return;
+        }
+        let cell = (epoch, pages);
+        let rate = rate_of(cell);
+        let bytes = opts.dirty_bytes;
+        log(&format!(
+            "delta: guest dirtying {rate} pages/s ({pages} pages/{epoch} ms), {bytes} bytes per rewrite"
+        ));
+        let mut primary = match lab.boot_vm(Side::A, rate, bytes, ("tapvm", GUEST_IP, GUEST_MAC)) {
+            Ok(node) => node,
+            Err(e) => {
+                results.fail(format!("delta: boot at {rate} pages/s: {e}"));
+                continue;
+            }
+        };
+        let mut client = match SeqClient::connect(&lab.hosts.client) {
+            Ok(c) => c,
+            Err(e) => {
+                results.fail(format!(
+                    "delta: connect to the guest at {rate} pages/s: {e}\n{}",
+                    primary.diagnose("connect")
+                ));
+                continue;
+            }
+        };
+        'runs: for run in 1..=opts.runs {
+            let mut order = [Mode::NoFtDelta, Mode::FtDelta];
+            if run % 2 == 0 {
+                order.reverse();
+            }
+            for mode in order {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    break 'runs;
+                }
+                let label = match mode {
+                    Mode::FtDelta => format!(
+                        "run {run} {rate:>6} pages/s  FT {epoch:>2} ms ({pages} pages/epoch, {bytes} B/rewrite)"
+                    ),
+                    _ => format!("run {run} {rate:>6} pages/s  no FT ({bytes} B/rewrite)"),
+                };
+                let outcome = match mode {
+                    Mode::FtDelta => ft_case(lab, &primary, &mut client, cell, opts),
+                    _ => {
+                        let setup = CaseSetup {
+                            bins: &lab.bins,
+                            client_ns: &lab.hosts.client,
+                            ft_socket: None,
+                            floor: false,
+                            think_max: Duration::ZERO,
+                            tcp: false,
+                        };
+                        measure_case(&setup, &mut client, opts)
+                    }
+                };
+                match outcome {
+                    Ok(r) => {
+                        log(&format!("  {label}: {}", describe_case(&r)));
+                        results.record(cell, mode, &r);
+                    }
+                    Err(e) => {
+                        results.fail(format!("delta: {label}: {e}"));
+                        if let Some(status) = primary.vmm.poll_exit() {
+                            results.fail(primary.diagnose(&format!(
+                                "the primary exited ({status}); the rest of this rate is skipped"
+                            )));
+                            break 'runs;
+                        }
+                        match SeqClient::connect(&lab.hosts.client) {
+                            Ok(c) => client = c,
+                            Err(e) => {
+                                results.fail(format!("delta: reconnect to the guest: {e}"));
+                                break 'runs;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if primary.vmm.poll_exit().is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
+            if let Err(e) = guest_check(&mut client) {
+                results.fail(format!("delta: guest self-check at {rate} pages/s: {e}"));
+            }
+        }
+        primary.vmm.kill();
+    }
+}
+
+fn delta_epoch(opts: &Options) -> u64 {
+    if opts.epochs.contains(&DELTA_EPOCH_MS) {
+        DELTA_EPOCH_MS
+    } else {
+        opts.epochs.first().copied().unwrap_or(DELTA_EPOCH_MS)
+    }
 }
 
 /// What the client and the guest say about a connection that stopped after a failover: the
@@ -1783,7 +1995,7 @@ fn run_groups(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()> {
     ));
     let mut vms = Vec::new();
     for vm in GROUP_VMS {
-        vms.push(lab.boot_vm(Side::A, rate, vm)?);
+        vms.push(lab.boot_vm(Side::A, rate, 0, vm)?);
     }
     let vm1 = format!("{}:{SEQ_PORT}", GROUP_VMS[0].1);
     let mut g = GroupVms {
@@ -2135,6 +2347,7 @@ impl ColoLab {
             bins,
             client_ns: &self.ns,
             ft_socket: None,
+            floor: false,
             think_max: Duration::ZERO,
             tcp: false,
         };
@@ -2239,6 +2452,7 @@ impl ColoLab {
             bins,
             client_ns: &self.ns,
             ft_socket: None,
+            floor: false,
             think_max: Duration::from_millis(epoch_ms),
             tcp: false,
         };
@@ -2481,6 +2695,9 @@ impl Report<'_> {
         if o.tls {
             self.print_tls();
         }
+        if o.delta {
+            self.print_delta();
+        }
         if o.group {
             self.print_group();
         }
@@ -2557,36 +2774,52 @@ impl Report<'_> {
 
         println!();
         println!("Runtime overhead: guest work (compute-loop iterations) per second of its own clock, same");
-        println!("  guest and dirty rate with and without FT; overhead = 1 - FT/noFT");
+        println!("  guest and dirty rate with no FT, with the floor (no FT; the VMM harvests and re-arms the");
+        println!("  dirty log every epoch, as a checkpoint does, without pausing, copying or sending: what dirty");
+        println!("  tracking alone costs here) and with FT; overhead = 1 - FT/noFT, beyond floor = 1 - FT/floor");
         println!();
         let header = [
             "epoch ms",
             "asked pages/ep",
             "work/s noFT (M)",
-            "work/s FT (M)",
+            "floor (M)",
+            "FT (M)",
+            "floor/noFT",
             "FT/noFT",
+            "FT/floor",
             "overhead %",
-            "runs noFT/FT",
+            "beyond floor %",
+            "floor dirty/ep",
+            "runs noFT/floor/FT",
         ];
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
         let rows: Vec<Vec<String>> = cells
             .iter()
             .map(|&c| {
                 let no = r.med(c, Mode::NoFt, Metric::WorkPerS);
+                let floor = r.med(c, Mode::Floor, Metric::WorkPerS);
                 let ft = r.med(c, Mode::Ft, Metric::WorkPerS);
-                let ratio = match (no, ft) {
-                    (Some(n), Some(f)) if n > 0.0 => Some(f / n),
-                    _ => None,
-                };
+                let ft_no = ratio(ft, no);
+                let ft_floor = ratio(ft, floor);
                 vec![
                     c.0.to_string(),
                     c.1.to_string(),
                     fmt(no.map(|v| v / 1e6), 1),
+                    fmt(floor.map(|v| v / 1e6), 1),
                     fmt(ft.map(|v| v / 1e6), 1),
-                    fmt(ratio, 3),
-                    fmt(ratio.map(|x| (1.0 - x) * 100.0), 1),
+                    fmt(ratio(floor, no), 3),
+                    fmt(ft_no, 3),
+                    fmt(ft_floor, 3),
+                    fmt(ft_no.map(|x| (1.0 - x) * 100.0), 1),
+                    fmt(ft_floor.map(|x| (1.0 - x) * 100.0), 1),
+                    fmt(r.med(c, Mode::Floor, Metric::VmmDirtyPerEpoch), 0),
                     format!(
-                        "{}/{}",
+                        "{}/{}/{}",
                         r.count(c, Mode::NoFt, Metric::WorkPerS),
+                        r.count(c, Mode::Floor, Metric::WorkPerS),
                         r.count(c, Mode::Ft, Metric::WorkPerS)
                     ),
                 ]
@@ -2683,6 +2916,77 @@ impl Report<'_> {
                 &tcp_rows,
             );
         }
+    }
+
+    /// Bytes per dirty page with every word rewritten (the cells) and with `dirty_bytes` per
+    /// rewrite (the delta section), at the delta section's epoch.
+    fn print_delta(&self) {
+        let r = self.results;
+        let o = self.opts;
+        let epoch = delta_epoch(o);
+        println!();
+        println!(
+            "Delta encoding: FT at {epoch} ms epochs; the guest rewrites every word of a page (the cells above) or"
+        );
+        println!(
+            "  changes {} bytes per rewrite (ft.dirty_bytes, its own boot); B/dirty pg = bytes sent / VMM-dirty",
+            o.dirty_bytes
+        );
+        println!(
+            "  pages (deltas against the backup's copy, LZ4 on top; state and framing included)"
+        );
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "B/dirty pg every word",
+            "B/dirty pg delta",
+            "delta/every",
+            "KiB/epoch delta",
+            "VMM dirty/ep delta",
+            "pause p50 ms",
+            "pause p99 ms",
+            "overhead % delta",
+            "runs noFT/FT",
+        ];
+        let rows: Vec<Vec<String>> = o
+            .pages
+            .iter()
+            .map(|&pages| {
+                let c = (epoch, pages);
+                let every = r.med(c, Mode::Ft, Metric::BytesPerDirtyPage);
+                let delta = r.med(c, Mode::FtDelta, Metric::BytesPerDirtyPage);
+                let ratio = match (delta, every) {
+                    (Some(d), Some(e)) if e > 0.0 => Some(d / e),
+                    _ => None,
+                };
+                let overhead = match (
+                    r.med(c, Mode::NoFtDelta, Metric::WorkPerS),
+                    r.med(c, Mode::FtDelta, Metric::WorkPerS),
+                ) {
+                    (Some(n), Some(f)) if n > 0.0 => Some((1.0 - f / n) * 100.0),
+                    _ => None,
+                };
+                vec![
+                    epoch.to_string(),
+                    pages.to_string(),
+                    fmt(every, 0),
+                    fmt(delta, 0),
+                    fmt(ratio, 3),
+                    fmt(r.med(c, Mode::FtDelta, Metric::KibPerEpoch), 1),
+                    fmt(r.med(c, Mode::FtDelta, Metric::VmmDirtyPerEpoch), 0),
+                    fmt(r.med(c, Mode::FtDelta, Metric::PauseP50Ms), 3),
+                    fmt(r.med(c, Mode::FtDelta, Metric::PauseP99Ms), 3),
+                    fmt(overhead, 1),
+                    format!(
+                        "{}/{}",
+                        r.count(c, Mode::NoFtDelta, Metric::WorkPerS),
+                        r.count(c, Mode::FtDelta, Metric::WorkPerS)
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
     }
 
     fn print_peer(&self) {
@@ -3061,6 +3365,22 @@ impl Report<'_> {
                     cell.0, cell.1
                 ),
             }
+            if self.opts.delta && self.opts.pages.contains(&TARGET_DELTA_PAGES) {
+                let cell = (delta_epoch(self.opts), TARGET_DELTA_PAGES);
+                let bytes = self.opts.dirty_bytes;
+                match r.med(cell, Mode::FtDelta, Metric::BytesPerDirtyPage) {
+                    Some(b) => println!(
+                        "  bytes per dirty page <= {TARGET_DELTA_BYTES} with {bytes} bytes changed per rewrite at {} ms, {} pages/epoch: {b:.0} {} by {:.0}",
+                        cell.0,
+                        cell.1,
+                        verdict(b <= TARGET_DELTA_BYTES),
+                        (TARGET_DELTA_BYTES - b).abs()
+                    ),
+                    None => println!(
+                        "  bytes per dirty page <= {TARGET_DELTA_BYTES} with {bytes} bytes changed per rewrite: not measured"
+                    ),
+                }
+            }
             let mut met = 0;
             let mut measured = 0;
             let mut misses = Vec::new();
@@ -3196,6 +3516,10 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
     check_interrupted()?;
     if opts.tls {
         run_tls(&mut lab, opts, results);
+    }
+    check_interrupted()?;
+    if opts.delta {
+        run_delta(&mut lab, opts, results);
     }
     check_interrupted()?;
     if opts.group {
