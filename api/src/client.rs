@@ -217,7 +217,8 @@ pub fn read_response(stream: &mut impl Read) -> Result<ApiResponse, ClientError>
                     (204 | 304, _) => Vec::new(),
                     (_, Some(len)) => {
                         while buf.len() < head_len + len {
-                            let n = stream.read(&mut chunk)?;
+                            let want = (head_len + len - buf.len()).min(chunk.len());
+                            let n = stream.read(&mut chunk[..want])?;
                             if n == 0 {
                                 return Err(ClientError::Truncated);
                             }
@@ -238,7 +239,9 @@ pub fn read_response(stream: &mut impl Read) -> Result<ApiResponse, ClientError>
             Ok(httparse::Status::Partial) => {}
             Err(e) => return Err(ClientError::Malformed(e.to_string())),
         }
-        let n = stream.read(&mut chunk)?;
+        // The head is read a byte at a time so that nothing of a pipelined next answer is
+        // taken (and lost) with this one.
+        let n = stream.read(&mut chunk[..1])?;
         if n == 0 {
             return Err(ClientError::Truncated);
         }
