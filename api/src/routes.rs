@@ -3,13 +3,13 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use serde::de::DeserializeOwned;
 use vmm::config::{
     DiskConfig, FsConfig, NetConfig, PmemConfig, ValidationError, VmConfig, VsockConfig,
 };
 use vmm::control::{
-    ApiSender, EnableFtRequest, ErrorKind, HotplugRequest, ReceiveFtRequest,
-    ReceiveMigrationRequest, RemoveDeviceRequest, RestoreRequest, SendError, SendMigrationRequest,
-    SnapshotRequest, VmResizeRequest, VmmRequest, VmmResponse, VmmResult,
+    ApiSender, ErrorKind, HotplugRequest, RemoveDeviceRequest, SendError, VmmRequest, VmmResponse,
+    VmmResult,
 };
 
 use crate::http::Response;
@@ -158,13 +158,23 @@ pub fn handle_with_fds(
             ),
         );
     }
-    let request = match endpoint {
+    let request = match request_of(endpoint, body, fds) {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    match backend.call(request) {
+        Ok(result) => response_of(result),
+        Err(e) => Response::error_one(500, e),
+    }
+}
+
+/// The control loop's request for `endpoint`, its body parsed (a 400 response if it is bad).
+fn request_of(endpoint: Endpoint, body: &[u8], fds: Vec<OwnedFd>) -> Result<VmmRequest, Response> {
+    let device = |request| VmmRequest::AddDevice(Box::new(request));
+    Ok(match endpoint {
         Endpoint::VmmPing => VmmRequest::Ping,
         Endpoint::VmmShutdown => VmmRequest::ShutdownVmm,
-        Endpoint::VmCreate => match parse_vm_config(body) {
-            Ok(config) => VmmRequest::CreateVm(Box::new(config)),
-            Err(response) => return response,
-        },
+        Endpoint::VmCreate => VmmRequest::CreateVm(Box::new(parse_vm_config(body)?)),
         Endpoint::VmBoot => VmmRequest::BootVm,
         Endpoint::VmInfo => VmmRequest::VmInfo,
         Endpoint::VmCounters => VmmRequest::Counters,
@@ -179,132 +189,72 @@ pub fn handle_with_fds(
         // connection thread waits for the control loop's answer with no timeout, and the
         // socket timeouts only bound reading the request and writing the answer.
         Endpoint::VmSnapshot => {
-            match parse_body(body, "vm.snapshot", "VmSnapshotConfig", |b: &[u8]| {
-                serde_json::from_slice::<SnapshotRequest>(b)
-            }) {
-                Ok(request) => VmmRequest::Snapshot(request),
-                Err(response) => return response,
-            }
+            VmmRequest::Snapshot(parse_body(body, "vm.snapshot", "VmSnapshotConfig")?)
         }
         Endpoint::VmRestore => {
-            match parse_body(body, "vm.restore", "RestoreConfig", |b: &[u8]| {
-                serde_json::from_slice::<RestoreRequest>(b)
-            }) {
-                Ok(request) => VmmRequest::Restore(request),
-                Err(response) => return response,
-            }
+            VmmRequest::Restore(parse_body(body, "vm.restore", "RestoreConfig")?)
         }
-        Endpoint::VmSendMigration => match parse_body(
-            body,
-            "vm.send-migration",
-            "SendMigrationData",
-            |b: &[u8]| serde_json::from_slice::<SendMigrationRequest>(b),
-        ) {
-            Ok(request) => VmmRequest::SendMigration(request),
-            Err(response) => return response,
-        },
-        Endpoint::VmReceiveMigration => match parse_body(
+        Endpoint::VmSendMigration => {
+            VmmRequest::SendMigration(parse_body(body, "vm.send-migration", "SendMigrationData")?)
+        }
+        Endpoint::VmReceiveMigration => VmmRequest::ReceiveMigration(parse_body(
             body,
             "vm.receive-migration",
             "ReceiveMigrationData",
-            |b: &[u8]| serde_json::from_slice::<ReceiveMigrationRequest>(b),
-        ) {
-            Ok(request) => VmmRequest::ReceiveMigration(request),
-            Err(response) => return response,
-        },
+        )?),
         // Only the JSON shape is checked here; the control loop judges the values (peer and
         // witness addresses, epoch length, disk paths) and answers 400 for bad ones.
         Endpoint::VmEnableFt => {
-            match parse_body(body, "vm.enable-ft", "EnableFtData", |b: &[u8]| {
-                serde_json::from_slice::<EnableFtRequest>(b)
-            }) {
-                Ok(request) => VmmRequest::EnableFt(request),
-                Err(response) => return response,
-            }
+            VmmRequest::EnableFt(parse_body(body, "vm.enable-ft", "EnableFtData")?)
         }
         Endpoint::VmReceiveFt => {
-            match parse_body(body, "vm.receive-ft", "ReceiveFtData", |b: &[u8]| {
-                serde_json::from_slice::<ReceiveFtRequest>(b)
-            }) {
-                Ok(request) => VmmRequest::ReceiveFt(request),
-                Err(response) => return response,
-            }
+            VmmRequest::ReceiveFt(parse_body(body, "vm.receive-ft", "ReceiveFtData")?)
         }
         Endpoint::VmFtStatus => VmmRequest::FtStatus,
         Endpoint::VmDisableFt => VmmRequest::DisableFt,
         Endpoint::VmProgress => VmmRequest::Progress,
         // Only the shape is checked here; the control loop compares the sizes with the VM's.
-        Endpoint::VmResize => {
-            match parse_body(body, "vm.resize", "VmResize", |b: &[u8]| {
-                serde_json::from_slice::<VmResizeRequest>(b)
-            }) {
-                Ok(request) => VmmRequest::Resize(request),
-                Err(response) => return response,
-            }
-        }
+        Endpoint::VmResize => VmmRequest::Resize(parse_body(body, "vm.resize", "VmResize")?),
         // Each device is checked as `vm.create` checks it (the same refusals); what depends on
         // the VM (ids in use, room on the bus, shared memory for virtio-fs) is the control
         // loop's to judge.
-        Endpoint::VmAddDisk => match parse_device(
+        Endpoint::VmAddDisk => device(HotplugRequest::Disk(parse_device(
             body,
             "vm.add-disk",
             "DiskConfig",
-            |b| serde_json::from_slice::<DiskConfig>(b),
             DiskConfig::validate,
-        ) {
-            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Disk(config))),
-            Err(response) => return response,
-        },
-        Endpoint::VmAddNet => match parse_net(body, fds) {
-            Ok(request) => VmmRequest::AddDevice(Box::new(request)),
-            Err(response) => return response,
-        },
-        Endpoint::VmAddPmem => match parse_device(
+        )?)),
+        Endpoint::VmAddNet => device(parse_net(body, fds)?),
+        Endpoint::VmAddPmem => device(HotplugRequest::Pmem(parse_device(
             body,
             "vm.add-pmem",
             "PmemConfig",
-            |b| serde_json::from_slice::<PmemConfig>(b),
             PmemConfig::validate,
-        ) {
-            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Pmem(config))),
-            Err(response) => return response,
-        },
-        Endpoint::VmAddFs => match parse_device(
+        )?)),
+        Endpoint::VmAddFs => device(HotplugRequest::Fs(parse_device(
             body,
             "vm.add-fs",
             "FsConfig",
-            |b| serde_json::from_slice::<FsConfig>(b),
             FsConfig::validate,
-        ) {
-            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Fs(config))),
-            Err(response) => return response,
-        },
-        Endpoint::VmAddVsock => match parse_device(
+        )?)),
+        Endpoint::VmAddVsock => device(HotplugRequest::Vsock(parse_device(
             body,
             "vm.add-vsock",
             "VsockConfig",
-            |b| serde_json::from_slice::<VsockConfig>(b),
             VsockConfig::validate,
-        ) {
-            Ok(config) => VmmRequest::AddDevice(Box::new(HotplugRequest::Vsock(config))),
-            Err(response) => return response,
-        },
+        )?)),
         Endpoint::VmRemoveDevice => {
-            match parse_body(body, "vm.remove-device", "VmRemoveDevice", |b: &[u8]| {
-                serde_json::from_slice::<RemoveDeviceRequest>(b)
-            }) {
-                Ok(request) if request.id.is_empty() => {
-                    return Response::error_one(400, "VmRemoveDevice.id must not be empty")
-                }
-                Ok(request) => VmmRequest::RemoveDevice(request),
-                Err(response) => return response,
+            let request: RemoveDeviceRequest =
+                parse_body(body, "vm.remove-device", "VmRemoveDevice")?;
+            if request.id.is_empty() {
+                return Err(Response::error_one(
+                    400,
+                    "VmRemoveDevice.id must not be empty",
+                ));
             }
+            VmmRequest::RemoveDevice(request)
         }
-    };
-    match backend.call(request) {
-        Ok(result) => response_of(result),
-        Err(e) => Response::error_one(500, e),
-    }
+    })
 }
 
 /// The `vm.create` body: JSON errors (syntax, types, unknown fields) and `validate()` errors
@@ -316,8 +266,17 @@ fn parse_vm_config(body: &[u8]) -> Result<VmConfig, Response> {
             "vm.create needs a VmConfig JSON request body",
         ));
     }
-    let config: VmConfig = serde_json::from_slice(body)
+    let mut config: VmConfig = serde_json::from_slice(body)
         .map_err(|e| Response::error_one(400, format!("invalid VmConfig JSON: {e}")))?;
+    // Descriptor numbers in a body name whatever the VMM has open under them (or, in a
+    // `vm.info` fed back, another process's descriptors). As in Cloud Hypervisor they are
+    // dropped with a warning; TAP descriptors come with `vm.add-net` (SCM_RIGHTS) or
+    // `--net fd=`.
+    for net in config.net.iter_mut().flatten() {
+        if net.fds.take().is_some_and(|fds| !fds.is_empty()) {
+            log::warn!("vm.create: ignoring the net fds in the request body");
+        }
+    }
     config
         .validate()
         .map_err(|e| Response::error_one(400, format!("invalid VM configuration: {e}")))?;
@@ -327,14 +286,13 @@ fn parse_vm_config(body: &[u8]) -> Result<VmConfig, Response> {
 /// A device's configuration (`schema` in Cloud Hypervisor's API spec): bad JSON as
 /// [`parse_body`], and the device kind's own validation (the checks `vm.create` makes of such
 /// a device), both 400.
-fn parse_device<T>(
+fn parse_device<T: DeserializeOwned>(
     body: &[u8],
     endpoint: &str,
     schema: &str,
-    from_json: fn(&[u8]) -> serde_json::Result<T>,
     validate: fn(&T) -> Result<(), ValidationError>,
 ) -> Result<T, Response> {
-    let config = parse_body(body, endpoint, schema, from_json)?;
+    let config: T = parse_body(body, endpoint, schema)?;
     validate(&config).map_err(|e| invalid_device(schema, e))?;
     Ok(config)
 }
@@ -349,9 +307,7 @@ fn invalid_device(schema: &str, e: ValidationError) -> Response {
 /// received descriptors, which `fds` of the request keeps open. Numbers in the body without
 /// descriptors are refused: the VMM never uses a number a client chose.
 fn parse_net(body: &[u8], fds: Vec<OwnedFd>) -> Result<HotplugRequest, Response> {
-    let mut config = parse_body(body, "vm.add-net", "NetConfig", |b: &[u8]| {
-        serde_json::from_slice::<NetConfig>(b)
-    })?;
+    let mut config: NetConfig = parse_body(body, "vm.add-net", "NetConfig")?;
     if fds.len() > MAX_NET_FDS {
         return Err(Response::error_one(
             400,
@@ -387,12 +343,10 @@ fn parse_net(body: &[u8], fds: Vec<OwnedFd>) -> Result<HotplugRequest, Response>
 /// A JSON request body of type `T` (named `schema` as in Cloud Hypervisor's API spec): a
 /// missing body, bad JSON, wrong types and unknown fields are 400, with serde's message naming
 /// the field. What the values mean (URLs, paths) is for the control loop to judge.
-/// (`from_json` is `serde_json::from_slice` for `T`.)
-fn parse_body<T>(
+fn parse_body<T: DeserializeOwned>(
     body: &[u8],
     endpoint: &str,
     schema: &str,
-    from_json: fn(&[u8]) -> serde_json::Result<T>,
 ) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
         let article = if schema.starts_with(['A', 'E', 'I', 'O', 'U']) {
@@ -405,7 +359,8 @@ fn parse_body<T>(
             format!("{endpoint} needs {article} {schema} JSON request body"),
         ));
     }
-    from_json(body).map_err(|e| Response::error_one(400, format!("invalid {schema} JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| Response::error_one(400, format!("invalid {schema} JSON: {e}")))
 }
 
 fn response_of(result: VmmResult) -> Response {
@@ -491,6 +446,19 @@ mod tests {
     }
 
     #[test]
+    fn vm_create_drops_descriptor_numbers_from_the_body() {
+        // Cloud Hypervisor ignores them (a `vm.info` fed back carries another process's
+        // numbers); with them kept, `tap` + `fds` or a queue mismatch would even be refused.
+        let fake = Fake::default();
+        let body = r#"{"payload": {"kernel": "/k"}, "net": [{"tap": "t0", "fds": [7, 8]}]}"#;
+        let r = handle("PUT", "/api/v1/vm.create", body.as_bytes(), &fake);
+        assert_eq!(r.status, 204, "{:?}", r.body);
+        let seen = fake.seen.lock().unwrap();
+        assert!(seen[0].starts_with("CreateVm("), "{}", seen[0]);
+        assert!(seen[0].contains("fds: None"), "{}", seen[0]);
+    }
+
+    #[test]
     fn every_endpoint_reaches_the_backend_with_its_request() {
         let fake = Fake::default();
         for (name, method, _) in ENDPOINTS {
@@ -518,7 +486,7 @@ mod tests {
         assert_eq!(
             seen[16..20],
             [
-                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, hot_pages: true, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], taps: [], witness: Some("10.0.0.3:7100"), fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 "FtStatus",
                 "DisableFt",
@@ -1051,8 +1019,8 @@ mod tests {
         assert_eq!(
             *seen,
             [
-                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
-                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
             ]
@@ -1168,8 +1136,9 @@ mod tests {
                 "epoch_ms": 0, "heartbeat_timeout_ms": 0, "fencing": "", "epoch": 0,
                 "last_committed_epoch": 0, "lag_epochs": 0, "bytes": 0, "dirty_pages": 0,
                 "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
-                "epochs_cut_early": 0, "held_packets": 0, "released_packets": 0,
-                "held_disk_writes": 0, "failovers": 0, "last_failover_ms": null,
+                "epochs_cut_early": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
+                "released_packets": 0, "held_disk_writes": 0, "failovers": 0,
+                "last_failover_ms": null,
                 "last_error": null, "group": null, "group_members": 0, "group_epoch": 0,
                 "sync": null,
             })

@@ -30,12 +30,17 @@ use crate::routes::{self, Backend};
 /// Tunables of the server.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// How long a connection may stay silent (between or inside requests) before it is closed.
-    /// It does not bound how long the control loop takes to answer: no read is pending while
-    /// a request is handled, so a `vm.send-migration` or `vm.receive-migration` that runs
-    /// for minutes, or a `vm.enable-ft` doing its initial synchronisation, is answered
-    /// normally.
+    /// How long a client may stay silent inside a request before the connection is closed
+    /// (with a 408). It does not bound how long the control loop takes to answer: no read is
+    /// pending while a request is handled, so a `vm.send-migration` or `vm.receive-migration`
+    /// that runs for minutes, or a `vm.enable-ft` doing its initial synchronisation, is
+    /// answered normally.
     pub read_timeout: Duration,
+    /// How long a keep-alive connection may wait idle between requests (None: for ever).
+    /// Cloud Hypervisor never closes an idle connection, and clients rely on that: Kata's Go
+    /// client keeps one connection for the life of the sandbox, and a non-idempotent PUT it
+    /// sends as the server closes that connection fails instead of being retried.
+    pub idle_timeout: Option<Duration>,
     /// How long writing a response may block on a client that does not read. The write starts
     /// only once the control loop has answered.
     pub write_timeout: Duration,
@@ -51,6 +56,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             read_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             write_timeout: Duration::from_secs(10),
             max_connections: 64,
             request_timeout: Duration::from_secs(10),
@@ -251,8 +257,9 @@ fn accept_loop(
             .name("http-conn".into())
             .spawn(move || {
                 let _slot = guard;
-                let mut transport =
-                    SocketTransport::new(stream).with_request_timeout(options.request_timeout);
+                let mut transport = SocketTransport::new(stream)
+                    .with_request_timeout(options.request_timeout)
+                    .with_idle_timeout(options.idle_timeout);
                 serve_connection(&mut transport, backend.as_ref(), &busy);
             });
         if let Err(e) = spawned {
@@ -295,8 +302,11 @@ const MAX_FDS: usize = 16;
 /// A connected client socket read with `recvmsg`.
 pub struct SocketTransport {
     stream: UnixStream,
-    /// The per-read timeout set on the stream when it was handed over.
+    /// The per-read timeout inside a request (the one set on the stream when it was handed
+    /// over).
     read_timeout: Option<Duration>,
+    /// The read timeout between requests (None: wait for ever).
+    idle_timeout: Option<Duration>,
     /// How long a request may take to arrive from its first byte (None: no bound).
     request_timeout: Option<Duration>,
     /// When the request being read must be complete.
@@ -313,6 +323,7 @@ impl SocketTransport {
         Self {
             stream,
             read_timeout,
+            idle_timeout: read_timeout,
             request_timeout: None,
             deadline: None,
             applied: read_timeout,
@@ -326,10 +337,16 @@ impl SocketTransport {
         self
     }
 
+    /// Bounds how long the connection may wait idle between requests (None: no bound).
+    pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
     /// Shortens the socket's read timeout so that no read waits past the request deadline.
     fn arm_timeout(&mut self) -> io::Result<()> {
         let wanted = match self.deadline {
-            None => self.read_timeout,
+            None => self.idle_timeout,
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {

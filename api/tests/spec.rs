@@ -119,6 +119,7 @@ fn ft_schemas_match_serde() {
         witness: None,
         fencing: Some("etcd://e:2379".into()),
         compress: true,
+        hot_pages: false,
         group: Some("/run/web.sock".into()),
         // Fields left out at their defaults are set so that every one is compared.
         tls_dir: Some("/etc/tandem/tls".into()),

@@ -1084,6 +1084,131 @@ static void pci_device_reply(int fd, const char *bdf)
 	reply(fd, "pcidev present driver=%s block=%s", driver, block);
 }
 
+/* CRC-32 as zlib computes it, so the host checks a vsock stream with its own zlib. */
+static uint32_t crc32_update(uint32_t crc, const unsigned char *p, size_t n)
+{
+	static uint32_t table[256];
+	if (!table[1])
+		for (uint32_t i = 0; i < 256; i++) {
+			uint32_t c = i;
+			for (int k = 0; k < 8; k++)
+				c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+			table[i] = c;
+		}
+	crc = ~crc;
+	while (n--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}
+
+/*
+ * `vsink PORT N` (throughput host -> guest, ci/bench-vsock): listens on vsock PORT, says so on
+ * the control connection, takes one connection, reads N bytes (or to its end), then writes
+ * "bytes=<n> crc=<CRC-32>\n" on the vsock connection (where the host stops its clock) and
+ * replies the same with the guest's own time. N, not the host's half-close, ends the data:
+ * vhost-device-vsock turns that half-close into a shutdown of both directions.
+ */
+static void vsock_sink(int fd, char *port_s)
+{
+	static unsigned char buf[64 << 10];
+	char *bytes_s = strchr(port_s, ' ');
+	if (bytes_s)
+		*bytes_s++ = 0;
+	uint64_t want = bytes_s ? strtoull(bytes_s, NULL, 10) : UINT64_MAX;
+	struct sockaddr_vm svm = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY,
+				   .svm_port = (unsigned)atoi(port_s) };
+	int ls = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (ls < 0 || bind(ls, (struct sockaddr *)&svm, sizeof(svm)) || listen(ls, 1)) {
+		reply(fd, "vsink fail listen: %s", strerror(errno));
+		if (ls >= 0)
+			close(ls);
+		return;
+	}
+	reply(fd, "vsink listening port=%u", svm.svm_port);
+	struct pollfd pfd = { .fd = ls, .events = POLLIN };
+	int c = poll(&pfd, 1, 600 * 1000) == 1 ? accept4(ls, NULL, NULL, SOCK_CLOEXEC) : -1;
+	close(ls);
+	if (c < 0) {
+		reply(fd, "vsink fail no connection");
+		return;
+	}
+	uint32_t crc = 0;
+	uint64_t total = 0;
+	long start = uptime_ms();
+	ssize_t n = 0;
+	while (total < want &&
+	       (n = read(c, buf, want - total < sizeof(buf) ? want - total : sizeof(buf))) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			break;
+		crc = crc32_update(crc, buf, n);
+		total += n;
+	}
+	int err = errno;
+	long ms = uptime_ms() - start;
+	char line[96];
+	int len = snprintf(line, sizeof(line), "bytes=%llu crc=%08x\n", (unsigned long long)total, crc);
+	write_all(c, line, len);
+	close(c);
+	if (n < 0)
+		reply(fd, "vsink fail read after %llu bytes: %s", (unsigned long long)total, strerror(err));
+	else
+		reply(fd, "vsink ok bytes=%llu crc=%08x ms=%ld", (unsigned long long)total, crc, ms);
+}
+
+/*
+ * `vsource PORT N` (throughput guest -> host, ci/bench-vsock): connects to the host's vsock
+ * port PORT (the VMM's PATH_PORT Unix socket), sends N bytes, shuts down its side and waits
+ * for the host to close.
+ */
+static void vsock_source(int fd, char *arg)
+{
+	static unsigned char buf[64 << 10];
+	char *bytes_s = strchr(arg, ' ');
+	if (bytes_s)
+		*bytes_s++ = 0;
+	unsigned long long want = bytes_s ? strtoull(bytes_s, NULL, 10) : 0, sent = 0;
+	for (size_t i = 0; i < sizeof(buf); i++)
+		buf[i] = (unsigned char)(i * 131 + (i >> 8) * 7 + 1);
+	struct sockaddr_vm svm = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST,
+				   .svm_port = (unsigned)atoi(arg) };
+	int c = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c < 0 || connect(c, (struct sockaddr *)&svm, sizeof(svm))) {
+		reply(fd, "vsource fail connect to host port %s: %s", arg, strerror(errno));
+		if (c >= 0)
+			close(c);
+		return;
+	}
+	uint32_t crc = 0;
+	long start = uptime_ms();
+	while (sent < want) {
+		size_t chunk = want - sent < sizeof(buf) ? want - sent : sizeof(buf), done = 0;
+		while (done < chunk) {
+			ssize_t n = write(c, buf + done, chunk - done);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0)
+				break;
+			done += n;
+		}
+		crc = crc32_update(crc, buf, done);
+		sent += done;
+		if (done < chunk)
+			break;
+	}
+	int err = errno;
+	shutdown(c, SHUT_WR);
+	char scratch[64];
+	read_to_end(c, scratch, sizeof(scratch));
+	long ms = uptime_ms() - start;
+	close(c);
+	if (sent < want)
+		reply(fd, "vsource fail write after %llu bytes: %s", sent, strerror(err));
+	else
+		reply(fd, "vsource ok bytes=%llu crc=%08x ms=%ld", sent, crc, ms);
+}
+
 /*
  * Serves one control connection. Commands (one line each, one reply line each):
  *   info             -> info cpus=<online CPUs> online=<list> uptime_ms=<ms> clocksource=<name>
@@ -1101,6 +1226,13 @@ static void pci_device_reply(int fd, const char *bdf)
  *   pcidev BDF       -> pcidev present driver=<name|-> block=<vdX|-> | pcidev absent
  *                       (a hot-plugged function, 0000:00:XX.0, as the guest's PCI core sees it)
  *   head DEV         -> head ok TEXT (first line of /dev/DEV) | head fail DEV <why>
+ *   vsink PORT N     -> vsink listening port=PORT, then once N bytes came on the host's vsock
+ *                       connection to PORT: vsink ok bytes=N crc=<CRC-32> ms=<ms> (vsock_sink)
+ *   vsource PORT N   -> vsource ok bytes=N crc=<CRC-32> ms=<ms>, after sending N bytes to
+ *                       the host's vsock port PORT (vsock_source)
+ *   check NAME       -> check done NAME failures=<n>, after running the `tg.checks` check NAME
+ *                       (vsock, pmem or fs: devices hot-plugged after boot), whose markers go
+ *                       to the console as at boot; n counts the failures it found
  *   quit             -> closes this connection
  *   poweroff         -> poweroff ok; closes the connection and ends serve (then /init powers off)
  * Returns 1 after poweroff.
@@ -1213,6 +1345,21 @@ static int serve_conn(int fd)
 			} else {
 				reply(fd, "head fail %s %s", arg, strerror(errno));
 			}
+		} else if (!strcmp(line, "vsink")) {
+			vsock_sink(fd, arg);
+		} else if (!strcmp(line, "vsource")) {
+			vsock_source(fd, arg);
+		} else if (!strcmp(line, "check")) {
+			int before = failures;
+			if (!strcmp(arg, "vsock"))
+				check_vsock();
+			else if (!strcmp(arg, "pmem"))
+				check_pmem();
+			else if (!strcmp(arg, "fs"))
+				check_fs();
+			else
+				fail("check", arg);
+			reply(fd, "check done %s failures=%d", arg, failures - before);
 		} else if (!strcmp(line, "quit")) {
 			return 0;
 		} else if (!strcmp(line, "poweroff")) {

@@ -394,6 +394,32 @@ fn state_round_trips_and_a_moved_region_is_refused() {
     assert!(fresh.restore(&wrong).is_err());
 }
 
+/// A restore moves a region to where the snapshot's guest had it (a hot-plug placed it there):
+/// the config space says so, and the saved state then matches.
+#[test]
+fn a_relocated_region_restores_and_shows_its_new_start() {
+    let (file, _) = TempFile::new(2 * MIB);
+    let backing = Arc::new(PmemBacking::open(&file.0, None, false).unwrap());
+    let saved = Pmem::new("_pmem0", GuestAddress(START + 4 * MIB), backing.clone())
+        .unwrap()
+        .state();
+    let mut dev = Pmem::new("_pmem0", GuestAddress(START), backing).unwrap();
+    assert!(matches!(
+        dev.relocate(GuestAddress(START + 4096)),
+        Err(PmemError::AddressNotAligned { .. })
+    ));
+    assert!(matches!(
+        dev.relocate(GuestAddress(0u64.wrapping_sub(2 * MIB))),
+        Err(PmemError::AddressOverflow { .. })
+    ));
+    assert_eq!(dev.start(), GuestAddress(START), "unchanged on error");
+    dev.relocate(GuestAddress(START + 4 * MIB)).unwrap();
+    dev.restore(&saved).unwrap();
+    let mut b = [0u8; 8];
+    dev.read_config(0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), START + 4 * MIB);
+}
+
 /// xorshift64: deterministic, so a failure replays.
 struct Rng(u64);
 

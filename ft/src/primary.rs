@@ -24,7 +24,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::gate::{EpochError, GateMode, RecordedWrite};
-use vm_memory::GuestMemoryBackend;
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
@@ -51,7 +50,9 @@ use crate::wire::{encode_disk_writes, Control};
 use transport::Security;
 
 mod group_member;
+mod hot_pages;
 use group_member::{GroupLink, GroupOrder};
+use hot_pages::HotPages;
 
 /// Longest and shortest epochs `vm.enable-ft` accepts.
 pub const MAX_EPOCH_MS: u64 = 1000;
@@ -240,6 +241,8 @@ pub struct Primary {
     resumes: Option<Receiver<u64>>,
     stream: FtStream,
     staging: GuestMemoryMmap,
+    /// Pages kept writable and compared at each pause instead of write-protected.
+    hot: HotPages,
     peer: String,
     pair_id: u64,
     fencing: Fencing,
@@ -391,6 +394,8 @@ impl Primary {
         let base = vmm::memory::create(config.memory.size)
             .map_err(|e| io_err("delta base memory", e))
             .and_then(|mem| DeltaBase::new(mem).map_err(|e| io_err("delta base memory", e)))?;
+        let mut hot = HotPages::new(vm.memory(), epoch_len)
+            .map_err(|e| VmmError::InvalidConfig(format!("guest memory layout: {e}")))?;
         // Every member of a group claims the group at the witness: it fails over as one.
         let pair_id = group.as_ref().map_or_else(new_pair_id, |g| g.group_id);
         // On etcd the pair's key is this primary's before anything is protected.
@@ -465,7 +470,14 @@ impl Primary {
                 });
             }
         };
-        // The VM is paused here with the gates holding; it runs again below.
+        // The VM is paused here with the gates holding; it runs again below. From the first
+        // epoch on, hot pages stay writable where KVM allows it.
+        if request.hot_pages {
+            match vm.set_manual_rearm(true) {
+                Ok(on) => hot.set_enabled(on),
+                Err(e) => log::warn!("FT: hot pages stay off (manual dirty-log re-arming: {e})"),
+            }
+        }
         let shared = Arc::new(Shared {
             gates,
             wake,
@@ -536,6 +548,7 @@ impl Primary {
             resumes,
             stream,
             staging,
+            hot,
             peer,
             pair_id,
             fencing,
@@ -890,28 +903,13 @@ impl Primary {
             .is_some()
     }
 
-    /// Copies the pages of `dirty` from guest memory into the staging memory (same layout;
-    /// a run never crosses a region boundary, so each run is one slice-to-slice copy).
-    fn stage(&self, vm: &dyn ReplicableVm, dirty: &DirtyPages) -> Result<(), String> {
-        let mem = vm.memory();
-        for (start, pages) in dirty.runs() {
-            let len = pages as usize * vmm::migration::memory::PAGE_SIZE;
-            let from = mem
-                .get_slice(start, len)
-                .map_err(|e| format!("reading guest pages at {:#x}: {e}", start.0))?;
-            let to = self
-                .staging
-                .get_slice(start, len)
-                .map_err(|e| format!("staging pages at {:#x}: {e}", start.0))?;
-            from.copy_to_volatile_slice(to);
-        }
-        Ok(())
-    }
-
-    /// The part of a checkpoint that runs while the VM is paused.
+    /// The part of a checkpoint that runs while the VM is paused: the epoch's pages into the
+    /// staging memory (hot pages only if they changed; the rest re-armed), then the state.
     fn capture(&mut self, vm: &mut dyn ReplicableVm) -> Result<EpochJob, String> {
-        let dirty = live::dirty_since_last(vm)?;
-        self.stage(vm, &dirty)?;
+        let reported = live::dirty_since_last(vm)?;
+        let dirty = self.hot.stage(vm.memory(), &self.staging, reported)?;
+        self.hot.update(self.epoch, &dirty);
+        vm.rearm_dirty_log(self.hot.kept())?;
         let state = vm.save_state().map_err(|e| e.to_string())?;
         let disk_writes = self
             .shared
@@ -954,6 +952,8 @@ impl Primary {
             pause_us_p99: self.pauses.percentile_us(99.0),
             pause_us_max: self.pauses.max_us(),
             epochs_cut_early: self.epochs_cut_early,
+            hot_pages: self.hot.kept().count(),
+            hot_page_hits: self.hot.hits(),
             last_error: self
                 .stranded_report()
                 .or_else(|| self.last_error.clone())
@@ -1460,12 +1460,19 @@ impl Primary {
             }
         }
         if let Some(vm) = vm {
+            // Pages kept writable are re-armed first: nothing later may miss a write.
+            if let Err(e) = vm.set_manual_rearm(false) {
+                log::warn!("FT: switching manual dirty-log re-arming off: {e}");
+            }
             if let Err(e) = vm.set_dirty_logging(false) {
                 log::warn!("FT: switching dirty logging off: {e}");
             }
         }
         if was_protected {
-            log::info!("FT: protection ended ({reason:?})");
+            log::info!(
+                "FT: protection ended ({reason:?}); hot pages: {}",
+                self.hot.summary()
+            );
         }
         outcome
     }

@@ -198,6 +198,11 @@ struct FakeVm {
     /// Every disk write the guest saw complete: (epoch, offset, data).
     completed_writes: Vec<(u64, u64, Vec<u8>)>,
     rng: Rng,
+    /// Whether this fake offers manual dirty-log re-arming (hot pages), as KVM may or not.
+    rearm_capable: bool,
+    /// With manual re-arming on: the pages reported and not re-armed yet (KVM keeps them set
+    /// in its bitmap, so every harvest reports them again).
+    manual_rearm: Option<DirtyPages>,
 }
 
 fn memory_hash(mem: &GuestMemoryMmap) -> u64 {
@@ -230,6 +235,8 @@ impl FakeVm {
             captures: Vec::new(),
             completed_writes: Vec::new(),
             rng: Rng(seed | 1),
+            rearm_capable: seed & 2 != 0,
+            manual_rearm: None,
         }
     }
 
@@ -247,10 +254,14 @@ impl FakeVm {
         self.register += 1;
         for _ in 0..1 + self.rng.below(4) {
             let page = self.rng.below(MEMORY / PAGE);
-            let value = self.register ^ (page << 32);
-            self.memory
-                .write_obj(value, GuestAddress(page * PAGE + 8 * self.rng.below(512)))
-                .unwrap();
+            let at = GuestAddress(page * PAGE + 8 * self.rng.below(512));
+            // Sometimes a write that changes nothing (a hot page found unchanged).
+            let value = if self.rng.below(4) == 0 {
+                self.memory.read_obj::<u64>(at).unwrap()
+            } else {
+                self.register ^ (page << 32)
+            };
+            self.memory.write_obj(value, at).unwrap();
         }
         let epoch = self.epoch();
         if let Some(nic) = self.nic.as_mut() {
@@ -304,7 +315,34 @@ impl ReplicableVm for FakeVm {
             }
         }
         // Every write of the fake goes through vm-memory, so the device bitmap is the log.
-        DirtyPages::from_bitmaps(&[], &self.memory, true).map_err(|e| e.to_string())
+        let mut pages =
+            DirtyPages::from_bitmaps(&[], &self.memory, true).map_err(|e| e.to_string())?;
+        if let Some(reported) = self.manual_rearm.as_mut() {
+            reported.union_with(&pages);
+            pages = reported.clone();
+        }
+        Ok(pages)
+    }
+    fn set_manual_rearm(&mut self, on: bool) -> Result<bool, String> {
+        if !on {
+            self.manual_rearm = None;
+            return Ok(false);
+        }
+        if !self.rearm_capable {
+            return Ok(false);
+        }
+        if self.manual_rearm.is_none() {
+            self.manual_rearm = Some(DirtyPages::empty(&self.memory).map_err(|e| e.to_string())?);
+        }
+        Ok(true)
+    }
+    fn rearm_dirty_log(&mut self, keep: &DirtyPages) -> Result<(), String> {
+        if let Some(reported) = self.manual_rearm.as_mut() {
+            let mut rearm = reported.clone();
+            rearm.subtract(keep);
+            reported.subtract(&rearm);
+        }
+        Ok(())
     }
     fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -884,6 +922,7 @@ fn run_with(
         witness: Some(primary_witness.addr.clone()),
         fencing: None,
         compress: true,
+        hot_pages: true,
         group: None,
         tls_dir: None,
         // The witness in these tests listens on plain TCP.

@@ -264,6 +264,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             witness: None,
             fencing: None,
             compress: true,
+            hot_pages: true,
             group: None,
             tls_dir: None,
             insecure_plaintext: false,

@@ -90,6 +90,17 @@
 //!   corrupt>`. Consecutive rounds overlap, so a read must see the newest
 //!   write. `bad disk write: <why>` (`k` stays), `bad disk read: <why>`, `bad
 //!   no disk`, `bad disk too small` (under 2304 sectors) or `bad rw count`.
+//! - `attach <n>` (1 <= n <= 31) -> PCI bus 0 is scanned again and the
+//!   virtio disk at device `n` (e.g. one hot-plugged since boot; the VMM
+//!   programmed its BAR) becomes the service's disk: `attach ok pci=<bus:dev.fn>
+//!   capacity=<sectors> from=<s>`, where `s` = `seq + 1` is the first request
+//!   whose record goes to it (`check` verifies records from there on), else
+//!   `attach bad <why>` and the disk stays.
+//! - `eject` -> what ACPI PCI hot-plug has the guest do when the VMM asks for
+//!   a device (the DSDT's `_EVT` and `_EJ0`): read the hot-plug controller's
+//!   PCID register (the slots the VMM wants back; reading clears it), let go
+//!   of the service's disk if it sits in one of them, and write those slots
+//!   to B0EJ: `eject slots=0x<bitmap>` (0: nothing was asked).
 //! - `quit` -> the guest closes the connection (no reply).
 //! - `poweroff` -> `bye`, the connection is closed and the guest waits (at
 //!   most 2 s) until the client has acknowledged it, then the workload ends
@@ -120,7 +131,7 @@ use smoltcp::socket::tcp;
 use self::relay::{Pending, Relays, RELAY_SOCKETS};
 use crate::blk::{self, Disk};
 use crate::workloads::{parse_u64, Config};
-use crate::{clock, dma, net, virtio};
+use crate::{clock, dma, net, pci, virtio};
 
 const CONTROL_PORT: u16 = 7000;
 const SINK_PORT: u16 = 7001;
@@ -148,6 +159,11 @@ pub const RECORD_MAGIC: [u8; 8] = *b"TANDEMFT";
 const RW_BASE: u64 = DISK_SLOTS;
 const RW_SPAN: u64 = 256;
 const POWEROFF_DRAIN_NS: u64 = 2_000_000_000;
+/// Where the Tandem VMM maps its PCI hot-plug controller (Cloud Hypervisor's PCIU, PCID,
+/// B0EJ, PSEG registers; the DSDT's `PHPR` region), below 4 GiB: identity mapped.
+const PCI_HOTPLUG_REGS: u64 = 0xfe00_1000;
+const PCID: u64 = 0x4;
+const B0EJ: u64 = 0x8;
 
 fn page_seed(page: u64, gen: u64) -> u64 {
     blk::mix(page.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ blk::mix(gen ^ 0xf7f7_f7f7))
@@ -353,6 +369,10 @@ struct Ft {
     /// Words a rewrite changes besides the generation (0: every word).
     window: usize,
     disk: Option<Disk>,
+    /// The PCI device number of the disk (for `eject`); None for virtio-mmio.
+    disk_slot: Option<u8>,
+    /// The first request whose record is on the current disk (`attach` moves it).
+    disk_from: u64,
     run: u64,
     relay: Relays,
 }
@@ -427,6 +447,7 @@ impl Ft {
         }
         let seq = self.seq;
         let run = self.run;
+        let from = self.disk_from;
         if let Some(disk) = self.disk.as_mut() {
             // Sectors 1..=seq before the first wrap, all of them after it.
             let (mut lba, end) = if seq < DISK_SLOTS {
@@ -446,7 +467,7 @@ impl Ft {
                 };
                 for (k, sector) in data.chunks_exact(SECTOR).enumerate() {
                     let at = lba + k as u64;
-                    let Some(want) = expected_seq(at, seq) else {
+                    let Some(want) = expected_seq(at, seq).filter(|&s| s >= from) else {
                         continue;
                     };
                     let rec = make_record(at, want, run);
@@ -514,6 +535,74 @@ impl Ft {
         let _ = write!(out, "rw {} ok lba={} sectors={}", k, lba, n);
     }
 
+    /// `attach <n>`: the virtio disk at PCI device `n` becomes the service's disk.
+    fn attach(&mut self, arg: &[u8], out: &mut Reply) {
+        let Some(slot) = parse_u64(arg).filter(|n| (1..32).contains(n)) else {
+            let _ = write!(out, "attach bad device number");
+            return;
+        };
+        let slot = slot as u8;
+        // Only that function is probed: the devices in use are left alone.
+        let bus = pci::scan();
+        let mut one = pci::Bus::empty();
+        for f in bus
+            .iter()
+            .filter(|f| f.addr.dev == slot && f.addr.func == 0)
+        {
+            one.list[0] = *f;
+            one.count = 1;
+        }
+        let devs = virtio::discover(b"", &one);
+        let dev = match devs.first(virtio::ID_BLK) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = write!(out, "attach bad 00:{:02x}.0: {}", slot, e);
+                return;
+            }
+        };
+        match Disk::open(&dev, 64) {
+            Ok(disk) if disk.ro => {
+                let _ = write!(out, "attach bad read-only");
+            }
+            Ok(disk) if disk.capacity < DISK_SLOTS => {
+                let _ = write!(out, "attach bad {} sectors", disk.capacity);
+            }
+            Ok(disk) => {
+                let _ = write!(
+                    out,
+                    "attach ok pci=00:{:02x}.0 capacity={} from={}",
+                    slot,
+                    disk.capacity,
+                    self.seq + 1
+                );
+                self.disk = Some(disk);
+                self.disk_slot = Some(slot);
+                self.disk_from = self.seq + 1;
+            }
+            Err(e) => {
+                let _ = write!(out, "attach bad {}", e);
+            }
+        }
+    }
+
+    /// `eject`: gives up the slots the VMM asked for, as ACPI's `_EVT` / `_EJ0` would.
+    fn eject(&mut self, out: &mut Reply) {
+        // SAFETY: the VMM's hot-plug registers, MMIO in the identity map, user accessible;
+        // each access exits to the VMM.
+        let down = unsafe { core::ptr::read_volatile((PCI_HOTPLUG_REGS + PCID) as *const u32) };
+        if let Some(slot) = self.disk_slot {
+            if down & (1 << slot) != 0 {
+                self.disk = None;
+                self.disk_slot = None;
+            }
+        }
+        if down != 0 {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile((PCI_HOTPLUG_REGS + B0EJ) as *mut u32, down) };
+        }
+        let _ = write!(out, "eject slots=0x{:x}", down);
+    }
+
     fn stats(&self, out: &mut Reply) {
         let _ = write!(
             out,
@@ -558,10 +647,17 @@ impl Ft {
                 return (true, Action::None);
             }
         }
+        if let Some(arg) = line.strip_prefix(b"attach") {
+            if arg.is_empty() || matches!(arg[0], b' ' | b'\t') {
+                self.attach(arg.trim_ascii_start(), out);
+                return (true, Action::None);
+            }
+        }
         match line {
             b"req" => self.req(out),
             b"check" => self.check(out),
             b"stats" => self.stats(out),
+            b"eject" => self.eject(out),
             b"quit" => return (false, Action::None),
             b"poweroff" => {
                 let _ = write!(out, "bye");
@@ -707,6 +803,11 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
             }
         },
     };
+    // Where that disk sits, so that `eject` lets go of it when the VMM asks.
+    let disk_slot = match devs.first(virtio::ID_BLK).map(|d| d.at) {
+        Ok(virtio::At::Pci { addr, .. }) if disk.is_some() => Some(addr.dev),
+        _ => None,
+    };
     let (mut dev, mac) = match net::open(&vdev) {
         Ok(x) => x,
         Err(e) => {
@@ -738,6 +839,8 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         pages,
         window: window_words(cfg.ft_dirty_bytes),
         disk,
+        disk_slot,
+        disk_from: 1,
         run: blk::mix(clock::rdtsc()) | 1,
         relay: relays,
     };

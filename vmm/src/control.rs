@@ -240,6 +240,11 @@ pub struct EnableFtRequest {
     /// LZ4-compress dirty pages on the wire.
     #[serde(default = "default_true")]
     pub compress: bool,
+    /// Keep the pages the guest rewrites epoch after epoch writable and compare them at each
+    /// checkpoint instead of taking a write fault per page per epoch (needs KVM's manual
+    /// dirty-log re-arming; without it every page is write-protected as before).
+    #[serde(default = "default_true")]
+    pub hot_pages: bool,
     /// Fate sharing: the Unix socket path that names a group of VMs on this host. Members
     /// checkpoint on common epochs, frames between them are not held, and if any member's
     /// primary fails they all fail over to the same epoch. The first member creates the group
@@ -361,6 +366,12 @@ pub struct FtStatus {
     /// Epochs cut short because their dirty set would take too long to send, or held (the
     /// guest paused) until the previous epoch was sent.
     pub epochs_cut_early: u64,
+    /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
+    #[serde(default)]
+    pub hot_pages: u64,
+    /// Primary: changes those compares found, each a write fault the guest did not take.
+    #[serde(default)]
+    pub hot_page_hits: u64,
     pub held_packets: u64,
     pub released_packets: u64,
     pub held_disk_writes: u64,
@@ -396,6 +407,8 @@ impl FtStatus {
         put("pause_us_p99", self.pause_us_p99);
         put("pause_us_max", self.pause_us_max);
         put("epochs_cut_early", self.epochs_cut_early);
+        put("hot_pages", self.hot_pages);
+        put("hot_page_hits", self.hot_page_hits);
         put("held_packets", self.held_packets);
         put("released_packets", self.released_packets);
         put("held_disk_writes", self.held_disk_writes);

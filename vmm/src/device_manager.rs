@@ -24,7 +24,7 @@ use devices::virtio::console::Console;
 use devices::virtio::fs::Fs;
 use devices::virtio::net::Net;
 use devices::virtio::pci::{self as virtio_pci, IntxLine, PciResources, VirtioPciDevice};
-use devices::virtio::pmem::{Pmem, PmemBacking};
+use devices::virtio::pmem::{Pmem, PmemBacking, PmemError, PMEM_ALIGNMENT};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
@@ -32,8 +32,10 @@ use devices::{DeviceState, GuestMemoryMmap, IoBus, VirtioState};
 use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -52,6 +54,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// The highest device number on bus 0 (0 is the host bridge).
 const MAX_DEVICE_NUMBER: u8 = 31;
+
+/// KVM memory slots of pmem regions start here, clear of guest RAM's (one slot per region).
+const PMEM_SLOT_BASE: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
@@ -96,6 +101,28 @@ pub enum DeviceManagerError {
     NoHotplug,
     #[error("cannot tell the guest about the PCI change: {0}")]
     Notify(std::io::Error),
+    #[error(
+        "pmem {id}: no room for its {size} bytes in the guest physical address space \
+             (from {start:#x} to {limit:#x}, above the 64-bit PCI window, besides the other \
+             pmem regions)"
+    )]
+    PmemNoRoom {
+        id: String,
+        size: u64,
+        start: u64,
+        limit: u64,
+    },
+    #[error("pmem {id}: KVM refused its memory slot {slot} at {addr:#x} ({size} bytes): {source}")]
+    PmemSlot {
+        id: String,
+        slot: u32,
+        addr: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Pmem(#[from] PmemError),
 }
 
 /// A virtio device model, kept typed so its state can be captured and restored.
@@ -232,6 +259,85 @@ pub enum DeviceStateError {
     Device(#[from] devices::RestoreError),
     #[error("cannot signal the guest's pending PCI ejects: {0}")]
     Hotplug(std::io::Error),
+    #[error("pmem {id}: cannot place the region where the snapshot has it: {why}")]
+    PmemPlacement { id: String, why: String },
+}
+
+/// A pmem region registered with KVM as a memory slot of its own. It holds the mapping and
+/// deletes the slot when dropped, before its reference to the mapping goes: KVM never keeps a
+/// slot over memory this process has unmapped (and might map again for something else).
+struct PmemSlot {
+    vm_fd: Arc<VmFd>,
+    region: kvm_userspace_memory_region,
+    backing: Arc<PmemBacking>,
+    /// Whether KVM has the slot now (a restore takes it out while it moves the region).
+    registered: bool,
+}
+
+impl PmemSlot {
+    fn new(vm_fd: Arc<VmFd>, slot: u32, start: u64, backing: Arc<PmemBacking>) -> Self {
+        let region = kvm_userspace_memory_region {
+            slot,
+            // No dirty logging: pmem regions are not guest RAM and no dirty log reads them
+            // (live migration syncs a writable file on shared storage and refuses
+            // discard_writes; fault tolerance refuses pmem), at boot as after a hot-plug.
+            flags: 0,
+            guest_phys_addr: start,
+            memory_size: backing.len(),
+            userspace_addr: backing.host_addr(),
+        };
+        Self {
+            vm_fd,
+            region,
+            backing,
+            registered: false,
+        }
+    }
+
+    fn start(&self) -> u64 {
+        self.region.guest_phys_addr
+    }
+
+    fn end(&self) -> u64 {
+        self.region.guest_phys_addr + self.region.memory_size
+    }
+
+    fn register(&mut self) -> Result<(), kvm_ioctls::Error> {
+        // SAFETY: the region is `backing`'s mapping, which this guard holds for as long as the
+        // slot exists: `unregister` (also run by Drop) deletes the slot first.
+        unsafe { self.vm_fd.set_user_memory_region(self.region) }?;
+        self.registered = true;
+        Ok(())
+    }
+
+    fn unregister(&mut self) -> Result<(), kvm_ioctls::Error> {
+        if !self.registered {
+            return Ok(());
+        }
+        let region = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..self.region
+        };
+        // SAFETY: a zero size deletes the slot; KVM maps nothing through it afterwards.
+        unsafe { self.vm_fd.set_user_memory_region(region) }?;
+        self.registered = false;
+        Ok(())
+    }
+}
+
+impl Drop for PmemSlot {
+    fn drop(&mut self) {
+        if let Err(e) = self.unregister() {
+            log::error!(
+                "cannot delete pmem memory slot {} ({}): {e}; its mapping stays for the \
+                 process's life",
+                self.region.slot,
+                self.backing.path().display()
+            );
+            // KVM may still reach the mapping: never let its addresses be reused.
+            std::mem::forget(self.backing.clone());
+        }
+    }
 }
 
 /// Stops the device loop when its eventfd is written.
@@ -253,8 +359,9 @@ impl MutEventSubscriber for LoopControl {
     }
 }
 
-/// The output gates fault tolerance drives, one set per VM, installed on first use and kept
-/// (in pass-through mode) when protection ends, so that protecting the VM again reuses them.
+/// The output gates fault tolerance drives, one set per device, installed on first use and
+/// kept (in pass-through mode) when protection ends, so that protecting the VM again reuses
+/// them; a device plugged in between gets its own then.
 #[derive(Clone, Debug, Default)]
 pub struct FtGates {
     /// One per NIC: holds TX frames per epoch.
@@ -294,9 +401,66 @@ impl DiskOutputGate for Detached {
     }
 }
 
+/// The FT gates around one device's output, kept while the device exists.
+#[derive(Clone)]
+enum DeviceGates {
+    Net {
+        control: EpochControl,
+        mac: [u8; 6],
+    },
+    Disk {
+        control: EpochControl,
+        log: DiskWriteLog,
+    },
+}
+
+impl DeviceGates {
+    fn control(&self) -> &EpochControl {
+        match self {
+            DeviceGates::Net { control, .. } | DeviceGates::Disk { control, .. } => control,
+        }
+    }
+}
+
+/// Wraps `entry`'s output in FT gates: a NIC's frames held per epoch, a disk's writes held
+/// (shared-disk mode) and recorded for the backup. None for devices with no output to hold.
+fn wrap_ft_gates(entry: &VirtioEntry, epoch: u64, peers: &GroupPeers) -> Option<DeviceGates> {
+    match &entry.handle {
+        VirtioHandle::Net(net) => {
+            let mut net = lock(net);
+            let inner = net.replace_output_gate(Box::new(Detached));
+            let (gate, control) = EpochNetGate::new(inner, epoch);
+            net.replace_output_gate(Box::new(gate.with_group_peers(peers.clone())));
+            Some(DeviceGates::Net {
+                control,
+                mac: net.mac().bytes(),
+            })
+        }
+        VirtioHandle::Block(block) => {
+            let mut block = lock(block);
+            let inner = block.set_output_gate(Box::new(Detached));
+            let (held, control) = EpochDiskGate::new(inner, epoch);
+            let (recorder, log) = RecordingDiskGate::new(Box::new(held));
+            block.set_output_gate(Box::new(recorder));
+            Some(DeviceGates::Disk { control, log })
+        }
+        // Console output and entropy are not held (as with the serial port). Enabling fault
+        // tolerance refuses a VM with pmem, vsock or virtio-fs (see `migration::ft_refusal`),
+        // so none needs a gate here.
+        VirtioHandle::Console(_)
+        | VirtioHandle::Rng(_)
+        | VirtioHandle::Pmem(_)
+        | VirtioHandle::Vsock(_)
+        | VirtioHandle::Fs(_) => None,
+    }
+}
+
 pub struct DeviceManager {
     mem: GuestMemoryMmap,
-    ft_gates: Option<FtGates>,
+    /// Shared by every NIC's FT gate, for the VM's life (set with the first gates).
+    ft_group_peers: Option<GroupPeers>,
+    /// The FT gates around each device's output, by device id (see `ft_gates`).
+    ft_device_gates: BTreeMap<String, DeviceGates>,
     pci: Arc<Mutex<PciBus>>,
     routing: Arc<KvmRouting>,
     /// The next free GSI for an MSI-X vector.
@@ -319,15 +483,22 @@ pub struct DeviceManager {
     /// Set once the loop first starts: devices added later are hot-plugged (MSI-X only; the
     /// guest's `_PRT` was written at boot).
     started: bool,
+    vm_fd: Arc<VmFd>,
+    /// Guest physical addresses pmem regions may use: [start, end), above the 64-bit PCI
+    /// window (so clear of RAM, the PCI holes and every BAR).
+    pmem_area: (u64, u64),
+    /// The pmem regions' KVM slots, by device id.
+    pmem_slots: BTreeMap<String, PmemSlot>,
 }
 
 impl DeviceManager {
     pub fn new(mem: GuestMemoryMmap, vm_fd: Arc<VmFd>) -> Self {
         Self {
             mem,
-            ft_gates: None,
+            ft_group_peers: None,
+            ft_device_gates: BTreeMap::new(),
             pci: Arc::new(Mutex::new(PciBus::new())),
-            routing: Arc::new(KvmRouting::new(vm_fd)),
+            routing: Arc::new(KvmRouting::new(vm_fd.clone())),
             next_gsi: IOAPIC_PINS,
             subscribers: Vec::new(),
             virtio: Vec::new(),
@@ -340,7 +511,194 @@ impl DeviceManager {
             hotplug: None,
             ged: None,
             started: false,
+            vm_fd,
+            pmem_area: (0, 0),
+            pmem_slots: BTreeMap::new(),
         }
+    }
+
+    /// Where pmem regions go: guest physical addresses [start, end).
+    pub fn set_pmem_area(&mut self, area: (u64, u64)) {
+        self.pmem_area = area;
+    }
+
+    /// The lowest address of the pmem area where `size` bytes fit between the regions placed.
+    fn free_pmem_address(&self, size: u64) -> Option<u64> {
+        let taken: Vec<(u64, u64)> = self
+            .pmem_slots
+            .values()
+            .map(|s| (s.start(), s.end()))
+            .collect();
+        first_fit(self.pmem_area, taken, size)
+    }
+
+    /// Maps `backing` into the guest as a KVM slot of its own at a free address of the pmem
+    /// area, and returns the virtio-pmem device that tells the guest where.
+    fn map_pmem(
+        &mut self,
+        id: &str,
+        backing: Arc<PmemBacking>,
+    ) -> Result<VirtioHandle, DeviceManagerError> {
+        if self.pmem_slots.contains_key(id) || self.has_device(id) {
+            return Err(DeviceManagerError::DuplicateId(id.to_string()));
+        }
+        let size = backing.len();
+        let start = self
+            .free_pmem_address(size)
+            .ok_or_else(|| DeviceManagerError::PmemNoRoom {
+                id: id.to_string(),
+                size,
+                start: self.pmem_area.0,
+                limit: self.pmem_area.1,
+            })?;
+        let used: std::collections::BTreeSet<u32> =
+            self.pmem_slots.values().map(|s| s.region.slot).collect();
+        let slot = (PMEM_SLOT_BASE..)
+            .find(|n| !used.contains(n))
+            .unwrap_or(PMEM_SLOT_BASE);
+        let device = Pmem::new(id, GuestAddress(start), backing.clone())?;
+        let mut guard = PmemSlot::new(self.vm_fd.clone(), slot, start, backing.clone());
+        guard
+            .register()
+            .map_err(|source| DeviceManagerError::PmemSlot {
+                id: id.to_string(),
+                slot,
+                addr: start,
+                size,
+                source,
+            })?;
+        log::info!(
+            "{id}: pmem {} ({size} bytes{}) at guest address {start:#x}, KVM slot {slot}",
+            backing.path().display(),
+            if backing.discard_writes() {
+                ", discard_writes"
+            } else {
+                ""
+            }
+        );
+        self.pmem_slots.insert(id.to_string(), guard);
+        Ok(VirtioHandle::Pmem(Arc::new(Mutex::new(device))))
+    }
+
+    /// A virtio-pmem device over `backing`, its region mapped into the guest (at boot).
+    pub fn add_pmem(
+        &mut self,
+        vm_fd: &VmFd,
+        id: String,
+        backing: Arc<PmemBacking>,
+    ) -> Result<(), DeviceManagerError> {
+        let handle = self.map_pmem(&id, backing)?;
+        self.add_virtio_device(vm_fd, id.clone(), handle)
+            .inspect_err(|_| self.unmap_pmem_unless_placed(&id))
+    }
+
+    /// [`DeviceManager::add_pmem`] into the running VM (see
+    /// [`DeviceManager::hotplug_virtio_device`]); returns the device number.
+    pub fn hotplug_pmem(
+        &mut self,
+        vm_fd: &VmFd,
+        id: String,
+        backing: Arc<PmemBacking>,
+    ) -> Result<u8, DeviceManagerError> {
+        if self.hotplug.is_none() {
+            return Err(DeviceManagerError::NoHotplug);
+        }
+        let handle = self.map_pmem(&id, backing)?;
+        self.hotplug_virtio_device(vm_fd, id.clone(), handle)
+            .inspect_err(|_| self.unmap_pmem_unless_placed(&id))
+    }
+
+    /// Takes the KVM slot of pmem `id` away again after its device could not be placed.
+    fn unmap_pmem_unless_placed(&mut self, id: &str) {
+        if !self.has_device(id) {
+            self.pmem_slots.remove(id);
+        }
+    }
+
+    /// Moves pmem regions to where `state` (a snapshot or a migration) has them: this VM was
+    /// built from the configuration, which lays regions out in order, but the source's guest
+    /// may have had them elsewhere (a region hot-plugged after another was unplugged). Before
+    /// any vCPU runs.
+    pub fn place_pmem_as_saved(&mut self, state: &DevicesState) -> Result<(), DeviceStateError> {
+        let mut moves = Vec::new();
+        for saved in &state.virtio {
+            let DeviceState::Pmem(s) = &saved.state else {
+                continue;
+            };
+            // A device the configuration lacks is the restore's to refuse.
+            if let Some(slot) = self.pmem_slots.get(&saved.id) {
+                if slot.start() != s.device.start {
+                    moves.push((saved.id.clone(), s.device.start));
+                }
+            }
+        }
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let err = |id: &str, why: String| DeviceStateError::PmemPlacement {
+            id: id.to_string(),
+            why,
+        };
+        // The layout after the moves: inside the area, aligned, no two regions overlapping.
+        let mut layout: Vec<(u64, u64, &str)> = self
+            .pmem_slots
+            .iter()
+            .map(|(id, slot)| {
+                let start = moves
+                    .iter()
+                    .find(|(moved, _)| moved == id)
+                    .map_or(slot.start(), |(_, at)| *at);
+                (
+                    start,
+                    start.saturating_add(slot.region.memory_size),
+                    id.as_str(),
+                )
+            })
+            .collect();
+        layout.sort_unstable();
+        for (start, end, id) in &layout {
+            if !start.is_multiple_of(PMEM_ALIGNMENT)
+                || *start < self.pmem_area.0
+                || *end > self.pmem_area.1
+            {
+                return Err(err(
+                    id,
+                    format!(
+                        "{start:#x}..{end:#x} is not an aligned range of this VM's pmem area \
+                         {:#x}..{:#x}",
+                        self.pmem_area.0, self.pmem_area.1
+                    ),
+                ));
+            }
+        }
+        if let Some(pair) = layout.windows(2).find(|w| w[0].1 > w[1].0) {
+            return Err(err(
+                pair[1].2,
+                format!("its region would overlap that of {}", pair[0].2),
+            ));
+        }
+        // All moving slots out first, so that two regions may trade places.
+        for (id, _) in &moves {
+            if let Some(slot) = self.pmem_slots.get_mut(id) {
+                slot.unregister()
+                    .map_err(|e| err(id, format!("KVM: delete its slot: {e}")))?;
+            }
+        }
+        for (id, start) in &moves {
+            let entry = self.virtio.iter().find(|e| &e.id == id);
+            if let Some(VirtioHandle::Pmem(pmem)) = entry.map(|e| &e.handle) {
+                lock(pmem)
+                    .relocate(GuestAddress(*start))
+                    .map_err(|e| err(id, e.to_string()))?;
+            }
+            if let Some(slot) = self.pmem_slots.get_mut(id) {
+                slot.region.guest_phys_addr = *start;
+                slot.register()
+                    .map_err(|e| err(id, format!("KVM: slot at {start:#x}: {e}")))?;
+                log::info!("{id}: pmem region moved to {start:#x}, where the snapshot has it");
+            }
+        }
+        Ok(())
     }
 
     /// Fixes device numbers by id (the configuration's `pci_device_id`s); the other devices
@@ -534,6 +892,16 @@ impl DeviceManager {
             if let Err(e) = vm_fd.unregister_irqfd(irq, *gsi) {
                 log::warn!("{}: unregistering the irqfd of GSI {gsi}: {e}", entry.id);
             }
+        }
+        // A pmem region leaves KVM (its slot deleted) before its mapping can go with the
+        // device below.
+        if let Some(slot) = self.pmem_slots.remove(&entry.id) {
+            let (number, start) = (slot.region.slot, slot.start());
+            drop(slot);
+            log::info!(
+                "{}: pmem memory slot {number} at {start:#x} deleted",
+                entry.id
+            );
         }
         // The device model and its host resources (image, TAP, sockets) go with the last
         // reference, which the entry held.
@@ -834,49 +1202,51 @@ impl DeviceManager {
         }
     }
 
-    /// The fault-tolerance output gates, wrapped around each device's gate on the first call
-    /// (the device loop must be stopped). New gates start in pass-through mode at `epoch`.
+    /// The fault-tolerance output gates, in device order (a kind's devices in configuration
+    /// order: the i-th disk of `config.disks` owns `disk_logs[i]`). A device gets its gates,
+    /// wrapped around its own, the first time a call finds it (the device loop must be
+    /// stopped) and keeps them; an unplugged device's are left out. So protecting the VM
+    /// again after `disable-ft` and a hot-plug or unplug mirrors the devices it has then.
+    /// New gates start in pass-through mode at `epoch`.
     pub fn ft_gates(&mut self, epoch: u64) -> Result<FtGates, String> {
-        if let Some(gates) = &self.ft_gates {
-            return Ok(gates.clone());
-        }
-        let mut gates = FtGates::default();
+        let group_peers = self
+            .ft_group_peers
+            .get_or_insert_with(GroupPeers::default)
+            .clone();
+        let virtio = &self.virtio;
+        self.ft_device_gates
+            .retain(|id, _| virtio.iter().any(|entry| entry.id == *id));
+        let mut gates = FtGates {
+            group_peers: group_peers.clone(),
+            ..FtGates::default()
+        };
         for entry in &self.virtio {
-            match &entry.handle {
-                VirtioHandle::Net(net) => {
-                    let mut net = lock(net);
-                    let inner = net.replace_output_gate(Box::new(Detached));
-                    let (gate, control) = EpochNetGate::new(inner, epoch);
-                    let gate = gate.with_group_peers(gates.group_peers.clone());
-                    net.replace_output_gate(Box::new(gate));
-                    gates.nets.push(control);
-                    gates.macs.push(net.mac().bytes());
+            let device = match self.ft_device_gates.get(&entry.id) {
+                Some(device) => device.clone(),
+                None => {
+                    let Some(device) = wrap_ft_gates(entry, epoch, &group_peers) else {
+                        continue;
+                    };
+                    device
+                        .control()
+                        .set_mode(GateMode::PassThrough)
+                        .map_err(|e| e.to_string())?;
+                    self.ft_device_gates
+                        .insert(entry.id.clone(), device.clone());
+                    device
                 }
-                VirtioHandle::Block(block) => {
-                    let mut block = lock(block);
-                    let inner = block.set_output_gate(Box::new(Detached));
-                    let (held, control) = EpochDiskGate::new(inner, epoch);
-                    let (recorder, log) = RecordingDiskGate::new(Box::new(held));
-                    block.set_output_gate(Box::new(recorder));
+            };
+            match device {
+                DeviceGates::Net { control, mac } => {
+                    gates.nets.push(control);
+                    gates.macs.push(mac);
+                }
+                DeviceGates::Disk { control, log } => {
                     gates.disks.push(control);
                     gates.disk_logs.push(log);
                 }
-                // Console output and entropy are not held (as with the serial port). Enabling
-                // fault tolerance refuses a VM with pmem, vsock or virtio-fs (see
-                // `migration::ft_refusal`), so none needs a gate here.
-                VirtioHandle::Console(_)
-                | VirtioHandle::Rng(_)
-                | VirtioHandle::Pmem(_)
-                | VirtioHandle::Vsock(_)
-                | VirtioHandle::Fs(_) => {}
             }
         }
-        for control in gates.all() {
-            control
-                .set_mode(GateMode::PassThrough)
-                .map_err(|e| e.to_string())?;
-        }
-        self.ft_gates = Some(gates.clone());
         Ok(gates)
     }
 
@@ -976,17 +1346,6 @@ impl DeviceManager {
                 .map(|h| lock(h).state())
                 .unwrap_or_default(),
         })
-    }
-
-    /// The mappings of every pmem region, which the VM keeps until its KVM slots are gone.
-    pub fn pmem_backings(&self) -> Vec<Arc<PmemBacking>> {
-        self.virtio
-            .iter()
-            .filter_map(|entry| match &entry.handle {
-                VirtioHandle::Pmem(pmem) => Some(lock(pmem).backing().clone()),
-                _ => None,
-            })
-            .collect()
     }
 
     /// Puts saved device states back, before the loop starts and before any vCPU runs.
@@ -1095,6 +1454,24 @@ impl Drop for DeviceManager {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The lowest 2 MiB-aligned address of `area` ([start, end)) where `size` bytes fit between the
+/// `taken` ranges ([start, end) each). Regions placed one by one from an empty area are laid
+/// out one after the other, as they always were at boot; a hot-plug reuses the first gap an
+/// unplug left that is big enough.
+fn first_fit(area: (u64, u64), mut taken: Vec<(u64, u64)>, size: u64) -> Option<u64> {
+    taken.sort_unstable();
+    let mut at = area.0.checked_next_multiple_of(PMEM_ALIGNMENT)?;
+    for (start, end) in taken {
+        if at.checked_add(size)? <= start {
+            break;
+        }
+        at = at.max(end.checked_next_multiple_of(PMEM_ALIGNMENT)?);
+    }
+    at.checked_add(size)
+        .filter(|&end| end <= area.1)
+        .map(|_| at)
 }
 
 /// Page size of the pmem pages a snapshot carries (the host's: x86-64).
@@ -1220,6 +1597,38 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pmem_regions_go_first_fit_in_the_area_never_overlapping() {
+        const M2: u64 = 2 << 20;
+        let area = (100 * M2, 110 * M2);
+        // In order from an empty area: one after the other (the boot layout).
+        assert_eq!(first_fit(area, vec![], 2 * M2), Some(100 * M2));
+        let two = vec![(100 * M2, 102 * M2), (102 * M2, 103 * M2)];
+        assert_eq!(first_fit(area, two.clone(), M2), Some(103 * M2));
+        // A gap an unplug left is reused when big enough, passed over when not.
+        let gap = vec![
+            (102 * M2, 103 * M2),
+            (100 * M2, 101 * M2),
+            (104 * M2, 105 * M2),
+        ];
+        assert_eq!(first_fit(area, gap.clone(), M2), Some(101 * M2));
+        assert_eq!(first_fit(area, gap.clone(), 2 * M2), Some(105 * M2));
+        // Nothing past the end of the area; nothing that wraps.
+        assert_eq!(first_fit(area, gap.clone(), 5 * M2), Some(105 * M2));
+        assert_eq!(first_fit(area, gap, 6 * M2), None);
+        assert_eq!(first_fit((u64::MAX - M2, u64::MAX), vec![], 2 * M2), None);
+        // Whatever the request, the answer never overlaps what is taken.
+        for size in (1..=10).map(|n| n * M2) {
+            if let Some(at) = first_fit(area, two.clone(), size) {
+                assert!(
+                    two.iter().all(|&(s, e)| at + size <= s || at >= e),
+                    "{size}"
+                );
+                assert!(at.is_multiple_of(M2) && at + size <= area.1);
+            }
+        }
+    }
 
     #[test]
     fn hex_round_trips_and_rejects_garbage() {

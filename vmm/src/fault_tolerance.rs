@@ -29,8 +29,19 @@ pub trait ReplicableVm {
     fn pause(&mut self) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;
     fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), String>;
-    /// Pages written since the last call (by the guest or by devices); starts a new set.
+    /// Pages written since the last call (by the guest or by devices); starts a new set. With
+    /// manual re-arming on, the pages not re-armed since are reported too.
     fn dirty_since_last(&mut self) -> Result<DirtyPages, String>;
+    /// FT's hot pages: turns manual re-arming of the dirty log on (false if this VM cannot) or
+    /// off (then every page is re-armed, and harvests re-arm what they report, as before).
+    fn set_manual_rearm(&mut self, _on: bool) -> Result<bool, String> {
+        Ok(false)
+    }
+    /// With manual re-arming on: write-protects again every page reported so far except
+    /// `keep`; kept pages stay writable, unlogged, and in every harvest until re-armed.
+    fn rearm_dirty_log(&mut self, _keep: &DirtyPages) -> Result<(), String> {
+        Ok(())
+    }
     fn memory(&self) -> &GuestMemoryMmap;
     /// The state of a paused VM (vCPUs, in-kernel devices, device models).
     fn save_state(&mut self) -> Result<VmSnapshotState, String>;
@@ -50,7 +61,16 @@ impl ReplicableVm for Vm {
     }
     fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
         let kvm = self.take_dirty_log().map_err(|e| e.to_string())?;
-        DirtyPages::from_bitmaps(&kvm, Vm::memory(self), true).map_err(|e| e.to_string())
+        let pages =
+            DirtyPages::from_bitmaps(&kvm, Vm::memory(self), true).map_err(|e| e.to_string())?;
+        self.note_reported(&pages);
+        Ok(pages)
+    }
+    fn set_manual_rearm(&mut self, on: bool) -> Result<bool, String> {
+        Vm::set_manual_rearm(self, on).map_err(|e| e.to_string())
+    }
+    fn rearm_dirty_log(&mut self, keep: &DirtyPages) -> Result<(), String> {
+        Vm::rearm_dirty_log(self, keep).map_err(|e| e.to_string())
     }
     fn memory(&self) -> &GuestMemoryMmap {
         Vm::memory(self)

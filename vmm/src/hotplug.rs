@@ -10,16 +10,23 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use devices::virtio::fs::FsError;
+use devices::virtio::pmem::PmemError;
+use devices::virtio::vhost_user::VhostUserError;
+use devices::virtio::vsock::VsockError;
+
 use crate::config::placement::default_id;
-use crate::config::{DiskConfig, NetConfig, VmConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
 use crate::control::{HotplugRequest, VmmError};
-use crate::vm::Vm;
+use crate::device_manager::DeviceManagerError;
+use crate::vm::{Vm, VmError};
 
 /// A checked hot-plug: the configuration with the device in it, and what to build.
 pub struct HotplugPlan {
     pub config: VmConfig,
     pub id: String,
-    device: Planned,
+    /// What to build (taken by [`attach`]).
+    device: Option<Planned>,
     /// A TAP passed with `vm.add-net`: the caller keeps it open while the NIC exists.
     pub passed_fd: Option<OwnedFd>,
 }
@@ -27,8 +34,76 @@ pub struct HotplugPlan {
 enum Planned {
     Disk(DiskConfig),
     Net(NetConfig),
-    /// Accepted into the configuration of a VM that has not booted; not hot-pluggable.
-    ConfigOnly(&'static str),
+    Pmem(PmemConfig),
+    Fs(FsConfig),
+    Vsock(VsockConfig),
+}
+
+/// Why a device could not be hot-plugged into the running VM (which is left as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Building the device model or reaching its host resources.
+    #[error("{0}")]
+    Device(#[from] VmError),
+    /// Placing it on the bus, in KVM or in the device loop.
+    #[error("{0}")]
+    Placement(#[from] DeviceManagerError),
+}
+
+impl AttachError {
+    /// The API's error: 400 when the request is what must change (a file too small for its
+    /// size, a socket path in use, nothing listening where the backend should be...), 500
+    /// otherwise.
+    pub fn into_vmm_error(self, action: &'static str) -> VmmError {
+        if self.is_refusal() {
+            VmmError::InvalidConfig(self.to_string())
+        } else {
+            VmmError::Failed {
+                action,
+                message: self.to_string(),
+            }
+        }
+    }
+
+    fn is_refusal(&self) -> bool {
+        match self {
+            AttachError::Device(e) => match e {
+                VmError::Pmem { source, .. } => !matches!(
+                    source,
+                    PmemError::Mmap { .. } | PmemError::Sync { .. } | PmemError::EventFd { .. }
+                ),
+                VmError::FsMemory { .. } => true,
+                VmError::Fs { source, .. } => matches!(
+                    source,
+                    FsError::Tag { .. }
+                        | FsError::NoRequestQueue { .. }
+                        | FsError::Backend {
+                            source: VhostUserError::Connect { .. }
+                                | VhostUserError::QueueCount { .. }
+                                | VhostUserError::NoVersion1 { .. },
+                            ..
+                        }
+                ),
+                VmError::Vsock { source, .. } => matches!(
+                    source,
+                    VsockError::InvalidCid { .. } | VsockError::Bind { .. }
+                ),
+                VmError::DeviceManager(e) => placement_refusal(e),
+                _ => false,
+            },
+            AttachError::Placement(e) => placement_refusal(e),
+        }
+    }
+}
+
+fn placement_refusal(e: &DeviceManagerError) -> bool {
+    match e {
+        DeviceManagerError::DuplicateId(_)
+        | DeviceManagerError::Placement { .. }
+        | DeviceManagerError::PmemNoRoom { .. } => true,
+        DeviceManagerError::Pmem(e) => !matches!(e, PmemError::EventFd { .. }),
+        _ => false,
+    }
 }
 
 /// Checks `request` against `config`: a unique id (given, or Cloud Hypervisor's `_disk<N>`
@@ -79,14 +154,14 @@ pub fn plan_add(config: &VmConfig, request: HotplugRequest) -> Result<HotplugPla
         HotplugRequest::Pmem(mut pmem) => {
             let id = choose("pmem", &pmem.id)?;
             pmem.id = Some(id.clone());
-            next.pmem.get_or_insert_with(Vec::new).push(pmem);
-            (id, Planned::ConfigOnly("pmem"))
+            next.pmem.get_or_insert_with(Vec::new).push(pmem.clone());
+            (id, Planned::Pmem(pmem))
         }
         HotplugRequest::Fs(mut fs) => {
             let id = choose("fs", &fs.id)?;
             fs.id = Some(id.clone());
-            next.fs.get_or_insert_with(Vec::new).push(fs);
-            (id, Planned::ConfigOnly("virtio-fs"))
+            next.fs.get_or_insert_with(Vec::new).push(fs.clone());
+            (id, Planned::Fs(fs))
         }
         HotplugRequest::Vsock(mut vsock) => {
             if config.vsock.is_some() {
@@ -104,8 +179,8 @@ pub fn plan_add(config: &VmConfig, request: HotplugRequest) -> Result<HotplugPla
                 )));
             }
             vsock.id = Some(id.clone());
-            next.vsock = Some(vsock);
-            (id, Planned::ConfigOnly("vsock"))
+            next.vsock = Some(vsock.clone());
+            (id, Planned::Vsock(vsock))
         }
     };
     next.validate()
@@ -113,29 +188,33 @@ pub fn plan_add(config: &VmConfig, request: HotplugRequest) -> Result<HotplugPla
     Ok(HotplugPlan {
         config: next,
         id,
-        device,
+        device: Some(device),
         passed_fd,
     })
 }
 
-/// Builds the planned device and hot-plugs it into `vm`; returns its device number.
-pub fn attach(vm: &mut Vm, plan: &mut HotplugPlan) -> Result<u8, String> {
-    let handle = match std::mem::replace(&mut plan.device, Planned::ConfigOnly("")) {
-        Planned::Disk(disk) => {
-            crate::vm::new_disk(&disk, &plan.id, false).map_err(|e| e.to_string())?
-        }
-        Planned::Net(net) => crate::vm::new_net(&net, &plan.id).map_err(|e| e.to_string())?,
-        Planned::ConfigOnly(kind) => {
-            return Err(format!(
-                "hot-plugging {kind} into a running VM is not supported; give it at vm.create \
-                 (or add it before vm.boot)"
-            ))
-        }
+/// Builds the planned device and hot-plugs it into `vm`; returns its device number. Host
+/// resources are opened first (the image, TAP, pmem file, vsock socket, vhost-user backend),
+/// so a request that cannot work fails before the VM changes.
+pub fn attach(vm: &mut Vm, plan: &mut HotplugPlan) -> Result<u8, AttachError> {
+    let Some(device) = plan.device.take() else {
+        return Err(VmError::Device(format!("{}: already attached", plan.id)).into());
     };
-    let (device_manager, vm_fd, _) = vm.hotplug_parts();
-    device_manager
-        .hotplug_virtio_device(vm_fd, plan.id.clone(), handle)
-        .map_err(|e| e.to_string())
+    let id = plan.id.clone();
+    let (device_manager, vm_fd, memory) = vm.hotplug_parts();
+    let handle = match device {
+        Planned::Disk(disk) => crate::vm::new_disk(&disk, &id, false)?,
+        Planned::Net(net) => crate::vm::new_net(&net, &id)?,
+        Planned::Pmem(pmem) => {
+            // Its region needs guest physical space and a KVM slot besides the PCI function.
+            let backing = crate::vm::open_pmem(&pmem, &id)?;
+            return Ok(device_manager.hotplug_pmem(vm_fd, id, backing)?);
+        }
+        // The backend gets the guest memory table when the guest's driver activates the device.
+        Planned::Fs(fs) => crate::vm::new_fs(&fs, &id, memory)?,
+        Planned::Vsock(vsock) => crate::vm::new_vsock(&vsock, &id)?,
+    };
+    Ok(device_manager.hotplug_virtio_device(vm_fd, id, handle)?)
 }
 
 /// Takes device `id` out of `config` after pinning every device where it sits
@@ -181,5 +260,99 @@ pub fn forget(
         Err(format!(
             "device {id} cannot be removed (the console and the entropy device stay)"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::PmemConfig;
+
+    fn status_of(e: AttachError) -> &'static str {
+        match e.into_vmm_error("vm.add-pmem") {
+            VmmError::InvalidConfig(_) => "400",
+            VmmError::Failed { .. } => "500",
+            _ => "other",
+        }
+    }
+
+    #[test]
+    fn pmem_fs_and_vsock_are_planned_for_a_running_vm_and_a_second_vsock_is_refused() {
+        let config = VmConfig {
+            payload: Some(crate::config::PayloadConfig {
+                kernel: Some(PathBuf::from("/vmlinux")),
+                ..Default::default()
+            }),
+            ..VmConfig::default()
+        };
+        let plan = plan_add(&config, HotplugRequest::Pmem(PmemConfig::new("/p.img"))).unwrap();
+        assert_eq!(plan.id, "_pmem0");
+        assert!(matches!(plan.device, Some(Planned::Pmem(_))));
+        let plan = plan_add(
+            &config,
+            HotplugRequest::Vsock(VsockConfig::new(3, "/run/v.sock")),
+        )
+        .unwrap();
+        assert_eq!(plan.id, "_vsock0");
+        assert!(matches!(plan.device, Some(Planned::Vsock(_))));
+        let e = plan_add(
+            &plan.config,
+            HotplugRequest::Vsock(VsockConfig::new(4, "/run/w.sock")),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("one per VM"), "{e}");
+        // virtio-fs needs shared memory, as at vm.create.
+        let e = plan_add(
+            &config,
+            HotplugRequest::Fs(FsConfig::new("myfs", "/run/fs.sock")),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, VmmError::InvalidConfig(_)), "{e}");
+        assert!(e.to_string().contains("memory.shared"), "{e}");
+    }
+
+    #[test]
+    fn what_the_request_must_change_is_a_400_the_rest_a_500() {
+        let path = PathBuf::from("/p.img");
+        let pmem = |source| {
+            AttachError::Device(VmError::Pmem {
+                field: "pmem.size",
+                id: "_pmem0".into(),
+                source,
+            })
+        };
+        let small = pmem(PmemError::FileTooSmall {
+            path: path.clone(),
+            file_size: 2 << 20,
+            size: 4 << 20,
+        });
+        assert!(small
+            .to_string()
+            .contains("smaller than the requested size"));
+        assert_eq!(status_of(small), "400");
+        assert_eq!(
+            status_of(pmem(PmemError::Sync {
+                path,
+                source: std::io::Error::other("EIO"),
+            })),
+            "500"
+        );
+        assert_eq!(
+            status_of(AttachError::Placement(DeviceManagerError::PmemNoRoom {
+                id: "_pmem0".into(),
+                size: 1 << 40,
+                start: 0,
+                limit: 1 << 39,
+            })),
+            "400"
+        );
+        assert_eq!(
+            status_of(AttachError::Placement(DeviceManagerError::TooManyDevices)),
+            "500"
+        );
     }
 }

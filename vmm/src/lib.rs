@@ -5,6 +5,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod device_manager;
+pub mod dirty_log;
 pub mod event_monitor;
 pub mod fault_tolerance;
 pub mod hotplug;

@@ -5,7 +5,9 @@
 //!
 //! Roles and why they need what they need:
 //! - control loop (`Vmm`): creates the VM (KVM ioctls of every kind), opens images, TAPs and
-//!   sockets, spawns the other threads;
+//!   sockets, spawns the other threads; it also builds and drops the devices hot-plugged at run
+//!   time (a pmem file's mapping and KVM slot, a vsock's listener and its socket file, a
+//!   vhost-user backend's connection and watchdog thread), with the same calls as at boot;
 //! - `vcpu<N>`: runs the guest and guest-driven port/MMIO emulation: KVM ioctls, eventfds;
 //! - `device-loop`: guest-driven virtio queues: epoll, eventfds, image and TAP reads and
 //!   writes, the console's input and output and its socket client (accept4), entropy reads;

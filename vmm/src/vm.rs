@@ -13,12 +13,13 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleOutputMode, DiskConfig, VmConfig};
+use crate::config::{ConsoleOutputMode, DiskConfig, FsConfig, PmemConfig, VmConfig, VsockConfig};
 use crate::console::ConsoleHost;
 use crate::device_manager::{
     DeviceManager, DeviceManagerError, DeviceStateError, DevicesState, VirtioHandle,
 };
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::migration::memory::DirtyPages;
 use crate::seccomp::{self, SeccompMode};
 use crate::vcpu::{ExitHandlers, VcpuError, Vcpus};
 use crate::x86_64::cpu_state::{self, KvmVmState, VcpuState};
@@ -27,20 +28,16 @@ use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::console::Console;
 use devices::virtio::fs::{Fs, FsError};
 use devices::virtio::net::{MacAddr, Net, NetConfig};
-use devices::virtio::pmem::{Pmem, PmemBacking, PmemError, PMEM_ALIGNMENT};
+use devices::virtio::pmem::{PmemBacking, PmemError, PMEM_ALIGNMENT};
 use devices::virtio::rng::Rng;
 use devices::virtio::vhost_user::{VhostUserError, HANDSHAKE_TIMEOUT};
 use devices::virtio::vsock::{Vsock, VsockError};
-use kvm_bindings::kvm_userspace_memory_region;
-use vm_memory::GuestAddress;
 
 /// How long a pause may take before it is reported as stuck.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CPUID_ADDRESS_SIZES: u32 = 0x8000_0008;
 /// Used when the host does not report its physical address width.
 const DEFAULT_PHYS_BITS: u32 = 36;
-/// KVM memory slots of pmem regions start here, clear of guest RAM's (slot = region index).
-const PMEM_SLOT_BASE: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -107,25 +104,6 @@ pub enum VmError {
         id: String,
         #[source]
         source: PmemError,
-    },
-    #[error(
-        "pmem {id}: no room for its {size} bytes in the guest physical address space \
-             (from {start:#x} to {limit:#x}, above the 64-bit PCI window)"
-    )]
-    PmemNoRoom {
-        id: String,
-        size: u64,
-        start: u64,
-        limit: u64,
-    },
-    #[error("pmem {id}: KVM refused its memory slot {slot} at {addr:#x} ({size} bytes): {source}")]
-    PmemSlot {
-        id: String,
-        slot: u32,
-        addr: u64,
-        size: u64,
-        #[source]
-        source: kvm_ioctls::Error,
     },
     #[error("{field}: {source}")]
     Fs {
@@ -204,14 +182,16 @@ fn phys_bits(cpuid: &CpuId) -> u32 {
 /// A booted VM: KVM objects, guest memory, devices and running vCPUs.
 pub struct Vm {
     // Field order matters: vCPU threads and then the device loop stop (Drop) before the memory
-    // they use is unmapped.
+    // they use is unmapped. pmem regions belong to the device manager, which deletes each one's
+    // KVM slot before its mapping goes.
     vcpus: Vcpus,
     device_manager: DeviceManager,
     ged: Arc<Mutex<Ged>>,
     vm_fd: Arc<VmFd>,
-    /// pmem regions are KVM slots: their mappings go only after the VM fd is closed.
-    _pmem_regions: Vec<Arc<PmemBacking>>,
     memory: GuestMemoryMmap,
+    /// With KVM's manual dirty-log re-arming on (FT's hot pages): the pages harvests reported
+    /// that are not re-armed yet (writable, and reported by every harvest until re-armed).
+    manual_rearm: Option<DirtyPages>,
 }
 
 /// Everything a restore needs besides guest memory and the VM configuration.
@@ -397,13 +377,13 @@ impl Vm {
         add_fs(&vm_fd, &mut device_manager, config, &memory)?;
         // Then, as Cloud Hypervisor: (virtio-fs above,) pmem, vsock. pmem regions go above the 64-bit PCI window.
         let mmio64 = layout::pci_mmio64_window(mem_size, phys_bits(&base_cpuid) as u8);
-        let pmem_area = (
+        // Hot-plugged regions go there too (first fit), so the device manager keeps the area.
+        device_manager.set_pmem_area((
             (mmio64.0 + mmio64.1).next_multiple_of(PMEM_ALIGNMENT),
             1u64 << phys_bits(&base_cpuid).min(52),
-        );
-        add_pmem(&vm_fd, &mut device_manager, config, pmem_area)?;
+        ));
+        add_pmem(&vm_fd, &mut device_manager, config)?;
         add_vsock(&vm_fd, &mut device_manager, config)?;
-        let pmem_regions = device_manager.pmem_backings();
         // Devices are found on the PCI bus and through ACPI: the command line is the user's.
         let cmdline = payload.cmdline.clone().unwrap_or_default();
 
@@ -454,7 +434,6 @@ impl Vm {
         Ok(PreparedVm {
             config: config.clone(),
             vm_fd,
-            pmem_regions,
             memory,
             device_manager,
             serial,
@@ -532,6 +511,67 @@ impl Vm {
         memory::register(&self.vm_fd, &self.memory, enabled)
     }
 
+    /// FT's hot pages: switches KVM's manual dirty-log re-arming on (false: this KVM cannot)
+    /// or off. Off, every page left writable is re-armed first, so no later write goes
+    /// unlogged; the pages harvested then are dropped (whoever logs next starts from a full
+    /// pass, as a migration or a new protection does).
+    pub fn set_manual_rearm(&mut self, on: bool) -> Result<bool, VmError> {
+        let kvm_err = |what, e: std::io::Error| VmError::SetupVm {
+            what,
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        if on {
+            if self.manual_rearm.is_some() {
+                return Ok(true);
+            }
+            if !crate::dirty_log::manual_rearm_supported(&self.vm_fd) {
+                return Ok(false);
+            }
+            let empty =
+                DirtyPages::empty(&self.memory).map_err(|e| VmError::Restore(e.to_string()))?;
+            crate::dirty_log::set_manual_rearm(&self.vm_fd, true)
+                .map_err(|e| kvm_err("enable manual dirty-log re-arming", e))?;
+            self.manual_rearm = Some(empty);
+            return Ok(true);
+        }
+        let Some(mut reported) = self.manual_rearm.take() else {
+            return Ok(false);
+        };
+        // What the guest wrote since the last harvest, kept pages included.
+        let kvm = self.take_dirty_log()?;
+        let latest = DirtyPages::from_bitmaps(&kvm, &self.memory, false)
+            .map_err(|e| VmError::Restore(e.to_string()))?;
+        reported.union_with(&latest);
+        clear_dirty_log(&self.vm_fd, &reported).map_err(|e| kvm_err("re-arm the dirty log", e))?;
+        crate::dirty_log::set_manual_rearm(&self.vm_fd, false)
+            .map_err(|e| kvm_err("disable manual dirty-log re-arming", e))?;
+        Ok(false)
+    }
+
+    /// With manual re-arming: re-arms every page reported since it was last re-armed, except
+    /// `keep` (those stay writable and in every harvest).
+    pub fn rearm_dirty_log(&mut self, keep: &DirtyPages) -> Result<(), VmError> {
+        let Some(reported) = self.manual_rearm.as_mut() else {
+            return Ok(());
+        };
+        let mut rearm = reported.clone();
+        rearm.subtract(keep);
+        // On an error nothing is forgotten: re-arming a page twice is harmless.
+        clear_dirty_log(&self.vm_fd, &rearm).map_err(|e| VmError::SetupVm {
+            what: "re-arm the dirty log",
+            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        reported.subtract(&rearm);
+        Ok(())
+    }
+
+    /// Records the pages a harvest reported while manual re-arming is on.
+    pub fn note_reported(&mut self, pages: &DirtyPages) {
+        if let Some(reported) = self.manual_rearm.as_mut() {
+            reported.union_with(pages);
+        }
+    }
+
     /// Pages the guest wrote since the last call (dirty logging must be on), as one bitmap per
     /// memory slot, 64 pages per word.
     pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
@@ -576,6 +616,16 @@ impl Vm {
     }
 }
 
+/// Re-arms the pages of `pages` (one KVM memory slot per region of the layout).
+fn clear_dirty_log(vm_fd: &VmFd, pages: &DirtyPages) -> std::io::Result<()> {
+    for (slot, (count, bitmap)) in pages.slot_bitmaps().enumerate() {
+        if bitmap.iter().any(|w| *w != 0) {
+            crate::dirty_log::clear_dirty_log(vm_fd, slot as u32, count, bitmap)?;
+        }
+    }
+    Ok(())
+}
+
 /// A VM whose KVM objects, memory slots, devices and vCPU fds exist, but whose vCPUs have
 /// neither state nor threads yet. A migration destination prepares it as soon as the
 /// configuration arrives, so only the state restore is left for the downtime window.
@@ -585,7 +635,6 @@ pub struct PreparedVm {
     device_manager: DeviceManager,
     vcpu_fds: Vec<VcpuFd>,
     vm_fd: Arc<VmFd>,
-    pmem_regions: Vec<Arc<PmemBacking>>,
     memory: GuestMemoryMmap,
     serial: Option<Arc<Mutex<Serial>>>,
     base_cpuid: CpuId,
@@ -667,7 +716,7 @@ impl PreparedVm {
 
     /// Puts captured state back (guest memory must hold its contents already) and starts
     /// the vCPUs, parked unless `resume`.
-    pub fn restore(self, state: &VmSnapshotState, resume: bool) -> Result<Vm, VmError> {
+    pub fn restore(mut self, state: &VmSnapshotState, resume: bool) -> Result<Vm, VmError> {
         let restore_err = |e: &dyn std::fmt::Display| VmError::Restore(e.to_string());
         if state.vcpus.len() != self.vcpu_fds.len() {
             return Err(VmError::Restore(format!(
@@ -685,6 +734,10 @@ impl PreparedVm {
         for (index, (fd, vcpu)) in self.vcpu_fds.iter().zip(&state.vcpus).enumerate() {
             cpu_state::restore_vcpu(fd, index as u8, vcpu).map_err(|e| restore_err(&e))?;
         }
+        // pmem regions where the source's guest had them, before the devices' own checks.
+        self.device_manager
+            .place_pmem_as_saved(&state.devices)
+            .map_err(|e| restore_err(&e))?;
         self.device_manager
             .restore(&state.devices, self.serial.as_ref())
             .map_err(|e| restore_err(&e))?;
@@ -716,8 +769,8 @@ impl PreparedVm {
             device_manager: self.device_manager,
             ged: self.ged,
             vm_fd: self.vm_fd,
-            _pmem_regions: self.pmem_regions,
             memory: self.memory,
+            manual_rearm: None,
         })
     }
 }
@@ -897,17 +950,26 @@ fn add_rng(
 }
 
 /// The virtio-pmem devices, each region a KVM memory slot of its own, laid out one after the
-/// other from `area.0` (below `area.1`, the end of the guest's physical address space).
+/// other in the device manager's pmem area.
 fn add_pmem(
     vm_fd: &VmFd,
     device_manager: &mut DeviceManager,
     config: &VmConfig,
-    area: (u64, u64),
 ) -> Result<(), VmError> {
-    let mut next = area.0;
     for (index, pmem) in config.pmem.iter().flatten().enumerate() {
         let id = pmem.id.clone().unwrap_or_else(|| format!("_pmem{index}"));
-        let pmem_err = |source: PmemError| VmError::Pmem {
+        let backing = open_pmem(pmem, &id)?;
+        device_manager.add_pmem(vm_fd, id, backing)?;
+    }
+    Ok(())
+}
+
+/// Opens and maps the file of `pmem` (at boot and for `vm.add-pmem`): a file smaller than
+/// `size`, or a size that is not whole 2 MiB pages, is refused here, before the VM changes.
+pub(crate) fn open_pmem(pmem: &PmemConfig, id: &str) -> Result<Arc<PmemBacking>, VmError> {
+    PmemBacking::open(&pmem.file, pmem.size, pmem.discard_writes)
+        .map(Arc::new)
+        .map_err(|source| VmError::Pmem {
             field: match source {
                 PmemError::SizeNotAligned { .. }
                 | PmemError::Empty { .. }
@@ -916,66 +978,9 @@ fn add_pmem(
                 | PmemError::SetLen { .. } => "pmem.size",
                 _ => "pmem.file",
             },
-            id: id.clone(),
+            id: id.to_string(),
             source,
-        };
-        let backing = Arc::new(
-            PmemBacking::open(&pmem.file, pmem.size, pmem.discard_writes).map_err(pmem_err)?,
-        );
-        let (start, size) = (next, backing.len());
-        let end = start
-            .checked_add(size)
-            .filter(|&end| end <= area.1)
-            .ok_or_else(|| VmError::PmemNoRoom {
-                id: id.clone(),
-                size,
-                start,
-                limit: area.1,
-            })?;
-        let device =
-            Pmem::new(id.clone(), GuestAddress(start), backing.clone()).map_err(pmem_err)?;
-        let slot = PMEM_SLOT_BASE + index as u32;
-        let mut region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: start,
-            memory_size: size,
-            userspace_addr: backing.host_addr(),
-        };
-        // SAFETY: the mapping lives as long as `backing`; the VM holds it (and the device an
-        // Arc of it) until after its VM fd is closed, and the error path below deletes the
-        // slot before the mapping can go.
-        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::PmemSlot {
-            id: id.clone(),
-            slot,
-            addr: start,
-            size,
-            source,
-        })?;
-        log::info!(
-            "{id}: pmem {} ({size} bytes{}) at guest address {start:#x}",
-            backing.path().display(),
-            if backing.discard_writes() {
-                ", discard_writes"
-            } else {
-                ""
-            }
-        );
-        if let Err(e) = device_manager.add_virtio_device(
-            vm_fd,
-            id,
-            VirtioHandle::Pmem(Arc::new(Mutex::new(device))),
-        ) {
-            region.memory_size = 0;
-            // SAFETY: a zero size deletes the slot; nothing is mapped by it afterwards.
-            if let Err(del) = unsafe { vm_fd.set_user_memory_region(region) } {
-                log::error!("cannot delete pmem memory slot {slot}: {del}");
-            }
-            return Err(e.into());
-        }
-        next = end.next_multiple_of(PMEM_ALIGNMENT);
-    }
-    Ok(())
+        })
 }
 
 /// The virtio-fs devices, each connected to (and negotiated with) its vhost-user backend now,
@@ -988,46 +993,52 @@ fn add_fs(
 ) -> Result<(), VmError> {
     for (index, fs) in config.fs.iter().flatten().enumerate() {
         let id = fs.id.clone().unwrap_or_else(|| format!("_fs{index}"));
-        // Validation already asks for shared memory; this names the memory actually made.
-        memory::shared_regions(memory).map_err(|source| VmError::FsMemory {
-            id: id.clone(),
-            source,
-        })?;
-        let device = Fs::new(
-            id.clone(),
-            &fs.tag,
-            fs.num_queues,
-            fs.queue_size,
-            &fs.socket,
-            HANDSHAKE_TIMEOUT,
-            Arc::new(|| {
-                crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::VhostUserWatchdog)
-            }),
-        )
-        .map_err(|source| VmError::Fs {
-            field: match &source {
-                FsError::Tag { .. } => "fs.tag",
-                FsError::NoRequestQueue { .. } => "fs.num_queues",
-                FsError::Backend {
-                    source: VhostUserError::QueueCount { .. },
-                    ..
-                } => "fs.num_queues",
-                _ => "fs.socket",
-            },
-            source,
-        })?;
-        log::info!(
-            "{id}: virtio-fs tag {} served by the vhost-user backend at {}",
-            fs.tag,
-            fs.socket.display()
-        );
-        device_manager.add_virtio_device(
-            vm_fd,
-            id,
-            VirtioHandle::Fs(Arc::new(Mutex::new(device))),
-        )?;
+        let device = new_fs(fs, &id, memory)?;
+        device_manager.add_virtio_device(vm_fd, id, device)?;
     }
     Ok(())
+}
+
+/// The virtio-fs model of `fs` (at boot and for `vm.add-fs`), connected to its backend: every
+/// answer of the handshake is bounded ([`HANDSHAKE_TIMEOUT`], the connection's watchdog), so a
+/// backend that never answers is an error, not a hung control loop.
+pub(crate) fn new_fs(
+    fs: &FsConfig,
+    id: &str,
+    memory: &GuestMemoryMmap,
+) -> Result<VirtioHandle, VmError> {
+    // Validation already asks for shared memory; this names the memory actually made.
+    memory::shared_regions(memory).map_err(|source| VmError::FsMemory {
+        id: id.to_string(),
+        source,
+    })?;
+    let device = Fs::new(
+        id.to_string(),
+        &fs.tag,
+        fs.num_queues,
+        fs.queue_size,
+        &fs.socket,
+        HANDSHAKE_TIMEOUT,
+        Arc::new(|| crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::VhostUserWatchdog)),
+    )
+    .map_err(|source| VmError::Fs {
+        field: match &source {
+            FsError::Tag { .. } => "fs.tag",
+            FsError::NoRequestQueue { .. } => "fs.num_queues",
+            FsError::Backend {
+                source: VhostUserError::QueueCount { .. },
+                ..
+            } => "fs.num_queues",
+            _ => "fs.socket",
+        },
+        source,
+    })?;
+    log::info!(
+        "{id}: virtio-fs tag {} served by the vhost-user backend at {}",
+        fs.tag,
+        fs.socket.display()
+    );
+    Ok(VirtioHandle::Fs(Arc::new(Mutex::new(device))))
 }
 
 /// The virtio-vsock device with Cloud Hypervisor's hybrid (Unix socket) backend.
@@ -1039,28 +1050,34 @@ fn add_vsock(
     let Some(vsock) = &config.vsock else {
         return Ok(());
     };
-    let id = vsock.id.clone().unwrap_or_else(|| "_vsock0".to_string());
-    let device = Vsock::new(id.clone(), u64::from(vsock.cid), &vsock.socket).map_err(|source| {
-        VmError::Vsock {
+    let id = vsock
+        .id
+        .clone()
+        .unwrap_or_else(|| crate::config::placement::VSOCK_ID.to_string());
+    let device = new_vsock(vsock, &id)?;
+    device_manager.add_virtio_device(vm_fd, id, device)?;
+    Ok(())
+}
+
+/// The virtio-vsock model of `vsock` (at boot and for `vm.add-vsock`). It listens on its Unix
+/// socket from here on (the path must not exist); the device loop watches the listener once
+/// the driver is up, and the device closes it and removes the socket file when it goes.
+pub(crate) fn new_vsock(vsock: &VsockConfig, id: &str) -> Result<VirtioHandle, VmError> {
+    let device =
+        Vsock::new(id, u64::from(vsock.cid), &vsock.socket).map_err(|source| VmError::Vsock {
             field: match source {
                 VsockError::InvalidCid { .. } => "vsock.cid",
                 VsockError::Bind { .. } => "vsock.socket",
                 _ => "vsock",
             },
             source,
-        }
-    })?;
+        })?;
     log::info!(
         "{id}: vsock guest CID {}, host socket {}",
         vsock.cid,
         vsock.socket.display()
     );
-    device_manager.add_virtio_device(
-        vm_fd,
-        id,
-        VirtioHandle::Vsock(Arc::new(Mutex::new(device))),
-    )?;
-    Ok(())
+    Ok(VirtioHandle::Vsock(Arc::new(Mutex::new(device))))
 }
 
 fn setup_vcpu(

@@ -697,7 +697,10 @@ impl Vmm {
                 .require_state("shut down", &[VmState::Running, VmState::Paused])
                 .map(|_| {
                     self.stop_vm();
-                    self.state = VmState::Shutdown;
+                    // As in Cloud Hypervisor: the VM is gone, its configuration stays, and
+                    // `vm.info` reports it `Created` (ready for `vm.boot`); orchestrators
+                    // key on that.
+                    self.state = VmState::Created;
                     self.emit("vm", "shutdown");
                     VmmResponse::Empty
                 }),
@@ -1213,8 +1216,7 @@ impl Vmm {
             self.config = Some(plan.config);
             return Ok(VmmResponse::Empty);
         };
-        let number = hotplug::attach(vm, &mut plan)
-            .map_err(|message| VmmError::Failed { action, message })?;
+        let number = hotplug::attach(vm, &mut plan).map_err(|e| e.into_vmm_error(action))?;
         plan.config.pin_devices(&vm.device_manager().placement());
         if let Some(fd) = plan.passed_fd.take() {
             self.passed_taps.insert(plan.id.clone(), fd);

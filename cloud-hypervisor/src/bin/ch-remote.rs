@@ -36,7 +36,7 @@
 //!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
-//!                     [--no-compress]
+//!                     [--no-compress] [--no-hot-pages]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
 //! ch-remote progress                  (the running enable-ft sync or send-migration, JSON)
@@ -500,6 +500,15 @@ fn enable_ft_args(command: Command) -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Send dirty pages uncompressed (LZ4 by default)"),
         )
+        .arg(
+            Arg::new("no-hot-pages")
+                .long("no-hot-pages")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Write-protect every dirty page at each checkpoint (by default pages the \
+                     guest keeps rewriting stay writable and are compared instead)",
+                ),
+        )
         .arg(group_arg(
             "Fate sharing: join (or create) the FT group named by this Unix socket path; \
              members fail over together",
@@ -656,6 +665,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         witness: sub.get_one::<String>("witness").cloned(),
         fencing: sub.get_one::<String>("fencing").cloned(),
         compress: defaults.compress && !sub.get_flag("no-compress"),
+        hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
         group: sub.get_one::<String>("group").cloned(),
         tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
         insecure_plaintext: sub.get_flag("insecure-plaintext"),
@@ -1811,7 +1821,8 @@ mod tests {
         assert_eq!(
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
-                "heartbeat_timeout_ms": null, "witness": null, "compress": true, "group": null})
+                "heartbeat_timeout_ms": null, "witness": null, "compress": true, "hot_pages": true,
+                "group": null})
         );
         assert_eq!(
             body(&[
@@ -1826,12 +1837,13 @@ mod tests {
                 "--witness",
                 "tcp:[fd00::3]:7100",
                 "--no-compress",
+                "--no-hot-pages",
                 "--group",
                 "/run/tandem/web.sock",
             ]),
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
-                "witness": "tcp:[fd00::3]:7100", "compress": false,
+                "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
                 "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.

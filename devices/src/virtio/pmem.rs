@@ -542,6 +542,28 @@ impl Pmem {
         GuestAddress(self.start)
     }
 
+    /// Says the region is at `start` from now on (the VMM moved its KVM slot there). Only
+    /// before the guest runs: a restore places the region where the snapshot's guest had it.
+    pub fn relocate(&mut self, start: GuestAddress) -> Result<(), PmemError> {
+        let size = self.backing.len();
+        if !start.0.is_multiple_of(PMEM_ALIGNMENT) {
+            return Err(PmemError::AddressNotAligned {
+                id: self.id.clone(),
+                addr: start.0,
+            });
+        }
+        if start.0.checked_add(size).is_none() {
+            return Err(PmemError::AddressOverflow {
+                id: self.id.clone(),
+                addr: start.0,
+                size,
+            });
+        }
+        self.start = start.0;
+        self.config[..8].copy_from_slice(&start.0.to_le_bytes());
+        Ok(())
+    }
+
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         let c = &self.counters;
         BTreeMap::from([

@@ -106,7 +106,7 @@ impl Primary {
                     }
                 }
                 Ok(PrimaryMsg::Commit { epoch }) => commit_group_epoch(&s, group, epoch),
-                Ok(PrimaryMsg::Peers { macs, members }) => {
+                Ok(PrimaryMsg::Peers { macs, members, .. }) => {
                     s.gates.group_peers.set(macs);
                     group.members.store(members, Ordering::SeqCst);
                 }

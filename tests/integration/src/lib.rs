@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub mod etcd;
 pub mod ft;
+pub mod linux_guest;
 
 /// Serial marker the test guest prints when its kernel part is up.
 pub const GUEST_READY: &str = "TANDEM-GUEST READY";

@@ -227,6 +227,12 @@ fn api_lifecycle_with_ch_remote() {
     drop(stalled);
 
     ok_silent(&vmm, &socket, &["shutdown"]);
+    // As in Cloud Hypervisor: the VM is gone, its configuration stays (`Created`), and it
+    // boots again from it.
+    assert_eq!(info_state(&vmm, &socket), "Created");
+    ok_silent(&vmm, &socket, &["boot"]);
+    assert_eq!(info_state(&vmm, &socket), "Running");
+    ok_silent(&vmm, &socket, &["shutdown"]);
     ok_silent(&vmm, &socket, &["delete"]);
     fails(&vmm, &socket, &["info"], None, "NotFound", "");
 

@@ -8,6 +8,9 @@
 //!   itself, both backups take over at the same group epoch, both client connections go on.
 //! - Killing a member's backup degrades the whole group: both primaries run on unprotected,
 //!   the other backup stands down, the clients notice nothing.
+//! - The member whose VMMs host both coordinators leaving on purpose (`disable-ft`) hands the
+//!   coordinators on: the other member stays protected, and its primary dying later still
+//!   fails it over through the backups' new coordinator.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -291,4 +294,95 @@ fn a_lost_backup_degrades_the_whole_group() {
     relayed.stop().unwrap_or_else(|e| panic!("{e}"));
     check_guests(&group);
     report("ft group: a backup killed; both primaries run on degraded, the other backup did not take over, both clients went on");
+}
+
+/// The member whose VMMs host both coordinators (it created the group on each side) leaves
+/// on purpose: the roles pass to the other member's VMMs, which stay protected and go on
+/// cutting and committing; a later death of that member's primary still fails the group over
+/// to one group epoch, decided by the backups' new coordinator.
+#[test]
+fn the_creator_leaving_hands_the_group_on_and_a_later_death_still_fails_over_together() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    let mut group = start_group("gl");
+    let (direct, relayed) = start_loads(&group);
+    progress(&relayed, "relayed", &group);
+    ok(
+        ch_remote(&group.members[0].primary_socket, &["disable-ft"], None),
+        "disable-ft",
+    );
+    wait_status(
+        &group.members[0].primary_socket,
+        "health",
+        &["off"],
+        TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("the creator: {e}\n{}", group.diagnose()));
+    wait_status(&group.members[0].backup_socket, "health", &["off"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("the creator's backup: {e}\n{}", group.diagnose()));
+    // The other member is still protected, alone in the group, and its group epochs go on.
+    let survivor = &group.members[1];
+    let left_at = ft_status(&survivor.primary_socket)["group_epoch"]
+        .as_u64()
+        .unwrap_or(0);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        let status = ft_status(&survivor.primary_socket);
+        assert_eq!(
+            status["health"],
+            "protected",
+            "{status}\n{}",
+            group.diagnose()
+        );
+        if status["group_members"] == 1
+            && status["group_epoch"].as_u64().unwrap_or(0) > left_at + 20
+        {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group stopped cutting after the creator left: {status}\n{}",
+            group.diagnose()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let before = progress(&relayed, "relayed after the creator left", &group);
+    progress(&direct, "direct after the creator left", &group);
+    // VM 1 is outside the group now: it would see VM 2 silent through the failover for longer
+    // than its relay waits, so the relay stops here and a client talks to VM 2 directly.
+    relayed.stop().unwrap_or_else(|e| panic!("{e}"));
+    let to_vm2 = SeqClient::connect_to(
+        &group.hosts.client,
+        &format!("{}:7000", group.members[1].ip),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let to_vm2 = Load::start(to_vm2);
+    let seq_before = progress(&to_vm2, "VM 2 direct", &group);
+
+    group.members[1].primary.kill();
+    let took = wait_status(
+        &group.members[1].backup_socket,
+        "health",
+        &["took_over"],
+        TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("backup: {e}\n{}", group.diagnose()));
+    let epoch = took["group_epoch"].as_u64().unwrap_or(0);
+    assert!(
+        epoch > left_at,
+        "resumed group epoch {epoch}, the creator left at {left_at}: {took}"
+    );
+    let seq_after = progress(&to_vm2, "VM 2 direct after the failover", &group);
+    progress(&direct, "VM 1 direct after the failover", &group);
+    direct.stop().unwrap_or_else(|e| panic!("{e}"));
+    to_vm2.stop().unwrap_or_else(|e| panic!("{e}"));
+    check_guests(&group);
+    report(&format!(
+        "ft group: the creator left at group epoch {left_at} (the survivor reached {} alone, \
+         VM 2 relayed {before}); the survivor's primary killed, its backup resumed group epoch \
+         {epoch} through the backups' new coordinator; VM 2's seq went {seq_before} -> \
+         {seq_after} on one connection with no gap or repeat",
+        status["group_epoch"]
+    ));
 }

@@ -36,9 +36,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use integration::linux_guest::{
+    check_pci_marker, fnv, linux_assets, new_token, read_line_from, vsock_echo, wait_step,
+    QUIRKS_CMDLINE,
+};
 use integration::{
     api_vmm, ch_remote, kvm_serial_guard, marker_fields, report, require_kvm, require_netns,
-    scratch_dir, two_hosts, workspace_root, FileLock, NetNs, TempDir, Vmm, HOST_B,
+    scratch_dir, two_hosts, NetNs, TempDir, Vmm, HOST_B,
 };
 
 const HOST_IP: &str = "192.168.249.1";
@@ -57,17 +61,6 @@ const TCP_BYTES: usize = 1 << 20;
 const RESTORED_TCP_BYTES: usize = 256 << 10;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
-/// The kernel's quirk flags, shared by all boots: the kernel must not use XSAVE, POPCNT,
-/// RDRAND/RDSEED, FSGSBASE, SMAP (stac/clac), PCID/INVPCID: the instruction emulator of the
-/// nested KVM on our CI machines, which runs all guest CPL0 code, lacks them (a real KVM host
-/// does not mind). `clocksource=kvm-clock`: that nested KVM cannot offset the guest's TSC (the guest reads the
-/// host's TSC whatever KVM_SET_MSRS says), so a restored guest on the `tsc` clocksource, which
-/// Linux prefers when the TSC is invariant, finds its clock advanced by all the time since the
-/// snapshot (RCU stall reports once that passes 21 s); kvm-clock comes back with KVM_SET_CLOCK.
-/// On a real KVM host the TSC is restored too and either clocksource continues.
-const QUIRKS_CMDLINE: &str =
-    "noxsave nofsgsbase nopcid clearcpuid=popcnt,rdrand,rdseed,smap,invpcid \
-     clocksource=kvm-clock";
 /// The console of the boot the other tests restore: the serial port (COM1), from the first
 /// instruction on (earlyprintk).
 const SERIAL_CONSOLE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200";
@@ -98,96 +91,12 @@ const KERNEL_TROUBLE: [&str; 10] = [
     "LINUX-GUEST FAIL",
 ];
 
-struct Assets {
-    vmlinux: PathBuf,
-    initramfs: PathBuf,
-    disk: PathBuf,
-}
-
-/// Builds (or finds in the cache) the guest assets with `ci/build-linux-guest`. Not optional:
-/// if they cannot be built, the test fails with the script's one-line reason (stage and log).
-fn linux_assets() -> Result<Assets, String> {
-    let _lock = FileLock::acquire("build-linux-guest.lock").map_err(|e| e.to_string())?;
-    let script = workspace_root().join("ci/build-linux-guest");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .current_dir(workspace_root())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ci/build-linux-guest failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    report(&format!(
-        "linux_guest: assets ready in {:.1} s: {}",
-        started.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&out.stdout).trim()
-    ));
-    // The resolved directory, so that a concurrent rebuild cannot swap files under us.
-    let dir = fs::canonicalize(workspace_root().join("target/linux-guest/current"))
-        .map_err(|e| format!("target/linux-guest/current: {e}"))?;
-    let assets = Assets {
-        vmlinux: dir.join("vmlinux"),
-        initramfs: dir.join("initramfs.cpio"),
-        disk: dir.join("disk.img"),
-    };
-    for path in [&assets.vmlinux, &assets.initramfs, &assets.disk] {
-        if !path.exists() {
-            return Err(format!(
-                "ci/build-linux-guest succeeded but {} is missing",
-                path.display()
-            ));
-        }
-    }
-    Ok(assets)
-}
-
-/// Waits for a `LINUX-GUEST` marker, failing at once on a failure line of /init or a kernel
-/// panic instead of waiting out the timeout.
-fn wait_step(vmm: &mut Vmm, marker: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match vmm.wait_for(marker, Duration::from_secs(1)) {
-            Ok(found) => return found.line,
-            Err(e) => {
-                let console = vmm.console();
-                for bad in ["LINUX-GUEST FAIL", "Kernel panic", "emulation failure"] {
-                    if let Some(line) = console.lines().find(|l| l.contains(bad)) {
-                        panic!(
-                            "{}",
-                            vmm.diagnose(&format!(
-                                "waiting for {marker:?}, the guest said: {line}"
-                            ))
-                        );
-                    }
-                }
-                if vmm.poll_exit().is_some() || Instant::now() >= deadline {
-                    panic!("{e}");
-                }
-            }
-        }
-    }
-}
-
 /// The first console line that tells of a kernel problem, if any.
 fn kernel_trouble(console: &str) -> Option<String> {
     console
         .lines()
         .find(|l| KERNEL_TROUBLE.iter().any(|w| l.contains(w)))
         .map(str::to_string)
-}
-
-fn fnv(data: &[u8], mut h: u64) -> u64 {
-    for &b in data {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
-    h
 }
 
 /// Sends `bytes` pseudo-random bytes to the guest's echo and reads them back; returns
@@ -266,18 +175,6 @@ fn read_from_image(image: &Path, path: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A token no earlier run wrote.
-fn new_token(label: &str) -> String {
-    format!(
-        "{label}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    )
 }
 
 /// A namespace whose TAP `tapvm` is the guest's peer at [`HOST_IP`] (the VMM attaches to the
@@ -466,32 +363,6 @@ fn assert_cleanly_unmounted(image: &Path) {
         !features.contains("needs_recovery"),
         "{}: the guest did not unmount its ext4 cleanly ({features})",
         image.display()
-    );
-}
-
-/// The virtio device IDs (`virtio=`, e.g. `1041,1042,1044`) of /init's `PCI` marker; each of
-/// `want` must be there, and every virtio function bound to virtio-pci with MSI-X vectors.
-fn check_pci_marker(line: &str, want: &[&str]) {
-    let fields = marker_fields(line);
-    let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
-    let virtio = field("virtio");
-    let found: Vec<&str> = virtio.split(',').collect();
-    for id in want {
-        assert!(
-            found.contains(id),
-            "virtio device {id} not found on PCI by the guest: {line}"
-        );
-    }
-    assert!(line.contains("PCI ok"), "{line}");
-    assert_eq!(
-        field("bound"),
-        found.len().to_string(),
-        "a virtio function is not bound to virtio-pci: {line}"
-    );
-    assert_eq!(
-        field("msix"),
-        found.len().to_string(),
-        "a virtio function has no MSI-X vectors: {line}"
     );
 }
 
@@ -815,7 +686,8 @@ fn linux_guest_finds_virtio_blk_net_and_rng_on_pci_with_msix() {
     require_kvm!();
     require_netns!();
     let booted = booted_or_panic();
-    check_pci_marker(&booted.pci, &[VIRTIO_NET_ID, VIRTIO_BLK_ID, VIRTIO_RNG_ID]);
+    check_pci_marker(&booted.pci, &[VIRTIO_NET_ID, VIRTIO_BLK_ID, VIRTIO_RNG_ID])
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -883,7 +755,8 @@ fn linux_guest_console_on_hvc0_and_power_button_shut_down_cleanly() {
         vmm.diagnose("no kernel log on the virtio-console")
     );
     let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
-    check_pci_marker(&pci, &[VIRTIO_CONSOLE_ID, VIRTIO_RNG_ID]);
+    check_pci_marker(&pci, &[VIRTIO_CONSOLE_ID, VIRTIO_RNG_ID])
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
     let rng = wait_step(&mut vmm, "LINUX-GUEST RNG", STEP_TIMEOUT);
     check_rng_marker(&rng);
 
@@ -1353,77 +1226,6 @@ fn pmem_file(path: &Path, marker: &str) -> Vec<u8> {
     data
 }
 
-/// Reads one `\n`-terminated line from a byte stream (without the newline).
-fn read_line_from(stream: &mut impl Read) -> Result<String, String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 512 {
-        match stream.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) => {
-                return Err(format!(
-                    "read after {:?}: {e}",
-                    String::from_utf8_lossy(&line)
-                ))
-            }
-        }
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
-/// The host side of a host-initiated vsock connection, as Kata's runtime talks to its agent:
-/// `CONNECT <port>\n` on the VMM's socket, `OK <host port>\n` back, then a byte stream both
-/// ways. Sends `VSOCK_BYTES` pseudo-random bytes to the guest's echo, shuts down its side and
-/// reads everything back: (the OK line, FNV-1a sent, FNV-1a back, bytes back).
-fn vsock_echo(socket: &Path) -> Result<(String, u64, u64, usize), String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("connect to {}: {e}", socket.display()))?;
-    stream
-        .set_read_timeout(Some(STEP_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("CONNECT {VSOCK_GUEST_PORT}\n").as_bytes())
-        .map_err(|e| format!("send CONNECT: {e}"))?;
-    let ok = read_line_from(&mut stream)?;
-    if !ok.starts_with("OK ") {
-        return Err(format!("CONNECT {VSOCK_GUEST_PORT} was answered {ok:?}"));
-    }
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let sender = std::thread::spawn(move || -> Result<u64, String> {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
-        let data: Vec<u8> = (0..VSOCK_BYTES)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        for chunk in data.chunks(4096) {
-            writer.write_all(chunk).map_err(|e| format!("send: {e}"))?;
-        }
-        writer
-            .shutdown(Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        Ok(fnv(&data, 0xcbf2_9ce4_8422_2325))
-    });
-    let (mut back, mut sum, mut buf) = (0usize, 0xcbf2_9ce4_8422_2325, vec![0u8; 16 << 10]);
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .map_err(|e| format!("receive after {back} bytes: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        sum = fnv(&buf[..n], sum);
-        back += n;
-    }
-    let sent = sender.join().map_err(|_| "sender panicked".to_string())??;
-    Ok((ok, sent, sum, back))
-}
-
 /// Serves one guest-initiated connection on `listener` (the VMM connects to `PATH_port` for
 /// the guest): reads the guest's line, answers one line and closes. Returns what it read.
 fn serve_guest_connection(
@@ -1503,8 +1305,9 @@ fn boot_with_vsock_and_pmem() -> Result<VsockPmemRun, String> {
     let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
     report(&format!("linux_guest: {pci}"));
     wait_step(&mut vmm, "LINUX-GUEST VSOCK listening", STEP_TIMEOUT);
-    let (connect_answer, sent, back, back_len) = vsock_echo(&socket)
-        .map_err(|e| vmm.diagnose(&format!("vsock echo through {}: {e}", socket.display())))?;
+    let (connect_answer, sent, back, back_len) =
+        vsock_echo(&socket, VSOCK_GUEST_PORT, VSOCK_BYTES, STEP_TIMEOUT)
+            .map_err(|e| vmm.diagnose(&format!("vsock echo through {}: {e}", socket.display())))?;
     let vsock_echo_line = wait_step(&mut vmm, "LINUX-GUEST VSOCK echo", STEP_TIMEOUT);
     let host_answer = format!("hello from the host token={token}");
     let from_guest = serve_guest_connection(&host_listener, &host_answer)
@@ -1582,7 +1385,8 @@ fn boot_with_vsock_and_pmem() -> Result<VsockPmemRun, String> {
 fn linux_guest_vsock_round_trips_both_ways_through_the_hybrid_socket() {
     require_kvm!();
     let run = vsock_pmem_run();
-    check_pci_marker(&run.pci, &[VIRTIO_VSOCK_ID, VIRTIO_PMEM_ID]);
+    check_pci_marker(&run.pci, &[VIRTIO_VSOCK_ID, VIRTIO_PMEM_ID])
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         run.vsock_echo_line.contains("VSOCK echo ok"),
         "{}",
@@ -2047,4 +1851,413 @@ fn linux_guest_hot_plugs_a_disk_and_a_nic_and_ejects_the_disk() {
     // The guest still works and its kernel log is clean.
     check_klog(&vmm, &mut ctl);
     power_off(&mut vmm, &mut ctl);
+}
+
+/// `ch-remote ARGS` (an `add-*`) on `api`: the `{id, bdf}` it answered.
+fn add_device(vmm: &Vmm, api: &Path, args: &[&str]) -> (String, String) {
+    let out = ch_remote(api, args, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&format!(
+            "ch-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{}",
+            vmm.diagnose(&format!(
+                "{args:?} answered {:?}: {e}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        )
+    });
+    let id = info["id"].as_str().expect("id").to_string();
+    let bdf = info["bdf"].as_str().expect("bdf").to_string();
+    assert!(
+        bdf.starts_with("0000:00:") && bdf.ends_with(".0") && bdf.len() == 12,
+        "{bdf}"
+    );
+    (id, bdf)
+}
+
+/// The ids in `vm.info`'s configuration, each with its `pci_device_id`.
+fn configured_devices(vmm: &Vmm, api: &Path) -> Vec<(String, Option<u64>)> {
+    let out = ch_remote(api, &["info"], None);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("vm.info: {e}"))));
+    let config = &info["config"];
+    let mut devices = Vec::new();
+    for list in ["disks", "net", "pmem", "fs"] {
+        for device in config[list].as_array().into_iter().flatten() {
+            if let Some(id) = device["id"].as_str() {
+                devices.push((id.to_string(), device["pci_device_id"].as_u64()));
+            }
+        }
+    }
+    if let Some(id) = config["vsock"]["id"].as_str() {
+        devices.push((id.to_string(), config["vsock"]["pci_device_id"].as_u64()));
+    }
+    devices
+}
+
+/// The device is in the configuration, pinned to the slot the guest found it at.
+fn assert_pinned(vmm: &Vmm, api: &Path, id: &str, bdf: &str) {
+    let slot = u64::from_str_radix(&bdf[8..10], 16).expect("slot");
+    let devices = configured_devices(vmm, api);
+    assert!(
+        devices.contains(&(id.to_string(), Some(slot))),
+        "{}",
+        vmm.diagnose(&format!(
+            "{id} should be pinned to slot {slot}: {devices:?}"
+        ))
+    );
+}
+
+/// `remove-device ID`: the guest ejects it (the function leaves its PCI bus), and it leaves
+/// the configuration. Returns how long the guest took.
+fn eject(vmm: &Vmm, ctl: &mut Ctl, api: &Path, id: &str, bdf: &str) -> Duration {
+    let out = ch_remote(api, &["remove-device", id], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        vmm.diagnose(&format!(
+            "remove-device {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    );
+    let (gone, after) = poll_pcidev(vmm, ctl, bdf, |r| r.contains("absent"));
+    assert_eq!(gone, "pcidev absent");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while configured_devices(vmm, api).iter().any(|(d, _)| d == id) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose(&format!("{id} stays in the configuration after its eject"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    after
+}
+
+/// Whether process `pid` maps `path` (a pmem file's mapping, as /proc/PID/maps names it).
+fn maps_file(pid: u32, path: &Path) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|maps| maps.contains(&path.display().to_string()))
+        .unwrap_or(false)
+}
+
+/// Waits until process `pid` no longer maps `path`.
+fn wait_unmapped(vmm: &Vmm, pid: u32, path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while maps_file(pid, path) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose(&format!(
+                "{} stays mapped after its pmem device was ejected",
+                path.display()
+            ))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The guest's /dev/pmemN whose first line is `marker` (polled: libnvdimm registers a
+/// hot-plugged region's disk asynchronously).
+fn pmem_dev_with(vmm: &Vmm, ctl: &mut Ctl, marker: &str) -> String {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        for n in 0..4 {
+            let reply = expect_reply(vmm, ctl.cmd(&format!("head pmem{n}")), "head ");
+            if reply == format!("head ok {marker}") {
+                return format!("pmem{n}");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose(&format!("no /dev/pmemN shows {marker}"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Cloud Hypervisor's hot-plug of the devices Kata adds at run time, into a Linux booted with
+/// none of them: `add-vsock` (a round trip both ways through the hybrid socket), `add-fs`
+/// (virtiofsd's share mounted, a host file read, a file written), two `add-pmem`s (the markers
+/// read from /dev/pmemN, the guest's writes reaching the files). Each answers `{id, bdf}` and
+/// is pinned in the configuration. `remove-device` of each: the guest ejects it and the VMM
+/// lets go of its host side (the vsock socket file removed, virtiofsd's connection closed, the
+/// pmem file unmapped). A third pmem reuses the first's freed guest-physical range, so a
+/// snapshot of the VM has its two regions where a fresh boot would not place them: the restore
+/// puts them back where the guest had them, and the guest reads both and ejects them.
+#[test]
+fn linux_guest_hot_plugs_vsock_fs_and_pmem_and_ejects_them() {
+    require_kvm!();
+    require_netns!();
+    if !Path::new(VIRTIOFSD).exists() {
+        integration::skip_or_fail(
+            integration::function_name!(),
+            &format!("{VIRTIOFSD} is not installed"),
+        );
+        return;
+    }
+    let assets = linux_assets().unwrap_or_else(|e| panic!("{e}"));
+    let _boot = kvm_serial_guard();
+    let dir = TempDir::new("linux_hotplug_kata").expect("temp dir");
+    let ns = guest_namespace("lhk").unwrap_or_else(|e| panic!("{e}"));
+    let token = new_token("hk");
+    let api = dir.join("api.sock");
+    let socket = dir.join("vsock.sock");
+    let host_port_path = PathBuf::from(format!("{}_{VSOCK_HOST_PORT}", socket.display()));
+    let host_listener = std::os::unix::net::UnixListener::bind(&host_port_path)
+        .unwrap_or_else(|e| panic!("listen on {}: {e}", host_port_path.display()));
+    let share = dir.join("share");
+    fs::create_dir_all(&share).expect("share dir");
+    let host_data: Vec<u8> = (0..FS_HOST_BYTES).map(|i| (i * 7 % 253) as u8).collect();
+    fs::write(share.join("host.bin"), &host_data).expect("write host.bin");
+    let fs_socket = dir.join("virtiofsd.sock");
+    let mut backend = start_virtiofsd(&fs_socket, &share, &dir.join("virtiofsd.log"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pmem_paths: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| dir.join(&format!("pmem-{n}.img")))
+        .collect();
+    let markers: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("pmem-marker-{n}-{token}"))
+        .collect();
+    for (path, marker) in pmem_paths.iter().zip(&markers) {
+        pmem_file(path, marker);
+    }
+
+    let cmdline = format!(
+        "{SERIAL_CONSOLE} {QUIRKS_CMDLINE} tg.ip={GUEST_IP}/24 tg.peer={HOST_IP} \
+         tg.ctl={CTL_PORT} tg.token={token} tg.vport={VSOCK_GUEST_PORT} \
+         tg.vhost={VSOCK_HOST_PORT} tg.checks=pci,serve"
+    );
+    let initramfs_arg = assets.initramfs.display().to_string();
+    let net_arg = format!("tap={TAP},mac={GUEST_MAC}");
+    let mut vmm = Vmm::builder("linux_hotplug_kata")
+        .wrapped_in(ns.exec_prefix())
+        .kernel(&assets.vmlinux)
+        .args(["--initramfs", initramfs_arg.as_str()])
+        .cmdline(&cmdline)
+        .cpus(1)
+        // Shared: virtio-fs's backend maps guest memory.
+        .memory("256M,shared=on")
+        .serial_tty()
+        .args(["--net", net_arg.as_str()])
+        .args(["--api-socket", api.to_str().expect("path")])
+        .spawn()
+        .expect("start the VMM");
+    wait_step(&mut vmm, "LINUX-GUEST SERVE listening", BOOT_TIMEOUT);
+    let pci = wait_step(&mut vmm, "LINUX-GUEST PCI", STEP_TIMEOUT);
+    for absent in [VIRTIO_VSOCK_ID, VIRTIO_PMEM_ID, VIRTIO_FS_ID] {
+        assert!(!pci.contains(absent), "{}", vmm.diagnose(&pci));
+    }
+    let mut ctl =
+        Ctl::connect(&ns, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+    let pid = vmm.pid();
+
+    // vsock: host -> guest echo, then guest -> host.
+    let vsock_spec = format!("cid=3,socket={}", socket.display());
+    let t = Instant::now();
+    let (vsock_id, vsock_bdf) = add_device(&vmm, &api, &["add-vsock", vsock_spec.as_str()]);
+    assert_eq!(vsock_id, "_vsock0");
+    let (_, seen) = poll_pcidev(&vmm, &mut ctl, &vsock_bdf, |r| {
+        r.contains("driver=virtio-pci")
+    });
+    report(&format!(
+        "linux_guest: hot-plug: add-vsock at {vsock_bdf}, bound in the guest after {} ms \
+         (API call included: {} ms)",
+        seen.as_millis(),
+        t.elapsed().as_millis()
+    ));
+    ctl.send("check vsock").expect("send");
+    wait_step(&mut vmm, "LINUX-GUEST VSOCK listening", STEP_TIMEOUT);
+    let (ok, sent, back, back_len) =
+        vsock_echo(&socket, VSOCK_GUEST_PORT, VSOCK_BYTES, STEP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("vsock echo: {e}"))));
+    assert!(ok.starts_with("OK "), "{ok}");
+    assert_eq!((back_len, back), (VSOCK_BYTES, sent), "the vsock echo");
+    let echo = wait_step(&mut vmm, "LINUX-GUEST VSOCK echo", STEP_TIMEOUT);
+    assert_eq!(
+        marker_fields(&echo).get("fnv"),
+        Some(&format!("{sent:016x}")),
+        "{echo}"
+    );
+    let answer = format!("hello from the host token={token}");
+    let from_guest = serve_guest_connection(&host_listener, &answer)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+    assert_eq!(from_guest, format!("hello from the guest token={token}"));
+    let connect = wait_step(&mut vmm, "LINUX-GUEST VSOCK connect", STEP_TIMEOUT);
+    assert_eq!(
+        marker_fields(&connect).get("reply"),
+        Some(&answer),
+        "{connect}"
+    );
+    expect_reply(&vmm, ctl.line("check"), "check done vsock failures=0");
+    assert_pinned(&vmm, &api, &vsock_id, &vsock_bdf);
+
+    // virtio-fs: mount the share, read the host's file, write one.
+    let fs_spec = format!("tag=myfs,socket={}", fs_socket.display());
+    let (fs_id, fs_bdf) = add_device(&vmm, &api, &["add-fs", fs_spec.as_str()]);
+    poll_pcidev(&vmm, &mut ctl, &fs_bdf, |r| r.contains("driver=virtio-pci"));
+    ctl.send("check fs").expect("send");
+    let read = wait_step(&mut vmm, "LINUX-GUEST FS read", STEP_TIMEOUT);
+    let want = format!(
+        "bytes={FS_HOST_BYTES} fnv={:016x}",
+        fnv(&host_data, 0xcbf2_9ce4_8422_2325)
+    );
+    assert!(read.contains(&want), "{}", vmm.diagnose(&read));
+    expect_reply(&vmm, ctl.line("check"), "check done fs failures=0");
+    assert_eq!(
+        fs::read_to_string(share.join("guest.txt")).unwrap_or_default(),
+        format!("guest wrote virtiofs token={token}\n"),
+        "{}",
+        vmm.diagnose("the guest's file in the shared directory")
+    );
+    assert_pinned(&vmm, &api, &fs_id, &fs_bdf);
+    // The backend's watchdog thread, started by the hot-plug, runs filtered like the rest.
+    assert!(
+        integration::thread_seccomp(pid)
+            .iter()
+            .any(|(name, _)| name == "vhost-user-watc"),
+        "{:?}",
+        integration::thread_seccomp(pid)
+    );
+    integration::assert_every_thread_filtered(pid, "after the virtio-fs hot-plug");
+
+    // Two pmem regions: each marker read by the guest, each guest write in its file.
+    let mut pmem = Vec::new();
+    for path in &pmem_paths[..2] {
+        let spec = format!("file={}", path.display());
+        let (id, bdf) = add_device(&vmm, &api, &["add-pmem", spec.as_str()]);
+        poll_pcidev(&vmm, &mut ctl, &bdf, |r| r.contains("driver=virtio-pci"));
+        assert!(
+            maps_file(pid, path),
+            "{}",
+            vmm.diagnose("pmem file not mapped")
+        );
+        pmem.push((id, bdf));
+    }
+    expect_reply(&vmm, ctl.cmd("check pmem"), "check done pmem failures=0");
+    let console = vmm.console();
+    let done = console
+        .lines()
+        .find(|l| l.contains("LINUX-GUEST PMEM done"))
+        .unwrap_or_default();
+    assert!(done.contains("devices=2"), "{}", vmm.diagnose(done));
+    let mut pmem_devs = Vec::new();
+    for (path, marker) in pmem_paths.iter().zip(&markers).take(2) {
+        let line = console
+            .lines()
+            .filter(|l| l.contains("LINUX-GUEST PMEM ok"))
+            .find(|l| marker_fields(l).get("marker") == Some(marker))
+            .unwrap_or_else(|| panic!("{}", vmm.diagnose(&format!("no PMEM line for {marker}"))));
+        let dev = marker_fields(line)["dev"].clone();
+        let data = fs::read(path).expect("read a pmem file");
+        let wrote = format!("guest wrote {dev} token={token}\n");
+        assert_eq!(
+            &data[PMEM_GUEST_OFFSET..PMEM_GUEST_OFFSET + wrote.len()],
+            wrote.as_bytes(),
+            "{}",
+            vmm.diagnose(&format!("{} lacks the guest's write", path.display()))
+        );
+        pmem_devs.push(dev);
+    }
+    for (id, bdf) in &pmem {
+        assert_pinned(&vmm, &api, id, bdf);
+    }
+
+    // Ejects: each leaves the guest, the configuration and its host resources.
+    let fs_gone = eject(&vmm, &mut ctl, &api, &fs_id, &fs_bdf);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // virtiofsd ends when its frontend's connection closes.
+    while backend.0.try_wait().ok().flatten().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            vmm.diagnose("virtiofsd still runs: the VMM kept its vhost-user connection")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vsock_gone = eject(&vmm, &mut ctl, &api, &vsock_id, &vsock_bdf);
+    assert!(
+        !socket.exists(),
+        "{}",
+        vmm.diagnose("the vsock socket file stays after its device was ejected")
+    );
+    let pmem_gone = eject(&vmm, &mut ctl, &api, &pmem[0].0, &pmem[0].1);
+    wait_unmapped(&vmm, pid, &pmem_paths[0]);
+    let reply = expect_reply(&vmm, ctl.cmd(&format!("head {}", pmem_devs[0])), "head ");
+    assert!(reply.starts_with("head fail"), "{}", vmm.diagnose(&reply));
+    assert!(maps_file(pid, &pmem_paths[1]), "the other pmem stays");
+    report(&format!(
+        "linux_guest: hot-plug: ejected by the guest after {} ms (fs), {} ms (vsock), {} ms \
+         (pmem)",
+        fs_gone.as_millis(),
+        vsock_gone.as_millis(),
+        pmem_gone.as_millis()
+    ));
+
+    // A third region takes the first's place, before the second's: not where a boot from the
+    // configuration (second, third) would put them.
+    let spec = format!("file={}", pmem_paths[2].display());
+    let (third_id, third_bdf) = add_device(&vmm, &api, &["add-pmem", spec.as_str()]);
+    poll_pcidev(&vmm, &mut ctl, &third_bdf, |r| {
+        r.contains("driver=virtio-pci")
+    });
+    let third_dev = pmem_dev_with(&vmm, &mut ctl, &markers[2]);
+    check_klog(&vmm, &mut ctl);
+
+    // Snapshot, and restore it in a new VMM.
+    let snap = dir.join("snap");
+    let url = format!("file://{}", snap.display());
+    for args in [&["pause"][..], &["snapshot", &url]] {
+        let out = ch_remote(&api, args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            vmm.diagnose(&format!(
+                "ch-remote {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        );
+    }
+    vmm.kill();
+    drop(ctl);
+    let restore = format!("source_url={url},resume=on");
+    let api2 = dir.join("api2.sock");
+    let mut vmm = Vmm::builder("linux_hotplug_kata_restored")
+        .wrapped_in(ns.exec_prefix())
+        .args(["--restore", restore.as_str()])
+        .args(["--api-socket", api2.to_str().expect("path")])
+        .spawn()
+        .expect("start the restoring VMM");
+    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
+    let pid = vmm.pid();
+    for (dev, marker) in [(&pmem_devs[1], &markers[1]), (&third_dev, &markers[2])] {
+        expect_reply(
+            &vmm,
+            ctl.cmd(&format!("head {dev}")),
+            &format!("head ok {marker}"),
+        );
+    }
+    for (id, bdf) in [(&pmem[1].0, &pmem[1].1), (&third_id, &third_bdf)] {
+        assert_pinned(&vmm, &api2, id, bdf);
+    }
+    eject(&vmm, &mut ctl, &api2, &third_id, &third_bdf);
+    wait_unmapped(&vmm, pid, &pmem_paths[2]);
+    eject(&vmm, &mut ctl, &api2, &pmem[1].0, &pmem[1].1);
+    wait_unmapped(&vmm, pid, &pmem_paths[1]);
+    check_klog(&vmm, &mut ctl);
+    power_off(&mut vmm, &mut ctl);
+    if let Some(line) = kernel_trouble(&vmm.console()) {
+        panic!("{}", vmm.diagnose(&format!("kernel trouble: {line}")));
+    }
 }

@@ -94,9 +94,11 @@ impl VmConfig {
                 default_rng.src.display()
             );
         }
+        // Only the source is a file of the peer's host; where the device sits (a pinned
+        // `pci_device_id`) is what the guest saw and must stay.
         self.rng = RngConfig {
-            iommu: self.rng.iommu,
-            ..default_rng
+            src: default_rng.src,
+            ..self.rng
         };
         Ok(self)
     }
@@ -157,6 +159,23 @@ mod tests {
         assert_eq!(config.console.mode, ConsoleOutputMode::Null);
         assert_eq!(config.console.socket, None);
         assert_eq!(config.rng, RngConfig::default());
+    }
+
+    #[test]
+    fn pinned_places_stay() {
+        let mut peer = peer_config();
+        peer.rng.pci_device_id = Some(4);
+        if let Some(disks) = peer.disks.as_mut() {
+            disks[1].pci_device_id = Some(5);
+        }
+        let local = HostResources {
+            disk_paths: vec!["/a".into(), "/b".into()],
+            taps: vec!["t".into(), "u".into()],
+        };
+        let config = peer.localize(&local).unwrap();
+        assert_eq!(config.rng.pci_device_id, Some(4));
+        assert_eq!(config.rng.src, RngConfig::default().src);
+        assert_eq!(config.disks.unwrap()[1].pci_device_id, Some(5));
     }
 
     #[test]

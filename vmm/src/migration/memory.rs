@@ -237,6 +237,45 @@ impl DirtyPages {
         }
     }
 
+    /// Takes every page out (the layout stays).
+    pub fn clear(&mut self) {
+        for r in &mut self.regions {
+            r.bits.fill(0);
+        }
+    }
+
+    /// Takes every page of `other` out (same layout as for [`DirtyPages::union_with`]).
+    pub fn subtract(&mut self, other: &DirtyPages) {
+        for (dst, src) in self.regions.iter_mut().zip(&other.regions) {
+            if dst.start == src.start && dst.pages == src.pages {
+                for (d, s) in dst.bits.iter_mut().zip(&src.bits) {
+                    *d &= !*s;
+                }
+            }
+        }
+    }
+
+    /// Takes the page holding `gpa` out; false if it was not in the set.
+    pub fn remove(&mut self, gpa: GuestAddress) -> bool {
+        for r in &mut self.regions {
+            if gpa.0 >= r.start && (gpa.0 - r.start) >> PAGE_SHIFT < r.pages {
+                let page = (gpa.0 - r.start) >> PAGE_SHIFT;
+                let word = &mut r.bits[(page / 64) as usize];
+                let bit = 1 << (page % 64);
+                let was = *word & bit != 0;
+                *word &= !bit;
+                return was;
+            }
+        }
+        false
+    }
+
+    /// Per region (= KVM memory slot) of the layout: its number of pages and its bitmap, 64
+    /// pages a word, as KVM's dirty-log calls take them.
+    pub fn slot_bitmaps(&self) -> impl Iterator<Item = (u64, &[u64])> {
+        self.regions.iter().map(|r| (r.pages, r.bits.as_slice()))
+    }
+
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
         self.regions

@@ -164,6 +164,9 @@ const DIRTY_LOG_FLOOR_PEER: &str = "dirty-log-floor";
 const DELTA_EPOCH_MS: u64 = 10;
 /// Default `ft.dirty_bytes` of the delta section.
 const DELTA_DIRTY_BYTES: u64 = 64;
+/// The hot-page section's region: 256 pages, so at 250 pages/epoch and more every page is
+/// rewritten about every epoch (the pages a write-fault predictor keeps writable).
+const HOT_REGION_MIB: u64 = 1;
 /// Target: bytes on the wire per dirty page when each rewrite changes 64 bytes.
 const TARGET_DELTA_BYTES: f64 = 300.0;
 const TARGET_DELTA_PAGES: u64 = 1000;
@@ -197,11 +200,15 @@ struct Options {
     /// The delta section (the guest changes `dirty_bytes` bytes per page rewrite).
     delta: bool,
     dirty_bytes: u64,
+    /// Per cell also FT with hot pages off (`--no-hot-pages`): what keeping them writable
+    /// saves.
+    hot_compare: bool,
 }
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
-[--no-group] [--no-tls] [--no-delta] [--dirty-bytes N] [--heartbeat-timeout-ms N]";
+[--no-group] [--no-tls] [--no-delta] [--no-hot-compare] [--dirty-bytes N] \
+[--heartbeat-timeout-ms N]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
     text.split(',')
@@ -228,6 +235,7 @@ impl Options {
         let mut group = true;
         let mut tls = true;
         let mut delta = true;
+        let mut hot_compare = true;
         let mut dirty_bytes = DELTA_DIRTY_BYTES;
         let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
         let mut i = 0;
@@ -266,6 +274,7 @@ impl Options {
                 "--no-group" => group = false,
                 "--no-tls" => tls = false,
                 "--no-delta" => delta = false,
+                "--no-hot-compare" => hot_compare = false,
                 "--dirty-bytes" => dirty_bytes = parse_count(value()?, "--dirty-bytes")? as u64,
                 "--heartbeat-timeout-ms" => {
                     heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
@@ -298,6 +307,7 @@ impl Options {
             group,
             heartbeat_timeout_ms,
             tls,
+            hot_compare,
             delta,
             dirty_bytes,
         })
@@ -558,6 +568,8 @@ struct Lab {
     /// The replication channel: mutual TLS with the test CA's credentials (`Some`), or the
     /// explicit plaintext opt-out (`None`) for the rows that show what TLS costs.
     tls_dir: Option<String>,
+    /// Hot pages (`false`: `--no-hot-pages`, the FtCold cases).
+    hot_pages: bool,
 }
 
 impl Lab {
@@ -571,6 +583,7 @@ impl Lab {
             next_port: FIRST_FT_PORT,
             spawned: 0,
             tls_dir: Some(tls_dir().to_string_lossy().into_owned()),
+            hot_pages: true,
         })
     }
 
@@ -627,23 +640,27 @@ impl Lab {
 
     /// Boots the ft workload dirtying `dirty_rate` pages/s on `side`; waits for its services.
     fn boot_primary(&mut self, side: Side, dirty_rate: u64) -> Res<Node> {
-        self.boot_vm(side, dirty_rate, 0, ("tapvm", GUEST_IP, GUEST_MAC))
+        self.boot_vm(
+            side,
+            (dirty_rate, 0, DIRTY_REGION_MIB),
+            ("tapvm", GUEST_IP, GUEST_MAC),
+        )
     }
 
     /// [`Lab::boot_primary`] with the guest on `tap` at `ip` with `mac`.
-    /// `dirty_bytes`: bytes each page rewrite changes (`ft.dirty_bytes`; 0: every word).
+    /// The guest's load: pages per second, bytes each page rewrite changes (`ft.dirty_bytes`;
+    /// 0: every word) and the size of the rewritten region in MiB.
     fn boot_vm(
         &mut self,
         side: Side,
-        dirty_rate: u64,
-        dirty_bytes: u64,
+        (dirty_rate, dirty_bytes, dirty_mib): (u64, u64, u64),
         (tap, ip, mac): GuestNic,
     ) -> Res<Node> {
         self.flush_bridges()?;
         let kernel = self.bins.guest.to_str().ok_or("guest path is not UTF-8")?;
         let kernel = kernel.to_string();
         let cmdline = format!(
-            "workload=ft net.ip={ip}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={DIRTY_REGION_MIB} ft.dirty_bytes={dirty_bytes}"
+            "workload=ft net.ip={ip}/24 ft.dirty_rate={dirty_rate} ft.dirty_mib={dirty_mib} ft.dirty_bytes={dirty_bytes}"
         );
         let net = format!("tap={tap},mac={mac}");
         let memory = format!("size={GUEST_MEMORY}");
@@ -718,6 +735,9 @@ impl Lab {
         }
         if let Some(g) = group {
             args.extend(["--group", g.primaries.as_str()]);
+        }
+        if !self.hot_pages {
+            args.push("--no-hot-pages");
         }
         ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
             format!(
@@ -1251,9 +1271,17 @@ enum Mode {
     FtTls,
     /// No FT, the dirty log harvested and re-armed every epoch (the VMM's dirty-log floor).
     Floor,
+    /// FT with hot pages off: every dirty page write-protected at each checkpoint.
+    FtCold,
     /// The delta section (`ft.dirty_bytes`): no FT, and FT.
     NoFtDelta,
     FtDelta,
+    /// The hot-page section (a small region rewritten every epoch): no FT, the floor, FT, and
+    /// FT with hot pages off.
+    NoFtHot,
+    FloorHot,
+    FtHot,
+    FtHotCold,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -1438,6 +1466,74 @@ fn groups(opts: &Options) -> BTreeMap<u64, Vec<Cell>> {
     groups
 }
 
+/// Connects to the guest of a boot just made; a failure is recorded (`section`: "" or a
+/// section's prefix such as "TLS: ").
+fn connect_guest(
+    lab: &Lab,
+    primary: &Node,
+    section: &str,
+    rate: u64,
+    results: &mut Results,
+) -> Option<SeqClient> {
+    match SeqClient::connect(&lab.hosts.client) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            results.fail(format!(
+                "{section}connect to the guest at {rate} pages/s: {e}\n{}",
+                primary.diagnose("connect")
+            ));
+            None
+        }
+    }
+}
+
+/// Records a failed case (`section` as in [`connect_guest`]); returns whether this boot's
+/// other cases can still run (the primary lives and a new connection to the guest was made,
+/// as a failure may leave the old one unusable).
+fn case_failed(
+    lab: &Lab,
+    primary: &mut Node,
+    client: &mut SeqClient,
+    section: &str,
+    failure: String,
+    results: &mut Results,
+) -> bool {
+    results.fail(format!("{section}{failure}"));
+    if let Some(status) = primary.vmm.poll_exit() {
+        results.fail(primary.diagnose(&format!(
+            "the primary exited ({status}); the rest of this rate is skipped"
+        )));
+        return false;
+    }
+    match SeqClient::connect(&lab.hosts.client) {
+        Ok(c) => {
+            *client = c;
+            true
+        }
+        Err(e) => {
+            results.fail(format!("{section}reconnect to the guest: {e}"));
+            false
+        }
+    }
+}
+
+/// Ends a boot: the guest checks its memory pattern and sequence (unless the primary is gone
+/// or the run was interrupted), then the primary is killed.
+fn end_boot(
+    mut primary: Node,
+    client: &mut SeqClient,
+    section: &str,
+    rate: u64,
+    results: &mut Results,
+) {
+    if primary.vmm.poll_exit().is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
+        if let Err(e) = guest_check(client) {
+            results.fail(format!("{section}guest self-check at {rate} pages/s: {e}"));
+        }
+    }
+    primary.vmm.kill();
+}
+
 /// One boot: no FT and FT at each of `cells`' epochs, alternating, `opts.runs` times.
 fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: &mut Results) {
     let cells_text: Vec<String> = cells
@@ -1455,24 +1551,23 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
             return;
         }
     };
-    let mut client = match SeqClient::connect(&lab.hosts.client) {
-        Ok(c) => c,
-        Err(e) => {
-            results.fail(format!(
-                "connect to the guest at {rate} pages/s: {e}\n{}",
-                primary.diagnose("connect")
-            ));
-            return;
-        }
+    let Some(mut client) = connect_guest(lab, &primary, "", rate, results) else {
+        return;
     };
     let with_tcp = cells.iter().any(|c| TCP_CELLS.contains(c));
     for run in 1..=opts.runs {
-        // Per cell the floor (dirty logging at the cell's epoch, no FT) next to its FT case.
-        let mut order: Vec<Option<(Cell, bool)>> = std::iter::once(None)
+        // Per cell the floor (dirty logging at the cell's epoch, no FT) next to its FT case
+        // (and FT with hot pages off).
+        let per_cell: &[Mode] = if opts.hot_compare {
+            &[Mode::Floor, Mode::Ft, Mode::FtCold]
+        } else {
+            &[Mode::Floor, Mode::Ft]
+        };
+        let mut order: Vec<Option<(Cell, Mode)>> = std::iter::once(None)
             .chain(
                 cells
                     .iter()
-                    .flat_map(|&c| [Some((c, true)), Some((c, false))]),
+                    .flat_map(|&c| per_cell.iter().map(move |&m| Some((c, m)))),
             )
             .collect();
         if run % 2 == 0 {
@@ -1484,18 +1579,17 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
             }
             let label = match case {
                 None => format!("run {run} {rate:>6} pages/s  no FT"),
-                Some(((e, p), true)) => format!(
+                Some(((e, p), Mode::Floor)) => format!(
                     "run {run} {rate:>6} pages/s  floor {e:>2} ms ({p} pages/epoch, dirty log only)"
                 ),
-                Some(((e, p), false)) => {
+                Some(((e, p), Mode::FtCold)) => format!(
+                    "run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch, hot pages off)"
+                ),
+                Some(((e, p), _)) => {
                     format!("run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch)")
                 }
             };
             let outcome = match case {
-                Some((cell, true)) => floor_case(lab, &primary, &mut client, cell, opts).map(|r| {
-                    log(&format!("  {label}: {}", describe_case(&r)));
-                    results.record(cell, Mode::Floor, &r);
-                }),
                 None => {
                     let setup = CaseSetup {
                         bins: &lab.bins,
@@ -1505,42 +1599,38 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
                         think_max: Duration::ZERO,
                         tcp: with_tcp,
                     };
-                    measure_case(&setup, &mut client, opts)
+                    measure_case(&setup, &mut client, opts).map(|r| {
+                        log(&format!("  {label}: {}", describe_case(&r)));
+                        for &cell in cells {
+                            results.record(cell, Mode::NoFt, &r);
+                        }
+                    })
                 }
-                .map(|r| {
-                    log(&format!("  {label}: {}", describe_case(&r)));
-                    for &cell in cells {
-                        results.record(cell, Mode::NoFt, &r);
-                    }
-                }),
-                Some((cell, false)) => ft_case(lab, &primary, &mut client, cell, opts).map(|r| {
-                    log(&format!("  {label}: {}", describe_case(&r)));
-                    results.record(cell, Mode::Ft, &r);
-                }),
+                Some((cell, mode)) => {
+                    let measured = match mode {
+                        Mode::Floor => floor_case(lab, &primary, &mut client, cell, opts),
+                        _ => {
+                            lab.hot_pages = mode != Mode::FtCold;
+                            let r = ft_case(lab, &primary, &mut client, cell, opts);
+                            lab.hot_pages = true;
+                            r
+                        }
+                    };
+                    measured.map(|r| {
+                        log(&format!("  {label}: {}", describe_case(&r)));
+                        results.record(cell, mode, &r);
+                    })
+                }
             };
             if let Err(e) = outcome {
-                results.fail(format!("{label}: {e}"));
-                if let Some(status) = primary.vmm.poll_exit() {
-                    results.fail(primary.diagnose(&format!(
-                        "the primary exited ({status}); the rest of this rate is skipped"
-                    )));
+                let failure = format!("{label}: {e}");
+                if !case_failed(lab, &mut primary, &mut client, "", failure, results) {
                     return;
-                }
-                // The connection may be unusable after a failure: start a new one.
-                match SeqClient::connect(&lab.hosts.client) {
-                    Ok(c) => client = c,
-                    Err(e) => {
-                        results.fail(format!("reconnect to the guest: {e}"));
-                        return;
-                    }
                 }
             }
         }
     }
-    if let Err(e) = guest_check(&mut client) {
-        results.fail(format!("guest self-check at {rate} pages/s: {e}"));
-    }
-    primary.vmm.kill();
+    end_boot(primary, &mut client, "", rate, results);
 }
 
 /// The guest's own check of its memory pattern and the sequence.
@@ -1572,15 +1662,8 @@ fn run_tls(lab: &mut Lab, opts: &Options, results: &mut Results) {
                 continue;
             }
         };
-        let mut client = match SeqClient::connect(&lab.hosts.client) {
-            Ok(c) => c,
-            Err(e) => {
-                results.fail(format!(
-                    "TLS: connect to the guest at {rate} pages/s: {e}\n{}",
-                    primary.diagnose("connect")
-                ));
-                continue;
-            }
+        let Some(mut client) = connect_guest(lab, &primary, "TLS: ", rate, results) else {
+            continue;
         };
         'runs: for run in 1..=opts.runs {
             let mut order = [Mode::FtPlaintext, Mode::FtTls];
@@ -1607,31 +1690,15 @@ fn run_tls(lab: &mut Lab, opts: &Options, results: &mut Results) {
                         results.record(cell, mode, &r);
                     }
                     Err(e) => {
-                        results.fail(format!("TLS: {label}: {e}"));
-                        if let Some(status) = primary.vmm.poll_exit() {
-                            results.fail(primary.diagnose(&format!(
-                                "the primary exited ({status}); the rest of this rate is skipped"
-                            )));
+                        let failure = format!("{label}: {e}");
+                        if !case_failed(lab, &mut primary, &mut client, "TLS: ", failure, results) {
                             break 'runs;
-                        }
-                        // The connection may be unusable after a failure: start a new one.
-                        match SeqClient::connect(&lab.hosts.client) {
-                            Ok(c) => client = c,
-                            Err(e) => {
-                                results.fail(format!("TLS: reconnect to the guest: {e}"));
-                                break 'runs;
-                            }
                         }
                     }
                 }
             }
         }
-        if primary.vmm.poll_exit().is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
-            if let Err(e) = guest_check(&mut client) {
-                results.fail(format!("TLS: guest self-check at {rate} pages/s: {e}"));
-            }
-        }
-        primary.vmm.kill();
+        end_boot(primary, &mut client, "TLS: ", rate, results);
     }
 }
 
@@ -1706,39 +1773,67 @@ fn floor_case(
     Ok(result)
 }
 
-/// The delta section: per page count one boot whose guest changes `opts.dirty_bytes` bytes
-/// per page rewrite; no FT and FT at [`DELTA_EPOCH_MS`] alternate (odd runs: no FT first).
+/// A section with a boot of its own per page count: how the guest rewrites pages, and the
+/// cases run side by side on each boot (alternating order, odd runs as listed).
+struct Section {
+    /// Prefix of its log and failure lines.
+    name: &'static str,
+    dirty_bytes: u64,
+    dirty_mib: u64,
+    modes: &'static [Mode],
+}
+
+/// The delta section: the guest changes `opts.dirty_bytes` bytes per page rewrite; no FT and
+/// FT.
 fn run_delta(lab: &mut Lab, opts: &Options, results: &mut Results) {
+    let section = Section {
+        name: "delta",
+        dirty_bytes: opts.dirty_bytes,
+        dirty_mib: DIRTY_REGION_MIB,
+        modes: &[Mode::NoFtDelta, Mode::FtDelta],
+    };
+    run_section(lab, opts, results, &section);
+}
+
+/// The hot-page section: a region of [`HOT_REGION_MIB`] rewritten every word, so every page
+/// is rewritten every epoch or more often; no FT, the floor, FT, and FT with hot pages off.
+fn run_hot(lab: &mut Lab, opts: &Options, results: &mut Results) {
+    let section = Section {
+        name: "hot",
+        dirty_bytes: 0,
+        dirty_mib: HOT_REGION_MIB,
+        modes: &[Mode::NoFtHot, Mode::FloorHot, Mode::FtHot, Mode::FtHotCold],
+    };
+    run_section(lab, opts, results, &section);
+}
+
+fn run_section(lab: &mut Lab, opts: &Options, results: &mut Results, section: &Section) {
     let epoch = delta_epoch(opts);
-    for &pages in &opts.pages {
+    let name = section.name;
+    let prefix = format!("{name}: ");
+    for &pages in opts.pages.iter().filter(|&&p| p > 0) {
         if INTERRUPTED.load(Ordering::SeqCst) {
             return;
         }
         let cell = (epoch, pages);
         let rate = rate_of(cell);
-        let bytes = opts.dirty_bytes;
+        let load = (rate, section.dirty_bytes, section.dirty_mib);
         log(&format!(
-            "delta: guest dirtying {rate} pages/s ({pages} pages/{epoch} ms), {bytes} bytes per rewrite"
+            "{name}: guest dirtying {rate} pages/s ({pages} pages/{epoch} ms) of {} MiB, {} bytes per rewrite (0: every word)",
+            section.dirty_mib, section.dirty_bytes
         ));
-        let mut primary = match lab.boot_vm(Side::A, rate, bytes, ("tapvm", GUEST_IP, GUEST_MAC)) {
+        let mut primary = match lab.boot_vm(Side::A, load, ("tapvm", GUEST_IP, GUEST_MAC)) {
             Ok(node) => node,
             Err(e) => {
-                results.fail(format!("delta: boot at {rate} pages/s: {e}"));
+                results.fail(format!("{name}: boot at {rate} pages/s: {e}"));
                 continue;
             }
         };
-        let mut client = match SeqClient::connect(&lab.hosts.client) {
-            Ok(c) => c,
-            Err(e) => {
-                results.fail(format!(
-                    "delta: connect to the guest at {rate} pages/s: {e}\n{}",
-                    primary.diagnose("connect")
-                ));
-                continue;
-            }
+        let Some(mut client) = connect_guest(lab, &primary, &prefix, rate, results) else {
+            continue;
         };
         'runs: for run in 1..=opts.runs {
-            let mut order = [Mode::NoFtDelta, Mode::FtDelta];
+            let mut order = section.modes.to_vec();
             if run % 2 == 0 {
                 order.reverse();
             }
@@ -1746,15 +1841,17 @@ fn run_delta(lab: &mut Lab, opts: &Options, results: &mut Results) {
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     break 'runs;
                 }
-                let label = match mode {
-                    Mode::FtDelta => format!(
-                        "run {run} {rate:>6} pages/s  FT {epoch:>2} ms ({pages} pages/epoch, {bytes} B/rewrite)"
-                    ),
-                    _ => format!("run {run} {rate:>6} pages/s  no FT ({bytes} B/rewrite)"),
+                let what = match mode {
+                    Mode::NoFtDelta | Mode::NoFtHot => "no FT".to_string(),
+                    Mode::FloorHot => format!("floor {epoch:>2} ms (dirty log only)"),
+                    Mode::FtHotCold => {
+                        format!("FT {epoch:>2} ms ({pages} pages/epoch, hot pages off)")
+                    }
+                    _ => format!("FT {epoch:>2} ms ({pages} pages/epoch)"),
                 };
+                let label = format!("run {run} {rate:>6} pages/s  {what}");
                 let outcome = match mode {
-                    Mode::FtDelta => ft_case(lab, &primary, &mut client, cell, opts),
-                    _ => {
+                    Mode::NoFtDelta | Mode::NoFtHot => {
                         let setup = CaseSetup {
                             bins: &lab.bins,
                             client_ns: &lab.hosts.client,
@@ -1765,6 +1862,13 @@ fn run_delta(lab: &mut Lab, opts: &Options, results: &mut Results) {
                         };
                         measure_case(&setup, &mut client, opts)
                     }
+                    Mode::FloorHot => floor_case(lab, &primary, &mut client, cell, opts),
+                    _ => {
+                        lab.hot_pages = mode != Mode::FtHotCold;
+                        let r = ft_case(lab, &primary, &mut client, cell, opts);
+                        lab.hot_pages = true;
+                        r
+                    }
                 };
                 match outcome {
                     Ok(r) => {
@@ -1772,30 +1876,15 @@ fn run_delta(lab: &mut Lab, opts: &Options, results: &mut Results) {
                         results.record(cell, mode, &r);
                     }
                     Err(e) => {
-                        results.fail(format!("delta: {label}: {e}"));
-                        if let Some(status) = primary.vmm.poll_exit() {
-                            results.fail(primary.diagnose(&format!(
-                                "the primary exited ({status}); the rest of this rate is skipped"
-                            )));
+                        let failure = format!("{label}: {e}");
+                        if !case_failed(lab, &mut primary, &mut client, &prefix, failure, results) {
                             break 'runs;
-                        }
-                        match SeqClient::connect(&lab.hosts.client) {
-                            Ok(c) => client = c,
-                            Err(e) => {
-                                results.fail(format!("delta: reconnect to the guest: {e}"));
-                                break 'runs;
-                            }
                         }
                     }
                 }
             }
         }
-        if primary.vmm.poll_exit().is_none() && !INTERRUPTED.load(Ordering::SeqCst) {
-            if let Err(e) = guest_check(&mut client) {
-                results.fail(format!("delta: guest self-check at {rate} pages/s: {e}"));
-            }
-        }
-        primary.vmm.kill();
+        end_boot(primary, &mut client, &prefix, rate, results);
     }
 }
 
@@ -1995,7 +2084,7 @@ fn run_groups(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()> {
     ));
     let mut vms = Vec::new();
     for vm in GROUP_VMS {
-        vms.push(lab.boot_vm(Side::A, rate, 0, vm)?);
+        vms.push(lab.boot_vm(Side::A, (rate, 0, DIRTY_REGION_MIB), vm)?);
     }
     let vm1 = format!("{}:{SEQ_PORT}", GROUP_VMS[0].1);
     let mut g = GroupVms {
@@ -2698,6 +2787,9 @@ impl Report<'_> {
         if o.delta {
             self.print_delta();
         }
+        if self.opts.hot_compare {
+            self.print_hot();
+        }
         if o.group {
             self.print_group();
         }
@@ -2776,7 +2868,8 @@ impl Report<'_> {
         println!("Runtime overhead: guest work (compute-loop iterations) per second of its own clock, same");
         println!("  guest and dirty rate with no FT, with the floor (no FT; the VMM harvests and re-arms the");
         println!("  dirty log every epoch, as a checkpoint does, without pausing, copying or sending: what dirty");
-        println!("  tracking alone costs here) and with FT; overhead = 1 - FT/noFT, beyond floor = 1 - FT/floor");
+        println!("  tracking alone costs here) and with FT; overhead = 1 - FT/noFT, beyond floor = 1 - FT/floor;");
+        println!("  `FT hot off`: FT with every dirty page write-protected at each checkpoint (--no-hot-pages)");
         println!();
         let header = [
             "epoch ms",
@@ -2784,13 +2877,15 @@ impl Report<'_> {
             "work/s noFT (M)",
             "floor (M)",
             "FT (M)",
+            "FT hot off (M)",
             "floor/noFT",
             "FT/noFT",
             "FT/floor",
+            "FT/FT hot off",
             "overhead %",
             "beyond floor %",
             "floor dirty/ep",
-            "runs noFT/floor/FT",
+            "runs noFT/floor/FT/hot off",
         ];
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
@@ -2802,6 +2897,7 @@ impl Report<'_> {
                 let no = r.med(c, Mode::NoFt, Metric::WorkPerS);
                 let floor = r.med(c, Mode::Floor, Metric::WorkPerS);
                 let ft = r.med(c, Mode::Ft, Metric::WorkPerS);
+                let cold = r.med(c, Mode::FtCold, Metric::WorkPerS);
                 let ft_no = ratio(ft, no);
                 let ft_floor = ratio(ft, floor);
                 vec![
@@ -2810,17 +2906,20 @@ impl Report<'_> {
                     fmt(no.map(|v| v / 1e6), 1),
                     fmt(floor.map(|v| v / 1e6), 1),
                     fmt(ft.map(|v| v / 1e6), 1),
+                    fmt(cold.map(|v| v / 1e6), 1),
                     fmt(ratio(floor, no), 3),
                     fmt(ft_no, 3),
                     fmt(ft_floor, 3),
+                    fmt(ratio(ft, cold), 3),
                     fmt(ft_no.map(|x| (1.0 - x) * 100.0), 1),
                     fmt(ft_floor.map(|x| (1.0 - x) * 100.0), 1),
                     fmt(r.med(c, Mode::Floor, Metric::VmmDirtyPerEpoch), 0),
                     format!(
-                        "{}/{}/{}",
+                        "{}/{}/{}/{}",
                         r.count(c, Mode::NoFt, Metric::WorkPerS),
                         r.count(c, Mode::Floor, Metric::WorkPerS),
-                        r.count(c, Mode::Ft, Metric::WorkPerS)
+                        r.count(c, Mode::Ft, Metric::WorkPerS),
+                        r.count(c, Mode::FtCold, Metric::WorkPerS)
                     ),
                 ]
             })
@@ -2982,6 +3081,84 @@ impl Report<'_> {
                         "{}/{}",
                         r.count(c, Mode::NoFtDelta, Metric::WorkPerS),
                         r.count(c, Mode::FtDelta, Metric::WorkPerS)
+                    ),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+
+    /// The hot-page section: a small region every page of which is rewritten every epoch.
+    fn print_hot(&self) {
+        let r = self.results;
+        let o = self.opts;
+        let epoch = delta_epoch(o);
+        println!();
+        println!(
+            "Hot pages: FT at {epoch} ms epochs; the guest rewrites every word of the pages of a {HOT_REGION_MIB} MiB region"
+        );
+        println!("  (its own boot), so each page is rewritten every epoch or more often. Hot pages kept writable");
+        println!("  and compared at each pause (FT) against every dirty page write-protected at each checkpoint");
+        println!("  (FT hot off, --no-hot-pages); the floor harvests and re-arms the dirty log every epoch, no FT");
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "work/s noFT (M)",
+            "floor (M)",
+            "FT (M)",
+            "FT hot off (M)",
+            "floor/noFT",
+            "FT/noFT",
+            "FT hot off/noFT",
+            "FT/FT hot off",
+            "pause p50 ms FT/hot off",
+            "pause p99 ms FT/hot off",
+            "runs",
+        ];
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let rows: Vec<Vec<String>> = o
+            .pages
+            .iter()
+            .filter(|&&p| p > 0)
+            .map(|&pages| {
+                let c = (epoch, pages);
+                let work = |mode| r.med(c, mode, Metric::WorkPerS);
+                let (no, floor, ft, cold) = (
+                    work(Mode::NoFtHot),
+                    work(Mode::FloorHot),
+                    work(Mode::FtHot),
+                    work(Mode::FtHotCold),
+                );
+                let pause = |metric| {
+                    format!(
+                        "{} / {}",
+                        fmt(r.med(c, Mode::FtHot, metric), 3),
+                        fmt(r.med(c, Mode::FtHotCold, metric), 3)
+                    )
+                };
+                vec![
+                    epoch.to_string(),
+                    pages.to_string(),
+                    fmt(no.map(|v| v / 1e6), 1),
+                    fmt(floor.map(|v| v / 1e6), 1),
+                    fmt(ft.map(|v| v / 1e6), 1),
+                    fmt(cold.map(|v| v / 1e6), 1),
+                    fmt(ratio(floor, no), 3),
+                    fmt(ratio(ft, no), 3),
+                    fmt(ratio(cold, no), 3),
+                    fmt(ratio(ft, cold), 3),
+                    pause(Metric::PauseP50Ms),
+                    pause(Metric::PauseP99Ms),
+                    format!(
+                        "{}/{}/{}/{}",
+                        r.count(c, Mode::NoFtHot, Metric::WorkPerS),
+                        r.count(c, Mode::FloorHot, Metric::WorkPerS),
+                        r.count(c, Mode::FtHot, Metric::WorkPerS),
+                        r.count(c, Mode::FtHotCold, Metric::WorkPerS)
                     ),
                 ]
             })
@@ -3520,6 +3697,10 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
     check_interrupted()?;
     if opts.delta {
         run_delta(&mut lab, opts, results);
+    }
+    check_interrupted()?;
+    if opts.hot_compare {
+        run_hot(&mut lab, opts, results);
     }
     check_interrupted()?;
     if opts.group {

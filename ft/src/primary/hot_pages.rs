@@ -1,0 +1,294 @@
+//! Hot pages stay writable (after write-fault prediction, Zhu et al.): a page the guest
+//! rewrites epoch after epoch would otherwise take a write fault in every epoch (about 6 us
+//! each on a nested host, 1-2 us with EPT), because each checkpoint write-protects what it
+//! harvested. With KVM's manual dirty-log re-arming the checkpoint leaves such pages writable
+//! and, at every pause, compares each one with its copy in the staging memory (which holds
+//! what the backup has, or is about to get): a changed page is copied and sent like a logged
+//! one, an unchanged one is skipped.
+//!
+//! Why it is safe: a kept page is never re-armed, so KVM reports it in every harvest and the
+//! pause compares it whether or not the guest wrote it; a page becomes kept only in an epoch in
+//! which it was copied into staging, and from then on every change is copied, so its staging
+//! copy is always the newest the backup will hold. A page leaves the set by being re-armed in
+//! a pause, after its last compare, so its next write is logged again.
+//!
+//! Adaptive: a page stays kept while it changed within the last `window` epochs, where the
+//! window is the number of compares one saved fault pays for (the fault's assumed cost over the
+//! measured cost of a compare); the set is bounded so that comparing it takes at most a
+//! twentieth of an epoch.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::memory::{DirtyPages, PAGE_SIZE};
+
+/// What a write fault is taken to cost: the low end (EPT hardware), so that a slower host only
+/// keeps fewer pages than it could.
+const FAULT_COST: Duration = Duration::from_micros(2);
+/// A compare's cost before the first measurement (a 4 KiB memcmp).
+const INITIAL_COMPARE_COST: Duration = Duration::from_nanos(400);
+/// The keep window's bounds, in epochs.
+const MIN_WINDOW: u64 = 2;
+const MAX_WINDOW: u64 = 16;
+
+/// The hot-page set of a protected VM.
+pub struct HotPages {
+    /// Manual re-arming is on in the VM (false: every harvest re-arms, nothing is kept).
+    enabled: bool,
+    /// Kept pages and the epoch each last changed in.
+    kept: BTreeMap<u64, u64>,
+    /// `kept` as a page set, for the VM's re-arm call.
+    keep: DirtyPages,
+    /// Measured cost of comparing one kept page (moving average).
+    compare_cost: Duration,
+    /// Longest time the compares of one pause may take.
+    budget: Duration,
+    /// Compares made, and changed pages they found.
+    compares: u64,
+    hits: u64,
+}
+
+impl HotPages {
+    /// Off until [`HotPages::set_enabled`]: the VM re-arms every page it reports.
+    pub fn new(memory: &GuestMemoryMmap, epoch: Duration) -> Result<Self, String> {
+        Ok(Self {
+            enabled: false,
+            kept: BTreeMap::new(),
+            keep: DirtyPages::empty(memory).map_err(|e| e.to_string())?,
+            compare_cost: INITIAL_COMPARE_COST,
+            budget: epoch / 20,
+            compares: 0,
+            hits: 0,
+        })
+    }
+
+    /// Whether the VM turned manual re-arming on.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+    }
+
+    /// Pages kept writable now.
+    pub fn kept(&self) -> &DirtyPages {
+        &self.keep
+    }
+
+    /// Changes the compares found so far (write faults saved).
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// A line for the log: how many pages are kept and what the compares found.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} pages kept writable; {} compares found {} changed pages (write faults saved), {:?} a compare",
+            self.kept.len(),
+            self.compares,
+            self.hits,
+            self.compare_cost
+        )
+    }
+
+    /// In the pause: copies the pages of `reported` (a harvest, kept pages included) from
+    /// guest memory into `staging`, a kept page only if it changed. Returns the pages that
+    /// changed (what this epoch must send).
+    pub fn stage(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        staging: &GuestMemoryMmap,
+        mut reported: DirtyPages,
+    ) -> Result<DirtyPages, String> {
+        let started = Instant::now();
+        let mut compared = 0u64;
+        for &gpa in self.kept.keys() {
+            let gpa = GuestAddress(gpa);
+            if !reported.contains(gpa) {
+                // A kept page is always reported (never re-armed); a harvest without it
+                // means manual re-arming is not in force, so it was compared for nothing.
+                continue;
+            }
+            compared += 1;
+            if same_page(memory, staging, gpa)? {
+                reported.remove(gpa);
+            }
+        }
+        if compared > 0 {
+            let per_page = started.elapsed() / u32::try_from(compared).unwrap_or(u32::MAX);
+            self.compare_cost = (self.compare_cost * 7 + per_page) / 8;
+        }
+        self.compares += compared;
+        copy_pages(memory, staging, &reported)?;
+        Ok(reported)
+    }
+
+    /// After [`HotPages::stage`] of `epoch`: `changed` is what it returned. Keeps the pages
+    /// that changed recently, within the budget; the rest is re-armed by the caller with
+    /// [`HotPages::kept`].
+    pub fn update(&mut self, epoch: u64, changed: &DirtyPages) {
+        if !self.enabled {
+            return;
+        }
+        let cost = self.compare_cost.max(Duration::from_nanos(1));
+        let window = (FAULT_COST.as_nanos() / cost.as_nanos())
+            .clamp(u128::from(MIN_WINDOW), u128::from(MAX_WINDOW)) as u64;
+        let room = (self.budget.as_nanos() / cost.as_nanos()) as usize;
+        for (gpa, last) in self.kept.iter_mut() {
+            if changed.contains(GuestAddress(*gpa)) {
+                *last = epoch;
+                self.hits += 1;
+            }
+        }
+        self.kept
+            .retain(|_, last| epoch.saturating_sub(*last) < window);
+        for gpa in changed.iter() {
+            if self.kept.len() >= room {
+                break;
+            }
+            self.kept.entry(gpa.0).or_insert(epoch);
+        }
+        // The set may have been over a budget that shrank: drop the stalest pages.
+        if self.kept.len() > room {
+            let mut by_age: Vec<(u64, u64)> = self.kept.iter().map(|(g, l)| (*l, *g)).collect();
+            by_age.sort_unstable();
+            for (_, gpa) in by_age.into_iter().take(self.kept.len() - room) {
+                self.kept.remove(&gpa);
+            }
+        }
+        self.keep.clear();
+        for &gpa in self.kept.keys() {
+            self.keep.insert(GuestAddress(gpa));
+        }
+    }
+}
+
+/// Whether the page at `gpa` holds the same bytes in both memories (same layout).
+fn same_page(a: &GuestMemoryMmap, b: &GuestMemoryMmap, gpa: GuestAddress) -> Result<bool, String> {
+    let left = a
+        .get_slice(gpa, PAGE_SIZE)
+        .map_err(|e| format!("guest page {:#x}: {e}", gpa.0))?;
+    let right = b
+        .get_slice(gpa, PAGE_SIZE)
+        .map_err(|e| format!("staging page {:#x}: {e}", gpa.0))?;
+    let (l, r) = (left.ptr_guard(), right.ptr_guard());
+    // SAFETY: both slices are PAGE_SIZE bytes of live mappings (vm-memory checked the range);
+    // the VM is paused and the sender is not using the staging memory, so neither changes
+    // while it is read.
+    let equal = unsafe {
+        std::slice::from_raw_parts(l.as_ptr(), PAGE_SIZE)
+            == std::slice::from_raw_parts(r.as_ptr(), PAGE_SIZE)
+    };
+    Ok(equal)
+}
+
+/// Copies the pages of `pages` from `from` to `to` (same layout; a run never crosses a region
+/// boundary, so each run is one slice-to-slice copy).
+pub fn copy_pages(
+    from: &GuestMemoryMmap,
+    to: &GuestMemoryMmap,
+    pages: &DirtyPages,
+) -> Result<(), String> {
+    for (start, count) in pages.runs() {
+        let len = count as usize * PAGE_SIZE;
+        let source = from
+            .get_slice(start, len)
+            .map_err(|e| format!("reading guest pages at {:#x}: {e}", start.0))?;
+        let target = to
+            .get_slice(start, len)
+            .map_err(|e| format!("staging pages at {:#x}: {e}", start.0))?;
+        source.copy_to_volatile_slice(target);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const MEM: usize = 64 * PAGE_SIZE;
+
+    fn page(n: u64) -> GuestAddress {
+        GuestAddress(n * PAGE_SIZE as u64)
+    }
+
+    fn set(mem: &GuestMemoryMmap, pages: &[u64]) -> DirtyPages {
+        DirtyPages::from_pages(mem, pages.iter().map(|&p| page(p)))
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn kept_pages_are_sent_only_when_they_changed_and_staging_follows() {
+        let guest = vmm::memory::create(MEM as u64).unwrap();
+        let staging = vmm::memory::create(MEM as u64).unwrap();
+        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
+        hot.set_enabled(true);
+        // Epoch 1: pages 1 and 2 written (logged), copied, kept.
+        guest.write_obj(11u64, page(1)).unwrap();
+        guest.write_obj(22u64, page(2)).unwrap();
+        let dirty = hot.stage(&guest, &staging, set(&guest, &[1, 2])).unwrap();
+        assert_eq!(dirty, set(&guest, &[1, 2]));
+        hot.update(1, &dirty);
+        assert_eq!(hot.kept(), &set(&guest, &[1, 2]));
+        assert_eq!(staging.read_obj::<u64>(page(2)).unwrap(), 22);
+        // Epoch 2: page 2 rewritten while writable (unlogged, but kept pages are always
+        // reported); page 1 untouched; page 3 logged.
+        guest.write_obj(23u64, page(2)).unwrap();
+        guest.write_obj(33u64, page(3)).unwrap();
+        let dirty = hot
+            .stage(&guest, &staging, set(&guest, &[1, 2, 3]))
+            .unwrap();
+        assert_eq!(
+            dirty,
+            set(&guest, &[2, 3]),
+            "the unchanged kept page is not sent"
+        );
+        assert_eq!(staging.read_obj::<u64>(page(2)).unwrap(), 23);
+        assert_eq!(staging.read_obj::<u64>(page(3)).unwrap(), 33);
+        hot.update(2, &dirty);
+        assert!(
+            hot.summary().contains("found 1 changed"),
+            "{}",
+            hot.summary()
+        );
+    }
+
+    #[test]
+    fn pages_that_stop_changing_are_rearmed_and_the_set_is_bounded() {
+        let guest = vmm::memory::create(MEM as u64).unwrap();
+        let staging = vmm::memory::create(MEM as u64).unwrap();
+        // A 20 us budget at the initial 400 ns a compare: room for 50 pages.
+        let mut hot = HotPages::new(&guest, Duration::from_micros(400)).unwrap();
+        hot.set_enabled(true);
+        let all: Vec<u64> = (0..64).collect();
+        let dirty = hot.stage(&guest, &staging, set(&guest, &all)).unwrap();
+        hot.update(1, &dirty);
+        let room = (hot.budget.as_nanos() / hot.compare_cost.as_nanos()) as u64;
+        assert!(
+            hot.kept().count() <= room.max(1),
+            "{} kept",
+            hot.kept().count()
+        );
+        // Nothing changes for MAX_WINDOW epochs: every page goes back to the log.
+        for epoch in 2..2 + MAX_WINDOW {
+            let reported = hot.kept().clone();
+            let dirty = hot.stage(&guest, &staging, reported).unwrap();
+            assert!(dirty.is_empty(), "unchanged kept pages were sent");
+            hot.update(epoch, &dirty);
+        }
+        assert!(hot.kept().is_empty(), "{} still kept", hot.kept().count());
+    }
+
+    #[test]
+    fn without_manual_rearming_nothing_is_kept() {
+        let guest = vmm::memory::create(MEM as u64).unwrap();
+        let staging = vmm::memory::create(MEM as u64).unwrap();
+        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
+        let dirty = hot.stage(&guest, &staging, set(&guest, &[1, 2])).unwrap();
+        hot.update(1, &dirty);
+        assert!(hot.kept().is_empty());
+        assert_eq!(dirty, set(&guest, &[1, 2]));
+    }
+}
