@@ -3,14 +3,14 @@
 //! flags, /init's markers, and the hybrid-vsock echo.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{marker_fields, report, workspace_root, FileLock, Vmm};
+use crate::{marker_fields, report, workspace_root, FileLock, NetNs, Vmm};
 
 /// The kernel's quirk flags, shared by all boots: the kernel must not use XSAVE, POPCNT,
 /// RDRAND/RDSEED, FSGSBASE, SMAP (stac/clac), PCID/INVPCID: the instruction emulator of the
@@ -223,4 +223,63 @@ pub fn vsock_echo(
     }
     let sent = sender.join().map_err(|_| "sender panicked".to_string())??;
     Ok((ok, sent, sum, back))
+}
+
+/// A line-command connection to /init's command service (`tg.ctl=`).
+pub struct Ctl {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Ctl {
+    /// Connects from `ns` to the guest's `(ip, port)`, retrying until `timeout` (a restored
+    /// guest answers after a moment).
+    pub fn connect(ns: &NetNs, (ip, port): (&str, u16), timeout: Duration) -> Result<Ctl, String> {
+        let target = format!("{ip}:{port}");
+        let stream = ns
+            .run(move || {
+                let addr: SocketAddr = target.parse().map_err(|e| format!("{target}: {e}"))?;
+                let deadline = Instant::now() + timeout;
+                loop {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                        Ok(s) => return Ok(s),
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(format!("connect to {addr}: {e}"))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())??;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        Ok(Ctl {
+            writer: stream,
+            reader,
+        })
+    }
+
+    pub fn send(&mut self, command: &str) -> Result<(), String> {
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("{command}: write: {e}"))
+    }
+
+    pub fn line(&mut self, command: &str) -> Result<String, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(format!("{command}: the guest closed the connection")),
+            Ok(_) => Ok(line.trim_end().to_string()),
+            Err(e) => Err(format!("{command}: read: {e}")),
+        }
+    }
+
+    /// Sends one command and returns its reply line.
+    pub fn cmd(&mut self, command: &str) -> Result<String, String> {
+        self.send(command)?;
+        self.line(command)
+    }
 }

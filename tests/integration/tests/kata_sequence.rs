@@ -31,8 +31,7 @@
 //! line.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
@@ -41,7 +40,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::linux_guest::{
-    check_pci_marker, linux_assets, new_token, vsock_echo, wait_step, Assets, QUIRKS_CMDLINE,
+    check_pci_marker, linux_assets, new_token, vsock_echo, wait_step, Assets, Ctl, QUIRKS_CMDLINE,
 };
 use integration::{
     kvm_serial_guard, marker_fields, report, require_kvm, require_netns, wait_for_api_socket,
@@ -589,53 +588,6 @@ fn tap_addresses(ns: &NetNs) -> Vec<String> {
         .collect()
 }
 
-/// A line-command connection to /init's control service.
-struct Ctl {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Ctl {
-    fn connect(ns: &NetNs, timeout: Duration) -> Result<Ctl, String> {
-        let stream = ns
-            .run(move || {
-                let addr: SocketAddr = format!("{GUEST_IP}:{CTL_PORT}").parse().expect("address");
-                let deadline = Instant::now() + timeout;
-                loop {
-                    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                        Ok(s) => return Ok(s),
-                        Err(e) if Instant::now() >= deadline => {
-                            return Err(format!("connect to {addr}: {e}"))
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())??;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-        Ok(Ctl {
-            writer: stream,
-            reader,
-        })
-    }
-
-    fn cmd(&mut self, command: &str) -> Result<String, String> {
-        self.writer
-            .write_all(format!("{command}\n").as_bytes())
-            .map_err(|e| format!("{command}: write: {e}"))?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err(format!("{command}: the guest closed the connection")),
-            Ok(_) => Ok(line.trim_end().to_string()),
-            Err(e) => Err(format!("{command}: read: {e}")),
-        }
-    }
-}
-
 /// The guest's `pcidev BDF` answer, polled until `done` accepts it; with the time it took.
 fn poll_pcidev(
     vmm: &Vmm,
@@ -908,8 +860,8 @@ fn kata_3_27_disk_rootfs_sequence_over_one_keep_alive_connection() {
         .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
     agent_round_trip(&mut vmm, &vsock, label);
     wait_step(&mut vmm, "LINUX-GUEST SERVE listening", STEP_TIMEOUT);
-    let mut ctl =
-        Ctl::connect(&ns, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
     // The guest reached the host over the TAP whose descriptor went with vm.add-net.
     let addresses = tap_addresses(&ns);
     report(&format!(

@@ -28,7 +28,7 @@
 //! tests.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use integration::linux_guest::{
-    check_pci_marker, fnv, linux_assets, new_token, read_line_from, vsock_echo, wait_step,
+    check_pci_marker, fnv, linux_assets, new_token, read_line_from, vsock_echo, wait_step, Ctl,
     QUIRKS_CMDLINE,
 };
 use integration::{
@@ -189,63 +189,6 @@ fn guest_namespace(label: &str) -> Result<NetNs, String> {
         ns.ip(args).map_err(|e| e.to_string())?;
     }
     Ok(ns)
-}
-
-/// A line-command connection to /init's service on [`CTL_PORT`].
-struct Ctl {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Ctl {
-    /// Connects from `ns`, retrying until `timeout` (a restored guest answers after a moment).
-    fn connect(ns: &NetNs, timeout: Duration) -> Result<Ctl, String> {
-        let stream = ns
-            .run(move || {
-                let addr: SocketAddr = format!("{GUEST_IP}:{CTL_PORT}").parse().expect("address");
-                let deadline = Instant::now() + timeout;
-                loop {
-                    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                        Ok(s) => return Ok(s),
-                        Err(e) if Instant::now() >= deadline => {
-                            return Err(format!("connect to {addr}: {e}"))
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())??;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-        Ok(Ctl {
-            writer: stream,
-            reader,
-        })
-    }
-
-    fn send(&mut self, command: &str) -> Result<(), String> {
-        self.writer
-            .write_all(format!("{command}\n").as_bytes())
-            .map_err(|e| format!("{command}: write: {e}"))
-    }
-
-    fn line(&mut self, command: &str) -> Result<String, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err(format!("{command}: the guest closed the connection")),
-            Ok(_) => Ok(line.trim_end().to_string()),
-            Err(e) => Err(format!("{command}: read: {e}")),
-        }
-    }
-
-    /// Sends one command and returns its reply line.
-    fn cmd(&mut self, command: &str) -> Result<String, String> {
-        self.send(command)?;
-        self.line(command)
-    }
 }
 
 /// Asserts that `reply` starts with `want`, with the VMM's diagnostics otherwise.
@@ -623,7 +566,7 @@ fn boot_and_snapshot() -> Result<Booted, String> {
     ));
 
     // The resumed guest goes on: both CPUs, a file written, a clean kernel log, poweroff.
-    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)?;
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)?;
     check_cpus(&vmm, &mut ctl);
     let after = new_token("resumed");
     expect_reply(
@@ -791,7 +734,7 @@ fn linux_guest_restored_shuts_down_cleanly_on_the_power_button() {
         .args(["--api-socket", socket.to_str().expect("path")])
         .spawn()
         .expect("start the restoring VMM");
-    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
     check_cpus(&vmm, &mut ctl);
     let token = new_token("button");
@@ -832,7 +775,7 @@ fn linux_guest_restored_from_a_snapshot_works_without_booting_again() {
         .expect("start the restoring VMM");
 
     // Restore start -> the guest answering on the connection made after the restore.
-    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
     let info = check_cpus(&vmm, &mut ctl);
     let answered = vmm.elapsed();
@@ -1096,7 +1039,7 @@ fn linux_guest_keeps_a_tcp_connection_across_the_kill_of_its_ft_primary() {
         .unwrap_or_else(|e| panic!("{e}\n{}", primary.diagnose("primary")));
 
     // One connection from the client namespace, kept for the whole test.
-    let mut ctl = Ctl::connect(&hosts.client, STEP_TIMEOUT)
+    let mut ctl = Ctl::connect(&hosts.client, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}", primary.diagnose(&e)));
     check_cpus(&primary, &mut ctl);
     let client = Numbered::start(ctl);
@@ -1723,8 +1666,8 @@ fn linux_guest_hot_plugs_a_disk_and_a_nic_and_ejects_the_disk() {
         .spawn()
         .expect("start the VMM");
     wait_step(&mut vmm, "LINUX-GUEST SERVE listening", BOOT_TIMEOUT);
-    let mut ctl =
-        Ctl::connect(&ns, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
 
     // add-disk: CH's answer, the BDF Kata checks the shape of, and the guest's disk.
     let disk_spec = format!("path={}", added.display());
@@ -2058,8 +2001,8 @@ fn linux_guest_hot_plugs_vsock_fs_and_pmem_and_ejects_them() {
     for absent in [VIRTIO_VSOCK_ID, VIRTIO_PMEM_ID, VIRTIO_FS_ID] {
         assert!(!pci.contains(absent), "{}", vmm.diagnose(&pci));
     }
-    let mut ctl =
-        Ctl::connect(&ns, STEP_TIMEOUT).unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&e)));
     let pid = vmm.pid();
 
     // vsock: host -> guest echo, then guest -> host.
@@ -2238,7 +2181,7 @@ fn linux_guest_hot_plugs_vsock_fs_and_pmem_and_ejects_them() {
         .args(["--api-socket", api2.to_str().expect("path")])
         .spawn()
         .expect("start the restoring VMM");
-    let mut ctl = Ctl::connect(&ns, STEP_TIMEOUT)
+    let mut ctl = Ctl::connect(&ns, (GUEST_IP, CTL_PORT), STEP_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}", vmm.diagnose(&format!("restored guest: {e}"))));
     let pid = vmm.pid();
     for (dev, marker) in [(&pmem_devs[1], &markers[1]), (&third_dev, &markers[2])] {
