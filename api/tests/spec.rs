@@ -120,6 +120,8 @@ fn ft_schemas_match_serde() {
         fencing: Some("etcd://e:2379".into()),
         compress: true,
         hot_pages: false,
+        early_acks: false,
+        latency_mode: true,
         group: Some("/run/web.sock".into()),
         // Fields left out at their defaults are set so that every one is compared.
         tls_dir: Some("/etc/tandem/tls".into()),

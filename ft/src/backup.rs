@@ -41,8 +41,9 @@ use crate::etcd_fence::LeaseHold;
 use crate::fence;
 use crate::fence::Fencing;
 use crate::group::BackupMember;
+use crate::input_store::{InputStore, INPUT_STORE_MAX};
 use crate::link::{channel_security, FtStream};
-use crate::wire::{decode_disk_writes, Control, DiskWrite};
+use crate::wire::{decode_disk_writes, decode_input_frames, Control, DiskWrite};
 use transport::Security;
 
 /// How long the backup waits for Hello and Params once a primary has connected, and for the
@@ -329,6 +330,8 @@ struct Params {
     epoch_ms: u64,
     disk_mode: FtDiskMode,
     disk_sizes: Vec<u64>,
+    /// The VM's NICs (input frames name one).
+    nics: usize,
 }
 
 /// One epoch being received: kept aside until its EpochEnd.
@@ -342,6 +345,8 @@ struct PendingEpoch {
     pass_pages: u64,
     /// Bytes buffered so far (bounded by [`Replica::epoch_limit`]).
     bytes: u64,
+    /// When the primary captured it, on the primary's session clock.
+    captured_ns: Option<u64>,
 }
 
 impl PendingEpoch {
@@ -494,6 +499,8 @@ fn receive(
         scratch: Vec::new(),
         probe: vec![0; PAGE_SIZE],
         stats: TransferStats::default(),
+        input: InputStore::new(params.nics, INPUT_STORE_MAX),
+        clock: PrimaryClock::new(),
     };
     let ending = receive_epochs(shared, &mut link, &mut replica, params.heartbeat_timeout);
     match ending {
@@ -571,6 +578,7 @@ fn setup(
                         epoch_ms,
                         disk_mode,
                         disk_sizes,
+                        nics: config.net.as_ref().map_or(0, Vec::len),
                     }
                 }
                 other => return Err(format!("expected Params, got {other:?}")),
@@ -680,6 +688,58 @@ struct Replica {
     scratch: Vec<u8>,
     probe: Vec<u8>,
     stats: TransferStats,
+    /// The input the primary's guest received in epochs not held yet.
+    input: InputStore,
+    clock: PrimaryClock,
+}
+
+/// The primary's session clock as seen from here, to move the guest clock forward at
+/// failover by the time since the resumed epoch was captured: a guest whose clock stood
+/// still would stamp its TCP segments older than the ones the primary's guest already sent
+/// (early ACKs), and clients drop such segments (PAWS).
+struct PrimaryClock {
+    start: Instant,
+    /// The smallest (arrival here - departure there) seen: the clocks' offset plus the
+    /// fastest transfer, so times converted with it are, if anything, late.
+    offset_ns: Option<i128>,
+    /// When the held epoch was captured, on the primary's clock.
+    held_captured_ns: Option<u64>,
+}
+
+/// Added to the estimate: the fastest transfer the offset includes, and the timestamp
+/// granularity of a TCP peer (1 ms in Linux).
+const CLOCK_MARGIN: Duration = Duration::from_millis(2);
+
+impl PrimaryClock {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            offset_ns: None,
+            held_captured_ns: None,
+        }
+    }
+
+    fn now_ns(&self) -> i128 {
+        self.start.elapsed().as_nanos() as i128
+    }
+
+    /// An EpochEnd left the primary at `sent_ns` and arrived now.
+    fn observe(&mut self, sent_ns: u64) {
+        let offset = self.now_ns() - sent_ns as i128;
+        self.offset_ns = Some(self.offset_ns.map_or(offset, |o| o.min(offset)));
+    }
+
+    /// How far the guest clock moves at a takeover now (zero without timing from the
+    /// primary).
+    fn advance(&self) -> Duration {
+        match (self.held_captured_ns, self.offset_ns) {
+            (Some(captured), Some(offset)) => {
+                let since = self.now_ns() - (captured as i128 + offset);
+                Duration::from_nanos(since.clamp(0, u64::MAX as i128) as u64) + CLOCK_MARGIN
+            }
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 impl Replica {
@@ -751,6 +811,8 @@ impl Replica {
             }
         }
         self.committed = Some((epoch, Box::new(state)));
+        self.input.epoch_held(epoch);
+        self.clock.held_captured_ns = pending.captured_ns;
         Ok(())
     }
 
@@ -944,7 +1006,12 @@ fn receive_epochs(
                         epoch,
                         released_through,
                         group_epoch,
+                        clock,
                     } => {
+                        if let Some(clock) = clock {
+                            replica.clock.observe(clock.sent_ns);
+                            pending.captured_ns = Some(clock.captured_ns);
+                        }
                         if initial {
                             if let Some(images) = images.take() {
                                 // A copy that does not match refuses protection.
@@ -981,6 +1048,9 @@ fn receive_epochs(
                             initial = false;
                         }
                         link.answer(&Control::Ack { epoch });
+                        if let Some(seq) = replica.input.ack_due() {
+                            link.answer(&Control::InputAck { seq });
+                        }
                         last_answer = Instant::now();
                         let mut status = shared.status();
                         status.health = FtHealth::Protected;
@@ -1011,6 +1081,16 @@ fn receive_epochs(
                         });
                     }
                     other => return Err(format!("unexpected {other:?} from the primary")),
+                }
+            }
+            Message::InputFrames { payload } => {
+                if initial {
+                    return Err("input frames during the initial synchronisation".into());
+                }
+                let frames = decode_input_frames(payload).map_err(|e| e.to_string())?;
+                replica.input.receive(frames)?;
+                if let Some(seq) = replica.input.ack_due() {
+                    link.answer(&Control::InputAck { seq });
                 }
             }
             Message::Abort { message } => {
@@ -1151,7 +1231,19 @@ fn take_over(
         drop(locks);
     }
     shared.status().last_error = Some(reason.to_string());
-    Ok(BackupEvent::TakeOver { state, epoch })
+    let replay = replica.input.replay();
+    let clock_advance = replica.clock.advance();
+    shared.status().input_frames_replayed = replay.len() as u64;
+    log::info!(
+        "FT: {} input frames to deliver again, guest clock {clock_advance:?} forward",
+        replay.len()
+    );
+    Ok(BackupEvent::TakeOver {
+        state,
+        epoch,
+        replay,
+        clock_advance,
+    })
 }
 
 #[cfg(test)]

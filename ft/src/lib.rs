@@ -7,7 +7,8 @@
 //! [`TandemFt`] is the implementation the binary plugs in. Modules:
 //! - [`primary`]: initial sync, epochs, sender and acknowledgement threads;
 //! - [`backup`]: receiver thread, epoch staging, takeover;
-//! - [`wire`]: the Control and DiskWrites messages added to the migration stream;
+//! - [`input_store`]: the backup's copy of the input the guest received (TCP at full speed);
+//! - [`wire`]: the Control, DiskWrites and InputFrames messages added to the migration stream;
 //! - [`group`]: fate sharing, several VMs cut, committed and failed over together;
 //! - [`fence`] / [`witness`]: who may run after a partition.
 
@@ -17,6 +18,7 @@ pub mod etcd_fence;
 pub mod fault;
 pub mod fence;
 pub mod group;
+pub mod input_store;
 pub mod link;
 pub mod primary;
 pub mod stats;

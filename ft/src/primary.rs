@@ -6,11 +6,13 @@
 //! - control loop (this module's [`Primary`]): pauses and resumes the VM, copies the epoch's
 //!   dirty pages into the staging memory, captures device and vCPU state, starts the next
 //!   epoch in every output gate;
-//! - `ft-sender`: encodes the staged epoch (zero pages elided, deltas against the backup's
-//!   copy of each page, LZ4) and writes it, or a heartbeat when nothing was sent for an
-//!   epoch's length;
+//! - `ft-sender`: mirrors the frames the NICs delivered to the guest as they arrive (input
+//!   log), encodes the staged epoch (zero pages elided, deltas against the backup's copy of
+//!   each page, LZ4) and writes it, or a heartbeat when nothing was sent for an epoch's length;
 //! - `ft-acks`: reads the backup's answers; an `Ack{E}` commits E in every gate (held frames
-//!   and shared-disk writes leave, in order). A silent or broken link wakes the control loop.
+//!   and shared-disk writes leave, in order); an `InputAck{seq}` lets the guest's pure TCP
+//!   ACKs that cover no input beyond `seq` leave early. A silent or broken link wakes the
+//!   control loop.
 //!
 //! One staging memory is enough for the pipeline: epoch E is sent from it while E+1 runs; if
 //! E is still being sent when E+1 ends, E+1 simply runs on until the sender is free.
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::gate::{EpochError, GateMode, RecordedWrite};
+use devices::gate::{EpochError, FirstHeld, GateMode, RecordedWrite};
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
@@ -46,7 +48,7 @@ use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
 use crate::stats::PauseStats;
-use crate::wire::{encode_disk_writes, Control};
+use crate::wire::{encode_disk_writes, encode_input_frames, Control, EpochClock};
 use transport::Security;
 
 mod group_member;
@@ -76,6 +78,8 @@ const GROUP_ORDER_GRACE: Duration = Duration::from_millis(200);
 /// How often writes held when protection ended, which could not reach the image then, are
 /// retried without waiting for the guest's next write.
 const STRANDED_RETRY: Duration = Duration::from_millis(500);
+/// Pages per MemoryPages frame of a protected epoch (see `start_threads`).
+const EPOCH_FRAME_PAGES: usize = 64;
 /// How often a commit that keeps failing is logged (it is retried at every epoch).
 const COMMIT_FAILURE_REPORT: Duration = Duration::from_secs(10);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
@@ -151,6 +155,8 @@ enum Cut {
 /// An epoch captured by the control loop, for the sender thread.
 struct EpochJob {
     epoch: u64,
+    /// When it was captured, on the session clock (see `Shared::session_start`).
+    captured_ns: u64,
     /// The group epoch it ends (FT groups only).
     group_epoch: Option<u64>,
     dirty: DirtyPages,
@@ -160,6 +166,8 @@ struct EpochJob {
 
 enum Job {
     Epoch(EpochJob),
+    /// Frames wait in the input log.
+    Input,
     StandDown {
         guest_shutdown: bool,
         reprotect: bool,
@@ -181,6 +189,9 @@ struct CommitFailure {
 /// What the replication threads and the control loop share.
 struct Shared {
     gates: FtGates,
+    /// The clock of the times sent with each EpochEnd (the backup moves the guest clock
+    /// forward by the time since the capture at failover).
+    session_start: Instant,
     wake: Arc<EventFd>,
     /// The sender still reads the staging memory.
     staging_busy: AtomicBool,
@@ -204,6 +215,12 @@ struct Shared {
     stood_down: AtomicBool,
     /// The first protected epoch (fault-injection points count from it).
     first_epoch: u64,
+    /// The newest input frame sent to the backup.
+    input_sent: AtomicU64,
+    /// Input frames sent to the backup.
+    input_frames_sent: AtomicU64,
+    /// The running epoch holds output (set by the NIC gates, cleared at each checkpoint).
+    output_waiting: AtomicBool,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
     /// is provably alive.
     lease: Option<LeaseHold>,
@@ -252,6 +269,8 @@ pub struct Primary {
     heartbeat_timeout: Duration,
     /// The epoch now running.
     epoch: u64,
+    /// End an epoch early while output waits (see `EnableFtRequest::latency_mode`).
+    latency_mode: bool,
     pauses: PauseStats,
     /// When the running epoch's checkpoint started (its length counts from there).
     epoch_started: Instant,
@@ -478,8 +497,14 @@ impl Primary {
                 Err(e) => log::warn!("FT: hot pages stay off (manual dirty-log re-arming: {e})"),
             }
         }
+        // Frames delivered from now on are mirrored; what came before is in the first
+        // epoch's state (the VM is paused here).
+        if let (Some(input), true) = (&gates.input_log, request.early_acks) {
+            input.start(first_epoch);
+        }
         let shared = Arc::new(Shared {
             gates,
+            session_start: Instant::now(),
             wake,
             staging_busy: AtomicBool::new(false),
             last_acked: AtomicU64::new(first_epoch - 1),
@@ -493,6 +518,9 @@ impl Primary {
             standing_down: AtomicBool::new(false),
             stood_down: AtomicBool::new(false),
             first_epoch,
+            input_sent: AtomicU64::new(0),
+            input_frames_sent: AtomicU64::new(0),
+            output_waiting: AtomicBool::new(false),
             lease,
             group: group.map(|member| GroupLink {
                 member,
@@ -527,6 +555,19 @@ impl Primary {
                 return Err(e);
             }
         };
+        let latency_mode = request.latency_mode && shared.group.is_none();
+        if latency_mode {
+            // Latency mode: the control loop hears of the first output an epoch holds.
+            let s = shared.clone();
+            let notify: FirstHeld = Arc::new(move || {
+                if !s.output_waiting.swap(true, Ordering::SeqCst) {
+                    let _ = s.wake.write(1);
+                }
+            });
+            for gate in &shared.gates.nets {
+                gate.set_on_first_held(Some(notify.clone()));
+            }
+        }
         let resumes = match Self::listen_to_group(&shared) {
             Ok(resumes) => resumes,
             Err(e) => {
@@ -557,6 +598,7 @@ impl Primary {
             next_len: epoch_len,
             heartbeat_timeout,
             epoch: first_epoch,
+            latency_mode,
             pauses: PauseStats::default(),
             epoch_started: Instant::now(),
             waiting_for_sender: false,
@@ -623,6 +665,8 @@ impl Primary {
             epoch: sync_epoch,
             released_through: sync_epoch,
             group_epoch: None,
+            // The backup learns the primary's clock from the protected epochs.
+            clock: None,
         };
         sender
             .send_frame(FrameType::Control, &end.encode())
@@ -705,7 +749,7 @@ impl Primary {
     #[allow(clippy::type_complexity)]
     fn start_threads(
         shared: &Arc<Shared>,
-        sender: Sender<FtStream>,
+        mut sender: Sender<FtStream>,
         stream: &FtStream,
         (staging, base): (GuestMemoryMmap, DeltaBase),
         reader: FrameReader,
@@ -720,7 +764,25 @@ impl Primary {
         stream
             .set_write_timeout(Some(heartbeat_timeout.max(Duration::from_secs(1))))
             .map_err(|e| io_err("socket option", e))?;
-        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        // Room for one epoch, one StandDown and one input wake-up (the log asks again only
+        // once the sender took what was pending), so none of them waits for another.
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(3);
+        // Input also goes out between the page frames of an epoch, which are kept small
+        // enough (256 KiB) that it waits for well under a millisecond of sending.
+        sender.set_batch_pages(EPOCH_FRAME_PAGES);
+        let s = shared.clone();
+        sender.set_interleave(Some(Box::new(move || {
+            input_payloads(&s)
+                .into_iter()
+                .map(|payload| (FrameType::InputFrames, payload))
+                .collect()
+        })));
+        if let Some(input) = &shared.gates.input_log {
+            let wake = jobs.clone();
+            input.set_notify(Box::new(move || {
+                let _ = wake.try_send(Job::Input);
+            }));
+        }
         let s = shared.clone();
         let heartbeat_every = epoch_len.min(heartbeat_timeout / 3);
         let sender_thread = std::thread::Builder::new()
@@ -922,8 +984,12 @@ impl Primary {
         for gate in self.shared.gates.all() {
             gate.begin_epoch(next).map_err(|e| e.to_string())?;
         }
+        if let Some(input) = &self.shared.gates.input_log {
+            input.begin_epoch(next);
+        }
         Ok(EpochJob {
             epoch: self.epoch,
+            captured_ns: self.shared.session_start.elapsed().as_nanos() as u64,
             group_epoch: None,
             dirty,
             state: Box::new(state),
@@ -973,9 +1039,11 @@ impl Primary {
         }
         for gate in &s.gates.nets {
             let g = gate.stats();
-            status.held_packets += g.held_items;
-            status.released_packets += g.released.items + g.passed_items;
+            status.held_packets += g.held_items + g.lane_held;
+            status.released_packets += g.released.items + g.passed_items + g.early_released;
+            status.acks_released_early += g.early_released;
         }
+        status.input_frames_mirrored = s.input_frames_sent.load(Ordering::Relaxed);
         for gate in &s.gates.disks {
             status.held_disk_writes += gate.stats().held_items;
         }
@@ -986,6 +1054,16 @@ impl Primary {
     fn close(&mut self, job: Option<Job>) {
         // Set by `stop`, which needs the backup's answer.
         let standing_down = self.shared.standing_down.load(Ordering::SeqCst);
+        for gate in &self.shared.gates.nets {
+            // Its callback holds the shared state (a cycle through the gates otherwise).
+            gate.set_on_first_held(None);
+        }
+        if let Some(input) = &self.shared.gates.input_log {
+            // Its wake-up holds a sender of the job channel, which must close for the sender
+            // thread to end.
+            input.stop();
+            input.set_notify(Box::new(|| {}));
+        }
         if let Some(jobs) = self.jobs.take() {
             if let Some(mut job) = job {
                 // Behind at most one queued epoch; a sender that is gone (or stuck on a dead
@@ -1050,7 +1128,13 @@ fn send_loop(
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // Input first: an epoch's frames must reach the backup before its EpochEnd.
+        if let Err(e) = send_input(shared, &mut sender) {
+            shared.lose(format!("mirroring input: {e}"));
+            return;
+        }
         let result = match job {
+            Job::Input => Ok(()),
             Job::Epoch(job) => {
                 let t = Instant::now();
                 let (epoch, group_epoch) = (job.epoch, job.group_epoch);
@@ -1091,6 +1175,31 @@ fn send_loop(
     }
 }
 
+/// The frames the NICs delivered since the last call, as InputFrames payloads, counted as
+/// sent: the backup's answer may arrive before the caller's `send_frame` returns.
+fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
+    let Some(input) = &shared.gates.input_log else {
+        return Vec::new();
+    };
+    let frames = input.take_pending();
+    let Some(last) = frames.last() else {
+        return Vec::new();
+    };
+    shared.input_sent.fetch_max(last.seq, Ordering::SeqCst);
+    shared
+        .input_frames_sent
+        .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    encode_input_frames(&frames)
+}
+
+/// Sends the frames the NICs delivered since the last call.
+fn send_input(shared: &Shared, sender: &mut Sender<FtStream>) -> Result<(), ProtocolError> {
+    for payload in input_payloads(shared) {
+        sender.send_frame(FrameType::InputFrames, &payload)?;
+    }
+    Ok(())
+}
+
 fn send_epoch(
     shared: &Shared,
     sender: &mut Sender<FtStream>,
@@ -1115,6 +1224,10 @@ fn send_epoch(
         // counts it as acknowledged.
         released_through,
         group_epoch: job.group_epoch,
+        clock: Some(EpochClock {
+            captured_ns: job.captured_ns,
+            sent_ns: shared.session_start.elapsed().as_nanos() as u64,
+        }),
     };
     sender.send_frame(FrameType::Control, &end.encode())
 }
@@ -1146,6 +1259,23 @@ fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
                     continue;
                 }
                 commit_epoch(shared, epoch);
+            }
+            Ok(Control::InputAck { seq }) => {
+                // Only frames that were sent can be held: a larger seq would release ACKs
+                // for input the backup never saw.
+                let sent = shared.input_sent.load(Ordering::SeqCst);
+                if seq > sent {
+                    shared.lose(format!(
+                        "the backup acknowledged input frame {seq}; only {sent} were sent"
+                    ));
+                    return;
+                }
+                if let Some(input) = &shared.gates.input_log {
+                    input.set_mirrored(seq);
+                }
+                for gate in &shared.gates.nets {
+                    gate.input_mirrored(seq);
+                }
             }
             Ok(Control::Heartbeat { .. }) => {}
             Ok(Control::StoodDown) if shared.standing_down.load(Ordering::SeqCst) => {
@@ -1241,7 +1371,16 @@ impl Primary {
         }
         // Epochs are measured from one checkpoint's start to the next, so the pause does not
         // lengthen them.
-        let left = self.next_len.saturating_sub(self.epoch_started.elapsed());
+        let mut len = self.next_len;
+        if self.latency_mode && self.shared.output_waiting.load(Ordering::SeqCst) {
+            // Output waits: end the epoch as soon as allowed, unless its pages would take
+            // long to send (then a shorter epoch would not bring the output out sooner).
+            let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
+            if send <= self.epoch_len / 4 {
+                len = len.min(MIN_CUT_EPOCH);
+            }
+        }
+        let left = len.saturating_sub(self.epoch_started.elapsed());
         Some(left.max(MIN_TIMER))
     }
 
@@ -1266,6 +1405,8 @@ impl Primary {
             return Ok(());
         }
         self.epoch_started = Instant::now();
+        // Output from here on belongs to the next epoch (the NIC gates say so again).
+        self.shared.output_waiting.store(false, Ordering::SeqCst);
         let Some(job) = self.cut(vm, &Cut::Own, true)? else {
             return Ok(());
         };

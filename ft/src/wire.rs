@@ -15,15 +15,32 @@
 //! and backup -> primary: `Control(Ack{E})` once E is held completely, `Control(Heartbeat)`
 //! in answer to each heartbeat, `Error` before it closes on a bad stream.
 //!
+//! Input mirroring (TCP at full speed): frames the primary's NICs delivered to the guest go,
+//! as soon as they arrive, in `InputFrames` frames between the others (those of epoch E
+//! always before E's EpochEnd); the backup answers `Control(InputAck{seq})` once it holds
+//! every frame up to `seq`, and the primary lets the guest's pure TCP ACKs covered by it
+//! leave before their epoch commits. At failover the backup delivers the frames of epochs
+//! after the one it resumes again.
+//!
+//! InputFrames payload, little-endian: `count u32, count x (seq u64, epoch u64, nic u32,
+//! len u32, len bytes)`; seqs strictly increase.
+//!
 //! DiskWrites payload, little-endian: `disk u32, count u32, count x (offset u64, len u32),
 //! then the data of the writes back to back`. Every length is checked against the payload
 //! before anything is used.
 
+use devices::gate::LoggedFrame;
 use serde::{Deserialize, Serialize};
 use vmm::control::FtDiskMode;
 
 /// Largest disk-write payload one frame carries (a frame's limit is 64 MiB).
 pub const MAX_DISK_FRAME: usize = 16 << 20;
+/// Largest input-frame payload one frame carries.
+pub const MAX_INPUT_FRAME: usize = 1 << 20;
+/// Largest Ethernet frame a NIC delivers (the virtio-net device's packet limit).
+pub const MAX_INPUT_LEN: usize = 65562;
+const INPUT_HEADER: usize = 4;
+const INPUT_ENTRY: usize = 24;
 const DISK_HEADER: usize = 8;
 const DISK_ENTRY: usize = 12;
 
@@ -53,6 +70,15 @@ pub enum Control {
         /// The group epoch this epoch ends, for a member of an FT group.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         group_epoch: Option<u64>,
+        /// When the epoch was captured and when this message left, on the primary's clock:
+        /// the backup moves the guest clock forward by the time since the capture at
+        /// failover.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clock: Option<EpochClock>,
+    },
+    /// The backup holds every input frame up to `seq`.
+    InputAck {
+        seq: u64,
     },
     /// The backup holds `epoch` completely.
     Ack {
@@ -92,12 +118,22 @@ pub enum Control {
     },
 }
 
+/// Times of one epoch on the primary's session clock (nanoseconds since protection began).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochClock {
+    pub captured_ns: u64,
+    pub sent_ns: u64,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("bad Control message: {0}")]
     Control(String),
     #[error("bad DiskWrites frame: {0}")]
     DiskWrites(String),
+    #[error("bad InputFrames frame: {0}")]
+    InputFrames(String),
 }
 
 impl Control {
@@ -192,6 +228,97 @@ pub fn decode_disk_writes(p: &[u8]) -> Result<(u32, Vec<DiskWrite>), WireError> 
     Ok((disk, writes))
 }
 
+/// Encodes input frames into payloads of at most [`MAX_INPUT_FRAME`] bytes (a frame larger
+/// than that gets a payload of its own).
+pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < frames.len() {
+        let mut end = start;
+        let mut size = INPUT_HEADER;
+        while end < frames.len() {
+            let add = INPUT_ENTRY + frames[end].data.len();
+            if end > start && size + add > MAX_INPUT_FRAME {
+                break;
+            }
+            size += add;
+            end += 1;
+        }
+        let batch = &frames[start..end];
+        let mut p = Vec::with_capacity(size);
+        p.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        for f in batch {
+            p.extend_from_slice(&f.seq.to_le_bytes());
+            p.extend_from_slice(&f.epoch.to_le_bytes());
+            p.extend_from_slice(&f.nic.to_le_bytes());
+            p.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+            p.extend_from_slice(&f.data);
+        }
+        out.push(p);
+        start = end;
+    }
+    out
+}
+
+/// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before
+/// anything is copied.
+pub fn decode_input_frames(p: &[u8]) -> Result<Vec<LoggedFrame>, WireError> {
+    let bad = |m: String| WireError::InputFrames(m);
+    let word = |at: usize, n: usize| -> Result<u64, WireError> {
+        let bytes = p
+            .get(at..at + n)
+            .ok_or_else(|| bad(format!("cut short at byte {at} of {}", p.len())))?;
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(bytes);
+        Ok(u64::from_le_bytes(v))
+    };
+    let count = word(0, 4)? as usize;
+    if count == 0 {
+        return Err(bad("no frames".into()));
+    }
+    // Each entry takes at least its header: a count that cannot fit is refused before any
+    // allocation.
+    if count > (p.len() - INPUT_HEADER) / INPUT_ENTRY {
+        return Err(bad(format!(
+            "{count} entries do not fit in {} bytes",
+            p.len()
+        )));
+    }
+    let mut frames = Vec::with_capacity(count);
+    let mut at = INPUT_HEADER;
+    let mut last_seq = 0;
+    for i in 0..count {
+        let seq = word(at, 8)?;
+        let epoch = word(at + 8, 8)?;
+        let nic = word(at + 16, 4)? as u32;
+        let len = word(at + 20, 4)? as usize;
+        at += INPUT_ENTRY;
+        if seq <= last_seq {
+            return Err(bad(format!("entry {i}: seq {seq} after {last_seq}")));
+        }
+        if len == 0 || len > MAX_INPUT_LEN {
+            return Err(bad(format!(
+                "entry {i}: a {len}-byte frame (1..={MAX_INPUT_LEN})"
+            )));
+        }
+        let data = p
+            .get(at..at + len)
+            .ok_or_else(|| bad(format!("entry {i} ({len} bytes) runs past the frame")))?;
+        frames.push(LoggedFrame {
+            seq,
+            nic,
+            epoch,
+            data: data.to_vec(),
+        });
+        last_seq = seq;
+        at += len;
+    }
+    if at != p.len() {
+        return Err(bad(format!("{} trailing bytes", p.len() - at)));
+    }
+    Ok(frames)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +355,7 @@ mod tests {
                 epoch: 7,
                 released_through: 5,
                 group_epoch,
+                clock: None,
             };
             assert_eq!(Control::decode(&c.encode()).unwrap(), c);
         }
@@ -250,7 +378,8 @@ mod tests {
             Control::EpochEnd {
                 epoch: 2,
                 released_through: 1,
-                group_epoch: None
+                group_epoch: None,
+                clock: None,
             }
         );
         assert!(Control::decode(br#"{"ack":{"epoch":1,"x":2}}"#).is_err());
@@ -294,10 +423,69 @@ mod tests {
         assert!(decode_disk_writes(&longer).is_err());
     }
 
+    fn input(seq: u64, len: usize) -> LoggedFrame {
+        LoggedFrame {
+            seq,
+            nic: (seq % 3) as u32,
+            epoch: seq / 4,
+            data: vec![seq as u8; len],
+        }
+    }
+
+    #[test]
+    fn input_frames_round_trip_split_and_refuse_malformed_payloads() {
+        let frames: Vec<LoggedFrame> = (1..=40).map(|s| input(s, 60_000)).collect();
+        let payloads = encode_input_frames(&frames);
+        assert!(payloads.len() >= 2, "2.4 MB must be split");
+        let mut back = Vec::new();
+        for p in &payloads {
+            assert!(p.len() <= MAX_INPUT_FRAME);
+            back.extend(decode_input_frames(p).unwrap());
+        }
+        assert_eq!(back, frames);
+
+        let one = &encode_input_frames(&[input(7, 100), input(9, 64)])[0];
+        for cut in 0..one.len() {
+            assert!(decode_input_frames(&one[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = one.clone();
+        longer.push(0);
+        assert!(decode_input_frames(&longer).is_err());
+        // Seqs out of order, a zero-length or oversized frame, a count that cannot fit.
+        let backwards = &encode_input_frames(&[input(9, 10), input(7, 10)])[0];
+        assert!(decode_input_frames(backwards).is_err());
+        let empty = &encode_input_frames(&[input(1, 0)])[0];
+        assert!(decode_input_frames(empty).is_err());
+        let huge = &encode_input_frames(&[input(1, MAX_INPUT_LEN + 1)])[0];
+        assert!(decode_input_frames(huge).is_err());
+        let mut lying = one.clone();
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_input_frames(&lying).is_err());
+        assert!(decode_input_frames(&0u32.to_le_bytes()).is_err());
+    }
+
+    #[test]
+    fn epoch_end_carries_the_primary_s_clock_and_input_acks_round_trip() {
+        let c = Control::EpochEnd {
+            epoch: 3,
+            released_through: 2,
+            group_epoch: None,
+            clock: Some(EpochClock {
+                captured_ns: 10,
+                sent_ns: 20,
+            }),
+        };
+        assert_eq!(Control::decode(&c.encode()).unwrap(), c);
+        let ack = Control::InputAck { seq: 99 };
+        assert_eq!(Control::decode(&ack.encode()).unwrap(), ack);
+        assert!(Control::decode(br#"{"input_ack":{"seq":-1}}"#).is_err());
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_disk_writes(&bytes);
+            let _ = decode_input_frames(&bytes);
             let _ = Control::decode(&bytes);
         }
     }

@@ -11,6 +11,10 @@
 //!   memory and state;
 //! - nothing acknowledged is lost: at takeover the disk holds exactly the writes of the epochs
 //!   up to the resumed one;
+//! - TCP at full speed: the guest's pure ACKs (which acknowledge the input frames delivered
+//!   before them) leave before their epoch is held only once the backup holds that input; at
+//!   takeover the backup delivers again every input frame of a later epoch that an ACK which
+//!   left covered, and none of an epoch it resumed;
 //! - never two live primaries.
 //!
 //! `FT_MODEL_RUNS` sets the number of runs per disk mode, `FT_MODEL_SEED` replays one run.
@@ -27,7 +31,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::gate::{
-    DiskOutputGate, EpochDiskGate, EpochNetGate, GateMode, NetOutputGate, RecordingDiskGate,
+    is_pure_tcp_ack, DiskOutputGate, EpochDiskGate, EpochNetGate, GateMode, InputLog,
+    InputRecorder, NetInputRecorder, NetOutputGate, RecordingDiskGate,
 };
 use ft::backup::Backup;
 use ft::link::FtStream;
@@ -89,6 +94,10 @@ struct World {
     ended: AtomicBool,
     /// The newest epoch the real backup acknowledged (seen on the link before the primary).
     backup_holds: AtomicU64,
+    /// The newest input frame the real backup said it holds (seen on the link likewise).
+    backup_holds_input: AtomicU64,
+    /// The newest input frame covered by a guest ACK that left.
+    input_acked_out: AtomicU64,
     pair_id: AtomicU64,
     witness: Mutex<Option<Arc<WitnessHandle>>>,
     violations: Mutex<Vec<String>>,
@@ -122,9 +131,50 @@ impl World {
 
 struct WorldNet(Arc<World>);
 
+impl World {
+    /// A guest ACK of epoch `tag` covering input frames up to `covers` leaves now: the backup
+    /// must hold that epoch or that input.
+    fn ack_leaves(&self, tag: u64, covers: u64) {
+        let holds = self.backup_holds.load(Ordering::SeqCst);
+        let holds_input = self.backup_holds_input.load(Ordering::SeqCst);
+        let ended = self.ended.load(Ordering::SeqCst);
+        if tag != 0 && tag > holds && covers > holds_input && !ended && !self.primary_alone() {
+            self.violations.lock().unwrap().push(format!(
+                "early ACK: an ACK of epoch {tag} covering input {covers} left while the backup holds epoch {holds} and input {holds_input}"
+            ));
+        }
+        self.input_acked_out.fetch_max(covers, Ordering::SeqCst);
+    }
+}
+
+/// The fake guest's pure TCP ACK: IPv4, no options; the epoch in the sequence number, the
+/// input frames it covers in the acknowledgement number.
+fn guest_ack(epoch: u64, covers: u64) -> Vec<u8> {
+    let mut f = vec![0u8; 54];
+    f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&40u16.to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[46] = 5 << 4;
+    f[47] = 0x10;
+    f[38..42].copy_from_slice(&(epoch as u32).to_be_bytes());
+    f[42..46].copy_from_slice(&(covers as u32).to_be_bytes());
+    f
+}
+
 impl NetOutputGate for WorldNet {
     fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()> {
         if self.0.primary_dead.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if is_pure_tcp_ack(frame) {
+            let epoch = u32::from_be_bytes(frame[38..42].try_into().unwrap());
+            let covers = u32::from_be_bytes(frame[42..46].try_into().unwrap());
+            self.0.ack_leaves(epoch.into(), covers.into());
+            self.0.frames_out.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
         let tag = u64::from_le_bytes(frame[..8].try_into().unwrap());
@@ -190,6 +240,10 @@ struct FakeVm {
     shared_disk: bool,
     gates: Option<FtGates>,
     nic: Option<Box<dyn NetOutputGate>>,
+    /// The NIC's receive side: frames it delivers to the guest go to the input log.
+    input: Option<(InputRecorder, Arc<InputLog>)>,
+    /// Every input frame recorded: (seq, the epoch that received it).
+    inputs: Vec<(u64, u64)>,
     disk: Option<Box<dyn DiskOutputGate>>,
     paused: bool,
     register: u64,
@@ -229,6 +283,8 @@ impl FakeVm {
             shared_disk,
             gates: None,
             nic: None,
+            input: None,
+            inputs: Vec::new(),
             disk: None,
             paused: false,
             register: 0,
@@ -264,6 +320,23 @@ impl FakeVm {
             self.memory.write_obj(value, at).unwrap();
         }
         let epoch = self.epoch();
+        if let Some((recorder, log)) = self.input.as_mut() {
+            // A frame arrives; the guest's stack acknowledges now and then.
+            if self.rng.below(2) == 0 {
+                let seq = log.delivered() + 1;
+                let mut frame = vec![0u8; 60];
+                frame[..8].copy_from_slice(&seq.to_le_bytes());
+                if recorder.record(&frame) && !log.is_stopped() {
+                    self.inputs.push((seq, epoch));
+                }
+            }
+            let covers = log.delivered();
+            if self.rng.below(2) == 0 {
+                if let Some(nic) = self.nic.as_mut() {
+                    let _ = nic.transmit(&guest_ack(epoch, covers));
+                }
+            }
+        }
         if let Some(nic) = self.nic.as_mut() {
             let mut frame = vec![0u8; 60];
             frame[..8].copy_from_slice(&epoch.to_le_bytes());
@@ -385,6 +458,10 @@ impl FakeVm {
     /// The devices' gates exist from the start, in pass-through mode, as in the real VM.
     fn install_gates(&mut self) -> Result<(), String> {
         let (nic, net_control) = EpochNetGate::new(Box::new(WorldNet(self.world.clone())), 0);
+        // Stopped until protection starts it, as in the real VM.
+        let input_log = InputLog::new(0, 1 << 20);
+        input_log.stop();
+        let nic = nic.with_input_log(input_log.clone());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -403,12 +480,14 @@ impl FakeVm {
             disk_logs: vec![log],
             macs: vec![[2, 0, 0, 0, 0, 1]],
             group_peers: Default::default(),
+            input_log: Some(input_log.clone()),
         };
         for gate in gates.all() {
             gate.set_mode(GateMode::PassThrough)
                 .map_err(|e| e.to_string())?;
         }
         self.nic = Some(Box::new(nic));
+        self.input = Some((InputRecorder::new(input_log.clone(), 0), input_log));
         self.disk = Some(Box::new(recorder));
         self.gates = Some(gates);
         Ok(())
@@ -692,6 +771,9 @@ fn carry(
                         (Dir::Back, Control::Ack { epoch }) => {
                             world.backup_holds.fetch_max(epoch, Ordering::SeqCst);
                         }
+                        (Dir::Back, Control::InputAck { seq }) => {
+                            world.backup_holds_input.fetch_max(seq, Ordering::SeqCst);
+                        }
                         _ => {}
                     }
                 }
@@ -763,6 +845,8 @@ fn relay(target: std::net::SocketAddr, world: Arc<World>, side: Side) -> Relay {
 #[derive(Debug, Default)]
 struct BackupOutcome {
     took_over: Option<(u64, u64, u64)>,
+    /// The seqs of the input frames the takeover delivers again.
+    replayed: Vec<u64>,
     stood_down: bool,
     failed: Option<String>,
 }
@@ -815,9 +899,18 @@ fn backup_loop(
                 memory = mem.as_ref().ok().cloned();
                 let _ = reply.send(mem);
             }
-            BackupEvent::TakeOver { state, epoch } => {
+            BackupEvent::TakeOver {
+                state,
+                epoch,
+                replay,
+                ..
+            } => {
                 let hash = memory.as_ref().map(memory_hash).unwrap_or_default();
                 outcome.took_over = Some((epoch, state.kvm.clock.clock, hash));
+                outcome.replayed = replay
+                    .iter()
+                    .map(|(_, frame)| u64::from_le_bytes(frame[..8].try_into().unwrap()))
+                    .collect();
                 backup.took_over(Ok(()));
                 return (backup, outcome);
             }
@@ -841,6 +934,8 @@ struct Report {
     committed: u64,
     /// Frames that left while the primary was protected.
     frames_released: u64,
+    /// Guest ACKs that left before their epoch was held (their input was).
+    early_acks: u64,
     frames: u64,
     took_over: bool,
 }
@@ -883,7 +978,7 @@ fn run_with(
             FtDiskMode::Replicated => vec![backup_disk.clone()],
             FtDiskMode::Shared => vec![primary_disk.clone()],
         },
-        taps: Vec::new(),
+        taps: vec!["tapmodel".into()],
         witness: Some(backup_witness.addr.clone()),
         fencing: None,
         group: None,
@@ -912,6 +1007,8 @@ fn run_with(
     let config: VmConfig = serde_json::from_value(serde_json::json!({
         "memory": {"size": MEMORY},
         "disks": [{"path": primary_disk}],
+        // The fake's NIC (input frames name it); no TAP is opened in the model.
+        "net": [{"tap": "tapmodel", "mac": "02:00:00:00:00:01"}],
     }))
     .unwrap();
     let enable = EnableFtRequest {
@@ -923,6 +1020,9 @@ fn run_with(
         fencing: None,
         compress: true,
         hot_pages: true,
+        early_acks: true,
+        // Some runs cut epochs early whenever output waits.
+        latency_mode: seed.is_multiple_of(3),
         group: None,
         tls_dir: None,
         // The witness in these tests listens on plain TCP.
@@ -1043,6 +1143,10 @@ fn run_with(
         .as_ref()
         .map_or(0, |p| p.status().last_committed_epoch);
     let frames_released = world.frames_out.load(Ordering::SeqCst);
+    let early_acks = vm
+        .gates
+        .as_ref()
+        .map_or(0, |g| g.nets.iter().map(|n| n.stats().early_released).sum());
     if killed == Some(Side::Primary) {
         // Its threads may still run in this process: nothing they do leaves any more.
         world.primary_dead.store(true, Ordering::SeqCst);
@@ -1130,6 +1234,31 @@ fn run_with(
                 "after failover to epoch {epoch} the disk differs from the writes of epochs <= {epoch} (block {differ:?})"
             ));
         }
+        // Input: every frame of a later epoch that an ACK which left covered is delivered
+        // again, in order, and nothing the resumed epoch already holds.
+        let acked_out = world.input_acked_out.load(Ordering::SeqCst);
+        let epoch_of = |seq: u64| vm.inputs.iter().find(|(s, _)| *s == seq).map(|(_, e)| *e);
+        for &seq in &outcome.replayed {
+            match epoch_of(seq) {
+                Some(e) if e > epoch => {}
+                other => violations.push(format!(
+                    "after failover to epoch {epoch} the backup delivers input {seq} again, received in epoch {other:?}"
+                )),
+            }
+        }
+        if !outcome.replayed.windows(2).all(|w| w[0] < w[1]) {
+            violations.push(format!(
+                "input delivered again out of order: {:?}",
+                outcome.replayed
+            ));
+        }
+        for &(seq, e) in &vm.inputs {
+            if e > epoch && seq <= acked_out && !outcome.replayed.contains(&seq) {
+                violations.push(format!(
+                    "after failover to epoch {epoch} input {seq} (epoch {e}), acknowledged to the client (ACKs covered input up to {acked_out}), is lost"
+                ));
+            }
+        }
         if primary_health == Some(FtHealth::Degraded) && killed.is_none() {
             violations
                 .push("two live primaries: the backup took over and the primary runs on".into());
@@ -1149,6 +1278,7 @@ fn run_with(
         primary_health,
         committed,
         frames_released,
+        early_acks,
         summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
         acked,
         frames: link.state.frames.load(Ordering::SeqCst),
@@ -1216,9 +1346,13 @@ fn no_fault_run_replicates_and_releases_everything() {
             report.acked
         );
         assert!(!report.took_over);
+        assert!(
+            report.early_acks > 0,
+            "{mode:?}: no ACK left before its epoch was held"
+        );
         eprintln!(
-            "{mode:?}: {} frames, {} epochs acknowledged",
-            report.frames, report.acked
+            "{mode:?}: {} frames, {} epochs acknowledged, {} ACKs left early",
+            report.frames, report.acked, report.early_acks
         );
     }
 }

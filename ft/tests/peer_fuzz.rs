@@ -46,10 +46,12 @@ fn control() -> impl Strategy<Value = Control> {
             |(epoch, released_through, group_epoch)| Control::EpochEnd {
                 epoch,
                 released_through,
-                group_epoch
+                group_epoch,
+                clock: None,
             }
         ),
         n.clone().prop_map(|epoch| Control::Ack { epoch }),
+        n.clone().prop_map(|seq| Control::InputAck { seq }),
         n.clone().prop_map(|epoch| Control::Heartbeat { epoch }),
         (any::<bool>(), any::<bool>()).prop_map(|(guest_shutdown, reprotect)| {
             Control::StandDown {
@@ -72,7 +74,7 @@ fn hostile() -> impl Strategy<Value = Hostile> {
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..24)),
     );
     prop_oneof![
-        (1u8..=10, proptest::collection::vec(any::<u8>(), 0..64))
+        (1u8..=11, proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(kind, payload)| Hostile::Raw { kind, payload }),
         control().prop_map(Hostile::Control),
         (
@@ -210,6 +212,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             epoch: 3,
             released_through: 3,
             group_epoch: None,
+            clock: None,
         })],
         vec![Hostile::Raw {
             kind: 2,
@@ -265,6 +268,8 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             fencing: None,
             compress: true,
             hot_pages: true,
+            early_acks: true,
+            latency_mode: false,
             group: None,
             tls_dir: None,
             insecure_plaintext: false,

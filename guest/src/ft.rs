@@ -110,7 +110,10 @@
 //!
 //! TCP 7001, sink (2 connections at a time, 1 MiB receive window each):
 //! discards what it receives and, when the client half-closes, replies
-//! `got <bytes>` and closes.
+//! `got <bytes> fnv <h>` and closes; `h` is the FNV-1a 64 hash of the bytes
+//! (16 hex digits; `0xcbf29ce484222325`, then per byte `h = (h ^ b) *
+//! 0x100000001b3`), so a client can tell that every byte arrived once, in
+//! order.
 //!
 //! ARP and ICMP echo are answered by smoltcp's interface (`ping` works); it
 //! also resolves relay peers by ARP (16-entry neighbour cache).
@@ -753,18 +756,38 @@ impl Ft {
     }
 }
 
-/// Discards what a sink connection receives; `got <bytes>` once the client
-/// half-closes.
-fn serve_sink(s: &mut tcp::Socket, count: &mut u64) {
+/// What a sink connection received so far: bytes and their FNV-1a 64 hash.
+#[derive(Clone, Copy)]
+struct SinkTally {
+    bytes: u64,
+    fnv: u64,
+}
+
+impl SinkTally {
+    const NEW: SinkTally = SinkTally {
+        bytes: 0,
+        fnv: 0xcbf2_9ce4_8422_2325,
+    };
+}
+
+/// Discards what a sink connection receives; `got <bytes> fnv <hash>` once the
+/// client half-closes.
+fn serve_sink(s: &mut tcp::Socket, tally: &mut SinkTally) {
     while s.can_recv() {
-        match s.recv(|b| (b.len(), b.len())) {
-            Ok(n) if n > 0 => *count += n as u64,
+        let taken = s.recv(|b| {
+            for &byte in b.iter() {
+                tally.fnv = (tally.fnv ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            (b.len(), b.len())
+        });
+        match taken {
+            Ok(n) if n > 0 => tally.bytes += n as u64,
             _ => break,
         }
     }
     if s.state() == tcp::State::CloseWait && !s.can_recv() {
         let mut out = Reply::new();
-        let _ = write!(out, "got {}", *count);
+        let _ = write!(out, "got {} fnv {:016x}", tally.bytes, tally.fnv);
         let _ = s.send_slice(out.line());
         s.close();
     }
@@ -857,7 +880,7 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         *h = sockets.add(net::tcp_socket(SINK_RX, SINK_TX));
     }
     let conns = dma::alloc_array(CONTROL_SOCKETS, Conn::new);
-    let mut sink_bytes = [0u64; SINK_SOCKETS];
+    let mut sink_tally = [SinkTally::NEW; SINK_SOCKETS];
     for (h, c) in control_h.iter().zip(conns.iter_mut()) {
         net::relisten(sockets.get_mut::<tcp::Socket>(*h), CONTROL_PORT);
         *c = Conn::new();
@@ -911,9 +934,9 @@ pub fn run(cfg: &Config, devs: &virtio::Devices) {
         for (i, h) in sink_h.into_iter().enumerate() {
             let s = sockets.get_mut::<tcp::Socket>(h);
             if net::relisten(s, SINK_PORT) {
-                sink_bytes[i] = 0;
+                sink_tally[i] = SinkTally::NEW;
             }
-            serve_sink(s, &mut sink_bytes[i]);
+            serve_sink(s, &mut sink_tally[i]);
         }
         net::egress(ts, &mut iface, &mut dev, &mut sockets);
         ft.dirty_step(clock::now_ns());

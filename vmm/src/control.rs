@@ -245,6 +245,17 @@ pub struct EnableFtRequest {
     /// dirty-log re-arming; without it every page is write-protected as before).
     #[serde(default = "default_true")]
     pub hot_pages: bool,
+    /// TCP at full speed: mirror the frames the guest receives to the backup as they arrive
+    /// and let the guest's pure TCP ACKs leave once the backup holds the input they
+    /// acknowledge, instead of at the end of their epoch (the backup delivers that input
+    /// again after a failover).
+    #[serde(default = "default_true")]
+    pub early_acks: bool,
+    /// Latency mode: end an epoch early (after at least a millisecond) once the guest has
+    /// output waiting for it, as long as the last epoch took at most a quarter of an epoch to
+    /// send; more, shorter checkpoints for less waiting output.
+    #[serde(default)]
+    pub latency_mode: bool,
     /// Fate sharing: the Unix socket path that names a group of VMs on this host. Members
     /// checkpoint on common epochs, frames between them are not held, and if any member's
     /// primary fails they all fail over to the same epoch. The first member creates the group
@@ -374,6 +385,16 @@ pub struct FtStatus {
     pub hot_page_hits: u64,
     pub held_packets: u64,
     pub released_packets: u64,
+    /// Primary: frames the NICs delivered to the guest that were mirrored to the backup.
+    #[serde(default)]
+    pub input_frames_mirrored: u64,
+    /// Primary: the guest's pure TCP ACKs released before their epoch committed (the
+    /// backup held every input frame they acknowledge).
+    #[serde(default)]
+    pub acks_released_early: u64,
+    /// Backup after a takeover: input frames delivered again to the restored guest.
+    #[serde(default)]
+    pub input_frames_replayed: u64,
     pub held_disk_writes: u64,
     pub failovers: u64,
     pub last_failover_ms: Option<u64>,
@@ -411,6 +432,9 @@ impl FtStatus {
         put("hot_page_hits", self.hot_page_hits);
         put("held_packets", self.held_packets);
         put("released_packets", self.released_packets);
+        put("input_frames_mirrored", self.input_frames_mirrored);
+        put("acks_released_early", self.acks_released_early);
+        put("input_frames_replayed", self.input_frames_replayed);
         put("held_disk_writes", self.held_disk_writes);
         put("failovers", self.failovers);
         if let Some(ms) = self.last_failover_ms {
@@ -578,6 +602,11 @@ pub enum VmmError {
     /// Something asked about does not exist (404), other than the VM itself.
     #[error("{0}")]
     NotFound(String),
+    /// This copy of the VM lost a fencing decision: its backup runs the VM now.
+    #[error(
+        "this copy of the VM was fenced ({0}); its backup runs the VM, and booting it here would run a second copy on the same disks (vm.delete it, then create it anew to start over)"
+    )]
+    Fenced(String),
 }
 
 impl VmmError {
@@ -585,7 +614,7 @@ impl VmmError {
         match self {
             VmmError::VmNotCreated | VmmError::NotFound(_) => ErrorKind::NotFound,
             VmmError::VmAlreadyCreated | VmmError::InvalidConfig(_) => ErrorKind::BadRequest,
-            VmmError::InvalidState { .. } => ErrorKind::WrongState,
+            VmmError::InvalidState { .. } | VmmError::Fenced(_) => ErrorKind::WrongState,
             VmmError::Failed { .. } => ErrorKind::Internal,
         }
     }

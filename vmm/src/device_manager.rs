@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use devices::acpi::Ged;
 use devices::gate::{
     DiskOutputGate, DiskWriteLog, EpochControl, EpochDiskGate, EpochNetGate, GateMode, GroupPeers,
-    NetOutputGate, RecordingDiskGate,
+    InputLog, InputRecorder, NetOutputGate, RecordingDiskGate,
 };
 use devices::legacy::serial::SerialDeviceState;
 use devices::legacy::Serial;
@@ -374,6 +374,10 @@ pub struct FtGates {
     pub macs: Vec<[u8; 6]>,
     /// Shared by every NIC gate: frames to these MACs (the rest of an FT group) are not held.
     pub group_peers: GroupPeers,
+    /// The frames every NIC delivered to the guest, numbered (NIC index = position in
+    /// `nets`): mirrored to the backup so that the guest's pure TCP ACKs may leave early.
+    /// Stopped until protection starts it.
+    pub input_log: Option<Arc<InputLog>>,
 }
 
 impl FtGates {
@@ -382,6 +386,10 @@ impl FtGates {
         self.nets.iter().chain(&self.disks)
     }
 }
+
+/// Input frames delivered but not yet taken by the FT sender, at most (beyond, a NIC drops
+/// what arrives, as a congested link would).
+const INPUT_LOG_MAX_PENDING: usize = 16 << 20;
 
 /// Stands in for a gate while it is being wrapped (never used for output).
 struct Detached;
@@ -424,13 +432,21 @@ impl DeviceGates {
 
 /// Wraps `entry`'s output in FT gates: a NIC's frames held per epoch, a disk's writes held
 /// (shared-disk mode) and recorded for the backup. None for devices with no output to hold.
-fn wrap_ft_gates(entry: &VirtioEntry, epoch: u64, peers: &GroupPeers) -> Option<DeviceGates> {
+fn wrap_ft_gates(
+    entry: &VirtioEntry,
+    epoch: u64,
+    peers: &GroupPeers,
+    input_log: &Arc<InputLog>,
+) -> Option<DeviceGates> {
     match &entry.handle {
         VirtioHandle::Net(net) => {
             let mut net = lock(net);
             let inner = net.replace_output_gate(Box::new(Detached));
             let (gate, control) = EpochNetGate::new(inner, epoch);
-            net.replace_output_gate(Box::new(gate.with_group_peers(peers.clone())));
+            let gate = gate
+                .with_group_peers(peers.clone())
+                .with_input_log(input_log.clone());
+            net.replace_output_gate(Box::new(gate));
             Some(DeviceGates::Net {
                 control,
                 mac: net.mac().bytes(),
@@ -459,6 +475,9 @@ pub struct DeviceManager {
     mem: GuestMemoryMmap,
     /// Shared by every NIC's FT gate, for the VM's life (set with the first gates).
     ft_group_peers: Option<GroupPeers>,
+    /// Shared by every NIC for the VM's life (set with the first gates; see
+    /// [`FtGates::input_log`]).
+    ft_input_log: Option<Arc<InputLog>>,
     /// The FT gates around each device's output, by device id (see `ft_gates`).
     ft_device_gates: BTreeMap<String, DeviceGates>,
     pci: Arc<Mutex<PciBus>>,
@@ -496,6 +515,7 @@ impl DeviceManager {
         Self {
             mem,
             ft_group_peers: None,
+            ft_input_log: None,
             ft_device_gates: BTreeMap::new(),
             pci: Arc::new(Mutex::new(PciBus::new())),
             routing: Arc::new(KvmRouting::new(vm_fd.clone())),
@@ -1202,6 +1222,32 @@ impl DeviceManager {
         }
     }
 
+    /// Delivers `frames` (NIC index in configuration order, Ethernet frame) to the guest
+    /// before anything new from the NICs' TAPs: input the primary's guest received after the
+    /// epoch this VM resumed from.
+    pub fn replay_input(&self, frames: Vec<(u32, Vec<u8>)>) {
+        let nets: Vec<_> = self
+            .virtio
+            .iter()
+            .filter_map(|entry| match &entry.handle {
+                VirtioHandle::Net(net) => Some(net),
+                _ => None,
+            })
+            .collect();
+        let mut per_nic: Vec<Vec<Vec<u8>>> = vec![Vec::new(); nets.len()];
+        for (nic, frame) in frames {
+            match per_nic.get_mut(nic as usize) {
+                Some(queue) => queue.push(frame),
+                None => log::warn!("an input frame for NIC {nic}, the VM has {}", nets.len()),
+            }
+        }
+        for (net, frames) in nets.into_iter().zip(per_nic) {
+            if !frames.is_empty() {
+                lock(net).queue_replay(frames);
+            }
+        }
+    }
+
     /// The fault-tolerance output gates, in device order (a kind's devices in configuration
     /// order: the i-th disk of `config.disks` owns `disk_logs[i]`). A device gets its gates,
     /// wrapped around its own, the first time a call finds it (the device loop must be
@@ -1213,18 +1259,33 @@ impl DeviceManager {
             .ft_group_peers
             .get_or_insert_with(GroupPeers::default)
             .clone();
+        let input_log = self
+            .ft_input_log
+            .get_or_insert_with(|| {
+                let log = InputLog::new(epoch, INPUT_LOG_MAX_PENDING);
+                log.stop();
+                log
+            })
+            .clone();
         let virtio = &self.virtio;
         self.ft_device_gates
             .retain(|id, _| virtio.iter().any(|entry| entry.id == *id));
         let mut gates = FtGates {
             group_peers: group_peers.clone(),
+            input_log: Some(input_log.clone()),
             ..FtGates::default()
         };
         for entry in &self.virtio {
+            if let VirtioHandle::Net(net) = &entry.handle {
+                // Numbered as the backup numbers its NICs: in configuration order.
+                let nic = gates.nets.len() as u32;
+                lock(net)
+                    .set_input_recorder(Some(Box::new(InputRecorder::new(input_log.clone(), nic))));
+            }
             let device = match self.ft_device_gates.get(&entry.id) {
                 Some(device) => device.clone(),
                 None => {
-                    let Some(device) = wrap_ft_gates(entry, epoch, &group_peers) else {
+                    let Some(device) = wrap_ft_gates(entry, epoch, &group_peers, &input_log) else {
                         continue;
                     };
                     device

@@ -166,6 +166,12 @@ pub enum BackupEvent {
     TakeOver {
         state: Box<VmSnapshotState>,
         epoch: u64,
+        /// Frames the primary's guest received after `epoch` (NIC index, Ethernet frame), to
+        /// deliver again in order: clients may have been told they arrived.
+        replay: Vec<(u32, Vec<u8>)>,
+        /// How far to move the guest clock forward: the time since the primary captured
+        /// `epoch`, so that the guest's TCP timestamps do not go back.
+        clock_advance: std::time::Duration,
     },
     /// The primary ended protection: drop the standby VM. With `guest_shutdown` the VM powered
     /// off, so this VMM ends as the primary's does; with `reprotect` the guest reset and the

@@ -322,7 +322,56 @@ pub fn set_process_mode(mode: SeccompMode) -> Result<(), SeccompError> {
     Ok(())
 }
 
-fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+/// Whether a role may open files (its lists include [`FILES`]).
+fn opens_files(role: ThreadRole) -> bool {
+    syscalls(role)
+        .iter()
+        .any(|list| list.contains(&libc::SYS_openat))
+}
+
+/// A role's filter: the role's own program, and for a role without files a second one that
+/// answers `openat` with EACCES. glibc's malloc reads `/proc/sys/vm/overcommit_memory` from
+/// whichever thread first trims a thread arena's heap (Cloud Hypervisor met the same); trapping
+/// that would end the VMM over a libc detail, allowing it would let the role open files.
+/// Refused, glibc assumes no strict overcommit and goes on. Filters stack and the kernel takes
+/// the strictest answer, so the role's program lets `openat` through to the other one.
+pub struct RoleFilter {
+    programs: Vec<BpfProgram>,
+}
+
+impl RoleFilter {
+    /// Installs the filter on the calling thread.
+    pub fn install(&self) -> Result<(), seccompiler::Error> {
+        for program in &self.programs {
+            seccompiler::apply_filter(program)?;
+        }
+        Ok(())
+    }
+}
+
+fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<RoleFilter>, SeccompError> {
+    let Some(main) = build_program(role, mode)? else {
+        return Ok(None);
+    };
+    let mut programs = Vec::new();
+    if !opens_files(role) {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        rules.insert(libc::SYS_openat, Vec::new());
+        let refuse = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(SeccompError::Build)?;
+        programs.push(BpfProgram::try_from(refuse).map_err(SeccompError::Build)?);
+    }
+    // Installed last: the role's own program may not allow installing another one.
+    programs.push(main);
+    Ok(Some(RoleFilter { programs }))
+}
+
+fn build_program(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Trap => SeccompAction::Trap,
@@ -333,6 +382,10 @@ fn build(role: ThreadRole, mode: SeccompMode) -> Result<Option<BpfProgram>, Secc
         for &nr in list {
             rules.insert(nr, Vec::new());
         }
+    }
+    if !opens_files(role) {
+        // Answered by the second program (see `RoleFilter`).
+        rules.insert(libc::SYS_openat, Vec::new());
     }
     if role == ThreadRole::DeviceLoop {
         let unix = SeccompCondition::new(
@@ -377,16 +430,18 @@ pub fn apply(role: ThreadRole) -> Result<(), SeccompError> {
     let Some(program) = compiled(role, mode)? else {
         return Ok(());
     };
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Apply { role, source })
+    program
+        .install()
+        .map_err(|source| SeccompError::Apply { role, source })
 }
 
 /// Each role's filter, compiled once: the process mode is set once, and the device loop
 /// starts anew at every epoch boundary, where compiling its filter again would lengthen the
 /// checkpoint's tail.
-static COMPILED: [OnceLock<Option<Arc<BpfProgram>>>; ROLES] = [const { OnceLock::new() }; ROLES];
+static COMPILED: [OnceLock<Option<Arc<RoleFilter>>>; ROLES] = [const { OnceLock::new() }; ROLES];
 const ROLES: usize = 9;
 
-fn compiled(role: ThreadRole, mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+fn compiled(role: ThreadRole, mode: SeccompMode) -> Result<Option<Arc<RoleFilter>>, SeccompError> {
     let slot = &COMPILED[role as usize];
     if let Some(program) = slot.get() {
         return Ok(program.clone());
@@ -407,7 +462,7 @@ pub fn apply_or_log(role: ThreadRole) -> bool {
 }
 
 /// The filter for vCPU threads, or None when filtering is off.
-pub fn vcpu_filter(mode: SeccompMode) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+pub fn vcpu_filter(mode: SeccompMode) -> Result<Option<Arc<RoleFilter>>, SeccompError> {
     if mode == SeccompMode::Trap {
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
             .map_err(SeccompError::SignalHandler)?;

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use devices::IoBus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::seccomp::RoleFilter;
 use crate::x86_64::cpu_state::{self, VcpuState};
 
 /// How long the pauser spins before it sleeps waiting for vCPUs to park.
@@ -163,7 +163,7 @@ impl Vcpus {
         vcpu_fds: Vec<VcpuFd>,
         handlers: Arc<ExitHandlers>,
         failure_evt: EventFd,
-        seccomp: Option<Arc<BpfProgram>>,
+        seccomp: Option<Arc<RoleFilter>>,
         msr_indices: Arc<Vec<u32>>,
         start_paused: bool,
     ) -> Result<Self, VcpuError> {
@@ -387,9 +387,9 @@ fn park(ctx: &VcpuContext, fd: &VcpuFd) {
     shared.sync_running(&park);
 }
 
-fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<BpfProgram>>) {
+fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<RoleFilter>>) {
     let (index, shared) = (ctx.index, ctx.shared);
-    let result = match seccomp.as_deref().map(|p| seccompiler::apply_filter(p)) {
+    let result = match seccomp.as_deref().map(RoleFilter::install) {
         Some(Err(e)) => Err(format!(
             "vCPU {index}: cannot install its seccomp filter: {e}"
         )),

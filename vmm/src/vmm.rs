@@ -340,6 +340,9 @@ struct Vmm {
     standby: Option<Standby>,
     /// The last status of a protection session that ended (fenced, took over, failed).
     ft_ended: Option<FtStatus>,
+    /// Why this copy of the VM was fenced (its backup runs it now): it may not boot again
+    /// until the VM is deleted.
+    fenced: Option<String>,
     /// TAP descriptors passed with `vm.add-net`, by NIC id: open while the NIC exists (its
     /// configuration names the number, so a reboot rebuilds it).
     passed_taps: BTreeMap<String, std::os::fd::OwnedFd>,
@@ -449,6 +452,7 @@ impl Vmm {
         }
         self.state = VmState::Shutdown;
         self.ft_reported = (FtHealth::Fenced, 0);
+        self.fenced = Some(why.clone());
         self.emit_vm("ft-fenced", &[("reason", why)]);
         false
     }
@@ -627,6 +631,10 @@ impl Vmm {
             VmmRequest::CreateVm(config) => self.create(*config).map(|_| VmmResponse::Empty),
             VmmRequest::BootVm => self
                 .require_state("boot", &[VmState::Created, VmState::Shutdown])
+                .and_then(|_| match &self.fenced {
+                    Some(why) => Err(VmmError::Fenced(why.clone())),
+                    None => Ok(()),
+                })
                 .and_then(|_| self.boot().map_err(|e| Self::failed("boot", e)))
                 .map(|_| VmmResponse::Empty),
             VmmRequest::VmInfo => self.require_state("query", &ALL_STATES).map(|_| {
@@ -747,6 +755,7 @@ impl Vmm {
             VmmRequest::DeleteVm => self.require_state("delete", &ALL_STATES).map(|_| {
                 self.stop_vm();
                 self.config = None;
+                self.fenced = None;
                 self.passed_taps.clear();
                 self.console = None;
                 self.serial = None;
@@ -1368,6 +1377,7 @@ impl Vmm {
                 self.stop_vm();
                 self.state = VmState::Shutdown;
                 self.ft_reported = (FtHealth::Fenced, 0);
+                self.fenced = Some(reason.clone());
                 self.emit_vm("ft-fenced", &[("reason", reason)]);
             } else if let Some(status) = self.primary.as_ref().map(|p| p.status()) {
                 self.report_primary_changes(&status);
@@ -1381,7 +1391,12 @@ impl Vmm {
                     let result = self.prepare_standby(*config);
                     let _ = reply.send(result);
                 }
-                BackupEvent::TakeOver { state, epoch } => self.take_over(&state, epoch),
+                BackupEvent::TakeOver {
+                    state,
+                    epoch,
+                    replay,
+                    clock_advance,
+                } => self.take_over(*state, epoch, replay, clock_advance),
                 BackupEvent::StandDown {
                     guest_shutdown,
                     reprotect,
@@ -1453,17 +1468,32 @@ impl Vmm {
         Ok(memory)
     }
 
-    fn take_over(&mut self, state: &VmSnapshotState, epoch: u64) {
+    fn take_over(
+        &mut self,
+        mut state: VmSnapshotState,
+        epoch: u64,
+        replay: Vec<(u32, Vec<u8>)>,
+        clock_advance: Duration,
+    ) {
         let Some(standby) = self.standby.take() else {
             if let Some(backup) = self.backup.as_mut() {
                 backup.took_over(Err("no standby VM was prepared".into()));
             }
             return;
         };
-        let result = standby.vm.restore(state, true);
+        // The guest's clock goes on from where the primary's was, not from the capture.
+        state.kvm.clock.clock = state
+            .kvm
+            .clock
+            .clock
+            .saturating_add(clock_advance.as_nanos() as u64);
+        let result = standby.vm.restore(&state, true);
         let outcome = match result {
             Ok(vm) => {
                 vm.device_manager().announce_nets();
+                // Input the primary's guest received after the epoch: clients may have been
+                // told it arrived.
+                vm.device_manager().replay_input(replay);
                 self.vm = Some(vm);
                 self.serial = standby.serial;
                 self.state = VmState::Running;
@@ -1656,6 +1686,7 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         backup: None,
         standby: None,
         ft_ended: None,
+        fenced: None,
         ft_request: None,
         receive_request: None,
         migration_wake,

@@ -36,7 +36,8 @@
 //!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
-//!                     [--no-compress] [--no-hot-pages]
+//!                     [--no-compress] [--no-hot-pages] [--no-early-acks]
+//!                     [--latency-mode]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
 //! ch-remote progress                  (the running enable-ft sync or send-migration, JSON)
@@ -509,6 +510,24 @@ fn enable_ft_args(command: Command) -> Command {
                      guest keeps rewriting stay writable and are compared instead)",
                 ),
         )
+        .arg(
+            Arg::new("latency-mode")
+                .long("latency-mode")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "End an epoch early once the guest has output waiting and the dirty set is \
+                     small (more, shorter checkpoints; less added latency)",
+                ),
+        )
+        .arg(
+            Arg::new("no-early-acks")
+                .long("no-early-acks")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Hold the guest's TCP ACKs until their epoch commits (by default input is \
+                     mirrored to the backup as it arrives and pure ACKs leave once it holds it)",
+                ),
+        )
         .arg(group_arg(
             "Fate sharing: join (or create) the FT group named by this Unix socket path; \
              members fail over together",
@@ -666,6 +685,8 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         fencing: sub.get_one::<String>("fencing").cloned(),
         compress: defaults.compress && !sub.get_flag("no-compress"),
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
+        early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
+        latency_mode: sub.get_flag("latency-mode"),
         group: sub.get_one::<String>("group").cloned(),
         tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
         insecure_plaintext: sub.get_flag("insecure-plaintext"),
@@ -1822,7 +1843,7 @@ mod tests {
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
                 "heartbeat_timeout_ms": null, "witness": null, "compress": true, "hot_pages": true,
-                "group": null})
+                "early_acks": true, "latency_mode": false, "group": null})
         );
         assert_eq!(
             body(&[
@@ -1838,13 +1859,15 @@ mod tests {
                 "tcp:[fd00::3]:7100",
                 "--no-compress",
                 "--no-hot-pages",
+                "--no-early-acks",
+                "--latency-mode",
                 "--group",
                 "/run/tandem/web.sock",
             ]),
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "group": "/run/tandem/web.sock"})
+                "early_acks": false, "latency_mode": true, "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.
         let sent = body(&["enable-ft", "--peer", "b:1", "--disk-mode", "replicated"]);

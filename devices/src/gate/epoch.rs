@@ -5,6 +5,8 @@
 //! tagged with the epoch it was produced in, and releases items strictly in production order
 //! when the epoch loop reports an acknowledged epoch. Because epochs only grow and items are
 //! appended in production order, what has left is always a prefix of what was produced.
+//! The one exception is the network gate's ACK lane (pure TCP ACKs, see `epoch_net`), which
+//! the sink keeps itself and releases through the `Sink` hooks.
 //!
 //! The state sits behind one mutex shared by the device (which produces output) and the epoch
 //! loop (which commits). Releasing happens under that lock on purpose: a device producing output
@@ -62,7 +64,7 @@ pub struct ReleaseStats {
 }
 
 impl ReleaseStats {
-    fn add(&mut self, other: &ReleaseStats) {
+    pub(crate) fn add(&mut self, other: &ReleaseStats) {
         self.items += other.items;
         self.bytes += other.bytes;
         self.barriers += other.barriers;
@@ -82,7 +84,7 @@ pub struct DiscardStats {
 /// Counters of a holding gate (monotonic since creation, except the `held_*` gauges).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GateStats {
-    /// Items currently held.
+    /// Items currently held in the epoch queues (ACK-lane items are in `lane_held`).
     pub held_items: u64,
     /// Payload bytes currently held.
     pub held_bytes: u64,
@@ -98,6 +100,14 @@ pub struct GateStats {
     pub discarded_items: u64,
     /// Payload bytes dropped by [`EpochControl::discard_uncommitted`].
     pub discarded_bytes: u64,
+    /// Pure TCP ACKs released before their epoch committed (at once, or when the backup
+    /// mirrored the input they depend on); counted neither in `released` nor in `passed_items`.
+    /// ACKs of the lane that leave at their epoch's commit or at the switch to pass-through
+    /// count in `released`. A lane ACK the inner gate refuses counts in `released.failed`; one
+    /// sent at once that fails is reported to the device (its `tx_errors`).
+    pub early_released: u64,
+    /// Pure TCP ACKs currently waiting in the ACK lane (not included in `held_items`).
+    pub lane_held: u64,
 }
 
 /// Errors of the epoch control API.
@@ -134,6 +144,34 @@ pub(crate) trait Sink: Send + 'static {
     /// Whether the item is a barrier (counted separately, carries no payload).
     fn is_barrier(_meta: &Self::Meta) -> bool {
         false
+    }
+
+    // Hooks for output the sink holds itself, outside the epoch queues (the network gate's
+    // ACK lane). All are called under the core's lock.
+
+    /// Epoch `epoch` was committed (after the queues of epochs `<= epoch` were released).
+    fn on_commit(&mut self, _epoch: u64) -> ReleaseStats {
+        ReleaseStats::default()
+    }
+
+    /// The backup holds every input frame with seq `<= seq`.
+    fn on_mirrored(&mut self, _seq: u64) -> ReleaseStats {
+        ReleaseStats::default()
+    }
+
+    /// The gate switched to pass-through (after the queues were released).
+    fn on_passthrough(&mut self) -> ReleaseStats {
+        ReleaseStats::default()
+    }
+
+    /// Uncommitted output is being discarded.
+    fn on_discard(&mut self) -> DiscardStats {
+        DiscardStats::default()
+    }
+
+    /// Items and payload bytes the sink holds itself (they count against the hold limits).
+    fn own_held(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 
@@ -179,7 +217,12 @@ pub(crate) struct EpochCore<S: Sink> {
     pub(crate) queues: VecDeque<EpochQueue<S::Meta>>,
     spare: Vec<EpochQueue<S::Meta>>,
     stats: GateStats,
+    /// Called when an epoch's first item is held (see [`EpochControl::set_on_first_held`]).
+    on_first_held: Option<FirstHeld>,
 }
+
+/// A callback for the first item an epoch holds.
+pub type FirstHeld = Arc<dyn Fn() + Send + Sync>;
 
 /// Whether new output was passed on, held, or refused because of the hold limits.
 #[derive(Debug, PartialEq, Eq)]
@@ -200,6 +243,7 @@ impl<S: Sink> EpochCore<S> {
             queues: VecDeque::new(),
             spare: Vec::new(),
             stats: GateStats::default(),
+            on_first_held: None,
         }
     }
 
@@ -218,12 +262,8 @@ impl<S: Sink> EpochCore<S> {
             }
             return self.pass(meta, data);
         }
-        let bytes_after = (self.stats.held_bytes as usize).saturating_add(data.len());
-        if bytes_after > self.limits.max_bytes
-            || self.stats.held_items as usize >= self.limits.max_items
-        {
-            self.stats.over_limit_items += 1;
-            self.stats.over_limit_bytes += data.len() as u64;
+        if !self.fits(data.len()) {
+            self.count_over_limit(data.len());
             return Ok(Accepted::OverLimit);
         }
         let current = self.current;
@@ -236,6 +276,9 @@ impl<S: Sink> EpochCore<S> {
             });
             queue.epoch = current;
             self.queues.push_back(queue);
+            if let Some(notify) = &self.on_first_held {
+                notify();
+            }
         }
         // The queue for the current epoch exists now; `if let` keeps this free of panics.
         if let Some(queue) = self.queues.back_mut() {
@@ -250,6 +293,39 @@ impl<S: Sink> EpochCore<S> {
         self.stats.held_items += 1;
         self.stats.held_bytes += data.len() as u64;
         Ok(Accepted::Held)
+    }
+
+    /// Whether one more item of `len` bytes stays within the limits, counting both the epoch
+    /// queues and what the sink holds itself.
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        let (own_items, own_bytes) = self.sink.own_held();
+        let items = self.stats.held_items.saturating_add(own_items);
+        let bytes = self
+            .stats
+            .held_bytes
+            .saturating_add(own_bytes)
+            .saturating_add(len as u64);
+        bytes <= self.limits.max_bytes as u64 && items < self.limits.max_items as u64
+    }
+
+    pub(crate) fn count_over_limit(&mut self, len: usize) {
+        self.stats.over_limit_items += 1;
+        self.stats.over_limit_bytes += len as u64;
+    }
+
+    /// Counts an item the sink sent before its epoch committed.
+    pub(crate) fn count_early(&mut self, step: &ReleaseStats) {
+        self.stats.early_released += step.items;
+        self.stats.released.failed += step.failed;
+    }
+
+    pub(crate) fn mode(&self) -> GateMode {
+        self.mode
+    }
+
+    /// The epoch new output is attributed to.
+    pub(crate) fn current(&self) -> u64 {
+        self.current
     }
 
     /// Sends output on at once, whatever the mode (pass-through, or output a group member
@@ -339,7 +415,10 @@ impl<S: Sink> EpochCore<S> {
             // Acknowledgements can arrive late or twice; an older one releases nothing new.
             return Ok(ReleaseStats::default());
         }
-        let stats = self.release_through(epoch)?;
+        let mut stats = self.release_through(epoch)?;
+        let own = self.sink.on_commit(epoch);
+        self.stats.released.add(&own);
+        stats.add(&own);
         // Recorded only after a complete release, so that a failed disk release is retried by
         // the next commit of this epoch instead of being taken as done.
         self.committed = Some(epoch);
@@ -354,7 +433,13 @@ impl<S: Sink> EpochCore<S> {
             // queued, and the gate passes through anyway: protection has ended, so nothing
             // may stay held for a commit that never comes. Each new item retries the backlog
             // first (see `accept`).
-            return self.release_through(u64::MAX);
+            let released = self.release_through(u64::MAX);
+            let own = self.sink.on_passthrough();
+            self.stats.released.add(&own);
+            return released.map(|mut stats| {
+                stats.add(&own);
+                stats
+            });
         }
         Ok(ReleaseStats::default())
     }
@@ -370,6 +455,9 @@ impl<S: Sink> EpochCore<S> {
         }
         self.stats.held_items = 0;
         self.stats.held_bytes = 0;
+        let own = self.sink.on_discard();
+        dropped.items += own.items;
+        dropped.bytes += own.bytes;
         self.stats.discarded_items += dropped.items;
         self.stats.discarded_bytes += dropped.bytes;
         dropped
@@ -392,6 +480,8 @@ trait Controlled: Send + Sync {
     fn set_mode(&self, mode: GateMode) -> Result<ReleaseStats, EpochError>;
     fn mode(&self) -> GateMode;
     fn discard_uncommitted(&self) -> DiscardStats;
+    fn input_mirrored(&self, seq: u64) -> ReleaseStats;
+    fn set_on_first_held(&self, notify: Option<FirstHeld>);
     fn drain(&self) -> Result<ReleaseStats, EpochError>;
     fn last_committed(&self) -> Option<u64>;
     fn stats(&self) -> GateStats;
@@ -416,6 +506,15 @@ impl<S: Sink> Controlled for Mutex<EpochCore<S>> {
     fn discard_uncommitted(&self) -> DiscardStats {
         lock(self).discard_uncommitted()
     }
+    fn input_mirrored(&self, seq: u64) -> ReleaseStats {
+        let mut core = lock(self);
+        let step = core.sink.on_mirrored(seq);
+        core.count_early(&step);
+        step
+    }
+    fn set_on_first_held(&self, notify: Option<FirstHeld>) {
+        lock(self).on_first_held = notify;
+    }
     fn drain(&self) -> Result<ReleaseStats, EpochError> {
         let mut core = lock(self);
         if core.mode == GateMode::PassThrough {
@@ -428,7 +527,10 @@ impl<S: Sink> Controlled for Mutex<EpochCore<S>> {
         lock(self).committed
     }
     fn stats(&self) -> GateStats {
-        lock(self).stats
+        let core = lock(self);
+        let mut stats = core.stats;
+        stats.lane_held = core.sink.own_held().0;
+        stats
     }
 }
 
@@ -499,6 +601,20 @@ impl EpochControl {
     /// whose uncommitted output must never leave. The gate keeps its mode.
     pub fn discard_uncommitted(&self) -> DiscardStats {
         self.core.discard_uncommitted()
+    }
+
+    /// The backup holds every input frame (see [`super::InputLog`]) with seq `<= seq`: releases,
+    /// in order, the pure TCP ACKs of the network gate's ACK lane that waited for no more than
+    /// that. Returns what left. A no-op for disks and for a network gate without an input log.
+    pub fn input_mirrored(&self, seq: u64) -> ReleaseStats {
+        self.core.input_mirrored(seq)
+    }
+
+    /// Calls `notify` (under the gate's lock: it must only signal) whenever an epoch holds its
+    /// first item, so that the epoch loop can end an epoch early while output waits (latency
+    /// mode). None: no more calls.
+    pub fn set_on_first_held(&self, notify: Option<FirstHeld>) {
+        self.core.set_on_first_held(notify)
     }
 
     /// A gate in pass-through whose held output failed to leave when protection ended: try

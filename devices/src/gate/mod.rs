@@ -6,19 +6,32 @@
 mod epoch;
 mod epoch_disk;
 mod epoch_net;
+mod input_log;
 mod record;
+mod tcp_ack;
 
 pub use epoch::{
-    DiscardStats, EpochControl, EpochError, GateMode, GateStats, HoldLimits, ReleaseStats,
+    DiscardStats, EpochControl, EpochError, FirstHeld, GateMode, GateStats, HoldLimits,
+    ReleaseStats,
 };
 pub use epoch_disk::EpochDiskGate;
 pub use epoch_net::{EpochNetGate, GroupPeers};
+pub use input_log::{InputLog, InputRecorder, LoggedFrame};
 pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
+pub use tcp_ack::is_pure_tcp_ack;
 
 /// Where a network device's transmitted frames go (a TAP device, through the gate).
 pub trait NetOutputGate: Send {
     /// Sends one Ethernet frame (without the virtio-net header).
     fn transmit(&mut self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+/// Where a network device records each frame it is about to deliver to the guest (the input
+/// log of fault tolerance, see [`InputLog`]).
+pub trait NetInputRecorder: Send {
+    /// Records one Ethernet frame (without the virtio-net header) before it reaches guest
+    /// memory. False: the frame must not be delivered (the device drops it).
+    fn record(&mut self, frame: &[u8]) -> bool;
 }
 
 /// Where a block device's writes to its disk image go, and through which it reads.

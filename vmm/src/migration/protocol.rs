@@ -7,8 +7,9 @@
 //! offset  size  field
 //!      0     4  magic "TMIG" (0x47494d54 read as u32 LE)
 //!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
-//!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control (the last two
-//!                      only in fault-tolerance streams; a migration receiver rejects them)
+//!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control, 11 InputFrames
+//!                      (the last three only in fault-tolerance streams; a migration
+//!                      receiver rejects them)
 //!      5     1  flags  bit 0 = LZ4 (MemoryPages, State), bit 1 = delta (MemoryPages);
 //!                      other bits must be 0
 //!      6     2  reserved, 0
@@ -37,7 +38,8 @@
 //! - MemoryDone: `iteration u32, reserved u32 (0), pages u64` closes one pass over memory
 //!   (pages = entries sent in the pass, checked by the receiver);
 //! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message;
-//! - DiskWrites, Control: opaque here (their layout belongs to the fault-tolerance crate).
+//! - DiskWrites, Control, InputFrames: opaque here (their layout belongs to the
+//!   fault-tolerance crate).
 //!
 //! Order (sender -> receiver): Hello, then per epoch any number of MemoryPages / MemoryDone,
 //! one State, Complete; the receiver answers Complete with Ack (or Error at any point), and
@@ -60,7 +62,8 @@ use crate::progress::TransferProgress;
 /// Hello says it at once).
 /// 3: device states are virtio-pci's (see `SNAPSHOT_VERSION` 2).
 /// 4: MemoryPages frames may carry page deltas (an older peer would refuse them mid-stream).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: fault-tolerance streams carry InputFrames and InputAck (input mirroring).
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -102,6 +105,7 @@ pub enum FrameType {
     Abort = 8,
     DiskWrites = 9,
     Control = 10,
+    InputFrames = 11,
 }
 
 impl FrameType {
@@ -117,6 +121,7 @@ impl FrameType {
             8 => Self::Abort,
             9 => Self::DiskWrites,
             10 => Self::Control,
+            11 => Self::InputFrames,
             _ => return None,
         })
     }
@@ -143,6 +148,7 @@ impl fmt::Display for FrameType {
             Self::Abort => "Abort",
             Self::DiskWrites => "DiskWrites",
             Self::Control => "Control",
+            Self::InputFrames => "InputFrames",
         };
         f.write_str(name)
     }
@@ -313,6 +319,9 @@ pub enum Message<'a> {
         payload: &'a [u8],
     },
     Control {
+        payload: &'a [u8],
+    },
+    InputFrames {
         payload: &'a [u8],
     },
 }
@@ -532,6 +541,7 @@ impl<'a> Message<'a> {
             },
             FrameType::DiskWrites => Message::DiskWrites { payload: p },
             FrameType::Control => Message::Control { payload: p },
+            FrameType::InputFrames => Message::InputFrames { payload: p },
         })
     }
 
@@ -1053,6 +1063,10 @@ impl Default for SenderOptions {
     }
 }
 
+/// Frames another source wants sent as soon as possible, asked for between the page frames
+/// of a pass (see [`Sender::set_interleave`]).
+pub type InterleaveHook = Box<dyn FnMut() -> Vec<(FrameType, Vec<u8>)> + Send>;
+
 /// The sending side: the migration source, or the FT primary.
 pub struct Sender<T: Read + Write> {
     stream: T,
@@ -1073,6 +1087,7 @@ pub struct Sender<T: Read + Write> {
     delta: Vec<u8>,
     /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
     progress: Option<Arc<TransferProgress>>,
+    interleave: Option<InterleaveHook>,
 }
 
 impl<T: Read + Write> Sender<T> {
@@ -1099,7 +1114,34 @@ impl<T: Read + Write> Sender<T> {
             old: vec![0; PAGE_SIZE],
             delta: vec![0; PAGE_SIZE],
             progress: None,
+            interleave: None,
         }
+    }
+
+    /// Pages per MemoryPages frame from now on (1 ..= MAX_PAGES_PER_FRAME).
+    pub fn set_batch_pages(&mut self, pages: usize) {
+        self.options.batch_pages = pages.clamp(1, MAX_PAGES_PER_FRAME);
+    }
+
+    /// Sends what `hook` returns after every page frame of a pass (fault tolerance's input
+    /// mirroring: the guest's input must not wait for a whole epoch's pages).
+    pub fn set_interleave(&mut self, hook: Option<InterleaveHook>) {
+        self.interleave = hook;
+    }
+
+    fn send_interleaved(&mut self) -> Result<(), ProtocolError> {
+        let Some(mut hook) = self.interleave.take() else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        for (kind, payload) in hook() {
+            result = self.send_frame(kind, &payload);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.interleave = Some(hook);
+        result
     }
 
     /// Reports what is sent to `progress` from now on (None: stop reporting).
@@ -1255,6 +1297,7 @@ impl<T: Read + Write> Sender<T> {
                 break;
             }
             let (wire, zero) = self.send_page_frame(mem, count, base.as_deref_mut())?;
+            self.send_interleaved()?;
             pass.pages += count as u64;
             pass.zero_pages += zero;
             pass.wire_bytes += wire;

@@ -1,0 +1,322 @@
+//! The input log of "TCP at full speed": every frame delivered to the guest, numbered in
+//! delivery order over all NICs, for the fault-tolerance code to mirror to the backup.
+//!
+//! A pure TCP ACK the guest sends may leave before its epoch commits once the backup holds every
+//! input frame delivered before it (see [`super::EpochNetGate`]): at failover the backup replays
+//! those frames into its restored guest, so whatever the ACK acknowledged is received again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::NetInputRecorder;
+
+/// One frame delivered to the guest, numbered in delivery order over all NICs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedFrame {
+    pub seq: u64,
+    pub nic: u32,
+    pub epoch: u64,
+    pub data: Vec<u8>,
+}
+
+struct State {
+    epoch: u64,
+    /// Seq of the newest recorded frame.
+    last_seq: u64,
+    /// Recorded frames not yet taken by the sender, oldest first.
+    pending: VecDeque<LoggedFrame>,
+    pending_bytes: usize,
+}
+
+/// The shared input log (one per VM, shared by its NICs and the FT sender).
+pub struct InputLog {
+    state: Mutex<State>,
+    max_pending_bytes: usize,
+    notify: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Mirrors `State::last_seq`, readable without the lock (the net gate asks per ACK).
+    delivered: AtomicU64,
+    mirrored: AtomicU64,
+    stopped: AtomicBool,
+    recorded: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl InputLog {
+    /// `max_pending_bytes`: bound on frames recorded but not yet taken by the sender.
+    pub fn new(first_epoch: u64, max_pending_bytes: usize) -> Arc<InputLog> {
+        Arc::new(InputLog {
+            state: Mutex::new(State {
+                epoch: first_epoch,
+                last_seq: 0,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+            }),
+            max_pending_bytes,
+            notify: Mutex::new(None),
+            delivered: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            recorded: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called (outside any lock of the log) after a frame was recorded and the pending queue
+    /// was empty before: wakes the FT sender.
+    pub fn set_notify(&self, notify: Box<dyn Fn() + Send + Sync>) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(notify));
+    }
+
+    /// Epoch boundary: frames recorded from now on belong to `epoch`.
+    pub fn begin_epoch(&self, epoch: u64) {
+        self.state().epoch = epoch;
+    }
+
+    /// Records a frame the device is about to deliver; seq = previous + 1 (first is 1).
+    ///
+    /// Returns false (nothing recorded, seq unchanged) when the pending bytes would exceed the
+    /// bound: the device must then drop the frame. A dropped input frame is recovered by TCP;
+    /// a delivered frame the backup cannot replay would be unsafe. When the log is stopped,
+    /// returns true and records nothing.
+    pub fn record(&self, nic: u32, frame: &[u8]) -> bool {
+        if self.is_stopped() {
+            return true;
+        }
+        let was_empty = {
+            let mut st = self.state();
+            // Checked again under the lock: `stop` clears the queue under it.
+            if self.is_stopped() {
+                return true;
+            }
+            let after = st.pending_bytes.saturating_add(frame.len());
+            if after > self.max_pending_bytes {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            let was_empty = st.pending.is_empty();
+            st.last_seq += 1;
+            let frame = LoggedFrame {
+                seq: st.last_seq,
+                nic,
+                epoch: st.epoch,
+                data: frame.to_vec(),
+            };
+            st.pending.push_back(frame);
+            st.pending_bytes = after;
+            // Published under the lock so that `delivered` never runs ahead of the queue.
+            self.delivered.store(st.last_seq, Ordering::Release);
+            self.recorded.fetch_add(1, Ordering::Relaxed);
+            was_empty
+        };
+        if was_empty {
+            let notify = self
+                .notify
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(notify) = notify {
+                notify();
+            }
+        }
+        true
+    }
+
+    /// Seq of the newest recorded frame (0 before any).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    /// Takes every pending frame, oldest first.
+    pub fn take_pending(&self) -> Vec<LoggedFrame> {
+        let mut st = self.state();
+        st.pending_bytes = 0;
+        st.pending.drain(..).collect()
+    }
+
+    /// The backup holds every frame with seq <= `seq` (monotonic: a smaller value is ignored).
+    pub fn set_mirrored(&self, seq: u64) {
+        self.mirrored.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub fn mirrored(&self) -> u64 {
+        self.mirrored.load(Ordering::Acquire)
+    }
+
+    /// Protection starts (again) at `epoch`: record from now on. Frames delivered before are
+    /// in the state the backup starts from, so they count as mirrored.
+    pub fn start(&self, epoch: u64) {
+        let mut st = self.state();
+        st.epoch = epoch;
+        st.pending.clear();
+        st.pending_bytes = 0;
+        self.mirrored.fetch_max(st.last_seq, Ordering::AcqRel);
+        self.stopped.store(false, Ordering::Release);
+    }
+
+    /// Protection ended: stop recording, drop pending frames; `delivered`/`mirrored` stay.
+    pub fn stop(&self) {
+        let mut st = self.state();
+        self.stopped.store(true, Ordering::Release);
+        st.pending.clear();
+        st.pending_bytes = 0;
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Frames recorded so far.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
+    }
+
+    /// Frames refused because of the pending bound.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for InputLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputLog")
+            .field("delivered", &self.delivered())
+            .field("mirrored", &self.mirrored())
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+/// A NIC's handle on the shared log.
+pub struct InputRecorder {
+    log: Arc<InputLog>,
+    nic: u32,
+}
+
+impl InputRecorder {
+    pub fn new(log: Arc<InputLog>, nic: u32) -> Self {
+        Self { log, nic }
+    }
+}
+
+impl NetInputRecorder for InputRecorder {
+    fn record(&mut self, frame: &[u8]) -> bool {
+        self.log.record(self.nic, frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn frames_are_numbered_in_delivery_order_over_all_nics() {
+        let log = InputLog::new(7, 1 << 20);
+        assert_eq!(log.delivered(), 0);
+        let mut a = InputRecorder::new(log.clone(), 0);
+        let mut b = InputRecorder::new(log.clone(), 1);
+        assert!(a.record(b"one"));
+        assert!(b.record(b"two"));
+        assert!(a.record(b"three"));
+        assert_eq!(log.delivered(), 3);
+        assert_eq!(log.recorded(), 3);
+        let taken = log.take_pending();
+        let seqs: Vec<(u64, u32)> = taken.iter().map(|f| (f.seq, f.nic)).collect();
+        assert_eq!(seqs, vec![(1, 0), (2, 1), (3, 0)]);
+        assert_eq!(taken[1].data, b"two");
+    }
+
+    #[test]
+    fn frames_carry_the_epoch_they_were_recorded_in() {
+        let log = InputLog::new(5, 1 << 20);
+        assert!(log.record(0, b"a"));
+        log.begin_epoch(6);
+        assert!(log.record(0, b"b"));
+        assert!(log.record(0, b"c"));
+        let epochs: Vec<u64> = log.take_pending().iter().map(|f| f.epoch).collect();
+        assert_eq!(epochs, vec![5, 6, 6]);
+    }
+
+    #[test]
+    fn frames_over_the_bound_are_refused_without_a_seq() {
+        let log = InputLog::new(1, 10);
+        assert!(log.record(0, &[0; 6]));
+        assert!(!log.record(0, &[0; 5]));
+        assert_eq!(log.delivered(), 1);
+        assert_eq!(log.refused(), 1);
+        assert!(log.record(0, &[0; 4]));
+        assert_eq!(log.delivered(), 2);
+        // Taking the pending frames makes room again.
+        assert_eq!(log.take_pending().len(), 2);
+        assert!(log.record(0, &[0; 10]));
+        assert_eq!(log.delivered(), 3);
+        assert_eq!(log.recorded(), 3);
+    }
+
+    #[test]
+    fn take_pending_empties_the_queue_and_notify_fires_on_the_first_frame() {
+        let log = InputLog::new(1, 1 << 20);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        log.set_notify(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert!(log.record(0, b"a"));
+        assert!(log.record(0, b"b"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(log.take_pending().len(), 2);
+        assert!(log.take_pending().is_empty());
+        assert!(log.record(0, b"c"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let taken = log.take_pending();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].seq, 3);
+    }
+
+    #[test]
+    fn a_restarted_log_counts_what_came_before_as_mirrored() {
+        let log = InputLog::new(1, 1 << 20);
+        assert!(log.record(0, &[1; 60]));
+        log.stop();
+        assert!(log.record(0, &[2; 60]));
+        assert_eq!(log.delivered(), 1, "nothing is recorded while stopped");
+        log.start(9);
+        assert_eq!(log.mirrored(), 1);
+        assert!(log.take_pending().is_empty());
+        assert!(log.record(0, &[3; 60]));
+        let taken = log.take_pending();
+        assert_eq!((taken[0].seq, taken[0].epoch), (2, 9));
+    }
+
+    #[test]
+    fn mirrored_is_monotonic() {
+        let log = InputLog::new(1, 1 << 20);
+        assert_eq!(log.mirrored(), 0);
+        log.set_mirrored(4);
+        log.set_mirrored(2);
+        assert_eq!(log.mirrored(), 4);
+        log.set_mirrored(9);
+        assert_eq!(log.mirrored(), 9);
+    }
+
+    #[test]
+    fn a_stopped_log_accepts_and_records_nothing() {
+        let log = InputLog::new(1, 4);
+        assert!(log.record(0, b"ab"));
+        log.set_mirrored(1);
+        log.stop();
+        assert!(log.is_stopped());
+        assert!(log.take_pending().is_empty());
+        // Over the bound too: nothing is held any more, so nothing is refused.
+        assert!(log.record(0, b"abcdefgh"));
+        assert_eq!(log.delivered(), 1);
+        assert_eq!(log.mirrored(), 1);
+        assert_eq!(log.recorded(), 1);
+        assert_eq!(log.refused(), 0);
+    }
+}

@@ -1,0 +1,182 @@
+//! The backup's copy of the input the primary's guest received (TCP at full speed).
+//!
+//! The primary mirrors every frame its NICs deliver to the guest, numbered (`seq`) and tagged
+//! with the epoch that received it. The backup keeps the frames of epochs it does not hold yet
+//! and acknowledges the newest `seq` up to which it holds (or has the state covering) every
+//! frame; the primary then lets the guest's pure TCP ACKs covering no later input leave before
+//! their epoch commits. At failover from epoch C, the frames of epochs after C are delivered
+//! to the restored guest again: the client was told they arrived, so the guest must see them.
+//!
+//! Memory is bounded: over the bound a frame is dropped, and the acknowledgement stops short
+//! of it until an epoch covering it is held (the primary then waits for that commit instead,
+//! as without mirroring).
+
+use std::collections::VecDeque;
+
+use devices::gate::LoggedFrame;
+
+/// Bytes of frames the backup keeps at most.
+pub const INPUT_STORE_MAX: usize = 64 << 20;
+
+#[derive(Debug)]
+pub struct InputStore {
+    frames: VecDeque<LoggedFrame>,
+    bytes: usize,
+    max_bytes: usize,
+    nics: u32,
+    /// The newest seq received.
+    last_seq: u64,
+    /// The newest epoch held (frames of it and before are in its state).
+    held_epoch: Option<u64>,
+    /// The newest epoch of a frame dropped over the bound, until an epoch covering it is held.
+    dropped_epoch: Option<u64>,
+    /// The newest seq acknowledged.
+    acked: u64,
+}
+
+impl InputStore {
+    pub fn new(nics: usize, max_bytes: usize) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+            nics: nics as u32,
+            last_seq: 0,
+            held_epoch: None,
+            dropped_epoch: None,
+            acked: 0,
+        }
+    }
+
+    /// Takes the frames of one InputFrames payload. Err: the stream is wrong (seq not after
+    /// the last one, a NIC the VM does not have).
+    pub fn receive(&mut self, frames: Vec<LoggedFrame>) -> Result<(), String> {
+        for frame in frames {
+            if frame.seq <= self.last_seq {
+                return Err(format!(
+                    "input frame {} after input frame {}",
+                    frame.seq, self.last_seq
+                ));
+            }
+            if frame.nic >= self.nics {
+                return Err(format!(
+                    "input frame {} for NIC {}, the VM has {}",
+                    frame.seq, frame.nic, self.nics
+                ));
+            }
+            self.last_seq = frame.seq;
+            if self.held_epoch.is_some_and(|held| frame.epoch <= held) {
+                // Already in the state held.
+                continue;
+            }
+            if self.bytes + frame.data.len() > self.max_bytes {
+                self.dropped_epoch = self.dropped_epoch.max(Some(frame.epoch));
+                continue;
+            }
+            self.bytes += frame.data.len();
+            self.frames.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// Epoch `epoch` is held: its frames and earlier ones are in its state.
+    pub fn epoch_held(&mut self, epoch: u64) {
+        self.held_epoch = self.held_epoch.max(Some(epoch));
+        while self.frames.front().is_some_and(|f| f.epoch <= epoch) {
+            if let Some(f) = self.frames.pop_front() {
+                self.bytes -= f.data.len();
+            }
+        }
+        if self.dropped_epoch.is_some_and(|dropped| dropped <= epoch) {
+            self.dropped_epoch = None;
+        }
+    }
+
+    /// The seq to acknowledge now, if it moved: every frame up to it is kept or in a held
+    /// epoch's state.
+    pub fn ack_due(&mut self) -> Option<u64> {
+        if self.dropped_epoch.is_some() || self.last_seq <= self.acked {
+            return None;
+        }
+        self.acked = self.last_seq;
+        Some(self.acked)
+    }
+
+    /// The frames to deliver again after resuming from the held epoch, per NIC, oldest first.
+    pub fn replay(&mut self) -> Vec<(u32, Vec<u8>)> {
+        let held = self.held_epoch;
+        self.frames
+            .drain(..)
+            .filter(|f| held.is_none_or(|h| f.epoch > h))
+            .map(|f| (f.nic, f.data))
+            .collect()
+    }
+
+    /// Frames kept.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64, epoch: u64, len: usize) -> LoggedFrame {
+        LoggedFrame {
+            seq,
+            nic: 0,
+            epoch,
+            data: vec![seq as u8; len],
+        }
+    }
+
+    #[test]
+    fn frames_of_held_epochs_are_dropped_and_the_rest_replayed_in_order() {
+        let mut store = InputStore::new(1, 1 << 20);
+        store
+            .receive(vec![frame(1, 5, 60), frame(2, 5, 60), frame(3, 6, 60)])
+            .unwrap();
+        assert_eq!(store.ack_due(), Some(3));
+        assert_eq!(store.ack_due(), None);
+        store.epoch_held(5);
+        store.receive(vec![frame(4, 7, 60)]).unwrap();
+        assert_eq!(store.ack_due(), Some(4));
+        let replay = store.replay();
+        assert_eq!(
+            replay.iter().map(|(_, d)| d[0]).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+    }
+
+    #[test]
+    fn over_the_bound_the_ack_waits_for_the_epoch_that_covers_the_dropped_frame() {
+        let mut store = InputStore::new(1, 100);
+        store.receive(vec![frame(1, 5, 60)]).unwrap();
+        assert_eq!(store.ack_due(), Some(1));
+        store
+            .receive(vec![frame(2, 5, 60), frame(3, 6, 10)])
+            .unwrap();
+        assert_eq!(store.ack_due(), None, "frame 2 was dropped");
+        store.epoch_held(4);
+        assert_eq!(store.ack_due(), None);
+        store.epoch_held(5);
+        assert_eq!(store.ack_due(), Some(3));
+        assert_eq!(store.replay().len(), 1);
+    }
+
+    #[test]
+    fn a_seq_that_does_not_grow_or_an_unknown_nic_breaks_the_stream() {
+        let mut store = InputStore::new(2, 1 << 20);
+        store.receive(vec![frame(4, 1, 10)]).unwrap();
+        assert!(store.receive(vec![frame(4, 1, 10)]).is_err());
+        assert!(store.receive(vec![frame(3, 1, 10)]).is_err());
+        let mut other = frame(9, 1, 10);
+        other.nic = 2;
+        assert!(store.receive(vec![other]).is_err());
+    }
+}
