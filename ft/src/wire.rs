@@ -158,20 +158,11 @@ pub struct DiskWrite {
 /// Encodes `writes` of disk `disk` into frames of at most [`MAX_DISK_FRAME`] bytes (a write
 /// larger than that gets a frame of its own).
 pub fn encode_disk_writes(disk: u32, writes: &[devices::gate::RecordedWrite]) -> Vec<Vec<u8>> {
-    let mut frames = Vec::new();
-    let mut start = 0;
-    while start < writes.len() {
-        let mut end = start;
-        let mut size = DISK_HEADER;
-        while end < writes.len() {
-            let add = DISK_ENTRY + writes[end].data.len();
-            if end > start && size + add > MAX_DISK_FRAME {
-                break;
-            }
-            size += add;
-            end += 1;
-        }
-        let batch = &writes[start..end];
+    batches(writes, DISK_HEADER, MAX_DISK_FRAME, |w| {
+        DISK_ENTRY + w.data.len()
+    })
+    .into_iter()
+    .map(|(batch, size)| {
         let mut p = Vec::with_capacity(size);
         p.extend_from_slice(&disk.to_le_bytes());
         p.extend_from_slice(&(batch.len() as u32).to_le_bytes());
@@ -182,10 +173,37 @@ pub fn encode_disk_writes(disk: u32, writes: &[devices::gate::RecordedWrite]) ->
         for w in batch {
             p.extend_from_slice(&w.data);
         }
-        frames.push(p);
+        p
+    })
+    .collect()
+}
+
+/// Cuts `items` into consecutive batches whose encoded size (`header` plus `size_of` each)
+/// stays within `max`; an item larger than that gets a batch of its own. Each batch comes
+/// with its encoded size.
+fn batches<T>(
+    items: &[T],
+    header: usize,
+    max: usize,
+    size_of: impl Fn(&T) -> usize,
+) -> Vec<(&[T], usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start;
+        let mut size = header;
+        while end < items.len() {
+            let add = size_of(&items[end]);
+            if end > start && size + add > max {
+                break;
+            }
+            size += add;
+            end += 1;
+        }
+        out.push((&items[start..end], size));
         start = end;
     }
-    frames
+    out
 }
 
 /// Decodes one DiskWrites payload: the disk index and its writes.
@@ -231,20 +249,11 @@ pub fn decode_disk_writes(p: &[u8]) -> Result<(u32, Vec<DiskWrite>), WireError> 
 /// Encodes input frames into payloads of at most [`MAX_INPUT_FRAME`] bytes (a frame larger
 /// than that gets a payload of its own).
 pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < frames.len() {
-        let mut end = start;
-        let mut size = INPUT_HEADER;
-        while end < frames.len() {
-            let add = INPUT_ENTRY + frames[end].data.len();
-            if end > start && size + add > MAX_INPUT_FRAME {
-                break;
-            }
-            size += add;
-            end += 1;
-        }
-        let batch = &frames[start..end];
+    batches(frames, INPUT_HEADER, MAX_INPUT_FRAME, |f| {
+        INPUT_ENTRY + f.data.len()
+    })
+    .into_iter()
+    .map(|(batch, size)| {
         let mut p = Vec::with_capacity(size);
         p.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         for f in batch {
@@ -254,10 +263,9 @@ pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
             p.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
             p.extend_from_slice(&f.data);
         }
-        out.push(p);
-        start = end;
-    }
-    out
+        p
+    })
+    .collect()
 }
 
 /// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before

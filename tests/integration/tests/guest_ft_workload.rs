@@ -207,10 +207,14 @@ fn exercise() -> Result<(u64, String), String> {
         return Err(format!("check after {last} requests: {check:?}"));
     }
 
-    // The sink counts exactly what was sent.
+    // The sink counts and hashes exactly what was sent (20 MB of 0xa5).
     const SINK_BYTES: usize = 20_000_000;
     let (got, mbps) = sink(SINK_BYTES)?;
-    if got != format!("got {SINK_BYTES}\n") {
+    let mut fnv = 0xcbf2_9ce4_8422_2325u64;
+    for _ in 0..SINK_BYTES {
+        fnv = (fnv ^ 0xa5).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if got != format!("got {SINK_BYTES} fnv {fnv:016x}\n") {
         return Err(format!("sink replied {got:?}"));
     }
 
