@@ -941,7 +941,7 @@ struct Report {
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
-    run_with(seed, mode, faults, witness, HEARTBEAT_MS)
+    run_with(seed, mode, faults, witness, HEARTBEAT_MS, false)
 }
 
 /// [`run`] with its own heartbeat timeout: a run without faults has nothing to detect, so it
@@ -952,6 +952,7 @@ fn run_with(
     faults: Vec<Fault>,
     witness: &Arc<WitnessHandle>,
     heartbeat_ms: u64,
+    latency_mode: bool,
 ) -> Report {
     let context = format!("seed {seed:#x}, {mode:?} disks, faults {faults:?}");
     let dir = scratch_dir();
@@ -1021,8 +1022,7 @@ fn run_with(
         compress: true,
         hot_pages: true,
         early_acks: true,
-        // Some runs cut epochs early whenever output waits.
-        latency_mode: seed.is_multiple_of(3),
+        latency_mode,
         group: None,
         tls_dir: None,
         // The witness in these tests listens on plain TCP.
@@ -1084,6 +1084,11 @@ fn run_with(
         let started = Instant::now();
         let silenced = faults.iter().any(|f| matches!(f, Fault::Silence { .. }));
         while checkpoints < CHECKPOINTS
+            // A killed backup: the primary must notice (a heartbeat timeout at most) before
+            // the run ends, however late in it the kill came.
+            || (kill_seen(&link) == Some(Side::Backup)
+                && p.status().health == FtHealth::Protected
+                && started.elapsed() < Duration::from_secs(20))
             || (silenced
                 && !backup_thread.is_finished()
                 && started.elapsed() < Duration::from_secs(20))
@@ -1316,7 +1321,9 @@ fn random_runs(mode: FtDiskMode, base_seed: u64) {
         if rng.below(3) == 0 {
             faults.push(Fault::random(&mut rng));
         }
-        let report = run(seed, mode, faults, &witness);
+        // A third of the runs cut epochs early whenever output waits (latency mode).
+        let latency_mode = rng.below(3) == 0;
+        let report = run_with(seed, mode, faults, &witness, HEARTBEAT_MS, latency_mode);
         takeovers += report.took_over as u64;
     }
     eprintln!("{mode:?}: {takeovers} takeovers checked");
@@ -1326,7 +1333,7 @@ fn random_runs(mode: FtDiskMode, base_seed: u64) {
 fn no_fault_run_replicates_and_releases_everything() {
     let witness = witness();
     for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
-        let report = run_with(1, mode, Vec::new(), &witness, NO_FAULT_HEARTBEAT_MS);
+        let report = run_with(1, mode, Vec::new(), &witness, NO_FAULT_HEARTBEAT_MS, false);
         assert!(
             report.acked > 10,
             "{mode:?}: only {} epochs acknowledged",
