@@ -59,6 +59,8 @@ const EPOCH_MS: u64 = 2;
 const HEARTBEAT_MS: u64 = 250;
 /// The heartbeat timeout of a run without faults (see [`run_with`]).
 const NO_FAULT_HEARTBEAT_MS: u64 = 3000;
+/// How long a run goes on after a forged acknowledgement for the primary to act on it.
+const FORGERY_GRACE: Duration = Duration::from_secs(1);
 /// Checkpoints a run drives at most.
 const CHECKPOINTS: u64 = 40;
 
@@ -1083,7 +1085,22 @@ fn run_with(
             .unwrap_or(0);
         let started = Instant::now();
         let silenced = faults.iter().any(|f| matches!(f, Fault::Silence { .. }));
+        let forges = faults.iter().any(|f| matches!(f, Fault::ForgeAck { .. }));
+        // When the forgery went out (first seen by this loop).
+        let forged_at = std::cell::Cell::new(None::<Instant>);
+        let forged_since = |link: &Link| {
+            if forged_at.get().is_none() && link.state.forged.load(Ordering::SeqCst) {
+                forged_at.set(Some(Instant::now()));
+            }
+            forged_at.get()
+        };
         while checkpoints < CHECKPOINTS
+            // A forged acknowledgement: the run lasts until it was sent and the primary
+            // acted on it (input mirroring adds frames, so frame `at` may come late).
+            || (forges
+                && forged_since(&link).is_none_or(|t| t.elapsed() < FORGERY_GRACE)
+                && p.status().health == FtHealth::Protected
+                && started.elapsed() < Duration::from_secs(20))
             // A killed backup: the primary must notice (a heartbeat timeout at most) before
             // the run ends, however late in it the kill came.
             || (kill_seen(&link) == Some(Side::Backup)
