@@ -1136,7 +1136,7 @@ mod tests {
                 "epoch_ms": 0, "heartbeat_timeout_ms": 0, "fencing": "", "epoch": 0,
                 "last_committed_epoch": 0, "lag_epochs": 0, "bytes": 0, "dirty_pages": 0,
                 "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
-                "epochs_cut_early": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
+                "epochs_cut_early": 0, "epochs_cut_for_output": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0,
                 "acks_released_early": 0, "input_frames_replayed": 0,
                 "held_disk_writes": 0, "failovers": 0,

@@ -221,6 +221,8 @@ struct Shared {
     input_frames_sent: AtomicU64,
     /// The running epoch holds output (set by the NIC gates, cleared at each checkpoint).
     output_waiting: AtomicBool,
+    /// Latency mode shortened the running epoch (see `next_checkpoint`).
+    cut_for_output: AtomicBool,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
     /// is provably alive.
     lease: Option<LeaseHold>,
@@ -278,6 +280,8 @@ pub struct Primary {
     waiting_for_sender: bool,
     dirty_pages: u64,
     epochs_cut_early: u64,
+    /// Latency mode: epochs ended early because output waited.
+    epochs_cut_for_output: u64,
     health: FtHealth,
     last_error: Option<String>,
 }
@@ -521,6 +525,7 @@ impl Primary {
             input_sent: AtomicU64::new(0),
             input_frames_sent: AtomicU64::new(0),
             output_waiting: AtomicBool::new(false),
+            cut_for_output: AtomicBool::new(false),
             lease,
             group: group.map(|member| GroupLink {
                 member,
@@ -604,6 +609,7 @@ impl Primary {
             waiting_for_sender: false,
             dirty_pages: 0,
             epochs_cut_early: 0,
+            epochs_cut_for_output: 0,
             health: FtHealth::Protected,
             last_error: None,
         })
@@ -1018,6 +1024,7 @@ impl Primary {
             pause_us_p99: self.pauses.percentile_us(99.0),
             pause_us_max: self.pauses.max_us(),
             epochs_cut_early: self.epochs_cut_early,
+            epochs_cut_for_output: self.epochs_cut_for_output,
             hot_pages: self.hot.kept().count(),
             hot_page_hits: self.hot.hits(),
             last_error: self
@@ -1376,8 +1383,9 @@ impl Primary {
             // Output waits: end the epoch as soon as allowed, unless its pages would take
             // long to send (then a shorter epoch would not bring the output out sooner).
             let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
-            if send <= self.epoch_len / 4 {
-                len = len.min(MIN_CUT_EPOCH);
+            if send <= self.epoch_len / 4 && MIN_CUT_EPOCH < len {
+                len = MIN_CUT_EPOCH;
+                self.shared.cut_for_output.store(true, Ordering::SeqCst);
             }
         }
         let left = len.saturating_sub(self.epoch_started.elapsed());
@@ -1404,12 +1412,16 @@ impl Primary {
             // The previous epoch is still on the wire: this one runs on a little.
             return Ok(());
         }
+        // Latency mode ends this epoch before its time because output waits.
+        let for_output = self.shared.cut_for_output.swap(false, Ordering::SeqCst)
+            && self.epoch_started.elapsed() + MIN_TIMER < self.next_len;
         self.epoch_started = Instant::now();
         // Output from here on belongs to the next epoch (the NIC gates say so again).
         self.shared.output_waiting.store(false, Ordering::SeqCst);
         let Some(job) = self.cut(vm, &Cut::Own, true)? else {
             return Ok(());
         };
+        self.epochs_cut_for_output += u64::from(for_output);
         // Bounded latency: when sending an epoch takes longer than running one, output waits
         // for both, so shorten the next epoch in proportion (fewer pages to send).
         let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));

@@ -938,6 +938,8 @@ struct Report {
     frames_released: u64,
     /// Guest ACKs that left before their epoch was held (their input was).
     early_acks: u64,
+    /// Epochs latency mode ended early because output waited.
+    cut_for_output: u64,
     frames: u64,
     took_over: bool,
 }
@@ -1164,6 +1166,9 @@ fn run_with(
     let committed = primary
         .as_ref()
         .map_or(0, |p| p.status().last_committed_epoch);
+    let cut_for_output = primary
+        .as_ref()
+        .map_or(0, |p| p.status().epochs_cut_for_output);
     let frames_released = world.frames_out.load(Ordering::SeqCst);
     let early_acks = vm
         .gates
@@ -1301,6 +1306,7 @@ fn run_with(
         committed,
         frames_released,
         early_acks,
+        cut_for_output,
         summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
         acked,
         frames: link.state.frames.load(Ordering::SeqCst),
@@ -1379,6 +1385,31 @@ fn no_fault_run_replicates_and_releases_everything() {
             report.frames, report.acked, report.early_acks
         );
     }
+}
+
+/// Latency mode: with output waiting every step, epochs end early, and nothing else changes.
+#[test]
+fn latency_mode_ends_epochs_early_while_output_waits() {
+    let witness = witness();
+    let report = run_with(
+        2,
+        FtDiskMode::Shared,
+        Vec::new(),
+        &witness,
+        NO_FAULT_HEARTBEAT_MS,
+        true,
+    );
+    assert!(
+        report.acked > 10,
+        "only {} epochs acknowledged",
+        report.acked
+    );
+    assert!(
+        report.cut_for_output > 0,
+        "no epoch ended early: {}",
+        report.summary
+    );
+    assert!(!report.took_over);
 }
 
 #[test]

@@ -377,6 +377,9 @@ pub struct FtStatus {
     /// Epochs cut short because their dirty set would take too long to send, or held (the
     /// guest paused) until the previous epoch was sent.
     pub epochs_cut_early: u64,
+    /// Primary in latency mode: epochs ended early because output waited.
+    #[serde(default)]
+    pub epochs_cut_for_output: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,
@@ -428,6 +431,7 @@ impl FtStatus {
         put("pause_us_p99", self.pause_us_p99);
         put("pause_us_max", self.pause_us_max);
         put("epochs_cut_early", self.epochs_cut_early);
+        put("epochs_cut_for_output", self.epochs_cut_for_output);
         put("hot_pages", self.hot_pages);
         put("hot_page_hits", self.hot_page_hits);
         put("held_packets", self.held_packets);
