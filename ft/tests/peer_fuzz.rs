@@ -208,6 +208,8 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
     let answers: Vec<Vec<Hostile>> = vec![
         vec![Hostile::Control(Control::Ack { epoch: u64::MAX })],
         vec![Hostile::Control(Control::Ack { epoch: 0 })],
+        // Input the primary never sent: early ACKs must not leave on its word.
+        vec![Hostile::Control(Control::InputAck { seq: u64::MAX })],
         vec![Hostile::Control(Control::EpochEnd {
             epoch: 3,
             released_through: 3,
@@ -224,6 +226,10 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
         }],
     ];
     for answer in answers {
+        let input_ack = matches!(
+            answer.first(),
+            Some(Hostile::Control(Control::InputAck { .. }))
+        );
         let (primary_end, backup_end) = UnixStream::pair().unwrap();
         // A fake backup: reads the sync, acknowledges it, then answers with `answer`.
         let fake = std::thread::spawn(move || {
@@ -300,6 +306,13 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             status.last_committed_epoch
         );
         assert!(status.last_error.is_some());
+        if input_ack {
+            let error = status.last_error.clone().unwrap_or_default();
+            assert!(
+                error.contains("acknowledged input frame"),
+                "an InputAck for input never sent: {error}"
+            );
+        }
         let _ = primary.stop(Some(&mut vm), vmm::fault_tolerance::StopReason::VmGone);
         let _ = fake.join();
     }
