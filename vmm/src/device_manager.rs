@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use devices::acpi::Ged;
 use devices::gate::{
@@ -42,6 +41,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::control::{
     pci_bdf, DeviceNode, DeviceResource, DeviceTree, PciBarType, VmCounters, VIRTIO_PCI_NODE_PREFIX,
 };
+use crate::device_loop::DeviceLoop;
 use crate::kvm_routing::{KvmRouting, IOAPIC_PINS};
 use crate::x86_64::layout;
 
@@ -489,10 +489,8 @@ pub struct DeviceManager {
     subscribers: Vec<(Option<usize>, Subscriber)>,
     virtio: Vec<VirtioEntry>,
     serial: Option<Arc<Mutex<Serial>>>,
-    event_loop: Option<(JoinHandle<EventManager<Subscriber>>, EventFd)>,
-    /// The loop's manager while its thread is stopped (paused for a state capture).
-    parked_loop: Option<EventManager<Subscriber>>,
-    parked_stop_evt: Option<EventFd>,
+    /// The device event loop, once started (paused for a state capture or a change).
+    device_loop: Option<DeviceLoop<Subscriber>>,
     stop_flag: Arc<AtomicBool>,
     /// Device numbers the configuration fixes (`pci_device_id`), by device id.
     placement: BTreeMap<String, u8>,
@@ -523,9 +521,7 @@ impl DeviceManager {
             subscribers: Vec::new(),
             virtio: Vec::new(),
             serial: None,
-            event_loop: None,
-            parked_loop: None,
-            parked_stop_evt: None,
+            device_loop: None,
             stop_flag: Arc::new(AtomicBool::new(false)),
             placement: BTreeMap::new(),
             hotplug: None,
@@ -803,14 +799,13 @@ impl DeviceManager {
         if !self.started {
             return Ok(());
         }
-        if self.event_loop.is_none() && self.parked_loop.is_none() {
+        let Some(running) = self.device_loop.as_ref().map(|l| l.is_running()) else {
             // The VM booted without devices: this one starts the loop.
             return self.start();
-        }
-        let running = self.event_loop.is_some();
+        };
         self.pause_loop()?;
-        let result = match self.parked_loop.as_mut() {
-            Some(manager) => {
+        let result = match self.device_loop.as_ref().and_then(|l| l.parked_manager()) {
+            Some(mut manager) => {
                 for (owner, subscriber) in self.subscribers.drain(..) {
                     let sid = manager.add_subscriber(subscriber);
                     if let Some(entry) = owner.and_then(|i| self.virtio.get_mut(i)) {
@@ -891,11 +886,11 @@ impl DeviceManager {
     fn forget(&mut self, vm_fd: &VmFd, entry: VirtioEntry) {
         lock(&self.pci).remove(entry.number);
         if !entry.subscriptions.is_empty() {
-            let running = self.event_loop.is_some();
+            let running = self.device_loop.as_ref().is_some_and(|l| l.is_running());
             if let Err(e) = self.pause_loop() {
                 log::error!("{}: cannot pause the device loop: {e}", entry.id);
             }
-            if let Some(manager) = self.parked_loop.as_mut() {
+            if let Some(mut manager) = self.device_loop.as_ref().and_then(|l| l.parked_manager()) {
                 for sid in &entry.subscriptions {
                     if let Err(e) = manager.remove_subscriber(*sid) {
                         log::warn!("{}: leaving the device loop: {e:?}", entry.id);
@@ -1108,53 +1103,34 @@ impl DeviceManager {
 
     fn spawn_loop(
         &mut self,
-        mut manager: EventManager<Subscriber>,
+        manager: EventManager<Subscriber>,
         stop_evt: EventFd,
     ) -> Result<(), DeviceManagerError> {
-        let stop = self.stop_flag.clone();
-        stop.store(false, Ordering::SeqCst);
-        let thread = std::thread::Builder::new()
-            .name("device-loop".into())
-            .spawn(move || {
-                // The device loop parses guest-controlled queues: it runs filtered or not at
-                // all (the VM then makes no device progress, and the log says why).
-                if !crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::DeviceLoop) {
-                    return manager;
-                }
-                while !stop.load(Ordering::SeqCst) {
-                    if let Err(e) = manager.run() {
-                        log::error!("device event loop failed: {e}");
-                        break;
-                    }
-                }
-                manager
-            })
-            .map_err(|e| DeviceManagerError::EventLoop(e.to_string()))?;
-        self.event_loop = Some((thread, stop_evt));
+        // The device loop parses guest-controlled queues: it runs filtered or not at all (the
+        // VM then makes no device progress, and the log says why).
+        let started = DeviceLoop::start(manager, stop_evt, self.stop_flag.clone(), || {
+            crate::seccomp::apply_or_log(crate::seccomp::ThreadRole::DeviceLoop)
+        })
+        .map_err(|e| DeviceManagerError::EventLoop(e.to_string()))?;
+        self.device_loop = Some(started);
         Ok(())
     }
 
     /// Stops the device loop at a point where no device code runs (between events), keeping
     /// its devices and registrations for [`DeviceManager::resume_loop`].
     pub fn pause_loop(&mut self) -> Result<(), DeviceManagerError> {
-        if let Some((thread, stop_evt)) = self.event_loop.take() {
-            stop_evt.write(1).map_err(DeviceManagerError::EventFd)?;
-            let manager = thread
-                .join()
-                .map_err(|_| DeviceManagerError::EventLoop("the device loop panicked".into()))?;
-            self.parked_loop = Some(manager);
-            // The stop eventfd goes back with the manager on resume.
-            self.parked_stop_evt = Some(stop_evt);
+        match &mut self.device_loop {
+            Some(device_loop) => device_loop
+                .pause()
+                .map_err(|e| DeviceManagerError::EventLoop(e.to_string())),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Restarts a loop stopped by [`DeviceManager::pause_loop`].
     pub fn resume_loop(&mut self) -> Result<(), DeviceManagerError> {
-        if let (Some(manager), Some(stop_evt)) =
-            (self.parked_loop.take(), self.parked_stop_evt.take())
-        {
-            self.spawn_loop(manager, stop_evt)?;
+        if let Some(device_loop) = &mut self.device_loop {
+            device_loop.resume();
         }
         Ok(())
     }
@@ -1503,11 +1479,9 @@ impl DeviceManager {
 
     /// Stops the device loop and waits for it.
     pub fn stop(&mut self) {
-        if let Err(e) = self.pause_loop() {
-            log::error!("cannot stop the device loop: {e}");
+        if let Some(mut device_loop) = self.device_loop.take() {
+            device_loop.stop();
         }
-        self.parked_loop = None;
-        self.parked_stop_evt = None;
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod device_loop;
 pub mod device_manager;
 pub mod dirty_log;
 pub mod event_monitor;

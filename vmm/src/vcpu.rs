@@ -316,8 +316,12 @@ impl Vcpus {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
-        let _park = self.shared.lock_park();
-        self.shared.pause.store(false, Ordering::SeqCst);
+        {
+            let _park = self.shared.lock_park();
+            self.shared.pause.store(false, Ordering::SeqCst);
+        }
+        // Woken outside the lock: a vCPU scheduled at once would otherwise find it still
+        // held, and the resume would wait for the waker to run again.
         self.shared.changed.notify_all();
     }
 
