@@ -1210,6 +1210,132 @@ static void vsock_source(int fd, char *arg)
 }
 
 /*
+ * TCP throughput of one direction (ci/bench-ft-linux): listens on TCP `port`, replies
+ * "<name> listening port=<port>" on the control connection fd, accepts one connection and
+ * returns it (-1 after replying "<name> fail <why>").
+ */
+static int tcp_accept_one(int fd, const char *name, int port)
+{
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+	struct sockaddr_in sin;
+	memset(&sin, 0, sizeof(sin));
+	sin.sin_family = AF_INET;
+	sin.sin_port = htons(port);
+	if (ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(ls, (struct sockaddr *)&sin, sizeof(sin)) || listen(ls, 1)) {
+		reply(fd, "%s fail listen: %s", name, strerror(errno));
+		if (ls >= 0)
+			close(ls);
+		return -1;
+	}
+	reply(fd, "%s listening port=%d", name, port);
+	struct pollfd pfd = { .fd = ls, .events = POLLIN };
+	int c = poll(&pfd, 1, 600 * 1000) == 1 ? accept4(ls, NULL, NULL, SOCK_CLOEXEC) : -1;
+	close(ls);
+	if (c < 0)
+		reply(fd, "%s fail no connection", name);
+	return c;
+}
+
+/*
+ * `tsource PORT N` (throughput guest -> host): takes one connection on TCP PORT, sends N bytes
+ * of a deterministic pseudo-random stream (xorshift64 from 0x9e3779b97f4a7c15: x ^= x << 13,
+ * x ^= x >> 7, x ^= x << 17, each x as 8 little-endian bytes, the last word cut at N), shuts
+ * down its side and waits for the host to close; replies with the FNV-1a 64 of what it sent
+ * and the time from the accept to the host's close.
+ */
+static void tcp_source(int fd, char *arg)
+{
+	static unsigned char buf[64 << 10];
+	char *bytes_s = strchr(arg, ' ');
+	if (bytes_s)
+		*bytes_s++ = 0;
+	unsigned long long want = bytes_s ? strtoull(bytes_s, NULL, 10) : 0, sent = 0;
+	int c = tcp_accept_one(fd, "tsource", atoi(arg));
+	if (c < 0)
+		return;
+	uint64_t x = 0x9e3779b97f4a7c15ull, h = 0xcbf29ce484222325ull;
+	long start = uptime_ms();
+	while (sent < want) {
+		size_t chunk = want - sent < sizeof(buf) ? want - sent : sizeof(buf), done = 0;
+		for (size_t i = 0; i < chunk; i += 8) {
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			for (size_t b = 0; b < 8 && i + b < chunk; b++)
+				buf[i + b] = (unsigned char)(x >> (8 * b));
+		}
+		h = fnv64(buf, chunk, h);
+		while (done < chunk) {
+			ssize_t n = write(c, buf + done, chunk - done);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0)
+				break;
+			done += n;
+		}
+		sent += done;
+		if (done < chunk)
+			break;
+	}
+	int err = errno;
+	shutdown(c, SHUT_WR);
+	char scratch[64];
+	read_to_end(c, scratch, sizeof(scratch));
+	long ms = uptime_ms() - start;
+	close(c);
+	if (sent < want)
+		reply(fd, "tsource fail write after %llu bytes: %s", sent, strerror(err));
+	else
+		reply(fd, "tsource ok bytes=%llu fnv=%016llx ms=%ld", sent, (unsigned long long)h, ms);
+}
+
+/*
+ * `tsink PORT N` (throughput host -> guest): takes one connection on TCP PORT, reads N bytes
+ * (or to the host's end), writes "bytes=<n> fnv=<FNV-1a 64>\n" on that connection (where the
+ * host stops its clock) and closes it; replies the same with the guest's own time (accept ->
+ * the last byte read).
+ */
+static void tcp_sink(int fd, char *arg)
+{
+	static unsigned char buf[64 << 10];
+	char *bytes_s = strchr(arg, ' ');
+	if (bytes_s)
+		*bytes_s++ = 0;
+	uint64_t want = bytes_s ? strtoull(bytes_s, NULL, 10) : UINT64_MAX, total = 0;
+	int c = tcp_accept_one(fd, "tsink", atoi(arg));
+	if (c < 0)
+		return;
+	uint64_t h = 0xcbf29ce484222325ull;
+	long start = uptime_ms();
+	ssize_t n = 0;
+	while (total < want &&
+	       (n = read(c, buf, want - total < sizeof(buf) ? want - total : sizeof(buf))) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			break;
+		h = fnv64(buf, n, h);
+		total += n;
+	}
+	int err = errno;
+	long ms = uptime_ms() - start;
+	char line[96];
+	int len = snprintf(line, sizeof(line), "bytes=%llu fnv=%016llx\n", (unsigned long long)total,
+			   (unsigned long long)h);
+	write_all(c, line, len);
+	shutdown(c, SHUT_WR);
+	read_to_end(c, (char *)buf, sizeof(buf));
+	close(c);
+	if (n < 0)
+		reply(fd, "tsink fail read after %llu bytes: %s", (unsigned long long)total,
+		      strerror(err));
+	else
+		reply(fd, "tsink ok bytes=%llu fnv=%016llx ms=%ld", (unsigned long long)total,
+		      (unsigned long long)h, ms);
+}
+
+/*
  * Serves one control connection. Commands (one line each, one reply line each):
  *   info             -> info cpus=<online CPUs> online=<list> uptime_ms=<ms> clocksource=<name>
  *   ping PEER        -> ping ok peer=PEER | ping fail peer=PEER exit=<code>|signal=<number>
@@ -1230,6 +1356,11 @@ static void vsock_source(int fd, char *arg)
  *                       connection to PORT: vsink ok bytes=N crc=<CRC-32> ms=<ms> (vsock_sink)
  *   vsource PORT N   -> vsource ok bytes=N crc=<CRC-32> ms=<ms>, after sending N bytes to
  *                       the host's vsock port PORT (vsock_source)
+ *   tsource PORT N   -> tsource listening port=PORT, then once N bytes went out on the host's
+ *                       TCP connection to PORT and the host closed it: tsource ok bytes=N
+ *                       fnv=<FNV-1a 64 of the stream> ms=<ms> (tcp_source)
+ *   tsink PORT N     -> tsink listening port=PORT, then once N bytes came on the host's TCP
+ *                       connection to PORT: tsink ok bytes=N fnv=<FNV-1a 64> ms=<ms> (tcp_sink)
  *   check NAME       -> check done NAME failures=<n>, after running the `tg.checks` check NAME
  *                       (vsock, pmem or fs: devices hot-plugged after boot), whose markers go
  *                       to the console as at boot; n counts the failures it found
@@ -1349,6 +1480,10 @@ static int serve_conn(int fd)
 			vsock_sink(fd, arg);
 		} else if (!strcmp(line, "vsource")) {
 			vsock_source(fd, arg);
+		} else if (!strcmp(line, "tsource")) {
+			tcp_source(fd, arg);
+		} else if (!strcmp(line, "tsink")) {
+			tcp_sink(fd, arg);
 		} else if (!strcmp(line, "check")) {
 			int before = failures;
 			if (!strcmp(arg, "vsock"))

@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod bench;
 pub mod etcd;
 pub mod ft;
 pub mod linux_guest;
@@ -877,12 +878,53 @@ const TLS_NAMES: &[&str] = &[
     CLIENT_NET_B,
 ];
 
+/// Directories [`process_dir`] made, removed when the process exits.
+static PROCESS_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+extern "C" fn remove_process_dirs() {
+    let dirs = std::mem::take(&mut *PROCESS_DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The path of a directory of this process under `parent`, `<prefix><pid>` (not created):
+/// those of processes that are gone are removed first (a killed run leaves its own behind),
+/// and this one is removed when the process exits.
+pub fn process_dir(parent: &Path, prefix: &str) -> PathBuf {
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 only asks whether the PID exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = parent.join(format!("{prefix}{}", std::process::id()));
+    let mut dirs = PROCESS_DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    if dirs.is_empty() {
+        // SAFETY: registers a plain function without arguments to run at exit.
+        unsafe { libc::atexit(remove_process_dirs) };
+    }
+    dirs.push(dir.clone());
+    dir
+}
+
 /// The test CA's credentials (QEMU's x509 layout) that secure every channel between the test
 /// hosts, made once per test process by `ci/make-tls-certs`.
 pub fn tls_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id()));
+        let dir = process_dir(&std::env::temp_dir(), "tandem-tls-");
         let out = Command::new(workspace_root().join("ci/make-tls-certs"))
             .arg(&dir)
             .args(TLS_NAMES)

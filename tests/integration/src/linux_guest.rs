@@ -78,28 +78,45 @@ pub fn linux_assets() -> Result<Assets, String> {
 /// Waits for a `LINUX-GUEST` marker, failing at once on a failure line of /init or a kernel
 /// panic instead of waiting out the timeout.
 pub fn wait_step(vmm: &mut Vmm, marker: &str, timeout: Duration) -> String {
+    try_wait_step(vmm, marker, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`wait_step`] that returns the failure (with the VMM's diagnostics) instead of panicking.
+pub fn try_wait_step(vmm: &mut Vmm, marker: &str, timeout: Duration) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match vmm.wait_for(marker, Duration::from_secs(1)) {
-            Ok(found) => return found.line,
+            Ok(found) => return Ok(found.line),
             Err(e) => {
                 let console = vmm.console();
                 for bad in ["LINUX-GUEST FAIL", "Kernel panic", "emulation failure"] {
                     if let Some(line) = console.lines().find(|l| l.contains(bad)) {
-                        panic!(
-                            "{}",
-                            vmm.diagnose(&format!(
-                                "waiting for {marker:?}, the guest said: {line}"
-                            ))
-                        );
+                        return Err(vmm
+                            .diagnose(&format!("waiting for {marker:?}, the guest said: {line}")));
                     }
                 }
                 if vmm.poll_exit().is_some() || Instant::now() >= deadline {
-                    panic!("{e}");
+                    return Err(e.to_string());
                 }
             }
         }
     }
+}
+
+/// The first `len` bytes of the stream /init's `tsource` sends: xorshift64 from
+/// 0x9e37_79b9_7f4a_7c15 (`x ^= x << 13; x ^= x >> 7; x ^= x << 17`), each `x` as 8
+/// little-endian bytes.
+pub fn source_stream(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    data
 }
 
 /// Whether /init's `PCI` marker `line` holds each of `want` among its virtio device IDs, with

@@ -335,42 +335,14 @@ fn check_rng_marker(line: &str) {
 // The one boot of this binary
 // ---------------------------------------------------------------------------------------------
 
-/// The directory of this process's snapshot (`linux-snap-<pid>` under the scratch directory):
-/// removed when the process exits, and by the next run if this one was killed.
-fn snapshot_home() -> PathBuf {
-    scratch_dir().join(format!("linux-snap-{}", std::process::id()))
-}
-
-extern "C" fn remove_snapshot_home() {
-    let _ = fs::remove_dir_all(snapshot_home());
-}
-
-/// Creates [`snapshot_home`] after removing those of runs that are gone.
+/// Creates this process's snapshot directory (`linux-snap-<pid>` under the scratch
+/// directory): removed when the process exits, and by the next run if this one was killed.
 fn make_snapshot_home() -> Result<PathBuf, String> {
     let scratch = scratch_dir();
     fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    if let Ok(entries) = fs::read_dir(&scratch) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix("linux-snap-")
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            // SAFETY: signal 0 only asks whether the PID exists.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-            if !alive {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let home = snapshot_home();
+    let home = integration::process_dir(&scratch, "linux-snap-");
     let _ = fs::remove_dir_all(&home);
     fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
-    // SAFETY: registers a plain function without arguments to run at exit.
-    unsafe { libc::atexit(remove_snapshot_home) };
     Ok(home)
 }
 
