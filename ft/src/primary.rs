@@ -80,6 +80,10 @@ const GROUP_ORDER_GRACE: Duration = Duration::from_millis(200);
 const STRANDED_RETRY: Duration = Duration::from_millis(500);
 /// Pages per MemoryPages frame of a protected epoch (see `start_threads`).
 const EPOCH_FRAME_PAGES: usize = 64;
+/// The most encoder threads an operator may ask for.
+pub const MAX_ENCODE_THREADS: u32 = 16;
+/// The most encoder threads the default gives: beyond a few, one TCP stream is the limit.
+const DEFAULT_MAX_ENCODE_THREADS: usize = 4;
 /// How often a commit that keeps failing is logged (it is retried at every epoch).
 const COMMIT_FAILURE_REPORT: Duration = Duration::from_secs(10);
 /// How long the initial synchronisation may wait for the backup's answer to epoch 0.
@@ -90,6 +94,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// loaded host can stall a process for tens of milliseconds; a false failover costs a
 /// witness round trip and the backup, a missed one only detection time). A killed process
 /// is detected at once anyway: its connection closes.
+/// Encoder threads beside the sender when the operator does not say: the cores left once
+/// each vCPU and the sender have one, at most [`DEFAULT_MAX_ENCODE_THREADS`]. A pool that
+/// competes with the guest's vCPUs for cores slows the guest more than it speeds the epoch.
+pub fn default_encode_threads(vcpus: u8) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores
+        .saturating_sub(usize::from(vcpus) + 1)
+        .min(DEFAULT_MAX_ENCODE_THREADS)
+}
+
 pub fn default_heartbeat_timeout(epoch: Duration) -> Duration {
     (epoch * 5).max(Duration::from_millis(100))
 }
@@ -112,6 +126,11 @@ pub fn parse_peer(peer: &str) -> Result<String, VmmError> {
 /// Checks a request before anything is connected.
 pub fn validate(request: &EnableFtRequest) -> Result<(String, Duration, Duration), VmmError> {
     let peer = parse_peer(&request.peer)?;
+    if let Some(n) = request.encode_threads.filter(|&n| n > MAX_ENCODE_THREADS) {
+        return Err(VmmError::InvalidConfig(format!(
+            "encode_threads {n} is outside 0..={MAX_ENCODE_THREADS}"
+        )));
+    }
     if request.epoch_ms == 0 || request.epoch_ms > MAX_EPOCH_MS {
         return Err(VmmError::InvalidConfig(format!(
             "epoch_ms {} is outside 1..={MAX_EPOCH_MS}",
@@ -221,6 +240,8 @@ struct Shared {
     input_frames_sent: AtomicU64,
     /// The running epoch holds output (set by the NIC gates, cleared at each checkpoint).
     output_waiting: AtomicBool,
+    /// Threads encoding epochs beside the sender.
+    encode_threads: AtomicU64,
     /// Latency mode shortened the running epoch (see `next_checkpoint`).
     cut_for_output: AtomicBool,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
@@ -525,6 +546,7 @@ impl Primary {
             input_sent: AtomicU64::new(0),
             input_frames_sent: AtomicU64::new(0),
             output_waiting: AtomicBool::new(false),
+            encode_threads: AtomicU64::new(0),
             cut_for_output: AtomicBool::new(false),
             lease,
             group: group.map(|member| GroupLink {
@@ -535,14 +557,18 @@ impl Primary {
                 group_epoch: AtomicU64::new(0),
             }),
         });
+        let encode_threads = request.encode_threads.map_or_else(
+            || default_encode_threads(config.cpus.boot_vcpus),
+            |n| n as usize,
+        );
         let start = Self::start_threads(
             &shared,
             sender,
             &stream,
             (staging.clone(), base),
             reader,
-            epoch_len,
-            heartbeat_timeout,
+            (epoch_len, heartbeat_timeout),
+            encode_threads,
         );
         let resumed = vm.resume().map_err(|e| io_err("resume", e));
         let (jobs, sender_thread, ack_thread) = match (start, resumed) {
@@ -759,8 +785,8 @@ impl Primary {
         stream: &FtStream,
         (staging, base): (GuestMemoryMmap, DeltaBase),
         reader: FrameReader,
-        epoch_len: Duration,
-        heartbeat_timeout: Duration,
+        (epoch_len, heartbeat_timeout): (Duration, Duration),
+        encode_threads: usize,
     ) -> Result<(SyncSender<Job>, JoinHandle<()>, JoinHandle<()>), VmmError> {
         let read_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
         read_half
@@ -776,6 +802,16 @@ impl Primary {
         // Input also goes out between the page frames of an epoch, which are kept small
         // enough (256 KiB) that it waits for well under a millisecond of sending.
         sender.set_batch_pages(EPOCH_FRAME_PAGES);
+        if encode_threads > 0 {
+            sender
+                .start_encode_pool(encode_threads, &staging, &base, || {
+                    vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication)
+                })
+                .map_err(|e| io_err("encoder threads", e))?;
+        }
+        shared
+            .encode_threads
+            .store(sender.encode_threads() as u64, Ordering::Relaxed);
         let s = shared.clone();
         sender.set_interleave(Some(Box::new(move || {
             input_payloads(&s)
@@ -1025,6 +1061,7 @@ impl Primary {
             pause_us_max: self.pauses.max_us(),
             epochs_cut_early: self.epochs_cut_early,
             epochs_cut_for_output: self.epochs_cut_for_output,
+            encode_threads: s.encode_threads.load(Ordering::Relaxed),
             hot_pages: self.hot.kept().count(),
             hot_page_hits: self.hot.hits(),
             last_error: self
@@ -1679,5 +1716,32 @@ impl PrimaryFt for Primary {
 
     fn stop(self: Box<Self>, vm: Option<&mut Vm>, reason: StopReason) -> Result<(), String> {
         Primary::stop(*self, vm.map(|vm| vm as &mut dyn ReplicableVm), reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: serde_json::Value) -> EnableFtRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn encode_threads_beyond_the_limit_are_refused_by_name() {
+        let ok = request(serde_json::json!({"peer": "b:1", "encode_threads": 16}));
+        assert!(validate(&ok).is_ok());
+        let zero = request(serde_json::json!({"peer": "b:1", "encode_threads": 0}));
+        assert!(validate(&zero).is_ok());
+        let over = request(serde_json::json!({"peer": "b:1", "encode_threads": 17}));
+        let err = validate(&over).unwrap_err().to_string();
+        assert!(err.contains("encode_threads 17 is outside 0..=16"), "{err}");
+    }
+
+    #[test]
+    fn the_default_leaves_a_core_per_vcpu_and_one_for_the_sender() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(default_encode_threads(1), cores.saturating_sub(2).min(4));
+        assert_eq!(default_encode_threads(u8::MAX), 0);
     }
 }

@@ -1027,6 +1027,9 @@ fn run_with(
         hot_pages: true,
         early_acks: true,
         latency_mode,
+        // The sender alone, or 1 or 2 encoder threads: the pipeline may not change what the
+        // backup holds.
+        encode_threads: Some((seed % 3) as u32),
         group: None,
         tls_dir: None,
         // The witness in these tests listens on plain TCP.

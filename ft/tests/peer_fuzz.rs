@@ -276,6 +276,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             hot_pages: true,
             early_acks: true,
             latency_mode: false,
+            encode_threads: None,
             group: None,
             tls_dir: None,
             insecure_plaintext: false,

@@ -256,6 +256,11 @@ pub struct EnableFtRequest {
     /// send; more, shorter checkpoints for less waiting output.
     #[serde(default)]
     pub latency_mode: bool,
+    /// Threads that encode each epoch's pages (read the staging copy, diff, compress,
+    /// checksum) while the sender thread writes; 0 encodes on the sender thread. Default:
+    /// the host's cores less one per vCPU and one for the sender, at most 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encode_threads: Option<u32>,
     /// Fate sharing: the Unix socket path that names a group of VMs on this host. Members
     /// checkpoint on common epochs, frames between them are not held, and if any member's
     /// primary fails they all fail over to the same epoch. The first member creates the group
@@ -380,6 +385,9 @@ pub struct FtStatus {
     /// Primary in latency mode: epochs ended early because output waited.
     #[serde(default)]
     pub epochs_cut_for_output: u64,
+    /// Primary: threads encoding epochs beside the sender (0: the sender encodes).
+    #[serde(default)]
+    pub encode_threads: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,

@@ -113,7 +113,9 @@ fn mutate(mem: &GuestMemoryMmap, rng: &mut Rng, p: u64) {
 /// An initial copy (plain frames), then `epochs` delta epochs of random changes; the
 /// receiver's memory is compared with the sender's after every epoch. Returns the receiver's
 /// counters and the bytes the sender wrote for the delta epochs.
-fn random_epochs(seed: u64, epochs: u64, compress: bool) -> (TransferStats, u64) {
+///
+/// `encoders` > 0: the delta passes are encoded on a pool of that many threads.
+fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (TransferStats, u64) {
     let src = vmm::memory::create(SIZE).unwrap();
     let mut rng = Rng(seed | 1);
     // Half of memory starts non-zero: the backup has those pages from the initial copy only.
@@ -140,6 +142,10 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool) -> (TransferStats, u64)
         s.recv_ack().unwrap();
         let initial = s.stats().bytes;
         let mut base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        if encoders > 0 {
+            s.start_encode_pool(encoders, &src, &base, || true).unwrap();
+        }
+        assert_eq!(s.encode_threads(), encoders);
         for n in 1..=epochs {
             let count = 1 + rng.below(300);
             let mut dirty = Vec::new();
@@ -189,12 +195,83 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool) -> (TransferStats, u64)
 
 #[test]
 fn delta_stream_reproduces_memory_over_random_epochs() {
-    for (seed, compress) in [(1u64, true), (0x5eed, false), (0xdead_beef, true)] {
-        let (stats, _) = random_epochs(seed, 60, compress);
+    for (seed, compress, encoders) in [
+        (1u64, true, 0),
+        (0x5eed, false, 0),
+        (0xdead_beef, true, 0),
+        (7, true, 2),
+        (0xfeed, false, 3),
+    ] {
+        let (stats, _) = random_epochs(seed, 60, compress, encoders);
         assert!(stats.delta_pages > 0, "no page went as a delta: {stats:?}");
         assert!(
             stats.delta_pages < stats.pages,
             "every page went as a delta: {stats:?}"
+        );
+    }
+}
+
+/// Encoding on a pool of threads is a pipeline, not another format: over random epochs the
+/// pooled sender writes exactly the bytes the sender alone writes.
+#[test]
+fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
+    for (seed, compress, threads) in [(3u64, true, 1usize), (0xabc, false, 2), (99, true, 4)] {
+        let src = vmm::memory::create(SIZE).unwrap();
+        let mut rng = Rng(seed);
+        let start = |pool: usize, base: &DeltaBase| {
+            let mut s = Sender::with_options(
+                std::io::Cursor::new(Vec::new()),
+                SenderOptions {
+                    compress,
+                    batch_pages: 64,
+                },
+            );
+            s.send_hello(&config()).unwrap();
+            if pool > 0 {
+                s.start_encode_pool(pool, &src, base, || true).unwrap();
+            }
+            s
+        };
+        let mut alone_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let mut pooled_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let mut alone = start(0, &alone_base);
+        let mut pooled = start(threads, &pooled_base);
+        for _ in 0..40 {
+            let mut dirty = Vec::new();
+            for _ in 0..1 + rng.below(700) {
+                let p = if rng.below(3) > 0 {
+                    rng.below(256)
+                } else {
+                    rng.below(PAGES)
+                };
+                mutate(&src, &mut rng, p);
+                dirty.push(page(p));
+            }
+            let (dirty, _) = DirtyPages::from_pages(&src, dirty).unwrap();
+            alone
+                .send_memory_delta(&src, &dirty, &mut alone_base)
+                .unwrap();
+            pooled
+                .send_memory_delta(&src, &dirty, &mut pooled_base)
+                .unwrap();
+        }
+        assert_eq!(pooled.encode_threads(), threads);
+        let (a, b) = (alone.stats(), pooled.stats());
+        assert!(a.delta_pages > 0 && a.frames > 40, "{a:?}");
+        assert_eq!(
+            format!("{a:?}"),
+            format!("{b:?}"),
+            "seed {seed:#x}: counters differ"
+        );
+        let (a, b) = (
+            alone.into_inner().into_inner(),
+            pooled.into_inner().into_inner(),
+        );
+        assert_eq!(a.len(), b.len(), "seed {seed:#x}: stream lengths differ");
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert_eq!(
+            first, None,
+            "seed {seed:#x}, {threads} threads: streams differ"
         );
     }
 }

@@ -37,7 +37,7 @@
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
 //!                     [--no-compress] [--no-hot-pages] [--no-early-acks]
-//!                     [--latency-mode]
+//!                     [--latency-mode] [--encode-threads N]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
 //! ch-remote progress                  (the running enable-ft sync or send-migration, JSON)
@@ -520,6 +520,18 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("encode-threads")
+                .long("encode-threads")
+                .value_name("N")
+                .value_parser(
+                    clap::value_parser!(u32).range(0..=i64::from(ft::primary::MAX_ENCODE_THREADS)),
+                )
+                .help(
+                    "Threads encoding each epoch's pages while the sender writes (0: the sender \
+                     encodes; default: the cores left after the vCPUs and the sender, at most 4)",
+                ),
+        )
+        .arg(
             Arg::new("no-early-acks")
                 .long("no-early-acks")
                 .action(ArgAction::SetTrue)
@@ -687,6 +699,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
         latency_mode: sub.get_flag("latency-mode"),
+        encode_threads: sub.get_one::<u32>("encode-threads").copied(),
         group: sub.get_one::<String>("group").cloned(),
         tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
         insecure_plaintext: sub.get_flag("insecure-plaintext"),
@@ -1861,13 +1874,16 @@ mod tests {
                 "--no-hot-pages",
                 "--no-early-acks",
                 "--latency-mode",
+                "--encode-threads",
+                "2",
                 "--group",
                 "/run/tandem/web.sock",
             ]),
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "early_acks": false, "latency_mode": true, "group": "/run/tandem/web.sock"})
+                "early_acks": false, "latency_mode": true, "encode_threads": 2,
+                "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.
         let sent = body(&["enable-ft", "--peer", "b:1", "--disk-mode", "replicated"]);
@@ -1926,6 +1942,14 @@ mod tests {
             (
                 vec!["enable-ft", "--peer", "b:1", "--witness", "w"],
                 "error: invalid value 'w' for '--witness <HOST:PORT>': expected HOST:PORT",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--encode-threads", "17"],
+                "error: invalid value '17' for '--encode-threads <N>': 17 is not in 0..=16",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--encode-threads", "-1"],
+                "error: unexpected argument '-1' found",
             ),
             (
                 vec!["enable-ft", "--peer", "b:1", "--compress"],

@@ -96,6 +96,10 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
             &format!("{HOST_B}:7100"),
             "--heartbeat-timeout-ms",
             "500",
+            // Encoder threads beside the sender (their seccomp role included): the backup
+            // must still hold exactly the primary's memory.
+            "--encode-threads",
+            "2",
         ],
         None,
     );
@@ -109,6 +113,7 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
     let sync = started.elapsed();
     let status = wait_status(&sock_a, "health", "protected", TIMEOUT);
     assert_eq!(status["role"], "primary");
+    assert_eq!(status["encode_threads"], 2, "{status}");
 
     let mut stream = hosts
         .client

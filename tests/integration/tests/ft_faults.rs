@@ -310,13 +310,16 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
             _ => None,
         };
         backup = pair.spawn(primary.side.other(), crash, None);
-        // Half the sessions end epochs early while output waits.
-        let extra: &[&str] = if rng.below(2) == 0 {
-            &["--latency-mode"]
-        } else {
-            &[]
-        };
-        protect(&pair, &primary, &backup, extra).unwrap_or_else(|e| {
+        // Half the sessions end epochs early while output waits; a third encode each epoch
+        // on two threads beside the sender.
+        let mut extra: Vec<&str> = Vec::new();
+        if rng.below(2) == 0 {
+            extra.push("--latency-mode");
+        }
+        if rng.below(3) == 0 {
+            extra.extend(["--encode-threads", "2"]);
+        }
+        protect(&pair, &primary, &backup, &extra).unwrap_or_else(|e| {
             panic!(
                 "round {round}: {e}\n{}",
                 diagnose(&[&primary, &backup], "re-protect")

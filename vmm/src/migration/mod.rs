@@ -10,11 +10,13 @@ use crate::config::VmConfig;
 
 pub mod live;
 pub mod memory;
+mod page_encoder;
 pub mod protocol;
 pub mod receive;
 pub mod snapshot;
 
 pub use memory::{DirtyPages, DirtyPagesError, PAGE_SIZE};
+pub use page_encoder::EncodePool;
 pub use protocol::{
     ProtocolError, Receiver, Sender, SenderOptions, TransferStats, PROTOCOL_VERSION,
 };

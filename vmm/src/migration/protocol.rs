@@ -54,6 +54,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
+use super::page_encoder::{DeltaView, EncodePool, EncodedFrame, PageEncoder};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::progress::TransferProgress;
@@ -76,21 +77,21 @@ pub const MAX_PAGES_PER_FRAME: usize = 8192;
 pub const FLAG_LZ4: u8 = 1;
 /// MemoryPages: entries may be deltas against the receiver's copy of the page.
 pub const FLAG_DELTA: u8 = 2;
-const ZERO_PAGE_BIT: u64 = 1;
-const DELTA_PAGE_BIT: u64 = 2;
+pub(super) const ZERO_PAGE_BIT: u64 = 1;
+pub(super) const DELTA_PAGE_BIT: u64 = 2;
 /// Longest page delta a frame may carry (the sender sends the page itself before that).
 const MAX_DELTA_LEN: usize = PAGE_SIZE;
-const DELTA_LEN_BYTES: usize = 2;
+pub(super) const DELTA_LEN_BYTES: usize = 2;
 /// The shortest delta record: its length alone (0: the page did not change).
 const MIN_DELTA_RECORD: usize = DELTA_LEN_BYTES;
 const PAGE_MASK: u64 = PAGE_SIZE as u64 - 1;
-const PAGES_HEADER_LEN: usize = 8;
-const ENTRY_LEN: usize = 8;
+pub(super) const PAGES_HEADER_LEN: usize = 8;
+pub(super) const ENTRY_LEN: usize = 8;
 /// Error and Abort messages are cut to this length.
 const MAX_MESSAGE: usize = 4096;
 /// A frame's payload buffer grows from this size as bytes actually arrive.
 const FIRST_READ: usize = 64 << 10;
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+pub(super) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -158,6 +159,8 @@ impl fmt::Display for FrameType {
 pub enum ProtocolError {
     #[error("the peer closed the connection")]
     Closed,
+    #[error("page encoder thread {0} is gone")]
+    EncoderGone(usize),
     #[error("stream truncated in the {what}: expected {expected} bytes, got {got}")]
     Truncated {
         what: &'static str,
@@ -955,16 +958,20 @@ impl FrameReader {
 /// Fills in the header (at `buf[..HEADER_LEN]`) and the checksum (after `payload_len` payload
 /// bytes) of a frame assembled in place; returns the frame's total length.
 fn seal_frame(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) -> usize {
+    write_header(buf, kind, flags, seq, payload_len);
+    let end = HEADER_LEN + payload_len;
+    let crc = crc32fast::hash(&buf[..end]);
+    buf[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
+    end + TRAILER_LEN
+}
+
+fn write_header(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) {
     buf[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
     buf[4] = kind as u8;
     buf[5] = flags;
     buf[6..8].copy_from_slice(&0u16.to_le_bytes());
     buf[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
     buf[12..16].copy_from_slice(&seq.to_le_bytes());
-    let end = HEADER_LEN + payload_len;
-    let crc = crc32fast::hash(&buf[..end]);
-    buf[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
-    end + TRAILER_LEN
 }
 
 /// Encodes one frame with `payload` into a new buffer (for the small frames; page frames are
@@ -1044,6 +1051,58 @@ impl DeltaBase {
     pub fn knows(&self, gpa: GuestAddress) -> bool {
         self.known.contains(gpa)
     }
+
+    /// Fills `known` with whether the receiver has each page of `chunks` (in order) and
+    /// records them all as sent.
+    fn record(&mut self, chunks: &[(u64, usize)], known: &mut Vec<bool>) {
+        known.clear();
+        for &(start, n) in chunks {
+            for i in 0..n {
+                let gpa = GuestAddress(start + (i * PAGE_SIZE) as u64);
+                known.push(self.known.contains(gpa));
+                self.known.insert(gpa);
+            }
+        }
+    }
+}
+
+/// Cuts the runs of a page set into frames of at most `batch` pages.
+struct FrameCutter<'a> {
+    runs: super::memory::Runs<'a>,
+    carry: Option<(u64, u64)>,
+    batch: usize,
+}
+
+impl<'a> FrameCutter<'a> {
+    fn new(pages: &'a DirtyPages, batch: usize) -> Self {
+        Self {
+            runs: pages.runs(),
+            carry: None,
+            batch,
+        }
+    }
+
+    /// The next frame's runs into `chunks`; returns its page count (0: none left).
+    fn next_frame(&mut self, chunks: &mut Vec<(u64, usize)>) -> usize {
+        chunks.clear();
+        let mut count = 0usize;
+        while count < self.batch {
+            let Some((start, n)) = self
+                .carry
+                .take()
+                .or_else(|| self.runs.next().map(|(a, n)| (a.0, n)))
+            else {
+                break;
+            };
+            let take = (self.batch - count).min(usize::try_from(n).unwrap_or(usize::MAX));
+            chunks.push((start, take));
+            count += take;
+            if (take as u64) < n {
+                self.carry = Some((start + (take * PAGE_SIZE) as u64, n - take as u64));
+            }
+        }
+        count
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1078,13 +1137,12 @@ pub struct Sender<T: Read + Write> {
     stats: TransferStats,
     /// One MemoryPages frame assembled in place: header, count, entries, data, checksum.
     frame: Vec<u8>,
-    /// LZ4 output for one frame's page data.
-    packed: Vec<u8>,
-    /// The page runs of the frame being assembled.
+    encoder: PageEncoder,
+    /// Encoder threads for delta passes (see [`Sender::start_encode_pool`]).
+    pool: Option<EncodePool>,
+    /// The page runs of the frame being assembled, and whether the receiver knows each page.
     chunks: Vec<(u64, usize)>,
-    /// Delta frames: the receiver's copy of one page, and one page's delta.
-    old: Vec<u8>,
-    delta: Vec<u8>,
+    known: Vec<bool>,
     /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
     progress: Option<Arc<TransferProgress>>,
     interleave: Option<InterleaveHook>,
@@ -1109,10 +1167,10 @@ impl<T: Read + Write> Sender<T> {
             iteration: 0,
             stats: TransferStats::default(),
             frame: Vec::new(),
-            packed: Vec::new(),
+            encoder: PageEncoder::new(options.compress),
+            pool: None,
             chunks: Vec::new(),
-            old: vec![0; PAGE_SIZE],
-            delta: vec![0; PAGE_SIZE],
+            known: Vec::new(),
             progress: None,
             interleave: None,
         }
@@ -1252,55 +1310,81 @@ impl<T: Read + Write> Sender<T> {
         self.send_pass(mem, pages, Some(base))
     }
 
+    /// Encodes the delta passes of `staging` against `base` on `threads` threads from now on,
+    /// while this thread writes (fault tolerance's pipeline). `on_start` runs first on each
+    /// thread (its seccomp filter).
+    pub fn start_encode_pool(
+        &mut self,
+        threads: usize,
+        staging: &GuestMemoryMmap,
+        base: &DeltaBase,
+        on_start: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> io::Result<()> {
+        self.pool = None;
+        let pool = EncodePool::start(threads, staging, &base.mem, self.options.compress, on_start)?;
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    /// Encoder threads of the pool (0: frames are encoded on the sending thread).
+    pub fn encode_threads(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.threads())
+    }
+
     fn send_pass(
         &mut self,
         mem: &GuestMemoryMmap,
         pages: &DirtyPages,
-        mut base: Option<&mut DeltaBase>,
+        base: Option<&mut DeltaBase>,
     ) -> Result<PassStats, ProtocolError> {
         self.check_started("memory")?;
-        let batch = self.options.batch_pages;
-        let frame_len =
-            HEADER_LEN + PAGES_HEADER_LEN + batch * (ENTRY_LEN + PAGE_SIZE) + TRAILER_LEN;
-        if self.frame.len() < frame_len {
-            self.frame.resize(frame_len, 0);
-        }
-        if self.options.compress {
-            let max = lz4_flex::block::get_maximum_output_size(batch * PAGE_SIZE);
-            if self.packed.len() < max {
-                self.packed.resize(max, 0);
-            }
-        }
         let mut pass = PassStats {
             iteration: self.iteration,
             ..PassStats::default()
         };
-        let mut runs = pages.runs();
-        let mut carry: Option<(u64, u64)> = None;
-        loop {
-            // Take up to `batch` pages from the runs.
-            self.chunks.clear();
-            let mut count = 0usize;
-            while count < batch {
-                let (start, n) = match carry.take().or_else(|| runs.next().map(|(a, n)| (a.0, n))) {
-                    Some(run) => run,
-                    None => break,
-                };
-                let take = (batch - count).min(usize::try_from(n).unwrap_or(usize::MAX));
-                self.chunks.push((start, take));
-                count += take;
-                if (take as u64) < n {
-                    carry = Some((start + (take * PAGE_SIZE) as u64, n - take as u64));
+        let mut frames = FrameCutter::new(pages, self.options.batch_pages);
+        match (self.pool.take(), base) {
+            (Some(mut pool), Some(base)) if pool.serves(mem, &base.mem) => {
+                let sent = self.send_pages_pooled(&mut pool, &mut frames, base, &mut pass);
+                if sent.is_err() {
+                    pool.drain();
+                }
+                self.pool = Some(pool);
+                sent?;
+            }
+            (pool, mut base) => {
+                self.pool = pool;
+                loop {
+                    let mut chunks = std::mem::take(&mut self.chunks);
+                    let count = frames.next_frame(&mut chunks);
+                    let mut known = std::mem::take(&mut self.known);
+                    let view = base.as_deref_mut().map(|base| {
+                        base.record(&chunks, &mut known);
+                        DeltaView {
+                            mem: &base.mem,
+                            known: &known,
+                        }
+                    });
+                    let encoded = if count == 0 {
+                        None
+                    } else {
+                        Some(
+                            self.encoder
+                                .encode(&mut self.frame, mem, &chunks, count, view),
+                        )
+                    };
+                    (self.chunks, self.known) = (chunks, known);
+                    let Some(encoded) = encoded else {
+                        break;
+                    };
+                    let mut frame = std::mem::take(&mut self.frame);
+                    let written =
+                        encoded.and_then(|e| self.write_encoded(&mut frame, &e, &mut pass));
+                    self.frame = frame;
+                    written?;
+                    self.send_interleaved()?;
                 }
             }
-            if count == 0 {
-                break;
-            }
-            let (wire, zero) = self.send_page_frame(mem, count, base.as_deref_mut())?;
-            self.send_interleaved()?;
-            pass.pages += count as u64;
-            pass.zero_pages += zero;
-            pass.wire_bytes += wire;
         }
         let mut done = [0u8; 16];
         done[0..4].copy_from_slice(&self.iteration.to_le_bytes());
@@ -1313,196 +1397,83 @@ impl<T: Read + Write> Sender<T> {
         Ok(pass)
     }
 
-    /// Assembles and sends one MemoryPages frame from `self.chunks` (`count` pages); returns
-    /// (bytes written, zero pages).
-    fn send_page_frame(
+    /// The page frames of a delta pass, encoded by `pool` and written here in the order
+    /// they were cut.
+    fn send_pages_pooled(
         &mut self,
-        mem: &GuestMemoryMmap,
-        count: usize,
-        base: Option<&mut DeltaBase>,
-    ) -> Result<(u64, u64), ProtocolError> {
-        if let Some(base) = base {
-            return self.send_delta_frame(mem, count, base);
-        }
-        let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
-        let data_at = entries_at + count * ENTRY_LEN;
-        let mut end = data_at;
-        let mut entry = entries_at;
-        let mut zero = 0u64;
-        for &(start, n) in &self.chunks {
-            let len = n * PAGE_SIZE;
-            let dst = &mut self.frame[end..end + len];
-            mem.read_slice(dst, GuestAddress(start))
-                .map_err(|e| ProtocolError::GuestMemory {
-                    gpa: start,
-                    reason: e.to_string(),
-                })?;
-            // Keep non-zero pages, packed towards the front; mark zero pages.
-            let mut src = end;
-            for i in 0..n {
-                let gpa = start + (i * PAGE_SIZE) as u64;
-                let is_zero_page = is_zero(&self.frame[src..src + PAGE_SIZE]);
-                let value = if is_zero_page {
-                    zero += 1;
-                    gpa | ZERO_PAGE_BIT
-                } else {
-                    if end != src {
-                        self.frame.copy_within(src..src + PAGE_SIZE, end);
-                    }
-                    end += PAGE_SIZE;
-                    gpa
-                };
-                self.frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
-                entry += ENTRY_LEN;
-                src += PAGE_SIZE;
-            }
-        }
-        self.frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
-        self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&0u32.to_le_bytes());
-        self.finish_page_frame(data_at, end, count, zero, 0)
-    }
-
-    /// Assembles and sends one MemoryPages frame from `self.chunks` (`count` pages) with
-    /// deltas against `base`, and records the pages in `base`; returns (bytes written, zero
-    /// pages).
-    fn send_delta_frame(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        count: usize,
+        pool: &mut EncodePool,
+        frames: &mut FrameCutter<'_>,
         base: &mut DeltaBase,
-    ) -> Result<(u64, u64), ProtocolError> {
-        let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
-        let data_at = entries_at + count * ENTRY_LEN;
-        let mut end = data_at;
-        let mut entry = entries_at;
-        let mut zero = 0u64;
-        let mut deltas = 0u64;
-        // A delta is sent only when it is clearly smaller than the page: beyond three quarters
-        // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
-        // the encoder gives up early (pages rewritten whole cost little CPU).
-        let budget = PAGE_SIZE * 3 / 4;
-        for ci in 0..self.chunks.len() {
-            let (start, n) = self.chunks[ci];
-            let len = n * PAGE_SIZE;
-            // The pages land past the records written so far (records never outgrow pages).
-            let src0 = end;
-            mem.read_slice(&mut self.frame[src0..src0 + len], GuestAddress(start))
-                .map_err(|e| ProtocolError::GuestMemory {
-                    gpa: start,
-                    reason: e.to_string(),
-                })?;
-            for i in 0..n {
-                let gpa = GuestAddress(start + (i * PAGE_SIZE) as u64);
-                let src = src0 + i * PAGE_SIZE;
-                let page_err = |e: vm_memory::GuestMemoryError| ProtocolError::GuestMemory {
-                    gpa: gpa.0,
-                    reason: e.to_string(),
-                };
-                let known = base.known.contains(gpa);
-                let value = if is_zero(&self.frame[src..src + PAGE_SIZE]) {
-                    zero += 1;
-                    // A page never recorded is still zero in `base` (fresh memory).
-                    if known {
-                        base.mem.write_slice(&ZERO_PAGE, gpa).map_err(page_err)?;
-                    }
-                    gpa.0 | ZERO_PAGE_BIT
-                } else {
-                    let mut delta_len = None;
-                    if known {
-                        base.mem.read_slice(&mut self.old, gpa).map_err(page_err)?;
-                        delta_len = encode_delta(
-                            &self.old,
-                            &self.frame[src..src + PAGE_SIZE],
-                            &mut self.delta[..budget],
-                        );
-                    }
-                    base.mem
-                        .write_slice(&self.frame[src..src + PAGE_SIZE], gpa)
-                        .map_err(page_err)?;
-                    match delta_len {
-                        Some(d) => {
-                            // `end + 2 + d < src + PAGE_SIZE`: the page is used up by now.
-                            self.frame[end..end + DELTA_LEN_BYTES]
-                                .copy_from_slice(&(d as u16).to_le_bytes());
-                            let body = end + DELTA_LEN_BYTES;
-                            self.frame[body..body + d].copy_from_slice(&self.delta[..d]);
-                            end = body + d;
-                            deltas += 1;
-                            gpa.0 | DELTA_PAGE_BIT
-                        }
-                        None => {
-                            if end != src {
-                                self.frame.copy_within(src..src + PAGE_SIZE, end);
-                            }
-                            end += PAGE_SIZE;
-                            gpa.0
-                        }
-                    }
-                };
-                base.known.insert(gpa);
-                self.frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
-                entry += ENTRY_LEN;
+        pass: &mut PassStats,
+    ) -> Result<(), ProtocolError> {
+        let mut cut_all = false;
+        loop {
+            while !cut_all && pool.in_flight() < pool.window() {
+                let mut job = pool.job();
+                job.count = frames.next_frame(&mut job.chunks);
+                if job.count == 0 {
+                    pool.give_back(job);
+                    cut_all = true;
+                    break;
+                }
+                base.record(&job.chunks, &mut job.known);
+                pool.submit(job)?;
             }
+            if pool.in_flight() == 0 {
+                return Ok(());
+            }
+            let mut done = pool.next_done()?;
+            let written = done
+                .result
+                .and_then(|e| self.write_encoded(&mut done.job.frame, &e, pass));
+            pool.give_back(done.job);
+            written?;
+            self.send_interleaved()?;
         }
-        let records = end - data_at;
-        self.frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
-        self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&(records as u32).to_le_bytes());
-        self.finish_page_frame(data_at, end, count, zero, deltas)
     }
 
-    /// Compresses (if asked and smaller), seals and writes the frame assembled in
-    /// `self.frame` with its data at `data_at..end`; `deltas` > 0 marks a delta frame.
-    fn finish_page_frame(
+    /// Seals (header with this stream's sequence number, checksum) and writes a frame
+    /// [`PageEncoder::encode`] assembled in `frame`.
+    fn write_encoded(
         &mut self,
-        data_at: usize,
-        mut end: usize,
-        count: usize,
-        zero: u64,
-        deltas: u64,
-    ) -> Result<(u64, u64), ProtocolError> {
-        let raw = end - data_at;
-        let mut flags = if deltas > 0 { FLAG_DELTA } else { 0 };
-        if deltas == 0 {
-            // Without deltas the frame is a plain one (reserved word 0).
-            self.frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&0u32.to_le_bytes());
-        }
-        if self.options.compress && raw > 0 {
-            if let Ok(n) =
-                lz4_flex::block::compress_into(&self.frame[data_at..end], &mut self.packed)
-            {
-                if n < raw {
-                    self.frame[data_at..data_at + n].copy_from_slice(&self.packed[..n]);
-                    end = data_at + n;
-                    flags |= FLAG_LZ4;
-                }
-            }
-        }
-        let payload_len = end - HEADER_LEN;
-        let total = seal_frame(
-            &mut self.frame,
+        frame: &mut [u8],
+        encoded: &EncodedFrame,
+        pass: &mut PassStats,
+    ) -> Result<(), ProtocolError> {
+        write_header(
+            frame,
             FrameType::MemoryPages,
-            flags,
+            encoded.flags,
             self.seq,
-            payload_len,
+            encoded.payload_len,
         );
-        if let Err(e) = self.stream.write_all(&self.frame[..total]) {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&frame[..HEADER_LEN]);
+        crc.combine(&encoded.payload_crc);
+        let end = HEADER_LEN + encoded.payload_len;
+        frame[end..end + TRAILER_LEN].copy_from_slice(&crc.finalize().to_le_bytes());
+        let total = end + TRAILER_LEN;
+        if let Err(e) = self.stream.write_all(&frame[..total]) {
             return Err(self.write_failed(e));
         }
         self.seq = self.seq.wrapping_add(1);
         self.stats.frames += 1;
         self.stats.bytes += total as u64;
-        self.stats.pages += count as u64;
-        self.stats.zero_pages += zero;
-        self.stats.delta_pages += deltas;
-        self.stats.page_data_bytes += raw as u64;
-        self.stats.page_wire_bytes += (end - data_at) as u64;
-        if flags & FLAG_LZ4 != 0 {
+        self.stats.pages += encoded.pages as u64;
+        self.stats.zero_pages += encoded.zero;
+        self.stats.delta_pages += encoded.deltas;
+        self.stats.page_data_bytes += encoded.data_raw as u64;
+        self.stats.page_wire_bytes += encoded.data_sent as u64;
+        if encoded.flags & FLAG_LZ4 != 0 {
             self.stats.compressed_frames += 1;
         }
         if let Some(progress) = &self.progress {
-            progress.sent(count as u64, total as u64);
+            progress.sent(encoded.pages as u64, total as u64);
         }
-        Ok((total as u64, zero))
+        pass.pages += encoded.pages as u64;
+        pass.zero_pages += encoded.zero;
+        pass.wire_bytes += total as u64;
+        Ok(())
     }
 
     /// Sends one frame of a kind without its own method (fault tolerance's DiskWrites and

@@ -90,12 +90,16 @@ use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use integration::bench::{
+    self, check_interrupted, fmt, install_signal_handlers, loadavg, machine, print_table,
+    INTERRUPTED,
+};
 use integration::ft::SeqClient;
 use integration::{
     api_request, kvm_available, netns_or_skip, test_guest, tls_dir, try_two_hosts, vmm_binary,
@@ -137,6 +141,14 @@ const TARGET_FAILOVER_MS: f64 = 100.0;
 /// The TLS section: its epoch and its pages per epoch (the sender-bound cells).
 const TLS_EPOCH_MS: u64 = 10;
 const TLS_PAGES: [u64; 2] = [1000, 4000];
+/// The pipeline section: FT with the sender encoding alone, and with 1 and 2 encoder threads.
+const PIPELINE_EPOCH_MS: u64 = 10;
+const PIPELINE_PAGES: [u64; 2] = [1000, 4000];
+const PIPELINE_MODES: [Mode; 3] = [
+    Mode::FtEncoders(0),
+    Mode::FtEncoders(1),
+    Mode::FtEncoders(2),
+];
 /// TLS may cost at most this share of the FT sender's throughput (bytes sent per second).
 const TARGET_TLS_COST_PCT: f64 = 10.0;
 /// Cells that also measure TCP throughput (epoch ms, pages per epoch).
@@ -199,6 +211,8 @@ struct Options {
     heartbeat_timeout_ms: u64,
     /// The TLS section (FT over plaintext TCP vs mutual TLS).
     tls: bool,
+    /// The pipeline section (FT with 0, 1 and 2 encoder threads).
+    pipeline: bool,
     /// The delta section (the guest changes `dirty_bytes` bytes per page rewrite).
     delta: bool,
     dirty_bytes: u64,
@@ -209,7 +223,7 @@ struct Options {
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
-[--no-group] [--no-tls] [--no-delta] [--no-hot-compare] [--dirty-bytes N] \
+[--no-group] [--no-tls] [--no-pipeline] [--no-delta] [--no-hot-compare] [--dirty-bytes N] \
 [--heartbeat-timeout-ms N]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
@@ -236,6 +250,7 @@ impl Options {
         let mut colo = true;
         let mut group = true;
         let mut tls = true;
+        let mut pipeline = true;
         let mut delta = true;
         let mut hot_compare = true;
         let mut dirty_bytes = DELTA_DIRTY_BYTES;
@@ -275,6 +290,7 @@ impl Options {
                 "--no-colo" => colo = false,
                 "--no-group" => group = false,
                 "--no-tls" => tls = false,
+                "--no-pipeline" => pipeline = false,
                 "--no-delta" => delta = false,
                 "--no-hot-compare" => hot_compare = false,
                 "--dirty-bytes" => dirty_bytes = parse_count(value()?, "--dirty-bytes")? as u64,
@@ -299,7 +315,7 @@ impl Options {
             settle: Duration::from_millis(if quick { 300 } else { 500 }),
             round_trips: round_trips.unwrap_or(if quick { 100 } else { 300 }),
             latency_budget: Duration::from_secs(if quick { 2 } else { 4 }),
-            sink_mib: if quick { 16 } else { 32 },
+            sink_mib: if quick { 128 } else { 256 },
             sink_budget: Duration::from_secs(if quick { 2 } else { 3 }),
             failovers: failovers.unwrap_or(if quick { 3 } else { 5 }),
             epochs,
@@ -309,6 +325,7 @@ impl Options {
             group,
             heartbeat_timeout_ms,
             tls,
+            pipeline,
             hot_compare,
             delta,
             dirty_bytes,
@@ -327,29 +344,6 @@ fn parse_count(v: &str, what: &str) -> Res<usize> {
 // Interruption: SIGINT/SIGTERM/SIGHUP set a flag that every wait checks, so that the lab is
 // torn down by the normal drops (the release profile aborts on panic: no unwinding to rely on).
 // ---------------------------------------------------------------------------------------------
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-}
-
-fn check_interrupted() -> Res<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        Err("interrupted by a signal".into())
-    } else {
-        Ok(())
-    }
-}
 
 /// Sleeps `d`, waking early (with an error) when a signal arrived.
 fn nap(d: Duration) -> Res<()> {
@@ -411,51 +405,8 @@ fn binaries() -> Res<Binaries> {
     Ok(Binaries { ch_remote, guest })
 }
 
-/// `ch-remote --api-socket SOCKET ARGS...` -> its stdout, or an error with its stderr.
 fn ch_remote(bins: &Binaries, socket: &Path, args: &[&str]) -> Res<String> {
-    let mut child = Command::new(&bins.ch_remote)
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("start ch-remote {}: {e}", args.join(" ")))?;
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    // Its output is a few hundred bytes at most: the pipes cannot fill up while it runs.
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "ch-remote {} did not answer within {STEP_TIMEOUT:?}",
-                    args.join(" ")
-                ));
-            }
-            Err(e) => return Err(format!("wait for ch-remote: {e}")),
-        }
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut stderr);
-    }
-    if !status.success() {
-        return Err(format!(
-            "ch-remote {} failed ({status}): {}{}",
-            args.join(" "),
-            stderr.trim(),
-            stdout.trim()
-        ));
-    }
-    Ok(stdout)
+    bench::ch_remote(&bins.ch_remote, socket, args, STEP_TIMEOUT)
 }
 
 /// What the benchmark reads from `ft-status`.
@@ -576,6 +527,8 @@ struct Lab {
     early_acks: bool,
     /// Latency mode (`--latency-mode`, the FtLatency cases).
     latency_mode: bool,
+    /// `--encode-threads` (None: the VMM's default; the pipeline section).
+    encode_threads: Option<u32>,
 }
 
 impl Lab {
@@ -592,6 +545,7 @@ impl Lab {
             hot_pages: true,
             early_acks: true,
             latency_mode: false,
+            encode_threads: None,
         })
     }
 
@@ -752,6 +706,10 @@ impl Lab {
         }
         if self.latency_mode {
             args.push("--latency-mode");
+        }
+        let encode_threads = self.encode_threads.map(|n| n.to_string());
+        if let Some(n) = &encode_threads {
+            args.extend(["--encode-threads", n.as_str()]);
         }
         ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
             format!(
@@ -1283,6 +1241,8 @@ enum Mode {
     FtPlaintext,
     /// FT over mutual TLS (`--tls-dir`; the TLS section).
     FtTls,
+    /// FT with this many encoder threads (`--encode-threads`; the pipeline section).
+    FtEncoders(u32),
     /// No FT, the dirty log harvested and re-armed every epoch (the VMM's dirty-log floor).
     Floor,
     /// FT with hot pages off: every dirty page write-protected at each checkpoint.
@@ -1675,47 +1635,59 @@ fn guest_check(client: &mut SeqClient) -> Res<()> {
     }
 }
 
-/// The TLS section: per cell of [`TLS_PAGES`] one boot, in which FT cases over plaintext TCP
-/// and over mutual TLS alternate (odd runs: plaintext first), each on a fresh session.
-fn run_tls(lab: &mut Lab, opts: &Options, results: &mut Results) {
-    for pages in TLS_PAGES {
+/// A section whose FT cases differ in one setting (the TLS and pipeline sections): per cell
+/// of `pages` (at `epoch_ms`) one boot, in which the FT cases of `modes` take turns on fresh
+/// sessions, the order rotating with the run (run 1: as given; run 2: starting from the
+/// second; ...), each measured like the cells' FT cases.
+fn run_compare(
+    lab: &mut Lab,
+    opts: &Options,
+    results: &mut Results,
+    (name, epoch_ms, pages): (&str, u64, &[u64]),
+    modes: &[Mode],
+) {
+    for &pages in pages {
         if INTERRUPTED.load(Ordering::SeqCst) {
             return;
         }
-        let cell = (TLS_EPOCH_MS, pages);
+        let cell = (epoch_ms, pages);
         let rate = rate_of(cell);
+        let prefix = format!("{name}: ");
+        let names: Vec<String> = modes.iter().map(|&m| mode_setting(m)).collect();
         log(&format!(
-            "TLS: guest dirtying {rate} pages/s ({pages} pages/{TLS_EPOCH_MS} ms), FT over plaintext and TLS alternating"
+            "{name}: guest dirtying {rate} pages/s ({pages} pages/{epoch_ms} ms), FT {} in turn",
+            names.join(", ")
         ));
         let mut primary = match lab.boot_primary(Side::A, rate) {
             Ok(node) => node,
             Err(e) => {
-                results.fail(format!("TLS: boot at {rate} pages/s: {e}"));
+                results.fail(format!("{name}: boot at {rate} pages/s: {e}"));
                 continue;
             }
         };
-        let Some(mut client) = connect_guest(lab, &primary, "TLS: ", rate, results) else {
+        let Some(mut client) = connect_guest(lab, &primary, &prefix, rate, results) else {
             continue;
         };
         'runs: for run in 1..=opts.runs {
-            let mut order = [Mode::FtPlaintext, Mode::FtTls];
-            if run % 2 == 0 {
-                order.reverse();
-            }
+            let mut order = modes.to_vec();
+            order.rotate_left((run - 1) % modes.len().max(1));
             for mode in order {
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     break 'runs;
                 }
-                let (channel, dir) = match mode {
-                    Mode::FtTls => ("TLS", Some(tls_dir().to_string_lossy().into_owned())),
-                    _ => ("plaintext", None),
-                };
                 let label = format!(
-                    "run {run} {rate:>6} pages/s  FT {TLS_EPOCH_MS:>2} ms ({pages} pages/epoch) over {channel}"
+                    "run {run} {rate:>6} pages/s  FT {epoch_ms:>2} ms ({pages} pages/epoch), {}",
+                    mode_setting(mode)
                 );
-                let saved = std::mem::replace(&mut lab.tls_dir, dir);
+                let saved = (lab.tls_dir.clone(), lab.encode_threads);
+                match mode {
+                    Mode::FtTls => lab.tls_dir = Some(tls_dir().to_string_lossy().into_owned()),
+                    Mode::FtPlaintext => lab.tls_dir = None,
+                    Mode::FtEncoders(n) => lab.encode_threads = Some(n),
+                    _ => {}
+                }
                 let outcome = ft_case(lab, &primary, &mut client, cell, opts);
-                lab.tls_dir = saved;
+                (lab.tls_dir, lab.encode_threads) = saved;
                 match outcome {
                     Ok(r) => {
                         log(&format!("  {label}: {}", describe_case(&r)));
@@ -1723,14 +1695,24 @@ fn run_tls(lab: &mut Lab, opts: &Options, results: &mut Results) {
                     }
                     Err(e) => {
                         let failure = format!("{label}: {e}");
-                        if !case_failed(lab, &mut primary, &mut client, "TLS: ", failure, results) {
+                        if !case_failed(lab, &mut primary, &mut client, &prefix, failure, results) {
                             break 'runs;
                         }
                     }
                 }
             }
         }
-        end_boot(primary, &mut client, "TLS: ", rate, results);
+        end_boot(primary, &mut client, &prefix, rate, results);
+    }
+}
+
+/// What distinguishes an FT case of a compare section.
+fn mode_setting(mode: Mode) -> String {
+    match mode {
+        Mode::FtTls => "over TLS".into(),
+        Mode::FtPlaintext => "over plaintext".into(),
+        Mode::FtEncoders(n) => format!("--encode-threads {n}"),
+        other => format!("{other:?}"),
     }
 }
 
@@ -2660,51 +2642,6 @@ fn run_colo(bins: &Binaries, opts: &Options, results: &mut Results) -> String {
 // Report
 // ---------------------------------------------------------------------------------------------
 
-fn fmt(v: Option<f64>, decimals: usize) -> String {
-    match v {
-        Some(x) if x.is_finite() => format!("{x:.decimals$}"),
-        _ => "-".into(),
-    }
-}
-
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-fn machine() -> Vec<String> {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let pvm = if Path::new("/sys/module/kvm_pvm").exists() {
-        "loaded"
-    } else {
-        "not loaded"
-    };
-    vec![
-        format!("nproc: {cores}"),
-        format!("cpu: {cpu}"),
-        format!("kernel: {}", read_trimmed("/proc/sys/kernel/osrelease")),
-        format!("kvm_pvm: {pvm}"),
-    ]
-}
-
-fn loadavg() -> String {
-    read_trimmed("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Other processes using CPU now (a build or a test run beside the benchmark).
 fn other_load() -> String {
     let Ok(out) = Command::new("ps")
@@ -2725,37 +2662,6 @@ fn other_load() -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                // The first column names the row: left-aligned; figures right-aligned.
-                if i == 0 {
-                    format!("{c:<w$}")
-                } else {
-                    format!("{c:>w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" | ")
-    };
-    let head = line(header.iter().map(|h| h.to_string()).collect());
-    println!("{head}");
-    println!("{}", "-".repeat(head.len()));
-    for row in rows {
-        println!("{}", line(row.clone()));
-    }
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -2815,6 +2721,9 @@ impl Report<'_> {
         }
         if o.tls {
             self.print_tls();
+        }
+        if o.pipeline {
+            self.print_pipeline();
         }
         if o.delta {
             self.print_delta();
@@ -3311,7 +3220,6 @@ impl Report<'_> {
     }
 
     fn print_tls(&self) {
-        let r = self.results;
         let runs = self.opts.runs;
         println!();
         println!(
@@ -3335,6 +3243,19 @@ impl Report<'_> {
         println!("  the cells that measure it); ratio = TLS/plaintext (the cost: < 1 for MB/s and work, > 1");
         println!("  for pauses and round trips)");
         println!();
+        self.print_compare(
+            (TLS_EPOCH_MS, &TLS_PAGES[..]),
+            &[Mode::FtPlaintext, Mode::FtTls],
+            &["plaintext", "TLS"],
+        );
+        println!();
+        self.print_tls_target();
+    }
+
+    /// The table of a compare section: per cell each measure for every mode, and each mode's
+    /// ratio to the first.
+    fn print_compare(&self, (epoch_ms, pages): (u64, &[u64]), modes: &[Mode], names: &[&str]) {
+        let r = self.results;
         type Row = (&'static str, Metric, f64, usize);
         let measures: [Row; 8] = [
             ("achieved pages/ep", Metric::AchievedPagesPerEpoch, 1.0, 0),
@@ -3347,51 +3268,66 @@ impl Report<'_> {
             ("TCP MB/s", Metric::TcpMbps, 1.0, 1),
         ];
         let mut rows = Vec::new();
-        for pages in TLS_PAGES {
-            let cell = (TLS_EPOCH_MS, pages);
+        for &pages in pages {
+            let cell = (epoch_ms, pages);
             let mut first = true;
             for (name, metric, scale, decimals) in measures {
-                let plain = r.med(cell, Mode::FtPlaintext, metric).map(|v| v * scale);
-                let tls = r.med(cell, Mode::FtTls, metric).map(|v| v * scale);
-                let (np, nt) = (
-                    r.count(cell, Mode::FtPlaintext, metric),
-                    r.count(cell, Mode::FtTls, metric),
-                );
-                if metric == Metric::TcpMbps && np + nt == 0 {
+                let values: Vec<Option<f64>> = modes
+                    .iter()
+                    .map(|&m| r.med(cell, m, metric).map(|v| v * scale))
+                    .collect();
+                let counts: Vec<String> = modes
+                    .iter()
+                    .map(|&m| r.count(cell, m, metric).to_string())
+                    .collect();
+                if metric == Metric::TcpMbps && values.iter().all(Option::is_none) {
                     continue;
                 }
-                let ratio = match (plain, tls) {
-                    (Some(p), Some(t)) if p > 0.0 => Some(t / p),
-                    _ => None,
-                };
-                rows.push(vec![
+                let mut row = vec![
                     if first {
-                        format!("{pages} pages/{TLS_EPOCH_MS} ms")
+                        format!("{pages} pages/{epoch_ms} ms")
                     } else {
                         String::new()
                     },
                     name.to_string(),
-                    fmt(plain, decimals),
-                    fmt(tls, decimals),
-                    fmt(ratio, 3),
-                    format!("{np}/{nt}"),
-                ]);
+                ];
+                row.extend(values.iter().map(|&v| fmt(v, decimals)));
+                for &v in &values[1..] {
+                    let ratio = match (values[0], v) {
+                        (Some(base), Some(v)) if base > 0.0 => Some(v / base),
+                        _ => None,
+                    };
+                    row.push(fmt(ratio, 3));
+                }
+                row.push(counts.join("/"));
+                rows.push(row);
                 first = false;
             }
         }
-        print_table(
-            &[
-                "cell",
-                "measure",
-                "plaintext",
-                "TLS",
-                "TLS/plain",
-                "runs plain/TLS",
-            ],
-            &rows,
+        let mut header = vec!["cell".to_string(), "measure".to_string()];
+        header.extend(names.iter().map(|n| n.to_string()));
+        header.extend(names[1..].iter().map(|n| format!("{n}/{}", names[0])));
+        header.push(format!("runs {}", names.join("/")));
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        print_table(&header, &rows);
+    }
+
+    fn print_pipeline(&self) {
+        println!();
+        println!(
+            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0) and by 1 or 2 encoder threads while it writes, at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
+            self.opts.runs
+        );
+        println!(
+            "  machine: {}; primary, backup and the guest's vCPU share its cores; measures as in the TLS section; ratio = N threads / sender alone",
+            machine().join(", ")
         );
         println!();
-        self.print_tls_target();
+        self.print_compare(
+            (PIPELINE_EPOCH_MS, &PIPELINE_PAGES[..]),
+            &PIPELINE_MODES,
+            &["sender alone", "1 thread", "2 threads"],
+        );
     }
 
     /// The added-p99-latency target for FT in `mode`, over the cells.
@@ -3752,7 +3688,19 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
     }
     check_interrupted()?;
     if opts.tls {
-        run_tls(&mut lab, opts, results);
+        let section = ("TLS", TLS_EPOCH_MS, &TLS_PAGES[..]);
+        run_compare(
+            &mut lab,
+            opts,
+            results,
+            section,
+            &[Mode::FtPlaintext, Mode::FtTls],
+        );
+    }
+    check_interrupted()?;
+    if opts.pipeline {
+        let section = ("pipeline", PIPELINE_EPOCH_MS, &PIPELINE_PAGES[..]);
+        run_compare(&mut lab, opts, results, section, &PIPELINE_MODES);
     }
     check_interrupted()?;
     if opts.delta {

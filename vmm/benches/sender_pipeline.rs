@@ -1,0 +1,250 @@
+//! The FT sender's ceiling: how many dirty pages per second one replication stream carries
+//! when the sending thread encodes them alone (`--encode-threads 0`) and when 1 or 2 encoder
+//! threads do while it writes (`Sender::start_encode_pool`), side by side in one run.
+//!
+//! No guest and no KVM: an epoch is `--pages` pages of a 64 MiB memory rewritten in place
+//! (every word, as the test guest's `ft` workload does, or 64 bytes per page, a delta's
+//! case), then sent as the FT primary sends it (64-page LZ4 frames, deltas against the
+//! backup's copy, the state, Complete) over loopback TCP to a receiver thread that applies it
+//! and acknowledges, as the backup does. Only the send and the acknowledgement are timed.
+//! The cases take turns within each run (the order rotating), so they see the same machine.
+//!
+//! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N]`
+//! (`ci/bench-ft` runs it unless `--no-pipeline`).
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::{MemoryConfig, VmConfig};
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::protocol::DeltaBase;
+use vmm::migration::{DirtyPages, Receiver, Sender, SenderOptions, PAGE_SIZE};
+
+const MEMORY: u64 = 64 << 20;
+const THREADS: [usize; 3] = [0, 1, 2];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    EveryWord,
+    Bytes64,
+}
+
+impl Pattern {
+    fn name(self) -> &'static str {
+        match self {
+            Pattern::EveryWord => "every word",
+            Pattern::Bytes64 => "64 B/page",
+        }
+    }
+
+    /// Rewrites page `page` for epoch `epoch`.
+    fn rewrite(self, mem: &GuestMemoryMmap, page: u64, epoch: u64, buf: &mut [u8]) {
+        let gpa = GuestAddress(page * PAGE_SIZE as u64);
+        match self {
+            Pattern::EveryWord => {
+                for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+                    let v = (epoch << 40) ^ (page << 12) ^ (i as u64).wrapping_mul(0x9e37);
+                    word.copy_from_slice(&v.to_le_bytes());
+                }
+                mem.write_slice(buf, gpa).expect("rewrite");
+            }
+            Pattern::Bytes64 => {
+                let at = ((epoch * 64) % PAGE_SIZE as u64) as usize;
+                let bytes: Vec<u8> = (0..64).map(|i| (epoch as u8) ^ i).collect();
+                mem.write_slice(&bytes, GuestAddress(gpa.0 + at as u64))
+                    .expect("rewrite");
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct EpochState {
+    epoch: u64,
+}
+
+struct Args {
+    runs: usize,
+    epochs: u64,
+    pages: u64,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        runs: 3,
+        epochs: 40,
+        pages: 4000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> u64 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match arg.as_str() {
+            "--runs" => args.runs = value("--runs").max(1) as usize,
+            "--epochs" => args.epochs = value("--epochs").max(1),
+            "--pages" => args.pages = value("--pages").clamp(1, MEMORY / PAGE_SIZE as u64),
+            "--quick" => {
+                args.runs = 1;
+                args.epochs = 20;
+            }
+            // cargo bench passes --bench.
+            _ => {}
+        }
+    }
+    args
+}
+
+struct Sample {
+    pages_per_s: f64,
+    wire_mb_per_s: f64,
+    bytes_per_page: f64,
+    epoch_ms: f64,
+}
+
+fn measure(pattern: Pattern, threads: usize, args: &Args) -> Sample {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut r = Receiver::new(stream);
+        r.recv_hello().expect("hello");
+        let dst = vmm::memory::create(MEMORY).expect("memory");
+        while r.recv_state::<EpochState>(&dst).is_ok() {
+            if r.send_ack().is_err() {
+                break;
+            }
+        }
+    });
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut s = Sender::with_options(
+        stream,
+        SenderOptions {
+            compress: true,
+            batch_pages: 64,
+        },
+    );
+    let config = VmConfig {
+        memory: MemoryConfig::with_size(MEMORY),
+        ..VmConfig::default()
+    };
+    let src = vmm::memory::create(MEMORY).expect("memory");
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let total_pages = MEMORY / PAGE_SIZE as u64;
+    for page in 0..total_pages {
+        Pattern::EveryWord.rewrite(&src, page, 0, &mut buf);
+    }
+    s.send_hello(&config).expect("hello");
+    s.send_all_memory(&src).expect("initial copy");
+    s.send_state(&EpochState { epoch: 0 }).expect("state");
+    s.send_complete().expect("complete");
+    s.recv_ack().expect("ack");
+    let mut base = DeltaBase::new(vmm::memory::create(MEMORY).expect("memory")).expect("base");
+    if threads > 0 {
+        s.start_encode_pool(threads, &src, &base, || true)
+            .expect("encoder threads");
+    }
+    let mut busy = Duration::ZERO;
+    let (mut pages, mut bytes) = (0u64, 0u64);
+    for epoch in 1..=args.epochs {
+        // Consecutive windows of memory, as the guest's dirty region is walked.
+        let first = (epoch * args.pages) % total_pages;
+        let dirty: Vec<GuestAddress> = (0..args.pages)
+            .map(|i| GuestAddress(((first + i) % total_pages) * PAGE_SIZE as u64))
+            .collect();
+        for gpa in &dirty {
+            pattern.rewrite(&src, gpa.0 / PAGE_SIZE as u64, epoch, &mut buf);
+        }
+        let (dirty, _) = DirtyPages::from_pages(&src, dirty).expect("dirty set");
+        let before = s.stats().bytes;
+        let start = Instant::now();
+        s.send_memory_delta(&src, &dirty, &mut base).expect("epoch");
+        s.send_state(&EpochState { epoch }).expect("state");
+        s.send_complete().expect("complete");
+        s.recv_ack().expect("ack");
+        busy += start.elapsed();
+        pages += dirty.count();
+        bytes += s.stats().bytes - before;
+    }
+    drop(s);
+    let _ = receiver.join();
+    let secs = busy.as_secs_f64();
+    Sample {
+        pages_per_s: pages as f64 / secs,
+        wire_mb_per_s: bytes as f64 / secs / 1e6,
+        bytes_per_page: bytes as f64 / pages as f64,
+        epoch_ms: secs * 1e3 / args.epochs as f64,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args = args();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "FT sender pipeline: {} pages/epoch, {} epochs per case, {} run(s), median; loopback TCP, LZ4 + deltas, 64-page frames; {cores} cores, {cpu}; sender, encoders and the receiver share the cores",
+        args.pages, args.epochs, args.runs
+    );
+    println!();
+    println!(
+        "{:<11} | {:>14} | {:>10} | {:>11} | {:>9} | {:>12} | {:>16}",
+        "pattern",
+        "encode threads",
+        "Mpages/s",
+        "wire MB/s",
+        "B/page",
+        "ms/epoch",
+        "pages/s vs alone"
+    );
+    println!("{}", "-".repeat(102));
+    for pattern in [Pattern::EveryWord, Pattern::Bytes64] {
+        let mut samples: Vec<Vec<Sample>> = THREADS.iter().map(|_| Vec::new()).collect();
+        for run in 0..args.runs {
+            let mut order: Vec<usize> = (0..THREADS.len()).collect();
+            order.rotate_left(run % THREADS.len());
+            for i in order {
+                samples[i].push(measure(pattern, THREADS[i], &args));
+            }
+        }
+        let alone = median(samples[0].iter().map(|s| s.pages_per_s).collect());
+        for (i, threads) in THREADS.iter().enumerate() {
+            let rate = median(samples[i].iter().map(|s| s.pages_per_s).collect());
+            let wire = median(samples[i].iter().map(|s| s.wire_mb_per_s).collect());
+            let per_page = median(samples[i].iter().map(|s| s.bytes_per_page).collect());
+            let epoch_ms = median(samples[i].iter().map(|s| s.epoch_ms).collect());
+            println!(
+                "{:<11} | {:>14} | {:>10.3} | {:>11.1} | {:>9.0} | {:>12.2} | {:>16.3}",
+                pattern.name(),
+                if *threads == 0 {
+                    "0 (alone)".to_string()
+                } else {
+                    threads.to_string()
+                },
+                rate / 1e6,
+                wire,
+                per_page,
+                epoch_ms,
+                rate / alone
+            );
+        }
+    }
+}

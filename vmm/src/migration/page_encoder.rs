@@ -1,0 +1,370 @@
+//! Assembling MemoryPages frames: on the sending thread, or on a pool of encoder threads
+//! while the sender writes (fault tolerance's pipeline: reading the staging copy, diffing
+//! against the backup's copy, LZ4 and the checksum are the per-byte work of an epoch; the
+//! sender only adds a header and writes).
+//!
+//! Both paths produce the same bytes: a frame is a function of its pages, the staging
+//! memory, the base (the receiver's copy) and which of its pages the base knows. The pages
+//! of one pass are distinct, so encoders never touch the same page of the base.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::memory::{is_zero, PAGE_SIZE};
+use super::protocol::{
+    encode_delta, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN, FLAG_DELTA, FLAG_LZ4,
+    HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// The receiver's copy of memory, for a delta frame: where it is and, per page of the frame
+/// in order, whether the receiver has it (a page it never had is sent whole).
+pub(super) struct DeltaView<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub known: &'a [bool],
+}
+
+/// What [`PageEncoder::encode`] assembled: the payload starts at `HEADER_LEN` of the frame
+/// buffer; header and trailer are the sender's (they carry its sequence number).
+#[derive(Clone)]
+pub(super) struct EncodedFrame {
+    pub payload_len: usize,
+    pub flags: u8,
+    pub pages: usize,
+    pub zero: u64,
+    pub deltas: u64,
+    /// Page data (or delta records) before LZ4, and as sent.
+    pub data_raw: usize,
+    pub data_sent: usize,
+    /// CRC-32 state over the payload, combined with the header's by the sender.
+    pub payload_crc: crc32fast::Hasher,
+}
+
+/// Scratch buffers for assembling frames; one per thread that encodes.
+pub(super) struct PageEncoder {
+    compress: bool,
+    packed: Vec<u8>,
+    old: Vec<u8>,
+    delta: Vec<u8>,
+}
+
+impl PageEncoder {
+    pub fn new(compress: bool) -> Self {
+        Self {
+            compress,
+            packed: Vec::new(),
+            old: vec![0; PAGE_SIZE],
+            delta: vec![0; PAGE_SIZE],
+        }
+    }
+
+    /// Assembles the MemoryPages payload of `count` pages (`chunks`: runs of pages) from
+    /// `mem` into `frame` (grown as needed). With `delta`, a page the receiver knows goes as
+    /// a delta against its copy when that is clearly smaller, and every page is recorded in
+    /// that copy.
+    pub fn encode(
+        &mut self,
+        frame: &mut Vec<u8>,
+        mem: &GuestMemoryMmap,
+        chunks: &[(u64, usize)],
+        count: usize,
+        delta: Option<DeltaView<'_>>,
+    ) -> Result<EncodedFrame, ProtocolError> {
+        let frame_len =
+            HEADER_LEN + PAGES_HEADER_LEN + count * (ENTRY_LEN + PAGE_SIZE) + TRAILER_LEN;
+        if frame.len() < frame_len {
+            frame.resize(frame_len, 0);
+        }
+        let entries_at = HEADER_LEN + PAGES_HEADER_LEN;
+        let data_at = entries_at + count * ENTRY_LEN;
+        let mut end = data_at;
+        let mut entry = entries_at;
+        let mut zero = 0u64;
+        let mut deltas = 0u64;
+        let mut index = 0usize;
+        // A delta is sent only when it is clearly smaller than the page: beyond three quarters
+        // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
+        // the encoder gives up early (pages rewritten whole cost little CPU).
+        let budget = PAGE_SIZE * 3 / 4;
+        for &(start, n) in chunks {
+            let len = n * PAGE_SIZE;
+            // The pages land past the records written so far (records never outgrow pages).
+            let src0 = end;
+            mem.read_slice(&mut frame[src0..src0 + len], GuestAddress(start))
+                .map_err(|e| ProtocolError::GuestMemory {
+                    gpa: start,
+                    reason: e.to_string(),
+                })?;
+            for i in 0..n {
+                let gpa = GuestAddress(start + (i * PAGE_SIZE) as u64);
+                let src = src0 + i * PAGE_SIZE;
+                let page_err = |e: vm_memory::GuestMemoryError| ProtocolError::GuestMemory {
+                    gpa: gpa.0,
+                    reason: e.to_string(),
+                };
+                let base = delta
+                    .as_ref()
+                    .map(|d| (d.mem, d.known.get(index) == Some(&true)));
+                index += 1;
+                let value = if is_zero(&frame[src..src + PAGE_SIZE]) {
+                    zero += 1;
+                    // A page never recorded is still zero in the base (fresh memory).
+                    if let Some((base, true)) = base {
+                        base.write_slice(&ZERO_PAGE, gpa).map_err(page_err)?;
+                    }
+                    gpa.0 | ZERO_PAGE_BIT
+                } else {
+                    let mut delta_len = None;
+                    if let Some((base, known)) = base {
+                        if known {
+                            base.read_slice(&mut self.old, gpa).map_err(page_err)?;
+                            delta_len = encode_delta(
+                                &self.old,
+                                &frame[src..src + PAGE_SIZE],
+                                &mut self.delta[..budget],
+                            );
+                        }
+                        base.write_slice(&frame[src..src + PAGE_SIZE], gpa)
+                            .map_err(page_err)?;
+                    }
+                    match delta_len {
+                        Some(d) => {
+                            // `end + 2 + d < src + PAGE_SIZE`: the page is used up by now.
+                            frame[end..end + DELTA_LEN_BYTES]
+                                .copy_from_slice(&(d as u16).to_le_bytes());
+                            let body = end + DELTA_LEN_BYTES;
+                            frame[body..body + d].copy_from_slice(&self.delta[..d]);
+                            end = body + d;
+                            deltas += 1;
+                            gpa.0 | DELTA_PAGE_BIT
+                        }
+                        None => {
+                            if end != src {
+                                frame.copy_within(src..src + PAGE_SIZE, end);
+                            }
+                            end += PAGE_SIZE;
+                            gpa.0
+                        }
+                    }
+                };
+                frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
+                entry += ENTRY_LEN;
+            }
+        }
+        let data_raw = end - data_at;
+        frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
+        // Without deltas the frame is a plain one (reserved word 0).
+        let records = if deltas > 0 { data_raw as u32 } else { 0 };
+        frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&records.to_le_bytes());
+        let mut flags = if deltas > 0 { FLAG_DELTA } else { 0 };
+        if self.compress && data_raw > 0 {
+            let max = lz4_flex::block::get_maximum_output_size(data_raw);
+            if self.packed.len() < max {
+                self.packed.resize(max, 0);
+            }
+            if let Ok(n) = lz4_flex::block::compress_into(&frame[data_at..end], &mut self.packed) {
+                if n < data_raw {
+                    frame[data_at..data_at + n].copy_from_slice(&self.packed[..n]);
+                    end = data_at + n;
+                    flags |= FLAG_LZ4;
+                }
+            }
+        }
+        let mut payload_crc = crc32fast::Hasher::new();
+        payload_crc.update(&frame[HEADER_LEN..end]);
+        Ok(EncodedFrame {
+            payload_len: end - HEADER_LEN,
+            flags,
+            pages: count,
+            zero,
+            deltas,
+            data_raw,
+            data_sent: end - data_at,
+            payload_crc,
+        })
+    }
+}
+
+/// One frame's work for a pool thread; its buffers come back with the result.
+pub(super) struct EncodeJob {
+    pub frame: Vec<u8>,
+    pub chunks: Vec<(u64, usize)>,
+    pub count: usize,
+    pub known: Vec<bool>,
+}
+
+pub(super) struct EncodeDone {
+    pub job: EncodeJob,
+    pub result: Result<EncodedFrame, ProtocolError>,
+}
+
+struct Worker {
+    jobs: Option<mpsc::Sender<EncodeJob>>,
+    done: mpsc::Receiver<EncodeDone>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Encoder threads for the delta passes of one staging memory against one base (fault
+/// tolerance: both live as long as the session). Frames are handed out round-robin and
+/// taken back in the order they were submitted, so the stream's order does not depend on
+/// which thread finished first.
+pub struct EncodePool {
+    workers: Vec<Worker>,
+    next: usize,
+    /// The worker of each frame in flight, oldest first.
+    in_flight: VecDeque<usize>,
+    spare: Vec<EncodeJob>,
+    /// Host addresses of the first region of the staging memory and of the base: the pool
+    /// serves only the pair it was built for.
+    serves: (usize, usize),
+}
+
+fn first_region_addr(mem: &GuestMemoryMmap) -> usize {
+    mem.iter().next().map_or(0, |r| r.as_ptr() as usize)
+}
+
+impl EncodePool {
+    /// Starts `threads` encoders (at least one) reading `staging` and keeping `base` (the
+    /// delta base's memory). `on_start` runs first on each thread (its seccomp filter); a
+    /// thread for which it returns false ends, and the pass using it fails.
+    pub(super) fn start(
+        threads: usize,
+        staging: &GuestMemoryMmap,
+        base: &GuestMemoryMmap,
+        compress: bool,
+        on_start: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (jobs, job_rx) = mpsc::channel::<EncodeJob>();
+            let (done_tx, done) = mpsc::channel::<EncodeDone>();
+            let (staging, base) = (staging.clone(), base.clone());
+            let on_start = on_start.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ft-encode-{i}"))
+                .spawn(move || {
+                    if !on_start() {
+                        return;
+                    }
+                    let mut encoder = PageEncoder::new(compress);
+                    while let Ok(mut job) = job_rx.recv() {
+                        let view = DeltaView {
+                            mem: &base,
+                            known: &job.known,
+                        };
+                        let result = encoder.encode(
+                            &mut job.frame,
+                            &staging,
+                            &job.chunks,
+                            job.count,
+                            Some(view),
+                        );
+                        if done_tx.send(EncodeDone { job, result }).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+            workers.push(Worker {
+                jobs: Some(jobs),
+                done,
+                thread: Some(thread),
+            });
+        }
+        Ok(Self {
+            workers,
+            next: 0,
+            in_flight: VecDeque::new(),
+            spare: Vec::new(),
+            serves: (first_region_addr(staging), first_region_addr(base)),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether this pool encodes from `staging` against `base`.
+    pub(super) fn serves(&self, staging: &GuestMemoryMmap, base: &GuestMemoryMmap) -> bool {
+        self.serves == (first_region_addr(staging), first_region_addr(base))
+    }
+
+    /// Frames in flight that keep every thread busy while the sender writes one.
+    pub(super) fn window(&self) -> usize {
+        2 * self.workers.len()
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Empty buffers for the next frame.
+    pub(super) fn job(&mut self) -> EncodeJob {
+        let mut job = self.spare.pop().unwrap_or_else(|| EncodeJob {
+            frame: Vec::new(),
+            chunks: Vec::new(),
+            count: 0,
+            known: Vec::new(),
+        });
+        job.chunks.clear();
+        job.known.clear();
+        job.count = 0;
+        job
+    }
+
+    pub(super) fn give_back(&mut self, job: EncodeJob) {
+        self.spare.push(job);
+    }
+
+    pub(super) fn submit(&mut self, job: EncodeJob) -> Result<(), ProtocolError> {
+        let index = self.next;
+        self.next = (self.next + 1) % self.workers.len();
+        let sent = self.workers[index]
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            return Err(ProtocolError::EncoderGone(index));
+        }
+        self.in_flight.push_back(index);
+        Ok(())
+    }
+
+    /// The oldest frame in flight, once encoded.
+    pub(super) fn next_done(&mut self) -> Result<EncodeDone, ProtocolError> {
+        let Some(index) = self.in_flight.pop_front() else {
+            return Err(ProtocolError::EncoderGone(usize::MAX));
+        };
+        self.workers[index]
+            .done
+            .recv()
+            .map_err(|_| ProtocolError::EncoderGone(index))
+    }
+
+    /// Waits out the frames still in flight (after a failed pass), so the next pass starts
+    /// in step.
+    pub(super) fn drain(&mut self) {
+        while !self.in_flight.is_empty() {
+            match self.next_done() {
+                Ok(done) => self.give_back(done.job),
+                Err(_) => self.in_flight.clear(),
+            }
+        }
+    }
+}
+
+impl Drop for EncodePool {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            // Closing the job channel ends the thread.
+            worker.jobs = None;
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
