@@ -194,6 +194,30 @@ enum Job {
     },
 }
 
+/// Wakes the sender for input the NICs recorded. The log asks each time its queue fills after
+/// being emptied, and the page frames of an epoch empty it too, so many asks can come while
+/// the sender sends one epoch: at most one `Job::Input` waits in the channel, which has room
+/// for one epoch, one StandDown and one wake-up (an epoch that finds it full counts as a dead
+/// sender).
+struct InputWake {
+    jobs: SyncSender<Job>,
+    queued: AtomicBool,
+}
+
+impl InputWake {
+    fn notify(&self) {
+        if !self.queued.swap(true, Ordering::SeqCst) && self.jobs.try_send(Job::Input).is_err() {
+            self.queued.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The sender took the wake-up; called before it takes the log's queue, so a frame
+    /// recorded after the take asks again.
+    fn taken(&self) {
+        self.queued.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Held output that keeps failing to leave.
 struct CommitFailure {
     since: Instant,
@@ -242,6 +266,7 @@ struct Shared {
     output_waiting: AtomicBool,
     /// Threads encoding epochs beside the sender.
     encode_threads: AtomicU64,
+
     /// Latency mode shortened the running epoch (see `next_checkpoint`).
     cut_for_output: AtomicBool,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
@@ -547,6 +572,7 @@ impl Primary {
             input_frames_sent: AtomicU64::new(0),
             output_waiting: AtomicBool::new(false),
             encode_threads: AtomicU64::new(0),
+
             cut_for_output: AtomicBool::new(false),
             lease,
             group: group.map(|member| GroupLink {
@@ -796,8 +822,7 @@ impl Primary {
         stream
             .set_write_timeout(Some(heartbeat_timeout.max(Duration::from_secs(1))))
             .map_err(|e| io_err("socket option", e))?;
-        // Room for one epoch, one StandDown and one input wake-up (the log asks again only
-        // once the sender took what was pending), so none of them waits for another.
+        // Room for one epoch, one StandDown and one input wake-up (see `InputWake`).
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(3);
         // Input also goes out between the page frames of an epoch, which are kept small
         // enough (256 KiB) that it waits for well under a millisecond of sending.
@@ -819,11 +844,13 @@ impl Primary {
                 .map(|payload| (FrameType::InputFrames, payload))
                 .collect()
         })));
+        let wake = Arc::new(InputWake {
+            jobs: jobs.clone(),
+            queued: AtomicBool::new(false),
+        });
         if let Some(input) = &shared.gates.input_log {
-            let wake = jobs.clone();
-            input.set_notify(Box::new(move || {
-                let _ = wake.try_send(Job::Input);
-            }));
+            let wake = wake.clone();
+            input.set_notify(Box::new(move || wake.notify()));
         }
         let s = shared.clone();
         let heartbeat_every = epoch_len.min(heartbeat_timeout / 3);
@@ -831,7 +858,8 @@ impl Primary {
             .name("ft-sender".into())
             .spawn(move || {
                 if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
-                    send_loop(&s, sender, (&staging, base), &job_rx, heartbeat_every);
+                    let jobs = (&job_rx, &*wake);
+                    send_loop(&s, sender, (&staging, base), jobs, heartbeat_every);
                 } else {
                     s.lose("the sender thread cannot install its seccomp filter".into());
                 }
@@ -933,9 +961,12 @@ impl Primary {
         self.epoch += 1;
         self.shared.staging_busy.store(true, Ordering::SeqCst);
         if let Some(jobs) = &self.jobs {
-            if jobs.try_send(Job::Epoch(job)).is_err() {
+            if let Err(e) = jobs.try_send(Job::Epoch(job)) {
                 self.shared.staging_busy.store(false, Ordering::SeqCst);
-                self.shared.lose("the sender thread is gone".to_string());
+                self.shared.lose(match e {
+                    TrySendError::Full(_) => "the sender's queue is full".to_string(),
+                    TrySendError::Disconnected(_) => "the sender thread is gone".to_string(),
+                });
             }
         }
     }
@@ -1154,7 +1185,7 @@ fn send_loop(
     shared: &Shared,
     mut sender: Sender<FtStream>,
     (staging, mut base): (&GuestMemoryMmap, DeltaBase),
-    jobs: &mpsc::Receiver<Job>,
+    (jobs, wake): (&mpsc::Receiver<Job>, &InputWake),
     heartbeat_every: Duration,
 ) {
     loop {
@@ -1172,6 +1203,9 @@ fn send_loop(
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        if matches!(job, Job::Input) {
+            wake.taken();
+        }
         // Input first: an epoch's frames must reach the backup before its EpochEnd.
         if let Err(e) = send_input(shared, &mut sender) {
             shared.lose(format!("mirroring input: {e}"));
@@ -1722,6 +1756,27 @@ impl PrimaryFt for Primary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_input_wake_ups_leave_room_for_the_epoch() {
+        let (jobs, rx) = mpsc::sync_channel::<Job>(3);
+        let wake = InputWake {
+            jobs: jobs.clone(),
+            queued: AtomicBool::new(false),
+        };
+        // The log empties and fills again between every page frame of a long epoch.
+        for _ in 0..10 {
+            wake.notify();
+        }
+        assert!(jobs.try_send(Job::Input).is_ok(), "no room for the epoch");
+        assert!(matches!(rx.try_recv(), Ok(Job::Input)));
+        assert!(matches!(rx.try_recv(), Ok(Job::Input)));
+        assert!(rx.try_recv().is_err());
+        // Taken: the next frame asks again.
+        wake.taken();
+        wake.notify();
+        assert!(matches!(rx.try_recv(), Ok(Job::Input)));
+    }
 
     fn request(json: serde_json::Value) -> EnableFtRequest {
         serde_json::from_value(json).unwrap()

@@ -106,6 +106,11 @@ struct World {
     frames_out: AtomicU64,
     /// The next this many writes to the disk image fail with EIO.
     disk_failures: AtomicU32,
+    /// Microseconds the link takes to carry each MemoryPages frame (a slow link: epochs
+    /// take long to send, and input arrives between their frames).
+    page_frame_us: AtomicU64,
+    /// One guest step in this many dirties a burst of pages (0: one in 40).
+    burst_every: AtomicU64,
 }
 
 impl World {
@@ -310,7 +315,18 @@ impl FakeVm {
     fn step(&mut self) {
         assert!(!self.paused, "the guest ran while paused");
         self.register += 1;
-        for _ in 0..1 + self.rng.below(4) {
+        // Now and then a burst: an epoch of several page frames, between which the sender
+        // takes the input that arrived meanwhile.
+        let every = match self.world.burst_every.load(Ordering::Relaxed) {
+            0 => 40,
+            n => n,
+        };
+        let pages = if self.rng.below(every) == 0 {
+            300
+        } else {
+            1 + self.rng.below(4)
+        };
+        for _ in 0..pages {
             let page = self.rng.below(MEMORY / PAGE);
             let at = GuestAddress(page * PAGE + 8 * self.rng.below(512));
             // Sometimes a write that changes nothing (a hot page found unchanged).
@@ -780,6 +796,12 @@ fn carry(
                     }
                 }
             }
+            if kind == FrameType::MemoryPages {
+                let us = world.page_frame_us.load(Ordering::Relaxed);
+                if us > 0 {
+                    std::thread::sleep(Duration::from_micros(us));
+                }
+            }
             out.push(frame(&payload, kind));
             if let Some(late) = held_back.take() {
                 // The late frame keeps its (now out-of-order) sequence number.
@@ -945,7 +967,18 @@ struct Report {
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
-    run_with(seed, mode, faults, witness, HEARTBEAT_MS, false)
+    run_with(seed, mode, faults, witness, HEARTBEAT_MS, Knobs::default())
+}
+
+/// What a run varies besides its seed, disk mode, faults and heartbeat.
+#[derive(Clone, Copy, Debug, Default)]
+struct Knobs {
+    /// The primary in latency mode.
+    latency_mode: bool,
+    /// See [`World::page_frame_us`].
+    page_frame_us: u64,
+    /// See [`World::burst_every`].
+    burst_every: u64,
 }
 
 /// [`run`] with its own heartbeat timeout: a run without faults has nothing to detect, so it
@@ -956,8 +989,13 @@ fn run_with(
     faults: Vec<Fault>,
     witness: &Arc<WitnessHandle>,
     heartbeat_ms: u64,
-    latency_mode: bool,
+    knobs: Knobs,
 ) -> Report {
+    let Knobs {
+        latency_mode,
+        page_frame_us,
+        burst_every,
+    } = knobs;
     let context = format!("seed {seed:#x}, {mode:?} disks, faults {faults:?}");
     let dir = scratch_dir();
     let primary_disk = dir.join("primary.img");
@@ -971,6 +1009,8 @@ fn run_with(
         f.set_len(DISK_BLOCKS * BLOCK / 2).unwrap();
     }
     let world = Arc::new(World::default());
+    world.page_frame_us.store(page_frame_us, Ordering::Relaxed);
+    world.burst_every.store(burst_every, Ordering::Relaxed);
     *world.witness.lock().unwrap() = Some(witness.clone());
     let primary_witness = relay(witness.local_addr(), world.clone(), Side::Primary);
     let backup_witness = relay(witness.local_addr(), world.clone(), Side::Backup);
@@ -1349,7 +1389,11 @@ fn random_runs(mode: FtDiskMode, base_seed: u64) {
         }
         // A third of the runs cut epochs early whenever output waits (latency mode).
         let latency_mode = rng.below(3) == 0;
-        let report = run_with(seed, mode, faults, &witness, HEARTBEAT_MS, latency_mode);
+        let knobs = Knobs {
+            latency_mode,
+            ..Knobs::default()
+        };
+        let report = run_with(seed, mode, faults, &witness, HEARTBEAT_MS, knobs);
         takeovers += report.took_over as u64;
     }
     eprintln!("{mode:?}: {takeovers} takeovers checked");
@@ -1359,7 +1403,14 @@ fn random_runs(mode: FtDiskMode, base_seed: u64) {
 fn no_fault_run_replicates_and_releases_everything() {
     let witness = witness();
     for mode in [FtDiskMode::Shared, FtDiskMode::Replicated] {
-        let report = run_with(1, mode, Vec::new(), &witness, NO_FAULT_HEARTBEAT_MS, false);
+        let report = run_with(
+            1,
+            mode,
+            Vec::new(),
+            &witness,
+            NO_FAULT_HEARTBEAT_MS,
+            Knobs::default(),
+        );
         assert!(
             report.acked > 10,
             "{mode:?}: only {} epochs acknowledged",
@@ -1394,13 +1445,17 @@ fn no_fault_run_replicates_and_releases_everything() {
 #[test]
 fn latency_mode_ends_epochs_early_while_output_waits() {
     let witness = witness();
+    let knobs = Knobs {
+        latency_mode: true,
+        ..Knobs::default()
+    };
     let report = run_with(
         2,
         FtDiskMode::Shared,
         Vec::new(),
         &witness,
         NO_FAULT_HEARTBEAT_MS,
-        true,
+        knobs,
     );
     assert!(
         report.acked > 10,
@@ -1413,6 +1468,38 @@ fn latency_mode_ends_epochs_early_while_output_waits() {
         report.summary
     );
     assert!(!report.took_over);
+}
+
+/// A slow link: epochs of several page frames take long to send, and the input that arrives
+/// meanwhile goes out between their frames. The wake-ups that input leaves for the sender must
+/// not crowd the next epoch out of its queue (the primary then counted its backup as lost and
+/// ran on unprotected).
+#[test]
+fn input_between_the_frames_of_long_epochs_keeps_protection() {
+    let witness = witness();
+    let knobs = Knobs {
+        page_frame_us: 1500,
+        burst_every: 3,
+        ..Knobs::default()
+    };
+    for seed in [3, 4] {
+        let report = run_with(
+            seed,
+            FtDiskMode::Replicated,
+            Vec::new(),
+            &witness,
+            NO_FAULT_HEARTBEAT_MS,
+            knobs,
+        );
+        assert_eq!(
+            report.primary_health,
+            Some(FtHealth::Protected),
+            "seed {seed}: {}",
+            report.summary
+        );
+        assert!(report.acked > 10, "seed {seed}: {}", report.summary);
+        assert!(!report.took_over);
+    }
 }
 
 #[test]
