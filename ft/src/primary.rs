@@ -198,10 +198,12 @@ enum Job {
 /// being emptied, and the page frames of an epoch empty it too, so many asks can come while
 /// the sender sends one epoch: at most one `Job::Input` waits in the channel, which has room
 /// for one epoch, one StandDown and one wake-up (an epoch that finds it full counts as a dead
-/// sender).
+/// sender). Only the log holds it: its job sender must go with the log's notify for the
+/// channel to close and the sender thread to end (see `close`); the sender thread holds the
+/// flag alone ([`InputTaken`]).
 struct InputWake {
     jobs: SyncSender<Job>,
-    queued: AtomicBool,
+    queued: Arc<AtomicBool>,
 }
 
 impl InputWake {
@@ -210,11 +212,16 @@ impl InputWake {
             self.queued.store(false, Ordering::SeqCst);
         }
     }
+}
 
+/// The sender thread's side of [`InputWake`].
+struct InputTaken(Arc<AtomicBool>);
+
+impl InputTaken {
     /// The sender took the wake-up; called before it takes the log's queue, so a frame
     /// recorded after the take asks again.
     fn taken(&self) {
-        self.queued.store(false, Ordering::SeqCst);
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -844,12 +851,13 @@ impl Primary {
                 .map(|payload| (FrameType::InputFrames, payload))
                 .collect()
         })));
-        let wake = Arc::new(InputWake {
-            jobs: jobs.clone(),
-            queued: AtomicBool::new(false),
-        });
+        let queued = Arc::new(AtomicBool::new(false));
+        let taken = InputTaken(queued.clone());
         if let Some(input) = &shared.gates.input_log {
-            let wake = wake.clone();
+            let wake = InputWake {
+                jobs: jobs.clone(),
+                queued,
+            };
             input.set_notify(Box::new(move || wake.notify()));
         }
         let s = shared.clone();
@@ -858,7 +866,7 @@ impl Primary {
             .name("ft-sender".into())
             .spawn(move || {
                 if vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication) {
-                    let jobs = (&job_rx, &*wake);
+                    let jobs = (&job_rx, &taken);
                     send_loop(&s, sender, (&staging, base), jobs, heartbeat_every);
                 } else {
                     s.lose("the sender thread cannot install its seccomp filter".into());
@@ -1185,7 +1193,7 @@ fn send_loop(
     shared: &Shared,
     mut sender: Sender<FtStream>,
     (staging, mut base): (&GuestMemoryMmap, DeltaBase),
-    (jobs, wake): (&mpsc::Receiver<Job>, &InputWake),
+    (jobs, wake): (&mpsc::Receiver<Job>, &InputTaken),
     heartbeat_every: Duration,
 ) {
     loop {
@@ -1760,10 +1768,12 @@ mod tests {
     #[test]
     fn many_input_wake_ups_leave_room_for_the_epoch() {
         let (jobs, rx) = mpsc::sync_channel::<Job>(3);
+        let queued = Arc::new(AtomicBool::new(false));
         let wake = InputWake {
             jobs: jobs.clone(),
-            queued: AtomicBool::new(false),
+            queued: queued.clone(),
         };
+        let sender_side = InputTaken(queued);
         // The log empties and fills again between every page frame of a long epoch.
         for _ in 0..10 {
             wake.notify();
@@ -1773,9 +1783,16 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Job::Input)));
         assert!(rx.try_recv().is_err());
         // Taken: the next frame asks again.
-        wake.taken();
+        sender_side.taken();
         wake.notify();
         assert!(matches!(rx.try_recv(), Ok(Job::Input)));
+        // With the log's wake-up and the primary's sender gone, the sender thread sees the
+        // channel close (it holds no sender of its own).
+        drop((wake, jobs));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(1)),
+            Err(RecvTimeoutError::Disconnected)
+        ));
     }
 
     fn request(json: serde_json::Value) -> EnableFtRequest {
