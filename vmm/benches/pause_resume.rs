@@ -1,4 +1,5 @@
-//! vCPU pause/resume round trip under real KVM with the test guest running at CPL3: the cost
+//! vCPU pause/resume round trip under real KVM with the test guest running at CPL3, and the
+//! whole VM's (vCPUs and device loop, as an FT checkpoint stops it): the cost
 //! fault tolerance pays at every epoch boundary. Prints median and p99 per vCPU count.
 //!
 //! Run: `cargo bench -p vmm --bench pause_resume` (the guest must be built: `ci/setup`).
@@ -45,7 +46,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn measure(cpus: u8, cmdline: &str) -> (Duration, Duration, Duration) {
+/// `whole_vm`: `Vm::pause`/`Vm::resume` (the vCPUs and the device loop, as an FT checkpoint
+/// stops the VM) instead of the vCPUs alone.
+fn measure(cpus: u8, cmdline: &str, whole_vm: bool) -> (Duration, Duration, Duration) {
     let kvm = vmm::vm::open_kvm().expect("open /dev/kvm");
     let events = VmEvents::new().expect("events");
     let capture = Capture::default();
@@ -85,8 +88,13 @@ fn measure(cpus: u8, cmdline: &str) -> (Duration, Duration, Duration) {
     for _ in 0..ROUNDS {
         std::thread::sleep(RUN_BETWEEN);
         let t = Instant::now();
-        vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
-        vm.vcpus().resume();
+        if whole_vm {
+            vm.pause().expect("pause");
+            vm.resume().expect("resume");
+        } else {
+            vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+            vm.vcpus().resume();
+        }
         samples.push(t.elapsed());
     }
     vm.shutdown();
@@ -114,11 +122,24 @@ fn main() {
     }
     // The guest finishes its workload, then spins at CPL3 (exit=halt): a busy vCPU to stop.
     let cases = [
-        (1u8, "1 vCPU spinning at CPL3", "workload=hello exit=halt"),
+        (
+            1u8,
+            "1 vCPU spinning at CPL3",
+            "workload=hello exit=halt",
+            false,
+        ),
         (
             2u8,
             "2 vCPUs (BSP spinning, AP idle)",
             "workload=smp smp.iters=1000 exit=halt",
+            false,
+        ),
+        // The VM's devices (its virtio-rng) give it a device loop to stop as well.
+        (
+            1u8,
+            "1 vCPU + device loop (Vm::pause)",
+            "workload=hello exit=halt",
+            true,
         ),
     ];
     println!(
@@ -128,8 +149,8 @@ fn main() {
         "{:<34} {:>10} {:>10} {:>10} {:>12}",
         "case", "median us", "p99 us", "max us", "p99/target"
     );
-    for (cpus, name, cmdline) in cases {
-        let (p50, p99, max) = measure(cpus, cmdline);
+    for (cpus, name, cmdline, whole_vm) in cases {
+        let (p50, p99, max) = measure(cpus, cmdline, whole_vm);
         println!(
             "{:<34} {:>10.1} {:>10.1} {:>10.1} {:>12.2}",
             name,
