@@ -188,7 +188,8 @@ impl PageEncoder {
     }
 }
 
-/// One frame's work for a pool thread; its buffers come back with the result.
+/// One frame's work (for a pool thread, its buffers come back with the result).
+#[derive(Default)]
 pub(super) struct EncodeJob {
     pub frame: Vec<u8>,
     pub chunks: Vec<(u64, usize)>,
@@ -302,12 +303,7 @@ impl EncodePool {
 
     /// Empty buffers for the next frame.
     pub(super) fn job(&mut self) -> EncodeJob {
-        let mut job = self.spare.pop().unwrap_or_else(|| EncodeJob {
-            frame: Vec::new(),
-            chunks: Vec::new(),
-            count: 0,
-            known: Vec::new(),
-        });
+        let mut job = self.spare.pop().unwrap_or_default();
         job.chunks.clear();
         job.known.clear();
         job.count = 0;

@@ -54,7 +54,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
-use super::page_encoder::{DeltaView, EncodePool, EncodedFrame, PageEncoder};
+use super::page_encoder::{DeltaView, EncodeJob, EncodePool, EncodedFrame, PageEncoder};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::progress::TransferProgress;
@@ -1135,14 +1135,12 @@ pub struct Sender<T: Read + Write> {
     started: bool,
     iteration: u32,
     stats: TransferStats,
-    /// One MemoryPages frame assembled in place: header, count, entries, data, checksum.
-    frame: Vec<u8>,
+    /// The frame being assembled on this thread (header, count, entries, data, checksum),
+    /// its page runs and whether the receiver knows each page.
+    job: EncodeJob,
     encoder: PageEncoder,
     /// Encoder threads for delta passes (see [`Sender::start_encode_pool`]).
     pool: Option<EncodePool>,
-    /// The page runs of the frame being assembled, and whether the receiver knows each page.
-    chunks: Vec<(u64, usize)>,
-    known: Vec<bool>,
     /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
     progress: Option<Arc<TransferProgress>>,
     interleave: Option<InterleaveHook>,
@@ -1166,11 +1164,9 @@ impl<T: Read + Write> Sender<T> {
             started: false,
             iteration: 0,
             stats: TransferStats::default(),
-            frame: Vec::new(),
+            job: EncodeJob::default(),
             encoder: PageEncoder::new(options.compress),
             pool: None,
-            chunks: Vec::new(),
-            known: Vec::new(),
             progress: None,
             interleave: None,
         }
@@ -1352,38 +1348,12 @@ impl<T: Read + Write> Sender<T> {
                 self.pool = Some(pool);
                 sent?;
             }
-            (pool, mut base) => {
+            (pool, base) => {
                 self.pool = pool;
-                loop {
-                    let mut chunks = std::mem::take(&mut self.chunks);
-                    let count = frames.next_frame(&mut chunks);
-                    let mut known = std::mem::take(&mut self.known);
-                    let view = base.as_deref_mut().map(|base| {
-                        base.record(&chunks, &mut known);
-                        DeltaView {
-                            mem: &base.mem,
-                            known: &known,
-                        }
-                    });
-                    let encoded = if count == 0 {
-                        None
-                    } else {
-                        Some(
-                            self.encoder
-                                .encode(&mut self.frame, mem, &chunks, count, view),
-                        )
-                    };
-                    (self.chunks, self.known) = (chunks, known);
-                    let Some(encoded) = encoded else {
-                        break;
-                    };
-                    let mut frame = std::mem::take(&mut self.frame);
-                    let written =
-                        encoded.and_then(|e| self.write_encoded(&mut frame, &e, &mut pass));
-                    self.frame = frame;
-                    written?;
-                    self.send_interleaved()?;
-                }
+                let mut job = std::mem::take(&mut self.job);
+                let sent = self.send_pages_alone(&mut job, mem, &mut frames, base, &mut pass);
+                self.job = job;
+                sent?;
             }
         }
         let mut done = [0u8; 16];
@@ -1395,6 +1365,35 @@ impl<T: Read + Write> Sender<T> {
         self.stats.iterations += 1;
         self.iteration = self.iteration.wrapping_add(1);
         Ok(pass)
+    }
+
+    /// The page frames of a pass, encoded and written on this thread (`base`: as deltas).
+    fn send_pages_alone(
+        &mut self,
+        job: &mut EncodeJob,
+        mem: &GuestMemoryMmap,
+        frames: &mut FrameCutter<'_>,
+        mut base: Option<&mut DeltaBase>,
+        pass: &mut PassStats,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            job.count = frames.next_frame(&mut job.chunks);
+            if job.count == 0 {
+                return Ok(());
+            }
+            let view = base.as_deref_mut().map(|base| {
+                base.record(&job.chunks, &mut job.known);
+                DeltaView {
+                    mem: &base.mem,
+                    known: &job.known,
+                }
+            });
+            let encoded = self
+                .encoder
+                .encode(&mut job.frame, mem, &job.chunks, job.count, view)?;
+            self.write_encoded(&mut job.frame, &encoded, pass)?;
+            self.send_interleaved()?;
+        }
     }
 
     /// The page frames of a delta pass, encoded by `pool` and written here in the order
