@@ -123,6 +123,7 @@ fn ft_schemas_match_serde() {
         early_acks: false,
         latency_mode: true,
         encode_threads: Some(2),
+        streams: Some(3),
         group: Some("/run/web.sock".into()),
         // Fields left out at their defaults are set so that every one is compared.
         tls_dir: Some("/etc/tandem/tls".into()),

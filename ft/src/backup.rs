@@ -14,6 +14,7 @@
 //! the last complete epoch. A stream that breaks the protocol (bad checksum, bad frame) comes
 //! from a live primary: the backup reports the error and gives up without taking over.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::net::TcpListener;
@@ -30,8 +31,8 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live::{parse_url, MigrationUrl};
 use vmm::migration::memory::PAGE_SIZE;
 use vmm::migration::protocol::{
-    self, apply_pages, write_frame, Frame, FrameReader, FrameType, Message, ProtocolError,
-    TransferStats, HEADER_LEN, TRAILER_LEN,
+    self, apply_pages, write_frame, Frame, FrameReader, FrameType, LaneDigest, Message,
+    ProtocolError, TransferStats, HEADER_LEN, TRAILER_LEN,
 };
 use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
@@ -44,7 +45,10 @@ use crate::group::BackupMember;
 use crate::input_store::{InputStore, INPUT_STORE_MAX};
 use crate::link::{channel_security, FtStream};
 use crate::wire::{decode_disk_writes, decode_input_frames, Control, DiskWrite};
+use lanes::{Joined, LaneSet, LaneSource, Session};
 use transport::Security;
+
+mod lanes;
 
 /// How long the backup waits for Hello and Params once a primary has connected, and for the
 /// control loop to prepare the standby VM.
@@ -58,6 +62,8 @@ struct Shared {
     status: Mutex<FtStatus>,
     stop: AtomicBool,
     stream: Mutex<Option<FtStream>>,
+    /// The session's data streams (closed with `stream`).
+    lanes: Mutex<Vec<FtStream>>,
     /// When the primary was declared dead (for the failover time).
     lost_at: Mutex<Option<Instant>>,
     /// The group's coordinator told this member to stop receiving (another member's primary
@@ -83,6 +89,21 @@ impl Shared {
 
     fn status(&self) -> std::sync::MutexGuard<'_, FtStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the connections to the primary (the receive loop then ends).
+    fn close_links(&self) {
+        if let Some(stream) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            stream.shutdown();
+        }
+        for lane in self.lanes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            lane.shutdown();
+        }
     }
 }
 
@@ -133,6 +154,17 @@ impl Backup {
         request: &ReceiveFtRequest,
         wake: Arc<EventFd>,
     ) -> Result<Self, VmmError> {
+        Self::start_connected_with_lanes(stream, Vec::new(), request, wake)
+    }
+
+    /// [`Backup::start_connected`] with the data streams the primary will use (in the order
+    /// it numbers them; each still has to join).
+    pub fn start_connected_with_lanes(
+        stream: FtStream,
+        lanes: Vec<FtStream>,
+        request: &ReceiveFtRequest,
+        wake: Arc<EventFd>,
+    ) -> Result<Self, VmmError> {
         // An in-process link has no TCP to secure; a witness or etcd still does.
         let security = channel_security(
             request.tls_dir.as_deref(),
@@ -140,7 +172,8 @@ impl Backup {
             request.witness.is_some() || request.fencing.is_some(),
         )?;
         let fencing = operator_fencing(request, security.as_ref())?;
-        Self::start_with(Source::Connected(stream), security, fencing, request, wake)
+        let source = Source::Connected(stream, lanes);
+        Self::start_with(source, security, fencing, request, wake)
     }
 
     fn start_with(
@@ -161,6 +194,7 @@ impl Backup {
             }),
             stop: AtomicBool::new(false),
             stream: Mutex::new(None),
+            lanes: Mutex::new(Vec::new()),
             lost_at: Mutex::new(None),
             frozen: AtomicBool::new(false),
             security,
@@ -177,11 +211,7 @@ impl Backup {
                 let decision = member
                     .listen(move || {
                         s.frozen.store(true, Ordering::SeqCst);
-                        if let Some(stream) =
-                            s.stream.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
-                        {
-                            stream.shutdown();
-                        }
+                        s.close_links();
                     })
                     .map_err(|message| VmmError::Failed {
                         action: "receive-ft",
@@ -242,15 +272,7 @@ impl BackupFt for Backup {
 
     fn stop(mut self: Box<Self>) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(stream) = self
-            .shared
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            stream.shutdown();
-        }
+        self.shared.close_links();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -288,17 +310,26 @@ fn group_decision_timeout(grace: Duration) -> Duration {
     grace + Duration::from_secs(5)
 }
 
-/// Where the primary's connection comes from.
+/// Where the primary's connections come from.
 enum Source {
     Listen(TcpListener),
-    Connected(FtStream),
+    /// The first connection and the data streams.
+    Connected(FtStream, Vec<FtStream>),
 }
 
-/// Waits for the primary (or a stop request).
-fn accept(shared: &Shared, listener: &TcpListener) -> Result<FtStream, String> {
+/// Waits for a connection from the primary that passes the handshake (until a stop request
+/// or `deadline`); returns it and where it came from.
+fn accept_one(
+    shared: &Shared,
+    listener: &TcpListener,
+    deadline: Option<Instant>,
+) -> Result<(FtStream, String), String> {
     loop {
         if shared.stop.load(Ordering::SeqCst) {
-            return Err("stopped while waiting for a primary".into());
+            return Err("stopped while waiting for the primary".into());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err("the primary's data streams did not join in time".into());
         }
         match listener.accept() {
             Ok((stream, from)) => {
@@ -310,10 +341,7 @@ fn accept(shared: &Shared, listener: &TcpListener) -> Result<FtStream, String> {
                 // A stranger that fails the handshake is turned away; the backup goes on
                 // waiting for its primary.
                 match security.accept(stream, transport::HANDSHAKE_TIMEOUT) {
-                    Ok(stream) => {
-                        log::info!("FT: primary connected from {from}");
-                        return Ok(stream);
-                    }
+                    Ok(stream) => return Ok((stream, from.to_string())),
                     Err(e) => log::warn!("FT: refused {from}: {e}"),
                 }
             }
@@ -332,6 +360,9 @@ struct Params {
     disk_sizes: Vec<u64>,
     /// The VM's NICs (input frames name one).
     nics: usize,
+    /// Data streams beside the first connection, and what each must repeat to join.
+    lanes: u32,
+    lane_token: u64,
 }
 
 /// One epoch being received: kept aside until its EpochEnd.
@@ -443,9 +474,13 @@ fn receive(
     request: &ReceiveFtRequest,
     mut group: Option<GroupSide>,
 ) -> Result<BackupEvent, String> {
-    let stream = match source {
-        Source::Listen(listener) => accept(shared, &listener)?,
-        Source::Connected(stream) => stream,
+    let (stream, lane_source) = match source {
+        Source::Listen(listener) => {
+            let (stream, from) = accept_one(shared, &listener, None)?;
+            log::info!("FT: primary connected from {from}");
+            (stream, LaneSource::Listen(listener))
+        }
+        Source::Connected(stream, lanes) => (stream, LaneSource::Connected(lanes.into_iter())),
     };
     *shared.stream.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(stream.try_clone().map_err(|e| e.to_string())?);
@@ -471,8 +506,8 @@ fn receive(
         stats,
         broken: false,
     };
-    let result = setup(shared, &mut link, request, config);
-    let (params, memory, disks) = match result {
+    let result = setup(shared, &mut link, request, config, lane_source);
+    let (params, memory, disks, joined) = match result {
         Ok(ok) => ok,
         Err(e) => {
             let _ = link.send(FrameType::Error, e.as_bytes());
@@ -502,7 +537,22 @@ fn receive(
         input: InputStore::new(params.nics, INPUT_STORE_MAX),
         clock: PrimaryClock::new(),
     };
-    let ending = receive_epochs(shared, &mut link, &mut replica, params.heartbeat_timeout);
+    let lanes = match LaneSet::start(shared, joined, replica.epoch_limit) {
+        Ok(lanes) => lanes,
+        Err(e) => {
+            let _ = link.send(FrameType::Error, e.as_bytes());
+            return Err(e);
+        }
+    };
+    shared.status().streams = 1 + lanes.len() as u64;
+    let ending = receive_epochs(
+        shared,
+        (&mut link, &lanes),
+        &mut replica,
+        params.heartbeat_timeout,
+    );
+    // The data streams' readers end before a takeover.
+    drop(lanes);
     match ending {
         Ok(Ending::StandDown {
             guest_shutdown,
@@ -546,13 +596,14 @@ fn receive(
     }
 }
 
-/// Params (after Hello), then the standby VM prepared by the control loop.
+/// Params (after Hello), the data streams, then the standby VM prepared by the control loop.
 fn setup(
     shared: &Shared,
     link: &mut Link,
     request: &ReceiveFtRequest,
     config: VmConfig,
-) -> Result<(Params, GuestMemoryMmap, Vec<File>), String> {
+    lane_source: LaneSource,
+) -> Result<(Params, GuestMemoryMmap, Vec<File>, Joined), String> {
     let frame = link
         .reader
         .read_frame(&mut link.stream)
@@ -568,6 +619,8 @@ fn setup(
                     witness,
                     fencing,
                     disk_sizes,
+                    lanes,
+                    lane_token,
                 } => {
                     shared
                         .fencing
@@ -579,6 +632,8 @@ fn setup(
                         disk_mode,
                         disk_sizes,
                         nics: config.net.as_ref().map_or(0, Vec::len),
+                        lanes,
+                        lane_token,
                     }
                 }
                 other => return Err(format!("expected Params, got {other:?}")),
@@ -586,6 +641,13 @@ fn setup(
         }
         other => return Err(format!("expected Params, got {other:?}")),
     };
+    // The primary dials its data streams right after Params, before anything else.
+    let session = Session {
+        pair_id: params.pair_id,
+        token: params.lane_token,
+        lanes: params.lanes,
+    };
+    let joined = Joined::wait(shared, lane_source, &session)?;
     // Only what this host's operator named is opened here (the peer's configuration only
     // says how many disks and NICs the VM has).
     let local = HostResources {
@@ -626,7 +688,7 @@ fn setup(
         .recv_timeout(SETUP_TIMEOUT)
         .map_err(|_| "the control loop did not prepare the standby VM".to_string())?
         .map_err(|e| format!("cannot prepare the standby VM: {e}"))?;
-    Ok((params, memory, disks))
+    Ok((params, memory, disks, joined))
 }
 
 /// The operator's fencing for this backup (`--witness` or `--fencing etcd://`), asked once
@@ -749,6 +811,7 @@ impl Replica {
             flags,
             seq: 0,
             payload,
+            crc: 0,
         };
         match Message::parse(&frame).map_err(|e| e.to_string())? {
             Message::MemoryPages(batch) => {
@@ -879,9 +942,62 @@ fn agree_with_group(
     Ok(())
 }
 
+/// The primary counts its backup dead after a heartbeat timeout of silence: while a long
+/// epoch streams in (no EpochEnd to acknowledge yet), say something now and then.
+struct KeepAlive {
+    last_answer: Instant,
+    every: Duration,
+}
+
+impl KeepAlive {
+    fn answer_if_quiet(&mut self, link: &mut Link, replica: &Replica) {
+        if self.last_answer.elapsed() >= self.every {
+            let epoch = replica.newest_complete().unwrap_or(0);
+            link.answer(&Control::Heartbeat { epoch });
+            self.last_answer = Instant::now();
+        }
+    }
+}
+
+/// A checked MemoryPages frame: written at once during the initial synchronisation, kept for
+/// its EpochEnd afterwards.
+fn receive_pages(
+    replica: &mut Replica,
+    pending: &mut PendingEpoch,
+    initial: bool,
+    flags: u8,
+    payload: Cow<'_, [u8]>,
+) -> Result<(), String> {
+    let frame = Frame {
+        kind: FrameType::MemoryPages,
+        flags,
+        seq: 0,
+        payload: &payload,
+        crc: 0,
+    };
+    let Message::MemoryPages(batch) = Message::parse(&frame).map_err(|e| e.to_string())? else {
+        return Err("a page frame that is not one".into());
+    };
+    pending.pass_pages += batch.len() as u64;
+    if initial {
+        return apply_pages(
+            &replica.memory,
+            &batch,
+            &mut replica.scratch,
+            &mut replica.probe,
+            &mut replica.stats,
+        )
+        .map_err(|e| e.to_string());
+    }
+    // Checked now, applied at EpochEnd.
+    pending.account(payload.len(), replica.epoch_limit)?;
+    pending.pages.push((flags, payload.into_owned()));
+    Ok(())
+}
+
 fn receive_epochs(
     shared: &Shared,
-    link: &mut Link,
+    (link, lanes): (&mut Link, &LaneSet),
     replica: &mut Replica,
     heartbeat_timeout: Duration,
 ) -> Result<Ending, String> {
@@ -901,15 +1017,13 @@ fn receive_epochs(
     };
     let mut pending = PendingEpoch::default();
     let mut received = 0u64;
-    // The primary counts its backup dead after a heartbeat timeout of silence: while a long
-    // epoch streams in (no EpochEnd to acknowledge yet), say something now and then.
-    let mut last_answer = Instant::now();
-    let answer_every = heartbeat_timeout / 4;
+    let mut quiet = KeepAlive {
+        last_answer: Instant::now(),
+        every: heartbeat_timeout / 4,
+    };
     loop {
-        if !initial && last_answer.elapsed() >= answer_every {
-            let epoch = replica.newest_complete().unwrap_or(0);
-            link.answer(&Control::Heartbeat { epoch });
-            last_answer = Instant::now();
+        if !initial {
+            quiet.answer_if_quiet(link, replica);
         }
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(Ending::StandDown {
@@ -937,25 +1051,51 @@ fn receive_epochs(
         };
         let (kind, flags) = (frame.kind, frame.flags);
         received += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
+        if kind == FrameType::MemoryPages {
+            let payload = Cow::Borrowed(frame.payload);
+            receive_pages(replica, &mut pending, initial, flags, payload)?;
+            continue;
+        }
         match Message::parse(&frame).map_err(|e| e.to_string())? {
-            Message::MemoryPages(batch) => {
-                pending.pass_pages += batch.len() as u64;
-                if initial {
-                    apply_pages(
-                        &replica.memory,
-                        &batch,
-                        &mut replica.scratch,
-                        &mut replica.probe,
-                        &mut replica.stats,
-                    )
-                    .map_err(|e| e.to_string())?;
-                } else {
-                    // Checked now, applied at EpochEnd.
-                    pending.account(frame.payload.len(), replica.epoch_limit)?;
-                    pending.pages.push((flags, frame.payload.to_vec()));
+            Message::MemoryDone {
+                pages,
+                lanes: passes,
+                ..
+            } => {
+                // A pass the primary sent on this connection alone names no data streams.
+                if !passes.is_empty() && passes.len() != lanes.len() {
+                    return Err(format!(
+                        "a memory pass on {} data streams, the session has {}",
+                        passes.len(),
+                        lanes.len()
+                    ));
                 }
-            }
-            Message::MemoryDone { pages, .. } => {
+                for (lane, pass) in passes.iter().enumerate() {
+                    let mut digest = LaneDigest::default();
+                    for _ in 0..pass.frames {
+                        if !initial {
+                            quiet.answer_if_quiet(link, replica);
+                        }
+                        let frame = match lanes.take(lane, heartbeat_timeout) {
+                            Ok(frame) => frame,
+                            Err(failure) if failure.gone => {
+                                return Ok(Ending::PrimaryLost(failure.reason))
+                            }
+                            Err(failure) => return Err(failure.reason),
+                        };
+                        received += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
+                        digest.add(frame.crc);
+                        let payload = Cow::Owned(frame.payload);
+                        receive_pages(replica, &mut pending, initial, frame.flags, payload)?;
+                    }
+                    // Frames of another pass (a damaged or replayed stream) do not match.
+                    if digest.finish() != *pass {
+                        return Err(format!(
+                            "data stream {} carried other page frames than the pass it ended",
+                            lane + 1
+                        ));
+                    }
+                }
                 if pages != pending.pass_pages {
                     return Err(format!(
                         "memory pass of {pages} pages, {} arrived",
@@ -1051,7 +1191,7 @@ fn receive_epochs(
                         if let Some(seq) = replica.input.ack_due() {
                             link.answer(&Control::InputAck { seq });
                         }
-                        last_answer = Instant::now();
+                        quiet.last_answer = Instant::now();
                         let mut status = shared.status();
                         status.health = FtHealth::Protected;
                         status.epoch = epoch;
@@ -1064,7 +1204,7 @@ fn receive_epochs(
                     }
                     Control::Heartbeat { epoch } => {
                         link.answer(&Control::Heartbeat { epoch });
-                        last_answer = Instant::now();
+                        quiet.last_answer = Instant::now();
                     }
                     Control::StandDown {
                         guest_shutdown,

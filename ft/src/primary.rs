@@ -18,7 +18,7 @@
 //! E is still being sent when E+1 ends, E+1 simply runs on until the sender is free.
 
 use std::collections::VecDeque;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -34,8 +34,9 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live;
 use vmm::migration::memory::DirtyPages;
 use vmm::migration::protocol::{
-    DeltaBase, FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
+    encode_frame, DeltaBase, FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
 };
+use vmm::migration::Lane;
 use vmm::progress::TransferProgress;
 use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
@@ -82,6 +83,8 @@ const STRANDED_RETRY: Duration = Duration::from_millis(500);
 const EPOCH_FRAME_PAGES: usize = 64;
 /// The most encoder threads an operator may ask for.
 pub const MAX_ENCODE_THREADS: u32 = 16;
+/// Most TCP connections one session opens to its backup (`streams`).
+pub const MAX_STREAMS: u32 = 8;
 /// The most encoder threads the default gives: beyond a few, one TCP stream is the limit.
 const DEFAULT_MAX_ENCODE_THREADS: usize = 4;
 /// How often a commit that keeps failing is logged (it is retried at every epoch).
@@ -129,6 +132,17 @@ pub fn validate(request: &EnableFtRequest) -> Result<(String, Duration, Duration
     if let Some(n) = request.encode_threads.filter(|&n| n > MAX_ENCODE_THREADS) {
         return Err(VmmError::InvalidConfig(format!(
             "encode_threads {n} is outside 0..={MAX_ENCODE_THREADS}"
+        )));
+    }
+    if let Some(n) = request.streams.filter(|&n| n == 0 || n > MAX_STREAMS) {
+        return Err(VmmError::InvalidConfig(format!(
+            "streams {n} is outside 1..={MAX_STREAMS}"
+        )));
+    }
+    if let (Some(streams @ 2..), Some(threads @ 1..)) = (request.streams, request.encode_threads) {
+        return Err(VmmError::InvalidConfig(format!(
+            "streams {streams} and encode_threads {threads}: each of several streams has an \
+             encoder thread of its own; ask for one or the other"
         )));
     }
     if request.epoch_ms == 0 || request.epoch_ms > MAX_EPOCH_MS {
@@ -273,6 +287,8 @@ struct Shared {
     output_waiting: AtomicBool,
     /// Threads encoding epochs beside the sender.
     encode_threads: AtomicU64,
+    /// TCP connections to the backup: the first and the data streams.
+    streams: AtomicU64,
 
     /// Latency mode shortened the running epoch (see `next_checkpoint`).
     cut_for_output: AtomicBool,
@@ -312,6 +328,8 @@ pub struct Primary {
     /// Group members: the coordinator's Resume for each cut.
     resumes: Option<Receiver<u64>>,
     stream: FtStream,
+    /// The data streams (closed with `stream`).
+    lanes: Vec<FtStream>,
     staging: GuestMemoryMmap,
     /// Pages kept writable and compared at each pause instead of write-protected.
     hot: HotPages,
@@ -359,6 +377,11 @@ fn security(request: &EnableFtRequest, in_process: bool) -> Result<Option<Securi
 /// A pair identifier for the witness: unique per protection session, never 0 (the
 /// reachability check asks about pair 0).
 fn new_pair_id() -> u64 {
+    random_u64()
+}
+
+/// A random non-zero number (the data streams' token is one too).
+fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     if random.is_err() {
@@ -370,6 +393,42 @@ fn new_pair_id() -> u64 {
         return (now ^ (u64::from(std::process::id()) << 32)).max(1);
     }
     u64::from_le_bytes(bytes).max(1)
+}
+
+/// Opens one more connection to the backup (a data stream).
+pub type LaneDialer<'a> = &'a mut dyn FnMut() -> Result<FtStream, String>;
+
+/// Opens `lanes` data streams with `dial`; each first says which session and which stream
+/// it is.
+fn dial_lanes(
+    dial: Option<LaneDialer<'_>>,
+    (pair_id, token): (u64, u64),
+    lanes: u32,
+) -> Result<Vec<FtStream>, String> {
+    if lanes == 0 {
+        return Ok(Vec::new());
+    }
+    let Some(dial) = dial else {
+        return Err("several streams need a way to reach the backup again".into());
+    };
+    (1..=lanes)
+        .map(|lane| {
+            let mut stream = dial().map_err(|e| format!("data stream {lane}: {e}"))?;
+            stream
+                .set_nodelay()
+                .map_err(|e| format!("data stream {lane}: {e}"))?;
+            let join = Control::JoinLane {
+                pair_id,
+                token,
+                lane,
+            };
+            let frame = encode_frame(FrameType::Control, 0, 0, &join.encode());
+            stream
+                .write_all(&frame)
+                .map_err(|e| format!("data stream {lane}: {e}"))?;
+            Ok(stream)
+        })
+        .collect()
 }
 
 /// Reads frames until a Control message arrives (the backup sends nothing else but Error).
@@ -413,17 +472,21 @@ impl Primary {
         };
         let stream =
             transport::dial(&peer, &security, CONNECT_TIMEOUT).map_err(|e| io_err("backup", e))?;
-        Self::enable_over(vm, config, request, wake, stream, progress)
+        let mut dial =
+            || transport::dial(&peer, &security, CONNECT_TIMEOUT).map_err(|e| e.to_string());
+        Self::enable_over(vm, config, request, wake, stream, Some(&mut dial), progress)
     }
 
-    /// [`Primary::enable`] over a connection already made to the backup. `progress` follows
-    /// the initial synchronisation for the operator (`vm.progress`).
+    /// [`Primary::enable`] over a connection already made to the backup; `dial` makes more
+    /// (the data streams, when `request.streams` asks for them). `progress` follows the
+    /// initial synchronisation for the operator (`vm.progress`).
     pub fn enable_over(
         vm: &mut dyn ReplicableVm,
         config: &VmConfig,
         request: &EnableFtRequest,
         wake: Arc<EventFd>,
         stream: FtStream,
+        dial: Option<LaneDialer<'_>>,
         progress: Option<Arc<TransferProgress>>,
     ) -> Result<Self, VmmError> {
         let (peer, mut epoch_len, mut heartbeat_timeout) = validate(request)?;
@@ -500,7 +563,11 @@ impl Primary {
                 .map_err(|e| io_err("disk images", e))?,
             FtDiskMode::Shared => Vec::new(),
         };
+        let lanes = request.streams.map_or(0, |n| n.saturating_sub(1));
+        let lane_token = if lanes > 0 { random_u64() } else { 0 };
         let params = Control::Params {
+            lanes,
+            lane_token,
             pair_id,
             epoch_ms: epoch_len.as_millis() as u64,
             heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
@@ -510,15 +577,24 @@ impl Primary {
             disk_sizes,
         };
         let mut paused = false;
-        let synced = Self::initial_sync(
-            vm,
-            config,
-            &mut sender,
-            &stream,
-            &params,
-            epoch_len,
-            &mut paused,
-        );
+        // The data streams join right after Params, while the backup still listens.
+        let synced = sender
+            .send_hello(config)
+            .and_then(|()| sender.send_frame(FrameType::Control, &params.encode()))
+            .map_err(|e| e.to_string())
+            .and_then(|()| dial_lanes(dial, (pair_id, lane_token), lanes))
+            .and_then(|lanes| {
+                let sync = Self::initial_sync(
+                    vm,
+                    config,
+                    &mut sender,
+                    &stream,
+                    &params,
+                    epoch_len,
+                    &mut paused,
+                );
+                sync.map(|done| (done, lanes))
+            });
         // Epochs are counted by the FT status from here on, not by the sync's progress.
         sender.set_progress(None);
         if let Some(progress) = &progress {
@@ -527,7 +603,7 @@ impl Primary {
                 Err(e) => progress.failed(e),
             }
         }
-        let (gates, first_epoch, reader) = match synced {
+        let ((gates, first_epoch, reader), lanes) = match synced {
             Ok(done) => done,
             Err(e) => {
                 let _ = sender.abort(&e);
@@ -579,6 +655,7 @@ impl Primary {
             input_frames_sent: AtomicU64::new(0),
             output_waiting: AtomicBool::new(false),
             encode_threads: AtomicU64::new(0),
+            streams: AtomicU64::new(1),
 
             cut_for_output: AtomicBool::new(false),
             lease,
@@ -601,7 +678,7 @@ impl Primary {
             (staging.clone(), base),
             reader,
             (epoch_len, heartbeat_timeout),
-            encode_threads,
+            (encode_threads, &lanes),
         );
         let resumed = vm.resume().map_err(|e| io_err("resume", e));
         let (jobs, sender_thread, ack_thread) = match (start, resumed) {
@@ -609,6 +686,9 @@ impl Primary {
             (Err(e), _) | (_, Err(e)) => {
                 shared.stopping.store(true, Ordering::SeqCst);
                 stream.shutdown();
+                for lane in &lanes {
+                    lane.shutdown();
+                }
                 for gate in shared.gates.all() {
                     let _ = gate.passthrough();
                 }
@@ -652,6 +732,7 @@ impl Primary {
             acks: Some(ack_thread),
             resumes,
             stream,
+            lanes,
             staging,
             hot,
             peer,
@@ -674,7 +755,7 @@ impl Primary {
         })
     }
 
-    /// Hello, Params, pre-copy while the guest runs, then the final pause: the rest of the
+    /// After Hello and Params: pre-copy while the guest runs, then the final pause: the rest of the
     /// memory, the state, EpochEnd and the backup's Ack. Leaves the VM paused with the output
     /// gates holding the next epoch. Returns the gates and the first protected epoch.
     fn initial_sync(
@@ -687,10 +768,6 @@ impl Primary {
         paused: &mut bool,
     ) -> Result<(FtGates, u64, FrameReader), String> {
         let e = |e: ProtocolError| e.to_string();
-        sender.send_hello(config).map_err(e)?;
-        sender
-            .send_frame(FrameType::Control, &params.encode())
-            .map_err(e)?;
         let replicated = matches!(
             params,
             Control::Params {
@@ -819,28 +896,48 @@ impl Primary {
         (staging, base): (GuestMemoryMmap, DeltaBase),
         reader: FrameReader,
         (epoch_len, heartbeat_timeout): (Duration, Duration),
-        encode_threads: usize,
+        (encode_threads, lanes): (usize, &[FtStream]),
     ) -> Result<(SyncSender<Job>, JoinHandle<()>, JoinHandle<()>), VmmError> {
         let read_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
         read_half
             .set_read_timeout(Some(heartbeat_timeout))
             .map_err(|e| io_err("socket option", e))?;
-        // A backup that stops reading must not block the sender forever.
-        stream
-            .set_write_timeout(Some(heartbeat_timeout.max(Duration::from_secs(1))))
-            .map_err(|e| io_err("socket option", e))?;
+        // A backup that stops reading must not block the sender (or a data stream's
+        // thread) forever.
+        let write_timeout = Some(heartbeat_timeout.max(Duration::from_secs(1)));
+        for s in std::iter::once(stream).chain(lanes) {
+            s.set_write_timeout(write_timeout)
+                .map_err(|e| io_err("socket option", e))?;
+        }
         // Room for one epoch, one StandDown and one input wake-up (see `InputWake`).
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(3);
         // Input also goes out between the page frames of an epoch, which are kept small
         // enough (256 KiB) that it waits for well under a millisecond of sending.
         sender.set_batch_pages(EPOCH_FRAME_PAGES);
-        if encode_threads > 0 {
-            sender
-                .start_encode_pool(encode_threads, &staging, &base, || {
-                    vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication)
+        let seccomp = || vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication);
+        if !lanes.is_empty() {
+            let writers = lanes
+                .iter()
+                .map(|lane| {
+                    Ok(Lane {
+                        out: Box::new(lane.try_clone()?),
+                        // Its JoinLane was frame 0.
+                        next_seq: 1,
+                    })
                 })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| io_err("socket clone", e))?;
+            sender
+                .start_lanes(writers, &staging, &base, seccomp)
+                .map_err(|e| io_err("data stream threads", e))?;
+        } else if encode_threads > 0 {
+            sender
+                .start_encode_pool(encode_threads, &staging, &base, seccomp)
                 .map_err(|e| io_err("encoder threads", e))?;
         }
+        shared
+            .streams
+            .store(1 + sender.lanes() as u64, Ordering::Relaxed);
         shared
             .encode_threads
             .store(sender.encode_threads() as u64, Ordering::Relaxed);
@@ -1101,6 +1198,7 @@ impl Primary {
             epochs_cut_early: self.epochs_cut_early,
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
+            streams: s.streams.load(Ordering::Relaxed),
             hot_pages: self.hot.kept().count(),
             hot_page_hits: self.hot.hits(),
             last_error: self
@@ -1180,6 +1278,9 @@ impl Primary {
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.stream.shutdown();
+        for lane in &self.lanes {
+            lane.shutdown();
+        }
         if let Some(t) = self.acks.take() {
             let _ = t.join();
         }
@@ -1808,6 +1909,34 @@ mod tests {
         let over = request(serde_json::json!({"peer": "b:1", "encode_threads": 17}));
         let err = validate(&over).unwrap_err().to_string();
         assert!(err.contains("encode_threads 17 is outside 0..=16"), "{err}");
+    }
+
+    #[test]
+    fn streams_outside_the_limit_or_beside_encoder_threads_are_refused() {
+        for ok in [
+            serde_json::json!({"peer": "b:1", "streams": 1, "encode_threads": 2}),
+            serde_json::json!({"peer": "b:1", "streams": 8}),
+            serde_json::json!({"peer": "b:1", "streams": 3, "encode_threads": 0}),
+        ] {
+            assert!(validate(&request(ok.clone())).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            (
+                serde_json::json!({"peer": "b:1", "streams": 0}),
+                "streams 0 is outside 1..=8",
+            ),
+            (
+                serde_json::json!({"peer": "b:1", "streams": 9}),
+                "streams 9 is outside 1..=8",
+            ),
+            (
+                serde_json::json!({"peer": "b:1", "streams": 2, "encode_threads": 1}),
+                "ask for one or the other",
+            ),
+        ] {
+            let err = validate(&request(bad)).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! Hello(config) Control(Params)                     once
+//! (then, on each of `Params.lanes` more connections: Control(JoinLane) and MemoryPages only)
 //! [MemoryPages* MemoryDone]* [DiskWrites*] State Control(EpochEnd{E})   per epoch (E = 0: the initial sync)
 //! Control(Heartbeat)                                 when no epoch was sent for a while
 //! Control(StandDown)                                 protection ends on purpose
@@ -11,6 +12,12 @@
 //! Replicated disks are copied inside the initial sync (epoch 0), per disk (see `disk_sync`):
 //! `Control(DiskSyncStart)`, then DiskWrites and `Control(DiskZero)` (applied in stream
 //! order), then `Control(DiskSyncDone)` while the primary is paused, before the State.
+//!
+//! With data streams (`enable-ft --streams N`, N > 1) the page frames of each protected
+//! epoch travel on the N - 1 other connections, and each MemoryDone counts how many every
+//! data stream carried in the pass (see `vmm::migration::protocol`). A data stream proves it
+//! belongs to this session with the pair and the random token of its Params (sent on the
+//! first, authenticated connection); anything else is turned away.
 //!
 //! and backup -> primary: `Control(Ack{E})` once E is held completely, `Control(Heartbeat)`
 //! in answer to each heartbeat, `Error` before it closes on a bad stream.
@@ -61,6 +68,19 @@ pub enum Control {
         /// sizes its own before it builds the standby VM's disks.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disk_sizes: Vec<u64>,
+        /// Data streams that follow this connection (0: every frame travels here).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lanes: u32,
+        /// What each data stream's JoinLane must repeat.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lane_token: u64,
+    },
+    /// The first frame on a data stream: which session (`pair_id`, `token` of its Params)
+    /// and which of its data streams (1 ..= lanes) this connection is.
+    JoinLane {
+        pair_id: u64,
+        token: u64,
+        lane: u32,
     },
     /// Closes epoch `epoch`. `released_through`: the newest epoch whose held disk writes the
     /// primary has written to the shared image (the backup may forget them).
@@ -116,6 +136,10 @@ pub enum Control {
         disk: u32,
         digest: String,
     },
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Times of one epoch on the primary's session clock (nanoseconds since protection began).

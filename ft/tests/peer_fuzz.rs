@@ -20,6 +20,8 @@ use vmm::fault_tolerance::{BackupEvent, BackupFt};
 use vmm::migration::protocol::{encode_frame, FrameType, Sender, FLAG_DELTA, FLAG_LZ4};
 use vmm_sys_util::eventfd::EventFd;
 
+mod common;
+
 const MEMORY: u64 = 4 << 20;
 
 /// One frame a hostile peer may send.
@@ -36,6 +38,11 @@ enum Hostile {
         entries: Vec<(u64, Option<Vec<u8>>)>,
         skew: i8,
         lz4: bool,
+    },
+    /// A MemoryDone naming data streams: `pages`, and per stream its frames and digest.
+    Done {
+        pages: u64,
+        lanes: Vec<(u32, u32)>,
     },
 }
 
@@ -83,6 +90,11 @@ fn hostile() -> impl Strategy<Value = Hostile> {
             any::<bool>()
         )
             .prop_map(|(entries, skew, lz4)| Hostile::Deltas { entries, skew, lz4 }),
+        (
+            0u64..4,
+            proptest::collection::vec((0u32..4, any::<u32>()), 0..4)
+        )
+            .prop_map(|(pages, lanes)| Hostile::Done { pages, lanes }),
     ]
 }
 
@@ -129,7 +141,54 @@ fn encode(frame: &Hostile, seq: u32) -> Vec<u8> {
             let (flags, payload) = delta_frame(entries, *skew, *lz4);
             encode_frame(FrameType::MemoryPages, flags, seq, &payload)
         }
+        Hostile::Done { pages, lanes } => {
+            let mut p = 0u32.to_le_bytes().to_vec();
+            p.extend_from_slice(&(lanes.len() as u32).to_le_bytes());
+            p.extend_from_slice(&pages.to_le_bytes());
+            for (frames, digest) in lanes {
+                p.extend_from_slice(&frames.to_le_bytes());
+                p.extend_from_slice(&digest.to_le_bytes());
+            }
+            encode_frame(FrameType::MemoryDone, 0, seq, &p)
+        }
     }
+}
+
+/// A backup's request for an in-process link.
+fn backup_request() -> ReceiveFtRequest {
+    ReceiveFtRequest {
+        receiver_url: "tcp:127.0.0.1:1".into(),
+        disk_paths: Vec::new(),
+        taps: Vec::new(),
+        witness: None,
+        fencing: None,
+        group: None,
+        tls_dir: None,
+        insecure_plaintext: false,
+    }
+}
+
+/// Frames 0 and 1 of a valid session on `stream`: Hello and Params announcing `lanes` data
+/// streams (whose JoinLane must repeat pair 7 and token 99).
+fn open_session(stream: &UnixStream, lanes: u32) {
+    let config: VmConfig =
+        serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
+    let mut sender = Sender::new(stream.try_clone().unwrap());
+    sender.send_hello(&config).unwrap();
+    let params = Control::Params {
+        pair_id: 7,
+        epoch_ms: 10,
+        heartbeat_timeout_ms: 200,
+        disk_mode: FtDiskMode::Shared,
+        witness: None,
+        fencing: None,
+        disk_sizes: Vec::new(),
+        lanes,
+        lane_token: if lanes > 0 { 99 } else { 0 },
+    };
+    sender
+        .send_frame(FrameType::Control, &params.encode())
+        .unwrap();
 }
 
 /// Runs the backup's control-loop half until it reports an outcome.
@@ -158,35 +217,66 @@ fn outcome(mut backup: Backup, wake: &EventFd) -> Option<BackupEvent> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
 
+    /// The same with two data streams: each joins (or fails to) and then carries any frames,
+    /// while the first connection names any number of them in its MemoryDones.
+    #[test]
+    fn a_hostile_primary_on_several_streams_gets_a_clear_error(
+        frames in proptest::collection::vec(hostile(), 1..16),
+        lanes in proptest::collection::vec(
+            (any::<bool>(), proptest::collection::vec(hostile(), 0..6)),
+            2,
+        ),
+    ) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let request = backup_request();
+        let (lane_ends, lane_theirs): (Vec<_>, Vec<_>) =
+            (0..2).map(|_| UnixStream::pair().unwrap()).unzip();
+        let backup = Backup::start_connected_with_lanes(
+            FtStream::Unix(theirs),
+            lane_theirs.into_iter().map(FtStream::Unix).collect(),
+            &request,
+            wake.clone(),
+        )
+        .unwrap();
+        open_session(&ours, 2);
+        let mut writers = Vec::new();
+        for (lane, (mut end, (joins, lane_frames))) in lane_ends.into_iter().zip(lanes).enumerate() {
+            let join = Control::JoinLane {
+                pair_id: 7,
+                token: if joins { 99 } else { 98 },
+                lane: lane as u32 + 1,
+            };
+            writers.push(std::thread::spawn(move || {
+                let _ = end.write_all(&encode_frame(FrameType::Control, 0, 0, &join.encode()));
+                for (seq, frame) in (1u32..).zip(&lane_frames) {
+                    if end.write_all(&encode(frame, seq)).is_err() {
+                        break;
+                    }
+                }
+                // Left open: a silent stream must not hold the backup beyond its timeout.
+                end
+            }));
+        }
+        let mut writer = ours;
+        for (seq, frame) in (2u32..).zip(&frames) {
+            if writer.write_all(&encode(frame, seq)).is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        let event = outcome(backup, &wake);
+        let _lanes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        prop_assert!(event.is_some(), "the backup never decided");
+    }
+
     #[test]
     fn a_hostile_primary_gets_a_clear_error(frames in proptest::collection::vec(hostile(), 1..24)) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let request = ReceiveFtRequest {
-            receiver_url: "tcp:127.0.0.1:1".into(),
-            disk_paths: Vec::new(),
-            taps: Vec::new(),
-            witness: None,
-            fencing: None,
-            group: None,
-            tls_dir: None,
-                        insecure_plaintext: false,
-        };
+        let request = backup_request();
         let backup = Backup::start_connected(FtStream::Unix(theirs), &request, wake.clone()).unwrap();
-        let config: VmConfig =
-            serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
-        let mut sender = Sender::new(ours.try_clone().unwrap());
-        sender.send_hello(&config).unwrap();
-        let params = Control::Params {
-            pair_id: 7,
-            epoch_ms: 10,
-            heartbeat_timeout_ms: 200,
-            disk_mode: FtDiskMode::Shared,
-            witness: None,
-            fencing: None,
-            disk_sizes: Vec::new(),
-        };
-        sender.send_frame(FrameType::Control, &params.encode()).unwrap();
+        open_session(&ours, 0);
         // Hello and Params were frames 0 and 1.
         let mut writer = ours;
         for (seq, frame) in (2u32..).zip(&frames) {
@@ -277,6 +367,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             early_acks: true,
             latency_mode: false,
             encode_threads: None,
+            streams: None,
             group: None,
             tls_dir: None,
             insecure_plaintext: false,
@@ -288,6 +379,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             &request,
             wake,
             FtStream::Unix(primary_end),
+            None,
             None,
         )
         .unwrap();
@@ -321,12 +413,11 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
 
 /// The smallest VM the primary can protect: memory and pass-through gates, no devices.
 mod fake_vm {
-    use vmm::device_manager::{DevicesState, FtGates};
+    use vmm::device_manager::FtGates;
     use vmm::fault_tolerance::ReplicableVm;
     use vmm::memory::GuestMemoryMmap;
     use vmm::migration::memory::DirtyPages;
     use vmm::vm::VmSnapshotState;
-    use vmm::x86_64::cpu_state::KvmVmState;
 
     pub struct FakeVm {
         memory: GuestMemoryMmap,
@@ -357,23 +448,7 @@ mod fake_vm {
             &self.memory
         }
         fn save_state(&mut self) -> Result<VmSnapshotState, String> {
-            Ok(VmSnapshotState {
-                vcpus: Vec::new(),
-                kvm: KvmVmState {
-                    pic_master: Default::default(),
-                    pic_slave: Default::default(),
-                    ioapic: Default::default(),
-                    pit: Default::default(),
-                    clock: Default::default(),
-                },
-                devices: DevicesState {
-                    serial: None,
-                    virtio: Vec::new(),
-                    pmem_pages: Vec::new(),
-                    pci_hotplug: Default::default(),
-                },
-                acpi_events: 0,
-            })
+            Ok(crate::common::blank_state())
         }
         fn ft_gates(&mut self) -> Result<FtGates, String> {
             Ok(FtGates::default())

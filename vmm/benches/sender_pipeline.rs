@@ -1,29 +1,63 @@
 //! The FT sender's ceiling: how many dirty pages per second one replication stream carries
-//! when the sending thread encodes them alone (`--encode-threads 0`) and when 1 or 2 encoder
-//! threads do while it writes (`Sender::start_encode_pool`), side by side in one run.
+//! when the sending thread encodes them alone (`--encode-threads 0`), when 1 or 2 encoder
+//! threads do while it writes (`Sender::start_encode_pool`), and when 2 data streams beside
+//! the first connection carry them, each encoded and written by its own thread
+//! (`--streams 3`, `Sender::start_lanes`), side by side in one run.
 //!
 //! No guest and no KVM: an epoch is `--pages` pages of a 64 MiB memory rewritten in place
 //! (every word, as the test guest's `ft` workload does, or 64 bytes per page, a delta's
 //! case), then sent as the FT primary sends it (64-page LZ4 frames, deltas against the
 //! backup's copy, the state, Complete) over loopback TCP to a receiver thread that applies it
-//! and acknowledges, as the backup does. Only the send and the acknowledgement are timed.
+//! and acknowledges, as the backup does (with data streams, a reader thread per stream applies
+//! its frames and the receiver waits, at each MemoryDone, for the frames it names). Only the
+//! send and the acknowledgement are timed.
 //! The cases take turns within each run (the order rotating), so they see the same machine.
 //!
 //! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N]`
 //! (`ci/bench-ft` runs it unless `--no-pipeline`).
 
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
-use vmm::migration::protocol::DeltaBase;
-use vmm::migration::{DirtyPages, Receiver, Sender, SenderOptions, PAGE_SIZE};
+use vmm::migration::protocol::{
+    apply_pages, write_frame, DeltaBase, FrameReader, FrameType, Message, TransferStats,
+};
+use vmm::migration::{DirtyPages, Lane, Receiver, Sender, SenderOptions, PAGE_SIZE};
 
 const MEMORY: u64 = 64 << 20;
-const THREADS: [usize; 3] = [0, 1, 2];
+
+/// How a case encodes and sends each epoch's pages.
+#[derive(Clone, Copy)]
+enum Case {
+    /// The sender alone (0) or with this many encoder threads.
+    Threads(usize),
+    /// This many data streams beside the first connection.
+    Lanes(usize),
+}
+
+const CASES: [Case; 4] = [
+    Case::Threads(0),
+    Case::Threads(1),
+    Case::Threads(2),
+    Case::Lanes(2),
+];
+
+impl Case {
+    fn name(self) -> String {
+        match self {
+            Case::Threads(0) => "0 (alone)".into(),
+            Case::Threads(1) => "1 thread".into(),
+            Case::Threads(n) => format!("{n} threads"),
+            Case::Lanes(n) => format!("{} streams", n + 1),
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pattern {
@@ -106,7 +140,63 @@ struct Sample {
     epoch_ms: f64,
 }
 
-fn measure(pattern: Pattern, threads: usize, args: &Args) -> Sample {
+/// The receiving side with data streams: a thread per stream applies its frames (the pages
+/// of a pass are distinct) and counts them; the first connection's MemoryDone waits for the
+/// frames it names, Complete is acknowledged.
+fn receive_with_lanes(
+    (mut main, mut reader, mut seq): (TcpStream, FrameReader, u32),
+    lanes: Vec<TcpStream>,
+) {
+    let dst = vmm::memory::create(MEMORY).expect("memory");
+    let applied: Vec<Arc<AtomicU64>> = lanes.iter().map(|_| Arc::default()).collect();
+    for (mut lane, count) in lanes.into_iter().zip(applied.clone()) {
+        let dst = dst.clone();
+        std::thread::spawn(move || {
+            let mut reader = FrameReader::new();
+            let (mut scratch, mut probe) = (Vec::new(), vec![0; PAGE_SIZE]);
+            let mut stats = TransferStats::default();
+            while let Ok(frame) = reader.read_frame(&mut lane) {
+                let Ok(Message::MemoryPages(batch)) = Message::parse(&frame) else {
+                    return;
+                };
+                apply_pages(&dst, &batch, &mut scratch, &mut probe, &mut stats).expect("apply");
+                count.fetch_add(1, Ordering::Release);
+            }
+        });
+    }
+    let (mut scratch, mut probe) = (Vec::new(), vec![0; PAGE_SIZE]);
+    let mut stats = TransferStats::default();
+    let mut named = vec![0u64; applied.len()];
+    let mut write = main.try_clone().expect("clone");
+    while let Ok(frame) = reader.read_frame(&mut main) {
+        match Message::parse(&frame).expect("frame") {
+            Message::MemoryPages(batch) => {
+                apply_pages(&dst, &batch, &mut scratch, &mut probe, &mut stats).expect("apply");
+            }
+            Message::MemoryDone { lanes, .. } => {
+                for ((lane, named), applied) in lanes.iter().zip(&mut named).zip(&applied) {
+                    *named += u64::from(lane.frames);
+                    while applied.load(Ordering::Acquire) < *named {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            Message::Complete => {
+                let mut stats = TransferStats::default();
+                if write_frame(&mut write, &mut seq, &mut stats, FrameType::Ack, &[]).is_err() {
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
+    let lanes = match case {
+        Case::Lanes(n) => n,
+        Case::Threads(_) => 0,
+    };
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let addr = listener.local_addr().expect("address");
     let receiver = std::thread::spawn(move || {
@@ -115,6 +205,17 @@ fn measure(pattern: Pattern, threads: usize, args: &Args) -> Sample {
         let mut r = Receiver::new(stream);
         r.recv_hello().expect("hello");
         let dst = vmm::memory::create(MEMORY).expect("memory");
+        // The initial copy, on the first connection.
+        if r.recv_state::<EpochState>(&dst).is_err() || r.send_ack().is_err() {
+            return;
+        }
+        if lanes > 0 {
+            let lane_streams = (0..lanes)
+                .map(|_| listener.accept().expect("accept").0)
+                .collect();
+            let (stream, reader, seq, _) = r.into_parts();
+            return receive_with_lanes((stream, reader, seq), lane_streams);
+        }
         while r.recv_state::<EpochState>(&dst).is_ok() {
             if r.send_ack().is_err() {
                 break;
@@ -146,9 +247,25 @@ fn measure(pattern: Pattern, threads: usize, args: &Args) -> Sample {
     s.send_complete().expect("complete");
     s.recv_ack().expect("ack");
     let mut base = DeltaBase::new(vmm::memory::create(MEMORY).expect("memory")).expect("base");
-    if threads > 0 {
-        s.start_encode_pool(threads, &src, &base, || true)
-            .expect("encoder threads");
+    match case {
+        Case::Threads(0) => {}
+        Case::Threads(n) => s
+            .start_encode_pool(n, &src, &base, || true)
+            .expect("encoder threads"),
+        Case::Lanes(n) => {
+            let lanes = (0..n)
+                .map(|_| {
+                    let lane = TcpStream::connect(addr).expect("connect");
+                    lane.set_nodelay(true).expect("nodelay");
+                    Lane {
+                        out: Box::new(lane),
+                        next_seq: 0,
+                    }
+                })
+                .collect();
+            s.start_lanes(lanes, &src, &base, || true)
+                .expect("data streams");
+        }
     }
     let mut busy = Duration::ZERO;
     let (mut pages, mut bytes) = (0u64, 0u64);
@@ -207,26 +324,20 @@ fn main() {
     println!();
     println!(
         "{:<11} | {:>14} | {:>10} | {:>11} | {:>9} | {:>12} | {:>16}",
-        "pattern",
-        "encode threads",
-        "Mpages/s",
-        "wire MB/s",
-        "B/page",
-        "ms/epoch",
-        "pages/s vs alone"
+        "pattern", "case", "Mpages/s", "wire MB/s", "B/page", "ms/epoch", "pages/s vs alone"
     );
     println!("{}", "-".repeat(102));
     for pattern in [Pattern::EveryWord, Pattern::Bytes64] {
-        let mut samples: Vec<Vec<Sample>> = THREADS.iter().map(|_| Vec::new()).collect();
+        let mut samples: Vec<Vec<Sample>> = CASES.iter().map(|_| Vec::new()).collect();
         for run in 0..args.runs {
-            let mut order: Vec<usize> = (0..THREADS.len()).collect();
-            order.rotate_left(run % THREADS.len());
+            let mut order: Vec<usize> = (0..CASES.len()).collect();
+            order.rotate_left(run % CASES.len());
             for i in order {
-                samples[i].push(measure(pattern, THREADS[i], &args));
+                samples[i].push(measure(pattern, CASES[i], &args));
             }
         }
         let alone = median(samples[0].iter().map(|s| s.pages_per_s).collect());
-        for (i, threads) in THREADS.iter().enumerate() {
+        for (i, case) in CASES.iter().enumerate() {
             let rate = median(samples[i].iter().map(|s| s.pages_per_s).collect());
             let wire = median(samples[i].iter().map(|s| s.wire_mb_per_s).collect());
             let per_page = median(samples[i].iter().map(|s| s.bytes_per_page).collect());
@@ -234,11 +345,7 @@ fn main() {
             println!(
                 "{:<11} | {:>14} | {:>10.3} | {:>11.1} | {:>9.0} | {:>12.2} | {:>16.3}",
                 pattern.name(),
-                if *threads == 0 {
-                    "0 (alone)".to_string()
-                } else {
-                    threads.to_string()
-                },
+                case.name(),
                 rate / 1e6,
                 wire,
                 per_page,

@@ -261,6 +261,12 @@ pub struct EnableFtRequest {
     /// the host's cores less one per vCPU and one for the sender, at most 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encode_threads: Option<u32>,
+    /// TCP connections to the backup (1 ..= 8, default 1). With more than one, each epoch's
+    /// page frames travel on the others, each with a thread of its own that encodes and
+    /// writes them (in place of `encode_threads`), as QEMU's multifd channels do: for a link
+    /// whose one stream, or one core of TLS, is slower than the epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
     /// Fate sharing: the Unix socket path that names a group of VMs on this host. Members
     /// checkpoint on common epochs, frames between them are not held, and if any member's
     /// primary fails they all fail over to the same epoch. The first member creates the group
@@ -388,6 +394,9 @@ pub struct FtStatus {
     /// Primary: threads encoding epochs beside the sender (0: the sender encodes).
     #[serde(default)]
     pub encode_threads: u64,
+    /// TCP connections between primary and backup (1 unless `streams` asked for more).
+    #[serde(default)]
+    pub streams: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,

@@ -13,10 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
 use vmm::migration::protocol::{
-    apply_pages, encode_delta, encode_frame, DeltaBase, Frame, FrameReader, FrameType, Message,
-    TransferStats, FLAG_DELTA, FLAG_LZ4,
+    apply_pages, encode_delta, encode_frame, DeltaBase, Frame, FrameReader, FrameType, LaneDigest,
+    Message, TransferStats, FLAG_DELTA, FLAG_LZ4,
 };
-use vmm::migration::{DirtyPages, Receiver, Sender, SenderOptions, PAGE_SIZE};
+use vmm::migration::{DirtyPages, Lane, Receiver, Sender, SenderOptions, PAGE_SIZE};
 
 const SIZE: u64 = 16 << 20;
 const PAGES: u64 = SIZE / PAGE_SIZE as u64;
@@ -211,6 +211,22 @@ fn delta_stream_reproduces_memory_over_random_epochs() {
     }
 }
 
+/// One epoch's changes: up to 700 pages, two thirds of them among the first 256 (so most are
+/// rewritten again and go as deltas).
+fn rewrite_some(src: &GuestMemoryMmap, rng: &mut Rng) -> DirtyPages {
+    let mut dirty = Vec::new();
+    for _ in 0..1 + rng.below(700) {
+        let p = if rng.below(3) > 0 {
+            rng.below(256)
+        } else {
+            rng.below(PAGES)
+        };
+        mutate(src, rng, p);
+        dirty.push(page(p));
+    }
+    DirtyPages::from_pages(src, dirty).unwrap().0
+}
+
 /// Encoding on a pool of threads is a pipeline, not another format: over random epochs the
 /// pooled sender writes exactly the bytes the sender alone writes.
 #[test]
@@ -237,17 +253,7 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
         let mut alone = start(0, &alone_base);
         let mut pooled = start(threads, &pooled_base);
         for _ in 0..40 {
-            let mut dirty = Vec::new();
-            for _ in 0..1 + rng.below(700) {
-                let p = if rng.below(3) > 0 {
-                    rng.below(256)
-                } else {
-                    rng.below(PAGES)
-                };
-                mutate(&src, &mut rng, p);
-                dirty.push(page(p));
-            }
-            let (dirty, _) = DirtyPages::from_pages(&src, dirty).unwrap();
+            let dirty = rewrite_some(&src, &mut rng);
             alone
                 .send_memory_delta(&src, &dirty, &mut alone_base)
                 .unwrap();
@@ -575,5 +581,131 @@ proptest! {
         for gpa in dirty.iter() {
             prop_assert!(gpa.0 % (2 * PAGE_SIZE as u64) == PAGE_SIZE as u64);
         }
+    }
+}
+
+/// A writer whose bytes the test reads afterwards (a data stream's far end).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The page frames of each pass of a stream (payload and flags), the pass ended by its
+/// MemoryDone; `lanes` (the data streams' bytes) supply the frames each MemoryDone names,
+/// whose digest must match.
+fn passes(main: &[u8], lanes: &[Vec<u8>]) -> Vec<Vec<(u8, Vec<u8>)>> {
+    let mut main = std::io::Cursor::new(main);
+    let mut reader = FrameReader::new();
+    let mut lane_streams: Vec<_> = lanes
+        .iter()
+        .map(|l| (std::io::Cursor::new(l.as_slice()), FrameReader::new()))
+        .collect();
+    let mut passes = Vec::new();
+    let mut pass = Vec::new();
+    loop {
+        let frame = match reader.read_frame(&mut main) {
+            Ok(frame) => frame,
+            Err(vmm::migration::ProtocolError::Closed) => break,
+            Err(e) => panic!("{e}"),
+        };
+        match Message::parse(&frame).unwrap() {
+            Message::MemoryPages(_) => pass.push((frame.flags, frame.payload.to_vec())),
+            Message::MemoryDone { lanes, .. } => {
+                assert_eq!(lanes.len(), lane_streams.len());
+                for (named, (stream, reader)) in lanes.iter().zip(&mut lane_streams) {
+                    let mut digest = LaneDigest::default();
+                    for _ in 0..named.frames {
+                        let frame = reader.read_frame(stream).unwrap();
+                        assert_eq!(frame.kind, FrameType::MemoryPages);
+                        digest.add(frame.crc);
+                        pass.push((frame.flags, frame.payload.to_vec()));
+                    }
+                    assert_eq!(&digest.finish(), named, "a pass's digest");
+                }
+                pass.sort();
+                passes.push(std::mem::take(&mut pass));
+            }
+            _ => {}
+        }
+    }
+    for (stream, reader) in &mut lane_streams {
+        assert!(
+            matches!(
+                reader.read_frame(stream),
+                Err(vmm::migration::ProtocolError::Closed)
+            ),
+            "a data stream carried frames no pass named"
+        );
+    }
+    passes
+}
+
+/// Several streams are a transport, not another format: every pass carries the frames the
+/// sender alone writes (on whichever stream), each named with its digest by its MemoryDone,
+/// and nothing else.
+#[test]
+fn data_streams_carry_exactly_the_frames_of_each_pass() {
+    for (seed, compress, lanes) in [(5u64, true, 1usize), (0x77, false, 3)] {
+        let src = vmm::memory::create(SIZE).unwrap();
+        let mut rng = Rng(seed);
+        let options = SenderOptions {
+            compress,
+            batch_pages: 64,
+        };
+        let mut alone_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let mut lanes_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let mut alone = Sender::with_options(std::io::Cursor::new(Vec::new()), options);
+        let mut several = Sender::with_options(std::io::Cursor::new(Vec::new()), options);
+        alone.send_hello(&config()).unwrap();
+        several.send_hello(&config()).unwrap();
+        let captured: Vec<Captured> = (0..lanes).map(|_| Captured::default()).collect();
+        let writers = captured
+            .iter()
+            .map(|c| Lane {
+                out: Box::new(c.clone()),
+                next_seq: 0,
+            })
+            .collect();
+        several
+            .start_lanes(writers, &src, &lanes_base, || true)
+            .unwrap();
+        assert_eq!(several.lanes(), lanes);
+        for _ in 0..30 {
+            let dirty = rewrite_some(&src, &mut rng);
+            alone
+                .send_memory_delta(&src, &dirty, &mut alone_base)
+                .unwrap();
+            several
+                .send_memory_delta(&src, &dirty, &mut lanes_base)
+                .unwrap();
+        }
+        let (a, b) = (alone.stats(), several.stats());
+        assert_eq!(a.pages, b.pages, "{a:?} {b:?}");
+        assert_eq!(a.page_wire_bytes, b.page_wire_bytes, "{a:?} {b:?}");
+        // Each pass returns once its frames are written, on whichever stream.
+        let lane_bytes: Vec<Vec<u8>> = captured
+            .iter()
+            .map(|c| c.0.lock().unwrap().clone())
+            .collect();
+        assert!(
+            lane_bytes.iter().all(|l| !l.is_empty()),
+            "a data stream idle"
+        );
+        let expected = passes(&alone.into_inner().into_inner(), &[]);
+        let got = passes(&several.into_inner().into_inner(), &lane_bytes);
+        assert_eq!(expected.len(), 30);
+        assert!(
+            expected == got,
+            "seed {seed:#x}, {lanes} data streams: passes differ"
+        );
     }
 }

@@ -377,6 +377,32 @@ fn page_count_mismatch() {
     );
 }
 
+/// Data streams are fault tolerance's: a migration's MemoryDone that names any is refused,
+/// and no MemoryDone may name more than MAX_LANES or a count its length does not hold.
+#[test]
+fn memory_done_naming_data_streams() {
+    let done = |lanes: u32, entries: usize| {
+        let mut d = 0u32.to_le_bytes().to_vec();
+        d.extend_from_slice(&lanes.to_le_bytes());
+        d.extend_from_slice(&0u64.to_le_bytes());
+        d.extend(std::iter::repeat_n(0u8, 8 * entries));
+        d
+    };
+    for (payload, needle) in [
+        (
+            done(1, 1),
+            "data streams are fault tolerance's; a migration has one stream",
+        ),
+        (done(9, 9), "9 data streams, at most 8"),
+        (done(2, 1), "payload is 24 bytes, expected 32"),
+        (done(0, 1), "payload is 24 bytes, expected 16"),
+    ] {
+        let frames = [hello(PROTOCOL_VERSION), (FrameType::MemoryDone, 0, payload)];
+        let (e, _) = feed(&frames, 32 << 20);
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+    }
+}
+
 #[test]
 fn malformed_page_frames() {
     for (flags, payload, needle) in [

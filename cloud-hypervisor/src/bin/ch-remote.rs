@@ -37,7 +37,7 @@
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
 //!                     [--no-compress] [--no-hot-pages] [--no-early-acks]
-//!                     [--latency-mode] [--encode-threads N]
+//!                     [--latency-mode] [--encode-threads N | --streams N]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
 //! ch-remote progress                  (the running enable-ft sync or send-migration, JSON)
@@ -532,6 +532,19 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("streams")
+                .long("streams")
+                .value_name("N")
+                .value_parser(
+                    clap::value_parser!(u32).range(1..=i64::from(ft::primary::MAX_STREAMS)),
+                )
+                .conflicts_with("encode-threads")
+                .help(
+                    "TCP connections to the backup (default 1); with more, each epoch's pages \
+                     travel on the others, each encoded and written by a thread of its own",
+                ),
+        )
+        .arg(
             Arg::new("no-early-acks")
                 .long("no-early-acks")
                 .action(ArgAction::SetTrue)
@@ -700,6 +713,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
         latency_mode: sub.get_flag("latency-mode"),
         encode_threads: sub.get_one::<u32>("encode-threads").copied(),
+        streams: sub.get_one::<u32>("streams").copied(),
         group: sub.get_one::<String>("group").cloned(),
         tls_dir: sub.get_one::<PathBuf>("tls-dir").cloned(),
         insecure_plaintext: sub.get_flag("insecure-plaintext"),
@@ -1942,6 +1956,18 @@ mod tests {
             (
                 vec!["enable-ft", "--peer", "b:1", "--witness", "w"],
                 "error: invalid value 'w' for '--witness <HOST:PORT>': expected HOST:PORT",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--streams", "9"],
+                "error: invalid value '9' for '--streams <N>': 9 is not in 1..=8",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--streams", "0"],
+                "error: invalid value '0' for '--streams <N>': 0 is not in 1..=8",
+            ),
+            (
+                vec!["enable-ft", "--peer", "b:1", "--streams", "2", "--encode-threads", "1"],
+                "error: the argument '--streams <N>' cannot be used with '--encode-threads <N>'",
             ),
             (
                 vec!["enable-ft", "--peer", "b:1", "--encode-threads", "17"],

@@ -133,6 +133,8 @@ fn a_fake_primary_cannot_make_a_backup_write_host_files() {
         witness: Some("127.0.0.1:9".into()),
         fencing: None,
         disk_sizes: Vec::new(),
+        lanes: 0,
+        lane_token: 0,
     };
     sender
         .send_frame(FrameType::Control, &params.encode())
@@ -176,6 +178,8 @@ fn a_fake_primary_without_a_witness_is_refused_for_the_image_it_names() {
         witness: None,
         fencing: None,
         disk_sizes: Vec::new(),
+        lanes: 0,
+        lane_token: 0,
     };
     sender
         .send_frame(FrameType::Control, &params.encode())

@@ -96,10 +96,12 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
             &format!("{HOST_B}:7100"),
             "--heartbeat-timeout-ms",
             "500",
-            // Encoder threads beside the sender (their seccomp role included): the backup
-            // must still hold exactly the primary's memory.
-            "--encode-threads",
-            "2",
+            // Pages on two data streams beside the first connection, each encoded and
+            // written by its own thread and read by its own on the backup (seccomp roles
+            // included, mutual TLS on each): the backup must still hold exactly the
+            // primary's memory.
+            "--streams",
+            "3",
         ],
         None,
     );
@@ -113,6 +115,9 @@ fn tcp_connection_survives_the_kill_of_the_primary() {
     let sync = started.elapsed();
     let status = wait_status(&sock_a, "health", "protected", TIMEOUT);
     assert_eq!(status["role"], "primary");
+    assert_eq!(status["streams"], 3, "{status}");
+    let backup_status = wait_status(&sock_b, "health", "protected", TIMEOUT);
+    assert_eq!(backup_status["streams"], 3, "{backup_status}");
     assert_eq!(status["encode_threads"], 2, "{status}");
 
     let mut stream = hosts

@@ -16,7 +16,7 @@ pub mod receive;
 pub mod snapshot;
 
 pub use memory::{DirtyPages, DirtyPagesError, PAGE_SIZE};
-pub use page_encoder::EncodePool;
+pub use page_encoder::{EncodePool, Lane};
 pub use protocol::{
     ProtocolError, Receiver, Sender, SenderOptions, TransferStats, PROTOCOL_VERSION,
 };

@@ -3,11 +3,16 @@
 //! against the backup's copy, LZ4 and the checksum are the per-byte work of an epoch; the
 //! sender only adds a header and writes).
 //!
+//! With data streams (FT's several TCP streams) each encoder thread owns one and writes its
+//! frames itself, sealed with that stream's sequence numbers; the sender then only counts
+//! them (MemoryDone says how many each stream carried in the pass).
+//!
 //! Both paths produce the same bytes: a frame is a function of its pages, the staging
 //! memory, the base (the receiver's copy) and which of its pages the base knows. The pages
 //! of one pass are distinct, so encoders never touch the same page of the base.
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -15,8 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::memory::{is_zero, PAGE_SIZE};
 use super::protocol::{
-    encode_delta, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN, FLAG_DELTA, FLAG_LZ4,
-    HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
+    encode_delta, seal_encoded, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN,
+    FLAG_DELTA, FLAG_LZ4, HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -200,6 +205,50 @@ pub(super) struct EncodeJob {
 pub(super) struct EncodeDone {
     pub job: EncodeJob,
     pub result: Result<EncodedFrame, ProtocolError>,
+    /// Written by its thread to a data stream.
+    pub written: Option<LaneWrite>,
+}
+
+/// A frame an encoder thread wrote to its data stream.
+pub(super) struct LaneWrite {
+    pub index: usize,
+    pub len: usize,
+    pub crc: u32,
+}
+
+/// A data stream an encoder thread writes its frames to, and the sequence number of its
+/// next frame (the stream's first frames are its owner's, such as a join message).
+pub struct Lane {
+    pub out: Box<dyn Write + Send>,
+    pub next_seq: u32,
+}
+
+impl Lane {
+    /// Seals and writes a frame `encoded` in `frame`. After a failed write the stream is out
+    /// of step, so every later frame fails too.
+    fn write(
+        &mut self,
+        index: usize,
+        frame: &mut [u8],
+        encoded: &EncodedFrame,
+        broken: &mut Option<String>,
+    ) -> Result<LaneWrite, ProtocolError> {
+        let failed = |reason: &str| ProtocolError::Lane {
+            lane: index,
+            reason: reason.to_string(),
+        };
+        if let Some(reason) = broken {
+            return Err(failed(reason));
+        }
+        let (len, crc) = seal_encoded(frame, encoded, self.next_seq);
+        if let Err(e) = self.out.write_all(&frame[..len]) {
+            let reason = e.to_string();
+            *broken = Some(reason.clone());
+            return Err(failed(&reason));
+        }
+        self.next_seq = self.next_seq.wrapping_add(1);
+        Ok(LaneWrite { index, len, crc })
+    }
 }
 
 struct Worker {
@@ -214,6 +263,8 @@ struct Worker {
 /// which thread finished first.
 pub struct EncodePool {
     workers: Vec<Worker>,
+    /// Data streams (one per worker) or 0: the sender writes every frame.
+    lanes: usize,
     next: usize,
     /// The worker of each frame in flight, oldest first.
     in_flight: VecDeque<usize>,
@@ -228,46 +279,73 @@ fn first_region_addr(mem: &GuestMemoryMmap) -> usize {
 }
 
 impl EncodePool {
-    /// Starts `threads` encoders (at least one) reading `staging` and keeping `base` (the
-    /// delta base's memory). `on_start` runs first on each thread (its seccomp filter); a
-    /// thread for which it returns false ends, and the pass using it fails.
+    /// Starts `threads` encoders (at least one; with `lanes`, one per data stream, which it
+    /// writes) reading `staging` and keeping `base` (the delta base's memory). `on_start`
+    /// runs first on each thread (its seccomp filter); a thread for which it returns false
+    /// ends, and the pass using it fails.
     pub(super) fn start(
         threads: usize,
+        lanes: Vec<Lane>,
         staging: &GuestMemoryMmap,
         base: &GuestMemoryMmap,
         compress: bool,
         on_start: impl Fn() -> bool + Clone + Send + 'static,
     ) -> std::io::Result<Self> {
+        let lane_count = lanes.len();
+        let mut lanes = lanes.into_iter();
+        let threads = if lane_count > 0 {
+            lane_count
+        } else {
+            threads.max(1)
+        };
         let mut workers = Vec::new();
-        for i in 0..threads.max(1) {
+        for i in 0..threads {
             let (jobs, job_rx) = mpsc::channel::<EncodeJob>();
             let (done_tx, done) = mpsc::channel::<EncodeDone>();
             let (staging, base) = (staging.clone(), base.clone());
             let on_start = on_start.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("ft-encode-{i}"))
-                .spawn(move || {
-                    if !on_start() {
-                        return;
-                    }
-                    let mut encoder = PageEncoder::new(compress);
-                    while let Ok(mut job) = job_rx.recv() {
-                        let view = DeltaView {
-                            mem: &base,
-                            known: &job.known,
-                        };
-                        let result = encoder.encode(
-                            &mut job.frame,
-                            &staging,
-                            &job.chunks,
-                            job.count,
-                            Some(view),
-                        );
-                        if done_tx.send(EncodeDone { job, result }).is_err() {
-                            return;
+            let mut lane = lanes.next();
+            let name = match lane {
+                Some(_) => format!("ft-stream-{}", i + 1),
+                None => format!("ft-encode-{i}"),
+            };
+            let thread = std::thread::Builder::new().name(name).spawn(move || {
+                if !on_start() {
+                    return;
+                }
+                let mut encoder = PageEncoder::new(compress);
+                let mut broken = None;
+                while let Ok(mut job) = job_rx.recv() {
+                    let view = DeltaView {
+                        mem: &base,
+                        known: &job.known,
+                    };
+                    let mut result = encoder.encode(
+                        &mut job.frame,
+                        &staging,
+                        &job.chunks,
+                        job.count,
+                        Some(view),
+                    );
+                    let mut written = None;
+                    if let (Ok(encoded), Some(lane)) = (&result, lane.as_mut()) {
+                        match lane.write(i, &mut job.frame, encoded, &mut broken) {
+                            Ok(w) => written = Some(w),
+                            Err(e) => result = Err(e),
                         }
                     }
-                })?;
+                    if done_tx
+                        .send(EncodeDone {
+                            job,
+                            result,
+                            written,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })?;
             workers.push(Worker {
                 jobs: Some(jobs),
                 done,
@@ -276,6 +354,7 @@ impl EncodePool {
         }
         Ok(Self {
             workers,
+            lanes: lane_count,
             next: 0,
             in_flight: VecDeque::new(),
             spare: Vec::new(),
@@ -285,6 +364,11 @@ impl EncodePool {
 
     pub fn threads(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Data streams its threads write (0: the sender writes the frames).
+    pub fn lanes(&self) -> usize {
+        self.lanes
     }
 
     /// Whether this pool encodes from `staging` against `base`.

@@ -35,8 +35,14 @@
 //!   at first), then overwrite `count` bytes; no run may reach past the page. With the LZ4
 //!   flag the whole data is one LZ4 block that decompresses to exactly the announced length.
 //!   Every length and offset is checked before anything is written;
-//! - MemoryDone: `iteration u32, reserved u32 (0), pages u64` closes one pass over memory
-//!   (pages = entries sent in the pass, checked by the receiver);
+//! - MemoryDone: `iteration u32, lanes u32, pages u64, lanes x (frames u32, digest u32)`
+//!   closes one pass over memory (pages = entries sent in the pass, checked by the
+//!   receiver). `lanes` (at most MAX_LANES; 0 in a migration) is the number of data streams
+//!   beside this one (the FT primary's several TCP streams): per stream, how many of the
+//!   pass's MemoryPages frames it carried and the CRC-32 of their checksums (each trailer's
+//!   4 bytes, in order), which ties those frames to this pass. A data stream carries only
+//!   MemoryPages frames, with sequence numbers of its own; the receiver takes each stream's
+//!   frames of the pass, in that stream's order, when the MemoryDone naming them arrives;
 //! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message;
 //! - DiskWrites, Control, InputFrames: opaque here (their layout belongs to the
 //!   fault-tolerance crate).
@@ -54,7 +60,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
-use super::page_encoder::{DeltaView, EncodeJob, EncodePool, EncodedFrame, PageEncoder};
+use super::page_encoder::{DeltaView, EncodeJob, EncodePool, EncodedFrame, Lane, PageEncoder};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::progress::TransferProgress;
@@ -64,7 +70,8 @@ use crate::progress::TransferProgress;
 /// 3: device states are virtio-pci's (see `SNAPSHOT_VERSION` 2).
 /// 4: MemoryPages frames may carry page deltas (an older peer would refuse them mid-stream).
 /// 5: fault-tolerance streams carry InputFrames and InputAck (input mirroring).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: MemoryDone may count page frames sent on data streams (FT's several streams).
+pub const PROTOCOL_VERSION: u32 = 6;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -74,6 +81,8 @@ pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
 pub const MAX_STATE_JSON: usize = 64 << 20;
 /// Most page entries one MemoryPages frame may carry (32 MiB of page data).
 pub const MAX_PAGES_PER_FRAME: usize = 8192;
+/// Most data streams a MemoryDone may name.
+pub const MAX_LANES: usize = 8;
 pub const FLAG_LZ4: u8 = 1;
 /// MemoryPages: entries may be deltas against the receiver's copy of the page.
 pub const FLAG_DELTA: u8 = 2;
@@ -161,6 +170,8 @@ pub enum ProtocolError {
     Closed,
     #[error("page encoder thread {0} is gone")]
     EncoderGone(usize),
+    #[error("data stream {lane}: {reason}")]
+    Lane { lane: usize, reason: String },
     #[error("stream truncated in the {what}: expected {expected} bytes, got {got}")]
     Truncated {
         what: &'static str,
@@ -289,6 +300,37 @@ pub struct Frame<'a> {
     pub flags: u8,
     pub seq: u32,
     pub payload: &'a [u8],
+    /// Its checksum (as checked; 0 for a frame that did not come off a stream).
+    pub crc: u32,
+}
+
+/// What a pass carried on one data stream: its page frames and the CRC-32 of their
+/// checksums (see the MemoryDone layout).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LanePass {
+    pub frames: u32,
+    pub digest: u32,
+}
+
+/// Builds a [`LanePass`] frame by frame, on either side.
+#[derive(Clone, Default)]
+pub struct LaneDigest {
+    frames: u32,
+    crc: crc32fast::Hasher,
+}
+
+impl LaneDigest {
+    pub fn add(&mut self, frame_crc: u32) {
+        self.frames += 1;
+        self.crc.update(&frame_crc.to_le_bytes());
+    }
+
+    pub fn finish(&self) -> LanePass {
+        LanePass {
+            frames: self.frames,
+            digest: self.crc.clone().finalize(),
+        }
+    }
 }
 
 /// A decoded frame.
@@ -303,6 +345,8 @@ pub enum Message<'a> {
     MemoryDone {
         iteration: u32,
         pages: u64,
+        /// Per data stream, what the pass carried on it (empty without data streams).
+        lanes: Vec<LanePass>,
     },
     /// The state's JSON; with `compressed`, LZ4 with the JSON's length prepended (see
     /// [`Message::state_json`]).
@@ -515,13 +559,23 @@ impl<'a> Message<'a> {
             }
             FrameType::MemoryPages => Message::MemoryPages(Self::parse_pages(frame)?),
             FrameType::MemoryDone => {
-                fixed(16)?;
-                if le_u32(p, 4) != 0 {
-                    return Err(ProtocolError::malformed(kind, "reserved field is not 0"));
+                let lanes = p.get(4..8).map_or(0, |_| le_u32(p, 4) as usize);
+                if lanes > MAX_LANES {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!("{lanes} data streams, at most {MAX_LANES}"),
+                    ));
                 }
+                fixed(16 + 8 * lanes)?;
                 Message::MemoryDone {
                     iteration: le_u32(p, 0),
                     pages: le_u64(p, 8),
+                    lanes: (0..lanes)
+                        .map(|i| LanePass {
+                            frames: le_u32(p, 16 + 8 * i),
+                            digest: le_u32(p, 20 + 8 * i),
+                        })
+                        .collect(),
                 }
             }
             FrameType::State => Message::State {
@@ -925,6 +979,7 @@ impl FrameReader {
             flags,
             seq,
             payload: &self.buf[..len],
+            crc: actual,
         })
     }
 
@@ -963,6 +1018,26 @@ fn seal_frame(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len:
     let crc = crc32fast::hash(&buf[..end]);
     buf[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
     end + TRAILER_LEN
+}
+
+/// Seals a frame [`PageEncoder::encode`] assembled in `frame` (header with `seq`, checksum:
+/// the header's CRC combined with the encoder's CRC of the payload); returns its length and
+/// checksum.
+pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -> (usize, u32) {
+    write_header(
+        frame,
+        FrameType::MemoryPages,
+        encoded.flags,
+        seq,
+        encoded.payload_len,
+    );
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&frame[..HEADER_LEN]);
+    crc.combine(&encoded.payload_crc);
+    let end = HEADER_LEN + encoded.payload_len;
+    let crc = crc.finalize();
+    frame[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
+    (end + TRAILER_LEN, crc)
 }
 
 fn write_header(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) {
@@ -1316,10 +1391,45 @@ impl<T: Read + Write> Sender<T> {
         base: &DeltaBase,
         on_start: impl Fn() -> bool + Clone + Send + 'static,
     ) -> io::Result<()> {
+        self.start_pool(threads, Vec::new(), staging, base, on_start)
+    }
+
+    /// [`Sender::start_encode_pool`] with one thread per data stream in `lanes`, each writing
+    /// the frames it encodes to its stream; MemoryDone then counts them per stream.
+    pub fn start_lanes(
+        &mut self,
+        lanes: Vec<Lane>,
+        staging: &GuestMemoryMmap,
+        base: &DeltaBase,
+        on_start: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> io::Result<()> {
+        if lanes.is_empty() || lanes.len() > MAX_LANES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} data streams (1 ..= {MAX_LANES})", lanes.len()),
+            ));
+        }
+        self.start_pool(0, lanes, staging, base, on_start)
+    }
+
+    fn start_pool(
+        &mut self,
+        threads: usize,
+        lanes: Vec<Lane>,
+        staging: &GuestMemoryMmap,
+        base: &DeltaBase,
+        on_start: impl Fn() -> bool + Clone + Send + 'static,
+    ) -> io::Result<()> {
         self.pool = None;
-        let pool = EncodePool::start(threads, staging, &base.mem, self.options.compress, on_start)?;
+        let compress = self.options.compress;
+        let pool = EncodePool::start(threads, lanes, staging, &base.mem, compress, on_start)?;
         self.pool = Some(pool);
         Ok(())
+    }
+
+    /// Data streams beside this one that carry page frames (0: none).
+    pub fn lanes(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.lanes())
     }
 
     /// Encoder threads of the pool (0: frames are encoded on the sending thread).
@@ -1339,9 +1449,12 @@ impl<T: Read + Write> Sender<T> {
             ..PassStats::default()
         };
         let mut frames = FrameCutter::new(pages, self.options.batch_pages);
+        let mut lanes = Vec::new();
         match (self.pool.take(), base) {
             (Some(mut pool), Some(base)) if pool.serves(mem, &base.mem) => {
-                let sent = self.send_pages_pooled(&mut pool, &mut frames, base, &mut pass);
+                lanes = vec![LaneDigest::default(); pool.lanes()];
+                let sent =
+                    self.send_pages_pooled(&mut pool, &mut frames, base, &mut pass, &mut lanes);
                 if sent.is_err() {
                     pool.drain();
                 }
@@ -1356,9 +1469,15 @@ impl<T: Read + Write> Sender<T> {
                 sent?;
             }
         }
-        let mut done = [0u8; 16];
-        done[0..4].copy_from_slice(&self.iteration.to_le_bytes());
-        done[8..16].copy_from_slice(&pass.pages.to_le_bytes());
+        let mut done = Vec::with_capacity(16 + 8 * lanes.len());
+        done.extend_from_slice(&self.iteration.to_le_bytes());
+        done.extend_from_slice(&(lanes.len() as u32).to_le_bytes());
+        done.extend_from_slice(&pass.pages.to_le_bytes());
+        for lane in &lanes {
+            let lane = lane.finish();
+            done.extend_from_slice(&lane.frames.to_le_bytes());
+            done.extend_from_slice(&lane.digest.to_le_bytes());
+        }
         let before = self.stats.bytes;
         self.send_small(FrameType::MemoryDone, &done)?;
         pass.wire_bytes += self.stats.bytes - before;
@@ -1397,13 +1516,15 @@ impl<T: Read + Write> Sender<T> {
     }
 
     /// The page frames of a delta pass, encoded by `pool` and written here in the order
-    /// they were cut.
+    /// they were cut (or by the pool's threads to their data streams: `lanes` counts them
+    /// per stream).
     fn send_pages_pooled(
         &mut self,
         pool: &mut EncodePool,
         frames: &mut FrameCutter<'_>,
         base: &mut DeltaBase,
         pass: &mut PassStats,
+        lanes: &mut [LaneDigest],
     ) -> Result<(), ProtocolError> {
         let mut cut_all = false;
         loop {
@@ -1422,9 +1543,17 @@ impl<T: Read + Write> Sender<T> {
                 return Ok(());
             }
             let mut done = pool.next_done()?;
-            let written = done
-                .result
-                .and_then(|e| self.write_encoded(&mut done.job.frame, &e, pass));
+            let written = done.result.and_then(|e| match done.written {
+                Some(lane) => {
+                    let total = lane.len;
+                    if let Some(digest) = lanes.get_mut(lane.index) {
+                        digest.add(lane.crc);
+                    }
+                    self.count_frame(&e, total, pass);
+                    Ok(())
+                }
+                None => self.write_encoded(&mut done.job.frame, &e, pass),
+            });
             pool.give_back(done.job);
             written?;
             self.send_interleaved()?;
@@ -1439,23 +1568,17 @@ impl<T: Read + Write> Sender<T> {
         encoded: &EncodedFrame,
         pass: &mut PassStats,
     ) -> Result<(), ProtocolError> {
-        write_header(
-            frame,
-            FrameType::MemoryPages,
-            encoded.flags,
-            self.seq,
-            encoded.payload_len,
-        );
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&frame[..HEADER_LEN]);
-        crc.combine(&encoded.payload_crc);
-        let end = HEADER_LEN + encoded.payload_len;
-        frame[end..end + TRAILER_LEN].copy_from_slice(&crc.finalize().to_le_bytes());
-        let total = end + TRAILER_LEN;
+        let (total, _) = seal_encoded(frame, encoded, self.seq);
         if let Err(e) = self.stream.write_all(&frame[..total]) {
             return Err(self.write_failed(e));
         }
         self.seq = self.seq.wrapping_add(1);
+        self.count_frame(encoded, total, pass);
+        Ok(())
+    }
+
+    /// Counts a page frame of `total` bytes that left (on this stream or a data stream).
+    fn count_frame(&mut self, encoded: &EncodedFrame, total: usize, pass: &mut PassStats) {
         self.stats.frames += 1;
         self.stats.bytes += total as u64;
         self.stats.pages += encoded.pages as u64;
@@ -1472,7 +1595,6 @@ impl<T: Read + Write> Sender<T> {
         pass.pages += encoded.pages as u64;
         pass.zero_pages += encoded.zero;
         pass.wire_bytes += total as u64;
-        Ok(())
     }
 
     /// Sends one frame of a kind without its own method (fault tolerance's DiskWrites and
@@ -1709,7 +1831,20 @@ impl<T: Read + Write> Receiver<T> {
                     )?;
                     self.pass_pages += batch.len() as u64;
                 }
-                (RecvPhase::Memory, Message::MemoryDone { iteration, pages }) => {
+                (
+                    RecvPhase::Memory,
+                    Message::MemoryDone {
+                        iteration,
+                        pages,
+                        lanes,
+                    },
+                ) => {
+                    if !lanes.is_empty() {
+                        return Err(ProtocolError::malformed(
+                            kind,
+                            "data streams are fault tolerance's; a migration has one stream",
+                        ));
+                    }
                     if iteration != self.iteration {
                         return Err(ProtocolError::Iteration {
                             expected: self.iteration,

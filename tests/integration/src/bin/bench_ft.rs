@@ -141,13 +141,15 @@ const TARGET_FAILOVER_MS: f64 = 100.0;
 /// The TLS section: its epoch and its pages per epoch (the sender-bound cells).
 const TLS_EPOCH_MS: u64 = 10;
 const TLS_PAGES: [u64; 2] = [1000, 4000];
-/// The pipeline section: FT with the sender encoding alone, and with 1 and 2 encoder threads.
+/// The pipeline section: FT with the sender encoding alone, with 1 and 2 encoder threads, and
+/// with the pages on 2 data streams beside the first connection (`--streams 3`).
 const PIPELINE_EPOCH_MS: u64 = 10;
 const PIPELINE_PAGES: [u64; 2] = [1000, 4000];
-const PIPELINE_MODES: [Mode; 3] = [
+const PIPELINE_MODES: [Mode; 4] = [
     Mode::FtEncoders(0),
     Mode::FtEncoders(1),
     Mode::FtEncoders(2),
+    Mode::FtStreams(3),
 ];
 /// TLS may cost at most this share of the FT sender's throughput (bytes sent per second).
 const TARGET_TLS_COST_PCT: f64 = 10.0;
@@ -529,6 +531,8 @@ struct Lab {
     latency_mode: bool,
     /// `--encode-threads` (None: the VMM's default; the pipeline section).
     encode_threads: Option<u32>,
+    /// `--streams` (None: one connection; the pipeline section).
+    streams: Option<u32>,
 }
 
 impl Lab {
@@ -546,6 +550,7 @@ impl Lab {
             early_acks: true,
             latency_mode: false,
             encode_threads: None,
+            streams: None,
         })
     }
 
@@ -710,6 +715,10 @@ impl Lab {
         let encode_threads = self.encode_threads.map(|n| n.to_string());
         if let Some(n) = &encode_threads {
             args.extend(["--encode-threads", n.as_str()]);
+        }
+        let streams = self.streams.map(|n| n.to_string());
+        if let Some(n) = &streams {
+            args.extend(["--streams", n.as_str()]);
         }
         ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
             format!(
@@ -1243,6 +1252,8 @@ enum Mode {
     FtTls,
     /// FT with this many encoder threads (`--encode-threads`; the pipeline section).
     FtEncoders(u32),
+    /// FT over this many TCP connections (`--streams`; the pipeline section).
+    FtStreams(u32),
     /// No FT, the dirty log harvested and re-armed every epoch (the VMM's dirty-log floor).
     Floor,
     /// FT with hot pages off: every dirty page write-protected at each checkpoint.
@@ -1679,15 +1690,16 @@ fn run_compare(
                     "run {run} {rate:>6} pages/s  FT {epoch_ms:>2} ms ({pages} pages/epoch), {}",
                     mode_setting(mode)
                 );
-                let saved = (lab.tls_dir.clone(), lab.encode_threads);
+                let saved = (lab.tls_dir.clone(), lab.encode_threads, lab.streams);
                 match mode {
                     Mode::FtTls => lab.tls_dir = Some(tls_dir().to_string_lossy().into_owned()),
                     Mode::FtPlaintext => lab.tls_dir = None,
                     Mode::FtEncoders(n) => lab.encode_threads = Some(n),
+                    Mode::FtStreams(n) => lab.streams = Some(n),
                     _ => {}
                 }
                 let outcome = ft_case(lab, &primary, &mut client, cell, opts);
-                (lab.tls_dir, lab.encode_threads) = saved;
+                (lab.tls_dir, lab.encode_threads, lab.streams) = saved;
                 match outcome {
                     Ok(r) => {
                         log(&format!("  {label}: {}", describe_case(&r)));
@@ -1712,6 +1724,7 @@ fn mode_setting(mode: Mode) -> String {
         Mode::FtTls => "over TLS".into(),
         Mode::FtPlaintext => "over plaintext".into(),
         Mode::FtEncoders(n) => format!("--encode-threads {n}"),
+        Mode::FtStreams(n) => format!("--streams {n}"),
         other => format!("{other:?}"),
     }
 }
@@ -3315,18 +3328,18 @@ impl Report<'_> {
     fn print_pipeline(&self) {
         println!();
         println!(
-            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0) and by 1 or 2 encoder threads while it writes, at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
+            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0), by 1 or 2 encoder threads while it writes, and on 2 data streams beside the first connection, each encoded and written by its own thread (--streams 3), at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
             self.opts.runs
         );
         println!(
-            "  machine: {}; primary, backup and the guest's vCPU share its cores; measures as in the TLS section; ratio = N threads / sender alone",
+            "  machine: {}; primary, backup and the guest's vCPU share its cores; measures as in the TLS section; ratio = case / sender alone",
             machine().join(", ")
         );
         println!();
         self.print_compare(
             (PIPELINE_EPOCH_MS, &PIPELINE_PAGES[..]),
             &PIPELINE_MODES,
-            &["sender alone", "1 thread", "2 threads"],
+            &["sender alone", "1 thread", "2 threads", "3 streams"],
         );
     }
 
