@@ -54,8 +54,10 @@ use transport::Security;
 
 mod group_member;
 mod hot_pages;
+pub mod staging;
 use group_member::{GroupLink, GroupOrder};
 use hot_pages::HotPages;
+use staging::StagingCopier;
 
 /// Longest and shortest epochs `vm.enable-ft` accepts.
 pub const MAX_EPOCH_MS: u64 = 1000;
@@ -333,6 +335,8 @@ pub struct Primary {
     staging: GuestMemoryMmap,
     /// Pages kept writable and compared at each pause instead of write-protected.
     hot: HotPages,
+    /// Copies each epoch's pages into `staging` in the pause.
+    stager: StagingCopier,
     peer: String,
     pair_id: u64,
     fencing: Fencing,
@@ -533,6 +537,10 @@ impl Primary {
         let base = vmm::memory::create(config.memory.size)
             .map_err(|e| io_err("delta base memory", e))
             .and_then(|mem| DeltaBase::new(mem).map_err(|e| io_err("delta base memory", e)))?;
+        // The pause's copy is shared with a helper thread on the vCPU's idle core.
+        let stager = StagingCopier::start(vm.memory(), &staging, || {
+            vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication)
+        });
         let mut hot = HotPages::new(vm.memory(), epoch_len)
             .map_err(|e| VmmError::InvalidConfig(format!("guest memory layout: {e}")))?;
         // Every member of a group claims the group at the witness: it fails over as one.
@@ -735,6 +743,7 @@ impl Primary {
             lanes,
             staging,
             hot,
+            stager,
             peer,
             pair_id,
             fencing,
@@ -1147,7 +1156,9 @@ impl Primary {
     /// staging memory (hot pages only if they changed; the rest re-armed), then the state.
     fn capture(&mut self, vm: &mut dyn ReplicableVm) -> Result<EpochJob, String> {
         let reported = live::dirty_since_last(vm)?;
-        let dirty = self.hot.stage(vm.memory(), &self.staging, reported)?;
+        let dirty = self
+            .hot
+            .stage(vm.memory(), &self.staging, reported, &mut self.stager)?;
         self.hot.update(self.epoch, &dirty);
         vm.rearm_dirty_log(self.hot.kept())?;
         let state = vm.save_state().map_err(|e| e.to_string())?;

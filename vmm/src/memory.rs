@@ -294,6 +294,31 @@ pub fn validate_size(size: u64, phys_bits: u32) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Asks the kernel to back `mem` with transparent huge pages where it can (Cloud
+/// Hypervisor's `thp=on`, its default): fewer TLB misses for the guest and for the VMM's
+/// copies of it (an FT checkpoint copies every dirty page). Advice only: a kernel that
+/// declines leaves 4 KiB pages, which is not an error.
+pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one mapping this process made and keeps for the
+        // region's life; MADV_HUGEPAGE changes how it is backed, never its contents.
+        let ret = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if ret != 0 {
+            log::debug!(
+                "transparent huge pages for guest RAM at {:#x}: {}",
+                region.start_addr().0,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Private anonymous guest RAM of `size` bytes (also what the FT primary stages epochs in).
 pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     create_backed(size, Backing::Private)
@@ -571,6 +596,47 @@ mod tests {
             err.to_string().contains("no 1048576 KiB huge pages"),
             "{err}"
         );
+    }
+
+    /// `thp=on`: the kernel is asked for huge pages for guest RAM (its smaps entry says the
+    /// mapping is eligible) wherever transparent huge pages are not off altogether.
+    #[test]
+    fn guest_ram_is_advised_to_use_transparent_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if thp.is_empty() || thp.contains("[never]") {
+            eprintln!("SKIP: transparent huge pages are off on this host");
+            return;
+        }
+        let mem = create(64 << 20).unwrap();
+        let eligible = |mem: &GuestMemoryMmap| {
+            let start = mem.iter().next().unwrap().as_ptr() as usize;
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mut inside = false;
+            for line in smaps.lines() {
+                if let Some((range, _)) = line.split_once(' ') {
+                    if let Some((a, b)) = range.split_once('-') {
+                        if let (Ok(a), Ok(b)) =
+                            (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                        {
+                            inside = (a..b).contains(&start);
+                            continue;
+                        }
+                    }
+                }
+                if inside {
+                    if let Some(v) = line.strip_prefix("THPeligible:") {
+                        return v.trim() == "1";
+                    }
+                }
+            }
+            false
+        };
+        if thp.contains("[madvise]") {
+            assert!(!eligible(&mem), "eligible before the advice");
+        }
+        advise_huge_pages(&mem);
+        assert!(eligible(&mem), "not eligible after the advice");
     }
 
     #[test]

@@ -348,6 +348,11 @@ impl Vm {
             }
             None => memory::create_backed(mem_size, backing)?,
         };
+        // As Cloud Hypervisor: `thp=on` (its default) for anonymous private RAM only (hugetlb
+        // pages are huge already; shared memory follows its file's policy).
+        if config.memory.thp && backing == memory::Backing::Private {
+            memory::advise_huge_pages(&memory);
+        }
         memory::register(&vm_fd, &memory, false)?;
 
         let mut mmio = IoBus::new();

@@ -18,11 +18,13 @@
 //! twentieth of an epoch.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 use vmm::memory::GuestMemoryMmap;
-use vmm::migration::memory::{DirtyPages, PAGE_SIZE};
+use vmm::migration::memory::DirtyPages;
+
+use super::staging::StagingCopier;
 
 /// What a write fault is taken to cost: the low end (EPT hardware), so that a slower host only
 /// keeps fewer pages than it could.
@@ -41,6 +43,8 @@ pub struct HotPages {
     kept: BTreeMap<u64, u64>,
     /// `kept` as a page set, for the VM's re-arm call.
     keep: DirtyPages,
+    /// The kept pages a pause compares (kept between pauses: no allocation in the pause).
+    candidates: Vec<GuestAddress>,
     /// Measured cost of comparing one kept page (moving average).
     compare_cost: Duration,
     /// Longest time the compares of one pause may take.
@@ -57,6 +61,7 @@ impl HotPages {
             enabled: false,
             kept: BTreeMap::new(),
             keep: DirtyPages::empty(memory).map_err(|e| e.to_string())?,
+            candidates: Vec::new(),
             compare_cost: INITIAL_COMPARE_COST,
             budget: epoch / 20,
             compares: 0,
@@ -91,34 +96,36 @@ impl HotPages {
     }
 
     /// In the pause: copies the pages of `reported` (a harvest, kept pages included) from
-    /// guest memory into `staging`, a kept page only if it changed. Returns the pages that
-    /// changed (what this epoch must send).
+    /// guest memory into `staging` with `copier`, a kept page only if it changed. Returns the
+    /// pages that changed (what this epoch must send).
     pub fn stage(
         &mut self,
         memory: &GuestMemoryMmap,
         staging: &GuestMemoryMmap,
         mut reported: DirtyPages,
+        copier: &mut StagingCopier,
     ) -> Result<DirtyPages, String> {
-        let started = Instant::now();
-        let mut compared = 0u64;
-        for &gpa in self.kept.keys() {
-            let gpa = GuestAddress(gpa);
-            if !reported.contains(gpa) {
-                // A kept page is always reported (never re-armed); a harvest without it
-                // means manual re-arming is not in force, so it was compared for nothing.
-                continue;
-            }
-            compared += 1;
-            if same_page(memory, staging, gpa)? {
-                reported.remove(gpa);
-            }
-        }
+        // A kept page is always reported (never re-armed); a harvest without it means manual
+        // re-arming is not in force, so it is not compared.
+        self.candidates.clear();
+        self.candidates.extend(
+            self.kept
+                .keys()
+                .map(|&gpa| GuestAddress(gpa))
+                .filter(|&gpa| reported.contains(gpa)),
+        );
+        let staged = copier.stage(memory, staging, &reported, &self.candidates)?;
+        let compared = self.candidates.len() as u64;
         if compared > 0 {
-            let per_page = started.elapsed() / u32::try_from(compared).unwrap_or(u32::MAX);
+            // Time on a thread, not in the pause (two threads share the compares): the set
+            // is sized as if one did them all.
+            let per_page = staged.compare_time / u32::try_from(compared).unwrap_or(u32::MAX);
             self.compare_cost = (self.compare_cost * 7 + per_page) / 8;
         }
         self.compares += compared;
-        copy_pages(memory, staging, &reported)?;
+        for gpa in staged.unchanged {
+            reported.remove(gpa);
+        }
         Ok(reported)
     }
 
@@ -162,48 +169,10 @@ impl HotPages {
     }
 }
 
-/// Whether the page at `gpa` holds the same bytes in both memories (same layout).
-fn same_page(a: &GuestMemoryMmap, b: &GuestMemoryMmap, gpa: GuestAddress) -> Result<bool, String> {
-    let left = a
-        .get_slice(gpa, PAGE_SIZE)
-        .map_err(|e| format!("guest page {:#x}: {e}", gpa.0))?;
-    let right = b
-        .get_slice(gpa, PAGE_SIZE)
-        .map_err(|e| format!("staging page {:#x}: {e}", gpa.0))?;
-    let (l, r) = (left.ptr_guard(), right.ptr_guard());
-    // SAFETY: both slices are PAGE_SIZE bytes of live mappings (vm-memory checked the range);
-    // the VM is paused and the sender is not using the staging memory, so neither changes
-    // while it is read.
-    let equal = unsafe {
-        std::slice::from_raw_parts(l.as_ptr(), PAGE_SIZE)
-            == std::slice::from_raw_parts(r.as_ptr(), PAGE_SIZE)
-    };
-    Ok(equal)
-}
-
-/// Copies the pages of `pages` from `from` to `to` (same layout; a run never crosses a region
-/// boundary, so each run is one slice-to-slice copy).
-pub fn copy_pages(
-    from: &GuestMemoryMmap,
-    to: &GuestMemoryMmap,
-    pages: &DirtyPages,
-) -> Result<(), String> {
-    for (start, count) in pages.runs() {
-        let len = count as usize * PAGE_SIZE;
-        let source = from
-            .get_slice(start, len)
-            .map_err(|e| format!("reading guest pages at {:#x}: {e}", start.0))?;
-        let target = to
-            .get_slice(start, len)
-            .map_err(|e| format!("staging pages at {:#x}: {e}", start.0))?;
-        source.copy_to_volatile_slice(target);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use vm_memory::Bytes;
+    use vmm::migration::memory::PAGE_SIZE;
 
     use super::*;
 
@@ -228,7 +197,14 @@ mod tests {
         // Epoch 1: pages 1 and 2 written (logged), copied, kept.
         guest.write_obj(11u64, page(1)).unwrap();
         guest.write_obj(22u64, page(2)).unwrap();
-        let dirty = hot.stage(&guest, &staging, set(&guest, &[1, 2])).unwrap();
+        let dirty = hot
+            .stage(
+                &guest,
+                &staging,
+                set(&guest, &[1, 2]),
+                &mut StagingCopier::alone(),
+            )
+            .unwrap();
         assert_eq!(dirty, set(&guest, &[1, 2]));
         hot.update(1, &dirty);
         assert_eq!(hot.kept(), &set(&guest, &[1, 2]));
@@ -238,7 +214,12 @@ mod tests {
         guest.write_obj(23u64, page(2)).unwrap();
         guest.write_obj(33u64, page(3)).unwrap();
         let dirty = hot
-            .stage(&guest, &staging, set(&guest, &[1, 2, 3]))
+            .stage(
+                &guest,
+                &staging,
+                set(&guest, &[1, 2, 3]),
+                &mut StagingCopier::alone(),
+            )
             .unwrap();
         assert_eq!(
             dirty,
@@ -263,7 +244,14 @@ mod tests {
         let mut hot = HotPages::new(&guest, Duration::from_micros(400)).unwrap();
         hot.set_enabled(true);
         let all: Vec<u64> = (0..64).collect();
-        let dirty = hot.stage(&guest, &staging, set(&guest, &all)).unwrap();
+        let dirty = hot
+            .stage(
+                &guest,
+                &staging,
+                set(&guest, &all),
+                &mut StagingCopier::alone(),
+            )
+            .unwrap();
         hot.update(1, &dirty);
         let room = (hot.budget.as_nanos() / hot.compare_cost.as_nanos()) as u64;
         assert!(
@@ -274,7 +262,9 @@ mod tests {
         // Nothing changes for MAX_WINDOW epochs: every page goes back to the log.
         for epoch in 2..2 + MAX_WINDOW {
             let reported = hot.kept().clone();
-            let dirty = hot.stage(&guest, &staging, reported).unwrap();
+            let dirty = hot
+                .stage(&guest, &staging, reported, &mut StagingCopier::alone())
+                .unwrap();
             assert!(dirty.is_empty(), "unchanged kept pages were sent");
             hot.update(epoch, &dirty);
         }
@@ -286,7 +276,14 @@ mod tests {
         let guest = vmm::memory::create(MEM as u64).unwrap();
         let staging = vmm::memory::create(MEM as u64).unwrap();
         let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
-        let dirty = hot.stage(&guest, &staging, set(&guest, &[1, 2])).unwrap();
+        let dirty = hot
+            .stage(
+                &guest,
+                &staging,
+                set(&guest, &[1, 2]),
+                &mut StagingCopier::alone(),
+            )
+            .unwrap();
         hot.update(1, &dirty);
         assert!(hot.kept().is_empty());
         assert_eq!(dirty, set(&guest, &[1, 2]));
