@@ -182,6 +182,22 @@ mod tests {
         GuestAddress(n * PAGE_SIZE as u64)
     }
 
+    /// Stages the pages numbered `pages` on this thread.
+    fn stage(
+        hot: &mut HotPages,
+        guest: &GuestMemoryMmap,
+        staging: &GuestMemoryMmap,
+        pages: &[u64],
+    ) -> DirtyPages {
+        hot.stage(
+            guest,
+            staging,
+            set(guest, pages),
+            &mut StagingCopier::alone(),
+        )
+        .unwrap()
+    }
+
     fn set(mem: &GuestMemoryMmap, pages: &[u64]) -> DirtyPages {
         DirtyPages::from_pages(mem, pages.iter().map(|&p| page(p)))
             .unwrap()
@@ -197,14 +213,7 @@ mod tests {
         // Epoch 1: pages 1 and 2 written (logged), copied, kept.
         guest.write_obj(11u64, page(1)).unwrap();
         guest.write_obj(22u64, page(2)).unwrap();
-        let dirty = hot
-            .stage(
-                &guest,
-                &staging,
-                set(&guest, &[1, 2]),
-                &mut StagingCopier::alone(),
-            )
-            .unwrap();
+        let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
         assert_eq!(dirty, set(&guest, &[1, 2]));
         hot.update(1, &dirty);
         assert_eq!(hot.kept(), &set(&guest, &[1, 2]));
@@ -213,14 +222,7 @@ mod tests {
         // reported); page 1 untouched; page 3 logged.
         guest.write_obj(23u64, page(2)).unwrap();
         guest.write_obj(33u64, page(3)).unwrap();
-        let dirty = hot
-            .stage(
-                &guest,
-                &staging,
-                set(&guest, &[1, 2, 3]),
-                &mut StagingCopier::alone(),
-            )
-            .unwrap();
+        let dirty = stage(&mut hot, &guest, &staging, &[1, 2, 3]);
         assert_eq!(
             dirty,
             set(&guest, &[2, 3]),
@@ -244,14 +246,7 @@ mod tests {
         let mut hot = HotPages::new(&guest, Duration::from_micros(400)).unwrap();
         hot.set_enabled(true);
         let all: Vec<u64> = (0..64).collect();
-        let dirty = hot
-            .stage(
-                &guest,
-                &staging,
-                set(&guest, &all),
-                &mut StagingCopier::alone(),
-            )
-            .unwrap();
+        let dirty = stage(&mut hot, &guest, &staging, &all);
         hot.update(1, &dirty);
         let room = (hot.budget.as_nanos() / hot.compare_cost.as_nanos()) as u64;
         assert!(
@@ -276,14 +271,7 @@ mod tests {
         let guest = vmm::memory::create(MEM as u64).unwrap();
         let staging = vmm::memory::create(MEM as u64).unwrap();
         let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
-        let dirty = hot
-            .stage(
-                &guest,
-                &staging,
-                set(&guest, &[1, 2]),
-                &mut StagingCopier::alone(),
-            )
-            .unwrap();
+        let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
         hot.update(1, &dirty);
         assert!(hot.kept().is_empty());
         assert_eq!(dirty, set(&guest, &[1, 2]));
