@@ -120,6 +120,7 @@ fn ft_schemas_match_serde() {
         fencing: Some("etcd://e:2379".into()),
         compress: true,
         hot_pages: false,
+        stage_helper: false,
         early_acks: false,
         latency_mode: true,
         encode_threads: Some(2),

@@ -537,10 +537,14 @@ impl Primary {
         let base = vmm::memory::create(config.memory.size)
             .map_err(|e| io_err("delta base memory", e))
             .and_then(|mem| DeltaBase::new(mem).map_err(|e| io_err("delta base memory", e)))?;
-        // The pause's copy is shared with a helper thread on the vCPU's idle core.
-        let stager = StagingCopier::start(vm.memory(), &staging, || {
-            vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication)
-        });
+        // The pause's staging work is shared with a helper thread on the vCPU's idle core.
+        let stager = if request.stage_helper {
+            StagingCopier::start(vm.memory(), &staging, || {
+                vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication)
+            })
+        } else {
+            StagingCopier::alone()
+        };
         let mut hot = HotPages::new(vm.memory(), epoch_len)
             .map_err(|e| VmmError::InvalidConfig(format!("guest memory layout: {e}")))?;
         // Every member of a group claims the group at the witness: it fails over as one.

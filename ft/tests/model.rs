@@ -1096,6 +1096,7 @@ fn run_with(
         fencing: None,
         compress: true,
         hot_pages: true,
+        stage_helper: true,
         early_acks: true,
         latency_mode,
         // The sender alone, or 1 or 2 encoder threads: the pipeline may not change what the

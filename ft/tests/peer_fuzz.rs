@@ -364,6 +364,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             fencing: None,
             compress: true,
             hot_pages: true,
+            stage_helper: true,
             early_acks: true,
             latency_mode: false,
             encode_threads: None,

@@ -245,6 +245,11 @@ pub struct EnableFtRequest {
     /// dirty-log re-arming; without it every page is write-protected as before).
     #[serde(default = "default_true")]
     pub hot_pages: bool,
+    /// Share each checkpoint's staging work (the hot pages' compares, the copy of the dirty
+    /// pages) with a helper thread on the paused vCPU's otherwise idle core; `false` does it
+    /// on the control loop alone (a host whose cores are all busy with other work).
+    #[serde(default = "default_true")]
+    pub stage_helper: bool,
     /// TCP at full speed: mirror the frames the guest receives to the backup as they arrive
     /// and let the guest's pure TCP ACKs leave once the backup holds the input they
     /// acknowledge, instead of at the end of their epoch (the backup delivers that input

@@ -36,7 +36,7 @@
 //!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
-//!                     [--no-compress] [--no-hot-pages] [--no-early-acks]
+//!                     [--no-compress] [--no-hot-pages] [--no-stage-helper] [--no-early-acks]
 //!                     [--latency-mode] [--encode-threads N | --streams N]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
@@ -511,6 +511,15 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("no-stage-helper")
+                .long("no-stage-helper")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Stage each checkpoint on the control loop alone (by default a helper \
+                     thread shares the compares and copies while the guest is paused)",
+                ),
+        )
+        .arg(
             Arg::new("latency-mode")
                 .long("latency-mode")
                 .action(ArgAction::SetTrue)
@@ -710,6 +719,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         fencing: sub.get_one::<String>("fencing").cloned(),
         compress: defaults.compress && !sub.get_flag("no-compress"),
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
+        stage_helper: defaults.stage_helper && !sub.get_flag("no-stage-helper"),
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
         latency_mode: sub.get_flag("latency-mode"),
         encode_threads: sub.get_one::<u32>("encode-threads").copied(),
@@ -1870,7 +1880,7 @@ mod tests {
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
                 "heartbeat_timeout_ms": null, "witness": null, "compress": true, "hot_pages": true,
-                "early_acks": true, "latency_mode": false, "group": null})
+                "stage_helper": true, "early_acks": true, "latency_mode": false, "group": null})
         );
         assert_eq!(
             body(&[
@@ -1886,6 +1896,7 @@ mod tests {
                 "tcp:[fd00::3]:7100",
                 "--no-compress",
                 "--no-hot-pages",
+                "--no-stage-helper",
                 "--no-early-acks",
                 "--latency-mode",
                 "--encode-threads",
@@ -1896,7 +1907,7 @@ mod tests {
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "early_acks": false, "latency_mode": true, "encode_threads": 2,
+                "stage_helper": false, "early_acks": false, "latency_mode": true, "encode_threads": 2,
                 "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.

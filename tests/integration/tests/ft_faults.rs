@@ -312,7 +312,8 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
         backup = pair.spawn(primary.side.other(), crash, None);
         // Half the sessions end epochs early while output waits; a third encode each epoch
         // on two threads beside the sender, a third send its pages on two data streams
-        // beside the first connection (each its own TLS session).
+        // beside the first connection (each its own TLS session), and the rest stage each
+        // pause without the helper thread.
         let mut extra: Vec<&str> = Vec::new();
         if rng.below(2) == 0 {
             extra.push("--latency-mode");
@@ -320,7 +321,7 @@ fn a_chain_of_random_kills_loses_nothing_a_client_saw() {
         match round % 3 {
             0 => extra.extend(["--encode-threads", "2"]),
             1 => extra.extend(["--streams", "3"]),
-            _ => {}
+            _ => extra.push("--no-stage-helper"),
         }
         protect(&pair, &primary, &backup, &extra).unwrap_or_else(|e| {
             panic!(

@@ -141,15 +141,17 @@ const TARGET_FAILOVER_MS: f64 = 100.0;
 /// The TLS section: its epoch and its pages per epoch (the sender-bound cells).
 const TLS_EPOCH_MS: u64 = 10;
 const TLS_PAGES: [u64; 2] = [1000, 4000];
-/// The pipeline section: FT with the sender encoding alone, with 1 and 2 encoder threads, and
-/// with the pages on 2 data streams beside the first connection (`--streams 3`).
+/// The pipeline section: FT with the sender encoding alone, with 1 and 2 encoder threads, with
+/// the pages on 2 data streams beside the first connection (`--streams 3`), and with the
+/// pause's staging on the control loop alone (`--no-stage-helper`).
 const PIPELINE_EPOCH_MS: u64 = 10;
 const PIPELINE_PAGES: [u64; 2] = [1000, 4000];
-const PIPELINE_MODES: [Mode; 4] = [
+const PIPELINE_MODES: [Mode; 5] = [
     Mode::FtEncoders(0),
     Mode::FtEncoders(1),
     Mode::FtEncoders(2),
     Mode::FtStreams(3),
+    Mode::FtNoStageHelper,
 ];
 /// TLS may cost at most this share of the FT sender's throughput (bytes sent per second).
 const TARGET_TLS_COST_PCT: f64 = 10.0;
@@ -533,6 +535,8 @@ struct Lab {
     encode_threads: Option<u32>,
     /// `--streams` (None: one connection; the pipeline section).
     streams: Option<u32>,
+    /// The pause's staging helper (`false`: `--no-stage-helper`; the pipeline section).
+    stage_helper: bool,
 }
 
 impl Lab {
@@ -551,6 +555,7 @@ impl Lab {
             latency_mode: false,
             encode_threads: None,
             streams: None,
+            stage_helper: true,
         })
     }
 
@@ -719,6 +724,9 @@ impl Lab {
         let streams = self.streams.map(|n| n.to_string());
         if let Some(n) = &streams {
             args.extend(["--streams", n.as_str()]);
+        }
+        if !self.stage_helper {
+            args.push("--no-stage-helper");
         }
         ch_remote(&self.bins, &primary.socket, &args).map_err(|e| {
             format!(
@@ -1254,6 +1262,9 @@ enum Mode {
     FtEncoders(u32),
     /// FT over this many TCP connections (`--streams`; the pipeline section).
     FtStreams(u32),
+    /// FT staging each pause on the control loop alone (`--no-stage-helper`; the pipeline
+    /// section).
+    FtNoStageHelper,
     /// No FT, the dirty log harvested and re-armed every epoch (the VMM's dirty-log floor).
     Floor,
     /// FT with hot pages off: every dirty page write-protected at each checkpoint.
@@ -1690,16 +1701,31 @@ fn run_compare(
                     "run {run} {rate:>6} pages/s  FT {epoch_ms:>2} ms ({pages} pages/epoch), {}",
                     mode_setting(mode)
                 );
-                let saved = (lab.tls_dir.clone(), lab.encode_threads, lab.streams);
+                let saved = (
+                    lab.tls_dir.clone(),
+                    lab.encode_threads,
+                    lab.streams,
+                    lab.stage_helper,
+                );
                 match mode {
                     Mode::FtTls => lab.tls_dir = Some(tls_dir().to_string_lossy().into_owned()),
                     Mode::FtPlaintext => lab.tls_dir = None,
                     Mode::FtEncoders(n) => lab.encode_threads = Some(n),
                     Mode::FtStreams(n) => lab.streams = Some(n),
+                    Mode::FtNoStageHelper => {
+                        // Otherwise as "sender alone": only the helper differs.
+                        lab.encode_threads = Some(0);
+                        lab.stage_helper = false;
+                    }
                     _ => {}
                 }
                 let outcome = ft_case(lab, &primary, &mut client, cell, opts);
-                (lab.tls_dir, lab.encode_threads, lab.streams) = saved;
+                (
+                    lab.tls_dir,
+                    lab.encode_threads,
+                    lab.streams,
+                    lab.stage_helper,
+                ) = saved;
                 match outcome {
                     Ok(r) => {
                         log(&format!("  {label}: {}", describe_case(&r)));
@@ -1725,6 +1751,7 @@ fn mode_setting(mode: Mode) -> String {
         Mode::FtPlaintext => "over plaintext".into(),
         Mode::FtEncoders(n) => format!("--encode-threads {n}"),
         Mode::FtStreams(n) => format!("--streams {n}"),
+        Mode::FtNoStageHelper => "--no-stage-helper".into(),
         other => format!("{other:?}"),
     }
 }
@@ -3328,7 +3355,7 @@ impl Report<'_> {
     fn print_pipeline(&self) {
         println!();
         println!(
-            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0), by 1 or 2 encoder threads while it writes, and on 2 data streams beside the first connection, each encoded and written by its own thread (--streams 3), at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
+            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0), by 1 or 2 encoder threads while it writes, on 2 data streams beside the first connection, each encoded and written by its own thread (--streams 3), and with the sender alone and each pause staged on the control loop without its helper thread (--no-stage-helper), at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
             self.opts.runs
         );
         println!(
@@ -3339,7 +3366,13 @@ impl Report<'_> {
         self.print_compare(
             (PIPELINE_EPOCH_MS, &PIPELINE_PAGES[..]),
             &PIPELINE_MODES,
-            &["sender alone", "1 thread", "2 threads", "3 streams"],
+            &[
+                "sender alone",
+                "1 thread",
+                "2 threads",
+                "3 streams",
+                "no stage helper",
+            ],
         );
     }
 
