@@ -313,3 +313,28 @@ fn a_pass_takes_only_its_own_frames_from_a_data_stream() {
         "the backup went on: {event:?}"
     );
 }
+
+#[test]
+fn a_session_announcing_more_data_streams_than_allowed_is_refused() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let backup = Backup::start_connected(
+        FtStream::Unix(theirs),
+        &request("tcp:127.0.0.1:1".into()),
+        wake.clone(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = control_loop(backup, wake, stop);
+    let mut main = Main::open(ours.try_clone().unwrap(), ours, 9);
+    let answer = main.answer();
+    assert!(
+        answer.contains("the primary asked for 9 data streams, at most 8"),
+        "the backup's answer: {answer}"
+    );
+    let event = control.join().unwrap();
+    assert!(
+        event.as_deref().is_some_and(|e| e.contains("Failed")),
+        "the backup went on: {event:?}"
+    );
+}

@@ -191,6 +191,16 @@ fn open_session(stream: &UnixStream, lanes: u32) {
         .unwrap();
 }
 
+/// Writes `frames` after Hello and Params (frames 0 and 1), then closes the connection.
+fn send_after_params(mut stream: UnixStream, frames: &[Hostile]) {
+    for (seq, frame) in (2u32..).zip(frames) {
+        if stream.write_all(&encode(frame, seq)).is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
 /// Runs the backup's control-loop half until it reports an outcome.
 fn outcome(mut backup: Backup, wake: &EventFd) -> Option<BackupEvent> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -258,13 +268,7 @@ proptest! {
                 end
             }));
         }
-        let mut writer = ours;
-        for (seq, frame) in (2u32..).zip(&frames) {
-            if writer.write_all(&encode(frame, seq)).is_err() {
-                break;
-            }
-        }
-        let _ = writer.shutdown(std::net::Shutdown::Both);
+        send_after_params(ours, &frames);
         let event = outcome(backup, &wake);
         let _lanes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
         prop_assert!(event.is_some(), "the backup never decided");
@@ -277,14 +281,7 @@ proptest! {
         let request = backup_request();
         let backup = Backup::start_connected(FtStream::Unix(theirs), &request, wake.clone()).unwrap();
         open_session(&ours, 0);
-        // Hello and Params were frames 0 and 1.
-        let mut writer = ours;
-        for (seq, frame) in (2u32..).zip(&frames) {
-            if writer.write_all(&encode(frame, seq)).is_err() {
-                break;
-            }
-        }
-        let _ = writer.shutdown(std::net::Shutdown::Both);
+        send_after_params(ours, &frames);
         let event = outcome(backup, &wake);
         prop_assert!(event.is_some(), "the backup never decided");
     }
