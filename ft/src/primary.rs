@@ -55,7 +55,7 @@ use transport::Security;
 mod group_member;
 mod hot_pages;
 pub mod staging;
-use group_member::{GroupLink, GroupOrder};
+use group_member::{GroupEnd, GroupLink, GroupOrder};
 use hot_pages::HotPages;
 use staging::StagingCopier;
 
@@ -1667,8 +1667,10 @@ impl Primary {
                         break;
                     }
                     if let Err(e) = self.group_checkpoint(vm, epoch, barrier, running) {
-                        let reason = self.group_failure_reason(e, GROUP_ORDER_GRACE);
-                        return self.fail_with_group(reason);
+                        match self.group_end_after(e, GROUP_ORDER_GRACE) {
+                            GroupEnd::Fail(reason) => return self.fail_with_group(reason),
+                            GroupEnd::Degrade(reason) => self.degrade_with_group(reason),
+                        }
                     }
                 }
                 GroupOrder::Fail(reason) => return self.fail_with_group(reason),

@@ -91,6 +91,7 @@ impl Primary {
         };
         let (resume_tx, resumes) = mpsc::channel();
         let mut resume_tx = Some(resume_tx);
+        let mut ended = false;
         let s = shared.clone();
         group.member.listen(move |msg| {
             let Some(group) = &s.group else {
@@ -110,22 +111,29 @@ impl Primary {
                     s.gates.group_peers.set(macs);
                     group.members.store(members, Ordering::SeqCst);
                 }
+                // The order is queued before the Resume channel closes: a cut waiting on
+                // that channel looks for the order as soon as it sees the close.
                 Ok(PrimaryMsg::Degrade { reason }) => {
-                    resume_tx = None;
+                    ended = true;
                     group.order(GroupOrder::Degrade(reason), &s.wake);
+                    resume_tx = None;
                 }
                 Ok(PrimaryMsg::Fail { reason }) => {
-                    resume_tx = None;
+                    ended = true;
                     group.order(GroupOrder::Fail(reason), &s.wake);
+                    resume_tx = None;
                 }
                 Ok(other) => log::warn!("FT group: ignoring {other:?}"),
+                // The coordinator closes every link right after it ends the group: the
+                // order already queued says how.
+                Err(_) if ended => resume_tx = None,
                 Err(why) => {
-                    // A waiting cut must not sit out its timeout.
-                    resume_tx = None;
                     if !s.stopping.load(Ordering::SeqCst) {
                         let reason = format!("the group's coordinator is gone ({why})");
                         group.order(GroupOrder::Fail(reason), &s.wake);
                     }
+                    // A waiting cut must not sit out its timeout.
+                    resume_tx = None;
                 }
             }
         })?;
@@ -251,18 +259,102 @@ impl Primary {
             .pop_front()
     }
 
-    /// Why the group failed, when talking to the coordinator did: it closes a member's link
-    /// right after ordering it to fail, so a send can break before the order is read. The
-    /// order, if it comes within `wait`, names the real cause.
-    pub(super) fn group_failure_reason(&self, broken: String, wait: Duration) -> String {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match self.next_group_order() {
-                Some(GroupOrder::Fail(reason)) => return reason,
-                Some(_) => continue,
-                None if std::time::Instant::now() >= deadline => return broken,
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
+    /// How the group ended for this member, when a group cut broke off: the coordinator
+    /// closes a member's link right after ordering it to fail or degrade, so a cut can break
+    /// before the order is read. The order, if it comes within `wait`, names the real end.
+    pub(super) fn group_end_after(&self, broken: String, wait: Duration) -> GroupEnd {
+        match &self.shared.group {
+            Some(group) => first_group_end(&group.orders, broken, wait),
+            None => GroupEnd::Fail(broken),
         }
+    }
+}
+
+/// How a group ended for a member whose cut broke off.
+#[derive(Debug, PartialEq)]
+pub(super) enum GroupEnd {
+    /// Stop, as the group does (the member's backup takes over).
+    Fail(String),
+    /// Run on unprotected, as the rest of the group does.
+    Degrade(String),
+}
+
+/// The first ending order in arrival order decides: a Degrade followed by the close of the
+/// coordinator's link is a degrade, not a failure (the group ended first). Cut orders queued
+/// meanwhile are dropped: the group they belonged to is over. Without any ending order within
+/// `wait`, the broken link itself fails the member.
+fn first_group_end(
+    orders: &Mutex<VecDeque<GroupOrder>>,
+    broken: String,
+    wait: Duration,
+) -> GroupEnd {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let next = orders.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        match next {
+            Some(GroupOrder::Fail(reason)) => return GroupEnd::Fail(reason),
+            Some(GroupOrder::Degrade(reason)) => return GroupEnd::Degrade(reason),
+            Some(GroupOrder::Cut { .. }) => continue,
+            None if std::time::Instant::now() >= deadline => return GroupEnd::Fail(broken),
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(orders: Vec<GroupOrder>) -> Mutex<VecDeque<GroupOrder>> {
+        Mutex::new(orders.into_iter().collect())
+    }
+
+    #[test]
+    fn a_degrade_before_the_coordinator_s_close_is_a_degrade() {
+        // The group ran on unprotected (another member lost its backup) while this member
+        // waited in a barrier; the coordinator then closed its link.
+        let orders = queue(vec![
+            GroupOrder::Cut {
+                epoch: 7,
+                barrier: true,
+            },
+            GroupOrder::Degrade("member 2 lost its backup".into()),
+            GroupOrder::Fail("the group's coordinator is gone (closed)".into()),
+        ]);
+        let end = first_group_end(&orders, "no resume".into(), Duration::ZERO);
+        assert_eq!(end, GroupEnd::Degrade("member 2 lost its backup".into()));
+    }
+
+    #[test]
+    fn a_fail_first_fails_and_silence_fails_with_the_broken_link() {
+        let orders = queue(vec![
+            GroupOrder::Fail("member 2's primary died".into()),
+            GroupOrder::Degrade("later".into()),
+        ]);
+        let end = first_group_end(&orders, "no resume".into(), Duration::ZERO);
+        assert_eq!(end, GroupEnd::Fail("member 2's primary died".into()));
+        let started = std::time::Instant::now();
+        let end = first_group_end(
+            &queue(Vec::new()),
+            "no resume".into(),
+            Duration::from_millis(30),
+        );
+        assert_eq!(end, GroupEnd::Fail("no resume".into()));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[test]
+    fn an_order_arriving_within_the_wait_decides() {
+        let orders = Arc::new(queue(Vec::new()));
+        let late = orders.clone();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            late.lock()
+                .unwrap()
+                .push_back(GroupOrder::Degrade("late degrade".into()));
+        });
+        let end = first_group_end(&orders, "no resume".into(), Duration::from_secs(5));
+        pusher.join().unwrap();
+        assert_eq!(end, GroupEnd::Degrade("late degrade".into()));
     }
 }
