@@ -19,6 +19,9 @@ use ft::primary::staging::StagingCopier;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::migration::memory::{DirtyPages, PAGE_SIZE};
 
+#[path = "../../vmm/benches/support/mod.rs"]
+mod support;
+
 const MEMORY: u64 = 256 << 20;
 /// The dirty region's first page (pages of the epochs are spread over 32 MiB from there).
 const REGION: u64 = 1 << 14;
@@ -29,29 +32,17 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        runs: 3,
-        epochs: 150,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| -> u64 {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} needs a number"))
-        };
-        match arg.as_str() {
-            "--runs" => args.runs = value("--runs").max(1) as usize,
-            "--epochs" => args.epochs = value("--epochs").max(1),
-            "--quick" => {
-                args.runs = 1;
-                args.epochs = 60;
-            }
-            // cargo bench passes --bench.
-            _ => {}
-        }
+    let flags = support::Flags::parse(&["--runs", "--epochs"]);
+    Args {
+        runs: flags
+            .number("--runs")
+            .unwrap_or(if flags.quick { 1 } else { 3 })
+            .max(1) as usize,
+        epochs: flags
+            .number("--epochs")
+            .unwrap_or(if flags.quick { 60 } else { 150 })
+            .max(1),
     }
-    args
 }
 
 fn page(p: u64) -> GuestAddress {
@@ -136,27 +127,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cores} cores, {cpu}")
-}
-
 fn main() {
     let args = args();
     println!(
         "FT pause staging: {} epochs per case, {} run(s), median µs per epoch staged; {}; nothing else running",
         args.epochs,
         args.runs,
-        machine()
+        support::machine()
     );
     println!();
     println!(

@@ -30,6 +30,8 @@ use vmm::migration::protocol::{
 };
 use vmm::migration::{DirtyPages, Lane, Receiver, Sender, SenderOptions, PAGE_SIZE};
 
+mod support;
+
 const MEMORY: u64 = 64 << 20;
 
 /// How a case encodes and sends each epoch's pages.
@@ -106,31 +108,21 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        runs: 3,
-        epochs: 40,
-        pages: 4000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| -> u64 {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} needs a number"))
-        };
-        match arg.as_str() {
-            "--runs" => args.runs = value("--runs").max(1) as usize,
-            "--epochs" => args.epochs = value("--epochs").max(1),
-            "--pages" => args.pages = value("--pages").clamp(1, MEMORY / PAGE_SIZE as u64),
-            "--quick" => {
-                args.runs = 1;
-                args.epochs = 20;
-            }
-            // cargo bench passes --bench.
-            _ => {}
-        }
+    let flags = support::Flags::parse(&["--runs", "--epochs", "--pages"]);
+    Args {
+        runs: flags
+            .number("--runs")
+            .unwrap_or(if flags.quick { 1 } else { 3 })
+            .max(1) as usize,
+        epochs: flags
+            .number("--epochs")
+            .unwrap_or(if flags.quick { 20 } else { 40 })
+            .max(1),
+        pages: flags
+            .number("--pages")
+            .unwrap_or(4000)
+            .clamp(1, MEMORY / PAGE_SIZE as u64),
     }
-    args
 }
 
 struct Sample {
@@ -307,19 +299,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let args = args();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "FT sender pipeline: {} pages/epoch, {} epochs per case, {} run(s), median; loopback TCP, LZ4 + deltas, 64-page frames; {cores} cores, {cpu}; sender, encoders and the receiver share the cores",
-        args.pages, args.epochs, args.runs
+        "FT sender pipeline: {} pages/epoch, {} epochs per case, {} run(s), median; loopback TCP, LZ4 + deltas, 64-page frames; {}; sender, encoders and the receiver share the cores",
+        args.pages,
+        args.epochs,
+        args.runs,
+        support::machine()
     );
     println!();
     println!(

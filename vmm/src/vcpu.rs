@@ -6,6 +6,7 @@
 //! the signal; KVM completes any pending port or MMIO read before honouring `immediate_exit`,
 //! so a parked vCPU holds no half-done exit.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::seccomp::RoleFilter;
-use crate::x86_64::cpu_state::{self, VcpuState};
+use crate::x86_64::cpu_state::{VcpuSaver, VcpuState};
 
 /// How long the pauser spins before it sleeps waiting for vCPUs to park.
 const PAUSE_SPIN: Duration = Duration::from_micros(200);
@@ -208,6 +209,7 @@ impl Vcpus {
                         handlers: &handlers,
                         commands: &command_rx,
                         msr_indices: &msr_indices,
+                        saver: RefCell::new(VcpuSaver::new(index)),
                     };
                     run_vcpu(&ctx, &mut fd, seccomp);
                     fd
@@ -359,14 +361,19 @@ struct VcpuContext<'a> {
     handlers: &'a ExitHandlers,
     commands: &'a mpsc::Receiver<VcpuCommand>,
     msr_indices: &'a [u32],
+    /// Only this thread saves this vCPU.
+    saver: RefCell<VcpuSaver>,
 }
 
 fn serve_commands(ctx: &VcpuContext, fd: &VcpuFd) {
     while let Ok(command) = ctx.commands.try_recv() {
         match command {
             VcpuCommand::Save(reply) => {
-                let state =
-                    cpu_state::save_vcpu(fd, ctx.index, ctx.msr_indices).map_err(|e| e.to_string());
+                let state = ctx
+                    .saver
+                    .borrow_mut()
+                    .save(fd, ctx.msr_indices)
+                    .map_err(|e| e.to_string());
                 // The control loop may have given up waiting; nothing to do then.
                 let _ = reply.send(state);
             }

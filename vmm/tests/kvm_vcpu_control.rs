@@ -301,3 +301,55 @@ fn captured_state_restores_into_a_new_vm_that_continues() {
     restored.shutdown();
     let _ = std::fs::remove_file(kernel);
 }
+
+/// The FT primary's saver keeps the CPUID and the list of readable MSRs between saves: what
+/// it reads must still be the vCPU's current state, exactly what a fresh saver reads.
+#[test]
+fn a_reused_saver_reads_the_current_msrs_as_a_fresh_one_does() {
+    if !kvm_available("a_reused_saver_reads_the_current_msrs_as_a_fresh_one_does") {
+        return;
+    }
+    use kvm_bindings::{kvm_msr_entry, Msrs};
+    use vmm::x86_64::cpu_state::VcpuSaver;
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    // Counts on between the two reads.
+    const MSR_IA32_TSC: u32 = 0x10;
+
+    let kvm = vmm::vm::open_kvm().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let base = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&vmm::x86_64::cpuid::for_vcpu(&base, 0, 1))
+        .unwrap();
+    let indices = vmm::x86_64::msr::supported_indices(&kvm).unwrap();
+    let mut reused = VcpuSaver::new(0);
+    for value in [0x1000u64, 0x2000, 0x3000] {
+        let entry = kvm_msr_entry {
+            index: MSR_IA32_SYSENTER_ESP,
+            data: value,
+            ..Default::default()
+        };
+        assert_eq!(
+            vcpu.set_msrs(&Msrs::from_entries(&[entry]).unwrap())
+                .unwrap(),
+            1
+        );
+        let kept = reused.save(&vcpu, &indices).unwrap();
+        let fresh = VcpuSaver::new(0).save(&vcpu, &indices).unwrap();
+        let pairs = |s: &vmm::x86_64::cpu_state::VcpuState| {
+            s.msrs
+                .iter()
+                .map(|e| (e.index, if e.index == MSR_IA32_TSC { 0 } else { e.data }))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pairs(&kept), pairs(&fresh));
+        assert!(pairs(&kept).contains(&(MSR_IA32_SYSENTER_ESP, value)));
+        assert_eq!(
+            serde_json::to_string(&kept.cpuid).unwrap(),
+            serde_json::to_string(&fresh.cpuid).unwrap()
+        );
+    }
+}

@@ -94,26 +94,82 @@ fn read_msrs(fd: &VcpuFd, index: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entr
     Ok(out)
 }
 
-pub fn save_vcpu(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
-    let err = |op| move |source| StateError::Vcpu { op, index, source };
-    Ok(VcpuState {
-        cpuid: fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(err("read the CPUID"))?
-            .as_slice()
-            .to_vec(),
-        mp_state: fd.get_mp_state().map_err(err("read the MP state"))?,
-        regs: fd.get_regs().map_err(err("read the registers"))?,
-        sregs: fd.get_sregs().map_err(err("read the special registers"))?,
-        xsave: fd.get_xsave().map_err(err("read the XSAVE area"))?,
-        xcrs: fd.get_xcrs().map_err(err("read the XCRs"))?,
-        debugregs: fd
-            .get_debug_regs()
-            .map_err(err("read the debug registers"))?,
-        lapic: fd.get_lapic().map_err(err("read the LAPIC"))?,
-        msrs: read_msrs(fd, index, msr_indices)?,
-        vcpu_events: fd.get_vcpu_events().map_err(err("read the vCPU events"))?,
-    })
+/// Saves one vCPU's state, again and again: an FT primary does it at every epoch, inside the
+/// pause. What cannot change while the vCPU's thread lives is learned at the first save and
+/// reused: its CPUID (only this process sets it, before the thread starts) and which of the
+/// MSRs KVM lists it reads for this vCPU (learning that costs an ioctl per refused MSR).
+pub struct VcpuSaver {
+    index: u8,
+    cpuid: Option<Vec<kvm_cpuid_entry2>>,
+    /// The MSRs KVM read last time, as the buffer the next read fills.
+    readable: Option<Msrs>,
+}
+
+impl VcpuSaver {
+    pub fn new(index: u8) -> Self {
+        VcpuSaver {
+            index,
+            cpuid: None,
+            readable: None,
+        }
+    }
+
+    pub fn save(&mut self, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+        let index = self.index;
+        let err = |op| move |source| StateError::Vcpu { op, index, source };
+        let cpuid = match &self.cpuid {
+            Some(cpuid) => cpuid.clone(),
+            None => {
+                let read = fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(err("read the CPUID"))?
+                    .as_slice()
+                    .to_vec();
+                self.cpuid = Some(read.clone());
+                read
+            }
+        };
+        Ok(VcpuState {
+            cpuid,
+            mp_state: fd.get_mp_state().map_err(err("read the MP state"))?,
+            regs: fd.get_regs().map_err(err("read the registers"))?,
+            sregs: fd.get_sregs().map_err(err("read the special registers"))?,
+            xsave: fd.get_xsave().map_err(err("read the XSAVE area"))?,
+            xcrs: fd.get_xcrs().map_err(err("read the XCRs"))?,
+            debugregs: fd
+                .get_debug_regs()
+                .map_err(err("read the debug registers"))?,
+            lapic: fd.get_lapic().map_err(err("read the LAPIC"))?,
+            msrs: self.read_msrs(fd, msr_indices)?,
+            vcpu_events: fd.get_vcpu_events().map_err(err("read the vCPU events"))?,
+        })
+    }
+
+    fn read_msrs(
+        &mut self,
+        fd: &VcpuFd,
+        msr_indices: &[u32],
+    ) -> Result<Vec<kvm_msr_entry>, StateError> {
+        if let Some(msrs) = self.readable.as_mut() {
+            let read = fd.get_msrs(msrs).map_err(|source| StateError::Vcpu {
+                op: "read the MSRs",
+                index: self.index,
+                source,
+            })?;
+            if read == msrs.as_slice().len() {
+                return Ok(msrs.as_slice().to_vec());
+            }
+            // KVM refused one it read before: learn the list again.
+            self.readable = None;
+        }
+        let read = read_msrs(fd, self.index, msr_indices)?;
+        self.readable = Some(Msrs::from_entries(&read).map_err(|e| StateError::Fam {
+            index: self.index,
+            what: "MSR",
+            detail: format!("{e:?}"),
+        })?);
+        Ok(read)
+    }
 }
 
 /// Puts `state` into a vCPU that has not run yet (or is parked). The order follows what KVM
