@@ -48,7 +48,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// `whole_vm`: `Vm::pause`/`Vm::resume` (the vCPUs and the device loop, as an FT checkpoint
 /// stops the VM) instead of the vCPUs alone.
-fn measure(cpus: u8, cmdline: &str, whole_vm: bool) -> (Duration, Duration, Duration) {
+fn measure(cpus: u8, cmdline: &str, stop: Stop) -> (Duration, Duration, Duration) {
     let kvm = vmm::vm::open_kvm().expect("open /dev/kvm");
     let events = VmEvents::new().expect("events");
     let capture = Capture::default();
@@ -88,12 +88,21 @@ fn measure(cpus: u8, cmdline: &str, whole_vm: bool) -> (Duration, Duration, Dura
     for _ in 0..ROUNDS {
         std::thread::sleep(RUN_BETWEEN);
         let t = Instant::now();
-        if whole_vm {
-            vm.pause().expect("pause");
-            vm.resume().expect("resume");
-        } else {
-            vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
-            vm.vcpus().resume();
+        match stop {
+            Stop::Vcpus => {
+                vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+                vm.vcpus().resume();
+            }
+            Stop::WholeVm => {
+                vm.pause().expect("pause");
+                vm.resume().expect("resume");
+            }
+            Stop::WithState => {
+                vm.pause().expect("pause");
+                let state = vm.save_state().expect("save the state");
+                std::hint::black_box(state);
+                vm.resume().expect("resume");
+            }
         }
         samples.push(t.elapsed());
     }
@@ -104,6 +113,17 @@ fn measure(cpus: u8, cmdline: &str, whole_vm: bool) -> (Duration, Duration, Dura
         percentile(&samples, 0.99),
         samples[samples.len() - 1],
     )
+}
+
+/// What each round stops (and reads) before letting the guest run again.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// The vCPUs alone.
+    Vcpus,
+    /// The vCPUs and the device loop, as an FT checkpoint stops the VM.
+    WholeVm,
+    /// As `WholeVm`, and the VM's state captured in the pause, as an FT checkpoint does.
+    WithState,
 }
 
 fn main() {
@@ -126,20 +146,26 @@ fn main() {
             1u8,
             "1 vCPU spinning at CPL3",
             "workload=hello exit=halt",
-            false,
+            Stop::Vcpus,
         ),
         (
             2u8,
             "2 vCPUs (BSP spinning, AP idle)",
             "workload=smp smp.iters=1000 exit=halt",
-            false,
+            Stop::Vcpus,
         ),
         // The VM's devices (its virtio-rng) give it a device loop to stop as well.
         (
             1u8,
             "1 vCPU + device loop (Vm::pause)",
             "workload=hello exit=halt",
-            true,
+            Stop::WholeVm,
+        ),
+        (
+            1u8,
+            "... + state capture (FT's pause)",
+            "workload=hello exit=halt",
+            Stop::WithState,
         ),
     ];
     println!(
@@ -149,8 +175,8 @@ fn main() {
         "{:<34} {:>10} {:>10} {:>10} {:>12}",
         "case", "median us", "p99 us", "max us", "p99/target"
     );
-    for (cpus, name, cmdline, whole_vm) in cases {
-        let (p50, p99, max) = measure(cpus, cmdline, whole_vm);
+    for (cpus, name, cmdline, stop) in cases {
+        let (p50, p99, max) = measure(cpus, cmdline, stop);
         println!(
             "{:<34} {:>10.1} {:>10.1} {:>10.1} {:>12.2}",
             name,

@@ -5,10 +5,12 @@
 //! thread, so a vCPU that is just about to enter `KVM_RUN` returns at once instead of missing
 //! the signal; KVM completes any pending port or MMIO read before honouring `immediate_exit`,
 //! so a parked vCPU holds no half-done exit.
+//!
+//! A vCPU's fd sits behind a lock that its thread holds only while it runs the vCPU (never
+//! while parked): the controlling thread reads a paused vCPU's state itself, without waking
+//! the vCPU's thread for it. A checkpoint's state capture then waits on no scheduler.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,16 +46,8 @@ pub enum VcpuError {
     },
     #[error("vCPUs must be paused to {0}")]
     NotPaused(&'static str),
-    #[error("vCPU {0} did not answer (its thread has ended)")]
-    NoAnswer(u8),
-    #[error("{0}")]
-    State(String),
-}
-
-/// Work a parked vCPU thread does for the control loop: only the thread that owns a `VcpuFd`
-/// touches it.
-enum VcpuCommand {
-    Save(mpsc::Sender<Result<VcpuState, String>>),
+    #[error(transparent)]
+    State(#[from] crate::x86_64::cpu_state::StateError),
 }
 
 /// What ends a VM's run, reported by vCPU threads to the control loop.
@@ -125,9 +119,9 @@ pub struct ExitHandlers {
 #[derive(Clone, Copy)]
 struct ImmediateExit(*mut u8);
 
-// SAFETY: the pointer targets the vCPU's kvm_run mapping, which stays mapped until the vCPU
-// thread has been joined (the thread returns its VcpuFd, dropped only after the join, and the
-// kicker skips joined threads); it is only written with volatile byte stores.
+// SAFETY: the pointer targets the vCPU's kvm_run mapping, which stays mapped as long as its
+// `VcpuFd` lives: the handle holding the pointer also holds the fd; it is only written with
+// volatile byte stores.
 unsafe impl Send for ImmediateExit {}
 // SAFETY: see above; concurrent volatile byte stores of 0/1 are benign.
 unsafe impl Sync for ImmediateExit {}
@@ -141,10 +135,11 @@ impl ImmediateExit {
 
 struct VcpuHandle {
     index: u8,
-    commands: mpsc::Sender<VcpuCommand>,
-    /// The thread hands its `VcpuFd` back when it ends, so the `kvm_run` mapping that
-    /// `immediate_exit` points into stays mapped until the thread is joined.
-    thread: Option<JoinHandle<VcpuFd>>,
+    /// Locked by the vCPU's thread while it runs the vCPU; by the controlling thread to read
+    /// the state of a parked vCPU. Keeps the `kvm_run` mapping `immediate_exit` points into.
+    fd: Arc<Mutex<VcpuFd>>,
+    saver: Mutex<VcpuSaver>,
+    thread: Option<JoinHandle<()>>,
     immediate_exit: ImmediateExit,
 }
 
@@ -152,6 +147,7 @@ struct VcpuHandle {
 pub struct Vcpus {
     handles: Vec<VcpuHandle>,
     shared: Arc<VcpuShared>,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -181,6 +177,7 @@ impl Vcpus {
         let mut vcpus = Vcpus {
             handles: Vec::new(),
             shared: shared.clone(),
+            msr_indices,
         };
         for (index, mut fd) in vcpu_fds.into_iter().enumerate() {
             let index = index as u8;
@@ -192,8 +189,8 @@ impl Vcpus {
             let shared = shared.clone();
             let handlers = handlers.clone();
             let seccomp = seccomp.clone();
-            let msr_indices = msr_indices.clone();
-            let (commands, command_rx) = mpsc::channel();
+            let fd = Arc::new(Mutex::new(fd));
+            let thread_fd = fd.clone();
             {
                 let mut park = shared.lock_park();
                 park.live += 1;
@@ -207,12 +204,8 @@ impl Vcpus {
                         immediate_exit,
                         shared: &shared,
                         handlers: &handlers,
-                        commands: &command_rx,
-                        msr_indices: &msr_indices,
-                        saver: RefCell::new(VcpuSaver::new(index)),
                     };
-                    run_vcpu(&ctx, &mut fd, seccomp);
-                    fd
+                    run_vcpu(&ctx, &thread_fd, seccomp);
                 })
                 .map_err(|source| {
                     let mut park = vcpus.shared.lock_park();
@@ -222,7 +215,8 @@ impl Vcpus {
                 })?;
             vcpus.handles.push(VcpuHandle {
                 index,
-                commands,
+                fd,
+                saver: Mutex::new(VcpuSaver::new(index)),
                 thread: Some(thread),
                 immediate_exit,
             });
@@ -287,31 +281,18 @@ impl Vcpus {
         Ok(())
     }
 
-    /// The state of every vCPU, in index order; the vCPUs must be paused.
+    /// The state of every vCPU, in index order; the vCPUs must be paused. Read on this
+    /// thread: a parked vCPU's thread does not hold its fd.
     pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
         if !self.shared.pause.load(Ordering::SeqCst) {
             return Err(VcpuError::NotPaused("save their state"));
         }
-        let mut replies = Vec::with_capacity(self.handles.len());
-        {
-            let _park = self.shared.lock_park();
-            for handle in &self.handles {
-                let (reply, answer) = mpsc::channel();
-                handle
-                    .commands
-                    .send(VcpuCommand::Save(reply))
-                    .map_err(|_| VcpuError::NoAnswer(handle.index))?;
-                replies.push((handle.index, answer));
-            }
-            self.shared.changed.notify_all();
-        }
-        replies
-            .into_iter()
-            .map(|(index, answer)| {
-                answer
-                    .recv_timeout(Duration::from_secs(10))
-                    .map_err(|_| VcpuError::NoAnswer(index))?
-                    .map_err(VcpuError::State)
+        self.handles
+            .iter()
+            .map(|handle| {
+                let fd = handle.fd.lock().unwrap_or_else(|p| p.into_inner());
+                let mut saver = handle.saver.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(saver.save(&fd, &self.msr_indices)?)
             })
             .collect()
     }
@@ -359,36 +340,15 @@ struct VcpuContext<'a> {
     immediate_exit: ImmediateExit,
     shared: &'a VcpuShared,
     handlers: &'a ExitHandlers,
-    commands: &'a mpsc::Receiver<VcpuCommand>,
-    msr_indices: &'a [u32],
-    /// Only this thread saves this vCPU.
-    saver: RefCell<VcpuSaver>,
 }
 
-fn serve_commands(ctx: &VcpuContext, fd: &VcpuFd) {
-    while let Ok(command) = ctx.commands.try_recv() {
-        match command {
-            VcpuCommand::Save(reply) => {
-                let state = ctx
-                    .saver
-                    .borrow_mut()
-                    .save(fd, ctx.msr_indices)
-                    .map_err(|e| e.to_string());
-                // The control loop may have given up waiting; nothing to do then.
-                let _ = reply.send(state);
-            }
-        }
-    }
-}
-
-fn park(ctx: &VcpuContext, fd: &VcpuFd) {
+fn park(ctx: &VcpuContext) {
     let shared = ctx.shared;
     let mut park = shared.lock_park();
     park.parked += 1;
     shared.sync_running(&park);
     shared.changed.notify_all();
     loop {
-        serve_commands(ctx, fd);
         if !shared.pause.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
             break;
         }
@@ -398,7 +358,7 @@ fn park(ctx: &VcpuContext, fd: &VcpuFd) {
     shared.sync_running(&park);
 }
 
-fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<RoleFilter>>) {
+fn run_vcpu(ctx: &VcpuContext, fd: &Mutex<VcpuFd>, seccomp: Option<Arc<RoleFilter>>) {
     let (index, shared) = (ctx.index, ctx.shared);
     let result = match seccomp.as_deref().map(RoleFilter::install) {
         Some(Err(e)) => Err(format!(
@@ -417,67 +377,90 @@ fn run_vcpu(ctx: &VcpuContext, fd: &mut VcpuFd, seccomp: Option<Arc<RoleFilter>>
     }
 }
 
-fn vcpu_loop(ctx: &VcpuContext, fd: &mut VcpuFd) -> Result<(), String> {
-    let (index, shared, handlers) = (ctx.index, ctx.shared, ctx.handlers);
+fn vcpu_loop(ctx: &VcpuContext, fd: &Mutex<VcpuFd>) -> Result<(), String> {
+    let shared = ctx.shared;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        match fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoOut(port, data) => {
-                    handlers.pio.write(u64::from(port), data);
-                }
-                VcpuExit::IoIn(port, data) => {
-                    handlers.pio.read(u64::from(port), data);
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    handlers.mmio.read(addr, data);
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    handlers.mmio.write(addr, data);
-                }
-                // With the in-kernel irqchip HLT stays in KVM; an exit here is spurious.
-                VcpuExit::Hlt | VcpuExit::Intr => {}
-                VcpuExit::Shutdown => {
-                    log::info!("vCPU {index}: triple fault, resetting the VM");
-                    signal(&handlers.reset_evt, "reset");
-                    park_until_stopped(shared);
-                    return Ok(());
-                }
-                VcpuExit::SystemEvent(kind, _) => {
-                    let evt = match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => &handlers.reset_evt,
-                        _ => &handlers.exit_evt,
-                    };
-                    signal(evt, "system event");
-                    park_until_stopped(shared);
-                    return Ok(());
-                }
-                VcpuExit::FailEntry(reason, cpu) => {
-                    return Err(format!(
-                        "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-                    ));
-                }
-                VcpuExit::InternalError => {
-                    let regs = fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                    return Err(format!(
-                        "vCPU {index}: KVM internal error (emulation failure?) at rip {regs:#x}"
-                    ));
-                }
-                other => {
-                    return Err(format!("vCPU {index}: unexpected exit {other:?}"));
-                }
-            },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                ctx.immediate_exit.set(0);
-                if shared.pause.load(Ordering::SeqCst) {
-                    park(ctx, fd);
-                }
+        // Parked without the fd's lock: the controlling thread reads the state meanwhile.
+        let mut locked = fd.lock().unwrap_or_else(|p| p.into_inner());
+        let ran = run_once(ctx, &mut locked)?;
+        drop(locked);
+        match ran {
+            Ran::Exited => {}
+            Ran::Paused => park(ctx),
+            Ran::Ended => {
+                park_until_stopped(shared);
+                return Ok(());
             }
-            Err(e) => return Err(format!("vCPU {index}: KVM_RUN failed: {e}")),
         }
     }
+}
+
+/// How one `KVM_RUN` ended, for the loop around it.
+enum Ran {
+    Exited,
+    Paused,
+    /// The guest ended the VM (this vCPU waited until stopped).
+    Ended,
+}
+
+fn run_once(ctx: &VcpuContext, fd: &mut VcpuFd) -> Result<Ran, String> {
+    let (index, shared, handlers) = (ctx.index, ctx.shared, ctx.handlers);
+    match fd.run() {
+        Ok(exit) => match exit {
+            VcpuExit::IoOut(port, data) => {
+                handlers.pio.write(u64::from(port), data);
+            }
+            VcpuExit::IoIn(port, data) => {
+                handlers.pio.read(u64::from(port), data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                handlers.mmio.read(addr, data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                handlers.mmio.write(addr, data);
+            }
+            // With the in-kernel irqchip HLT stays in KVM; an exit here is spurious.
+            VcpuExit::Hlt | VcpuExit::Intr => {}
+            VcpuExit::Shutdown => {
+                log::info!("vCPU {index}: triple fault, resetting the VM");
+                signal(&handlers.reset_evt, "reset");
+                return Ok(Ran::Ended);
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                let evt = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => &handlers.reset_evt,
+                    _ => &handlers.exit_evt,
+                };
+                signal(evt, "system event");
+                return Ok(Ran::Ended);
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(format!(
+                    "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                ));
+            }
+            VcpuExit::InternalError => {
+                let regs = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                return Err(format!(
+                    "vCPU {index}: KVM internal error (emulation failure?) at rip {regs:#x}"
+                ));
+            }
+            other => {
+                return Err(format!("vCPU {index}: unexpected exit {other:?}"));
+            }
+        },
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            ctx.immediate_exit.set(0);
+            if shared.pause.load(Ordering::SeqCst) {
+                return Ok(Ran::Paused);
+            }
+        }
+        Err(e) => return Err(format!("vCPU {index}: KVM_RUN failed: {e}")),
+    }
+    Ok(Ran::Exited)
 }
 
 fn signal(evt: &EventFd, what: &str) {
