@@ -34,14 +34,8 @@ struct Args {
 fn args() -> Args {
     let flags = support::Flags::parse(&["--runs", "--epochs"]);
     Args {
-        runs: flags
-            .number("--runs")
-            .unwrap_or(if flags.quick { 1 } else { 3 })
-            .max(1) as usize,
-        epochs: flags
-            .number("--epochs")
-            .unwrap_or(if flags.quick { 60 } else { 150 })
-            .max(1),
+        runs: flags.count("--runs", 1, 3) as usize,
+        epochs: flags.count("--epochs", 60, 150),
     }
 }
 

@@ -110,14 +110,8 @@ struct Args {
 fn args() -> Args {
     let flags = support::Flags::parse(&["--runs", "--epochs", "--pages"]);
     Args {
-        runs: flags
-            .number("--runs")
-            .unwrap_or(if flags.quick { 1 } else { 3 })
-            .max(1) as usize,
-        epochs: flags
-            .number("--epochs")
-            .unwrap_or(if flags.quick { 20 } else { 40 })
-            .max(1),
+        runs: flags.count("--runs", 1, 3) as usize,
+        epochs: flags.count("--epochs", 20, 40),
         pages: flags
             .number("--pages")
             .unwrap_or(4000)

@@ -30,10 +30,7 @@ fn main() {
         return;
     }
     let flags = support::Flags::parse(&["--rounds"]);
-    let rounds = flags
-        .number("--rounds")
-        .unwrap_or(if flags.quick { 500 } else { 3000 })
-        .max(1) as usize;
+    let rounds = flags.count("--rounds", 500, 3000) as usize;
     let kvm = vmm::vm::open_kvm().expect("open /dev/kvm");
     let vm = kvm.create_vm().expect("create a VM");
     vm.create_irq_chip().expect("create the irqchip");

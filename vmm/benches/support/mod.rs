@@ -49,6 +49,13 @@ impl Flags {
         flags
     }
 
+    /// The count given for `name` (at least 1), else `quick` under `--quick`, else `full`.
+    pub fn count(&self, name: &str, quick: u64, full: u64) -> u64 {
+        self.number(name)
+            .unwrap_or(if self.quick { quick } else { full })
+            .max(1)
+    }
+
     /// The last value given for `name`.
     pub fn number(&self, name: &str) -> Option<u64> {
         self.numbers
