@@ -105,6 +105,10 @@ struct World {
     witness: Mutex<Option<Arc<WitnessHandle>>>,
     violations: Mutex<Vec<String>>,
     frames_out: AtomicU64,
+    /// The epoch the primary runs, stored by the run loop after every call that may end one
+    /// (so it is at most one behind: a forged Ack `ahead` >= 1 past it is past every ended
+    /// epoch).
+    primary_epoch: AtomicU64,
     /// The next this many writes to the disk image fail with EIO.
     disk_failures: AtomicU32,
     /// Microseconds the link takes to carry each MemoryPages frame (a slow link: epochs
@@ -545,7 +549,10 @@ enum Fault {
         dir: Dir,
         at: u64,
     },
-    /// An Ack for an epoch the backup never acknowledged reaches the primary at frame `at`.
+    /// An Ack for an epoch the primary has not ended yet (`ahead` past the one running)
+    /// reaches the primary at frame `at`. An Ack for an epoch whose end was sent is not one
+    /// the protocol can tell from the backup's own: the transport authenticates the backup
+    /// (mutual TLS), so the model forges only what the primary itself must refuse.
     ForgeAck {
         at: u64,
         ahead: u64,
@@ -770,9 +777,10 @@ fn carry(
                         && at >= t
                         && !state.forged.swap(true, Ordering::SeqCst) =>
                 {
+                    let running = world.primary_epoch.load(Ordering::SeqCst);
                     let holds = world.backup_holds.load(Ordering::SeqCst);
                     let forged = Control::Ack {
-                        epoch: holds.saturating_add(ahead),
+                        epoch: running.max(holds).saturating_add(ahead),
                     };
                     out.push(frame(&forged.encode(), FrameType::Control));
                 }
@@ -1148,6 +1156,9 @@ fn run_with(
     let mut checkpoints = 0;
     let mut fenced = false;
     if let Some(p) = primary.as_mut() {
+        world
+            .primary_epoch
+            .store(p.status().epoch, Ordering::SeqCst);
         let mut last = Instant::now();
         // A run goes on until its link fault has happened.
         let fault_frame = faults
@@ -1217,6 +1228,9 @@ fn run_with(
                 Some(wait) if last.elapsed() >= wait => {
                     p.checkpoint(&mut vm)
                         .unwrap_or_else(|e| panic!("{context}: {e}"));
+                    world
+                        .primary_epoch
+                        .store(p.status().epoch, Ordering::SeqCst);
                     last = Instant::now();
                     checkpoints += 1;
                 }
@@ -1236,7 +1250,11 @@ fn run_with(
                 // its VM is stopped.
                 continue;
             }
-            if let vmm::fault_tolerance::PrimaryEvent::Fenced(_) = p.poll(&mut vm, true) {
+            let event = p.poll(&mut vm, true);
+            world
+                .primary_epoch
+                .store(p.status().epoch, Ordering::SeqCst);
+            if let vmm::fault_tolerance::PrimaryEvent::Fenced(_) = event {
                 fenced = true;
                 break;
             }
