@@ -113,12 +113,7 @@ fn measure(shape: Shape, helped: bool, epochs: u64) -> f64 {
             shape.kept - shape.changed.min(shape.kept)
         );
     }
-    median(times)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    support::median(times)
 }
 
 fn main() {
@@ -146,7 +141,7 @@ fn main() {
                 alone.push(measure(shape, false, args.epochs));
             }
         }
-        let (a, h) = (median(alone), median(helped));
+        let (a, h) = (support::median(alone), support::median(helped));
         println!(
             "{:<24} | {:>14.1} | {:>14.1} | {:>15.3}",
             shape.name,

@@ -72,6 +72,17 @@ fn control_loop(
     })
 }
 
+/// The backup answers with `why` and its session ends as failed.
+fn refused<S: Read + Write>(main: &mut Main<S>, control: JoinHandle<Option<String>>, why: &str) {
+    let answer = main.answer();
+    assert!(answer.contains(why), "the backup's answer: {answer}");
+    let event = control.join().unwrap();
+    assert!(
+        event.as_deref().is_some_and(|e| e.contains("Failed")),
+        "the backup went on: {event:?}"
+    );
+}
+
 /// The primary's first connection, written by hand (frames 0, 1, ... in order).
 struct Main<S: Read + Write> {
     sender: Sender<S>,
@@ -302,15 +313,10 @@ fn a_pass_takes_only_its_own_frames_from_a_data_stream() {
         other[other.len() - 4..].try_into().unwrap(),
     ));
     main.end_epoch(3, 1, &[expected]);
-    let answer = main.answer();
-    assert!(
-        answer.contains("data stream 1 carried other page frames"),
-        "the backup's answer: {answer}"
-    );
-    let event = control.join().unwrap();
-    assert!(
-        event.as_deref().is_some_and(|e| e.contains("Failed")),
-        "the backup went on: {event:?}"
+    refused(
+        &mut main,
+        control,
+        "data stream 1 carried other page frames",
     );
 }
 
@@ -327,14 +333,9 @@ fn a_session_announcing_more_data_streams_than_allowed_is_refused() {
     let stop = Arc::new(AtomicBool::new(false));
     let control = control_loop(backup, wake, stop);
     let mut main = Main::open(ours.try_clone().unwrap(), ours, 9);
-    let answer = main.answer();
-    assert!(
-        answer.contains("the primary asked for 9 data streams, at most 8"),
-        "the backup's answer: {answer}"
-    );
-    let event = control.join().unwrap();
-    assert!(
-        event.as_deref().is_some_and(|e| e.contains("Failed")),
-        "the backup went on: {event:?}"
+    refused(
+        &mut main,
+        control,
+        "the primary asked for 9 data streams, at most 8",
     );
 }

@@ -15,6 +15,8 @@ use vmm::config::{
 use vmm::vm::{Vm, VmEvents};
 use vmm::SeccompMode;
 
+mod support;
+
 const ROUNDS: usize = 2000;
 /// Time the guest runs between pauses, about one FT epoch.
 const RUN_BETWEEN: Duration = Duration::from_millis(2);
@@ -39,11 +41,6 @@ fn guest_path() -> PathBuf {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../guest/target/x86_64-unknown-linux-gnu/release/tandem-guest")
         })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// `whole_vm`: `Vm::pause`/`Vm::resume` (the vCPUs and the device loop, as an FT checkpoint
@@ -109,8 +106,8 @@ fn measure(cpus: u8, cmdline: &str, stop: Stop) -> (Duration, Duration, Duration
     vm.shutdown();
     samples.sort();
     (
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
+        support::percentile(&samples, 0.5),
+        support::percentile(&samples, 0.99),
         samples[samples.len() - 1],
     )
 }

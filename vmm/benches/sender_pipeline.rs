@@ -286,11 +286,6 @@ fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let args = args();
     println!(
@@ -315,12 +310,12 @@ fn main() {
                 samples[i].push(measure(pattern, CASES[i], &args));
             }
         }
-        let alone = median(samples[0].iter().map(|s| s.pages_per_s).collect());
+        let alone = support::median(samples[0].iter().map(|s| s.pages_per_s).collect());
         for (i, case) in CASES.iter().enumerate() {
-            let rate = median(samples[i].iter().map(|s| s.pages_per_s).collect());
-            let wire = median(samples[i].iter().map(|s| s.wire_mb_per_s).collect());
-            let per_page = median(samples[i].iter().map(|s| s.bytes_per_page).collect());
-            let epoch_ms = median(samples[i].iter().map(|s| s.epoch_ms).collect());
+            let rate = support::median(samples[i].iter().map(|s| s.pages_per_s).collect());
+            let wire = support::median(samples[i].iter().map(|s| s.wire_mb_per_s).collect());
+            let per_page = support::median(samples[i].iter().map(|s| s.bytes_per_page).collect());
+            let epoch_ms = support::median(samples[i].iter().map(|s| s.epoch_ms).collect());
             println!(
                 "{:<11} | {:>14} | {:>10.3} | {:>11.1} | {:>9.0} | {:>12.2} | {:>16.3}",
                 pattern.name(),

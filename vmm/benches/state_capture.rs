@@ -15,11 +15,6 @@ use vmm::x86_64::cpu_state::VcpuSaver;
 
 mod support;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -79,15 +74,15 @@ fn main() {
         "{:<34} | {:>8} | {:>8} | {:>13}",
         "case", "p50 us", "p99 us", "p50 vs fresh"
     );
-    let base = micros(percentile(&fresh, 0.5));
+    let base = micros(support::percentile(&fresh, 0.5));
     for (name, samples) in [
         ("fresh saver (every ioctl)", &fresh),
         ("reused saver (CPUID, MSR list kept)", &kept),
     ] {
-        let p50 = micros(percentile(samples, 0.5));
+        let p50 = micros(support::percentile(samples, 0.5));
         println!(
             "{name:<34} | {p50:>8.1} | {:>8.1} | {:>13.3}",
-            micros(percentile(samples, 0.99)),
+            micros(support::percentile(samples, 0.99)),
             p50 / base
         );
     }

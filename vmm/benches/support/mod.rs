@@ -1,8 +1,22 @@
 //! What the benchmarks share (this crate's, and the ft crate's by path): the line naming the
-//! machine, and their command-line flags.
+//! machine, their command-line flags and their statistics.
 
 // Each benchmark uses the part it needs.
 #![allow(dead_code)]
+
+use std::time::Duration;
+
+/// The middle value (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `p` quantile (0..=1) of `sorted`, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
 
 /// "N cores, <CPU model>": only ratios within a run count, but absolute figures name the host.
 pub fn machine() -> String {
