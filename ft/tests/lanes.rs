@@ -129,19 +129,19 @@ impl<S: Read + Write> Main<S> {
             done.extend_from_slice(&lane.frames.to_le_bytes());
             done.extend_from_slice(&lane.digest.to_le_bytes());
         }
-        self.sender
-            .send_frame(FrameType::MemoryDone, &done)
-            .unwrap();
-        self.sender.send_state(&common::blank_state()).unwrap();
+        // A backup that refuses the pass closes the connection at once, so the writes after
+        // it may fail: its answer (see `answer`) says what happened.
         let end = Control::EpochEnd {
             epoch,
             released_through: epoch,
             group_epoch: None,
             clock: None,
         };
-        self.sender
-            .send_frame(FrameType::Control, &end.encode())
-            .unwrap();
+        let _ = self
+            .sender
+            .send_frame(FrameType::MemoryDone, &done)
+            .and_then(|()| self.sender.send_state(&common::blank_state()))
+            .and_then(|()| self.sender.send_frame(FrameType::Control, &end.encode()));
     }
 
     /// The backup's answer to an epoch: "Ack N" or the text of its Error.
