@@ -1140,6 +1140,7 @@ mod tests {
                 "streams": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0,
                 "acks_released_early": 0, "input_frames_replayed": 0,
+                "output_frames_mirrored": 0, "output_frames_resent": 0,
                 "held_disk_writes": 0, "failovers": 0,
                 "last_failover_ms": null,
                 "last_error": null, "group": null, "group_members": 0, "group_epoch": 0,

@@ -44,7 +44,10 @@ use crate::fence::Fencing;
 use crate::group::BackupMember;
 use crate::input_store::{InputStore, INPUT_STORE_MAX};
 use crate::link::{channel_security, FtStream};
-use crate::wire::{decode_disk_writes, decode_input_frames, Control, DiskWrite};
+use crate::output_store::{EpochOutput, OutputStore, OUTPUT_STORE_MAX};
+use crate::wire::{
+    decode_disk_writes, decode_input_frames, decode_output_frames, Control, DiskWrite,
+};
 use lanes::{Joined, LaneSet, LaneSource, Session};
 use transport::Security;
 
@@ -371,6 +374,8 @@ struct PendingEpoch {
     /// MemoryPages frames: flags and payload.
     pages: Vec<(u8, Vec<u8>)>,
     disk_writes: Vec<(usize, DiskWrite)>,
+    /// The frames the primary's NICs still held when the epoch ended.
+    output: EpochOutput,
     state: Option<Vec<u8>>,
     /// Page entries of the memory pass in progress (checked against MemoryDone).
     pass_pages: u64,
@@ -395,8 +400,10 @@ impl PendingEpoch {
     }
 }
 
-/// What one epoch may carry besides guest RAM: disk writes and the VM state.
+/// What one epoch may carry besides guest RAM: disk writes, held output and the VM state.
 const EPOCH_DISK_WRITES_MAX: u64 = 256 << 20;
+/// The primary's hold limit (64 MiB, 1 Mi frames) with the frames' headers.
+const EPOCH_OUTPUT_MAX: u64 = 96 << 20;
 const EPOCH_STATE_MAX: u64 = vmm::migration::protocol::MAX_STATE_JSON as u64;
 
 fn epoch_limit(memory: &GuestMemoryMmap) -> u64 {
@@ -405,6 +412,7 @@ fn epoch_limit(memory: &GuestMemoryMmap) -> u64 {
     // Page entries carry a small header each; compressed pages are never much larger.
     ram.saturating_add(ram / 64)
         .saturating_add(EPOCH_DISK_WRITES_MAX)
+        .saturating_add(EPOCH_OUTPUT_MAX)
         .saturating_add(EPOCH_STATE_MAX)
 }
 
@@ -535,6 +543,8 @@ fn receive(
         probe: vec![0; PAGE_SIZE],
         stats: TransferStats::default(),
         input: InputStore::new(params.nics, INPUT_STORE_MAX),
+        output: OutputStore::new(OUTPUT_STORE_MAX),
+        nics: params.nics,
         clock: PrimaryClock::new(),
     };
     let lanes = match LaneSet::start(shared, joined, replica.epoch_limit) {
@@ -752,6 +762,9 @@ struct Replica {
     stats: TransferStats,
     /// The input the primary's guest received in epochs not held yet.
     input: InputStore,
+    /// The output of held epochs the primary may not have released.
+    output: OutputStore,
+    nics: usize,
     clock: PrimaryClock,
 }
 
@@ -875,6 +888,7 @@ impl Replica {
         }
         self.committed = Some((epoch, Box::new(state)));
         self.input.epoch_held(epoch);
+        self.output.keep(epoch, pending.output, released_through);
         self.clock.held_captured_ns = pending.captured_ns;
         Ok(())
     }
@@ -1125,6 +1139,11 @@ fn receive_epochs(
                     .disk_writes
                     .extend(writes.into_iter().map(|w| (disk, w)));
             }
+            Message::OutputFrames { payload } => {
+                pending.account(payload.len(), replica.epoch_limit)?;
+                let frames = decode_output_frames(payload).map_err(|e| e.to_string())?;
+                pending.output.receive(frames, replica.nics)?;
+            }
             Message::State {
                 state_json,
                 compressed,
@@ -1161,6 +1180,7 @@ fn receive_epochs(
                         if pending.pass_pages != 0 {
                             return Err(format!("epoch {epoch} ended inside a memory pass"));
                         }
+                        pending.output.check_epoch(epoch)?;
                         if let Some(last) = replica.newest_complete() {
                             if epoch <= last {
                                 return Err(format!("epoch {epoch} after epoch {last}"));
@@ -1372,15 +1392,22 @@ fn take_over(
     }
     shared.status().last_error = Some(reason.to_string());
     let replay = replica.input.replay();
+    let resend = replica.output.take();
     let clock_advance = replica.clock.advance();
-    shared.status().input_frames_replayed = replay.len() as u64;
+    {
+        let mut status = shared.status();
+        status.input_frames_replayed = replay.len() as u64;
+        status.output_frames_resent = resend.len() as u64;
+    }
     log::info!(
-        "FT: {} input frames to deliver again, guest clock {clock_advance:?} forward",
+        "FT: {} held output frames to send again, {} input frames to deliver again, guest clock {clock_advance:?} forward",
+        resend.len(),
         replay.len()
     );
     Ok(BackupEvent::TakeOver {
         state,
         epoch,
+        resend,
         replay,
         clock_advance,
     })

@@ -8,7 +8,10 @@
 //! - [`primary`]: initial sync, epochs, sender and acknowledgement threads;
 //! - [`backup`]: receiver thread, epoch staging, takeover;
 //! - [`input_store`]: the backup's copy of the input the guest received (TCP at full speed);
-//! - [`wire`]: the Control, DiskWrites and InputFrames messages added to the migration stream;
+//! - [`output_store`]: the backup's copy of the output held when each epoch ended, sent again
+//!   at a takeover;
+//! - [`wire`]: the Control, DiskWrites, InputFrames and OutputFrames messages added to the
+//!   migration stream;
 //! - [`group`]: fate sharing, several VMs cut, committed and failed over together;
 //! - [`fence`] / [`witness`]: who may run after a partition.
 
@@ -20,6 +23,7 @@ pub mod fence;
 pub mod group;
 pub mod input_store;
 pub mod link;
+pub mod output_store;
 pub mod primary;
 pub mod stats;
 pub mod wire;

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::gate::{EpochError, FirstHeld, GateMode, RecordedWrite};
+use devices::gate::{EpochError, FirstHeld, GateMode, LoggedFrame, RecordedWrite};
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
@@ -49,7 +49,7 @@ use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
 use crate::stats::PauseStats;
-use crate::wire::{encode_disk_writes, encode_input_frames, Control, EpochClock};
+use crate::wire::{encode_disk_writes, encode_input_frames, Control, EpochClock, MAX_INPUT_LEN};
 use transport::Security;
 
 mod group_member;
@@ -285,6 +285,8 @@ struct Shared {
     input_sent: AtomicU64,
     /// Input frames sent to the backup.
     input_frames_sent: AtomicU64,
+    /// Held output frames copied to the backup with their epoch.
+    output_frames_sent: AtomicU64,
     /// The running epoch holds output (set by the NIC gates, cleared at each checkpoint).
     output_waiting: AtomicBool,
     /// Threads encoding epochs beside the sender.
@@ -665,6 +667,7 @@ impl Primary {
             first_epoch,
             input_sent: AtomicU64::new(0),
             input_frames_sent: AtomicU64::new(0),
+            output_frames_sent: AtomicU64::new(0),
             output_waiting: AtomicBool::new(false),
             encode_threads: AtomicU64::new(0),
             streams: AtomicU64::new(1),
@@ -1240,6 +1243,7 @@ impl Primary {
             status.acks_released_early += g.early_released;
         }
         status.input_frames_mirrored = s.input_frames_sent.load(Ordering::Relaxed);
+        status.output_frames_mirrored = s.output_frames_sent.load(Ordering::Relaxed);
         for gate in &s.gates.disks {
             status.held_disk_writes += gate.stats().held_items;
         }
@@ -1394,6 +1398,33 @@ fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
     encode_input_frames(&frames)
 }
 
+/// What the NICs still hold of ended epoch `epoch`, as OutputFrames payloads. Read on the
+/// sender thread, after the pause: an epoch's frames stay held at least until its Ack, which
+/// only an EpochEnd sent after this can bring. (A gate that switched to pass-through released
+/// them already, and protection is over then.)
+fn output_payloads(shared: &Shared, epoch: u64) -> Vec<Vec<u8>> {
+    let mut frames: Vec<LoggedFrame> = Vec::new();
+    for (nic, gate) in shared.gates.nets.iter().enumerate() {
+        gate.for_each_held(epoch, &mut |data| {
+            // Never larger from a virtio-net device; the backup would refuse the stream.
+            if data.is_empty() || data.len() > MAX_INPUT_LEN {
+                return;
+            }
+            let seq = frames.len() as u64 + 1;
+            frames.push(LoggedFrame {
+                seq,
+                nic: nic as u32,
+                epoch,
+                data: data.to_vec(),
+            });
+        });
+    }
+    shared
+        .output_frames_sent
+        .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    encode_input_frames(&frames)
+}
+
 /// Sends the frames the NICs delivered since the last call.
 fn send_input(shared: &Shared, sender: &mut Sender<FtStream>) -> Result<(), ProtocolError> {
     for payload in input_payloads(shared) {
@@ -1417,6 +1448,9 @@ fn send_epoch(
         for frame in encode_disk_writes(disk as u32, writes) {
             sender.send_frame(FrameType::DiskWrites, &frame)?;
         }
+    }
+    for payload in output_payloads(shared, job.epoch) {
+        sender.send_frame(FrameType::OutputFrames, &payload)?;
     }
     sender.send_state(&job.state)?;
     shared.last_ended.fetch_max(job.epoch, Ordering::SeqCst);

@@ -4,7 +4,8 @@
 //! ```text
 //! Hello(config) Control(Params)                     once
 //! (then, on each of `Params.lanes` more connections: Control(JoinLane) and MemoryPages only)
-//! [MemoryPages* MemoryDone]* [DiskWrites*] State Control(EpochEnd{E})   per epoch (E = 0: the initial sync)
+//! [MemoryPages* MemoryDone]* [DiskWrites*] [OutputFrames*] State Control(EpochEnd{E})
+//!                                                    per epoch (E = 0: the initial sync)
 //! Control(Heartbeat)                                 when no epoch was sent for a while
 //! Control(StandDown)                                 protection ends on purpose
 //! ```
@@ -28,6 +29,17 @@
 //! every frame up to `seq`, and the primary lets the guest's pure TCP ACKs covered by it
 //! leave before their epoch commits. At failover the backup delivers the frames of epochs
 //! after the one it resumes again.
+//!
+//! Held output: the frames the primary's NICs produced in epoch E and still held when E
+//! ended go in `OutputFrames` frames before E's State. The backup keeps those of the epochs
+//! after the primary's `released_through`; at failover from epoch C it sends the ones of
+//! epochs up to C on its own NICs before the restored guest goes on. The primary may have
+//! died before releasing them, and the restored guest counts them as sent: without this, a
+//! reply lost that way waits for the guest's retransmission timeout (a second for some
+//! stacks). A frame sent twice is what networks do anyway.
+//!
+//! OutputFrames payloads have the InputFrames layout: `seq` numbers the epoch's frames from 1,
+//! `epoch` is E.
 //!
 //! InputFrames payload, little-endian: `count u32, count x (seq u64, epoch u64, nic u32,
 //! len u32, len bytes)`; seqs strictly increase.
@@ -158,6 +170,8 @@ pub enum WireError {
     DiskWrites(String),
     #[error("bad InputFrames frame: {0}")]
     InputFrames(String),
+    #[error("bad OutputFrames frame: {0}")]
+    OutputFrames(String),
 }
 
 impl Control {
@@ -271,7 +285,7 @@ pub fn decode_disk_writes(p: &[u8]) -> Result<(u32, Vec<DiskWrite>), WireError> 
 }
 
 /// Encodes input frames into payloads of at most [`MAX_INPUT_FRAME`] bytes (a frame larger
-/// than that gets a payload of its own).
+/// than that gets a payload of its own). OutputFrames payloads are encoded the same way.
 pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
     batches(frames, INPUT_HEADER, MAX_INPUT_FRAME, |f| {
         INPUT_ENTRY + f.data.len()
@@ -295,7 +309,18 @@ pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
 /// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before
 /// anything is copied.
 pub fn decode_input_frames(p: &[u8]) -> Result<Vec<LoggedFrame>, WireError> {
-    let bad = |m: String| WireError::InputFrames(m);
+    decode_logged_frames(p, WireError::InputFrames)
+}
+
+/// Decodes one OutputFrames payload (InputFrames' layout and checks).
+pub fn decode_output_frames(p: &[u8]) -> Result<Vec<LoggedFrame>, WireError> {
+    decode_logged_frames(p, WireError::OutputFrames)
+}
+
+fn decode_logged_frames(
+    p: &[u8],
+    bad: fn(String) -> WireError,
+) -> Result<Vec<LoggedFrame>, WireError> {
     let word = |at: usize, n: usize| -> Result<u64, WireError> {
         let bytes = p
             .get(at..at + n)
@@ -518,6 +543,7 @@ mod tests {
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_disk_writes(&bytes);
             let _ = decode_input_frames(&bytes);
+            let _ = decode_output_frames(&bytes);
             let _ = Control::decode(&bytes);
         }
     }

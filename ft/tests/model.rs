@@ -15,6 +15,8 @@
 //!   before them) leave before their epoch is held only once the backup holds that input; at
 //!   takeover the backup delivers again every input frame of a later epoch that an ACK which
 //!   left covered, and none of an epoch it resumed;
+//! - no held output is lost at failover: every frame of an epoch up to the resumed one left
+//!   the primary or is sent again by the backup, which sends nothing of a later epoch;
 //! - never two live primaries.
 //!
 //! `FT_MODEL_RUNS` sets the number of runs per disk mode, `FT_MODEL_SEED` replays one run.
@@ -101,6 +103,8 @@ struct World {
     backup_holds_input: AtomicU64,
     /// The newest input frame covered by a guest ACK that left.
     input_acked_out: AtomicU64,
+    /// The registers (ids) of the guest's data frames that left the primary.
+    frames_left: Mutex<std::collections::HashSet<u64>>,
     pair_id: AtomicU64,
     witness: Mutex<Option<Arc<WitnessHandle>>>,
     violations: Mutex<Vec<String>>,
@@ -191,6 +195,8 @@ impl NetOutputGate for WorldNet {
         }
         let tag = u64::from_le_bytes(frame[..8].try_into().unwrap());
         self.0.leaves("a frame", tag);
+        let id = u64::from_le_bytes(frame[8..16].try_into().unwrap());
+        self.0.frames_left.lock().unwrap().insert(id);
         self.0.frames_out.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -256,6 +262,8 @@ struct FakeVm {
     input: Option<(InputRecorder, Arc<InputLog>)>,
     /// Every input frame recorded: (seq, the epoch that received it).
     inputs: Vec<(u64, u64)>,
+    /// Every data frame the NIC took from the guest: (epoch, register = the frame's id).
+    outputs: Vec<(u64, u64)>,
     disk: Option<Box<dyn DiskOutputGate>>,
     paused: bool,
     register: u64,
@@ -297,6 +305,7 @@ impl FakeVm {
             nic: None,
             input: None,
             inputs: Vec::new(),
+            outputs: Vec::new(),
             disk: None,
             paused: false,
             register: 0,
@@ -364,7 +373,9 @@ impl FakeVm {
             let mut frame = vec![0u8; 60];
             frame[..8].copy_from_slice(&epoch.to_le_bytes());
             frame[8..16].copy_from_slice(&self.register.to_le_bytes());
-            let _ = nic.transmit(&frame);
+            if nic.transmit(&frame).is_ok() {
+                self.outputs.push((epoch, self.register));
+            }
         }
         if self.rng.below(3) == 0 {
             if let Some(disk) = self.disk.as_mut() {
@@ -889,6 +900,8 @@ struct BackupOutcome {
     took_over: Option<(u64, u64, u64)>,
     /// The seqs of the input frames the takeover delivers again.
     replayed: Vec<u64>,
+    /// The (epoch, id) of the held output frames the takeover sends again.
+    resent: Vec<(u64, u64)>,
     stood_down: bool,
     failed: Option<String>,
 }
@@ -944,9 +957,18 @@ fn backup_loop(
             BackupEvent::TakeOver {
                 state,
                 epoch,
+                resend,
                 replay,
                 ..
             } => {
+                outcome.resent = resend
+                    .iter()
+                    .map(|(_, frame)| {
+                        let word =
+                            |at: usize| u64::from_le_bytes(frame[at..at + 8].try_into().unwrap());
+                        (word(0), word(8))
+                    })
+                    .collect();
                 let hash = memory.as_ref().map(memory_hash).unwrap_or_default();
                 outcome.took_over = Some((epoch, state.kvm.clock.clock, hash));
                 outcome.replayed = replay
@@ -1386,6 +1408,37 @@ fn run_with(
                 ));
             }
         }
+        // Output: the held frames sent again belong to epochs the backup resumed, in
+        // production order, and no frame of those epochs is lost (it left the primary or is
+        // sent again).
+        if let Some((e, id)) = outcome.resent.iter().find(|(e, _)| *e > epoch || *e == 0) {
+            violations.push(format!(
+                "output commit: after failover to epoch {epoch} the backup sends frame {id} of epoch {e}"
+            ));
+        }
+        if !outcome.resent.windows(2).all(|w| w[0].1 < w[1].1) {
+            violations.push(format!(
+                "held output sent again out of order: {:?}",
+                outcome.resent
+            ));
+        }
+        let left = world.frames_left.lock().unwrap();
+        let lost: Vec<(u64, u64)> = vm
+            .outputs
+            .iter()
+            .filter(|(e, id)| {
+                (1..=epoch).contains(e)
+                    && !left.contains(id)
+                    && !outcome.resent.iter().any(|(_, r)| r == id)
+            })
+            .copied()
+            .collect();
+        if !lost.is_empty() {
+            violations.push(format!(
+                "after failover to epoch {epoch} output frames (epoch, id) {lost:?} neither left the primary nor were sent again"
+            ));
+        }
+        drop(left);
         if primary_health == Some(FtHealth::Degraded) && killed.is_none() {
             violations
                 .push("two live primaries: the backup took over and the primary runs on".into());

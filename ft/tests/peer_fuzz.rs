@@ -81,7 +81,7 @@ fn hostile() -> impl Strategy<Value = Hostile> {
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..24)),
     );
     prop_oneof![
-        (1u8..=11, proptest::collection::vec(any::<u8>(), 0..64))
+        (1u8..=12, proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(kind, payload)| Hostile::Raw { kind, payload }),
         control().prop_map(Hostile::Control),
         (

@@ -420,6 +420,13 @@ pub struct FtStatus {
     /// Backup after a takeover: input frames delivered again to the restored guest.
     #[serde(default)]
     pub input_frames_replayed: u64,
+    /// Primary: frames the NICs still held when their epoch ended, copied to the backup.
+    #[serde(default)]
+    pub output_frames_mirrored: u64,
+    /// Backup after a takeover: held frames of the resumed epochs it sent on the NICs again
+    /// (the primary may have died before releasing them).
+    #[serde(default)]
+    pub output_frames_resent: u64,
     pub held_disk_writes: u64,
     pub failovers: u64,
     pub last_failover_ms: Option<u64>,
@@ -461,6 +468,8 @@ impl FtStatus {
         put("input_frames_mirrored", self.input_frames_mirrored);
         put("acks_released_early", self.acks_released_early);
         put("input_frames_replayed", self.input_frames_replayed);
+        put("output_frames_mirrored", self.output_frames_mirrored);
+        put("output_frames_resent", self.output_frames_resent);
         put("held_disk_writes", self.held_disk_writes);
         put("failovers", self.failovers);
         if let Some(ms) = self.last_failover_ms {

@@ -1198,18 +1198,45 @@ impl DeviceManager {
         }
     }
 
-    /// Delivers `frames` (NIC index in configuration order, Ethernet frame) to the guest
-    /// before anything new from the NICs' TAPs: input the primary's guest received after the
-    /// epoch this VM resumed from.
-    pub fn replay_input(&self, frames: Vec<(u32, Vec<u8>)>) {
-        let nets: Vec<_> = self
-            .virtio
+    /// Sends `frames` (NIC index in configuration order, Ethernet frame) out of the NICs, as
+    /// if the guest had transmitted them: output a failed primary may have died holding.
+    pub fn resend_output(&self, frames: Vec<(u32, Vec<u8>)>) {
+        let nets = self.nets();
+        let mut failed = 0usize;
+        for (nic, frame) in &frames {
+            match nets.get(*nic as usize) {
+                Some(net) => {
+                    if lock(net).transmit_again(frame).is_err() {
+                        failed += 1;
+                    }
+                }
+                None => log::warn!("an output frame for NIC {nic}, the VM has {}", nets.len()),
+            }
+        }
+        if failed > 0 {
+            // Lost like any frame a TAP refuses: the guest's protocols send it again.
+            log::warn!(
+                "{failed} of {} held output frames could not be sent again",
+                frames.len()
+            );
+        }
+    }
+
+    fn nets(&self) -> Vec<&Arc<Mutex<Net>>> {
+        self.virtio
             .iter()
             .filter_map(|entry| match &entry.handle {
                 VirtioHandle::Net(net) => Some(net),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Delivers `frames` (NIC index in configuration order, Ethernet frame) to the guest
+    /// before anything new from the NICs' TAPs: input the primary's guest received after the
+    /// epoch this VM resumed from.
+    pub fn replay_input(&self, frames: Vec<(u32, Vec<u8>)>) {
+        let nets = self.nets();
         let mut per_nic: Vec<Vec<Vec<u8>>> = vec![Vec::new(); nets.len()];
         for (nic, frame) in frames {
             match per_nic.get_mut(nic as usize) {

@@ -166,6 +166,10 @@ pub enum BackupEvent {
     TakeOver {
         state: Box<VmSnapshotState>,
         epoch: u64,
+        /// Frames the primary's guest sent in `epoch` or before and that it may not have
+        /// released (NIC index, Ethernet frame): send them again first, the restored guest
+        /// counts them as sent.
+        resend: Vec<(u32, Vec<u8>)>,
         /// Frames the primary's guest received after `epoch` (NIC index, Ethernet frame), to
         /// deliver again in order: clients may have been told they arrived.
         replay: Vec<(u32, Vec<u8>)>,

@@ -1394,9 +1394,10 @@ impl Vmm {
                 BackupEvent::TakeOver {
                     state,
                     epoch,
+                    resend,
                     replay,
                     clock_advance,
-                } => self.take_over(*state, epoch, replay, clock_advance),
+                } => self.take_over(*state, epoch, resend, replay, clock_advance),
                 BackupEvent::StandDown {
                     guest_shutdown,
                     reprotect,
@@ -1472,6 +1473,7 @@ impl Vmm {
         &mut self,
         mut state: VmSnapshotState,
         epoch: u64,
+        resend: Vec<(u32, Vec<u8>)>,
         replay: Vec<(u32, Vec<u8>)>,
         clock_advance: Duration,
     ) {
@@ -1491,6 +1493,9 @@ impl Vmm {
         let outcome = match result {
             Ok(vm) => {
                 vm.device_manager().announce_nets();
+                // Output of the resumed epoch that the primary may have died holding: the
+                // restored guest counts it as sent.
+                vm.device_manager().resend_output(resend);
                 // Input the primary's guest received after the epoch: clients may have been
                 // told it arrived.
                 vm.device_manager().replay_input(replay);

@@ -393,6 +393,18 @@ impl<S: Sink> EpochCore<S> {
         self.current
     }
 
+    /// Hands the payloads `epoch` still holds to `visit`, in production order (barriers have
+    /// none and are skipped).
+    fn visit_held(&self, epoch: u64, visit: &mut dyn FnMut(&[u8])) {
+        for queue in self.queues.iter().filter(|q| q.epoch == epoch) {
+            for item in queue.pending() {
+                if !S::is_barrier(&item.meta) {
+                    visit(&queue.arena[item.start..item.start + item.len]);
+                }
+            }
+        }
+    }
+
     fn begin_epoch(&mut self, next: u64) -> Result<(), EpochError> {
         if next <= self.current {
             return Err(EpochError::NotIncreasing {
@@ -480,6 +492,7 @@ trait Controlled: Send + Sync {
     fn set_mode(&self, mode: GateMode) -> Result<ReleaseStats, EpochError>;
     fn mode(&self) -> GateMode;
     fn discard_uncommitted(&self) -> DiscardStats;
+    fn visit_held(&self, epoch: u64, visit: &mut dyn FnMut(&[u8]));
     fn input_mirrored(&self, seq: u64) -> ReleaseStats;
     fn set_on_first_held(&self, notify: Option<FirstHeld>);
     fn drain(&self) -> Result<ReleaseStats, EpochError>;
@@ -505,6 +518,9 @@ impl<S: Sink> Controlled for Mutex<EpochCore<S>> {
     }
     fn discard_uncommitted(&self) -> DiscardStats {
         lock(self).discard_uncommitted()
+    }
+    fn visit_held(&self, epoch: u64, visit: &mut dyn FnMut(&[u8])) {
+        lock(self).visit_held(epoch, visit)
     }
     fn input_mirrored(&self, seq: u64) -> ReleaseStats {
         let mut core = lock(self);
@@ -601,6 +617,15 @@ impl EpochControl {
     /// whose uncommitted output must never leave. The gate keeps its mode.
     pub fn discard_uncommitted(&self) -> DiscardStats {
         self.core.discard_uncommitted()
+    }
+
+    /// Hands what epoch `epoch` still holds to `visit`, payload by payload in production order,
+    /// under the gate's lock (`visit` must only copy): fault tolerance ships an ended epoch's
+    /// frames to the backup, which sends them again if it takes over from that epoch before
+    /// they left here. Nothing for an epoch that is released, discarded or held no output; the
+    /// ACK lane's frames are not included.
+    pub fn for_each_held(&self, epoch: u64, visit: &mut dyn FnMut(&[u8])) {
+        self.core.visit_held(epoch, visit)
     }
 
     /// The backup holds every input frame (see [`super::InputLog`]) with seq `<= seq`: releases,

@@ -282,6 +282,34 @@ mod tests {
         gate_with_log(HoldLimits::default())
     }
 
+    fn held_of(control: &EpochControl, epoch: u64) -> Vec<Vec<u8>> {
+        let mut held = Vec::new();
+        control.for_each_held(epoch, &mut |frame| held.push(frame.to_vec()));
+        held
+    }
+
+    #[test]
+    fn an_ended_epochs_held_frames_are_visited_in_order_until_they_leave() {
+        let (mut gate, control, wire, log) = gate();
+        gate.transmit(&data(1)).unwrap();
+        assert!(log.record(0, b"in1"));
+        // A pure ACK goes to the lane, not to the epoch's queue.
+        gate.transmit(&ack(9)).unwrap();
+        gate.transmit(&data(2)).unwrap();
+        control.begin_epoch(2).unwrap();
+        gate.transmit(&data(3)).unwrap();
+        assert_eq!(held_of(&control, 1), vec![data(1), data(2)]);
+        assert_eq!(held_of(&control, 2), vec![data(3)]);
+        assert!(held_of(&control, 7).is_empty());
+        control.begin_epoch(3).unwrap();
+        control.commit(1).unwrap();
+        assert_eq!(wire.sent(), vec![data(1), data(2), ack(9)]);
+        assert!(held_of(&control, 1).is_empty());
+        assert_eq!(held_of(&control, 2), vec![data(3)]);
+        control.discard_uncommitted();
+        assert!(held_of(&control, 2).is_empty());
+    }
+
     #[test]
     fn held_ack_leaves_when_its_input_is_mirrored_and_not_before() {
         let (mut gate, control, wire, log) = gate();

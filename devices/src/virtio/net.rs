@@ -473,6 +473,13 @@ impl Net {
             .map(|_| ())
     }
 
+    /// Sends `frame` (an Ethernet frame the guest transmitted before, without the virtio
+    /// header) through the output gate once more: fault tolerance's takeover sends the output
+    /// a dead primary may have held.
+    pub fn transmit_again(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.gate.transmit(frame)
+    }
+
     pub fn mac(&self) -> MacAddr {
         self.mac
     }

@@ -930,3 +930,95 @@ fn a_stream_acknowledged_early_survives_kills_of_the_primary() {
         "early ACKs: {sent} bytes streamed across 3 kills of the primary, received exactly (FNV {fnv:016x}); input frames delivered again per failover: {replayed:?}"
     ));
 }
+
+/// Output commit holds the guest's reply to a request until the backup holds the reply's
+/// epoch. The primary is made to die right then (`release`: the backup's Ack arrived, nothing
+/// released yet), so the reply never leaves it while the guest the backup restores counts it
+/// as sent. The backup must send the epoch's held output itself at the takeover: the reply
+/// reaches the client at once, not at the guest's retransmission timeout (a second for the
+/// test guest's TCP stack), and exactly once in the client's sequence.
+#[test]
+fn a_reply_held_when_the_primary_dies_reaches_the_client_from_the_backup() {
+    require_kvm!();
+    require_netns!();
+    let _boot = kvm_serial_guard();
+    const EPOCH_MS: u64 = 500;
+    // A fresh VM's initial synchronisation is epoch 1, so protected epoch N is epoch N + 2.
+    const CRASH_AFTER: u64 = 8;
+    let target = CRASH_AFTER + 2;
+    let mut pair = Pair::new("h", 8);
+    let _witness = start_witness(&pair.hosts.client);
+    let net = format!("tap=tapvm,mac={GUEST_MAC}");
+    let (kernel, disk) = (pair.kernel.clone(), pair.disk.clone());
+    let boot = guest_vm_args(
+        &kernel,
+        "workload=ft net.ip=192.168.249.2/24",
+        "size=64M",
+        &net,
+        &["--disk", &disk],
+    );
+    let boot: Vec<&str> = boot.iter().map(String::as_str).collect();
+    let crash = format!("release:{CRASH_AFTER}");
+    let mut primary = pair.spawn(Side::A, Some(crash), Some(&boot));
+    primary
+        .vmm
+        .wait_for("ft: ready", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let backup = pair.spawn(Side::B, None, None);
+    let epoch_ms = EPOCH_MS.to_string();
+    protect(&pair, &primary, &backup, &["--epoch-ms", &epoch_ms]).unwrap_or_else(|e| panic!("{e}"));
+    let mut client = SeqClient::connect(&pair.hosts.client).expect("client");
+    let first = client.req().expect("a request before the crash");
+    // The request goes out as the target epoch begins, so the reply is produced and held in it.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let epoch = ft_status(&primary.socket)["epoch"].as_u64().unwrap_or(0);
+        assert!(
+            epoch <= target,
+            "epoch {epoch} is past the armed crash at epoch {target}: {}",
+            diagnose(&[&primary], "waiting for the epoch")
+        );
+        if epoch == target {
+            break;
+        }
+        assert!(Instant::now() < deadline, "epoch {target} never began");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let asked = Instant::now();
+    let request = std::thread::spawn(move || {
+        let seq = client.req();
+        (seq, Instant::now())
+    });
+    primary
+        .vmm
+        .wait_exit(TIMEOUT)
+        .unwrap_or_else(|e| panic!("the armed crash never came: {e}"));
+    let (seq, answered) = request.join().expect("client thread");
+    let seq = seq.unwrap_or_else(|e| panic!("{e}\n{}", diagnose(&[&backup], "the request")));
+    assert_eq!(seq, first + 1, "the reply's place in the client's sequence");
+    let status = wait_status(&backup.socket, "health", &["took_over", "failed"], TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["health"], "took_over", "{status}");
+    assert_eq!(
+        status["epoch"].as_u64(),
+        Some(target),
+        "the backup resumed another epoch than the one holding the reply: {status}"
+    );
+    assert!(
+        status["output_frames_resent"].as_u64() > Some(0),
+        "the backup sent no held output again: {status}"
+    );
+    // The reply waited for its epoch to end (the primary died then); the takeover takes
+    // milliseconds more, the guest's own retransmission would take a second.
+    let waited = answered.duration_since(asked);
+    assert!(
+        waited < Duration::from_millis(EPOCH_MS + 300),
+        "the reply came {waited:?} after the request, in an epoch of {EPOCH_MS} ms: {status}"
+    );
+    report(&format!(
+        "held reply: answered {} ms after the request, in an epoch of {EPOCH_MS} ms whose end the primary did not survive ({} held frames sent again by the backup, takeover {} ms)",
+        waited.as_millis(),
+        status["output_frames_resent"],
+        status["last_failover_ms"]
+    ));
+}

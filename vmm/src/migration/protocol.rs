@@ -7,9 +7,9 @@
 //! offset  size  field
 //!      0     4  magic "TMIG" (0x47494d54 read as u32 LE)
 //!      4     1  type   1 Hello, 2 MemoryPages, 3 MemoryDone, 4 State, 5 Complete,
-//!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control, 11 InputFrames
-//!                      (the last three only in fault-tolerance streams; a migration
-//!                      receiver rejects them)
+//!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control, 11 InputFrames,
+//!                      12 OutputFrames (the last four only in fault-tolerance streams; a
+//!                      migration receiver rejects them)
 //!      5     1  flags  bit 0 = LZ4 (MemoryPages, State), bit 1 = delta (MemoryPages);
 //!                      other bits must be 0
 //!      6     2  reserved, 0
@@ -44,7 +44,7 @@
 //!   MemoryPages frames, with sequence numbers of its own; the receiver takes each stream's
 //!   frames of the pass, in that stream's order, when the MemoryDone naming them arrives;
 //! - State: the VM state JSON; Complete, Ack: empty; Error, Abort: a UTF-8 message;
-//! - DiskWrites, Control, InputFrames: opaque here (their layout belongs to the
+//! - DiskWrites, Control, InputFrames, OutputFrames: opaque here (their layout belongs to the
 //!   fault-tolerance crate).
 //!
 //! Order (sender -> receiver): Hello, then per epoch any number of MemoryPages / MemoryDone,
@@ -71,7 +71,8 @@ use crate::progress::TransferProgress;
 /// 4: MemoryPages frames may carry page deltas (an older peer would refuse them mid-stream).
 /// 5: fault-tolerance streams carry InputFrames and InputAck (input mirroring).
 /// 6: MemoryDone may count page frames sent on data streams (FT's several streams).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: fault-tolerance streams carry each epoch's held output (OutputFrames).
+pub const PROTOCOL_VERSION: u32 = 7;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -116,6 +117,7 @@ pub enum FrameType {
     DiskWrites = 9,
     Control = 10,
     InputFrames = 11,
+    OutputFrames = 12,
 }
 
 impl FrameType {
@@ -132,6 +134,7 @@ impl FrameType {
             9 => Self::DiskWrites,
             10 => Self::Control,
             11 => Self::InputFrames,
+            12 => Self::OutputFrames,
             _ => return None,
         })
     }
@@ -159,6 +162,7 @@ impl fmt::Display for FrameType {
             Self::DiskWrites => "DiskWrites",
             Self::Control => "Control",
             Self::InputFrames => "InputFrames",
+            Self::OutputFrames => "OutputFrames",
         };
         f.write_str(name)
     }
@@ -369,6 +373,9 @@ pub enum Message<'a> {
         payload: &'a [u8],
     },
     InputFrames {
+        payload: &'a [u8],
+    },
+    OutputFrames {
         payload: &'a [u8],
     },
 }
@@ -599,6 +606,7 @@ impl<'a> Message<'a> {
             FrameType::DiskWrites => Message::DiskWrites { payload: p },
             FrameType::Control => Message::Control { payload: p },
             FrameType::InputFrames => Message::InputFrames { payload: p },
+            FrameType::OutputFrames => Message::OutputFrames { payload: p },
         })
     }
 
