@@ -287,6 +287,8 @@ struct Shared {
     input_frames_sent: AtomicU64,
     /// Held output frames copied to the backup with their epoch.
     output_frames_sent: AtomicU64,
+    /// Whether ended epochs' held output is copied to the backup (`resend_output`).
+    resend_output: bool,
     /// The running epoch holds output (set by the NIC gates, cleared at each checkpoint).
     output_waiting: AtomicBool,
     /// Threads encoding epochs beside the sender.
@@ -668,6 +670,7 @@ impl Primary {
             input_sent: AtomicU64::new(0),
             input_frames_sent: AtomicU64::new(0),
             output_frames_sent: AtomicU64::new(0),
+            resend_output: request.resend_output,
             output_waiting: AtomicBool::new(false),
             encode_threads: AtomicU64::new(0),
             streams: AtomicU64::new(1),
@@ -1403,6 +1406,9 @@ fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
 /// only an EpochEnd sent after this can bring. (A gate that switched to pass-through released
 /// them already, and protection is over then.)
 fn output_payloads(shared: &Shared, epoch: u64) -> Vec<Vec<u8>> {
+    if !shared.resend_output {
+        return Vec::new();
+    }
     let mut frames: Vec<LoggedFrame> = Vec::new();
     for (nic, gate) in shared.gates.nets.iter().enumerate() {
         gate.for_each_held(epoch, &mut |data| {

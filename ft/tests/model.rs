@@ -1128,6 +1128,7 @@ fn run_with(
         hot_pages: true,
         stage_helper: true,
         early_acks: true,
+        resend_output: true,
         latency_mode,
         // The sender alone, or 1 or 2 encoder threads: the pipeline may not change what the
         // backup holds.

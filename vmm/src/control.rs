@@ -256,6 +256,12 @@ pub struct EnableFtRequest {
     /// again after a failover).
     #[serde(default = "default_true")]
     pub early_acks: bool,
+    /// Copy each epoch's still-held network output to the backup, which sends it again if it
+    /// takes over from that epoch (the primary may have died holding it, while the restored
+    /// guest counts it as sent). `false` saves those replication bytes; such output then
+    /// comes back only with the guest's TCP retransmission.
+    #[serde(default = "default_true")]
+    pub resend_output: bool,
     /// Latency mode: end an epoch early (after at least a millisecond) once the guest has
     /// output waiting for it, as long as the last epoch took at most a quarter of an epoch to
     /// send; more, shorter checkpoints for less waiting output.

@@ -37,6 +37,7 @@
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
 //!                     [--no-compress] [--no-hot-pages] [--no-stage-helper] [--no-early-acks]
+//!                     [--no-resend-output]
 //!                     [--latency-mode] [--encode-threads N | --streams N]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
 //!                                     --json or when stdout is not a terminal)
@@ -554,6 +555,15 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("no-resend-output")
+                .long("no-resend-output")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Do not copy each epoch's held network output to the backup (by default a \
+                     backup that takes over sends what the dead primary may still have held)",
+                ),
+        )
+        .arg(
             Arg::new("no-early-acks")
                 .long("no-early-acks")
                 .action(ArgAction::SetTrue)
@@ -721,6 +731,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
         stage_helper: defaults.stage_helper && !sub.get_flag("no-stage-helper"),
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
+        resend_output: defaults.resend_output && !sub.get_flag("no-resend-output"),
         latency_mode: sub.get_flag("latency-mode"),
         encode_threads: sub.get_one::<u32>("encode-threads").copied(),
         streams: sub.get_one::<u32>("streams").copied(),
@@ -1880,7 +1891,8 @@ mod tests {
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
                 "heartbeat_timeout_ms": null, "witness": null, "compress": true, "hot_pages": true,
-                "stage_helper": true, "early_acks": true, "latency_mode": false, "group": null})
+                "stage_helper": true, "early_acks": true, "resend_output": true,
+                "latency_mode": false, "group": null})
         );
         assert_eq!(
             body(&[
@@ -1898,6 +1910,7 @@ mod tests {
                 "--no-hot-pages",
                 "--no-stage-helper",
                 "--no-early-acks",
+                "--no-resend-output",
                 "--latency-mode",
                 "--encode-threads",
                 "2",
@@ -1907,7 +1920,8 @@ mod tests {
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "stage_helper": false, "early_acks": false, "latency_mode": true, "encode_threads": 2,
+                "stage_helper": false, "early_acks": false, "resend_output": false,
+                "latency_mode": true, "encode_threads": 2,
                 "group": "/run/tandem/web.sock"})
         );
         // What ch-remote sends is what the API accepts.

@@ -14,7 +14,9 @@
 //!   FT       `enable-ft --epoch-ms 10` (the default epoch, given explicitly) to a fresh backup
 //!            VMM on host B (`receive-ft --tap tapvm`), mutual TLS, early ACKs on (the default:
 //!            input mirrored to the backup as it arrives, pure ACKs leave once it holds it);
-//!   FT held  the same with `--no-early-acks`: every guest frame waits for its epoch's commit.
+//!   FT held  the same with `--no-early-acks`: every guest frame waits for its epoch's commit;
+//!   FT no resend  FT with `--no-resend-output`: the frames still held when an epoch ends are
+//!            not copied to the backup (what that copy costs the guest's sending).
 //! Each FT case is a fresh protection session (1 s heartbeat timeout: the emulated guest
 //! kernel keeps both host cores busy), ended with `disable-ft` after the case; the session must
 //! still be `protected` then.
@@ -178,9 +180,10 @@ enum Case {
     NoFt,
     Ft,
     FtHeld,
+    FtNoResend,
 }
 
-const CASES: [Case; 3] = [Case::NoFt, Case::Ft, Case::FtHeld];
+const CASES: [Case; 4] = [Case::NoFt, Case::Ft, Case::FtHeld, Case::FtNoResend];
 
 impl Case {
     fn label(self) -> &'static str {
@@ -188,6 +191,17 @@ impl Case {
             Case::NoFt => "noFT",
             Case::Ft => "FT",
             Case::FtHeld => "FT held",
+            Case::FtNoResend => "FT no resend",
+        }
+    }
+
+    /// What `enable-ft` adds for the case (None: no FT).
+    fn ft_flags(self) -> Option<&'static [&'static str]> {
+        match self {
+            Case::NoFt => None,
+            Case::Ft => Some(&[]),
+            Case::FtHeld => Some(&["--no-early-acks"]),
+            Case::FtNoResend => Some(&["--no-resend-output"]),
         }
     }
 }
@@ -319,7 +333,7 @@ impl Lab {
     /// A fresh backup on host B and the guest protected by it; returns the backup, the initial
     /// sync time and the last committed epoch then (the primary's epoch count goes on across
     /// sessions).
-    fn protect(&mut self, early_acks: bool) -> Res<(Vmm, Duration, u64)> {
+    fn protect(&mut self, flags: &[&str]) -> Res<(Vmm, Duration, u64)> {
         let port = self.next_port;
         self.next_port += 1;
         let (backup, socket) = self.spawn_backup()?;
@@ -351,9 +365,7 @@ impl Lab {
             "--tls-dir",
             &self.tls,
         ];
-        if !early_acks {
-            args.push("--no-early-acks");
-        }
+        args.extend_from_slice(flags);
         let started = Instant::now();
         ch_remote(&self.ch_remote, &self.primary_socket, &args).map_err(|e| {
             format!(
@@ -568,7 +580,7 @@ impl Results {
 fn run(opts: &Options, results: &mut Results) -> Res<()> {
     let mut lab = Lab::new()?;
     log(&format!(
-        "{} run(s) of {} bytes per case and direction; noFT, FT and FT held alternating",
+        "{} run(s) of {} bytes per case and direction; noFT, FT, FT held and FT no resend alternating",
         opts.runs, opts.bytes
     ));
     let warmup = (opts.bytes / 4).max(64 << 10);
@@ -590,11 +602,11 @@ fn run(opts: &Options, results: &mut Results) -> Res<()> {
         }
         for case in cases {
             check_interrupted()?;
-            let session = match case {
-                Case::NoFt => None,
-                Case::Ft | Case::FtHeld => Some(lab.protect(case == Case::Ft)?),
+            let session = match case.ft_flags() {
+                None => None,
+                Some(flags) => Some(lab.protect(flags)?),
             };
-            let mut line = format!("run {run} {:<7}", case.label());
+            let mut line = format!("run {run} {:<12}", case.label());
             let mut outcome = Ok(());
             for &dir in &dirs {
                 match lab.transfer(dir, opts.bytes) {
@@ -665,7 +677,8 @@ fn print_report(opts: &Options, r: &Results, load_before: &str, elapsed: Duratio
     println!();
     println!(
         "  FT: early ACKs (input mirrored to the backup, pure ACKs leave once it holds it); \
-         FT held: --no-early-acks (every guest frame held to its epoch's commit)"
+         FT held: --no-early-acks (every guest frame held to its epoch's commit); \
+         FT no resend: --no-resend-output (held output not copied to the backup)"
     );
     println!(
         "  guest -> client: /init `tsource`, client connect -> EOF; client -> guest: /init \
@@ -676,20 +689,18 @@ fn print_report(opts: &Options, r: &Results, load_before: &str, elapsed: Duratio
         .iter()
         .map(|&dir| {
             let no = r.median(Case::NoFt, dir);
-            let ft = r.median(Case::Ft, dir);
-            let held = r.median(Case::FtHeld, dir);
             let ratio = |x: Option<f64>| match (no, x) {
                 (Some(n), Some(f)) if n > 0.0 => Some(f / n),
                 _ => None,
             };
-            vec![
-                dir.label().to_string(),
-                fmt(no, 3),
-                fmt(ft, 3),
-                fmt(held, 3),
-                fmt(ratio(ft), 3),
-                fmt(ratio(held), 3),
-            ]
+            let mut row = vec![dir.label().to_string()];
+            row.extend(CASES.iter().map(|&case| fmt(r.median(case, dir), 3)));
+            row.extend(
+                CASES[1..]
+                    .iter()
+                    .map(|&case| fmt(ratio(r.median(case, dir)), 3)),
+            );
+            row
         })
         .collect();
     print_table(
@@ -698,8 +709,10 @@ fn print_report(opts: &Options, r: &Results, load_before: &str, elapsed: Duratio
             "noFT MB/s",
             "FT MB/s",
             "FT held MB/s",
+            "FT no resend MB/s",
             "FT/noFT",
             "FT held/noFT",
+            "FT no resend/noFT",
         ],
         &rows,
     );
@@ -715,7 +728,10 @@ fn print_report(opts: &Options, r: &Results, load_before: &str, elapsed: Duratio
                 row
             })
             .collect();
-        print_table(&["direction", "noFT", "FT", "FT held"], &rows);
+        print_table(
+            &["direction", "noFT", "FT", "FT held", "FT no resend"],
+            &rows,
+        );
     }
     if !r.notes.is_empty() {
         println!("\nnotes:");
