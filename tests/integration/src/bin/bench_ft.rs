@@ -75,6 +75,7 @@
 //!
 //! Targets (reported, never an error): pause <= 1 ms at 1000 pages/epoch; overhead <= 5 % at
 //! 10 ms epochs and 1000 pages/epoch; added p99 latency <= epoch + 2 ms; failover <= 100 ms;
+//! first TCP answer after a failover <= 50 ms (per kill: how many met it);
 //! TLS costs <= 10 % of FT sender throughput (1 - TLS/plaintext bytes sent per second) at
 //! both TLS cells; <= 300 bytes per dirty page at 1000 pages/epoch with 64 bytes changed per
 //! rewrite.
@@ -138,6 +139,9 @@ const TARGET_OVERHEAD_PCT: f64 = 5.0;
 const TARGET_OVERHEAD_CELL: (u64, u64) = (10, 1000);
 const TARGET_ADDED_LATENCY_SLACK_MS: f64 = 2.0;
 const TARGET_FAILOVER_MS: f64 = 100.0;
+/// The first TCP answer after a failover: the backup answers the request in flight (input
+/// mirrored and delivered again, held output sent again) before the client's retransmission.
+const TARGET_FAILOVER_TCP_MS: f64 = 50.0;
 /// The TLS section: its epoch and its pages per epoch (the sender-bound cells).
 const TLS_EPOCH_MS: u64 = 10;
 const TLS_PAGES: [u64; 2] = [1000, 4000];
@@ -3659,6 +3663,21 @@ impl Report<'_> {
                     (TARGET_FAILOVER_MS - max).abs()
                 ),
                 None => println!("  failover <= {TARGET_FAILOVER_MS} ms: not measured"),
+            }
+            let tcp: Vec<f64> = self.results.failovers.iter().map(|s| s.tcp_ms).collect();
+            if let Some(med) = median(&tcp) {
+                let met = tcp
+                    .iter()
+                    .filter(|&&ms| ms <= TARGET_FAILOVER_TCP_MS)
+                    .count();
+                let max = tcp.iter().copied().fold(f64::NAN, f64::max);
+                // A miss within the client's retransmission timeout of the kill is a request
+                // that reached only the dead primary (see the kill lines).
+                println!(
+                    "  first TCP answer after a failover <= {TARGET_FAILOVER_TCP_MS} ms: {met}/{} kills {}; median {med:.1} ms, max {max:.1} ms",
+                    tcp.len(),
+                    verdict(met == tcp.len()),
+                );
             }
         }
     }
