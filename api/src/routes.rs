@@ -904,6 +904,11 @@ mod tests {
                 r#"{"source_url": "file:///s", "net_fds": []}"#,
                 "unknown field `net_fds`",
             ),
+            (
+                "vm.enable-ft",
+                r#"{"peer": "b:7000", "resend_output": "no"}"#,
+                "invalid type: string \"no\", expected a boolean",
+            ),
             ("vm.send-migration", "", "needs a SendMigrationData"),
             ("vm.send-migration", "[]", "invalid SendMigrationData JSON"),
             (
