@@ -1,10 +1,11 @@
 //! TAP network devices: the host end of a virtio-net device.
 //!
 //! A [`Tap`] is opened through `/dev/net/tun` in TAP mode with `IFF_NO_PI | IFF_VNET_HDR`: every
-//! frame read or written is preceded by a 12-byte `virtio_net_hdr_v1`. Offloads are switched
-//! off (`TUNSETOFFLOAD 0`), so the kernel only hands over complete, checksummed frames of at most
-//! MTU size and the header carries nothing but zeros; it is kept because it is the layout the
-//! guest uses too, and turning offloads on later needs no change of framing.
+//! frame read or written is preceded by a 12-byte `virtio_net_hdr_v1`, the layout the guest uses
+//! too. Offloads start switched off (`TUNSETOFFLOAD 0`): the kernel then only hands over
+//! complete, checksummed frames of at most MTU size and the header carries nothing but zeros.
+//! The virtio-net device turns on what the guest's driver accepts ([`Tap::set_offload`]): then
+//! a frame may be a TCP segment of up to 64 KiB with its checksum left to do, as the header says.
 //!
 //! Semantics follow Cloud Hypervisor: `tap=NAME` attaches to the TAP called NAME or creates it
 //! when there is none; without a name a new `vmtap%d` is created (the kernel picks the number).
@@ -289,13 +290,20 @@ impl Tap {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
+        self.set_offload(0)
+    }
+
+    /// Sets the offloads the kernel may use for frames it hands to this TAP's reader
+    /// (`TUN_F_*` bits: partial checksums, TCP segments up to 64 KiB). Only what the guest's
+    /// driver accepted may be turned on: the header of each such frame says what is left to do.
+    pub fn set_offload(&self, tun_flags: libc::c_uint) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* bits);
-        // no memory is passed.
+        // no memory is passed, and the fd is an attached tun fd.
         let ret = unsafe {
             libc::ioctl(
                 self.file.as_raw_fd(),
                 libc::TUNSETOFFLOAD as _,
-                0 as libc::c_ulong,
+                tun_flags as libc::c_ulong,
             )
         };
         if ret < 0 {

@@ -21,8 +21,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -252,11 +252,16 @@ fn features_and_config_space() {
             assert_ne!(features & (1 << bit), 0, "feature {bit} not offered");
         }
         assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+        // Receive offloads are on by default, as Cloud Hypervisor's offload_csum/offload_tso.
         for bit in [
-            VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
         ] {
+            assert_ne!(features & (1 << bit), 0, "feature {bit} not offered");
+        }
+        // Transmit offloads and mergeable buffers are never offered.
+        for bit in [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MRG_RXBUF] {
             assert_eq!(features & (1 << bit), 0, "feature {bit} must stay off");
         }
         let mut cfg = [0u8; 12];
@@ -333,7 +338,12 @@ fn rx_frames_land_in_guest_buffers_and_mark_them_dirty() {
     in_netns(
         "rx_frames_land_in_guest_buffers_and_mark_them_dirty",
         || {
-            let mut rig = Rig::new(net_config(), 256);
+            // Without checksum offload the kernel completes the checksum: a zero header.
+            let cfg = NetConfig {
+                offload_csum: false,
+                ..net_config()
+            };
+            let mut rig = Rig::new(cfg, 256);
             let tap = rig.net.lock().unwrap().tap_name().to_string();
             add_neighbour(&tap, GUEST_IP, GUEST_MAC);
 
@@ -368,6 +378,38 @@ fn rx_frames_land_in_guest_buffers_and_mark_them_dirty() {
             assert!(!is_dirty(&rig.mem, MEM_SIZE - 4096));
             assert_eq!(rig.counter("rx_frames"), 1);
             assert_eq!(rig.counter("rx_bytes"), want_frame_len as u64);
+        },
+    );
+}
+
+#[test]
+fn with_checksum_offload_the_header_says_what_is_left_to_do() {
+    in_netns(
+        "with_checksum_offload_the_header_says_what_is_left_to_do",
+        || {
+            let mut rig = Rig::new(net_config(), 256);
+            let tap = rig.net.lock().unwrap().tap_name().to_string();
+            add_neighbour(&tap, GUEST_IP, GUEST_MAC);
+            let p = rig.alloc.take(4096, 4096);
+            rig.drv.add_chain(0, &[(p, 2048, true)]);
+            rig.drv.notify(0);
+            rig.poll();
+
+            let host = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 6002)).expect("bind");
+            host.send_to(b"partial", SocketAddrV4::new(GUEST_IP, 7779))
+                .expect("send");
+            let used = rig.wait_used(0, 1);
+            let packet = rig.read(p, used[0].1 as usize);
+            // NEEDS_CSUM, no segmentation, the UDP checksum field 6 bytes into the UDP header
+            // at 14 + 20; num_buffers 1.
+            assert_eq!(
+                packet[..VNET_HDR_LEN],
+                [1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 1, 0]
+            );
+            assert_eq!(
+                udp_payload(&packet[VNET_HDR_LEN..], 7779),
+                Some(&b"partial"[..])
+            );
         },
     );
 }

@@ -42,7 +42,9 @@
 //! `epoch` is E.
 //!
 //! InputFrames payload, little-endian: `count u32, count x (seq u64, epoch u64, nic u32,
-//! len u32, len bytes)`; seqs strictly increase.
+//! len u32, len bytes)`; seqs strictly increase. An input frame's bytes are what the guest's
+//! buffer received: the 12-byte virtio-net header (checksum and segmentation state of an
+//! offloaded frame), then the Ethernet frame; an output frame's are the Ethernet frame alone.
 //!
 //! DiskWrites payload, little-endian: `disk u32, count u32, count x (offset u64, len u32),
 //! then the data of the writes back to back`. Every length is checked against the payload

@@ -869,6 +869,8 @@ pub(crate) fn new_net(
         mtu: net_config.mtu,
         queue_size: net_config.queue_size,
         id: Some(id.to_string()),
+        offload_csum: net_config.offload_csum,
+        offload_tso: net_config.offload_tso,
     })
     .map_err(|e| VmError::Device(format!("--net {id}: {e}")))?;
     log::info!("{id}: TAP {}", net.tap_name());

@@ -1,5 +1,6 @@
 //! The input log of "TCP at full speed": every frame delivered to the guest, numbered in
-//! delivery order over all NICs, for the fault-tolerance code to mirror to the backup.
+//! delivery order over all NICs, for the fault-tolerance code to mirror to the backup. A
+//! frame is logged as the guest's buffer receives it: virtio-net header, then Ethernet frame.
 //!
 //! A pure TCP ACK the guest sends may leave before its epoch commits once the backup holds every
 //! input frame delivered before it (see [`super::EpochNetGate`]): at failover the backup replays

@@ -8,6 +8,7 @@ mod epoch_disk;
 mod epoch_net;
 mod input_log;
 mod record;
+mod replay_watch;
 mod tcp_ack;
 
 pub use epoch::{
@@ -18,7 +19,10 @@ pub use epoch_disk::EpochDiskGate;
 pub use epoch_net::{EpochNetGate, GroupPeers};
 pub use input_log::{InputLog, InputRecorder, LoggedFrame};
 pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
-pub use tcp_ack::is_pure_tcp_ack;
+#[cfg(test)]
+pub(crate) use replay_watch::tests::segment as tcp_test_segment;
+pub use replay_watch::ReplayWatch;
+pub use tcp_ack::{is_pure_tcp_ack, tcp_segment, TcpSegment};
 
 /// Where a network device's transmitted frames go (a TAP device, through the gate).
 pub trait NetOutputGate: Send {
@@ -29,8 +33,9 @@ pub trait NetOutputGate: Send {
 /// Where a network device records each frame it is about to deliver to the guest (the input
 /// log of fault tolerance, see [`InputLog`]).
 pub trait NetInputRecorder: Send {
-    /// Records one Ethernet frame (without the virtio-net header) before it reaches guest
-    /// memory. False: the frame must not be delivered (the device drops it).
+    /// Records one frame as the guest's buffer will hold it (the 12-byte virtio-net header,
+    /// then the Ethernet frame) before it reaches guest memory. False: the frame must not be
+    /// delivered (the device drops it).
     fn record(&mut self, frame: &[u8]) -> bool;
 }
 

@@ -44,6 +44,65 @@ pub fn is_pure_tcp_ack(frame: &[u8]) -> bool {
     flags & TCP_ACK != 0 && flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_PSH | TCP_URG) == 0
 }
 
+/// What the replay watch needs of a TCP segment (see [`super::ReplayWatch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSegment {
+    /// Source and destination addresses (IPv4 ones in the first 4 bytes) and ports.
+    pub src: ([u8; 16], u16),
+    pub dst: ([u8; 16], u16),
+    pub seq: u32,
+    pub ack: Option<u32>,
+    pub window: u16,
+    /// Sequence space the segment covers: payload bytes, plus one for SYN and for FIN.
+    pub len: u32,
+}
+
+/// Parses `frame` (an untagged Ethernet frame; a segment of up to 64 KiB with receive
+/// offloads) as a TCP segment over IPv4 or IPv6 without extension headers; None for anything
+/// else, malformed included.
+pub fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
+    let ethertype = frame.get(12..14)?;
+    let ip = frame.get(ETH_HDR..)?;
+    let (tcp, src, dst) = match u16::from_be_bytes([ethertype[0], ethertype[1]]) {
+        ETHERTYPE_IPV4 => {
+            let tcp = ipv4_tcp(ip)?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src[..4].copy_from_slice(&ip[12..16]);
+            dst[..4].copy_from_slice(&ip[16..20]);
+            (tcp, src, dst)
+        }
+        ETHERTYPE_IPV6 => {
+            let tcp = ipv6_tcp(ip)?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            (tcp, src, dst)
+        }
+        _ => return None,
+    };
+    if tcp.len() < 20 {
+        return None;
+    }
+    let data_offset = usize::from(tcp[12] >> 4) * 4;
+    if data_offset < 20 || data_offset > tcp.len() {
+        return None;
+    }
+    let word = |at: usize| u32::from_be_bytes([tcp[at], tcp[at + 1], tcp[at + 2], tcp[at + 3]]);
+    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
+    let flags = tcp[13];
+    let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    Some(TcpSegment {
+        src: (src, port(0)),
+        dst: (dst, port(2)),
+        seq: word(4),
+        ack: (flags & TCP_ACK != 0).then(|| word(8)),
+        window: port(14),
+        len: (tcp.len() - data_offset) as u32 + control,
+    })
+}
+
 /// The TCP segment of an IPv4 packet (header and payload, padding cut off).
 fn ipv4_tcp(ip: &[u8]) -> Option<&[u8]> {
     if ip.len() < 20 || ip[0] >> 4 != 4 {

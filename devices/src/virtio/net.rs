@@ -1,9 +1,14 @@
 //! virtio-net (virtio 1.x, 5.1) backed by a TAP device.
 //!
-//! One RX and one TX queue, no control queue, no offloads: every frame is a complete Ethernet
-//! frame behind a 12-byte `virtio_net_hdr_v1` whose only non-zero field is `num_buffers = 1`
-//! on RX. Without `VIRTIO_NET_F_MRG_RXBUF`, each RX chain must hold header and frame; the chain
-//! may have any number of descriptors.
+//! One RX and one TX queue, no control queue. Every frame is an Ethernet frame behind a 12-byte
+//! `virtio_net_hdr_v1`. Transmit offloads are not offered: a TX frame is complete. Receive
+//! offloads are offered as Cloud Hypervisor's `offload_csum`/`offload_tso` say (both on by
+//! default): `VIRTIO_NET_F_GUEST_CSUM`, and with it `GUEST_TSO4`/`GUEST_TSO6`. When the driver
+//! accepts them the TAP may hand over TCP segments of up to 64 KiB with the checksum left to
+//! do, and the header tells the driver so; each frame then costs one TAP read, one input-log
+//! record and one guest buffer instead of up to 45. Without `VIRTIO_NET_F_MRG_RXBUF`, each RX
+//! chain must hold header and frame (a driver that takes TSO posts 64 KiB buffers, 5.1.6.3.1);
+//! the chain may have any number of descriptors, indirect ones included.
 //!
 //! Threads: `activate`/`reset` run on a vCPU thread (the transport calls them); all queue and
 //! TAP work runs on the device event loop. As in Firecracker, `activate` only stores the queues
@@ -31,8 +36,12 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,7 +50,7 @@ use super::{
     ActivateError, ActiveQueue, InterruptKind, VirtQueueState, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
 };
-use crate::gate::{NetInputRecorder, NetOutputGate};
+use crate::gate::{NetInputRecorder, NetOutputGate, ReplayWatch};
 use crate::state::RestoreError;
 use crate::tap::{PassedTap, Tap, TapError, VNET_HDR_LEN};
 use crate::GuestMemoryMmap;
@@ -194,6 +203,12 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// Device id for logs and the API.
     pub id: Option<String>,
+    /// Offer `VIRTIO_NET_F_GUEST_CSUM`: frames may arrive with their TCP/UDP checksum left to
+    /// do (`offload_csum`).
+    pub offload_csum: bool,
+    /// Offer `GUEST_TSO4`/`GUEST_TSO6` (with `offload_csum` only, as the spec requires): TCP
+    /// segments of up to 64 KiB (`offload_tso`).
+    pub offload_tso: bool,
 }
 
 impl Default for NetConfig {
@@ -207,6 +222,8 @@ impl Default for NetConfig {
             mtu: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             id: None,
+            offload_csum: true,
+            offload_tso: true,
         }
     }
 }
@@ -365,6 +382,8 @@ pub struct Net {
     input_recorder: Option<Box<dyn NetInputRecorder>>,
     /// Ethernet frames to deliver before the TAP is read again (replayed at failover).
     replay: VecDeque<Vec<u8>>,
+    /// Replayed TCP segments the guest has not acknowledged yet (see [`ReplayWatch`]).
+    replay_watch: ReplayWatch,
 }
 
 impl Net {
@@ -415,6 +434,16 @@ impl Net {
         if cfg.mtu.is_some() {
             avail_features |= 1u64 << VIRTIO_NET_F_MTU;
         }
+        if cfg.offload_csum {
+            avail_features |= 1u64 << VIRTIO_NET_F_GUEST_CSUM;
+            if cfg.offload_tso {
+                // A driver taking TSO posts 64 KiB buffers; indirect descriptors let it do so
+                // in one ring slot each.
+                avail_features |= (1u64 << VIRTIO_NET_F_GUEST_TSO4)
+                    | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
+                    | (1u64 << VIRTIO_RING_F_INDIRECT_DESC);
+            }
+        }
 
         Ok(Net {
             id: cfg.id.unwrap_or_else(|| tap.name().to_string()),
@@ -437,11 +466,26 @@ impl Net {
             counters: NetCounters::default(),
             input_recorder: None,
             replay: VecDeque::new(),
+            replay_watch: ReplayWatch::default(),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Lets the TAP hand over what the driver accepted (and nothing after a reset). Runs on
+    /// the thread that activates, resets or restores the device, not on the event loop. A TAP
+    /// that refuses only ever hands over complete frames, which every driver takes.
+    fn apply_offloads(&self) {
+        let flags = tap_offloads(self.acked_features);
+        if let Err(e) = self.tap.set_offload(flags) {
+            warn!(
+                "{}: TAP {} refuses offloads {flags:#x}: {e}; frames arrive complete",
+                self.id,
+                self.tap.name()
+            );
+        }
     }
 
     /// The name of the TAP the device is attached to.
@@ -496,15 +540,16 @@ impl Net {
         self.input_recorder = recorder;
     }
 
-    /// Queues Ethernet frames (without the virtio-net header) for delivery to the guest ahead
-    /// of anything read from the TAP from now on, each exactly like a TAP frame (failover:
-    /// the input the primary's guest had received after the restored state). Not saved in
-    /// [`NetState`].
+    /// Queues frames as the input log holds them (virtio-net header, then the Ethernet frame)
+    /// for delivery to the guest ahead of anything read from the TAP from now on, each exactly
+    /// like a TAP frame (failover: the input the primary's guest had received after the
+    /// restored state). Not saved in [`NetState`].
     pub fn queue_replay(&mut self, frames: Vec<Vec<u8>>) {
         if frames.is_empty() {
             return;
         }
         self.replay.extend(frames);
+        self.replay_watch.start(std::time::Instant::now());
         // The loop serves RX on the activation event; an inactive device gets there when it
         // is activated.
         if self.active.is_some() {
@@ -687,6 +732,7 @@ impl Net {
 
             // Replayed frames go first: they were delivered before anything now on the TAP.
             let from_replay = self.replay.pop_front();
+            let replayed = from_replay.is_some();
             let n = match from_replay.map(|frame| load_rx_frame(&mut self.rx_buf, &frame)) {
                 Some(Some(n)) => n,
                 Some(None) => {
@@ -711,6 +757,17 @@ impl Net {
                 queue.go_to_previous_position();
                 continue;
             }
+            if !fit_rx_header(&mut self.rx_buf[..VNET_HDR_LEN], self.acked_features) {
+                // Only a TAP whose offloads someone else changed, or a replayed frame from a
+                // primary that negotiated otherwise, can get here.
+                debug!(
+                    "{}: RX frame needs an offload the driver did not accept; dropped",
+                    self.id
+                );
+                self.counters.rx_dropped += 1;
+                queue.go_to_previous_position();
+                continue;
+            }
             if n > capacity {
                 // Dropping the frame and keeping the buffer: a later, smaller frame may fit.
                 debug!(
@@ -724,7 +781,9 @@ impl Net {
             if let Some(recorder) = self.input_recorder.as_mut() {
                 // Before the guest can see it: a delivered frame the backup could not replay
                 // would be unsafe, a dropped one is recovered by the guest's protocols.
-                if !recorder.record(&self.rx_buf[VNET_HDR_LEN..n]) {
+                // With its header: the backup's guest must see the same checksum and
+                // segmentation state.
+                if !recorder.record(&self.rx_buf[..n]) {
                     debug!(
                         "{}: RX frame of {n} bytes refused by the input log",
                         self.id
@@ -734,10 +793,6 @@ impl Net {
                     continue;
                 }
             }
-            // Offloads are off, so the guest must see flags = 0 and gso_type = NONE whatever
-            // the kernel put there; num_buffers is 1 without MRG_RXBUF (5.1.6.4).
-            self.rx_buf[..VNET_HDR_LEN].fill(0);
-            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
 
             let mut done = 0;
             let mut ok = true;
@@ -762,6 +817,13 @@ impl Net {
                 continue;
             }
             used_any |= add_used(queue, mem, head, n as u32, &self.id);
+            if replayed {
+                self.replay_watch.delivered(
+                    &self.rx_buf[..n],
+                    VNET_HDR_LEN,
+                    std::time::Instant::now(),
+                );
+            }
             self.counters.rx_frames += 1;
             self.counters.rx_bytes += (n - VNET_HDR_LEN) as u64;
         }
@@ -777,14 +839,21 @@ impl Net {
         let mem = &active.mem;
         let queue = &mut active.tx.queue;
         let mut used_any = false;
+        let mut full = true;
+        let mut offer_again = Vec::new();
         for _ in 0..MAX_BATCH {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return (used_any, false);
+                full = false;
+                break;
             };
             let head = chain.head_index();
             match gather_tx(chain, mem, &mut self.tx_buf) {
                 Ok(len) => {
                     let frame = &self.tx_buf[VNET_HDR_LEN..len];
+                    offer_again.extend(
+                        self.replay_watch
+                            .guest_sent(frame, std::time::Instant::now()),
+                    );
                     match self.gate.transmit(frame) {
                         Ok(()) => {
                             self.counters.tx_frames += 1;
@@ -808,7 +877,17 @@ impl Net {
             // The device writes nothing into TX buffers (5.1.6.2).
             used_any |= add_used(queue, mem, head, 0, &self.id);
         }
-        (used_any, true)
+        if !offer_again.is_empty() {
+            // Ahead of the rest of the replay and of the TAP, in their order; the loop serves
+            // RX on the activation event (or on the driver's next RX kick when out of buffers).
+            for frame in offer_again.into_iter().rev() {
+                self.replay.push_front(frame);
+            }
+            if let Err(e) = self.activate_evt.write(1) {
+                error!("{}: cannot schedule replayed frames again: {e}", self.id);
+            }
+        }
+        (used_any, full)
     }
 
     fn signal_used(&mut self, queue_index: usize) {
@@ -890,12 +969,64 @@ impl Net {
     }
 }
 
-/// Puts `frame` behind room for the virtio-net header in `buf`, as a TAP read would; returns
-/// the length with the header, or `None` when it does not fit.
+/// Puts a logged frame (virtio-net header and Ethernet frame, as a TAP read gives them) into
+/// `buf`; returns its length, or `None` when it does not fit.
 fn load_rx_frame(buf: &mut [u8], frame: &[u8]) -> Option<usize> {
-    let n = VNET_HDR_LEN.checked_add(frame.len())?;
-    buf.get_mut(VNET_HDR_LEN..n)?.copy_from_slice(frame);
-    Some(n)
+    buf.get_mut(..frame.len())?.copy_from_slice(frame);
+    Some(frame.len())
+}
+
+/// The `TUN_F_*` offloads matching the features the driver accepted.
+fn tap_offloads(acked: u64) -> libc::c_uint {
+    let has = |bit: u32| acked & (1u64 << bit) != 0;
+    let mut flags = 0;
+    // The kernel refuses segmentation offloads without checksum offload, as the spec does.
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+/// Makes an RX frame's `virtio_net_hdr_v1` what the driver may see (5.1.6.4): only the flags
+/// and segmentation it accepted, `num_buffers` = 1 (no MRG_RXBUF). False when the frame needs
+/// an offload the driver did not accept (its checksum is not done, or it is a segment larger
+/// than the MTU): it cannot be delivered.
+fn fit_rx_header(hdr: &mut [u8], acked: u64) -> bool {
+    let has = |bit: u32| acked & (1u64 << bit) != 0;
+    let (flags, gso_type) = (u32::from(hdr[0]), u32::from(hdr[1]));
+    let gso_ok = match gso_type {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_GUEST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_GUEST_TSO6),
+        // UDP, ECN: never offered.
+        _ => false,
+    };
+    let csum = has(VIRTIO_NET_F_GUEST_CSUM);
+    if !gso_ok || (!csum && flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0) {
+        return false;
+    }
+    let kept = if csum {
+        flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)
+    } else {
+        0
+    };
+    hdr[0] = kept as u8;
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE {
+        // hdr_len and gso_size mean nothing without segmentation.
+        hdr[2..6].fill(0);
+    }
+    if kept & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+        // csum_start and csum_offset mean nothing without a checksum to do.
+        hdr[6..10].fill(0);
+    }
+    hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+    true
 }
 
 /// Adds a used element; a failure means the used ring is not in guest memory any more, which
@@ -1003,6 +1134,7 @@ impl VirtioDevice for Net {
                 want: NUM_QUEUES,
             });
         };
+        self.apply_offloads();
         self.active = Some(Active {
             mem,
             interrupt,
@@ -1028,6 +1160,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        self.apply_offloads();
         self.generation += 1;
         // The loop unregisters the old queue eventfds when it sees this.
         if let Err(e) = self.activate_evt.write(1) {
@@ -1177,12 +1310,57 @@ mod tests {
     }
 
     #[test]
-    fn rx_frames_are_loaded_behind_room_for_the_header() {
+    fn logged_frames_are_loaded_as_they_were_logged() {
         let mut buf = vec![0xffu8; 32];
-        assert_eq!(load_rx_frame(&mut buf, b"frame"), Some(VNET_HDR_LEN + 5));
-        assert_eq!(&buf[VNET_HDR_LEN..VNET_HDR_LEN + 5], b"frame");
-        assert_eq!(load_rx_frame(&mut buf, &[1; 20]), Some(32));
-        assert_eq!(load_rx_frame(&mut buf, &[1; 21]), None);
+        assert_eq!(load_rx_frame(&mut buf, b"header+frame"), Some(12));
+        assert_eq!(&buf[..12], b"header+frame");
+        assert_eq!(load_rx_frame(&mut buf, &[1; 32]), Some(32));
+        assert_eq!(load_rx_frame(&mut buf, &[1; 33]), None);
+    }
+
+    const CSUM: u64 = 1 << VIRTIO_NET_F_GUEST_CSUM;
+    const TSO: u64 = CSUM | (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6);
+
+    /// flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+    fn hdr(flags: u8, gso: u8) -> [u8; 12] {
+        [flags, gso, 54, 0, 0xb4, 0x05, 34, 0, 16, 0, 0, 0]
+    }
+
+    #[test]
+    fn tap_offloads_follow_what_the_driver_accepted() {
+        assert_eq!(tap_offloads(0), 0);
+        assert_eq!(tap_offloads(CSUM), libc::TUN_F_CSUM);
+        assert_eq!(
+            tap_offloads(TSO),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+        // Segmentation without checksum offload is not a valid combination: none of it.
+        assert_eq!(tap_offloads(TSO & !CSUM), 0);
+    }
+
+    #[test]
+    fn rx_headers_carry_only_what_the_driver_accepted() {
+        // A TSO segment with its checksum to do reaches a driver that took TSO unchanged.
+        let mut h = hdr(1, 1);
+        assert!(fit_rx_header(&mut h, TSO));
+        assert_eq!(h, [1, 1, 54, 0, 0xb4, 0x05, 34, 0, 16, 0, 1, 0]);
+        // Without TSO it cannot be delivered; nor a partial checksum without GUEST_CSUM.
+        assert!(!fit_rx_header(&mut hdr(1, 1), CSUM));
+        assert!(!fit_rx_header(&mut hdr(1, 0), 0));
+        assert!(!fit_rx_header(
+            &mut hdr(0, 4),
+            CSUM | (1 << VIRTIO_NET_F_GUEST_TSO4)
+        ));
+        // UDP fragmentation and ECN are never offered.
+        assert!(!fit_rx_header(&mut hdr(0, 3), TSO));
+        assert!(!fit_rx_header(&mut hdr(0, 0x81), TSO));
+        // A complete frame: the meaningless fields are cleared, DATA_VALID kept with CSUM.
+        let mut h = hdr(2, 0);
+        assert!(fit_rx_header(&mut h, CSUM));
+        assert_eq!(h, [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let mut h = hdr(2 | 4, 0);
+        assert!(fit_rx_header(&mut h, 0));
+        assert_eq!(h, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
     }
 
     /// Driving the device without a transport: queues laid out by hand in guest memory.
@@ -1227,6 +1405,7 @@ mod tests {
             net: Net,
             mem: GuestMemoryMmap,
             posted: u16,
+            sent: u16,
         }
 
         impl Rig {
@@ -1244,6 +1423,7 @@ mod tests {
                     net,
                     mem,
                     posted: 0,
+                    sent: 0,
                 }
             }
 
@@ -1286,6 +1466,26 @@ mod tests {
 
             fn counter(&self, name: &str) -> u64 {
                 self.net.counters()[name]
+            }
+
+            /// The guest transmits `frame` (one TX chain, header first); TX is served.
+            fn guest_sends(&mut self, frame: &[u8]) {
+                const TX_BUFS: u64 = 0x80000;
+                let i = self.sent % QSIZE;
+                let addr = TX_BUFS + u64::from(i) * 0x1000;
+                let mut chain = vec![0u8; VNET_HDR_LEN];
+                chain.extend_from_slice(frame);
+                let (m, d) = (&self.mem, TX_DESC + u64::from(i) * 16);
+                m.write_slice(&chain, GuestAddress(addr)).unwrap();
+                m.write_obj(addr, GuestAddress(d)).unwrap();
+                m.write_obj(chain.len() as u32, GuestAddress(d + 8))
+                    .unwrap();
+                m.write_obj(0u32, GuestAddress(d + 12)).unwrap();
+                m.write_obj(i, GuestAddress(TX_AVAIL + 4 + u64::from(i) * 2))
+                    .unwrap();
+                self.sent = self.sent.wrapping_add(1);
+                m.write_obj(self.sent, GuestAddress(TX_AVAIL + 2)).unwrap();
+                self.net.process_tx();
             }
         }
 
@@ -1347,6 +1547,18 @@ mod tests {
             f
         }
 
+        /// `frame` as the input log holds it: behind the header the guest's buffer got.
+        fn logged(frame: &[u8]) -> Vec<u8> {
+            let mut l = vec![0u8; VNET_HDR_LEN];
+            l[10] = 1;
+            l.extend_from_slice(frame);
+            l
+        }
+
+        fn replay(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+            frames.iter().map(|f| logged(f)).collect()
+        }
+
         #[test]
         fn replayed_frames_reach_rx_buffers_before_tap_frames() {
             with_net(
@@ -1359,7 +1571,8 @@ mod tests {
                     let sock = std::net::UdpSocket::bind("10.77.9.1:0").unwrap();
                     sock.set_broadcast(true).unwrap();
                     sock.send_to(b"from-the-tap", "10.77.9.255:9").unwrap();
-                    rig.net.queue_replay(vec![frame(0xa1, 60), frame(0xa2, 70)]);
+                    rig.net
+                        .queue_replay(replay(&[frame(0xa1, 60), frame(0xa2, 70)]));
                     assert_eq!(rig.net.replay_pending(), 2);
                     // The device is active: the loop is woken to deliver them.
                     assert_eq!(rig.net.activate_evt.read().unwrap(), 1);
@@ -1377,11 +1590,63 @@ mod tests {
                     assert_eq!(got[1], frame(0xa2, 70));
                     assert!(got[2].ends_with(b"from-the-tap"), "{:?}", got[2]);
                     assert_eq!(rig.net.replay_pending(), 0);
-                    // The recorder saw exactly what the guest got, in order.
-                    assert_eq!(*log.seen.lock().unwrap(), got);
+                    // The recorder saw exactly what the guest got, in order, header included.
+                    let seen: Vec<Vec<u8>> = got.iter().map(|f| logged(f)).collect();
+                    assert_eq!(*log.seen.lock().unwrap(), seen);
                     assert_eq!(rig.counter("rx_frames"), 3);
                     let bytes: usize = got.iter().map(Vec::len).sum();
                     assert_eq!(rig.counter("rx_bytes"), bytes as u64);
+                },
+            );
+        }
+
+        #[test]
+        fn a_replayed_segment_the_guest_did_not_take_is_delivered_again() {
+            with_net(
+                "a_replayed_segment_the_guest_did_not_take_is_delivered_again",
+                |net| {
+                    let mut rig = Rig::new(net);
+                    let seg = crate::gate::tcp_test_segment(true, 1000, 1, 100, 500);
+                    let ack = |ack, window| crate::gate::tcp_test_segment(false, 1, ack, window, 0);
+                    rig.net.queue_replay(vec![seg.clone()]);
+                    assert_eq!(rig.net.activate_evt.read().unwrap(), 1);
+                    rig.post(BUF_LEN);
+                    rig.net.process_rx();
+                    assert_eq!(rig.received().len(), 1);
+                    // The guest's window ended 200 bytes into it: offered again.
+                    rig.guest_sends(&ack(1300, 0));
+                    assert_eq!(rig.net.replay_pending(), 1);
+                    assert_eq!(rig.net.activate_evt.read().unwrap(), 1, "RX is scheduled");
+                    rig.post(BUF_LEN);
+                    rig.net.process_rx();
+                    let got = rig.received();
+                    assert_eq!(got.len(), 2);
+                    assert_eq!(got[1], seg[VNET_HDR_LEN..]);
+                    // A duplicate ACK offers nothing; one that covers it ends the watch.
+                    rig.guest_sends(&ack(1300, 0));
+                    assert_eq!(rig.net.replay_pending(), 0);
+                    rig.guest_sends(&ack(1500, 100));
+                    rig.guest_sends(&ack(1500, 200));
+                    assert_eq!(rig.net.replay_pending(), 0);
+                    assert_eq!(rig.counter("tx_frames"), 4);
+                },
+            );
+        }
+
+        #[test]
+        fn frames_needing_an_offload_the_driver_refused_are_dropped() {
+            with_net(
+                "frames_needing_an_offload_the_driver_refused_are_dropped",
+                |net| {
+                    let mut rig = Rig::new(net);
+                    // NEEDS_CSUM: the checksum is left to a driver that did not take that on.
+                    let mut partial = logged(&frame(1, 60));
+                    partial[0] = 1;
+                    rig.net.queue_replay(vec![partial, logged(&frame(2, 60))]);
+                    rig.post(BUF_LEN);
+                    rig.net.process_rx();
+                    assert_eq!(rig.received(), vec![frame(2, 60)]);
+                    assert_eq!(rig.counter("rx_dropped"), 1);
                 },
             );
         }
@@ -1393,13 +1658,13 @@ mod tests {
                 let log = Log::default();
                 *log.refuse.lock().unwrap() = 1;
                 rig.net.set_input_recorder(Some(Box::new(log.clone())));
-                rig.net.queue_replay(vec![frame(1, 60), frame(2, 60)]);
+                rig.net.queue_replay(replay(&[frame(1, 60), frame(2, 60)]));
                 rig.post(BUF_LEN);
                 rig.net.process_rx();
                 assert_eq!(rig.received(), vec![frame(2, 60)]);
                 assert_eq!(rig.counter("rx_dropped"), 1);
                 assert_eq!(rig.counter("rx_frames"), 1);
-                assert_eq!(*log.seen.lock().unwrap(), vec![frame(2, 60)]);
+                assert_eq!(*log.seen.lock().unwrap(), vec![logged(&frame(2, 60))]);
             });
         }
 
@@ -1410,7 +1675,7 @@ mod tests {
                 |net| {
                     let mut rig = Rig::new(net);
                     rig.net
-                        .queue_replay(vec![frame(1, 100), frame(2, 3000), frame(3, 60)]);
+                        .queue_replay(replay(&[frame(1, 100), frame(2, 3000), frame(3, 60)]));
                     // No buffer: nothing is lost, RX waits for the driver.
                     rig.net.process_rx();
                     assert!(rig.net.rx_blocked);
@@ -1430,7 +1695,7 @@ mod tests {
             with_net(
                 "replay_into_an_inactive_device_waits_for_activation",
                 |mut net| {
-                    net.queue_replay(vec![frame(1, 60)]);
+                    net.queue_replay(replay(&[frame(1, 60)]));
                     assert!(net.activate_evt.read().is_err(), "no event while inactive");
                     assert_eq!(net.replay_pending(), 1);
                     let mut rig = Rig::new(net);
@@ -1438,7 +1703,7 @@ mod tests {
                     rig.net.process_rx();
                     assert_eq!(rig.received(), vec![frame(1, 60)]);
                     // Replay frames are not part of the saved state.
-                    rig.net.queue_replay(vec![frame(2, 60)]);
+                    rig.net.queue_replay(replay(&[frame(2, 60)]));
                     let json = serde_json::to_string(&rig.net.state()).unwrap();
                     assert!(!json.contains("replay"), "{json}");
                 },

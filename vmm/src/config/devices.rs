@@ -270,10 +270,13 @@ pub struct NetConfig {
     pub fds: Option<Vec<i32>>,
     #[serde(default)]
     pub pci_segment: u16,
+    /// Offer the guest TCP segments of up to 64 KiB (receive TSO; needs `offload_csum`).
     #[serde(default = "default_true")]
     pub offload_tso: bool,
+    /// Accepted for Cloud Hypervisor's sake; UDP fragmentation offload is never offered.
     #[serde(default = "default_true")]
     pub offload_ufo: bool,
+    /// Offer the guest frames whose TCP/UDP checksum is left to do (receive checksum offload).
     #[serde(default = "default_true")]
     pub offload_csum: bool,
     /// Only meaningful for vhost-user NICs (refused), so both values are accepted.

@@ -72,7 +72,8 @@ use crate::progress::TransferProgress;
 /// 5: fault-tolerance streams carry InputFrames and InputAck (input mirroring).
 /// 6: MemoryDone may count page frames sent on data streams (FT's several streams).
 /// 7: fault-tolerance streams carry each epoch's held output (OutputFrames).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: InputFrames carry each frame's virtio-net header (receive offloads).
+pub const PROTOCOL_VERSION: u32 = 8;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
