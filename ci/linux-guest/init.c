@@ -741,6 +741,12 @@ static void check_pmem(void)
 		char path[32], head[128], text[192];
 		snprintf(path, sizeof(path), "/dev/pmem%d", i);
 		int fd = open(path, O_RDWR | O_CLOEXEC);
+		/* The node can appear before its disk is live (ENXIO) while libnvdimm still probes. */
+		while (fd < 0 && errno == ENXIO && uptime_ms() < deadline) {
+			struct timespec ts = { 0, 20 * 1000 * 1000 };
+			nanosleep(&ts, NULL);
+			fd = open(path, O_RDWR | O_CLOEXEC);
+		}
 		if (fd < 0) {
 			if (errno == ENOENT)
 				break;
