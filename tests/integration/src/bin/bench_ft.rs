@@ -32,7 +32,8 @@
 //!   tcp       (10 ms epochs at 0, 250 and 1000 pages only) MB/s of a bulk send to the sink,
 //!             from the first byte to its `got N` reply. Under FT the guest's pure ACKs leave
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
-//!             epoch's commit.
+//!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch and
+//!             replication bytes per byte the guest received (where the link's bytes go).
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
 //! to back and pinging the guest every millisecond; the primary is killed with SIGKILL. Failover
 //! time = SIGKILL sent -> first ICMP echo reply to a ping sent at least 5 ms after it (only the
@@ -796,7 +797,9 @@ fn guest_stats(client: &mut SeqClient) -> Res<GuestStats> {
 
 /// Sends `bytes` (or what fits into `budget`) to the guest's sink, half-closes and waits for
 /// `got N`; returns MB/s (10^6) from the first byte to the reply.
-fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<f64> {
+/// MB/s of a bulk send of `bytes` (or what `budget` allows) to the guest's sink, and the bytes
+/// sent.
+fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)> {
     let addr = std::net::SocketAddr::from((GUEST_IP, SINK_PORT));
     let mut stream = ns
         .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
@@ -827,7 +830,7 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<f64> {
     if reply.split_whitespace().nth(1) != Some(sent.to_string().as_str()) {
         return Err(format!("sink replied {reply:?} to {sent} bytes"));
     }
-    Ok(sent as f64 / elapsed.as_secs_f64() / 1e6)
+    Ok((sent as f64 / elapsed.as_secs_f64() / 1e6, sent as u64))
 }
 
 /// Sequential round trips of `request` (`req`, `relay`: each reply checked to continue the
@@ -1162,6 +1165,9 @@ struct CaseResult {
     dirtied_per_s: f64,
     rtts_ms: Vec<f64>,
     tcp_mbps: Option<f64>,
+    /// FT during the TCP transfer: VMM-dirty pages per epoch, and replication bytes per byte
+    /// the guest received (input mirrored, pages, state).
+    tcp_ft: Option<(f64, f64)>,
     ft: Option<FtWindow>,
 }
 
@@ -1238,20 +1244,31 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         opts.latency_budget,
         SeqClient::req,
     )?;
-    let tcp_mbps = if setup.tcp {
-        Some(sink_throughput(
-            setup.client_ns,
-            opts.sink_mib << 20,
-            opts.sink_budget,
-        )?)
+    let (tcp_mbps, tcp_ft) = if setup.tcp {
+        // The floor protects nothing: its counters say nothing about replication.
+        let ft_socket = ft_socket.filter(|_| !setup.floor);
+        let before = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
+        let (mbps, sent) = sink_throughput(setup.client_ns, opts.sink_mib << 20, opts.sink_budget)?;
+        let tcp_ft = match (ft_socket, before) {
+            (Some(s), Some(before)) => {
+                let after = ft_status(setup.bins, s)?;
+                let epochs = after.epoch.saturating_sub(before.epoch).max(1) as f64;
+                let dirty = after.dirty_pages.saturating_sub(before.dirty_pages) as f64;
+                let bytes = after.bytes.saturating_sub(before.bytes) as f64;
+                Some((dirty / epochs, bytes / sent.max(1) as f64))
+            }
+            _ => None,
+        };
+        (Some(mbps), tcp_ft)
     } else {
-        None
+        (None, None)
     };
     Ok(CaseResult {
         work_per_s: (g1.work - g0.work) as f64 / guest_s,
         dirtied_per_s: g1.dirtied.saturating_sub(g0.dirtied) as f64 / guest_s,
         rtts_ms,
         tcp_mbps,
+        tcp_ft,
         ft,
     })
 }
@@ -1313,6 +1330,10 @@ enum Metric {
     RttP99Ms,
     RoundTrips,
     TcpMbps,
+    /// VMM-dirty pages per epoch during the TCP transfer.
+    TcpDirtyPerEpoch,
+    /// Replication bytes per byte the guest received during the TCP transfer.
+    TcpReplBytesPerByte,
     /// FT bytes sent per second of the work window, MB/s.
     SenderMbps,
 }
@@ -1384,6 +1405,10 @@ impl Results {
         if let Some(mbps) = r.tcp_mbps {
             self.add(cell, mode, Metric::TcpMbps, mbps);
         }
+        if let Some((dirty, per_byte)) = r.tcp_ft {
+            self.add(cell, mode, Metric::TcpDirtyPerEpoch, dirty);
+            self.add(cell, mode, Metric::TcpReplBytesPerByte, per_byte);
+        }
         if let Some(ft) = &r.ft {
             let epochs = ft.epochs as f64;
             self.add(
@@ -1440,6 +1465,12 @@ fn describe_case(r: &CaseResult) -> String {
     );
     if let Some(mbps) = r.tcp_mbps {
         let _ = write!(s, ", tcp {mbps:.1} MB/s");
+    }
+    if let Some((dirty, per_byte)) = r.tcp_ft {
+        let _ = write!(
+            s,
+            " ({dirty:.0} VMM-dirty pages/epoch, {per_byte:.2} replication B per B received)"
+        );
     }
     if let Some(ft) = &r.ft {
         let _ = write!(
@@ -3020,6 +3051,8 @@ impl Report<'_> {
                     fmt(held, 1),
                     fmt(ratio(ft), 3),
                     fmt(ratio(held), 3),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpDirtyPerEpoch), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
                 ]
             })
             .collect();
@@ -3034,6 +3067,9 @@ impl Report<'_> {
             println!(
                 "  FT: early ACKs (input mirrored to the backup, pure ACKs leave once it holds it); FT held: --no-early-acks"
             );
+            println!(
+                "  FT dirty/ep: VMM-dirty pages per epoch during the transfer (FT); repl B/B: bytes FT sent per byte the guest received"
+            );
             println!();
             print_table(
                 &[
@@ -3044,6 +3080,8 @@ impl Report<'_> {
                     "FT held",
                     "FT/noFT",
                     "FT held/noFT",
+                    "FT dirty/ep",
+                    "FT repl B/B",
                 ],
                 &tcp_rows,
             );
