@@ -56,6 +56,11 @@ fn seq_le(a: u32, b: u32) -> bool {
 }
 
 impl ReplayWatch {
+    /// Whether a replay is being watched (it may have expired; the next call notices).
+    pub fn is_watching(&self) -> bool {
+        self.until.is_some()
+    }
+
     /// A replay starts now (a later one extends the watch).
     pub fn start(&mut self, now: Instant) {
         self.until = Some(now + WATCH_FOR);

@@ -850,10 +850,13 @@ impl Net {
             match gather_tx(chain, mem, &mut self.tx_buf) {
                 Ok(len) => {
                     let frame = &self.tx_buf[VNET_HDR_LEN..len];
-                    offer_again.extend(
-                        self.replay_watch
-                            .guest_sent(frame, std::time::Instant::now()),
-                    );
+                    // Only after a takeover; no clock read per frame otherwise.
+                    if self.replay_watch.is_watching() {
+                        offer_again.extend(
+                            self.replay_watch
+                                .guest_sent(frame, std::time::Instant::now()),
+                        );
+                    }
                     match self.gate.transmit(frame) {
                         Ok(()) => {
                             self.counters.tx_frames += 1;
