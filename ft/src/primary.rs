@@ -1169,7 +1169,7 @@ impl Primary {
         let dirty = self
             .hot
             .stage(vm.memory(), &self.staging, reported, &mut self.stager)?;
-        self.hot.update(self.epoch, &dirty);
+        self.hot.update(self.epoch, &dirty, vm.guest_written());
         vm.rearm_dirty_log(self.hot.kept())?;
         let state = vm.save_state().map_err(|e| e.to_string())?;
         let disk_writes = self

@@ -32,6 +32,13 @@ pub trait ReplicableVm {
     /// Pages written since the last call (by the guest or by devices); starts a new set. With
     /// manual re-arming on, the pages not re-armed since are reported too.
     fn dirty_since_last(&mut self) -> Result<DirtyPages, String>;
+    /// Of the pages the last [`ReplicableVm::dirty_since_last`] reported, those the guest
+    /// wrote itself (its dirty log), as opposed to devices writing through the VMM. Only a
+    /// guest write can fault, so only these are worth keeping writable. None: not known
+    /// (every reported page counts).
+    fn guest_written(&self) -> Option<&DirtyPages> {
+        None
+    }
     /// FT's hot pages: turns manual re-arming of the dirty log on (false if this VM cannot) or
     /// off (then every page is re-armed, and harvests re-arm what they report, as before).
     fn set_manual_rearm(&mut self, _on: bool) -> Result<bool, String> {
@@ -61,10 +68,16 @@ impl ReplicableVm for Vm {
     }
     fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
         let kvm = self.take_dirty_log().map_err(|e| e.to_string())?;
+        // Before the device bitmap is harvested into `pages` (which resets it).
+        let guest =
+            DirtyPages::from_bitmaps(&kvm, Vm::memory(self), false).map_err(|e| e.to_string())?;
         let pages =
             DirtyPages::from_bitmaps(&kvm, Vm::memory(self), true).map_err(|e| e.to_string())?;
-        self.note_reported(&pages);
+        self.note_reported(&pages, guest);
         Ok(pages)
+    }
+    fn guest_written(&self) -> Option<&DirtyPages> {
+        Vm::guest_written(self)
     }
     fn set_manual_rearm(&mut self, on: bool) -> Result<bool, String> {
         Vm::set_manual_rearm(self, on).map_err(|e| e.to_string())

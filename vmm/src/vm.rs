@@ -192,6 +192,8 @@ pub struct Vm {
     /// With KVM's manual dirty-log re-arming on (FT's hot pages): the pages harvests reported
     /// that are not re-armed yet (writable, and reported by every harvest until re-armed).
     manual_rearm: Option<DirtyPages>,
+    /// Of the last harvest, the pages the guest wrote itself (its KVM dirty log).
+    guest_written: Option<DirtyPages>,
 }
 
 /// Everything a restore needs besides guest memory and the VM configuration.
@@ -570,11 +572,18 @@ impl Vm {
         Ok(())
     }
 
-    /// Records the pages a harvest reported while manual re-arming is on.
-    pub fn note_reported(&mut self, pages: &DirtyPages) {
+    /// Records the pages a harvest reported (while manual re-arming is on, they wait to be
+    /// re-armed) and, of those, the ones the guest wrote itself.
+    pub fn note_reported(&mut self, pages: &DirtyPages, guest_written: DirtyPages) {
         if let Some(reported) = self.manual_rearm.as_mut() {
             reported.union_with(pages);
         }
+        self.guest_written = Some(guest_written);
+    }
+
+    /// Of the last harvest, the pages the guest wrote itself (not devices).
+    pub fn guest_written(&self) -> Option<&DirtyPages> {
+        self.guest_written.as_ref()
     }
 
     /// Pages the guest wrote since the last call (dirty logging must be on), as one bitmap per
@@ -776,6 +785,7 @@ impl PreparedVm {
             vm_fd: self.vm_fd,
             memory: self.memory,
             manual_rearm: None,
+            guest_written: None,
         })
     }
 }

@@ -129,10 +129,12 @@ impl HotPages {
         Ok(reported)
     }
 
-    /// After [`HotPages::stage`] of `epoch`: `changed` is what it returned. Keeps the pages
-    /// that changed recently, within the budget; the rest is re-armed by the caller with
-    /// [`HotPages::kept`].
-    pub fn update(&mut self, epoch: u64, changed: &DirtyPages) {
+    /// After [`HotPages::stage`] of `epoch`: `changed` is what it returned, `guest_written`
+    /// the pages of the harvest the guest wrote itself (None: unknown). Keeps the pages that
+    /// changed recently, within the budget; the rest is re-armed by the caller with
+    /// [`HotPages::kept`]. A page only devices wrote (a NIC's receive buffer) never faults, so
+    /// keeping it would only take room from one that does.
+    pub fn update(&mut self, epoch: u64, changed: &DirtyPages, guest_written: Option<&DirtyPages>) {
         if !self.enabled {
             return;
         }
@@ -151,6 +153,9 @@ impl HotPages {
         for gpa in changed.iter() {
             if self.kept.len() >= room {
                 break;
+            }
+            if guest_written.is_some_and(|written| !written.contains(gpa)) {
+                continue;
             }
             self.kept.entry(gpa.0).or_insert(epoch);
         }
@@ -215,7 +220,7 @@ mod tests {
         guest.write_obj(22u64, page(2)).unwrap();
         let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
         assert_eq!(dirty, set(&guest, &[1, 2]));
-        hot.update(1, &dirty);
+        hot.update(1, &dirty, None);
         assert_eq!(hot.kept(), &set(&guest, &[1, 2]));
         assert_eq!(staging.read_obj::<u64>(page(2)).unwrap(), 22);
         // Epoch 2: page 2 rewritten while writable (unlogged, but kept pages are always
@@ -230,7 +235,7 @@ mod tests {
         );
         assert_eq!(staging.read_obj::<u64>(page(2)).unwrap(), 23);
         assert_eq!(staging.read_obj::<u64>(page(3)).unwrap(), 33);
-        hot.update(2, &dirty);
+        hot.update(2, &dirty, None);
         assert!(
             hot.summary().contains("found 1 changed"),
             "{}",
@@ -247,7 +252,7 @@ mod tests {
         hot.set_enabled(true);
         let all: Vec<u64> = (0..64).collect();
         let dirty = stage(&mut hot, &guest, &staging, &all);
-        hot.update(1, &dirty);
+        hot.update(1, &dirty, None);
         let room = (hot.budget.as_nanos() / hot.compare_cost.as_nanos()) as u64;
         assert!(
             hot.kept().count() <= room.max(1),
@@ -261,9 +266,24 @@ mod tests {
                 .stage(&guest, &staging, reported, &mut StagingCopier::alone())
                 .unwrap();
             assert!(dirty.is_empty(), "unchanged kept pages were sent");
-            hot.update(epoch, &dirty);
+            hot.update(epoch, &dirty, None);
         }
         assert!(hot.kept().is_empty(), "{} still kept", hot.kept().count());
+    }
+
+    #[test]
+    fn pages_only_devices_wrote_are_not_kept() {
+        let guest = vmm::memory::create(MEM as u64).unwrap();
+        let staging = vmm::memory::create(MEM as u64).unwrap();
+        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
+        hot.set_enabled(true);
+        guest.write_obj(11u64, page(1)).unwrap();
+        guest.write_obj(22u64, page(2)).unwrap();
+        let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
+        // The guest wrote page 1; page 2 is a receive buffer a device filled.
+        hot.update(1, &dirty, Some(&set(&guest, &[1])));
+        assert_eq!(hot.kept(), &set(&guest, &[1]));
+        assert_eq!(dirty, set(&guest, &[1, 2]), "both are still sent");
     }
 
     #[test]
@@ -272,7 +292,7 @@ mod tests {
         let staging = vmm::memory::create(MEM as u64).unwrap();
         let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
         let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
-        hot.update(1, &dirty);
+        hot.update(1, &dirty, None);
         assert!(hot.kept().is_empty());
         assert_eq!(dirty, set(&guest, &[1, 2]));
     }
