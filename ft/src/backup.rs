@@ -1247,7 +1247,8 @@ fn receive_epochs(
                 if initial {
                     return Err("input frames during the initial synchronisation".into());
                 }
-                let frames = decode_input_frames(payload).map_err(|e| e.to_string())?;
+                let frames = decode_input_frames(payload, replica.input.pool())
+                    .map_err(|e| e.to_string())?;
                 replica.input.receive(frames)?;
                 if let Some(seq) = replica.input.ack_due() {
                     link.answer(&Control::InputAck { seq });

@@ -13,10 +13,12 @@
 
 use std::collections::VecDeque;
 
-use devices::gate::LoggedFrame;
+use devices::gate::{FramePool, LoggedFrame};
 
 /// Bytes of frames the backup keeps at most.
 pub const INPUT_STORE_MAX: usize = 64 << 20;
+/// Spare frame buffers kept for reuse, at most (a few epochs of a bulk transfer).
+const SPARE_BYTES: usize = 16 << 20;
 
 #[derive(Debug)]
 pub struct InputStore {
@@ -32,6 +34,8 @@ pub struct InputStore {
     dropped_epoch: Option<u64>,
     /// The newest seq acknowledged.
     acked: u64,
+    /// Buffers of frames no longer kept, for the next ones (see [`InputStore::pool`]).
+    pool: FramePool,
 }
 
 impl InputStore {
@@ -45,7 +49,14 @@ impl InputStore {
             held_epoch: None,
             dropped_epoch: None,
             acked: 0,
+            pool: FramePool::new(SPARE_BYTES),
         }
+    }
+
+    /// Where the buffers of received frames come from: those of frames dropped here go back
+    /// to it.
+    pub fn pool(&mut self) -> &mut FramePool {
+        &mut self.pool
     }
 
     /// Takes the frames of one InputFrames payload. Err: the stream is wrong (seq not after
@@ -67,13 +78,17 @@ impl InputStore {
             self.last_seq = frame.seq;
             if self.held_epoch.is_some_and(|held| frame.epoch <= held) {
                 // Already in the state held.
+                self.pool.give_back(frame.data);
                 continue;
             }
-            if self.bytes + frame.data.len() > self.max_bytes {
+            // What the frame takes in memory, a pooled buffer's spare room included.
+            let size = frame.data.capacity();
+            if self.bytes + size > self.max_bytes {
                 self.dropped_epoch = self.dropped_epoch.max(Some(frame.epoch));
+                self.pool.give_back(frame.data);
                 continue;
             }
-            self.bytes += frame.data.len();
+            self.bytes += size;
             self.frames.push_back(frame);
         }
         Ok(())
@@ -84,7 +99,8 @@ impl InputStore {
         self.held_epoch = self.held_epoch.max(Some(epoch));
         while self.frames.front().is_some_and(|f| f.epoch <= epoch) {
             if let Some(f) = self.frames.pop_front() {
-                self.bytes -= f.data.len();
+                self.bytes -= f.data.capacity();
+                self.pool.give_back(f.data);
             }
         }
         if self.dropped_epoch.is_some_and(|dropped| dropped <= epoch) {
@@ -167,6 +183,30 @@ mod tests {
         store.epoch_held(5);
         assert_eq!(store.ack_due(), Some(3));
         assert_eq!(store.replay().len(), 1);
+    }
+
+    #[test]
+    fn buffers_of_frames_an_epoch_covers_are_reused() {
+        let mut store = InputStore::new(1, 1 << 20);
+        let big = store.pool().copy_of(&[3u8; 30_000]);
+        store
+            .receive(vec![LoggedFrame {
+                seq: 1,
+                nic: 0,
+                epoch: 5,
+                data: big,
+            }])
+            .unwrap();
+        assert_eq!(store.pool().spare(), 0);
+        store.epoch_held(5);
+        assert_eq!(
+            store.pool().spare(),
+            1,
+            "the held epoch's frame gave its buffer back"
+        );
+        let reused = store.pool().copy_of(&[4u8; 40_000]);
+        assert_eq!(store.pool().spare(), 0);
+        assert_eq!(reused, vec![4u8; 40_000]);
     }
 
     #[test]

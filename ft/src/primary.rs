@@ -1398,7 +1398,9 @@ fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
     shared
         .input_frames_sent
         .fetch_add(frames.len() as u64, Ordering::Relaxed);
-    encode_input_frames(&frames)
+    let payloads = encode_input_frames(&frames);
+    input.recycle(frames);
+    payloads
 }
 
 /// What the NICs still hold of ended epoch `epoch`, as OutputFrames payloads. Read on the

@@ -50,7 +50,7 @@
 //! then the data of the writes back to back`. Every length is checked against the payload
 //! before anything is used.
 
-use devices::gate::LoggedFrame;
+use devices::gate::{FramePool, LoggedFrame};
 use serde::{Deserialize, Serialize};
 use vmm::control::FtDiskMode;
 
@@ -310,18 +310,20 @@ pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
 
 /// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before
 /// anything is copied.
-pub fn decode_input_frames(p: &[u8]) -> Result<Vec<LoggedFrame>, WireError> {
-    decode_logged_frames(p, WireError::InputFrames)
+/// The frames' buffers come from `pool` (the backup's input store gives them back).
+pub fn decode_input_frames(p: &[u8], pool: &mut FramePool) -> Result<Vec<LoggedFrame>, WireError> {
+    decode_logged_frames(p, WireError::InputFrames, &mut |data| pool.copy_of(data))
 }
 
 /// Decodes one OutputFrames payload (InputFrames' layout and checks).
 pub fn decode_output_frames(p: &[u8]) -> Result<Vec<LoggedFrame>, WireError> {
-    decode_logged_frames(p, WireError::OutputFrames)
+    decode_logged_frames(p, WireError::OutputFrames, &mut |data| data.to_vec())
 }
 
 fn decode_logged_frames(
     p: &[u8],
     bad: fn(String) -> WireError,
+    copy: &mut dyn FnMut(&[u8]) -> Vec<u8>,
 ) -> Result<Vec<LoggedFrame>, WireError> {
     let word = |at: usize, n: usize| -> Result<u64, WireError> {
         let bytes = p
@@ -367,7 +369,7 @@ fn decode_logged_frames(
             seq,
             nic,
             epoch,
-            data: data.to_vec(),
+            data: copy(data),
         });
         last_seq = seq;
         at += len;
@@ -499,28 +501,31 @@ mod tests {
         let mut back = Vec::new();
         for p in &payloads {
             assert!(p.len() <= MAX_INPUT_FRAME);
-            back.extend(decode_input_frames(p).unwrap());
+            back.extend(decode_input_frames(p, &mut FramePool::new(0)).unwrap());
         }
         assert_eq!(back, frames);
 
         let one = &encode_input_frames(&[input(7, 100), input(9, 64)])[0];
         for cut in 0..one.len() {
-            assert!(decode_input_frames(&one[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                decode_input_frames(&one[..cut], &mut FramePool::new(0)).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut longer = one.clone();
         longer.push(0);
-        assert!(decode_input_frames(&longer).is_err());
+        assert!(decode_input_frames(&longer, &mut FramePool::new(0)).is_err());
         // Seqs out of order, a zero-length or oversized frame, a count that cannot fit.
         let backwards = &encode_input_frames(&[input(9, 10), input(7, 10)])[0];
-        assert!(decode_input_frames(backwards).is_err());
+        assert!(decode_input_frames(backwards, &mut FramePool::new(0)).is_err());
         let empty = &encode_input_frames(&[input(1, 0)])[0];
-        assert!(decode_input_frames(empty).is_err());
+        assert!(decode_input_frames(empty, &mut FramePool::new(0)).is_err());
         let huge = &encode_input_frames(&[input(1, MAX_INPUT_LEN + 1)])[0];
-        assert!(decode_input_frames(huge).is_err());
+        assert!(decode_input_frames(huge, &mut FramePool::new(0)).is_err());
         let mut lying = one.clone();
         lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode_input_frames(&lying).is_err());
-        assert!(decode_input_frames(&0u32.to_le_bytes()).is_err());
+        assert!(decode_input_frames(&lying, &mut FramePool::new(0)).is_err());
+        assert!(decode_input_frames(&0u32.to_le_bytes(), &mut FramePool::new(0)).is_err());
     }
 
     #[test]
@@ -544,7 +549,7 @@ mod tests {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_disk_writes(&bytes);
-            let _ = decode_input_frames(&bytes);
+            let _ = decode_input_frames(&bytes, &mut FramePool::new(0));
             let _ = decode_output_frames(&bytes);
             let _ = Control::decode(&bytes);
         }

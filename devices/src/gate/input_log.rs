@@ -10,7 +10,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::NetInputRecorder;
+use super::{FramePool, NetInputRecorder};
+
+/// Spare frame buffers the log keeps for reuse, at most (a few epochs of a bulk transfer's
+/// frames in flight to the backup).
+const SPARE_BYTES: usize = 8 << 20;
 
 /// One frame delivered to the guest, numbered in delivery order over all NICs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +32,8 @@ struct State {
     /// Recorded frames not yet taken by the sender, oldest first.
     pending: VecDeque<LoggedFrame>,
     pending_bytes: usize,
+    /// Buffers of frames the sender is done with (see [`InputLog::recycle`]).
+    pool: FramePool,
 }
 
 /// The shared input log (one per VM, shared by its NICs and the FT sender).
@@ -52,6 +58,7 @@ impl InputLog {
                 last_seq: 0,
                 pending: VecDeque::new(),
                 pending_bytes: 0,
+                pool: FramePool::new(SPARE_BYTES),
             }),
             max_pending_bytes,
             notify: Mutex::new(None),
@@ -101,11 +108,12 @@ impl InputLog {
             }
             let was_empty = st.pending.is_empty();
             st.last_seq += 1;
+            let data = st.pool.copy_of(frame);
             let frame = LoggedFrame {
                 seq: st.last_seq,
                 nic,
                 epoch: st.epoch,
-                data: frame.to_vec(),
+                data,
             };
             st.pending.push_back(frame);
             st.pending_bytes = after;
@@ -137,6 +145,15 @@ impl InputLog {
         let mut st = self.state();
         st.pending_bytes = 0;
         st.pending.drain(..).collect()
+    }
+
+    /// Hands the buffers of frames taken with [`InputLog::take_pending`] back once they are
+    /// sent, for the next frames to reuse.
+    pub fn recycle(&self, frames: Vec<LoggedFrame>) {
+        let mut st = self.state();
+        for frame in frames {
+            st.pool.give_back(frame.data);
+        }
     }
 
     /// The backup holds every frame with seq <= `seq` (monotonic: a smaller value is ignored).
@@ -230,6 +247,19 @@ mod tests {
         let seqs: Vec<(u64, u32)> = taken.iter().map(|f| (f.seq, f.nic)).collect();
         assert_eq!(seqs, vec![(1, 0), (2, 1), (3, 0)]);
         assert_eq!(taken[1].data, b"two");
+    }
+
+    #[test]
+    fn buffers_of_sent_frames_are_reused() {
+        let log = InputLog::new(1, 1 << 20);
+        assert!(log.record(0, &[5u8; 40_000]));
+        let sent = log.take_pending();
+        log.recycle(sent);
+        assert_eq!(log.state().pool.spare(), 1);
+        assert!(log.record(0, &[6u8; 50_000]));
+        assert_eq!(log.state().pool.spare(), 0, "the spare buffer was taken");
+        let next = log.take_pending();
+        assert_eq!(next[0].data, vec![6u8; 50_000]);
     }
 
     #[test]

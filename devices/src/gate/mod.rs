@@ -6,6 +6,7 @@
 mod epoch;
 mod epoch_disk;
 mod epoch_net;
+mod frame_pool;
 mod input_log;
 mod record;
 mod replay_watch;
@@ -17,6 +18,7 @@ pub use epoch::{
 };
 pub use epoch_disk::EpochDiskGate;
 pub use epoch_net::{EpochNetGate, GroupPeers};
+pub use frame_pool::FramePool;
 pub use input_log::{InputLog, InputRecorder, LoggedFrame};
 pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
 #[cfg(test)]

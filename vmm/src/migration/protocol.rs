@@ -1061,10 +1061,22 @@ fn write_header(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_le
 /// Encodes one frame with `payload` into a new buffer (for the small frames; page frames are
 /// assembled in place by the [`Sender`]).
 pub fn encode_frame(kind: FrameType, flags: u8, seq: u32, payload: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; HEADER_LEN + payload.len() + TRAILER_LEN];
-    buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
-    seal_frame(&mut buf, kind, flags, seq, payload.len());
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
+    assemble_frame(&mut buf, kind, flags, seq, payload);
     buf
+}
+
+/// Largest frame buffer a [`Sender`] keeps between small frames (an input batch fits).
+const KEEP_FRAME_BUFFER: usize = 2 << 20;
+
+/// Assembles one frame in `buf`, emptied first: a buffer kept across frames saves the
+/// allocation, its zeroing and, for large frames, the page faults of fresh memory.
+fn assemble_frame(buf: &mut Vec<u8>, kind: FrameType, flags: u8, seq: u32, payload: &[u8]) {
+    buf.clear();
+    buf.extend_from_slice(&[0u8; HEADER_LEN]);
+    buf.extend_from_slice(payload);
+    buf.extend_from_slice(&[0u8; TRAILER_LEN]);
+    seal_frame(buf, kind, flags, seq, payload.len());
 }
 
 /// Writes one small frame with the next sequence number of `seq` (for a side that speaks the
@@ -1087,11 +1099,13 @@ fn write_small<T: Write>(
     kind: FrameType,
     payload: &[u8],
 ) -> io::Result<()> {
-    write_small_flagged(stream, seq, stats, kind, 0, payload)
+    let mut frame = Vec::new();
+    write_small_flagged((stream, &mut frame), seq, stats, kind, 0, payload)
 }
 
+/// Writes one frame assembled in `frame` (a buffer the caller may keep for the next one).
 fn write_small_flagged<T: Write>(
-    stream: &mut T,
+    (stream, frame): (&mut T, &mut Vec<u8>),
     seq: &mut u32,
     stats: &mut TransferStats,
     kind: FrameType,
@@ -1107,12 +1121,17 @@ fn write_small_flagged<T: Write>(
             ),
         ));
     }
-    let frame = encode_frame(kind, flags, *seq, payload);
-    stream.write_all(&frame)?;
-    stream.flush()?;
+    assemble_frame(frame, kind, flags, *seq, payload);
+    let written = stream.write_all(frame).and_then(|()| stream.flush());
+    let len = frame.len() as u64;
+    if frame.capacity() > KEEP_FRAME_BUFFER {
+        // A rare large frame (disk writes, a migration's state) does not pin its memory.
+        *frame = Vec::new();
+    }
+    written?;
     *seq = seq.wrapping_add(1);
     stats.frames += 1;
-    stats.bytes += frame.len() as u64;
+    stats.bytes += len;
     Ok(())
 }
 
@@ -1228,6 +1247,8 @@ pub struct Sender<T: Read + Write> {
     /// Counts what leaves for an operator watching a long transfer (`vm.progress`).
     progress: Option<Arc<TransferProgress>>,
     interleave: Option<InterleaveHook>,
+    /// Where small frames (state, input, control) are assembled, kept across frames.
+    small_frame: Vec<u8>,
 }
 
 impl<T: Read + Write> Sender<T> {
@@ -1253,6 +1274,7 @@ impl<T: Read + Write> Sender<T> {
             pool: None,
             progress: None,
             interleave: None,
+            small_frame: Vec::new(),
         }
     }
 
@@ -1319,11 +1341,12 @@ impl<T: Read + Write> Sender<T> {
     }
 
     fn send_small(&mut self, kind: FrameType, payload: &[u8]) -> Result<(), ProtocolError> {
-        match write_small(
-            &mut self.stream,
+        match write_small_flagged(
+            (&mut self.stream, &mut self.small_frame),
             &mut self.seq,
             &mut self.stats,
             kind,
+            0,
             payload,
         ) {
             Ok(()) => {
@@ -1626,7 +1649,7 @@ impl<T: Read + Write> Sender<T> {
             let packed = lz4_flex::block::compress_prepend_size(&json);
             if packed.len() < json.len() {
                 return match write_small_flagged(
-                    &mut self.stream,
+                    (&mut self.stream, &mut self.small_frame),
                     &mut self.seq,
                     &mut self.stats,
                     FrameType::State,
