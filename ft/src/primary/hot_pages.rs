@@ -203,6 +203,16 @@ mod tests {
         .unwrap()
     }
 
+    /// Guest memory, staging memory and a hot-page set for `epoch`-long epochs, with manual
+    /// re-arming on or off.
+    fn rig(epoch: Duration, rearm: bool) -> (GuestMemoryMmap, GuestMemoryMmap, HotPages) {
+        let guest = vmm::memory::create(MEM as u64).unwrap();
+        let staging = vmm::memory::create(MEM as u64).unwrap();
+        let mut hot = HotPages::new(&guest, epoch).unwrap();
+        hot.set_enabled(rearm);
+        (guest, staging, hot)
+    }
+
     fn set(mem: &GuestMemoryMmap, pages: &[u64]) -> DirtyPages {
         DirtyPages::from_pages(mem, pages.iter().map(|&p| page(p)))
             .unwrap()
@@ -211,10 +221,7 @@ mod tests {
 
     #[test]
     fn kept_pages_are_sent_only_when_they_changed_and_staging_follows() {
-        let guest = vmm::memory::create(MEM as u64).unwrap();
-        let staging = vmm::memory::create(MEM as u64).unwrap();
-        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
-        hot.set_enabled(true);
+        let (guest, staging, mut hot) = rig(Duration::from_millis(10), true);
         // Epoch 1: pages 1 and 2 written (logged), copied, kept.
         guest.write_obj(11u64, page(1)).unwrap();
         guest.write_obj(22u64, page(2)).unwrap();
@@ -245,11 +252,8 @@ mod tests {
 
     #[test]
     fn pages_that_stop_changing_are_rearmed_and_the_set_is_bounded() {
-        let guest = vmm::memory::create(MEM as u64).unwrap();
-        let staging = vmm::memory::create(MEM as u64).unwrap();
         // A 20 us budget at the initial 400 ns a compare: room for 50 pages.
-        let mut hot = HotPages::new(&guest, Duration::from_micros(400)).unwrap();
-        hot.set_enabled(true);
+        let (guest, staging, mut hot) = rig(Duration::from_micros(400), true);
         let all: Vec<u64> = (0..64).collect();
         let dirty = stage(&mut hot, &guest, &staging, &all);
         hot.update(1, &dirty, None);
@@ -273,10 +277,7 @@ mod tests {
 
     #[test]
     fn pages_only_devices_wrote_are_not_kept() {
-        let guest = vmm::memory::create(MEM as u64).unwrap();
-        let staging = vmm::memory::create(MEM as u64).unwrap();
-        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
-        hot.set_enabled(true);
+        let (guest, staging, mut hot) = rig(Duration::from_millis(10), true);
         guest.write_obj(11u64, page(1)).unwrap();
         guest.write_obj(22u64, page(2)).unwrap();
         let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
@@ -288,9 +289,7 @@ mod tests {
 
     #[test]
     fn without_manual_rearming_nothing_is_kept() {
-        let guest = vmm::memory::create(MEM as u64).unwrap();
-        let staging = vmm::memory::create(MEM as u64).unwrap();
-        let mut hot = HotPages::new(&guest, Duration::from_millis(10)).unwrap();
+        let (guest, staging, mut hot) = rig(Duration::from_millis(10), false);
         let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
         hot.update(1, &dirty, None);
         assert!(hot.kept().is_empty());
