@@ -13,8 +13,8 @@ use super::{is_pure_tcp_ack, InputLog, NetOutputGate};
 struct LaneItem {
     /// The epoch it was produced in: its commit releases it whatever the input log says.
     epoch: u64,
-    /// [`InputLog::delivered`] when it was produced: it may leave once the backup holds every
-    /// input frame up to this one.
+    /// [`InputLog::ack_tag`] when it was produced (the newest input frame carrying bytes it
+    /// acknowledges): it may leave once the backup holds every input frame up to this one.
     tag: u64,
     frame: Vec<u8>,
 }
@@ -186,7 +186,7 @@ fn ack_lane(core: &mut EpochCore<NetSink>, frame: &[u8]) -> Option<io::Result<()
     if !is_pure_tcp_ack(frame) {
         return None;
     }
-    let tag = log.delivered();
+    let tag = log.ack_tag(frame);
     if core.sink.lane.is_empty() && log.mirrored() >= tag {
         // Counted in `early_released` only (not in `passed_items`): it left before its epoch
         // committed.
@@ -237,7 +237,8 @@ impl NetOutputGate for EpochNetGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::tcp_ack::tests::{ipv4_tcp_frame, pure_ack};
+    use crate::gate::ack_index::tests::{guest_ack, input_segment};
+    use crate::gate::tcp_ack::tests::ipv4_tcp_frame;
 
     /// Records transmitted frames.
     #[derive(Clone, Default)]
@@ -259,10 +260,16 @@ mod tests {
     }
 
     /// A pure ACK told apart from others by its source port.
+    /// A pure ACK of everything [`input`] delivers, told apart by its IP identification.
     fn ack(id: u16) -> Vec<u8> {
-        let mut f = pure_ack();
-        f[14 + 20..14 + 22].copy_from_slice(&id.to_be_bytes());
+        let mut f = guest_ack(80, 1 << 20);
+        f[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
         f
+    }
+
+    /// An input frame carrying bytes every [`ack`] acknowledges.
+    fn input() -> Vec<u8> {
+        input_segment(80, 0, 100)
     }
 
     fn data(id: u16) -> Vec<u8> {
@@ -292,7 +299,7 @@ mod tests {
     fn an_ended_epochs_held_frames_are_visited_in_order_until_they_leave() {
         let (mut gate, control, wire, log) = gate();
         gate.transmit(&data(1)).unwrap();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         // A pure ACK goes to the lane, not to the epoch's queue.
         gate.transmit(&ack(9)).unwrap();
         gate.transmit(&data(2)).unwrap();
@@ -313,8 +320,8 @@ mod tests {
     #[test]
     fn held_ack_leaves_when_its_input_is_mirrored_and_not_before() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
-        assert!(log.record(0, b"in2"));
+        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input()));
         gate.transmit(&ack(1)).unwrap();
         assert!(wire.sent().is_empty());
         assert_eq!(control.stats().lane_held, 1);
@@ -334,9 +341,32 @@ mod tests {
     }
 
     #[test]
+    fn an_ack_waits_only_for_the_input_it_acknowledges() {
+        let (mut gate, control, wire, log) = gate();
+        assert!(log.record(0, &input_segment(80, 0, 100)));
+        assert!(log.record(0, &input_segment(80, 100, 100)));
+        assert!(log.record(0, &input_segment(81, 0, 100)));
+        let first = guest_ack(80, 100);
+        gate.transmit(&first).unwrap();
+        log.set_mirrored(1);
+        assert_eq!(control.input_mirrored(1).items, 1);
+        assert_eq!(
+            wire.sent(),
+            vec![first.clone()],
+            "frames 2 and 3 are not acknowledged"
+        );
+        let second = guest_ack(80, 200);
+        gate.transmit(&second).unwrap();
+        assert_eq!(control.stats().lane_held, 1);
+        log.set_mirrored(2);
+        assert_eq!(control.input_mirrored(2).items, 1);
+        assert_eq!(wire.sent(), vec![first, second]);
+    }
+
+    #[test]
     fn ack_whose_input_is_already_mirrored_leaves_at_once() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         log.set_mirrored(1);
         gate.transmit(&ack(1)).unwrap();
         assert_eq!(wire.sent(), vec![ack(1)]);
@@ -347,10 +377,10 @@ mod tests {
     #[test]
     fn held_ack_leaves_at_the_commit_of_its_epoch_without_mirroring() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&ack(1)).unwrap();
         control.begin_epoch(2).unwrap();
-        assert!(log.record(0, b"in2"));
+        assert!(log.record(0, &input()));
         gate.transmit(&ack(2)).unwrap();
         control.begin_epoch(3).unwrap();
         let step = control.commit(1).unwrap();
@@ -367,7 +397,7 @@ mod tests {
     #[test]
     fn data_frames_are_still_held_until_commit() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         log.set_mirrored(1);
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
@@ -408,7 +438,7 @@ mod tests {
     #[test]
     fn lane_is_fifo() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&ack(1)).unwrap();
         // Mirrored, but not yet reported to the gate: the next ACK's input is mirrored, yet it
         // must queue behind the first one instead of overtaking it.
@@ -440,7 +470,7 @@ mod tests {
     #[test]
     fn passthrough_releases_the_lane() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         let step = control.passthrough().unwrap();
@@ -455,7 +485,7 @@ mod tests {
     #[test]
     fn discard_drops_the_lane_and_counts_it() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         let dropped = control.discard_uncommitted();
@@ -475,7 +505,7 @@ mod tests {
             max_items: 2,
         };
         let (mut gate, control, wire, log) = gate_with_log(limits);
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         // Queue and lane share the limits.
@@ -502,7 +532,7 @@ mod tests {
         dest.copy_from_slice(&frame[..6]);
         peers.set(vec![dest]);
         let mut gate = gate.with_group_peers(peers);
-        assert!(log.record(0, b"in1"));
+        assert!(log.record(0, &input()));
         gate.transmit(&frame).unwrap();
         assert_eq!(wire.sent(), vec![frame]);
         let stats = control.stats();

@@ -3,13 +3,15 @@
 //! frame is logged as the guest's buffer receives it: virtio-net header, then Ethernet frame.
 //!
 //! A pure TCP ACK the guest sends may leave before its epoch commits once the backup holds every
-//! input frame delivered before it (see [`super::EpochNetGate`]): at failover the backup replays
-//! those frames into its restored guest, so whatever the ACK acknowledged is received again.
+//! input frame carrying bytes it acknowledges (see [`super::EpochNetGate`] and
+//! [`InputLog::ack_tag`]): at failover the backup replays those frames into its restored guest,
+//! so whatever the ACK acknowledged is received again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::ack_index::AckIndex;
 use super::{FramePool, NetInputRecorder};
 
 /// Spare frame buffers the log keeps for reuse, at most (a few epochs of a bulk transfer's
@@ -34,6 +36,8 @@ struct State {
     pending_bytes: usize,
     /// Buffers of frames the sender is done with (see [`InputLog::recycle`]).
     pool: FramePool,
+    /// Which frames each early ACK needs (see [`InputLog::ack_tag`]).
+    acks: AckIndex,
 }
 
 /// The shared input log (one per VM, shared by its NICs and the FT sender).
@@ -59,6 +63,7 @@ impl InputLog {
                 pending: VecDeque::new(),
                 pending_bytes: 0,
                 pool: FramePool::new(SPARE_BYTES),
+                acks: AckIndex::default(),
             }),
             max_pending_bytes,
             notify: Mutex::new(None),
@@ -108,6 +113,8 @@ impl InputLog {
             }
             let was_empty = st.pending.is_empty();
             st.last_seq += 1;
+            let seq = st.last_seq;
+            st.acks.delivered(seq, frame, self.mirrored());
             let data = st.pool.copy_of(frame);
             let frame = LoggedFrame {
                 seq: st.last_seq,
@@ -147,6 +154,16 @@ impl InputLog {
         st.pending.drain(..).collect()
     }
 
+    /// The newest input frame the backup must hold before the guest's pure TCP ACK `ack` (an
+    /// Ethernet frame) may leave: the newest one carrying bytes the ACK acknowledges. Every
+    /// frame delivered so far when the ACK cannot be read as TCP.
+    pub fn ack_tag(&self, ack: &[u8]) -> u64 {
+        let mirrored = self.mirrored();
+        let mut st = self.state();
+        let last = st.last_seq;
+        st.acks.needed_by(ack, mirrored).unwrap_or(last).min(last)
+    }
+
     /// Hands the buffers of frames taken with [`InputLog::take_pending`] back once they are
     /// sent, for the next frames to reuse.
     pub fn recycle(&self, frames: Vec<LoggedFrame>) {
@@ -172,6 +189,7 @@ impl InputLog {
         st.epoch = epoch;
         st.pending.clear();
         st.pending_bytes = 0;
+        st.acks.clear();
         self.mirrored.fetch_max(st.last_seq, Ordering::AcqRel);
         self.stopped.store(false, Ordering::Release);
     }
@@ -182,6 +200,7 @@ impl InputLog {
         self.stopped.store(true, Ordering::Release);
         st.pending.clear();
         st.pending_bytes = 0;
+        st.acks.clear();
     }
 
     pub fn is_stopped(&self) -> bool {

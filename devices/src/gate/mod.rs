@@ -3,6 +3,7 @@
 //! a gate that holds each epoch's output until the backup has acknowledged that epoch.
 //! Devices know nothing else of fault tolerance.
 
+mod ack_index;
 mod epoch;
 mod epoch_disk;
 mod epoch_net;
