@@ -68,9 +68,17 @@ impl ReplicableVm for Vm {
     }
     fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
         let kvm = self.take_dirty_log().map_err(|e| e.to_string())?;
-        // Before the device bitmap is harvested into `pages` (which resets it).
-        let guest =
-            DirtyPages::from_bitmaps(&kvm, Vm::memory(self), false).map_err(|e| e.to_string())?;
+        // Only FT's hot pages (manual re-arming) ask which pages the guest wrote; a migration
+        // pass or the dirty-log floor does not pay for a second set. Taken before the device
+        // bitmap is harvested into `pages` (which resets it).
+        let guest = if self.manual_rearm_on() {
+            Some(
+                DirtyPages::from_bitmaps(&kvm, Vm::memory(self), false)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
         let pages =
             DirtyPages::from_bitmaps(&kvm, Vm::memory(self), true).map_err(|e| e.to_string())?;
         self.note_reported(&pages, guest);

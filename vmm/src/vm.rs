@@ -573,12 +573,17 @@ impl Vm {
     }
 
     /// Records the pages a harvest reported (while manual re-arming is on, they wait to be
-    /// re-armed) and, of those, the ones the guest wrote itself.
-    pub fn note_reported(&mut self, pages: &DirtyPages, guest_written: DirtyPages) {
+    /// re-armed) and, of those, the ones the guest wrote itself (None: not computed).
+    pub fn note_reported(&mut self, pages: &DirtyPages, guest_written: Option<DirtyPages>) {
         if let Some(reported) = self.manual_rearm.as_mut() {
             reported.union_with(pages);
         }
-        self.guest_written = Some(guest_written);
+        self.guest_written = guest_written;
+    }
+
+    /// Whether KVM's manual dirty-log re-arming (FT's hot pages) is on.
+    pub fn manual_rearm_on(&self) -> bool {
+        self.manual_rearm.is_some()
     }
 
     /// Of the last harvest, the pages the guest wrote itself (not devices).
