@@ -1024,7 +1024,7 @@ mod tests {
         assert_eq!(
             *seen,
             [
-                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, stage_helper: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: false, hot_pages: true, stage_helper: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, stage_helper: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
@@ -1141,6 +1141,7 @@ mod tests {
                 "epoch_ms": 0, "heartbeat_timeout_ms": 0, "fencing": "", "epoch": 0,
                 "last_committed_epoch": 0, "lag_epochs": 0, "bytes": 0, "dirty_pages": 0,
                 "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
+                "send_us_p50": 0, "send_us_p99": 0, "commit_us_p50": 0, "commit_us_p99": 0,
                 "epochs_cut_early": 0, "epochs_cut_for_output": 0, "encode_threads": 0,
                 "streams": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0,

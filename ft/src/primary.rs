@@ -48,7 +48,7 @@ use crate::fence;
 use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
-use crate::stats::PauseStats;
+use crate::stats::DurationStats;
 use crate::wire::{encode_disk_writes, encode_input_frames, Control, EpochClock, MAX_INPUT_LEN};
 use transport::Security;
 
@@ -241,6 +241,44 @@ impl InputTaken {
     }
 }
 
+/// Epochs whose end went out and that are not committed yet, at most (older ones are not
+/// timed: a backup that stops answering ends the session within a heartbeat timeout anyway).
+const TIMED_IN_FLIGHT: usize = 4096;
+
+/// How long the recent epochs took to leave: the sender's time per epoch, and each epoch's
+/// output commit delay, from its checkpoint (the capture in the pause) to the backup's Ack
+/// committing it: how long output the guest sent at the very end of the epoch stayed held.
+#[derive(Default)]
+struct EpochTimings {
+    /// Epochs whose end was sent and not yet committed: (epoch, captured_ns).
+    in_flight: VecDeque<(u64, u64)>,
+    send: DurationStats,
+    commit: DurationStats,
+}
+
+impl EpochTimings {
+    fn ended(&mut self, epoch: u64, captured_ns: u64) {
+        if self.in_flight.len() >= TIMED_IN_FLIGHT {
+            self.in_flight.pop_front();
+        }
+        self.in_flight.push_back((epoch, captured_ns));
+    }
+
+    /// Epoch `epoch` (and every older one) committed at `now_ns` (the session clock).
+    fn committed(&mut self, epoch: u64, now_ns: u64) {
+        while let Some(&(e, captured_ns)) = self.in_flight.front() {
+            if e > epoch {
+                break;
+            }
+            self.in_flight.pop_front();
+            if e == epoch {
+                let delay = now_ns.saturating_sub(captured_ns);
+                self.commit.record(Duration::from_nanos(delay));
+            }
+        }
+    }
+}
+
 /// Held output that keeps failing to leave.
 struct CommitFailure {
     since: Instant,
@@ -298,6 +336,8 @@ struct Shared {
 
     /// Latency mode shortened the running epoch (see `next_checkpoint`).
     cut_for_output: AtomicBool,
+    /// How long the recent epochs took to send and to commit.
+    timings: Mutex<EpochTimings>,
     /// Fencing on etcd: this primary's hold on the pair's key. Output leaves only while it
     /// is provably alive.
     lease: Option<LeaseHold>,
@@ -312,6 +352,10 @@ impl Shared {
 }
 
 impl Shared {
+    fn timings(&self) -> std::sync::MutexGuard<'_, EpochTimings> {
+        self.timings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The link to the backup failed: record why (first reason wins) and wake the loop.
     fn lose(&self, reason: String) {
         if self.stopping.load(Ordering::SeqCst) {
@@ -352,7 +396,7 @@ pub struct Primary {
     epoch: u64,
     /// End an epoch early while output waits (see `EnableFtRequest::latency_mode`).
     latency_mode: bool,
-    pauses: PauseStats,
+    pauses: DurationStats,
     /// When the running epoch's checkpoint started (its length counts from there).
     epoch_started: Instant,
     /// The epoch is over but the sender still ships the previous one: check again shortly.
@@ -676,6 +720,7 @@ impl Primary {
             streams: AtomicU64::new(1),
 
             cut_for_output: AtomicBool::new(false),
+            timings: Mutex::new(EpochTimings::default()),
             lease,
             group: group.map(|member| GroupLink {
                 member,
@@ -763,7 +808,7 @@ impl Primary {
             heartbeat_timeout,
             epoch: first_epoch,
             latency_mode,
-            pauses: PauseStats::default(),
+            pauses: DurationStats::default(),
             epoch_started: Instant::now(),
             waiting_for_sender: false,
             dirty_pages: 0,
@@ -1199,6 +1244,12 @@ impl Primary {
     fn status_now(&self) -> FtStatus {
         let s = &self.shared;
         let last_acked = s.last_acked.load(Ordering::SeqCst);
+        // Read out before any other lock is taken (`commit_epoch` takes it under one).
+        let (send_us, commit_us) = {
+            let t = s.timings();
+            let p50_p99 = |d: &DurationStats| (d.percentile_us(50.0), d.percentile_us(99.0));
+            (p50_p99(&t.send), p50_p99(&t.commit))
+        };
         let mut status = FtStatus {
             role: FtRole::Primary,
             health: self.health,
@@ -1216,6 +1267,10 @@ impl Primary {
             pause_us_p50: self.pauses.percentile_us(50.0),
             pause_us_p99: self.pauses.percentile_us(99.0),
             pause_us_max: self.pauses.max_us(),
+            send_us_p50: send_us.0,
+            send_us_p99: send_us.1,
+            commit_us_p50: commit_us.0,
+            commit_us_p99: commit_us.1,
             epochs_cut_early: self.epochs_cut_early,
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
@@ -1349,8 +1404,12 @@ fn send_loop(
                 let (epoch, group_epoch) = (job.epoch, job.group_epoch);
                 let released = shared.last_acked.load(Ordering::SeqCst);
                 let sent = send_epoch(shared, &mut sender, (staging, &mut base), job, released);
-                let send_us = t.elapsed().as_micros() as u64;
+                let took = t.elapsed();
+                let send_us = took.as_micros() as u64;
                 shared.last_send_us.store(send_us, Ordering::Relaxed);
+                if sent.is_ok() {
+                    shared.timings().send.record(took);
+                }
                 shared.last_sent.store(epoch, Ordering::SeqCst);
                 shared.staging_busy.store(false, Ordering::SeqCst);
                 if let (Some(group), Some(epoch), true) = (&shared.group, group_epoch, sent.is_ok())
@@ -1461,6 +1520,7 @@ fn send_epoch(
         sender.send_frame(FrameType::OutputFrames, &payload)?;
     }
     sender.send_state(&job.state)?;
+    shared.timings().ended(job.epoch, job.captured_ns);
     shared.last_ended.fetch_max(job.epoch, Ordering::SeqCst);
     let end = Control::EpochEnd {
         epoch: job.epoch,
@@ -1568,6 +1628,8 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
                 log::warn!("FT: held output leaves again (epoch {epoch} committed)");
             }
             shared.last_acked.fetch_max(epoch, Ordering::SeqCst);
+            let now_ns = shared.session_start.elapsed().as_nanos() as u64;
+            shared.timings().committed(epoch, now_ns);
         }
         Some((error, no_space)) => {
             // Retried at every epoch: logged when it starts and then now and then.
@@ -1924,6 +1986,29 @@ impl PrimaryFt for Primary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_delays_count_each_acknowledged_epoch_once() {
+        let mut t = EpochTimings::default();
+        let ms = |n: u64| n * 1_000_000;
+        t.ended(7, ms(100));
+        t.ended(8, ms(110));
+        t.ended(9, ms(120));
+        // An Ack for 8 commits 7 too (acks are cumulative): only 8 has a known delay.
+        t.committed(8, ms(113));
+        assert_eq!(t.commit.percentile_us(50.0), 3_000);
+        assert_eq!(t.in_flight.len(), 1);
+        t.committed(9, ms(125));
+        assert_eq!(t.commit.percentile_us(99.0), 5_000);
+        assert!(t.in_flight.is_empty());
+        // A repeated or stale commit times nothing.
+        t.committed(9, ms(500));
+        assert_eq!(t.commit.max_us(), 5_000);
+        for epoch in 0..TIMED_IN_FLIGHT as u64 + 10 {
+            t.ended(epoch + 10, 0);
+        }
+        assert_eq!(t.in_flight.len(), TIMED_IN_FLIGHT);
+    }
 
     #[test]
     fn many_input_wake_ups_leave_room_for_the_epoch() {

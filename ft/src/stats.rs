@@ -1,21 +1,21 @@
-//! Pause-time statistics of the primary's epochs.
+//! Duration statistics of the primary's epochs: pauses, send times, output commit delays.
 
 use std::time::Duration;
 
-/// Pauses kept for the percentiles (the most recent ones).
+/// Durations kept for the percentiles (the most recent ones).
 const WINDOW: usize = 4096;
 
 #[derive(Default)]
-pub struct PauseStats {
+pub struct DurationStats {
     recent: Vec<u32>,
     next: usize,
     max_us: u64,
     last_us: u64,
 }
 
-impl PauseStats {
-    pub fn record(&mut self, pause: Duration) {
-        let us = pause.as_micros().min(u128::from(u32::MAX)) as u32;
+impl DurationStats {
+    pub fn record(&mut self, took: Duration) {
+        let us = took.as_micros().min(u128::from(u32::MAX)) as u32;
         if self.recent.len() < WINDOW {
             self.recent.push(us);
         } else {
@@ -34,7 +34,7 @@ impl PauseStats {
         self.max_us
     }
 
-    /// The `p`th percentile (nearest rank) of the recent pauses, 0 without any.
+    /// The `p`th percentile (nearest rank) of the recent durations, 0 without any.
     pub fn percentile_us(&self, p: f64) -> u64 {
         if self.recent.is_empty() {
             return 0;
@@ -52,7 +52,7 @@ mod tests {
 
     #[test]
     fn percentiles_by_nearest_rank() {
-        let mut s = PauseStats::default();
+        let mut s = DurationStats::default();
         assert_eq!(s.percentile_us(50.0), 0);
         for us in 1..=100 {
             s.record(Duration::from_micros(us));

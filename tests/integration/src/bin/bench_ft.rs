@@ -431,6 +431,9 @@ struct FtStatus {
     pause_us_p50: u64,
     pause_us_p99: u64,
     pause_us_max: u64,
+    send_us_p50: u64,
+    commit_us_p50: u64,
+    commit_us_p99: u64,
     epochs_cut_early: u64,
     last_failover_ms: Option<u64>,
     last_error: Option<String>,
@@ -456,6 +459,9 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         pause_us_p50: num("pause_us_p50")?,
         pause_us_p99: num("pause_us_p99")?,
         pause_us_max: num("pause_us_max")?,
+        send_us_p50: num("send_us_p50")?,
+        commit_us_p50: num("commit_us_p50")?,
+        commit_us_p99: num("commit_us_p99")?,
         epochs_cut_early: num("epochs_cut_early")?,
         last_failover_ms: v["last_failover_ms"].as_u64(),
         last_error: v["last_error"].as_str().map(str::to_string),
@@ -1157,6 +1163,9 @@ struct FtWindow {
     pause_p50_us: u64,
     pause_p99_us: u64,
     pause_max_us: u64,
+    send_p50_us: u64,
+    commit_p50_us: u64,
+    commit_p99_us: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -1228,6 +1237,9 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
                 pause_p50_us: after.pause_us_p50,
                 pause_p99_us: after.pause_us_p99,
                 pause_max_us: after.pause_us_max,
+                send_p50_us: after.send_us_p50,
+                commit_p50_us: after.commit_us_p50,
+                commit_p99_us: after.commit_us_p99,
             })
         }
         _ => None,
@@ -1323,6 +1335,9 @@ enum Metric {
     PauseP50Ms,
     PauseP99Ms,
     PauseMaxMs,
+    SendP50Ms,
+    CommitP50Ms,
+    CommitP99Ms,
     BytesPerDirtyPage,
     KibPerEpoch,
     CutEarlyPct,
@@ -1421,6 +1436,19 @@ impl Results {
             self.add(cell, mode, Metric::PauseP50Ms, ft.pause_p50_us as f64 / 1e3);
             self.add(cell, mode, Metric::PauseP99Ms, ft.pause_p99_us as f64 / 1e3);
             self.add(cell, mode, Metric::PauseMaxMs, ft.pause_max_us as f64 / 1e3);
+            self.add(cell, mode, Metric::SendP50Ms, ft.send_p50_us as f64 / 1e3);
+            self.add(
+                cell,
+                mode,
+                Metric::CommitP50Ms,
+                ft.commit_p50_us as f64 / 1e3,
+            );
+            self.add(
+                cell,
+                mode,
+                Metric::CommitP99Ms,
+                ft.commit_p99_us as f64 / 1e3,
+            );
             if ft.vmm_dirty_pages > 0 {
                 self.add(
                     cell,
@@ -1475,7 +1503,7 @@ fn describe_case(r: &CaseResult) -> String {
     if let Some(ft) = &r.ft {
         let _ = write!(
             s,
-            "; {} epochs of {:.2} ms, {:.0} VMM-dirty pages/epoch, {:.0} B/dirty page, pause p50 {:.3} p99 {:.3} max {:.3} ms, {} cut early",
+            "; {} epochs of {:.2} ms, {:.0} VMM-dirty pages/epoch, {:.0} B/dirty page, pause p50 {:.3} p99 {:.3} max {:.3} ms, send p50 {:.3} ms, commit p50 {:.3} p99 {:.3} ms, {} cut early",
             ft.epochs,
             ft.real_epoch_ms,
             ft.vmm_dirty_pages as f64 / ft.epochs as f64,
@@ -1483,6 +1511,9 @@ fn describe_case(r: &CaseResult) -> String {
             ft.pause_p50_us as f64 / 1e3,
             ft.pause_p99_us as f64 / 1e3,
             ft.pause_max_us as f64 / 1e3,
+            ft.send_p50_us as f64 / 1e3,
+            ft.commit_p50_us as f64 / 1e3,
+            ft.commit_p99_us as f64 / 1e3,
             ft.cut_early
         );
     }
@@ -2856,9 +2887,13 @@ impl Report<'_> {
         println!("  asked = the guest's dirty rate was set for this many; achieved = what it dirtied (by its own");
         println!("  stats) x the nominal epoch; VMM dirty = pages the VMM found dirty per real epoch (the");
         println!("  region plus the guest's stacks, rings, socket buffers); pause = guest stopped per epoch");
-        println!("  (ft-status p50/p99/max of the case's session); B/dirty pg = bytes sent / VMM-dirty pages");
+        println!("  (ft-status p50/p99/max of the case's session); send = the sender's time per epoch; commit =");
+        println!("  output commit delay, checkpoint -> the backup's Ack released the epoch's held output (both");
         println!(
-            "  (4096 = raw page; less = LZ4/zero pages; includes per-epoch state and framing)"
+            "  ft-status p50/p99 of the case's session); B/dirty pg = bytes sent / VMM-dirty pages"
+        );
+        println!(
+            "  (4096 = raw page; less = deltas/zero pages, no LZ4 by default; includes per-epoch state and framing)"
         );
         println!();
         let header = [
@@ -2871,6 +2906,9 @@ impl Report<'_> {
             "pause p50 ms",
             "pause p99 ms",
             "pause max ms",
+            "send p50 ms",
+            "commit p50 ms",
+            "commit p99 ms",
             "B/dirty pg",
             "KiB/epoch",
             "cut early %",
@@ -2890,6 +2928,9 @@ impl Report<'_> {
                     m(Mode::Ft, Metric::PauseP50Ms, 3),
                     m(Mode::Ft, Metric::PauseP99Ms, 3),
                     m(Mode::Ft, Metric::PauseMaxMs, 3),
+                    m(Mode::Ft, Metric::SendP50Ms, 3),
+                    m(Mode::Ft, Metric::CommitP50Ms, 3),
+                    m(Mode::Ft, Metric::CommitP99Ms, 3),
                     m(Mode::Ft, Metric::BytesPerDirtyPage, 0),
                     m(Mode::Ft, Metric::KibPerEpoch, 1),
                     m(Mode::Ft, Metric::CutEarlyPct, 1),
@@ -3103,7 +3144,7 @@ impl Report<'_> {
             o.dirty_bytes
         );
         println!(
-            "  pages (deltas against the backup's copy, LZ4 on top; state and framing included)"
+            "  pages (deltas against the backup's copy, no LZ4 by default; state and framing included)"
         );
         println!();
         let header = [
