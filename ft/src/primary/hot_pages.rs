@@ -12,12 +12,14 @@
 //! copy is always the newest the backup will hold. A page leaves the set by being re-armed in
 //! a pause, after its last compare, so its next write is logged again.
 //!
-//! Adaptive: a page stays kept while it changed within the last `window` epochs, where the
-//! window is the number of compares one saved fault pays for (the fault's assumed cost over the
-//! measured cost of a compare); the set is bounded so that comparing it takes at most a
-//! twentieth of an epoch.
+//! Adaptive: a page is kept when it changes again within `window` epochs of its previous
+//! change (a page written once, or swept through by a guest that rewrites a large region in
+//! turn, would only be compared in vain), and stays kept while it changed within the last
+//! `window` epochs, where the window is the number of compares one saved fault pays for (the
+//! fault's assumed cost over the measured cost of a compare); the set is bounded so that
+//! comparing it takes at most a twentieth of an epoch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use vm_memory::GuestAddress;
@@ -45,6 +47,10 @@ pub struct HotPages {
     keep: DirtyPages,
     /// The kept pages a pause compares (kept between pauses: no allocation in the pause).
     candidates: Vec<GuestAddress>,
+    /// The pages the guest changed in each of the last `MAX_WINDOW` epochs and that were not
+    /// kept, oldest first: a page in one of them that changes again within the window is
+    /// kept. Their bitmaps are reused (no allocation in the pause once there are enough).
+    recent: VecDeque<(u64, DirtyPages)>,
     /// Measured cost of comparing one kept page (moving average).
     compare_cost: Duration,
     /// Longest time the compares of one pause may take.
@@ -62,6 +68,7 @@ impl HotPages {
             kept: BTreeMap::new(),
             keep: DirtyPages::empty(memory).map_err(|e| e.to_string())?,
             candidates: Vec::new(),
+            recent: VecDeque::new(),
             compare_cost: INITIAL_COMPARE_COST,
             budget: epoch / 20,
             compares: 0,
@@ -150,15 +157,31 @@ impl HotPages {
         }
         self.kept
             .retain(|_, last| epoch.saturating_sub(*last) < window);
+        let mut first_changes = match self.recent.len() as u64 {
+            n if n >= MAX_WINDOW => self.recent.pop_front().map(|(_, set)| set),
+            _ => None,
+        }
+        .unwrap_or_else(|| self.keep.clone());
+        first_changes.clear();
         for gpa in changed.iter() {
-            if self.kept.len() >= room {
-                break;
-            }
-            if guest_written.is_some_and(|written| !written.contains(gpa)) {
+            if guest_written.is_some_and(|written| !written.contains(gpa))
+                || self.kept.contains_key(&gpa.0)
+            {
                 continue;
             }
-            self.kept.entry(gpa.0).or_insert(epoch);
+            let again = self
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(e, _)| epoch.saturating_sub(*e) < window)
+                .any(|(_, set)| set.contains(gpa));
+            if again && self.kept.len() < room {
+                self.kept.insert(gpa.0, epoch);
+            } else {
+                first_changes.insert(gpa);
+            }
         }
+        self.recent.push_back((epoch, first_changes));
         // The set may have been over a budget that shrank: drop the stalest pages.
         if self.kept.len() > room {
             let mut by_age: Vec<(u64, u64)> = self.kept.iter().map(|(g, l)| (*l, *g)).collect();
@@ -203,6 +226,21 @@ mod tests {
         .unwrap()
     }
 
+    /// Stages what a harvest reports when the guest wrote `pages`: those and the kept ones.
+    fn stage_with_kept(
+        hot: &mut HotPages,
+        guest: &GuestMemoryMmap,
+        staging: &GuestMemoryMmap,
+        pages: &[u64],
+    ) -> DirtyPages {
+        let mut reported = set(guest, pages);
+        for gpa in hot.kept().iter() {
+            reported.insert(gpa);
+        }
+        hot.stage(guest, staging, reported, &mut StagingCopier::alone())
+            .unwrap()
+    }
+
     /// Guest memory, staging memory and a hot-page set for `epoch`-long epochs, with manual
     /// re-arming on or off.
     fn rig(epoch: Duration, rearm: bool) -> (GuestMemoryMmap, GuestMemoryMmap, HotPages) {
@@ -222,13 +260,21 @@ mod tests {
     #[test]
     fn kept_pages_are_sent_only_when_they_changed_and_staging_follows() {
         let (guest, staging, mut hot) = rig(Duration::from_millis(10), true);
-        // Epoch 1: pages 1 and 2 written (logged), copied, kept.
-        guest.write_obj(11u64, page(1)).unwrap();
-        guest.write_obj(22u64, page(2)).unwrap();
-        let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
-        assert_eq!(dirty, set(&guest, &[1, 2]));
-        hot.update(1, &dirty, None);
-        assert_eq!(hot.kept(), &set(&guest, &[1, 2]));
+        // Epochs 0 and 1: pages 1 and 2 written (logged) and copied; written again within the
+        // window, they are kept.
+        for (epoch, value) in [(0, 10u64), (1, 11)] {
+            guest.write_obj(value, page(1)).unwrap();
+            guest.write_obj(value * 2, page(2)).unwrap();
+            let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
+            assert_eq!(dirty, set(&guest, &[1, 2]));
+            hot.update(epoch, &dirty, None);
+            let kept = if epoch == 0 {
+                set(&guest, &[])
+            } else {
+                set(&guest, &[1, 2])
+            };
+            assert_eq!(hot.kept(), &kept, "epoch {epoch}");
+        }
         assert_eq!(staging.read_obj::<u64>(page(2)).unwrap(), 22);
         // Epoch 2: page 2 rewritten while writable (unlogged, but kept pages are always
         // reported); page 1 untouched; page 3 logged.
@@ -255,8 +301,17 @@ mod tests {
         // A 20 us budget at the initial 400 ns a compare: room for 50 pages.
         let (guest, staging, mut hot) = rig(Duration::from_micros(400), true);
         let all: Vec<u64> = (0..64).collect();
-        let dirty = stage(&mut hot, &guest, &staging, &all);
-        hot.update(1, &dirty, None);
+        for epoch in 0..2 {
+            for &p in &all {
+                guest.write_obj(epoch + 1, page(p)).unwrap();
+            }
+            let dirty = stage(&mut hot, &guest, &staging, &all);
+            hot.update(epoch, &dirty, None);
+        }
+        assert!(
+            hot.kept().count() > 0,
+            "pages changed twice in a row are kept"
+        );
         let room = (hot.budget.as_nanos() / hot.compare_cost.as_nanos()) as u64;
         assert!(
             hot.kept().count() <= room.max(1),
@@ -278,13 +333,39 @@ mod tests {
     #[test]
     fn pages_only_devices_wrote_are_not_kept() {
         let (guest, staging, mut hot) = rig(Duration::from_millis(10), true);
-        guest.write_obj(11u64, page(1)).unwrap();
-        guest.write_obj(22u64, page(2)).unwrap();
-        let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
-        // The guest wrote page 1; page 2 is a receive buffer a device filled.
-        hot.update(1, &dirty, Some(&set(&guest, &[1])));
+        for epoch in 0..2 {
+            guest.write_obj(11 + epoch, page(1)).unwrap();
+            guest.write_obj(22 + epoch, page(2)).unwrap();
+            let dirty = stage(&mut hot, &guest, &staging, &[1, 2]);
+            // The guest wrote page 1; page 2 is a receive buffer a device filled.
+            hot.update(epoch, &dirty, Some(&set(&guest, &[1])));
+            assert_eq!(dirty, set(&guest, &[1, 2]), "both are still sent");
+        }
         assert_eq!(hot.kept(), &set(&guest, &[1]));
-        assert_eq!(dirty, set(&guest, &[1, 2]), "both are still sent");
+    }
+
+    #[test]
+    fn a_sweep_through_a_large_region_keeps_nothing() {
+        // The guest rewrites 8 of 64 pages per epoch in turn: each page changes again only
+        // after 8 epochs, beyond the window at the initial compare cost (5 epochs).
+        let (guest, staging, mut hot) = rig(Duration::from_millis(10), true);
+        for epoch in 0..40u64 {
+            let pages: Vec<u64> = (0..8).map(|i| (epoch * 8 + i) % 64).collect();
+            for &p in &pages {
+                guest.write_obj(epoch + 1, page(p)).unwrap();
+            }
+            let dirty = stage_with_kept(&mut hot, &guest, &staging, &pages);
+            assert_eq!(dirty, set(&guest, &pages), "epoch {epoch}");
+            hot.update(epoch, &dirty, None);
+            assert!(hot.kept().is_empty(), "epoch {epoch}: {}", hot.summary());
+        }
+        // A page rewritten in consecutive epochs among them is kept.
+        for epoch in 40..44u64 {
+            guest.write_obj(epoch, page(63)).unwrap();
+            let dirty = stage_with_kept(&mut hot, &guest, &staging, &[63]);
+            hot.update(epoch, &dirty, None);
+        }
+        assert_eq!(hot.kept(), &set(&guest, &[63]));
     }
 
     #[test]
