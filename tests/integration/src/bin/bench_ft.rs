@@ -3461,7 +3461,7 @@ impl Report<'_> {
     fn print_pipeline(&self) {
         println!();
         println!(
-            "Pipeline: FT with each epoch's pages encoded (staging read, delta, LZ4, checksum) by the sender thread alone (--encode-threads 0), by 1 or 2 encoder threads while it writes, on 2 data streams beside the first connection, each encoded and written by its own thread (--streams 3), and with the sender alone and each pause staged on the control loop without its helper thread (--no-stage-helper), at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
+            "Pipeline: FT with each epoch's pages encoded (staging read, delta, checksum) by the sender thread alone (--encode-threads 0), by 1 or 2 encoder threads while it writes, on 2 data streams beside the first connection, each encoded and written by its own thread (--streams 3), and with the sender alone and each pause staged on the control loop without its helper thread (--no-stage-helper), at {PIPELINE_EPOCH_MS} ms epochs over mutual TLS; per rate one VM, the cases taking turns on fresh sessions (the order rotating per run); median of {} run(s)",
             self.opts.runs
         );
         println!(
