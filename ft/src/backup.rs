@@ -497,7 +497,9 @@ fn receive(
         .map_err(|e| e.to_string())?;
     // Hello is the migration protocol's (version, page size, configuration): its receiver
     // reads it, then hands over the stream for the FT frames that follow.
+    let authenticated = stream.authenticates_bytes();
     let mut receiver = protocol::Receiver::new(stream);
+    receiver.set_authenticated(authenticated);
     let config = match receiver.recv_hello() {
         Ok(config) => config,
         Err(e) => {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::gate::{EpochError, FirstHeld, GateMode, LoggedFrame, RecordedWrite};
+use devices::gate::{EpochError, FirstHeld, GateMode, InputLog, LoggedFrame, RecordedWrite};
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, FtRole, FtStatus, VmmError};
 use vmm::device_manager::FtGates;
@@ -49,7 +49,10 @@ use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
 use crate::stats::DurationStats;
-use crate::wire::{encode_disk_writes, encode_input_frames, Control, EpochClock, MAX_INPUT_LEN};
+use crate::wire::{
+    encode_disk_writes, encode_input_batch, encode_input_frames, input_batches, Control,
+    EpochClock, MAX_INPUT_LEN,
+};
 use transport::Security;
 
 mod group_member;
@@ -602,10 +605,15 @@ impl Primary {
             .hold_as_primary(pair_id)
             .map_err(|e| io_err("fencing", e))?;
         let write_half = stream.try_clone().map_err(|e| io_err("socket clone", e))?;
+        let lanes = request.streams.map_or(0, |n| n.saturating_sub(1));
         let mut sender = Sender::with_options(
             write_half,
             SenderOptions {
                 compress: request.compress,
+                // Over TLS each record's AEAD tag already rejects any changed byte; the
+                // frame CRC would cost both ends as much CPU again (data streams stay
+                // checked: their checksums tie each page frame to its pass).
+                checksums: !stream.authenticates_bytes(),
                 ..SenderOptions::default()
             },
         );
@@ -623,7 +631,6 @@ impl Primary {
                 .map_err(|e| io_err("disk images", e))?,
             FtDiskMode::Shared => Vec::new(),
         };
-        let lanes = request.streams.map_or(0, |n| n.saturating_sub(1));
         let lane_token = if lanes > 0 { random_u64() } else { 0 };
         let params = Control::Params {
             lanes,
@@ -1443,20 +1450,25 @@ fn send_loop(
     }
 }
 
-/// The frames the NICs delivered since the last call, as InputFrames payloads, counted as
-/// sent: the backup's answer may arrive before the caller's `send_frame` returns.
-fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
-    let Some(input) = &shared.gates.input_log else {
-        return Vec::new();
-    };
+/// The frames the NICs delivered since the last call, counted as sent: the backup's answer
+/// may arrive before the caller's `send_frame` returns. The caller hands them back to the
+/// log (`recycle`) once encoded.
+fn take_input(shared: &Shared) -> Option<(&InputLog, Vec<LoggedFrame>)> {
+    let input = shared.gates.input_log.as_ref()?;
     let frames = input.take_pending();
-    let Some(last) = frames.last() else {
-        return Vec::new();
-    };
+    let last = frames.last()?;
     shared.input_sent.fetch_max(last.seq, Ordering::SeqCst);
     shared
         .input_frames_sent
         .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    Some((input, frames))
+}
+
+/// [`take_input`] as InputFrames payloads (sent between the page frames of an epoch).
+fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
+    let Some((input, frames)) = take_input(shared) else {
+        return Vec::new();
+    };
     let payloads = encode_input_frames(&frames);
     input.recycle(frames);
     payloads
@@ -1492,11 +1504,18 @@ fn output_payloads(shared: &Shared, epoch: u64) -> Vec<Vec<u8>> {
     encode_input_frames(&frames)
 }
 
-/// Sends the frames the NICs delivered since the last call.
+/// Sends the frames the NICs delivered since the last call, each batch encoded straight into
+/// the sender's frame buffer.
 fn send_input(shared: &Shared, sender: &mut Sender<FtStream>) -> Result<(), ProtocolError> {
-    for payload in input_payloads(shared) {
-        sender.send_frame(FrameType::InputFrames, &payload)?;
+    let Some((input, frames)) = take_input(shared) else {
+        return Ok(());
+    };
+    for (batch, _) in input_batches(&frames) {
+        sender.send_frame_with(FrameType::InputFrames, &mut |buf| {
+            encode_input_batch(buf, batch)
+        })?;
     }
+    input.recycle(frames);
     Ok(())
 }
 

@@ -289,23 +289,34 @@ pub fn decode_disk_writes(p: &[u8]) -> Result<(u32, Vec<DiskWrite>), WireError> 
 /// Encodes input frames into payloads of at most [`MAX_INPUT_FRAME`] bytes (a frame larger
 /// than that gets a payload of its own). OutputFrames payloads are encoded the same way.
 pub fn encode_input_frames(frames: &[LoggedFrame]) -> Vec<Vec<u8>> {
+    input_batches(frames)
+        .into_iter()
+        .map(|(batch, size)| {
+            let mut p = Vec::with_capacity(size);
+            encode_input_batch(&mut p, batch);
+            p
+        })
+        .collect()
+}
+
+/// The batches [`encode_input_frames`] makes of `frames`, each with its payload size, for a
+/// caller that encodes each with [`encode_input_batch`] where it wants the bytes.
+pub fn input_batches(frames: &[LoggedFrame]) -> Vec<(&[LoggedFrame], usize)> {
     batches(frames, INPUT_HEADER, MAX_INPUT_FRAME, |f| {
         INPUT_ENTRY + f.data.len()
     })
-    .into_iter()
-    .map(|(batch, size)| {
-        let mut p = Vec::with_capacity(size);
-        p.extend_from_slice(&(batch.len() as u32).to_le_bytes());
-        for f in batch {
-            p.extend_from_slice(&f.seq.to_le_bytes());
-            p.extend_from_slice(&f.epoch.to_le_bytes());
-            p.extend_from_slice(&f.nic.to_le_bytes());
-            p.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
-            p.extend_from_slice(&f.data);
-        }
-        p
-    })
-    .collect()
+}
+
+/// Appends the InputFrames payload of `batch` to `out`.
+pub fn encode_input_batch(out: &mut Vec<u8>, batch: &[LoggedFrame]) {
+    out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+    for f in batch {
+        out.extend_from_slice(&f.seq.to_le_bytes());
+        out.extend_from_slice(&f.epoch.to_le_bytes());
+        out.extend_from_slice(&f.nic.to_le_bytes());
+        out.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&f.data);
+    }
 }
 
 /// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before

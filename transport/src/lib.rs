@@ -213,6 +213,12 @@ impl Stream {
         }
     }
 
+    /// Whether the stream itself authenticates every byte it delivers (TLS: each record's
+    /// AEAD tag), so that a frame checksum on top of it checks nothing more.
+    pub fn authenticates_bytes(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
     /// The peer, for the status and the log.
     pub fn peer(&self) -> Option<String> {
         match self {

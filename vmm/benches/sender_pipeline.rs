@@ -215,6 +215,7 @@ fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
         SenderOptions {
             compress: true,
             batch_pages: 64,
+            ..SenderOptions::default()
         },
     );
     let config = VmConfig {

@@ -132,6 +132,7 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
             SenderOptions {
                 compress,
                 batch_pages: 37,
+                ..SenderOptions::default()
             },
         );
         s.send_hello(&config()).unwrap();
@@ -240,6 +241,7 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
                 SenderOptions {
                     compress,
                     batch_pages: 64,
+                    ..SenderOptions::default()
                 },
             );
             s.send_hello(&config()).unwrap();
@@ -601,10 +603,12 @@ impl std::io::Write for Captured {
 
 /// The page frames of each pass of a stream (payload and flags), the pass ended by its
 /// MemoryDone; `lanes` (the data streams' bytes) supply the frames each MemoryDone names,
-/// whose digest must match.
+/// whose digest must match. The main stream's reader takes unchecked frames; the data
+/// streams' readers do not (their checksums make the digest).
 fn passes(main: &[u8], lanes: &[Vec<u8>]) -> Vec<Vec<(u8, Vec<u8>)>> {
     let mut main = std::io::Cursor::new(main);
     let mut reader = FrameReader::new();
+    reader.set_authenticated(true);
     let mut lane_streams: Vec<_> = lanes
         .iter()
         .map(|l| (std::io::Cursor::new(l.as_slice()), FrameReader::new()))
@@ -654,12 +658,17 @@ fn passes(main: &[u8], lanes: &[Vec<u8>]) -> Vec<Vec<(u8, Vec<u8>)>> {
 /// and nothing else.
 #[test]
 fn data_streams_carry_exactly_the_frames_of_each_pass() {
-    for (seed, compress, lanes) in [(5u64, true, 1usize), (0x77, false, 3)] {
+    for (seed, compress, lanes, checksums) in [
+        (5u64, true, 1usize, true),
+        (0x77, false, 3, true),
+        (0x99, false, 2, false),
+    ] {
         let src = vmm::memory::create(SIZE).unwrap();
         let mut rng = Rng(seed);
         let options = SenderOptions {
             compress,
             batch_pages: 64,
+            checksums,
         };
         let mut alone_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
         let mut lanes_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();

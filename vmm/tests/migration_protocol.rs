@@ -99,6 +99,7 @@ fn round_trip(options: SenderOptions) {
     });
 
     let mut r = Receiver::new(b);
+    r.set_authenticated(!options.checksums);
     let cfg = r.recv_hello().unwrap();
     assert_eq!(cfg, config(SIZE));
     let dst = vmm::memory::create(cfg.memory.size).unwrap();
@@ -154,7 +155,91 @@ fn round_trip_lz4_small_batches() {
     round_trip(SenderOptions {
         compress: true,
         batch_pages: 37,
+        checksums: true,
     });
+}
+
+#[test]
+fn round_trip_unchecked_on_an_authenticated_stream() {
+    round_trip(SenderOptions {
+        compress: true,
+        batch_pages: 37,
+        checksums: false,
+    });
+}
+
+/// One epoch's stream (Hello, a memory pass, the state, Complete) from a sender with
+/// `checksums` on or off.
+fn captured_epoch(checksums: bool) -> Vec<u8> {
+    const SIZE: u64 = 32 << 20;
+    let src = vmm::memory::create(SIZE).unwrap();
+    fill(&src, 20);
+    let options = SenderOptions {
+        checksums,
+        ..SenderOptions::default()
+    };
+    let mut s = Sender::with_options(Capture::default(), options);
+    s.send_hello(&config(SIZE)).unwrap();
+    s.send_all_memory(&src).unwrap();
+    s.send_state(&DummyState {
+        epoch: 1,
+        regs: vec![7],
+    })
+    .unwrap();
+    s.send_complete().unwrap();
+    s.into_inner().0
+}
+
+/// Reads `stream` as a receiver that trusts its stream to authenticate (or not).
+fn receive_captured(stream: &[u8], authenticated: bool) -> Result<DummyState, ProtocolError> {
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let stream = stream.to_vec();
+    let writer = thread::spawn(move || {
+        let _ = a.write_all(&stream);
+        a
+    });
+    let mut r = Receiver::new(b);
+    r.set_authenticated(authenticated);
+    r.recv_hello()?;
+    let dst = vmm::memory::create(32 << 20).unwrap();
+    let state = r.recv_state::<DummyState>(&dst);
+    drop(r);
+    drop(writer.join().unwrap());
+    state
+}
+
+#[test]
+fn unchecked_frames_are_refused_unless_the_stream_authenticates() {
+    let unchecked = captured_epoch(false);
+    let checked = captured_epoch(true);
+    // The same frames, but without checksums after Hello: every trailer after it is zero.
+    assert_eq!(unchecked.len(), checked.len());
+    assert_ne!(unchecked, checked);
+
+    assert_eq!(receive_captured(&unchecked, true).unwrap().regs, vec![7]);
+    assert_eq!(receive_captured(&checked, true).unwrap().regs, vec![7]);
+    assert_eq!(receive_captured(&checked, false).unwrap().regs, vec![7]);
+    // A plain stream's reader must not take a frame that checks nothing.
+    let e = receive_captured(&unchecked, false).unwrap_err();
+    assert!(matches!(e, ProtocolError::Unchecked { seq: 1, .. }), "{e}");
+    assert!(e.to_string().contains("only a TLS stream"), "{e}");
+}
+
+#[test]
+fn an_authenticated_reader_still_checks_checked_frames_and_hello() {
+    // A checked frame with a flipped byte is refused on any stream.
+    let mut checked = captured_epoch(true);
+    let at = checked.len() - 40;
+    checked[at] ^= 1;
+    let e = receive_captured(&checked, true).unwrap_err();
+    assert!(matches!(e, ProtocolError::Checksum { .. }), "{e}");
+    // Hello always carries its checksum: it names the version a peer must be able to read.
+    let (k, _, p) = hello(PROTOCOL_VERSION);
+    let mut frame = encode_frame(k, 0x80, 0, &p);
+    let end = frame.len() - 4;
+    frame[end..].copy_from_slice(&[0; 4]);
+    let e = receive_captured(&frame, true).unwrap_err();
+    assert!(matches!(e, ProtocolError::BadFlags { .. }), "{e}");
 }
 
 #[test]
@@ -308,11 +393,13 @@ fn second_hello_and_ack_from_sender() {
 
 #[test]
 fn wrong_version_is_reported_to_the_sender() {
-    let (e, replies) = feed(&[hello(9)], 32 << 20);
+    let (e, replies) = feed(&[hello(PROTOCOL_VERSION + 1)], 32 << 20);
     assert_eq!(
         e.to_string(),
         format!(
-            "unsupported migration protocol version 9 (this VMM speaks version {PROTOCOL_VERSION})"
+            "unsupported migration protocol version {} (this VMM speaks version \
+             {PROTOCOL_VERSION})",
+            PROTOCOL_VERSION + 1
         )
     );
     assert_eq!(replies, vec![e.to_string()]);

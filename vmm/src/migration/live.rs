@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::VmConfig;
 use crate::fault_tolerance::ReplicableVm;
 use crate::migration::memory::{DirtyPages, PAGE_SIZE};
-use crate::migration::protocol::Sender;
+use crate::migration::protocol::{Sender, SenderOptions};
 use crate::progress::TransferProgress;
 use crate::vm::Vm;
 use transport::Security;
@@ -109,7 +109,12 @@ pub fn send(
     downtime_target: Duration,
     progress: Option<Arc<TransferProgress>>,
 ) -> Result<MigrationReport, String> {
-    let mut sender = Sender::new(stream);
+    // TLS authenticates every byte: a frame checksum on top of it would check nothing more.
+    let options = SenderOptions {
+        checksums: !stream.authenticates_bytes(),
+        ..SenderOptions::default()
+    };
+    let mut sender = Sender::with_options(stream, options);
     sender.set_progress(progress);
     let start = Instant::now();
     let mut paused = false;

@@ -21,7 +21,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::memory::{is_zero, PAGE_SIZE};
 use super::protocol::{
     encode_delta, seal_encoded, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN,
-    FLAG_DELTA, FLAG_LZ4, HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
+    FLAG_DELTA, FLAG_LZ4, FLAG_UNCHECKED, HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE,
+    ZERO_PAGE_BIT,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -51,19 +52,26 @@ pub(super) struct EncodedFrame {
 /// Scratch buffers for assembling frames; one per thread that encodes.
 pub(super) struct PageEncoder {
     compress: bool,
+    /// Compute the payload's CRC (off: the frame goes unchecked on an authenticated stream).
+    checksum: bool,
     packed: Vec<u8>,
     old: Vec<u8>,
     delta: Vec<u8>,
 }
 
 impl PageEncoder {
-    pub fn new(compress: bool) -> Self {
+    pub fn new(compress: bool, checksum: bool) -> Self {
         Self {
             compress,
+            checksum,
             packed: Vec::new(),
             old: vec![0; PAGE_SIZE],
             delta: vec![0; PAGE_SIZE],
         }
+    }
+
+    pub fn set_checksum(&mut self, checksum: bool) {
+        self.checksum = checksum;
     }
 
     /// Assembles the MemoryPages payload of `count` pages (`chunks`: runs of pages) from
@@ -179,7 +187,11 @@ impl PageEncoder {
             }
         }
         let mut payload_crc = crc32fast::Hasher::new();
-        payload_crc.update(&frame[HEADER_LEN..end]);
+        if self.checksum {
+            payload_crc.update(&frame[HEADER_LEN..end]);
+        } else {
+            flags |= FLAG_UNCHECKED;
+        }
         Ok(EncodedFrame {
             payload_len: end - HEADER_LEN,
             flags,
@@ -288,7 +300,7 @@ impl EncodePool {
         lanes: Vec<Lane>,
         staging: &GuestMemoryMmap,
         base: &GuestMemoryMmap,
-        compress: bool,
+        (compress, checksum): (bool, bool),
         on_start: impl Fn() -> bool + Clone + Send + 'static,
     ) -> std::io::Result<Self> {
         let lane_count = lanes.len();
@@ -313,7 +325,7 @@ impl EncodePool {
                 if !on_start() {
                     return;
                 }
-                let mut encoder = PageEncoder::new(compress);
+                let mut encoder = PageEncoder::new(compress, checksum);
                 let mut broken = None;
                 while let Ok(mut job) = job_rx.recv() {
                     let view = DeltaView {

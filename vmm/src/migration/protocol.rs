@@ -10,14 +10,21 @@
 //!                      6 Ack, 7 Error, 8 Abort, 9 DiskWrites, 10 Control, 11 InputFrames,
 //!                      12 OutputFrames (the last four only in fault-tolerance streams; a
 //!                      migration receiver rejects them)
-//!      5     1  flags  bit 0 = LZ4 (MemoryPages, State), bit 1 = delta (MemoryPages);
-//!                      other bits must be 0
+//!      5     1  flags  bit 0 = LZ4 (MemoryPages, State), bit 1 = delta (MemoryPages),
+//!                      bit 7 = unchecked (any type but Hello: the trailer is 0 and means
+//!                      nothing; only on a stream that authenticates every byte itself, such
+//!                      as TLS, and only where the reader was told so); other bits must be 0
 //!      6     2  reserved, 0
 //!      8     4  payload length (at most MAX_FRAME_PAYLOAD, checked before any allocation)
 //!     12     4  sequence number: 0, 1, 2, ... per direction
 //!     16     n  payload
-//!   16+n     4  CRC-32 (IEEE) of bytes 0 .. 16+n
+//!   16+n     4  CRC-32 (IEEE) of bytes 0 .. 16+n (0 in an unchecked frame)
 //! ```
+//!
+//! The checksum catches what TCP's own misses on a plain stream. Over TLS every record's
+//! AEAD tag already rejects any changed byte, so the CRC there is the same check done twice
+//! (both ends computing it cost about as much CPU as the AES-GCM itself on FT's input
+//! mirroring): a sender told its stream is authenticated leaves it out after Hello.
 //!
 //! Payloads:
 //! - Hello: `version u32, page_size u32, VmConfig JSON`;
@@ -73,7 +80,8 @@ use crate::progress::TransferProgress;
 /// 6: MemoryDone may count page frames sent on data streams (FT's several streams).
 /// 7: fault-tolerance streams carry each epoch's held output (OutputFrames).
 /// 8: InputFrames carry each frame's virtio-net header (receive offloads).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: frames after Hello may be unchecked on an authenticated stream (`FLAG_UNCHECKED`).
+pub const PROTOCOL_VERSION: u32 = 9;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -88,6 +96,8 @@ pub const MAX_LANES: usize = 8;
 pub const FLAG_LZ4: u8 = 1;
 /// MemoryPages: entries may be deltas against the receiver's copy of the page.
 pub const FLAG_DELTA: u8 = 2;
+/// The frame carries no checksum: its stream authenticates every byte (see the module doc).
+pub const FLAG_UNCHECKED: u8 = 0x80;
 pub(super) const ZERO_PAGE_BIT: u64 = 1;
 pub(super) const DELTA_PAGE_BIT: u64 = 2;
 /// Longest page delta a frame may carry (the sender sends the page itself before that).
@@ -201,6 +211,11 @@ pub enum ProtocolError {
         expected: u32,
         actual: u32,
     },
+    #[error(
+        "frame {seq} ({kind}) carries no checksum, and this stream does not authenticate its \
+         bytes (only a TLS stream may leave the checksum out)"
+    )]
+    Unchecked { kind: FrameType, seq: u32 },
     #[error("frame sequence number {got}, expected {expected} (frames lost or repeated)")]
     Sequence { expected: u32, got: u32 },
     #[error("malformed {kind} frame: {reason}")]
@@ -903,6 +918,8 @@ pub fn encode_delta(old: &[u8], new: &[u8], out: &mut [u8]) -> Option<usize> {
 pub struct FrameReader {
     buf: Vec<u8>,
     next_seq: u32,
+    /// The stream authenticates every byte (TLS): frames may leave their checksum out.
+    authenticated: bool,
 }
 
 /// Reads until `buf` is full or EOF; returns the number of bytes read.
@@ -922,6 +939,13 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 impl FrameReader {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether the stream this reader reads authenticates every byte itself (TLS), so that
+    /// frames marked [`FLAG_UNCHECKED`] are accepted without a checksum. Off by default:
+    /// such a frame is then an error.
+    pub fn set_authenticated(&mut self, authenticated: bool) {
+        self.authenticated = authenticated;
     }
 
     /// Bytes currently reserved for frame payloads.
@@ -949,7 +973,15 @@ impl FrameReader {
             return Err(ProtocolError::BadMagic(magic));
         }
         let kind = FrameType::from_u8(header[4]).ok_or(ProtocolError::UnknownType(header[4]))?;
-        let flags = header[5];
+        let unchecked = header[5] & FLAG_UNCHECKED != 0;
+        let flags = header[5] & !FLAG_UNCHECKED;
+        if unchecked && kind == FrameType::Hello {
+            // Hello names the version: a peer that cannot read the flag must still read it.
+            return Err(ProtocolError::BadFlags {
+                kind,
+                flags: header[5],
+            });
+        }
         let reserved = u16::from_le_bytes([header[6], header[7]]);
         if reserved != 0 {
             return Err(ProtocolError::Reserved(reserved));
@@ -962,10 +994,17 @@ impl FrameReader {
         let need = len + TRAILER_LEN;
         self.fill(r, need)?;
         let expected = le_u32(&self.buf, len);
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header);
-        hasher.update(&self.buf[..len]);
-        let actual = hasher.finalize();
+        let actual = if unchecked {
+            if !self.authenticated {
+                return Err(ProtocolError::Unchecked { kind, seq });
+            }
+            0
+        } else {
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&header);
+            hasher.update(&self.buf[..len]);
+            hasher.finalize()
+        };
         if actual != expected {
             return Err(ProtocolError::Checksum {
                 seq,
@@ -1020,18 +1059,23 @@ impl FrameReader {
 }
 
 /// Fills in the header (at `buf[..HEADER_LEN]`) and the checksum (after `payload_len` payload
-/// bytes) of a frame assembled in place; returns the frame's total length.
+/// bytes; 0 with [`FLAG_UNCHECKED`]) of a frame assembled in place; returns the frame's total
+/// length.
 fn seal_frame(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) -> usize {
     write_header(buf, kind, flags, seq, payload_len);
     let end = HEADER_LEN + payload_len;
-    let crc = crc32fast::hash(&buf[..end]);
+    let crc = if flags & FLAG_UNCHECKED != 0 {
+        0
+    } else {
+        crc32fast::hash(&buf[..end])
+    };
     buf[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
     end + TRAILER_LEN
 }
 
 /// Seals a frame [`PageEncoder::encode`] assembled in `frame` (header with `seq`, checksum:
-/// the header's CRC combined with the encoder's CRC of the payload); returns its length and
-/// checksum.
+/// the header's CRC combined with the encoder's CRC of the payload, or 0 for an unchecked
+/// frame); returns its length and checksum.
 pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -> (usize, u32) {
     write_header(
         frame,
@@ -1040,11 +1084,15 @@ pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -
         seq,
         encoded.payload_len,
     );
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&frame[..HEADER_LEN]);
-    crc.combine(&encoded.payload_crc);
     let end = HEADER_LEN + encoded.payload_len;
-    let crc = crc.finalize();
+    let crc = if encoded.flags & FLAG_UNCHECKED != 0 {
+        0
+    } else {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&frame[..HEADER_LEN]);
+        crc.combine(&encoded.payload_crc);
+        crc.finalize()
+    };
     frame[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
     (end + TRAILER_LEN, crc)
 }
@@ -1072,11 +1120,25 @@ const KEEP_FRAME_BUFFER: usize = 2 << 20;
 /// Assembles one frame in `buf`, emptied first: a buffer kept across frames saves the
 /// allocation, its zeroing and, for large frames, the page faults of fresh memory.
 fn assemble_frame(buf: &mut Vec<u8>, kind: FrameType, flags: u8, seq: u32, payload: &[u8]) {
+    assemble_frame_with(buf, kind, flags, seq, &mut |b| b.extend_from_slice(payload));
+}
+
+/// [`assemble_frame`] with a payload that `build` appends to the buffer in place (no copy of
+/// a payload built elsewhere first); returns the payload's length.
+fn assemble_frame_with(
+    buf: &mut Vec<u8>,
+    kind: FrameType,
+    flags: u8,
+    seq: u32,
+    build: &mut dyn FnMut(&mut Vec<u8>),
+) -> usize {
     buf.clear();
     buf.extend_from_slice(&[0u8; HEADER_LEN]);
-    buf.extend_from_slice(payload);
+    build(buf);
+    let payload_len = buf.len() - HEADER_LEN;
     buf.extend_from_slice(&[0u8; TRAILER_LEN]);
-    seal_frame(buf, kind, flags, seq, payload.len());
+    seal_frame(buf, kind, flags, seq, payload_len);
+    payload_len
 }
 
 /// Writes one small frame with the next sequence number of `seq` (for a side that speaks the
@@ -1100,28 +1162,30 @@ fn write_small<T: Write>(
     payload: &[u8],
 ) -> io::Result<()> {
     let mut frame = Vec::new();
-    write_small_flagged((stream, &mut frame), seq, stats, kind, 0, payload)
+    let build = &mut |b: &mut Vec<u8>| b.extend_from_slice(payload);
+    write_small_flagged((stream, &mut frame), seq, stats, (kind, 0), build)
 }
 
-/// Writes one frame assembled in `frame` (a buffer the caller may keep for the next one).
+/// Writes one frame assembled in `frame` (a buffer the caller may keep for the next one),
+/// its payload appended by `build`.
 fn write_small_flagged<T: Write>(
     (stream, frame): (&mut T, &mut Vec<u8>),
     seq: &mut u32,
     stats: &mut TransferStats,
-    kind: FrameType,
-    flags: u8,
-    payload: &[u8],
+    (kind, flags): (FrameType, u8),
+    build: &mut dyn FnMut(&mut Vec<u8>),
 ) -> io::Result<()> {
-    if payload.len() > MAX_FRAME_PAYLOAD {
+    let payload_len = assemble_frame_with(frame, kind, flags, *seq, build);
+    if payload_len > MAX_FRAME_PAYLOAD {
+        *frame = Vec::new();
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "{kind} payload of {} bytes exceeds the frame limit of {MAX_FRAME_PAYLOAD}",
-                payload.len()
+                "{kind} payload of {payload_len} bytes exceeds the frame limit of \
+                 {MAX_FRAME_PAYLOAD}"
             ),
         ));
     }
-    assemble_frame(frame, kind, flags, *seq, payload);
     let written = stream.write_all(frame).and_then(|()| stream.flush());
     let len = frame.len() as u64;
     if frame.capacity() > KEEP_FRAME_BUFFER {
@@ -1214,6 +1278,11 @@ pub struct SenderOptions {
     pub compress: bool,
     /// Pages per MemoryPages frame (1 ..= MAX_PAGES_PER_FRAME).
     pub batch_pages: usize,
+    /// Checksum every frame. Turn off only on a stream that authenticates every byte (TLS)
+    /// and whose receiver knows it ([`FrameReader::set_authenticated`]): frames after Hello
+    /// then go [`FLAG_UNCHECKED`]. Data streams ([`Sender::start_lanes`]) stay checked: their
+    /// checksums tie each frame to its pass.
+    pub checksums: bool,
 }
 
 impl Default for SenderOptions {
@@ -1221,6 +1290,7 @@ impl Default for SenderOptions {
         Self {
             compress: false,
             batch_pages: 1024,
+            checksums: true,
         }
     }
 }
@@ -1270,7 +1340,8 @@ impl<T: Read + Write> Sender<T> {
             iteration: 0,
             stats: TransferStats::default(),
             job: EncodeJob::default(),
-            encoder: PageEncoder::new(options.compress),
+            // Hello is always checked; `started` turns this on after it.
+            encoder: PageEncoder::new(options.compress, true),
             pool: None,
             progress: None,
             interleave: None,
@@ -1340,18 +1411,37 @@ impl<T: Read + Write> Sender<T> {
         ProtocolError::Io(e)
     }
 
+    /// [`FLAG_UNCHECKED`] for the frames after Hello when checksums are off.
+    fn unchecked(&self) -> u8 {
+        if self.started && !self.options.checksums {
+            FLAG_UNCHECKED
+        } else {
+            0
+        }
+    }
+
     fn send_small(&mut self, kind: FrameType, payload: &[u8]) -> Result<(), ProtocolError> {
+        self.send_small_with(kind, &mut |b| b.extend_from_slice(payload))
+    }
+
+    /// Sends one frame whose payload `build` appends to the frame buffer.
+    fn send_small_with(
+        &mut self,
+        kind: FrameType,
+        build: &mut dyn FnMut(&mut Vec<u8>),
+    ) -> Result<(), ProtocolError> {
+        let flags = self.unchecked();
+        let before = self.stats.bytes;
         match write_small_flagged(
             (&mut self.stream, &mut self.small_frame),
             &mut self.seq,
             &mut self.stats,
-            kind,
-            0,
-            payload,
+            (kind, flags),
+            build,
         ) {
             Ok(()) => {
                 if let Some(progress) = &self.progress {
-                    progress.sent_bytes((HEADER_LEN + payload.len() + TRAILER_LEN) as u64);
+                    progress.sent_bytes(self.stats.bytes - before);
                 }
                 Ok(())
             }
@@ -1380,6 +1470,7 @@ impl<T: Read + Write> Sender<T> {
         payload.extend_from_slice(&json);
         self.send_small(FrameType::Hello, &payload)?;
         self.started = true;
+        self.encoder.set_checksum(self.options.checksums);
         Ok(())
     }
 
@@ -1454,7 +1545,16 @@ impl<T: Read + Write> Sender<T> {
     ) -> io::Result<()> {
         self.pool = None;
         let compress = self.options.compress;
-        let pool = EncodePool::start(threads, lanes, staging, &base.mem, compress, on_start)?;
+        // A data stream's frames are tied to their pass by their checksums.
+        let checksum = self.options.checksums || !lanes.is_empty();
+        let pool = EncodePool::start(
+            threads,
+            lanes,
+            staging,
+            &base.mem,
+            (compress, checksum),
+            on_start,
+        )?;
         self.pool = Some(pool);
         Ok(())
     }
@@ -1636,6 +1736,18 @@ impl<T: Read + Write> Sender<T> {
         self.send_small(kind, payload)
     }
 
+    /// [`Sender::send_frame`] with the payload appended by `build` straight into the frame
+    /// buffer (fault tolerance's input frames: every byte the guest receives passes here, and
+    /// a payload built elsewhere would be copied once more).
+    pub fn send_frame_with(
+        &mut self,
+        kind: FrameType,
+        build: &mut dyn FnMut(&mut Vec<u8>),
+    ) -> Result<(), ProtocolError> {
+        self.check_started("frames")?;
+        self.send_small_with(kind, build)
+    }
+
     /// Sends the VM state (after the last memory pass of an epoch or migration).
     pub fn send_state<S: Serialize>(&mut self, state: &S) -> Result<(), ProtocolError> {
         self.check_started("state")?;
@@ -1648,13 +1760,13 @@ impl<T: Read + Write> Sender<T> {
         if self.options.compress {
             let packed = lz4_flex::block::compress_prepend_size(&json);
             if packed.len() < json.len() {
+                let flags = FLAG_LZ4 | self.unchecked();
                 return match write_small_flagged(
                     (&mut self.stream, &mut self.small_frame),
                     &mut self.seq,
                     &mut self.stats,
-                    FrameType::State,
-                    FLAG_LZ4,
-                    &packed,
+                    (FrameType::State, flags),
+                    &mut |b| b.extend_from_slice(&packed),
                 ) {
                     Ok(()) => Ok(()),
                     Err(e) => Err(self.write_failed(e)),
@@ -1733,6 +1845,12 @@ impl<T: Read + Write> Receiver<T> {
 
     pub fn stats(&self) -> TransferStats {
         self.stats
+    }
+
+    /// See [`FrameReader::set_authenticated`]: whether the stream authenticates every byte,
+    /// so that its sender may leave checksums out.
+    pub fn set_authenticated(&mut self, authenticated: bool) {
+        self.reader.set_authenticated(authenticated);
     }
 
     pub fn get_ref(&self) -> &T {

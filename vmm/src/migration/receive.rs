@@ -351,8 +351,10 @@ impl ReceiverThread {
     fn receive(&self, listener: Listener) -> Result<TransferStats, String> {
         let stream = self.accept(&listener)?;
         drop(listener);
+        let authenticated = stream.authenticates_bytes();
         let stream = TimedStream::new(stream, self.timeouts).map_err(|e| e.to_string())?;
         let mut receiver = Receiver::new(stream);
+        receiver.set_authenticated(authenticated);
         let config = receiver.recv_hello().map_err(|e| e.to_string())?;
         receiver.get_ref().end_handshake();
         if let Err(e) = config.validate() {
