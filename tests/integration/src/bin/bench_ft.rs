@@ -839,6 +839,32 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)
     Ok((sent as f64 / elapsed.as_secs_f64() / 1e6, sent as u64))
 }
 
+/// CPU time so far of every replication thread on this host (threads named `ft-*`: the
+/// primary's sender, acks, staging and encoders, the backup's receiver), in ns: what each
+/// received byte costs the replication, the figure a per-byte saving moves. Like throughput it
+/// swings between runs on a nested 2-core machine (everything runs slower at times): compare
+/// cases within a run.
+fn replication_cpu_ns() -> u64 {
+    let mut total = 0;
+    for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let tasks = std::fs::read_dir(process.path().join("task"));
+        for task in tasks.into_iter().flatten().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("ft-") {
+                continue;
+            }
+            // schedstat: time on the CPU (ns), time waiting, timeslices.
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// Sequential round trips of `request` (`req`, `relay`: each reply checked to continue the
 /// sequence), in ms. Under FT each request waits a random time in [0, epoch) first: a request
 /// sent right after the previous reply was released would always arrive early in an epoch and
@@ -1174,9 +1200,10 @@ struct CaseResult {
     dirtied_per_s: f64,
     rtts_ms: Vec<f64>,
     tcp_mbps: Option<f64>,
-    /// FT during the TCP transfer: VMM-dirty pages per epoch, and replication bytes per byte
-    /// the guest received (input mirrored, pages, state).
-    tcp_ft: Option<(f64, f64)>,
+    /// FT during the TCP transfer: VMM-dirty pages per epoch, replication bytes per byte the
+    /// guest received (input mirrored, pages, state) and CPU time of the replication threads
+    /// of both sides per MB the guest received, ms.
+    tcp_ft: Option<(f64, f64, f64)>,
     ft: Option<FtWindow>,
 }
 
@@ -1260,14 +1287,21 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         // The floor protects nothing: its counters say nothing about replication.
         let ft_socket = ft_socket.filter(|_| !setup.floor);
         let before = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
+        let cpu_before = replication_cpu_ns();
         let (mbps, sent) = sink_throughput(setup.client_ns, opts.sink_mib << 20, opts.sink_budget)?;
+        let cpu_ns = replication_cpu_ns().saturating_sub(cpu_before);
         let tcp_ft = match (ft_socket, before) {
             (Some(s), Some(before)) => {
                 let after = ft_status(setup.bins, s)?;
                 let epochs = after.epoch.saturating_sub(before.epoch).max(1) as f64;
                 let dirty = after.dirty_pages.saturating_sub(before.dirty_pages) as f64;
                 let bytes = after.bytes.saturating_sub(before.bytes) as f64;
-                Some((dirty / epochs, bytes / sent.max(1) as f64))
+                let mb = sent.max(1) as f64 / 1e6;
+                Some((
+                    dirty / epochs,
+                    bytes / sent.max(1) as f64,
+                    cpu_ns as f64 / 1e6 / mb,
+                ))
             }
             _ => None,
         };
@@ -1349,6 +1383,7 @@ enum Metric {
     TcpDirtyPerEpoch,
     /// Replication bytes per byte the guest received during the TCP transfer.
     TcpReplBytesPerByte,
+    TcpReplCpuMsPerMb,
     /// FT bytes sent per second of the work window, MB/s.
     SenderMbps,
 }
@@ -1420,9 +1455,10 @@ impl Results {
         if let Some(mbps) = r.tcp_mbps {
             self.add(cell, mode, Metric::TcpMbps, mbps);
         }
-        if let Some((dirty, per_byte)) = r.tcp_ft {
+        if let Some((dirty, per_byte, cpu)) = r.tcp_ft {
             self.add(cell, mode, Metric::TcpDirtyPerEpoch, dirty);
             self.add(cell, mode, Metric::TcpReplBytesPerByte, per_byte);
+            self.add(cell, mode, Metric::TcpReplCpuMsPerMb, cpu);
         }
         if let Some(ft) = &r.ft {
             let epochs = ft.epochs as f64;
@@ -1494,10 +1530,11 @@ fn describe_case(r: &CaseResult) -> String {
     if let Some(mbps) = r.tcp_mbps {
         let _ = write!(s, ", tcp {mbps:.1} MB/s");
     }
-    if let Some((dirty, per_byte)) = r.tcp_ft {
+    if let Some((dirty, per_byte, cpu)) = r.tcp_ft {
         let _ = write!(
             s,
-            " ({dirty:.0} VMM-dirty pages/epoch, {per_byte:.2} replication B per B received)"
+            " ({dirty:.0} VMM-dirty pages/epoch, {per_byte:.2} replication B per B received, \
+             replication threads {cpu:.2} ms CPU per MB)"
         );
     }
     if let Some(ft) = &r.ft {
@@ -3094,6 +3131,7 @@ impl Report<'_> {
                     fmt(ratio(held), 3),
                     fmt(r.med(c, Mode::Ft, Metric::TcpDirtyPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpReplCpuMsPerMb), 2),
                 ]
             })
             .collect();
@@ -3111,6 +3149,9 @@ impl Report<'_> {
             println!(
                 "  FT dirty/ep: VMM-dirty pages per epoch during the transfer (FT); repl B/B: bytes FT sent per byte the guest received"
             );
+            println!(
+                "  repl CPU ms/MB: CPU time of the replication threads of both sides (ft-*) per MB the guest received"
+            );
             println!();
             print_table(
                 &[
@@ -3123,6 +3164,7 @@ impl Report<'_> {
                     "FT held/noFT",
                     "FT dirty/ep",
                     "FT repl B/B",
+                    "FT repl CPU ms/MB",
                 ],
                 &tcp_rows,
             );
