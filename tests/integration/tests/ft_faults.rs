@@ -488,7 +488,16 @@ fn a_slow_link_keeps_protection_and_a_failover_still_loses_nothing() {
         None,
     );
     // LZ4 is for such links (off by default): the failover below restores compressed epochs.
-    enable(&primary, &format!("{HOST_B}:7101"), &["--compress"]).unwrap_or_else(|e| panic!("{e}"));
+    // The heartbeat timeout is what the runbook asks for on a link slower than a LAN: above one
+    // TCP retransmission timeout (200 ms at least) plus a round trip. With the default (100 ms
+    // here) a segment the token bucket drops at the tail of an epoch silences the link for
+    // longer than that, and protection drops although both sides are alive.
+    enable(
+        &primary,
+        &format!("{HOST_B}:7101"),
+        &["--compress", "--heartbeat-timeout-ms", "300"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     // A rate limit on the host link as well (tbf; the kernel has no netem).
     tc(
         &pair.hosts.b,
