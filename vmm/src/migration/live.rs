@@ -20,6 +20,12 @@ use transport::Security;
 /// Pre-copy passes before the VM is stopped whatever the dirty rate (bounded migration time).
 const MAX_PRECOPY_PASSES: u32 = 30;
 
+/// Passes in a row that leave at least [`STALL_FRACTION`] of the smallest dirty set seen so
+/// far: the guest dirties its working set as fast as it is sent, and more passes would only
+/// lengthen the migration (each one resends that working set) without shortening the pause.
+const STALLED_PASSES: u32 = 3;
+const STALL_FRACTION: f64 = 0.9;
+
 /// A migration connection: mutual TLS (or, by explicit opt-out, plain TCP) or a Unix socket.
 pub use transport::Stream as MigrationStream;
 
@@ -196,8 +202,9 @@ fn precopy_and_handoff(
 
 /// Iterative pre-copy while the guest runs: switches dirty logging on, sends all memory, then
 /// what was dirtied meanwhile, until the rest would fit in `downtime_target` at the measured
-/// rate or [`MAX_PRECOPY_PASSES`] is reached. Returns the pages still to send (after the
-/// caller's final pause, together with [`dirty_since_last`]) and the passes made.
+/// rate, or the dirty set stops shrinking ([`STALLED_PASSES`]), or [`MAX_PRECOPY_PASSES`] is
+/// reached. Returns the pages still to send (after the caller's final pause, together with
+/// [`dirty_since_last`]) and the passes made.
 pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
     vm: &mut V,
     sender: &mut Sender<T>,
@@ -216,9 +223,21 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
     let mut rate = first.wire_bytes.max(1) as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
     let mut passes = 1;
     let mut pending = dirty_since_last(vm)?;
+    let mut smallest = pending.count();
+    let mut stalled = 0;
     while passes < MAX_PRECOPY_PASSES {
         let estimate = pending.count() as f64 * PAGE_SIZE as f64 / rate;
         if estimate <= downtime_target.as_secs_f64() {
+            break;
+        }
+        if stalled >= STALLED_PASSES {
+            log::info!(
+                "pre-copy stopped converging after {passes} passes: {} pages left for the pause \
+                 (about {:.0} ms, target {} ms)",
+                pending.count(),
+                estimate * 1e3,
+                downtime_target.as_millis()
+            );
             break;
         }
         let t = Instant::now();
@@ -229,6 +248,12 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
         rate = pass.wire_bytes.max(1) as f64 / t.elapsed().as_secs_f64().max(1e-6);
         passes += 1;
         pending = dirty_since_last(vm)?;
+        if (pending.count() as f64) < smallest as f64 * STALL_FRACTION {
+            stalled = 0;
+        } else {
+            stalled += 1;
+        }
+        smallest = smallest.min(pending.count());
     }
     Ok((pending, passes))
 }
@@ -236,6 +261,98 @@ pub fn precopy<T: Read + Write, V: ReplicableVm + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_manager::FtGates;
+    use crate::memory::GuestMemoryMmap;
+    use crate::vm::VmSnapshotState;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A guest that rewrites the pages `dirtied(pass)` names between two harvests.
+    struct BusyGuest {
+        memory: GuestMemoryMmap,
+        harvests: u64,
+        dirtied: fn(u64) -> u64,
+    }
+
+    impl ReplicableVm for BusyGuest {
+        fn pause(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn set_dirty_logging(&mut self, _enabled: bool) -> Result<(), String> {
+            Ok(())
+        }
+        fn dirty_since_last(&mut self) -> Result<DirtyPages, String> {
+            let pages = (self.dirtied)(self.harvests);
+            self.harvests += 1;
+            let (set, _) = DirtyPages::from_pages(
+                &self.memory,
+                (0..pages).map(|p| GuestAddress(p * PAGE_SIZE as u64)),
+            )
+            .map_err(|e| e.to_string())?;
+            for p in 0..pages {
+                self.memory
+                    .write_obj(self.harvests, GuestAddress(p * PAGE_SIZE as u64))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(set)
+        }
+        fn memory(&self) -> &GuestMemoryMmap {
+            &self.memory
+        }
+        fn save_state(&mut self) -> Result<VmSnapshotState, String> {
+            Err("not used by pre-copy".into())
+        }
+        fn ft_gates(&mut self) -> Result<FtGates, String> {
+            Err("not used by pre-copy".into())
+        }
+    }
+
+    /// Pre-copy of `guest` against a target no pass can meet; the passes it made.
+    fn passes_until_stop(dirtied: fn(u64) -> u64) -> (u32, u64) {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1024 * PAGE_SIZE)]).unwrap();
+        let mut guest = BusyGuest {
+            memory,
+            harvests: 0,
+            dirtied,
+        };
+        let mut sender = Sender::new(std::io::Cursor::new(Vec::new()));
+        sender.send_hello(&VmConfig::default()).unwrap();
+        let (pending, passes) = precopy(&mut guest, &mut sender, Duration::ZERO).unwrap();
+        (passes, pending.count())
+    }
+
+    #[test]
+    fn precopy_stops_when_the_dirty_set_stops_shrinking() {
+        // A working set rewritten as fast as it is sent: more passes would not shorten the
+        // pause, so pre-copy gives up after the stalled passes, not after MAX_PRECOPY_PASSES.
+        let (passes, pending) = passes_until_stop(|_| 256);
+        assert_eq!(passes, 1 + STALLED_PASSES, "{passes} passes");
+        assert_eq!(pending, 256);
+        // Shrinking by less than the stall fraction counts as stalled too.
+        let (passes, _) = passes_until_stop(|h| 512 - h.min(60));
+        assert_eq!(passes, 1 + STALLED_PASSES, "{passes} passes");
+    }
+
+    #[test]
+    fn precopy_goes_on_while_the_dirty_set_shrinks() {
+        // Halving every pass: each pass pays off, down to an empty set (which meets any target).
+        let (passes, pending) = passes_until_stop(|h| 512 >> h.min(10));
+        assert_eq!(pending, 0);
+        assert_eq!(passes, 10, "{passes} passes");
+        // One slow pass among shrinking ones does not stop it.
+        let (passes, pending) = passes_until_stop(|h| match h {
+            0..=2 => 512 >> h,
+            3 => 200,
+            h => 128 >> (h - 3).min(8),
+        });
+        assert_eq!(pending, 0);
+        assert!(passes > 1 + STALLED_PASSES, "{passes} passes");
+        // Capped all the same.
+        let (passes, _) = passes_until_stop(|h| (1000.0 * 0.85f64.powi(h as i32)) as u64);
+        assert_eq!(passes, MAX_PRECOPY_PASSES, "{passes} passes");
+    }
 
     #[test]
     fn tcp_needs_tls_or_the_opt_out_and_unix_needs_neither() {
