@@ -31,8 +31,8 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live::{parse_url, MigrationUrl};
 use vmm::migration::memory::PAGE_SIZE;
 use vmm::migration::protocol::{
-    self, apply_pages, write_frame, Frame, FrameReader, FrameType, LaneDigest, Message,
-    ProtocolError, TransferStats, HEADER_LEN, TRAILER_LEN,
+    self, apply_pages, decode_state, write_frame, Frame, FrameReader, FrameType, LaneDigest,
+    Message, ProtocolError, TransferStats, HEADER_LEN, TRAILER_LEN,
 };
 use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
@@ -404,7 +404,7 @@ impl PendingEpoch {
 const EPOCH_DISK_WRITES_MAX: u64 = 256 << 20;
 /// The primary's hold limit (64 MiB, 1 Mi frames) with the frames' headers.
 const EPOCH_OUTPUT_MAX: u64 = 96 << 20;
-const EPOCH_STATE_MAX: u64 = vmm::migration::protocol::MAX_STATE_JSON as u64;
+const EPOCH_STATE_MAX: u64 = vmm::migration::protocol::MAX_STATE_BYTES as u64;
 
 fn epoch_limit(memory: &GuestMemoryMmap) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -869,11 +869,11 @@ impl Replica {
         pending: PendingEpoch,
         released_through: u64,
     ) -> Result<(), String> {
-        let state_json = pending
+        let encoded = pending
             .state
             .ok_or_else(|| format!("epoch {epoch} ended without its state"))?;
         let state: VmSnapshotState =
-            serde_json::from_slice(&state_json).map_err(|e| format!("epoch {epoch} state: {e}"))?;
+            decode_state(&encoded).map_err(|e| format!("epoch {epoch} state: {e}"))?;
         for (flags, payload) in &pending.pages {
             self.apply_frame(*flags, payload)?;
         }
@@ -1146,14 +1146,10 @@ fn receive_epochs(
                 let frames = decode_output_frames(payload).map_err(|e| e.to_string())?;
                 pending.output.receive(frames, replica.nics)?;
             }
-            Message::State {
-                state_json,
-                compressed,
-            } => {
-                let json =
-                    Message::state_json(state_json, compressed).map_err(|e| e.to_string())?;
-                pending.account(json.len(), replica.epoch_limit)?;
-                pending.state = Some(json.into_owned());
+            Message::State { state, compressed } => {
+                let state = Message::state_bytes(state, compressed).map_err(|e| e.to_string())?;
+                pending.account(state.len(), replica.epoch_limit)?;
+                pending.state = Some(state.into_owned());
             }
             Message::Control { payload } => {
                 let control = Control::decode(payload).map_err(|e| e.to_string())?;

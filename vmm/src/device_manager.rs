@@ -202,16 +202,13 @@ pub struct DevicesState {
     pub serial: Option<SerialDeviceState>,
     pub virtio: Vec<NamedDeviceState>,
     /// The guest's changes to `discard_writes` pmem regions (snapshots only: migration and
-    /// fault tolerance refuse such a VM). Absent when there are none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// fault tolerance refuse such a VM). May be absent from a snapshot file (none). Always
+    /// written: the state also travels in a binary format that has no absent fields.
+    #[serde(default)]
     pub pmem_pages: Vec<PmemPages>,
-    /// Hot-plug events the guest has not taken yet (absent: none).
-    #[serde(default, skip_serializing_if = "is_default")]
+    /// Hot-plug events the guest has not taken yet (may be absent from a file: none).
+    #[serde(default)]
     pub pci_hotplug: PciHotplugState,
-}
-
-fn is_default(state: &PciHotplugState) -> bool {
-    *state == PciHotplugState::default()
 }
 
 /// The pages of one `discard_writes` pmem region that differ from its file: the region maps

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
-use vmm::migration::protocol::{encode_frame, FrameReader, FrameType, Message};
+use vmm::migration::protocol::{
+    decode_state, encode_frame, encode_state, FrameReader, FrameType, Message, HEADER_LEN,
+    TRAILER_LEN,
+};
 use vmm::migration::{
     DirtyPages, ProtocolError, Receiver, Sender, SenderOptions, PAGE_SIZE, PROTOCOL_VERSION,
 };
@@ -229,7 +232,14 @@ fn unchecked_frames_are_refused_unless_the_stream_authenticates() {
 fn an_authenticated_reader_still_checks_checked_frames_and_hello() {
     // A checked frame with a flipped byte is refused on any stream.
     let mut checked = captured_epoch(true);
-    let at = checked.len() - 40;
+    // The first byte of the state's payload: after it come its trailer and Complete (a
+    // header and a trailer).
+    let state = encode_state(&DummyState {
+        epoch: 1,
+        regs: vec![7],
+    })
+    .unwrap();
+    let at = checked.len() - (HEADER_LEN + TRAILER_LEN) - TRAILER_LEN - state.len();
     checked[at] ^= 1;
     let e = receive_captured(&checked, true).unwrap_err();
     assert!(matches!(e, ProtocolError::Checksum { .. }), "{e}");
@@ -337,12 +347,13 @@ fn compressed_state_round_trips_and_bad_lz4_state_is_refused() {
         epoch: 3,
         regs: vec![7; 4096],
     };
-    let json = serde_json::to_vec(&state).unwrap();
+    let json = encode_state(&state).unwrap();
     let packed = lz4_flex::block::compress_prepend_size(&json);
     assert!(packed.len() < json.len() / 4);
-    let decoded = Message::state_json(&packed, true).unwrap();
+    let decoded = Message::state_bytes(&packed, true).unwrap();
     assert_eq!(&decoded[..], &json[..]);
-    assert_eq!(&Message::state_json(&json, false).unwrap()[..], &json[..]);
+    assert_eq!(&Message::state_bytes(&json, false).unwrap()[..], &json[..]);
+    assert_eq!(decode_state::<DummyState>(&decoded).unwrap(), state);
 
     let mut huge = packed.clone();
     huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -366,6 +377,36 @@ fn compressed_state_round_trips_and_bad_lz4_state_is_refused() {
         32 << 20,
     );
     assert!(e.to_string().contains("invalid flags"), "{e}");
+}
+
+#[test]
+fn a_state_that_does_not_decode_whole_is_refused() {
+    let state = DummyState {
+        epoch: 3,
+        regs: vec![1, 2, 3],
+    };
+    let encoded = encode_state(&state).unwrap();
+    assert_eq!(decode_state::<DummyState>(&encoded).unwrap(), state);
+    let mut longer = encoded.clone();
+    longer.push(0);
+    let cut = encoded[..encoded.len() - 1].to_vec();
+    // A count of registers far beyond the bytes that follow (a varint of 2^35).
+    let lying = vec![3, 0x80, 0x80, 0x80, 0x80, 0x01, 1];
+    for (bad, why) in [
+        (longer, "1 bytes after its end"),
+        (cut, "invalid VM state"),
+        (lying, "invalid VM state"),
+        (b"{}".to_vec(), "invalid VM state"),
+    ] {
+        let e = decode_state::<DummyState>(&bad).unwrap_err();
+        assert!(e.to_string().contains(why), "{why}: {e}");
+        let (e, replies) = feed(
+            &[hello(PROTOCOL_VERSION), (FrameType::State, 0, bad)],
+            32 << 20,
+        );
+        assert!(e.to_string().contains(why), "{why}: {e}");
+        assert_eq!(replies, vec![e.to_string()]);
+    }
 }
 
 #[test]

@@ -81,14 +81,15 @@ use crate::progress::TransferProgress;
 /// 7: fault-tolerance streams carry each epoch's held output (OutputFrames).
 /// 8: InputFrames carry each frame's virtio-net header (receive offloads).
 /// 9: frames after Hello may be unchecked on an authenticated stream (`FLAG_UNCHECKED`).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: the State frame carries the VM state in postcard (binary serde) instead of JSON.
+pub const PROTOCOL_VERSION: u32 = 10;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
 /// Largest payload accepted; a header announcing more is rejected before reading on.
 pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
 /// Largest decompressed VM state accepted.
-pub const MAX_STATE_JSON: usize = 64 << 20;
+pub const MAX_STATE_BYTES: usize = 64 << 20;
 /// Most page entries one MemoryPages frame may carry (32 MiB of page data).
 pub const MAX_PAGES_PER_FRAME: usize = 8192;
 /// Most data streams a MemoryDone may name.
@@ -231,7 +232,11 @@ pub enum ProtocolError {
     #[error("invalid VM configuration in Hello: {0}")]
     Config(serde_json::Error),
     #[error("invalid VM state: {0}")]
-    State(serde_json::Error),
+    State(postcard::Error),
+    #[error("invalid VM state: {0} bytes after its end")]
+    StateTrailing(usize),
+    #[error("cannot serialize the VM state: {0}")]
+    SerializeState(postcard::Error),
     #[error("cannot serialize the {what}: {source}")]
     Serialize {
         what: &'static str,
@@ -368,10 +373,10 @@ pub enum Message<'a> {
         /// Per data stream, what the pass carried on it (empty without data streams).
         lanes: Vec<LanePass>,
     },
-    /// The state's JSON; with `compressed`, LZ4 with the JSON's length prepended (see
-    /// [`Message::state_json`]).
+    /// The state in postcard ([`decode_state`]); with `compressed`, LZ4 with the length
+    /// prepended (see [`Message::state_bytes`]).
     State {
-        state_json: &'a [u8],
+        state: &'a [u8],
         compressed: bool,
     },
     Complete,
@@ -519,15 +524,32 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The VM state as a State frame carries it: postcard, a compact binary serde format. JSON
+/// (snapshot files, the API) took 0.13 ms to write and 0.4 ms to parse every epoch on the
+/// FT commit path; postcard takes about a tenth of that and half the bytes. The format has no
+/// absent fields: state types must not skip fields when serializing.
+pub fn encode_state<S: Serialize + ?Sized>(state: &S) -> Result<Vec<u8>, ProtocolError> {
+    postcard::to_allocvec(state).map_err(ProtocolError::SerializeState)
+}
+
+/// Reads a state [`encode_state`] wrote; every byte must belong to it.
+pub fn decode_state<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
+    let (state, rest) = postcard::take_from_bytes(bytes).map_err(ProtocolError::State)?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::StateTrailing(rest.len()));
+    }
+    Ok(state)
+}
+
 fn message_text(payload: &[u8]) -> String {
     let cut = &payload[..payload.len().min(MAX_MESSAGE)];
     String::from_utf8_lossy(cut).into_owned()
 }
 
 impl<'a> Message<'a> {
-    /// The JSON of a State frame, decompressed when it came compressed. The length LZ4 data
-    /// claims is checked against the frame limit before anything is allocated.
-    pub fn state_json(
+    /// The encoded state of a State frame, decompressed when it came compressed. The length
+    /// LZ4 data claims is checked against the frame limit before anything is allocated.
+    pub fn state_bytes(
         payload: &[u8],
         compressed: bool,
     ) -> Result<std::borrow::Cow<'_, [u8]>, ProtocolError> {
@@ -539,20 +561,20 @@ impl<'a> Message<'a> {
             [a, b, c, d, data @ ..] => (u32::from_le_bytes([*a, *b, *c, *d]) as usize, data),
             _ => return Err(bad("LZ4 state shorter than its length".into())),
         };
-        if len > MAX_STATE_JSON {
+        if len > MAX_STATE_BYTES {
             return Err(bad(format!(
-                "LZ4 state claims {len} bytes, more than {MAX_STATE_JSON}"
+                "LZ4 state claims {len} bytes, more than {MAX_STATE_BYTES}"
             )));
         }
-        let mut json = vec![0u8; len];
-        let n = lz4_flex::block::decompress_into(data, &mut json)
+        let mut state = vec![0u8; len];
+        let n = lz4_flex::block::decompress_into(data, &mut state)
             .map_err(|e| bad(format!("LZ4 state: {e}")))?;
         if n != len {
             return Err(bad(format!(
                 "LZ4 state decompresses to {n} bytes, {len} claimed"
             )));
         }
-        Ok(std::borrow::Cow::Owned(json))
+        Ok(std::borrow::Cow::Owned(state))
     }
 
     /// Decodes and checks the payload of `frame`.
@@ -602,7 +624,7 @@ impl<'a> Message<'a> {
                 }
             }
             FrameType::State => Message::State {
-                state_json: p,
+                state: p,
                 compressed: frame.flags & FLAG_LZ4 != 0,
             },
             FrameType::Complete => {
@@ -1751,15 +1773,12 @@ impl<T: Read + Write> Sender<T> {
     /// Sends the VM state (after the last memory pass of an epoch or migration).
     pub fn send_state<S: Serialize>(&mut self, state: &S) -> Result<(), ProtocolError> {
         self.check_started("state")?;
-        let json = serde_json::to_vec(state).map_err(|source| ProtocolError::Serialize {
-            what: "VM state",
-            source,
-        })?;
-        // Fault tolerance sends the state every epoch: tens of KiB of JSON that LZ4 shrinks
-        // several times over.
+        let encoded = encode_state(state)?;
+        // Fault tolerance sends the state every epoch: about 11 KiB that LZ4 shrinks several
+        // times over.
         if self.options.compress {
-            let packed = lz4_flex::block::compress_prepend_size(&json);
-            if packed.len() < json.len() {
+            let packed = lz4_flex::block::compress_prepend_size(&encoded);
+            if packed.len() < encoded.len() {
                 let flags = FLAG_LZ4 | self.unchecked();
                 return match write_small_flagged(
                     (&mut self.stream, &mut self.small_frame),
@@ -1773,7 +1792,7 @@ impl<T: Read + Write> Sender<T> {
                 };
             }
         }
-        self.send_small(FrameType::State, &json)
+        self.send_small(FrameType::State, &encoded)
     }
 
     /// Closes the epoch / migration; the receiver answers with Ack or Error.
@@ -2015,7 +2034,7 @@ impl<T: Read + Write> Receiver<T> {
                 (
                     RecvPhase::Memory,
                     Message::State {
-                        state_json,
+                        state: encoded,
                         compressed,
                     },
                 ) => {
@@ -2025,8 +2044,8 @@ impl<T: Read + Write> Receiver<T> {
                             state: "in the middle of a memory pass (no MemoryDone)",
                         });
                     }
-                    let json = Message::state_json(state_json, compressed)?;
-                    state = Some(serde_json::from_slice(&json).map_err(ProtocolError::State)?);
+                    let bytes = Message::state_bytes(encoded, compressed)?;
+                    state = Some(decode_state(&bytes)?);
                     self.phase = RecvPhase::AwaitComplete;
                 }
                 (RecvPhase::AwaitComplete, Message::Complete) => {
