@@ -975,6 +975,37 @@ impl KeepAlive {
     }
 }
 
+/// How long an input acknowledgement may wait for more of the stream already here.
+const INPUT_ACK_DELAY: Duration = Duration::from_micros(200);
+
+/// Input acknowledgements, coalesced: while more of the primary's stream is already here,
+/// the answer waits (at most [`INPUT_ACK_DELAY`]) and then covers every frame read meanwhile.
+/// One answer per burst instead of one per InputFrames message: each costs a TLS record and
+/// a send here, a wake-up and a read on the primary.
+#[derive(Default)]
+struct InputAcks {
+    owed_since: Option<Instant>,
+}
+
+impl InputAcks {
+    fn owe(&mut self) {
+        self.owed_since.get_or_insert_with(Instant::now);
+    }
+
+    fn answer_unless_more_is_here(&mut self, link: &mut Link, input: &mut InputStore) {
+        let Some(since) = self.owed_since else {
+            return;
+        };
+        if since.elapsed() < INPUT_ACK_DELAY && link.stream.readable_now() {
+            return;
+        }
+        self.owed_since = None;
+        if let Some(seq) = input.ack_due() {
+            link.answer(&Control::InputAck { seq });
+        }
+    }
+}
+
 /// A checked MemoryPages frame: written at once during the initial synchronisation, kept for
 /// its EpochEnd afterwards.
 fn receive_pages(
@@ -1037,9 +1068,11 @@ fn receive_epochs(
         last_answer: Instant::now(),
         every: heartbeat_timeout / 4,
     };
+    let mut input_acks = InputAcks::default();
     loop {
         if !initial {
             quiet.answer_if_quiet(link, replica);
+            input_acks.answer_unless_more_is_here(link, &mut replica.input);
         }
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(Ending::StandDown {
@@ -1248,9 +1281,7 @@ fn receive_epochs(
                 let frames = decode_input_frames(payload, replica.input.pool())
                     .map_err(|e| e.to_string())?;
                 replica.input.receive(frames)?;
-                if let Some(seq) = replica.input.ack_due() {
-                    link.answer(&Control::InputAck { seq });
-                }
+                input_acks.owe();
             }
             Message::Abort { message } => {
                 return Err(format!("the primary aborted: {message}"));
@@ -1447,5 +1478,69 @@ mod tests {
             ..PendingEpoch::default()
         };
         assert!(pending.account(usize::MAX, limit).is_err());
+    }
+
+    /// Input acknowledgements wait while more of the stream is already here (at most
+    /// INPUT_ACK_DELAY), then one covers every frame read meanwhile; with nothing more here
+    /// the answer leaves at once.
+    #[test]
+    fn an_input_ack_waits_for_the_stream_already_here_then_covers_it() {
+        use devices::gate::LoggedFrame;
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+
+        let (ours, mut primary) = UnixStream::pair().unwrap();
+        let mut link = Link {
+            stream: FtStream::Unix(ours),
+            reader: FrameReader::new(),
+            seq: 0,
+            stats: TransferStats::default(),
+            broken: false,
+        };
+        let mut input = InputStore::new(1, 1 << 20);
+        let frame = |seq| LoggedFrame {
+            seq,
+            epoch: 1,
+            nic: 0,
+            data: vec![7; 64],
+        };
+        let mut acks = InputAcks::default();
+        let mut answers = FrameReader::new();
+        let mut answered = |primary: &mut UnixStream| -> Vec<u64> {
+            primary.set_nonblocking(true).unwrap();
+            let mut seqs = Vec::new();
+            while let Ok(frame) = answers.read_frame(primary) {
+                match Control::decode(frame.payload).unwrap() {
+                    Control::InputAck { seq } => seqs.push(seq),
+                    other => panic!("{other:?}"),
+                }
+            }
+            primary.set_nonblocking(false).unwrap();
+            seqs
+        };
+
+        // Nothing more here: the answer leaves at once.
+        input.receive(vec![frame(1)]).unwrap();
+        acks.owe();
+        acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), vec![1]);
+
+        // More of the stream is here: the answer waits for it.
+        input.receive(vec![frame(2)]).unwrap();
+        acks.owe();
+        primary.write_all(b"next frame").unwrap();
+        acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), Vec::<u64>::new());
+        input.receive(vec![frame(3)]).unwrap();
+        acks.owe();
+        acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), Vec::<u64>::new());
+        // ... but not longer than INPUT_ACK_DELAY, and then covers both frames.
+        std::thread::sleep(INPUT_ACK_DELAY);
+        acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), vec![3]);
+        // Nothing owed: nothing said.
+        acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), Vec::<u64>::new());
     }
 }

@@ -200,6 +200,8 @@ struct EpochJob {
     dirty: DirtyPages,
     state: Box<VmSnapshotState>,
     disk_writes: Vec<Vec<RecordedWrite>>,
+    /// How long the guest ran in it (zero when not known: group epochs).
+    ran: Duration,
 }
 
 enum Job {
@@ -314,6 +316,8 @@ struct Shared {
     bytes: AtomicU64,
     /// How long the last epoch took to send, in microseconds.
     last_send_us: AtomicU64,
+    /// How long the guest ran in that epoch, in microseconds (0: not known).
+    last_ran_us: AtomicU64,
     lost: Mutex<Option<String>>,
     stopping: AtomicBool,
     /// A StandDown was queued for the backup.
@@ -713,6 +717,7 @@ impl Primary {
             commit_failure: Mutex::new(None),
             bytes: AtomicU64::new(sender.stats().bytes),
             last_send_us: AtomicU64::new(0),
+            last_ran_us: AtomicU64::new(0),
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
             standing_down: AtomicBool::new(false),
@@ -1245,6 +1250,7 @@ impl Primary {
             dirty,
             state: Box::new(state),
             disk_writes,
+            ran: Duration::ZERO,
         })
     }
 
@@ -1408,12 +1414,15 @@ fn send_loop(
             Job::Input => Ok(()),
             Job::Epoch(job) => {
                 let t = Instant::now();
-                let (epoch, group_epoch) = (job.epoch, job.group_epoch);
+                let (epoch, group_epoch, ran) = (job.epoch, job.group_epoch, job.ran);
                 let released = shared.last_acked.load(Ordering::SeqCst);
                 let sent = send_epoch(shared, &mut sender, (staging, &mut base), job, released);
                 let took = t.elapsed();
                 let send_us = took.as_micros() as u64;
                 shared.last_send_us.store(send_us, Ordering::Relaxed);
+                shared
+                    .last_ran_us
+                    .store(ran.as_micros() as u64, Ordering::Relaxed);
                 if sent.is_ok() {
                     shared.timings().send.record(took);
                 }
@@ -1675,6 +1684,18 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
     }
 }
 
+/// How long sending an epoch cut after `ran` of guest time would take: the last epoch's send
+/// time (`send_us`, after `last_ran_us` of guest time; 0: not known) scaled by run time, the
+/// guest dirtying pages at about the same rate. An epoch cut early is judged by the pages it
+/// would have, not by a whole epoch's.
+fn send_estimate(send_us: u64, last_ran_us: u64, ran: Duration) -> Duration {
+    if last_ran_us == 0 {
+        return Duration::from_micros(send_us);
+    }
+    let scaled = u128::from(send_us) * ran.as_micros() / u128::from(last_ran_us);
+    Duration::from_micros(u64::try_from(scaled).unwrap_or(u64::MAX))
+}
+
 impl Primary {
     /// See [`PrimaryFt::next_checkpoint`].
     pub fn next_checkpoint(&self) -> Option<Duration> {
@@ -1700,14 +1721,22 @@ impl Primary {
         if self.latency_mode && self.shared.output_waiting.load(Ordering::SeqCst) {
             // Output waits: end the epoch as soon as allowed, unless its pages would take
             // long to send (then a shorter epoch would not bring the output out sooner).
-            let send = Duration::from_micros(self.shared.last_send_us.load(Ordering::Relaxed));
-            if send <= self.epoch_len / 4 && MIN_CUT_EPOCH < len {
+            let cut_at = self.epoch_started.elapsed().max(MIN_CUT_EPOCH);
+            if self.send_estimate(cut_at) <= self.epoch_len / 4 && MIN_CUT_EPOCH < len {
                 len = MIN_CUT_EPOCH;
                 self.shared.cut_for_output.store(true, Ordering::SeqCst);
             }
         }
         let left = len.saturating_sub(self.epoch_started.elapsed());
         Some(left.max(MIN_TIMER))
+    }
+
+    fn send_estimate(&self, ran: Duration) -> Duration {
+        send_estimate(
+            self.shared.last_send_us.load(Ordering::Relaxed),
+            self.shared.last_ran_us.load(Ordering::Relaxed),
+            ran,
+        )
     }
 
     /// See [`PrimaryFt::checkpoint`].
@@ -1733,12 +1762,14 @@ impl Primary {
         // Latency mode ends this epoch before its time because output waits.
         let for_output = self.shared.cut_for_output.swap(false, Ordering::SeqCst)
             && self.epoch_started.elapsed() + MIN_TIMER < self.next_len;
+        let ran = self.epoch_started.elapsed();
         self.epoch_started = Instant::now();
         // Output from here on belongs to the next epoch (the NIC gates say so again).
         self.shared.output_waiting.store(false, Ordering::SeqCst);
-        let Some(job) = self.cut(vm, &Cut::Own, true)? else {
+        let Some(mut job) = self.cut(vm, &Cut::Own, true)? else {
             return Ok(());
         };
+        job.ran = ran;
         self.epochs_cut_for_output += u64::from(for_output);
         // Bounded latency: when sending an epoch takes longer than running one, output waits
         // for both, so shorten the next epoch in proportion (fewer pages to send).
@@ -2005,6 +2036,33 @@ impl PrimaryFt for Primary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Latency mode judges an early cut by the pages it would send: a whole epoch that took
+    /// longer than a quarter epoch to send does not stop a cut after a tenth of one.
+    #[test]
+    fn an_early_cut_is_judged_by_the_pages_it_would_send() {
+        let ms = Duration::from_millis;
+        // 250 pages in 10 ms took 2.6 ms to send: cut after 1 ms, about 0.26 ms.
+        assert_eq!(
+            send_estimate(2_600, 10_000, ms(1)),
+            Duration::from_micros(260)
+        );
+        assert!(send_estimate(2_600, 10_000, ms(1)) <= ms(10) / 4);
+        // Cut late, the estimate is a whole epoch's again.
+        assert!(send_estimate(2_600, 10_000, ms(10)) > ms(10) / 4);
+        // A sender slower than the guest: even a short epoch takes long.
+        assert!(send_estimate(30_000, 10_000, ms(1)) > ms(10) / 4);
+        // Nothing known about the run: the send time as it was.
+        assert_eq!(
+            send_estimate(2_600, 0, ms(1)),
+            ms(2) + Duration::from_micros(600)
+        );
+        // No overflow, whatever the numbers.
+        assert_eq!(
+            send_estimate(u64::MAX, 1, Duration::MAX),
+            Duration::from_micros(u64::MAX)
+        );
+    }
 
     #[test]
     fn commit_delays_count_each_acknowledged_epoch_once() {

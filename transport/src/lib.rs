@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -213,6 +214,17 @@ impl Stream {
         }
     }
 
+    /// Whether a read would return at once (bytes, or the end of the stream) rather than
+    /// wait. A reader that answers each message can hold its answer back while more is
+    /// already here, and answer once for all of it. False when that cannot be told.
+    pub fn readable_now(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => socket_readable_now(s.as_raw_fd()),
+            Stream::Tls(s) => s.readable_now(),
+            Stream::Unix(s) => socket_readable_now(s.as_raw_fd()),
+        }
+    }
+
     /// Whether the stream itself authenticates every byte it delivers (TLS: each record's
     /// AEAD tag), so that a frame checksum on top of it checks nothing more.
     pub fn authenticates_bytes(&self) -> bool {
@@ -227,6 +239,19 @@ impl Stream {
             Stream::Unix(_) => Some("local socket".to_string()),
         }
     }
+}
+
+/// Whether `fd` has bytes to read, or its peer's end of the stream, right now.
+pub(crate) fn socket_readable_now(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `poll` points at one initialized pollfd that lives across the call, and the
+    // count says one; a zero timeout never waits.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 impl Read for Stream {

@@ -20,6 +20,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -438,6 +439,20 @@ impl TlsStream {
             pending: Ciphertext::default(),
             sealed: Vec::new(),
         })
+    }
+
+    /// See [`crate::Stream::readable_now`]: ciphertext or plaintext this handle or the
+    /// session holds already, or bytes on the socket.
+    pub fn readable_now(&self) -> bool {
+        if !self.pending.unread().is_empty() {
+            return true;
+        }
+        let buffered = match lock(&self.inner.conn).process_new_packets() {
+            Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+            // A read reports the error at once.
+            Err(_) => true,
+        };
+        buffered || crate::socket_readable_now(self.socket.as_raw_fd())
     }
 
     /// Another handle on the same session (for a reader or writer thread).
