@@ -1684,16 +1684,26 @@ fn commit_epoch(shared: &Shared, epoch: u64) {
     }
 }
 
-/// How long sending an epoch cut after `ran` of guest time would take: the last epoch's send
-/// time (`send_us`, after `last_ran_us` of guest time; 0: not known) scaled by run time, the
-/// guest dirtying pages at about the same rate. An epoch cut early is judged by the pages it
-/// would have, not by a whole epoch's.
-fn send_estimate(send_us: u64, last_ran_us: u64, ran: Duration) -> Duration {
-    if last_ran_us == 0 {
-        return Duration::from_micros(send_us);
-    }
-    let scaled = u128::from(send_us) * ran.as_micros() / u128::from(last_ran_us);
-    Duration::from_micros(u64::try_from(scaled).unwrap_or(u64::MAX))
+/// How long output waits if the epoch is cut after `ran` of guest time: what the sender still
+/// has of the previous epoch (handed over when this one began; `sending`: not done yet), then
+/// this epoch's pages. Both come from the last epoch's send time (`send_us`, after
+/// `last_ran_us` of guest time; 0: not known), this epoch's scaled by its run time, the guest
+/// dirtying pages at about the same rate: an epoch cut early is judged by the pages it would
+/// have, not by a whole epoch's.
+fn output_wait_if_cut(send_us: u64, last_ran_us: u64, ran: Duration, sending: bool) -> Duration {
+    let send = Duration::from_micros(send_us);
+    let previous = if sending {
+        send.saturating_sub(ran)
+    } else {
+        Duration::ZERO
+    };
+    let this = if last_ran_us == 0 {
+        send
+    } else {
+        let scaled = u128::from(send_us) * ran.as_micros() / u128::from(last_ran_us);
+        Duration::from_micros(u64::try_from(scaled).unwrap_or(u64::MAX))
+    };
+    previous.saturating_add(this)
 }
 
 impl Primary {
@@ -1719,10 +1729,10 @@ impl Primary {
         // lengthen them.
         let mut len = self.next_len;
         if self.latency_mode && self.shared.output_waiting.load(Ordering::SeqCst) {
-            // Output waits: end the epoch as soon as allowed, unless its pages would take
-            // long to send (then a shorter epoch would not bring the output out sooner).
+            // Output waits: end the epoch as soon as allowed, unless the output would still
+            // wait long for the sender (then a shorter epoch would not bring it out sooner).
             let cut_at = self.epoch_started.elapsed().max(MIN_CUT_EPOCH);
-            if self.send_estimate(cut_at) <= self.epoch_len / 4 && MIN_CUT_EPOCH < len {
+            if self.output_wait_if_cut(cut_at) <= self.epoch_len / 4 && MIN_CUT_EPOCH < len {
                 len = MIN_CUT_EPOCH;
                 self.shared.cut_for_output.store(true, Ordering::SeqCst);
             }
@@ -1731,11 +1741,12 @@ impl Primary {
         Some(left.max(MIN_TIMER))
     }
 
-    fn send_estimate(&self, ran: Duration) -> Duration {
-        send_estimate(
+    fn output_wait_if_cut(&self, ran: Duration) -> Duration {
+        output_wait_if_cut(
             self.shared.last_send_us.load(Ordering::Relaxed),
             self.shared.last_ran_us.load(Ordering::Relaxed),
             ran,
+            self.shared.staging_busy.load(Ordering::SeqCst),
         )
     }
 
@@ -2037,30 +2048,50 @@ impl PrimaryFt for Primary {
 mod tests {
     use super::*;
 
-    /// Latency mode judges an early cut by the pages it would send: a whole epoch that took
-    /// longer than a quarter epoch to send does not stop a cut after a tenth of one.
+    /// Latency mode judges an early cut by the pages it would send and by what the sender
+    /// still has of the previous epoch: a whole epoch that took longer than a quarter epoch to
+    /// send does not stop a cut after a tenth of one, a sender busy for most of the epoch does.
     #[test]
-    fn an_early_cut_is_judged_by_the_pages_it_would_send() {
+    fn an_early_cut_is_judged_by_the_wait_it_would_leave() {
         let ms = Duration::from_millis;
+        let quarter = ms(10) / 4;
         // 250 pages in 10 ms took 2.6 ms to send: cut after 1 ms, about 0.26 ms.
         assert_eq!(
-            send_estimate(2_600, 10_000, ms(1)),
+            output_wait_if_cut(2_600, 10_000, ms(1), false),
             Duration::from_micros(260)
         );
-        assert!(send_estimate(2_600, 10_000, ms(1)) <= ms(10) / 4);
+        // ... after 1.6 ms more of the previous epoch if it is still on the wire.
+        assert_eq!(
+            output_wait_if_cut(2_600, 10_000, ms(1), true),
+            Duration::from_micros(1_600 + 260)
+        );
+        assert!(output_wait_if_cut(2_600, 10_000, ms(1), true) <= quarter);
         // Cut late, the estimate is a whole epoch's again.
-        assert!(send_estimate(2_600, 10_000, ms(10)) > ms(10) / 4);
+        assert!(output_wait_if_cut(2_600, 10_000, ms(10), false) > quarter);
+        // 1000 pages took 6 ms: the sender is busy for most of the epoch, and once it is
+        // done, the pages dirtied meanwhile take long too.
+        for ran in [1, 2, 3, 4, 5] {
+            assert!(
+                output_wait_if_cut(6_000, 10_000, ms(ran), true) > quarter,
+                "{ran}"
+            );
+        }
+        assert!(output_wait_if_cut(6_000, 10_000, ms(6), false) > quarter);
         // A sender slower than the guest: even a short epoch takes long.
-        assert!(send_estimate(30_000, 10_000, ms(1)) > ms(10) / 4);
+        assert!(output_wait_if_cut(30_000, 10_000, ms(1), false) > quarter);
         // Nothing known about the run: the send time as it was.
         assert_eq!(
-            send_estimate(2_600, 0, ms(1)),
-            ms(2) + Duration::from_micros(600)
+            output_wait_if_cut(2_600, 0, ms(1), false),
+            Duration::from_micros(2_600)
         );
         // No overflow, whatever the numbers.
         assert_eq!(
-            send_estimate(u64::MAX, 1, Duration::MAX),
+            output_wait_if_cut(u64::MAX, 1, Duration::MAX, true),
             Duration::from_micros(u64::MAX)
+        );
+        assert_eq!(
+            output_wait_if_cut(u64::MAX, 0, ms(1), true),
+            Duration::from_micros(u64::MAX).saturating_add(Duration::from_micros(u64::MAX) - ms(1))
         );
     }
 

@@ -18,9 +18,9 @@
 //! the FT sender and ack threads do with a plain socket: reading from the socket never holds
 //! the connection's lock, so a blocked reader never stops the writer, nor the reverse.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -341,8 +341,6 @@ pub struct TlsStream {
     socket: TcpStream,
     /// Ciphertext this handle read from the socket and the session has not taken yet.
     pending: Ciphertext,
-    /// Records sealed for the socket (kept to reuse its allocation).
-    sealed: Vec<u8>,
 }
 
 /// A reading handle's ciphertext buffer: allocated once, read into in place, consumed from
@@ -437,7 +435,6 @@ impl TlsStream {
             }),
             socket,
             pending: Ciphertext::default(),
-            sealed: Vec::new(),
         })
     }
 
@@ -461,7 +458,6 @@ impl TlsStream {
             inner: self.inner.clone(),
             socket: self.socket.try_clone()?,
             pending: Ciphertext::default(),
-            sealed: Vec::new(),
         })
     }
 
@@ -484,6 +480,99 @@ impl TlsStream {
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.socket.peer_addr()
+    }
+}
+
+impl TlsStream {
+    /// Sends every record the session has sealed, straight from its buffers (no copy of
+    /// ours). The session stays locked only while the kernel takes the bytes: when the
+    /// socket's buffer is full, the wait for room (at most the write timeout, after which
+    /// the error is `WouldBlock`, as with a blocking socket) leaves it to the reader.
+    fn send_sealed(&self) -> io::Result<()> {
+        let fd = self.socket.as_raw_fd();
+        loop {
+            {
+                let mut conn = lock(&self.inner.conn);
+                loop {
+                    if !conn.wants_write() {
+                        return Ok(());
+                    }
+                    match conn.write_tls(&mut SendNow(fd)) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            wait_writable(fd, self.socket.write_timeout()?)?;
+        }
+    }
+}
+
+/// The socket as rustls writes sealed records to it: without waiting (`WouldBlock` when its
+/// buffer is full) and without SIGPIPE (a closed peer is an error to report, not a signal).
+struct SendNow(RawFd);
+
+impl Write for SendNow {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: msghdr is a plain C struct for which all zeroes is a valid (empty) value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix (std documents it); sendmsg only reads.
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(IOV_MAX) as _;
+        // SAFETY: `msg` points at `bufs`, which outlive the call; the kernel reads them only.
+        let sent = unsafe { libc::sendmsg(self.0, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Slices one sendmsg takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Waits until `fd` has room to write, at most `timeout` (None: without end).
+fn wait_writable(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let left_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                // Rounded up: a wait of 0 would spin.
+                libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
+            }
+        };
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one initialized pollfd that lives across the call, and the count says one.
+        let ready = unsafe { libc::poll(&mut poll, 1, left_ms) };
+        match ready {
+            // Room, or an error or hang-up that the next send reports.
+            1.. => return Ok(()),
+            0 => return Err(io::ErrorKind::WouldBlock.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
@@ -551,17 +640,8 @@ impl Write for TlsStream {
             .send
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.sealed.clear();
-        let written = {
-            let mut conn = lock(&self.inner.conn);
-            let written = conn.writer().write(buf)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut self.sealed)?;
-            }
-            written
-        };
-        // The socket write may block on a slow peer: the session stays free for the reader.
-        self.socket.write_all(&self.sealed)?;
+        let written = lock(&self.inner.conn).writer().write(buf)?;
+        self.send_sealed()?;
         Ok(written)
     }
 
