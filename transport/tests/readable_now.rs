@@ -3,27 +3,13 @@
 //! the session holds plaintext a read has not taken yet even though the socket is drained.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::path::Path;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use transport::{Security, Stream, TlsCredentials};
+use transport::{Security, Stream};
 
-fn pair(security: &Security) -> (Stream, Stream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept_security = security.clone();
-    let server = thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        accept_security
-            .accept(tcp, Duration::from_secs(10))
-            .unwrap()
-    });
-    let client = transport::dial(&addr.to_string(), security, Duration::from_secs(10)).unwrap();
-    (client, server.join().unwrap())
-}
+mod common;
+use common::{credentials, pair};
 
 /// Loopback delivers at once, but give the kernel a moment all the same.
 fn becomes_readable(stream: &Stream) -> bool {
@@ -77,19 +63,7 @@ fn plain_tcp_tells_whether_a_read_would_wait() {
 
 #[test]
 fn tls_tells_whether_a_read_would_wait_including_what_the_session_holds() {
-    let dir = std::env::temp_dir().join(format!("transport-readable-{}", std::process::id()));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/make-tls-certs");
-    let made = std::process::Command::new(script)
-        .arg(&dir)
-        .arg("127.0.0.1")
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "ci/make-tls-certs: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let tls = Security::Tls(Arc::new(TlsCredentials::load(&dir).unwrap()));
+    let (tls, dir) = credentials("readable");
     check(&tls);
     let _ = std::fs::remove_dir_all(&dir);
 }
