@@ -1700,7 +1700,9 @@ fn output_wait_if_cut(send_us: u64, last_ran_us: u64, ran: Duration, sending: bo
     let this = if last_ran_us == 0 {
         send
     } else {
-        let scaled = u128::from(send_us) * ran.as_micros() / u128::from(last_ran_us);
+        let scaled = u128::from(send_us)
+            .checked_mul(ran.as_micros())
+            .map_or(u128::MAX, |product| product / u128::from(last_ran_us));
         Duration::from_micros(u64::try_from(scaled).unwrap_or(u64::MAX))
     };
     previous.saturating_add(this)
