@@ -243,15 +243,28 @@ impl Stream {
 
 /// Whether `fd` has bytes to read, or its peer's end of the stream, right now.
 pub(crate) fn socket_readable_now(fd: RawFd) -> bool {
+    poll_one(fd, libc::POLLIN, 0).unwrap_or(false)
+}
+
+/// Waits at most `timeout_ms` (0: not at all; -1: without end) for `events` on `fd`. True
+/// when they came, or an error or hang-up that the next read or write reports.
+pub(crate) fn poll_one(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout_ms: libc::c_int,
+) -> io::Result<bool> {
     let mut poll = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: `poll` points at one initialized pollfd that lives across the call, and the
-    // count says one; a zero timeout never waits.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    // count says one.
+    let ready = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+    if ready < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ready > 0)
 }
 
 impl Read for Stream {

@@ -555,23 +555,11 @@ fn wait_writable(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
                 libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
             }
         };
-        let mut poll = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one initialized pollfd that lives across the call, and the count says one.
-        let ready = unsafe { libc::poll(&mut poll, 1, left_ms) };
-        match ready {
-            // Room, or an error or hang-up that the next send reports.
-            1.. => return Ok(()),
-            0 => return Err(io::ErrorKind::WouldBlock.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        match crate::poll_one(fd, libc::POLLOUT, left_ms) {
+            Ok(true) => return Ok(()),
+            Ok(false) => return Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
