@@ -5,15 +5,16 @@
 //! (`--streams 3`, `Sender::start_lanes`), side by side in one run.
 //!
 //! No guest and no KVM: an epoch is `--pages` pages of a 64 MiB memory rewritten in place
-//! (every word, as the test guest's `ft` workload does, or 64 bytes per page, a delta's
-//! case), then sent as the FT primary sends it (64-page LZ4 frames, deltas against the
+//! (every word, as the test guest's `ft` workload does; 64 bytes per page, a delta's case; or
+//! with the bytes each held, as a receive buffer refilled with the same data), then sent as
+//! the FT primary sends it (64-page frames, LZ4 unless `--lz4 0`, deltas against the
 //! backup's copy, the state, Complete) over loopback TCP to a receiver thread that applies it
 //! and acknowledges, as the backup does (with data streams, a reader thread per stream applies
 //! its frames and the receiver waits, at each MemoryDone, for the frames it names). Only the
 //! send and the acknowledgement are timed.
 //! The cases take turns within each run (the order rotating), so they see the same machine.
 //!
-//! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N]`
+//! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N --lz4 0]`
 //! (`ci/bench-ft` runs it unless `--no-pipeline`).
 
 use std::net::{TcpListener, TcpStream};
@@ -65,6 +66,9 @@ impl Case {
 enum Pattern {
     EveryWord,
     Bytes64,
+    /// Dirty but rewritten with the bytes it held (a reused receive buffer filled with the
+    /// same data, a guest storing what is already there).
+    Same,
 }
 
 impl Pattern {
@@ -72,6 +76,7 @@ impl Pattern {
         match self {
             Pattern::EveryWord => "every word",
             Pattern::Bytes64 => "64 B/page",
+            Pattern::Same => "same bytes",
         }
     }
 
@@ -92,6 +97,13 @@ impl Pattern {
                 mem.write_slice(&bytes, GuestAddress(gpa.0 + at as u64))
                     .expect("rewrite");
             }
+            Pattern::Same => {
+                for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+                    let v = (page << 12) ^ (i as u64).wrapping_mul(0x9e37);
+                    word.copy_from_slice(&v.to_le_bytes());
+                }
+                mem.write_slice(buf, gpa).expect("rewrite");
+            }
         }
     }
 }
@@ -105,10 +117,12 @@ struct Args {
     runs: usize,
     epochs: u64,
     pages: u64,
+    /// LZ4 over each frame (`--lz4 0`: without, as FT sends by default).
+    lz4: bool,
 }
 
 fn args() -> Args {
-    let flags = support::Flags::parse(&["--runs", "--epochs", "--pages"]);
+    let flags = support::Flags::parse(&["--runs", "--epochs", "--pages", "--lz4"]);
     Args {
         runs: flags.count("--runs", 1, 3) as usize,
         epochs: flags.count("--epochs", 20, 40),
@@ -116,6 +130,7 @@ fn args() -> Args {
             .number("--pages")
             .unwrap_or(4000)
             .clamp(1, MEMORY / PAGE_SIZE as u64),
+        lz4: flags.number("--lz4") != Some(0),
     }
 }
 
@@ -213,7 +228,7 @@ fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
     let mut s = Sender::with_options(
         stream,
         SenderOptions {
-            compress: true,
+            compress: args.lz4,
             batch_pages: 64,
             ..SenderOptions::default()
         },
@@ -290,10 +305,11 @@ fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
 fn main() {
     let args = args();
     println!(
-        "FT sender pipeline: {} pages/epoch, {} epochs per case, {} run(s), median; loopback TCP, LZ4 + deltas, 64-page frames; {}; sender, encoders and the receiver share the cores",
+        "FT sender pipeline: {} pages/epoch, {} epochs per case, {} run(s), median; loopback TCP, {} deltas, 64-page frames; {}; sender, encoders and the receiver share the cores",
         args.pages,
         args.epochs,
         args.runs,
+        if args.lz4 { "LZ4 +" } else { "no LZ4," },
         support::machine()
     );
     println!();
@@ -302,7 +318,7 @@ fn main() {
         "pattern", "case", "Mpages/s", "wire MB/s", "B/page", "ms/epoch", "pages/s vs alone"
     );
     println!("{}", "-".repeat(102));
-    for pattern in [Pattern::EveryWord, Pattern::Bytes64] {
+    for pattern in [Pattern::EveryWord, Pattern::Bytes64, Pattern::Same] {
         let mut samples: Vec<Vec<Sample>> = CASES.iter().map(|_| Vec::new()).collect();
         for run in 0..args.runs {
             let mut order: Vec<usize> = (0..CASES.len()).collect();

@@ -55,7 +55,6 @@ pub(super) struct PageEncoder {
     /// Compute the payload's CRC (off: the frame goes unchecked on an authenticated stream).
     checksum: bool,
     packed: Vec<u8>,
-    old: Vec<u8>,
     delta: Vec<u8>,
 }
 
@@ -65,7 +64,6 @@ impl PageEncoder {
             compress,
             checksum,
             packed: Vec::new(),
-            old: vec![0; PAGE_SIZE],
             delta: vec![0; PAGE_SIZE],
         }
     }
@@ -133,15 +131,17 @@ impl PageEncoder {
                     let mut delta_len = None;
                     if let Some((base, known)) = base {
                         if known {
-                            base.read_slice(&mut self.old, gpa).map_err(page_err)?;
-                            delta_len = encode_delta(
-                                &self.old,
-                                &frame[src..src + PAGE_SIZE],
-                                &mut self.delta[..budget],
-                            );
-                        }
-                        base.write_slice(&frame[src..src + PAGE_SIZE], gpa)
+                            let delta_out = &mut self.delta[..budget];
+                            delta_len = with_base_page(base, gpa, |old| {
+                                encode_delta(old, &frame[src..src + PAGE_SIZE], delta_out)
+                            })
                             .map_err(page_err)?;
+                        }
+                        // An empty delta: the copy holds this page already.
+                        if delta_len != Some(0) {
+                            base.write_slice(&frame[src..src + PAGE_SIZE], gpa)
+                                .map_err(page_err)?;
+                        }
                     }
                     match delta_len {
                         Some(d) => {
@@ -203,6 +203,22 @@ impl PageEncoder {
             payload_crc,
         })
     }
+}
+
+/// Runs `f` on the receiver's copy of the page at `gpa`, read where it lies (a copy out would
+/// cost as much as the compare itself).
+fn with_base_page<R>(
+    base: &GuestMemoryMmap,
+    gpa: GuestAddress,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, vm_memory::GuestMemoryError> {
+    let slice = base.get_slice(gpa, PAGE_SIZE)?;
+    let guard = slice.ptr_guard();
+    // SAFETY: PAGE_SIZE bytes of a live mapping (vm-memory checked the range). Only encoders
+    // write the receiver's copy, each only the pages of its own frame (a pass's pages are
+    // distinct), and this one not while `f` reads.
+    let page = unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) };
+    Ok(f(page))
 }
 
 /// One frame's work (for a pool thread, its buffers come back with the result).
