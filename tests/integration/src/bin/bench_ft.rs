@@ -29,7 +29,8 @@
 //!   latency   sequential `req` round trips on one connection (each reply checked to be the
 //!             next sequence number), p50 and p99; under FT each request is sent after a random
 //!             think time in [0, epoch) so that requests arrive at random points of an epoch;
-//!   tcp       (10 ms epochs at 0, 250 and 1000 pages only) MB/s of a bulk send to the sink,
+//!   tcp       (10 ms epochs at 0, 250 and 1000 pages only) MB/s of a bulk send to the sink
+//!             (pseudo-random bytes, as real data: no receive buffer gets what it held before),
 //!             from the first byte to its `got N` reply. Under FT the guest's pure ACKs leave
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
 //!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch and
@@ -815,13 +816,14 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)
         .set_write_timeout(Some(Duration::from_secs(30)))
         .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(30))))
         .map_err(|e| format!("socket timeouts: {e}"))?;
-    let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + 3) as u8).collect();
+    let payload = sink_payload();
     let start = Instant::now();
     let mut sent = 0;
     while sent < bytes && start.elapsed() < budget {
-        let n = chunk.len().min(bytes - sent);
+        let n = SINK_WRITE.min(bytes - sent);
+        let at = sent % (payload.len() - SINK_WRITE + 1);
         stream
-            .write_all(&chunk[..n])
+            .write_all(&payload[at..at + n])
             .map_err(|e| format!("sink: send after {sent} bytes: {e}"))?;
         sent += n;
     }
@@ -837,6 +839,22 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)
         return Err(format!("sink replied {reply:?} to {sent} bytes"));
     }
     Ok((sent as f64 / elapsed.as_secs_f64() / 1e6, sent as u64))
+}
+
+/// The sink client's write size.
+const SINK_WRITE: usize = 64 * 1024;
+
+/// What the sink client sends: 16 MiB of pseudo-random bytes, far more than the guest's
+/// receive buffers hold, so a buffer never receives what it held before, as with real data
+/// (a short repeating pattern would let the receive buffers' pages go as empty deltas).
+fn sink_payload() -> &'static [u8] {
+    static PAYLOAD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    PAYLOAD.get_or_init(|| {
+        let mut rng = XorShift(0x5eed_1e55);
+        (0..(16usize << 20) / 8)
+            .flat_map(|_| rng.next().to_le_bytes())
+            .collect()
+    })
 }
 
 /// CPU time so far of the replication threads on this host (threads named `ft-*`), in ns:
@@ -911,7 +929,7 @@ fn round_trips(
     Ok(rtts)
 }
 
-/// xorshift64*: think times need no more than this.
+/// xorshift64*: think times and the sink's payload need no more than this.
 struct XorShift(u64);
 
 impl XorShift {
@@ -3166,7 +3184,7 @@ impl Report<'_> {
         if !tcp_rows.is_empty() {
             println!();
             println!(
-                "TCP throughput client -> guest sink (port 7001, {} MiB or {:.0} s per case, first byte -> `got N`), MB/s",
+                "TCP throughput client -> guest sink (port 7001, {} MiB of pseudo-random bytes or {:.0} s per case, first byte -> `got N`), MB/s",
                 self.opts.sink_mib,
                 self.opts.sink_budget.as_secs_f64()
             );
