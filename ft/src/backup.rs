@@ -31,8 +31,8 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live::{parse_url, MigrationUrl};
 use vmm::migration::memory::PAGE_SIZE;
 use vmm::migration::protocol::{
-    self, apply_pages, decode_state, write_frame, Frame, FrameReader, FrameType, LaneDigest,
-    Message, ProtocolError, TransferStats, HEADER_LEN, TRAILER_LEN,
+    self, apply_pages, apply_pages_with_input, decode_state, write_frame, Frame, FrameReader,
+    FrameType, LaneDigest, Message, ProtocolError, TransferStats, HEADER_LEN, TRAILER_LEN,
 };
 use vmm::vm::VmSnapshotState;
 use vmm_sys_util::eventfd::EventFd;
@@ -830,9 +830,10 @@ impl Replica {
         };
         match Message::parse(&frame).map_err(|e| e.to_string())? {
             Message::MemoryPages(batch) => {
-                apply_pages(
+                apply_pages_with_input(
                     &self.memory,
                     &batch,
+                    Some(&self.input),
                     &mut self.scratch,
                     &mut self.probe,
                     &mut self.stats,
@@ -1503,6 +1504,7 @@ mod tests {
             epoch: 1,
             nic: 0,
             data: vec![7; 64],
+            placed: Vec::new(),
         };
         let mut acks = InputAcks::default();
         let mut answers = FrameReader::new();

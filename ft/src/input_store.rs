@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 
 use devices::gate::{FramePool, LoggedFrame};
+use vmm::migration::protocol::InputFrameSource;
 
 /// Bytes of frames the backup keeps at most.
 pub const INPUT_STORE_MAX: usize = 64 << 20;
@@ -138,6 +139,19 @@ impl InputStore {
     }
 }
 
+/// The frames kept, for the pages the primary sends as input laid over the copy here: those of
+/// epochs not held yet that were acknowledged (the primary names no other).
+impl InputFrameSource for InputStore {
+    fn input_frame(&self, seq: u64) -> Option<&[u8]> {
+        // Kept in seq order (`receive` refuses any other).
+        let at = self.frames.partition_point(|f| f.seq < seq);
+        self.frames
+            .get(at)
+            .filter(|f| f.seq == seq)
+            .map(|f| f.data.as_slice())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +162,7 @@ mod tests {
             nic: 0,
             epoch,
             data: vec![seq as u8; len],
+            placed: Vec::new(),
         }
     }
 
@@ -195,6 +210,7 @@ mod tests {
                 nic: 0,
                 epoch: 5,
                 data: big,
+                placed: Vec::new(),
             }])
             .unwrap();
         assert_eq!(store.pool().spare(), 0);
@@ -207,6 +223,21 @@ mod tests {
         let reused = store.pool().copy_of(&[4u8; 40_000]);
         assert_eq!(store.pool().spare(), 0);
         assert_eq!(reused, vec![4u8; 40_000]);
+    }
+
+    #[test]
+    fn kept_frames_are_found_by_seq_until_their_epoch_is_held() {
+        let mut store = InputStore::new(1, 1 << 20);
+        store
+            .receive(vec![frame(3, 5, 60), frame(7, 5, 61), frame(9, 6, 62)])
+            .unwrap();
+        assert_eq!(store.input_frame(7).map(<[u8]>::len), Some(61));
+        assert_eq!(store.input_frame(9).map(<[u8]>::len), Some(62));
+        assert!(store.input_frame(4).is_none());
+        assert!(store.input_frame(10).is_none());
+        store.epoch_held(5);
+        assert!(store.input_frame(3).is_none());
+        assert_eq!(store.input_frame(9).map(<[u8]>::len), Some(62));
     }
 
     #[test]

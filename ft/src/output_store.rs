@@ -135,6 +135,7 @@ mod tests {
             nic,
             epoch,
             data: vec![seq as u8; len],
+            placed: Vec::new(),
         }
     }
 

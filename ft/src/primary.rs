@@ -57,9 +57,11 @@ use transport::Security;
 
 mod group_member;
 mod hot_pages;
+mod kept_input;
 pub mod staging;
 use group_member::{GroupEnd, GroupLink, GroupOrder};
 use hot_pages::HotPages;
+use kept_input::KeptInput;
 use staging::StagingCopier;
 
 /// Longest and shortest epochs `vm.enable-ft` accepts.
@@ -330,6 +332,10 @@ struct Shared {
     input_sent: AtomicU64,
     /// Input frames sent to the backup.
     input_frames_sent: AtomicU64,
+    /// Input frames sent, until the pages of their epoch are.
+    kept_input: Mutex<KeptInput>,
+    /// Dirty pages sent as input frames laid over the backup's copy.
+    pages_from_input: AtomicU64,
     /// Held output frames copied to the backup with their epoch.
     output_frames_sent: AtomicU64,
     /// Whether ended epochs' held output is copied to the backup (`resend_output`).
@@ -361,6 +367,10 @@ impl Shared {
 impl Shared {
     fn timings(&self) -> std::sync::MutexGuard<'_, EpochTimings> {
         self.timings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kept_input(&self) -> std::sync::MutexGuard<'_, KeptInput> {
+        self.kept_input.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The link to the backup failed: record why (first reason wins) and wake the loop.
@@ -725,6 +735,8 @@ impl Primary {
             first_epoch,
             input_sent: AtomicU64::new(0),
             input_frames_sent: AtomicU64::new(0),
+            kept_input: Mutex::new(KeptInput::default()),
+            pages_from_input: AtomicU64::new(0),
             output_frames_sent: AtomicU64::new(0),
             resend_output: request.resend_output,
             output_waiting: AtomicBool::new(false),
@@ -1314,6 +1326,7 @@ impl Primary {
             status.acks_released_early += g.early_released;
         }
         status.input_frames_mirrored = s.input_frames_sent.load(Ordering::Relaxed);
+        status.pages_from_input = s.pages_from_input.load(Ordering::Relaxed);
         status.output_frames_mirrored = s.output_frames_sent.load(Ordering::Relaxed);
         for gate in &s.gates.disks {
             status.held_disk_writes += gate.stats().held_items;
@@ -1452,6 +1465,9 @@ fn send_loop(
             }
         };
         shared.bytes.store(sender.stats().bytes, Ordering::Relaxed);
+        shared
+            .pages_from_input
+            .store(sender.stats().input_pages, Ordering::Relaxed);
         if let Err(e) = result {
             shared.lose(format!("sending an epoch: {e}"));
             return;
@@ -1460,8 +1476,8 @@ fn send_loop(
 }
 
 /// The frames the NICs delivered since the last call, counted as sent: the backup's answer
-/// may arrive before the caller's `send_frame` returns. The caller hands them back to the
-/// log (`recycle`) once encoded.
+/// may arrive before the caller's `send_frame` returns. The caller keeps them for their
+/// epoch's pages (`kept_input`) once encoded.
 fn take_input(shared: &Shared) -> Option<(&InputLog, Vec<LoggedFrame>)> {
     let input = shared.gates.input_log.as_ref()?;
     let frames = input.take_pending();
@@ -1479,7 +1495,7 @@ fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
         return Vec::new();
     };
     let payloads = encode_input_frames(&frames);
-    input.recycle(frames);
+    shared.kept_input().keep(input, frames);
     payloads
 }
 
@@ -1504,6 +1520,7 @@ fn output_payloads(shared: &Shared, epoch: u64) -> Vec<Vec<u8>> {
                 nic: nic as u32,
                 epoch,
                 data: data.to_vec(),
+                placed: Vec::new(),
             });
         });
     }
@@ -1524,7 +1541,7 @@ fn send_input(shared: &Shared, sender: &mut Sender<FtStream>) -> Result<(), Prot
             encode_input_batch(buf, batch)
         })?;
     }
-    input.recycle(frames);
+    shared.kept_input().keep(input, frames);
     Ok(())
 }
 
@@ -1536,8 +1553,19 @@ fn send_epoch(
     released_through: u64,
 ) -> Result<(), ProtocolError> {
     // Each dirty page as a delta against the backup's copy where that is smaller (an epoch
-    // the backup does not apply ends the session, and `base` with it).
-    sender.send_memory_delta(staging, &job.dirty, base)?;
+    // the backup does not apply ends the session, and `base` with it), a receive buffer's
+    // page as the epoch's input frames the backup holds laid over that copy.
+    let input = shared.gates.input_log.as_ref().and_then(|log| {
+        let pieces = shared.kept_input().take_epoch(log, job.epoch)?;
+        Some((log, pieces))
+    });
+    match &input {
+        Some((_, pieces)) => sender.send_memory_delta_with_input(staging, &job.dirty, base, pieces),
+        None => sender.send_memory_delta(staging, &job.dirty, base),
+    }?;
+    if let Some((log, pieces)) = input {
+        kept_input::give_back(log, pieces);
+    }
     crash_point(Phase::Transfer, job.epoch - shared.first_epoch);
     for (disk, writes) in job.disk_writes.iter().enumerate() {
         for frame in encode_disk_writes(disk as u32, writes) {

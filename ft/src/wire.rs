@@ -381,6 +381,7 @@ fn decode_logged_frames(
             nic,
             epoch,
             data: copy(data),
+            placed: Vec::new(),
         });
         last_seq = seq;
         at += len;
@@ -501,6 +502,7 @@ mod tests {
             nic: (seq % 3) as u32,
             epoch: seq / 4,
             data: vec![seq as u8; len],
+            placed: Vec::new(),
         }
     }
 

@@ -375,8 +375,32 @@ impl FakeVm {
             // A frame arrives; the guest's stack acknowledges now and then.
             if self.rng.below(2) == 0 {
                 let seq = log.delivered() + 1;
-                if recorder.record(&input_frame(seq)) && !log.is_stopped() {
-                    self.inputs.push((seq, epoch));
+                let frame = input_frame(seq);
+                // Where the NIC puts it: a receive buffer anywhere (often across a page
+                // boundary), sometimes in two pieces. The primary may then send the page as
+                // this frame laid over the backup's copy.
+                let at = self.rng.below(MEMORY - frame.len() as u64);
+                let cut = if self.rng.below(3) == 0 {
+                    1 + self.rng.below(frame.len() as u64 - 1) as usize
+                } else {
+                    frame.len()
+                };
+                let mut placed = vec![(GuestAddress(at), cut)];
+                if cut < frame.len() {
+                    let rest = frame.len() - cut;
+                    placed.push((GuestAddress(self.rng.below(MEMORY - rest as u64)), rest));
+                }
+                if recorder.record(&frame, &placed) {
+                    let mut done = 0;
+                    for &(addr, len) in &placed {
+                        self.memory
+                            .write_slice(&frame[done..done + len], addr)
+                            .unwrap();
+                        done += len;
+                    }
+                    if !log.is_stopped() {
+                        self.inputs.push((seq, epoch));
+                    }
                 }
             }
             // Mostly everything delivered so far; sometimes not the newest frames yet (the
@@ -1025,6 +1049,8 @@ struct Report {
     took_over: bool,
     /// Page frames the data streams carried.
     lane_pages: u64,
+    /// Pages the primary sent as input frames laid over the backup's copy.
+    pages_from_input: u64,
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
@@ -1311,6 +1337,7 @@ fn run_with(
     let cut_for_output = primary
         .as_ref()
         .map_or(0, |p| p.status().epochs_cut_for_output);
+    let pages_from_input = primary.as_ref().map_or(0, |p| p.status().pages_from_input);
     let frames_released = world.frames_out.load(Ordering::SeqCst);
     let early_acks = vm
         .gates
@@ -1479,6 +1506,7 @@ fn run_with(
         committed,
         frames_released,
         early_acks,
+        pages_from_input,
         cut_for_output,
         summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
         acked,
@@ -1569,10 +1597,18 @@ fn no_fault_run_replicates_and_releases_everything() {
             report.early_acks > 0,
             "{mode:?}: no ACK left before its epoch was held"
         );
+        assert!(
+            report.pages_from_input > 0,
+            "{mode:?}: no page went as the input frames it received"
+        );
         eprintln!(
             "{mode:?}: {} frames ({} page frames on {lanes} data streams), {} epochs \
-             acknowledged, {} ACKs left early",
-            report.frames, report.lane_pages, report.acked, report.early_acks
+             acknowledged, {} ACKs left early, {} pages sent as input",
+            report.frames,
+            report.lane_pages,
+            report.acked,
+            report.early_acks,
+            report.pages_from_input
         );
     }
 }

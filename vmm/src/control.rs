@@ -435,6 +435,10 @@ pub struct FtStatus {
     /// Primary: frames the NICs delivered to the guest that were mirrored to the backup.
     #[serde(default)]
     pub input_frames_mirrored: u64,
+    /// Primary: dirty pages sent as mirrored input frames laid over the backup's copy (a
+    /// receive buffer's page, whose bytes the backup already holds as input).
+    #[serde(default)]
+    pub pages_from_input: u64,
     /// Primary: the guest's pure TCP ACKs released before their epoch committed (the
     /// backup held every input frame they acknowledge).
     #[serde(default)]
@@ -492,6 +496,7 @@ impl FtStatus {
         put("held_packets", self.held_packets);
         put("released_packets", self.released_packets);
         put("input_frames_mirrored", self.input_frames_mirrored);
+        put("pages_from_input", self.pages_from_input);
         put("acks_released_early", self.acks_released_early);
         put("input_frames_replayed", self.input_frames_replayed);
         put("output_frames_mirrored", self.output_frames_mirrored);

@@ -4,12 +4,15 @@
 //! pages first sent long after the initial copy), with and without LZ4 on top; and a delta
 //! that does not fit its page is refused before anything is written.
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::thread;
 
+use common::{first_difference, untouched, Rng};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
 use vmm::migration::protocol::{
@@ -35,38 +38,6 @@ fn config() -> VmConfig {
 
 fn page(n: u64) -> GuestAddress {
     GuestAddress(n * PAGE_SIZE as u64)
-}
-
-/// xorshift64*: reproducible test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn first_difference(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> Option<u64> {
-    let mut x = vec![0u8; PAGE_SIZE];
-    let mut y = vec![0u8; PAGE_SIZE];
-    for r in a.iter() {
-        for p in 0..r.len() / PAGE_SIZE as u64 {
-            let gpa = GuestAddress(r.start_addr().0 + p * PAGE_SIZE as u64);
-            a.read_slice(&mut x, gpa).unwrap();
-            b.read_slice(&mut y, gpa).unwrap();
-            if x != y {
-                return Some(gpa.0);
-            }
-        }
-    }
-    None
 }
 
 /// What one epoch does to one page.
@@ -412,10 +383,6 @@ fn lz4(payload: &[u8], entries: usize) -> Vec<u8> {
     let mut p = payload[..data_at].to_vec();
     p.extend_from_slice(&lz4_flex::block::compress(&payload[data_at..]));
     p
-}
-
-fn untouched(mem: &GuestMemoryMmap) -> bool {
-    DirtyPages::from_bitmaps(&[], mem, true).unwrap().is_empty()
 }
 
 #[test]

@@ -299,7 +299,7 @@ mod tests {
     fn an_ended_epochs_held_frames_are_visited_in_order_until_they_leave() {
         let (mut gate, control, wire, log) = gate();
         gate.transmit(&data(1)).unwrap();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         // A pure ACK goes to the lane, not to the epoch's queue.
         gate.transmit(&ack(9)).unwrap();
         gate.transmit(&data(2)).unwrap();
@@ -320,8 +320,8 @@ mod tests {
     #[test]
     fn held_ack_leaves_when_its_input_is_mirrored_and_not_before() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&ack(1)).unwrap();
         assert!(wire.sent().is_empty());
         assert_eq!(control.stats().lane_held, 1);
@@ -343,9 +343,9 @@ mod tests {
     #[test]
     fn an_ack_waits_only_for_the_input_it_acknowledges() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input_segment(80, 0, 100)));
-        assert!(log.record(0, &input_segment(80, 100, 100)));
-        assert!(log.record(0, &input_segment(81, 0, 100)));
+        assert!(log.record(0, &input_segment(80, 0, 100), Vec::new()));
+        assert!(log.record(0, &input_segment(80, 100, 100), Vec::new()));
+        assert!(log.record(0, &input_segment(81, 0, 100), Vec::new()));
         let first = guest_ack(80, 100);
         gate.transmit(&first).unwrap();
         log.set_mirrored(1);
@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn ack_whose_input_is_already_mirrored_leaves_at_once() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         log.set_mirrored(1);
         gate.transmit(&ack(1)).unwrap();
         assert_eq!(wire.sent(), vec![ack(1)]);
@@ -377,10 +377,10 @@ mod tests {
     #[test]
     fn held_ack_leaves_at_the_commit_of_its_epoch_without_mirroring() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&ack(1)).unwrap();
         control.begin_epoch(2).unwrap();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&ack(2)).unwrap();
         control.begin_epoch(3).unwrap();
         let step = control.commit(1).unwrap();
@@ -397,7 +397,7 @@ mod tests {
     #[test]
     fn data_frames_are_still_held_until_commit() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         log.set_mirrored(1);
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
@@ -438,7 +438,7 @@ mod tests {
     #[test]
     fn lane_is_fifo() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&ack(1)).unwrap();
         // Mirrored, but not yet reported to the gate: the next ACK's input is mirrored, yet it
         // must queue behind the first one instead of overtaking it.
@@ -470,7 +470,7 @@ mod tests {
     #[test]
     fn passthrough_releases_the_lane() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         let step = control.passthrough().unwrap();
@@ -485,7 +485,7 @@ mod tests {
     #[test]
     fn discard_drops_the_lane_and_counts_it() {
         let (mut gate, control, wire, log) = gate();
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         let dropped = control.discard_uncommitted();
@@ -505,7 +505,7 @@ mod tests {
             max_items: 2,
         };
         let (mut gate, control, wire, log) = gate_with_log(limits);
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&data(1)).unwrap();
         gate.transmit(&ack(2)).unwrap();
         // Queue and lane share the limits.
@@ -532,7 +532,7 @@ mod tests {
         dest.copy_from_slice(&frame[..6]);
         peers.set(vec![dest]);
         let mut gate = gate.with_group_peers(peers);
-        assert!(log.record(0, &input()));
+        assert!(log.record(0, &input(), Vec::new()));
         gate.transmit(&frame).unwrap();
         assert_eq!(wire.sent(), vec![frame]);
         let stats = control.stats();

@@ -25,6 +25,10 @@ pub struct LoggedFrame {
     pub nic: u32,
     pub epoch: u64,
     pub data: Vec<u8>,
+    /// Where the guest's buffer holds `data`: (guest address, bytes) segments in order,
+    /// covering it exactly. Known where the frame was recorded (the primary's NICs), empty
+    /// where it came from the wire.
+    pub placed: Vec<(u64, u32)>,
 }
 
 struct State {
@@ -96,7 +100,7 @@ impl InputLog {
     /// bound: the device must then drop the frame. A dropped input frame is recovered by TCP;
     /// a delivered frame the backup cannot replay would be unsafe. When the log is stopped,
     /// returns true and records nothing.
-    pub fn record(&self, nic: u32, frame: &[u8]) -> bool {
+    pub fn record(&self, nic: u32, frame: &[u8], placed: Vec<(u64, u32)>) -> bool {
         if self.is_stopped() {
             return true;
         }
@@ -121,6 +125,7 @@ impl InputLog {
                 nic,
                 epoch: st.epoch,
                 data,
+                placed,
             };
             st.pending.push_back(frame);
             st.pending_bytes = after;
@@ -241,8 +246,19 @@ impl InputRecorder {
 }
 
 impl NetInputRecorder for InputRecorder {
-    fn record(&mut self, frame: &[u8]) -> bool {
-        self.log.record(self.nic, frame)
+    fn record(&mut self, frame: &[u8], placed: &[(vm_memory::GuestAddress, usize)]) -> bool {
+        // The segments the frame fills, cut to its length.
+        let mut left = frame.len();
+        let mut segments = Vec::with_capacity(placed.len());
+        for &(addr, len) in placed {
+            if left == 0 {
+                break;
+            }
+            let take = len.min(left);
+            left -= take;
+            segments.push((addr.0, take as u32));
+        }
+        self.log.record(self.nic, frame, segments)
     }
 }
 
@@ -257,9 +273,9 @@ mod tests {
         assert_eq!(log.delivered(), 0);
         let mut a = InputRecorder::new(log.clone(), 0);
         let mut b = InputRecorder::new(log.clone(), 1);
-        assert!(a.record(b"one"));
-        assert!(b.record(b"two"));
-        assert!(a.record(b"three"));
+        assert!(a.record(b"one", &[]));
+        assert!(b.record(b"two", &[]));
+        assert!(a.record(b"three", &[]));
         assert_eq!(log.delivered(), 3);
         assert_eq!(log.recorded(), 3);
         let taken = log.take_pending();
@@ -271,11 +287,11 @@ mod tests {
     #[test]
     fn buffers_of_sent_frames_are_reused() {
         let log = InputLog::new(1, 1 << 20);
-        assert!(log.record(0, &[5u8; 40_000]));
+        assert!(log.record(0, &[5u8; 40_000], Vec::new()));
         let sent = log.take_pending();
         log.recycle(sent);
         assert_eq!(log.state().pool.spare(), 1);
-        assert!(log.record(0, &[6u8; 50_000]));
+        assert!(log.record(0, &[6u8; 50_000], Vec::new()));
         assert_eq!(log.state().pool.spare(), 0, "the spare buffer was taken");
         let next = log.take_pending();
         assert_eq!(next[0].data, vec![6u8; 50_000]);
@@ -284,10 +300,10 @@ mod tests {
     #[test]
     fn frames_carry_the_epoch_they_were_recorded_in() {
         let log = InputLog::new(5, 1 << 20);
-        assert!(log.record(0, b"a"));
+        assert!(log.record(0, b"a", Vec::new()));
         log.begin_epoch(6);
-        assert!(log.record(0, b"b"));
-        assert!(log.record(0, b"c"));
+        assert!(log.record(0, b"b", Vec::new()));
+        assert!(log.record(0, b"c", Vec::new()));
         let epochs: Vec<u64> = log.take_pending().iter().map(|f| f.epoch).collect();
         assert_eq!(epochs, vec![5, 6, 6]);
     }
@@ -295,15 +311,15 @@ mod tests {
     #[test]
     fn frames_over_the_bound_are_refused_without_a_seq() {
         let log = InputLog::new(1, 10);
-        assert!(log.record(0, &[0; 6]));
-        assert!(!log.record(0, &[0; 5]));
+        assert!(log.record(0, &[0; 6], Vec::new()));
+        assert!(!log.record(0, &[0; 5], Vec::new()));
         assert_eq!(log.delivered(), 1);
         assert_eq!(log.refused(), 1);
-        assert!(log.record(0, &[0; 4]));
+        assert!(log.record(0, &[0; 4], Vec::new()));
         assert_eq!(log.delivered(), 2);
         // Taking the pending frames makes room again.
         assert_eq!(log.take_pending().len(), 2);
-        assert!(log.record(0, &[0; 10]));
+        assert!(log.record(0, &[0; 10], Vec::new()));
         assert_eq!(log.delivered(), 3);
         assert_eq!(log.recorded(), 3);
     }
@@ -316,12 +332,12 @@ mod tests {
         log.set_notify(Box::new(move || {
             c.fetch_add(1, Ordering::SeqCst);
         }));
-        assert!(log.record(0, b"a"));
-        assert!(log.record(0, b"b"));
+        assert!(log.record(0, b"a", Vec::new()));
+        assert!(log.record(0, b"b", Vec::new()));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(log.take_pending().len(), 2);
         assert!(log.take_pending().is_empty());
-        assert!(log.record(0, b"c"));
+        assert!(log.record(0, b"c", Vec::new()));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         let taken = log.take_pending();
         assert_eq!(taken.len(), 1);
@@ -331,14 +347,14 @@ mod tests {
     #[test]
     fn a_restarted_log_counts_what_came_before_as_mirrored() {
         let log = InputLog::new(1, 1 << 20);
-        assert!(log.record(0, &[1; 60]));
+        assert!(log.record(0, &[1; 60], Vec::new()));
         log.stop();
-        assert!(log.record(0, &[2; 60]));
+        assert!(log.record(0, &[2; 60], Vec::new()));
         assert_eq!(log.delivered(), 1, "nothing is recorded while stopped");
         log.start(9);
         assert_eq!(log.mirrored(), 1);
         assert!(log.take_pending().is_empty());
-        assert!(log.record(0, &[3; 60]));
+        assert!(log.record(0, &[3; 60], Vec::new()));
         let taken = log.take_pending();
         assert_eq!((taken[0].seq, taken[0].epoch), (2, 9));
     }
@@ -357,13 +373,13 @@ mod tests {
     #[test]
     fn a_stopped_log_accepts_and_records_nothing() {
         let log = InputLog::new(1, 4);
-        assert!(log.record(0, b"ab"));
+        assert!(log.record(0, b"ab", Vec::new()));
         log.set_mirrored(1);
         log.stop();
         assert!(log.is_stopped());
         assert!(log.take_pending().is_empty());
         // Over the bound too: nothing is held any more, so nothing is refused.
-        assert!(log.record(0, b"abcdefgh"));
+        assert!(log.record(0, b"abcdefgh", Vec::new()));
         assert_eq!(log.delivered(), 1);
         assert_eq!(log.mirrored(), 1);
         assert_eq!(log.recorded(), 1);

@@ -38,8 +38,10 @@ pub trait NetOutputGate: Send {
 pub trait NetInputRecorder: Send {
     /// Records one frame as the guest's buffer will hold it (the 12-byte virtio-net header,
     /// then the Ethernet frame) before it reaches guest memory. False: the frame must not be
-    /// delivered (the device drops it).
-    fn record(&mut self, frame: &[u8]) -> bool;
+    /// delivered (the device drops it). `placed`: the guest buffer's segments (guest address,
+    /// bytes), in order; the frame fills them from the first byte (the last one possibly
+    /// not to its end).
+    fn record(&mut self, frame: &[u8], placed: &[(vm_memory::GuestAddress, usize)]) -> bool;
 }
 
 /// Where a block device's writes to its disk image go, and through which it reads.

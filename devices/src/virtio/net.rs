@@ -783,7 +783,7 @@ impl Net {
                 // would be unsafe, a dropped one is recovered by the guest's protocols.
                 // With its header: the backup's guest must see the same checksum and
                 // segmentation state.
-                if !recorder.record(&self.rx_buf[..n]) {
+                if !recorder.record(&self.rx_buf[..n], &segments) {
                     debug!(
                         "{}: RX frame of {n} bytes refused by the input log",
                         self.id
@@ -1533,7 +1533,7 @@ mod tests {
         }
 
         impl NetInputRecorder for Log {
-            fn record(&mut self, frame: &[u8]) -> bool {
+            fn record(&mut self, frame: &[u8], _placed: &[(GuestAddress, usize)]) -> bool {
                 let mut refuse = self.refuse.lock().unwrap();
                 if *refuse > 0 {
                     *refuse -= 1;

@@ -8,6 +8,7 @@
 
 use crate::config::VmConfig;
 
+mod input_pieces;
 pub mod live;
 pub mod memory;
 mod page_encoder;
@@ -15,6 +16,7 @@ pub mod protocol;
 pub mod receive;
 pub mod snapshot;
 
+pub use input_pieces::InputPieces;
 pub use memory::{DirtyPages, DirtyPagesError, PAGE_SIZE};
 pub use page_encoder::{EncodePool, Lane};
 pub use protocol::{

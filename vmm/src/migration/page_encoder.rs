@@ -18,11 +18,12 @@ use std::thread::JoinHandle;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::input_pieces::InputPieces;
 use super::memory::{is_zero, PAGE_SIZE};
 use super::protocol::{
     encode_delta, seal_encoded, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN,
-    FLAG_DELTA, FLAG_LZ4, FLAG_UNCHECKED, HEADER_LEN, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE,
-    ZERO_PAGE_BIT,
+    FLAG_DELTA, FLAG_LZ4, FLAG_UNCHECKED, HEADER_LEN, INPUT_PAGE_BIT, INPUT_PIECE_LEN,
+    MAX_INPUT_PIECES, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -31,6 +32,8 @@ use crate::memory::GuestMemoryMmap;
 pub(super) struct DeltaView<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub known: &'a [bool],
+    /// The input frames the receiver holds that landed in this pass's pages.
+    pub input: Option<&'a InputPieces>,
 }
 
 /// What [`PageEncoder::encode`] assembled: the payload starts at `HEADER_LEN` of the frame
@@ -42,6 +45,8 @@ pub(super) struct EncodedFrame {
     pub pages: usize,
     pub zero: u64,
     pub deltas: u64,
+    /// Of the deltas, those laid over input frames.
+    pub inputs: u64,
     /// Page data (or delta records) before LZ4, and as sent.
     pub data_raw: usize,
     pub data_sent: usize,
@@ -56,6 +61,9 @@ pub(super) struct PageEncoder {
     checksum: bool,
     packed: Vec<u8>,
     delta: Vec<u8>,
+    /// The receiver's copy of a page with input frames laid over it, and their records.
+    overlay: Vec<u8>,
+    pieces: Vec<u8>,
 }
 
 impl PageEncoder {
@@ -65,6 +73,8 @@ impl PageEncoder {
             checksum,
             packed: Vec::new(),
             delta: vec![0; PAGE_SIZE],
+            overlay: vec![0; PAGE_SIZE],
+            pieces: vec![0; MAX_INPUT_PIECES * INPUT_PIECE_LEN],
         }
     }
 
@@ -95,6 +105,7 @@ impl PageEncoder {
         let mut entry = entries_at;
         let mut zero = 0u64;
         let mut deltas = 0u64;
+        let mut inputs = 0u64;
         let mut index = 0usize;
         // A delta is sent only when it is clearly smaller than the page: beyond three quarters
         // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
@@ -119,6 +130,7 @@ impl PageEncoder {
                 let base = delta
                     .as_ref()
                     .map(|d| (d.mem, d.known.get(index) == Some(&true)));
+                let input = delta.as_ref().and_then(|d| d.input);
                 index += 1;
                 let value = if is_zero(&frame[src..src + PAGE_SIZE]) {
                     zero += 1;
@@ -128,24 +140,44 @@ impl PageEncoder {
                     }
                     gpa.0 | ZERO_PAGE_BIT
                 } else {
-                    let mut delta_len = None;
-                    if let Some((base, known)) = base {
-                        if known {
-                            let delta_out = &mut self.delta[..budget];
-                            delta_len = with_base_page(base, gpa, |old| {
-                                encode_delta(old, &frame[src..src + PAGE_SIZE], delta_out)
-                            })
-                            .map_err(page_err)?;
+                    let record = match base {
+                        Some((base, true)) => {
+                            let new = &frame[src..src + PAGE_SIZE];
+                            let record = self
+                                .page_record(base, input, gpa, new, budget)
+                                .map_err(page_err)?;
+                            // An empty delta: the copy holds this page already.
+                            if record != Record::Delta(0) {
+                                base.write_slice(new, gpa).map_err(page_err)?;
+                            }
+                            record
                         }
-                        // An empty delta: the copy holds this page already.
-                        if delta_len != Some(0) {
+                        Some((base, false)) => {
                             base.write_slice(&frame[src..src + PAGE_SIZE], gpa)
                                 .map_err(page_err)?;
+                            Record::Whole
                         }
-                    }
-                    match delta_len {
-                        Some(d) => {
-                            // `end + 2 + d < src + PAGE_SIZE`: the page is used up by now.
+                        None => Record::Whole,
+                    };
+                    // A record is shorter than the page, which is used up by now:
+                    // `end + record < src + PAGE_SIZE`.
+                    match record {
+                        Record::Input(pieces, d) => {
+                            frame[end] = pieces as u8;
+                            let at = end + 1;
+                            let len = pieces * INPUT_PIECE_LEN;
+                            frame[at..at + len].copy_from_slice(&self.pieces[..len]);
+                            let at = at + len;
+                            frame[at..at + DELTA_LEN_BYTES]
+                                .copy_from_slice(&(d as u16).to_le_bytes());
+                            let body = at + DELTA_LEN_BYTES;
+                            frame[body..body + d].copy_from_slice(&self.delta[..d]);
+                            end = body + d;
+                            deltas += 1;
+                            inputs += 1;
+                            gpa.0 | DELTA_PAGE_BIT | INPUT_PAGE_BIT
+                        }
+                        Record::Delta(d) => {
                             frame[end..end + DELTA_LEN_BYTES]
                                 .copy_from_slice(&(d as u16).to_le_bytes());
                             let body = end + DELTA_LEN_BYTES;
@@ -154,7 +186,7 @@ impl PageEncoder {
                             deltas += 1;
                             gpa.0 | DELTA_PAGE_BIT
                         }
-                        None => {
+                        Record::Whole => {
                             if end != src {
                                 frame.copy_within(src..src + PAGE_SIZE, end);
                             }
@@ -198,10 +230,59 @@ impl PageEncoder {
             pages: count,
             zero,
             deltas,
+            inputs,
             data_raw,
             data_sent: end - data_at,
             payload_crc,
         })
+    }
+}
+
+/// How a page the receiver knows travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Record {
+    Whole,
+    /// A delta of this many bytes (in `PageEncoder::delta`) against the receiver's copy.
+    Delta(usize),
+    /// This many input pieces (in `PageEncoder::pieces`) laid over the receiver's copy, then
+    /// a delta of this many bytes.
+    Input(usize, usize),
+}
+
+impl PageEncoder {
+    /// How `new`, the page at `gpa`, travels to a receiver whose copy `base` holds: as input
+    /// frames laid over that copy plus a delta, or as a delta, when the record fits `budget`.
+    fn page_record(
+        &mut self,
+        base: &GuestMemoryMmap,
+        input: Option<&InputPieces>,
+        gpa: GuestAddress,
+        new: &[u8],
+        budget: usize,
+    ) -> Result<Record, vm_memory::GuestMemoryError> {
+        if let Some(input) = input.filter(|i| i.touches(gpa.0)) {
+            let overlay = &mut self.overlay[..PAGE_SIZE];
+            let same = with_base_page(base, gpa, |old| {
+                let same = old == new;
+                if !same {
+                    overlay.copy_from_slice(old);
+                }
+                same
+            })?;
+            if same {
+                return Ok(Record::Delta(0));
+            }
+            let pieces = input.lay_over(gpa.0, overlay, &mut self.pieces);
+            let head = 1 + pieces * INPUT_PIECE_LEN + DELTA_LEN_BYTES;
+            if pieces > 0 && head < budget {
+                if let Some(d) = encode_delta(overlay, new, &mut self.delta[..budget - head]) {
+                    return Ok(Record::Input(pieces, d));
+                }
+            }
+        }
+        let out = &mut self.delta[..budget];
+        let delta = with_base_page(base, gpa, |old| encode_delta(old, new, out))?;
+        Ok(delta.map_or(Record::Whole, Record::Delta))
     }
 }
 
@@ -228,6 +309,8 @@ pub(super) struct EncodeJob {
     pub chunks: Vec<(u64, usize)>,
     pub count: usize,
     pub known: Vec<bool>,
+    /// The input frames the receiver holds (see [`InputPieces`]).
+    pub input: Option<std::sync::Arc<InputPieces>>,
 }
 
 pub(super) struct EncodeDone {
@@ -347,6 +430,7 @@ impl EncodePool {
                     let view = DeltaView {
                         mem: &base,
                         known: &job.known,
+                        input: job.input.as_deref(),
                     };
                     let mut result = encoder.encode(
                         &mut job.frame,
@@ -422,7 +506,9 @@ impl EncodePool {
         job
     }
 
-    pub(super) fn give_back(&mut self, job: EncodeJob) {
+    pub(super) fn give_back(&mut self, mut job: EncodeJob) {
+        // The sender takes the frames back once a pass is over.
+        job.input = None;
         self.spare.push(job);
     }
 

@@ -39,9 +39,15 @@
 //!   order, either the whole page (4 KiB) or for a delta entry `len u16` (0 ..= 4096) and
 //!   `len` bytes of runs `skip, count, count bytes` (skip and count LEB128, at most 2 bytes
 //!   each, count >= 1): skip `skip` bytes of the page from where the last run ended (from 0
-//!   at first), then overwrite `count` bytes; no run may reach past the page. With the LZ4
-//!   flag the whole data is one LZ4 block that decompresses to exactly the announced length.
-//!   Every length and offset is checked before anything is written;
+//!   at first), then overwrite `count` bytes; no run may reach past the page. A delta entry
+//!   may also have bit 2 set (fault tolerance: the page holds input frames the receiver
+//!   already has): its record starts with `pieces u8` (1 ..= MAX_INPUT_PIECES) and that many
+//!   `seq u64, frame_offset u32, page_offset u16, len u16` (len >= 1, within the page), each
+//!   saying "bytes `frame_offset..+len` of input frame `seq` go to `page_offset`", laid over
+//!   the receiver's copy in order before the delta (`len u16` and runs) is applied to the
+//!   result. With the LZ4 flag the whole data is one LZ4 block that decompresses to exactly
+//!   the announced length. Every length and offset, and every input frame named, is checked
+//!   before anything is written;
 //! - MemoryDone: `iteration u32, lanes u32, pages u64, lanes x (frames u32, digest u32)`
 //!   closes one pass over memory (pages = entries sent in the pass, checked by the
 //!   receiver). `lanes` (at most MAX_LANES; 0 in a migration) is the number of data streams
@@ -66,6 +72,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::input_pieces::InputPieces;
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
 use super::page_encoder::{DeltaView, EncodeJob, EncodePool, EncodedFrame, Lane, PageEncoder};
 use crate::config::VmConfig;
@@ -82,7 +89,8 @@ use crate::progress::TransferProgress;
 /// 8: InputFrames carry each frame's virtio-net header (receive offloads).
 /// 9: frames after Hello may be unchecked on an authenticated stream (`FLAG_UNCHECKED`).
 /// 10: the State frame carries the VM state in postcard (binary serde) instead of JSON.
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: delta entries may lay input frames the receiver holds over its copy (bit 2).
+pub const PROTOCOL_VERSION: u32 = 11;
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"TMIG");
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
@@ -101,6 +109,12 @@ pub const FLAG_DELTA: u8 = 2;
 pub const FLAG_UNCHECKED: u8 = 0x80;
 pub(super) const ZERO_PAGE_BIT: u64 = 1;
 pub(super) const DELTA_PAGE_BIT: u64 = 2;
+/// With `DELTA_PAGE_BIT`: the delta applies to the receiver's copy with input frames laid
+/// over it.
+pub(super) const INPUT_PAGE_BIT: u64 = 4;
+/// Most input-frame pieces one page's record may lay (the sender sends the page otherwise).
+pub const MAX_INPUT_PIECES: usize = 32;
+pub(super) const INPUT_PIECE_LEN: usize = 16;
 /// Longest page delta a frame may carry (the sender sends the page itself before that).
 const MAX_DELTA_LEN: usize = PAGE_SIZE;
 pub(super) const DELTA_LEN_BYTES: usize = 2;
@@ -307,6 +321,8 @@ pub struct TransferStats {
     pub iterations: u64,
     /// Pages sent (or applied) as deltas against the receiver's copy.
     pub delta_pages: u64,
+    /// Pages sent (or applied) as input frames laid over the receiver's copy (with a delta).
+    pub input_pages: u64,
 }
 
 /// What one `send_memory` call did.
@@ -410,6 +426,8 @@ pub enum PageKind {
     Data,
     /// A delta against the receiver's copy of the page.
     Delta,
+    /// A delta against the receiver's copy with pieces of input frames it holds laid over.
+    Input,
 }
 
 /// The pages of one MemoryPages frame, checked for shape (count, alignment, data length;
@@ -460,6 +478,8 @@ impl<'a> PageBatch<'a> {
             let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
             let kind = if v & ZERO_PAGE_BIT != 0 {
                 PageKind::Zero
+            } else if v & INPUT_PAGE_BIT != 0 {
+                PageKind::Input
             } else if v & DELTA_PAGE_BIT != 0 {
                 PageKind::Delta
             } else {
@@ -675,16 +695,18 @@ impl<'a> Message<'a> {
         }
         let entries = &p[PAGES_HEADER_LEN..data_at];
         let flag_bits = if delta {
-            ZERO_PAGE_BIT | DELTA_PAGE_BIT
+            ZERO_PAGE_BIT | DELTA_PAGE_BIT | INPUT_PAGE_BIT
         } else {
             ZERO_PAGE_BIT
         };
         let mut data_pages = 0;
         let mut delta_pages = 0;
+        let mut input_pages = 0;
         for (i, e) in entries.chunks_exact(ENTRY_LEN).enumerate() {
             let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
             let both = ZERO_PAGE_BIT | DELTA_PAGE_BIT;
-            if v & PAGE_MASK & !flag_bits != 0 || v & both == both {
+            let input_alone = v & INPUT_PAGE_BIT != 0 && v & DELTA_PAGE_BIT == 0;
+            if v & PAGE_MASK & !flag_bits != 0 || v & both == both || input_alone {
                 return Err(ProtocolError::malformed(
                     kind,
                     format!("entry {i} ({v:#x}) is not a page address"),
@@ -696,15 +718,21 @@ impl<'a> Message<'a> {
             if v & DELTA_PAGE_BIT != 0 {
                 delta_pages += 1;
             }
+            if v & INPUT_PAGE_BIT != 0 {
+                input_pages += 1;
+            }
         }
         let data = &p[data_at..];
         let compressed = frame.flags & FLAG_LZ4 != 0;
         if delta {
             // The records' length is bounded by the entries before any decompression: whole
-            // pages plus at most a page and its length word per delta.
+            // pages plus at most a page and its length word per delta, and the pieces of the
+            // input entries.
             let whole = (data_pages - delta_pages) * PAGE_SIZE;
-            let least = whole + delta_pages * MIN_DELTA_RECORD;
-            let most = whole + delta_pages * (DELTA_LEN_BYTES + MAX_DELTA_LEN);
+            let least = whole + delta_pages * MIN_DELTA_RECORD + input_pages * MIN_INPUT_HEAD;
+            let most = whole
+                + delta_pages * (DELTA_LEN_BYTES + MAX_DELTA_LEN)
+                + input_pages * MAX_INPUT_HEAD;
             if announced < least || announced > most || announced > MAX_FRAME_PAYLOAD {
                 return Err(ProtocolError::malformed(
                     kind,
@@ -730,7 +758,7 @@ impl<'a> Message<'a> {
                         ),
                     ));
                 }
-                check_records(entries, data)?;
+                check_records(entries, data, None)?;
             }
             return Ok(PageBatch {
                 entries,
@@ -847,8 +875,95 @@ fn delta_record(data: &[u8], at: usize) -> Result<(&[u8], usize), String> {
     Ok((body, body_at + len))
 }
 
-/// Checks a delta frame's records against its entries (lengths, runs, total length).
-fn check_records(entries: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
+/// An input entry's record before its delta: the piece count and the pieces.
+const MIN_INPUT_HEAD: usize = 1 + INPUT_PIECE_LEN;
+const MAX_INPUT_HEAD: usize = 1 + MAX_INPUT_PIECES * INPUT_PIECE_LEN;
+
+/// The input frames a page of a delta frame may be built from (the FT backup's store of the
+/// frames its primary's guest received), by sequence number.
+pub trait InputFrameSource {
+    fn input_frame(&self, seq: u64) -> Option<&[u8]>;
+}
+
+/// One piece of an input record: bytes `frame_offset..+len` of input frame `seq` go to
+/// `page_offset..` of the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct InputPiece {
+    pub seq: u64,
+    pub frame_offset: u32,
+    pub page_offset: u16,
+    pub len: u16,
+}
+
+impl InputPiece {
+    pub(super) fn write(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.seq.to_le_bytes());
+        out[8..12].copy_from_slice(&self.frame_offset.to_le_bytes());
+        out[12..14].copy_from_slice(&self.page_offset.to_le_bytes());
+        out[14..16].copy_from_slice(&self.len.to_le_bytes());
+    }
+
+    pub(super) fn read(b: &[u8]) -> Self {
+        Self {
+            seq: le_u64(b, 0),
+            frame_offset: le_u32(b, 8),
+            page_offset: u16::from_le_bytes([b[12], b[13]]),
+            len: u16::from_le_bytes([b[14], b[15]]),
+        }
+    }
+
+    /// The bytes the piece lays, from `source`.
+    fn bytes<'s>(&self, source: &'s dyn InputFrameSource) -> Result<&'s [u8], String> {
+        let frame = source
+            .input_frame(self.seq)
+            .ok_or_else(|| format!("input frame {} is not held here", self.seq))?;
+        let from = self.frame_offset as usize;
+        let to = from + usize::from(self.len);
+        frame.get(from..to).ok_or_else(|| {
+            format!(
+                "bytes {from}..{to} of input frame {} of {} bytes",
+                self.seq,
+                frame.len()
+            )
+        })
+    }
+}
+
+/// One input record at `data[at..]`: its pieces (checked for shape), its delta's runs, and
+/// where the next record starts.
+fn input_record(data: &[u8], at: usize) -> Result<(Vec<InputPiece>, &[u8], usize), String> {
+    let count = usize::from(*data.get(at).ok_or("input piece count cut short")?);
+    if count == 0 || count > MAX_INPUT_PIECES {
+        return Err(format!("{count} input pieces (1 ..= {MAX_INPUT_PIECES})"));
+    }
+    let from = at + 1;
+    let to = from + count * INPUT_PIECE_LEN;
+    let raw = data
+        .get(from..to)
+        .ok_or_else(|| format!("{count} input pieces cut short"))?;
+    let mut pieces = Vec::with_capacity(count);
+    for b in raw.chunks_exact(INPUT_PIECE_LEN) {
+        let piece = InputPiece::read(b);
+        let end = usize::from(piece.page_offset) + usize::from(piece.len);
+        if piece.len == 0 || end > PAGE_SIZE {
+            return Err(format!(
+                "input piece of {} bytes at byte {} of the page",
+                piece.len, piece.page_offset
+            ));
+        }
+        pieces.push(piece);
+    }
+    let (body, next) = delta_record(data, to)?;
+    Ok((pieces, body, next))
+}
+
+/// Checks a delta frame's records against its entries (lengths, runs, total length) and,
+/// with `input`, that every input piece names bytes it holds.
+fn check_records(
+    entries: &[u8],
+    data: &[u8],
+    input: Option<&dyn InputFrameSource>,
+) -> Result<(), ProtocolError> {
     let bad = |i: usize, why: String| {
         ProtocolError::malformed(FrameType::MemoryPages, format!("entry {i}: {why}"))
     };
@@ -858,7 +973,16 @@ fn check_records(entries: &[u8], data: &[u8]) -> Result<(), ProtocolError> {
         if v & ZERO_PAGE_BIT != 0 {
             continue;
         }
-        if v & DELTA_PAGE_BIT != 0 {
+        if v & INPUT_PAGE_BIT != 0 {
+            let (pieces, body, next) = input_record(data, at).map_err(|why| bad(i, why))?;
+            if let Some(source) = input {
+                for piece in &pieces {
+                    piece.bytes(source).map_err(|why| bad(i, why))?;
+                }
+            }
+            walk_delta(body, |_, _| {}).map_err(|why| bad(i, why))?;
+            at = next;
+        } else if v & DELTA_PAGE_BIT != 0 {
             let (body, next) = delta_record(data, at).map_err(|why| bad(i, why))?;
             walk_delta(body, |_, _| {}).map_err(|why| bad(i, why))?;
             at = next;
@@ -1541,7 +1665,7 @@ impl<T: Read + Write> Sender<T> {
         mem: &GuestMemoryMmap,
         pages: &DirtyPages,
     ) -> Result<PassStats, ProtocolError> {
-        self.send_pass(mem, pages, None)
+        self.send_pass(mem, pages, None, None)
     }
 
     /// [`Sender::send_memory`] for a receiver whose copy of memory `base` tracks: a page
@@ -1554,7 +1678,20 @@ impl<T: Read + Write> Sender<T> {
         pages: &DirtyPages,
         base: &mut DeltaBase,
     ) -> Result<PassStats, ProtocolError> {
-        self.send_pass(mem, pages, Some(base))
+        self.send_pass(mem, pages, Some(base), None)
+    }
+
+    /// [`Sender::send_memory_delta`] to a receiver that holds the input frames of `input`
+    /// (fault tolerance's backup): a page they landed in may name their bytes instead of
+    /// carrying them.
+    pub fn send_memory_delta_with_input(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pages: &DirtyPages,
+        base: &mut DeltaBase,
+        input: &Arc<InputPieces>,
+    ) -> Result<PassStats, ProtocolError> {
+        self.send_pass(mem, pages, Some(base), Some(input))
     }
 
     /// Encodes the delta passes of `staging` against `base` on `threads` threads from now on,
@@ -1627,6 +1764,7 @@ impl<T: Read + Write> Sender<T> {
         mem: &GuestMemoryMmap,
         pages: &DirtyPages,
         base: Option<&mut DeltaBase>,
+        input: Option<&Arc<InputPieces>>,
     ) -> Result<PassStats, ProtocolError> {
         self.check_started("memory")?;
         let mut pass = PassStats {
@@ -1638,8 +1776,13 @@ impl<T: Read + Write> Sender<T> {
         match (self.pool.take(), base) {
             (Some(mut pool), Some(base)) if pool.serves(mem, &base.mem) => {
                 lanes = vec![LaneDigest::default(); pool.lanes()];
-                let sent =
-                    self.send_pages_pooled(&mut pool, &mut frames, base, &mut pass, &mut lanes);
+                let sent = self.send_pages_pooled(
+                    &mut pool,
+                    &mut frames,
+                    (base, input),
+                    &mut pass,
+                    &mut lanes,
+                );
                 if sent.is_err() {
                     pool.drain();
                 }
@@ -1649,7 +1792,8 @@ impl<T: Read + Write> Sender<T> {
             (pool, base) => {
                 self.pool = pool;
                 let mut job = std::mem::take(&mut self.job);
-                let sent = self.send_pages_alone(&mut job, mem, &mut frames, base, &mut pass);
+                let sent =
+                    self.send_pages_alone(&mut job, mem, &mut frames, (base, input), &mut pass);
                 self.job = job;
                 sent?;
             }
@@ -1677,7 +1821,7 @@ impl<T: Read + Write> Sender<T> {
         job: &mut EncodeJob,
         mem: &GuestMemoryMmap,
         frames: &mut FrameCutter<'_>,
-        mut base: Option<&mut DeltaBase>,
+        (mut base, input): (Option<&mut DeltaBase>, Option<&Arc<InputPieces>>),
         pass: &mut PassStats,
     ) -> Result<(), ProtocolError> {
         loop {
@@ -1690,6 +1834,7 @@ impl<T: Read + Write> Sender<T> {
                 DeltaView {
                     mem: &base.mem,
                     known: &job.known,
+                    input: input.map(|i| &**i),
                 }
             });
             let encoded = self
@@ -1707,7 +1852,7 @@ impl<T: Read + Write> Sender<T> {
         &mut self,
         pool: &mut EncodePool,
         frames: &mut FrameCutter<'_>,
-        base: &mut DeltaBase,
+        (base, input): (&mut DeltaBase, Option<&Arc<InputPieces>>),
         pass: &mut PassStats,
         lanes: &mut [LaneDigest],
     ) -> Result<(), ProtocolError> {
@@ -1722,6 +1867,7 @@ impl<T: Read + Write> Sender<T> {
                     break;
                 }
                 base.record(&job.chunks, &mut job.known);
+                job.input = input.cloned();
                 pool.submit(job)?;
             }
             if pool.in_flight() == 0 {
@@ -1768,7 +1914,8 @@ impl<T: Read + Write> Sender<T> {
         self.stats.bytes += total as u64;
         self.stats.pages += encoded.pages as u64;
         self.stats.zero_pages += encoded.zero;
-        self.stats.delta_pages += encoded.deltas;
+        self.stats.delta_pages += encoded.deltas - encoded.inputs;
+        self.stats.input_pages += encoded.inputs;
         self.stats.page_data_bytes += encoded.data_raw as u64;
         self.stats.page_wire_bytes += encoded.data_sent as u64;
         if encoded.flags & FLAG_LZ4 != 0 {
@@ -2106,10 +2253,24 @@ impl<T: Read + Write> Receiver<T> {
 /// Writes one frame's pages into `mem`. Every address is checked first, so a bad frame
 /// writes nothing. Consecutive data pages are written with one call; a zero page is
 /// written only if the destination is not already zero (fresh guest memory stays
-/// unpopulated). `probe` is a page-sized buffer.
+/// unpopulated). `probe` is a page-sized buffer. A page built from input frames is refused
+/// (see [`apply_pages_with_input`]).
 pub fn apply_pages(
     mem: &GuestMemoryMmap,
     batch: &PageBatch<'_>,
+    scratch: &mut Vec<u8>,
+    probe: &mut [u8],
+    stats: &mut TransferStats,
+) -> Result<(), ProtocolError> {
+    apply_pages_with_input(mem, batch, None, scratch, probe, stats)
+}
+
+/// [`apply_pages`] on a stream whose pages may lay the input frames `input` holds over the
+/// receiver's copy (fault tolerance's backup).
+pub fn apply_pages_with_input(
+    mem: &GuestMemoryMmap,
+    batch: &PageBatch<'_>,
+    input: Option<&dyn InputFrameSource>,
     scratch: &mut Vec<u8>,
     probe: &mut [u8],
     stats: &mut TransferStats,
@@ -2128,8 +2289,14 @@ pub fn apply_pages(
     let wire = batch.data.len();
     let data = batch.raw_data(scratch)?;
     if batch.is_delta() {
+        if input.is_none() && batch.kinds().any(|(_, kind)| kind == PageKind::Input) {
+            return Err(ProtocolError::malformed(
+                FrameType::MemoryPages,
+                "a page built from input frames, on a stream that carries none",
+            ));
+        }
         // Checked whole before the first write: a bad record writes nothing.
-        check_records(batch.entries, data)?;
+        check_records(batch.entries, data, input)?;
     }
     let write = |from: usize, to: usize, gpa: u64| {
         mem.write_slice(&data[from..to], GuestAddress(gpa))
@@ -2143,7 +2310,33 @@ pub fn apply_pages(
     let mut at = 0usize;
     let mut zero = 0u64;
     let mut deltas = 0u64;
+    let mut inputs = 0u64;
     for (gpa, kind) in batch.kinds() {
+        if kind == PageKind::Input {
+            let Some(source) = input else {
+                return Err(ProtocolError::malformed(
+                    FrameType::MemoryPages,
+                    "a page built from input frames, on a stream that carries none",
+                ));
+            };
+            inputs += 1;
+            if let Some((g, from, len)) = run.take() {
+                write(from, from + len, g)?;
+            }
+            let bad = |reason: String| ProtocolError::GuestMemory { gpa: gpa.0, reason };
+            let (pieces, body, next) = input_record(data, at).map_err(bad)?;
+            at = next;
+            mem.read_slice(probe, gpa).map_err(|e| bad(e.to_string()))?;
+            for piece in &pieces {
+                let bytes = piece.bytes(source).map_err(bad)?;
+                let to = usize::from(piece.page_offset);
+                probe[to..to + bytes.len()].copy_from_slice(bytes);
+            }
+            apply_delta(probe, body).map_err(bad)?;
+            mem.write_slice(probe, gpa)
+                .map_err(|e| bad(e.to_string()))?;
+            continue;
+        }
         if kind == PageKind::Delta {
             deltas += 1;
             if let Some((g, from, len)) = run.take() {
@@ -2200,6 +2393,7 @@ pub fn apply_pages(
     stats.pages += batch.len() as u64;
     stats.zero_pages += zero;
     stats.delta_pages += deltas;
+    stats.input_pages += inputs;
     stats.page_data_bytes += data.len() as u64;
     stats.page_wire_bytes += wire as u64;
     if batch.is_compressed() {

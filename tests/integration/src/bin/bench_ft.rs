@@ -429,6 +429,7 @@ struct FtStatus {
     epoch: u64,
     bytes: u64,
     dirty_pages: u64,
+    pages_from_input: u64,
     pause_us_p50: u64,
     pause_us_p99: u64,
     pause_us_max: u64,
@@ -457,6 +458,7 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         epoch: num("epoch")?,
         bytes: num("bytes")?,
         dirty_pages: num("dirty_pages")?,
+        pages_from_input: num("pages_from_input")?,
         pause_us_p50: num("pause_us_p50")?,
         pause_us_p99: num("pause_us_p99")?,
         pause_us_max: num("pause_us_max")?,
@@ -1232,6 +1234,8 @@ struct CaseResult {
 struct TcpFt {
     /// VMM-dirty pages per epoch.
     dirty_per_epoch: f64,
+    /// Of them, pages sent as mirrored input laid over the backup's copy.
+    input_pages_per_epoch: f64,
     /// Replication bytes (input mirrored, pages, state) per byte the guest received.
     bytes_per_byte: f64,
     /// CPU time of the replication threads of both sides per MB the guest received, ms.
@@ -1332,8 +1336,12 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
                 let dirty = after.dirty_pages.saturating_sub(before.dirty_pages) as f64;
                 let bytes = after.bytes.saturating_sub(before.bytes) as f64;
                 let mb = sent.max(1) as f64 / 1e6;
+                let input = after
+                    .pages_from_input
+                    .saturating_sub(before.pages_from_input) as f64;
                 Some(TcpFt {
                     dirty_per_epoch: dirty / epochs,
+                    input_pages_per_epoch: input / epochs,
                     bytes_per_byte: bytes / sent.max(1) as f64,
                     cpu_ms_per_mb: cpu_ns as f64 / 1e6 / mb,
                     primary_cpu_ms_per_mb: primary_cpu_ns as f64 / 1e6 / mb,
@@ -1417,6 +1425,8 @@ enum Metric {
     TcpMbps,
     /// VMM-dirty pages per epoch during the TCP transfer.
     TcpDirtyPerEpoch,
+    /// Of them, pages sent as input laid over the backup's copy.
+    TcpInputPagesPerEpoch,
     /// Replication bytes per byte the guest received during the TCP transfer.
     TcpReplBytesPerByte,
     TcpReplCpuMsPerMb,
@@ -1495,6 +1505,12 @@ impl Results {
         }
         if let Some(t) = r.tcp_ft {
             self.add(cell, mode, Metric::TcpDirtyPerEpoch, t.dirty_per_epoch);
+            self.add(
+                cell,
+                mode,
+                Metric::TcpInputPagesPerEpoch,
+                t.input_pages_per_epoch,
+            );
             self.add(cell, mode, Metric::TcpReplBytesPerByte, t.bytes_per_byte);
             self.add(cell, mode, Metric::TcpReplCpuMsPerMb, t.cpu_ms_per_mb);
             self.add(
@@ -1577,9 +1593,13 @@ fn describe_case(r: &CaseResult) -> String {
     if let Some(t) = r.tcp_ft {
         let _ = write!(
             s,
-            " ({:.0} VMM-dirty pages/epoch, {:.2} replication B per B received, replication \
-             threads {:.2} ms CPU per MB, {:.2} of it the primary's)",
-            t.dirty_per_epoch, t.bytes_per_byte, t.cpu_ms_per_mb, t.primary_cpu_ms_per_mb
+            " ({:.0} VMM-dirty pages/epoch, {:.0} sent as input, {:.2} replication B per B \
+             received, replication threads {:.2} ms CPU per MB, {:.2} of it the primary's)",
+            t.dirty_per_epoch,
+            t.input_pages_per_epoch,
+            t.bytes_per_byte,
+            t.cpu_ms_per_mb,
+            t.primary_cpu_ms_per_mb
         );
     }
     if let Some(ft) = &r.ft {
@@ -3175,6 +3195,7 @@ impl Report<'_> {
                     fmt(ratio(ft), 3),
                     fmt(ratio(held), 3),
                     fmt(r.med(c, Mode::Ft, Metric::TcpDirtyPerEpoch), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpInputPagesPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplCpuMsPerMb), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplPrimaryCpuMsPerMb), 2),
@@ -3193,7 +3214,10 @@ impl Report<'_> {
                 "  FT: early ACKs (input mirrored to the backup, pure ACKs leave once it holds it); FT held: --no-early-acks"
             );
             println!(
-                "  FT dirty/ep: VMM-dirty pages per epoch during the transfer (FT); repl B/B: bytes FT sent per byte the guest received"
+                "  FT dirty/ep: VMM-dirty pages per epoch during the transfer (FT); as input: of them, sent as the mirrored input"
+            );
+            println!(
+                "  frames laid over the backup's copy; repl B/B: bytes FT sent per byte the guest received"
             );
             println!(
                 "  repl CPU ms/MB: CPU time of the replication threads of both sides (ft-*) per MB the guest received;"
@@ -3212,6 +3236,7 @@ impl Report<'_> {
                     "FT/noFT",
                     "FT held/noFT",
                     "FT dirty/ep",
+                    "as input",
                     "FT repl B/B",
                     "FT repl CPU ms/MB",
                     "of it primary",
