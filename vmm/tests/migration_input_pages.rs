@@ -31,6 +31,49 @@ const PAGES: u64 = SIZE / PAGE_SIZE as u64;
 const RING: u64 = 64 * PAGE_SIZE as u64 + 0x600;
 const BUFFERS: u64 = 48;
 const BUFFER: u64 = 2048;
+/// A socket's receive ring the guest copies TCP payload into (96 KiB from page 300).
+const SOCKET: u64 = 300 * PAGE_SIZE as u64;
+const SOCKET_LEN: u64 = 96 << 10;
+
+/// An input frame as a NIC logs it: a virtio-net header, then TCP over IPv4 carrying
+/// `payload`.
+fn tcp_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 12 + 14 + 20 + 20];
+    f[12 + 12..12 + 14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = 12 + 14;
+    f[ip] = 0x45;
+    f[ip + 2..ip + 4].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+    f[ip + 8] = 64;
+    f[ip + 9] = 6;
+    f[ip + 20 + 12] = 5 << 4;
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Copies `bytes` into the socket ring at `*at` (wrapping), as a guest's TCP stack does with
+/// what it received, marking the pages written.
+fn copy_to_socket(
+    src: &GuestMemoryMmap,
+    at: &mut u64,
+    bytes: &[u8],
+    dirty: &mut Vec<GuestAddress>,
+) {
+    let mut done = 0;
+    while done < bytes.len() {
+        let offset = *at % SOCKET_LEN;
+        let take = ((SOCKET_LEN - offset) as usize).min(bytes.len() - done);
+        let gpa = SOCKET + offset;
+        src.write_slice(&bytes[done..done + take], GuestAddress(gpa))
+            .unwrap();
+        let mut page = gpa & !(PAGE_SIZE as u64 - 1);
+        while page < gpa + take as u64 {
+            dirty.push(GuestAddress(page));
+            page += PAGE_SIZE as u64;
+        }
+        done += take;
+        *at += take as u64;
+    }
+}
 
 fn config() -> VmConfig {
     VmConfig {
@@ -92,7 +135,14 @@ fn placement(rng: &mut Rng, next_buffer: &mut u64, len: usize) -> Vec<(u64, u32)
 /// `epochs` epochs of frames landing in the ring and the guest writing to memory (the
 /// buffers too), sent with the frames of each epoch acknowledged up to a random point.
 /// Returns the receiver's counters and, of the epochs' frames, the bytes delivered.
-fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (TransferStats, u64) {
+///
+/// `tcp`: the frames are TCP segments, whose payload the guest mostly copies into a socket
+/// ring as well.
+fn random_epochs(
+    seed: u64,
+    epochs: u64,
+    (compress, encoders, tcp): (bool, usize, bool),
+) -> (TransferStats, u64) {
     let mut rng = Rng(seed | 1);
     let src = vmm::memory::create(SIZE).unwrap();
     let dst = vmm::memory::create(SIZE).unwrap();
@@ -134,6 +184,7 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
     let acked = Arc::new(AtomicU64::new(0));
     let mut seq = 0u64;
     let mut next_buffer = 0u64;
+    let mut socket_at = 0u64;
     let mut delivered = 0u64;
     for n in 1..=epochs {
         let a = acked.clone();
@@ -162,7 +213,14 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
                 1 => 1514,
                 _ => 60 + rng.below(BUFFER - 60) as usize,
             };
-            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if tcp {
+                data = tcp_frame(&data[..len.saturating_sub(66).max(1)]);
+                if rng.below(4) > 0 {
+                    copy_to_socket(&src, &mut socket_at, &data[66..], &mut dirty);
+                }
+            }
+            let len = data.len();
             let placed = placement(&mut rng, &mut next_buffer, len);
             let mut done = 0;
             for &(gpa, l) in &placed {
@@ -221,13 +279,16 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
 
 #[test]
 fn pages_built_from_input_frames_reproduce_memory_over_random_epochs() {
-    for (seed, compress, encoders) in [
-        (1u64, false, 0),
-        (0x5eed, true, 0),
-        (0xdead_beef, false, 2),
-        (77, true, 3),
+    for (seed, compress, encoders, tcp) in [
+        (1u64, false, 0, false),
+        (0x5eed, true, 0, false),
+        (0xdead_beef, false, 2, false),
+        (77, true, 3, false),
+        (5, false, 0, true),
+        (0xc0de, true, 2, true),
+        (0xabcd, false, 3, true),
     ] {
-        let (stats, _) = random_epochs(seed, 80, compress, encoders);
+        let (stats, _) = random_epochs(seed, 80, (compress, encoders, tcp));
         assert!(stats.input_pages > 0, "no page went as input: {stats:?}");
         assert!(
             stats.delta_pages > 0,
@@ -237,9 +298,23 @@ fn pages_built_from_input_frames_reproduce_memory_over_random_epochs() {
 }
 
 /// A receive buffer holding only what the device wrote costs its frames' names, not their
-/// bytes.
+/// bytes; and so does the guest's copy of their TCP payload, in stream order (a socket's
+/// receive ring), with the guest's copy starting anywhere in a page.
 #[test]
-fn receive_buffers_cost_a_few_bytes_per_frame() {
+fn receive_buffers_and_the_guest_s_copies_cost_a_few_bytes_per_frame() {
+    for copies in [false, true] {
+        let (wire, bytes) = receive_and_copy(copies);
+        eprintln!("copies {copies}: wire {wire} bytes {bytes}");
+        assert!(
+            wire * 20 < bytes,
+            "guest copies {copies}: {wire} bytes on the wire for {bytes} bytes of frames"
+        );
+    }
+}
+
+/// 20 epochs of 48 TCP frames into the receive ring, their payload also copied into the
+/// socket ring with `copies`: the bytes of the epochs on the wire, and of the frames.
+fn receive_and_copy(copies: bool) -> (u64, u64) {
     let src = vmm::memory::create(SIZE).unwrap();
     let mut base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
     let mut s = Sender::new(std::io::Cursor::new(Vec::new()));
@@ -251,12 +326,17 @@ fn receive_buffers_cost_a_few_bytes_per_frame() {
     let mut next_buffer = 0;
     let mut bytes = 0;
     let mut wire = 0;
+    let mut socket_at = 1234;
     for _ in 0..20 {
         let mut pieces = InputPieces::new(Arc::new(|| u64::MAX));
         let mut dirty = Vec::new();
         for _ in 0..BUFFERS {
             seq += 1;
-            let data: Vec<u8> = (0..1514).map(|_| rng.next() as u8).collect();
+            let payload: Vec<u8> = (0..1448).map(|_| rng.next() as u8).collect();
+            let data = tcp_frame(&payload);
+            if copies {
+                copy_to_socket(&src, &mut socket_at, &payload, &mut dirty);
+            }
             let at = RING + (next_buffer % BUFFERS) * BUFFER;
             next_buffer += 1;
             src.write_slice(&data, GuestAddress(at)).unwrap();
@@ -277,10 +357,7 @@ fn receive_buffers_cost_a_few_bytes_per_frame() {
             .unwrap();
         wire += pass.wire_bytes;
     }
-    assert!(
-        wire * 20 < bytes,
-        "{wire} bytes on the wire for {bytes} bytes of frames"
-    );
+    (wire, bytes)
 }
 
 /// A delta frame with one input entry at `gpa`: `pieces` as (seq, frame offset, page offset,

@@ -25,7 +25,7 @@ pub use record::{DiskWriteLog, RecordedWrite, RecordingDiskGate};
 #[cfg(test)]
 pub(crate) use replay_watch::tests::segment as tcp_test_segment;
 pub use replay_watch::ReplayWatch;
-pub use tcp_ack::{is_pure_tcp_ack, tcp_segment, TcpSegment};
+pub use tcp_ack::{is_pure_tcp_ack, tcp_payload, tcp_segment, TcpSegment};
 
 /// Where a network device's transmitted frames go (a TAP device, through the gate).
 pub trait NetOutputGate: Send {

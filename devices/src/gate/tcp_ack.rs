@@ -61,6 +61,34 @@ pub struct TcpSegment {
 /// offloads) as a TCP segment over IPv4 or IPv6 without extension headers; None for anything
 /// else, malformed included.
 pub fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
+    let (tcp, (src, dst), data_offset) = tcp_of(frame)?;
+    let word = |at: usize| u32::from_be_bytes([tcp[at], tcp[at + 1], tcp[at + 2], tcp[at + 3]]);
+    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
+    let flags = tcp[13];
+    let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    Some(TcpSegment {
+        src: (src, port(0)),
+        dst: (dst, port(2)),
+        seq: word(4),
+        ack: (flags & TCP_ACK != 0).then(|| word(8)),
+        window: port(14),
+        len: (tcp.len() - data_offset) as u32 + control,
+    })
+}
+
+/// Where in `frame` (as [`tcp_segment`] reads it) the segment's payload lies.
+pub fn tcp_payload(frame: &[u8]) -> Option<std::ops::Range<usize>> {
+    let (tcp, _, data_offset) = tcp_of(frame)?;
+    // `tcp` is a part of `frame`.
+    let start = tcp.as_ptr() as usize - frame.as_ptr() as usize + data_offset;
+    Some(start..start + tcp.len() - data_offset)
+}
+
+/// Source and destination addresses (IPv4 ones in the first 4 bytes).
+type Addresses = ([u8; 16], [u8; 16]);
+
+/// The TCP segment in `frame` (header and payload), its addresses and its data offset.
+fn tcp_of(frame: &[u8]) -> Option<(&[u8], Addresses, usize)> {
     let ethertype = frame.get(12..14)?;
     let ip = frame.get(ETH_HDR..)?;
     let (tcp, src, dst) = match u16::from_be_bytes([ethertype[0], ethertype[1]]) {
@@ -89,18 +117,7 @@ pub fn tcp_segment(frame: &[u8]) -> Option<TcpSegment> {
     if data_offset < 20 || data_offset > tcp.len() {
         return None;
     }
-    let word = |at: usize| u32::from_be_bytes([tcp[at], tcp[at + 1], tcp[at + 2], tcp[at + 3]]);
-    let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
-    let flags = tcp[13];
-    let control = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-    Some(TcpSegment {
-        src: (src, port(0)),
-        dst: (dst, port(2)),
-        seq: word(4),
-        ack: (flags & TCP_ACK != 0).then(|| word(8)),
-        window: port(14),
-        len: (tcp.len() - data_offset) as u32 + control,
-    })
+    Some((tcp, (src, dst), data_offset))
 }
 
 /// The TCP segment of an IPv4 packet (header and payload, padding cut off).
@@ -205,6 +222,16 @@ pub(crate) mod tests {
         let mut longer = f.clone();
         longer.extend_from_slice(&[0xaa; 30]);
         assert!(is_pure_tcp_ack(&longer));
+    }
+
+    #[test]
+    fn the_payload_is_found_behind_options_and_before_padding() {
+        let v4 = ipv4_tcp_frame(TCP_ACK, 12, 100);
+        assert_eq!(tcp_payload(&v4), Some(66..166));
+        // Ethernet padding is no payload.
+        assert_eq!(tcp_payload(&ipv4_tcp_frame(TCP_ACK, 0, 2)), Some(54..56));
+        assert_eq!(tcp_payload(&ipv6_tcp_frame(TCP_ACK, 300)), Some(74..374));
+        assert_eq!(tcp_payload(&v4[..60]), None, "cut short");
     }
 
     #[test]

@@ -10,11 +10,19 @@
 //! guest reused or changed since costs a longer delta (or the page itself), never a wrong page.
 //! A piece is named only once the backup acknowledged holding its frame (`acked`): it keeps
 //! acknowledged frames of epochs it has not applied (see the FT input store).
+//!
+//! The guest copies what it received, too (a socket buffer, a process's buffer): the TCP
+//! payload of the frames, in stream order, at places no device recorded. A page that is no
+//! receive buffer and changed beyond a small delta is searched for that payload by content
+//! (`PayloadIndex`): an 8-byte anchor at every 128th payload byte, then the run extended both
+//! ways and followed into the next frames and across consecutive pages.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use devices::gate::LoggedFrame;
+use devices::gate::{tcp_payload, LoggedFrame};
 
 use super::memory::PAGE_SIZE;
 use super::protocol::{InputPiece, INPUT_PIECE_LEN, MAX_INPUT_PIECES};
@@ -36,6 +44,81 @@ pub struct InputPieces {
     /// The newest frame seq the receiver acknowledged holding (read per page: an
     /// acknowledgement arriving during a pass serves the rest of it).
     acked: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Per frame, where its TCP payload lies in its data (empty: none worth a search).
+    ranges: Vec<Range<usize>>,
+    /// The frames' TCP payload by content, built when a page first needs it.
+    payload: OnceLock<PayloadIndex>,
+    /// Pages that may still be searched for payload: twice the pages the payload fills, so
+    /// that a pass over pages holding none of it costs in proportion to the input, not to
+    /// the dirty set.
+    searches: AtomicUsize,
+}
+
+/// Payload bytes between two anchors; a search probes twice as many places (an anchor may
+/// have been overwritten in the table).
+const STRIDE: usize = 128;
+/// The shortest run of payload worth a piece (its record takes 16 bytes).
+const MIN_RUN: usize = 32;
+/// Where a run of payload goes on: frame index and offset in its data.
+pub(super) type PayloadCursor = (usize, usize);
+
+/// The TCP payload of an epoch's frames, for finding the guest's copies of it.
+struct PayloadIndex {
+    /// A direct-mapped table of anchors: 8 payload bytes (as u64) -> (frame, offset). A
+    /// colliding anchor replaces the one before (other anchors of the same run find it).
+    slots: Vec<(u64, u32, u32)>,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl PayloadIndex {
+    fn build(frames: &[LoggedFrame], ranges: &[Range<usize>]) -> Self {
+        let anchors: usize = ranges.iter().map(|r| r.len() / STRIDE + 1).sum();
+        // Mostly empty: a slot an anchor shares with an older one loses that one.
+        let size = (8 * anchors).next_power_of_two().max(64);
+        let mut index = Self {
+            slots: vec![(0, EMPTY, 0); size],
+        };
+        for (f, (frame, range)) in frames.iter().zip(ranges).enumerate() {
+            let mut at = range.start;
+            while at + 8 <= range.end {
+                let key = key_at(&frame.data, at);
+                let slot = index.slot(key);
+                index.slots[slot] = (key, f as u32, at as u32);
+                at += STRIDE;
+            }
+        }
+        index
+    }
+
+    fn slot(&self, key: u64) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
+    }
+
+    fn lookup(&self, key: u64) -> Option<PayloadCursor> {
+        let (k, f, at) = self.slots[self.slot(key)];
+        (f != EMPTY && k == key).then_some((f as usize, at as usize))
+    }
+}
+
+fn key_at(bytes: &[u8], at: usize) -> u64 {
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(k)
+}
+
+/// How many bytes `a` and `b` have in common from their starts.
+fn common(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n && a[i..i + 8] == b[i..i + 8] {
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
 }
 
 impl InputPieces {
@@ -44,12 +127,27 @@ impl InputPieces {
             frames: Vec::new(),
             pages: HashMap::new(),
             acked,
+            ranges: Vec::new(),
+            payload: OnceLock::new(),
+            searches: AtomicUsize::new(0),
         }
     }
 
     /// Adds a frame, in delivery order, placed where its `placed` segments say (a frame whose
     /// segments do not cover it exactly is kept but laid nowhere).
     pub fn add(&mut self, frame: LoggedFrame) {
+        // The data starts with the 12-byte virtio-net header.
+        const VNET_HDR: usize = 12;
+        let payload = frame
+            .data
+            .get(VNET_HDR..)
+            .and_then(tcp_payload)
+            .map(|r| r.start + VNET_HDR..r.end + VNET_HDR)
+            .filter(|r| r.len() >= MIN_RUN)
+            .unwrap_or(0..0);
+        let searches = self.searches.get_mut();
+        *searches = searches.saturating_add(2 * payload.len().div_ceil(PAGE_SIZE));
+        self.ranges.push(payload);
         let index = self.frames.len();
         let covered: u64 = frame.placed.iter().map(|&(_, len)| u64::from(len)).sum();
         if covered == frame.data.len() as u64 {
@@ -94,6 +192,109 @@ impl InputPieces {
     /// Whether any frame landed in the page at `gpa`.
     pub(super) fn touches(&self, gpa: u64) -> bool {
         self.pages.contains_key(&gpa)
+    }
+
+    /// Lays runs of the frames' TCP payload that `new` holds over `page` (the receiver's
+    /// copy of the page) and writes their records to `out`; returns how many, and where the
+    /// payload goes on when the runs reach the page's end (`hint` for the next page, which
+    /// starts there when the guest copied on). Only acknowledged frames are named.
+    pub(super) fn lay_payload(
+        &self,
+        new: &[u8],
+        hint: Option<PayloadCursor>,
+        page: &mut [u8],
+        out: &mut [u8],
+    ) -> (usize, Option<PayloadCursor>) {
+        let index = self
+            .payload
+            .get_or_init(|| PayloadIndex::build(&self.frames, &self.ranges));
+        let acked = (self.acked)();
+        let usable = |f: usize| {
+            self.frames.get(f).is_some_and(|fr| fr.seq <= acked) && !self.ranges[f].is_empty()
+        };
+        let end = new.len().min(page.len());
+        // A copy that starts inside the page follows bytes the receiver has.
+        let mut pos = if hint.is_some() { 0 } else { common(new, page) };
+        let mut cursor = hint;
+        let mut count = 0;
+        while pos < end && count < MAX_INPUT_PIECES {
+            let rest = &new[pos..end];
+            let mut found = None;
+            // On from where the last run stopped: the same frame, or the next ones' payload.
+            if let Some((f, at)) = cursor.take() {
+                let next = (f + 1..self.frames.len().min(f + 5)).map(|g| (g, self.ranges[g].start));
+                for (g, from) in std::iter::once((f, at)).chain(next) {
+                    if !usable(g) || from >= self.ranges[g].end {
+                        continue;
+                    }
+                    let n = common(rest, &self.frames[g].data[from..self.ranges[g].end]);
+                    if n >= MIN_RUN.min(rest.len()) && n > 0 {
+                        found = Some((g, from, pos, n));
+                        break;
+                    }
+                }
+            }
+            if found.is_none() {
+                found = self.anchor(index, new, pos, &usable);
+            }
+            let Some((f, from, to, len)) = found else {
+                break;
+            };
+            let record = &mut out[count * INPUT_PIECE_LEN..(count + 1) * INPUT_PIECE_LEN];
+            page[to..to + len].copy_from_slice(&self.frames[f].data[from..from + len]);
+            InputPiece {
+                seq: self.frames[f].seq,
+                frame_offset: from as u32,
+                page_offset: to as u16,
+                len: len as u16,
+            }
+            .write(record);
+            count += 1;
+            pos = to + len;
+            cursor = Some((f, from + len));
+        }
+        (count, cursor.filter(|_| pos == end))
+    }
+
+    /// A run of payload at or after `pos` in `new`, found by an anchor among the next
+    /// 2 x STRIDE positions: (frame, offset in its data, offset in `new`, length).
+    fn anchor(
+        &self,
+        index: &PayloadIndex,
+        new: &[u8],
+        pos: usize,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> Option<(usize, usize, usize, usize)> {
+        let last = new.len().checked_sub(8)?;
+        for p in pos..=last.min(pos + 2 * STRIDE) {
+            let Some((f, at)) = index.lookup(key_at(new, p)) else {
+                continue;
+            };
+            if !usable(f) {
+                continue;
+            }
+            let range = &self.ranges[f];
+            let data = &self.frames[f].data;
+            let ahead = common(&new[p..], &data[at..range.end]);
+            let mut back = 0;
+            while p - back > pos
+                && at - back > range.start
+                && new[p - back - 1] == data[at - back - 1]
+            {
+                back += 1;
+            }
+            if ahead + back >= MIN_RUN {
+                return Some((f, at - back, p - back, ahead + back));
+            }
+        }
+        None
+    }
+
+    /// Whether a page may be searched for payload (each call takes one search).
+    pub(super) fn may_search(&self) -> bool {
+        self.searches
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Lays the acknowledged pieces of the page at `gpa` over `page` (the receiver's copy)
@@ -202,6 +403,69 @@ mod tests {
         assert_eq!(&page[0x10..0x1a], &[3; 10]);
         assert_eq!(&page[0x1a..80], &[2; 80 - 0x1a]);
         assert!(!pieces.touches(0x4000));
+    }
+
+    /// A frame with `payload` as TCP over IPv4, as a NIC logs it (virtio-net header first).
+    fn tcp(seq: u64, payload: &[u8]) -> LoggedFrame {
+        let mut data = vec![0u8; 12 + 14 + 20 + 20];
+        data[24..26].copy_from_slice(&0x0800u16.to_be_bytes());
+        data[26] = 0x45;
+        data[28..30].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+        data[35] = 6;
+        data[58] = 5 << 4;
+        data.extend_from_slice(payload);
+        frame(seq, data, Vec::new())
+    }
+
+    #[test]
+    fn a_copy_of_the_payload_is_found_across_frames_and_followed_into_the_next_page() {
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect()
+        };
+        let payloads: Vec<Vec<u8>> = (0..4).map(|_| bytes(1448)).collect();
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(4));
+        let a = acked.clone();
+        let mut pieces = InputPieces::new(Arc::new(move || {
+            a.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+        for (i, p) in payloads.iter().enumerate() {
+            pieces.add(tcp(i as u64 + 1, p));
+        }
+        // The receiver's page, and the guest's: 700 bytes as they were, then the stream
+        // from byte 300 of the first payload on.
+        let base = bytes(PAGE_SIZE);
+        let stream: Vec<u8> = payloads.concat();
+        let mut new = base.clone();
+        new[700..].copy_from_slice(&stream[300..300 + PAGE_SIZE - 700]);
+        let mut page = base.clone();
+        let mut out = vec![0u8; MAX_INPUT_PIECES * INPUT_PIECE_LEN];
+        let (count, hint) = pieces.lay_payload(&new, None, &mut page, &mut out);
+        assert_eq!(count, 3);
+        assert!(page == new, "the pieces rebuild the page");
+        // Where the next page goes on: payload 3 at its byte 300 + 3396 - 2 * 1448 = 800.
+        assert_eq!(hint, Some((2, 66 + 800)));
+        let mut next = bytes(PAGE_SIZE);
+        let tail = &stream[300 + PAGE_SIZE - 700..];
+        next[..tail.len()].copy_from_slice(tail);
+        let mut page = vec![0u8; PAGE_SIZE];
+        let (count, hint) = pieces.lay_payload(&next, hint, &mut page, &mut out);
+        assert_eq!((count, hint), (2, None));
+        assert!(page[..tail.len()] == *tail);
+        // Unacknowledged frames are not named: only the run in frame 1 is left.
+        acked.store(1, std::sync::atomic::Ordering::SeqCst);
+        let mut page = base.clone();
+        let (count, _) = pieces.lay_payload(&new, None, &mut page, &mut out);
+        assert_eq!(count, 1);
+        assert!(page[700..700 + 1148] == new[700..700 + 1148]);
+        assert!(page[700 + 1148..] == base[700 + 1148..]);
     }
 
     #[test]

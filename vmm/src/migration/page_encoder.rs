@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::input_pieces::InputPieces;
+use super::input_pieces::{InputPieces, PayloadCursor};
 use super::memory::{is_zero, PAGE_SIZE};
 use super::protocol::{
     encode_delta, seal_encoded, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN,
@@ -64,6 +64,11 @@ pub(super) struct PageEncoder {
     /// The receiver's copy of a page with input frames laid over it, and their records.
     overlay: Vec<u8>,
     pieces: Vec<u8>,
+    /// A second delta buffer, for comparing two encodings of a page.
+    residual: Vec<u8>,
+    /// Where the input payload the last page ended with goes on, and the page that may hold
+    /// it (the guest's copies of what it received run across consecutive pages).
+    payload_hint: Option<(u64, PayloadCursor)>,
 }
 
 impl PageEncoder {
@@ -74,7 +79,9 @@ impl PageEncoder {
             packed: Vec::new(),
             delta: vec![0; PAGE_SIZE],
             overlay: vec![0; PAGE_SIZE],
+            residual: vec![0; PAGE_SIZE],
             pieces: vec![0; MAX_INPUT_PIECES * INPUT_PIECE_LEN],
+            payload_hint: None,
         }
     }
 
@@ -107,6 +114,7 @@ impl PageEncoder {
         let mut deltas = 0u64;
         let mut inputs = 0u64;
         let mut index = 0usize;
+        self.payload_hint = None;
         // A delta is sent only when it is clearly smaller than the page: beyond three quarters
         // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
         // the encoder gives up early (pages rewritten whole cost little CPU).
@@ -238,6 +246,9 @@ impl PageEncoder {
     }
 }
 
+/// A delta this short is sent as it is, without looking for input in the page.
+const SMALL_DELTA: usize = 256;
+
 /// How a page the receiver knows travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Record {
@@ -282,7 +293,33 @@ impl PageEncoder {
         }
         let out = &mut self.delta[..budget];
         let delta = with_base_page(base, gpa, |old| encode_delta(old, new, out))?;
-        Ok(delta.map_or(Record::Whole, Record::Delta))
+        let plain = delta.map_or(Record::Whole, Record::Delta);
+        if delta.is_some_and(|d| d <= SMALL_DELTA) {
+            return Ok(plain);
+        }
+        // Changed beyond a small delta: perhaps the guest's copy of input it received (in
+        // part: a copy may start or end anywhere in the page).
+        if let Some(input) = input.filter(|i| i.may_search()) {
+            let hint = self
+                .payload_hint
+                .take()
+                .filter(|&(next, _)| next == gpa.0)
+                .map(|(_, cursor)| cursor);
+            let overlay = &mut self.overlay[..PAGE_SIZE];
+            with_base_page(base, gpa, |old| overlay.copy_from_slice(old))?;
+            let (pieces, next) = input.lay_payload(new, hint, overlay, &mut self.pieces);
+            self.payload_hint = next.map(|cursor| (gpa.0 + PAGE_SIZE as u64, cursor));
+            let head = 1 + pieces * INPUT_PIECE_LEN + DELTA_LEN_BYTES;
+            let room = delta.map_or(budget, |d| d + DELTA_LEN_BYTES);
+            if pieces > 0 && head < room {
+                let out = &mut self.residual[..room - head];
+                if let Some(d) = encode_delta(overlay, new, out) {
+                    std::mem::swap(&mut self.delta, &mut self.residual);
+                    return Ok(Record::Input(pieces, d));
+                }
+            }
+        }
+        Ok(plain)
     }
 }
 
