@@ -16,8 +16,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
 use vmm::migration::protocol::{
-    apply_pages, encode_delta, encode_frame, DeltaBase, Frame, FrameReader, FrameType, LaneDigest,
-    Message, TransferStats, FLAG_DELTA, FLAG_LZ4,
+    encode_delta, DeltaBase, FrameReader, FrameType, LaneDigest, Message, TransferStats,
+    FLAG_DELTA, FLAG_LZ4,
 };
 use vmm::migration::{DirtyPages, Lane, Receiver, Sender, SenderOptions, PAGE_SIZE};
 
@@ -363,18 +363,7 @@ fn delta_payload(entries: &[(u64, Option<&[u8]>)]) -> Vec<u8> {
 
 /// Parses a MemoryPages frame and applies it to `mem`.
 fn apply(mem: &GuestMemoryMmap, flags: u8, payload: &[u8]) -> Result<(), String> {
-    let bytes = encode_frame(FrameType::MemoryPages, flags, 0, payload);
-    let mut reader = FrameReader::new();
-    let frame: Frame = reader
-        .read_frame(&mut &bytes[..])
-        .map_err(|e| e.to_string())?;
-    let Message::MemoryPages(batch) = Message::parse(&frame).map_err(|e| e.to_string())? else {
-        return Err("not a page frame".into());
-    };
-    let mut scratch = Vec::new();
-    let mut probe = vec![0u8; PAGE_SIZE];
-    let mut stats = TransferStats::default();
-    apply_pages(mem, &batch, &mut scratch, &mut probe, &mut stats).map_err(|e| e.to_string())
+    common::apply(mem, flags, payload, None)
 }
 
 /// Compresses a delta payload's records (the sender's LZ4 on top of deltas).

@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{MemoryConfig, VmConfig};
 use vmm::memory::GuestMemoryMmap;
 use vmm::migration::protocol::{
-    apply_pages, apply_pages_with_input, encode_frame, DeltaBase, Frame, FrameReader, FrameType,
-    InputFrameSource, Message, TransferStats, FLAG_DELTA, FLAG_LZ4,
+    apply_pages_with_input, DeltaBase, FrameReader, InputFrameSource, Message, TransferStats,
+    FLAG_DELTA, FLAG_LZ4,
 };
 use vmm::migration::{DirtyPages, InputPieces, ProtocolError, Sender, SenderOptions, PAGE_SIZE};
 
@@ -386,32 +386,12 @@ fn apply(
     payload: &[u8],
     held: Option<&Held>,
 ) -> Result<(), String> {
-    let bytes = encode_frame(FrameType::MemoryPages, flags, 0, payload);
-    let mut reader = FrameReader::new();
-    let frame: Frame = reader
-        .read_frame(&mut &bytes[..])
-        .map_err(|e| e.to_string())?;
-    let Message::MemoryPages(batch) = Message::parse(&frame).map_err(|e| e.to_string())? else {
-        return Err("not a page frame".into());
-    };
-    let mut scratch = Vec::new();
-    let mut probe = vec![0u8; PAGE_SIZE];
-    let mut stats = TransferStats::default();
-    match held {
-        Some(held) => {
-            let source: &dyn InputFrameSource = held;
-            apply_pages_with_input(
-                mem,
-                &batch,
-                Some(source),
-                &mut scratch,
-                &mut probe,
-                &mut stats,
-            )
-        }
-        None => apply_pages(mem, &batch, &mut scratch, &mut probe, &mut stats),
-    }
-    .map_err(|e| e.to_string())
+    common::apply(
+        mem,
+        flags,
+        payload,
+        held.map(|h| h as &dyn InputFrameSource),
+    )
 }
 
 fn held() -> Held {

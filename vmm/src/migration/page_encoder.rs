@@ -284,11 +284,8 @@ impl PageEncoder {
                 return Ok(Record::Delta(0));
             }
             let pieces = input.lay_over(gpa.0, overlay, &mut self.pieces);
-            let head = 1 + pieces * INPUT_PIECE_LEN + DELTA_LEN_BYTES;
-            if pieces > 0 && head < budget {
-                if let Some(d) = encode_delta(overlay, new, &mut self.delta[..budget - head]) {
-                    return Ok(Record::Input(pieces, d));
-                }
+            if let Some(record) = self.input_record(pieces, new, budget) {
+                return Ok(record);
             }
         }
         let out = &mut self.delta[..budget];
@@ -309,17 +306,29 @@ impl PageEncoder {
             with_base_page(base, gpa, |old| overlay.copy_from_slice(old))?;
             let (pieces, next) = input.lay_payload(new, hint, overlay, &mut self.pieces);
             self.payload_hint = next.map(|cursor| (gpa.0 + PAGE_SIZE as u64, cursor));
-            let head = 1 + pieces * INPUT_PIECE_LEN + DELTA_LEN_BYTES;
+            // Only if no longer than the plain delta's record.
             let room = delta.map_or(budget, |d| d + DELTA_LEN_BYTES);
-            if pieces > 0 && head < room {
-                let out = &mut self.residual[..room - head];
-                if let Some(d) = encode_delta(overlay, new, out) {
-                    std::mem::swap(&mut self.delta, &mut self.residual);
-                    return Ok(Record::Input(pieces, d));
-                }
+            if let Some(record) = self.input_record(pieces, new, room) {
+                return Ok(record);
             }
         }
         Ok(plain)
+    }
+
+    /// The record of `pieces` input pieces (laid over `self.overlay`) and the delta from there
+    /// to `new`, when it takes at most `room` bytes; the delta is then in `self.delta`.
+    fn input_record(&mut self, pieces: usize, new: &[u8], room: usize) -> Option<Record> {
+        let head = 1 + pieces * INPUT_PIECE_LEN + DELTA_LEN_BYTES;
+        if pieces == 0 || head >= room {
+            return None;
+        }
+        let d = encode_delta(
+            &self.overlay[..PAGE_SIZE],
+            new,
+            &mut self.residual[..room - head],
+        )?;
+        std::mem::swap(&mut self.delta, &mut self.residual);
+        Some(Record::Input(pieces, d))
     }
 }
 

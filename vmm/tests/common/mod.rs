@@ -4,6 +4,10 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::memory::GuestMemoryMmap;
+use vmm::migration::protocol::{
+    apply_pages_with_input, encode_frame, Frame, FrameReader, FrameType, InputFrameSource, Message,
+    TransferStats,
+};
 use vmm::migration::{DirtyPages, PAGE_SIZE};
 
 /// xorshift64*: reproducible test data.
@@ -42,4 +46,27 @@ pub fn first_difference(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> Option<u64>
 /// Whether nothing wrote `mem` since it was created.
 pub fn untouched(mem: &GuestMemoryMmap) -> bool {
     DirtyPages::from_bitmaps(&[], mem, true).unwrap().is_empty()
+}
+
+/// Parses a MemoryPages frame and applies it to `mem` (`input`: the frames held; None, a
+/// stream without input).
+pub fn apply(
+    mem: &GuestMemoryMmap,
+    flags: u8,
+    payload: &[u8],
+    input: Option<&dyn InputFrameSource>,
+) -> Result<(), String> {
+    let bytes = encode_frame(FrameType::MemoryPages, flags, 0, payload);
+    let mut reader = FrameReader::new();
+    let frame: Frame = reader
+        .read_frame(&mut &bytes[..])
+        .map_err(|e| e.to_string())?;
+    let Message::MemoryPages(batch) = Message::parse(&frame).map_err(|e| e.to_string())? else {
+        return Err("not a page frame".into());
+    };
+    let mut scratch = Vec::new();
+    let mut probe = vec![0u8; PAGE_SIZE];
+    let mut stats = TransferStats::default();
+    apply_pages_with_input(mem, &batch, input, &mut scratch, &mut probe, &mut stats)
+        .map_err(|e| e.to_string())
 }
