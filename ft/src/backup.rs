@@ -1000,7 +1000,15 @@ impl InputAcks {
         if since.elapsed() < INPUT_ACK_DELAY && link.stream.readable_now() {
             return;
         }
-        self.owed_since = None;
+        self.answer_now(link, input);
+    }
+
+    /// Answers what is owed without waiting for more: before work that keeps this thread
+    /// from reading (an epoch's commit), during which the guest's ACKs would wait.
+    fn answer_now(&mut self, link: &mut Link, input: &mut InputStore) {
+        if self.owed_since.take().is_none() {
+            return;
+        }
         if let Some(seq) = input.ack_due() {
             link.answer(&Control::InputAck { seq });
         }
@@ -1218,6 +1226,7 @@ fn receive_epochs(
                                 return Err(format!("epoch {epoch} after epoch {last}"));
                             }
                         }
+                        input_acks.answer_now(link, &mut replica.input);
                         let done = std::mem::take(&mut pending);
                         match group_epoch {
                             Some(group_epoch) if replica.grouped => {
@@ -1543,6 +1552,15 @@ mod tests {
         assert_eq!(answered(&mut primary), vec![3]);
         // Nothing owed: nothing said.
         acks.answer_unless_more_is_here(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), Vec::<u64>::new());
+
+        // Before a commit the answer leaves at once, more of the stream here or not.
+        input.receive(vec![frame(4)]).unwrap();
+        acks.owe();
+        primary.write_all(b"more").unwrap();
+        acks.answer_now(&mut link, &mut input);
+        assert_eq!(answered(&mut primary), vec![4]);
+        acks.answer_now(&mut link, &mut input);
         assert_eq!(answered(&mut primary), Vec::<u64>::new());
     }
 }

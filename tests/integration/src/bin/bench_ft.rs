@@ -34,7 +34,8 @@
 //!             from the first byte to its `got N` reply. Under FT the guest's pure ACKs leave
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
 //!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch and
-//!             replication bytes per byte the guest received (where the link's bytes go).
+//!             replication bytes per byte the guest received (where the link's bytes go). The
+//!             floor measures it too: what dirty tracking alone costs a transfer.
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
 //! to back and pinging the guest every millisecond; the primary is killed with SIGKILL. Failover
 //! time = SIGKILL sent -> first ICMP echo reply to a ping sent at least 5 ms after it (only the
@@ -1798,7 +1799,7 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
                 }
                 Some((cell, mode)) => {
                     let measured = match mode {
-                        Mode::Floor => floor_case(lab, &primary, &mut client, cell, opts),
+                        Mode::Floor => floor_case(lab, &primary, &mut client, cell, opts, with_tcp),
                         _ => {
                             lab.hot_pages = mode != Mode::FtCold;
                             lab.early_acks = mode != Mode::FtHeldAcks;
@@ -1968,13 +1969,15 @@ fn ft_case(
 }
 
 /// The dirty-log floor at `cell`'s epoch: the VMM harvests and re-arms the dirty log every
-/// epoch as an FT checkpoint does, with no backup, no pause, no copy and nothing sent.
+/// epoch as an FT checkpoint does, with no backup, no pause, no copy and nothing sent (`tcp`:
+/// the bulk send too, in the TCP cells).
 fn floor_case(
     lab: &Lab,
     primary: &Node,
     client: &mut SeqClient,
     cell: Cell,
     opts: &Options,
+    tcp: bool,
 ) -> Res<CaseResult> {
     let body = format!(
         r#"{{"peer": "{DIRTY_LOG_FLOOR_PEER}", "epoch_ms": {}}}"#,
@@ -1997,7 +2000,7 @@ fn floor_case(
         ft_socket: Some(&primary.socket),
         floor: true,
         think_max: Duration::ZERO,
-        tcp: false,
+        tcp: tcp && TCP_CELLS.contains(&cell),
     };
     let measured = measure_case(&setup, client, opts)
         .map_err(|e| format!("{e}\n{}", primary.diagnose("floor case")));
@@ -2096,7 +2099,7 @@ fn run_section(lab: &mut Lab, opts: &Options, results: &mut Results, section: &S
                         };
                         measure_case(&setup, &mut client, opts)
                     }
-                    Mode::FloorHot => floor_case(lab, &primary, &mut client, cell, opts),
+                    Mode::FloorHot => floor_case(lab, &primary, &mut client, cell, opts, false),
                     _ => {
                         lab.hot_pages = mode != Mode::FtHotCold;
                         let r = ft_case(lab, &primary, &mut client, cell, opts);
@@ -3180,9 +3183,10 @@ impl Report<'_> {
             .filter(|c| self.opts.epochs.contains(&c.0) && self.opts.pages.contains(&c.1))
             .map(|&c| {
                 let no = r.med(c, Mode::NoFt, Metric::TcpMbps);
+                let floor = r.med(c, Mode::Floor, Metric::TcpMbps);
                 let ft = r.med(c, Mode::Ft, Metric::TcpMbps);
                 let held = r.med(c, Mode::FtHeldAcks, Metric::TcpMbps);
-                let ratio = |x: Option<f64>| match (no, x) {
+                let ratio = |x: Option<f64>, of: Option<f64>| match (of, x) {
                     (Some(n), Some(f)) if n > 0.0 => Some(f / n),
                     _ => None,
                 };
@@ -3190,10 +3194,13 @@ impl Report<'_> {
                     c.0.to_string(),
                     c.1.to_string(),
                     fmt(no, 1),
+                    fmt(floor, 1),
                     fmt(ft, 1),
                     fmt(held, 1),
-                    fmt(ratio(ft), 3),
-                    fmt(ratio(held), 3),
+                    fmt(ratio(floor, no), 3),
+                    fmt(ratio(ft, no), 3),
+                    fmt(ratio(ft, floor), 3),
+                    fmt(ratio(held, no), 3),
                     fmt(r.med(c, Mode::Ft, Metric::TcpDirtyPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpInputPagesPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
@@ -3210,6 +3217,9 @@ impl Report<'_> {
                 self.opts.sink_budget.as_secs_f64()
             );
             println!();
+            println!(
+                "  floor: no FT, the dirty log harvested and re-armed every epoch (what dirty tracking alone costs the transfer)"
+            );
             println!(
                 "  FT: early ACKs (input mirrored to the backup, pure ACKs leave once it holds it); FT held: --no-early-acks"
             );
@@ -3231,9 +3241,12 @@ impl Report<'_> {
                     "epoch ms",
                     "asked pages/ep",
                     "noFT",
+                    "floor",
                     "FT",
                     "FT held",
+                    "floor/noFT",
                     "FT/noFT",
+                    "FT/floor",
                     "FT held/noFT",
                     "FT dirty/ep",
                     "as input",
