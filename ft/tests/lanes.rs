@@ -1,18 +1,21 @@
-//! Data streams (`enable-ft --streams N`) against a real backup, driven by a hand-written
-//! primary: who may join a session as its data stream, and which page frames a pass may take
-//! from one. No KVM: the backup's standby memory is plain memory.
+//! A real backup driven by a hand-written primary: its data streams (`enable-ft --streams N`:
+//! who may join a session as its data stream, and which page frames a pass may take from
+//! one) and the order of its answers. No KVM: the backup's standby memory is plain memory.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::gate::LoggedFrame;
 use ft::backup::Backup;
 use ft::link::FtStream;
-use ft::wire::Control;
+use ft::wire::{encode_input_frames, Control};
 use vmm::config::VmConfig;
 use vmm::control::{FtDiskMode, ReceiveFtRequest};
 use vmm::fault_tolerance::{BackupEvent, BackupFt};
@@ -25,12 +28,15 @@ const MEMORY: u64 = 4 << 20;
 const PAIR: u64 = 7;
 const TOKEN: u64 = 0x5eed_0fda_7a57;
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The VM's one NIC, as the backup's operator names it (never opened: the standby VM here is
+/// its memory alone).
+const TAP: &str = "standby-tap0";
 
 fn request(receiver_url: String) -> ReceiveFtRequest {
     ReceiveFtRequest {
         receiver_url,
         disk_paths: vec![],
-        taps: vec![],
+        taps: vec![TAP.into()],
         witness: None,
         fencing: None,
         group: None,
@@ -94,8 +100,11 @@ impl<S: Read + Write> Main<S> {
     /// Hello, then Params announcing `lanes` data streams.
     fn open(stream: S, read_half: S, lanes: u32) -> Self {
         let mut sender = Sender::new(stream);
-        let config: VmConfig =
-            serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
+            "memory": {"size": MEMORY},
+            "net": [{"tap": "primary-tap0"}],
+        }))
+        .unwrap();
         sender.send_hello(&config).unwrap();
         let params = Control::Params {
             pair_id: PAIR,
@@ -146,21 +155,59 @@ impl<S: Read + Write> Main<S> {
 
     /// The backup's answer to an epoch: "Ack N" or the text of its Error.
     fn answer(&mut self) -> String {
+        self.answers().pop().unwrap_or_default()
+    }
+
+    /// The backup's answers up to its answer to an epoch, in order: "InputAck N" for input,
+    /// then "Ack N" or the text of its Error (heartbeats left out).
+    fn answers(&mut self) -> Vec<String> {
+        let mut answers = Vec::new();
         loop {
             let frame = match self.reader.read_frame(&mut self.read_half) {
                 Ok(frame) => frame,
-                Err(e) => return format!("(closed: {e})"),
+                Err(e) => break answers.push(format!("(closed: {e})")),
             };
             match Message::parse(&frame) {
-                Ok(Message::Error { message }) => return message,
+                Ok(Message::Error { message }) => break answers.push(message),
                 Ok(Message::Control { payload }) => match Control::decode(payload) {
-                    Ok(Control::Ack { epoch }) => return format!("Ack {epoch}"),
+                    Ok(Control::Ack { epoch }) => break answers.push(format!("Ack {epoch}")),
+                    Ok(Control::InputAck { seq }) => answers.push(format!("InputAck {seq}")),
                     Ok(_) => continue,
-                    Err(e) => return format!("(bad control: {e})"),
+                    Err(e) => break answers.push(format!("(bad control: {e})")),
                 },
-                other => return format!("(unexpected {other:?})"),
+                other => break answers.push(format!("(unexpected {other:?})")),
             }
         }
+        answers
+    }
+}
+
+/// A stream whose writes can be held back and then leave in one write, so that the backup
+/// finds a whole sequence of frames already there.
+struct Corked {
+    stream: UnixStream,
+    held: Rc<RefCell<Option<Vec<u8>>>>,
+}
+
+impl Read for Corked {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Corked {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self.held.borrow_mut().as_mut() {
+            Some(held) => {
+                held.extend_from_slice(data);
+                Ok(data.len())
+            }
+            None => self.stream.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
     }
 }
 
@@ -338,4 +385,63 @@ fn a_session_announcing_more_data_streams_than_allowed_is_refused() {
         control,
         "the primary asked for 9 data streams, at most 8",
     );
+}
+
+/// Input read just before an epoch's end is acknowledged before the backup commits the
+/// epoch: the primary's guest ACKs wait for that acknowledgement, and a commit can take
+/// milliseconds. Input with more of the stream already here waits for it (up to 200 us), so
+/// without the answer before the commit it would leave after the epoch's Ack.
+#[test]
+fn input_read_before_an_epoch_end_is_acknowledged_before_the_commit() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let backup = Backup::start_connected(
+        FtStream::Unix(theirs),
+        &request("tcp:127.0.0.1:1".into()),
+        wake.clone(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = control_loop(backup, wake, stop.clone());
+    let held = Rc::new(RefCell::new(None));
+    let corked = |stream: UnixStream| Corked {
+        stream,
+        held: held.clone(),
+    };
+    let mut main = Main::open(corked(ours.try_clone().unwrap()), corked(ours), 0);
+    main.end_epoch(1, 0, &[]);
+    assert_eq!(main.answers(), ["Ack 1"]);
+
+    for epoch in 2..=4u64 {
+        let input = LoggedFrame {
+            seq: epoch,
+            nic: 0,
+            epoch,
+            data: vec![0x45; 1514],
+            placed: Vec::new(),
+        };
+        *held.borrow_mut() = Some(Vec::new());
+        for payload in encode_input_frames(&[input]) {
+            main.sender
+                .send_frame(FrameType::InputFrames, &payload)
+                .unwrap();
+        }
+        main.end_epoch(epoch, 0, &[]);
+        let frames = held.borrow_mut().take().unwrap();
+        main.sender
+            .get_ref()
+            .stream
+            .try_clone()
+            .unwrap()
+            .write_all(&frames)
+            .unwrap();
+        assert_eq!(
+            main.answers(),
+            [format!("InputAck {epoch}"), format!("Ack {epoch}")],
+            "epoch {epoch}"
+        );
+    }
+
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(control.join().unwrap(), None, "the session ended early");
 }
