@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::gate::{tcp_payload, LoggedFrame};
 
@@ -64,33 +64,48 @@ pub(super) type PayloadCursor = (usize, usize);
 
 /// The TCP payload of an epoch's frames, for finding the guest's copies of it.
 struct PayloadIndex {
-    /// A direct-mapped table of anchors: 8 payload bytes (as u64) -> (frame, offset). A
-    /// colliding anchor replaces the one before (other anchors of the same run find it).
-    slots: Vec<(u64, u32, u32)>,
-    /// Per slot, 8 more bits of its anchor's hash (0: empty). Almost every probe of a page
-    /// holding no payload stops here: a sixteenth of the table's size, it stays in the cache
-    /// where the table (2 MiB for 2 MiB of payload) does not.
+    tables: AnchorTables,
+}
+
+#[derive(Default)]
+struct AnchorTables {
+    /// A direct-mapped table of anchors: (frame, offset) of 8 payload bytes, by their value.
+    /// A colliding anchor replaces the one before (other anchors of the same run find it).
+    /// A slot holds no key: a match is checked against the frame's bytes.
+    slots: Vec<(u32, u32)>,
+    /// Per slot, 8 more bits of its anchor's hash (0: empty; a slot whose tag is not 0 was
+    /// written by this build, so only the tags are cleared). Almost every probe of a page
+    /// holding no payload stops here: an eighth of the table's size, it stays in the cache
+    /// where the table (1 MiB for 2 MiB of payload) does not.
     tags: Vec<u8>,
 }
 
-const EMPTY: u32 = u32::MAX;
+/// The tables of the last index dropped, for the next build: an index is built every epoch
+/// that receives TCP payload, on whichever encoding thread first needs it, and dropped on
+/// another; allocating and clearing its megabytes each time was most of its build.
+static SPARE_TABLES: Mutex<Option<AnchorTables>> = Mutex::new(None);
+
+fn spare_tables() -> std::sync::MutexGuard<'static, Option<AnchorTables>> {
+    SPARE_TABLES.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl PayloadIndex {
     fn build(frames: &[LoggedFrame], ranges: &[Range<usize>]) -> Self {
         let anchors: usize = ranges.iter().map(|r| r.len() / STRIDE + 1).sum();
         // Mostly empty: a slot an anchor shares with an older one loses that one.
         let size = (8 * anchors).next_power_of_two().max(64);
-        let mut index = Self {
-            slots: vec![(0, EMPTY, 0); size],
-            tags: vec![0; size],
-        };
+        let mut tables = spare_tables().take().unwrap_or_default();
+        tables.tags.clear();
+        tables.tags.resize(size, 0);
+        // Slots are read only under a tag written below: they need no clearing.
+        tables.slots.resize(size, (0, 0));
+        let mut index = Self { tables };
         for (f, (frame, range)) in frames.iter().zip(ranges).enumerate() {
             let mut at = range.start;
             while at + 8 <= range.end {
-                let key = key_at(&frame.data, at);
-                let (slot, tag) = index.slot(key);
-                index.slots[slot] = (key, f as u32, at as u32);
-                index.tags[slot] = tag;
+                let (slot, tag) = index.slot(key_at(&frame.data, at));
+                index.tables.slots[slot] = (f as u32, at as u32);
+                index.tables.tags[slot] = tag;
                 at += STRIDE;
             }
         }
@@ -100,18 +115,35 @@ impl PayloadIndex {
     /// The slot of `key` (the hash's top bits) and its tag (8 lower bits, apart from the
     /// slot's in any table of up to 2^24 slots, far more than the kept input's bound makes).
     fn slot(&self, key: u64) -> (usize, u8) {
-        let bits = self.slots.len().trailing_zeros();
+        let bits = self.tables.slots.len().trailing_zeros();
         let hash = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         ((hash >> (64 - bits)) as usize, (hash >> 32) as u8 | 1)
     }
 
-    fn lookup(&self, key: u64) -> Option<PayloadCursor> {
+    /// Where the 8 bytes `key` lie in `frames`' payload, if an anchor holds them.
+    fn lookup(&self, frames: &[LoggedFrame], key: u64) -> Option<PayloadCursor> {
         let (slot, tag) = self.slot(key);
-        if self.tags[slot] != tag {
+        if self.tables.tags[slot] != tag {
             return None;
         }
-        let (k, f, at) = self.slots[slot];
-        (f != EMPTY && k == key).then_some((f as usize, at as usize))
+        let (f, at) = self.tables.slots[slot];
+        let (f, at) = (f as usize, at as usize);
+        let data = &frames.get(f)?.data;
+        (at + 8 <= data.len() && key_at(data, at) == key).then_some((f, at))
+    }
+}
+
+impl Drop for PayloadIndex {
+    fn drop(&mut self) {
+        let tables = std::mem::take(&mut self.tables);
+        let mut spare = spare_tables();
+        // The larger tables serve more builds without growing.
+        if spare
+            .as_ref()
+            .is_none_or(|s| s.tags.capacity() < tables.tags.capacity())
+        {
+            *spare = Some(tables);
+        }
     }
 }
 
@@ -280,7 +312,7 @@ impl InputPieces {
     ) -> Option<(usize, usize, usize, usize)> {
         let last = new.len().checked_sub(8)?;
         for p in pos..=last.min(pos + 2 * STRIDE) {
-            let Some((f, at)) = index.lookup(key_at(new, p)) else {
+            let Some((f, at)) = index.lookup(&self.frames, key_at(new, p)) else {
                 continue;
             };
             if !usable(f) {
@@ -479,6 +511,65 @@ mod tests {
         assert_eq!(count, 1);
         assert!(page[700..700 + 1148] == new[700..700 + 1148]);
         assert!(page[700 + 1148..] == base[700 + 1148..]);
+    }
+
+    /// An index built on the tables of a larger one dropped before finds its own payload
+    /// and nothing of the other's.
+    #[test]
+    fn an_index_on_recycled_tables_finds_its_payload_only() {
+        let frames = |seed: u64, count: usize| -> Vec<LoggedFrame> {
+            let mut rng = seed;
+            (0..count)
+                .map(|i| {
+                    let payload: Vec<u8> = (0..1448)
+                        .map(|_| {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            rng as u8
+                        })
+                        .collect();
+                    tcp(i as u64 + 1, &payload)
+                })
+                .collect()
+        };
+        let ranges = |frames: &[LoggedFrame]| -> Vec<Range<usize>> {
+            frames.iter().map(|_| 66..66 + 1448).collect()
+        };
+        let anchors = |frames: &[LoggedFrame]| -> Vec<u64> {
+            frames
+                .iter()
+                .flat_map(|f| {
+                    (66..66 + 1448 - 8)
+                        .step_by(STRIDE)
+                        .map(|at| key_at(&f.data, at))
+                })
+                .collect()
+        };
+        let old = frames(1, 64);
+        drop(PayloadIndex::build(&old, &ranges(&old)));
+        let new = frames(2, 4);
+        let index = PayloadIndex::build(&new, &ranges(&new));
+        assert!(index.tables.tags.len() < 8 * 64 * 1448 / STRIDE);
+        for key in anchors(&old) {
+            assert_eq!(index.lookup(&new, key), None);
+        }
+        let found = anchors(&new)
+            .into_iter()
+            .filter(|&key| index.lookup(&new, key).is_some())
+            .count();
+        assert!(
+            found * 10 >= anchors(&new).len() * 9,
+            "{found} anchors found"
+        );
+        // A tag matches one probe in 255 of another key's slot: the frame's bytes decide.
+        let mut key = 0x0123_4567_89ab_cdefu64;
+        for _ in 0..200_000 {
+            key = key
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            assert_eq!(index.lookup(&new, key), None, "{key:#x}");
+        }
     }
 
     #[test]
