@@ -543,6 +543,7 @@ fn receive(
         retained: Vec::new(),
         scratch: Vec::new(),
         probe: vec![0; PAGE_SIZE],
+        page_buffers: PageBuffers::default(),
         stats: TransferStats::default(),
         input: InputStore::new(params.nics, INPUT_STORE_MAX),
         output: OutputStore::new(OUTPUT_STORE_MAX),
@@ -761,6 +762,8 @@ struct Replica {
     retained: Vec<(u64, Vec<(usize, DiskWrite)>)>,
     scratch: Vec<u8>,
     probe: Vec<u8>,
+    /// The buffers of applied page frames, for the next epoch's frames to be read into.
+    page_buffers: PageBuffers,
     stats: TransferStats,
     /// The input the primary's guest received in epochs not held yet.
     input: InputStore,
@@ -768,6 +771,34 @@ struct Replica {
     output: OutputStore,
     nics: usize,
     clock: PrimaryClock,
+}
+
+/// Most bytes of page-frame buffers kept between epochs (an epoch of 4000 pages).
+const PAGE_BUFFERS_MAX: usize = 32 << 20;
+
+/// Buffers of page frames already applied: the next epoch's frames are read into them, then
+/// kept as they are until their EpochEnd. Without them each frame was read into the link's
+/// buffer and copied out (every page byte once more on this side).
+#[derive(Default)]
+struct PageBuffers {
+    free: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl PageBuffers {
+    /// A buffer to read the next frame into (empty when none is free).
+    fn take(&mut self) -> Vec<u8> {
+        let buffer = self.free.pop().unwrap_or_default();
+        self.bytes -= buffer.capacity();
+        buffer
+    }
+
+    fn give_back(&mut self, buffer: Vec<u8>) {
+        if self.bytes + buffer.capacity() <= PAGE_BUFFERS_MAX {
+            self.bytes += buffer.capacity();
+            self.free.push(buffer);
+        }
+    }
 }
 
 /// The primary's session clock as seen from here, to move the guest clock forward at
@@ -875,8 +906,9 @@ impl Replica {
             .ok_or_else(|| format!("epoch {epoch} ended without its state"))?;
         let state: VmSnapshotState =
             decode_state(&encoded).map_err(|e| format!("epoch {epoch} state: {e}"))?;
-        for (flags, payload) in &pending.pages {
-            self.apply_frame(*flags, payload)?;
+        for (flags, payload) in pending.pages {
+            self.apply_frame(flags, &payload)?;
+            self.page_buffers.give_back(payload);
         }
         match self.disk_mode {
             FtDiskMode::Replicated => self
@@ -1110,8 +1142,16 @@ fn receive_epochs(
         let (kind, flags) = (frame.kind, frame.flags);
         received += (HEADER_LEN + frame.payload.len() + TRAILER_LEN) as u64;
         if kind == FrameType::MemoryPages {
-            let payload = Cow::Borrowed(frame.payload);
-            receive_pages(replica, &mut pending, initial, flags, payload)?;
+            if initial {
+                let payload = Cow::Borrowed(frame.payload);
+                receive_pages(replica, &mut pending, initial, flags, payload)?;
+            } else {
+                // Kept until the epoch's end: the read buffer itself is kept, not a copy.
+                let len = frame.payload.len();
+                let spare = replica.page_buffers.take();
+                let payload = Cow::Owned(link.reader.take_payload(len, spare));
+                receive_pages(replica, &mut pending, initial, flags, payload)?;
+            }
             continue;
         }
         match Message::parse(&frame).map_err(|e| e.to_string())? {
@@ -1488,6 +1528,21 @@ mod tests {
             ..PendingEpoch::default()
         };
         assert!(pending.account(usize::MAX, limit).is_err());
+    }
+
+    /// Buffers of applied frames come back for the next frames, up to a bound.
+    #[test]
+    fn page_buffers_are_reused_up_to_their_bound() {
+        let mut buffers = PageBuffers::default();
+        assert_eq!(buffers.take().capacity(), 0, "none free yet");
+        buffers.give_back(Vec::with_capacity(PAGE_BUFFERS_MAX / 2));
+        buffers.give_back(Vec::with_capacity(PAGE_BUFFERS_MAX / 2));
+        buffers.give_back(Vec::with_capacity(1));
+        assert_eq!(buffers.free.len(), 2, "beyond the bound a buffer is let go");
+        assert!(buffers.take().capacity() >= PAGE_BUFFERS_MAX / 2);
+        assert_eq!(buffers.bytes, PAGE_BUFFERS_MAX / 2);
+        buffers.give_back(Vec::with_capacity(4096));
+        assert_eq!(buffers.free.len(), 2);
     }
 
     /// Input acknowledgements wait while more of the stream is already here (at most

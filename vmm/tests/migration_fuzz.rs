@@ -314,6 +314,27 @@ fn announced_length_allocates_only_as_data_arrives() {
     assert!(reader.buffer_capacity() <= 64 << 10);
 }
 
+/// A payload taken out of the reader is the frame's payload alone, and the reader reads the
+/// next frames into the buffer handed in, growing it only when they need more room.
+#[test]
+fn a_taken_payload_leaves_the_reader_reading_into_the_replacement() {
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut stream = encode_frame(FrameType::State, 0, 0, &big);
+    stream.extend(encode_frame(FrameType::State, 0, 1, &[2; 50]));
+    stream.extend(encode_frame(FrameType::State, 0, 2, &[3; 5000]));
+    let mut stream = stream.as_slice();
+    let mut reader = FrameReader::new();
+    let len = reader.read_frame(&mut stream).unwrap().payload.len();
+    let replacement = vec![9u8; 1000];
+    assert_eq!(reader.take_payload(len, replacement), big);
+    assert_eq!(reader.buffer_capacity(), 1000);
+    let frame = reader.read_frame(&mut stream).unwrap();
+    assert_eq!(frame.payload, &[2; 50]);
+    assert_eq!(reader.buffer_capacity(), 1000);
+    assert_eq!(reader.take_payload(50, Vec::new()), vec![2; 50]);
+    assert_eq!(reader.read_frame(&mut stream).unwrap().payload, &[3; 5000]);
+}
+
 #[test]
 fn bad_magic_unknown_type_reserved_flags_sequence() {
     let good = encode_frame(FrameType::Complete, 0, 0, &[]);

@@ -1130,6 +1130,15 @@ impl FrameReader {
         self.buf.capacity()
     }
 
+    /// The payload of the frame just read (`len` bytes), moved out rather than copied for a
+    /// caller that keeps it; `replacement`, a buffer the caller is done with (whatever it
+    /// holds), becomes the read buffer, so its room serves the next frames.
+    pub fn take_payload(&mut self, len: usize, replacement: Vec<u8>) -> Vec<u8> {
+        let mut payload = std::mem::replace(&mut self.buf, replacement);
+        payload.truncate(len);
+        payload
+    }
+
     /// Reads and checks one frame (magic, type, flags, reserved, length bound, checksum,
     /// sequence). EOF before the first header byte is [`ProtocolError::Closed`].
     pub fn read_frame<R: Read + ?Sized>(&mut self, r: &mut R) -> Result<Frame<'_>, ProtocolError> {
