@@ -34,7 +34,8 @@ use vmm::memory::GuestMemoryMmap;
 use vmm::migration::live;
 use vmm::migration::memory::DirtyPages;
 use vmm::migration::protocol::{
-    encode_frame, DeltaBase, FrameReader, FrameType, Message, ProtocolError, Sender, SenderOptions,
+    encode_frame, DeltaBase, FrameReader, FrameSink, FrameType, Message, ProtocolError, Sender,
+    SenderOptions,
 };
 use vmm::migration::Lane;
 use vmm::progress::TransferProgress;
@@ -50,8 +51,8 @@ use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
 use crate::stats::DurationStats;
 use crate::wire::{
-    encode_disk_writes, encode_input_batch, encode_input_frames, input_batches, Control,
-    EpochClock, MAX_INPUT_LEN,
+    encode_disk_writes, encode_input_frames, input_batch_parts, input_batches, Control, EpochClock,
+    MAX_INPUT_LEN,
 };
 use transport::Security;
 
@@ -1030,11 +1031,9 @@ impl Primary {
             .encode_threads
             .store(sender.encode_threads() as u64, Ordering::Relaxed);
         let s = shared.clone();
-        sender.set_interleave(Some(Box::new(move || {
-            input_payloads(&s)
-                .into_iter()
-                .map(|payload| (FrameType::InputFrames, payload))
-                .collect()
+        let mut scratch = Vec::new();
+        sender.set_interleave(Some(Box::new(move |sink| {
+            send_input(&s, sink, &mut scratch)
         })));
         let queued = Arc::new(AtomicBool::new(false));
         let taken = InputTaken(queued.clone());
@@ -1400,6 +1399,7 @@ fn send_loop(
     (jobs, wake): (&mpsc::Receiver<Job>, &InputTaken),
     heartbeat_every: Duration,
 ) {
+    let mut input_scratch = Vec::new();
     loop {
         let job = match jobs.recv_timeout(heartbeat_every) {
             Ok(job) => job,
@@ -1419,7 +1419,7 @@ fn send_loop(
             wake.taken();
         }
         // Input first: an epoch's frames must reach the backup before its EpochEnd.
-        if let Err(e) = send_input(shared, &mut sender) {
+        if let Err(e) = send_input(shared, &mut sender, &mut input_scratch) {
             shared.lose(format!("mirroring input: {e}"));
             return;
         }
@@ -1489,16 +1489,6 @@ fn take_input(shared: &Shared) -> Option<(&InputLog, Vec<LoggedFrame>)> {
     Some((input, frames))
 }
 
-/// [`take_input`] as InputFrames payloads (sent between the page frames of an epoch).
-fn input_payloads(shared: &Shared) -> Vec<Vec<u8>> {
-    let Some((input, frames)) = take_input(shared) else {
-        return Vec::new();
-    };
-    let payloads = encode_input_frames(&frames);
-    shared.kept_input().keep(input, frames);
-    payloads
-}
-
 /// What the NICs still hold of ended epoch `epoch`, as OutputFrames payloads. Read on the
 /// sender thread, after the pause: an epoch's frames stay held at least until its Ack, which
 /// only an EpochEnd sent after this can bring. (A gate that switched to pass-through released
@@ -1530,16 +1520,19 @@ fn output_payloads(shared: &Shared, epoch: u64) -> Vec<Vec<u8>> {
     encode_input_frames(&frames)
 }
 
-/// Sends the frames the NICs delivered since the last call, each batch encoded straight into
-/// the sender's frame buffer.
-fn send_input(shared: &Shared, sender: &mut Sender<FtStream>) -> Result<(), ProtocolError> {
+/// Sends the frames the NICs delivered since the last call (between epochs, and between the
+/// page frames of an epoch), each batch written from where the frames lie: only the entry
+/// headers and small frames are copied, into `scratch`.
+fn send_input(
+    shared: &Shared,
+    sink: &mut dyn FrameSink,
+    scratch: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
     let Some((input, frames)) = take_input(shared) else {
         return Ok(());
     };
     for (batch, _) in input_batches(&frames) {
-        sender.send_frame_with(FrameType::InputFrames, &mut |buf| {
-            encode_input_batch(buf, batch)
-        })?;
+        sink.send_parts(FrameType::InputFrames, &input_batch_parts(batch, scratch))?;
     }
     shared.kept_input().keep(input, frames);
     Ok(())

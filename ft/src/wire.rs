@@ -50,6 +50,8 @@
 //! then the data of the writes back to back`. Every length is checked against the payload
 //! before anything is used.
 
+use std::ops::Range;
+
 use devices::gate::{FramePool, LoggedFrame};
 use serde::{Deserialize, Serialize};
 use vmm::control::FtDiskMode;
@@ -311,12 +313,53 @@ pub fn input_batches(frames: &[LoggedFrame]) -> Vec<(&[LoggedFrame], usize)> {
 pub fn encode_input_batch(out: &mut Vec<u8>, batch: &[LoggedFrame]) {
     out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
     for f in batch {
-        out.extend_from_slice(&f.seq.to_le_bytes());
-        out.extend_from_slice(&f.epoch.to_le_bytes());
-        out.extend_from_slice(&f.nic.to_le_bytes());
-        out.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+        append_entry_header(out, f);
         out.extend_from_slice(&f.data);
     }
+}
+
+fn append_entry_header(out: &mut Vec<u8>, f: &LoggedFrame) {
+    out.extend_from_slice(&f.seq.to_le_bytes());
+    out.extend_from_slice(&f.epoch.to_le_bytes());
+    out.extend_from_slice(&f.nic.to_le_bytes());
+    out.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+}
+
+/// Frames up to this size are copied next to their entry header: a piece of its own costs
+/// more than copying a small frame (a pure ACK is 66 bytes).
+const INLINE_FRAME_MAX: usize = 256;
+
+/// The InputFrames payload of `batch` in pieces, for a frame written without assembling it:
+/// the count and the entry headers (with the data of small frames) in `scratch`, larger
+/// frames' data where it lies. Joined, the pieces are [`encode_input_batch`]'s payload.
+pub fn input_batch_parts<'a>(batch: &'a [LoggedFrame], scratch: &'a mut Vec<u8>) -> Vec<&'a [u8]> {
+    enum Piece {
+        Scratch(Range<usize>),
+        Data(usize),
+    }
+    scratch.clear();
+    scratch.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (i, f) in batch.iter().enumerate() {
+        append_entry_header(scratch, f);
+        if f.data.len() <= INLINE_FRAME_MAX {
+            scratch.extend_from_slice(&f.data);
+        } else {
+            pieces.push(Piece::Scratch(start..scratch.len()));
+            pieces.push(Piece::Data(i));
+            start = scratch.len();
+        }
+    }
+    pieces.push(Piece::Scratch(start..scratch.len()));
+    let scratch: &'a [u8] = scratch;
+    pieces
+        .into_iter()
+        .map(|piece| match piece {
+            Piece::Scratch(range) => &scratch[range],
+            Piece::Data(i) => &batch[i].data[..],
+        })
+        .collect()
 }
 
 /// Decodes one InputFrames payload. Seqs must strictly increase; lengths are checked before
@@ -397,6 +440,42 @@ mod tests {
     use super::*;
     use devices::gate::RecordedWrite;
     use proptest::prelude::*;
+
+    /// A batch in pieces is the batch's payload: small frames ride with their headers,
+    /// larger ones are pieces of their own.
+    #[test]
+    fn an_input_batch_in_pieces_joins_to_its_payload() {
+        let frame = |seq: u64, len: usize| LoggedFrame {
+            seq,
+            nic: 1,
+            epoch: 9,
+            data: (0..len).map(|i| (i as u64 + seq) as u8).collect(),
+            placed: Vec::new(),
+        };
+        let batch = [
+            frame(1, 66),
+            frame(2, 1514),
+            frame(3, 0),
+            frame(4, INLINE_FRAME_MAX),
+            frame(5, INLINE_FRAME_MAX + 1),
+            frame(6, 90),
+        ];
+        let mut whole = Vec::new();
+        encode_input_batch(&mut whole, &batch);
+        let mut scratch = vec![0xee; 7];
+        let parts = input_batch_parts(&batch, &mut scratch);
+        assert_eq!(parts.concat(), whole);
+        // Header + frames 1 and 2's header; frame 2; frames 3 to 5's headers; frame 5;
+        // frame 6 with its header.
+        assert_eq!(parts.len(), 5);
+        assert_eq!(
+            parts[1].as_ptr(),
+            batch[1].data.as_ptr(),
+            "a large frame is copied"
+        );
+        let parts = input_batch_parts(&[], &mut scratch);
+        assert_eq!(parts.concat(), 0u32.to_le_bytes());
+    }
 
     #[test]
     fn disk_writes_round_trip_and_split() {

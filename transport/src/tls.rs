@@ -623,12 +623,18 @@ impl Read for TlsStream {
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// Seals the slices into records together (one copy of each byte, into the record it
+    /// travels in): a frame written in pieces needs no buffer of its own.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let _order = self
             .inner
             .send
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let written = lock(&self.inner.conn).writer().write(buf)?;
+        let written = lock(&self.inner.conn).writer().write_vectored(bufs)?;
         self.send_sealed()?;
         Ok(written)
     }

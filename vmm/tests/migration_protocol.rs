@@ -785,3 +785,32 @@ fn throughput_1gib() {
         "lz4, 1 GiB",
     );
 }
+
+/// A frame sent in pieces is the same frame as one sent whole, checked or not.
+#[test]
+fn a_frame_in_pieces_is_the_frame_sent_whole() {
+    let parts: [&[u8]; 4] = [b"", &[1; 5000], b"xy", &[7; 70_000]];
+    let whole = parts.concat();
+    for checksums in [true, false] {
+        let options = SenderOptions {
+            checksums,
+            ..SenderOptions::default()
+        };
+        let mut sent = Vec::new();
+        for in_pieces in [false, true] {
+            let mut sender = Sender::with_options(std::io::Cursor::new(Vec::new()), options);
+            sender.send_hello(&config(1 << 20)).unwrap();
+            if in_pieces {
+                sender.send_frame_parts(FrameType::State, &parts).unwrap();
+            } else {
+                sender.send_frame(FrameType::State, &whole).unwrap();
+            }
+            let stats = sender.stats();
+            sent.push((sender.into_inner().into_inner(), stats.frames, stats.bytes));
+        }
+        assert!(
+            sent[0] == sent[1],
+            "checksums {checksums}: the frames differ"
+        );
+    }
+}

@@ -128,6 +128,48 @@ fn both_directions_at_once_with_split_halves() {
     let _ = s2.join().unwrap();
 }
 
+/// A message written in many pieces at once (more than a session buffers before it must
+/// send) arrives whole and in order.
+#[test]
+fn a_write_in_pieces_arrives_whole() {
+    let ca = new_ca("ca");
+    let dir = make_dir("pieces", &ca, &ca, &["localhost"], false);
+    let (server, client) = pair(&dir, &dir, "localhost");
+    let (mut server, mut client) = (server.unwrap(), client.unwrap());
+    let message: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let pieces: Vec<&[u8]> = {
+        let (mut rest, mut size, mut pieces) = (&message[..], 1usize, Vec::new());
+        while !rest.is_empty() {
+            let (piece, after) = rest.split_at(size.min(rest.len()));
+            pieces.push(piece);
+            rest = after;
+            size = size * 7 % 1500 + 1;
+        }
+        pieces
+    };
+    let expected = message.clone();
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; expected.len()];
+        server.read_exact(&mut got).unwrap();
+        assert!(got == expected, "the message arrived changed");
+    });
+    let mut slices: Vec<IoSlice> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut slices = &mut slices[..];
+    let mut calls = 0;
+    while !slices.is_empty() {
+        let n = client.write_vectored(slices).unwrap();
+        assert!(n > 0);
+        IoSlice::advance_slices(&mut slices, n);
+        calls += 1;
+    }
+    assert!(
+        calls < pieces.len() / 10,
+        "{calls} calls for {} pieces",
+        pieces.len()
+    );
+    reader.join().unwrap();
+}
+
 #[test]
 fn a_clean_close_reads_as_end_of_stream_and_shutdown_wakes_a_reader() {
     let ca = new_ca("ca");

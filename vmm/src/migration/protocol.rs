@@ -65,7 +65,7 @@
 //! the sender may send Abort at any point. Anything else is a [`ProtocolError`].
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -1385,6 +1385,25 @@ fn write_small_flagged<T: Write>(
     Ok(())
 }
 
+impl<T: Read + Write> FrameSink for Sender<T> {
+    fn send_parts(&mut self, kind: FrameType, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+        self.send_frame_parts(kind, parts)
+    }
+}
+
+/// Writes every byte of `slices` (`Write::write_all_vectored` is not stable yet).
+fn write_all_vectored<T: Write>(stream: &mut T, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match stream.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// What the receiver of a delta stream holds, as its sender knows it: a copy of every page
 /// sent so far (same layout as the guest's memory), and which pages those are. Pages never
 /// sent (the receiver has them from before, e.g. the initial copy) are sent whole once.
@@ -1481,9 +1500,14 @@ impl Default for SenderOptions {
     }
 }
 
-/// Frames another source wants sent as soon as possible, asked for between the page frames
-/// of a pass (see [`Sender::set_interleave`]).
-pub type InterleaveHook = Box<dyn FnMut() -> Vec<(FrameType, Vec<u8>)> + Send>;
+/// Where a frame is written in pieces (a [`Sender`]; see [`Sender::send_frame_parts`]).
+pub trait FrameSink {
+    fn send_parts(&mut self, kind: FrameType, parts: &[&[u8]]) -> Result<(), ProtocolError>;
+}
+
+/// Another source's frames, sent as soon as possible: asked for between the page frames of a
+/// pass (see [`Sender::set_interleave`]), it writes what it has to the sink.
+pub type InterleaveHook = Box<dyn FnMut(&mut dyn FrameSink) -> Result<(), ProtocolError> + Send>;
 
 /// The sending side: the migration source, or the FT primary.
 pub struct Sender<T: Read + Write> {
@@ -1550,13 +1574,7 @@ impl<T: Read + Write> Sender<T> {
         let Some(mut hook) = self.interleave.take() else {
             return Ok(());
         };
-        let mut result = Ok(());
-        for (kind, payload) in hook() {
-            result = self.send_frame(kind, &payload);
-            if result.is_err() {
-                break;
-            }
-        }
+        let result = hook(self);
         self.interleave = Some(hook);
         result
     }
@@ -1945,16 +1963,59 @@ impl<T: Read + Write> Sender<T> {
         self.send_small(kind, payload)
     }
 
-    /// [`Sender::send_frame`] with the payload appended by `build` straight into the frame
-    /// buffer (fault tolerance's input frames: every byte the guest receives passes here, and
-    /// a payload built elsewhere would be copied once more).
-    pub fn send_frame_with(
+    /// [`Sender::send_frame`] with the payload in `parts`, written as they are (vectored: no
+    /// frame buffer; fault tolerance's input frames, each the bytes of a frame the guest
+    /// received, would otherwise be copied into one first).
+    pub fn send_frame_parts(
         &mut self,
         kind: FrameType,
-        build: &mut dyn FnMut(&mut Vec<u8>),
+        parts: &[&[u8]],
     ) -> Result<(), ProtocolError> {
         self.check_started("frames")?;
-        self.send_small_with(kind, build)
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        if payload_len > MAX_FRAME_PAYLOAD {
+            return Err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{kind} payload of {payload_len} bytes exceeds the frame limit of \
+                     {MAX_FRAME_PAYLOAD}"
+                ),
+            )));
+        }
+        let flags = self.unchecked();
+        let mut header = [0u8; HEADER_LEN];
+        write_header(&mut header, kind, flags, self.seq, payload_len);
+        let crc = if flags & FLAG_UNCHECKED != 0 {
+            0
+        } else {
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&header);
+            parts.iter().for_each(|p| hasher.update(p));
+            hasher.finalize()
+        };
+        let trailer = crc.to_le_bytes();
+        let mut slices = Vec::with_capacity(parts.len() + 2);
+        slices.push(IoSlice::new(&header));
+        slices.extend(
+            parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
+        slices.push(IoSlice::new(&trailer));
+        let written =
+            write_all_vectored(&mut self.stream, &mut slices).and_then(|()| self.stream.flush());
+        if let Err(e) = written {
+            return Err(self.write_failed(e));
+        }
+        let len = (HEADER_LEN + payload_len + TRAILER_LEN) as u64;
+        self.seq = self.seq.wrapping_add(1);
+        self.stats.frames += 1;
+        self.stats.bytes += len;
+        if let Some(progress) = &self.progress {
+            progress.sent_bytes(len);
+        }
+        Ok(())
     }
 
     /// Sends the VM state (after the last memory pass of an epoch or migration).
