@@ -78,6 +78,21 @@ fn control_loop(
     })
 }
 
+/// A backup on an in-process link, its control loop running: the primary's end of the link,
+/// the control loop, and what stops it.
+fn connected_backup() -> (UnixStream, JoinHandle<Option<String>>, Arc<AtomicBool>) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let backup = Backup::start_connected(
+        FtStream::Unix(theirs),
+        &request("tcp:127.0.0.1:1".into()),
+        wake.clone(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    (ours, control_loop(backup, wake, stop.clone()), stop)
+}
+
 /// The backup answers with `why` and its session ends as failed.
 fn refused<S: Read + Write>(main: &mut Main<S>, control: JoinHandle<Option<String>>, why: &str) {
     let answer = main.answer();
@@ -369,16 +384,7 @@ fn a_pass_takes_only_its_own_frames_from_a_data_stream() {
 
 #[test]
 fn a_session_announcing_more_data_streams_than_allowed_is_refused() {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    let backup = Backup::start_connected(
-        FtStream::Unix(theirs),
-        &request("tcp:127.0.0.1:1".into()),
-        wake.clone(),
-    )
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let control = control_loop(backup, wake, stop);
+    let (ours, control, _stop) = connected_backup();
     let mut main = Main::open(ours.try_clone().unwrap(), ours, 9);
     refused(
         &mut main,
@@ -393,16 +399,7 @@ fn a_session_announcing_more_data_streams_than_allowed_is_refused() {
 /// without the answer before the commit it would leave after the epoch's Ack.
 #[test]
 fn input_read_before_an_epoch_end_is_acknowledged_before_the_commit() {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-    let backup = Backup::start_connected(
-        FtStream::Unix(theirs),
-        &request("tcp:127.0.0.1:1".into()),
-        wake.clone(),
-    )
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let control = control_loop(backup, wake, stop.clone());
+    let (ours, control, stop) = connected_backup();
     let held = Rc::new(RefCell::new(None));
     let corked = |stream: UnixStream| Corked {
         stream,

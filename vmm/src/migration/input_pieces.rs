@@ -450,6 +450,18 @@ mod tests {
         assert!(!pieces.touches(0x4000));
     }
 
+    /// `n` bytes of a xorshift sequence from `rng` (not 0).
+    fn random_bytes(rng: &mut u64, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *rng ^= *rng << 13;
+                *rng ^= *rng >> 7;
+                *rng ^= *rng << 17;
+                *rng as u8
+            })
+            .collect()
+    }
+
     /// A frame with `payload` as TCP over IPv4, as a NIC logs it (virtio-net header first).
     fn tcp(seq: u64, payload: &[u8]) -> LoggedFrame {
         let mut data = vec![0u8; 12 + 14 + 20 + 20];
@@ -465,16 +477,7 @@ mod tests {
     #[test]
     fn a_copy_of_the_payload_is_found_across_frames_and_followed_into_the_next_page() {
         let mut rng = 0x1234_5678_9abc_def1u64;
-        let mut bytes = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng as u8
-                })
-                .collect()
-        };
+        let mut bytes = |n: usize| random_bytes(&mut rng, n);
         let payloads: Vec<Vec<u8>> = (0..4).map(|_| bytes(1448)).collect();
         let acked = Arc::new(std::sync::atomic::AtomicU64::new(4));
         let a = acked.clone();
@@ -520,17 +523,7 @@ mod tests {
         let frames = |seed: u64, count: usize| -> Vec<LoggedFrame> {
             let mut rng = seed;
             (0..count)
-                .map(|i| {
-                    let payload: Vec<u8> = (0..1448)
-                        .map(|_| {
-                            rng ^= rng << 13;
-                            rng ^= rng >> 7;
-                            rng ^= rng << 17;
-                            rng as u8
-                        })
-                        .collect();
-                    tcp(i as u64 + 1, &payload)
-                })
+                .map(|i| tcp(i as u64 + 1, &random_bytes(&mut rng, 1448)))
                 .collect()
         };
         let ranges = |frames: &[LoggedFrame]| -> Vec<Range<usize>> {
