@@ -1352,6 +1352,16 @@ fn write_small<T: Write>(
     write_small_flagged((stream, &mut frame), seq, stats, (kind, 0), build)
 }
 
+/// A frame this side was asked to send that the receiver would refuse.
+fn payload_too_large(kind: FrameType, payload_len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{kind} payload of {payload_len} bytes exceeds the frame limit of {MAX_FRAME_PAYLOAD}"
+        ),
+    )
+}
+
 /// Writes one frame assembled in `frame` (a buffer the caller may keep for the next one),
 /// its payload appended by `build`.
 fn write_small_flagged<T: Write>(
@@ -1364,13 +1374,7 @@ fn write_small_flagged<T: Write>(
     let payload_len = assemble_frame_with(frame, kind, flags, *seq, build);
     if payload_len > MAX_FRAME_PAYLOAD {
         *frame = Vec::new();
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{kind} payload of {payload_len} bytes exceeds the frame limit of \
-                 {MAX_FRAME_PAYLOAD}"
-            ),
-        ));
+        return Err(payload_too_large(kind, payload_len));
     }
     let written = stream.write_all(frame).and_then(|()| stream.flush());
     let len = frame.len() as u64;
@@ -1974,13 +1978,7 @@ impl<T: Read + Write> Sender<T> {
         self.check_started("frames")?;
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         if payload_len > MAX_FRAME_PAYLOAD {
-            return Err(ProtocolError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{kind} payload of {payload_len} bytes exceeds the frame limit of \
-                     {MAX_FRAME_PAYLOAD}"
-                ),
-            )));
+            return Err(ProtocolError::Io(payload_too_large(kind, payload_len)));
         }
         let flags = self.unchecked();
         let mut header = [0u8; HEADER_LEN];
