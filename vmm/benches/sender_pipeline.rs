@@ -1,5 +1,6 @@
 //! The FT sender's ceiling: how many dirty pages per second one replication stream carries
-//! when the sending thread encodes them alone (`--encode-threads 0`), when 1 or 2 encoder
+//! when the sending thread encodes them alone (`--encode-threads 0`; copying the pages it
+//! sends whole into its frames, or writing them from where they lie, as FT does), when 1 or 2 encoder
 //! threads do while it writes (`Sender::start_encode_pool`), and when 2 data streams beside
 //! the first connection carry them, each encoded and written by its own thread
 //! (`--streams 3`, `Sender::start_lanes`), side by side in one run.
@@ -7,14 +8,14 @@
 //! No guest and no KVM: an epoch is `--pages` pages of a 64 MiB memory rewritten in place
 //! (every word, as the test guest's `ft` workload does; 64 bytes per page, a delta's case; or
 //! with the bytes each held, as a receive buffer refilled with the same data), then sent as
-//! the FT primary sends it (64-page frames, LZ4 unless `--lz4 0`, deltas against the
+//! the FT primary sends it (64-page frames, no LZ4 unless `--lz4 1`, deltas against the
 //! backup's copy, the state, Complete) over loopback TCP to a receiver thread that applies it
 //! and acknowledges, as the backup does (with data streams, a reader thread per stream applies
 //! its frames and the receiver waits, at each MemoryDone, for the frames it names). Only the
 //! send and the acknowledgement are timed.
 //! The cases take turns within each run (the order rotating), so they see the same machine.
 //!
-//! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N --lz4 0]`
+//! Run: `cargo bench -p vmm --bench sender_pipeline [-- --runs N --epochs N --pages N --lz4 1]`
 //! (`ci/bench-ft` runs it unless `--no-pipeline`).
 
 use std::net::{TcpListener, TcpStream};
@@ -40,12 +41,15 @@ const MEMORY: u64 = 64 << 20;
 enum Case {
     /// The sender alone (0) or with this many encoder threads.
     Threads(usize),
+    /// The sender alone, writing whole pages from where they lie.
+    InPlace,
     /// This many data streams beside the first connection.
     Lanes(usize),
 }
 
-const CASES: [Case; 4] = [
+const CASES: [Case; 5] = [
     Case::Threads(0),
+    Case::InPlace,
     Case::Threads(1),
     Case::Threads(2),
     Case::Lanes(2),
@@ -55,6 +59,7 @@ impl Case {
     fn name(self) -> String {
         match self {
             Case::Threads(0) => "0 (alone)".into(),
+            Case::InPlace => "0, in place".into(),
             Case::Threads(1) => "1 thread".into(),
             Case::Threads(n) => format!("{n} threads"),
             Case::Lanes(n) => format!("{} streams", n + 1),
@@ -117,7 +122,8 @@ struct Args {
     runs: usize,
     epochs: u64,
     pages: u64,
-    /// LZ4 over each frame (`--lz4 0`: without, as FT sends by default).
+    /// LZ4 over each frame (`--lz4 1`; FT sends without by default, and pages then go
+    /// whole in place only without it).
     lz4: bool,
 }
 
@@ -130,7 +136,7 @@ fn args() -> Args {
             .number("--pages")
             .unwrap_or(4000)
             .clamp(1, MEMORY / PAGE_SIZE as u64),
-        lz4: flags.number("--lz4") != Some(0),
+        lz4: flags.number("--lz4").is_some_and(|n| n != 0),
     }
 }
 
@@ -196,7 +202,7 @@ fn receive_with_lanes(
 fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
     let lanes = match case {
         Case::Lanes(n) => n,
-        Case::Threads(_) => 0,
+        Case::Threads(_) | Case::InPlace => 0,
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let addr = listener.local_addr().expect("address");
@@ -251,6 +257,8 @@ fn measure(pattern: Pattern, case: Case, args: &Args) -> Sample {
     let mut base = DeltaBase::new(vmm::memory::create(MEMORY).expect("memory")).expect("base");
     match case {
         Case::Threads(0) => {}
+        // SAFETY: `src` is rewritten only between passes, on this thread.
+        Case::InPlace => unsafe { s.send_pages_in_place() },
         Case::Threads(n) => s
             .start_encode_pool(n, &src, &base, || true)
             .expect("encoder threads"),

@@ -85,8 +85,14 @@ fn mutate(mem: &GuestMemoryMmap, rng: &mut Rng, p: u64) {
 /// receiver's memory is compared with the sender's after every epoch. Returns the receiver's
 /// counters and the bytes the sender wrote for the delta epochs.
 ///
-/// `encoders` > 0: the delta passes are encoded on a pool of that many threads.
-fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (TransferStats, u64) {
+/// `encoders` > 0: the delta passes are encoded on a pool of that many threads; `in_place`:
+/// on the sender's thread, whole pages written from `src` where they lie.
+fn random_epochs(
+    seed: u64,
+    epochs: u64,
+    compress: bool,
+    (encoders, in_place): (usize, bool),
+) -> (TransferStats, u64) {
     let src = vmm::memory::create(SIZE).unwrap();
     let mut rng = Rng(seed | 1);
     // Half of memory starts non-zero: the backup has those pages from the initial copy only.
@@ -116,6 +122,10 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
         let mut base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
         if encoders > 0 {
             s.start_encode_pool(encoders, &src, &base, || true).unwrap();
+        }
+        if in_place {
+            // SAFETY: `src` changes only between passes, on this thread.
+            unsafe { s.send_pages_in_place() };
         }
         assert_eq!(s.encode_threads(), encoders);
         for n in 1..=epochs {
@@ -167,14 +177,15 @@ fn random_epochs(seed: u64, epochs: u64, compress: bool, encoders: usize) -> (Tr
 
 #[test]
 fn delta_stream_reproduces_memory_over_random_epochs() {
-    for (seed, compress, encoders) in [
-        (1u64, true, 0),
-        (0x5eed, false, 0),
-        (0xdead_beef, true, 0),
-        (7, true, 2),
-        (0xfeed, false, 3),
+    for (seed, compress, encoders, in_place) in [
+        (1u64, true, 0, false),
+        (0x5eed, false, 0, false),
+        (0xdead_beef, true, 0, false),
+        (7, true, 2, false),
+        (0xfeed, false, 3, false),
+        (0x1ace, false, 0, true),
     ] {
-        let (stats, _) = random_epochs(seed, 60, compress, encoders);
+        let (stats, _) = random_epochs(seed, 60, compress, (encoders, in_place));
         assert!(stats.delta_pages > 0, "no page went as a delta: {stats:?}");
         assert!(
             stats.delta_pages < stats.pages,
@@ -252,6 +263,60 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
             first, None,
             "seed {seed:#x}, {threads} threads: streams differ"
         );
+    }
+}
+
+/// Whole pages written from where they lie are a way of writing, not another format: over
+/// random epochs (zero pages, deltas and whole pages mixed in every frame), with checksums
+/// and without, the sender that reads pages in place writes exactly the bytes of the sender
+/// that copies them into its frames.
+#[test]
+fn pages_written_in_place_are_the_bytes_of_pages_copied_into_the_frame() {
+    for (seed, checksums) in [(11u64, true), (0xbeef, false)] {
+        let src = vmm::memory::create(SIZE).unwrap();
+        let mut rng = Rng(seed);
+        let start = |in_place: bool| {
+            let mut s = Sender::with_options(
+                std::io::Cursor::new(Vec::new()),
+                SenderOptions {
+                    batch_pages: 64,
+                    checksums,
+                    ..SenderOptions::default()
+                },
+            );
+            if in_place {
+                // SAFETY: `src` changes only between passes, on this thread.
+                unsafe { s.send_pages_in_place() };
+            }
+            s.send_hello(&config()).unwrap();
+            s
+        };
+        let mut copied_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let mut in_place_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let (mut copied, mut in_place) = (start(false), start(true));
+        for _ in 0..40 {
+            let dirty = rewrite_some(&src, &mut rng);
+            copied
+                .send_memory_delta(&src, &dirty, &mut copied_base)
+                .unwrap();
+            in_place
+                .send_memory_delta(&src, &dirty, &mut in_place_base)
+                .unwrap();
+        }
+        let (a, b) = (copied.stats(), in_place.stats());
+        assert!(
+            a.delta_pages > 0 && a.zero_pages > 0 && a.frames > 40,
+            "{a:?}"
+        );
+        assert!(a.page_data_bytes > (a.pages - a.zero_pages - a.delta_pages) * 4096);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "seed {seed:#x}");
+        let (a, b) = (
+            copied.into_inner().into_inner(),
+            in_place.into_inner().into_inner(),
+        );
+        assert_eq!(a.len(), b.len(), "seed {seed:#x}: stream lengths differ");
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert_eq!(first, None, "seed {seed:#x}: streams differ");
     }
 }
 

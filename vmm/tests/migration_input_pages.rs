@@ -137,11 +137,11 @@ fn placement(rng: &mut Rng, next_buffer: &mut u64, len: usize) -> Vec<(u64, u32)
 /// Returns the receiver's counters and, of the epochs' frames, the bytes delivered.
 ///
 /// `tcp`: the frames are TCP segments, whose payload the guest mostly copies into a socket
-/// ring as well.
+/// ring as well. `in_place`: pages sent whole are written from `src` where they lie.
 fn random_epochs(
     seed: u64,
     epochs: u64,
-    (compress, encoders, tcp): (bool, usize, bool),
+    (compress, encoders, tcp, in_place): (bool, usize, bool, bool),
 ) -> (TransferStats, u64) {
     let mut rng = Rng(seed | 1);
     let src = vmm::memory::create(SIZE).unwrap();
@@ -165,6 +165,10 @@ fn random_epochs(
     let mut base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
     if encoders > 0 {
         s.start_encode_pool(encoders, &src, &base, || true).unwrap();
+    }
+    if in_place {
+        // SAFETY: `src` changes only between passes, on this thread.
+        unsafe { s.send_pages_in_place() };
     }
     // Every page is known to the receiver (as after the initial copy).
     let all = DirtyPages::all(&src).unwrap();
@@ -279,16 +283,18 @@ fn random_epochs(
 
 #[test]
 fn pages_built_from_input_frames_reproduce_memory_over_random_epochs() {
-    for (seed, compress, encoders, tcp) in [
-        (1u64, false, 0, false),
-        (0x5eed, true, 0, false),
-        (0xdead_beef, false, 2, false),
-        (77, true, 3, false),
-        (5, false, 0, true),
-        (0xc0de, true, 2, true),
-        (0xabcd, false, 3, true),
+    for (seed, compress, encoders, tcp, in_place) in [
+        (1u64, false, 0, false, false),
+        (0x5eed, true, 0, false, false),
+        (0xdead_beef, false, 2, false, false),
+        (77, true, 3, false, false),
+        (5, false, 0, true, false),
+        (0xc0de, true, 2, true, false),
+        (0xabcd, false, 3, true, false),
+        (0x1ace, false, 0, false, true),
+        (0x7ace, false, 0, true, true),
     ] {
-        let (stats, _) = random_epochs(seed, 80, (compress, encoders, tcp));
+        let (stats, _) = random_epochs(seed, 80, (compress, encoders, tcp, in_place));
         assert!(stats.input_pages > 0, "no page went as input: {stats:?}");
         assert!(
             stats.delta_pages > 0,

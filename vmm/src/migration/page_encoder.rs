@@ -52,6 +52,54 @@ pub(super) struct EncodedFrame {
     pub data_sent: usize,
     /// CRC-32 state over the payload, combined with the header's by the sender.
     pub payload_crc: crc32fast::Hasher,
+    /// The page data is not in the frame buffer but in [`PageEncoder::layout`]: records in
+    /// the buffer, whole pages where they were read (see [`PageEncoder::encode`]).
+    pub in_place: bool,
+}
+
+/// A run of a frame's page data as it is sent when whole pages are read in place: bytes of
+/// the frame buffer (records) or of the memory the pages were read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DataPiece {
+    Frame { from: usize, to: usize },
+    Memory { addr: usize, len: usize },
+}
+
+impl DataPiece {
+    /// The piece's bytes (of `frame` for a run of the frame buffer).
+    ///
+    /// # Safety
+    /// A memory piece's bytes must still be mapped and unchanged since the frame was encoded
+    /// (the caller of [`PageEncoder::encode`] in place promised it for the pass).
+    pub(super) unsafe fn bytes(self, frame: &[u8]) -> &[u8] {
+        match self {
+            DataPiece::Frame { from, to } => &frame[from..to],
+            // SAFETY: `len` bytes of guest memory at `addr` that vm-memory handed out when
+            // the frame was encoded; the caller vouches they are mapped and unchanged.
+            DataPiece::Memory { addr, len } => unsafe {
+                std::slice::from_raw_parts(addr as *const u8, len)
+            },
+        }
+    }
+}
+
+/// Appends a run to a frame's layout, joined to the last one where it goes on from it.
+fn push_piece(layout: &mut Vec<DataPiece>, piece: DataPiece) {
+    match (layout.last_mut(), piece) {
+        (Some(DataPiece::Frame { to, .. }), DataPiece::Frame { from, to: end }) if *to == from => {
+            *to = end;
+        }
+        (
+            Some(DataPiece::Memory { addr, len }),
+            DataPiece::Memory {
+                addr: at,
+                len: more,
+            },
+        ) if *addr + *len == at => {
+            *len += more;
+        }
+        _ => layout.push(piece),
+    }
 }
 
 /// Scratch buffers for assembling frames; one per thread that encodes.
@@ -69,6 +117,8 @@ pub(super) struct PageEncoder {
     /// Where the input payload the last page ended with goes on, and the page that may hold
     /// it (the guest's copies of what it received run across consecutive pages).
     payload_hint: Option<(u64, PayloadCursor)>,
+    /// The page data of the last frame encoded in place, in order.
+    pub(super) layout: Vec<DataPiece>,
 }
 
 impl PageEncoder {
@@ -82,6 +132,7 @@ impl PageEncoder {
             residual: vec![0; PAGE_SIZE],
             pieces: vec![0; MAX_INPUT_PIECES * INPUT_PIECE_LEN],
             payload_hint: None,
+            layout: Vec::new(),
         }
     }
 
@@ -93,14 +144,20 @@ impl PageEncoder {
     /// `mem` into `frame` (grown as needed). With `delta`, a page the receiver knows goes as
     /// a delta against its copy when that is clearly smaller, and every page is recorded in
     /// that copy.
+    ///
+    /// `in_place` (without LZ4, which needs the data in one piece): a page that goes whole is
+    /// not copied into `frame` but sent from `mem` (see [`PageEncoder::layout`]); the caller
+    /// must then keep `mem`'s pages unchanged until the frame is written.
     pub fn encode(
         &mut self,
         frame: &mut Vec<u8>,
         mem: &GuestMemoryMmap,
-        chunks: &[(u64, usize)],
-        count: usize,
+        (chunks, count): (&[(u64, usize)], usize),
         delta: Option<DeltaView<'_>>,
+        in_place: bool,
     ) -> Result<EncodedFrame, ProtocolError> {
+        let in_place = in_place && !self.compress;
+        self.layout.clear();
         let frame_len =
             HEADER_LEN + PAGES_HEADER_LEN + count * (ENTRY_LEN + PAGE_SIZE) + TRAILER_LEN;
         if frame.len() < frame_len {
@@ -114,6 +171,8 @@ impl PageEncoder {
         let mut deltas = 0u64;
         let mut inputs = 0u64;
         let mut index = 0usize;
+        // Page data (records and whole pages) so far: `end - data_at` unless in place.
+        let mut data_len = 0usize;
         self.payload_hint = None;
         // A delta is sent only when it is clearly smaller than the page: beyond three quarters
         // of it, the page itself under the frame's LZ4 costs about as much on the wire, and
@@ -123,11 +182,13 @@ impl PageEncoder {
             let len = n * PAGE_SIZE;
             // The pages land past the records written so far (records never outgrow pages).
             let src0 = end;
-            mem.read_slice(&mut frame[src0..src0 + len], GuestAddress(start))
-                .map_err(|e| ProtocolError::GuestMemory {
-                    gpa: start,
-                    reason: e.to_string(),
-                })?;
+            if !in_place {
+                mem.read_slice(&mut frame[src0..src0 + len], GuestAddress(start))
+                    .map_err(|e| ProtocolError::GuestMemory {
+                        gpa: start,
+                        reason: e.to_string(),
+                    })?;
+            }
             for i in 0..n {
                 let gpa = GuestAddress(start + (i * PAGE_SIZE) as u64);
                 let src = src0 + i * PAGE_SIZE;
@@ -140,7 +201,13 @@ impl PageEncoder {
                     .map(|d| (d.mem, d.known.get(index) == Some(&true)));
                 let input = delta.as_ref().and_then(|d| d.input);
                 index += 1;
-                let value = if is_zero(&frame[src..src + PAGE_SIZE]) {
+                let new = if in_place {
+                    page_in_place(mem, gpa).map_err(page_err)?
+                } else {
+                    &frame[src..src + PAGE_SIZE]
+                };
+                let new_addr = new.as_ptr() as usize;
+                let value = if is_zero(new) {
                     zero += 1;
                     // A page never recorded is still zero in the base (fresh memory).
                     if let Some((base, true)) = base {
@@ -150,7 +217,6 @@ impl PageEncoder {
                 } else {
                     let record = match base {
                         Some((base, true)) => {
-                            let new = &frame[src..src + PAGE_SIZE];
                             let record = self
                                 .page_record(base, input, gpa, new, budget)
                                 .map_err(page_err)?;
@@ -161,15 +227,15 @@ impl PageEncoder {
                             record
                         }
                         Some((base, false)) => {
-                            base.write_slice(&frame[src..src + PAGE_SIZE], gpa)
-                                .map_err(page_err)?;
+                            base.write_slice(new, gpa).map_err(page_err)?;
                             Record::Whole
                         }
                         None => Record::Whole,
                     };
                     // A record is shorter than the page, which is used up by now:
                     // `end + record < src + PAGE_SIZE`.
-                    match record {
+                    let record_at = end;
+                    let value = match record {
                         Record::Input(pieces, d) => {
                             frame[end] = pieces as u8;
                             let at = end + 1;
@@ -194,6 +260,17 @@ impl PageEncoder {
                             deltas += 1;
                             gpa.0 | DELTA_PAGE_BIT
                         }
+                        Record::Whole if in_place => {
+                            push_piece(
+                                &mut self.layout,
+                                DataPiece::Memory {
+                                    addr: new_addr,
+                                    len: PAGE_SIZE,
+                                },
+                            );
+                            data_len += PAGE_SIZE;
+                            gpa.0
+                        }
                         Record::Whole => {
                             if end != src {
                                 frame.copy_within(src..src + PAGE_SIZE, end);
@@ -201,18 +278,30 @@ impl PageEncoder {
                             end += PAGE_SIZE;
                             gpa.0
                         }
+                    };
+                    if end > record_at {
+                        data_len += end - record_at;
+                        if in_place {
+                            let piece = DataPiece::Frame {
+                                from: record_at,
+                                to: end,
+                            };
+                            push_piece(&mut self.layout, piece);
+                        }
                     }
+                    value
                 };
                 frame[entry..entry + ENTRY_LEN].copy_from_slice(&value.to_le_bytes());
                 entry += ENTRY_LEN;
             }
         }
-        let data_raw = end - data_at;
+        let data_raw = data_len;
         frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(count as u32).to_le_bytes());
         // Without deltas the frame is a plain one (reserved word 0).
         let records = if deltas > 0 { data_raw as u32 } else { 0 };
         frame[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&records.to_le_bytes());
         let mut flags = if deltas > 0 { FLAG_DELTA } else { 0 };
+        let mut data_sent = data_raw;
         if self.compress && data_raw > 0 {
             let max = lz4_flex::block::get_maximum_output_size(data_raw);
             if self.packed.len() < max {
@@ -222,26 +311,35 @@ impl PageEncoder {
                 if n < data_raw {
                     frame[data_at..data_at + n].copy_from_slice(&self.packed[..n]);
                     end = data_at + n;
+                    data_sent = n;
                     flags |= FLAG_LZ4;
                 }
             }
         }
         let mut payload_crc = crc32fast::Hasher::new();
-        if self.checksum {
+        if self.checksum && in_place {
+            payload_crc.update(&frame[HEADER_LEN..data_at]);
+            for piece in &self.layout {
+                // SAFETY: the pages were read from `mem` just now, in this call, and the
+                // caller keeps them unchanged (see `in_place`).
+                payload_crc.update(unsafe { piece.bytes(frame) });
+            }
+        } else if self.checksum {
             payload_crc.update(&frame[HEADER_LEN..end]);
         } else {
             flags |= FLAG_UNCHECKED;
         }
         Ok(EncodedFrame {
-            payload_len: end - HEADER_LEN,
+            payload_len: data_at - HEADER_LEN + data_sent,
             flags,
             pages: count,
             zero,
             deltas,
             inputs,
             data_raw,
-            data_sent: end - data_at,
+            data_sent,
             payload_crc,
+            in_place,
         })
     }
 }
@@ -346,6 +444,19 @@ fn with_base_page<R>(
     // distinct), and this one not while `f` reads.
     let page = unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) };
     Ok(f(page))
+}
+
+/// The page of `mem` at `gpa`, where it lies (a frame encoded in place sends it from there).
+fn page_in_place(
+    mem: &GuestMemoryMmap,
+    gpa: GuestAddress,
+) -> Result<&[u8], vm_memory::GuestMemoryError> {
+    let slice = mem.get_slice(gpa, PAGE_SIZE)?;
+    let guard = slice.ptr_guard();
+    // SAFETY: PAGE_SIZE bytes of a mapping vm-memory checked, which lives as long as `mem`
+    // (its regions are unmapped only when the last handle goes). The caller of an in-place
+    // encode keeps the pages unchanged while the frame is read.
+    Ok(unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) })
 }
 
 /// One frame's work (for a pool thread, its buffers come back with the result).
@@ -481,9 +592,9 @@ impl EncodePool {
                     let mut result = encoder.encode(
                         &mut job.frame,
                         &staging,
-                        &job.chunks,
-                        job.count,
+                        (&job.chunks, job.count),
                         Some(view),
+                        false,
                     );
                     let mut written = None;
                     if let (Ok(encoded), Some(lane)) = (&result, lane.as_mut()) {

@@ -1271,16 +1271,20 @@ pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -
         encoded.payload_len,
     );
     let end = HEADER_LEN + encoded.payload_len;
-    let crc = if encoded.flags & FLAG_UNCHECKED != 0 {
-        0
-    } else {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&frame[..HEADER_LEN]);
-        crc.combine(&encoded.payload_crc);
-        crc.finalize()
-    };
+    let crc = encoded_crc(&frame[..HEADER_LEN], encoded);
     frame[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
     (end + TRAILER_LEN, crc)
+}
+
+/// The checksum of a frame [`PageEncoder::encode`] assembled, behind `header` (0 unchecked).
+fn encoded_crc(header: &[u8], encoded: &EncodedFrame) -> u32 {
+    if encoded.flags & FLAG_UNCHECKED != 0 {
+        return 0;
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(header);
+    crc.combine(&encoded.payload_crc);
+    crc.finalize()
 }
 
 fn write_header(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len: usize) {
@@ -1533,6 +1537,9 @@ pub struct Sender<T: Read + Write> {
     interleave: Option<InterleaveHook>,
     /// Where small frames (state, input, control) are assembled, kept across frames.
     small_frame: Vec<u8>,
+    /// Delta passes on this thread send whole pages from where they lie in the memory read
+    /// (see [`Sender::send_pages_in_place`]).
+    pages_in_place: bool,
 }
 
 impl<T: Read + Write> Sender<T> {
@@ -1560,7 +1567,20 @@ impl<T: Read + Write> Sender<T> {
             progress: None,
             interleave: None,
             small_frame: Vec::new(),
+            pages_in_place: false,
         }
+    }
+
+    /// From now on a delta pass encoded on this thread (no pool, no LZ4) writes the pages it
+    /// sends whole from the memory it reads instead of copying them into its frame first
+    /// (fault tolerance: the staging memory; the stream's bytes are the same).
+    ///
+    /// # Safety
+    /// No page of the memory given to a delta pass may change while the pass runs: the
+    /// frame's checksum and the bytes written are read at different times, and another
+    /// thread's writes under a live `&[u8]` are undefined behaviour.
+    pub unsafe fn send_pages_in_place(&mut self) {
+        self.pages_in_place = true;
     }
 
     /// Pages per MemoryPages frame from now on (1 ..= MAX_PAGES_PER_FRAME).
@@ -1868,10 +1888,19 @@ impl<T: Read + Write> Sender<T> {
                     input: input.map(|i| &**i),
                 }
             });
-            let encoded = self
-                .encoder
-                .encode(&mut job.frame, mem, &job.chunks, job.count, view)?;
-            self.write_encoded(&mut job.frame, &encoded, pass)?;
+            let in_place = self.pages_in_place && view.is_some();
+            let encoded = self.encoder.encode(
+                &mut job.frame,
+                mem,
+                (&job.chunks, job.count),
+                view,
+                in_place,
+            )?;
+            if encoded.in_place {
+                self.write_in_place(&mut job.frame, &encoded, pass)?;
+            } else {
+                self.write_encoded(&mut job.frame, &encoded, pass)?;
+            }
             self.send_interleaved()?;
         }
     }
@@ -1935,6 +1964,49 @@ impl<T: Read + Write> Sender<T> {
             return Err(self.write_failed(e));
         }
         self.seq = self.seq.wrapping_add(1);
+        self.count_frame(encoded, total, pass);
+        Ok(())
+    }
+
+    /// Writes a frame [`PageEncoder::encode`] assembled in place: header, page count and
+    /// entries from `frame`, then its data runs (see [`PageEncoder::layout`]) and the checksum,
+    /// in one vectored write (TLS seals the runs into records as they lie).
+    fn write_in_place(
+        &mut self,
+        frame: &mut [u8],
+        encoded: &EncodedFrame,
+        pass: &mut PassStats,
+    ) -> Result<(), ProtocolError> {
+        let data_len: usize = encoded.data_sent;
+        write_header(
+            frame,
+            FrameType::MemoryPages,
+            encoded.flags,
+            self.seq,
+            encoded.payload_len,
+        );
+        let trailer = encoded_crc(&frame[..HEADER_LEN], encoded).to_le_bytes();
+        let frame: &[u8] = frame;
+        let head = HEADER_LEN + encoded.payload_len - data_len;
+        let layout = std::mem::take(&mut self.encoder.layout);
+        let mut slices = Vec::with_capacity(layout.len() + 2);
+        slices.push(IoSlice::new(&frame[..head]));
+        // SAFETY: the pages were read in this pass, which `send_pages_in_place`'s caller
+        // promised leaves them unchanged; `mem` outlives the pass.
+        slices.extend(
+            layout
+                .iter()
+                .map(|p| IoSlice::new(unsafe { p.bytes(frame) })),
+        );
+        slices.push(IoSlice::new(&trailer));
+        let written = write_all_vectored(&mut self.stream, &mut slices);
+        drop(slices);
+        self.encoder.layout = layout;
+        if let Err(e) = written {
+            return Err(self.write_failed(e));
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let total = head + data_len + TRAILER_LEN;
         self.count_frame(encoded, total, pass);
         Ok(())
     }
