@@ -232,38 +232,50 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
             }
             s
         };
-        let mut alone_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
-        let mut pooled_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
-        let mut alone = start(0, &alone_base);
-        let mut pooled = start(threads, &pooled_base);
-        for _ in 0..40 {
-            let dirty = rewrite_some(&src, &mut rng);
-            alone
-                .send_memory_delta(&src, &dirty, &mut alone_base)
-                .unwrap();
-            pooled
-                .send_memory_delta(&src, &dirty, &mut pooled_base)
-                .unwrap();
-        }
+        let alone_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let pooled_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let alone = start(0, &alone_base);
+        let pooled = start(threads, &pooled_base);
         assert_eq!(pooled.encode_threads(), threads);
-        let (a, b) = (alone.stats(), pooled.stats());
-        assert!(a.delta_pages > 0 && a.frames > 40, "{a:?}");
-        assert_eq!(
-            format!("{a:?}"),
-            format!("{b:?}"),
-            "seed {seed:#x}: counters differ"
+        let what = format!("seed {seed:#x}, {threads} threads");
+        let stats = send_alike(
+            &src,
+            &mut rng,
+            [(alone, alone_base), (pooled, pooled_base)],
+            &what,
         );
-        let (a, b) = (
-            alone.into_inner().into_inner(),
-            pooled.into_inner().into_inner(),
-        );
-        assert_eq!(a.len(), b.len(), "seed {seed:#x}: stream lengths differ");
-        let first = a.iter().zip(&b).position(|(x, y)| x != y);
-        assert_eq!(
-            first, None,
-            "seed {seed:#x}, {threads} threads: streams differ"
-        );
+        assert!(stats.delta_pages > 0 && stats.frames > 40, "{stats:?}");
     }
+}
+
+type BufferSender = Sender<std::io::Cursor<Vec<u8>>>;
+
+/// Sends the same 40 epochs of random changes to `src` through two senders, each against
+/// its own base, and checks that they counted and wrote the same bytes; returns the
+/// counters.
+fn send_alike(
+    src: &GuestMemoryMmap,
+    rng: &mut Rng,
+    [(mut a, mut a_base), (mut b, mut b_base)]: [(BufferSender, DeltaBase); 2],
+    what: &str,
+) -> TransferStats {
+    for _ in 0..40 {
+        let dirty = rewrite_some(src, rng);
+        a.send_memory_delta(src, &dirty, &mut a_base).unwrap();
+        b.send_memory_delta(src, &dirty, &mut b_base).unwrap();
+    }
+    let stats = a.stats();
+    let other = b.stats();
+    assert_eq!(
+        format!("{stats:?}"),
+        format!("{other:?}"),
+        "{what}: counters differ"
+    );
+    let (a, b) = (a.into_inner().into_inner(), b.into_inner().into_inner());
+    assert_eq!(a.len(), b.len(), "{what}: stream lengths differ");
+    let first = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert_eq!(first, None, "{what}: streams differ");
+    stats
 }
 
 /// Whole pages written from where they lie are a way of writing, not another format: over
@@ -291,32 +303,25 @@ fn pages_written_in_place_are_the_bytes_of_pages_copied_into_the_frame() {
             s.send_hello(&config()).unwrap();
             s
         };
-        let mut copied_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
-        let mut in_place_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
-        let (mut copied, mut in_place) = (start(false), start(true));
-        for _ in 0..40 {
-            let dirty = rewrite_some(&src, &mut rng);
-            copied
-                .send_memory_delta(&src, &dirty, &mut copied_base)
-                .unwrap();
-            in_place
-                .send_memory_delta(&src, &dirty, &mut in_place_base)
-                .unwrap();
-        }
-        let (a, b) = (copied.stats(), in_place.stats());
+        let copied_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let in_place_base = DeltaBase::new(vmm::memory::create(SIZE).unwrap()).unwrap();
+        let (copied, in_place) = (start(false), start(true));
+        let what = format!("seed {seed:#x}, checksums {checksums}");
+        let stats = send_alike(
+            &src,
+            &mut rng,
+            [(copied, copied_base), (in_place, in_place_base)],
+            &what,
+        );
         assert!(
-            a.delta_pages > 0 && a.zero_pages > 0 && a.frames > 40,
-            "{a:?}"
+            stats.delta_pages > 0 && stats.zero_pages > 0 && stats.frames > 40,
+            "{stats:?}"
         );
-        assert!(a.page_data_bytes > (a.pages - a.zero_pages - a.delta_pages) * 4096);
-        assert_eq!(format!("{a:?}"), format!("{b:?}"), "seed {seed:#x}");
-        let (a, b) = (
-            copied.into_inner().into_inner(),
-            in_place.into_inner().into_inner(),
+        let whole = stats.pages - stats.zero_pages - stats.delta_pages;
+        assert!(
+            whole > 0 && stats.page_data_bytes > whole * 4096,
+            "{stats:?}"
         );
-        assert_eq!(a.len(), b.len(), "seed {seed:#x}: stream lengths differ");
-        let first = a.iter().zip(&b).position(|(x, y)| x != y);
-        assert_eq!(first, None, "seed {seed:#x}: streams differ");
     }
 }
 
