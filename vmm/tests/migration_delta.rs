@@ -184,6 +184,7 @@ fn delta_stream_reproduces_memory_over_random_epochs() {
         (7, true, 2, false),
         (0xfeed, false, 3, false),
         (0x1ace, false, 0, true),
+        (0x2ace, false, 2, true),
     ] {
         let (stats, _) = random_epochs(seed, 60, compress, (encoders, in_place));
         assert!(stats.delta_pages > 0, "no page went as a delta: {stats:?}");
@@ -211,10 +212,16 @@ fn rewrite_some(src: &GuestMemoryMmap, rng: &mut Rng) -> DirtyPages {
 }
 
 /// Encoding on a pool of threads is a pipeline, not another format: over random epochs the
-/// pooled sender writes exactly the bytes the sender alone writes.
+/// pooled sender (also with pages written in place) writes exactly the bytes the sender alone
+/// writes.
 #[test]
 fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
-    for (seed, compress, threads) in [(3u64, true, 1usize), (0xabc, false, 2), (99, true, 4)] {
+    for (seed, compress, threads, in_place) in [
+        (3u64, true, 1usize, false),
+        (0xabc, false, 2, false),
+        (99, true, 4, false),
+        (0x1ace, false, 2, true),
+    ] {
         let src = vmm::memory::create(SIZE).unwrap();
         let mut rng = Rng(seed);
         let start = |pool: usize, base: &DeltaBase| {
@@ -229,6 +236,10 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
             s.send_hello(&config()).unwrap();
             if pool > 0 {
                 s.start_encode_pool(pool, &src, base, || true).unwrap();
+                if in_place {
+                    // SAFETY: `src` changes only between passes, on this thread.
+                    unsafe { s.send_pages_in_place() };
+                }
             }
             s
         };
@@ -237,7 +248,7 @@ fn pooled_encoding_writes_the_same_bytes_as_the_sender_alone() {
         let alone = start(0, &alone_base);
         let pooled = start(threads, &pooled_base);
         assert_eq!(pooled.encode_threads(), threads);
-        let what = format!("seed {seed:#x}, {threads} threads");
+        let what = format!("seed {seed:#x}, {threads} threads, in place {in_place}");
         let stats = send_alike(
             &src,
             &mut rng,
@@ -684,10 +695,12 @@ fn passes(main: &[u8], lanes: &[Vec<u8>]) -> Vec<Vec<(u8, Vec<u8>)>> {
 /// and nothing else.
 #[test]
 fn data_streams_carry_exactly_the_frames_of_each_pass() {
-    for (seed, compress, lanes, checksums) in [
-        (5u64, true, 1usize, true),
-        (0x77, false, 3, true),
-        (0x99, false, 2, false),
+    for (seed, compress, lanes, checksums, in_place) in [
+        (5u64, true, 1usize, true, false),
+        (0x77, false, 3, true, false),
+        (0x99, false, 2, false, false),
+        (0x1ace, false, 2, true, true),
+        (0x2ace, false, 3, false, true),
     ] {
         let src = vmm::memory::create(SIZE).unwrap();
         let mut rng = Rng(seed);
@@ -702,6 +715,10 @@ fn data_streams_carry_exactly_the_frames_of_each_pass() {
         let mut several = Sender::with_options(std::io::Cursor::new(Vec::new()), options);
         alone.send_hello(&config()).unwrap();
         several.send_hello(&config()).unwrap();
+        if in_place {
+            // SAFETY: `src` changes only between passes, on this thread.
+            unsafe { several.send_pages_in_place() };
+        }
         let captured: Vec<Captured> = (0..lanes).map(|_| Captured::default()).collect();
         let writers = captured
             .iter()
@@ -740,7 +757,7 @@ fn data_streams_carry_exactly_the_frames_of_each_pass() {
         assert_eq!(expected.len(), 30);
         assert!(
             expected == got,
-            "seed {seed:#x}, {lanes} data streams: passes differ"
+            "seed {seed:#x}, {lanes} data streams, in place {in_place}: passes differ"
         );
     }
 }

@@ -293,6 +293,7 @@ fn pages_built_from_input_frames_reproduce_memory_over_random_epochs() {
         (0xabcd, false, 3, true, false),
         (0x1ace, false, 0, false, true),
         (0x7ace, false, 0, true, true),
+        (0x3ace, false, 3, true, true),
     ] {
         let (stats, _) = random_epochs(seed, 80, (compress, encoders, tcp, in_place));
         assert!(stats.input_pages > 0, "no page went as input: {stats:?}");

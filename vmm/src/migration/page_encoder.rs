@@ -21,8 +21,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::input_pieces::{InputPieces, PayloadCursor};
 use super::memory::{is_zero, PAGE_SIZE};
 use super::protocol::{
-    encode_delta, seal_encoded, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT, ENTRY_LEN,
-    FLAG_DELTA, FLAG_LZ4, FLAG_UNCHECKED, HEADER_LEN, INPUT_PAGE_BIT, INPUT_PIECE_LEN,
+    encode_delta, seal_encoded, write_in_place, ProtocolError, DELTA_LEN_BYTES, DELTA_PAGE_BIT,
+    ENTRY_LEN, FLAG_DELTA, FLAG_LZ4, FLAG_UNCHECKED, HEADER_LEN, INPUT_PAGE_BIT, INPUT_PIECE_LEN,
     MAX_INPUT_PIECES, PAGES_HEADER_LEN, TRAILER_LEN, ZERO_PAGE, ZERO_PAGE_BIT,
 };
 use crate::memory::GuestMemoryMmap;
@@ -468,6 +468,9 @@ pub(super) struct EncodeJob {
     pub known: Vec<bool>,
     /// The input frames the receiver holds (see [`InputPieces`]).
     pub input: Option<std::sync::Arc<InputPieces>>,
+    /// Encode in place (see [`PageEncoder::encode`]); the frame's layout comes back here.
+    pub in_place: bool,
+    pub layout: Vec<DataPiece>,
 }
 
 pub(super) struct EncodeDone {
@@ -492,12 +495,12 @@ pub struct Lane {
 }
 
 impl Lane {
-    /// Seals and writes a frame `encoded` in `frame`. After a failed write the stream is out
-    /// of step, so every later frame fails too.
+    /// Seals and writes a frame `encoded` in `frame` (in place: with its `layout`). After a
+    /// failed write the stream is out of step, so every later frame fails too.
     fn write(
         &mut self,
         index: usize,
-        frame: &mut [u8],
+        (frame, layout): (&mut [u8], &[DataPiece]),
         encoded: &EncodedFrame,
         broken: &mut Option<String>,
     ) -> Result<LaneWrite, ProtocolError> {
@@ -508,12 +511,22 @@ impl Lane {
         if let Some(reason) = broken {
             return Err(failed(reason));
         }
-        let (len, crc) = seal_encoded(frame, encoded, self.next_seq);
-        if let Err(e) = self.out.write_all(&frame[..len]) {
-            let reason = e.to_string();
-            *broken = Some(reason.clone());
-            return Err(failed(&reason));
-        }
+        let written = if encoded.in_place {
+            // SAFETY: the pages were read from staging just now, for a pass of a sender whose
+            // owner promised staging stays unchanged while a pass runs.
+            unsafe { write_in_place(&mut self.out, (frame, layout), encoded, self.next_seq) }
+        } else {
+            let (len, crc) = seal_encoded(frame, encoded, self.next_seq);
+            self.out.write_all(&frame[..len]).map(|()| (len, crc))
+        };
+        let (len, crc) = match written {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                let reason = e.to_string();
+                *broken = Some(reason.clone());
+                return Err(failed(&reason));
+            }
+        };
         self.next_seq = self.next_seq.wrapping_add(1);
         Ok(LaneWrite { index, len, crc })
     }
@@ -594,11 +607,13 @@ impl EncodePool {
                         &staging,
                         (&job.chunks, job.count),
                         Some(view),
-                        false,
+                        job.in_place,
                     );
+                    std::mem::swap(&mut encoder.layout, &mut job.layout);
                     let mut written = None;
                     if let (Ok(encoded), Some(lane)) = (&result, lane.as_mut()) {
-                        match lane.write(i, &mut job.frame, encoded, &mut broken) {
+                        let frame = (&mut job.frame[..], &job.layout[..]);
+                        match lane.write(i, frame, encoded, &mut broken) {
                             Ok(w) => written = Some(w),
                             Err(e) => result = Err(e),
                         }

@@ -74,7 +74,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::input_pieces::InputPieces;
 use super::memory::{is_zero, DirtyPages, DirtyPagesError, PAGE_SIZE};
-use super::page_encoder::{DeltaView, EncodeJob, EncodePool, EncodedFrame, Lane, PageEncoder};
+use super::page_encoder::{
+    DataPiece, DeltaView, EncodeJob, EncodePool, EncodedFrame, Lane, PageEncoder,
+};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::progress::TransferProgress;
@@ -1263,6 +1265,45 @@ fn seal_frame(buf: &mut [u8], kind: FrameType, flags: u8, seq: u32, payload_len:
 /// the header's CRC combined with the encoder's CRC of the payload, or 0 for an unchecked
 /// frame); returns its length and checksum.
 pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -> (usize, u32) {
+    let crc = encoded_header(frame, encoded, seq);
+    let end = HEADER_LEN + encoded.payload_len;
+    frame[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
+    (end + TRAILER_LEN, crc)
+}
+
+/// Seals (header with `seq`, checksum) and writes to `out` a frame [`PageEncoder::encode`]
+/// assembled in place: header, page count and entries from `frame`, then its data runs
+/// (`layout`) and the checksum, in one vectored write (TLS seals the runs into records as they
+/// lie). Returns its length and checksum.
+///
+/// # Safety
+/// `layout`'s memory runs are still mapped and unchanged since the frame was encoded.
+pub(super) unsafe fn write_in_place<W: Write>(
+    out: &mut W,
+    (frame, layout): (&mut [u8], &[DataPiece]),
+    encoded: &EncodedFrame,
+    seq: u32,
+) -> io::Result<(usize, u32)> {
+    let crc = encoded_header(frame, encoded, seq);
+    let trailer = crc.to_le_bytes();
+    let frame: &[u8] = frame;
+    let head = HEADER_LEN + encoded.payload_len - encoded.data_sent;
+    let mut slices = Vec::with_capacity(layout.len() + 2);
+    slices.push(IoSlice::new(&frame[..head]));
+    // SAFETY: the caller vouches for the memory runs.
+    slices.extend(
+        layout
+            .iter()
+            .map(|p| IoSlice::new(unsafe { p.bytes(frame) })),
+    );
+    slices.push(IoSlice::new(&trailer));
+    write_all_vectored(out, &mut slices)?;
+    Ok((HEADER_LEN + encoded.payload_len + TRAILER_LEN, crc))
+}
+
+/// Writes the header (with `seq`) of a frame [`PageEncoder::encode`] assembled in `frame`;
+/// returns the frame's checksum (0 unchecked).
+fn encoded_header(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -> u32 {
     write_header(
         frame,
         FrameType::MemoryPages,
@@ -1270,19 +1311,11 @@ pub(super) fn seal_encoded(frame: &mut [u8], encoded: &EncodedFrame, seq: u32) -
         seq,
         encoded.payload_len,
     );
-    let end = HEADER_LEN + encoded.payload_len;
-    let crc = encoded_crc(&frame[..HEADER_LEN], encoded);
-    frame[end..end + TRAILER_LEN].copy_from_slice(&crc.to_le_bytes());
-    (end + TRAILER_LEN, crc)
-}
-
-/// The checksum of a frame [`PageEncoder::encode`] assembled, behind `header` (0 unchecked).
-fn encoded_crc(header: &[u8], encoded: &EncodedFrame) -> u32 {
     if encoded.flags & FLAG_UNCHECKED != 0 {
         return 0;
     }
     let mut crc = crc32fast::Hasher::new();
-    crc.update(header);
+    crc.update(&frame[..HEADER_LEN]);
     crc.combine(&encoded.payload_crc);
     crc.finalize()
 }
@@ -1571,9 +1604,10 @@ impl<T: Read + Write> Sender<T> {
         }
     }
 
-    /// From now on a delta pass encoded on this thread (no pool, no LZ4) writes the pages it
-    /// sends whole from the memory it reads instead of copying them into its frame first
-    /// (fault tolerance: the staging memory; the stream's bytes are the same).
+    /// From now on a delta pass without LZ4 (encoded on this thread, a pool's or data
+    /// streams') reads its pages where they lie and writes those it sends whole from there
+    /// instead of copying them into its frames first (fault tolerance: the staging memory;
+    /// the stream's bytes are the same).
     ///
     /// # Safety
     /// No page of the memory given to a delta pass may change while the pass runs: the
@@ -1897,7 +1931,10 @@ impl<T: Read + Write> Sender<T> {
                 in_place,
             )?;
             if encoded.in_place {
-                self.write_in_place(&mut job.frame, &encoded, pass)?;
+                std::mem::swap(&mut self.encoder.layout, &mut job.layout);
+                let written = self.write_in_place((&mut job.frame, &job.layout), &encoded, pass);
+                std::mem::swap(&mut self.encoder.layout, &mut job.layout);
+                written?;
             } else {
                 self.write_encoded(&mut job.frame, &encoded, pass)?;
             }
@@ -1928,6 +1965,7 @@ impl<T: Read + Write> Sender<T> {
                 }
                 base.record(&job.chunks, &mut job.known);
                 job.input = input.cloned();
+                job.in_place = self.pages_in_place;
                 pool.submit(job)?;
             }
             if pool.in_flight() == 0 {
@@ -1942,6 +1980,10 @@ impl<T: Read + Write> Sender<T> {
                     }
                     self.count_frame(&e, total, pass);
                     Ok(())
+                }
+                None if e.in_place => {
+                    let job = &mut done.job;
+                    self.write_in_place((&mut job.frame, &job.layout), &e, pass)
                 }
                 None => self.write_encoded(&mut done.job.frame, &e, pass),
             });
@@ -1968,45 +2010,21 @@ impl<T: Read + Write> Sender<T> {
         Ok(())
     }
 
-    /// Writes a frame [`PageEncoder::encode`] assembled in place: header, page count and
-    /// entries from `frame`, then its data runs (see [`PageEncoder::layout`]) and the checksum,
-    /// in one vectored write (TLS seals the runs into records as they lie).
+    /// [`write_in_place`] on this stream, counted.
     fn write_in_place(
         &mut self,
-        frame: &mut [u8],
+        frame: (&mut [u8], &[DataPiece]),
         encoded: &EncodedFrame,
         pass: &mut PassStats,
     ) -> Result<(), ProtocolError> {
-        let data_len: usize = encoded.data_sent;
-        write_header(
-            frame,
-            FrameType::MemoryPages,
-            encoded.flags,
-            self.seq,
-            encoded.payload_len,
-        );
-        let trailer = encoded_crc(&frame[..HEADER_LEN], encoded).to_le_bytes();
-        let frame: &[u8] = frame;
-        let head = HEADER_LEN + encoded.payload_len - data_len;
-        let layout = std::mem::take(&mut self.encoder.layout);
-        let mut slices = Vec::with_capacity(layout.len() + 2);
-        slices.push(IoSlice::new(&frame[..head]));
         // SAFETY: the pages were read in this pass, which `send_pages_in_place`'s caller
-        // promised leaves them unchanged; `mem` outlives the pass.
-        slices.extend(
-            layout
-                .iter()
-                .map(|p| IoSlice::new(unsafe { p.bytes(frame) })),
-        );
-        slices.push(IoSlice::new(&trailer));
-        let written = write_all_vectored(&mut self.stream, &mut slices);
-        drop(slices);
-        self.encoder.layout = layout;
-        if let Err(e) = written {
-            return Err(self.write_failed(e));
-        }
+        // promised leaves them unchanged; the memory outlives the pass.
+        let written = unsafe { write_in_place(&mut self.stream, frame, encoded, self.seq) };
+        let total = match written {
+            Ok((total, _)) => total,
+            Err(e) => return Err(self.write_failed(e)),
+        };
         self.seq = self.seq.wrapping_add(1);
-        let total = head + data_len + TRAILER_LEN;
         self.count_frame(encoded, total, pass);
         Ok(())
     }
