@@ -49,7 +49,7 @@ use crate::fence;
 use crate::fence::Fencing;
 use crate::group::{GroupTiming, PrimaryMember, PrimaryMsg};
 use crate::link::{channel_security, FtStream};
-use crate::stats::DurationStats;
+use crate::stats::{DurationStats, GuestPauses};
 use crate::wire::{
     encode_disk_writes, encode_input_frames, input_batch_parts, input_batches, Control, EpochClock,
     MAX_INPUT_LEN,
@@ -414,7 +414,7 @@ pub struct Primary {
     epoch: u64,
     /// End an epoch early while output waits (see `EnableFtRequest::latency_mode`).
     latency_mode: bool,
-    pauses: DurationStats,
+    pauses: GuestPauses,
     /// When the running epoch's checkpoint started (its length counts from there).
     epoch_started: Instant,
     /// The epoch is over but the sender still ships the previous one: check again shortly.
@@ -833,7 +833,7 @@ impl Primary {
             heartbeat_timeout,
             epoch: first_epoch,
             latency_mode,
-            pauses: DurationStats::default(),
+            pauses: GuestPauses::default(),
             epoch_started: Instant::now(),
             waiting_for_sender: false,
             dirty_pages: 0,
@@ -1087,6 +1087,7 @@ impl Primary {
         cut: &Cut,
         running: bool,
     ) -> Result<Option<EpochJob>, String> {
+        self.pauses.settle(vm.last_stop(), true);
         let start = Instant::now();
         if running {
             vm.pause()?;
@@ -1101,7 +1102,7 @@ impl Primary {
             // A sender stuck for a heartbeat timeout has lost its backup.
             if !self.wait_for_staging() {
                 let resumed = if running { vm.resume() } else { Ok(()) };
-                self.pauses.record(start.elapsed());
+                self.pauses.ended(start, start.elapsed(), running);
                 resumed?;
                 return match cut {
                     Cut::Group { epoch, .. } if !self.lost() => Err(format!(
@@ -1116,7 +1117,7 @@ impl Primary {
         crash_point(Phase::Pause, self.epoch - self.shared.first_epoch);
         let go = self.group_resume(cut, told);
         let resumed = if running { vm.resume() } else { Ok(()) };
-        self.pauses.record(start.elapsed());
+        self.pauses.ended(start, start.elapsed(), running);
         resumed?;
         if let Err(e) = go {
             let degrading = self
@@ -1292,10 +1293,10 @@ impl Primary {
             lag_epochs: self.epoch.saturating_sub(last_acked.saturating_add(1)),
             bytes: s.bytes.load(Ordering::Relaxed),
             dirty_pages: self.dirty_pages,
-            pause_us_last: self.pauses.last_us(),
-            pause_us_p50: self.pauses.percentile_us(50.0),
-            pause_us_p99: self.pauses.percentile_us(99.0),
-            pause_us_max: self.pauses.max_us(),
+            pause_us_last: self.pauses.stats().last_us(),
+            pause_us_p50: self.pauses.stats().percentile_us(50.0),
+            pause_us_p99: self.pauses.stats().percentile_us(99.0),
+            pause_us_max: self.pauses.stats().max_us(),
             send_us_p50: send_us.0,
             send_us_p99: send_us.1,
             commit_us_p50: commit_us.0,
@@ -1827,6 +1828,7 @@ impl Primary {
 
     /// See [`PrimaryFt::poll`].
     pub fn poll(&mut self, vm: &mut dyn ReplicableVm, running: bool) -> PrimaryEvent {
+        self.pauses.settle(vm.last_stop(), false);
         if matches!(self.health, FtHealth::Protected | FtHealth::Degraded)
             && self.shared.lease_lapsed()
         {

@@ -396,6 +396,8 @@ pub struct FtStatus {
     pub lag_epochs: u64,
     pub bytes: u64,
     pub dirty_pages: u64,
+    /// Primary: how long the guest stood still per checkpoint (the pause asked for to its last
+    /// vCPU running again): the latest, and p50/p99/max of the recent epochs.
     pub pause_us_last: u64,
     pub pause_us_p50: u64,
     pub pause_us_p99: u64,

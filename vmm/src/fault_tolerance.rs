@@ -8,7 +8,7 @@
 
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,6 +28,11 @@ pub trait ReplicableVm {
     /// [`ReplicableVm::resume`].
     fn pause(&mut self) -> Result<(), String>;
     fn resume(&mut self) -> Result<(), String>;
+    /// The latest pause as the guest saw it: when it was asked for, and how long until every
+    /// vCPU ran again. None until they all have (or when not known).
+    fn last_stop(&self) -> Option<(Instant, Duration)> {
+        None
+    }
     fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), String>;
     /// Pages written since the last call (by the guest or by devices); starts a new set. With
     /// manual re-arming on, the pages not re-armed since are reported too.
@@ -62,6 +67,9 @@ impl ReplicableVm for Vm {
     }
     fn resume(&mut self) -> Result<(), String> {
         Vm::resume(self).map_err(|e| e.to_string())
+    }
+    fn last_stop(&self) -> Option<(Instant, Duration)> {
+        Vm::last_stop(self)
     }
     fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), String> {
         Vm::set_dirty_logging(self, enabled).map_err(|e| e.to_string())

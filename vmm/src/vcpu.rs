@@ -62,6 +62,10 @@ struct ParkState {
     live: usize,
     /// vCPU threads parked for a pause.
     parked: usize,
+    /// When the latest pause was asked for.
+    pause_asked: Option<Instant>,
+    /// When a vCPU last left its park to run the guest again.
+    last_unparked: Option<Instant>,
 }
 
 /// State shared by all vCPU threads of a VM and the thread that controls them.
@@ -254,6 +258,7 @@ impl Vcpus {
 
     /// Stops every vCPU at an instruction boundary and returns once all are parked.
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
+        self.shared.lock_park().pause_asked = Some(Instant::now());
         self.shared.pause.store(true, Ordering::SeqCst);
         self.kick_all()?;
         // A pause normally completes within tens of microseconds: spinning that long costs
@@ -295,6 +300,18 @@ impl Vcpus {
                 Ok(saver.save(&fd, &self.msr_indices)?)
             })
             .collect()
+    }
+
+    /// How long the guest stood still in the latest pause, as its vCPUs saw it: from the
+    /// pause being asked for to the last vCPU leaving its park, and when it was asked for.
+    /// None while a vCPU has not left its park since (or before any pause). What the thread
+    /// that resumed them measures also counts the time it waits for a core after waking
+    /// them, while the guest already runs.
+    pub fn last_stop(&self) -> Option<(Instant, Duration)> {
+        let park = self.shared.lock_park();
+        let (asked, unparked) = (park.pause_asked?, park.last_unparked?);
+        (park.parked == 0 && !self.shared.pause.load(Ordering::SeqCst) && unparked >= asked)
+            .then(|| (asked, unparked - asked))
     }
 
     /// Lets paused vCPUs run again.
@@ -355,6 +372,7 @@ fn park(ctx: &VcpuContext) {
         park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
     }
     park.parked -= 1;
+    park.last_unparked = Some(Instant::now());
     shared.sync_running(&park);
 }
 

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::acpi::{AcpiShutdownDevice, Ged, SHUTDOWN_PORT};
 use devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
@@ -466,6 +466,11 @@ impl Vm {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// See [`crate::vcpu::Vcpus::last_stop`].
+    pub fn last_stop(&self) -> Option<(Instant, Duration)> {
+        self.vcpus.last_stop()
     }
 
     pub fn resume(&mut self) -> Result<(), VmError> {

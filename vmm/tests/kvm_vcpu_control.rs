@@ -139,6 +139,66 @@ fn paused_guest_makes_no_progress_and_resumes() {
     let _ = std::fs::remove_file(kernel);
 }
 
+/// The stop a pause reports is the guest's: from the pause being asked for to the last vCPU
+/// running again, known only once they all have, and about the latest pause only.
+#[test]
+fn vcpus_report_how_long_the_guest_stood_still() {
+    if !kvm_available("vcpus_report_how_long_the_guest_stood_still") {
+        return;
+    }
+    let kernel = elf_kernel(&counting_loop(), "last-stop");
+    let kvm = vmm::vm::open_kvm().expect("kvm");
+    let events = VmEvents::new().expect("events");
+    let mut vm = Vm::boot(
+        &kvm,
+        &config(kernel.clone(), 2),
+        None,
+        &events,
+        SeccompMode::Trap,
+    )
+    .expect("boot");
+    assert!(vm.last_stop().is_none(), "a stop reported before any pause");
+    let held = Duration::from_millis(3);
+    let mut previous: Option<Instant> = None;
+    for _ in 0..20 {
+        let before = Instant::now();
+        vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
+        let paused = Instant::now();
+        assert!(vm.last_stop().is_none(), "a stop reported while paused");
+        std::thread::sleep(held);
+        let resuming = Instant::now();
+        vm.vcpus().resume();
+        let start = Instant::now();
+        let (asked, stood) = loop {
+            if let Some(stop) = vm.last_stop() {
+                break stop;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the vCPUs never ran again"
+            );
+            std::thread::yield_now();
+        };
+        assert!(
+            asked >= before && asked <= paused,
+            "the stop was not asked for in this pause"
+        );
+        assert!(
+            previous.is_none_or(|p| p < asked),
+            "an earlier pause reported"
+        );
+        // The guest stood still at least while it was held, and not before it was asked to.
+        assert!(
+            stood >= resuming - paused && stood <= Instant::now() - asked,
+            "stood still {stood:?}, held {:?}",
+            resuming - paused
+        );
+        previous = Some(asked);
+    }
+    vm.shutdown();
+    let _ = std::fs::remove_file(kernel);
+}
+
 #[test]
 fn dirty_log_reports_guest_writes() {
     if !kvm_available("dirty_log_reports_guest_writes") {
