@@ -121,6 +121,7 @@ fn ft_schemas_match_serde() {
         compress: true,
         hot_pages: false,
         stage_helper: false,
+        early_staging: false,
         early_acks: false,
         resend_output: false,
         latency_mode: true,

@@ -56,10 +56,12 @@ use crate::wire::{
 };
 use transport::Security;
 
+mod early_staging;
 mod group_member;
 mod hot_pages;
 mod kept_input;
 pub mod staging;
+use early_staging::EarlyStaging;
 use group_member::{GroupEnd, GroupLink, GroupOrder};
 use hot_pages::HotPages;
 use kept_input::KeptInput;
@@ -401,6 +403,7 @@ pub struct Primary {
     staging: GuestMemoryMmap,
     /// Pages kept writable and compared at each pause instead of write-protected.
     hot: HotPages,
+    early: EarlyStaging,
     /// Copies each epoch's pages into `staging` in the pause.
     stager: StagingCopier,
     peer: String,
@@ -823,6 +826,7 @@ impl Primary {
             lanes,
             staging,
             hot,
+            early: EarlyStaging::new(request.early_staging),
             stager,
             peer,
             pair_id,
@@ -1239,11 +1243,31 @@ impl Primary {
     /// The part of a checkpoint that runs while the VM is paused: the epoch's pages into the
     /// staging memory (hot pages only if they changed; the rest re-armed), then the state.
     fn capture(&mut self, vm: &mut dyn ReplicableVm) -> Result<EpochJob, String> {
-        let reported = live::dirty_since_last(vm)?;
-        let dirty = self
+        let mut reported = live::dirty_since_last(vm)?;
+        let early = self.early.take();
+        if let Some(uncopied) = early.as_ref().and_then(|e| e.uncopied.as_ref()) {
+            reported.union_with(uncopied);
+        }
+        let mut dirty = self
             .hot
             .stage(vm.memory(), &self.staging, reported, &mut self.stager)?;
-        self.hot.update(self.epoch, &dirty, vm.guest_written());
+        match early {
+            None => self.hot.update(self.epoch, &dirty, vm.guest_written()),
+            Some(early) => {
+                if let Some(copied) = &early.copied {
+                    dirty.union_with(copied);
+                }
+                // Unknown once either harvest does not tell.
+                let written = match (early.guest_written, vm.guest_written()) {
+                    (Some(mut written), Some(more)) => {
+                        written.union_with(more);
+                        Some(written)
+                    }
+                    _ => None,
+                };
+                self.hot.update(self.epoch, &dirty, written.as_ref());
+            }
+        }
         vm.rearm_dirty_log(self.hot.kept())?;
         let state = vm.save_state().map_err(|e| e.to_string())?;
         let disk_writes = self
@@ -1738,6 +1762,7 @@ fn output_wait_if_cut(send_us: u64, last_ran_us: u64, ran: Duration, sending: bo
 impl Primary {
     /// See [`PrimaryFt::next_checkpoint`].
     pub fn next_checkpoint(&self) -> Option<Duration> {
+        self.early.disarm();
         if self.health == FtHealth::Degraded && self.shared.lease.is_some() {
             // Unprotected on etcd: the lease is watched so that this copy stops before the
             // server can expire it.
@@ -1766,8 +1791,11 @@ impl Primary {
                 self.shared.cut_for_output.store(true, Ordering::SeqCst);
             }
         }
-        let left = len.saturating_sub(self.epoch_started.elapsed());
-        Some(left.max(MIN_TIMER))
+        let ran = self.epoch_started.elapsed();
+        if let Some(due) = self.early.due_in(len, ran, MIN_TIMER) {
+            return Some(due);
+        }
+        Some(len.saturating_sub(ran).max(MIN_TIMER))
     }
 
     fn output_wait_if_cut(&self, ran: Duration) -> Duration {
@@ -1792,6 +1820,13 @@ impl Primary {
         }
         if self.health != FtHealth::Protected || self.lost() || self.shared.group.is_some() {
             return Ok(());
+        }
+        if self.early.timer_fired() {
+            let busy = self.shared.staging_busy.load(Ordering::SeqCst);
+            let kept = self.hot.kept();
+            return self
+                .early
+                .stage(vm, &self.staging, kept, &mut self.stager, busy);
         }
         let busy = self.shared.staging_busy.load(Ordering::SeqCst);
         self.waiting_for_sender = busy && self.epoch_started.elapsed() < self.epoch_len * 2;

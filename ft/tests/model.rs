@@ -41,7 +41,7 @@ use ft::link::FtStream;
 use ft::primary::Primary;
 use ft::wire::Control;
 use ft::witness::{Role, WitnessHandle};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::config::VmConfig;
 use vmm::control::{EnableFtRequest, FtDiskMode, FtHealth, ReceiveFtRequest};
 use vmm::device_manager::FtGates;
@@ -487,9 +487,27 @@ impl ReplicableVm for FakeVm {
         Ok(true)
     }
     fn rearm_dirty_log(&mut self, keep: &DirtyPages) -> Result<(), String> {
+        let Some(reported) = self.manual_rearm.as_ref() else {
+            return Ok(());
+        };
+        let mut rearm = reported.clone();
+        rearm.subtract(keep);
+        if !self.paused {
+            // The guest runs between a harvest and the re-arm (FT's early staging), and
+            // re-arming a page drops from the log what was written to it meanwhile, as
+            // KVM_CLEAR_DIRTY_LOG does: re-armed pages must be copied after the re-arm.
+            self.step();
+            for gpa in rearm.iter() {
+                let (region, offset) = self
+                    .memory
+                    .to_region_addr(gpa)
+                    .ok_or_else(|| format!("{gpa:?} outside guest memory"))?;
+                (**region)
+                    .bitmap()
+                    .reset_addr_range(offset.0 as usize, PAGE as usize);
+            }
+        }
         if let Some(reported) = self.manual_rearm.as_mut() {
-            let mut rearm = reported.clone();
-            rearm.subtract(keep);
             reported.subtract(&rearm);
         }
         Ok(())
@@ -1172,6 +1190,7 @@ fn run_with(
         compress: true,
         hot_pages: true,
         stage_helper: true,
+        early_staging: true,
         early_acks: true,
         resend_output: true,
         latency_mode,

@@ -254,6 +254,11 @@ pub struct EnableFtRequest {
     /// on the control loop alone (a host whose cores are all busy with other work).
     #[serde(default = "default_true")]
     pub stage_helper: bool,
+    /// Copy most of an epoch's dirty pages into the staging memory while the guest still runs
+    /// (three quarters into the epoch, once the previous epoch has left staging), so that the
+    /// pause copies only the pages written after that; `false` copies every page in the pause.
+    #[serde(default = "default_true")]
+    pub early_staging: bool,
     /// TCP at full speed: mirror the frames the guest receives to the backup as they arrive
     /// and let the guest's pure TCP ACKs leave once the backup holds the input they
     /// acknowledge, instead of at the end of their epoch (the backup delivers that input

@@ -36,7 +36,8 @@
 //!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
-//!                     [--compress] [--no-hot-pages] [--no-stage-helper] [--no-early-acks]
+//!                     [--compress] [--no-hot-pages] [--no-early-staging]
+//!                     [--no-stage-helper] [--no-early-acks]
 //!                     [--no-resend-output]
 //!                     [--latency-mode] [--encode-threads N | --streams N]
 //! ch-remote ft-status [--json|--summary]  (a summary on a terminal; the FtStatus JSON with
@@ -519,6 +520,15 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("no-early-staging")
+                .long("no-early-staging")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Copy every dirty page in the pause (by default most are copied into \
+                     staging while the guest still runs, three quarters into the epoch)",
+                ),
+        )
+        .arg(
             Arg::new("no-stage-helper")
                 .long("no-stage-helper")
                 .action(ArgAction::SetTrue)
@@ -737,6 +747,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         compress: sub.get_flag("compress") || (defaults.compress && !sub.get_flag("no-compress")),
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
         stage_helper: defaults.stage_helper && !sub.get_flag("no-stage-helper"),
+        early_staging: defaults.early_staging && !sub.get_flag("no-early-staging"),
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
         resend_output: defaults.resend_output && !sub.get_flag("no-resend-output"),
         latency_mode: sub.get_flag("latency-mode"),
@@ -1915,8 +1926,8 @@ mod tests {
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
                 "heartbeat_timeout_ms": null, "witness": null, "compress": false, "hot_pages": true,
-                "stage_helper": true, "early_acks": true, "resend_output": true,
-                "latency_mode": false, "group": null})
+                "stage_helper": true, "early_staging": true, "early_acks": true,
+                "resend_output": true, "latency_mode": false, "group": null})
         );
         // LZ4 is off unless asked for (a link slower than the sender compresses).
         let lz4 = body(&["enable-ft", "--peer", "b:1", "--compress"]);
@@ -1936,6 +1947,7 @@ mod tests {
                 "--no-compress",
                 "--no-hot-pages",
                 "--no-stage-helper",
+                "--no-early-staging",
                 "--no-early-acks",
                 "--no-resend-output",
                 "--latency-mode",
@@ -1947,7 +1959,8 @@ mod tests {
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "stage_helper": false, "early_acks": false, "resend_output": false,
+                "stage_helper": false, "early_staging": false, "early_acks": false,
+                "resend_output": false,
                 "latency_mode": true, "encode_threads": 2,
                 "group": "/run/tandem/web.sock"})
         );

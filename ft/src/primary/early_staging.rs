@@ -1,0 +1,129 @@
+//! Early staging: most of an epoch's pages are copied into the staging memory while the guest
+//! still runs, so the pause copies only what changed in the epoch's last quarter (Cuju keeps
+//! page copies out of the pause as well).
+//!
+//! Three quarters into an epoch, once the sender has shipped the previous one out of staging,
+//! the control loop harvests the dirty log, re-arms it (the hot pages stay writable: the
+//! pause compares them), and only then copies the harvested pages into staging. A write
+//! before the re-arm is in the copy; one after it faults and is in the pause's harvest, which
+//! copies the page again. The epoch's pages are the union of both harvests. Nothing else
+//! writes staging while the sender does not read it (`staging_busy` is false, and only this
+//! thread sets it), so the sender's pass over the previous epoch is not disturbed.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use vmm::fault_tolerance::ReplicableVm;
+use vmm::memory::GuestMemoryMmap;
+use vmm::migration::live;
+use vmm::migration::memory::DirtyPages;
+
+use super::staging::StagingCopier;
+
+/// The part of the epoch after early staging: its writes are copied in the pause.
+const LAST_PART: u32 = 4;
+
+/// An epoch's early staging.
+pub struct EarlyStaging {
+    on: bool,
+    /// Early staging ran (or was passed up) in the running epoch.
+    tried: bool,
+    /// The epoch timer now armed is for early staging, not for the checkpoint.
+    timer_is_early: Cell<bool>,
+    staged: Option<Staged>,
+}
+
+/// What early staging harvested in the running epoch.
+#[derive(Default)]
+pub struct Staged {
+    harvested: bool,
+    /// Pages copied into staging.
+    pub copied: Option<DirtyPages>,
+    /// Pages harvested and re-armed but not copied (the copy failed): the pause copies them.
+    pub uncopied: Option<DirtyPages>,
+    /// Of the pages harvested, those the guest wrote itself (None: not known).
+    pub guest_written: Option<DirtyPages>,
+}
+
+impl EarlyStaging {
+    pub fn new(on: bool) -> Self {
+        Self {
+            on,
+            tried: false,
+            timer_is_early: Cell::new(false),
+            staged: None,
+        }
+    }
+
+    /// When an epoch of `len` that has run `ran` should stage early, if it still should; the
+    /// caller arms its timer for the sooner of this and the checkpoint.
+    pub fn due_in(&self, len: Duration, ran: Duration, min_timer: Duration) -> Option<Duration> {
+        let at = len - len / LAST_PART;
+        let due = (self.on && !self.tried && ran + min_timer <= at).then(|| at - ran);
+        self.timer_is_early.set(due.is_some());
+        due
+    }
+
+    /// The timer is about to be armed anew.
+    pub fn disarm(&self) {
+        self.timer_is_early.set(false);
+    }
+
+    /// Whether the timer that fired was early staging's (once).
+    pub fn timer_fired(&self) -> bool {
+        self.timer_is_early.replace(false)
+    }
+
+    /// Harvests the dirty log, re-arms it but for the hot pages `kept`, and copies the pages
+    /// into `staging`. `staging_busy`: the sender still reads staging (then nothing is done).
+    pub fn stage(
+        &mut self,
+        vm: &mut dyn ReplicableVm,
+        staging: &GuestMemoryMmap,
+        kept: &DirtyPages,
+        copier: &mut StagingCopier,
+        staging_busy: bool,
+    ) -> Result<(), String> {
+        self.tried = true;
+        if staging_busy {
+            return Ok(());
+        }
+        let mut pages = live::dirty_since_last(vm)?;
+        let guest_written = vm.guest_written().cloned();
+        // Kept pages are never re-armed: the pause compares them with their staging copy.
+        pages.subtract(kept);
+        let copied = vm
+            .rearm_dirty_log(kept)
+            .and_then(|()| copier.stage(vm.memory(), staging, &pages, &[]).map(|_| ()));
+        let staged = self.staged.get_or_insert_with(Staged::default);
+        // Unknown once either harvest does not tell.
+        staged.guest_written = match (staged.guest_written.take(), guest_written) {
+            (None, written) if !staged.harvested => written,
+            (Some(mut written), Some(more)) => {
+                written.union_with(&more);
+                Some(written)
+            }
+            _ => None,
+        };
+        staged.harvested = true;
+        if let Err(e) = &copied {
+            log::warn!("FT: early staging failed ({e}); the pause copies its pages");
+        }
+        let slot = match copied {
+            Ok(()) => &mut staged.copied,
+            Err(_) => &mut staged.uncopied,
+        };
+        match slot {
+            Some(set) => set.union_with(&pages),
+            None => *slot = Some(pages),
+        }
+        copied
+    }
+
+    /// What early staging did in the epoch being cut; the next epoch starts afresh.
+    pub fn take(&mut self) -> Option<Staged> {
+        self.tried = false;
+        self.timer_is_early.set(false);
+        self.staged.take()
+    }
+}
