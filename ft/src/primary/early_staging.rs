@@ -127,3 +127,50 @@ impl EarlyStaging {
         self.staged.take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_micros(100);
+    const EPOCH: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn due_three_quarters_into_the_epoch_once() {
+        let early = EarlyStaging::new(true);
+        assert_eq!(
+            early.due_in(EPOCH, Duration::from_millis(2), MIN),
+            Some(Duration::from_micros(5500))
+        );
+        assert!(early.timer_fired());
+        // Once per timer.
+        assert!(!early.timer_fired());
+        // Too late in the epoch: the checkpoint comes first.
+        assert_eq!(early.due_in(EPOCH, Duration::from_micros(7450), MIN), None);
+        assert!(!early.timer_fired());
+    }
+
+    #[test]
+    fn a_timer_armed_anew_is_not_early_stagings() {
+        let early = EarlyStaging::new(true);
+        assert!(early.due_in(EPOCH, Duration::ZERO, MIN).is_some());
+        early.disarm();
+        assert!(!early.timer_fired());
+    }
+
+    #[test]
+    fn off_it_is_never_due() {
+        let early = EarlyStaging::new(false);
+        assert_eq!(early.due_in(EPOCH, Duration::ZERO, MIN), None);
+        assert!(!early.timer_fired());
+    }
+
+    #[test]
+    fn after_it_ran_it_is_due_again_only_in_the_next_epoch() {
+        let mut early = EarlyStaging::new(true);
+        early.tried = true;
+        assert_eq!(early.due_in(EPOCH, Duration::ZERO, MIN), None);
+        assert!(early.take().is_none());
+        assert!(early.due_in(EPOCH, Duration::ZERO, MIN).is_some());
+    }
+}
