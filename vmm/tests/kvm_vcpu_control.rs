@@ -98,22 +98,28 @@ fn counter(vm: &Vm) -> u64 {
         .expect("read counter")
 }
 
-#[test]
-fn paused_guest_makes_no_progress_and_resumes() {
-    if !kvm_available("paused_guest_makes_no_progress_and_resumes") {
-        return;
-    }
-    let kernel = elf_kernel(&counting_loop(), "pause");
+/// Boots the counting loop on `cpus` vCPUs; the events must live as long as the VM.
+fn boot_counting(name: &str, cpus: u8) -> (Vm, VmEvents, PathBuf) {
+    let kernel = elf_kernel(&counting_loop(), name);
     let kvm = vmm::vm::open_kvm().expect("kvm");
     let events = VmEvents::new().expect("events");
-    let mut vm = Vm::boot(
+    let vm = Vm::boot(
         &kvm,
-        &config(kernel.clone(), 2),
+        &config(kernel.clone(), cpus),
         None,
         &events,
         SeccompMode::Trap,
     )
     .expect("boot");
+    (vm, events, kernel)
+}
+
+#[test]
+fn paused_guest_makes_no_progress_and_resumes() {
+    if !kvm_available("paused_guest_makes_no_progress_and_resumes") {
+        return;
+    }
+    let (mut vm, _events, kernel) = boot_counting("pause", 2);
     let start = Instant::now();
     while counter(&vm) < 1000 {
         assert!(start.elapsed() < Duration::from_secs(20), "guest never ran");
@@ -146,17 +152,7 @@ fn vcpus_report_how_long_the_guest_stood_still() {
     if !kvm_available("vcpus_report_how_long_the_guest_stood_still") {
         return;
     }
-    let kernel = elf_kernel(&counting_loop(), "last-stop");
-    let kvm = vmm::vm::open_kvm().expect("kvm");
-    let events = VmEvents::new().expect("events");
-    let mut vm = Vm::boot(
-        &kvm,
-        &config(kernel.clone(), 2),
-        None,
-        &events,
-        SeccompMode::Trap,
-    )
-    .expect("boot");
+    let (mut vm, _events, kernel) = boot_counting("last-stop", 2);
     assert!(vm.last_stop().is_none(), "a stop reported before any pause");
     let held = Duration::from_millis(3);
     let mut previous: Option<Instant> = None;
@@ -204,17 +200,7 @@ fn dirty_log_reports_guest_writes() {
     if !kvm_available("dirty_log_reports_guest_writes") {
         return;
     }
-    let kernel = elf_kernel(&counting_loop(), "dirty");
-    let kvm = vmm::vm::open_kvm().expect("kvm");
-    let events = VmEvents::new().expect("events");
-    let mut vm = Vm::boot(
-        &kvm,
-        &config(kernel.clone(), 1),
-        None,
-        &events,
-        SeccompMode::Trap,
-    )
-    .expect("boot");
+    let (mut vm, _events, kernel) = boot_counting("dirty", 1);
     vm.vcpus().pause(Duration::from_secs(2)).expect("pause");
     vm.set_dirty_logging(true).expect("enable dirty log");
     let _ = vm.take_dirty_log().expect("clear dirty log");
