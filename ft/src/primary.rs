@@ -1792,8 +1792,12 @@ impl Primary {
             }
         }
         let ran = self.epoch_started.elapsed();
-        if let Some(due) = self.early.due_in(len, ran, MIN_TIMER) {
-            return Some(due);
+        // An epoch ended early for waiting output is cut at once: staging early would only
+        // delay it.
+        if len == self.next_len {
+            if let Some(due) = self.early.due_in(len, ran, MIN_TIMER) {
+                return Some(due);
+            }
         }
         Some(len.saturating_sub(ran).max(MIN_TIMER))
     }
