@@ -1077,6 +1077,11 @@ mod tests {
             ),
             (
                 "vm.enable-ft",
+                r#"{"peer": "b:1", "early_staging": 1}"#,
+                "invalid type: integer `1`, expected a boolean",
+            ),
+            (
+                "vm.enable-ft",
                 r#"{"peer": "b:1", "epoch": 5}"#,
                 "unknown field `epoch`",
             ),
