@@ -1257,14 +1257,7 @@ impl Primary {
                 if let Some(copied) = &early.copied {
                     dirty.union_with(copied);
                 }
-                // Unknown once either harvest does not tell.
-                let written = match (early.guest_written, vm.guest_written()) {
-                    (Some(mut written), Some(more)) => {
-                        written.union_with(more);
-                        Some(written)
-                    }
-                    _ => None,
-                };
+                let written = early_staging::union_known(early.guest_written, vm.guest_written());
                 self.hot.update(self.epoch, &dirty, written.as_ref());
             }
         }

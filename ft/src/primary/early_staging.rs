@@ -34,15 +34,42 @@ pub struct EarlyStaging {
 }
 
 /// What early staging harvested in the running epoch.
-#[derive(Default)]
 pub struct Staged {
-    harvested: bool,
     /// Pages copied into staging.
     pub copied: Option<DirtyPages>,
     /// Pages harvested and re-armed but not copied (the copy failed): the pause copies them.
     pub uncopied: Option<DirtyPages>,
     /// Of the pages harvested, those the guest wrote itself (None: not known).
     pub guest_written: Option<DirtyPages>,
+}
+
+impl Staged {
+    fn merge(self, later: Staged) -> Staged {
+        let union = |a: Option<DirtyPages>, b: Option<DirtyPages>| match (a, b) {
+            (Some(mut a), Some(b)) => {
+                a.union_with(&b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
+        Staged {
+            copied: union(self.copied, later.copied),
+            uncopied: union(self.uncopied, later.uncopied),
+            guest_written: union_known(self.guest_written, later.guest_written.as_ref()),
+        }
+    }
+}
+
+/// The pages two harvests say the guest wrote itself; unknown (None) once either does not
+/// tell.
+pub fn union_known(first: Option<DirtyPages>, then: Option<&DirtyPages>) -> Option<DirtyPages> {
+    match (first, then) {
+        (Some(mut written), Some(more)) => {
+            written.union_with(more);
+            Some(written)
+        }
+        _ => None,
+    }
 }
 
 impl EarlyStaging {
@@ -95,28 +122,23 @@ impl EarlyStaging {
         let copied = vm
             .rearm_dirty_log(kept)
             .and_then(|()| copier.stage(vm.memory(), staging, &pages, &[]).map(|_| ()));
-        let staged = self.staged.get_or_insert_with(Staged::default);
-        // Unknown once either harvest does not tell.
-        staged.guest_written = match (staged.guest_written.take(), guest_written) {
-            (None, written) if !staged.harvested => written,
-            (Some(mut written), Some(more)) => {
-                written.union_with(&more);
-                Some(written)
-            }
-            _ => None,
-        };
-        staged.harvested = true;
         if let Err(e) = &copied {
             log::warn!("FT: early staging failed ({e}); the pause copies its pages");
         }
-        let slot = match copied {
-            Ok(()) => &mut staged.copied,
-            Err(_) => &mut staged.uncopied,
+        let (copied_pages, uncopied) = match copied {
+            Ok(()) => (Some(pages), None),
+            Err(_) => (None, Some(pages)),
         };
-        match slot {
-            Some(set) => set.union_with(&pages),
-            None => *slot = Some(pages),
-        }
+        let harvest = Staged {
+            copied: copied_pages,
+            uncopied,
+            guest_written,
+        };
+        // Once per epoch (`tried`); merged all the same, so that no harvest is ever dropped.
+        self.staged = Some(match self.staged.take() {
+            None => harvest,
+            Some(before) => before.merge(harvest),
+        });
         copied
     }
 
