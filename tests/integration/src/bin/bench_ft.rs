@@ -37,14 +37,20 @@
 //!             replication bytes per byte the guest received (where the link's bytes go). The
 //!             floor measures it too: what dirty tracking alone costs a transfer.
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
-//! to back and pinging the guest every millisecond; the primary is killed with SIGKILL. Failover
+//! to back and pinging the guest every millisecond; the primary is killed with SIGKILL at a
+//! random point of an epoch (a host does not die in step with the VMM's timers: without the
+//! random wait the kill often came together with an epoch's output release, just as the client
+//! sent its next request, which then died in flight with the primary). Failover
 //! time = SIGKILL sent -> first ICMP echo reply to a ping sent at least 5 ms after it (only the
 //! backup can answer it). Also shown: the same for the first `req` reply (same TCP
 //! connection), the backup's own figure (`last_failover_ms`: primary lost -> VM running) and
 //! how long the killed process took to disappear (its connection to the backup closes then).
 //! The roles then swap (a new backup on the other host) for the next repetition. `--failovers
 //! N` kills N primaries protected as by default and N with `--no-resend-output` (held output
-//! not copied to the backup), alternating: the first TCP answer is shown per kind.
+//! not copied to the backup), alternating: the first TCP answer is shown per kind. Each kill's
+//! line shows when that request, and the one before it, were sent and answered: a request sent
+//! just before the kill died in flight with the primary, and only the client's retransmission
+//! timeout (>= 200 ms on Linux) brings it to the backup.
 //! Groups (`--no-group` skips it): two VMs on host A (guests .21 and .22 on TAPs `tapvm` and
 //! `tapvm2`), each dirtying 250 pages per 10 ms epoch, booted once; in turn no FT, both
 //! protected separately (two sessions, a backup VMM each on host B) and both in one FT group.
@@ -1030,6 +1036,39 @@ impl ReqLoad {
             .iter()
             .find(|(sent, _)| *sent >= sent_after)
             .map(|(_, answered)| answered.saturating_duration_since(origin))
+    }
+
+    /// Where the request [`ReqLoad::first_answer_to_request_after`] measures, and the one before
+    /// it, lay around `origin`: `sent -> answered` in ms after it (negative: before). A miss of
+    /// the first TCP answer target reads from it whether that request went out before the
+    /// backup ran (lost with the primary) or the reply it waited for came late.
+    fn timeline_after(&self, sent_after: Instant, origin: Instant) -> String {
+        let ms = |t: Instant| -> f64 {
+            if t >= origin {
+                t.duration_since(origin).as_secs_f64() * 1e3
+            } else {
+                -(origin.duration_since(t).as_secs_f64() * 1e3)
+            }
+        };
+        let log = lock(&self.log);
+        let Some(at) = log.iter().position(|(sent, _)| *sent >= sent_after) else {
+            return "no request sent after the kill was answered".into();
+        };
+        let (sent, answered) = log[at];
+        let mut line = format!(
+            "request sent {:+.1} -> answered {:+.1} ms",
+            ms(sent),
+            ms(answered)
+        );
+        if let Some((before_sent, before_answered)) = at.checked_sub(1).map(|i| log[i]) {
+            let _ = write!(
+                line,
+                " (the one before: sent {:+.1} -> answered {:+.1} ms)",
+                ms(before_sent),
+                ms(before_answered)
+            );
+        }
+        line
     }
 
     fn stop(mut self) -> Res<SeqClient> {
@@ -2193,6 +2232,7 @@ fn kill_primaries(lab: &mut Lab, opts: &Options, results: &mut Results, rate: u6
     let mut primary = lab.boot_primary(Side::A, rate)?;
     let client = SeqClient::connect(&lab.hosts.client)?;
     let load = ReqLoad::start(client);
+    let mut kill_phase = XorShift::from_clock();
     for rep in 1..=2 * opts.failovers {
         check_interrupted()?;
         let resend = rep % 2 == 1;
@@ -2225,6 +2265,10 @@ fn kill_primaries(lab: &mut Lab, opts: &Options, results: &mut Results, rate: u6
                 ));
             }
         }
+        // A host dies at no particular point of an epoch: after the check's own timer (which the
+        // kernel may fire together with the epoch timer) wait a random part of an epoch.
+        let offset_us = kill_phase.next() % (FAILOVER_EPOCH_MS * 1000);
+        std::thread::sleep(Duration::from_micros(offset_us));
         let answered_before = load.answered();
         let killed = Instant::now();
         primary.vmm.kill();
@@ -2234,7 +2278,7 @@ fn kill_primaries(lab: &mut Lab, opts: &Options, results: &mut Results, rate: u6
         let only_backup_answers = killed + KILL_MARGIN;
         let mut took_over: Option<(f64, Option<u64>)> = None;
         let deadline = killed + FAILOVER_TIMEOUT;
-        let (icmp, tcp) = loop {
+        let (icmp, tcp, tcp_timeline) = loop {
             check_interrupted()?;
             if took_over.is_none() {
                 let status = ft_status(&lab.bins, &backup.socket)?;
@@ -2259,7 +2303,7 @@ fn kill_primaries(lab: &mut Lab, opts: &Options, results: &mut Results, rate: u6
             let icmp = pinger.first_answer_after(only_backup_answers, killed);
             let tcp = load.first_answer_to_request_after(only_backup_answers, killed);
             if let (Some(icmp), Some(tcp), Some(_)) = (icmp, tcp, took_over) {
-                break (icmp, tcp);
+                break (icmp, tcp, load.timeline_after(only_backup_answers, killed));
             }
             if let Some(e) = load.error() {
                 return Err(format!("request load after kill {rep}: {e}"));
@@ -2292,7 +2336,7 @@ fn kill_primaries(lab: &mut Lab, opts: &Options, results: &mut Results, rate: u6
             reaped_ms,
         };
         log(&format!(
-            "  kill {rep}{}: primary reaped after {reaped_ms:.1} ms, first ICMP answer {:.1} ms, first TCP answer to a new request {:.1} ms, backup: {reason}, then -> running in {} ms (took_over seen via the API after {:.1} ms)",
+            "  kill {rep}{}: primary reaped after {reaped_ms:.1} ms, first ICMP answer {:.1} ms, first TCP answer to a new request {:.1} ms ({tcp_timeline}), backup: {reason}, then -> running in {} ms (took_over seen via the API after {:.1} ms)",
             if resend { "" } else { " (--no-resend-output)" },
             sample.icmp_ms,
             sample.tcp_ms,
