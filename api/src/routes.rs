@@ -1147,6 +1147,7 @@ mod tests {
                 "last_committed_epoch": 0, "lag_epochs": 0, "bytes": 0, "dirty_pages": 0,
                 "pause_us_last": 0, "pause_us_p50": 0, "pause_us_p99": 0, "pause_us_max": 0,
                 "send_us_p50": 0, "send_us_p99": 0, "commit_us_p50": 0, "commit_us_p99": 0,
+                "input_mirror_us_p50": 0, "input_mirror_us_p99": 0,
                 "epochs_cut_early": 0, "epochs_cut_for_output": 0, "encode_threads": 0,
                 "streams": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0, "pages_from_input": 0,

@@ -258,12 +258,15 @@ const TIMED_IN_FLIGHT: usize = 4096;
 /// How long the recent epochs took to leave: the sender's time per epoch, and each epoch's
 /// output commit delay, from its checkpoint (the capture in the pause) to the backup's Ack
 /// committing it: how long output the guest sent at the very end of the epoch stayed held.
+/// Also, per input frame, how long it waited for the backup to hold it: what the guest's
+/// early ACK of it waited.
 #[derive(Default)]
 struct EpochTimings {
     /// Epochs whose end was sent and not yet committed: (epoch, captured_ns).
     in_flight: VecDeque<(u64, u64)>,
     send: DurationStats,
     commit: DurationStats,
+    input_mirror: DurationStats,
 }
 
 impl EpochTimings {
@@ -1292,10 +1295,14 @@ impl Primary {
         let s = &self.shared;
         let last_acked = s.last_acked.load(Ordering::SeqCst);
         // Read out before any other lock is taken (`commit_epoch` takes it under one).
-        let (send_us, commit_us) = {
+        let (send_us, commit_us, input_mirror_us) = {
             let t = s.timings();
             let p50_p99 = |d: &DurationStats| (d.percentile_us(50.0), d.percentile_us(99.0));
-            (p50_p99(&t.send), p50_p99(&t.commit))
+            (
+                p50_p99(&t.send),
+                p50_p99(&t.commit),
+                p50_p99(&t.input_mirror),
+            )
         };
         let mut status = FtStatus {
             role: FtRole::Primary,
@@ -1318,6 +1325,8 @@ impl Primary {
             send_us_p99: send_us.1,
             commit_us_p50: commit_us.0,
             commit_us_p99: commit_us.1,
+            input_mirror_us_p50: input_mirror_us.0,
+            input_mirror_us_p99: input_mirror_us.1,
             epochs_cut_early: self.epochs_cut_early,
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
@@ -1612,6 +1621,7 @@ fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
     // Acks come once per epoch, in order, and only for epochs whose end was sent: anything
     // else (a confused or forged peer) must not release output, so it breaks the link.
     let mut last_ack = shared.last_acked.load(Ordering::SeqCst);
+    let mut input_waits = Vec::new();
     loop {
         match read_control(&mut reader, &mut stream) {
             Ok(Control::Ack { epoch }) => {
@@ -1647,7 +1657,14 @@ fn ack_loop(shared: &Shared, mut stream: FtStream, mut reader: FrameReader) {
                     return;
                 }
                 if let Some(input) = &shared.gates.input_log {
-                    input.set_mirrored(seq);
+                    input.mirrored_through(seq, |waited| input_waits.push(waited));
+                }
+                if !input_waits.is_empty() {
+                    // Recorded after the input log's lock is let go.
+                    let mut timings = shared.timings();
+                    for waited in input_waits.drain(..) {
+                        timings.input_mirror.record(waited);
+                    }
                 }
                 for gate in &shared.gates.nets {
                     gate.input_mirrored(seq);

@@ -1,4 +1,5 @@
-//! Duration statistics of the primary's epochs: pauses, send times, output commit delays.
+//! Duration statistics of the primary's epochs: pauses, send times, output commit delays
+//! (and input frames' waits for the backup).
 
 use std::time::{Duration, Instant};
 

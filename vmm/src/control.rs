@@ -419,6 +419,12 @@ pub struct FtStatus {
     pub commit_us_p50: u64,
     #[serde(default)]
     pub commit_us_p99: u64,
+    /// Primary: how long an input frame waited, from its delivery to the guest to the backup
+    /// acknowledging it (what an early ACK of it waited), p50/p99 of the recent frames.
+    #[serde(default)]
+    pub input_mirror_us_p50: u64,
+    #[serde(default)]
+    pub input_mirror_us_p99: u64,
     /// Epochs cut short because their dirty set would take too long to send, or held (the
     /// guest paused) until the previous epoch was sent.
     pub epochs_cut_early: u64,
@@ -503,6 +509,8 @@ impl FtStatus {
         put("held_packets", self.held_packets);
         put("released_packets", self.released_packets);
         put("input_frames_mirrored", self.input_frames_mirrored);
+        put("input_mirror_us_p50", self.input_mirror_us_p50);
+        put("input_mirror_us_p99", self.input_mirror_us_p99);
         put("pages_from_input", self.pages_from_input);
         put("acks_released_early", self.acks_released_early);
         put("input_frames_replayed", self.input_frames_replayed);

@@ -1424,6 +1424,18 @@ fn ft_summary(s: &FtStatus) -> String {
                 ),
             );
         }
+        if s.input_frames_mirrored > 0 {
+            row(
+                "input:",
+                format!(
+                    "{} frames mirrored, held by the backup p50 {}, p99 {} after delivery; {} ACKs left early",
+                    s.input_frames_mirrored,
+                    micros(s.input_mirror_us_p50),
+                    micros(s.input_mirror_us_p99),
+                    s.acks_released_early
+                ),
+            );
+        }
         row(
             "output:",
             format!(
@@ -1562,6 +1574,10 @@ mod tests {
             send_us_p99: 1900,
             commit_us_p50: 1300,
             commit_us_p99: 3400,
+            input_frames_mirrored: 9120,
+            input_mirror_us_p50: 420,
+            input_mirror_us_p99: 2600,
+            acks_released_early: 3100,
             released_packets: 48210,
             last_error: Some("no heartbeat from the peer within the timeout".into()),
             ..FtStatus::default()
@@ -1574,6 +1590,7 @@ mod tests {
             "epoch:       5120 running, 5119 committed, lag 1 (10 ms epochs)\n",
             "last pause:  812 us (p50 790 us, p99 2.1 ms, max 4.0 ms)\n",
             "commit:      p50 1.3 ms, p99 3.4 ms after the checkpoint (sending p50 640 us, p99 1.9 ms)\n",
+            "input:       9120 frames mirrored, held by the backup p50 420 us, p99 2.6 ms after delivery; 3100 ACKs left early\n",
             "output:      0 packets held, 48210 released, 0 disk writes held\n",
             "replicated:  3.0 GiB\n",
             "disks:       replicated\n",

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::ack_index::AckIndex;
 use super::{FramePool, NetInputRecorder};
@@ -17,6 +18,11 @@ use super::{FramePool, NetInputRecorder};
 /// Spare frame buffers the log keeps for reuse, at most (a few epochs of a bulk transfer's
 /// frames in flight to the backup).
 const SPARE_BYTES: usize = 8 << 20;
+
+/// Frames whose wait for the backup is timed, at most: past it the oldest go untimed (a
+/// backup that stopped answering input would otherwise grow the queue for as long as the
+/// link lives).
+const MAX_TIMED: usize = 64 * 1024;
 
 /// One frame delivered to the guest, numbered in delivery order over all NICs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +48,9 @@ struct State {
     pool: FramePool,
     /// Which frames each early ACK needs (see [`InputLog::ack_tag`]).
     acks: AckIndex,
+    /// (seq, when recorded) of the frames the backup is not known to hold, oldest first:
+    /// how long each waited for it is what an early ACK of it waited.
+    unmirrored: VecDeque<(u64, Instant)>,
 }
 
 /// The shared input log (one per VM, shared by its NICs and the FT sender).
@@ -68,6 +77,7 @@ impl InputLog {
                 pending_bytes: 0,
                 pool: FramePool::new(SPARE_BYTES),
                 acks: AckIndex::default(),
+                unmirrored: VecDeque::new(),
             }),
             max_pending_bytes,
             notify: Mutex::new(None),
@@ -129,6 +139,10 @@ impl InputLog {
             };
             st.pending.push_back(frame);
             st.pending_bytes = after;
+            if st.unmirrored.len() >= MAX_TIMED {
+                st.unmirrored.pop_front();
+            }
+            st.unmirrored.push_back((seq, Instant::now()));
             // Published under the lock so that `delivered` never runs ahead of the queue.
             self.delivered.store(st.last_seq, Ordering::Release);
             self.recorded.fetch_add(1, Ordering::Relaxed);
@@ -180,7 +194,22 @@ impl InputLog {
 
     /// The backup holds every frame with seq <= `seq` (monotonic: a smaller value is ignored).
     pub fn set_mirrored(&self, seq: u64) {
+        self.mirrored_through(seq, |_| {});
+    }
+
+    /// [`InputLog::set_mirrored`], telling `waited` how long each frame it newly covers waited
+    /// for the backup since it was recorded (oldest first; called under the log's lock).
+    pub fn mirrored_through(&self, seq: u64, mut waited: impl FnMut(Duration)) {
+        let mut st = self.state();
         self.mirrored.fetch_max(seq, Ordering::AcqRel);
+        let now = Instant::now();
+        while let Some(&(frame, recorded)) = st.unmirrored.front() {
+            if frame > seq {
+                break;
+            }
+            st.unmirrored.pop_front();
+            waited(now.saturating_duration_since(recorded));
+        }
     }
 
     pub fn mirrored(&self) -> u64 {
@@ -195,6 +224,7 @@ impl InputLog {
         st.pending.clear();
         st.pending_bytes = 0;
         st.acks.clear();
+        st.unmirrored.clear();
         self.mirrored.fetch_max(st.last_seq, Ordering::AcqRel);
         self.stopped.store(false, Ordering::Release);
     }
@@ -206,6 +236,7 @@ impl InputLog {
         st.pending.clear();
         st.pending_bytes = 0;
         st.acks.clear();
+        st.unmirrored.clear();
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -357,6 +388,33 @@ mod tests {
         assert!(log.record(0, &[3; 60], Vec::new()));
         let taken = log.take_pending();
         assert_eq!((taken[0].seq, taken[0].epoch), (2, 9));
+    }
+
+    #[test]
+    fn each_frame_newly_covered_reports_its_wait_once_oldest_first() {
+        let log = InputLog::new(1, 1 << 20);
+        for byte in 1..=3u8 {
+            assert!(log.record(0, &[byte; 60], Vec::new()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(log.record(0, &[4; 60], Vec::new()));
+        let mut waits = Vec::new();
+        log.mirrored_through(2, |d| waits.push(d));
+        assert_eq!(waits.len(), 2);
+        assert!(waits.iter().all(|d| *d >= Duration::from_millis(2)));
+        // Covered already, or not acknowledged yet: nothing more.
+        log.mirrored_through(2, |d| waits.push(d));
+        log.mirrored_through(1, |d| waits.push(d));
+        assert_eq!(waits.len(), 2);
+        log.mirrored_through(4, |d| waits.push(d));
+        assert_eq!(waits.len(), 4);
+        assert!(waits[2] >= waits[3], "frame 3 was recorded before frame 4");
+        // Protection stopped and started again: earlier frames count as held, untimed.
+        assert!(log.record(0, &[5; 60], Vec::new()));
+        log.stop();
+        log.start(9);
+        log.mirrored_through(5, |d| waits.push(d));
+        assert_eq!(waits.len(), 4);
     }
 
     #[test]

@@ -897,6 +897,13 @@ fn a_stream_acknowledged_early_survives_kills_of_the_primary() {
                 && status["input_frames_mirrored"].as_u64() > Some(0),
             "round {round}: no early ACKs while a client streams to the guest: {status}"
         );
+        // Each frame waits at least the replication link's round trip for the backup.
+        let mirror_us = |key: &str| status[key].as_u64().unwrap_or(0);
+        assert!(
+            0 < mirror_us("input_mirror_us_p50")
+                && mirror_us("input_mirror_us_p50") <= mirror_us("input_mirror_us_p99"),
+            "round {round}: input waits for the backup not reported: {status}"
+        );
         std::thread::sleep(Duration::from_millis(rng.below(200)));
         primary.vmm.kill();
         let status = wait_status(&backup.socket, "health", &["took_over", "failed"], TIMEOUT)

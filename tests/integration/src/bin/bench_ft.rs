@@ -455,6 +455,9 @@ struct FtStatus {
     send_us_p50: u64,
     commit_us_p50: u64,
     commit_us_p99: u64,
+    /// How long input frames waited for the backup (what early ACKs of them waited).
+    input_mirror_us_p50: u64,
+    input_mirror_us_p99: u64,
     epochs_cut_early: u64,
     last_failover_ms: Option<u64>,
     last_error: Option<String>,
@@ -484,6 +487,8 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         send_us_p50: num("send_us_p50")?,
         commit_us_p50: num("commit_us_p50")?,
         commit_us_p99: num("commit_us_p99")?,
+        input_mirror_us_p50: num("input_mirror_us_p50")?,
+        input_mirror_us_p99: num("input_mirror_us_p99")?,
         epochs_cut_early: num("epochs_cut_early")?,
         last_failover_ms: v["last_failover_ms"].as_u64(),
         last_error: v["last_error"].as_str().map(str::to_string),
@@ -1300,6 +1305,9 @@ struct TcpFt {
     cpu_ms_per_mb: f64,
     /// The same, the primary's threads only.
     primary_cpu_ms_per_mb: f64,
+    /// How long an input frame waited for the backup to hold it, p50 and p99, ms (ft-status
+    /// after the transfer: its recent frames).
+    input_mirror_ms: (f64, f64),
 }
 
 /// How one case is measured.
@@ -1403,6 +1411,10 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
                     bytes_per_byte: bytes / sent.max(1) as f64,
                     cpu_ms_per_mb: cpu_ns as f64 / 1e6 / mb,
                     primary_cpu_ms_per_mb: primary_cpu_ns as f64 / 1e6 / mb,
+                    input_mirror_ms: (
+                        after.input_mirror_us_p50 as f64 / 1e3,
+                        after.input_mirror_us_p99 as f64 / 1e3,
+                    ),
                 })
             }
             _ => None,
@@ -1492,6 +1504,9 @@ enum Metric {
     TcpReplCpuMsPerMb,
     /// The primary's share of it.
     TcpReplPrimaryCpuMsPerMb,
+    /// Input frames' wait for the backup during the TCP transfer, ms.
+    TcpInputMirrorP50Ms,
+    TcpInputMirrorP99Ms,
     /// FT bytes sent per second of the work window, MB/s.
     SenderMbps,
 }
@@ -1579,6 +1594,8 @@ impl Results {
                 Metric::TcpReplPrimaryCpuMsPerMb,
                 t.primary_cpu_ms_per_mb,
             );
+            self.add(cell, mode, Metric::TcpInputMirrorP50Ms, t.input_mirror_ms.0);
+            self.add(cell, mode, Metric::TcpInputMirrorP99Ms, t.input_mirror_ms.1);
         }
         if let Some(ft) = &r.ft {
             let epochs = ft.epochs as f64;
@@ -1654,12 +1671,15 @@ fn describe_case(r: &CaseResult) -> String {
         let _ = write!(
             s,
             " ({:.0} VMM-dirty pages/epoch, {:.0} sent as input, {:.2} replication B per B \
-             received, replication threads {:.2} ms CPU per MB, {:.2} of it the primary's)",
+             received, replication threads {:.2} ms CPU per MB, {:.2} of it the primary's, input \
+             held by the backup p50 {:.2} p99 {:.2} ms after delivery)",
             t.dirty_per_epoch,
             t.input_pages_per_epoch,
             t.bytes_per_byte,
             t.cpu_ms_per_mb,
-            t.primary_cpu_ms_per_mb
+            t.primary_cpu_ms_per_mb,
+            t.input_mirror_ms.0,
+            t.input_mirror_ms.1
         );
     }
     if let Some(ft) = &r.ft {
@@ -3280,6 +3300,8 @@ impl Report<'_> {
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplCpuMsPerMb), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplPrimaryCpuMsPerMb), 2),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpInputMirrorP50Ms), 2),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpInputMirrorP99Ms), 2),
                 ]
             })
             .collect();
@@ -3309,6 +3331,12 @@ impl Report<'_> {
             println!(
                 "  of it primary: the primary's threads (the backup's would run on another host in production)"
             );
+            println!(
+                "  input wait p50/p99: how long an input frame waited from its delivery to the guest until the backup held it"
+            );
+            println!(
+                "  (ft-status input_mirror_us_*): an early ACK's added delay; the guest's 1 MiB window over that round trip bounds FT"
+            );
             println!();
             print_table(
                 &[
@@ -3327,6 +3355,8 @@ impl Report<'_> {
                     "FT repl B/B",
                     "FT repl CPU ms/MB",
                     "of it primary",
+                    "input wait p50 ms",
+                    "input wait p99 ms",
                 ],
                 &tcp_rows,
             );
