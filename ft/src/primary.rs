@@ -1782,9 +1782,12 @@ impl Primary {
             // Unprotected with writes that could not leave: the timer retries them.
             return (self.stranded_writes() > 0).then_some(STRANDED_RETRY);
         }
-        // A group's coordinator decides when its members checkpoint.
+        // A group's coordinator decides when its members checkpoint; a member still stages
+        // early, three quarters of the group's epoch after its last cut.
         if self.shared.group.is_some() {
-            return None;
+            return self
+                .early
+                .due_in(self.epoch_len, self.epoch_started.elapsed(), MIN_TIMER);
         }
         if self.waiting_for_sender {
             return Some(MIN_CUT_EPOCH);
@@ -1832,7 +1835,7 @@ impl Primary {
             self.drain_stranded();
             return Ok(());
         }
-        if self.health != FtHealth::Protected || self.lost() || self.shared.group.is_some() {
+        if self.health != FtHealth::Protected || self.lost() {
             return Ok(());
         }
         if self.early.timer_fired() {
@@ -1841,6 +1844,10 @@ impl Primary {
             return self
                 .early
                 .stage(vm, &self.staging, kept, &mut self.stager, busy);
+        }
+        if self.shared.group.is_some() {
+            // Its cuts come from the coordinator (`poll`).
+            return Ok(());
         }
         let busy = self.shared.staging_busy.load(Ordering::SeqCst);
         self.waiting_for_sender = busy && self.epoch_started.elapsed() < self.epoch_len * 2;

@@ -2,7 +2,8 @@
 //! still runs, so the pause copies only what changed in the epoch's last quarter (Cuju keeps
 //! page copies out of the pause as well).
 //!
-//! Three quarters into an epoch, once the sender has shipped the previous one out of staging,
+//! Three quarters into an epoch (for a group member: of the group's epoch, after its last
+//! cut), once the sender has shipped the previous one out of staging,
 //! the control loop harvests the dirty log, re-arms it (the hot pages stay writable: the
 //! pause compares them), and only then copies the harvested pages into staging. A write
 //! before the re-arm is in the copy; one after it faults and is in the pause's harvest, which

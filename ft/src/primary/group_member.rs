@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::control::FtHealth;
 use vmm::fault_tolerance::{PrimaryEvent, ReplicableVm};
@@ -158,6 +158,8 @@ impl Primary {
             epoch: group_epoch,
             barrier,
         };
+        // Early staging is timed from here (see `next_checkpoint`).
+        self.epoch_started = Instant::now();
         let Some(mut job) = self.cut(vm, &cut, running)? else {
             return Ok(());
         };

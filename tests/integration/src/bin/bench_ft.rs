@@ -59,7 +59,10 @@
 //! request after a random think time in [0, epoch) in all three cases (one run; twice the
 //! cells' round trips in three times their budget). Separately protected VMs hold every frame
 //! they send, the members of a group do not hold frames between each other: a relay should wait
-//! for about three epoch commits apart and one in a group.
+//! for about three epoch commits apart and one in a group. Also per case the pause (ft-status
+//! p50/p99) of the member that stood still longest, and (unless `--no-early-compare`) the
+//! group once more with `--no-early-staging`: members stage early like a lone primary, three
+//! quarters of the group's epoch after their last cut.
 //! Peer: QEMU COLO on the same guest at 10 ms (x-checkpoint-delay) x 0 and 1000 pages: a
 //! diskless primary/secondary pair over loopback in a namespace of its own, against QEMU alone
 //! (work/s overhead and round-trip latency, measured as above).
@@ -2388,6 +2391,8 @@ enum GroupCase {
     NoFt,
     Separate,
     Group,
+    /// In one group, every page copied in the pause (`--no-early-staging`).
+    GroupLate,
 }
 
 impl GroupCase {
@@ -2396,6 +2401,7 @@ impl GroupCase {
             GroupCase::NoFt => "no FT",
             GroupCase::Separate => "FT separately",
             GroupCase::Group => "FT in one group",
+            GroupCase::GroupLate => "FT in one group, late staging",
         }
     }
 }
@@ -2406,6 +2412,8 @@ struct GroupSample {
     case: GroupCase,
     relay_ms: Vec<f64>,
     direct_ms: Vec<f64>,
+    /// Under FT, the pause (ft-status p50, p99, ms) of the member that stood still longest.
+    pause_ms: Option<(f64, f64)>,
 }
 
 /// The groups section's two VMs and their clients (both connected to VM 1).
@@ -2441,9 +2449,15 @@ fn run_groups(lab: &mut Lab, opts: &Options, results: &mut Results) -> Res<()> {
 fn group_cases(lab: &mut Lab, g: &mut GroupVms, opts: &Options, results: &mut Results) -> Res<()> {
     let sample = group_round_trips(lab, g, GroupCase::NoFt, &[], opts)?;
     results.group.push(sample);
-    for case in [GroupCase::Separate, GroupCase::Group] {
+    let mut cases = vec![GroupCase::Separate, GroupCase::Group];
+    if opts.early_compare {
+        cases.push(GroupCase::GroupLate);
+    }
+    for case in cases {
         check_interrupted()?;
-        let sockets = (case == GroupCase::Group).then(|| GroupSockets {
+        lab.early_staging = case != GroupCase::GroupLate;
+        let grouped = matches!(case, GroupCase::Group | GroupCase::GroupLate);
+        let sockets = grouped.then(|| GroupSockets {
             primaries: lab.dir.join("group-primaries.sock").display().to_string(),
             backups: lab.dir.join("group-backups.sock").display().to_string(),
         });
@@ -2482,6 +2496,7 @@ fn group_cases(lab: &mut Lab, g: &mut GroupVms, opts: &Options, results: &mut Re
             let r = lab.unprotect(vm, backup);
             ended = ended.and(r);
         }
+        lab.early_staging = true;
         results.group.push(measured?);
         ended?;
     }
@@ -2532,8 +2547,14 @@ fn group_round_trips(
     let peer = GROUP_VMS[1].1.to_string();
     let relay_ms = round_trips(&mut g.relay, count, think, budget, |c| c.relay(&peer))?;
     let direct_ms = round_trips(&mut g.direct, count, think, budget, SeqClient::req)?;
+    let mut pause_ms: Option<(f64, f64)> = None;
     for socket in ft_sockets {
         let status = ft_status(&lab.bins, socket)?;
+        let (p50, p99) = (
+            status.pause_us_p50 as f64 / 1e3,
+            status.pause_us_p99 as f64 / 1e3,
+        );
+        pause_ms = Some(pause_ms.map_or((p50, p99), |(a, b)| (a.max(p50), b.max(p99))));
         if status.health != "protected" {
             return Err(format!(
                 "{} is no longer protected: health {:?}, last error {:?}",
@@ -2547,6 +2568,7 @@ fn group_round_trips(
         case,
         relay_ms,
         direct_ms,
+        pause_ms,
     };
     let p = |v: &[f64], q| percentile(v, q).unwrap_or(f64::NAN);
     log(&format!(
@@ -3892,6 +3914,10 @@ impl Report<'_> {
             "FT groups: two VMs on host A, {GROUP_PAGES} pages per {GROUP_EPOCH_MS} ms epoch each; relay = client -> VM 1 -> VM 2 -> VM 1 -> client, direct = client -> VM 1; ms, each request after a random think time in [0, {GROUP_EPOCH_MS} ms)"
         );
         println!("  separately protected VMs hold every frame (a relay waits for about 3 epoch commits); a group holds only what leaves it (about 1)");
+        println!("  pause: ft-status p50/p99 of the member that stood still longest (a group's members pause together);");
+        println!(
+            "  late staging: the group with --no-early-staging (every page copied in the pause)"
+        );
         println!();
         let p = |v: &[f64], q| percentile(v, q);
         let mut rows: Vec<Vec<String>> = samples
@@ -3903,6 +3929,8 @@ impl Report<'_> {
                     fmt(p(&g.relay_ms, 99.0), 2),
                     fmt(p(&g.direct_ms, 50.0), 2),
                     fmt(p(&g.direct_ms, 99.0), 2),
+                    fmt(g.pause_ms.map(|p| p.0), 3),
+                    fmt(g.pause_ms.map(|p| p.1), 3),
                     format!("{}/{}", g.relay_ms.len(), g.direct_ms.len()),
                 ]
             })
@@ -3920,6 +3948,30 @@ impl Report<'_> {
                 ratio(&sep.direct_ms, &grp.direct_ms, 50.0),
                 ratio(&sep.direct_ms, &grp.direct_ms, 99.0),
                 String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        if let (Some(late), Some(grp)) = (
+            find(GroupCase::GroupLate).and_then(|g| g.pause_ms),
+            find(GroupCase::Group).and_then(|g| g.pause_ms),
+        ) {
+            let ratio = |a: f64, b: f64| {
+                if b > 0.0 {
+                    format!("{:.2}x", a / b)
+                } else {
+                    "-".into()
+                }
+            };
+            rows.push(vec![
+                "group: late / early staging".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                ratio(late.0, grp.0),
+                ratio(late.1, grp.1),
+                String::new(),
             ]);
         }
         if rows.is_empty() {
@@ -3933,6 +3985,8 @@ impl Report<'_> {
                 "relay p99",
                 "direct p50",
                 "direct p99",
+                "pause p50",
+                "pause p99",
                 "round trips",
             ],
             &rows,
