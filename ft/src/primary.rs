@@ -1328,6 +1328,7 @@ impl Primary {
             input_mirror_us_p50: input_mirror_us.0,
             input_mirror_us_p99: input_mirror_us.1,
             epochs_cut_early: self.epochs_cut_early,
+            pages_staged_early: self.early.pages_copied(),
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
             streams: s.streams.load(Ordering::Relaxed),

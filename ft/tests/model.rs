@@ -1069,6 +1069,8 @@ struct Report {
     lane_pages: u64,
     /// Pages the primary sent as input frames laid over the backup's copy.
     pages_from_input: u64,
+    /// Pages the primary copied into staging while the guest ran.
+    pages_staged_early: u64,
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
@@ -1357,6 +1359,9 @@ fn run_with(
         .as_ref()
         .map_or(0, |p| p.status().epochs_cut_for_output);
     let pages_from_input = primary.as_ref().map_or(0, |p| p.status().pages_from_input);
+    let pages_staged_early = primary
+        .as_ref()
+        .map_or(0, |p| p.status().pages_staged_early);
     let frames_released = world.frames_out.load(Ordering::SeqCst);
     let early_acks = vm
         .gates
@@ -1526,6 +1531,7 @@ fn run_with(
         frames_released,
         early_acks,
         pages_from_input,
+        pages_staged_early,
         cut_for_output,
         summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
         acked,
@@ -1620,14 +1626,19 @@ fn no_fault_run_replicates_and_releases_everything() {
             report.pages_from_input > 0,
             "{mode:?}: no page went as the input frames it received"
         );
+        assert!(
+            report.pages_staged_early > 0,
+            "{mode:?}: no page was staged while the guest ran"
+        );
         eprintln!(
             "{mode:?}: {} frames ({} page frames on {lanes} data streams), {} epochs \
-             acknowledged, {} ACKs left early, {} pages sent as input",
+             acknowledged, {} ACKs left early, {} pages sent as input, {} staged early",
             report.frames,
             report.lane_pages,
             report.acked,
             report.early_acks,
-            report.pages_from_input
+            report.pages_from_input,
+            report.pages_staged_early
         );
     }
 }

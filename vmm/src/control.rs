@@ -437,6 +437,10 @@ pub struct FtStatus {
     /// TCP connections between primary and backup (1 unless `streams` asked for more).
     #[serde(default)]
     pub streams: u64,
+    /// Primary: dirty pages copied into the staging memory while the guest ran (early
+    /// staging), not in a pause, since protection started.
+    #[serde(default)]
+    pub pages_staged_early: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,
@@ -504,6 +508,7 @@ impl FtStatus {
         put("commit_us_p99", self.commit_us_p99);
         put("epochs_cut_early", self.epochs_cut_early);
         put("epochs_cut_for_output", self.epochs_cut_for_output);
+        put("pages_staged_early", self.pages_staged_early);
         put("hot_pages", self.hot_pages);
         put("hot_page_hits", self.hot_page_hits);
         put("held_packets", self.held_packets);

@@ -32,6 +32,8 @@ pub struct EarlyStaging {
     /// The epoch timer now armed is for early staging, not for the checkpoint.
     timer_is_early: Cell<bool>,
     staged: Option<Staged>,
+    /// Pages copied into staging while the guest ran, since protection started.
+    pages_copied: u64,
 }
 
 /// What early staging harvested in the running epoch.
@@ -80,6 +82,7 @@ impl EarlyStaging {
             tried: false,
             timer_is_early: Cell::new(false),
             staged: None,
+            pages_copied: 0,
         }
     }
 
@@ -127,7 +130,10 @@ impl EarlyStaging {
             log::warn!("FT: early staging failed ({e}); the pause copies its pages");
         }
         let (copied_pages, uncopied) = match copied {
-            Ok(()) => (Some(pages), None),
+            Ok(()) => {
+                self.pages_copied += pages.count();
+                (Some(pages), None)
+            }
             Err(_) => (None, Some(pages)),
         };
         let harvest = Staged {
@@ -141,6 +147,11 @@ impl EarlyStaging {
             Some(before) => before.merge(harvest),
         });
         copied
+    }
+
+    /// Pages copied into staging while the guest ran, since protection started.
+    pub fn pages_copied(&self) -> u64 {
+        self.pages_copied
     }
 
     /// What early staging did in the epoch being cut; the next epoch starts afresh.

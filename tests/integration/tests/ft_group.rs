@@ -215,6 +215,14 @@ fn fail_over_the_group_when_one_primary_dies(tag: &str, victim: usize) {
     let before = progress(&relayed, "relayed", &group);
     let status = ft_status(&group.members[1 - victim].primary_socket);
     assert!(status["group_epoch"].as_u64().unwrap_or(0) > 0, "{status}");
+    // The coordinator orders the cuts; each member still copies most pages before its pause.
+    for member in &group.members {
+        let status = ft_status(&member.primary_socket);
+        assert!(
+            status["pages_staged_early"].as_u64().unwrap_or(0) > 0,
+            "a group member staged nothing early: {status}"
+        );
+    }
 
     group.members[victim].primary.kill();
     let survivor = 1 - victim;
