@@ -38,7 +38,11 @@
 //!   holds, the newest commit it got and the protected members it knows of. The new
 //!   coordinator waits (half a second, a heartbeat timeout at most) for every member someone
 //!   knows of: one that does not come back was lost with the old coordinator's VMM, so the
-//!   group fails as for any lost primary. Then it goes on numbering after the newest cut,
+//!   group fails as for any lost primary. It need not wait when a member saw that VMM's
+//!   process end (a pidfd of the socket peer's process) and says so in its Rejoin: the member
+//!   that VMM hosted is lost, and the group fails at once (a coordinator handing the role on
+//!   says `HandOff` first, so the end of its connections is not mistaken for a death).
+//!   Otherwise it goes on numbering after the newest cut,
 //!   finishes a cut that was under way (cutting those the old coordinator had not reached)
 //!   and commits only what every protected member's backup reports holding.
 //!
@@ -58,7 +62,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -86,6 +90,10 @@ const CONNECT_RETRY: Duration = Duration::from_millis(5);
 /// A live member is back within milliseconds; one still missing then was lost with the old
 /// coordinator's VMM, and every moment waited is added to the group's failover.
 const REJOIN_WAIT: Duration = Duration::from_millis(500);
+/// How long a member whose coordinator's connection closed without an ending order or a
+/// hand-off waits to see the coordinator's process end: a dying process's sockets close just
+/// before the kernel reports it gone.
+const DEATH_WAIT: Duration = Duration::from_millis(50);
 /// How long a member joining afresh finds no coordinator before it takes the role itself.
 const FRESH_GRACE: Duration = Duration::from_millis(50);
 /// At most this many group epochs are cut but not yet committed: the pipeline of a single
@@ -130,6 +138,10 @@ pub enum PrimaryMsg {
         known: Vec<u64>,
         /// It lost its backup and told the old coordinator (which may not have read it).
         degrade: Option<String>,
+        /// Members it saw end with a coordinator's process (see
+        /// [`Link::lost_with_coordinator`]): none of them will come back.
+        #[serde(default)]
+        lost: Vec<u64>,
     },
     /// coordinator -> member: the group's identity (the witness pair id of every member) and
     /// timing.
@@ -140,12 +152,18 @@ pub enum PrimaryMsg {
     },
     /// member: the initial synchronisation is done; cut me from now on.
     Ready,
-    /// coordinator: the MACs of the protected members, how many there are and their ids.
+    /// coordinator: the MACs of the protected members, how many there are and their ids,
+    /// and the member whose VMM runs the coordinator.
     Peers {
         macs: Vec<[u8; 6]>,
         members: u64,
         ids: Vec<u64>,
+        #[serde(default)]
+        coordinator: u64,
     },
+    /// coordinator -> all, last: its member `leaver` left on purpose and the role passes on.
+    /// The connection's end that follows is not its VMM's death.
+    HandOff { leaver: u64 },
     /// coordinator: end group epoch `epoch` now. With `barrier`, say Paused and wait for
     /// Resume; without (the only member protected), run on at once.
     Cut { epoch: u64, barrier: bool },
@@ -393,6 +411,42 @@ fn connect_or_bind(
 /// The effective uid of the process at the other end of `stream`, as the kernel recorded it
 /// when the connection was made (`SO_PEERCRED`).
 fn peer_uid(stream: &UnixStream) -> std::io::Result<libc::uid_t> {
+    peer_cred(stream).map(|cred| cred.uid)
+}
+
+/// A pidfd of the process at the other end of `stream`, when that is another process. The
+/// group's coordinator runs in one member's VMM: through this a member tells that VMM's death
+/// (its member is lost with it) from the coordinator merely closing. None when unknown.
+fn peer_process(stream: &UnixStream) -> Option<OwnedFd> {
+    let pid = peer_cred(stream).ok()?.pid;
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1. Should
+    // the peer have died and been reaped since it connected, the pid may name another
+    // process: its death is then not seen, and the group waits for the member as before.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is new and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the process behind `pidfd` has ended, or ends within `wait`.
+fn process_ended(pidfd: &OwnedFd, wait: Duration) -> bool {
+    let mut ready = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one pollfd that we own, for the length of the call.
+    let rc = unsafe { libc::poll(&mut ready, 1, wait_ms) };
+    rc == 1 && ready.revents & libc::POLLIN != 0
+}
+
+fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
     // SAFETY: an all-zero `ucred` is a valid value of this plain C struct.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -410,7 +464,7 @@ fn peer_uid(stream: &UnixStream) -> std::io::Result<libc::uid_t> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 /// A member's id in its group: random, so that members need no coordinator to number them
@@ -667,6 +721,7 @@ impl PrimaryCoordinator {
                         deadline: now + timing.heartbeat_timeout.min(REJOIN_WAIT),
                         expected: BTreeSet::new(),
                         rejoined: BTreeSet::new(),
+                        lost: BTreeSet::new(),
                     }),
                 };
                 coordinator.run();
@@ -729,6 +784,8 @@ struct Gathering {
     /// The protected members the rejoined ones know of.
     expected: BTreeSet<u64>,
     rejoined: BTreeSet<u64>,
+    /// Members a rejoined one saw end with the old coordinator's process: none is waited for.
+    lost: BTreeSet<u64>,
 }
 
 struct Coordinator {
@@ -839,6 +896,9 @@ impl Coordinator {
             self.try_commit();
         }
         log::info!("FT group: this VMM's member left; handing the coordinator role on");
+        let all: Vec<usize> = self.members.keys().copied().collect();
+        self.hub
+            .send_all(all, &PrimaryMsg::HandOff { leaver: host });
         self.hub.dissolve();
     }
 
@@ -846,6 +906,22 @@ impl Coordinator {
     /// those missing are lost (their VMM ended with the old coordinator's, or is stuck).
     fn check_gathering(&mut self, time_up: bool) -> Option<PrimaryMsg> {
         let gathering = self.gathering.as_ref()?;
+        let dead: Vec<String> = gathering
+            .expected
+            .intersection(&gathering.lost)
+            .filter(|id| !gathering.rejoined.contains(id))
+            .map(|id| format!("{id:x}"))
+            .collect();
+        if !dead.is_empty() {
+            // Nothing to wait for: the process that ran it has ended.
+            return Some(PrimaryMsg::Fail {
+                reason: format!(
+                    "group member(s) {} ended with the group's old coordinator (its VMM's \
+                     process ended): their primary was lost",
+                    dead.join(", ")
+                ),
+            });
+        }
         let missing: Vec<u64> = gathering
             .expected
             .difference(&gathering.rejoined)
@@ -1070,6 +1146,7 @@ impl Coordinator {
                 committed,
                 known,
                 degrade,
+                lost,
             } => {
                 if group_id != self.group_id {
                     // A new group took the path meanwhile (everyone else had gone).
@@ -1116,6 +1193,7 @@ impl Coordinator {
                 if let Some(g) = &mut self.gathering {
                     g.rejoined.insert(member);
                     g.expected.extend(known);
+                    g.lost.extend(lost);
                 } else if ready {
                     self.announce_peers();
                 }
@@ -1280,6 +1358,7 @@ impl Coordinator {
                 .collect(),
             members: members.len() as u64,
             ids: members.iter().map(|m| m.id).collect(),
+            coordinator: self.host,
         };
         let all: Vec<usize> = self.members.keys().copied().collect();
         self.hub.send_all(all, &msg);
@@ -1296,11 +1375,20 @@ impl Coordinator {
         let _ = std::fs::remove_file(&self.hub.path);
         let ready = self.ready_ids();
         self.hub.send_all(ready.iter().copied(), &end);
+        // A connection that has not said who it is yet may be a protected member rejoining:
+        // it shares the group's end (one joining afresh then fails to join).
+        let unknown: Vec<usize> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.id == 0 && !m.ready)
+            .map(|(c, _)| *c)
+            .collect();
+        self.hub.send_all(unknown.iter().copied(), &end);
         // A member still synchronising is not protected by the group yet: it runs on, alone.
         let syncing: Vec<usize> = self
             .members
             .keys()
-            .filter(|id| !ready.contains(id))
+            .filter(|id| !ready.contains(id) && !unknown.contains(id))
             .copied()
             .collect();
         let alone = PrimaryMsg::Degrade {
@@ -1325,6 +1413,13 @@ struct Track {
     degrade: Option<String>,
     /// The group ended for this member (Fail or Degrade): nothing to rejoin.
     ended: bool,
+    /// The member whose VMM runs the current coordinator (from its Peers).
+    coordinator_host: Option<u64>,
+    /// The current coordinator said HandOff: its connection's end is not its VMM's death.
+    handed_off: bool,
+    /// Members seen to end with a coordinator's process: told to every later coordinator (a
+    /// member may have to rejoin more than once before one decides).
+    lost: Vec<u64>,
 }
 
 /// A primary member's connection to its coordinator, shared with the thread that listens.
@@ -1339,6 +1434,8 @@ struct Link {
     track: Mutex<Track>,
     /// The coordinator, while this VMM holds the role.
     coordinator: Mutex<Option<PrimaryCoordinator>>,
+    /// The current coordinator's process, when it is another VMM (see [`peer_process`]).
+    coordinator_process: Mutex<Option<OwnedFd>>,
     /// Left on purpose: never rejoin.
     left: AtomicBool,
 }
@@ -1348,11 +1445,32 @@ impl Link {
         self.track.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The connection to the coordinator closed without an ending order: the member its VMM
+    /// hosted, if that VMM's process has ended (a crash or kill, not a hand-off). Such a member
+    /// will never rejoin, and saying so spares the group the new coordinator's rejoin wait.
+    fn lost_with_coordinator(&self) -> Option<u64> {
+        let (host, handed_off) = {
+            let t = self.track();
+            (t.coordinator_host, t.handed_off)
+        };
+        let host = host.filter(|h| *h != self.id && !handed_off)?;
+        let process = self
+            .coordinator_process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        process_ended(&process, DEATH_WAIT).then_some(host)
+    }
+
     /// Connects to the group's coordinator again, becoming it if the role is free, and
     /// rejoins with this member's state. Returns the new connection's reader.
     fn rejoin(&self) -> Result<LineReader, String> {
         let socket = Path::new(&self.path);
         let (stream, role) = connect_or_bind(socket, true).map_err(|e| e.to_string())?;
+        *self
+            .coordinator_process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = peer_process(&stream);
         if let Some((listener, role)) = role {
             log::info!("FT group: coordinating group {} from here", self.path);
             let coordinator = PrimaryCoordinator::start(
@@ -1388,7 +1506,13 @@ impl Link {
             // which `leave` takes to say Leave).
             return Err("left the group".into());
         }
-        let t = self.track().clone();
+        let t = {
+            let mut t = self.track();
+            // Until the new coordinator's Peers.
+            t.coordinator_host = None;
+            t.handed_off = false;
+            t.clone()
+        };
         let rejoin = PrimaryMsg::Rejoin {
             id: self.id,
             group_id: self.group_id,
@@ -1401,6 +1525,7 @@ impl Link {
             committed: t.committed,
             known: t.known,
             degrade: t.degrade,
+            lost: t.lost,
         };
         send_line(&mut writer, &rejoin).map_err(|e| e.to_string())?;
         // From here on whatever this member says goes to the new coordinator, after Rejoin.
@@ -1455,6 +1580,7 @@ impl PrimaryMember {
             path: path.to_string(),
             message,
         };
+        let coordinator_process = peer_process(&stream);
         let mut writer = stream.try_clone().map_err(socket_err)?;
         writer
             .set_write_timeout(Some(WRITE_TIMEOUT))
@@ -1469,6 +1595,7 @@ impl PrimaryMember {
             .map_err(socket_err)?;
         let mut reader = LineReader::new(stream);
         let mut known = Vec::new();
+        let mut coordinator_host = None;
         let (group_id, timing) = loop {
             match reader.next::<PrimaryMsg>().map_err(&fail)? {
                 PrimaryMsg::Welcome {
@@ -1485,7 +1612,12 @@ impl PrimaryMember {
                     )
                 }
                 // Sent to every member, also those still joining.
-                PrimaryMsg::Peers { ids, .. } => known = ids,
+                PrimaryMsg::Peers {
+                    ids, coordinator, ..
+                } => {
+                    known = ids;
+                    coordinator_host = Some(coordinator);
+                }
                 other => return Err(fail(format!("expected Welcome, got {other:?}"))),
             }
         };
@@ -1504,9 +1636,11 @@ impl PrimaryMember {
                 writer: Mutex::new(writer),
                 track: Mutex::new(Track {
                     known,
+                    coordinator_host,
                     ..Track::default()
                 }),
                 coordinator: Mutex::new(coordinator),
+                coordinator_process: Mutex::new(coordinator_process),
                 left: AtomicBool::new(false),
             }),
             reader: Mutex::new(Some(reader)),
@@ -1579,17 +1713,29 @@ impl PrimaryMember {
                     match reader.next::<PrimaryMsg>() {
                         Ok(msg) => {
                             note_received(&link, &msg);
-                            handle(Ok(msg));
+                            if !matches!(msg, PrimaryMsg::HandOff { .. }) {
+                                handle(Ok(msg));
+                            }
                         }
                         Err(why) => {
                             if link.left.load(Ordering::SeqCst) || link.track().ended {
                                 handle(Err(why));
                                 return;
                             }
-                            log::info!(
-                                "FT group {}: the coordinator went ({why}); rejoining",
-                                link.path
-                            );
+                            match link.lost_with_coordinator() {
+                                Some(host) => {
+                                    log::warn!(
+                                        "FT group {}: the coordinator's VMM ended ({why}), and \
+                                         member {host:x} with it; rejoining",
+                                        link.path
+                                    );
+                                    link.track().lost.push(host);
+                                }
+                                None => log::info!(
+                                    "FT group {}: the coordinator went ({why}); rejoining",
+                                    link.path
+                                ),
+                            }
                             match link.rejoin() {
                                 Ok(next) => reader = next,
                                 Err(e) => {
@@ -1658,7 +1804,17 @@ fn note_received(link: &Link, msg: &PrimaryMsg) {
         }
         PrimaryMsg::Resume { epoch } if t.cut == Some(*epoch) => t.barrier = Barrier::Done,
         PrimaryMsg::Commit { epoch } => t.committed = t.committed.max(*epoch),
-        PrimaryMsg::Peers { ids, .. } => t.known = ids.clone(),
+        PrimaryMsg::Peers {
+            ids, coordinator, ..
+        } => {
+            t.known = ids.clone();
+            t.coordinator_host = Some(*coordinator);
+        }
+        PrimaryMsg::HandOff { leaver } => {
+            t.handed_off = true;
+            // The next coordinator must not wait for it.
+            t.known.retain(|id| id != leaver);
+        }
         PrimaryMsg::Fail { .. } | PrimaryMsg::Degrade { .. } => t.ended = true,
         _ => {}
     }
@@ -2112,7 +2268,15 @@ mod tests {
                 committed: 1,
                 known: vec![3, 5],
                 degrade: None,
+                lost: vec![5],
             },
+            PrimaryMsg::Peers {
+                macs: vec![[1, 2, 3, 4, 5, 6]],
+                members: 1,
+                ids: vec![3],
+                coordinator: 3,
+            },
+            PrimaryMsg::HandOff { leaver: 3 },
             PrimaryMsg::Cut {
                 epoch: 7,
                 barrier: true,
@@ -2319,6 +2483,7 @@ mod tests {
                 macs: vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]],
                 members: 2,
                 ids: vec![a.link.id, b.link.id],
+                coordinator: a.link.id,
             }
         );
         // A cut of both: nobody resumes before both paused.
@@ -2548,6 +2713,110 @@ mod tests {
         for r in &rx[1..] {
             let fail = next_matching(r, |m| matches!(m, PrimaryMsg::Fail { .. }));
             assert!(format!("{fail:?}").contains("lost"), "{fail:?}");
+        }
+    }
+
+    /// A protected member rejoining when the group fails may not have said Rejoin yet: it
+    /// must fail with the group, not run on alone as a member still synchronising would.
+    #[test]
+    fn a_connection_that_has_not_said_who_it_is_shares_the_group_s_failure() {
+        let (_dir, path) = socket_path("unknown");
+        let m: Vec<PrimaryMember> = (0..2)
+            .map(|i| PrimaryMember::join(&path, vec![[2, 0, 0, 0, 0, i]], timing(), 7).unwrap())
+            .collect();
+        let rx: Vec<_> = m.iter().map(listen).collect();
+        for member in &m {
+            member.send(&PrimaryMsg::Ready).unwrap();
+        }
+        next_matching(&rx[0], |m| {
+            matches!(m, PrimaryMsg::Peers { members: 2, .. })
+        });
+        let silent = UnixStream::connect(&path).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // Past the acceptor's poll: the coordinator has registered it.
+        std::thread::sleep(ACCEPT_POLL * 5);
+        m[1].die();
+        let fail = next_matching(&rx[0], |m| matches!(m, PrimaryMsg::Fail { .. }));
+        assert_eq!(LineReader::new(silent).next::<PrimaryMsg>(), Ok(fail));
+    }
+
+    /// Where [`coordinator_host_process`] creates its group.
+    const HOST_PATH_ENV: &str = "FT_GROUP_TEST_HOST_PATH";
+    /// What it prints once its member is protected.
+    const HOST_READY: &str = "coordinator host ready";
+
+    /// Not a test of its own: the VMM hosting the coordinator in
+    /// [`a_coordinator_s_process_ending_fails_the_group_at_once`], run in a process of its own
+    /// (this test binary again) so that it can be killed.
+    #[test]
+    #[ignore]
+    fn coordinator_host_process() {
+        let Ok(path) = std::env::var(HOST_PATH_ENV) else {
+            return;
+        };
+        let quiet = GroupTiming {
+            epoch: Duration::from_secs(60),
+            ..timing()
+        };
+        let member = PrimaryMember::join(&path, vec![[2, 0, 0, 0, 1, 0]], quiet, 7).unwrap();
+        assert!(member.link.coordinator.lock().unwrap().is_some());
+        let _rx = listen(&member);
+        member.send(&PrimaryMsg::Ready).unwrap();
+        println!("{HOST_READY}");
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_coordinator_s_process_ending_fails_the_group_at_once() {
+        use std::io::BufRead;
+        let (_dir, path) = socket_path("hostproc");
+        let mut host = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "group::tests::coordinator_host_process",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(HOST_PATH_ENV, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(host.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains(HOST_READY) {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the host process ended"
+            );
+        }
+        let quiet = GroupTiming {
+            epoch: Duration::from_secs(60),
+            ..timing()
+        };
+        let m: Vec<PrimaryMember> = (0..2)
+            .map(|i| PrimaryMember::join(&path, vec![[2, 0, 0, 0, 0, i]], quiet, 7).unwrap())
+            .collect();
+        let rx: Vec<_> = m.iter().map(listen).collect();
+        for member in &m {
+            assert!(member.link.coordinator.lock().unwrap().is_none());
+            member.send(&PrimaryMsg::Ready).unwrap();
+        }
+        for r in &rx {
+            next_matching(r, |m| matches!(m, PrimaryMsg::Peers { members: 3, .. }));
+        }
+        host.kill().unwrap();
+        host.wait().unwrap();
+        // Both learn it from the one that takes the role over, which need not wait for the
+        // lost member to (never) come back.
+        for r in &rx {
+            let fail = next_matching(r, |m| matches!(m, PrimaryMsg::Fail { .. }));
+            assert!(
+                format!("{fail:?}").contains("ended with the group's old coordinator"),
+                "{fail:?}"
+            );
         }
     }
 

@@ -130,6 +130,9 @@ const NETWORK: &[libc::c_long] = &[
     libc::SYS_getsockname,
     libc::SYS_getsockopt,
     libc::SYS_listen,
+    // FT group: a pidfd of the coordinator's process (SO_PEERCRED's pid), polled to tell its
+    // VMM's death from a hand-off.
+    libc::SYS_pidfd_open,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_read,
