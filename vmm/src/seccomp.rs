@@ -130,9 +130,6 @@ const NETWORK: &[libc::c_long] = &[
     libc::SYS_getsockname,
     libc::SYS_getsockopt,
     libc::SYS_listen,
-    // FT group: a pidfd of the coordinator's process (SO_PEERCRED's pid), polled to tell its
-    // VMM's death from a hand-off.
-    libc::SYS_pidfd_open,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_read,
@@ -146,6 +143,11 @@ const NETWORK: &[libc::c_long] = &[
     libc::SYS_socket,
     libc::SYS_socketpair,
 ];
+
+/// FT group members (joining on the control loop, rejoining on a replication thread): a pidfd
+/// of the coordinator's process (`SO_PEERCRED`'s pid), polled (`poll`, in [`NETWORK`]) to tell
+/// its VMM's death from a hand-off.
+const GROUP_MEMBER: &[libc::c_long] = &[libc::SYS_pidfd_open];
 
 /// Files: images, state and log files, sockets' paths.
 const FILES: &[libc::c_long] = &[
@@ -250,11 +252,19 @@ const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX];
 
 fn syscalls(role: ThreadRole) -> Vec<&'static [libc::c_long]> {
     match role {
-        ThreadRole::Vmm => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS, VMM_EXTRA],
+        ThreadRole::Vmm => vec![
+            COMMON,
+            SPAWN,
+            NETWORK,
+            FILES,
+            EVENTS,
+            GROUP_MEMBER,
+            VMM_EXTRA,
+        ],
         ThreadRole::Vcpu => vec![COMMON, VCPU_EXTRA],
         ThreadRole::DeviceLoop => vec![COMMON, EVENTS, FILES, DEVICE_LOOP_EXTRA],
         ThreadRole::Api => vec![COMMON, SPAWN, NETWORK, EVENTS],
-        ThreadRole::Replication => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS],
+        ThreadRole::Replication => vec![COMMON, SPAWN, NETWORK, FILES, EVENTS, GROUP_MEMBER],
         ThreadRole::SerialSocket => vec![COMMON, NETWORK],
         ThreadRole::Witness => vec![COMMON, SPAWN, NETWORK, FILES],
         ThreadRole::EventMonitor => vec![COMMON, EVENT_MONITOR_EXTRA],
