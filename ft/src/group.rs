@@ -433,19 +433,14 @@ fn peer_process(stream: &UnixStream) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Whether the process behind `pidfd` has ended, or ends within `wait`.
+/// Whether the process behind `pidfd` has ended, or ends within `wait` (a pidfd is readable
+/// once its process has exited).
 fn process_ended(pidfd: &OwnedFd, wait: Duration) -> bool {
-    let mut ready = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
     let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one pollfd that we own, for the length of the call.
-    let rc = unsafe { libc::poll(&mut ready, 1, wait_ms) };
-    rc == 1 && ready.revents & libc::POLLIN != 0
+    transport::poll_one(pidfd.as_raw_fd(), libc::POLLIN, wait_ms).unwrap_or(false)
 }
 
+/// The credentials of the process at the other end of `stream` (as it connected).
 fn peer_cred(stream: &UnixStream) -> std::io::Result<libc::ucred> {
     // SAFETY: an all-zero `ucred` is a valid value of this plain C struct.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };

@@ -248,11 +248,7 @@ pub(crate) fn socket_readable_now(fd: RawFd) -> bool {
 
 /// Waits at most `timeout_ms` (0: not at all; -1: without end) for `events` on `fd`. True
 /// when they came, or an error or hang-up that the next read or write reports.
-pub(crate) fn poll_one(
-    fd: RawFd,
-    events: libc::c_short,
-    timeout_ms: libc::c_int,
-) -> io::Result<bool> {
+pub fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<bool> {
     let mut poll = libc::pollfd {
         fd,
         events,
