@@ -2737,6 +2737,39 @@ mod tests {
         assert_eq!(LineReader::new(silent).next::<PrimaryMsg>(), Ok(fail));
     }
 
+    /// `Rejoin.lost` naming an id no member knows of (a stale or made-up report) fails
+    /// nothing: only a protected member that does not come back counts.
+    #[test]
+    fn a_lost_report_naming_no_member_of_the_group_is_ignored() {
+        let (_dir, path) = socket_path("bogus");
+        let m = three(&path);
+        let rx: Vec<_> = m.iter().map(listen).collect();
+        for member in &m {
+            member.send(&PrimaryMsg::Ready).unwrap();
+        }
+        next_matching(&rx[2], |m| {
+            matches!(m, PrimaryMsg::Peers { members: 3, .. })
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        for r in &rx {
+            while r.try_recv().is_ok() {}
+        }
+        m[1].link.track().lost.push(0xdead);
+        // The coordinator's thread vanishes; its member lives on and rejoins with the rest.
+        let gone = m[0].link.coordinator.lock().unwrap().take().unwrap();
+        gone.vanish();
+        // The new coordinator resumes the group (and says who is in it) instead of failing it.
+        for r in &rx {
+            let next = next_matching(r, |m| {
+                matches!(m, PrimaryMsg::Peers { .. } | PrimaryMsg::Fail { .. })
+            });
+            assert!(
+                matches!(next, PrimaryMsg::Peers { members: 3, .. }),
+                "{next:?}"
+            );
+        }
+    }
+
     /// Where [`coordinator_host_process`] creates its group.
     const HOST_PATH_ENV: &str = "FT_GROUP_TEST_HOST_PATH";
     /// What it prints once its member is protected.
