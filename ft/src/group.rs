@@ -2607,10 +2607,14 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_coordinator_s_member_leaving_mid_barrier_releases_the_others_and_they_go_on() {
-        let (_dir, path) = socket_path("midcut");
-        let m = three(&path);
+    /// Three members, all protected (the last to hear of it has heard of all three).
+    fn three_protected(
+        path: &str,
+    ) -> (
+        Vec<PrimaryMember>,
+        Vec<Receiver<Result<PrimaryMsg, String>>>,
+    ) {
+        let m = three(path);
         let rx: Vec<_> = m.iter().map(listen).collect();
         for member in &m {
             member.send(&PrimaryMsg::Ready).unwrap();
@@ -2618,6 +2622,13 @@ mod tests {
         next_matching(&rx[2], |m| {
             matches!(m, PrimaryMsg::Peers { members: 3, .. })
         });
+        (m, rx)
+    }
+
+    #[test]
+    fn the_coordinator_s_member_leaving_mid_barrier_releases_the_others_and_they_go_on() {
+        let (_dir, path) = socket_path("midcut");
+        let (m, rx) = three_protected(&path);
         cut_all(&[&rx[0], &rx[1], &rx[2]], 1);
         m[1].send(&PrimaryMsg::Paused { epoch: 1 }).unwrap();
         m[2].send(&PrimaryMsg::Paused { epoch: 1 }).unwrap();
@@ -2649,14 +2660,7 @@ mod tests {
     #[test]
     fn a_coordinator_killed_mid_barrier_is_replaced_and_the_cut_completes() {
         let (_dir, path) = socket_path("vanish");
-        let m = three(&path);
-        let rx: Vec<_> = m.iter().map(listen).collect();
-        for member in &m {
-            member.send(&PrimaryMsg::Ready).unwrap();
-        }
-        next_matching(&rx[2], |m| {
-            matches!(m, PrimaryMsg::Peers { members: 3, .. })
-        });
+        let (m, rx) = three_protected(&path);
         cut_all(&[&rx[0], &rx[1], &rx[2]], 1);
         m[1].send(&PrimaryMsg::Paused { epoch: 1 }).unwrap();
         m[2].send(&PrimaryMsg::Paused { epoch: 1 }).unwrap();
@@ -2694,14 +2698,7 @@ mod tests {
     #[test]
     fn the_coordinator_s_primary_dying_still_fails_the_group() {
         let (_dir, path) = socket_path("hostdies");
-        let m = three(&path);
-        let rx: Vec<_> = m.iter().map(listen).collect();
-        for member in &m {
-            member.send(&PrimaryMsg::Ready).unwrap();
-        }
-        next_matching(&rx[2], |m| {
-            matches!(m, PrimaryMsg::Peers { members: 3, .. })
-        });
+        let (m, rx) = three_protected(&path);
         cut_all(&[&rx[0], &rx[1], &rx[2]], 1);
         // Its VMM is killed: the coordinator and its member end at once.
         m[0].die();
@@ -2742,14 +2739,7 @@ mod tests {
     #[test]
     fn a_lost_report_naming_no_member_of_the_group_is_ignored() {
         let (_dir, path) = socket_path("bogus");
-        let m = three(&path);
-        let rx: Vec<_> = m.iter().map(listen).collect();
-        for member in &m {
-            member.send(&PrimaryMsg::Ready).unwrap();
-        }
-        next_matching(&rx[2], |m| {
-            matches!(m, PrimaryMsg::Peers { members: 3, .. })
-        });
+        let (m, rx) = three_protected(&path);
         std::thread::sleep(Duration::from_millis(30));
         for r in &rx {
             while r.try_recv().is_ok() {}
