@@ -486,7 +486,7 @@ mod tests {
         assert_eq!(
             seen[16..20],
             [
-                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, hot_pages: true, stage_helper: true, early_staging: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "10.0.0.2:7000", epoch_ms: 20, disk_mode: Shared, heartbeat_timeout_ms: Some(200), witness: Some("10.0.0.3:7100"), fencing: None, compress: false, hot_pages: true, stage_helper: true, early_staging: true, early_send: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: Some("/run/web.sock"), tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: ["/var/b/disk0.img", "/var/b/disk1.img"], taps: [], witness: Some("10.0.0.3:7100"), fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 "FtStatus",
                 "DisableFt",
@@ -1024,8 +1024,8 @@ mod tests {
         assert_eq!(
             *seen,
             [
-                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: false, hot_pages: true, stage_helper: true, early_staging: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
-                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, stage_helper: true, early_staging: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: false, hot_pages: true, stage_helper: true, early_staging: true, early_send: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
+                r#"EnableFt(EnableFtRequest { peer: "tcp:b:7000", epoch_ms: 10, disk_mode: Replicated, heartbeat_timeout_ms: None, witness: None, fencing: None, compress: true, hot_pages: true, stage_helper: true, early_staging: true, early_send: true, early_acks: true, resend_output: true, latency_mode: false, encode_threads: None, streams: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:[::]:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
                 r#"ReceiveFt(ReceiveFtRequest { receiver_url: "tcp:0.0.0.0:7000", disk_paths: [], taps: [], witness: None, fencing: None, group: None, tls_dir: None, insecure_plaintext: false })"#,
             ]
@@ -1149,7 +1149,7 @@ mod tests {
                 "send_us_p50": 0, "send_us_p99": 0, "commit_us_p50": 0, "commit_us_p99": 0,
                 "input_mirror_us_p50": 0, "input_mirror_us_p99": 0,
                 "epochs_cut_early": 0, "epochs_cut_for_output": 0, "encode_threads": 0,
-                "streams": 0, "pages_staged_early": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
+                "streams": 0, "pages_staged_early": 0, "pages_sent_early": 0, "hot_pages": 0, "hot_page_hits": 0, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0, "pages_from_input": 0,
                 "acks_released_early": 0, "input_frames_replayed": 0,
                 "output_frames_mirrored": 0, "output_frames_resent": 0,

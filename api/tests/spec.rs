@@ -122,6 +122,7 @@ fn ft_schemas_match_serde() {
         hot_pages: false,
         stage_helper: false,
         early_staging: false,
+        early_send: false,
         early_acks: false,
         resend_output: false,
         latency_mode: true,

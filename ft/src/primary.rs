@@ -37,7 +37,7 @@ use vmm::migration::protocol::{
     encode_frame, DeltaBase, FrameReader, FrameSink, FrameType, Message, ProtocolError, Sender,
     SenderOptions,
 };
-use vmm::migration::Lane;
+use vmm::migration::{InputPieces, Lane};
 use vmm::progress::TransferProgress;
 use vmm::vm::{Vm, VmSnapshotState};
 use vmm_sys_util::eventfd::EventFd;
@@ -202,7 +202,10 @@ struct EpochJob {
     captured_ns: u64,
     /// The group epoch it ends (FT groups only).
     group_epoch: Option<u64>,
+    /// The pages its pause sends (those sent while the guest ran are not repeated).
     dirty: DirtyPages,
+    /// The pages the guest dirtied in it, both passes.
+    pages: u64,
     state: Box<VmSnapshotState>,
     disk_writes: Vec<Vec<RecordedWrite>>,
     /// How long the guest ran in it (zero when not known: group epochs).
@@ -211,6 +214,12 @@ struct EpochJob {
 
 enum Job {
     Epoch(EpochJob),
+    /// The pages early staging copied into the staging memory while epoch `epoch` still runs
+    /// (its first memory pass).
+    EarlyPages {
+        epoch: u64,
+        pages: DirtyPages,
+    },
     /// Frames wait in the input log.
     Input,
     StandDown {
@@ -420,6 +429,8 @@ pub struct Primary {
     epoch: u64,
     /// End an epoch early while output waits (see `EnableFtRequest::latency_mode`).
     latency_mode: bool,
+    /// Send early-staged pages while the guest runs (see `EnableFtRequest::early_send`).
+    early_send: bool,
     pauses: GuestPauses,
     /// When the running epoch's checkpoint started (its length counts from there).
     epoch_started: Instant,
@@ -794,6 +805,9 @@ impl Primary {
             }
         };
         let latency_mode = request.latency_mode && shared.group.is_none();
+        // A group member's pause comes when the coordinator says, and would wait, paused, for
+        // a first pass still leaving staging: members copy early but send in the pause.
+        let early_send = request.early_staging && request.early_send && shared.group.is_none();
         if latency_mode {
             // Latency mode: the control loop hears of the first output an epoch holds.
             let s = shared.clone();
@@ -840,6 +854,7 @@ impl Primary {
             heartbeat_timeout,
             epoch: first_epoch,
             latency_mode,
+            early_send,
             pauses: GuestPauses::default(),
             epoch_started: Instant::now(),
             waiting_for_sender: false,
@@ -1160,9 +1175,27 @@ impl Primary {
         true
     }
 
+    /// The pages early staging just copied go to the sender while the guest runs on (see
+    /// `early_staging`). Should the sender not take them, the pause sends them.
+    fn send_early(&mut self) {
+        let (Some(pages), Some(jobs)) = (self.early.unsent(), &self.jobs) else {
+            return;
+        };
+        let job = Job::EarlyPages {
+            epoch: self.epoch,
+            pages: pages.clone(),
+        };
+        // Set before the sender can see the job: it clears it when the pass has left.
+        self.shared.staging_busy.store(true, Ordering::SeqCst);
+        match jobs.try_send(job) {
+            Ok(()) => self.early.mark_sent(),
+            Err(_) => self.shared.staging_busy.store(false, Ordering::SeqCst),
+        }
+    }
+
     /// The captured epoch goes to the sender; the next one runs.
     fn hand_over(&mut self, job: EpochJob) {
-        self.dirty_pages += job.dirty.count();
+        self.dirty_pages += job.pages;
         self.epoch += 1;
         self.shared.staging_busy.store(true, Ordering::SeqCst);
         if let Some(jobs) = &self.jobs {
@@ -1254,16 +1287,30 @@ impl Primary {
         let mut dirty = self
             .hot
             .stage(vm.memory(), &self.staging, reported, &mut self.stager)?;
-        match early {
-            None => self.hot.update(self.epoch, &dirty, vm.guest_written()),
-            Some(early) => {
-                if let Some(copied) = &early.copied {
-                    dirty.union_with(copied);
-                }
-                let written = early_staging::union_known(early.guest_written, vm.guest_written());
-                self.hot.update(self.epoch, &dirty, written.as_ref());
+        let pages = match early {
+            None => {
+                self.hot.update(self.epoch, &dirty, vm.guest_written());
+                dirty.count()
             }
-        }
+            Some(early) => {
+                let written = early_staging::union_known(early.guest_written, vm.guest_written());
+                match early.copied {
+                    // Already on their way: this pass sends what changed since.
+                    Some(mut epoch_pages) if early.sent => {
+                        epoch_pages.union_with(&dirty);
+                        self.hot.update(self.epoch, &epoch_pages, written.as_ref());
+                        epoch_pages.count()
+                    }
+                    copied => {
+                        if let Some(copied) = &copied {
+                            dirty.union_with(copied);
+                        }
+                        self.hot.update(self.epoch, &dirty, written.as_ref());
+                        dirty.count()
+                    }
+                }
+            }
+        };
         vm.rearm_dirty_log(self.hot.kept())?;
         let state = vm.save_state().map_err(|e| e.to_string())?;
         let disk_writes = self
@@ -1285,6 +1332,7 @@ impl Primary {
             captured_ns: self.shared.session_start.elapsed().as_nanos() as u64,
             group_epoch: None,
             dirty,
+            pages,
             state: Box::new(state),
             disk_writes,
             ran: Duration::ZERO,
@@ -1329,6 +1377,7 @@ impl Primary {
             input_mirror_us_p99: input_mirror_us.1,
             epochs_cut_early: self.epochs_cut_early,
             pages_staged_early: self.early.pages_copied(),
+            pages_sent_early: self.early.pages_sent(),
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
             streams: s.streams.load(Ordering::Relaxed),
@@ -1458,6 +1507,12 @@ fn send_loop(
         }
         let result = match job {
             Job::Input => Ok(()),
+            Job::EarlyPages { epoch, pages } => {
+                let sent =
+                    send_early_pages(shared, &mut sender, (staging, &mut base), epoch, &pages);
+                shared.staging_busy.store(false, Ordering::SeqCst);
+                sent
+            }
             Job::Epoch(job) => {
                 let t = Instant::now();
                 let (epoch, group_epoch, ran) = (job.epoch, job.group_epoch, job.ran);
@@ -1571,6 +1626,44 @@ fn send_input(
     Ok(())
 }
 
+/// Sends `pages` of the staging memory as a memory pass of epoch `epoch`: each page as a
+/// delta against the backup's copy where that is smaller (an epoch the backup does not apply
+/// ends the session, and `base` with it), a receive buffer's page as the epoch's input frames
+/// the backup holds laid over that copy. Returns those frames.
+fn send_pages(
+    shared: &Shared,
+    sender: &mut Sender<FtStream>,
+    (staging, base): (&GuestMemoryMmap, &mut DeltaBase),
+    epoch: u64,
+    pages: &DirtyPages,
+) -> Result<Option<Arc<InputPieces>>, ProtocolError> {
+    let input = shared
+        .gates
+        .input_log
+        .as_ref()
+        .and_then(|log| shared.kept_input().take_epoch(log, epoch));
+    match &input {
+        Some(pieces) => sender.send_memory_delta_with_input(staging, pages, base, pieces),
+        None => sender.send_memory_delta(staging, pages, base),
+    }?;
+    Ok(input)
+}
+
+/// The first memory pass of epoch `epoch`, sent while it still runs: the pages early staging
+/// copied. The input frames it named are kept for the pause's pass.
+fn send_early_pages(
+    shared: &Shared,
+    sender: &mut Sender<FtStream>,
+    staging: (&GuestMemoryMmap, &mut DeltaBase),
+    epoch: u64,
+    pages: &DirtyPages,
+) -> Result<(), ProtocolError> {
+    if let Some(pieces) = send_pages(shared, sender, staging, epoch, pages)? {
+        shared.kept_input().put_back(pieces);
+    }
+    Ok(())
+}
+
 fn send_epoch(
     shared: &Shared,
     sender: &mut Sender<FtStream>,
@@ -1578,18 +1671,8 @@ fn send_epoch(
     job: EpochJob,
     released_through: u64,
 ) -> Result<(), ProtocolError> {
-    // Each dirty page as a delta against the backup's copy where that is smaller (an epoch
-    // the backup does not apply ends the session, and `base` with it), a receive buffer's
-    // page as the epoch's input frames the backup holds laid over that copy.
-    let input = shared.gates.input_log.as_ref().and_then(|log| {
-        let pieces = shared.kept_input().take_epoch(log, job.epoch)?;
-        Some((log, pieces))
-    });
-    match &input {
-        Some((_, pieces)) => sender.send_memory_delta_with_input(staging, &job.dirty, base, pieces),
-        None => sender.send_memory_delta(staging, &job.dirty, base),
-    }?;
-    if let Some((log, pieces)) = input {
+    let input = send_pages(shared, sender, (staging, base), job.epoch, &job.dirty)?;
+    if let (Some(log), Some(pieces)) = (&shared.gates.input_log, input) {
         kept_input::give_back(log, pieces);
     }
     crash_point(Phase::Transfer, job.epoch - shared.first_epoch);
@@ -1842,9 +1925,12 @@ impl Primary {
         if self.early.timer_fired() {
             let busy = self.shared.staging_busy.load(Ordering::SeqCst);
             let kept = self.hot.kept();
-            return self
-                .early
-                .stage(vm, &self.staging, kept, &mut self.stager, busy);
+            self.early
+                .stage(vm, &self.staging, kept, &mut self.stager, busy)?;
+            if self.early_send {
+                self.send_early();
+            }
+            return Ok(());
         }
         if self.shared.group.is_some() {
             // Its cuts come from the coordinator (`poll`).

@@ -1071,6 +1071,8 @@ struct Report {
     pages_from_input: u64,
     /// Pages the primary copied into staging while the guest ran.
     pages_staged_early: u64,
+    /// Of them, pages it sent while the guest ran.
+    pages_sent_early: u64,
 }
 
 fn run(seed: u64, mode: FtDiskMode, faults: Vec<Fault>, witness: &Arc<WitnessHandle>) -> Report {
@@ -1193,6 +1195,7 @@ fn run_with(
         hot_pages: true,
         stage_helper: true,
         early_staging: true,
+        early_send: true,
         early_acks: true,
         resend_output: true,
         latency_mode,
@@ -1362,6 +1365,7 @@ fn run_with(
     let pages_staged_early = primary
         .as_ref()
         .map_or(0, |p| p.status().pages_staged_early);
+    let pages_sent_early = primary.as_ref().map_or(0, |p| p.status().pages_sent_early);
     let frames_released = world.frames_out.load(Ordering::SeqCst);
     let early_acks = vm
         .gates
@@ -1532,6 +1536,7 @@ fn run_with(
         early_acks,
         pages_from_input,
         pages_staged_early,
+        pages_sent_early,
         cut_for_output,
         summary: format!("backup {outcome:?}, primary {primary_health:?}, killed {killed:?}"),
         acked,
@@ -1630,15 +1635,21 @@ fn no_fault_run_replicates_and_releases_everything() {
             report.pages_staged_early > 0,
             "{mode:?}: no page was staged while the guest ran"
         );
+        assert!(
+            report.pages_sent_early > 0,
+            "{mode:?}: no page was sent while the guest ran"
+        );
         eprintln!(
             "{mode:?}: {} frames ({} page frames on {lanes} data streams), {} epochs \
-             acknowledged, {} ACKs left early, {} pages sent as input, {} staged early",
+             acknowledged, {} ACKs left early, {} pages sent as input, {} staged early, {} \
+             sent early",
             report.frames,
             report.lane_pages,
             report.acked,
             report.early_acks,
             report.pages_from_input,
-            report.pages_staged_early
+            report.pages_staged_early,
+            report.pages_sent_early
         );
     }
 }

@@ -363,6 +363,7 @@ fn a_hostile_backup_breaks_the_link_and_the_primary_runs_on() {
             hot_pages: true,
             stage_helper: true,
             early_staging: true,
+            early_send: true,
             early_acks: true,
             resend_output: true,
             latency_mode: false,

@@ -259,6 +259,11 @@ pub struct EnableFtRequest {
     /// pause copies only the pages written after that; `false` copies every page in the pause.
     #[serde(default = "default_true")]
     pub early_staging: bool,
+    /// With early staging, send the pages it copied at once, while the guest still runs, so
+    /// that the epoch's commit waits only for the pages written after them; `false` sends
+    /// them with the rest in the pause. Members of an FT group always send in the pause.
+    #[serde(default = "default_true")]
+    pub early_send: bool,
     /// TCP at full speed: mirror the frames the guest receives to the backup as they arrive
     /// and let the guest's pure TCP ACKs leave once the backup holds the input they
     /// acknowledge, instead of at the end of their epoch (the backup delivers that input
@@ -441,6 +446,9 @@ pub struct FtStatus {
     /// staging), not in a pause, since protection started.
     #[serde(default)]
     pub pages_staged_early: u64,
+    /// Primary: of those, pages sent to the backup while the guest ran (early sending).
+    #[serde(default)]
+    pub pages_sent_early: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,
@@ -509,6 +517,7 @@ impl FtStatus {
         put("epochs_cut_early", self.epochs_cut_early);
         put("epochs_cut_for_output", self.epochs_cut_for_output);
         put("pages_staged_early", self.pages_staged_early);
+        put("pages_sent_early", self.pages_sent_early);
         put("hot_pages", self.hot_pages);
         put("hot_page_hits", self.hot_page_hits);
         put("held_packets", self.held_packets);

@@ -36,7 +36,7 @@
 //!                     [--witness HOST:PORT]   (or receiver_url=tcp:HOST:PORT; on the backup's VMM)
 //! ch-remote enable-ft --peer HOST:PORT --tls-dir DIR [--epoch-ms N] [--disk-mode replicated|shared]
 //!                     [--heartbeat-timeout-ms N] [--witness HOST:PORT | --fencing etcd://HOST:PORT,...]
-//!                     [--compress] [--no-hot-pages] [--no-early-staging]
+//!                     [--compress] [--no-hot-pages] [--no-early-staging] [--no-early-send]
 //!                     [--no-stage-helper] [--no-early-acks]
 //!                     [--no-resend-output]
 //!                     [--latency-mode] [--encode-threads N | --streams N]
@@ -520,6 +520,15 @@ fn enable_ft_args(command: Command) -> Command {
                 ),
         )
         .arg(
+            Arg::new("no-early-send")
+                .long("no-early-send")
+                .action(ArgAction::SetTrue)
+                .help(
+                    "Send the early-staged pages in the pause (by default they leave at once, \
+                     while the guest still runs)",
+                ),
+        )
+        .arg(
             Arg::new("no-early-staging")
                 .long("no-early-staging")
                 .action(ArgAction::SetTrue)
@@ -748,6 +757,7 @@ fn enable_ft_request(sub: &ArgMatches) -> Result<EnableFtRequest, Error> {
         hot_pages: defaults.hot_pages && !sub.get_flag("no-hot-pages"),
         stage_helper: defaults.stage_helper && !sub.get_flag("no-stage-helper"),
         early_staging: defaults.early_staging && !sub.get_flag("no-early-staging"),
+        early_send: defaults.early_send && !sub.get_flag("no-early-send"),
         early_acks: defaults.early_acks && !sub.get_flag("no-early-acks"),
         resend_output: defaults.resend_output && !sub.get_flag("no-resend-output"),
         latency_mode: sub.get_flag("latency-mode"),
@@ -1943,7 +1953,7 @@ mod tests {
             body(&["enable-ft", "--peer", "10.0.0.2:7000"]),
             serde_json::json!({"peer": "10.0.0.2:7000", "epoch_ms": 10, "disk_mode": "replicated",
                 "heartbeat_timeout_ms": null, "witness": null, "compress": false, "hot_pages": true,
-                "stage_helper": true, "early_staging": true, "early_acks": true,
+                "stage_helper": true, "early_staging": true, "early_send": true, "early_acks": true,
                 "resend_output": true, "latency_mode": false, "group": null})
         );
         // LZ4 is off unless asked for (a link slower than the sender compresses).
@@ -1965,6 +1975,7 @@ mod tests {
                 "--no-hot-pages",
                 "--no-stage-helper",
                 "--no-early-staging",
+                "--no-early-send",
                 "--no-early-acks",
                 "--no-resend-output",
                 "--latency-mode",
@@ -1976,7 +1987,7 @@ mod tests {
             serde_json::json!({"peer": "tcp:backup.example:7000", "epoch_ms": 25,
                 "disk_mode": "shared", "heartbeat_timeout_ms": 300,
                 "witness": "tcp:[fd00::3]:7100", "compress": false, "hot_pages": false,
-                "stage_helper": false, "early_staging": false, "early_acks": false,
+                "stage_helper": false, "early_staging": false, "early_send": false, "early_acks": false,
                 "resend_output": false,
                 "latency_mode": true, "encode_threads": 2,
                 "group": "/run/tandem/web.sock"})

@@ -10,6 +10,14 @@
 //! copies the page again. The epoch's pages are the union of both harvests. Nothing else
 //! writes staging while the sender does not read it (`staging_busy` is false, and only this
 //! thread sets it), so the sender's pass over the previous epoch is not disturbed.
+//!
+//! Early sending: the copied pages then go to the sender at once (staging busy again), as a
+//! first memory pass of the running epoch, so that the pause's pass carries only what changed
+//! after the re-arm and the epoch's commit waits for less. The backup keeps an epoch's frames
+//! until its EpochEnd and applies them in order, so a page sent in both passes ends with its
+//! later copy, and an epoch cut short by a failure is dropped whole. The delta base follows
+//! each pass as it is encoded, in the same order. The pause waits for the first pass to leave
+//! staging before it copies into it (the epoch runs on meanwhile, as behind a slow sender).
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -34,6 +42,8 @@ pub struct EarlyStaging {
     staged: Option<Staged>,
     /// Pages copied into staging while the guest ran, since protection started.
     pages_copied: u64,
+    /// Of them, pages the sender shipped while the guest ran.
+    pages_sent: u64,
 }
 
 /// What early staging harvested in the running epoch.
@@ -44,6 +54,9 @@ pub struct Staged {
     pub uncopied: Option<DirtyPages>,
     /// Of the pages harvested, those the guest wrote itself (None: not known).
     pub guest_written: Option<DirtyPages>,
+    /// The sender shipped `copied` while the guest ran (as part of the running epoch): the
+    /// pause sends only the pages written since.
+    pub sent: bool,
 }
 
 impl Staged {
@@ -59,6 +72,9 @@ impl Staged {
             copied: union(self.copied, later.copied),
             uncopied: union(self.uncopied, later.uncopied),
             guest_written: union_known(self.guest_written, later.guest_written.as_ref()),
+            // Pages of a harvest not shipped go in the pause, and with them all (sending a
+            // page twice costs bytes, missing one loses it).
+            sent: self.sent && later.sent,
         }
     }
 }
@@ -83,6 +99,7 @@ impl EarlyStaging {
             timer_is_early: Cell::new(false),
             staged: None,
             pages_copied: 0,
+            pages_sent: 0,
         }
     }
 
@@ -140,6 +157,7 @@ impl EarlyStaging {
             copied: copied_pages,
             uncopied,
             guest_written,
+            sent: false,
         };
         // Once per epoch (`tried`); merged all the same, so that no harvest is ever dropped.
         self.staged = Some(match self.staged.take() {
@@ -147,6 +165,26 @@ impl EarlyStaging {
             Some(before) => before.merge(harvest),
         });
         copied
+    }
+
+    /// The pages copied early in the running epoch, unless none were or they already went to
+    /// the sender.
+    pub fn unsent(&self) -> Option<&DirtyPages> {
+        let staged = self.staged.as_ref().filter(|s| !s.sent)?;
+        staged.copied.as_ref().filter(|pages| !pages.is_empty())
+    }
+
+    /// The pages [`EarlyStaging::unsent`] named went to the sender.
+    pub fn mark_sent(&mut self) {
+        if let Some(staged) = &mut self.staged {
+            staged.sent = true;
+            self.pages_sent += staged.copied.as_ref().map_or(0, DirtyPages::count);
+        }
+    }
+
+    /// Pages sent while the guest ran, since protection started.
+    pub fn pages_sent(&self) -> u64 {
+        self.pages_sent
     }
 
     /// Pages copied into staging while the guest ran, since protection started.
@@ -197,6 +235,55 @@ mod tests {
         let early = EarlyStaging::new(false);
         assert_eq!(early.due_in(EPOCH, Duration::ZERO, MIN), None);
         assert!(!early.timer_fired());
+    }
+
+    fn harvest(pages: &[u64]) -> Staged {
+        let memory = vmm::memory::create(1 << 20).unwrap();
+        let mut set = DirtyPages::empty(&memory).unwrap();
+        for &page in pages {
+            set.insert(vm_memory::GuestAddress(page * 4096));
+        }
+        Staged {
+            copied: Some(set),
+            uncopied: None,
+            guest_written: None,
+            sent: false,
+        }
+    }
+
+    /// The pages copied early go to the sender once; the pause then knows they were sent.
+    #[test]
+    fn copied_pages_are_handed_to_the_sender_once() {
+        let mut early = EarlyStaging::new(true);
+        assert!(early.unsent().is_none(), "nothing copied yet");
+        early.staged = Some(harvest(&[1, 2, 3]));
+        assert_eq!(early.unsent().map(DirtyPages::count), Some(3));
+        early.mark_sent();
+        assert!(early.unsent().is_none());
+        assert_eq!(early.pages_sent(), 3);
+        let staged = early.take().unwrap();
+        assert!(staged.sent);
+        // An empty harvest sends nothing.
+        early.staged = Some(harvest(&[]));
+        assert!(early.unsent().is_none());
+    }
+
+    /// A harvest merged into one already sent leaves the whole union to the pause: a page
+    /// sent twice costs bytes, a page never sent would be lost.
+    #[test]
+    fn a_harvest_not_sent_sends_the_union_in_the_pause() {
+        let merged = harvest(&[1]).merge(Staged {
+            sent: true,
+            ..harvest(&[2])
+        });
+        assert!(!merged.sent);
+        let sent = Staged {
+            sent: true,
+            ..harvest(&[1])
+        };
+        let merged = sent.merge(harvest(&[2]));
+        assert!(!merged.sent);
+        assert_eq!(merged.copied.map(|c| c.count()), Some(2));
     }
 
     #[test]

@@ -65,6 +65,19 @@ impl KeptInput {
         log.recycle(old);
         (!pieces.is_empty()).then(|| Arc::new(pieces))
     }
+
+    /// Keeps again the frames of `pieces`, taken by [`KeptInput::take_epoch`] for a pass sent
+    /// while their epoch still ran: the pause's pass may name them too. They are older than
+    /// any kept since, so they go first (the bound is checked again at the next keep).
+    pub(super) fn put_back(&mut self, pieces: Arc<InputPieces>) {
+        let Ok(pieces) = Arc::try_unwrap(pieces) else {
+            return;
+        };
+        for frame in pieces.into_frames().into_iter().rev() {
+            self.bytes += frame.data.len();
+            self.frames.push_front(frame);
+        }
+    }
 }
 
 /// Hands the frames of an encoded pass back to `log` (the encoder threads let go of them
@@ -114,6 +127,25 @@ mod tests {
         assert!(kept.take_epoch(&log, 5).is_none());
         assert!(kept.take_epoch(&log, 6).is_some());
         assert_eq!((kept.frames.len(), kept.bytes), (0, 0));
+    }
+
+    /// Frames taken for a pass sent while their epoch ran come back for the pause's pass,
+    /// ahead of those mirrored meanwhile.
+    #[test]
+    fn frames_put_back_go_first() {
+        let log = Arc::new(InputLog::new(1, 1 << 20));
+        let mut kept = KeptInput::default();
+        kept.keep(&log, vec![frame(1, 5, true), frame(2, 5, true)]);
+        let early = kept.take_epoch(&log, 5).expect("epoch 5 has frames");
+        kept.keep(&log, vec![frame(3, 5, true)]);
+        kept.put_back(early);
+        assert_eq!(kept.bytes, 300);
+        let pieces = kept.take_epoch(&log, 5).expect("all three are back");
+        let frames = Arc::try_unwrap(pieces).ok().unwrap().into_frames();
+        assert_eq!(
+            frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]

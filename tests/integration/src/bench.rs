@@ -92,6 +92,14 @@ pub fn fmt(v: Option<f64>, decimals: usize) -> String {
     }
 }
 
+/// a / b when both are known and b is not zero.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 pub fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())

@@ -113,7 +113,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use integration::bench::{
-    self, check_interrupted, fmt, install_signal_handlers, loadavg, machine, print_table,
+    self, check_interrupted, fmt, install_signal_handlers, loadavg, machine, print_table, ratio,
     INTERRUPTED,
 };
 use integration::ft::SeqClient;
@@ -246,8 +246,9 @@ struct Options {
     /// Per cell also FT with hot pages off (`--no-hot-pages`): what keeping them writable
     /// saves.
     hot_compare: bool,
-    /// Per cell also FT copying every page in the pause (`--no-early-staging`): what early
-    /// staging saves.
+    /// Per cell also FT copying every page in the pause (`--no-early-staging`) and FT staging
+    /// early but sending in the pause (`--no-early-send`): what early staging and early
+    /// sending save.
     early_compare: bool,
 }
 
@@ -402,6 +403,11 @@ fn log(line: &str) {
 // ---------------------------------------------------------------------------------------------
 
 /// Linear-interpolation percentile (as the other benchmarks compute it).
+/// Columns for a time with a feature and without it: both in ms, then without/with.
+fn times_against(with: Option<f64>, without: Option<f64>) -> [String; 3] {
+    [fmt(with, 3), fmt(without, 3), fmt(ratio(without, with), 2)]
+}
+
 fn percentile(values: &[f64], p: f64) -> Option<f64> {
     if values.is_empty() {
         return None;
@@ -572,6 +578,8 @@ struct Lab {
     hot_pages: bool,
     /// Early staging (`false`: `--no-early-staging`, the FtLateStaging cases).
     early_staging: bool,
+    /// Early sending (`false`: `--no-early-send`, the FtPauseSend cases).
+    early_send: bool,
     /// Early ACKs (`false`: `--no-early-acks`, the FtHeldAcks cases).
     early_acks: bool,
     /// Latency mode (`--latency-mode`, the FtLatency cases).
@@ -600,6 +608,7 @@ impl Lab {
             tls_dir: Some(tls_dir().to_string_lossy().into_owned()),
             hot_pages: true,
             early_staging: true,
+            early_send: true,
             early_acks: true,
             latency_mode: false,
             resend_output: true,
@@ -763,6 +772,9 @@ impl Lab {
         }
         if !self.early_staging {
             args.push("--no-early-staging");
+        }
+        if !self.early_send {
+            args.push("--no-early-send");
         }
         if !self.early_acks {
             args.push("--no-early-acks");
@@ -1464,6 +1476,8 @@ enum Mode {
     FtCold,
     /// FT with early staging off: every dirty page copied in the pause.
     FtLateStaging,
+    /// FT staging early but sending every page in the pause (`--no-early-send`).
+    FtPauseSend,
     /// FT with the guest's ACKs held until their epoch commits (`--no-early-acks`; TCP cells).
     FtHeldAcks,
     /// FT in latency mode (`--latency-mode`): epochs end early while output waits.
@@ -1825,6 +1839,7 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
             .into_iter()
             .chain(opts.hot_compare.then_some(Mode::FtCold))
             .chain(opts.early_compare.then_some(Mode::FtLateStaging))
+            .chain(opts.early_compare.then_some(Mode::FtPauseSend))
             .chain([Mode::FtLatency])
             .collect();
         let per_cell = &per_cell;
@@ -1856,6 +1871,9 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
                 ),
                 Some(((e, p), Mode::FtLateStaging)) => format!(
                     "run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch, early staging off)"
+                ),
+                Some(((e, p), Mode::FtPauseSend)) => format!(
+                    "run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch, early sending off)"
                 ),
                 Some(((e, p), Mode::FtHeldAcks)) => format!(
                     "run {run} {rate:>6} pages/s  FT {e:>2} ms ({p} pages/epoch, ACKs held)"
@@ -1890,11 +1908,13 @@ fn run_group(lab: &mut Lab, rate: u64, cells: &[Cell], opts: &Options, results: 
                         _ => {
                             lab.hot_pages = mode != Mode::FtCold;
                             lab.early_staging = mode != Mode::FtLateStaging;
+                            lab.early_send = mode != Mode::FtPauseSend;
                             lab.early_acks = mode != Mode::FtHeldAcks;
                             lab.latency_mode = mode == Mode::FtLatency;
                             let r = ft_case(lab, &primary, &mut client, cell, opts);
                             lab.hot_pages = true;
                             lab.early_staging = true;
+                            lab.early_send = true;
                             lab.early_acks = true;
                             lab.latency_mode = false;
                             r
@@ -3080,6 +3100,7 @@ impl Report<'_> {
         }
         if o.cells && self.opts.early_compare {
             self.print_early_staging();
+            self.print_early_send();
         }
         if o.group {
             self.print_group();
@@ -3188,10 +3209,6 @@ impl Report<'_> {
             "floor dirty/ep",
             "runs noFT/floor/FT/hot off",
         ];
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        };
         let rows: Vec<Vec<String>> = cells
             .iter()
             .map(|&c| {
@@ -3483,10 +3500,6 @@ impl Report<'_> {
             "beyond floor % late",
             "runs FT/late",
         ];
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        };
         let rows: Vec<Vec<String>> = self
             .cells()
             .iter()
@@ -3496,21 +3509,11 @@ impl Report<'_> {
                 let floor = m(Mode::Floor, Metric::WorkPerS);
                 let beyond =
                     |mode| ratio(m(mode, Metric::WorkPerS), floor).map(|x| (1.0 - x) * 100.0);
-                vec![
-                    c.0.to_string(),
-                    c.1.to_string(),
-                    fmt(m(ft, Metric::PauseP50Ms), 3),
-                    fmt(m(late, Metric::PauseP50Ms), 3),
-                    fmt(
-                        ratio(m(late, Metric::PauseP50Ms), m(ft, Metric::PauseP50Ms)),
-                        2,
-                    ),
-                    fmt(m(ft, Metric::PauseP99Ms), 3),
-                    fmt(m(late, Metric::PauseP99Ms), 3),
-                    fmt(
-                        ratio(m(late, Metric::PauseP99Ms), m(ft, Metric::PauseP99Ms)),
-                        2,
-                    ),
+                let mut row = vec![c.0.to_string(), c.1.to_string()];
+                for metric in [Metric::PauseP50Ms, Metric::PauseP99Ms] {
+                    row.extend(times_against(m(ft, metric), m(late, metric)));
+                }
+                row.extend([
                     fmt(m(ft, Metric::WorkPerS).map(|v| v / 1e6), 1),
                     fmt(m(late, Metric::WorkPerS).map(|v| v / 1e6), 1),
                     fmt(ratio(m(ft, Metric::WorkPerS), m(late, Metric::WorkPerS)), 3),
@@ -3521,7 +3524,82 @@ impl Report<'_> {
                         r.count(c, ft, Metric::WorkPerS),
                         r.count(c, late, Metric::WorkPerS)
                     ),
-                ]
+                ]);
+                row
+            })
+            .collect();
+        print_table(&header, &rows);
+    }
+
+    /// Early sending: the early-staged pages leave while the guest runs, or in the pause.
+    fn print_early_send(&self) {
+        let r = self.results;
+        println!();
+        println!("Early sending: FT (the early-staged pages sent at once, while the guest runs) and `pause`:");
+        println!("  FT staging early but sending every page in the pause (--no-early-send), per cell in the");
+        println!("  same run; commit = capture to the backup's Ack (how long the epoch's last output waits);");
+        println!("  added = request p99 FT - noFT; ratios pause/FT for times, FT/pause for work and bytes");
+        println!();
+        let header = [
+            "epoch ms",
+            "asked pages/ep",
+            "commit p50 FT",
+            "commit p50 pause",
+            "p50 pause/FT",
+            "commit p99 FT",
+            "commit p99 pause",
+            "p99 pause/FT",
+            "added p99 FT",
+            "added p99 pause",
+            "pause p50 FT/pause",
+            "work FT/pause",
+            "B/page FT/pause",
+            "runs FT/pause",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .cells()
+            .iter()
+            .map(|&c| {
+                let m = |mode, metric| r.med(c, mode, metric);
+                let (ft, pause) = (Mode::Ft, Mode::FtPauseSend);
+                let added = |mode| {
+                    m(mode, Metric::RttP99Ms)
+                        .zip(m(Mode::NoFt, Metric::RttP99Ms))
+                        .map(|(a, b)| a - b)
+                };
+                let pair = |metric, places| {
+                    format!(
+                        "{} / {}",
+                        fmt(m(ft, metric), places),
+                        fmt(m(pause, metric), places)
+                    )
+                };
+                let mut row = vec![c.0.to_string(), c.1.to_string()];
+                for metric in [Metric::CommitP50Ms, Metric::CommitP99Ms] {
+                    row.extend(times_against(m(ft, metric), m(pause, metric)));
+                }
+                row.extend([
+                    fmt(added(ft), 2),
+                    fmt(added(pause), 2),
+                    pair(Metric::PauseP50Ms, 3),
+                    fmt(
+                        ratio(m(ft, Metric::WorkPerS), m(pause, Metric::WorkPerS)),
+                        3,
+                    ),
+                    fmt(
+                        ratio(
+                            m(ft, Metric::BytesPerDirtyPage),
+                            m(pause, Metric::BytesPerDirtyPage),
+                        ),
+                        2,
+                    ),
+                    format!(
+                        "{}/{}",
+                        r.count(c, ft, Metric::WorkPerS),
+                        r.count(c, pause, Metric::WorkPerS)
+                    ),
+                ]);
+                row
             })
             .collect();
         print_table(&header, &rows);
@@ -3554,10 +3632,6 @@ impl Report<'_> {
             "pause p99 ms FT/hot off",
             "runs",
         ];
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        };
         let rows: Vec<Vec<String>> = o
             .pages
             .iter()
