@@ -1281,18 +1281,29 @@ fn receive_epochs(
                                     released_through,
                                 });
                                 replica.apply_complete(released_through, 0)?;
+                                link.answer(&Control::Ack { epoch });
                             }
-                            _ => replica.commit(epoch, done, released_through)?,
+                            _ if initial => {
+                                replica.commit(epoch, done, released_through)?;
+                                // Heartbeats start with protection; the initial copy may
+                                // pause longer between frames (first touch of every page).
+                                link.stream
+                                    .set_read_timeout(Some(heartbeat_timeout))
+                                    .map_err(|e| e.to_string())?;
+                                initial = false;
+                                link.answer(&Control::Ack { epoch });
+                            }
+                            _ => {
+                                // Acknowledged before it is applied, so that the primary's
+                                // output waits for the stream, not for this copy: every frame
+                                // was checked on arrival, nothing can resume meanwhile (this
+                                // thread applies it before it reads on), and an epoch that
+                                // fails to apply ends this backup (`Failed`, never a
+                                // takeover), as its death would.
+                                link.answer(&Control::Ack { epoch });
+                                replica.commit(epoch, done, released_through)?;
+                            }
                         }
-                        if initial {
-                            // Heartbeats start with protection; the initial copy may pause
-                            // longer between frames (first touch of every page).
-                            link.stream
-                                .set_read_timeout(Some(heartbeat_timeout))
-                                .map_err(|e| e.to_string())?;
-                            initial = false;
-                        }
-                        link.answer(&Control::Ack { epoch });
                         if let Some(seq) = replica.input.ack_due() {
                             link.answer(&Control::InputAck { seq });
                         }

@@ -169,8 +169,8 @@ fn backup_request() -> ReceiveFtRequest {
 }
 
 /// Frames 0 and 1 of a valid session on `stream`: Hello and Params announcing `lanes` data
-/// streams (whose JoinLane must repeat pair 7 and token 99).
-fn open_session(stream: &UnixStream, lanes: u32) {
+/// streams (whose JoinLane must repeat pair 7 and token 99). Returns the sender, to go on.
+fn open_session(stream: &UnixStream, lanes: u32) -> Sender<UnixStream> {
     let config: VmConfig =
         serde_json::from_value(serde_json::json!({"memory": {"size": MEMORY}})).unwrap();
     let mut sender = Sender::new(stream.try_clone().unwrap());
@@ -189,6 +189,7 @@ fn open_session(stream: &UnixStream, lanes: u32) {
     sender
         .send_frame(FrameType::Control, &params.encode())
         .unwrap();
+    sender
 }
 
 /// Writes `frames` after Hello and Params (frames 0 and 1), then closes the connection.
@@ -249,7 +250,7 @@ proptest! {
             wake.clone(),
         )
         .unwrap();
-        open_session(&ours, 2);
+        let _ = open_session(&ours, 2);
         let mut writers = Vec::new();
         for (lane, (mut end, (joins, lane_frames))) in lane_ends.into_iter().zip(lanes).enumerate() {
             let join = Control::JoinLane {
@@ -280,7 +281,7 @@ proptest! {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let request = backup_request();
         let backup = Backup::start_connected(FtStream::Unix(theirs), &request, wake.clone()).unwrap();
-        open_session(&ours, 0);
+        let _ = open_session(&ours, 0);
         send_after_params(ours, &frames);
         let event = outcome(backup, &wake);
         prop_assert!(event.is_some(), "the backup never decided");
@@ -454,5 +455,43 @@ mod fake_vm {
         fn ft_gates(&mut self) -> Result<FtGates, String> {
             Ok(FtGates::default())
         }
+    }
+}
+
+/// An epoch is acknowledged before it is applied: one that then fails to apply (here its state
+/// does not decode) must end the backup as a failure, never leave it to take over with a copy
+/// half of one epoch and half of the next when the primary goes.
+#[test]
+fn an_epoch_that_fails_to_apply_after_its_ack_ends_the_backup() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let backup =
+        Backup::start_connected(FtStream::Unix(theirs), &backup_request(), wake.clone()).unwrap();
+    let mut sender = open_session(&ours, 0);
+    let end = |epoch| Control::EpochEnd {
+        epoch,
+        released_through: 0,
+        group_epoch: None,
+        clock: None,
+    };
+    // The initial synchronisation: epoch 0, applied as it arrives.
+    sender.send_state(&common::blank_state()).unwrap();
+    sender
+        .send_frame(FrameType::Control, &end(0).encode())
+        .unwrap();
+    // Epoch 1: its state is no state.
+    sender.send_frame(FrameType::State, &[0xff; 64]).unwrap();
+    sender
+        .send_frame(FrameType::Control, &end(1).encode())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = ours.shutdown(std::net::Shutdown::Both);
+    match outcome(backup, &wake) {
+        Some(BackupEvent::Failed(reason)) => {
+            assert!(reason.contains("epoch 1 state"), "{reason}")
+        }
+        Some(BackupEvent::TakeOver { .. }) => panic!("the backup took over a half-applied copy"),
+        Some(_) => panic!("the backup must fail"),
+        None => panic!("the backup never decided"),
     }
 }
