@@ -1082,6 +1082,11 @@ mod tests {
             ),
             (
                 "vm.enable-ft",
+                r#"{"peer": "b:1", "early_send": "no"}"#,
+                "invalid type: string \"no\", expected a boolean",
+            ),
+            (
+                "vm.enable-ft",
                 r#"{"peer": "b:1", "epoch": 5}"#,
                 "unknown field `epoch`",
             ),

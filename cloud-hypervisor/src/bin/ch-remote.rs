@@ -2027,6 +2027,10 @@ mod tests {
                 "expected HOST:PORT, without blanks",
             ),
             (
+                vec!["enable-ft", "--peer", "b:1", "--no-early-send=yes"],
+                "error: unexpected value 'yes' for '--no-early-send' found; no more were expected",
+            ),
+            (
                 vec!["enable-ft", "--peer", "b:1", "--epoch-ms", "0"],
                 "error: invalid value '0' for '--epoch-ms <MS>': expected a whole number of milliseconds from 1 to 1000",
             ),
