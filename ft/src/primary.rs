@@ -1025,10 +1025,12 @@ impl Primary {
         // Input also goes out between the page frames of an epoch, which are kept small
         // enough (256 KiB) that it waits for well under a millisecond of sending.
         sender.set_batch_pages(EPOCH_FRAME_PAGES);
-        // SAFETY: the staging memory is written only in a pause (`capture`), and a pause
-        // first waits until the sender is done with the epoch it holds (`staging_busy`, set
-        // when an epoch is handed over, cleared when its pass has ended) or, if it never is,
-        // gives the session up without writing staging.
+        // SAFETY: the staging memory is written only in a pause (`capture`) or by early
+        // staging, and both first wait until the sender is done with the pass it holds
+        // (`staging_busy`, set when an epoch or an early pass is handed over, cleared when
+        // that pass has ended); a pause that waits in vain gives the session up without
+        // writing staging, and early staging skips its copy. The model's slow-link test
+        // fails when either pass clears it early.
         unsafe { sender.send_pages_in_place() };
         let seccomp = || vmm::seccomp::apply_or_log(vmm::seccomp::ThreadRole::Replication);
         if !lanes.is_empty() {

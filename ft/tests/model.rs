@@ -24,6 +24,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -719,6 +720,21 @@ impl Link {
     }
 }
 
+fn shrink_send_buffer(socket: &UnixStream) {
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket descriptor, and an option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+}
+
 /// Returns the link and, per connection (the first, then `lanes` data streams), the ends
 /// for the primary and the backup.
 fn link(
@@ -730,6 +746,11 @@ fn link(
     let mut proxy = Vec::new();
     for _ in 0..=lanes {
         let (primary_end, to_primary) = UnixStream::pair().unwrap();
+        if world.page_frame_us.load(Ordering::Relaxed) > 0 {
+            // A slow link slows the sender too: its frames wait in a small socket buffer
+            // rather than all of an epoch leaving at once into a large one.
+            shrink_send_buffer(&primary_end);
+        }
         let (backup_end, to_backup) = UnixStream::pair().unwrap();
         ends.push((primary_end, backup_end));
         proxy.push((to_primary, to_backup));
@@ -1717,6 +1738,46 @@ fn input_between_the_frames_of_long_epochs_keeps_protection() {
         assert!(report.acked > 10, "seed {seed}: {}", report.summary);
         assert!(!report.took_over);
     }
+}
+
+/// A slow link with the primary killed mid-run: the sender is still reading a pass out of the
+/// staging memory when early staging or the next pause would write into it. The copy the
+/// backup resumes must still be exactly the captured epoch.
+#[test]
+fn a_slow_link_keeps_staging_for_the_pass_being_sent() {
+    let witness = witness();
+    let knobs = Knobs {
+        page_frame_us: 1500,
+        burst_every: 3,
+        ..Knobs::default()
+    };
+    // The sender is busy most of the time here, so only some epochs stage early: counted over
+    // every run, not per run (a loaded host may leave one run without any).
+    let mut sent_early = 0;
+    for (seed, mode) in [(5, FtDiskMode::Shared), (6, FtDiskMode::Replicated)] {
+        let report = run_with(
+            seed,
+            mode,
+            Vec::new(),
+            &witness,
+            NO_FAULT_HEARTBEAT_MS,
+            knobs,
+        );
+        sent_early += report.pages_sent_early;
+        // A kill every few epochs from the second on: the takeover compares the whole copy.
+        for step in 2..=13 {
+            let at = report.frames * step / 14;
+            let faults = vec![Fault::KillPrimary { at }];
+            let killed = run_with(seed + step, mode, faults, &witness, HEARTBEAT_MS, knobs);
+            assert!(
+                killed.took_over,
+                "{mode:?}: no takeover after a kill at frame {at}: {}",
+                killed.summary
+            );
+            sent_early += killed.pages_sent_early;
+        }
+    }
+    assert!(sent_early > 0, "no page left while the guest ran");
 }
 
 #[test]
