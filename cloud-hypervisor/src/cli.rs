@@ -12,13 +12,13 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, ArgMatches, ColorChoice, Command};
 use thiserror::Error;
 use vmm::config::{
-    ConsoleConfig, ConsoleOutputMode, CoreScheduling, CpuTopology, CpusConfig, DiskConfig,
-    FsConfig, HotplugMethod, MemoryConfig, NetConfig, PayloadConfig, PmemConfig, RngConfig,
-    ValidationError, VmConfig, VsockConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
+    ConsoleConfig, ConsoleOutputMode, CoreScheduling, CpuAffinity, CpuTopology, CpusConfig,
+    DiskConfig, FsConfig, HotplugMethod, MemoryConfig, NetConfig, PayloadConfig, PmemConfig,
+    RngConfig, ValidationError, VmConfig, VsockConfig, DEFAULT_MAX_PHYS_BITS, DEFAULT_MEMORY_MB,
 };
 use vmm::control::RestoreRequest;
 
-use crate::option_parser::{ByteSize, IntegerList, OptionParser, OptionParserError};
+use crate::option_parser::{ByteSize, IndexedLists, IntegerList, OptionParser, OptionParserError};
 
 /// What `parse_args` decided the process should do.
 // Built once per process and matched right away, so the size difference
@@ -845,13 +845,11 @@ fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
         .add("core_scheduling");
     parse_options(&mut parser, FLAG, value)?;
 
-    for key in ["affinity", "features"] {
-        if parser.get(key).is_some() {
-            return Err(CliError::UnsupportedOption {
-                flag: FLAG,
-                what: key.to_owned(),
-            });
-        }
+    if parser.get("features").is_some() {
+        return Err(CliError::UnsupportedOption {
+            flag: FLAG,
+            what: "features".to_owned(),
+        });
     }
     if convert::<bool>(&parser, FLAG, value, "kvm_hyperv")? == Some(true) {
         return Err(CliError::UnsupportedOption {
@@ -876,6 +874,20 @@ fn parse_cpus(value: &str) -> Result<CpusConfig, CliError> {
     let mut cpus = CpusConfig::default();
     if let Some(topology) = parser.get("topology") {
         cpus.topology = Some(parse_topology(topology).map_err(|why| invalid(FLAG, value, why))?);
+    }
+    if let Some(IndexedLists(pairs)) = convert::<IndexedLists>(&parser, FLAG, value, "affinity")? {
+        let affinity = pairs
+            .into_iter()
+            .map(|(vcpu, cpus)| {
+                let host_cpus = cpus
+                    .into_iter()
+                    .map(usize::try_from)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| invalid(FLAG, value, "a host CPU number is too large"))?;
+                Ok(CpuAffinity { vcpu, host_cpus })
+            })
+            .collect::<Result<Vec<_>, CliError>>()?;
+        cpus.affinity = Some(affinity);
     }
     cpus.core_scheduling = match parser.get("core_scheduling") {
         None => CoreScheduling::default(),
@@ -1303,8 +1315,12 @@ mod tests {
              <threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>"
         );
         assert_eq!(
-            kernel_error(&["--cpus", "affinity=[0@[0-3]]"]),
-            "--cpus: affinity is not supported yet"
+            kernel_error(&["--cpus", "affinity=[0@[0-3]"]),
+            "--cpus: invalid value \"affinity=[0@[0-3]\": unbalanced \"[\" and \"]\""
+        );
+        assert_eq!(
+            kernel_error(&["--cpus", "boot=1,affinity=[1@[0]]"]),
+            "--cpus: cpus.affinity: vCPU 1 is not below max_vcpus (1)"
         );
         assert_eq!(
             kernel_error(&["--cpus", "kvm_hyperv=on"]),

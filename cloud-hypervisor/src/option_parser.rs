@@ -471,10 +471,45 @@ impl OptionValue for StringList {
     }
 }
 
+/// Cloud Hypervisor's `<index>@<integer list>` pairs, `[0@[0-3],1@[4,5]]` (vCPU affinity).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexedLists(pub Vec<(u32, Vec<u64>)>);
+
+impl OptionValue for IndexedLists {
+    fn parse_option(value: &str) -> Result<Self, String> {
+        let expected = || "a list of <index>@[<integers and ranges>] like [0@[0-3],1@[4,5]]";
+        let items = split_list(value).map_err(|e| format!("{} ({e})", expected()))?;
+        let mut pairs = Vec::new();
+        for item in items {
+            let (index, list) = item
+                .trim()
+                .split_once('@')
+                .ok_or_else(|| format!("{} (\"{item}\" has no @)", expected()))?;
+            let index = u32::parse_option(index.trim())
+                .map_err(|why| format!("{} (index \"{index}\" must be {why})", expected()))?;
+            let IntegerList(list) = IntegerList::parse_option(list)?;
+            pairs.push((index, list));
+        }
+        Ok(IndexedLists(pairs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn indexed_lists_parse_cloud_hypervisor_affinity() {
+        assert_eq!(
+            IndexedLists::parse_option("[0@[0-2],1@[4,6-7]]"),
+            Ok(IndexedLists(vec![(0, vec![0, 1, 2]), (1, vec![4, 6, 7])]))
+        );
+        assert_eq!(IndexedLists::parse_option("[]"), Ok(IndexedLists(vec![])));
+        for bad in ["[0[1]]", "[x@[1]]", "[0@[1-]]", "[0@[1]", "[-1@[0]]"] {
+            assert!(IndexedLists::parse_option(bad).is_err(), "{bad}");
+        }
+    }
 
     fn parser(valued: &[&str], bare: &[&str]) -> OptionParser {
         let mut parser = OptionParser::new();

@@ -112,6 +112,8 @@ const SPAWN: &[libc::c_long] = &[
     libc::SYS_clone3,
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
+    // A new vCPU thread pins itself (`cpus.affinity`) under the inherited filter.
+    libc::SYS_sched_setaffinity,
     // A new thread installs its own filter under the inherited one.
     libc::SYS_seccomp,
     libc::SYS_set_robust_list,

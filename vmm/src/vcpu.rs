@@ -157,9 +157,10 @@ pub struct Vcpus {
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl Vcpus {
-    /// Starts one thread per vCPU fd, all running at once; each installs `seccomp` first.
-    /// With `start_paused` the vCPUs park before running any guest code (a restored VM that
-    /// is not resumed yet).
+    /// Starts one thread per vCPU fd, all running at once; each pins itself to its host CPUs
+    /// (`host_cpus[index]`, empty or absent: anywhere) and installs `seccomp` first. With
+    /// `start_paused` the vCPUs park before running any guest code (a restored VM that is not
+    /// resumed yet).
     pub fn start(
         vcpu_fds: Vec<VcpuFd>,
         handlers: Arc<ExitHandlers>,
@@ -167,6 +168,7 @@ impl Vcpus {
         seccomp: Option<Arc<RoleFilter>>,
         msr_indices: Arc<Vec<u32>>,
         start_paused: bool,
+        host_cpus: &[Vec<usize>],
     ) -> Result<Self, VcpuError> {
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)?;
         let shared = Arc::new(VcpuShared {
@@ -193,6 +195,10 @@ impl Vcpus {
             let shared = shared.clone();
             let handlers = handlers.clone();
             let seccomp = seccomp.clone();
+            let pinned_to = host_cpus
+                .get(usize::from(index))
+                .cloned()
+                .unwrap_or_default();
             let fd = Arc::new(Mutex::new(fd));
             let thread_fd = fd.clone();
             {
@@ -209,6 +215,7 @@ impl Vcpus {
                         shared: &shared,
                         handlers: &handlers,
                     };
+                    pin_current_thread(index, &pinned_to);
                     run_vcpu(&ctx, &thread_fd, seccomp);
                 })
                 .map_err(|source| {
@@ -374,6 +381,34 @@ fn park(ctx: &VcpuContext) {
     park.parked -= 1;
     park.last_unparked = Some(Instant::now());
     shared.sync_running(&park);
+}
+
+/// Pins the calling vCPU thread to `host_cpus` (`cpus.affinity`; empty: left as it is). The
+/// configuration names CPUs this host has (`VmConfig::validate`); should the kernel still
+/// refuse (a cpuset that excludes them), the vCPU runs unpinned rather than not at all, which
+/// keeps a restored or taken-over VM running on a host shaped differently from its source.
+fn pin_current_thread(index: u8, host_cpus: &[usize]) {
+    if host_cpus.is_empty() {
+        return;
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in host_cpus {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is below CPU_SETSIZE, the set's capacity.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size given.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        log::info!("vCPU {index}: pinned to host CPUs {host_cpus:?}");
+    } else {
+        log::warn!(
+            "vCPU {index}: cannot pin to host CPUs {host_cpus:?} ({}); it runs unpinned",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn run_vcpu(ctx: &VcpuContext, fd: &Mutex<VcpuFd>, seccomp: Option<Arc<RoleFilter>>) {

@@ -780,6 +780,9 @@ impl PreparedVm {
     fn start(mut self, start_paused: bool) -> Result<Vm, VmError> {
         self.device_manager.set_serial(self.serial.clone());
         self.device_manager.start()?;
+        let host_cpus: Vec<Vec<usize>> = (0..self.vcpu_fds.len() as u32)
+            .map(|index| self.config.cpus.host_cpus_of(index))
+            .collect();
         let vcpus = Vcpus::start(
             self.vcpu_fds,
             self.handlers,
@@ -787,6 +790,7 @@ impl PreparedVm {
             seccomp::vcpu_filter(self.seccomp)?,
             Arc::new(self.msr_indices),
             start_paused,
+            &host_cpus,
         )?;
         Ok(Vm {
             vcpus,

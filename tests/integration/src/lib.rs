@@ -1311,6 +1311,12 @@ macro_rules! require_netns {
 
 /// Each thread of process `pid`: its name and its `Seccomp:` mode (2: a filter is installed).
 pub fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    thread_status(pid, "Seccomp:")
+}
+
+/// Each thread of `pid` with a field of its `/proc/<pid>/task/<tid>/status` (`key` with its
+/// colon, e.g. `Cpus_allowed_list:`): (thread name, value).
+pub fn thread_status(pid: u32, key: &str) -> Vec<(String, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -1326,7 +1332,7 @@ pub fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
-        threads.push((field("Name:"), field("Seccomp:")));
+        threads.push((field("Name:"), field(key)));
     }
     threads
 }

@@ -2,13 +2,14 @@
 //! `/proc/<pid>/task/<tid>/status`): without a VM (main thread and API server), and with a
 //! booted VM (vCPUs, device loop). The protected pair is checked by the FT tests
 //! (`ft_shared_disk_reads`). That a forbidden call traps in each role is `vmm`'s
-//! `seccomp_roles` test.
+//! `seccomp_roles` test. The running VM's vCPUs are pinned (`--cpus affinity=`), which they
+//! do themselves under their parent's filter.
 
 use std::time::Duration;
 
 use integration::{
     api_request, assert_every_thread_filtered, kvm_serial_guard, require_kvm, test_guest,
-    thread_seccomp, wait_for_api_socket, TempDir, Vmm,
+    thread_seccomp, thread_status, wait_for_api_socket, TempDir, Vmm,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,6 +44,9 @@ fn every_thread_of_a_running_vm_is_filtered() {
     let kernel = test_guest().expect("guest").display().to_string();
     let socket = dir.join("api.sock");
     let disk = format!("path={}", image.display());
+    // vCPU 0 on the first host CPU, vCPU 1 on the last.
+    let last_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let cpus = format!("boot=2,affinity=[0@[0],1@[{last_cpu}]]");
     let mut vmm = Vmm::builder("seccomp_vm")
         .args(["--api-socket", socket.to_str().expect("path")])
         .args([
@@ -51,7 +55,7 @@ fn every_thread_of_a_running_vm_is_filtered() {
             "--cmdline",
             "workload=dirty dirty.mib=4 dirty.rate=10 dirty.ms=0",
             "--cpus",
-            "boot=2",
+            &cpus,
             "--memory",
             "size=64M",
             "--disk",
@@ -75,6 +79,13 @@ fn every_thread_of_a_running_vm_is_filtered() {
         assert!(
             names.iter().any(|n| n == role),
             "no {role} thread: {names:?}"
+        );
+    }
+    let allowed = thread_status(vmm.pid(), "Cpus_allowed_list:");
+    for (vcpu, cpu) in [("vcpu0", 0), ("vcpu1", last_cpu)] {
+        assert!(
+            allowed.contains(&(vcpu.to_string(), cpu.to_string())),
+            "{vcpu} is not pinned to host CPU {cpu}: {allowed:?}"
         );
     }
     assert!(vmm.poll_exit().is_none(), "the VMM exited");

@@ -528,6 +528,63 @@ pub enum ValidationError {
     DuplicateId { field: &'static str, id: String },
 }
 
+/// `cpus.affinity`: each vCPU named once and below `max_vcpus`, each with host CPUs this host
+/// has (a vCPU thread pinned to a CPU that does not exist could never be placed).
+fn validate_affinity(cpus: &CpusConfig) -> Result<(), ValidationError> {
+    let Some(entries) = &cpus.affinity else {
+        return Ok(());
+    };
+    let invalid = |why: String| ValidationError::Invalid {
+        field: "cpus.affinity",
+        why,
+    };
+    let host_cpus = host_cpu_count();
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in entries {
+        if entry.vcpu >= u32::from(cpus.max_vcpus) {
+            return Err(invalid(format!(
+                "vCPU {} is not below max_vcpus ({})",
+                entry.vcpu, cpus.max_vcpus
+            )));
+        }
+        if !seen.insert(entry.vcpu) {
+            return Err(invalid(format!("vCPU {} is named twice", entry.vcpu)));
+        }
+        if entry.host_cpus.is_empty() {
+            return Err(invalid(format!("vCPU {} has no host CPU", entry.vcpu)));
+        }
+        if let Some(cpu) = entry.host_cpus.iter().find(|&&cpu| cpu >= host_cpus) {
+            return Err(invalid(format!(
+                "vCPU {} names host CPU {cpu}, but this host has CPUs 0-{}",
+                entry.vcpu,
+                host_cpus - 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs this host has (online or not), at most what a CPU set holds.
+fn host_cpu_count() -> usize {
+    // SAFETY: sysconf reads a system value and has no memory effects.
+    let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    usize::try_from(configured)
+        .unwrap_or(1)
+        .clamp(1, libc::CPU_SETSIZE as usize)
+}
+
+impl CpusConfig {
+    /// The host CPUs of vCPU `index` (`cpus.affinity`); empty: the vCPU may run anywhere.
+    pub fn host_cpus_of(&self, index: u32) -> Vec<usize> {
+        self.affinity
+            .iter()
+            .flatten()
+            .find(|entry| entry.vcpu == index)
+            .map(|entry| entry.host_cpus.clone())
+            .unwrap_or_default()
+    }
+}
+
 pub(crate) fn unsupported(field: &'static str, what: impl Into<String>) -> ValidationError {
     ValidationError::Unsupported {
         field,
@@ -721,9 +778,7 @@ impl VmConfig {
                 ),
             ));
         }
-        if non_empty(&cpus.affinity) {
-            return Err(unsupported("cpus.affinity", "vCPU affinity"));
-        }
+        validate_affinity(cpus)?;
         if cpus.features.amx {
             return Err(unsupported("cpus.features", "AMX (amx=true)"));
         }
@@ -1182,15 +1237,6 @@ mod tests {
                 "cpus.max_phys_bits",
                 Box::new(|c| c.cpus.max_phys_bits = 40),
             ),
-            (
-                "cpus.affinity",
-                Box::new(|c| {
-                    c.cpus.affinity = Some(vec![CpuAffinity {
-                        vcpu: 0,
-                        host_cpus: vec![1],
-                    }])
-                }),
-            ),
             ("cpus.features", Box::new(|c| c.cpus.features.amx = true)),
             ("cpus.nested", Box::new(|c| c.cpus.nested = false)),
             (
@@ -1237,6 +1283,33 @@ mod tests {
             );
             assert!(err.to_string().starts_with(field), "{err}");
             assert!(err.to_string().ends_with("is not supported yet"), "{err}");
+        }
+    }
+
+    #[test]
+    fn vcpu_affinity_names_vcpus_and_host_cpus_that_exist() {
+        let pin = |vcpu, host_cpus: Vec<usize>| CpuAffinity { vcpu, host_cpus };
+        let mut config = bootable();
+        config.cpus.boot_vcpus = 2;
+        config.cpus.max_vcpus = 2;
+        config.cpus.affinity = Some(vec![pin(0, vec![0]), pin(1, vec![0])]);
+        config.validate().unwrap();
+        assert_eq!(config.cpus.host_cpus_of(1), vec![0]);
+        assert!(config.cpus.host_cpus_of(5).is_empty());
+        let cases = [
+            (vec![pin(2, vec![0])], "vCPU 2 is not below max_vcpus (2)"),
+            (
+                vec![pin(0, vec![0]), pin(0, vec![0])],
+                "vCPU 0 is named twice",
+            ),
+            (vec![pin(1, vec![])], "vCPU 1 has no host CPU"),
+            (vec![pin(0, vec![usize::MAX])], "names host CPU"),
+        ];
+        for (affinity, why) in cases {
+            config.cpus.affinity = Some(affinity);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.starts_with("cpus.affinity: "), "{err}");
+            assert!(err.contains(why), "{err}");
         }
     }
 
