@@ -1566,6 +1566,22 @@ impl Results {
             .and_then(|v| median(v))
     }
 
+    /// `a`/`b` pairing their n-th figures (the n-th run's when no case of theirs failed; runs
+    /// take turns, so a run's cases ran close together): how much the ratio moves from run to
+    /// run.
+    fn ratio_by_run(&self, cell: Cell, (a, b): (Mode, Mode), metric: Metric) -> Vec<f64> {
+        let values = |mode| self.samples.get(&(cell, mode, metric));
+        match (values(a), values(b)) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .zip(b)
+                .filter(|(_, &b)| b > 0.0)
+                .map(|(a, b)| a / b)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn count(&self, cell: Cell, mode: Mode, metric: Metric) -> usize {
         self.samples.get(&(cell, mode, metric)).map_or(0, Vec::len)
     }
@@ -3191,7 +3207,8 @@ impl Report<'_> {
         println!("  guest and dirty rate with no FT, with the floor (no FT; the VMM harvests and re-arms the");
         println!("  dirty log every epoch, as a checkpoint does, without pausing, copying or sending: what dirty");
         println!("  tracking alone costs here) and with FT; overhead = 1 - FT/noFT, beyond floor = 1 - FT/floor;");
-        println!("  `FT hot off`: FT with every dirty page write-protected at each checkpoint (--no-hot-pages)");
+        println!("  `FT hot off`: FT with every dirty page write-protected at each checkpoint (--no-hot-pages);");
+        println!("  `by run`: beyond floor within each run (FT and the floor of one run ran close together)");
         println!();
         let header = [
             "epoch ms",
@@ -3206,6 +3223,7 @@ impl Report<'_> {
             "FT/FT hot off",
             "overhead %",
             "beyond floor %",
+            "by run",
             "floor dirty/ep",
             "runs noFT/floor/FT/hot off",
         ];
@@ -3231,6 +3249,11 @@ impl Report<'_> {
                     fmt(ratio(ft, cold), 3),
                     fmt(ft_no.map(|x| (1.0 - x) * 100.0), 1),
                     fmt(ft_floor.map(|x| (1.0 - x) * 100.0), 1),
+                    r.ratio_by_run(c, (Mode::Ft, Mode::Floor), Metric::WorkPerS)
+                        .iter()
+                        .map(|x| format!("{:.1}", (1.0 - x) * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     fmt(r.med(c, Mode::Floor, Metric::VmmDirtyPerEpoch), 0),
                     format!(
                         "{}/{}/{}/{}",
