@@ -1353,6 +1353,14 @@ mod tests {
                 r#"{"memory": {"size": 1024}, "payload": {"kernel": "/k"}}"#,
                 "memory.size",
             ),
+            (
+                r#"{"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": "0"}]}}"#,
+                "invalid type: string \"0\", expected a sequence",
+            ),
+            (
+                r#"{"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 3, "host_cpus": [0]}]}, "payload": {"kernel": "/k"}}"#,
+                "cpus.affinity: vCPU 3 is not below max_vcpus (1)",
+            ),
             ("{}", "payload.kernel"),
         ];
         for (json, expected) in cases {
