@@ -384,9 +384,9 @@ fn park(ctx: &VcpuContext) {
 }
 
 /// Pins the calling vCPU thread to `host_cpus` (`cpus.affinity`; empty: left as it is). The
-/// configuration names CPUs this host has (`VmConfig::validate`); should the kernel still
-/// refuse (a cpuset that excludes them), the vCPU runs unpinned rather than not at all, which
-/// keeps a restored or taken-over VM running on a host shaped differently from its source.
+/// configuration names CPUs this host has (`VmConfig::validate`, also for a restore or an
+/// incoming migration or FT standby); should the kernel still refuse (a cpuset that excludes
+/// them), the vCPU runs unpinned rather than not at all: a backup taking over must run.
 fn pin_current_thread(index: u8, host_cpus: &[usize]) {
     if host_cpus.is_empty() {
         return;
