@@ -455,6 +455,11 @@ pub struct FtStatus {
     /// Primary: changes those compares found, each a write fault the guest did not take.
     #[serde(default)]
     pub hot_page_hits: u64,
+    /// Primary: page faults KVM handled for the guest's vCPUs since protection started; with
+    /// dirty logging on, nearly all are first writes to write-protected pages, what dirty
+    /// tracking costs the guest (hot pages save some). None: this kernel does not count them.
+    #[serde(default)]
+    pub kvm_page_faults: Option<u64>,
     pub held_packets: u64,
     pub released_packets: u64,
     /// Primary: frames the NICs delivered to the guest that were mirrored to the backup.
@@ -520,6 +525,9 @@ impl FtStatus {
         put("pages_sent_early", self.pages_sent_early);
         put("hot_pages", self.hot_pages);
         put("hot_page_hits", self.hot_page_hits);
+        if let Some(faults) = self.kvm_page_faults {
+            put("kvm_page_faults", faults);
+        }
         put("held_packets", self.held_packets);
         put("released_packets", self.released_packets);
         put("input_frames_mirrored", self.input_frames_mirrored);

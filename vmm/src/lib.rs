@@ -11,6 +11,7 @@ pub mod event_monitor;
 pub mod fault_tolerance;
 pub mod hotplug;
 pub mod kvm_routing;
+pub mod kvm_stats;
 pub mod memory;
 pub mod migration;
 pub mod progress;

@@ -18,6 +18,7 @@ use crate::console::ConsoleHost;
 use crate::device_manager::{
     DeviceManager, DeviceManagerError, DeviceStateError, DevicesState, VirtioHandle,
 };
+use crate::kvm_stats::VcpuCounter;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::migration::memory::DirtyPages;
 use crate::seccomp::{self, SeccompMode};
@@ -194,6 +195,8 @@ pub struct Vm {
     manual_rearm: Option<DirtyPages>,
     /// Of the last harvest, the pages the guest wrote itself (its KVM dirty log).
     guest_written: Option<DirtyPages>,
+    /// Each vCPU's count of page faults KVM handled (empty: this kernel does not tell).
+    page_fault_counters: Vec<VcpuCounter>,
 }
 
 /// Everything a restore needs besides guest memory and the VM configuration.
@@ -596,6 +599,26 @@ impl Vm {
         self.guest_written.as_ref()
     }
 
+    /// Page faults KVM handled for this VM's vCPUs since they were created (with dirty logging
+    /// on, mostly first writes to write-protected pages). None: this kernel does not count
+    /// them per vCPU, or a count could not be read.
+    pub fn kvm_page_faults(&self) -> Option<u64> {
+        if self.page_fault_counters.is_empty() {
+            return None;
+        }
+        let mut total = 0u64;
+        for counter in &self.page_fault_counters {
+            match counter.read() {
+                Ok(n) => total = total.saturating_add(n),
+                Err(e) => {
+                    log::debug!("reading a vCPU's page-fault count: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(total)
+    }
+
     /// Pages the guest wrote since the last call (dirty logging must be on), as one bitmap per
     /// memory slot, 64 pages per word.
     pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
@@ -783,6 +806,12 @@ impl PreparedVm {
         let host_cpus: Vec<Vec<usize>> = (0..self.vcpu_fds.len() as u32)
             .map(|index| self.config.cpus.host_cpus_of(index))
             .collect();
+        let page_fault_counters = self
+            .vcpu_fds
+            .iter()
+            .map(VcpuCounter::page_faults)
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         let vcpus = Vcpus::start(
             self.vcpu_fds,
             self.handlers,
@@ -800,6 +829,7 @@ impl PreparedVm {
             memory: self.memory,
             manual_rearm: None,
             guest_written: None,
+            page_fault_counters,
         })
     }
 }

@@ -336,6 +336,9 @@ struct Vmm {
     ft_wake: Arc<EventFd>,
     epoch_timer: TimerFd,
     primary: Option<Box<dyn PrimaryFt>>,
+    /// The VM's count of KVM page faults when `primary` started: `vm.ft-status` reports those
+    /// since (None: this kernel does not count them).
+    primary_faults_base: Option<u64>,
     backup: Option<Box<dyn BackupFt>>,
     standby: Option<Standby>,
     /// The last status of a protection session that ended (fenced, took over, failed).
@@ -1158,6 +1161,7 @@ impl Vmm {
         self.arm_epoch_timer(primary.next_checkpoint());
         let status = primary.status();
         self.primary = Some(primary);
+        self.primary_faults_base = self.vm.as_ref().and_then(Vm::kvm_page_faults);
         self.ft_request = Some(request.clone());
         self.ft_ended = None;
         self.ft_reported = (status.health, status.group_members);
@@ -1186,6 +1190,7 @@ impl Vmm {
             .map_err(|e| Self::failed("enable-ft", &e))?;
         self.arm_epoch_timer(floor.next_checkpoint());
         self.primary = Some(Box::new(floor));
+        self.primary_faults_base = self.vm.as_ref().and_then(Vm::kvm_page_faults);
         self.ft_request = None;
         self.ft_ended = None;
         self.ft_reported = (FtHealth::Off, 0);
@@ -1331,7 +1336,12 @@ impl Vmm {
 
     fn ft_status(&self) -> FtStatus {
         if let Some(primary) = &self.primary {
-            return primary.status();
+            let mut status = primary.status();
+            status.kvm_page_faults = self.primary_faults_base.and_then(|base| {
+                let now = self.vm.as_ref()?.kvm_page_faults()?;
+                Some(now.saturating_sub(base))
+            });
+            return status;
         }
         if let Some(backup) = &self.backup {
             return backup.status();
@@ -1688,6 +1698,7 @@ pub fn run(options: VmmOptions) -> Result<ExitReason, RunError> {
         ft_wake,
         epoch_timer,
         primary: None,
+        primary_faults_base: None,
         backup: None,
         standby: None,
         ft_ended: None,

@@ -472,6 +472,9 @@ struct FtStatus {
     last_error: Option<String>,
     /// Members of the VM's FT group (none when it is in no group).
     group_members: Option<u64>,
+    /// Page faults KVM handled for the guest since protection (or the floor) started; None
+    /// when this kernel does not count them.
+    kvm_page_faults: Option<u64>,
 }
 
 fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
@@ -502,6 +505,7 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         last_failover_ms: v["last_failover_ms"].as_u64(),
         last_error: v["last_error"].as_str().map(str::to_string),
         group_members: v["group_members"].as_u64(),
+        kvm_page_faults: v["kvm_page_faults"].as_u64(),
     })
 }
 
@@ -1295,6 +1299,8 @@ struct FtWindow {
     send_p50_us: u64,
     commit_p50_us: u64,
     commit_p99_us: u64,
+    /// KVM page faults of the guest during the window (None: not counted here).
+    faults: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -1303,6 +1309,9 @@ struct CaseResult {
     dirtied_per_s: f64,
     rtts_ms: Vec<f64>,
     tcp_mbps: Option<f64>,
+    /// KVM page faults per epoch during the TCP transfer (the floor and FT; None without
+    /// either, or where the kernel does not count them).
+    tcp_faults_per_epoch: Option<f64>,
     tcp_ft: Option<TcpFt>,
     ft: Option<FtWindow>,
 }
@@ -1385,6 +1394,7 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
                 send_p50_us: after.send_us_p50,
                 commit_p50_us: after.commit_us_p50,
                 commit_p99_us: after.commit_us_p99,
+                faults: faults_between(&before, &after),
             })
         }
         _ => None,
@@ -1401,18 +1411,23 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         opts.latency_budget,
         SeqClient::req,
     )?;
-    let (tcp_mbps, tcp_ft) = if setup.tcp {
-        // The floor protects nothing: its counters say nothing about replication.
-        let ft_socket = ft_socket.filter(|_| !setup.floor);
-        let before = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
+    let (tcp_mbps, tcp_faults_per_epoch, tcp_ft) = if setup.tcp {
+        let status_before = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
         let cpu_before = replication_cpu_ns();
         let (mbps, sent) = sink_throughput(setup.client_ns, opts.sink_mib << 20, opts.sink_budget)?;
         let cpu_after = replication_cpu_ns();
+        let status_after = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
         let cpu_ns = cpu_after.0.saturating_sub(cpu_before.0);
         let primary_cpu_ns = cpu_after.1.saturating_sub(cpu_before.1);
-        let tcp_ft = match (ft_socket, before) {
-            (Some(s), Some(before)) => {
-                let after = ft_status(setup.bins, s)?;
+        let faults_per_epoch = match (&status_before, &status_after) {
+            (Some(before), Some(after)) => faults_between(before, after).map(|faults| {
+                faults as f64 / after.epoch.saturating_sub(before.epoch).max(1) as f64
+            }),
+            _ => None,
+        };
+        // The floor protects nothing: its counters say nothing about replication.
+        let tcp_ft = match (status_before.filter(|_| !setup.floor), status_after) {
+            (Some(before), Some(after)) => {
                 let epochs = after.epoch.saturating_sub(before.epoch).max(1) as f64;
                 let dirty = after.dirty_pages.saturating_sub(before.dirty_pages) as f64;
                 let bytes = after.bytes.saturating_sub(before.bytes) as f64;
@@ -1434,18 +1449,28 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
             }
             _ => None,
         };
-        (Some(mbps), tcp_ft)
+        (Some(mbps), faults_per_epoch, tcp_ft)
     } else {
-        (None, None)
+        (None, None, None)
     };
     Ok(CaseResult {
         work_per_s: (g1.work - g0.work) as f64 / guest_s,
         dirtied_per_s: g1.dirtied.saturating_sub(g0.dirtied) as f64 / guest_s,
         rtts_ms,
         tcp_mbps,
+        tcp_faults_per_epoch,
         tcp_ft,
         ft,
     })
+}
+
+/// KVM page faults between two ft-status answers of one session.
+fn faults_between(before: &FtStatus, after: &FtStatus) -> Option<u64> {
+    Some(
+        after
+            .kvm_page_faults?
+            .saturating_sub(before.kvm_page_faults?),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1526,6 +1551,10 @@ enum Metric {
     TcpInputMirrorP99Ms,
     /// FT bytes sent per second of the work window, MB/s.
     SenderMbps,
+    /// KVM page faults of the guest per epoch in the work window (the floor and FT).
+    FaultsPerEpoch,
+    /// The same during the TCP transfer.
+    TcpFaultsPerEpoch,
 }
 
 /// A cell: (epoch ms, pages per epoch).
@@ -1611,6 +1640,9 @@ impl Results {
         if let Some(mbps) = r.tcp_mbps {
             self.add(cell, mode, Metric::TcpMbps, mbps);
         }
+        if let Some(faults) = r.tcp_faults_per_epoch {
+            self.add(cell, mode, Metric::TcpFaultsPerEpoch, faults);
+        }
         if let Some(t) = r.tcp_ft {
             self.add(cell, mode, Metric::TcpDirtyPerEpoch, t.dirty_per_epoch);
             self.add(
@@ -1639,6 +1671,9 @@ impl Results {
                 ft.vmm_dirty_pages as f64 / epochs,
             );
             self.add(cell, mode, Metric::RealEpochMs, ft.real_epoch_ms);
+            if let Some(faults) = ft.faults {
+                self.add(cell, mode, Metric::FaultsPerEpoch, faults as f64 / epochs);
+            }
             self.add(cell, mode, Metric::PauseP50Ms, ft.pause_p50_us as f64 / 1e3);
             self.add(cell, mode, Metric::PauseP99Ms, ft.pause_p99_us as f64 / 1e3);
             self.add(cell, mode, Metric::PauseMaxMs, ft.pause_max_us as f64 / 1e3);
@@ -3208,7 +3243,9 @@ impl Report<'_> {
         println!("  dirty log every epoch, as a checkpoint does, without pausing, copying or sending: what dirty");
         println!("  tracking alone costs here) and with FT; overhead = 1 - FT/noFT, beyond floor = 1 - FT/floor;");
         println!("  `FT hot off`: FT with every dirty page write-protected at each checkpoint (--no-hot-pages);");
-        println!("  `by run`: beyond floor within each run (FT and the floor of one run ran close together)");
+        println!("  `by run`: beyond floor within each run (FT and the floor of one run ran close together);");
+        println!("  faults/ep: page faults KVM handled for the guest per epoch (ft-status kvm_page_faults): with dirty");
+        println!("  logging on, nearly all are first writes to write-protected pages, what tracking costs the guest");
         println!();
         let header = [
             "epoch ms",
@@ -3225,6 +3262,9 @@ impl Report<'_> {
             "beyond floor %",
             "by run",
             "floor dirty/ep",
+            "faults/ep floor",
+            "FT",
+            "FT hot off",
             "runs noFT/floor/FT/hot off",
         ];
         let rows: Vec<Vec<String>> = cells
@@ -3255,6 +3295,9 @@ impl Report<'_> {
                         .collect::<Vec<_>>()
                         .join(" "),
                     fmt(r.med(c, Mode::Floor, Metric::VmmDirtyPerEpoch), 0),
+                    fmt(r.med(c, Mode::Floor, Metric::FaultsPerEpoch), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::FaultsPerEpoch), 0),
+                    fmt(r.med(c, Mode::FtCold, Metric::FaultsPerEpoch), 0),
                     format!(
                         "{}/{}/{}/{}",
                         r.count(c, Mode::NoFt, Metric::WorkPerS),
@@ -3364,6 +3407,8 @@ impl Report<'_> {
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplPrimaryCpuMsPerMb), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpInputMirrorP50Ms), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpInputMirrorP99Ms), 2),
+                    fmt(r.med(c, Mode::Floor, Metric::TcpFaultsPerEpoch), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpFaultsPerEpoch), 0),
                 ]
             })
             .collect();
@@ -3399,6 +3444,12 @@ impl Report<'_> {
             println!(
                 "  (ft-status input_mirror_us_*): an early ACK's added delay; the guest's 1 MiB window over that round trip bounds FT"
             );
+            println!(
+                "  faults/ep: the guest's KVM page faults per epoch during the transfer (its 1 MiB receive ring is rewritten every"
+            );
+            println!(
+                "  epoch: the floor write-protects it again each time, FT keeps it writable as hot pages)"
+            );
             println!();
             print_table(
                 &[
@@ -3419,6 +3470,8 @@ impl Report<'_> {
                     "of it primary",
                     "input wait p50 ms",
                     "input wait p99 ms",
+                    "faults/ep floor",
+                    "FT",
                 ],
                 &tcp_rows,
             );
