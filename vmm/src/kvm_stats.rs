@@ -224,6 +224,33 @@ mod tests {
         assert!(locate(reader(&huge), "pf_taken").is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever a stats fd holds, the parser answers (an offset, none or an error) without
+        /// panicking or asking for an unbounded read.
+        #[test]
+        fn arbitrary_stats_bytes_are_parsed_safely(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            flips in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 0..8),
+        ) {
+            let mut valid = stats_blob(48, &[("a", 0, 1, 0), ("pf_taken", 0, 1, 8)], &[1, 2]);
+            for (at, value) in flips {
+                if let Some(b) = valid.get_mut(at) {
+                    *b = value;
+                }
+            }
+            for blob in [bytes, valid] {
+                let mut largest = 0;
+                let read = |offset: u64, len: usize| {
+                    largest = largest.max(len);
+                    reader(&blob)(offset, len)
+                };
+                let _ = locate(read, "pf_taken");
+                let bound = HEADER_LEN.max((DESC_LEN + MAX_NAME as usize) * MAX_DESCRIPTORS as usize);
+                proptest::prop_assert!(largest <= bound);
+            }
+        }
+    }
+
     #[test]
     fn this_hosts_vcpus_count_page_faults() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
