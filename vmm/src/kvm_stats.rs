@@ -2,8 +2,9 @@
 //! KVM handled for it (`pf_taken`).
 //!
 //! With dirty logging on, nearly all of them are the guest's first write to a page after a
-//! harvest or a re-arm write-protected it: the cost of dirty tracking (about 25 us each on a
-//! nested host without EPT, 1-2 us with it), which FT's hot pages exist to save. `vm.ft-status`
+//! harvest or a re-arm write-protected it: the cost of dirty tracking (1-2 us each with EPT,
+//! 18-19 us of guest time on a nested host without it, as `ci/bench-ft`'s `us/fault floor`
+//! measured), which FT's hot pages exist to save. `vm.ft-status`
 //! reports them, so an operator (and the FT benchmark) sees what tracking costs a VM.
 //!
 //! kvm-ioctls has no wrapper for the stats fd, hence the ioctl and the small parser here. The

@@ -25,7 +25,9 @@
 //! beyond it. Each case measures, in this order:
 //!   work      `stats` at the start and the end of a window: work/s and pages dirtied/s by the
 //!             guest's own clock; under FT also ft-status deltas over the window (epochs,
-//!             bytes sent, pages the VMM found dirty) and the session's pause p50/p99/max;
+//!             bytes sent, pages the VMM found dirty, the guest's KVM page faults) and the
+//!             session's pause p50/p99/max; the floor's faults and lost work give what one
+//!             write fault costs the guest here (`us/fault floor`);
 //!   latency   sequential `req` round trips on one connection (each reply checked to be the
 //!             next sequence number), p50 and p99; under FT each request is sent after a random
 //!             think time in [0, epoch) so that requests arrive at random points of an epoch;
@@ -35,7 +37,8 @@
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
 //!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch and
 //!             replication bytes per byte the guest received (where the link's bytes go). The
-//!             floor measures it too: what dirty tracking alone costs a transfer.
+//!             floor measures it too: what dirty tracking alone costs a transfer, and the
+//!             guest's KVM page faults per epoch for both.
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
 //! to back and pinging the guest every millisecond; the primary is killed with SIGKILL at a
 //! random point of an epoch (a host does not die in step with the VMM's timers: without the
@@ -1462,6 +1465,15 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         tcp_ft,
         ft,
     })
+}
+
+/// Guest time per fault, us: `lost` (a fraction of each epoch of `epoch_us`) over `faults`
+/// per epoch; None with too few faults for the quotient to mean anything.
+fn per_fault_us(epoch_us: f64, lost: Option<f64>, faults: Option<f64>) -> Option<f64> {
+    match (lost, faults) {
+        (Some(lost), Some(faults)) if faults >= 20.0 => Some(epoch_us * lost / faults),
+        _ => None,
+    }
 }
 
 /// KVM page faults between two ft-status answers of one session.
@@ -3245,7 +3257,8 @@ impl Report<'_> {
         println!("  `FT hot off`: FT with every dirty page write-protected at each checkpoint (--no-hot-pages);");
         println!("  `by run`: beyond floor within each run (FT and the floor of one run ran close together);");
         println!("  faults/ep: page faults KVM handled for the guest per epoch (ft-status kvm_page_faults): with dirty");
-        println!("  logging on, nearly all are first writes to write-protected pages, what tracking costs the guest");
+        println!("  logging on, nearly all are first writes to write-protected pages, what tracking costs the guest;");
+        println!("  us/fault floor: guest time the floor costs per fault (epoch x (1 - floor/noFT) / faults)");
         println!();
         let header = [
             "epoch ms",
@@ -3265,6 +3278,7 @@ impl Report<'_> {
             "faults/ep floor",
             "FT",
             "FT hot off",
+            "us/fault floor",
             "runs noFT/floor/FT/hot off",
         ];
         let rows: Vec<Vec<String>> = cells
@@ -3298,6 +3312,14 @@ impl Report<'_> {
                     fmt(r.med(c, Mode::Floor, Metric::FaultsPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::FaultsPerEpoch), 0),
                     fmt(r.med(c, Mode::FtCold, Metric::FaultsPerEpoch), 0),
+                    fmt(
+                        per_fault_us(
+                            c.0 as f64 * 1e3,
+                            ratio(floor, no).map(|x| 1.0 - x),
+                            r.med(c, Mode::Floor, Metric::FaultsPerEpoch),
+                        ),
+                        1,
+                    ),
                     format!(
                         "{}/{}/{}/{}",
                         r.count(c, Mode::NoFt, Metric::WorkPerS),
@@ -3691,7 +3713,11 @@ impl Report<'_> {
         );
         println!("  (its own boot), so each page is rewritten every epoch or more often. Hot pages kept writable");
         println!("  and compared at each pause (FT) against every dirty page write-protected at each checkpoint");
-        println!("  (FT hot off, --no-hot-pages); the floor harvests and re-arms the dirty log every epoch, no FT");
+        println!("  (FT hot off, --no-hot-pages); the floor harvests and re-arms the dirty log every epoch, no FT;");
+        println!("  faults/ep: the guest's KVM page faults per epoch; us/fault floor: the guest time the floor costs");
+        println!("  per fault (epoch x (1 - floor/noFT) / faults), what one write fault costs on this host;");
+        println!("  us saved/fault: the guest time hot pages give back per fault they save (epoch x (FT - FT hot");
+        println!("  off)/noFT / (faults hot off - faults FT)), compares in the pause included");
         println!();
         let header = [
             "epoch ms",
@@ -3706,6 +3732,11 @@ impl Report<'_> {
             "FT/FT hot off",
             "pause p50 ms FT/hot off",
             "pause p99 ms FT/hot off",
+            "faults/ep floor",
+            "FT",
+            "FT hot off",
+            "us/fault floor",
+            "us saved/fault",
             "runs",
         ];
         let rows: Vec<Vec<String>> = o
@@ -3728,6 +3759,19 @@ impl Report<'_> {
                         fmt(r.med(c, Mode::FtHotCold, metric), 3)
                     )
                 };
+                let faults = |mode| r.med(c, mode, Metric::FaultsPerEpoch);
+                let epoch_us = epoch as f64 * 1e3;
+                let floor_cost = per_fault_us(
+                    epoch_us,
+                    ratio(floor, no).map(|x| 1.0 - x),
+                    faults(Mode::FloorHot),
+                );
+                let saved = match (ft, cold, no, faults(Mode::FtHotCold), faults(Mode::FtHot)) {
+                    (Some(ft), Some(cold), Some(no), Some(f_cold), Some(f_ft)) if no > 0.0 => {
+                        per_fault_us(epoch_us, Some((ft - cold) / no), Some(f_cold - f_ft))
+                    }
+                    _ => None,
+                };
                 vec![
                     epoch.to_string(),
                     pages.to_string(),
@@ -3741,6 +3785,11 @@ impl Report<'_> {
                     fmt(ratio(ft, cold), 3),
                     pause(Metric::PauseP50Ms),
                     pause(Metric::PauseP99Ms),
+                    fmt(faults(Mode::FloorHot), 0),
+                    fmt(faults(Mode::FtHot), 0),
+                    fmt(faults(Mode::FtHotCold), 0),
+                    fmt(floor_cost, 1),
+                    fmt(saved, 1),
                     format!(
                         "{}/{}/{}/{}",
                         r.count(c, Mode::NoFtHot, Metric::WorkPerS),
