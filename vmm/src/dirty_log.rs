@@ -1,11 +1,12 @@
 //! KVM's manual dirty-log re-arming (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`), for FT's hot pages.
 //!
-//! Normally `KVM_GET_DIRTY_LOG` hands over the dirty bitmap and write-protects every page in
-//! it again, so the next guest write to each one faults (6-20 us a fault on the nested hosts
-//! measured, 1-2 us with EPT; `vm.ft-status` counts them, `kvm_page_faults`). With manual re-arming the harvest only reads the bitmap: a page stays
-//! writable, and set in the bitmap, until `KVM_CLEAR_DIRTY_LOG` re-arms it. FT leaves the pages
-//! the guest rewrites epoch after epoch writable ("hot") and compares them with its last copy
-//! at each checkpoint instead of taking a fault per page per epoch.
+//! Normally `KVM_GET_DIRTY_LOG` hands over the dirty bitmap and write-protects every page in it
+//! again, so the next guest write to each one faults (6-20 us a fault on the nested hosts measured,
+//! 1-2 us with EPT; `vm.ft-status` counts them, `kvm_page_faults`). With manual re-arming the
+//! harvest only reads the bitmap: a page stays writable, and set in the bitmap, until
+//! `KVM_CLEAR_DIRTY_LOG` re-arms it. FT leaves the pages the guest rewrites epoch after epoch
+//! writable ("hot") and compares them with its last copy at each checkpoint instead of taking a
+//! fault per page per epoch.
 //!
 //! kvm-ioctls has no wrapper for `KVM_CLEAR_DIRTY_LOG`, hence the raw ioctl here.
 

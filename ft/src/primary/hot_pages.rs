@@ -1,10 +1,10 @@
-//! Hot pages stay writable (after write-fault prediction, Zhu et al.): a page the guest
-//! rewrites epoch after epoch would otherwise take a write fault in every epoch (6-20 us of
-//! guest time each on the nested hosts measured, 1-2 us with EPT; `ci/bench-ft` prints it as
-//! `us/fault floor`), because each checkpoint write-protects what it harvested. With KVM's manual dirty-log re-arming the checkpoint leaves such pages writable
-//! and, at every pause, compares each one with its copy in the staging memory (which holds
-//! what the backup has, or is about to get): a changed page is copied and sent like a logged
-//! one, an unchanged one is skipped.
+//! Hot pages stay writable (after write-fault prediction, Zhu et al.): a page the guest rewrites
+//! epoch after epoch would otherwise take a write fault in every epoch (6-20 us of guest time each
+//! on the nested hosts measured, 1-2 us with EPT; `ci/bench-ft` prints it as `us/fault floor`),
+//! because each checkpoint write-protects what it harvested. With KVM's manual dirty-log re-arming
+//! the checkpoint leaves such pages writable and, at every pause, compares each one with its copy
+//! in the staging memory (which holds what the backup has, or is about to get): a changed page is
+//! copied and sent like a logged one, an unchanged one is skipped.
 //!
 //! Why it is safe: a kept page is never re-armed, so KVM reports it in every harvest and the
 //! pause compares it whether or not the guest wrote it; a page becomes kept only in an epoch in
