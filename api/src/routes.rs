@@ -1154,7 +1154,7 @@ mod tests {
                 "send_us_p50": 0, "send_us_p99": 0, "commit_us_p50": 0, "commit_us_p99": 0,
                 "input_mirror_us_p50": 0, "input_mirror_us_p99": 0,
                 "epochs_cut_early": 0, "epochs_cut_for_output": 0, "encode_threads": 0,
-                "streams": 0, "pages_staged_early": 0, "pages_sent_early": 0, "hot_pages": 0, "hot_page_hits": 0, "kvm_page_faults": null, "held_packets": 0,
+                "streams": 0, "pages_staged_early": 0, "pages_sent_early": 0, "pages_held_for_pause": 0, "hot_pages": 0, "hot_page_hits": 0, "kvm_page_faults": null, "held_packets": 0,
                 "released_packets": 0, "input_frames_mirrored": 0, "pages_from_input": 0,
                 "acks_released_early": 0, "input_frames_replayed": 0,
                 "output_frames_mirrored": 0, "output_frames_resent": 0,

@@ -1185,7 +1185,7 @@ impl Primary {
         };
         let job = Job::EarlyPages {
             epoch: self.epoch,
-            pages: pages.clone(),
+            pages,
         };
         // Set before the sender can see the job: it clears it when the pass has left.
         self.shared.staging_busy.store(true, Ordering::SeqCst);
@@ -1296,9 +1296,16 @@ impl Primary {
             }
             Some(early) => {
                 let written = early_staging::union_known(early.guest_written, vm.guest_written());
+                if let Some(copied) = &early.copied {
+                    self.early.learn(copied, &dirty);
+                }
                 match early.copied {
-                    // Already on their way: this pass sends what changed since.
+                    // Already on their way but those held back: this pass sends them and
+                    // what changed since.
                     Some(mut epoch_pages) if early.sent => {
+                        if let Some(held) = &early.held_back {
+                            dirty.union_with(held);
+                        }
                         epoch_pages.union_with(&dirty);
                         self.hot.update(self.epoch, &epoch_pages, written.as_ref());
                         epoch_pages.count()
@@ -1380,6 +1387,7 @@ impl Primary {
             epochs_cut_early: self.epochs_cut_early,
             pages_staged_early: self.early.pages_copied(),
             pages_sent_early: self.early.pages_sent(),
+            pages_held_for_pause: self.early.pages_held_back(),
             epochs_cut_for_output: self.epochs_cut_for_output,
             encode_threads: s.encode_threads.load(Ordering::Relaxed),
             streams: s.streams.load(Ordering::Relaxed),

@@ -449,6 +449,10 @@ pub struct FtStatus {
     /// Primary: of those, pages sent to the backup while the guest ran (early sending).
     #[serde(default)]
     pub pages_sent_early: u64,
+    /// Primary: pages staged early that the early sending left to the pause, because they
+    /// were written again before the last pause (sent early they would go twice).
+    #[serde(default)]
+    pub pages_held_for_pause: u64,
     /// Primary: pages now kept writable (hot pages) and compared at each checkpoint.
     #[serde(default)]
     pub hot_pages: u64,
@@ -523,6 +527,7 @@ impl FtStatus {
         put("epochs_cut_for_output", self.epochs_cut_for_output);
         put("pages_staged_early", self.pages_staged_early);
         put("pages_sent_early", self.pages_sent_early);
+        put("pages_held_for_pause", self.pages_held_for_pause);
         put("hot_pages", self.hot_pages);
         put("hot_page_hits", self.hot_page_hits);
         if let Some(faults) = self.kvm_page_faults {

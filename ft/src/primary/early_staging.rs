@@ -18,6 +18,14 @@
 //! later copy, and an epoch cut short by a failure is dropped whole. The delta base follows
 //! each pass as it is encoded, in the same order. The pause waits for the first pass to leave
 //! staging before it copies into it (the epoch runs on meanwhile, as behind a slow sender).
+//!
+//! Pages written again before the pause would go twice: early and in the pause. A receive
+//! buffer the NIC fills all epoch long is such a page; sending it twice costs the sender and
+//! the backup CPU that input mirroring needs. So the first pass holds back the pages that were
+//! staged early in the last epoch and written again before its pause: they stay copied in
+//! staging and go in the pause's pass (re-copied there if written meanwhile). A guess that
+//! turns out wrong only moves a page from the first pass to the pause's, and the pause learns
+//! the guess anew each epoch.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -44,6 +52,12 @@ pub struct EarlyStaging {
     pages_copied: u64,
     /// Of them, pages the sender shipped while the guest ran.
     pages_sent: u64,
+    /// Of them, pages a first pass held back for the pause (see the module's docs).
+    pages_held_back: u64,
+    /// The pages staged early in the last epoch that had early staging and written again
+    /// before its pause (None before the first): the next first pass holds them back. Kept
+    /// between pauses, so that learning it allocates nothing in the pause.
+    rewritten: Option<DirtyPages>,
 }
 
 /// What early staging harvested in the running epoch.
@@ -54,8 +68,11 @@ pub struct Staged {
     pub uncopied: Option<DirtyPages>,
     /// Of the pages harvested, those the guest wrote itself (None: not known).
     pub guest_written: Option<DirtyPages>,
-    /// The sender shipped `copied` while the guest ran (as part of the running epoch): the
-    /// pause sends only the pages written since.
+    /// Of `copied`, the pages the first pass leaves to the pause: written again before the
+    /// last pause (see the module's docs). None: none.
+    pub held_back: Option<DirtyPages>,
+    /// The sender shipped `copied` but `held_back` while the guest ran (as part of the
+    /// running epoch): the pause sends `held_back` and the pages written since.
     pub sent: bool,
 }
 
@@ -72,6 +89,7 @@ impl Staged {
             copied: union(self.copied, later.copied),
             uncopied: union(self.uncopied, later.uncopied),
             guest_written: union_known(self.guest_written, later.guest_written.as_ref()),
+            held_back: union(self.held_back, later.held_back),
             // Pages of a harvest not shipped go in the pause, and with them all (sending a
             // page twice costs bytes, missing one loses it).
             sent: self.sent && later.sent,
@@ -100,6 +118,8 @@ impl EarlyStaging {
             staged: None,
             pages_copied: 0,
             pages_sent: 0,
+            pages_held_back: 0,
+            rewritten: None,
         }
     }
 
@@ -153,10 +173,12 @@ impl EarlyStaging {
             }
             Err(_) => (None, Some(pages)),
         };
+        let held_back = copied_pages.as_ref().and_then(|p| self.held_back_of(p));
         let harvest = Staged {
             copied: copied_pages,
             uncopied,
             guest_written,
+            held_back,
             sent: false,
         };
         // Once per epoch (`tried`); merged all the same, so that no harvest is ever dropped.
@@ -167,24 +189,58 @@ impl EarlyStaging {
         copied
     }
 
-    /// The pages copied early in the running epoch, unless none were or they already went to
-    /// the sender.
-    pub fn unsent(&self) -> Option<&DirtyPages> {
+    /// The pages copied early in the running epoch for the first pass (all but those held
+    /// back), unless there are none or they already went to the sender.
+    pub fn unsent(&self) -> Option<DirtyPages> {
         let staged = self.staged.as_ref().filter(|s| !s.sent)?;
-        staged.copied.as_ref().filter(|pages| !pages.is_empty())
+        let mut pages = staged.copied.clone()?;
+        if let Some(held) = &staged.held_back {
+            pages.subtract(held);
+        }
+        (!pages.is_empty()).then_some(pages)
     }
 
     /// The pages [`EarlyStaging::unsent`] named went to the sender.
     pub fn mark_sent(&mut self) {
         if let Some(staged) = &mut self.staged {
             staged.sent = true;
-            self.pages_sent += staged.copied.as_ref().map_or(0, DirtyPages::count);
+            let held = staged.held_back.as_ref().map_or(0, DirtyPages::count);
+            self.pages_sent += staged.copied.as_ref().map_or(0, DirtyPages::count) - held;
+            self.pages_held_back += held;
+        }
+    }
+
+    /// The pages of `copied` the first pass leaves to the pause, if any.
+    fn held_back_of(&self, copied: &DirtyPages) -> Option<DirtyPages> {
+        let mut held = copied.clone();
+        held.intersect_with(self.rewritten.as_ref()?);
+        (!held.is_empty()).then_some(held)
+    }
+
+    /// In the pause of an epoch that staged `copied` early: `harvested` holds the pages
+    /// written since (the pause's harvest); the next first pass holds back the pages in both.
+    pub fn learn(&mut self, copied: &DirtyPages, harvested: &DirtyPages) {
+        match &mut self.rewritten {
+            Some(rewritten) => {
+                rewritten.clear();
+                rewritten.union_with(copied);
+            }
+            // Once per session.
+            None => self.rewritten = Some(copied.clone()),
+        }
+        if let Some(rewritten) = &mut self.rewritten {
+            rewritten.intersect_with(harvested);
         }
     }
 
     /// Pages sent while the guest ran, since protection started.
     pub fn pages_sent(&self) -> u64 {
         self.pages_sent
+    }
+
+    /// Pages first passes held back for the pause, since protection started.
+    pub fn pages_held_back(&self) -> u64 {
+        self.pages_held_back
     }
 
     /// Pages copied into staging while the guest ran, since protection started.
@@ -247,6 +303,7 @@ mod tests {
             copied: Some(set),
             uncopied: None,
             guest_written: None,
+            held_back: None,
             sent: false,
         }
     }
@@ -257,7 +314,7 @@ mod tests {
         let mut early = EarlyStaging::new(true);
         assert!(early.unsent().is_none(), "nothing copied yet");
         early.staged = Some(harvest(&[1, 2, 3]));
-        assert_eq!(early.unsent().map(DirtyPages::count), Some(3));
+        assert_eq!(early.unsent().map(|p| p.count()), Some(3));
         early.mark_sent();
         assert!(early.unsent().is_none());
         assert_eq!(early.pages_sent(), 3);
@@ -284,6 +341,60 @@ mod tests {
         let merged = sent.merge(harvest(&[2]));
         assert!(!merged.sent);
         assert_eq!(merged.copied.map(|c| c.count()), Some(2));
+    }
+
+    fn pages(list: &[u64]) -> DirtyPages {
+        harvest(list).copied.unwrap()
+    }
+
+    fn numbers(set: &DirtyPages) -> Vec<u64> {
+        set.iter().map(|gpa| gpa.0 / 4096).collect()
+    }
+
+    /// A page staged early and written again before the pause stays out of the next first
+    /// pass, goes in that epoch's pause instead, and rejoins the first pass once an epoch
+    /// leaves it alone after early staging.
+    #[test]
+    fn pages_written_after_early_staging_are_held_for_the_next_pause() {
+        let mut early = EarlyStaging::new(true);
+        assert!(
+            early.held_back_of(&pages(&[1, 2])).is_none(),
+            "nothing learnt yet"
+        );
+        // Epoch 1: 1, 2, 3 staged early; 2, 3 and 9 written before the pause.
+        early.learn(&pages(&[1, 2, 3]), &pages(&[2, 3, 9]));
+        // Epoch 2: 1, 2, 4 staged early; the first pass holds 2 back.
+        let copied = pages(&[1, 2, 4]);
+        let held = early.held_back_of(&copied).unwrap();
+        assert_eq!(numbers(&held), [2]);
+        early.staged = Some(Staged {
+            held_back: Some(held),
+            ..harvest(&[1, 2, 4])
+        });
+        assert_eq!(numbers(&early.unsent().unwrap()), [1, 4]);
+        early.mark_sent();
+        assert_eq!((early.pages_sent(), early.pages_held_back()), (2, 1));
+        let staged = early.take().unwrap();
+        assert!(staged.sent);
+        assert_eq!(staged.held_back.as_ref().map(numbers), Some(vec![2]));
+        // Its pause saw 2 unchanged since: the next first pass sends everything.
+        early.learn(staged.copied.as_ref().unwrap(), &pages(&[7]));
+        assert!(early.held_back_of(&pages(&[1, 2, 4])).is_none());
+    }
+
+    /// Held back whole, nothing goes early: the pause sends the harvest as without sending.
+    #[test]
+    fn a_first_pass_held_back_whole_leaves_everything_to_the_pause() {
+        let mut early = EarlyStaging::new(true);
+        early.learn(&pages(&[1, 2]), &pages(&[1, 2]));
+        let held = early.held_back_of(&pages(&[1, 2])).unwrap();
+        early.staged = Some(Staged {
+            held_back: Some(held),
+            ..harvest(&[1, 2])
+        });
+        assert!(early.unsent().is_none());
+        let staged = early.take().unwrap();
+        assert!(!staged.sent, "the pause sends every page copied");
     }
 
     #[test]

@@ -255,6 +255,21 @@ impl DirtyPages {
         }
     }
 
+    /// Keeps only the pages also in `other` (same layout as for [`DirtyPages::union_with`];
+    /// a region that differs is emptied).
+    pub fn intersect_with(&mut self, other: &DirtyPages) {
+        for (i, dst) in self.regions.iter_mut().enumerate() {
+            match other.regions.get(i) {
+                Some(src) if dst.start == src.start && dst.pages == src.pages => {
+                    for (d, s) in dst.bits.iter_mut().zip(&src.bits) {
+                        *d &= *s;
+                    }
+                }
+                _ => dst.bits.fill(0),
+            }
+        }
+    }
+
     /// Takes the page holding `gpa` out; false if it was not in the set.
     pub fn remove(&mut self, gpa: GuestAddress) -> bool {
         for r in &mut self.regions {
@@ -440,6 +455,27 @@ mod tests {
             a.runs().collect::<Vec<_>>(),
             vec![(GuestAddress(0x1000), 2)]
         );
+    }
+
+    #[test]
+    fn intersection_keeps_the_common_pages() {
+        let m = mem();
+        let p = PAGE_SIZE as u64;
+        let pages = |list: &[u64]| {
+            DirtyPages::from_pages(&m, list.iter().map(|&a| GuestAddress(a)))
+                .unwrap()
+                .0
+        };
+        let mut a = pages(&[0, 5 * p, 64 * p, (1 << 32) + 129 * p]);
+        a.intersect_with(&pages(&[5 * p, 64 * p, 65 * p, (1 << 32) + 129 * p]));
+        assert_eq!(
+            a.iter().map(|g| g.0).collect::<Vec<_>>(),
+            vec![5 * p, 64 * p, (1 << 32) + 129 * p]
+        );
+        // Another layout shares no page.
+        let other = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 50 * PAGE_SIZE)]).unwrap();
+        a.intersect_with(&DirtyPages::all(&other).unwrap());
+        assert!(a.is_empty());
     }
 
     #[test]
