@@ -35,8 +35,10 @@
 //!             (pseudo-random bytes, as real data: no receive buffer gets what it held before),
 //!             from the first byte to its `got N` reply. Under FT the guest's pure ACKs leave
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
-//!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch and
-//!             replication bytes per byte the guest received (where the link's bytes go). The
+//!             epoch's commit. Also, for FT during the transfer: VMM-dirty pages per epoch,
+//!             the pages early sending left to the pause (receive buffers written again before
+//!             it) and replication bytes per byte the guest received (where the link's bytes
+//!             go); next to FT, FT with --no-early-send when the early-sending cases run. The
 //!             floor measures it too: what dirty tracking alone costs a transfer, and the
 //!             guest's KVM page faults per epoch for both.
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
@@ -461,6 +463,8 @@ struct FtStatus {
     bytes: u64,
     dirty_pages: u64,
     pages_from_input: u64,
+    /// Pages staged early that early sending left to the pause (written again before it).
+    pages_held_for_pause: u64,
     pause_us_p50: u64,
     pause_us_p99: u64,
     pause_us_max: u64,
@@ -496,6 +500,7 @@ fn ft_status(bins: &Binaries, socket: &Path) -> Res<FtStatus> {
         bytes: num("bytes")?,
         dirty_pages: num("dirty_pages")?,
         pages_from_input: num("pages_from_input")?,
+        pages_held_for_pause: num("pages_held_for_pause")?,
         pause_us_p50: num("pause_us_p50")?,
         pause_us_p99: num("pause_us_p99")?,
         pause_us_max: num("pause_us_max")?,
@@ -1326,6 +1331,8 @@ struct TcpFt {
     dirty_per_epoch: f64,
     /// Of them, pages sent as mirrored input laid over the backup's copy.
     input_pages_per_epoch: f64,
+    /// Pages early sending left to the pause per epoch (written again before it).
+    held_pages_per_epoch: f64,
     /// Replication bytes (input mirrored, pages, state) per byte the guest received.
     bytes_per_byte: f64,
     /// CPU time of the replication threads of both sides per MB the guest received, ms.
@@ -1438,9 +1445,13 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
                 let input = after
                     .pages_from_input
                     .saturating_sub(before.pages_from_input) as f64;
+                let held = after
+                    .pages_held_for_pause
+                    .saturating_sub(before.pages_held_for_pause) as f64;
                 Some(TcpFt {
                     dirty_per_epoch: dirty / epochs,
                     input_pages_per_epoch: input / epochs,
+                    held_pages_per_epoch: held / epochs,
                     bytes_per_byte: bytes / sent.max(1) as f64,
                     cpu_ms_per_mb: cpu_ns as f64 / 1e6 / mb,
                     primary_cpu_ms_per_mb: primary_cpu_ns as f64 / 1e6 / mb,
@@ -1553,6 +1564,8 @@ enum Metric {
     TcpDirtyPerEpoch,
     /// Of them, pages sent as input laid over the backup's copy.
     TcpInputPagesPerEpoch,
+    /// Pages early sending left to the pause per epoch during the TCP transfer.
+    TcpHeldPagesPerEpoch,
     /// Replication bytes per byte the guest received during the TCP transfer.
     TcpReplBytesPerByte,
     TcpReplCpuMsPerMb,
@@ -1663,6 +1676,12 @@ impl Results {
                 Metric::TcpInputPagesPerEpoch,
                 t.input_pages_per_epoch,
             );
+            self.add(
+                cell,
+                mode,
+                Metric::TcpHeldPagesPerEpoch,
+                t.held_pages_per_epoch,
+            );
             self.add(cell, mode, Metric::TcpReplBytesPerByte, t.bytes_per_byte);
             self.add(cell, mode, Metric::TcpReplCpuMsPerMb, t.cpu_ms_per_mb);
             self.add(
@@ -1750,11 +1769,12 @@ fn describe_case(r: &CaseResult) -> String {
     if let Some(t) = r.tcp_ft {
         let _ = write!(
             s,
-            " ({:.0} VMM-dirty pages/epoch, {:.0} sent as input, {:.2} replication B per B \
-             received, replication threads {:.2} ms CPU per MB, {:.2} of it the primary's, input \
+            " ({:.0} VMM-dirty pages/epoch, {:.0} sent as input, {:.0} held for the pause, \
+             {:.2} replication B per B received, replication threads {:.2} ms CPU per MB, {:.2} of it the primary's, input \
              held by the backup p50 {:.2} p99 {:.2} ms after delivery)",
             t.dirty_per_epoch,
             t.input_pages_per_epoch,
+            t.held_pages_per_epoch,
             t.bytes_per_byte,
             t.cpu_ms_per_mb,
             t.primary_cpu_ms_per_mb,
@@ -3407,6 +3427,7 @@ impl Report<'_> {
                 let floor = r.med(c, Mode::Floor, Metric::TcpMbps);
                 let ft = r.med(c, Mode::Ft, Metric::TcpMbps);
                 let held = r.med(c, Mode::FtHeldAcks, Metric::TcpMbps);
+                let send_late = r.med(c, Mode::FtPauseSend, Metric::TcpMbps);
                 let ratio = |x: Option<f64>, of: Option<f64>| match (of, x) {
                     (Some(n), Some(f)) if n > 0.0 => Some(f / n),
                     _ => None,
@@ -3422,8 +3443,11 @@ impl Report<'_> {
                     fmt(ratio(ft, no), 3),
                     fmt(ratio(ft, floor), 3),
                     fmt(ratio(held, no), 3),
+                    fmt(send_late, 1),
+                    fmt(ratio(ft, send_late), 3),
                     fmt(r.med(c, Mode::Ft, Metric::TcpDirtyPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpInputPagesPerEpoch), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpHeldPagesPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplBytesPerByte), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplCpuMsPerMb), 2),
                     fmt(r.med(c, Mode::Ft, Metric::TcpReplPrimaryCpuMsPerMb), 2),
@@ -3449,10 +3473,16 @@ impl Report<'_> {
                 "  FT: early ACKs (input mirrored to the backup, pure ACKs leave once it holds it); FT held: --no-early-acks"
             );
             println!(
+                "  FT send late: --no-early-send (every page sent after the pause; - when the early-sending section was skipped)"
+            );
+            println!(
                 "  FT dirty/ep: VMM-dirty pages per epoch during the transfer (FT); as input: of them, sent as the mirrored input"
             );
             println!(
-                "  frames laid over the backup's copy; repl B/B: bytes FT sent per byte the guest received"
+                "  frames laid over the backup's copy; held: of them, staged early but left to the pause by early sending (written"
+            );
+            println!(
+                "  again before the last pause: sent early they would go twice); repl B/B: bytes FT sent per byte the guest received"
             );
             println!(
                 "  repl CPU ms/MB: CPU time of the replication threads of both sides (ft-*) per MB the guest received;"
@@ -3485,8 +3515,11 @@ impl Report<'_> {
                     "FT/noFT",
                     "FT/floor",
                     "FT held/noFT",
+                    "FT send late",
+                    "FT/send late",
                     "FT dirty/ep",
                     "as input",
+                    "held",
                     "FT repl B/B",
                     "FT repl CPU ms/MB",
                     "of it primary",
