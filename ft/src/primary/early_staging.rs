@@ -205,7 +205,8 @@ impl EarlyStaging {
         if let Some(staged) = &mut self.staged {
             staged.sent = true;
             let held = staged.held_back.as_ref().map_or(0, DirtyPages::count);
-            self.pages_sent += staged.copied.as_ref().map_or(0, DirtyPages::count) - held;
+            let copied = staged.copied.as_ref().map_or(0, DirtyPages::count);
+            self.pages_sent += copied.saturating_sub(held);
             self.pages_held_back += held;
         }
     }
