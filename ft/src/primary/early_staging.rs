@@ -221,17 +221,11 @@ impl EarlyStaging {
     /// In the pause of an epoch that staged `copied` early: `harvested` holds the pages
     /// written since (the pause's harvest); the next first pass holds back the pages in both.
     pub fn learn(&mut self, copied: &DirtyPages, harvested: &DirtyPages) {
-        match &mut self.rewritten {
-            Some(rewritten) => {
-                rewritten.clear();
-                rewritten.union_with(copied);
-            }
-            // Once per session.
-            None => self.rewritten = Some(copied.clone()),
-        }
-        if let Some(rewritten) = &mut self.rewritten {
-            rewritten.intersect_with(harvested);
-        }
+        // Allocated once per session, then reused.
+        let rewritten = self.rewritten.get_or_insert_with(|| copied.clone());
+        rewritten.clear();
+        rewritten.union_with(copied);
+        rewritten.intersect_with(harvested);
     }
 
     /// Pages sent while the guest ran, since protection started.
