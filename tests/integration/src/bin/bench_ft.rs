@@ -31,7 +31,8 @@
 //!   latency   sequential `req` round trips on one connection (each reply checked to be the
 //!             next sequence number), p50 and p99; under FT each request is sent after a random
 //!             think time in [0, epoch) so that requests arrive at random points of an epoch;
-//!   tcp       (10 ms epochs at 0, 250 and 1000 pages only) MB/s of a bulk send to the sink
+//!   tcp       (10 ms epochs at 0, 250 and 1000 pages, 20 and 40 ms at 0 pages, where the
+//!             epochs and pages asked for hold them) MB/s of a bulk send to the sink
 //!             (pseudo-random bytes, as real data: no receive buffer gets what it held before),
 //!             from the first byte to its `got N` reply. Under FT the guest's pure ACKs leave
 //!             once the backup holds the input they acknowledge (input mirroring), not at the
@@ -183,8 +184,10 @@ const PIPELINE_MODES: [Mode; 5] = [
 ];
 /// TLS may cost at most this share of the FT sender's throughput (bytes sent per second).
 const TARGET_TLS_COST_PCT: f64 = 10.0;
-/// Cells that also measure TCP throughput (epoch ms, pages per epoch).
-const TCP_CELLS: [(u64, u64); 3] = [(10, 0), (10, 250), (10, 1000)];
+/// Cells that also measure TCP throughput (epoch ms, pages per epoch). The longer epochs at 0
+/// pages show what a transfer's per-epoch work costs it (each epoch copies and sends again the
+/// receive buffers it filled); 40 ms runs only when `--epochs` names it.
+const TCP_CELLS: [(u64, u64); 5] = [(10, 0), (10, 250), (10, 1000), (20, 0), (40, 0)];
 /// The groups section: epoch and pages per epoch of both VMs.
 const GROUP_EPOCH_MS: u64 = 10;
 const GROUP_PAGES: u64 = 250;
