@@ -46,6 +46,26 @@ impl FramePool {
         buf
     }
 
+    /// The frame `buffer[..len]` as a buffer of its own. A large frame in a buffer as long as
+    /// a pooled one's capacity (a device's receive buffer) is taken whole, not copied: a spare
+    /// buffer of the same length replaces it (only a fresh spare's bytes need zeroing).
+    pub fn take_frame(&mut self, buffer: &mut Vec<u8>, len: usize) -> Vec<u8> {
+        let swappable = (Self::POOLED_FROM..=Self::BUFFER_LEN).contains(&len)
+            && len <= buffer.len()
+            && buffer.capacity() >= Self::BUFFER_LEN;
+        if !swappable {
+            return self.copy_of(&buffer[..len.min(buffer.len())]);
+        }
+        let mut spare = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(Self::BUFFER_LEN));
+        spare.resize(buffer.len(), 0);
+        let mut frame = std::mem::replace(buffer, spare);
+        frame.truncate(len);
+        frame
+    }
+
     /// Takes `buf` back for reuse: kept if it came from the pool and there is room.
     pub fn give_back(&mut self, buf: Vec<u8>) {
         if buf.capacity() >= Self::BUFFER_LEN && self.spare.len() < self.max_spare {
@@ -74,6 +94,30 @@ mod tests {
         let again = pool.copy_of(&[9u8; 20_000]);
         assert_eq!(pool.spare(), 0, "the spare buffer was reused");
         assert_eq!(again, vec![9u8; 20_000]);
+    }
+
+    #[test]
+    fn a_large_frame_takes_its_buffer_and_a_spare_of_the_same_length_replaces_it() {
+        let mut pool = FramePool::new(2 * FramePool::BUFFER_LEN);
+        let mut rx = vec![3u8; FramePool::BUFFER_LEN];
+        let at = rx.as_ptr();
+        let frame = pool.take_frame(&mut rx, 40_000);
+        assert_eq!(frame, vec![3u8; 40_000]);
+        assert_eq!(frame.as_ptr(), at, "the buffer itself, not a copy");
+        assert_eq!(rx.len(), FramePool::BUFFER_LEN);
+        assert!(rx.capacity() >= FramePool::BUFFER_LEN);
+        // The frame comes back and is the next replacement, whatever it held.
+        pool.give_back(frame);
+        let mut rx2 = vec![4u8; FramePool::BUFFER_LEN];
+        let second = pool.take_frame(&mut rx2, 30_000);
+        assert_eq!(second, vec![4u8; 30_000]);
+        assert_eq!(rx2.as_ptr(), at);
+        assert_eq!(rx2.len(), FramePool::BUFFER_LEN);
+        // A small frame is copied and the buffer stays.
+        let kept = rx2.as_ptr();
+        rx2[..100].fill(5);
+        assert_eq!(pool.take_frame(&mut rx2, 100), vec![5u8; 100]);
+        assert_eq!(rx2.as_ptr(), kept);
     }
 
     #[test]

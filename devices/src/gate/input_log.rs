@@ -53,6 +53,21 @@ struct State {
     unmirrored: VecDeque<(u64, Instant)>,
 }
 
+/// A frame to record: its bytes, or a device's buffer holding it first.
+enum Frame<'a> {
+    Slice(&'a [u8]),
+    Buffer(&'a mut Vec<u8>, usize),
+}
+
+impl Frame<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Frame::Slice(bytes) => bytes,
+            Frame::Buffer(buffer, len) => &buffer[..(*len).min(buffer.len())],
+        }
+    }
+}
+
 /// The shared input log (one per VM, shared by its NICs and the FT sender).
 pub struct InputLog {
     state: Mutex<State>,
@@ -111,6 +126,23 @@ impl InputLog {
     /// a delivered frame the backup cannot replay would be unsafe. When the log is stopped,
     /// returns true and records nothing.
     pub fn record(&self, nic: u32, frame: &[u8], placed: Vec<(u64, u32)>) -> bool {
+        self.record_from(nic, Frame::Slice(frame), placed)
+    }
+
+    /// [`InputLog::record`] of the frame `buffer[..len]`, taking a large frame's buffer
+    /// itself (see [`FramePool::take_frame`]): a segment with receive offloads is not copied
+    /// once more on the device's thread.
+    pub fn record_buffer(
+        &self,
+        nic: u32,
+        buffer: &mut Vec<u8>,
+        len: usize,
+        placed: Vec<(u64, u32)>,
+    ) -> bool {
+        self.record_from(nic, Frame::Buffer(buffer, len), placed)
+    }
+
+    fn record_from(&self, nic: u32, frame: Frame<'_>, placed: Vec<(u64, u32)>) -> bool {
         if self.is_stopped() {
             return true;
         }
@@ -120,7 +152,7 @@ impl InputLog {
             if self.is_stopped() {
                 return true;
             }
-            let after = st.pending_bytes.saturating_add(frame.len());
+            let after = st.pending_bytes.saturating_add(frame.bytes().len());
             if after > self.max_pending_bytes {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -128,8 +160,11 @@ impl InputLog {
             let was_empty = st.pending.is_empty();
             st.last_seq += 1;
             let seq = st.last_seq;
-            st.acks.delivered(seq, frame, self.mirrored());
-            let data = st.pool.copy_of(frame);
+            st.acks.delivered(seq, frame.bytes(), self.mirrored());
+            let data = match frame {
+                Frame::Slice(bytes) => st.pool.copy_of(bytes),
+                Frame::Buffer(buffer, len) => st.pool.take_frame(buffer, len),
+            };
             let frame = LoggedFrame {
                 seq: st.last_seq,
                 nic,
@@ -278,19 +313,34 @@ impl InputRecorder {
 
 impl NetInputRecorder for InputRecorder {
     fn record(&mut self, frame: &[u8], placed: &[(vm_memory::GuestAddress, usize)]) -> bool {
-        // The segments the frame fills, cut to its length.
-        let mut left = frame.len();
-        let mut segments = Vec::with_capacity(placed.len());
-        for &(addr, len) in placed {
-            if left == 0 {
-                break;
-            }
-            let take = len.min(left);
-            left -= take;
-            segments.push((addr.0, take as u32));
-        }
-        self.log.record(self.nic, frame, segments)
+        self.log
+            .record(self.nic, frame, filled_segments(frame.len(), placed))
     }
+
+    fn record_buffer(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        len: usize,
+        placed: &[(vm_memory::GuestAddress, usize)],
+    ) -> bool {
+        let segments = filled_segments(len, placed);
+        self.log.record_buffer(self.nic, buffer, len, segments)
+    }
+}
+
+/// The segments of `placed` a frame of `len` bytes fills, the last cut to its end.
+fn filled_segments(len: usize, placed: &[(vm_memory::GuestAddress, usize)]) -> Vec<(u64, u32)> {
+    let mut left = len;
+    let mut segments = Vec::with_capacity(placed.len());
+    for &(addr, len) in placed {
+        if left == 0 {
+            break;
+        }
+        let take = len.min(left);
+        left -= take;
+        segments.push((addr.0, take as u32));
+    }
+    segments
 }
 
 #[cfg(test)]
@@ -313,6 +363,29 @@ mod tests {
         let seqs: Vec<(u64, u32)> = taken.iter().map(|f| (f.seq, f.nic)).collect();
         assert_eq!(seqs, vec![(1, 0), (2, 1), (3, 0)]);
         assert_eq!(taken[1].data, b"two");
+    }
+
+    #[test]
+    fn a_device_buffer_is_taken_whole_unless_the_frame_is_refused() {
+        let log = InputLog::new(1, 100_000);
+        let mut rec = InputRecorder::new(log.clone(), 0);
+        let mut rx = vec![7u8; FramePool::BUFFER_LEN];
+        let placed = [(vm_memory::GuestAddress(0x1000), 70_000)];
+        let before = rx.as_ptr();
+        assert!(rec.record_buffer(&mut rx, 60_000, &placed));
+        assert_ne!(rx.as_ptr(), before, "the log took the buffer");
+        assert_eq!(rx.len(), FramePool::BUFFER_LEN, "and left one as long");
+        let kept = rx.as_ptr();
+        rx[..60_000].fill(8);
+        assert!(
+            !rec.record_buffer(&mut rx, 60_000, &placed),
+            "over the pending bound"
+        );
+        assert_eq!(rx.as_ptr(), kept, "a refused frame's buffer stays");
+        assert_eq!(log.delivered(), 1);
+        let taken = log.take_pending();
+        assert_eq!(taken[0].data, vec![7u8; 60_000]);
+        assert_eq!(taken[0].placed, vec![(0x1000, 60_000)]);
     }
 
     #[test]

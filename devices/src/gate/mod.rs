@@ -36,12 +36,23 @@ pub trait NetOutputGate: Send {
 /// Where a network device records each frame it is about to deliver to the guest (the input
 /// log of fault tolerance, see [`InputLog`]).
 pub trait NetInputRecorder: Send {
-    /// Records one frame as the guest's buffer will hold it (the 12-byte virtio-net header,
-    /// then the Ethernet frame) before it reaches guest memory. False: the frame must not be
+    /// Records one frame as the guest's buffer holds it (the 12-byte virtio-net header, then
+    /// the Ethernet frame) before the guest may see it. False: the frame must not be
     /// delivered (the device drops it). `placed`: the guest buffer's segments (guest address,
     /// bytes), in order; the frame fills them from the first byte (the last one possibly
     /// not to its end).
     fn record(&mut self, frame: &[u8], placed: &[(vm_memory::GuestAddress, usize)]) -> bool;
+
+    /// [`NetInputRecorder::record`] of `buffer[..len]`. The recorder may keep `buffer` itself
+    /// and leave one of the same length in its place.
+    fn record_buffer(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        len: usize,
+        placed: &[(vm_memory::GuestAddress, usize)],
+    ) -> bool {
+        self.record(&buffer[..len.min(buffer.len())], placed)
+    }
 }
 
 /// Where a block device's writes to its disk image go, and through which it reads.

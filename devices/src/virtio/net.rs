@@ -778,22 +778,6 @@ impl Net {
                 queue.go_to_previous_position();
                 continue;
             }
-            if let Some(recorder) = self.input_recorder.as_mut() {
-                // Before the guest can see it: a delivered frame the backup could not replay
-                // would be unsafe, a dropped one is recovered by the guest's protocols.
-                // With its header: the backup's guest must see the same checksum and
-                // segmentation state.
-                if !recorder.record(&self.rx_buf[..n], &segments) {
-                    debug!(
-                        "{}: RX frame of {n} bytes refused by the input log",
-                        self.id
-                    );
-                    self.counters.rx_dropped += 1;
-                    queue.go_to_previous_position();
-                    continue;
-                }
-            }
-
             let mut done = 0;
             let mut ok = true;
             for &(addr, len) in &segments {
@@ -815,6 +799,28 @@ impl Net {
                 self.counters.rx_errors += 1;
                 used_any |= add_used(queue, mem, head, 0, &self.id);
                 continue;
+            }
+            if let Some(recorder) = self.input_recorder.as_mut() {
+                // Before the guest can see it (the used ring): a delivered frame the backup
+                // could not replay would be unsafe, a dropped one is recovered by the guest's
+                // protocols. A refused frame's buffer goes back unused, so what the device
+                // wrote into it stays unseen. With its header: the backup's guest must see the
+                // same checksum and segmentation state. The log may take `rx_buf` itself,
+                // except a replayed frame's, which is watched below.
+                let recorded = if replayed {
+                    recorder.record(&self.rx_buf[..n], &segments)
+                } else {
+                    recorder.record_buffer(&mut self.rx_buf, n, &segments)
+                };
+                if !recorded {
+                    debug!(
+                        "{}: RX frame of {n} bytes refused by the input log",
+                        self.id
+                    );
+                    self.counters.rx_dropped += 1;
+                    queue.go_to_previous_position();
+                    continue;
+                }
             }
             used_any |= add_used(queue, mem, head, n as u32, &self.id);
             if replayed {
