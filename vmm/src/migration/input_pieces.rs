@@ -342,6 +342,49 @@ impl InputPieces {
             .is_ok()
     }
 
+    /// The records of the page at `gpa` when its pieces, laid over the receiver's copy `old`,
+    /// give `new` exactly, as a receive buffer filled and left alone does; returns how many
+    /// (written to `out`). Compares only: no copy of `old` to lay them over. None when any
+    /// piece is unacknowledged, pieces overlap, or a byte differs: [`InputPieces::lay_over`]
+    /// then builds the page and a delta.
+    pub(super) fn name_exactly(
+        &self,
+        gpa: u64,
+        old: &[u8],
+        new: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let list = self.pages.get(&gpa)?;
+        if list.len() > MAX_INPUT_PIECES || old.len() != PAGE_SIZE || new.len() != PAGE_SIZE {
+            return None;
+        }
+        let acked = (self.acked)();
+        // Bytes of the page checked so far: pieces must come in page order.
+        let mut end = 0usize;
+        for (count, placed) in list.iter().enumerate() {
+            let frame = self.frames.get(placed.frame).filter(|f| f.seq <= acked)?;
+            let from = placed.frame_offset as usize;
+            let len = usize::from(placed.len);
+            let to = usize::from(placed.page_offset);
+            if to < end {
+                return None;
+            }
+            let bytes = frame.data.get(from..from + len)?;
+            if old.get(end..to)? != new.get(end..to)? || new.get(to..to + len)? != bytes {
+                return None;
+            }
+            InputPiece {
+                seq: frame.seq,
+                frame_offset: placed.frame_offset,
+                page_offset: placed.page_offset,
+                len: placed.len,
+            }
+            .write(out.get_mut(count * INPUT_PIECE_LEN..(count + 1) * INPUT_PIECE_LEN)?);
+            end = to + len;
+        }
+        (old.get(end..)? == new.get(end..)?).then_some(list.len())
+    }
+
     /// Lays the acknowledged pieces of the page at `gpa` over `page` (the receiver's copy)
     /// and writes their records to `out`; returns how many (0: none, or more than a record
     /// may hold, and `page` is then unusable).
@@ -448,6 +491,56 @@ mod tests {
         assert_eq!(&page[0x10..0x1a], &[3; 10]);
         assert_eq!(&page[0x1a..80], &[2; 80 - 0x1a]);
         assert!(!pieces.touches(0x4000));
+    }
+
+    #[test]
+    fn a_page_is_named_exactly_only_when_its_pieces_and_the_rest_match() {
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(2));
+        let a = acked.clone();
+        let mut pieces = InputPieces::new(Arc::new(move || {
+            a.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+        // Two frames fill the page's start; the rest keeps what the receiver holds.
+        pieces.add(frame(1, vec![1; 100], vec![(0x5000, 100)]));
+        pieces.add(frame(2, vec![2; 200], vec![(0x5000 + 300, 200)]));
+        let old = vec![9u8; PAGE_SIZE];
+        let mut new = old.clone();
+        new[..100].fill(1);
+        new[300..500].fill(2);
+        let mut out = vec![0u8; MAX_INPUT_PIECES * INPUT_PIECE_LEN];
+        assert_eq!(pieces.name_exactly(0x5000, &old, &new, &mut out), Some(2));
+        assert_eq!(
+            InputPiece::read(&out[INPUT_PIECE_LEN..2 * INPUT_PIECE_LEN]),
+            InputPiece {
+                seq: 2,
+                frame_offset: 0,
+                page_offset: 300,
+                len: 200
+            }
+        );
+        for at in [50, 200, 400, PAGE_SIZE - 1] {
+            let mut changed = new.clone();
+            changed[at] ^= 0xff;
+            assert_eq!(
+                pieces.name_exactly(0x5000, &old, &changed, &mut out),
+                None,
+                "byte {at} differs from what the pieces and the receiver's copy give"
+            );
+        }
+        acked.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            pieces.name_exactly(0x5000, &old, &new, &mut out),
+            None,
+            "frame 2 is not acknowledged"
+        );
+        acked.store(3, std::sync::atomic::Ordering::SeqCst);
+        // A frame laid over part of an earlier one: left to the overlay and its delta.
+        pieces.add(frame(3, vec![3; 50], vec![(0x5000 + 80, 50)]));
+        new[80..130].fill(3);
+        assert_eq!(pieces.name_exactly(0x5000, &old, &new, &mut out), None);
+        let mut page = old.clone();
+        assert_eq!(pieces.lay_over(0x5000, &mut page, &mut out), 3);
+        assert_eq!(page, new);
     }
 
     /// `n` bytes of a xorshift sequence from `rng` (not 0).

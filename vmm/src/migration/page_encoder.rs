@@ -371,15 +371,23 @@ impl PageEncoder {
     ) -> Result<Record, vm_memory::GuestMemoryError> {
         if let Some(input) = input.filter(|i| i.touches(gpa.0)) {
             let overlay = &mut self.overlay[..PAGE_SIZE];
-            let same = with_base_page(base, gpa, |old| {
-                let same = old == new;
-                if !same {
+            let named = &mut self.pieces;
+            let found = with_base_page(base, gpa, |old| {
+                if old == new {
+                    return Some(Record::Delta(0));
+                }
+                // Most receive buffers: the pieces alone, found by comparing.
+                let exact = input
+                    .name_exactly(gpa.0, old, new, named)
+                    .filter(|&n| 1 + n * INPUT_PIECE_LEN + DELTA_LEN_BYTES < budget)
+                    .map(|n| Record::Input(n, 0));
+                if exact.is_none() {
                     overlay.copy_from_slice(old);
                 }
-                same
+                exact
             })?;
-            if same {
-                return Ok(Record::Delta(0));
+            if let Some(record) = found {
+                return Ok(record);
             }
             let pieces = input.lay_over(gpa.0, overlay, &mut self.pieces);
             if let Some(record) = self.input_record(pieces, new, budget) {

@@ -2484,6 +2484,17 @@ pub fn apply_pages_with_input(
             let bad = |reason: String| ProtocolError::GuestMemory { gpa: gpa.0, reason };
             let (pieces, body, next) = input_record(data, at).map_err(bad)?;
             at = next;
+            if body.is_empty() {
+                // Most receive buffers: the pieces go where they lie, with no read and
+                // write back of the whole page around them.
+                for piece in &pieces {
+                    let bytes = piece.bytes(source).map_err(bad)?;
+                    let to = gpa.0 + u64::from(piece.page_offset);
+                    mem.write_slice(bytes, GuestAddress(to))
+                        .map_err(|e| bad(e.to_string()))?;
+                }
+                continue;
+            }
             mem.read_slice(probe, gpa).map_err(|e| bad(e.to_string()))?;
             for piece in &pieces {
                 let bytes = piece.bytes(source).map_err(bad)?;
