@@ -240,6 +240,8 @@ fn main() {
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let mut idle_p99 = Vec::new();
+    // Guest p50 of one vCPU alone and with the device loop: what stopping the loop adds.
+    let (mut vcpu_alone, mut with_loop) = (None, None);
     for (cpus, name, cmdline, stop, busy) in cases {
         let host = busy.then(BusyHost::start);
         let rounds = measure(cpus, cmdline, stop);
@@ -259,6 +261,20 @@ fn main() {
         if !busy && matches!(stop, Stop::Vcpus) {
             idle_p99.push(p(&rounds.pauser, 0.99));
         }
+        match (cpus, stop, busy) {
+            (1, Stop::Vcpus, false) => vcpu_alone = Some(p(&rounds.guest, 0.5)),
+            (1, Stop::WholeVm, false) => with_loop = Some(p(&rounds.guest, 0.5)),
+            _ => {}
+        }
+    }
+    if let (Some(alone), Some(both)) = (vcpu_alone, with_loop) {
+        // Vm::pause asks the loop to park before it kicks the vCPUs: only what does not
+        // overlap shows here.
+        println!(
+            "device loop in Vm::pause: guest p50 +{:.1} us over the vCPU alone ({:.2}x)",
+            both - alone,
+            both / alone
+        );
     }
     let worst = idle_p99.iter().copied().fold(0.0, f64::max);
     println!(

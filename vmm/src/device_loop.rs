@@ -59,6 +59,8 @@ pub struct DeviceLoop<S> {
     /// Written to make `run` return (its subscriber sets `stop`).
     stop_evt: EventFd,
     running: bool,
+    /// A pause was asked for ([`DeviceLoop::ask_pause`]) and not yet waited for.
+    pause_asked: bool,
 }
 
 impl<S> DeviceLoop<S>
@@ -98,6 +100,7 @@ where
             thread: Some(thread),
             stop_evt,
             running: true,
+            pause_asked: false,
         })
     }
 
@@ -105,23 +108,37 @@ where
         self.running
     }
 
+    /// Asks the loop to stop between events and returns at once; [`DeviceLoop::pause`] then
+    /// waits for it. The caller stops the vCPUs in between, so both stand still sooner.
+    pub fn ask_pause(&mut self) -> Result<(), DeviceLoopError> {
+        if !self.running || self.pause_asked {
+            return Ok(());
+        }
+        lock(&self.shared.state).wanted = Wanted::Park;
+        self.stop_evt.write(1).map_err(DeviceLoopError::Signal)?;
+        self.pause_asked = true;
+        Ok(())
+    }
+
     /// Stops the loop between events and waits until it stands still.
     pub fn pause(&mut self) -> Result<(), DeviceLoopError> {
         if !self.running {
             return Ok(());
         }
-        lock(&self.shared.state).wanted = Wanted::Park;
-        self.stop_evt.write(1).map_err(DeviceLoopError::Signal)?;
+        self.ask_pause()?;
         self.wait_parked()?;
         self.running = false;
+        self.pause_asked = false;
         Ok(())
     }
 
-    /// Lets a paused loop run again; does not wait for the thread.
+    /// Lets a paused loop run again (or one asked to pause go on); does not wait for the
+    /// thread.
     pub fn resume(&mut self) {
-        if self.running {
+        if self.running && !self.pause_asked {
             return;
         }
+        self.pause_asked = false;
         self.shared.stop.store(false, Ordering::SeqCst);
         lock(&self.shared.state).wanted = Wanted::Run;
         // Outside the lock, for the reason `Vcpus::resume` gives.
@@ -355,6 +372,32 @@ mod tests {
         wait_seen(&rig, before + 1);
         rig.kick.write(1).unwrap();
         wait_seen(&rig, before + 2);
+        rig.device_loop.stop();
+    }
+
+    #[test]
+    fn a_pause_asked_then_called_off_or_waited_for_leaves_the_loop_as_wanted() {
+        let mut rig = rig();
+        for round in 0..100u64 {
+            // Called off (the vCPUs did not stop): the loop goes on handling events.
+            rig.device_loop.ask_pause().unwrap();
+            rig.device_loop.resume();
+            assert!(rig.device_loop.parked_manager().is_none());
+            rig.kick.write(1).unwrap();
+            wait_seen(&rig, 2 * round + 1);
+            // Asked, then waited for: parked, handling nothing until resumed.
+            rig.device_loop.ask_pause().unwrap();
+            rig.device_loop.pause().unwrap();
+            rig.kick.write(1).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+            assert_eq!(
+                *rig.seen.lock().unwrap(),
+                2 * round + 1,
+                "handled while paused"
+            );
+            rig.device_loop.resume();
+            wait_seen(&rig, 2 * round + 2);
+        }
         rig.device_loop.stop();
     }
 

@@ -1115,6 +1115,16 @@ impl DeviceManager {
 
     /// Stops the device loop at a point where no device code runs (between events), keeping
     /// its devices and registrations for [`DeviceManager::resume_loop`].
+    /// Asks the device loop to stop without waiting ([`DeviceManager::pause_loop`] waits).
+    pub fn ask_pause_loop(&mut self) -> Result<(), DeviceManagerError> {
+        match &mut self.device_loop {
+            Some(device_loop) => device_loop
+                .ask_pause()
+                .map_err(|e| DeviceManagerError::EventLoop(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
     pub fn pause_loop(&mut self) -> Result<(), DeviceManagerError> {
         match &mut self.device_loop {
             Some(device_loop) => device_loop

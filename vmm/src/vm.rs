@@ -460,10 +460,18 @@ impl Vm {
         })
     }
 
-    /// Stops the guest: all vCPUs at an instruction boundary, then the device loop between
+    /// Stops the guest: all vCPUs at an instruction boundary and the device loop between
     /// events, so neither guest nor device code changes memory or state until [`Vm::resume`].
     pub fn pause(&mut self) -> Result<(), VmError> {
-        self.vcpus.pause(PAUSE_TIMEOUT)?;
+        // The device loop parks while the vCPUs leave KVM_RUN, not after them (FT pauses
+        // every epoch). Neither state is read before both stand still.
+        self.device_manager.ask_pause_loop()?;
+        if let Err(e) = self.vcpus.pause(PAUSE_TIMEOUT) {
+            if let Err(again) = self.device_manager.resume_loop() {
+                log::error!("the device loop did not go on after a failed pause: {again}");
+            }
+            return Err(e.into());
+        }
         if let Err(e) = self.device_manager.pause_loop() {
             self.vcpus.resume();
             return Err(e.into());
