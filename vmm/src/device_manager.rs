@@ -41,7 +41,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::control::{
     pci_bdf, DeviceNode, DeviceResource, DeviceTree, PciBarType, VmCounters, VIRTIO_PCI_NODE_PREFIX,
 };
-use crate::device_loop::DeviceLoop;
+use crate::device_loop::{DeviceLoop, DeviceLoopError};
 use crate::kvm_routing::{KvmRouting, IOAPIC_PINS};
 use crate::x86_64::layout;
 
@@ -1113,23 +1113,26 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Stops the device loop at a point where no device code runs (between events), keeping
-    /// its devices and registrations for [`DeviceManager::resume_loop`].
     /// Asks the device loop to stop without waiting ([`DeviceManager::pause_loop`] waits).
     pub fn ask_pause_loop(&mut self) -> Result<(), DeviceManagerError> {
-        match &mut self.device_loop {
-            Some(device_loop) => device_loop
-                .ask_pause()
-                .map_err(|e| DeviceManagerError::EventLoop(e.to_string())),
-            None => Ok(()),
-        }
+        self.on_loop(DeviceLoop::ask_pause)
     }
 
+    /// Stops the device loop at a point where no device code runs (between events), keeping
+    /// its devices and registrations for [`DeviceManager::resume_loop`].
     pub fn pause_loop(&mut self) -> Result<(), DeviceManagerError> {
+        self.on_loop(DeviceLoop::pause)
+    }
+
+    /// `step` on the device loop, if there is one.
+    fn on_loop(
+        &mut self,
+        step: fn(&mut DeviceLoop<Subscriber>) -> Result<(), DeviceLoopError>,
+    ) -> Result<(), DeviceManagerError> {
         match &mut self.device_loop {
-            Some(device_loop) => device_loop
-                .pause()
-                .map_err(|e| DeviceManagerError::EventLoop(e.to_string())),
+            Some(device_loop) => {
+                step(device_loop).map_err(|e| DeviceManagerError::EventLoop(e.to_string()))
+            }
             None => Ok(()),
         }
     }

@@ -36,6 +36,18 @@ struct Placed {
     len: u16,
 }
 
+impl Placed {
+    /// Its record, naming frame `seq`.
+    fn piece(&self, seq: u64) -> InputPiece {
+        InputPiece {
+            seq,
+            frame_offset: self.frame_offset,
+            page_offset: self.page_offset,
+            len: self.len,
+        }
+    }
+}
+
 /// The input frames of one epoch and the pages they landed in.
 pub struct InputPieces {
     frames: Vec<LoggedFrame>,
@@ -373,13 +385,9 @@ impl InputPieces {
             if old.get(end..to)? != new.get(end..to)? || new.get(to..to + len)? != bytes {
                 return None;
             }
-            InputPiece {
-                seq: frame.seq,
-                frame_offset: placed.frame_offset,
-                page_offset: placed.page_offset,
-                len: placed.len,
-            }
-            .write(out.get_mut(count * INPUT_PIECE_LEN..(count + 1) * INPUT_PIECE_LEN)?);
+            placed
+                .piece(frame.seq)
+                .write(out.get_mut(count * INPUT_PIECE_LEN..(count + 1) * INPUT_PIECE_LEN)?);
             end = to + len;
         }
         (old.get(end..)? == new.get(end..)?).then_some(list.len())
@@ -415,13 +423,7 @@ impl InputPieces {
                 return 0;
             };
             dest.copy_from_slice(bytes);
-            InputPiece {
-                seq: frame.seq,
-                frame_offset: placed.frame_offset,
-                page_offset: placed.page_offset,
-                len: placed.len,
-            }
-            .write(record);
+            placed.piece(frame.seq).write(record);
             count += 1;
         }
         count
