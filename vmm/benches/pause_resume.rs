@@ -116,6 +116,14 @@ fn measure(cpus: u8, cmdline: &str, stop: Stop) -> Rounds {
                 std::hint::black_box(state);
                 vm.resume().expect("resume");
             }
+            Stop::WithStateReadByPauser => {
+                vm.pause().expect("pause");
+                let kvm = vmm::x86_64::cpu_state::save_vm(vm.vm_fd()).expect("save the VM");
+                let devices = vm.device_manager().save_state().expect("save the devices");
+                let vcpus = vm.vcpus().save_state_here().expect("save the vCPUs");
+                std::hint::black_box((kvm, devices, vcpus));
+                vm.resume().expect("resume");
+            }
         }
         pauser.push(t.elapsed());
     }
@@ -167,6 +175,9 @@ enum Stop {
     WholeVm,
     /// As `WholeVm`, and the VM's state captured in the pause, as an FT checkpoint does.
     WithState,
+    /// As `WithState`, but the vCPUs' state read by the pausing thread after the rest (what
+    /// every pause did before each vCPU read its own on its core).
+    WithStateReadByPauser,
 }
 
 fn main() {
@@ -216,6 +227,13 @@ fn main() {
         ),
         (
             1u8,
+            "... vCPU state read by the pauser",
+            "workload=hello exit=halt",
+            Stop::WithStateReadByPauser,
+            false,
+        ),
+        (
+            1u8,
             "FT's pause, every core busy",
             "workload=hello exit=halt",
             Stop::WithState,
@@ -242,6 +260,8 @@ fn main() {
     let mut idle_p99 = Vec::new();
     // Guest p50 of one vCPU alone and with the device loop: what stopping the loop adds.
     let (mut vcpu_alone, mut with_loop) = (None, None);
+    // Guest p50 with the state captured: the vCPUs reading their own, and the pauser.
+    let (mut captured, mut read_by_pauser) = (None, None);
     for (cpus, name, cmdline, stop, busy) in cases {
         let host = busy.then(BusyHost::start);
         let rounds = measure(cpus, cmdline, stop);
@@ -264,6 +284,8 @@ fn main() {
         match (cpus, stop, busy) {
             (1, Stop::Vcpus, false) => vcpu_alone = Some(p(&rounds.guest, 0.5)),
             (1, Stop::WholeVm, false) => with_loop = Some(p(&rounds.guest, 0.5)),
+            (1, Stop::WithState, false) => captured = Some(p(&rounds.guest, 0.5)),
+            (1, Stop::WithStateReadByPauser, false) => read_by_pauser = Some(p(&rounds.guest, 0.5)),
             _ => {}
         }
     }
@@ -274,6 +296,12 @@ fn main() {
             "device loop in Vm::pause: guest p50 +{:.1} us over the vCPU alone ({:.2}x)",
             both - alone,
             both / alone
+        );
+    }
+    if let (Some(own), Some(pauser)) = (captured, read_by_pauser) {
+        println!(
+            "vCPU state read by each vCPU itself: guest p50 {own:.1} us against {pauser:.1} us read by the pauser ({:.2}x)",
+            own / pauser
         );
     }
     let worst = idle_p99.iter().copied().fold(0.0, f64::max);

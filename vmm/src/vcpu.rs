@@ -6,9 +6,14 @@
 //! the signal; KVM completes any pending port or MMIO read before honouring `immediate_exit`,
 //! so a parked vCPU holds no half-done exit.
 //!
-//! A vCPU's fd sits behind a lock that its thread holds only while it runs the vCPU (never
-//! while parked): the controlling thread reads a paused vCPU's state itself, without waking
-//! the vCPU's thread for it. A checkpoint's state capture then waits on no scheduler.
+//! A vCPU's fd sits behind a lock that its thread holds while it runs the vCPU and, once it
+//! has stopped for a pause, until it has read its own state or is resumed. Its state is read
+//! only once the whole VM stands still ([`Vcpus::ask_capture`]): an interrupt another vCPU
+//! or the device loop sends meanwhile lands in this vCPU's local APIC, and must be in the
+//! state saved. The state ioctls (about ten per vCPU) then run on the vCPU's own, otherwise
+//! idle, core while the pauser harvests dirty pages and saves the VM-wide state; taking the
+//! fd's lock to save waits for them. A vCPU that stopped without holding its fd (it ended,
+//! or is still parked from an earlier pause) is read by the saving thread itself.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,6 +30,10 @@ use crate::x86_64::cpu_state::{VcpuSaver, VcpuState};
 
 /// How long the pauser spins before it sleeps waiting for vCPUs to park.
 const PAUSE_SPIN: Duration = Duration::from_micros(200);
+
+/// How long saving waits for a parked vCPU to read its own state before reading it itself
+/// (the vCPU's thread has not had a core for that long: the host is busy).
+const CAPTURE_WAIT: Duration = Duration::from_millis(1);
 
 /// Signal used only to interrupt `KVM_RUN`; its handler does nothing.
 fn kick_signal() -> libc::c_int {
@@ -66,6 +75,10 @@ struct ParkState {
     pause_asked: Option<Instant>,
     /// When a vCPU last left its park to run the guest again.
     last_unparked: Option<Instant>,
+    /// Counts pauses, so a state captured in an earlier one is never taken for this one's.
+    pause_number: u64,
+    /// The pause in which the vCPUs are to read their state (the whole VM stands still).
+    capture_asked: Option<u64>,
 }
 
 /// State shared by all vCPU threads of a VM and the thread that controls them.
@@ -139,12 +152,25 @@ impl ImmediateExit {
 
 struct VcpuHandle {
     index: u8,
-    /// Locked by the vCPU's thread while it runs the vCPU; by the controlling thread to read
-    /// the state of a parked vCPU. Keeps the `kvm_run` mapping `immediate_exit` points into.
+    /// Locked by the vCPU's thread while it runs the vCPU and captures its state; by the
+    /// controlling thread to save the state of a parked vCPU. Keeps the `kvm_run` mapping
+    /// `immediate_exit` points into.
     fd: Arc<Mutex<VcpuFd>>,
-    saver: Mutex<VcpuSaver>,
+    capture: Arc<Mutex<Capture>>,
     thread: Option<JoinHandle<()>>,
     immediate_exit: ImmediateExit,
+}
+
+/// A vCPU's state as its own thread read it in a pause, and the saver that read it (kept, so
+/// the CPUID and the list of readable MSRs are learnt once).
+struct Capture {
+    saver: VcpuSaver,
+    /// The pause it was read in (`ParkState::pause_number`) and the state.
+    taken: Option<(u64, VcpuState)>,
+    /// The vCPU's thread is parked for a pause: asked, it reads the state.
+    parked: bool,
+    /// The pause it last read its state in (taken or not).
+    read_in: Option<u64>,
 }
 
 /// The vCPU threads of one VM.
@@ -152,6 +178,8 @@ pub struct Vcpus {
     handles: Vec<VcpuHandle>,
     shared: Arc<VcpuShared>,
     msr_indices: Arc<Vec<u32>>,
+    /// States saved from what a vCPU read itself in the pause (for tests and benches).
+    captured_saves: AtomicUsize,
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -184,6 +212,7 @@ impl Vcpus {
             handles: Vec::new(),
             shared: shared.clone(),
             msr_indices,
+            captured_saves: AtomicUsize::new(0),
         };
         for (index, mut fd) in vcpu_fds.into_iter().enumerate() {
             let index = index as u8;
@@ -201,6 +230,14 @@ impl Vcpus {
                 .unwrap_or_default();
             let fd = Arc::new(Mutex::new(fd));
             let thread_fd = fd.clone();
+            let capture = Arc::new(Mutex::new(Capture {
+                saver: VcpuSaver::new(index),
+                taken: None,
+                parked: false,
+                read_in: None,
+            }));
+            let thread_capture = capture.clone();
+            let msr_indices = vcpus.msr_indices.clone();
             {
                 let mut park = shared.lock_park();
                 park.live += 1;
@@ -214,9 +251,12 @@ impl Vcpus {
                         immediate_exit,
                         shared: &shared,
                         handlers: &handlers,
+                        fd: &thread_fd,
+                        capture: &thread_capture,
+                        msr_indices: &msr_indices,
                     };
                     pin_current_thread(index, &pinned_to);
-                    run_vcpu(&ctx, &thread_fd, seccomp);
+                    run_vcpu(&ctx, seccomp);
                 })
                 .map_err(|source| {
                     let mut park = vcpus.shared.lock_park();
@@ -227,7 +267,7 @@ impl Vcpus {
             vcpus.handles.push(VcpuHandle {
                 index,
                 fd,
-                saver: Mutex::new(VcpuSaver::new(index)),
+                capture,
                 thread: Some(thread),
                 immediate_exit,
             });
@@ -265,7 +305,11 @@ impl Vcpus {
 
     /// Stops every vCPU at an instruction boundary and returns once all are parked.
     pub fn pause(&self, timeout: Duration) -> Result<(), VcpuError> {
-        self.shared.lock_park().pause_asked = Some(Instant::now());
+        {
+            let mut park = self.shared.lock_park();
+            park.pause_asked = Some(Instant::now());
+            park.pause_number += 1;
+        }
         self.shared.pause.store(true, Ordering::SeqCst);
         self.kick_all()?;
         // A pause normally completes within tens of microseconds: spinning that long costs
@@ -293,20 +337,77 @@ impl Vcpus {
         Ok(())
     }
 
-    /// The state of every vCPU, in index order; the vCPUs must be paused. Read on this
-    /// thread: a parked vCPU's thread does not hold its fd.
+    /// Asks the paused vCPUs to read their own state: call once nothing else sends them
+    /// interrupts (the device loop is parked too). [`Vcpus::save_state`] asks if not asked.
+    pub fn ask_capture(&self) {
+        {
+            let mut park = self.shared.lock_park();
+            if park.capture_asked == Some(park.pause_number) {
+                return;
+            }
+            park.capture_asked = Some(park.pause_number);
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// The state of every vCPU, in index order; the vCPUs must be paused. What a vCPU read
+    /// itself in this pause, once; otherwise read on this thread.
     pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.read_states(true)
+    }
+
+    /// The state of every vCPU read on this thread, whatever they read themselves (to check
+    /// one against the other, and to measure what their reading saves).
+    pub fn save_state_here(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.read_states(false)
+    }
+
+    fn read_states(&self, take_captured: bool) -> Result<Vec<VcpuState>, VcpuError> {
         if !self.shared.pause.load(Ordering::SeqCst) {
             return Err(VcpuError::NotPaused("save their state"));
         }
+        // A vCPU holding its fd waits for this before it lets go.
+        self.ask_capture();
+        let pause = self.shared.lock_park().pause_number;
         self.handles
             .iter()
             .map(|handle| {
+                if take_captured {
+                    if let Some(state) = self.captured(handle, pause) {
+                        self.captured_saves.fetch_add(1, Ordering::Relaxed);
+                        return Ok(state);
+                    }
+                }
                 let fd = handle.fd.lock().unwrap_or_else(|p| p.into_inner());
-                let mut saver = handle.saver.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(saver.save(&fd, &self.msr_indices)?)
+                let mut capture = handle.capture.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(capture.saver.save(&fd, &self.msr_indices)?)
             })
             .collect()
+    }
+
+    /// What `handle`'s vCPU read in pause number `pause`, waiting for it while the vCPU is
+    /// parked (then asked, it reads its state within tens of microseconds; spinning costs
+    /// less than a wake-up). None when it is not parked, or too slow to get a core.
+    fn captured(&self, handle: &VcpuHandle, pause: u64) -> Option<VcpuState> {
+        let give_up = Instant::now() + CAPTURE_WAIT;
+        loop {
+            {
+                let mut capture = handle.capture.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(capture.taken, Some((taken_in, _)) if taken_in == pause) {
+                    return capture.taken.take().map(|(_, state)| state);
+                }
+                if !capture.parked || capture.read_in == Some(pause) || Instant::now() >= give_up {
+                    return None;
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// How many vCPU states [`Vcpus::save_state`] took from what the vCPUs read themselves,
+    /// rather than reading them itself.
+    pub fn captured_saves(&self) -> usize {
+        self.captured_saves.load(Ordering::Relaxed)
     }
 
     /// How long the guest stood still in the latest pause, as its vCPUs saw it: from the
@@ -364,10 +465,19 @@ struct VcpuContext<'a> {
     immediate_exit: ImmediateExit,
     shared: &'a VcpuShared,
     handlers: &'a ExitHandlers,
+    fd: &'a Mutex<VcpuFd>,
+    capture: &'a Mutex<Capture>,
+    msr_indices: &'a [u32],
 }
 
-fn park(ctx: &VcpuContext) {
+/// Counts the vCPU as stopped (the pauser may go on) and waits until resumed. Holding its
+/// fd from the stop on, it reads its state when asked to in this pause, then lets go of the
+/// fd; one parked since an earlier pause takes the fd again to read it.
+fn park(ctx: &VcpuContext, fd: MutexGuard<'_, VcpuFd>) {
     let shared = ctx.shared;
+    let mut held = Some(fd);
+    let spin_until = Instant::now() + PAUSE_SPIN;
+    set_parked(ctx, true);
     let mut park = shared.lock_park();
     park.parked += 1;
     shared.sync_running(&park);
@@ -376,11 +486,66 @@ fn park(ctx: &VcpuContext) {
         if !shared.pause.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
             break;
         }
+        let pause = park.pause_number;
+        if park.capture_asked == Some(pause) && !read_in(ctx, pause) {
+            drop(park);
+            let fd = held
+                .take()
+                .unwrap_or_else(|| ctx.fd.lock().unwrap_or_else(|p| p.into_inner()));
+            capture(ctx, &fd, pause);
+            drop(fd);
+            park = shared.lock_park();
+            continue;
+        }
+        // The ask follows within tens of microseconds (once the device loop is parked too):
+        // yielding that long on this otherwise idle core costs less than a wake-up.
+        if park.capture_asked != Some(pause) && Instant::now() < spin_until {
+            drop(park);
+            std::thread::yield_now();
+            park = shared.lock_park();
+            continue;
+        }
         park = shared.changed.wait(park).unwrap_or_else(|p| p.into_inner());
     }
+    drop(park);
+    set_parked(ctx, false);
+    drop(held);
+    let mut park = shared.lock_park();
     park.parked -= 1;
     park.last_unparked = Some(Instant::now());
     shared.sync_running(&park);
+}
+
+fn set_parked(ctx: &VcpuContext, parked: bool) {
+    ctx.capture.lock().unwrap_or_else(|p| p.into_inner()).parked = parked;
+}
+
+fn read_in(ctx: &VcpuContext, pause: u64) -> bool {
+    ctx.capture
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .read_in
+        == Some(pause)
+}
+
+/// Reads the vCPU's state into its capture slot, tagged with the pause it belongs to.
+fn capture(ctx: &VcpuContext, fd: &VcpuFd, pause: u64) {
+    let mut capture = ctx.capture.lock().unwrap_or_else(|p| p.into_inner());
+    let Capture {
+        saver,
+        taken,
+        read_in,
+        ..
+    } = &mut *capture;
+    *read_in = Some(pause);
+    *taken = match saver.save(fd, ctx.msr_indices) {
+        Ok(state) => Some((pause, state)),
+        Err(e) => {
+            // The saving thread reads it again and reports what fails.
+            log::debug!("vCPU {}: state not captured in the pause: {e}", ctx.index);
+            None
+        }
+    };
 }
 
 /// Pins the calling vCPU thread to `host_cpus` (`cpus.affinity`; empty: left as it is). The
@@ -411,13 +576,13 @@ fn pin_current_thread(index: u8, host_cpus: &[usize]) {
     }
 }
 
-fn run_vcpu(ctx: &VcpuContext, fd: &Mutex<VcpuFd>, seccomp: Option<Arc<RoleFilter>>) {
+fn run_vcpu(ctx: &VcpuContext, seccomp: Option<Arc<RoleFilter>>) {
     let (index, shared) = (ctx.index, ctx.shared);
     let result = match seccomp.as_deref().map(RoleFilter::install) {
         Some(Err(e)) => Err(format!(
             "vCPU {index}: cannot install its seccomp filter: {e}"
         )),
-        _ => vcpu_loop(ctx, fd),
+        _ => vcpu_loop(ctx),
     };
     {
         let mut park = shared.lock_park();
@@ -430,20 +595,19 @@ fn run_vcpu(ctx: &VcpuContext, fd: &Mutex<VcpuFd>, seccomp: Option<Arc<RoleFilte
     }
 }
 
-fn vcpu_loop(ctx: &VcpuContext, fd: &Mutex<VcpuFd>) -> Result<(), String> {
+fn vcpu_loop(ctx: &VcpuContext) -> Result<(), String> {
     let shared = ctx.shared;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
-        // Parked without the fd's lock: the controlling thread reads the state meanwhile.
-        let mut locked = fd.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locked = ctx.fd.lock().unwrap_or_else(|p| p.into_inner());
         let ran = run_once(ctx, &mut locked)?;
-        drop(locked);
         match ran {
-            Ran::Exited => {}
-            Ran::Paused => park(ctx),
+            Ran::Exited => drop(locked),
+            Ran::Paused => park(ctx, locked),
             Ran::Ended => {
+                drop(locked);
                 park_until_stopped(shared);
                 return Ok(());
             }

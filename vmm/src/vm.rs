@@ -476,6 +476,9 @@ impl Vm {
             self.vcpus.resume();
             return Err(e.into());
         }
+        // Nothing sends the vCPUs interrupts any more: they read their state on their own
+        // cores while this thread goes on (a checkpoint harvests dirty pages next).
+        self.vcpus.ask_capture();
         Ok(())
     }
 
@@ -506,14 +509,19 @@ impl Vm {
     /// Captures the complete state of a paused VM ([`Vm::pause`]): vCPUs, in-kernel devices
     /// and device models. Guest memory is not included.
     pub fn save_state(&mut self) -> Result<VmSnapshotState, VmError> {
+        // The vCPUs last: each reads its own state once asked in `pause`, meanwhile this
+        // thread saves the rest.
+        let kvm = cpu_state::save_vm(&self.vm_fd).map_err(|e| VmError::Restore(e.to_string()))?;
+        let devices = self
+            .device_manager
+            .save_state()
+            .map_err(VmError::SaveDevices)?;
+        let acpi_events = lock_ged(&self.ged).pending();
         Ok(VmSnapshotState {
             vcpus: self.vcpus.save_state()?,
-            kvm: cpu_state::save_vm(&self.vm_fd).map_err(|e| VmError::Restore(e.to_string()))?,
-            devices: self
-                .device_manager
-                .save_state()
-                .map_err(VmError::SaveDevices)?,
-            acpi_events: lock_ged(&self.ged).pending(),
+            kvm,
+            devices,
+            acpi_events,
         })
     }
 

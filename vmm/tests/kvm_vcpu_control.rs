@@ -399,3 +399,74 @@ fn a_reused_saver_reads_the_current_msrs_as_a_fresh_one_does() {
         );
     }
 }
+
+/// Each vCPU reads its own state once the whole VM stands still, while the pausing thread
+/// goes on; what the pause then saves is what the pausing thread reads itself from the
+/// stopped vCPUs, and it is read in this pause, not an earlier one.
+#[test]
+fn the_state_a_vcpu_reads_itself_is_what_the_pauser_reads() {
+    if !kvm_available("the_state_a_vcpu_reads_itself_is_what_the_pauser_reads") {
+        return;
+    }
+    use vmm::x86_64::cpu_state::VcpuState;
+    // Counts on between the two reads.
+    const MSR_IA32_TSC: u32 = 0x10;
+    const APIC_TMCCT: usize = 0x390;
+    let comparable = |s: &VcpuState| {
+        let mut lapic = s.lapic;
+        lapic.regs[APIC_TMCCT..APIC_TMCCT + 4].fill(0);
+        let msrs: Vec<_> = s
+            .msrs
+            .iter()
+            .map(|e| (e.index, if e.index == MSR_IA32_TSC { 0 } else { e.data }))
+            .collect();
+        (
+            (
+                s.regs,
+                s.sregs,
+                s.xsave.region.to_vec(),
+                s.xcrs,
+                s.debugregs,
+            ),
+            (lapic.regs.to_vec(), msrs, s.mp_state, s.vcpu_events),
+        )
+    };
+    let (mut vm, _events, kernel) = boot_counting("own-state", 2);
+    let start = Instant::now();
+    while counter(&vm) < 1000 {
+        assert!(start.elapsed() < Duration::from_secs(20), "guest never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    const PAUSES: usize = 30;
+    let mut rips = std::collections::HashSet::new();
+    for _ in 0..PAUSES {
+        vm.pause().expect("pause");
+        let own = vm.save_state().expect("save the state").vcpus;
+        let here = vm.vcpus().save_state_here().expect("read the state");
+        assert_eq!(own.len(), 2);
+        for (index, (own, here)) in own.iter().zip(&here).enumerate() {
+            assert!(
+                comparable(own) == comparable(here),
+                "vCPU {index}: the state it read itself differs from the pauser's"
+            );
+        }
+        rips.insert(own[0].regs.rip);
+        vm.resume().expect("resume");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A vCPU's thread that gets no core for a millisecond (tests run side by side) is read
+    // by the saving thread instead; most are not.
+    let captured = vm.vcpus().captured_saves();
+    assert!(
+        (PAUSES..=2 * PAUSES).contains(&captured),
+        "{captured} of {} saves took what the vCPU read itself",
+        2 * PAUSES
+    );
+    // The loop is two instructions: a state from an earlier pause would repeat.
+    assert!(
+        rips.len() > 1,
+        "the BSP stopped at one rip in {PAUSES} pauses"
+    );
+    vm.shutdown();
+    let _ = std::fs::remove_file(kernel);
+}
