@@ -391,14 +391,23 @@ impl Vcpus {
     fn captured(&self, handle: &VcpuHandle, pause: u64) -> Option<VcpuState> {
         let give_up = Instant::now() + CAPTURE_WAIT;
         loop {
-            {
-                let mut capture = handle.capture.lock().unwrap_or_else(|p| p.into_inner());
+            // The vCPU holds the lock while it reads (tens of microseconds): sleeping on it
+            // would add a wake-up to the pause, so this only tries.
+            let locked = match handle.capture.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut capture) = locked {
                 if matches!(capture.taken, Some((taken_in, _)) if taken_in == pause) {
                     return capture.taken.take().map(|(_, state)| state);
                 }
-                if !capture.parked || capture.read_in == Some(pause) || Instant::now() >= give_up {
+                if !capture.parked || capture.read_in == Some(pause) {
                     return None;
                 }
+            }
+            if Instant::now() >= give_up {
+                return None;
             }
             std::thread::yield_now();
         }
