@@ -41,7 +41,10 @@
 //!             it) and replication bytes per byte the guest received (where the link's bytes
 //!             go); next to FT, FT with --no-early-send when the early-sending cases run. The
 //!             floor measures it too: what dirty tracking alone costs a transfer, and the
-//!             guest's KVM page faults per epoch for both.
+//!             guest's KVM page faults per epoch for both. What bounds each transfer: the
+//!             guest's vCPU threads' CPU time (% of a core) and the client's TCP_INFO (the
+//!             share of its busy time it waited for the guest's window, its retransmits), with
+//!             the client's congestion control (the host's default, or `--client-cc NAME`).
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
 //! to back and pinging the guest every millisecond; the primary is killed with SIGKILL at a
 //! random point of an epoch (a host does not die in step with the VMM's timers: without the
@@ -258,13 +261,15 @@ struct Options {
     /// early but sending in the pause (`--no-early-send`): what early staging and early
     /// sending save.
     early_compare: bool,
+    /// The sink client's TCP congestion control (None: the host's default).
+    client_cc: Option<String>,
 }
 
 const USAGE: &str = "usage: bench_ft [--quick] [--runs N] [--window-s S] [--round-trips N] \
 [--failovers N] [--epochs 5,10,20] [--pages 0,250,1000,4000] [--no-cells] [--no-colo] \
 [--no-group] [--no-tls] [--no-pipeline] [--no-delta] [--no-hot-compare] [--no-early-compare] \
 [--dirty-bytes N] \
-[--heartbeat-timeout-ms N]";
+[--heartbeat-timeout-ms N] [--client-cc NAME]";
 
 fn parse_list(text: &str, what: &str) -> Res<Vec<u64>> {
     text.split(',')
@@ -296,6 +301,7 @@ impl Options {
         let mut early_compare = true;
         let mut dirty_bytes = DELTA_DIRTY_BYTES;
         let mut heartbeat_timeout_ms = CELL_HEARTBEAT_TIMEOUT_MS;
+        let mut client_cc = None;
         let mut i = 0;
         while i < args.len() {
             let flag = args[i].as_str();
@@ -339,6 +345,7 @@ impl Options {
                 "--heartbeat-timeout-ms" => {
                     heartbeat_timeout_ms = parse_count(value()?, "--heartbeat-timeout-ms")? as u64
                 }
+                "--client-cc" => client_cc = Some(congestion_control(value()?)?),
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -372,7 +379,21 @@ impl Options {
             early_compare,
             delta,
             dirty_bytes,
+            client_cc,
         })
+    }
+}
+
+/// `--client-cc NAME`, refused at once when this host does not offer it (rather than in
+/// every TCP case).
+fn congestion_control(name: &str) -> Res<String> {
+    const AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    match std::fs::read_to_string(AVAILABLE) {
+        Ok(have) if !have.split_whitespace().any(|cc| cc == name) => Err(format!(
+            "--client-cc {name:?}: this host offers {}",
+            have.trim()
+        )),
+        _ => Ok(name.to_string()),
     }
 }
 
@@ -864,16 +885,41 @@ fn guest_stats(client: &mut SeqClient) -> Res<GuestStats> {
     })
 }
 
+/// A bulk send to the guest's sink as the client's TCP stack saw it.
+#[derive(Clone, Debug)]
+struct SinkRun {
+    /// MB/s (10^6) from the first byte to the `got N` reply.
+    mbps: f64,
+    sent: u64,
+    /// What the client's kernel says of the connection once the last byte was written.
+    client: Option<ClientTcp>,
+}
+
+/// The client's view of a transfer (`TCP_INFO`, Linux 4.10 and later).
+#[derive(Clone, Debug)]
+struct ClientTcp {
+    /// Its congestion control.
+    cc: String,
+    /// Of the time it had data to send, the share it waited for the guest's receive window
+    /// (tcpi_rwnd_limited / tcpi_busy_time), %: near 100 the guest's consumption (or the
+    /// release of its window updates) bounds the transfer, near 0 the client's own congestion
+    /// window or pacing does.
+    window_bound_pct: f64,
+    /// Segments retransmitted (frames lost on the way, or an ACK released too late).
+    retransmits: u32,
+}
+
 /// Sends `bytes` (or what fits into `budget`) to the guest's sink, half-closes and waits for
-/// `got N`; returns MB/s (10^6) from the first byte to the reply.
-/// MB/s of a bulk send of `bytes` (or what `budget` allows) to the guest's sink, and the bytes
-/// sent.
-fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)> {
+/// `got N`. `cc` sets the client's congestion control (None: the host's default).
+fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration, cc: Option<&str>) -> Res<SinkRun> {
     let addr = std::net::SocketAddr::from((GUEST_IP, SINK_PORT));
     let mut stream = ns
         .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("connect to the sink: {e}"))?;
+    if let Some(cc) = cc {
+        set_congestion_control(&stream, cc)?;
+    }
     stream
         .set_write_timeout(Some(Duration::from_secs(30)))
         .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(30))))
@@ -889,6 +935,7 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)
             .map_err(|e| format!("sink: send after {sent} bytes: {e}"))?;
         sent += n;
     }
+    let client = client_tcp(&stream);
     stream
         .shutdown(Shutdown::Write)
         .map_err(|e| format!("sink: half-close: {e}"))?;
@@ -900,7 +947,85 @@ fn sink_throughput(ns: &NetNs, bytes: usize, budget: Duration) -> Res<(f64, u64)
     if reply.split_whitespace().nth(1) != Some(sent.to_string().as_str()) {
         return Err(format!("sink replied {reply:?} to {sent} bytes"));
     }
-    Ok((sent as f64 / elapsed.as_secs_f64() / 1e6, sent as u64))
+    Ok(SinkRun {
+        mbps: sent as f64 / elapsed.as_secs_f64() / 1e6,
+        sent: sent as u64,
+        client,
+    })
+}
+
+/// `TCP_CONGESTION` on a connected socket (Linux switches an open connection over).
+fn set_congestion_control(stream: &TcpStream, cc: &str) -> Res<()> {
+    // SAFETY: the fd is the open socket `stream` owns; the option value is `cc`'s bytes, with
+    // their length, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let have = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .unwrap_or_default();
+        return Err(format!(
+            "--client-cc {cc}: {e} (this host has: {})",
+            have.trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The client's `TCP_INFO` and congestion control; None where the kernel gives neither.
+fn client_tcp(stream: &TcpStream) -> Option<ClientTcp> {
+    let fd = stream.as_raw_fd();
+    // SAFETY: tcp_info is plain integers: all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is the open socket `stream` owns; `info` and `len` are writable and
+    // `len` is `info`'s size, which the kernel does not write past.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // A kernel before 4.10 fills less: no busy and window-limited times.
+    let filled = std::mem::offset_of!(libc::tcp_info, tcpi_rwnd_limited) + 8;
+    if rc != 0 || (len as usize) < filled || info.tcpi_busy_time == 0 {
+        return None;
+    }
+    let mut name = [0u8; 16];
+    let mut name_len = name.len() as libc::socklen_t;
+    // SAFETY: as above; `name` is writable for `name_len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut name_len,
+        )
+    };
+    let name = if rc == 0 {
+        &name[..name_len as usize]
+    } else {
+        &[]
+    };
+    let cc = String::from_utf8_lossy(name)
+        .trim_end_matches('\0')
+        .to_string();
+    Some(ClientTcp {
+        cc,
+        window_bound_pct: info.tcpi_rwnd_limited as f64 * 100.0 / info.tcpi_busy_time as f64,
+        retransmits: info.tcpi_total_retrans,
+    })
 }
 
 /// The sink client's write size.
@@ -927,13 +1052,36 @@ fn sink_payload() -> &'static [u8] {
 /// 2-core machine (everything runs slower at times): compare cases within a run.
 fn replication_cpu_ns() -> (u64, u64) {
     let (mut total, mut primary) = (0, 0);
+    each_thread_cpu_ns(|comm, ns| {
+        if !comm.starts_with("ft-") {
+            return;
+        }
+        total += ns;
+        if !(comm.starts_with("ft-receiver") || comm.starts_with("ft-lane-")) {
+            primary += ns;
+        }
+    });
+    (total, primary)
+}
+
+/// CPU time so far of the vCPU threads on this host, in ns: the guest's share of the cores
+/// (a standby backup's vCPUs stay parked; the TCP cases run one guest).
+fn vcpu_cpu_ns() -> u64 {
+    let mut total = 0;
+    each_thread_cpu_ns(|comm, ns| {
+        if comm.starts_with("vcpu") {
+            total += ns;
+        }
+    });
+    total
+}
+
+/// Every thread on this host: its name and its CPU time so far (ns).
+fn each_thread_cpu_ns(mut each: impl FnMut(&str, u64)) {
     for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let tasks = std::fs::read_dir(process.path().join("task"));
         for task in tasks.into_iter().flatten().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with("ft-") {
-                continue;
-            }
             // schedstat: time on the CPU (ns), time waiting, timeslices.
             let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
             let ns = stat
@@ -941,13 +1089,9 @@ fn replication_cpu_ns() -> (u64, u64) {
                 .next()
                 .and_then(|ns| ns.parse::<u64>().ok())
                 .unwrap_or(0);
-            total += ns;
-            if !(comm.starts_with("ft-receiver") || comm.starts_with("ft-lane-")) {
-                primary += ns;
-            }
+            each(comm.trim_end(), ns);
         }
     }
-    (total, primary)
 }
 
 /// Sequential round trips of `request` (`req`, `relay`: each reply checked to continue the
@@ -1320,11 +1464,21 @@ struct CaseResult {
     dirtied_per_s: f64,
     rtts_ms: Vec<f64>,
     tcp_mbps: Option<f64>,
+    /// The guest's CPU and the client's TCP during the transfer.
+    tcp_side: Option<TcpClientSide>,
     /// KVM page faults per epoch during the TCP transfer (the floor and FT; None without
     /// either, or where the kernel does not count them).
     tcp_faults_per_epoch: Option<f64>,
     tcp_ft: Option<TcpFt>,
     ft: Option<FtWindow>,
+}
+
+/// What bounds a TCP transfer: the guest's CPU, the client's window.
+#[derive(Clone, Debug)]
+struct TcpClientSide {
+    /// The vCPU threads' CPU time over the transfer, % of one core.
+    vcpu_pct: f64,
+    tcp: Option<ClientTcp>,
 }
 
 /// FT during the TCP transfer.
@@ -1424,11 +1578,21 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         opts.latency_budget,
         SeqClient::req,
     )?;
-    let (tcp_mbps, tcp_faults_per_epoch, tcp_ft) = if setup.tcp {
+    let (tcp, tcp_faults_per_epoch, tcp_ft) = if setup.tcp {
         let status_before = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
         let cpu_before = replication_cpu_ns();
-        let (mbps, sent) = sink_throughput(setup.client_ns, opts.sink_mib << 20, opts.sink_budget)?;
+        let vcpu_before = vcpu_cpu_ns();
+        let started = Instant::now();
+        let run = sink_throughput(
+            setup.client_ns,
+            opts.sink_mib << 20,
+            opts.sink_budget,
+            opts.client_cc.as_deref(),
+        )?;
+        let vcpu_ns = vcpu_cpu_ns().saturating_sub(vcpu_before);
+        let took = started.elapsed();
         let cpu_after = replication_cpu_ns();
+        let sent = run.sent;
         let status_after = ft_socket.map(|s| ft_status(setup.bins, s)).transpose()?;
         let cpu_ns = cpu_after.0.saturating_sub(cpu_before.0);
         let primary_cpu_ns = cpu_after.1.saturating_sub(cpu_before.1);
@@ -1466,7 +1630,11 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
             }
             _ => None,
         };
-        (Some(mbps), faults_per_epoch, tcp_ft)
+        let client = TcpClientSide {
+            vcpu_pct: vcpu_ns as f64 * 100.0 / took.as_nanos().max(1) as f64,
+            tcp: run.client,
+        };
+        (Some((run.mbps, client)), faults_per_epoch, tcp_ft)
     } else {
         (None, None, None)
     };
@@ -1474,7 +1642,8 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         work_per_s: (g1.work - g0.work) as f64 / guest_s,
         dirtied_per_s: g1.dirtied.saturating_sub(g0.dirtied) as f64 / guest_s,
         rtts_ms,
-        tcp_mbps,
+        tcp_mbps: tcp.as_ref().map(|t| t.0),
+        tcp_side: tcp.map(|t| t.1),
         tcp_faults_per_epoch,
         tcp_ft,
         ft,
@@ -1583,6 +1752,12 @@ enum Metric {
     FaultsPerEpoch,
     /// The same during the TCP transfer.
     TcpFaultsPerEpoch,
+    /// The guest's vCPU threads during the TCP transfer, % of one core.
+    TcpVcpuPct,
+    /// The client's time waiting for the guest's window, % of its busy time.
+    TcpWindowBoundPct,
+    /// Segments the client retransmitted.
+    TcpRetransmits,
 }
 
 /// A cell: (epoch ms, pages per epoch).
@@ -1596,6 +1771,8 @@ struct Results {
     group: Vec<GroupSample>,
     failures: Vec<String>,
     notes: Vec<String>,
+    /// The TCP client's congestion controls, as its kernel named them.
+    client_ccs: std::collections::BTreeSet<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1670,6 +1847,14 @@ impl Results {
         }
         if let Some(faults) = r.tcp_faults_per_epoch {
             self.add(cell, mode, Metric::TcpFaultsPerEpoch, faults);
+        }
+        if let Some(side) = &r.tcp_side {
+            self.add(cell, mode, Metric::TcpVcpuPct, side.vcpu_pct);
+            if let Some(tcp) = &side.tcp {
+                self.add(cell, mode, Metric::TcpWindowBoundPct, tcp.window_bound_pct);
+                self.add(cell, mode, Metric::TcpRetransmits, tcp.retransmits as f64);
+                self.client_ccs.insert(tcp.cc.clone());
+            }
         }
         if let Some(t) = r.tcp_ft {
             self.add(cell, mode, Metric::TcpDirtyPerEpoch, t.dirty_per_epoch);
@@ -3458,6 +3643,11 @@ impl Report<'_> {
                     fmt(r.med(c, Mode::Ft, Metric::TcpInputMirrorP99Ms), 2),
                     fmt(r.med(c, Mode::Floor, Metric::TcpFaultsPerEpoch), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpFaultsPerEpoch), 0),
+                    fmt(r.med(c, Mode::NoFt, Metric::TcpVcpuPct), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpVcpuPct), 0),
+                    fmt(r.med(c, Mode::NoFt, Metric::TcpWindowBoundPct), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpWindowBoundPct), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpRetransmits), 0),
                 ]
             })
             .collect();
@@ -3496,14 +3686,38 @@ impl Report<'_> {
             println!(
                 "  input wait p50/p99: how long an input frame waited from its delivery to the guest until the backup held it"
             );
-            println!(
-                "  (ft-status input_mirror_us_*): an early ACK's added delay; the guest's 1 MiB window over that round trip bounds FT"
-            );
+            println!("  (ft-status input_mirror_us_*): an early ACK's added delay");
             println!(
                 "  faults/ep: the guest's KVM page faults per epoch during the transfer (its 1 MiB receive ring is rewritten every"
             );
             println!(
                 "  epoch: the floor write-protects it again each time, FT keeps it writable as hot pages)"
+            );
+            println!(
+                "  vCPU %: the guest's vCPU threads on the CPU during the transfer, % of one core (its sink hashes every byte:"
+            );
+            println!(
+                "  noFT it is the bottleneck); window-bound %: the client's time waiting for the guest's receive window, % of"
+            );
+            println!(
+                "  the time it had data to send (its TCP_INFO): high with a vCPU below noFT's, the guest got less CPU or lost"
+            );
+            println!(
+                "  time in pauses; low, the client's congestion window or pacing held it back; retrans: segments it sent again"
+            );
+            let ccs: Vec<&str> = r.client_ccs.iter().map(String::as_str).collect();
+            println!(
+                "  client congestion control: {} ({})",
+                if ccs.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    ccs.join(", ")
+                },
+                if self.opts.client_cc.is_some() {
+                    "--client-cc"
+                } else {
+                    "this host's default; --client-cc picks another"
+                }
             );
             println!();
             print_table(
@@ -3530,6 +3744,11 @@ impl Report<'_> {
                     "input wait p99 ms",
                     "faults/ep floor",
                     "FT",
+                    "vCPU % noFT",
+                    "FT",
+                    "window-bound % noFT",
+                    "FT",
+                    "retrans FT",
                 ],
                 &tcp_rows,
             );
