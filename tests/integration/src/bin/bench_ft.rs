@@ -384,11 +384,13 @@ impl Options {
     }
 }
 
+/// The TCP congestion controls this host offers.
+const AVAILABLE_CC: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+
 /// `--client-cc NAME`, refused at once when this host does not offer it (rather than in
 /// every TCP case).
 fn congestion_control(name: &str) -> Res<String> {
-    const AVAILABLE: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
-    match std::fs::read_to_string(AVAILABLE) {
+    match std::fs::read_to_string(AVAILABLE_CC) {
         Ok(have) if !have.split_whitespace().any(|cc| cc == name) => Err(format!(
             "--client-cc {name:?}: this host offers {}",
             have.trim()
@@ -969,8 +971,7 @@ fn set_congestion_control(stream: &TcpStream, cc: &str) -> Res<()> {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        let have = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-            .unwrap_or_default();
+        let have = std::fs::read_to_string(AVAILABLE_CC).unwrap_or_default();
         return Err(format!(
             "--client-cc {cc}: {e} (this host has: {})",
             have.trim()
@@ -4742,4 +4743,25 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_congestion_control_the_host_does_not_offer_is_refused_at_once() {
+        let Ok(have) = std::fs::read_to_string(AVAILABLE_CC) else {
+            eprintln!("SKIP: no {AVAILABLE_CC} on this host");
+            return;
+        };
+        let err = congestion_control("no-such-cc").unwrap_err();
+        assert!(
+            err.contains("no-such-cc") && err.contains(have.trim()),
+            "{err}"
+        );
+        for offered in have.split_whitespace() {
+            assert_eq!(congestion_control(offered).as_deref(), Ok(offered));
+        }
+    }
 }
