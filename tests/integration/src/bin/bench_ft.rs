@@ -42,7 +42,8 @@
 //!             go); next to FT, FT with --no-early-send when the early-sending cases run. The
 //!             floor measures it too: what dirty tracking alone costs a transfer, and the
 //!             guest's KVM page faults per epoch for both. What bounds each transfer: the
-//!             guest's vCPU threads' CPU time (% of a core) and the client's TCP_INFO (the
+//!             guest's vCPU threads' CPU time (% of a core) and their time waiting for a core
+//!             other threads held, and the client's TCP_INFO (the
 //!             share of its busy time it waited for the guest's window, its retransmits), with
 //!             the client's congestion control (the host's default, or `--client-cc NAME`).
 //! Failover: a VM protected at 10 ms epochs with 250 pages/epoch, a client issuing `req` back
@@ -1053,7 +1054,7 @@ fn sink_payload() -> &'static [u8] {
 /// 2-core machine (everything runs slower at times): compare cases within a run.
 fn replication_cpu_ns() -> (u64, u64) {
     let (mut total, mut primary) = (0, 0);
-    each_thread_cpu_ns(|comm, ns| {
+    each_thread_cpu_ns(|comm, ns, _| {
         if !comm.starts_with("ft-") {
             return;
         }
@@ -1065,32 +1066,36 @@ fn replication_cpu_ns() -> (u64, u64) {
     (total, primary)
 }
 
-/// CPU time so far of the vCPU threads on this host, in ns: the guest's share of the cores
-/// (a standby backup's vCPUs stay parked; the TCP cases run one guest).
-fn vcpu_cpu_ns() -> u64 {
-    let mut total = 0;
-    each_thread_cpu_ns(|comm, ns| {
+/// Time so far of the vCPU threads on this host, in ns: (on the CPU, runnable but waiting for
+/// it). The first is the guest's share of the cores (a standby backup's vCPUs stay parked; the
+/// TCP cases run one guest); the second is what other threads took from a guest that wanted
+/// to run.
+fn vcpu_cpu_ns() -> (u64, u64) {
+    let (mut on, mut waiting) = (0, 0);
+    each_thread_cpu_ns(|comm, ns, wait_ns| {
         if comm.starts_with("vcpu") {
-            total += ns;
+            on += ns;
+            waiting += wait_ns;
         }
     });
-    total
+    (on, waiting)
 }
 
-/// Every thread on this host: its name and its CPU time so far (ns).
-fn each_thread_cpu_ns(mut each: impl FnMut(&str, u64)) {
+/// Every thread on this host: its name, its CPU time so far and its time runnable but waiting
+/// for a CPU (ns).
+fn each_thread_cpu_ns(mut each: impl FnMut(&str, u64, u64)) {
     for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let tasks = std::fs::read_dir(process.path().join("task"));
         for task in tasks.into_iter().flatten().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             // schedstat: time on the CPU (ns), time waiting, timeslices.
             let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-            let ns = stat
+            let mut fields = stat
                 .split_whitespace()
-                .next()
-                .and_then(|ns| ns.parse::<u64>().ok())
-                .unwrap_or(0);
-            each(comm.trim_end(), ns);
+                .map(|ns| ns.parse::<u64>().unwrap_or(0));
+            let on = fields.next().unwrap_or(0);
+            let waiting = fields.next().unwrap_or(0);
+            each(comm.trim_end(), on, waiting);
         }
     }
 }
@@ -1479,6 +1484,8 @@ struct CaseResult {
 struct TcpClientSide {
     /// The vCPU threads' CPU time over the transfer, % of one core.
     vcpu_pct: f64,
+    /// Their time runnable but waiting for a CPU (other threads on it), % of the transfer.
+    vcpu_wait_pct: f64,
     tcp: Option<ClientTcp>,
 }
 
@@ -1590,7 +1597,9 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
             opts.sink_budget,
             opts.client_cc.as_deref(),
         )?;
-        let vcpu_ns = vcpu_cpu_ns().saturating_sub(vcpu_before);
+        let vcpu_after = vcpu_cpu_ns();
+        let vcpu_ns = vcpu_after.0.saturating_sub(vcpu_before.0);
+        let vcpu_wait_ns = vcpu_after.1.saturating_sub(vcpu_before.1);
         let took = started.elapsed();
         let cpu_after = replication_cpu_ns();
         let sent = run.sent;
@@ -1633,6 +1642,7 @@ fn measure_case(setup: &CaseSetup, client: &mut SeqClient, opts: &Options) -> Re
         };
         let client = TcpClientSide {
             vcpu_pct: vcpu_ns as f64 * 100.0 / took.as_nanos().max(1) as f64,
+            vcpu_wait_pct: vcpu_wait_ns as f64 * 100.0 / took.as_nanos().max(1) as f64,
             tcp: run.client,
         };
         (Some((run.mbps, client)), faults_per_epoch, tcp_ft)
@@ -1755,6 +1765,8 @@ enum Metric {
     TcpFaultsPerEpoch,
     /// The guest's vCPU threads during the TCP transfer, % of one core.
     TcpVcpuPct,
+    /// Their time runnable but waiting for a core, % of the transfer.
+    TcpVcpuWaitPct,
     /// The client's time waiting for the guest's window, % of its busy time.
     TcpWindowBoundPct,
     /// Segments the client retransmitted.
@@ -1851,6 +1863,7 @@ impl Results {
         }
         if let Some(side) = &r.tcp_side {
             self.add(cell, mode, Metric::TcpVcpuPct, side.vcpu_pct);
+            self.add(cell, mode, Metric::TcpVcpuWaitPct, side.vcpu_wait_pct);
             if let Some(tcp) = &side.tcp {
                 self.add(cell, mode, Metric::TcpWindowBoundPct, tcp.window_bound_pct);
                 self.add(cell, mode, Metric::TcpRetransmits, tcp.retransmits as f64);
@@ -3646,6 +3659,8 @@ impl Report<'_> {
                     fmt(r.med(c, Mode::Ft, Metric::TcpFaultsPerEpoch), 0),
                     fmt(r.med(c, Mode::NoFt, Metric::TcpVcpuPct), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpVcpuPct), 0),
+                    fmt(r.med(c, Mode::NoFt, Metric::TcpVcpuWaitPct), 0),
+                    fmt(r.med(c, Mode::Ft, Metric::TcpVcpuWaitPct), 0),
                     fmt(r.med(c, Mode::NoFt, Metric::TcpWindowBoundPct), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpWindowBoundPct), 0),
                     fmt(r.med(c, Mode::Ft, Metric::TcpRetransmits), 0),
@@ -3698,14 +3713,18 @@ impl Report<'_> {
                 "  vCPU %: the guest's vCPU threads on the CPU during the transfer, % of one core (its sink hashes every byte:"
             );
             println!(
-                "  noFT it is the bottleneck); window-bound %: the client's time waiting for the guest's receive window, % of"
+                "  noFT it is the bottleneck); vCPU wait %: their time runnable but waiting for a core other threads held"
             );
             println!(
-                "  the time it had data to send (its TCP_INFO): high with a vCPU below noFT's, the guest got less CPU or lost"
+                "  (replication, devices, the backup and the client share this host's cores); window-bound %: the client's"
             );
             println!(
-                "  time in pauses; low, the client's congestion window or pacing held it back; retrans: segments it sent again"
+                "  time waiting for the guest's receive window, % of the time it had data to send (its TCP_INFO): high with a"
             );
+            println!(
+                "  vCPU below noFT's, the guest got less CPU or lost time in pauses; low, the client's congestion window or"
+            );
+            println!("  pacing held it back; retrans: segments it sent again");
             let ccs: Vec<&str> = r.client_ccs.iter().map(String::as_str).collect();
             println!(
                 "  client congestion control: {} ({})",
@@ -3746,6 +3765,8 @@ impl Report<'_> {
                     "faults/ep floor",
                     "FT",
                     "vCPU % noFT",
+                    "FT",
+                    "vCPU wait % noFT",
                     "FT",
                     "window-bound % noFT",
                     "FT",
