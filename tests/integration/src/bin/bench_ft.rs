@@ -1088,16 +1088,22 @@ fn each_thread_cpu_ns(mut each: impl FnMut(&str, u64, u64)) {
         let tasks = std::fs::read_dir(process.path().join("task"));
         for task in tasks.into_iter().flatten().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            // schedstat: time on the CPU (ns), time waiting, timeslices.
             let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-            let mut fields = stat
-                .split_whitespace()
-                .map(|ns| ns.parse::<u64>().unwrap_or(0));
-            let on = fields.next().unwrap_or(0);
-            let waiting = fields.next().unwrap_or(0);
+            let (on, waiting) = schedstat_times(&stat);
             each(comm.trim_end(), on, waiting);
         }
     }
+}
+
+/// A thread's `schedstat` line: time on the CPU (ns), time runnable but waiting for it (ns),
+/// time slices. Returns the first two (0 for what is missing or unreadable).
+fn schedstat_times(stat: &str) -> (u64, u64) {
+    let mut fields = stat
+        .split_whitespace()
+        .map(|ns| ns.parse::<u64>().unwrap_or(0));
+    let on = fields.next().unwrap_or(0);
+    let waiting = fields.next().unwrap_or(0);
+    (on, waiting)
 }
 
 /// Sequential round trips of `request` (`req`, `relay`: each reply checked to continue the
@@ -4769,6 +4775,13 @@ fn run(opts: &Options, results: &mut Results, peer_note: &mut String) -> Res<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_gives_the_time_on_the_cpu_then_the_time_waiting_for_it() {
+        assert_eq!(schedstat_times("1500 250 7\n"), (1500, 250));
+        assert_eq!(schedstat_times(""), (0, 0));
+        assert_eq!(schedstat_times("42"), (42, 0));
+    }
 
     #[test]
     fn a_congestion_control_the_host_does_not_offer_is_refused_at_once() {
